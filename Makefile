@@ -1,0 +1,57 @@
+# smesh: build, generate, test. `make help` lists the targets.
+GO ?= go
+BIN := bin/smeshd
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+
+# The one place that owns the BPF compiler and its flags (used by bpf2go).
+export BPF2GO_CC := clang
+export BPF2GO_CFLAGS := -O2 -g -Wall -Werror
+
+.PHONY: all build run generate vmlinux test ci fmt-check vet clean clean-test-env help
+
+all: build
+
+help:
+	@echo "build           bin/smeshd"
+	@echo "run             build and run smeshd with ./smesh.toml (root)"
+	@echo "test            all tests; kernel tests need root (SMESH_REQUIRE_PRIVILEGED=1 makes their skips failures)"
+	@echo "generate        regenerate the BPF bindings and objects (needs clang)"
+	@echo "vmlinux         regenerate bpf/include/vmlinux.h from this kernel's BTF (needs bpftool)"
+	@echo "ci              generate and fail on any diff, gofmt, vet, test"
+	@echo "clean-test-env  remove leftover smesh-test-* cgroups and network namespaces"
+
+build:
+	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/smeshd
+
+run: build
+	./$(BIN) -c smesh.toml
+
+generate:
+	$(GO) generate ./bpf/...
+
+vmlinux:
+	bpftool btf dump file /sys/kernel/btf/vmlinux format c > bpf/include/vmlinux.h
+
+test:
+	$(GO) test -count=1 ./...
+
+fmt-check:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+
+vet:
+	$(GO) vet ./...
+
+ci: generate
+	@git diff --exit-code -- bpf/ || { echo "generated BPF bindings differ from the committed ones: run make generate and commit"; exit 1; }
+	$(MAKE) fmt-check vet test
+
+clean:
+	rm -rf bin
+
+clean-test-env:
+	@cg=$$(awk '$$3=="cgroup2"{print $$2; exit}' /proc/mounts); \
+	for d in $$(find "$$cg" -depth -type d -name 'smesh-test-*' 2>/dev/null); do \
+		[ -f "$$d/cgroup.kill" ] && echo 1 > "$$d/cgroup.kill"; \
+		rmdir "$$d" 2>/dev/null || sleep 0.5; rmdir "$$d" 2>/dev/null && echo "removed cgroup $$d" || echo "could not remove cgroup $$d"; \
+	done; \
+	for n in $$(ip netns list 2>/dev/null | awk '/^smesh-test/{print $$1}'); do ip netns del "$$n" && echo "removed netns $$n"; done

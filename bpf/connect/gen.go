@@ -1,0 +1,5 @@
+// Package connect holds smesh's connect BPF program (C source beside this file) and its
+// generated Go bindings. Regenerate with "make generate".
+package connect
+
+//go:generate go tool bpf2go -cc $BPF2GO_CC -cflags "$BPF2GO_CFLAGS" -target bpfel -type sock_key -type orig_dst -type splice_stats Connect connect.c -- -I../include

@@ -1,0 +1,407 @@
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"math/rand/v2"
+	"net"
+	"os"
+	"strconv"
+	"sync"
+	"time"
+)
+
+// The test server speaks a tiny protocol so that one server process can play
+// every part the tests need. A connection starts with a one-byte command:
+const (
+	cmdEcho     = 'E' // echo everything back until EOF, then close
+	cmdSink     = 'S' // read until EOF, answer count (8 bytes) + sha256, close
+	cmdStall    = 'W' // like cmdSink, but stall 3 s before reading anything
+	cmdGenerate = 'G' // + count + seed (8 bytes each): send that stream, then close first
+	cmdReset    = 'R' // read 1 byte, then reset the connection
+	cmdPeer     = 'P' // answer "remote-addr\n" as the server sees it, then echo
+)
+
+// stream is the deterministic data both ends can produce from a seed.
+func stream(seed uint64) io.Reader {
+	var s [32]byte
+	binary.LittleEndian.PutUint64(s[:], seed)
+	return rand.NewChaCha8(s)
+}
+
+// digestOf returns the sha256 of the first n bytes of stream(seed).
+func digestOf(n int64, seed uint64) []byte {
+	h := sha256.New()
+	io.CopyN(h, stream(seed), n)
+	return h.Sum(nil)
+}
+
+// plainWriter and plainReader hide ReaderFrom/WriterTo so that no copy in
+// the tests turns into splice(2) or sendfile(2): the data path under test
+// must see ordinary sends and receives.
+type plainWriter struct{ io.Writer }
+type plainReader struct{ io.Reader }
+
+func copyPlain(dst io.Writer, src io.Reader) (int64, error) {
+	return io.CopyBuffer(plainWriter{dst}, plainReader{src}, make([]byte, 64<<10))
+}
+
+// serve is the "server" helper: args[0] is the listen address. It prints
+// "ready ADDR" once listening and "result KIND OUTCOME" for every connection
+// whose outcome the tests read (sink and echo ends).
+func serve(args []string) int {
+	ln, err := net.Listen("tcp4", args[0])
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "listen:", err)
+		return 1
+	}
+	var mu sync.Mutex
+	say := func(format string, a ...any) {
+		mu.Lock()
+		defer mu.Unlock()
+		fmt.Printf(format+"\n", a...)
+	}
+	say("ready %s", ln.Addr())
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return 1
+		}
+		go serveConn(c.(*net.TCPConn), say)
+	}
+}
+
+func serveConn(c *net.TCPConn, say func(string, ...any)) {
+	defer c.Close()
+	var cmd [1]byte
+	if _, err := io.ReadFull(c, cmd[:]); err != nil {
+		return
+	}
+	switch cmd[0] {
+	case cmdEcho:
+		_, err := copyPlain(c, c)
+		if err == nil {
+			err = c.CloseWrite()
+		}
+		say("result echo %s", outcome(err))
+	case cmdSink, cmdStall:
+		if cmd[0] == cmdStall {
+			time.Sleep(3 * time.Second)
+		}
+		h := sha256.New()
+		n, err := copyPlain(h, c)
+		say("result sink %s", outcome(err))
+		if err != nil {
+			return
+		}
+		var out [8]byte
+		binary.BigEndian.PutUint64(out[:], uint64(n))
+		c.Write(append(out[:], h.Sum(nil)...))
+	case cmdGenerate:
+		var p [16]byte
+		if _, err := io.ReadFull(c, p[:]); err != nil {
+			return
+		}
+		n, seed := int64(binary.BigEndian.Uint64(p[:8])), binary.BigEndian.Uint64(p[8:])
+		io.CopyN(plainWriter{c}, stream(seed), n)
+	case cmdReset:
+		c.SetLinger(0)
+	case cmdPeer:
+		fmt.Fprintf(c, "%s\n", c.RemoteAddr())
+		_, err := copyPlain(c, c)
+		if err == nil {
+			c.CloseWrite()
+		}
+	}
+}
+
+func outcome(err error) string {
+	if err == nil {
+		return "eof"
+	}
+	return "error:" + err.Error()
+}
+
+// Client side: each function dials, runs one exchange and returns an error
+// unless every byte came back as expected.
+
+func dial(addr string) (*net.TCPConn, error) {
+	c, err := net.DialTimeout("tcp4", addr, 5*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	return c.(*net.TCPConn), nil
+}
+
+// oneWay sends n bytes, half-closes, and checks the server's count and digest.
+func oneWay(addr string, n int64, seed uint64, cmd byte) error {
+	c, err := dial(addr)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte{cmd}); err != nil {
+		return err
+	}
+	if _, err := io.CopyN(plainWriter{c}, stream(seed), n); err != nil {
+		return fmt.Errorf("sending: %w", err)
+	}
+	if err := c.CloseWrite(); err != nil {
+		return err
+	}
+	c.SetReadDeadline(time.Now().Add(60 * time.Second))
+	var ans [8 + sha256.Size]byte
+	if _, err := io.ReadFull(c, ans[:]); err != nil {
+		return fmt.Errorf("reading the server's digest: %w", err)
+	}
+	if got := int64(binary.BigEndian.Uint64(ans[:8])); got != n {
+		return fmt.Errorf("server received %d bytes, sent %d", got, n)
+	}
+	if !bytes.Equal(ans[8:], digestOf(n, seed)) {
+		return errors.New("server received different bytes than sent")
+	}
+	return expectEOF(c)
+}
+
+func expectEOF(c *net.TCPConn) error {
+	var b [1]byte
+	if n, err := c.Read(b[:]); n != 0 || err != io.EOF {
+		return fmt.Errorf("want EOF after the answer, got %d bytes, %v", n, err)
+	}
+	return nil
+}
+
+// echo sends n bytes while reading them back at the same time.
+func echo(addr string, n int64, seed uint64) error {
+	c, err := dial(addr)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte{cmdEcho}); err != nil {
+		return err
+	}
+	errc := make(chan error, 1)
+	go func() {
+		_, err := io.CopyN(plainWriter{c}, stream(seed), n)
+		if err == nil {
+			err = c.CloseWrite()
+		}
+		errc <- err
+	}()
+	h := sha256.New()
+	got, err := copyPlain(h, c)
+	if werr := <-errc; werr != nil {
+		return fmt.Errorf("sending: %w", werr)
+	}
+	if err != nil {
+		return fmt.Errorf("receiving: %w", err)
+	}
+	return compare(got, n, h, seed)
+}
+
+func compare(got, n int64, h hash.Hash, seed uint64) error {
+	if got != n {
+		return fmt.Errorf("received %d bytes, want %d", got, n)
+	}
+	if !bytes.Equal(h.Sum(nil), digestOf(n, seed)) {
+		return errors.New("received different bytes than sent")
+	}
+	return nil
+}
+
+// requestResponse does count one-byte exchanges, each under a read deadline,
+// so a reader woken late by the netpoller fails instead of hanging.
+func requestResponse(addr string, count int) error {
+	c, err := dial(addr)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte{cmdEcho}); err != nil {
+		return err
+	}
+	var b [1]byte
+	for i := range count {
+		want := byte(i)
+		if _, err := c.Write([]byte{want}); err != nil {
+			return fmt.Errorf("exchange %d: %w", i, err)
+		}
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(c, b[:]); err != nil {
+			return fmt.Errorf("exchange %d: %w", i, err)
+		}
+		if b[0] != want {
+			return fmt.Errorf("exchange %d: got %d, want %d", i, b[0], want)
+		}
+	}
+	c.CloseWrite()
+	return expectEOF(c)
+}
+
+// serverFirst asks the server for n bytes and checks them; the server closes.
+func serverFirst(addr string, n int64, seed uint64) error {
+	c, err := dial(addr)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	var req [17]byte
+	req[0] = cmdGenerate
+	binary.BigEndian.PutUint64(req[1:], uint64(n))
+	binary.BigEndian.PutUint64(req[9:], seed)
+	if _, err := c.Write(req[:]); err != nil {
+		return err
+	}
+	h := sha256.New()
+	got, err := copyPlain(h, c)
+	if err != nil {
+		return err
+	}
+	return compare(got, n, h, seed)
+}
+
+// resetByServer expects the server's reset to arrive as an error, not EOF.
+func resetByServer(addr string) error {
+	c, err := dial(addr)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte{cmdReset, 0}); err != nil {
+		return err
+	}
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	var b [1]byte
+	_, err = c.Read(b[:])
+	var ne net.Error
+	switch {
+	case err == nil || err == io.EOF:
+		return fmt.Errorf("server reset the connection, client saw %v", err)
+	case errors.As(err, &ne) && ne.Timeout():
+		return errors.New("server reset the connection, client hung")
+	}
+	return nil
+}
+
+// resetByClient sends some bytes, then resets. The server reports what it saw.
+func resetByClient(addr string) error {
+	c, err := dial(addr)
+	if err != nil {
+		return err
+	}
+	if _, err := c.Write([]byte{cmdSink, 1, 2, 3}); err != nil {
+		return err
+	}
+	time.Sleep(100 * time.Millisecond)
+	c.SetLinger(0)
+	return c.Close()
+}
+
+// concurrent runs conns transfers at once, random sizes up to maxSize.
+func concurrent(addr string, conns int, maxSize int64) error {
+	errs := make(chan error, conns)
+	for i := range conns {
+		go func() {
+			n := rand.Int64N(maxSize) + 1
+			if i%2 == 0 {
+				errs <- oneWay(addr, n, uint64(i), cmdSink)
+			} else {
+				errs <- echo(addr, n, uint64(i))
+			}
+		}()
+	}
+	var first error
+	for range conns {
+		if err := <-errs; err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+// peer returns how the server saw this connection and how the client did.
+func peer(addr string) (serverSaw, local, remote string, err error) {
+	c, err := dial(addr)
+	if err != nil {
+		return "", "", "", err
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte{cmdPeer}); err != nil {
+		return "", "", "", err
+	}
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return "", "", "", err
+	}
+	return line[:len(line)-1], c.LocalAddr().String(), c.RemoteAddr().String(), nil
+}
+
+// client is the "client" helper: args are a scenario and its parameters. It
+// prints "ok ..." and exits 0 when every byte matched.
+func client(args []string) int {
+	if err := runScenario(args); err != nil {
+		fmt.Fprintln(os.Stderr, "client:", err)
+		return 1
+	}
+	return 0
+}
+
+func runScenario(args []string) error {
+	if len(args) < 2 {
+		return errors.New("usage: SCENARIO ADDR [N]")
+	}
+	scenario, addr := args[0], args[1]
+	n := int64(0)
+	if len(args) > 2 {
+		var err error
+		if n, err = strconv.ParseInt(args[2], 10, 64); err != nil {
+			return err
+		}
+	}
+	var err error
+	switch scenario {
+	case "oneway":
+		err = oneWay(addr, n, 1, cmdSink)
+	case "stall":
+		err = oneWay(addr, n, 2, cmdStall)
+	case "echo":
+		err = echo(addr, n, 3)
+	case "rr":
+		err = requestResponse(addr, int(n))
+	case "serverfirst":
+		err = serverFirst(addr, n, 4)
+	case "reset-server":
+		err = resetByServer(addr)
+	case "reset-client":
+		err = resetByClient(addr)
+	case "concurrent":
+		err = concurrent(addr, 200, n)
+	case "short":
+		for i := range n {
+			if err = oneWay(addr, 16, uint64(i), cmdSink); err != nil {
+				break
+			}
+		}
+	case "peer":
+		var s, l, r string
+		s, l, r, err = peer(addr)
+		if err == nil {
+			fmt.Printf("peer server-saw=%s local=%s remote=%s\n", s, l, r)
+		}
+	default:
+		return fmt.Errorf("unknown scenario %q", scenario)
+	}
+	if err != nil {
+		return fmt.Errorf("%s: %w", scenario, err)
+	}
+	fmt.Println("ok", scenario)
+	return nil
+}

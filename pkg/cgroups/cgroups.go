@@ -1,0 +1,101 @@
+// Package cgroups finds the cgroup v2 hierarchy and the cgroups of processes.
+// smesh enrolls workloads by cgroup and tells its own sockets apart by
+// cgroup, so these few facts are needed by the daemon, its tests and bench.
+package cgroups
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// Mount returns where the cgroup v2 hierarchy is mounted, read from
+// /proc/mounts: /sys/fs/cgroup on unified hosts, /sys/fs/cgroup/unified on
+// hybrid ones.
+func Mount() (string, error) {
+	f, err := os.Open("/proc/mounts")
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	s := bufio.NewScanner(f)
+	for s.Scan() {
+		fields := strings.Fields(s.Text())
+		if len(fields) >= 3 && fields[2] == "cgroup2" {
+			return fields[1], nil
+		}
+	}
+	if err := s.Err(); err != nil {
+		return "", fmt.Errorf("reading /proc/mounts: %w", err)
+	}
+	return "", errors.New("no cgroup v2 hierarchy is mounted (see /proc/mounts); smesh needs cgroup v2")
+}
+
+// Of returns the cgroup v2 directory of process pid (0: this process).
+func Of(mount string, pid int) (string, error) {
+	file := "/proc/self/cgroup"
+	if pid != 0 {
+		file = "/proc/" + strconv.Itoa(pid) + "/cgroup"
+	}
+	data, err := os.ReadFile(file)
+	if err != nil {
+		return "", err
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if rel, ok := strings.CutPrefix(line, "0::"); ok {
+			return filepath.Join(mount, rel), nil
+		}
+	}
+	return "", fmt.Errorf("%s has no cgroup v2 entry", file)
+}
+
+// ID returns the cgroup id of a cgroup v2 directory: the inode number, which
+// is what bpf_get_current_cgroup_id() reports.
+func ID(path string) (uint64, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return 0, fmt.Errorf("stat cgroup %s: %w", path, err)
+	}
+	return st.Ino, nil
+}
+
+// Procs lists the PIDs in a cgroup (not in its descendants).
+func Procs(path string) ([]int, error) {
+	data, err := os.ReadFile(filepath.Join(path, "cgroup.procs"))
+	if err != nil {
+		return nil, err
+	}
+	var pids []int
+	for _, f := range strings.Fields(string(data)) {
+		pid, err := strconv.Atoi(f)
+		if err != nil {
+			return nil, fmt.Errorf("parsing %s/cgroup.procs: %w", path, err)
+		}
+		pids = append(pids, pid)
+	}
+	return pids, nil
+}
+
+// Join moves process pid (0: this process) into the cgroup at path.
+func Join(path string, pid int) error {
+	if pid == 0 {
+		pid = os.Getpid()
+	}
+	err := os.WriteFile(filepath.Join(path, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0)
+	if err != nil {
+		return fmt.Errorf("moving pid %d into cgroup %s: %w", pid, path, err)
+	}
+	return nil
+}
+
+// Within reports whether path is dir itself or below it.
+func Within(path, dir string) bool {
+	rel, err := filepath.Rel(dir, path)
+	return err == nil && rel != ".." && !strings.HasPrefix(rel, "../")
+}

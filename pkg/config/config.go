@@ -1,0 +1,175 @@
+// Package config reads and checks smeshd's TOML configuration.
+//
+// Parse and Load are strict: a key smeshd does not know is an error naming the
+// key and its line, because a misspelt key would otherwise silently leave the
+// default in force (for example capture of a cgroup nobody meant to enroll).
+// Every value is checked by Validate, which reports all problems at once.
+// smesh.toml at the repository root documents every key with its default.
+package config
+
+import (
+	"fmt"
+	"net/netip"
+	"time"
+)
+
+// Config is the whole smeshd configuration. Start from Default: its zero
+// value is not valid.
+type Config struct {
+	Capture  Capture  `toml:"capture"`
+	Datapath Datapath `toml:"datapath"`
+	Outbound Outbound `toml:"outbound"`
+	Tunnel   Tunnel   `toml:"tunnel"`
+	Admin    Admin    `toml:"admin"`
+	Log      Log      `toml:"log"`
+	Daemon   Daemon   `toml:"daemon"`
+}
+
+// Capture selects the workloads and destinations whose outbound TCP is
+// captured.
+type Capture struct {
+	// Cgroups are cgroup v2 directories whose processes (and those of their
+	// descendants) are in the mesh. Relative paths are below the cgroup2
+	// mount; see CgroupPaths. An empty list captures nothing, which suits a
+	// node that only receives tunnel traffic.
+	Cgroups []string `toml:"cgroups"`
+	// IncludeCIDRs are the IPv4 destinations that are captured.
+	IncludeCIDRs []netip.Prefix `toml:"include_cidrs"`
+	// ExcludeCIDRs are destinations left alone even when included.
+	ExcludeCIDRs []netip.Prefix `toml:"exclude_cidrs"`
+	// ExcludePorts are destination ports left alone.
+	ExcludePorts []uint16 `toml:"exclude_ports"`
+	// OnFailure says what happens to new connections when smeshd cannot
+	// proxy them: "open" lets them through uncaptured, "closed" refuses them.
+	OnFailure string `toml:"on_failure"`
+}
+
+// Datapath chooses how captured connections are carried.
+type Datapath struct {
+	// Mode is "auto" (splice where the kernel supports it, else copy),
+	// "splice" or "copy".
+	Mode string `toml:"mode"`
+	// MapSize is the maximum number of entries of the sockhash and of the
+	// original-destination map.
+	MapSize uint32 `toml:"map_size"`
+}
+
+// Outbound is the local listener captured connections are redirected to.
+type Outbound struct {
+	// Listen must be an IPv4 loopback address: connect4 rewrites IPv4
+	// destinations to it, and nothing off the node may reach it.
+	Listen netip.AddrPort `toml:"listen"`
+}
+
+// Tunnel is the mTLS tunnel between the smeshd of different nodes.
+type Tunnel struct {
+	// Listen is where this node accepts tunnel connections.
+	Listen netip.AddrPort `toml:"listen"`
+	// PeerPort is the port dialled on other nodes.
+	PeerPort uint16 `toml:"peer_port"`
+	// AllowPorts are the only local destination ports the tunnel delivers
+	// to; empty means any port.
+	AllowPorts []uint16 `toml:"allow_ports"`
+	// MaxConnections bounds the concurrent incoming tunnel connections.
+	MaxConnections int `toml:"max_connections"`
+	// HandshakeTimeout bounds the TLS handshake and the read of the header.
+	HandshakeTimeout Duration `toml:"handshake_timeout"`
+	TLS              TLS      `toml:"tls"`
+}
+
+// TLS configures the tunnel's mutual authentication.
+type TLS struct {
+	// Mode is "mtls" or "disabled" (plain TCP, for tests and benchmarks).
+	Mode string `toml:"mode"`
+	// Cert, Key and CA are PEM files. Their existence is checked when the
+	// tunnel starts, not here, so a config can be checked on another host.
+	Cert string `toml:"cert"`
+	Key  string `toml:"key"`
+	CA   string `toml:"ca"`
+	// AllowIdentities are the spiffe:// URIs a peer certificate must carry
+	// one of; empty means any certificate signed by CA.
+	AllowIdentities []string `toml:"allow_identities"`
+}
+
+// Admin is the HTTP endpoint for /metrics, /healthz and /readyz.
+type Admin struct {
+	Listen netip.AddrPort `toml:"listen"`
+}
+
+// Log configures logging.
+type Log struct {
+	// Level is "trace", "debug", "info", "warn" or "error".
+	Level string `toml:"level"`
+	// Format is "console" or "json".
+	Format string `toml:"format"`
+}
+
+// Daemon configures the daemon's own lifecycle.
+type Daemon struct {
+	// DrainTimeout is how long smeshd waits for open connections to end
+	// when asked to stop; 0 stops at once.
+	DrainTimeout Duration `toml:"drain_timeout"`
+}
+
+// Duration is a time.Duration written in TOML as a string such as "30s".
+type Duration struct{ time.Duration }
+
+// MarshalText implements encoding.TextMarshaler.
+func (d Duration) MarshalText() ([]byte, error) {
+	return []byte(d.String()), nil
+}
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (d *Duration) UnmarshalText(text []byte) error {
+	v, err := time.ParseDuration(string(text))
+	if err != nil {
+		return fmt.Errorf("%q is not a duration (want e.g. \"30s\" or \"1m30s\")", text)
+	}
+	d.Duration = v
+	return nil
+}
+
+// Default returns the default configuration, the one smesh.toml documents.
+// Empty lists are empty, not nil, so that a parsed "[]" compares equal.
+func Default() Config {
+	return Config{
+		Capture: Capture{
+			Cgroups:      []string{"smesh.slice"},
+			IncludeCIDRs: []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0")},
+			ExcludeCIDRs: []netip.Prefix{},
+			ExcludePorts: []uint16{},
+			OnFailure:    "open",
+		},
+		Datapath: Datapath{
+			Mode:    "auto",
+			MapSize: 65536,
+		},
+		Outbound: Outbound{
+			Listen: netip.MustParseAddrPort("127.0.0.1:18000"),
+		},
+		Tunnel: Tunnel{
+			Listen:           netip.MustParseAddrPort("0.0.0.0:18001"),
+			PeerPort:         18001,
+			AllowPorts:       []uint16{},
+			MaxConnections:   4096,
+			HandshakeTimeout: Duration{5 * time.Second},
+			TLS: TLS{
+				Mode:            "mtls",
+				Cert:            "/etc/smesh/tls/node.crt",
+				Key:             "/etc/smesh/tls/node.key",
+				CA:              "/etc/smesh/tls/ca.crt",
+				AllowIdentities: []string{},
+			},
+		},
+		Admin: Admin{
+			Listen: netip.MustParseAddrPort("127.0.0.1:15000"),
+		},
+		Log: Log{
+			Level:  "info",
+			Format: "console",
+		},
+		Daemon: Daemon{
+			DrainTimeout: Duration{30 * time.Second},
+		},
+	}
+}

@@ -1,0 +1,236 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"net/url"
+	"path/filepath"
+	"slices"
+	"strings"
+)
+
+// Map sizes smeshd accepts: below the minimum a busy node fills the maps at
+// once; above the maximum they cost more kernel memory than they are worth.
+const (
+	minMapSize = 1024
+	maxMapSize = 1 << 20
+)
+
+// problems collects validation errors, each prefixed with its key.
+type problems []error
+
+func (p *problems) addf(key, format string, args ...any) {
+	*p = append(*p, errors.New(key+": "+fmt.Sprintf(format, args...)))
+}
+
+// Validate checks every value of c and reports all problems at once, each
+// naming its key and what is allowed. It does not touch the file system.
+func (c *Config) Validate() error {
+	var p problems
+	c.Capture.validate(&p)
+
+	checkOneOf(&p, "datapath.mode", c.Datapath.Mode, "auto", "splice", "copy")
+	if c.Datapath.MapSize < minMapSize || c.Datapath.MapSize > maxMapSize {
+		p.addf("datapath.map_size", "%d is out of range (want %d to %d)", c.Datapath.MapSize, minMapSize, maxMapSize)
+	}
+
+	if checkListen(&p, "outbound.listen", c.Outbound.Listen, "127.0.0.1:18000") {
+		if a := c.Outbound.Listen.Addr(); !a.Is4() || !a.IsLoopback() {
+			p.addf("outbound.listen", "%s is not an IPv4 loopback address (want e.g. \"127.0.0.1:18000\"): captured IPv4 connections are redirected to it", c.Outbound.Listen)
+		}
+	}
+
+	c.Tunnel.validate(&p)
+
+	checkListen(&p, "admin.listen", c.Admin.Listen, "127.0.0.1:15000")
+	checkDistinctPorts(&p, c)
+
+	checkOneOf(&p, "log.level", c.Log.Level, "trace", "debug", "info", "warn", "error")
+	checkOneOf(&p, "log.format", c.Log.Format, "console", "json")
+
+	if c.Daemon.DrainTimeout.Duration < 0 {
+		p.addf("daemon.drain_timeout", "%s is negative (want 0 or more, e.g. \"30s\")", c.Daemon.DrainTimeout)
+	}
+	return errors.Join(p...)
+}
+
+func (c *Capture) validate(p *problems) {
+	for _, cg := range c.Cgroups {
+		if err := checkCgroup(cg); err != nil {
+			p.addf("capture.cgroups", "%v", err)
+		}
+	}
+	if len(c.IncludeCIDRs) == 0 {
+		p.addf("capture.include_cidrs", "is empty, so nothing would be captured (want e.g. [\"0.0.0.0/0\"])")
+	}
+	checkCIDRs(p, "capture.include_cidrs", c.IncludeCIDRs)
+	checkCIDRs(p, "capture.exclude_cidrs", c.ExcludeCIDRs)
+	checkPorts(p, "capture.exclude_ports", c.ExcludePorts)
+	checkOneOf(p, "capture.on_failure", c.OnFailure, "open", "closed")
+}
+
+// checkCgroup rejects entries that would enroll every process of the node
+// (the cgroup v2 root) or that climb out of where they appear to point.
+func checkCgroup(cg string) error {
+	if cg == "" {
+		return errors.New(`"" is the cgroup v2 root, which holds every process of the node (want a cgroup below it, e.g. "smesh.slice")`)
+	}
+	if slices.Contains(strings.Split(cg, "/"), "..") {
+		return fmt.Errorf(`%q contains ".." (want a plain path, e.g. "smesh.slice")`, cg)
+	}
+	if clean := filepath.Clean(cg); clean == "/" || clean == "." {
+		return fmt.Errorf(`%q is the cgroup v2 root, which holds every process of the node (want a cgroup below it, e.g. "smesh.slice")`, cg)
+	}
+	return nil
+}
+
+func checkCIDRs(p *problems, key string, prefixes []netip.Prefix) {
+	for _, prefix := range prefixes {
+		switch {
+		case !prefix.IsValid():
+			p.addf(key, "contains an unset CIDR (want e.g. \"10.0.0.0/8\")")
+		case !prefix.Addr().Is4():
+			p.addf(key, "%s is not an IPv4 CIDR (IPv6 is not captured yet)", prefix)
+		case prefix != prefix.Masked():
+			p.addf(key, "%s has host bits set (want %s)", prefix, prefix.Masked())
+		}
+	}
+}
+
+func checkPorts(p *problems, key string, ports []uint16) {
+	if slices.Contains(ports, 0) {
+		p.addf(key, "0 is not a port (want 1 to 65535)")
+	}
+}
+
+// checkListen reports whether addr is a usable listen address, adding the
+// problem if it is not.
+func checkListen(p *problems, key string, addr netip.AddrPort, example string) bool {
+	switch {
+	case !addr.IsValid():
+		p.addf(key, "is not set (want an address and port, e.g. %q)", example)
+		return false
+	case addr.Port() == 0:
+		p.addf(key, "%s has port 0 (want a fixed port, e.g. %q)", addr, example)
+		return false
+	}
+	return true
+}
+
+// checkDistinctPorts keeps the three listeners from colliding. Ports on
+// different addresses could coexist, but one rule is easier to get right.
+func checkDistinctPorts(p *problems, c *Config) {
+	listens := []struct {
+		key  string
+		port uint16
+	}{
+		{"outbound.listen", c.Outbound.Listen.Port()},
+		{"tunnel.listen", c.Tunnel.Listen.Port()},
+		{"admin.listen", c.Admin.Listen.Port()},
+	}
+	for i, a := range listens {
+		for _, b := range listens[i+1:] {
+			if a.port != 0 && a.port == b.port {
+				p.addf(b.key, "port %d is also used by %s (want distinct ports)", b.port, a.key)
+			}
+		}
+	}
+}
+
+func (t *Tunnel) validate(p *problems) {
+	checkListen(p, "tunnel.listen", t.Listen, "0.0.0.0:18001")
+	if t.PeerPort == 0 {
+		p.addf("tunnel.peer_port", "0 is not a port (want 1 to 65535, e.g. 18001)")
+	}
+	checkPorts(p, "tunnel.allow_ports", t.AllowPorts)
+	if t.MaxConnections < 1 {
+		p.addf("tunnel.max_connections", "%d is too small (want 1 or more)", t.MaxConnections)
+	}
+	if t.HandshakeTimeout.Duration <= 0 {
+		p.addf("tunnel.handshake_timeout", "%s is not positive (want e.g. \"5s\")", t.HandshakeTimeout)
+	}
+
+	tls := t.TLS
+	checkOneOf(p, "tunnel.tls.mode", tls.Mode, "mtls", "disabled")
+	if tls.Mode == "mtls" {
+		for _, f := range []struct{ key, path string }{
+			{"tunnel.tls.cert", tls.Cert},
+			{"tunnel.tls.key", tls.Key},
+			{"tunnel.tls.ca", tls.CA},
+		} {
+			if f.path == "" {
+				p.addf(f.key, "is empty (want a PEM file path; required when tunnel.tls.mode = \"mtls\")")
+			}
+		}
+	}
+	if tls.Mode == "disabled" && len(tls.AllowIdentities) > 0 {
+		// Without TLS there is no identity to check: refuse rather than
+		// let the operator believe peers are restricted.
+		p.addf("tunnel.tls.allow_identities", "is set but tunnel.tls.mode = \"disabled\" (want [] or mode \"mtls\")")
+	}
+	for _, id := range tls.AllowIdentities {
+		if u, err := url.Parse(id); err != nil || u.Scheme != "spiffe" || u.Host == "" {
+			p.addf("tunnel.tls.allow_identities", "%q is not a SPIFFE ID (want e.g. \"spiffe://example.org/node/a\")", id)
+		}
+	}
+}
+
+func checkOneOf(p *problems, key, value string, allowed ...string) {
+	if slices.Contains(allowed, value) {
+		return
+	}
+	quoted := make([]string, len(allowed))
+	for i, a := range allowed {
+		quoted[i] = fmt.Sprintf("%q", a)
+	}
+	p.addf(key, "%q is not allowed (want one of %s)", value, strings.Join(quoted, ", "))
+}
+
+// CgroupPaths returns the cgroup directories of Capture.Cgroups, given the
+// cgroup v2 mount point (found from /proc/mounts by the caller). Relative
+// entries are joined to the mount; absolute ones must already be below it.
+// The directories need not exist. Entries naming the same directory are
+// returned once; an entry below another is an error, because programs
+// attached to both would run twice for its processes.
+func (c Config) CgroupPaths(cgroup2Mount string) ([]string, error) {
+	if !filepath.IsAbs(cgroup2Mount) {
+		return nil, fmt.Errorf("cgroup2 mount %q is not an absolute path", cgroup2Mount)
+	}
+	mount := filepath.Clean(cgroup2Mount)
+
+	var paths []string
+	var errs []error
+	for _, cg := range c.Capture.Cgroups {
+		path := cg
+		if !filepath.IsAbs(path) {
+			path = filepath.Join(mount, path)
+		}
+		path = filepath.Clean(path)
+		switch {
+		case path == mount:
+			errs = append(errs, fmt.Errorf("capture.cgroups: %q is the cgroup v2 root %s (want a cgroup below it)", cg, mount))
+		case !isBelowDir(path, mount):
+			errs = append(errs, fmt.Errorf("capture.cgroups: %q is not below the cgroup v2 mount %s", cg, mount))
+		case !slices.Contains(paths, path):
+			paths = append(paths, path)
+		}
+	}
+	for _, a := range paths {
+		for _, b := range paths {
+			if isBelowDir(b, a) {
+				errs = append(errs, fmt.Errorf("capture.cgroups: %s is below %s, which already captures it (want only %s)", b, a, a))
+			}
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	return paths, nil
+}
+
+// isBelowDir reports whether path is strictly below dir; both are clean.
+func isBelowDir(path, dir string) bool {
+	rel, err := filepath.Rel(dir, path)
+	return err == nil && rel != "." && rel != ".." && !strings.HasPrefix(rel, "../")
+}

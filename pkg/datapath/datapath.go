@@ -1,0 +1,348 @@
+// Package datapath owns smesh's kernel data path: it loads the BPF programs,
+// attaches them to the enrolled cgroups, keeps their maps filled and detaches
+// everything in Close.
+//
+// Every attachment is a bpf_link (or, for sk_msg, an attachment to a map this
+// process owns), so a smeshd that dies leaves nothing attached behind.
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/rs/zerolog"
+
+	"github.com/smesh-dev/smesh/bpf/connect"
+	"github.com/smesh-dev/smesh/bpf/skmsg"
+	"github.com/smesh-dev/smesh/bpf/sockops"
+	"github.com/smesh-dev/smesh/pkg/cgroups"
+)
+
+// Mode is how same-node hops move bytes.
+type Mode string
+
+const (
+	// ModeSplice hands each send straight to the peer socket in the kernel.
+	ModeSplice Mode = "splice"
+	// ModeCopy captures every connection, same-node ones included, and lets
+	// smeshd relay it through its own buffers.
+	ModeCopy Mode = "copy"
+)
+
+// Options configure a Datapath.
+type Options struct {
+	Mode Mode
+	// ProxyAddr is where captured connections are sent ([outbound] listen).
+	ProxyAddr netip.AddrPort
+	// ProxyCgroup is smeshd's own cgroup: its sockets are hop ends too, and
+	// they are never captured.
+	ProxyCgroup string
+	// Cgroups are the enrolled cgroup directories.
+	Cgroups      []string
+	IncludeCIDRs []netip.Prefix
+	ExcludeCIDRs []netip.Prefix
+	ExcludePorts []uint16
+	// MapSize bounds the sockhash and the original-destination map.
+	MapSize uint32
+	Logger  zerolog.Logger
+}
+
+// Datapath is the loaded and attached set of programs and maps.
+type Datapath struct {
+	log     zerolog.Logger
+	connect connect.ConnectObjects
+	sockops sockops.SockopsObjects
+	skmsg   skmsg.SkmsgObjects
+	// links are detached in reverse order by Close.
+	links []link.Link
+	// msgAttached: the sk_msg program is attached to the sockhash.
+	msgAttached bool
+	closed      bool
+}
+
+// New loads the programs, fills the maps and attaches: sk_msg to the
+// sockhash first, then sock_ops, getsockopt and finally connect4, so that no
+// connection is captured before the rest is in place. On error, everything
+// already made is undone.
+func New(opts Options) (_ *Datapath, err error) {
+	d := &Datapath{log: opts.Logger.With().Str("component", "datapath").Logger()}
+	defer func() {
+		if err != nil {
+			d.Close()
+		}
+	}()
+	if !opts.ProxyAddr.Addr().Is4() {
+		return nil, fmt.Errorf("proxy address %s: only IPv4 is supported", opts.ProxyAddr)
+	}
+	proxyCgroupID, err := cgroups.ID(opts.ProxyCgroup)
+	if err != nil {
+		return nil, err
+	}
+	if err := d.load(opts, proxyCgroupID); err != nil {
+		return nil, err
+	}
+	if err := d.fillCaptureMaps(opts); err != nil {
+		return nil, err
+	}
+
+	if opts.Mode == ModeSplice {
+		err := link.RawAttachProgram(link.RawAttachProgramOptions{
+			Target:  d.sockops.SmeshSockhash.FD(),
+			Program: d.skmsg.SmeshSkmsg,
+			Attach:  ebpf.AttachSkMsgVerdict,
+		})
+		if err != nil {
+			return nil, fmt.Errorf("attaching sk_msg to the sockhash: %w", err)
+		}
+		d.msgAttached = true
+	}
+	// smeshd's own cgroup gets sock_ops (its sockets are hop ends) and
+	// getsockopt (SO_ORIGINAL_DST), never connect4.
+	all := append([]string{opts.ProxyCgroup}, opts.Cgroups...)
+	for _, cg := range all {
+		if err := d.attach(cg, ebpf.AttachCGroupSockOps, d.sockops.SmeshSockops); err != nil {
+			return nil, err
+		}
+	}
+	if err := d.attach(opts.ProxyCgroup, ebpf.AttachCGroupGetsockopt, d.connect.SmeshGetsockopt); err != nil {
+		return nil, err
+	}
+	for _, cg := range opts.Cgroups {
+		if err := d.attach(cg, ebpf.AttachCGroupInet4Connect, d.connect.SmeshConnect4); err != nil {
+			return nil, err
+		}
+	}
+	d.log.Info().Str("mode", string(opts.Mode)).Strs("cgroups", opts.Cgroups).
+		Str("proxy_cgroup", opts.ProxyCgroup).Msg("data path attached")
+	return d, nil
+}
+
+func (d *Datapath) load(opts Options, proxyCgroupID uint64) error {
+	// sock_ops is loaded first: its maps are the shared instances the other
+	// objects reuse.
+	spec, err := sockops.LoadSockops()
+	if err != nil {
+		return fmt.Errorf("loading sockops spec: %w", err)
+	}
+	spec.Maps["smesh_sockhash"].MaxEntries = opts.MapSize
+	spec.Maps["smesh_orig_dst"].MaxEntries = opts.MapSize
+	if err := spec.Variables["splice"].Set(opts.Mode == ModeSplice); err != nil {
+		return fmt.Errorf("setting sockops splice: %w", err)
+	}
+	if err := spec.LoadAndAssign(&d.sockops, nil); err != nil {
+		return fmt.Errorf("loading sockops: %w", verifierError(err))
+	}
+	shared := map[string]*ebpf.Map{
+		"smesh_sockhash":    d.sockops.SmeshSockhash,
+		"smesh_orig_dst":    d.sockops.SmeshOrigDst,
+		"smesh_sk_state":    d.sockops.SmeshSkState,
+		"smesh_local_addrs": d.sockops.SmeshLocalAddrs,
+		"smesh_stats":       d.sockops.SmeshStats,
+	}
+
+	cspec, err := connect.LoadConnect()
+	if err != nil {
+		return fmt.Errorf("loading connect spec: %w", err)
+	}
+	vars := []struct {
+		name  string
+		value any
+	}{
+		{"proxy_ip4", opts.ProxyAddr.Addr().As4()},
+		{"proxy_port", opts.ProxyAddr.Port()},
+		{"proxy_cgroup", proxyCgroupID},
+		{"capture_local", opts.Mode == ModeCopy},
+	}
+	for _, v := range vars {
+		if err := cspec.Variables[v.name].Set(v.value); err != nil {
+			return fmt.Errorf("setting connect %s: %w", v.name, err)
+		}
+	}
+	if err := cspec.LoadAndAssign(&d.connect, &ebpf.CollectionOptions{MapReplacements: sharedFor(cspec, shared)}); err != nil {
+		return fmt.Errorf("loading connect: %w", verifierError(err))
+	}
+
+	mspec, err := skmsg.LoadSkmsg()
+	if err != nil {
+		return fmt.Errorf("loading skmsg spec: %w", err)
+	}
+	if err := mspec.LoadAndAssign(&d.skmsg, &ebpf.CollectionOptions{MapReplacements: sharedFor(mspec, shared)}); err != nil {
+		return fmt.Errorf("loading skmsg: %w", verifierError(err))
+	}
+	return nil
+}
+
+// sharedFor picks the shared maps a spec declares (LoadAndAssign only
+// creates the maps a program uses, but replacements must exist in the spec).
+func sharedFor(spec *ebpf.CollectionSpec, shared map[string]*ebpf.Map) map[string]*ebpf.Map {
+	out := make(map[string]*ebpf.Map)
+	for name, m := range shared {
+		if _, ok := spec.Maps[name]; ok {
+			out[name] = m
+		}
+	}
+	return out
+}
+
+func verifierError(err error) error {
+	var ve *ebpf.VerifierError
+	if errors.As(err, &ve) {
+		return fmt.Errorf("%+v", ve)
+	}
+	return err
+}
+
+func (d *Datapath) fillCaptureMaps(opts Options) error {
+	one := uint8(1)
+	for _, p := range opts.IncludeCIDRs {
+		if err := d.connect.SmeshInclude.Put(lpmKey(p), one); err != nil {
+			return fmt.Errorf("adding include_cidrs %s: %w", p, err)
+		}
+	}
+	for _, p := range opts.ExcludeCIDRs {
+		if err := d.connect.SmeshExclude.Put(lpmKey(p), one); err != nil {
+			return fmt.Errorf("adding exclude_cidrs %s: %w", p, err)
+		}
+	}
+	for _, port := range opts.ExcludePorts {
+		if err := d.connect.SmeshExcludePorts.Put(uint32(port), one); err != nil {
+			return fmt.Errorf("adding exclude_ports %d: %w", port, err)
+		}
+	}
+	return nil
+}
+
+func lpmKey(p netip.Prefix) connect.ConnectLpmV4Key {
+	return connect.ConnectLpmV4Key{Prefixlen: uint32(p.Bits()), Ip4: ip4(p.Masked().Addr())}
+}
+
+// ip4 turns an address into the __u32 the programs compare against: network
+// byte order, read as a little-endian integer by the map's encoding.
+func ip4(a netip.Addr) uint32 {
+	b := a.As4()
+	return uint32(b[0]) | uint32(b[1])<<8 | uint32(b[2])<<16 | uint32(b[3])<<24
+}
+
+func (d *Datapath) attach(cgroup string, typ ebpf.AttachType, prog *ebpf.Program) error {
+	l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroup, Attach: typ, Program: prog})
+	if err != nil {
+		return fmt.Errorf("attaching %s to %s: %w", typ, cgroup, err)
+	}
+	d.links = append(d.links, l)
+	return nil
+}
+
+// SetLocalAddrs replaces the set of this node's addresses the programs treat
+// as same-node.
+func (d *Datapath) SetLocalAddrs(addrs []netip.Addr) error {
+	want := make(map[uint32]bool)
+	for _, a := range addrs {
+		if a.Is4() {
+			want[ip4(a)] = true
+		}
+	}
+	m := d.sockops.SmeshLocalAddrs
+	var key uint32
+	var val uint8
+	var stale []uint32
+	it := m.Iterate()
+	for it.Next(&key, &val) {
+		if !want[key] {
+			stale = append(stale, key)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("reading local addresses: %w", err)
+	}
+	for _, k := range stale {
+		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("removing local address: %w", err)
+		}
+	}
+	for k := range want {
+		if err := m.Put(k, uint8(1)); err != nil {
+			return fmt.Errorf("adding local address: %w", err)
+		}
+	}
+	return nil
+}
+
+// Stats are the spliced bytes and messages counted in BPF since load.
+type Stats struct {
+	ClientToServer sockops.SockopsSpliceStats
+	ServerToClient sockops.SockopsSpliceStats
+}
+
+// Stats sums the per-CPU splice counters.
+func (d *Datapath) Stats() (Stats, error) {
+	var s Stats
+	for slot, dst := range []*sockops.SockopsSpliceStats{&s.ClientToServer, &s.ServerToClient} {
+		var perCPU []sockops.SockopsSpliceStats
+		if err := d.sockops.SmeshStats.Lookup(uint32(slot), &perCPU); err != nil {
+			return Stats{}, fmt.Errorf("reading splice counters: %w", err)
+		}
+		for _, c := range perCPU {
+			dst.Bytes += c.Bytes
+			dst.Msgs += c.Msgs
+		}
+	}
+	return s, nil
+}
+
+// MapCounts reports how many entries the sockhash and the original
+// destination map hold (for tests and debugging; it walks both maps).
+func (d *Datapath) MapCounts() (sockhash, origDst int, err error) {
+	var key sockops.SockopsSockKey
+	var cookie uint64
+	it := d.sockops.SmeshSockhash.Iterate()
+	for it.Next(&key, &cookie) {
+		sockhash++
+	}
+	if err := it.Err(); err != nil {
+		return 0, 0, fmt.Errorf("walking sockhash: %w", err)
+	}
+	var orig sockops.SockopsOrigDst
+	it = d.sockops.SmeshOrigDst.Iterate()
+	for it.Next(&key, &orig) {
+		origDst++
+	}
+	if err := it.Err(); err != nil {
+		return 0, 0, fmt.Errorf("walking original destinations: %w", err)
+	}
+	return sockhash, origDst, nil
+}
+
+// Close detaches and unloads everything. It is safe to call more than once.
+func (d *Datapath) Close() error {
+	if d.closed {
+		return nil
+	}
+	d.closed = true
+	var errs []error
+	for i := len(d.links) - 1; i >= 0; i-- {
+		if err := d.links[i].Close(); err != nil {
+			errs = append(errs, fmt.Errorf("detaching: %w", err))
+		}
+	}
+	d.links = nil
+	if d.msgAttached {
+		err := link.RawDetachProgram(link.RawDetachProgramOptions{
+			Target:  d.sockops.SmeshSockhash.FD(),
+			Program: d.skmsg.SmeshSkmsg,
+			Attach:  ebpf.AttachSkMsgVerdict,
+		})
+		if err != nil {
+			errs = append(errs, fmt.Errorf("detaching sk_msg: %w", err))
+		}
+		d.msgAttached = false
+	}
+	for _, c := range []interface{ Close() error }{&d.connect, &d.skmsg, &d.sockops} {
+		if err := c.Close(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
