@@ -23,7 +23,11 @@ int smesh_skmsg(struct sk_msg_md *msg)
 	struct sock_state *st;
 	struct sock_key peer;
 
-	st = bpf_sk_storage_get(&smesh_sk_state, msg->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	struct bpf_sock *sk = msg->sk;
+
+	if (!sk) /* the verifier wants sk checked for NULL before use */
+		return SK_PASS;
+	st = bpf_sk_storage_get(&smesh_sk_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!st || st->path == PATH_TCP)
 		return SK_PASS;
 

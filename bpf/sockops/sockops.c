@@ -26,13 +26,16 @@ static __always_inline void key_of(struct bpf_sock_ops *skops, struct sock_key *
 static __always_inline void established(struct bpf_sock_ops *skops, __u8 role)
 {
 	struct sock_state *st;
+	struct bpf_sock *sk;
 	struct sock_key key;
 
 	if (skops->family != AF_INET)
 		return;
 	key_of(skops, &key);
 
-	st = bpf_sk_storage_get(&smesh_sk_state, skops->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	/* The verifier wants sk checked for NULL before use. */
+	sk = skops->sk;
+	st = sk ? bpf_sk_storage_get(&smesh_sk_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE) : NULL;
 	if (st) {
 		st->role = role;
 		if (st->captured &&

@@ -12,6 +12,7 @@ import (
 	"runtime/debug"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -152,12 +153,10 @@ func Link(t testing.TB, a, b *Node) (addrA, addrB netip.Addr) {
 		t.Fatalf("linking %s and %s: adding veth pair: %v", a.Name, b.Name, err)
 	}
 	t.Cleanup(func() {
-		// The pair would go with either namespace, but a namespace only
-		// goes once nothing holds it; a socket a test forgot to close
-		// would keep the veth alive, unnamed and out of sight.
-		if err := deleteLink(a, ifA); err != nil {
-			t.Errorf("deleting veth %s of node %s: %v", ifA, a.Name, err)
-		}
+		// Deleting the namespaces deletes the pair, and unlike an
+		// explicit RTM_DELLINK (which blocks until every route and
+		// socket let go of the device, up to a second after TCP traffic)
+		// the kernel does that in the background.
 		a.release(subnet)
 		b.release(subnet)
 	})
@@ -172,7 +171,40 @@ func Link(t testing.TB, a, b *Node) (addrA, addrB netip.Addr) {
 			t.Fatalf("linking %s and %s: node %s: %v", a.Name, b.Name, end.node.Name, err)
 		}
 	}
+	// The kernel turns carrier on in the background (linkwatch, up to a
+	// second later) and drops packets until then: a SYN sent right away
+	// would cost a 1s retransmission.
+	for _, end := range []struct {
+		h    *netlink.Handle
+		node *Node
+		name string
+	}{{ha, a, ifA}, {hb, b, ifB}} {
+		if err := waitOperUp(end.h, end.name, linkUpTimeout); err != nil {
+			t.Fatalf("linking %s and %s: node %s: %v", a.Name, b.Name, end.node.Name, err)
+		}
+	}
 	return addrA, addrB
+}
+
+// linkUpTimeout bounds how long Link waits for carrier on a new veth pair.
+const linkUpTimeout = 5 * time.Second
+
+func waitOperUp(h *netlink.Handle, name string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		link, err := h.LinkByName(name)
+		if err != nil {
+			return err
+		}
+		state := link.Attrs().OperState
+		if state == netlink.OperUp {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s is %s, not up, after %v", name, state, timeout)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
 
 func configureLink(h *netlink.Handle, name string, addr netip.Addr) error {
@@ -188,22 +220,6 @@ func configureLink(h *netlink.Handle, name string, addr netip.Addr) error {
 		return fmt.Errorf("bringing %s up: %w", name, err)
 	}
 	return nil
-}
-
-func deleteLink(n *Node, name string) error {
-	h, err := n.netlink()
-	if err != nil {
-		return err
-	}
-	defer h.Close()
-	link, err := h.LinkByName(name)
-	if _, gone := err.(netlink.LinkNotFoundError); gone {
-		return nil
-	}
-	if err != nil {
-		return err
-	}
-	return h.LinkDel(link)
 }
 
 // reserveLink picks a /24 free on both nodes and the names of the two ends.

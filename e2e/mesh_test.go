@@ -1,0 +1,161 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/smesh-dev/smesh/pkg/config"
+	"github.com/smesh-dev/smesh/pkg/daemon"
+	"github.com/smesh-dev/smesh/pkg/testenv"
+)
+
+func TestMain(m *testing.M) {
+	testenv.RunHelpers(map[string]testenv.HelperFunc{
+		"server": serve,
+		"client": client,
+		"smeshd": runSmeshd,
+	})
+	os.Exit(m.Run())
+}
+
+// runSmeshd is the "smeshd" helper: the real daemon, configured by the file
+// args[0]. It prints "ready" once everything is attached.
+func runSmeshd(args []string) int {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	cfg, err := config.Load(args[0])
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	err = daemon.Run(ctx, cfg, os.Stderr, func() { fmt.Println("ready") })
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "smeshd:", err)
+		return 1
+	}
+	return 0
+}
+
+// node is one test "node": a network namespace with its own smeshd (once
+// started) and cgroups for the processes that run on it.
+type node struct {
+	t      *testing.T
+	ns     *testenv.Node
+	smeshd *testenv.Helper
+	// smeshCg is smeshd's own cgroup; enrolled is in the mesh.
+	smeshCg, enrolled string
+}
+
+func newNode(t *testing.T) *node {
+	t.Helper()
+	testenv.RequirePrivileged(t)
+	return &node{t: t, ns: testenv.NewNode(t), smeshCg: testenv.NewCgroup(t), enrolled: testenv.NewCgroup(t)}
+}
+
+// start runs smeshd on the node in the given data path mode; extra is
+// appended to its configuration.
+func (n *node) start(mode string, extra string) {
+	t := n.t
+	t.Helper()
+	mount, err := testenv.Cgroup2Mount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rel, err := filepath.Rel(mount, n.enrolled)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conf := fmt.Sprintf(`
+[capture]
+cgroups = [%q]
+[datapath]
+mode = %q
+%s
+[log]
+level = "debug"
+format = "json"
+`, rel, mode, extra)
+	path := filepath.Join(t.TempDir(), "smesh.toml")
+	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := config.Load(path); err != nil {
+		t.Fatalf("test config: %v", err)
+	}
+	n.smeshd = testenv.StartHelper(t, n.smeshCg, n.ns.Name, "smeshd", path)
+	if line, err := n.smeshd.ReadLine(15 * time.Second); err != nil || line != "ready" {
+		t.Fatalf("smeshd did not get ready (%q, %v): %s", line, err, n.smeshd.Stderr())
+	}
+}
+
+// stop ends smeshd with SIGTERM and expects a clean exit.
+func (n *node) stop() {
+	n.t.Helper()
+	if err := n.smeshd.Signal(syscall.SIGTERM); err != nil {
+		n.t.Fatal(err)
+	}
+	if err := n.smeshd.Wait(); err != nil {
+		n.t.Fatalf("smeshd exited with %v: %s", err, n.smeshd.Stderr())
+	}
+}
+
+// server starts a test server on addr in cgroup cg of this node.
+func (n *node) server(cg, addr string) *testenv.Helper {
+	n.t.Helper()
+	h := testenv.StartHelper(n.t, cg, n.ns.Name, "server", addr)
+	line, err := h.ReadLine(5 * time.Second)
+	if err != nil || !strings.HasPrefix(line, "ready ") {
+		n.t.Fatalf("server did not start (%q, %v): %s", line, err, h.Stderr())
+	}
+	return h
+}
+
+// client runs one client scenario in cgroup cg and fails the test unless it
+// reports that every byte matched. It returns the client's output.
+func (n *node) client(cg string, args ...string) string {
+	n.t.Helper()
+	h := testenv.StartHelper(n.t, cg, n.ns.Name, "client", args...)
+	if err := h.Wait(); err != nil {
+		n.t.Fatalf("client %v: %v\n%s", args, err, h.Stderr())
+	}
+	out := h.Stdout()
+	if !strings.Contains(out, "ok "+args[0]) {
+		n.t.Fatalf("client %v did not report ok: %q", args, out)
+	}
+	return out
+}
+
+// stats reads smeshd's spliced-byte counters from its live BPF maps.
+func (n *node) stats() spliceStats {
+	n.t.Helper()
+	s, err := readStats(n.smeshd.PID())
+	if err != nil {
+		n.t.Fatal(err)
+	}
+	return s
+}
+
+// peerOf runs the "peer" scenario and parses its report.
+func peerOf(n *node, cg, addr string) (serverSaw, local, remote netip.AddrPort) {
+	n.t.Helper()
+	out := n.client(cg, "peer", addr)
+	var s, l, r string
+	for _, f := range strings.Fields(out) {
+		if v, ok := strings.CutPrefix(f, "server-saw="); ok {
+			s = v
+		} else if v, ok := strings.CutPrefix(f, "local="); ok {
+			l = v
+		} else if v, ok := strings.CutPrefix(f, "remote="); ok {
+			r = v
+		}
+	}
+	return netip.MustParseAddrPort(s), netip.MustParseAddrPort(l), netip.MustParseAddrPort(r)
+}
