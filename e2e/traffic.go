@@ -219,6 +219,13 @@ func compare(got, n int64, h hash.Hash, seed uint64) error {
 // requestResponse does count one-byte exchanges, each under a read deadline,
 // so a reader woken late by the netpoller fails instead of hanging.
 func requestResponse(addr string, count int) error {
+	return paced(addr, count, 0)
+}
+
+// paced is requestResponse with a pause between exchanges, so a connection
+// can stay open across events such as smeshd starting or stopping. It prints
+// "connected" once the connection is up.
+func paced(addr string, count int, pause time.Duration) error {
 	c, err := dial(addr)
 	if err != nil {
 		return err
@@ -227,8 +234,10 @@ func requestResponse(addr string, count int) error {
 	if _, err := c.Write([]byte{cmdEcho}); err != nil {
 		return err
 	}
+	fmt.Println("connected")
 	var b [1]byte
 	for i := range count {
+		time.Sleep(pause)
 		want := byte(i)
 		if _, err := c.Write([]byte{want}); err != nil {
 			return fmt.Errorf("exchange %d: %w", i, err)
@@ -376,6 +385,8 @@ func runScenario(args []string) error {
 		err = echo(addr, n, 3)
 	case "rr":
 		err = requestResponse(addr, int(n))
+	case "paced": // N exchanges, 10 ms apart
+		err = paced(addr, int(n), 10*time.Millisecond)
 	case "serverfirst":
 		err = serverFirst(addr, n, 4)
 	case "reset-server":

@@ -175,12 +175,14 @@ func (d *Datapath) load(opts Options, proxyCgroupID uint64) error {
 	return nil
 }
 
-// sharedFor picks the shared maps a spec declares (LoadAndAssign only
-// creates the maps a program uses, but replacements must exist in the spec).
+// sharedFor picks the shared maps a spec declares (replacements must exist
+// in the spec) and sizes the spec's declarations like the real maps, which
+// cilium/ebpf checks before replacing.
 func sharedFor(spec *ebpf.CollectionSpec, shared map[string]*ebpf.Map) map[string]*ebpf.Map {
 	out := make(map[string]*ebpf.Map)
 	for name, m := range shared {
-		if _, ok := spec.Maps[name]; ok {
+		if ms, ok := spec.Maps[name]; ok {
+			ms.MaxEntries = m.MaxEntries()
 			out[name] = m
 		}
 	}

@@ -1,0 +1,98 @@
+package e2e
+
+import (
+	"fmt"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/smesh-dev/smesh/pkg/testenv"
+)
+
+// twoNodes links node a (smeshd, enrolled client) to node b (a plain
+// server, no mesh) and returns the server's address.
+func twoNodes(t *testing.T, mode, extra string) (a *node, addrA netip.Addr, server string) {
+	a = newNode(t)
+	b := &node{t: t, ns: testenv.NewNode(t)}
+	addrA, addrB := testenv.Link(t, a.ns, b.ns)
+	server = netip.AddrPortFrom(addrB, 9000).String()
+	b.server("", server)
+	a.start(mode, extra)
+	return a, addrA, server
+}
+
+// TestCapturePassThrough: a connection from an enrolled process to another
+// node is captured, relayed by smeshd (dialling the destination directly
+// until the tunnel exists) and arrives byte-exact; smeshd's own upstream
+// connection is not captured again; a process outside the mesh is never
+// captured.
+func TestCapturePassThrough(t *testing.T) {
+	for _, mode := range []string{"splice", "copy"} {
+		t.Run(mode, func(t *testing.T) {
+			a, addrA, server := twoNodes(t, mode, "")
+			proxy := "127.0.0.1:18000"
+
+			saw, local, remote := peerOf(a, a.enrolled, server)
+			if remote.String() != proxy {
+				t.Errorf("enrolled client connected to %s, want smeshd at %s", remote, proxy)
+			}
+			if saw.Addr() != addrA || saw == local {
+				t.Errorf("server saw %s, want smeshd's own connection from %s (client was %s)", saw, addrA, local)
+			}
+
+			outside := testenv.NewCgroup(t)
+			saw, local, remote = peerOf(a, outside, server)
+			if remote.String() != server || saw.Port() != local.Port() {
+				t.Errorf("process outside the mesh was captured: connected to %s, server saw %s", remote, saw)
+			}
+
+			before := a.stats()
+			a.client(a.enrolled, "oneway", server, "268435456")
+			a.client(a.enrolled, "echo", server, "268435456")
+			a.client(a.enrolled, "rr", server, "2000")
+			a.client(a.enrolled, "serverfirst", server, "10000000")
+			a.client(a.enrolled, "reset-server", server)
+			moved := a.stats().bytes - before.bytes
+			// In splice mode the app <-> smeshd hop is spliced: every byte
+			// crosses it once.
+			if mode == "splice" && moved < 3*256<<20 {
+				t.Errorf("spliced %d bytes on the app <-> smeshd hop, want at least %d", moved, 3*256<<20)
+			}
+			if mode == "copy" && moved != 0 {
+				t.Errorf("copy mode spliced %d bytes", moved)
+			}
+		})
+	}
+}
+
+// TestMapsDrain runs three times the map size of short captured
+// connections: capture keeps working and both maps are empty afterwards.
+func TestMapsDrain(t *testing.T) {
+	const mapSize = 1024
+	a, _, server := twoNodes(t, "splice", fmt.Sprintf("map_size = %d", mapSize))
+	before := a.stats()
+	a.client(a.enrolled, "short", server, fmt.Sprint(3*mapSize))
+	// Each connection sends a command byte and 16 bytes, spliced.
+	if moved := a.stats().bytes - before.bytes; moved < 3*mapSize*17 {
+		t.Errorf("spliced %d bytes, want at least %d: the hops were not in the sockhash", moved, 3*mapSize*17)
+	}
+	saw, _, remote := peerOf(a, a.enrolled, server)
+	if remote.String() != "127.0.0.1:18000" || !saw.IsValid() {
+		t.Fatalf("capture stopped after %d connections: client connected to %s", 3*mapSize, remote)
+	}
+	for _, name := range []string{"smesh_sockhash", "smesh_orig_dst"} {
+		var n int
+		var err error
+		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+			if n, err = entries(a.smeshd.PID(), name); err != nil || n == 0 {
+				break
+			}
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n != 0 {
+			t.Errorf("%s holds %d entries after every connection closed", name, n)
+		}
+	}
+}
