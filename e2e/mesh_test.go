@@ -19,9 +19,10 @@ import (
 
 func TestMain(m *testing.M) {
 	testenv.RunHelpers(map[string]testenv.HelperFunc{
-		"server": serve,
-		"client": client,
-		"smeshd": runSmeshd,
+		"server":   serve,
+		"client":   client,
+		"smeshd":   runSmeshd,
+		"sockopts": sockoptProbe,
 	})
 	os.Exit(m.Run())
 }

@@ -1,0 +1,105 @@
+package e2e
+
+import (
+	"bytes"
+	"crypto/rand"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/smesh-dev/smesh/pkg/testenv"
+)
+
+// TestCurlNginx: curl downloads a random file from nginx, both enrolled on
+// one node, and gets exactly the file's bytes, spliced or copied.
+func TestCurlNginx(t *testing.T) {
+	for _, mode := range []string{"splice", "copy"} {
+		t.Run(mode, func(t *testing.T) {
+			testenv.RequirePrivileged(t)
+			nginx := testenv.RequireCommand(t, "nginx")
+			curl := testenv.RequireCommand(t, "curl")
+			n := newNode(t)
+			dir := t.TempDir()
+			blob := make([]byte, 32<<20)
+			rand.Read(blob)
+			if err := os.WriteFile(filepath.Join(dir, "blob"), blob, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			conf := fmt.Sprintf(`user root;
+master_process off; # one process: the test stops it by its PID
+daemon off;
+pid %[1]s/nginx.pid;
+error_log stderr;
+events {}
+http {
+	access_log off;
+	client_body_temp_path %[1]s;
+	proxy_temp_path %[1]s;
+	fastcgi_temp_path %[1]s;
+	uwsgi_temp_path %[1]s;
+	scgi_temp_path %[1]s;
+	server {
+		listen 127.0.0.1:8080;
+		root %[1]s;
+	}
+}
+`, dir)
+			if err := os.WriteFile(filepath.Join(dir, "nginx.conf"), []byte(conf), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			testenv.StartProcess(t, n.enrolled, n.ns.Name, nginx, "-p", dir, "-c", filepath.Join(dir, "nginx.conf"))
+			n.start(mode, "")
+			before := n.stats()
+			out := filepath.Join(dir, "got")
+			var h *testenv.Helper
+			for range 50 { // nginx may still be starting
+				h = testenv.StartProcess(t, n.enrolled, n.ns.Name, curl, "-sS", "--fail", "-o", out, "http://127.0.0.1:8080/blob")
+				if h.Wait() == nil {
+					break
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+			if err := h.Wait(); err != nil {
+				t.Fatalf("curl: %v %s", err, h.Stderr())
+			}
+			got, err := os.ReadFile(out)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, blob) {
+				t.Fatalf("curl got %d bytes that differ from nginx's %d-byte file", len(got), len(blob))
+			}
+			moved := n.stats().bytes - before.bytes
+			if mode == "splice" && moved < uint64(len(blob)) {
+				t.Errorf("spliced %d bytes, want at least %d", moved, len(blob))
+			}
+		})
+	}
+}
+
+// TestIperf3Spliced: iperf3 runs between two enrolled processes and its
+// stream goes through the splice.
+func TestIperf3Spliced(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	iperf3 := testenv.RequireCommand(t, "iperf3")
+	n := newNode(t)
+	testenv.StartProcess(t, n.enrolled, n.ns.Name, iperf3, "-s", "-1", "-B", "127.0.0.1", "-p", "5201")
+	n.start("splice", "")
+	before := n.stats()
+	var h *testenv.Helper
+	for range 50 { // the server may still be starting
+		h = testenv.StartProcess(t, n.enrolled, n.ns.Name, iperf3, "-c", "127.0.0.1", "-p", "5201", "-n", "256M")
+		if h.Wait() == nil {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if err := h.Wait(); err != nil {
+		t.Fatalf("iperf3: %v %s %s", err, h.Stdout(), h.Stderr())
+	}
+	if moved := n.stats().bytes - before.bytes; moved < 256<<20 {
+		t.Errorf("spliced %d bytes, want at least %d", moved, 256<<20)
+	}
+}
