@@ -90,6 +90,9 @@ func Run(ctx context.Context, cfg config.Config, logOut io.Writer, ready func())
 				return fmt.Errorf("creating enrolled cgroup %s: %w", cg, err)
 			}
 			log.Info().Str("cgroup", cg).Msg("created enrolled cgroup")
+			// Removed again on exit if nothing runs in it any more
+			// (rmdir fails on a populated cgroup).
+			defer os.Remove(cg)
 		}
 	}
 	own, restore, err := ownCgroup(mount, enrolled, log)
