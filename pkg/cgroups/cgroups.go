@@ -1,12 +1,14 @@
-// Package cgroups finds the cgroup v2 hierarchy and the cgroups of processes.
-// smesh enrolls workloads by cgroup and tells its own sockets apart by
-// cgroup, so these few facts are needed by the daemon, its tests and bench.
+// Package cgroups finds the cgroup v2 hierarchy and the cgroups of processes,
+// and tears cgroup trees down again. smesh enrolls workloads by cgroup and
+// tells its own sockets apart by cgroup, so these few facts are needed by the
+// daemon, its tests and bench.
 package cgroups
 
 import (
 	"bufio"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -21,20 +23,57 @@ import (
 func Mount() (string, error) {
 	f, err := os.Open("/proc/mounts")
 	if err != nil {
-		return "", err
+		return "", fmt.Errorf("finding the cgroup v2 mount: %w", err)
 	}
 	defer f.Close()
-	s := bufio.NewScanner(f)
+	return parseMount(f)
+}
+
+// parseMount returns the mount point of the first cgroup2 line of r, in the
+// format of /proc/mounts.
+func parseMount(r io.Reader) (string, error) {
+	s := bufio.NewScanner(r)
 	for s.Scan() {
+		// device mountpoint fstype options dump pass
 		fields := strings.Fields(s.Text())
 		if len(fields) >= 3 && fields[2] == "cgroup2" {
-			return fields[1], nil
+			return unescapeMountPath(fields[1]), nil
 		}
 	}
 	if err := s.Err(); err != nil {
 		return "", fmt.Errorf("reading /proc/mounts: %w", err)
 	}
 	return "", errors.New("no cgroup v2 hierarchy is mounted (see /proc/mounts); smesh needs cgroup v2")
+}
+
+// unescapeMountPath undoes the octal escapes (\040 for a space, \011, \012,
+// \134) the kernel writes into /proc/mounts.
+func unescapeMountPath(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+4 <= len(s) && isOctal(s[i+1:i+4]) {
+			b.WriteByte((s[i+1]-'0')<<6 | (s[i+2]-'0')<<3 | (s[i+3] - '0'))
+			i += 3
+			continue
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+func isOctal(s string) bool {
+	if len(s) != 3 || s[0] > '3' {
+		return false
+	}
+	for i := 0; i < 3; i++ {
+		if s[i] < '0' || s[i] > '7' {
+			return false
+		}
+	}
+	return true
 }
 
 // Of returns the cgroup v2 directory of process pid (0: this process).

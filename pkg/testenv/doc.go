@@ -9,6 +9,11 @@
 // `make clean-test-env` finds leftovers), addresses come from 198.18.0.0/15,
 // and the only processes it ever signals are the ones it started, by PID.
 //
+// The mechanics (namespaces, veth pairs, processes born into a cgroup,
+// tearing cgroups down) live in pkg/sandbox and pkg/cgroups, which
+// `smeshd bench` uses too; this package adds what tests need on top: names,
+// the address plan, t.Cleanup, skip-or-fail rules and captured output.
+//
 // A test package that starts helper processes re-executes its own test
 // binary; its TestMain must hand control to [RunHelpers] before m.Run:
 //

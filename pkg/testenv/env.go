@@ -1,16 +1,15 @@
 package testenv
 
 import (
-	"bufio"
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"strings"
 	"testing"
+
+	"github.com/smesh-dev/smesh/pkg/cgroups"
 )
 
 // RequirePrivilegedEnv names the environment variable that turns skips into
@@ -31,7 +30,7 @@ func RequirePrivileged(t testing.TB) {
 	if euid := os.Geteuid(); euid != 0 {
 		missing = append(missing, fmt.Sprintf("root (running as euid %d)", euid))
 	}
-	if _, err := Cgroup2Mount(); err != nil {
+	if _, err := cgroups.Mount(); err != nil {
 		missing = append(missing, err.Error())
 	}
 	if _, err := os.Stat(kernelBTF); err != nil {
@@ -62,61 +61,11 @@ func skipOrFail(t testing.TB, format string, args ...any) {
 	t.Skipf(format, args...)
 }
 
-// Cgroup2Mount returns the mount point of the first cgroup2 file system in
-// /proc/mounts: /sys/fs/cgroup on a unified host, /sys/fs/cgroup/unified on
-// a hybrid one.
+// Cgroup2Mount returns where the cgroup v2 hierarchy is mounted:
+// /sys/fs/cgroup on a unified host, /sys/fs/cgroup/unified on a hybrid one.
+// It is [cgroups.Mount], kept for tests that know it by this name.
 func Cgroup2Mount() (string, error) {
-	f, err := os.Open("/proc/mounts")
-	if err != nil {
-		return "", fmt.Errorf("finding the cgroup v2 mount: %w", err)
-	}
-	defer f.Close()
-	return parseCgroup2Mount(f)
-}
-
-func parseCgroup2Mount(r io.Reader) (string, error) {
-	sc := bufio.NewScanner(r)
-	for sc.Scan() {
-		// device mountpoint fstype options dump pass
-		fields := strings.Fields(sc.Text())
-		if len(fields) >= 3 && fields[2] == "cgroup2" {
-			return unescapeMountPath(fields[1]), nil
-		}
-	}
-	if err := sc.Err(); err != nil {
-		return "", fmt.Errorf("reading /proc/mounts: %w", err)
-	}
-	return "", errors.New("no cgroup2 file system is mounted")
-}
-
-// unescapeMountPath undoes the octal escapes (\040 for a space, \011, \012,
-// \134) the kernel writes into /proc/mounts.
-func unescapeMountPath(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+4 <= len(s) && isOctal(s[i+1:i+4]) {
-			b.WriteByte((s[i+1]-'0')<<6 | (s[i+2]-'0')<<3 | (s[i+3] - '0'))
-			i += 3
-			continue
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
-}
-
-func isOctal(s string) bool {
-	if len(s) != 3 || s[0] > '3' {
-		return false
-	}
-	for i := 0; i < 3; i++ {
-		if s[i] < '0' || s[i] > '7' {
-			return false
-		}
-	}
-	return true
+	return cgroups.Mount()
 }
 
 // Unique returns prefix followed by a dash and 8 random hex digits, e.g.

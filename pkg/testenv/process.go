@@ -15,8 +15,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netns"
-	"golang.org/x/sys/unix"
+	"github.com/smesh-dev/smesh/pkg/sandbox"
 )
 
 // helperEnv tells a re-executed test binary which helper to run.
@@ -122,22 +121,6 @@ func StartProcess(t testing.TB, cgroup, netnsName, name string, args ...string) 
 
 func start(t testing.TB, cgroup, netnsName, label string, cmd *exec.Cmd) *Helper {
 	t.Helper()
-	// The process dies with the test binary even if cleanup never runs
-	// (a crash, a hard timeout). Pdeathsig follows the forking thread,
-	// not the process; the runtime ends a thread only when a goroutine
-	// exits locked to it, which this package does only after a failed
-	// setns, when things are broken anyway.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if cgroup != "" {
-		fd, err := unix.Open(cgroup, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			t.Fatalf("starting %s: opening cgroup: %v", label, err)
-		}
-		defer unix.Close(fd)
-		cmd.SysProcAttr.UseCgroupFD = true
-		cmd.SysProcAttr.CgroupFD = fd
-	}
-
 	// Pipes of our own rather than cmd.StdoutPipe: Wait then waits for the
 	// process only, not for readers, and output is kept after it exits.
 	outR, outW, err := os.Pipe()
@@ -152,11 +135,9 @@ func start(t testing.TB, cgroup, netnsName, label string, cmd *exec.Cmd) *Helper
 	}
 	cmd.Stdout, cmd.Stderr = outW, errW
 
-	if netnsName == "" {
-		err = cmd.Start()
-	} else {
-		err = startInNetns(netnsName, cmd)
-	}
+	// Dies with the test binary even if cleanup never runs (a crash, a
+	// hard timeout): see sandbox.Start.
+	err = sandbox.Start(cmd, cgroup, netnsName)
 	// The child holds its own copies; ours would keep the readers from
 	// ever seeing EOF.
 	outW.Close()
@@ -200,15 +181,6 @@ func start(t testing.TB, cgroup, netnsName, label string, cmd *exec.Cmd) *Helper
 		}
 	})
 	return h
-}
-
-func startInNetns(name string, cmd *exec.Cmd) error {
-	ns, err := netns.GetFromName(name)
-	if err != nil {
-		return fmt.Errorf("opening network namespace %s: %w", name, err)
-	}
-	defer ns.Close()
-	return inNetns(ns, cmd.Start)
 }
 
 // PID returns the process ID.

@@ -1,0 +1,180 @@
+package sandbox
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"path/filepath"
+	"runtime"
+	"runtime/debug"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// netnsDir is where named network namespaces are bind-mounted, by iproute2
+// and vishvananda/netns alike.
+const netnsDir = "/run/netns"
+
+// NewNamedNetns creates a network namespace bind-mounted at /run/netns/name,
+// so that `ip netns exec name` and Start find it, brings its loopback up, and
+// returns a handle to it. The caller closes the handle and, to delete the
+// namespace, calls DeleteNamedNetns.
+//
+// lo is up because in a namespace where it is down even 127.0.0.1 does not
+// answer, which no user of this package wants.
+//
+// On error nothing is left behind, except when the name was taken: then the
+// existing namespace is not touched.
+func NewNamedNetns(name string) (netns.NsHandle, error) {
+	type result struct {
+		ns  netns.NsHandle
+		err error
+	}
+	res := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			res <- result{netns.None(), fmt.Errorf("opening the current network namespace: %w", err)}
+			return
+		}
+		defer orig.Close()
+		// NewNamed unshares this thread into the new namespace (also when
+		// it fails later on) and leaves it there: lo is brought up from
+		// inside before switching back.
+		ns, err := netns.NewNamed(name)
+		if err == nil {
+			if err = loopbackUp(); err != nil {
+				ns.Close()
+			}
+		}
+		if rerr := netns.Set(orig); rerr != nil {
+			// Stay locked: see InNetns.
+			if err == nil {
+				ns.Close()
+			}
+			res <- result{netns.None(), errors.Join(err, fmt.Errorf("returning to the original network namespace: %w", rerr))}
+			return
+		}
+		runtime.UnlockOSThread()
+		res <- result{ns, err}
+	}()
+	r := <-res
+	if r.err != nil {
+		err := fmt.Errorf("creating network namespace %s: %w", name, r.err)
+		// NewNamed fails with EEXIST before creating anything when the
+		// name is taken; any other failure may leave the mount point.
+		if !errors.Is(r.err, fs.ErrExist) {
+			if derr := DeleteNamedNetns(name); derr != nil {
+				err = errors.Join(err, derr)
+			}
+		}
+		return netns.None(), err
+	}
+	return r.ns, nil
+}
+
+// loopbackUp brings up lo in the network namespace of the calling thread.
+func loopbackUp() error {
+	h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+	if err != nil {
+		return fmt.Errorf("opening rtnetlink: %w", err)
+	}
+	defer h.Close()
+	lo, err := h.LinkByName("lo")
+	if err == nil {
+		err = h.LinkSetUp(lo)
+	}
+	if err != nil {
+		return fmt.Errorf("bringing lo up: %w", err)
+	}
+	return nil
+}
+
+// DeleteNamedNetns removes what NewNamedNetns(name) made: the bind mount
+// and the file it is mounted on. The namespace itself goes once nothing else
+// (a process, a socket, an open handle) holds it. Deleting a name that does
+// not exist is not an error.
+func DeleteNamedNetns(name string) error {
+	path := filepath.Join(netnsDir, name)
+	// EINVAL: not (or no longer) a mount point.
+	if err := unix.Unmount(path, unix.MNT_DETACH); err != nil &&
+		!errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("unmounting %s: %w", path, err)
+	}
+	if err := unix.Unlink(path); err != nil && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("removing %s: %w", path, err)
+	}
+	return nil
+}
+
+// InNetns runs fn on a locked OS thread switched into the network namespace
+// ns, switches back, and returns fn's error; a panic in fn becomes an error
+// too.
+//
+// Sockets keep the namespace they were created in: a listener or connection
+// made in fn can be used from any goroutine afterwards. Goroutines that fn
+// starts, however, run wherever the runtime puts them, not in ns.
+//
+// The work happens on a goroutine of its own: if switching back fails, that
+// goroutine exits without unlocking, and the runtime then discards the
+// thread instead of handing a thread in the wrong namespace to other
+// goroutines.
+func InNetns(ns netns.NsHandle, fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("opening the current network namespace: %w", err)
+			return
+		}
+		defer orig.Close()
+		if err := netns.Set(ns); err != nil {
+			// setns failed: the thread is where it was.
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("entering network namespace: %w", err)
+			return
+		}
+		fnErr := callRecovered(fn)
+		if err := netns.Set(orig); err != nil {
+			errc <- errors.Join(fnErr, fmt.Errorf("returning to the original network namespace: %w", err))
+			return
+		}
+		runtime.UnlockOSThread()
+		errc <- fnErr
+	}()
+	return <-errc
+}
+
+// callRecovered turns a panic in fn into an error, so that InNetns still
+// switches the thread back and the panic reaches the caller as an error.
+func callRecovered(fn func() error) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("panic: %v\n%s", r, debug.Stack())
+		}
+	}()
+	return fn()
+}
+
+// routeHandle returns an rtnetlink handle whose socket lives in ns, usable
+// from any goroutine.
+func routeHandle(ns netns.NsHandle) (*netlink.Handle, error) {
+	var h *netlink.Handle
+	err := InNetns(ns, func() (err error) {
+		// Only NETLINK_ROUTE: for a family without a socket of its own,
+		// the handle would open one in whatever namespace the calling
+		// thread is in.
+		h, err = netlink.NewHandle(unix.NETLINK_ROUTE)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("opening rtnetlink: %w", err)
+	}
+	return h, nil
+}
