@@ -12,6 +12,9 @@ import (
 	"os/signal"
 	"syscall"
 
+	sdnotify "github.com/coreos/go-systemd/v22/daemon"
+
+	"github.com/smesh-dev/smesh/pkg/bench"
 	"github.com/smesh-dev/smesh/pkg/config"
 	"github.com/smesh-dev/smesh/pkg/daemon"
 	"github.com/smesh-dev/smesh/pkg/datapath"
@@ -25,6 +28,7 @@ const usage = `smeshd: smesh node daemon
 Usage:
   smeshd -c FILE          run the daemon with the configuration in FILE
   smeshd check -c FILE    validate FILE and probe the kernel; non-zero exit with the reason
+  smeshd bench [flags]    measure no mesh vs copy vs splice on this machine (root; see smeshd bench -h)
   smeshd version          print the version
 `
 
@@ -43,35 +47,69 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) > 0 && args[0] != "" && args[0][0] != '-' {
 		cmd, args = args[0], args[1:]
 	}
-	fs := flag.NewFlagSet("smeshd "+cmd, flag.ContinueOnError)
+	switch cmd {
+	case "":
+		return runDaemon(ctx, args, stderr)
+	case "version":
+		fmt.Fprintln(stdout, "smeshd", version)
+		return nil
+	case "check":
+		fs := newFlagSet("check", stderr)
+		cfgPath := fs.String("c", "", "configuration file (TOML)")
+		if err := parseFlags(fs, args); err != nil {
+			return err
+		}
+		return check(*cfgPath, stdout)
+	case "bench":
+		return runBench(ctx, args, stdout, stderr)
+	case "bench-agent": // internal: the bench's client and server processes
+		if code := bench.AgentMain(args); code != 0 {
+			return fmt.Errorf("bench-agent exited with %d", code)
+		}
+		return nil
+	default:
+		return fmt.Errorf("unknown command %q (see smeshd -h)", cmd)
+	}
+}
+
+func newFlagSet(name string, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet("smeshd "+name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	fs.Usage = func() { fmt.Fprint(stderr, usage) }
-	cfgPath := fs.String("c", "", "configuration file (TOML)")
+	fs.Usage = func() {
+		fmt.Fprint(stderr, usage)
+		fmt.Fprintf(stderr, "\nFlags of smeshd %s:\n", name)
+		fs.PrintDefaults()
+	}
+	return fs
+}
+
+func parseFlags(fs *flag.FlagSet, args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("unexpected argument %q (see smeshd -h)", fs.Arg(0))
 	}
+	return nil
+}
 
-	switch cmd {
-	case "version":
-		fmt.Fprintln(stdout, "smeshd", version)
-		return nil
-	case "check":
-		return check(*cfgPath, stdout)
-	case "":
-		if *cfgPath == "" {
-			return errors.New("no configuration: run smeshd -c /etc/smesh/smesh.toml (see smeshd -h)")
-		}
-		cfg, err := config.Load(*cfgPath)
-		if err != nil {
-			return err
-		}
-		return daemon.Run(ctx, cfg, stderr, nil)
-	default:
-		return fmt.Errorf("unknown command %q (see smeshd -h)", cmd)
+func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
+	fs := newFlagSet("", stderr)
+	cfgPath := fs.String("c", "", "configuration file (TOML)")
+	if err := parseFlags(fs, args); err != nil {
+		return err
 	}
+	if *cfgPath == "" {
+		return errors.New("no configuration: run smeshd -c /etc/smesh/smesh.toml (see smeshd -h)")
+	}
+	cfg, err := config.Load(*cfgPath)
+	if err != nil {
+		return err
+	}
+	// READY=1 tells systemd (Type=notify) and smeshd bench that capture
+	// is attached; without NOTIFY_SOCKET it does nothing.
+	ready := func() { sdnotify.SdNotify(false, sdnotify.SdNotifyReady) }
+	return daemon.Run(ctx, cfg, stderr, ready)
 }
 
 // check validates the configuration and probes the kernel, reporting every

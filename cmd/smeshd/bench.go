@@ -1,0 +1,50 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/smesh-dev/smesh/pkg/bench"
+)
+
+func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("bench", stderr)
+	duration := fs.Duration("duration", time.Second, "length of each workload run")
+	rounds := fs.Int("rounds", 3, "measured rounds (after one discarded warm-up round)")
+	modes := fs.String("modes", "direct,copy,splice", "modes to compare, comma-separated")
+	conns := fs.Int("conns", 0, "also hold this many concurrent connections per mode and report memory")
+	jsonPath := fs.String("json", "", "write the report as JSON to this file")
+	svgPath := fs.String("svg", "", "write a chart (SVG) to this file")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	rep, err := bench.Run(ctx, bench.Options{
+		Duration: *duration,
+		Rounds:   *rounds,
+		Modes:    strings.Split(*modes, ","),
+		Conns:    *conns,
+		Exe:      exe,
+		Progress: stderr,
+	}, stdout)
+	if rep != nil {
+		if *jsonPath != "" {
+			if werr := rep.WriteJSONFile(*jsonPath); werr != nil {
+				return fmt.Errorf("writing %s: %w", *jsonPath, werr)
+			}
+		}
+		if *svgPath != "" {
+			if werr := rep.WriteSVGFile(*svgPath); werr != nil {
+				return fmt.Errorf("writing %s: %w", *svgPath, werr)
+			}
+		}
+	}
+	return err
+}

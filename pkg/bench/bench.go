@@ -1,0 +1,270 @@
+// Package bench is "smeshd bench": it builds its own environment (network
+// namespaces, cgroups, a smeshd per mode, server and client processes),
+// measures the same workloads with no mesh, with smesh's copy data path and
+// with its kernel splice, in interleaved rounds, and removes everything it
+// made, also when interrupted.
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"os"
+	"runtime"
+	"slices"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Modes the bench knows, in report order.
+var allModes = []string{"direct", "copy", "splice"}
+
+// Options of a bench run.
+type Options struct {
+	Duration time.Duration // per workload, per mode, per round
+	Rounds   int           // measured rounds; one warm-up round comes first and is discarded
+	Modes    []string
+	Conns    int    // hold this many connections per mode and report memory; 0: skip
+	JSON     string // write the report here too
+	SVG      string // and a chart here
+	// Exe is the smeshd binary whose agents and daemon are measured.
+	Exe string
+	// Progress gets one line, rewritten, while the bench runs.
+	Progress io.Writer
+}
+
+// Run runs the bench and writes the table to out.
+func Run(ctx context.Context, opts Options, out io.Writer) (*Report, error) {
+	if os.Geteuid() != 0 {
+		return nil, errors.New("smeshd bench needs root: it creates network namespaces and cgroups and loads BPF programs (run it with sudo)")
+	}
+	for _, m := range opts.Modes {
+		if !slices.Contains(allModes, m) {
+			return nil, fmt.Errorf("unknown mode %q (want some of %s)", m, strings.Join(allModes, ","))
+		}
+	}
+	if opts.Rounds < 1 || opts.Duration <= 0 {
+		return nil, errors.New("--rounds must be at least 1 and --duration positive")
+	}
+	// Holding many connections needs many descriptors in the client, the
+	// server and (copy mode) smeshd; they inherit this limit.
+	if opts.Conns > 0 {
+		lim := unix.Rlimit{Cur: 1 << 20, Max: 1 << 20}
+		if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+			return nil, fmt.Errorf("raising the open file limit for --conns: %w", err)
+		}
+	}
+
+	envs := make(map[string]*modeEnv)
+	defer func() {
+		for _, e := range envs {
+			if err := e.close(); err != nil {
+				fmt.Fprintln(os.Stderr, "bench cleanup:", err)
+			}
+		}
+	}()
+	modes := orderedModes(opts.Modes)
+	for _, m := range modes {
+		progress(opts.Progress, "setting up %s", m)
+		e, err := newModeEnv(ctx, opts.Exe, m)
+		if err != nil {
+			return nil, err
+		}
+		envs[m] = e
+	}
+
+	rep := &Report{Machine: machineInfo(), Duration: opts.Duration.String(), Rounds: opts.Rounds}
+	acc := make(map[string]*modeSamples)
+	for _, m := range modes {
+		acc[m] = &modeSamples{}
+	}
+	for round := 0; round <= opts.Rounds; round++ {
+		for _, w := range []string{"bulk", "rr", "conn"} {
+			// Rotate the order each round so no mode always runs first.
+			for i := range modes {
+				m := modes[(i+round)%len(modes)]
+				label := fmt.Sprintf("round %d/%d", round, opts.Rounds)
+				if round == 0 {
+					label = "warm-up"
+				}
+				progress(opts.Progress, "%s: %s %s", label, m, w)
+				if err := measure(ctx, envs[m], opts, w, acc[m], round == 0); err != nil {
+					return nil, err
+				}
+			}
+		}
+	}
+	for _, m := range modes {
+		r := acc[m].result(m)
+		if _, peak, err := envs[m].smeshdMemory(); err == nil && peak > 0 {
+			r.SmeshdPeakRSSMiB = float64(peak) / (1 << 20)
+		}
+		rep.Results = append(rep.Results, r)
+	}
+	if opts.Conns > 0 {
+		for _, m := range modes {
+			progress(opts.Progress, "holding %d connections: %s", opts.Conns, m)
+			h, err := holdConns(envs[m], opts.Exe, opts.Conns)
+			if err != nil {
+				return nil, err
+			}
+			rep.Held = append(rep.Held, h)
+		}
+	}
+	progress(opts.Progress, "")
+	for _, r := range rep.Results {
+		if !r.DataVerified {
+			rep.WriteTable(out)
+			return rep, fmt.Errorf("mode %s: the bytes received differ from the bytes sent", r.Mode)
+		}
+	}
+	rep.WriteTable(out)
+	return rep, nil
+}
+
+func orderedModes(want []string) []string {
+	var out []string
+	for _, m := range allModes {
+		if slices.Contains(want, m) {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+func progress(w io.Writer, format string, args ...any) {
+	if w == nil {
+		return
+	}
+	fmt.Fprintf(w, "\r\033[K"+format, args...)
+}
+
+// modeSamples collects one mode's measured rounds.
+type modeSamples struct {
+	gbps, cpuSec, cpuPerGB, connPerSec []float64
+	p50, p99, p999                     []float64
+	failed                             bool
+}
+
+func measure(ctx context.Context, e *modeEnv, opts Options, workload string, acc *modeSamples, warmup bool) error {
+	cpu0, err := e.cpuUsage()
+	if err != nil {
+		return err
+	}
+	s, err := e.run(ctx, opts.Exe, workload, opts.Duration)
+	if err != nil {
+		return err
+	}
+	cpu1, err := e.cpuUsage()
+	if err != nil {
+		return err
+	}
+	if !s.Verified {
+		acc.failed = true
+	}
+	if warmup {
+		return nil
+	}
+	switch workload {
+	case "bulk":
+		acc.gbps = append(acc.gbps, float64(s.Bytes)*8/s.Seconds/1e9)
+		cpu := (cpu1 - cpu0).Seconds()
+		acc.cpuSec = append(acc.cpuSec, cpu)
+		acc.cpuPerGB = append(acc.cpuPerGB, cpu/(float64(s.Bytes)/1e9))
+	case "rr":
+		var h histogram
+		h.merge(s.Histogram)
+		acc.p50 = append(acc.p50, h.percentile(0.5))
+		acc.p99 = append(acc.p99, h.percentile(0.99))
+		acc.p999 = append(acc.p999, h.percentile(0.999))
+	case "conn":
+		acc.connPerSec = append(acc.connPerSec, float64(s.Count)/s.Seconds)
+	}
+	return nil
+}
+
+func (a *modeSamples) result(mode string) Result {
+	// A metric without samples is 0 (JSON has no NaN).
+	med := func(v []float64) float64 {
+		if m := median(v); !math.IsNaN(m) {
+			return m
+		}
+		return 0
+	}
+	return Result{
+		Mode:            mode,
+		ThroughputGbps:  med(a.gbps),
+		RRP50us:         med(a.p50),
+		RRP99us:         med(a.p99),
+		RRP999us:        med(a.p999),
+		ConnPerSec:      med(a.connPerSec),
+		CPUSeconds:      med(a.cpuSec),
+		CPUSecondsPerGB: med(a.cpuPerGB),
+		DataVerified:    !a.failed,
+	}
+}
+
+// holdConns holds n connections through the mode's data path and measures
+// what they cost: smeshd's resident memory and the kernel's slab memory.
+func holdConns(e *modeEnv, exe string, n int) (Held, error) {
+	slab0, err := slabBytes()
+	if err != nil {
+		return Held{}, err
+	}
+	release, err := e.hold(exe, n)
+	if err != nil {
+		return Held{}, err
+	}
+	slab1, serr := slabBytes()
+	rss, _, merr := e.smeshdMemory()
+	if err := release(); err != nil {
+		return Held{}, err
+	}
+	if err := errors.Join(serr, merr); err != nil {
+		return Held{}, err
+	}
+	return Held{
+		Mode:               e.mode,
+		Conns:              n,
+		SmeshdRSSMiB:       float64(rss) / (1 << 20),
+		KernelBytesPerConn: math.Max(0, float64(slab1-slab0)/float64(n)),
+	}, nil
+}
+
+func slabBytes() (int64, error) {
+	data, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0, err
+	}
+	for line := range strings.Lines(string(data)) {
+		if v, ok := strings.CutPrefix(line, "Slab:"); ok {
+			var kb int64
+			fmt.Sscanf(strings.TrimSpace(v), "%d", &kb)
+			return kb << 10, nil
+		}
+	}
+	return 0, errors.New("no Slab line in /proc/meminfo")
+}
+
+func machineInfo() Machine {
+	var uts unix.Utsname
+	unix.Uname(&uts)
+	m := Machine{
+		Kernel: unix.ByteSliceToString(uts.Release[:]),
+		Cores:  runtime.NumCPU(),
+		Go:     runtime.Version(),
+	}
+	if data, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for line := range strings.Lines(string(data)) {
+			if v, ok := strings.CutPrefix(line, "model name"); ok {
+				m.CPU = strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(v), ":"))
+				break
+			}
+		}
+	}
+	return m
+}

@@ -1,0 +1,172 @@
+package bench
+
+import (
+	"encoding/json"
+	"fmt"
+	"html"
+	"io"
+	"math"
+	"os"
+	"strings"
+	"text/tabwriter"
+)
+
+// Report is the outcome of a bench run; its JSON form is the contract in
+// the design document.
+type Report struct {
+	Machine  Machine  `json:"machine"`
+	Duration string   `json:"duration"`
+	Rounds   int      `json:"rounds"`
+	Results  []Result `json:"results"`
+	Held     []Held   `json:"held,omitempty"`
+}
+
+// Machine says where the numbers come from.
+type Machine struct {
+	Kernel string `json:"kernel"`
+	CPU    string `json:"cpu"`
+	Cores  int    `json:"cores"`
+	Go     string `json:"go"`
+}
+
+// Result is one mode's medians over the measured rounds.
+type Result struct {
+	Mode             string  `json:"mode"`
+	ThroughputGbps   float64 `json:"throughput_gbps"`
+	RRP50us          float64 `json:"rr_p50_us"`
+	RRP99us          float64 `json:"rr_p99_us"`
+	RRP999us         float64 `json:"rr_p999_us"`
+	ConnPerSec       float64 `json:"conn_per_s"`
+	CPUSeconds       float64 `json:"cpu_seconds"`
+	CPUSecondsPerGB  float64 `json:"cpu_seconds_per_gb"`
+	SmeshdPeakRSSMiB float64 `json:"smeshd_peak_rss_mib,omitempty"`
+	DataVerified     bool    `json:"data_verified"`
+}
+
+// Held is what holding many connections at once cost in one mode.
+type Held struct {
+	Mode               string  `json:"mode"`
+	Conns              int     `json:"conns"`
+	SmeshdRSSMiB       float64 `json:"smeshd_rss_mib"`
+	KernelBytesPerConn float64 `json:"kernel_bytes_per_conn"`
+}
+
+func (r *Report) result(mode string) (Result, bool) {
+	for _, x := range r.Results {
+		if x.Mode == mode {
+			return x, true
+		}
+	}
+	return Result{}, false
+}
+
+// ratio formats v/base as "1.23x", or "" without a base.
+func ratio(v, base float64) string {
+	if base == 0 || math.IsNaN(base) || math.IsNaN(v) {
+		return ""
+	}
+	return fmt.Sprintf(" (%.2fx)", v/base)
+}
+
+// WriteTable prints the results, each with its ratio to direct.
+func (r *Report) WriteTable(w io.Writer) {
+	fmt.Fprintf(w, "smeshd bench: kernel %s, %s, %d cores; %d rounds of %s per workload, medians\n",
+		r.Machine.Kernel, r.Machine.CPU, r.Machine.Cores, r.Rounds, r.Duration)
+	base, haveBase := r.result("direct")
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "mode\tthroughput Gbit/s\trr p50 us\trr p99 us\trr p99.9 us\tconn/s\tCPU s/GB\tsmeshd peak RSS MiB\tbytes\t")
+	for _, x := range r.Results {
+		rt := func(v, b float64) string {
+			if !haveBase || x.Mode == "direct" {
+				return ""
+			}
+			return ratio(v, b)
+		}
+		verified := "verified"
+		if !x.DataVerified {
+			verified = "MISMATCH"
+		}
+		rss := "-"
+		if x.SmeshdPeakRSSMiB > 0 {
+			rss = fmt.Sprintf("%.1f", x.SmeshdPeakRSSMiB)
+		}
+		fmt.Fprintf(tw, "%s\t%.2f%s\t%.1f%s\t%.1f%s\t%.1f\t%.0f%s\t%.2f%s\t%s\t%s\t\n", x.Mode,
+			x.ThroughputGbps, rt(x.ThroughputGbps, base.ThroughputGbps),
+			x.RRP50us, rt(x.RRP50us, base.RRP50us),
+			x.RRP99us, rt(x.RRP99us, base.RRP99us),
+			x.RRP999us,
+			x.ConnPerSec, rt(x.ConnPerSec, base.ConnPerSec),
+			x.CPUSecondsPerGB, rt(x.CPUSecondsPerGB, base.CPUSecondsPerGB),
+			rss, verified)
+	}
+	tw.Flush()
+	if len(r.Held) > 0 {
+		fmt.Fprintln(w)
+		tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+		fmt.Fprintln(tw, "mode\tconnections held\tsmeshd RSS MiB\tkernel bytes/conn\t")
+		for _, h := range r.Held {
+			rss := "-"
+			if h.Mode != "direct" {
+				rss = fmt.Sprintf("%.1f", h.SmeshdRSSMiB)
+			}
+			fmt.Fprintf(tw, "%s\t%d\t%s\t%.0f\t\n", h.Mode, h.Conns, rss, h.KernelBytesPerConn)
+		}
+		tw.Flush()
+	}
+}
+
+// WriteJSONFile writes the report as JSON.
+func (r *Report) WriteJSONFile(path string) error {
+	data, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, append(data, '\n'), 0o644)
+}
+
+// WriteSVGFile draws throughput and round-trip latency (p50 and p99) per
+// mode: two bar charts side by side.
+func (r *Report) WriteSVGFile(path string) error {
+	var b strings.Builder
+	const w, h, panelW, top, barH = 760, 300, 340, 60, 180
+	fmt.Fprintf(&b, `<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" font-size="12">`+"\n", w, h)
+	fmt.Fprintf(&b, `<rect width="100%%" height="100%%" fill="white"/>`+"\n")
+	fmt.Fprintf(&b, `<text x="20" y="22" font-size="15" font-weight="bold">smesh: same-node TCP, no mesh vs copy vs splice</text>`+"\n")
+	fmt.Fprintf(&b, `<text x="20" y="40" fill="#555">%s, kernel %s, %d cores; medians of %d rounds</text>`+"\n",
+		html.EscapeString(r.Machine.CPU), html.EscapeString(r.Machine.Kernel), r.Machine.Cores, r.Rounds)
+	colors := map[string]string{"direct": "#888888", "copy": "#e69f00", "splice": "#0072b2"}
+
+	panel := func(x0 int, title string, series [][2]any, unit string) {
+		maxV := 0.0
+		for _, s := range series {
+			maxV = math.Max(maxV, s[1].(float64))
+		}
+		if maxV == 0 || math.IsNaN(maxV) {
+			maxV = 1
+		}
+		fmt.Fprintf(&b, `<text x="%d" y="%d" font-weight="bold">%s</text>`+"\n", x0, top, html.EscapeString(title))
+		bw := (panelW - 20) / max(len(series), 1)
+		for i, s := range series {
+			label, v := s[0].(string), s[1].(float64)
+			if math.IsNaN(v) {
+				v = 0
+			}
+			bh := int(float64(barH) * v / maxV)
+			x := x0 + i*bw
+			mode := strings.Fields(label)[0]
+			fmt.Fprintf(&b, `<rect x="%d" y="%d" width="%d" height="%d" fill="%s"/>`+"\n", x+4, top+15+barH-bh, bw-8, bh, colors[mode])
+			fmt.Fprintf(&b, `<text x="%d" y="%d" text-anchor="middle">%.1f</text>`+"\n", x+bw/2, top+10+barH-bh, v)
+			fmt.Fprintf(&b, `<text x="%d" y="%d" text-anchor="middle">%s</text>`+"\n", x+bw/2, top+32+barH, html.EscapeString(label))
+		}
+		fmt.Fprintf(&b, `<text x="%d" y="%d" fill="#555">%s</text>`+"\n", x0, top+50+barH, html.EscapeString(unit))
+	}
+	var tput, lat [][2]any
+	for _, x := range r.Results {
+		tput = append(tput, [2]any{x.Mode, x.ThroughputGbps})
+		lat = append(lat, [2]any{x.Mode + " p50", x.RRP50us}, [2]any{x.Mode + " p99", x.RRP99us})
+	}
+	panel(20, "Throughput (higher is better)", tput, "Gbit/s, one bulk TCP stream")
+	panel(20+panelW+40, "Round trip (lower is better)", lat, "microseconds, 64-byte request/response")
+	b.WriteString("</svg>\n")
+	return os.WriteFile(path, []byte(b.String()), 0o644)
+}
