@@ -50,8 +50,8 @@ clean:
 
 clean-test-env:
 	@cg=$$(awk '$$3=="cgroup2"{print $$2; exit}' /proc/mounts); \
-	for d in $$(find "$$cg" -depth -type d -name 'smesh-test-*' 2>/dev/null); do \
+	for d in $$(find "$$cg" -depth -type d \( -name 'smesh-test-*' -o -name 'smesh-bench-*' \) 2>/dev/null); do \
 		[ -f "$$d/cgroup.kill" ] && echo 1 > "$$d/cgroup.kill"; \
 		rmdir "$$d" 2>/dev/null || sleep 0.5; rmdir "$$d" 2>/dev/null && echo "removed cgroup $$d" || echo "could not remove cgroup $$d"; \
 	done; \
-	for n in $$(ip netns list 2>/dev/null | awk '/^smesh-test/{print $$1}'); do ip netns del "$$n" && echo "removed netns $$n"; done
+	for n in $$(ip netns list 2>/dev/null | awk '/^smesh-(test|bench)/{print $$1}'); do ip netns del "$$n" && echo "removed netns $$n"; done

@@ -51,12 +51,10 @@ func Run(ctx context.Context, opts Options, out io.Writer) (*Report, error) {
 		return nil, errors.New("--rounds must be at least 1 and --duration positive")
 	}
 	// Holding many connections needs many descriptors in the client, the
-	// server and (copy mode) smeshd; they inherit this limit.
-	if opts.Conns > 0 {
-		lim := unix.Rlimit{Cur: 1 << 20, Max: 1 << 20}
-		if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
-			return nil, fmt.Errorf("raising the open file limit for --conns: %w", err)
-		}
+	// server and (copy mode) smeshd; they inherit this process's limit.
+	fdLimit, err := raiseFileLimit()
+	if err != nil {
+		return nil, err
 	}
 
 	envs := make(map[string]*modeEnv)
@@ -108,6 +106,17 @@ func Run(ctx context.Context, opts Options, out io.Writer) (*Report, error) {
 	if opts.Conns > 0 {
 		for _, m := range modes {
 			progress(opts.Progress, "holding %d connections: %s", opts.Conns, m)
+			// Every held connection is a descriptor in the client and the
+			// server, and two in smeshd in copy mode.
+			need := uint64(opts.Conns) + 64
+			if m == "copy" {
+				need = 2*uint64(opts.Conns) + 64
+			}
+			if need > fdLimit {
+				rep.Held = append(rep.Held, Held{Mode: m, Conns: opts.Conns,
+					Skipped: fmt.Sprintf("needs %d open files per process, the limit is %d", need, fdLimit)})
+				continue
+			}
 			h, err := holdConns(envs[m], opts.Exe, opts.Conns)
 			if err != nil {
 				return nil, err
@@ -124,6 +133,25 @@ func Run(ctx context.Context, opts Options, out io.Writer) (*Report, error) {
 	}
 	rep.WriteTable(out)
 	return rep, nil
+}
+
+// raiseFileLimit lifts the open file limit as far as this process may and
+// returns it.
+func raiseFileLimit() (uint64, error) {
+	var lim unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+		return 0, err
+	}
+	want := unix.Rlimit{Cur: 1 << 20, Max: max(lim.Max, 1<<20)}
+	if unix.Setrlimit(unix.RLIMIT_NOFILE, &want) == nil {
+		return want.Cur, nil
+	}
+	// Without CAP_SYS_RESOURCE the hard limit is the ceiling.
+	lim.Cur = lim.Max
+	if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+		return 0, fmt.Errorf("raising the open file limit: %w", err)
+	}
+	return lim.Cur, nil
 }
 
 func orderedModes(want []string) []string {

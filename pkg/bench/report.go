@@ -49,6 +49,8 @@ type Held struct {
 	Conns              int     `json:"conns"`
 	SmeshdRSSMiB       float64 `json:"smeshd_rss_mib"`
 	KernelBytesPerConn float64 `json:"kernel_bytes_per_conn"`
+	// Skipped says why the mode was not measured.
+	Skipped string `json:"skipped,omitempty"`
 }
 
 func (r *Report) result(mode string) (Result, bool) {
@@ -105,6 +107,10 @@ func (r *Report) WriteTable(w io.Writer) {
 		tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 		fmt.Fprintln(tw, "mode\tconnections held\tsmeshd RSS MiB\tkernel bytes/conn\t")
 		for _, h := range r.Held {
+			if h.Skipped != "" {
+				fmt.Fprintf(tw, "%s\t%d\tskipped: %s\t\t\n", h.Mode, h.Conns, h.Skipped)
+				continue
+			}
 			rss := "-"
 			if h.Mode != "direct" {
 				rss = fmt.Sprintf("%.1f", h.SmeshdRSSMiB)

@@ -1,0 +1,133 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/smesh-dev/smesh/pkg/bench"
+	"github.com/smesh-dev/smesh/pkg/testenv"
+)
+
+// asSmeshd makes the test binary behave as smeshd when the bench re-executes
+// it (as its daemon and agents).
+const asSmeshd = "SMESH_TEST_RUN_AS_SMESHD"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(asSmeshd) == "1" {
+		main()
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+func TestCheckNamesUnknownKey(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "bad.toml")
+	os.WriteFile(path, []byte("[capture]\ncgroups = [\"x\"]\nexlude_ports = [22]\n"), 0o644)
+	var out, errOut bytes.Buffer
+	err := run(context.Background(), []string{"check", "-c", path}, &out, &errOut)
+	if err == nil || !strings.Contains(err.Error(), "capture.exlude_ports") || !strings.Contains(err.Error(), "line 3") {
+		t.Fatalf("check of a config with an unknown key: %v", err)
+	}
+}
+
+func TestUsageErrors(t *testing.T) {
+	for _, args := range [][]string{{"frobnicate"}, {}, {"check"}, {"-c", "x.toml", "extra"}} {
+		var out, errOut bytes.Buffer
+		if err := run(context.Background(), args, &out, &errOut); err == nil {
+			t.Errorf("smeshd %v: no error", args)
+		}
+	}
+}
+
+func TestCheckDefaultConfig(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	var out, errOut bytes.Buffer
+	if err := run(context.Background(), []string{"check", "-c", "../../smesh.toml"}, &out, &errOut); err != nil {
+		t.Fatalf("smeshd check -c smesh.toml: %v\n%s", err, out.String())
+	}
+	if !strings.Contains(out.String(), "datapath mode: splice") {
+		t.Errorf("check did not report the splice data path:\n%s", out.String())
+	}
+}
+
+// TestBenchShort runs a short bench of every mode through the real data
+// paths and checks that each produced numbers and that its bytes matched.
+func TestBenchShort(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	t.Setenv(asSmeshd, "1")
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var table bytes.Buffer
+	rep, err := bench.Run(context.Background(), bench.Options{
+		Duration: 200 * time.Millisecond,
+		Rounds:   1,
+		Modes:    []string{"direct", "copy", "splice"},
+		Conns:    100,
+		Exe:      exe,
+	}, &table)
+	if err != nil {
+		t.Fatalf("bench: %v\n%s", err, table.String())
+	}
+	t.Log("\n" + table.String())
+	if len(rep.Results) != 3 {
+		t.Fatalf("got %d results, want 3", len(rep.Results))
+	}
+	for _, r := range rep.Results {
+		if !r.DataVerified || r.ThroughputGbps <= 0 || r.RRP50us <= 0 || r.RRP99us < r.RRP50us || r.ConnPerSec <= 0 || r.CPUSeconds <= 0 {
+			t.Errorf("mode %s: incomplete or unverified result %+v", r.Mode, r)
+		}
+		if (r.Mode == "direct") != (r.SmeshdPeakRSSMiB == 0) {
+			t.Errorf("mode %s: smeshd peak RSS %v", r.Mode, r.SmeshdPeakRSSMiB)
+		}
+	}
+	if len(rep.Held) != 3 {
+		t.Errorf("held connections reported for %d modes, want 3", len(rep.Held))
+	}
+
+	// The JSON has the shape of the contract in the design document.
+	path := filepath.Join(t.TempDir(), "bench.json")
+	if err := rep.WriteJSONFile(path); err != nil {
+		t.Fatal(err)
+	}
+	var doc struct {
+		Machine map[string]any   `json:"machine"`
+		Results []map[string]any `json:"results"`
+	}
+	data, _ := os.ReadFile(path)
+	if err := json.Unmarshal(data, &doc); err != nil {
+		t.Fatal(err)
+	}
+	if doc.Machine["kernel"] == "" || doc.Machine["cores"] == nil {
+		t.Errorf("machine lacks kernel or cores: %v", doc.Machine)
+	}
+	for _, r := range doc.Results {
+		for _, k := range []string{"mode", "throughput_gbps", "rr_p50_us", "rr_p99_us", "conn_per_s", "cpu_seconds"} {
+			if _, ok := r[k]; !ok {
+				t.Errorf("result lacks %q: %v", k, r)
+			}
+		}
+	}
+	svg := filepath.Join(t.TempDir(), "bench.svg")
+	if err := rep.WriteSVGFile(svg); err != nil {
+		t.Fatal(err)
+	}
+	if data, _ := os.ReadFile(svg); !bytes.Contains(data, []byte("<svg")) || !bytes.Contains(data, []byte("splice")) {
+		t.Error("the chart is not an SVG naming the modes")
+	}
+	// Nothing of the bench is left.
+	if ents, _ := os.ReadDir("/run/netns"); ents != nil {
+		for _, e := range ents {
+			if strings.HasPrefix(e.Name(), "smesh-bench-") {
+				t.Errorf("network namespace %s left behind", e.Name())
+			}
+		}
+	}
+}
