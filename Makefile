@@ -7,12 +7,13 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 export BPF2GO_CC := clang
 export BPF2GO_CFLAGS := -O2 -g -Wall -Werror
 
-.PHONY: all build run generate vmlinux test ci fmt-check vet clean clean-test-env help
+.PHONY: all build run bench generate vmlinux test ci fmt-check vet clean clean-test-env help
 
 all: build
 
 help:
 	@echo "build           bin/smeshd"
+	@echo "bench           build and run smeshd bench: no mesh vs copy vs splice (root)"
 	@echo "run             build and run smeshd with ./smesh.toml (root)"
 	@echo "test            all tests; kernel tests need root (SMESH_REQUIRE_PRIVILEGED=1 makes their skips failures)"
 	@echo "generate        regenerate the BPF bindings and objects (needs clang)"
@@ -25,6 +26,9 @@ build:
 
 run: build
 	./$(BIN) -c smesh.toml
+
+bench: build
+	./$(BIN) bench
 
 generate:
 	$(GO) generate ./bpf/...

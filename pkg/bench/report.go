@@ -134,7 +134,7 @@ func (r *Report) WriteJSONFile(path string) error {
 // mode: two bar charts side by side.
 func (r *Report) WriteSVGFile(path string) error {
 	var b strings.Builder
-	const w, h, panelW, top, barH = 760, 300, 340, 60, 180
+	const w, h, panelW, top, barH = 760, 320, 340, 60, 180
 	fmt.Fprintf(&b, `<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" font-size="12">`+"\n", w, h)
 	fmt.Fprintf(&b, `<rect width="100%%" height="100%%" fill="white"/>`+"\n")
 	fmt.Fprintf(&b, `<text x="20" y="22" font-size="15" font-weight="bold">smesh: same-node TCP, no mesh vs copy vs splice</text>`+"\n")
@@ -162,9 +162,12 @@ func (r *Report) WriteSVGFile(path string) error {
 			mode := strings.Fields(label)[0]
 			fmt.Fprintf(&b, `<rect x="%d" y="%d" width="%d" height="%d" fill="%s"/>`+"\n", x+4, top+15+barH-bh, bw-8, bh, colors[mode])
 			fmt.Fprintf(&b, `<text x="%d" y="%d" text-anchor="middle">%.1f</text>`+"\n", x+bw/2, top+10+barH-bh, v)
-			fmt.Fprintf(&b, `<text x="%d" y="%d" text-anchor="middle">%s</text>`+"\n", x+bw/2, top+32+barH, html.EscapeString(label))
+			// "copy p99" is written on two lines: mode, then percentile.
+			for j, word := range strings.Fields(label) {
+				fmt.Fprintf(&b, `<text x="%d" y="%d" text-anchor="middle">%s</text>`+"\n", x+bw/2, top+30+barH+14*j, html.EscapeString(word))
+			}
 		}
-		fmt.Fprintf(&b, `<text x="%d" y="%d" fill="#555">%s</text>`+"\n", x0, top+50+barH, html.EscapeString(unit))
+		fmt.Fprintf(&b, `<text x="%d" y="%d" fill="#555">%s</text>`+"\n", x0, top+62+barH, html.EscapeString(unit))
 	}
 	var tput, lat [][2]any
 	for _, x := range r.Results {
