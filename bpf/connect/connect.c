@@ -11,74 +11,7 @@
 #define SO_ORIGINAL_DST 80
 #define PAGE_SIZE 4096
 
-/* Set by smeshd before load. */
-volatile const __u32 proxy_ip4 = 0;     /* [outbound] listen address, network byte order */
-volatile const __u16 proxy_port = 0;    /* [outbound] listen port, host byte order */
-volatile const __u64 proxy_cgroup = 0;  /* cgroup id of smeshd itself: never captured */
-volatile const bool capture_local = 0;  /* copy mode: same-node destinations go through smeshd too */
-
-struct lpm_v4_key {
-	__u32 prefixlen;
-	__u32 ip4; /* network byte order */
-};
-
-/* Written by smeshd from [capture] include_cidrs; read by connect4. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 1024);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct lpm_v4_key);
-	__type(value, __u8);
-} smesh_include SEC(".maps");
-
-/* Written by smeshd from [capture] exclude_cidrs; read by connect4. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 1024);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct lpm_v4_key);
-	__type(value, __u8);
-} smesh_exclude SEC(".maps");
-
-/* Written by smeshd from [capture] exclude_ports (index: port, value 1 =
- * excluded); read by connect4. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 65536);
-	__type(key, __u32);
-	__type(value, __u8);
-} smesh_exclude_ports SEC(".maps");
-
-static __always_inline bool in_trie(void *trie, __u32 ip4)
-{
-	struct lpm_v4_key key = { .prefixlen = 32, .ip4 = ip4 };
-
-	return bpf_map_lookup_elem(trie, &key) != NULL;
-}
-
-static __always_inline bool port_excluded(__u16 port)
-{
-	__u32 key = port;
-	__u8 *v = bpf_map_lookup_elem(&smesh_exclude_ports, &key);
-
-	return v && *v;
-}
-
-/* should_capture holds the whole decision, so it reads top to bottom. */
-static __always_inline bool should_capture(__u32 ip4, __u16 port)
-{
-	if (ip4 == proxy_ip4 && port == proxy_port)
-		return false;
-	if (port_excluded(port))
-		return false;
-	/* Splice mode leaves same-node connections alone: sockops splices them
-	 * from the first byte without a proxy hop. */
-	if (!capture_local && is_local(ip4))
-		return false;
-	if (!in_trie(&smesh_include, ip4) || in_trie(&smesh_exclude, ip4))
-		return false;
-	return true;
-}
+#include "capture.h"
 
 SEC("cgroup/connect4")
 int smesh_connect4(struct bpf_sock_addr *ctx)

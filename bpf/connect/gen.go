@@ -3,3 +3,4 @@
 package connect
 
 //go:generate go tool bpf2go -cc $BPF2GO_CC -cflags "$BPF2GO_CFLAGS" -target bpfel -type sock_key -type orig_dst -type splice_stats Connect connect.c -- -I../include
+//go:generate go tool bpf2go -cc $BPF2GO_CC -cflags "$BPF2GO_CFLAGS" -target bpfel -type lpm_v4_key CaptureHarness capture_harness.c -- -I../include

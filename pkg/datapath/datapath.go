@@ -84,7 +84,8 @@ func New(opts Options) (_ *Datapath, err error) {
 	if err := d.load(opts, proxyCgroupID); err != nil {
 		return nil, err
 	}
-	if err := d.fillCaptureMaps(opts); err != nil {
+	capture := captureMaps{d.connect.SmeshInclude, d.connect.SmeshExclude, d.connect.SmeshExcludePorts}
+	if err := capture.fill(opts); err != nil {
 		return nil, err
 	}
 
@@ -147,19 +148,8 @@ func (d *Datapath) load(opts Options, proxyCgroupID uint64) error {
 	if err != nil {
 		return fmt.Errorf("loading connect spec: %w", err)
 	}
-	vars := []struct {
-		name  string
-		value any
-	}{
-		{"proxy_ip4", opts.ProxyAddr.Addr().As4()},
-		{"proxy_port", opts.ProxyAddr.Port()},
-		{"proxy_cgroup", proxyCgroupID},
-		{"capture_local", opts.Mode == ModeCopy},
-	}
-	for _, v := range vars {
-		if err := cspec.Variables[v.name].Set(v.value); err != nil {
-			return fmt.Errorf("setting connect %s: %w", v.name, err)
-		}
+	if err := setConnectVars(cspec, opts, proxyCgroupID); err != nil {
+		return err
 	}
 	if err := cspec.LoadAndAssign(&d.connect, &ebpf.CollectionOptions{MapReplacements: sharedFor(cspec, shared)}); err != nil {
 		return fmt.Errorf("loading connect: %w", verifierError(err))
@@ -171,6 +161,25 @@ func (d *Datapath) load(opts Options, proxyCgroupID uint64) error {
 	}
 	if err := mspec.LoadAndAssign(&d.skmsg, &ebpf.CollectionOptions{MapReplacements: sharedFor(mspec, shared)}); err != nil {
 		return fmt.Errorf("loading skmsg: %w", verifierError(err))
+	}
+	return nil
+}
+
+// setConnectVars sets connect4's load-time constants (capture.h).
+func setConnectVars(spec *ebpf.CollectionSpec, opts Options, proxyCgroupID uint64) error {
+	vars := []struct {
+		name  string
+		value any
+	}{
+		{"proxy_ip4", opts.ProxyAddr.Addr().As4()},
+		{"proxy_port", opts.ProxyAddr.Port()},
+		{"proxy_cgroup", proxyCgroupID},
+		{"capture_local", opts.Mode == ModeCopy},
+	}
+	for _, v := range vars {
+		if err := spec.Variables[v.name].Set(v.value); err != nil {
+			return fmt.Errorf("setting connect %s: %w", v.name, err)
+		}
 	}
 	return nil
 }
@@ -197,20 +206,26 @@ func verifierError(err error) error {
 	return err
 }
 
-func (d *Datapath) fillCaptureMaps(opts Options) error {
+// captureMaps are the maps connect4's decision reads, filled from
+// [capture]; the test harness fills its own copies the same way.
+type captureMaps struct {
+	include, exclude, excludePorts *ebpf.Map
+}
+
+func (m captureMaps) fill(opts Options) error {
 	one := uint8(1)
 	for _, p := range opts.IncludeCIDRs {
-		if err := d.connect.SmeshInclude.Put(lpmKey(p), one); err != nil {
+		if err := m.include.Put(lpmKey(p), one); err != nil {
 			return fmt.Errorf("adding include_cidrs %s: %w", p, err)
 		}
 	}
 	for _, p := range opts.ExcludeCIDRs {
-		if err := d.connect.SmeshExclude.Put(lpmKey(p), one); err != nil {
+		if err := m.exclude.Put(lpmKey(p), one); err != nil {
 			return fmt.Errorf("adding exclude_cidrs %s: %w", p, err)
 		}
 	}
 	for _, port := range opts.ExcludePorts {
-		if err := d.connect.SmeshExcludePorts.Put(uint32(port), one); err != nil {
+		if err := m.excludePorts.Put(uint32(port), one); err != nil {
 			return fmt.Errorf("adding exclude_ports %d: %w", port, err)
 		}
 	}
@@ -240,13 +255,16 @@ func (d *Datapath) attach(cgroup string, typ ebpf.AttachType, prog *ebpf.Program
 // SetLocalAddrs replaces the set of this node's addresses the programs treat
 // as same-node.
 func (d *Datapath) SetLocalAddrs(addrs []netip.Addr) error {
+	return setLocalAddrs(d.sockops.SmeshLocalAddrs, addrs)
+}
+
+func setLocalAddrs(m *ebpf.Map, addrs []netip.Addr) error {
 	want := make(map[uint32]bool)
 	for _, a := range addrs {
 		if a.Is4() {
 			want[ip4(a)] = true
 		}
 	}
-	m := d.sockops.SmeshLocalAddrs
 	var key uint32
 	var val uint8
 	var stale []uint32
