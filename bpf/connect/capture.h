@@ -35,11 +35,11 @@ struct {
 	__type(value, __u8);
 } smesh_exclude SEC(".maps");
 
-/* Written by smeshd from [capture] exclude_ports (index: port, value 1 =
- * excluded); read by connect4. */
+/* Written by smeshd from [capture] exclude_ports (key: port, host byte
+ * order); read by connect4. */
 struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 65536);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
 	__type(key, __u32);
 	__type(value, __u8);
 } smesh_exclude_ports SEC(".maps");
@@ -54,9 +54,8 @@ static __always_inline bool in_trie(void *trie, __u32 ip4)
 static __always_inline bool port_excluded(__u16 port)
 {
 	__u32 key = port;
-	__u8 *v = bpf_map_lookup_elem(&smesh_exclude_ports, &key);
 
-	return v && *v;
+	return bpf_map_lookup_elem(&smesh_exclude_ports, &key) != NULL;
 }
 
 /* should_capture holds the whole decision, so it reads top to bottom. */

@@ -42,6 +42,9 @@ type Capture struct {
 	// OnFailure says what happens to new connections when smeshd cannot
 	// proxy them: "open" lets them through uncaptured, "closed" refuses them.
 	OnFailure string `toml:"on_failure"`
+	// PinDir is where on_failure = "closed" pins the capture (a directory
+	// on a bpffs mount) so that it outlives smeshd.
+	PinDir string `toml:"pin_dir"`
 }
 
 // Datapath chooses how captured connections are carried.
@@ -139,6 +142,7 @@ func Default() Config {
 			ExcludeCIDRs: []netip.Prefix{},
 			ExcludePorts: []uint16{},
 			OnFailure:    "open",
+			PinDir:       "/sys/fs/bpf/smesh",
 		},
 		Datapath: Datapath{
 			Mode:    "auto",

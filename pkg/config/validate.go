@@ -68,6 +68,9 @@ func (c *Capture) validate(p *problems) {
 	checkCIDRs(p, "capture.exclude_cidrs", c.ExcludeCIDRs)
 	checkPorts(p, "capture.exclude_ports", c.ExcludePorts)
 	checkOneOf(p, "capture.on_failure", c.OnFailure, "open", "closed")
+	if !filepath.IsAbs(c.PinDir) || filepath.Clean(c.PinDir) == "/" {
+		p.addf("capture.pin_dir", "%q: want an absolute directory below a bpffs mount, e.g. \"/sys/fs/bpf/smesh\"", c.PinDir)
+	}
 }
 
 // checkCgroup rejects entries that would enroll every process of the node

@@ -47,7 +47,11 @@ type Options struct {
 	ExcludePorts []uint16
 	// MapSize bounds the sockhash and the original-destination map.
 	MapSize uint32
-	Logger  zerolog.Logger
+	// PinDir, when set, pins the capture there (on bpffs) so that it
+	// outlives smeshd: [capture] on_failure = "closed". Empty: everything
+	// is detached when smeshd stops or dies.
+	PinDir string
+	Logger zerolog.Logger
 }
 
 // Datapath is the loaded and attached set of programs and maps.
@@ -60,7 +64,11 @@ type Datapath struct {
 	links []link.Link
 	// msgAttached: the sk_msg program is attached to the sockhash.
 	msgAttached bool
-	closed      bool
+	// pins is the locked pin directory, nil unless Options.PinDir is set;
+	// pinned holds the paths of the links this run pinned or adopted.
+	pins   *pins
+	pinned map[string]bool
+	closed bool
 }
 
 // New loads the programs, fills the maps and attaches: sk_msg to the
@@ -81,11 +89,16 @@ func New(opts Options) (_ *Datapath, err error) {
 	if err != nil {
 		return nil, err
 	}
+	if opts.PinDir != "" {
+		if d.pins, err = openPins(opts.PinDir); err != nil {
+			return nil, err
+		}
+	}
 	if err := d.load(opts, proxyCgroupID); err != nil {
 		return nil, err
 	}
 	capture := captureMaps{d.connect.SmeshInclude, d.connect.SmeshExclude, d.connect.SmeshExcludePorts}
-	if err := capture.fill(opts); err != nil {
+	if err := capture.sync(opts); err != nil {
 		return nil, err
 	}
 
@@ -116,6 +129,11 @@ func New(opts Options) (_ *Datapath, err error) {
 			return nil, err
 		}
 	}
+	if d.pins != nil {
+		if err := d.pins.pruneLinks(d.pinned); err != nil {
+			return nil, fmt.Errorf("removing stale pinned links: %w", err)
+		}
+	}
 	d.log.Info().Str("mode", string(opts.Mode)).Strs("cgroups", opts.Cgroups).
 		Str("proxy_cgroup", opts.ProxyCgroup).Msg("data path attached")
 	return d, nil
@@ -133,8 +151,8 @@ func (d *Datapath) load(opts Options, proxyCgroupID uint64) error {
 	if err := spec.Variables["splice"].Set(opts.Mode == ModeSplice); err != nil {
 		return fmt.Errorf("setting sockops splice: %w", err)
 	}
-	if err := spec.LoadAndAssign(&d.sockops, nil); err != nil {
-		return fmt.Errorf("loading sockops: %w", verifierError(err))
+	if err := spec.LoadAndAssign(&d.sockops, d.pinOptions(spec)); err != nil {
+		return fmt.Errorf("loading sockops: %w", d.loadError(err))
 	}
 	shared := map[string]*ebpf.Map{
 		"smesh_sockhash":    d.sockops.SmeshSockhash,
@@ -151,8 +169,10 @@ func (d *Datapath) load(opts Options, proxyCgroupID uint64) error {
 	if err := setConnectVars(cspec, opts, proxyCgroupID); err != nil {
 		return err
 	}
-	if err := cspec.LoadAndAssign(&d.connect, &ebpf.CollectionOptions{MapReplacements: sharedFor(cspec, shared)}); err != nil {
-		return fmt.Errorf("loading connect: %w", verifierError(err))
+	copts := d.pinOptions(cspec)
+	copts.MapReplacements = sharedFor(cspec, shared)
+	if err := cspec.LoadAndAssign(&d.connect, copts); err != nil {
+		return fmt.Errorf("loading connect: %w", d.loadError(err))
 	}
 
 	mspec, err := skmsg.LoadSkmsg()
@@ -198,6 +218,25 @@ func sharedFor(spec *ebpf.CollectionSpec, shared map[string]*ebpf.Map) map[strin
 	return out
 }
 
+// pinOptions pins (or adopts) every map of spec when the capture is pinned.
+func (d *Datapath) pinOptions(spec *ebpf.CollectionSpec) *ebpf.CollectionOptions {
+	if d.pins == nil {
+		return &ebpf.CollectionOptions{}
+	}
+	for _, m := range spec.Maps {
+		m.Pinning = ebpf.PinByName
+	}
+	return &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: d.pins.dir}}
+}
+
+func (d *Datapath) loadError(err error) error {
+	if d.pins != nil && errors.Is(err, ebpf.ErrMapIncompatible) {
+		return fmt.Errorf("the maps pinned in %s were made with other settings (datapath.map_size?); "+
+			"`smeshd cleanup` removes them (and with them the splice of open same-node connections): %w", d.pins.dir, err)
+	}
+	return verifierError(err)
+}
+
 func verifierError(err error) error {
 	var ve *ebpf.VerifierError
 	if errors.As(err, &ve) {
@@ -212,21 +251,51 @@ type captureMaps struct {
 	include, exclude, excludePorts *ebpf.Map
 }
 
-func (m captureMaps) fill(opts Options) error {
-	one := uint8(1)
+// sync makes the maps hold exactly what opts asks for. New entries go in
+// before stale ones go out, so a pinned capture being adopted never sees an
+// empty include list (which would let connections out uncaptured).
+func (m captureMaps) sync(opts Options) error {
+	include := make(map[connect.ConnectLpmV4Key]bool)
 	for _, p := range opts.IncludeCIDRs {
-		if err := m.include.Put(lpmKey(p), one); err != nil {
-			return fmt.Errorf("adding include_cidrs %s: %w", p, err)
-		}
+		include[lpmKey(p)] = true
 	}
+	exclude := make(map[connect.ConnectLpmV4Key]bool)
 	for _, p := range opts.ExcludeCIDRs {
-		if err := m.exclude.Put(lpmKey(p), one); err != nil {
-			return fmt.Errorf("adding exclude_cidrs %s: %w", p, err)
+		exclude[lpmKey(p)] = true
+	}
+	ports := make(map[uint32]bool)
+	for _, port := range opts.ExcludePorts {
+		ports[uint32(port)] = true
+	}
+	return errors.Join(
+		syncSet(m.include, include, "capture.include_cidrs"),
+		syncSet(m.exclude, exclude, "capture.exclude_cidrs"),
+		syncSet(m.excludePorts, ports, "capture.exclude_ports"),
+	)
+}
+
+// syncSet makes a set-like map (value 1 for members) hold exactly want.
+func syncSet[K comparable](m *ebpf.Map, want map[K]bool, what string) error {
+	for k := range want {
+		if err := m.Put(k, uint8(1)); err != nil {
+			return fmt.Errorf("adding to %s: %w", what, err)
 		}
 	}
-	for _, port := range opts.ExcludePorts {
-		if err := m.excludePorts.Put(uint32(port), one); err != nil {
-			return fmt.Errorf("adding exclude_ports %d: %w", port, err)
+	var k K
+	var v uint8
+	var stale []K
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		if !want[k] {
+			stale = append(stale, k)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("reading %s: %w", what, err)
+	}
+	for _, k := range stale {
+		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("removing from %s: %w", what, err)
 		}
 	}
 	return nil
@@ -244,6 +313,19 @@ func ip4(a netip.Addr) uint32 {
 }
 
 func (d *Datapath) attach(cgroup string, typ ebpf.AttachType, prog *ebpf.Program) error {
+	if d.pins != nil {
+		path := d.pins.linkPath(typ, cgroup)
+		l, err := d.pins.attach(path, cgroup, typ, prog)
+		if err != nil {
+			return err
+		}
+		d.links = append(d.links, l)
+		if d.pinned == nil {
+			d.pinned = make(map[string]bool)
+		}
+		d.pinned[path] = true
+		return nil
+	}
 	l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroup, Attach: typ, Program: prog})
 	if err != nil {
 		return fmt.Errorf("attaching %s to %s: %w", typ, cgroup, err)
@@ -265,29 +347,7 @@ func setLocalAddrs(m *ebpf.Map, addrs []netip.Addr) error {
 			want[ip4(a)] = true
 		}
 	}
-	var key uint32
-	var val uint8
-	var stale []uint32
-	it := m.Iterate()
-	for it.Next(&key, &val) {
-		if !want[key] {
-			stale = append(stale, key)
-		}
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("reading local addresses: %w", err)
-	}
-	for _, k := range stale {
-		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("removing local address: %w", err)
-		}
-	}
-	for k := range want {
-		if err := m.Put(k, uint8(1)); err != nil {
-			return fmt.Errorf("adding local address: %w", err)
-		}
-	}
-	return nil
+	return syncSet(m, want, "local addresses")
 }
 
 // Stats are the spliced bytes and messages counted in BPF since load.
@@ -335,7 +395,9 @@ func (d *Datapath) MapCounts() (sockhash, origDst int, err error) {
 	return sockhash, origDst, nil
 }
 
-// Close detaches and unloads everything. It is safe to call more than once.
+// Close detaches and unloads everything, except a pinned capture, which
+// stays attached for the next smeshd to adopt. It is safe to call more than
+// once.
 func (d *Datapath) Close() error {
 	if d.closed {
 		return nil
@@ -348,7 +410,7 @@ func (d *Datapath) Close() error {
 		}
 	}
 	d.links = nil
-	if d.msgAttached {
+	if d.msgAttached && d.pins == nil {
 		err := link.RawDetachProgram(link.RawDetachProgramOptions{
 			Target:  d.sockops.SmeshSockhash.FD(),
 			Program: d.skmsg.SmeshSkmsg,
@@ -364,5 +426,6 @@ func (d *Datapath) Close() error {
 			errs = append(errs, err)
 		}
 	}
+	d.pins.close()
 	return errors.Join(errs...)
 }

@@ -1,0 +1,167 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+)
+
+// With [capture] on_failure = "closed" the capture outlives smeshd: maps and
+// links are pinned in a directory on bpffs, so a dead smeshd leaves connect4
+// sending captured connections to a port nobody listens on (they are
+// refused, never sent uncaptured), and spliced connections keep their
+// sockhash. A restarted smeshd adopts the pins: it reuses the maps and
+// swaps its new programs into the pinned links (bpf_link update, atomic).
+//
+// Only one smeshd may own a pin directory: it holds an exclusive flock on
+// it while it runs.
+
+// linkPrefix starts the names of pinned links; maps keep their own names.
+const linkPrefix = "link_"
+
+// pins is an open, locked pin directory.
+type pins struct {
+	dir  string
+	lock *os.File
+}
+
+// openPins creates and locks dir, which must be on bpffs.
+func openPins(dir string) (*pins, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("creating pin directory %s: %w", dir, err)
+	}
+	if err := checkBPFFS(dir); err != nil {
+		return nil, err
+	}
+	f, err := os.Open(dir)
+	if err != nil {
+		return nil, err
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("pin directory %s is in use by another smeshd", dir)
+		}
+		return nil, fmt.Errorf("locking pin directory %s: %w", dir, err)
+	}
+	return &pins{dir: dir, lock: f}, nil
+}
+
+func checkBPFFS(dir string) error {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return fmt.Errorf("pin directory %s: %w", dir, err)
+	}
+	if st.Type != unix.BPF_FS_MAGIC {
+		return fmt.Errorf("pin directory %s is not on bpffs (capture.on_failure = \"closed\" pins the capture there; mount one with: mount -t bpf bpf %s)",
+			dir, filepath.Dir(dir))
+	}
+	return nil
+}
+
+func (p *pins) close() {
+	if p != nil && p.lock != nil {
+		p.lock.Close() // releases the flock
+		p.lock = nil
+	}
+}
+
+// linkPath names the pin of one attachment of one cgroup.
+func (p *pins) linkPath(typ ebpf.AttachType, cgroup string) string {
+	name := strings.ReplaceAll(strings.Trim(cgroup, "/"), "/", "_")
+	return filepath.Join(p.dir, fmt.Sprintf("%s%d_%s", linkPrefix, typ, name))
+}
+
+// attach returns the pinned link at path updated to prog, or a new link
+// attached and pinned there.
+func (p *pins) attach(path, cgroup string, typ ebpf.AttachType, prog *ebpf.Program) (link.Link, error) {
+	l, err := link.LoadPinnedLink(path, nil)
+	if err == nil {
+		if err := l.Update(prog); err != nil {
+			l.Close()
+			return nil, fmt.Errorf("updating pinned %s link of %s: %w", typ, cgroup, err)
+		}
+		return l, nil
+	}
+	if !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("loading pinned link %s: %w", path, err)
+	}
+	l, err = link.AttachCgroup(link.CgroupOptions{Path: cgroup, Attach: typ, Program: prog})
+	if err != nil {
+		return nil, fmt.Errorf("attaching %s to %s: %w", typ, cgroup, err)
+	}
+	if err := l.Pin(path); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("pinning %s link of %s: %w", typ, cgroup, err)
+	}
+	return l, nil
+}
+
+// pruneLinks detaches pinned links that are not in keep: cgroups no longer
+// enrolled, or smeshd's own cgroup of an earlier run.
+func (p *pins) pruneLinks(keep map[string]bool) error {
+	ents, err := os.ReadDir(p.dir)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, e := range ents {
+		path := filepath.Join(p.dir, e.Name())
+		if !strings.HasPrefix(e.Name(), linkPrefix) || keep[path] {
+			continue
+		}
+		errs = append(errs, unpinLink(path))
+	}
+	return errors.Join(errs...)
+}
+
+func unpinLink(path string) error {
+	l, err := link.LoadPinnedLink(path, nil)
+	if err != nil {
+		// A link whose cgroup is gone can no longer be loaded: its pin is
+		// all that is left of it.
+		return os.Remove(path)
+	}
+	defer l.Close()
+	if err := l.Unpin(); err != nil {
+		return fmt.Errorf("unpinning %s: %w", path, err)
+	}
+	return nil
+}
+
+// RemovePins removes a pinned capture: its links (detaching them) and maps.
+// It fails while a smeshd owns the directory. A missing directory is fine.
+func RemovePins(dir string) (removed int, err error) {
+	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
+		return 0, nil
+	}
+	p, err := openPins(dir)
+	if err != nil {
+		return 0, err
+	}
+	defer p.close()
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return 0, err
+	}
+	var errs []error
+	for _, e := range ents {
+		path := filepath.Join(dir, e.Name())
+		if strings.HasPrefix(e.Name(), linkPrefix) {
+			errs = append(errs, unpinLink(path))
+		} else {
+			errs = append(errs, os.Remove(path))
+		}
+		removed++
+	}
+	if err := errors.Join(errs...); err != nil {
+		return removed, err
+	}
+	return removed, os.Remove(dir)
+}
