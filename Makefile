@@ -14,7 +14,7 @@ all: build
 help:
 	@echo "build           bin/smeshd"
 	@echo "bench           build and run smeshd bench: no mesh vs copy vs splice (root)"
-	@echo "run             build and run smeshd with ./smesh.toml (root)"
+	@echo "run             build and run smeshd with ./smesh.toml and development certificates in bin/dev-tls (root)"
 	@echo "test            all tests; kernel tests need root (SMESH_REQUIRE_PRIVILEGED=1 makes their skips failures)"
 	@echo "generate        regenerate the BPF bindings and objects (needs clang)"
 	@echo "vmlinux         regenerate bpf/include/vmlinux.h from this kernel's BTF (needs bpftool)"
@@ -24,8 +24,14 @@ help:
 build:
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/smeshd
 
+# smesh.toml's tunnel wants certificates in /etc/smesh/tls. `make run` makes a
+# development set in bin/dev-tls instead (once) and runs smesh.toml with its
+# [tunnel.tls] paths pointed there; everything else is smesh.toml as it is.
+DEV_TLS := $(CURDIR)/bin/dev-tls
 run: build
-	./$(BIN) -c smesh.toml
+	@test -e $(DEV_TLS)/ca.crt || ./$(BIN) certs init --dir $(DEV_TLS) --nodes node
+	sed 's|"/etc/smesh/tls/|"$(DEV_TLS)/|' smesh.toml > bin/smesh.run.toml
+	./$(BIN) -c bin/smesh.run.toml
 
 bench: build
 	./$(BIN) bench

@@ -8,10 +8,12 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/smesh-dev/smesh/pkg/certs"
 	"github.com/smesh-dev/smesh/pkg/config"
 	"github.com/smesh-dev/smesh/pkg/daemon"
 	"github.com/smesh-dev/smesh/pkg/testenv"
@@ -53,16 +55,51 @@ type node struct {
 	smeshd *testenv.Helper
 	// smeshCg is smeshd's own cgroup; enrolled is in the mesh.
 	smeshCg, enrolled string
+	// name is the node's name in its certificate (certs.Init), from the
+	// test's shared CA in pki.
+	name, pki string
+	// capture overrides capture.cgroups when set (e.g. "[]" for a node
+	// that only receives tunnel traffic).
+	capture string
 }
 
 func newNode(t *testing.T) *node {
 	t.Helper()
 	testenv.RequirePrivileged(t)
-	return &node{t: t, ns: testenv.NewNode(t), smeshCg: testenv.NewCgroup(t), enrolled: testenv.NewCgroup(t)}
+	n := &node{t: t, ns: testenv.NewNode(t), smeshCg: testenv.NewCgroup(t), enrolled: testenv.NewCgroup(t)}
+	n.name = strings.TrimPrefix(n.ns.Name, "smesh-")
+	n.pki = testPKI(t)
+	if _, err := certs.Init(n.pki, []string{n.name}, "test.local"); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// pkis holds each test's certificate directory: every node of a test has a
+// certificate of the same CA.
+var pkis sync.Map // *testing.T -> string
+
+func testPKI(t *testing.T) string {
+	dir, loaded := pkis.LoadOrStore(t, t.TempDir())
+	if !loaded {
+		t.Cleanup(func() { pkis.Delete(t) })
+	}
+	return dir.(string)
+}
+
+// id is the node's SPIFFE ID.
+func (n *node) id() string { return "spiffe://test.local/node/" + n.name }
+
+// tlsConf is the node's [tunnel.tls] section; extra lines go into it.
+func (n *node) tlsConf(extra string) string {
+	return fmt.Sprintf("[tunnel.tls]\ncert = %q\nkey = %q\nca = %q\n%s\n",
+		filepath.Join(n.pki, n.name+".crt"), filepath.Join(n.pki, n.name+".key"), filepath.Join(n.pki, "ca.crt"), extra)
 }
 
 // start runs smeshd on the node in the given data path mode; extra is
-// appended to its configuration.
+// appended to its configuration (in the [datapath] table, unless it opens
+// tables of its own). The node's certificate is configured in [tunnel.tls]
+// unless extra has that table (see tlsConf).
 func (n *node) start(mode string, extra string) {
 	t := n.t
 	t.Helper()
@@ -74,16 +111,23 @@ func (n *node) start(mode string, extra string) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	capture := fmt.Sprintf("[%q]", rel)
+	if n.capture != "" {
+		capture = n.capture
+	}
 	conf := fmt.Sprintf(`
 [capture]
-cgroups = [%q]
+cgroups = %s
 [datapath]
 mode = %q
 %s
 [log]
 level = "debug"
 format = "json"
-`, rel, mode, extra)
+`, capture, mode, extra)
+	if !strings.Contains(extra, "[tunnel.tls]") {
+		conf += n.tlsConf("")
+	}
 	path := filepath.Join(t.TempDir(), "smesh.toml")
 	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
 		t.Fatal(err)

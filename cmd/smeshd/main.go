@@ -29,6 +29,9 @@ Usage:
   smeshd -c FILE          run the daemon with the configuration in FILE
   smeshd check -c FILE    validate FILE and probe the kernel; non-zero exit with the reason
   smeshd bench [flags]    measure no mesh vs copy vs splice on this machine (root; see smeshd bench -h)
+  smeshd certs init --dir DIR --nodes a,b [--trust-domain smesh.local]
+                          write a development CA and node certificates for the tunnel
+                          (DIR/ca.crt, DIR/ca.key, DIR/a.crt, DIR/a.key, ...)
   smeshd version          print the version
 `
 
@@ -62,6 +65,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return check(*cfgPath, stdout)
 	case "bench":
 		return runBench(ctx, args, stdout, stderr)
+	case "certs":
+		return runCerts(args, stdout, stderr)
 	case "bench-agent": // internal: the bench's client and server processes
 		if code := bench.AgentMain(args); code != 0 {
 			return fmt.Errorf("bench-agent exited with %d", code)

@@ -18,6 +18,7 @@ import (
 
 	"github.com/vishvananda/netns"
 
+	"github.com/smesh-dev/smesh/pkg/certs"
 	"github.com/smesh-dev/smesh/pkg/cgroups"
 	"github.com/smesh-dev/smesh/pkg/sandbox"
 )
@@ -133,8 +134,15 @@ func newModeEnv(ctx context.Context, exe, mode string) (_ *modeEnv, err error) {
 
 func (e *modeEnv) startSmeshd(ctx context.Context, exe string) error {
 	rel := func(p string) string { r, _ := filepath.Rel(e.mount, p); return r }
-	conf := fmt.Sprintf("[capture]\ncgroups = [%q, %q]\n[datapath]\nmode = %q\n[log]\nlevel = \"warn\"\nformat = \"json\"\n",
-		rel(e.client), rel(e.server), e.mode)
+	// The tunnel needs certificates even where the bench does not use it.
+	if _, err := certs.Init(filepath.Join(e.dir, "tls"), []string{"bench"}, certs.DefaultTrustDomain); err != nil {
+		return err
+	}
+	tlsDir := filepath.Join(e.dir, "tls")
+	conf := fmt.Sprintf("[capture]\ncgroups = [%q, %q]\n[datapath]\nmode = %q\n[log]\nlevel = \"warn\"\nformat = \"json\"\n"+
+		"[tunnel.tls]\ncert = %q\nkey = %q\nca = %q\n",
+		rel(e.client), rel(e.server), e.mode,
+		filepath.Join(tlsDir, "bench.crt"), filepath.Join(tlsDir, "bench.key"), filepath.Join(tlsDir, "ca.crt"))
 	path := filepath.Join(e.dir, "smesh.toml")
 	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
 		return err

@@ -20,6 +20,7 @@ import (
 	"github.com/smesh-dev/smesh/pkg/config"
 	"github.com/smesh-dev/smesh/pkg/datapath"
 	"github.com/smesh-dev/smesh/pkg/proxy"
+	"github.com/smesh-dev/smesh/pkg/tunnel"
 )
 
 // NewLogger builds the logger [log] asks for.
@@ -76,6 +77,14 @@ func Run(ctx context.Context, cfg config.Config, logOut io.Writer, ready func())
 			Msg("this kernel cannot splice; using the copy data path")
 	}
 
+	// The tunnel first: in mtls mode missing certificates stop smeshd
+	// before anything is created or attached.
+	tun, err := tunnel.New(cfg.Tunnel, []uint16{cfg.Outbound.Listen.Port(), cfg.Admin.Listen.Port()}, log)
+	if err != nil {
+		return err
+	}
+	defer tun.Close()
+
 	mount, err := cgroups.Mount()
 	if err != nil {
 		return err
@@ -101,7 +110,7 @@ func Run(ctx context.Context, cfg config.Config, logOut io.Writer, ready func())
 	}
 	defer restore()
 
-	out, err := proxy.Listen(cfg.Outbound.Listen, nil, log)
+	out, err := proxy.Listen(cfg.Outbound.Listen, tun.Dialer(), log)
 	if err != nil {
 		return err
 	}
@@ -123,16 +132,25 @@ func Run(ctx context.Context, cfg config.Config, logOut io.Writer, ready func())
 		return err
 	}
 	defer dp.Close()
-	if err := watchLocalAddrs(ctx, dp, log); err != nil {
+	if err := watchLocalAddrs(ctx, dp, tun.Local, log); err != nil {
 		return err
 	}
+	go tun.Server.Serve(ctx)
 
-	log.Info().Str("mode", string(mode)).Str("outbound", out.Addr().String()).Msg("smeshd ready")
+	log.Info().Str("mode", string(mode)).Str("outbound", out.Addr().String()).
+		Str("tunnel", tun.Server.Addr().String()).Bool("mtls", tun.Credentials != nil).Msg("smeshd ready")
 	if ready != nil {
 		ready()
 	}
 	<-ctx.Done()
-	log.Info().Msg("stopping: detaching capture, closing relayed connections")
+	ts := tun.Stats
+	ev := log.Info().Uint64("tunnel_out", ts.Out.Connections.Load()).Uint64("tunnel_in", ts.In.Connections.Load()).
+		Uint64("tunnel_in_bytes_rx", ts.In.BytesRx.Load()).Uint64("tunnel_in_bytes_tx", ts.In.BytesTx.Load()).
+		Any("tunnel_errors", ts.ErrorCounts())
+	if st, err := dp.Stats(); err == nil {
+		ev = ev.Uint64("spliced_bytes", st.ClientToServer.Bytes+st.ServerToClient.Bytes)
+	}
+	ev.Msg("stopping: detaching capture, closing relayed connections")
 	return nil
 }
 
@@ -176,7 +194,7 @@ func ownCgroup(mount string, enrolled []string, log zerolog.Logger) (string, fun
 
 // watchLocalAddrs keeps the data path's set of this node's addresses
 // current, so same-node traffic is recognised as addresses come and go.
-func watchLocalAddrs(ctx context.Context, dp *datapath.Datapath, log zerolog.Logger) error {
+func watchLocalAddrs(ctx context.Context, dp *datapath.Datapath, tunLocal *tunnel.LocalAddrs, log zerolog.Logger) error {
 	update := func() error {
 		addrs, err := netlink.AddrList(nil, netlink.FAMILY_V4)
 		if err != nil {
@@ -191,6 +209,7 @@ func watchLocalAddrs(ctx context.Context, dp *datapath.Datapath, log zerolog.Log
 			}
 		}
 		log.Debug().Str("addrs", strings.Join(names, ",")).Msg("local addresses")
+		tunLocal.Set(ips)
 		return dp.SetLocalAddrs(ips)
 	}
 	if err := update(); err != nil {

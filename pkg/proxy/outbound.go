@@ -110,7 +110,20 @@ func (o *Outbound) handle(ctx context.Context, c *net.TCPConn) {
 		c.Close()
 		return
 	}
-	res := Relay(c, up.(*net.TCPConn))
+	var upc Conn
+	switch u := up.(type) {
+	case Conn:
+		upc = u
+	case *net.TCPConn:
+		upc = TCP(u)
+	default:
+		o.log.Error().Str("type", fmt.Sprintf("%T", up)).Msg("dialer returned a connection the relay cannot use")
+		up.Close()
+		c.SetLinger(0)
+		c.Close()
+		return
+	}
+	res := Relay(TCP(c), upc)
 	o.log.Debug().Str("src", c.RemoteAddr().String()).Str("dst", dst.String()).
 		Int64("tx", res.AtoB).Int64("rx", res.BtoA).AnErr("err", res.Err).Msg("connection done")
 }

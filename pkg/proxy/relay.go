@@ -8,10 +8,41 @@ import (
 )
 
 // bufSize is the relay's read size: large enough that bulk transfers cost few
-// syscalls, small enough that many idle connections stay cheap.
+// syscalls (and fill four maximum-size TLS records per write), small enough
+// that many idle connections stay cheap.
 const bufSize = 64 << 10
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, bufSize); return &b }}
+
+// Conn is one end of a relayed connection: a TCP connection (TCP) or a
+// tunnel connection.
+type Conn interface {
+	io.Reader
+	io.Writer
+	// CloseWrite ends this direction cleanly: the far end reads EOF.
+	CloseWrite() error
+	// Abort tears the connection down so that the far end sees a reset.
+	Abort()
+	io.Closer
+}
+
+// TCP makes a TCP connection a relay end.
+func TCP(c *net.TCPConn) Conn { return tcpConn{c} }
+
+// tcpConn exposes only what Relay uses. Read and Write are plain read(2) and
+// write(2): the relay never reaches ReadFrom/WriteTo, hence never splice(2).
+type tcpConn struct{ c *net.TCPConn }
+
+func (t tcpConn) Read(p []byte) (int, error)  { return t.c.Read(p) }
+func (t tcpConn) Write(p []byte) (int, error) { return t.c.Write(p) }
+func (t tcpConn) CloseWrite() error           { return t.c.CloseWrite() }
+func (t tcpConn) Close() error                { return t.c.Close() }
+
+// Abort closes with SO_LINGER 0, which sends a reset.
+func (t tcpConn) Abort() {
+	t.c.SetLinger(0)
+	t.c.Close()
+}
 
 // Result is what one relayed connection moved.
 type Result struct {
@@ -24,24 +55,22 @@ type Result struct {
 // Relay moves bytes both ways between a and b until both directions end,
 // then closes both. A clean end of stream on one side becomes a half-close
 // (CloseWrite) on the other, so protocols that half-close keep working; an
-// error on one side resets the other, so a reset reaches the far end as a
-// reset, not as a clean close.
+// error on one side aborts both, so a reset reaches the far end as a reset,
+// not as a clean close.
 //
-// It reads and writes with plain read(2)/write(2) through its own buffers.
-// io.Copy between two TCPConns would use splice(2), which sees none of the
-// bytes sk_msg redirects into a spliced socket.
-func Relay(a, b *net.TCPConn) Result {
+// It reads and writes through its own pooled buffers, one per direction, so
+// nothing is allocated per read. io.Copy between two TCPConns would use
+// splice(2), which sees none of the bytes sk_msg redirects into a spliced
+// socket.
+func Relay(a, b Conn) Result {
 	var res Result
 	var wg sync.WaitGroup
 	var once sync.Once
 	fail := func(err error) {
 		once.Do(func() {
 			res.Err = err
-			// Abort both: SO_LINGER 0 makes Close send a reset.
-			a.SetLinger(0)
-			b.SetLinger(0)
-			a.Close()
-			b.Close()
+			a.Abort()
+			b.Abort()
 		})
 	}
 	wg.Add(2)
@@ -54,7 +83,7 @@ func Relay(a, b *net.TCPConn) Result {
 }
 
 // pipe copies src to dst until src ends, then half-closes dst.
-func pipe(dst, src *net.TCPConn, fail func(error)) int64 {
+func pipe(dst, src Conn, fail func(error)) int64 {
 	bp := bufPool.Get().(*[]byte)
 	defer bufPool.Put(bp)
 	buf := *bp

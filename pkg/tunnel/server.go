@@ -1,0 +1,320 @@
+package tunnel
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/smesh-dev/smesh/pkg/proxy"
+)
+
+// refusalSlots bounds the connections over max_connections that still get a
+// handshake and a too_many_connections status. Beyond them, new connections
+// are reset at once: refusing must stay cheaper than serving.
+const refusalSlots = 64
+
+// ServerOptions configure a Server.
+type ServerOptions struct {
+	Listen netip.AddrPort
+	// Credentials, or nil for plaintext.
+	Credentials *Credentials
+	// AllowPorts: the only destination ports delivered to; empty, any.
+	AllowPorts []uint16
+	// OwnPorts are smeshd's own listener ports, never delivered to.
+	OwnPorts []uint16
+	// MaxConnections bounds the incoming connections open at once,
+	// in handshake or relaying.
+	MaxConnections int
+	// HandshakeTimeout bounds the TLS handshake and the header together.
+	HandshakeTimeout time.Duration
+	// Local are this node's addresses: the only destinations delivered to.
+	Local *LocalAddrs
+	// Stats receives the counters; nil gets a private set.
+	Stats  *Stats
+	Logger zerolog.Logger
+}
+
+// Server accepts tunnel connections from other nodes and delivers each to
+// the local destination its header names, after checking that it is one.
+type Server struct {
+	o      ServerOptions
+	ln     *net.TCPListener
+	tlsCfg *tls.Config
+	log    zerolog.Logger
+	errLog *limitedLog
+
+	slots   chan struct{} // one per connection being served
+	refuses chan struct{} // one per connection being refused for lack of slots
+	wg      sync.WaitGroup
+	closed  atomic.Bool
+
+	mu    sync.Mutex
+	conns map[*rawConn]struct{}
+}
+
+// Listen opens the tunnel listener.
+func Listen(o ServerOptions) (*Server, error) {
+	if o.MaxConnections < 1 || o.HandshakeTimeout <= 0 || o.Local == nil {
+		return nil, errors.New("tunnel server: MaxConnections, HandshakeTimeout and Local must be set")
+	}
+	if o.Stats == nil {
+		o.Stats = new(Stats)
+	}
+	network := "tcp"
+	if o.Listen.Addr().Is4() {
+		network = "tcp4" // "0.0.0.0" means every IPv4 address, not IPv6 too
+	}
+	ln, err := net.ListenTCP(network, net.TCPAddrFromAddrPort(o.Listen))
+	if err != nil {
+		return nil, fmt.Errorf("listening on %s (tunnel.listen): %w", o.Listen, err)
+	}
+	// The bound port too: with port 0 in Listen it is known only now.
+	o.OwnPorts = append(slices.Clone(o.OwnPorts), ln.Addr().(*net.TCPAddr).AddrPort().Port())
+	log := o.Logger.With().Str("component", "tunnel-in").Logger()
+	s := &Server{
+		o:       o,
+		ln:      ln,
+		log:     log,
+		errLog:  newLimitedLog(log, 20, time.Second),
+		slots:   make(chan struct{}, o.MaxConnections),
+		refuses: make(chan struct{}, refusalSlots),
+		conns:   make(map[*rawConn]struct{}),
+	}
+	if o.Credentials != nil {
+		s.tlsCfg = o.Credentials.ServerConfig()
+	}
+	return s, nil
+}
+
+// Addr is the address the listener is bound to.
+func (s *Server) Addr() netip.AddrPort { return s.ln.Addr().(*net.TCPAddr).AddrPort() }
+
+// Serve accepts until the listener is closed.
+func (s *Server) Serve(ctx context.Context) error {
+	for {
+		c, err := s.ln.AcceptTCP()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			// EMFILE and friends: back off instead of spinning.
+			s.log.Error().Err(err).Msg("accepting")
+			time.Sleep(50 * time.Millisecond)
+			continue
+		}
+		raw := &rawConn{TCPConn: c}
+		select {
+		case s.slots <- struct{}{}:
+			s.start(raw, func() { s.serve(ctx, raw); <-s.slots })
+		default:
+			select {
+			case s.refuses <- struct{}{}:
+				s.start(raw, func() { s.refuseFull(ctx, raw); <-s.refuses })
+			default:
+				s.o.Stats.Count(ReasonTooManyConnections)
+				s.errLog.warn().Str("peer", c.RemoteAddr().String()).Str("reason", ReasonTooManyConnections.String()).
+					Int("max_connections", s.o.MaxConnections).Msg("tunnel connection reset: over max_connections")
+				raw.SetLinger(0)
+				c.Close()
+			}
+		}
+	}
+}
+
+func (s *Server) start(raw *rawConn, fn func()) {
+	s.mu.Lock()
+	s.conns[raw] = struct{}{}
+	s.mu.Unlock()
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		defer func() {
+			s.mu.Lock()
+			delete(s.conns, raw)
+			s.mu.Unlock()
+		}()
+		fn()
+	}()
+}
+
+// Close stops accepting and resets every tunnel connection (their local
+// ends are reset by the relay in turn).
+func (s *Server) Close() error {
+	if s.closed.Swap(true) {
+		return nil
+	}
+	err := s.ln.Close()
+	s.mu.Lock()
+	for raw := range s.conns {
+		raw.SetLinger(0)
+		raw.TCPConn.Close()
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+	return err
+}
+
+// refusal is a connection the server will not deliver, with its reason.
+type refusal struct {
+	reason Reason
+	err    error
+}
+
+// serve runs one tunnel connection: handshake, header, checks, status,
+// relay.
+func (s *Server) serve(ctx context.Context, raw *rawConn) {
+	conn, dst, ref := s.accept(ctx, raw)
+	if ref != nil {
+		s.refuse(raw, conn, dst, ref)
+		return
+	}
+	up, ref := s.deliver(dst)
+	if ref != nil {
+		s.refuse(raw, conn, dst, ref)
+		return
+	}
+	if _, err := conn.Write(AppendStatus(make([]byte, 0, StatusSize), Status{OK: true})); err != nil {
+		up.SetLinger(0)
+		up.Close()
+		conn.Abort()
+		return
+	}
+	raw.SetDeadline(time.Time{})
+	raw.established.Store(true)
+
+	st := &s.o.Stats.In
+	st.Connections.Add(1)
+	if conn.Resumed {
+		st.Resumed.Add(1)
+	}
+	st.Active.Add(1)
+	res := proxy.Relay(conn, proxy.TCP(up))
+	st.Active.Add(-1)
+	st.BytesRx.Add(uint64(res.AtoB))
+	st.BytesTx.Add(uint64(res.BtoA))
+	if e := s.log.Debug(); e.Enabled() {
+		e.Str("peer", raw.RemoteAddr().String()).Str("dst", dst.String()).Bool("resumed", conn.Resumed).
+			Int64("rx", res.AtoB).Int64("tx", res.BtoA).AnErr("err", res.Err).Msg("tunnel connection done")
+	}
+}
+
+// accept does the handshake and reads the header, both under the handshake
+// deadline. conn is nil if the handshake failed.
+func (s *Server) accept(ctx context.Context, raw *rawConn) (*Conn, netip.AddrPort, *refusal) {
+	deadline := time.Now().Add(s.o.HandshakeTimeout)
+	raw.SetDeadline(deadline)
+	var tc *tls.Conn
+	if s.tlsCfg != nil {
+		tc = tls.Server(raw, s.tlsCfg)
+		hctx, cancel := context.WithDeadline(ctx, deadline)
+		err := tc.HandshakeContext(hctx)
+		cancel()
+		if err != nil {
+			return nil, netip.AddrPort{}, &refusal{handshakeReason(err), err}
+		}
+	}
+	conn := newConn(raw, tc)
+	dst, ref := readHeader(conn)
+	return conn, dst, ref
+}
+
+// readHeader reads exactly one header. The client sends nothing else before
+// the status, so with TLS the header is a record of its own: a first read
+// that returns more than a header is an oversized header.
+func readHeader(conn *Conn) (netip.AddrPort, *refusal) {
+	var buf [HeaderSize + 1]byte
+	n, err := conn.Read(buf[:])
+	if n > HeaderSize {
+		return netip.AddrPort{}, &refusal{ReasonOversizedHeader, fmt.Errorf("more than %d bytes before the status", HeaderSize)}
+	}
+	if err == nil && n < HeaderSize {
+		var m int
+		m, err = io.ReadFull(conn, buf[n:HeaderSize])
+		n += m
+	}
+	if err != nil {
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			return netip.AddrPort{}, &refusal{ReasonHeaderTimeout, fmt.Errorf("%d of %d header bytes before the deadline", n, HeaderSize)}
+		}
+		return netip.AddrPort{}, &refusal{ReasonTruncatedHeader, fmt.Errorf("%d of %d header bytes: %w", n, HeaderSize, err)}
+	}
+	dst, err := ParseHeader(buf[:HeaderSize])
+	if err != nil {
+		var he *HeaderError
+		errors.As(err, &he)
+		return netip.AddrPort{}, &refusal{he.Reason, err}
+	}
+	return dst, nil
+}
+
+// deliver checks dst and connects to it. Only addresses of this node, never
+// smeshd's own ports, and only allow_ports when set: the tunnel port must
+// never be an open relay.
+func (s *Server) deliver(dst netip.AddrPort) (*net.TCPConn, *refusal) {
+	switch {
+	case !s.o.Local.Contains(dst.Addr()):
+		return nil, &refusal{ReasonNotLocal, fmt.Errorf("%s is not an address of this node", dst.Addr())}
+	case slices.Contains(s.o.OwnPorts, dst.Port()):
+		return nil, &refusal{ReasonOwnPort, fmt.Errorf("port %d is one of smeshd's own", dst.Port())}
+	case len(s.o.AllowPorts) > 0 && !slices.Contains(s.o.AllowPorts, dst.Port()):
+		return nil, &refusal{ReasonPortNotAllowed, fmt.Errorf("port %d is not in tunnel.allow_ports", dst.Port())}
+	}
+	// smeshd's own connect() is never captured; in splice mode sock_ops
+	// splices this hop with the local server's socket.
+	c, err := net.DialTimeout("tcp", dst.String(), s.o.HandshakeTimeout)
+	if err != nil {
+		return nil, &refusal{ReasonUnreachable, err}
+	}
+	return c.(*net.TCPConn), nil
+}
+
+// refuse counts and logs a refusal and ends the connection: with a status
+// when the header was read (the peer then resets its app's connection), by
+// closing it otherwise.
+func (s *Server) refuse(raw *rawConn, conn *Conn, dst netip.AddrPort, ref *refusal) {
+	s.o.Stats.Count(ref.reason)
+	ev := s.errLog.warn()
+	if ev != nil {
+		ev = ev.Str("peer", raw.RemoteAddr().String()).Str("reason", ref.reason.String()).Err(ref.err)
+		if conn != nil && conn.tls != nil {
+			ev = ev.Str("peer_id", PeerID(conn.tls.ConnectionState()))
+		}
+		if dst.IsValid() {
+			ev = ev.Str("dst", dst.String())
+		}
+		ev.Msg("tunnel connection refused")
+	}
+	if conn == nil {
+		raw.Close()
+		return
+	}
+	if ref.reason < ReasonNotTLS {
+		// A status, then close_notify and FIN: the client reads the
+		// reason, not a reset.
+		conn.Write(AppendStatus(make([]byte, 0, StatusSize), Status{Reason: ref.reason}))
+		conn.Close()
+		return
+	}
+	conn.Abort()
+}
+
+// refuseFull answers too_many_connections to a connection over the limit:
+// after the handshake and header, so that the client reads a clear reason.
+func (s *Server) refuseFull(ctx context.Context, raw *rawConn) {
+	conn, dst, ref := s.accept(ctx, raw)
+	if ref == nil {
+		ref = &refusal{ReasonTooManyConnections, fmt.Errorf("%d connections open (tunnel.max_connections)", s.o.MaxConnections)}
+	}
+	s.refuse(raw, conn, dst, ref)
+}

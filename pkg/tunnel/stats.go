@@ -1,0 +1,176 @@
+package tunnel
+
+import (
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/rs/zerolog"
+)
+
+// Reason says why a tunnel connection was refused or failed. The codes of
+// the reasons a server answers in a status are part of wire protocol v1:
+// never renumber them, only add.
+type Reason uint8
+
+const (
+	ReasonNone Reason = 0
+
+	// Answered in a status (wire codes).
+	ReasonBadMagic           Reason = 1 // header does not start with "SMSH"
+	ReasonUnsupportedVersion Reason = 2 // header version is not 1
+	ReasonBadHeader          Reason = 3 // bad family, padding, port 0, non-unicast address
+	ReasonOversizedHeader    Reason = 4 // more than a header before the status
+	ReasonNotLocal           Reason = 5 // destination is not an address of the server's node: a relay attempt
+	ReasonPortNotAllowed     Reason = 6 // destination port outside [tunnel] allow_ports
+	ReasonOwnPort            Reason = 7 // destination is one of smeshd's own listeners
+	ReasonTooManyConnections Reason = 8 // [tunnel] max_connections reached
+	ReasonUnreachable        Reason = 9 // the local destination refused or did not answer
+
+	// Counted and logged only: the connection ends before a status can be
+	// sent, or the failure is on the client's side.
+	ReasonNotTLS             Reason = 64 // plaintext or garbage where a TLS handshake belongs
+	ReasonTLSHandshake       Reason = 65 // any other handshake failure
+	ReasonHandshakeTimeout   Reason = 66 // handshake not done within handshake_timeout
+	ReasonUnknownCA          Reason = 67 // peer certificate not signed by [tunnel.tls] ca
+	ReasonCertExpired        Reason = 68 // peer certificate expired or not yet valid
+	ReasonBadIdentity        Reason = 69 // peer certificate has no valid SPIFFE ID, but allow_identities needs one
+	ReasonIdentityNotAllowed Reason = 70 // peer SPIFFE ID not in allow_identities
+	ReasonHeaderTimeout      Reason = 71 // header not complete within handshake_timeout
+	ReasonTruncatedHeader    Reason = 72 // connection ended inside the header
+	ReasonPeerUnreachable    Reason = 80 // client: the peer's tunnel port did not answer
+	ReasonPeerHandshake      Reason = 81 // client: TLS handshake with the peer failed
+	ReasonPeerRefused        Reason = 82 // client: the peer refused (its reason is logged)
+	ReasonPeerProtocol       Reason = 83 // client: the peer's status was not a v1 status
+
+	// ReasonUnknown stands for a reason code this version does not know,
+	// e.g. one answered by a newer peer.
+	ReasonUnknown Reason = 255
+)
+
+// reasonNames are the label values of smesh_tunnel_errors_total{reason}.
+var reasonNames = map[Reason]string{
+	ReasonNone:               "none",
+	ReasonBadMagic:           "bad_magic",
+	ReasonUnsupportedVersion: "unsupported_version",
+	ReasonBadHeader:          "bad_header",
+	ReasonOversizedHeader:    "oversized_header",
+	ReasonNotLocal:           "not_local",
+	ReasonPortNotAllowed:     "port_not_allowed",
+	ReasonOwnPort:            "own_port",
+	ReasonTooManyConnections: "too_many_connections",
+	ReasonUnreachable:        "unreachable",
+	ReasonNotTLS:             "not_tls",
+	ReasonTLSHandshake:       "tls_handshake",
+	ReasonHandshakeTimeout:   "handshake_timeout",
+	ReasonUnknownCA:          "unknown_ca",
+	ReasonCertExpired:        "cert_expired",
+	ReasonBadIdentity:        "bad_identity",
+	ReasonIdentityNotAllowed: "identity_not_allowed",
+	ReasonHeaderTimeout:      "header_timeout",
+	ReasonTruncatedHeader:    "truncated_header",
+	ReasonPeerUnreachable:    "peer_unreachable",
+	ReasonPeerHandshake:      "peer_handshake",
+	ReasonPeerRefused:        "peer_refused",
+	ReasonPeerProtocol:       "peer_protocol",
+	ReasonUnknown:            "unknown",
+}
+
+// String returns the reason's snake_case name; a code this version does not
+// know reads "reason_N".
+func (r Reason) String() string {
+	if s, ok := reasonNames[r]; ok {
+		return s
+	}
+	return "reason_" + strconv.Itoa(int(r))
+}
+
+// Reasons lists every reason but ReasonNone, in code order: the label values
+// a metrics exporter can pre-declare.
+func Reasons() []Reason {
+	var rs []Reason
+	for r := 1; r < 256; r++ {
+		if _, ok := reasonNames[Reason(r)]; ok {
+			rs = append(rs, Reason(r))
+		}
+	}
+	return rs
+}
+
+// Stats are the tunnel's counters, shared by client and server. All fields
+// are safe for concurrent use; the metrics endpoint reads them as they are.
+type Stats struct {
+	// In counts connections the server accepted and relays (tunnel_in),
+	// Out those the client opened (tunnel_out).
+	In, Out PathStats
+	errors  [256]atomic.Uint64
+}
+
+// PathStats count one direction of tunnel connections. Tx is what this node
+// sent into the tunnel connection, Rx what it received from it; bytes are
+// added when a connection ends.
+type PathStats struct {
+	Connections atomic.Uint64 // established: the status was ok
+	Active      atomic.Int64
+	Resumed     atomic.Uint64 // TLS handshakes that resumed a session
+	BytesTx     atomic.Uint64
+	BytesRx     atomic.Uint64
+}
+
+// Count adds one error of reason r.
+func (s *Stats) Count(r Reason) { s.errors[r].Add(1) }
+
+// Errors returns the count of reason r.
+func (s *Stats) Errors(r Reason) uint64 { return s.errors[r].Load() }
+
+// ErrorCounts returns the nonzero error counts by reason name.
+func (s *Stats) ErrorCounts() map[string]uint64 {
+	m := make(map[string]uint64)
+	for i := range s.errors {
+		if n := s.errors[i].Load(); n > 0 {
+			m[Reason(i).String()] = n
+		}
+	}
+	return m
+}
+
+// limitedLog lets through at most burst lines per interval and counts the
+// rest, so that a flood of bad connections cannot flood the log. The next
+// line that passes says how many were suppressed.
+type limitedLog struct {
+	log      zerolog.Logger
+	burst    int
+	interval time.Duration
+
+	mu         sync.Mutex
+	start      time.Time
+	n          int
+	suppressed int
+}
+
+func newLimitedLog(log zerolog.Logger, burst int, interval time.Duration) *limitedLog {
+	return &limitedLog{log: log, burst: burst, interval: interval}
+}
+
+// warn returns an event to fill and send, or nil when over the limit
+// (zerolog's nil *Event is a no-op, so callers chain on it regardless).
+func (l *limitedLog) warn() *zerolog.Event {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	now := time.Now()
+	if now.Sub(l.start) >= l.interval {
+		l.start, l.n = now, 0
+	}
+	if l.n >= l.burst {
+		l.suppressed++
+		return nil
+	}
+	l.n++
+	ev := l.log.Warn()
+	if l.suppressed > 0 {
+		ev = ev.Int("suppressed", l.suppressed)
+		l.suppressed = 0
+	}
+	return ev
+}

@@ -1,0 +1,165 @@
+// Package tunnel carries captured connections between the smeshd of two
+// nodes: a mutually authenticated TLS 1.3 connection to the destination
+// node's [tunnel] port per captured connection, opened with a fixed-size
+// header naming the original destination (wire protocol v1, header.go) and
+// answered with a status before any payload flows.
+//
+// The server delivers only to addresses of its own node and, when set, to
+// [tunnel] allow_ports, so the tunnel port is never an open relay. Every bad
+// input is refused with a counted reason (Stats) and a rate-limited log line.
+package tunnel
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"sync/atomic"
+
+	"github.com/rs/zerolog"
+
+	"github.com/smesh-dev/smesh/pkg/config"
+	"github.com/smesh-dev/smesh/pkg/proxy"
+)
+
+// Tunnel is a node's tunnel: the server on [tunnel] listen and the client
+// the outbound proxy dials through.
+type Tunnel struct {
+	Server *Server
+	Client *Client
+	Local  *LocalAddrs
+	Stats  *Stats
+	// Credentials are nil with [tunnel.tls] mode = "disabled".
+	Credentials *Credentials
+}
+
+// New loads the credentials and opens the tunnel listener from cfg.
+// ownPorts are smeshd's other listener ports, which the tunnel never
+// delivers to.
+func New(cfg config.Tunnel, ownPorts []uint16, log zerolog.Logger) (*Tunnel, error) {
+	t := &Tunnel{Local: new(LocalAddrs), Stats: new(Stats)}
+	switch cfg.TLS.Mode {
+	case "mtls":
+		creds, err := loadConfigured(cfg.TLS, log)
+		if err != nil {
+			return nil, err
+		}
+		t.Credentials = creds
+	case "disabled":
+		log.Warn().Str("component", "tunnel").Str("listen", cfg.Listen.String()).
+			Msg("TUNNEL TLS IS DISABLED (tunnel.tls.mode = \"disabled\"): traffic between nodes is neither encrypted nor " +
+				"authenticated, and anyone who reaches the tunnel port can connect to this node's local services. " +
+				"Only for tests and benchmarks.")
+	default:
+		return nil, fmt.Errorf("tunnel.tls.mode %q: want \"mtls\" or \"disabled\"", cfg.TLS.Mode)
+	}
+	addrs, err := InterfaceAddrs()
+	if err != nil {
+		return nil, err
+	}
+	t.Local.Set(addrs)
+
+	t.Client = NewClient(ClientOptions{
+		PeerPort:    cfg.PeerPort,
+		Credentials: t.Credentials,
+		Stats:       t.Stats,
+		Logger:      log,
+	})
+	t.Server, err = Listen(ServerOptions{
+		Listen:           cfg.Listen,
+		Credentials:      t.Credentials,
+		AllowPorts:       cfg.AllowPorts,
+		OwnPorts:         slices.Concat(ownPorts, []uint16{cfg.Listen.Port()}),
+		MaxConnections:   cfg.MaxConnections,
+		HandshakeTimeout: cfg.HandshakeTimeout.Duration,
+		Local:            t.Local,
+		Stats:            t.Stats,
+		Logger:           log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return t, nil
+}
+
+// loadConfigured loads [tunnel.tls] files, saying what to do when they are
+// missing.
+func loadConfigured(c config.TLS, log zerolog.Logger) (*Credentials, error) {
+	for _, f := range []struct{ key, path string }{{"cert", c.Cert}, {"key", c.Key}, {"ca", c.CA}} {
+		if _, err := os.Stat(f.path); err != nil {
+			return nil, fmt.Errorf("tunnel.tls.%s: %w: tunnel.tls.mode = \"mtls\" needs this node's certificate, key and CA; "+
+				"point [tunnel.tls] cert, key and ca at them, or make a development set with "+
+				"`smeshd certs init --dir DIR --nodes NAME` and use DIR/NAME.crt, DIR/NAME.key and DIR/ca.crt", f.key, err)
+		}
+	}
+	return LoadCredentials(c.Cert, c.Key, c.CA, c.AllowIdentities, log)
+}
+
+// Close closes the server and its connections.
+func (t *Tunnel) Close() error { return t.Server.Close() }
+
+// Dialer is the outbound proxy's dialer: destinations on this node (copy
+// mode captures those too) are dialled directly, all others through the
+// tunnel to their node's smeshd.
+func (t *Tunnel) Dialer() proxy.Dialer { return routeDialer{t} }
+
+type routeDialer struct{ t *Tunnel }
+
+func (r routeDialer) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
+	dst, err := netip.ParseAddrPort(address)
+	if err != nil {
+		return nil, err
+	}
+	if r.t.Local.Contains(dst.Addr()) {
+		var d net.Dialer
+		return d.DialContext(ctx, network, address)
+	}
+	return r.t.Client.DialContext(ctx, network, address)
+}
+
+// LocalAddrs is the set of this node's addresses, kept current by the
+// daemon's address watcher. Loopback addresses are always local.
+type LocalAddrs struct {
+	m atomic.Pointer[map[netip.Addr]struct{}]
+}
+
+// Set replaces the set.
+func (l *LocalAddrs) Set(addrs []netip.Addr) {
+	m := make(map[netip.Addr]struct{}, len(addrs))
+	for _, a := range addrs {
+		m[a.Unmap()] = struct{}{}
+	}
+	l.m.Store(&m)
+}
+
+// Contains reports whether a is an address of this node.
+func (l *LocalAddrs) Contains(a netip.Addr) bool {
+	a = a.Unmap()
+	if a.IsLoopback() {
+		return true
+	}
+	m := l.m.Load()
+	if m == nil {
+		return false
+	}
+	_, ok := (*m)[a]
+	return ok
+}
+
+// InterfaceAddrs lists the addresses of this node's interfaces (of the
+// calling thread's network namespace).
+func InterfaceAddrs() ([]netip.Addr, error) {
+	ifas, err := net.InterfaceAddrs()
+	if err != nil {
+		return nil, fmt.Errorf("listing local addresses: %w", err)
+	}
+	var addrs []netip.Addr
+	for _, ifa := range ifas {
+		if p, err := netip.ParsePrefix(ifa.String()); err == nil {
+			addrs = append(addrs, p.Addr())
+		}
+	}
+	return addrs, nil
+}
