@@ -1,0 +1,209 @@
+// Package admin is smeshd's admin HTTP server on [admin] listen: /metrics for
+// Prometheus, /healthz and /readyz for systemd, Kubernetes and load balancers,
+// and /debug/connections for an operator asking what smeshd relays right now.
+//
+// It is read-only: every endpoint answers GET and HEAD, anything else gets
+// 405. It listens on loopback by default because /debug/connections shows
+// who talks to whom.
+package admin
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	stdlog "log"
+	"net"
+	"net/http"
+	"net/netip"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/smesh-dev/smesh/pkg/metrics"
+)
+
+// Conn is one connection smeshd relays or tunnels, as /debug/connections
+// shows it.
+type Conn struct {
+	// Source is the client's address, OriginalDst the address it connected
+	// to before capture.
+	Source      string `json:"source"`
+	OriginalDst string `json:"original_dst"`
+	// Path is one of the metrics.Path* values.
+	Path string `json:"path"`
+	// TxBytes went from the client to the server, RxBytes back.
+	TxBytes    int64   `json:"tx_bytes"`
+	RxBytes    int64   `json:"rx_bytes"`
+	AgeSeconds float64 `json:"age_seconds"`
+}
+
+// Connections is the /debug/connections document.
+type Connections struct {
+	// Connections are those smeshd relays or tunnels itself.
+	Connections []Conn `json:"connections"`
+	// SplicedHops counts the same-node hops spliced in the kernel (half the
+	// sockets in the sockhash); nil when the splice path is not in use or
+	// its counters could not be read (SpliceError then says why).
+	SplicedHops *int   `json:"spliced_hops,omitempty"`
+	SpliceError string `json:"splice_error,omitempty"`
+}
+
+// Readiness states. Draining is final: a server that drains is never ready
+// again.
+const (
+	starting int32 = iota
+	ready
+	draining
+)
+
+// Server is the admin HTTP server.
+type Server struct {
+	ln    net.Listener
+	srv   *http.Server
+	m     *metrics.Metrics
+	conns func() []Conn
+	log   zerolog.Logger
+	state atomic.Int32
+}
+
+// New listens on addr at once, so that a port clash is a startup error, and
+// returns a server that is not ready until SetReady(true). conns lists the
+// relayed and tunnelled connections for /debug/connections; it may be nil.
+func New(addr netip.AddrPort, m *metrics.Metrics, conns func() []Conn, log zerolog.Logger) (*Server, error) {
+	if m == nil {
+		return nil, errors.New("admin server without metrics")
+	}
+	ln, err := net.Listen("tcp", addr.String())
+	if err != nil {
+		return nil, fmt.Errorf("admin.listen %s: %w", addr, err)
+	}
+	s := &Server{
+		ln:    ln,
+		m:     m,
+		conns: conns,
+		log:   log.With().Str("component", "admin").Logger(),
+	}
+
+	// Method patterns: "GET" also matches HEAD, and the mux answers other
+	// methods with 405 and an Allow header.
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", m.Handler())
+	mux.HandleFunc("GET /healthz", s.healthz)
+	mux.HandleFunc("GET /readyz", s.readyz)
+	mux.HandleFunc("GET /debug/connections", s.connections)
+
+	s.srv = &http.Server{
+		Handler:           mux,
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       10 * time.Second,
+		// Longer than the metrics handler's own 10 s scrape timeout.
+		WriteTimeout:   30 * time.Second,
+		IdleTimeout:    60 * time.Second,
+		MaxHeaderBytes: 16 << 10,
+		ErrorLog:       stdlog.New(errorLog{s.log}, "", 0),
+	}
+	return s, nil
+}
+
+// Addr is the address the server listens on (with the real port when the
+// configured one was 0).
+func (s *Server) Addr() netip.AddrPort {
+	return s.ln.Addr().(*net.TCPAddr).AddrPort()
+}
+
+// Serve answers requests until Shutdown. It returns nil after Shutdown.
+func (s *Server) Serve() error {
+	s.log.Info().Stringer("listen", s.Addr()).Msg("admin server listening")
+	if err := s.srv.Serve(s.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("serving admin on %s: %w", s.Addr(), err)
+	}
+	return nil
+}
+
+// Shutdown stops the server, waiting for requests in flight until ctx ends.
+// It also closes the listener when Serve was never called. Call it last when
+// draining, so that /metrics and /readyz stay visible while smeshd drains.
+func (s *Server) Shutdown(ctx context.Context) error {
+	err := s.srv.Shutdown(ctx)
+	// Shutdown closes only listeners that Serve took over.
+	if cerr := s.ln.Close(); cerr != nil && !errors.Is(cerr, net.ErrClosed) && err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("shutting down admin server: %w", err)
+	}
+	return nil
+}
+
+// SetReady marks the daemon ready (programs attached, listeners up) or not.
+// It has no effect once the server drains.
+func (s *Server) SetReady(ok bool) {
+	from, to := ready, starting
+	if ok {
+		from, to = starting, ready
+	}
+	s.state.CompareAndSwap(from, to)
+}
+
+// SetDraining makes /readyz answer 503 for good, so that whatever routes
+// traffic by readiness stops sending new work while connections drain.
+func (s *Server) SetDraining() { s.state.Store(draining) }
+
+func (s *Server) healthz(w http.ResponseWriter, r *http.Request) {
+	plain(w, http.StatusOK, "ok")
+}
+
+func (s *Server) readyz(w http.ResponseWriter, r *http.Request) {
+	switch s.state.Load() {
+	case ready:
+		plain(w, http.StatusOK, "ready")
+	case draining:
+		plain(w, http.StatusServiceUnavailable, "not ready: draining")
+	default:
+		plain(w, http.StatusServiceUnavailable, "not ready: starting")
+	}
+}
+
+func (s *Server) connections(w http.ResponseWriter, r *http.Request) {
+	doc := Connections{Connections: []Conn{}}
+	if s.conns != nil {
+		if c := s.conns(); c != nil {
+			doc.Connections = c
+		}
+	}
+	sc, ok, err := s.m.Splice()
+	switch {
+	case err != nil:
+		doc.SpliceError = err.Error()
+	case ok:
+		hops := sc.Sockets / 2
+		doc.SplicedHops = &hops
+	}
+
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	if err := enc.Encode(doc); err != nil {
+		s.log.Debug().Err(err).Msg("writing /debug/connections")
+	}
+}
+
+func plain(w http.ResponseWriter, code int, msg string) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(code)
+	fmt.Fprintln(w, msg)
+}
+
+// errorLog sends net/http's own complaints (bad requests, TLS probes on the
+// plain port, accept errors) to the logger as warnings.
+type errorLog struct{ log zerolog.Logger }
+
+func (e errorLog) Write(p []byte) (int, error) {
+	e.log.Warn().Msg(strings.TrimSpace(string(p)))
+	return len(p), nil
+}
