@@ -14,6 +14,7 @@ import (
 	"os"
 	"strconv"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -313,6 +314,51 @@ func resetByClient(addr string) error {
 	return c.Close()
 }
 
+// Marker is what the "marker" scenario sends, over and over: a capture of
+// the wire between two nodes must never show it.
+const Marker = "smesh-e2e-cleartext-marker-4f1d8a"
+
+// markerReader repeats Marker.
+type markerReader struct{ off int }
+
+func (m *markerReader) Read(p []byte) (int, error) {
+	for i := range p {
+		p[i] = Marker[m.off]
+		m.off = (m.off + 1) % len(Marker)
+	}
+	return len(p), nil
+}
+
+// sendMarker sends n bytes of repeated Marker, half-closes, and checks the
+// server's count and digest.
+func sendMarker(addr string, n int64) error {
+	c, err := dial(addr)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte{cmdSink}); err != nil {
+		return err
+	}
+	if _, err := io.CopyN(plainWriter{c}, &markerReader{}, n); err != nil {
+		return fmt.Errorf("sending: %w", err)
+	}
+	if err := c.CloseWrite(); err != nil {
+		return err
+	}
+	c.SetReadDeadline(time.Now().Add(60 * time.Second))
+	var ans [8 + sha256.Size]byte
+	if _, err := io.ReadFull(c, ans[:]); err != nil {
+		return fmt.Errorf("reading the server's digest: %w", err)
+	}
+	h := sha256.New()
+	io.CopyN(h, &markerReader{}, n)
+	if got := int64(binary.BigEndian.Uint64(ans[:8])); got != n || !bytes.Equal(ans[8:], h.Sum(nil)) {
+		return fmt.Errorf("server received %d bytes or different ones, sent %d", got, n)
+	}
+	return expectEOF(c)
+}
+
 // concurrent runs conns transfers at once, random sizes up to maxSize.
 func concurrent(addr string, conns int, maxSize int64) error {
 	errs := make(chan error, conns)
@@ -389,12 +435,22 @@ func runScenario(args []string) error {
 		err = paced(addr, int(n), 10*time.Millisecond)
 	case "serverfirst":
 		err = serverFirst(addr, n, 4)
+	case "refused": // the connection must be refused
+		var c *net.TCPConn
+		if c, err = dial(addr); err == nil {
+			c.Close()
+			err = errors.New("connected, want refused")
+		} else if errors.Is(err, syscall.ECONNREFUSED) {
+			err = nil
+		}
 	case "reset-server":
 		err = resetByServer(addr)
 	case "reset-client":
 		err = resetByClient(addr)
 	case "concurrent":
 		err = concurrent(addr, 200, n)
+	case "marker":
+		err = sendMarker(addr, n)
 	case "short":
 		for i := range n {
 			if err = oneWay(addr, 16, uint64(i), cmdSink); err != nil {
