@@ -7,13 +7,14 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 export BPF2GO_CC := clang
 export BPF2GO_CFLAGS := -O2 -g -Wall -Werror
 
-.PHONY: all build run bench generate vmlinux test ci fmt-check vet clean clean-test-env help
+.PHONY: all build run demo bench generate vmlinux test ci fmt-check vet clean clean-test-env help
 
 all: build
 
 help:
 	@echo "build           bin/smeshd"
 	@echo "bench           build and run smeshd bench: no mesh vs copy vs splice (root)"
+	@echo "demo            two namespace nodes with smeshd, nginx and curl: tunnel and splice at work (root)"
 	@echo "run             build and run smeshd with ./smesh.toml and development certificates in bin/dev-tls (root)"
 	@echo "test            all tests; kernel tests need root (SMESH_REQUIRE_PRIVILEGED=1 makes their skips failures)"
 	@echo "generate        regenerate the BPF bindings and objects (needs clang)"
@@ -32,6 +33,10 @@ run: build
 	@test -e $(DEV_TLS)/ca.crt || ./$(BIN) certs init --dir $(DEV_TLS) --nodes node
 	sed 's|"/etc/smesh/tls/|"$(DEV_TLS)/|' smesh.toml > bin/smesh.run.toml
 	./$(BIN) -c bin/smesh.run.toml
+
+demo: build
+	$(GO) build -o bin/smesh-demo ./cmd/smesh-demo
+	./bin/smesh-demo --smeshd $(BIN)
 
 bench: build
 	./$(BIN) bench

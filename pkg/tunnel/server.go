@@ -203,6 +203,9 @@ func (s *Server) serve(ctx context.Context, raw *rawConn) {
 	st.BytesRx.Add(uint64(res.AtoB))
 	st.BytesTx.Add(uint64(res.BtoA))
 	if e := s.log.Debug(); e.Enabled() {
+		if conn.tls != nil {
+			e = e.Str("peer_id", PeerID(conn.tls.ConnectionState()))
+		}
 		e.Str("peer", raw.RemoteAddr().String()).Str("dst", dst.String()).Bool("resumed", conn.Resumed).
 			Int64("rx", res.AtoB).Int64("tx", res.BtoA).AnErr("err", res.Err).Msg("tunnel connection done")
 	}
