@@ -61,6 +61,8 @@ type node struct {
 	// capture overrides capture.cgroups when set (e.g. "[]" for a node
 	// that only receives tunnel traffic).
 	capture string
+	// captureExtra goes into the [capture] table (e.g. on_failure).
+	captureExtra string
 }
 
 func newNode(t *testing.T) *node {
@@ -118,13 +120,14 @@ func (n *node) start(mode string, extra string) {
 	conf := fmt.Sprintf(`
 [capture]
 cgroups = %s
+%s
 [datapath]
 mode = %q
 %s
 [log]
 level = "debug"
 format = "json"
-`, capture, mode, extra)
+`, capture, n.captureExtra, mode, extra)
 	if !strings.Contains(extra, "[tunnel.tls]") {
 		conf += n.tlsConf("")
 	}

@@ -32,6 +32,8 @@ Usage:
   smeshd certs init --dir DIR --nodes a,b [--trust-domain smesh.local]
                           write a development CA and node certificates for the tunnel
                           (DIR/ca.crt, DIR/ca.key, DIR/a.crt, DIR/a.key, ...)
+  smeshd cleanup [-c FILE] remove the capture that on_failure = "closed" left pinned
+                          (capture.pin_dir of FILE, default /etc/smesh/smesh.toml)
   smeshd version          print the version
 `
 
@@ -63,6 +65,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			return err
 		}
 		return check(*cfgPath, stdout)
+	case "cleanup":
+		fs := newFlagSet("cleanup", stderr)
+		cfgPath := fs.String("c", "/etc/smesh/smesh.toml", "configuration file whose capture.pin_dir to clean")
+		if err := parseFlags(fs, args); err != nil {
+			return err
+		}
+		return cleanup(*cfgPath, stdout)
 	case "bench":
 		return runBench(ctx, args, stdout, stderr)
 	case "certs":
@@ -115,6 +124,20 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 	// is attached; without NOTIFY_SOCKET it does nothing.
 	ready := func() { sdnotify.SdNotify(false, sdnotify.SdNotifyReady) }
 	return daemon.Run(ctx, cfg, stderr, ready)
+}
+
+// cleanup removes the capture that on_failure = "closed" left pinned.
+func cleanup(cfgPath string, out io.Writer) error {
+	cfg, err := config.Load(cfgPath)
+	if err != nil {
+		return err
+	}
+	n, err := datapath.RemovePins(cfg.Capture.PinDir)
+	if err != nil {
+		return fmt.Errorf("cleaning %s: %w", cfg.Capture.PinDir, err)
+	}
+	fmt.Fprintf(out, "removed %d pinned objects from %s\n", n, cfg.Capture.PinDir)
+	return nil
 }
 
 // check validates the configuration and probes the kernel, reporting every

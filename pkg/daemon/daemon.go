@@ -117,6 +117,17 @@ func Run(ctx context.Context, cfg config.Config, logOut io.Writer, ready func())
 	defer out.Close()
 	go out.Serve(ctx)
 
+	// on_failure = "closed" pins the capture so that it outlives smeshd.
+	// "open" must leave nothing behind, including pins of an earlier
+	// "closed" run, which would refuse connections once smeshd stops.
+	pinDir := ""
+	if cfg.Capture.OnFailure == "closed" {
+		pinDir = cfg.Capture.PinDir
+	} else if n, err := datapath.RemovePins(cfg.Capture.PinDir); err != nil {
+		log.Warn().Err(err).Str("pin_dir", cfg.Capture.PinDir).Msg("cannot remove the pinned capture of an earlier on_failure = \"closed\" run")
+	} else if n > 0 {
+		log.Warn().Str("pin_dir", cfg.Capture.PinDir).Msg("removed the pinned capture of an earlier on_failure = \"closed\" run")
+	}
 	dp, err := datapath.New(datapath.Options{
 		Mode:         mode,
 		ProxyAddr:    cfg.Outbound.Listen,
@@ -126,6 +137,7 @@ func Run(ctx context.Context, cfg config.Config, logOut io.Writer, ready func())
 		ExcludeCIDRs: cfg.Capture.ExcludeCIDRs,
 		ExcludePorts: cfg.Capture.ExcludePorts,
 		MapSize:      cfg.Datapath.MapSize,
+		PinDir:       pinDir,
 		Logger:       log,
 	})
 	if err != nil {

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"strings"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -223,8 +224,11 @@ func (d *Datapath) pinOptions(spec *ebpf.CollectionSpec) *ebpf.CollectionOptions
 	if d.pins == nil {
 		return &ebpf.CollectionOptions{}
 	}
-	for _, m := range spec.Maps {
-		m.Pinning = ebpf.PinByName
+	for name, m := range spec.Maps {
+		// .rodata and friends hold this load's constants: never shared.
+		if !strings.HasPrefix(name, ".") {
+			m.Pinning = ebpf.PinByName
+		}
 	}
 	return &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: d.pins.dir}}
 }

@@ -1,0 +1,107 @@
+package e2e
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+
+	"github.com/smesh-dev/smesh/pkg/datapath"
+	"github.com/smesh-dev/smesh/pkg/testenv"
+)
+
+// attached counts the programs of type typ attached to a cgroup.
+func attached(t *testing.T, cgroup string, typ ebpf.AttachType) int {
+	t.Helper()
+	f, err := os.Open(cgroup)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: typ})
+	if err != nil {
+		t.Fatalf("querying %s programs of %s: %v", typ, cgroup, err)
+	}
+	return len(res.Programs)
+}
+
+// TestKilledOpen: with on_failure = "open", a smeshd killed with SIGKILL
+// leaves nothing attached, and new connections go out directly.
+func TestKilledOpen(t *testing.T) {
+	a, _, server := twoNodes(t, "splice", "")
+	if _, _, remote := peerOf(a, a.enrolled, server); remote.String() != "127.0.0.1:18000" {
+		t.Fatalf("not captured while smeshd runs: connected to %s", remote)
+	}
+	a.smeshd.Stop() // SIGKILL
+	for _, typ := range []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupSockOps} {
+		if n := attached(t, a.enrolled, typ); n != 0 {
+			t.Errorf("%d %s programs still attached after kill -9", n, typ)
+		}
+	}
+	if _, _, remote := peerOf(a, a.enrolled, server); remote.String() != server {
+		t.Errorf("after kill -9 a new connection went to %s, want %s directly", remote, server)
+	}
+}
+
+// TestKilledClosed: with on_failure = "closed", a smeshd killed with SIGKILL
+// leaves the capture pinned: new captured connections are refused, never
+// sent uncaptured; a spliced same-node connection keeps working; a restarted
+// smeshd adopts the pins and captures again; removing the pins detaches all.
+func TestKilledClosed(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	bpffs := t.TempDir()
+	if err := unix.Mount("bpf", bpffs, "bpf", 0, "mode=0700"); err != nil {
+		t.Fatalf("mounting a bpffs for the test: %v", err)
+	}
+	pinDir := filepath.Join(bpffs, "smesh")
+	t.Cleanup(func() {
+		if _, err := datapath.RemovePins(pinDir); err != nil {
+			t.Errorf("removing pins: %v", err)
+		}
+		unix.Unmount(bpffs, unix.MNT_DETACH)
+	})
+	a, _, server := twoNodes(t, "splice", "")
+	a.smeshd.Stop()
+	a.captureExtra = fmt.Sprintf("on_failure = \"closed\"\npin_dir = %q", pinDir)
+	a.start("splice", "")
+	a.server(a.enrolled, "127.0.0.1:9000")
+
+	// A spliced same-node connection that lives through all of it.
+	long := testenv.StartHelper(t, a.enrolled, a.ns.Name, "client", "paced", "127.0.0.1:9000", "400")
+	if line, err := long.ReadLine(5 * time.Second); err != nil || line != "connected" {
+		t.Fatalf("long-lived client: %q %v %s", line, err, long.Stderr())
+	}
+
+	a.smeshd.Stop() // SIGKILL
+	if n := attached(t, a.enrolled, ebpf.AttachCGroupInet4Connect); n != 1 {
+		t.Fatalf("%d connect4 programs attached after kill -9, want the pinned one", n)
+	}
+	a.client(a.enrolled, "refused", server)
+
+	a.start("splice", "")
+	if _, _, remote := peerOf(a, a.enrolled, server); remote.String() != "127.0.0.1:18000" {
+		t.Errorf("restarted smeshd does not capture: connected to %s", remote)
+	}
+	a.client(a.enrolled, "echo", server, "1000000")
+	if n := attached(t, a.enrolled, ebpf.AttachCGroupInet4Connect); n != 1 {
+		t.Errorf("%d connect4 programs attached after the restart, want 1 (adopted)", n)
+	}
+
+	if err := long.Wait(); err != nil {
+		t.Errorf("spliced connection across kill -9 and restart: %v\n%s", err, long.Stderr())
+	}
+	a.stop()
+	if _, err := datapath.RemovePins(pinDir); err != nil {
+		t.Fatal(err)
+	}
+	for _, typ := range []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupSockOps} {
+		if n := attached(t, a.enrolled, typ); n != 0 {
+			t.Errorf("%d %s programs attached after removing the pins", n, typ)
+		}
+	}
+}
