@@ -76,7 +76,7 @@ func captureHarness(t *testing.T, opts Options, localAddrs []netip.Addr) func(ne
 		t.Fatal(verifierError(err))
 	}
 	t.Cleanup(func() { objs.Close() })
-	if err := (captureMaps{objs.SmeshInclude, objs.SmeshExclude, objs.SmeshExcludePorts}).sync(opts); err != nil {
+	if err := (captureMaps{objs.SmeshInclude, objs.SmeshExclude, objs.SmeshExcludePorts}).sync(opts.IncludeCIDRs, opts.ExcludeCIDRs, opts.ExcludePorts); err != nil {
 		t.Fatal(err)
 	}
 	if err := setLocalAddrs(objs.SmeshLocalAddrs, localAddrs); err != nil {

@@ -61,14 +61,14 @@ type Datapath struct {
 	connect connect.ConnectObjects
 	sockops sockops.SockopsObjects
 	skmsg   skmsg.SkmsgObjects
-	// links are detached in reverse order by Close.
-	links []link.Link
+	// links are the cgroup attachments, by cgroup and type.
+	links map[attachment]link.Link
+	// proxyCgroup is smeshd's own cgroup.
+	proxyCgroup string
 	// msgAttached: the sk_msg program is attached to the sockhash.
 	msgAttached bool
-	// pins is the locked pin directory, nil unless Options.PinDir is set;
-	// pinned holds the paths of the links this run pinned or adopted.
+	// pins is the locked pin directory, nil unless Options.PinDir is set.
 	pins   *pins
-	pinned map[string]bool
 	closed bool
 }
 
@@ -98,11 +98,6 @@ func New(opts Options) (_ *Datapath, err error) {
 	if err := d.load(opts, proxyCgroupID); err != nil {
 		return nil, err
 	}
-	capture := captureMaps{d.connect.SmeshInclude, d.connect.SmeshExclude, d.connect.SmeshExcludePorts}
-	if err := capture.sync(opts); err != nil {
-		return nil, err
-	}
-
 	if opts.Mode == ModeSplice {
 		err := link.RawAttachProgram(link.RawAttachProgramOptions{
 			Target:  d.sockops.SmeshSockhash.FD(),
@@ -116,24 +111,9 @@ func New(opts Options) (_ *Datapath, err error) {
 	}
 	// smeshd's own cgroup gets sock_ops (its sockets are hop ends) and
 	// getsockopt (SO_ORIGINAL_DST), never connect4.
-	all := append([]string{opts.ProxyCgroup}, opts.Cgroups...)
-	for _, cg := range all {
-		if err := d.attach(cg, ebpf.AttachCGroupSockOps, d.sockops.SmeshSockops); err != nil {
-			return nil, err
-		}
-	}
-	if err := d.attach(opts.ProxyCgroup, ebpf.AttachCGroupGetsockopt, d.connect.SmeshGetsockopt); err != nil {
+	d.proxyCgroup = opts.ProxyCgroup
+	if err := d.SetCapture(opts.Cgroups, opts.IncludeCIDRs, opts.ExcludeCIDRs, opts.ExcludePorts); err != nil {
 		return nil, err
-	}
-	for _, cg := range opts.Cgroups {
-		if err := d.attach(cg, ebpf.AttachCGroupInet4Connect, d.connect.SmeshConnect4); err != nil {
-			return nil, err
-		}
-	}
-	if d.pins != nil {
-		if err := d.pins.pruneLinks(d.pinned); err != nil {
-			return nil, fmt.Errorf("removing stale pinned links: %w", err)
-		}
 	}
 	d.log.Info().Str("mode", string(opts.Mode)).Strs("cgroups", opts.Cgroups).
 		Str("proxy_cgroup", opts.ProxyCgroup).Msg("data path attached")
@@ -258,17 +238,17 @@ type captureMaps struct {
 // sync makes the maps hold exactly what opts asks for. New entries go in
 // before stale ones go out, so a pinned capture being adopted never sees an
 // empty include list (which would let connections out uncaptured).
-func (m captureMaps) sync(opts Options) error {
+func (m captureMaps) sync(includeCIDRs, excludeCIDRs []netip.Prefix, excludePorts []uint16) error {
 	include := make(map[connect.ConnectLpmV4Key]bool)
-	for _, p := range opts.IncludeCIDRs {
+	for _, p := range includeCIDRs {
 		include[lpmKey(p)] = true
 	}
 	exclude := make(map[connect.ConnectLpmV4Key]bool)
-	for _, p := range opts.ExcludeCIDRs {
+	for _, p := range excludeCIDRs {
 		exclude[lpmKey(p)] = true
 	}
 	ports := make(map[uint32]bool)
-	for _, port := range opts.ExcludePorts {
+	for _, port := range excludePorts {
 		ports[uint32(port)] = true
 	}
 	return errors.Join(
@@ -316,26 +296,105 @@ func ip4(a netip.Addr) uint32 {
 	return uint32(b[0]) | uint32(b[1])<<8 | uint32(b[2])<<16 | uint32(b[3])<<24
 }
 
-func (d *Datapath) attach(cgroup string, typ ebpf.AttachType, prog *ebpf.Program) error {
+// attachment is one program type attached to one cgroup.
+type attachment struct {
+	cgroup string
+	typ    ebpf.AttachType
+}
+
+// SetCapture changes what is captured: the enrolled cgroups and the
+// destination rules. New attachments and rules are in place before old ones
+// go, and open connections are not touched.
+func (d *Datapath) SetCapture(cgroups []string, include, exclude []netip.Prefix, ports []uint16) error {
+	capture := captureMaps{d.connect.SmeshInclude, d.connect.SmeshExclude, d.connect.SmeshExcludePorts}
+	if err := capture.sync(include, exclude, ports); err != nil {
+		return err
+	}
+	want := map[attachment]*ebpf.Program{
+		{d.proxyCgroup, ebpf.AttachCGroupSockOps}:    d.sockops.SmeshSockops,
+		{d.proxyCgroup, ebpf.AttachCGroupGetsockopt}: d.connect.SmeshGetsockopt,
+	}
+	for _, cg := range cgroups {
+		want[attachment{cg, ebpf.AttachCGroupSockOps}] = d.sockops.SmeshSockops
+	}
+	// connect4 last: a cgroup is captured only once its sockets are seen
+	// by sock_ops.
+	for _, cg := range cgroups {
+		want[attachment{cg, ebpf.AttachCGroupInet4Connect}] = d.connect.SmeshConnect4
+	}
+	if d.links == nil {
+		d.links = make(map[attachment]link.Link)
+	}
+	for _, typ := range []ebpf.AttachType{ebpf.AttachCGroupSockOps, ebpf.AttachCGroupGetsockopt, ebpf.AttachCGroupInet4Connect} {
+		for a, prog := range want {
+			if a.typ != typ || d.links[a] != nil {
+				continue
+			}
+			l, err := d.attach(a, prog)
+			if err != nil {
+				return err
+			}
+			d.links[a] = l
+		}
+	}
+	var errs []error
+	for a, l := range d.links {
+		if _, ok := want[a]; !ok {
+			errs = append(errs, d.detach(a, l))
+			delete(d.links, a)
+		}
+	}
 	if d.pins != nil {
-		path := d.pins.linkPath(typ, cgroup)
-		l, err := d.pins.attach(path, cgroup, typ, prog)
-		if err != nil {
-			return err
+		keep := make(map[string]bool)
+		for a := range d.links {
+			keep[d.pins.linkPath(a.typ, a.cgroup)] = true
 		}
-		d.links = append(d.links, l)
-		if d.pinned == nil {
-			d.pinned = make(map[string]bool)
+		errs = append(errs, d.pins.pruneLinks(keep))
+	}
+	return errors.Join(errs...)
+}
+
+func (d *Datapath) attach(a attachment, prog *ebpf.Program) (link.Link, error) {
+	if d.pins != nil {
+		return d.pins.attach(d.pins.linkPath(a.typ, a.cgroup), a.cgroup, a.typ, prog)
+	}
+	l, err := link.AttachCgroup(link.CgroupOptions{Path: a.cgroup, Attach: a.typ, Program: prog})
+	if err != nil {
+		return nil, fmt.Errorf("attaching %s to %s: %w", a.typ, a.cgroup, err)
+	}
+	return l, nil
+}
+
+// detach removes one attachment for good, pinned or not.
+func (d *Datapath) detach(a attachment, l link.Link) error {
+	if d.pins != nil {
+		if err := l.Unpin(); err != nil {
+			l.Close()
+			return fmt.Errorf("unpinning %s of %s: %w", a.typ, a.cgroup, err)
 		}
-		d.pinned[path] = true
+	}
+	if err := l.Close(); err != nil {
+		return fmt.Errorf("detaching %s from %s: %w", a.typ, a.cgroup, err)
+	}
+	return nil
+}
+
+// StopCapture detaches connect4 from every enrolled cgroup, so that new
+// connections go out directly while smeshd drains the ones it relays. A
+// pinned capture (on_failure = "closed") stays: there, new connections are
+// to be refused while smeshd is away.
+func (d *Datapath) StopCapture() error {
+	if d.pins != nil {
 		return nil
 	}
-	l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroup, Attach: typ, Program: prog})
-	if err != nil {
-		return fmt.Errorf("attaching %s to %s: %w", typ, cgroup, err)
+	var errs []error
+	for a, l := range d.links {
+		if a.typ == ebpf.AttachCGroupInet4Connect {
+			errs = append(errs, d.detach(a, l))
+			delete(d.links, a)
+		}
 	}
-	d.links = append(d.links, l)
-	return nil
+	return errors.Join(errs...)
 }
 
 // SetLocalAddrs replaces the set of this node's addresses the programs treat
@@ -408,9 +467,15 @@ func (d *Datapath) Close() error {
 	}
 	d.closed = true
 	var errs []error
-	for i := len(d.links) - 1; i >= 0; i-- {
-		if err := d.links[i].Close(); err != nil {
-			errs = append(errs, fmt.Errorf("detaching: %w", err))
+	// connect4 first, so nothing is captured once the rest is gone.
+	for _, typ := range []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupGetsockopt, ebpf.AttachCGroupSockOps} {
+		for a, l := range d.links {
+			if a.typ == typ {
+				// Closing a pinned link leaves it attached, by design.
+				if err := l.Close(); err != nil {
+					errs = append(errs, fmt.Errorf("detaching %s from %s: %w", a.typ, a.cgroup, err))
+				}
+			}
 		}
 	}
 	d.links = nil
