@@ -39,7 +39,12 @@ func runSmeshd(args []string) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	err = daemon.Run(ctx, cfg, os.Stderr, func() { fmt.Println("ready") })
+	notify := func(state string) {
+		if state == "READY=1" {
+			fmt.Println("ready")
+		}
+	}
+	err = daemon.Run(ctx, daemon.Options{Config: cfg, ConfigPath: args[0], LogOut: os.Stderr, Notify: notify, Version: "e2e"})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "smeshd:", err)
 		return 1

@@ -122,8 +122,8 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 	}
 	// READY=1 tells systemd (Type=notify) and smeshd bench that capture
 	// is attached; without NOTIFY_SOCKET it does nothing.
-	ready := func() { sdnotify.SdNotify(false, sdnotify.SdNotifyReady) }
-	return daemon.Run(ctx, cfg, stderr, ready)
+	notify := func(state string) { sdnotify.SdNotify(false, state) }
+	return daemon.Run(ctx, daemon.Options{Config: cfg, ConfigPath: *cfgPath, LogOut: stderr, Notify: notify, Version: version})
 }
 
 // cleanup removes the capture that on_failure = "closed" left pinned.

@@ -62,6 +62,12 @@ type Outbound struct {
 	// Listen must be an IPv4 loopback address: connect4 rewrites IPv4
 	// destinations to it, and nothing off the node may reach it.
 	Listen netip.AddrPort `toml:"listen"`
+	// MaxConnections bounds the captured connections relayed at once;
+	// more are reset.
+	MaxConnections int `toml:"max_connections"`
+	// IdleTimeout resets a relayed connection that moved nothing either
+	// way for this long; 0 disables it.
+	IdleTimeout Duration `toml:"idle_timeout"`
 }
 
 // Tunnel is the mTLS tunnel between the smeshd of different nodes.
@@ -149,7 +155,9 @@ func Default() Config {
 			MapSize: 65536,
 		},
 		Outbound: Outbound{
-			Listen: netip.MustParseAddrPort("127.0.0.1:18000"),
+			Listen:         netip.MustParseAddrPort("127.0.0.1:18000"),
+			MaxConnections: 16384,
+			IdleTimeout:    Duration{time.Hour},
 		},
 		Tunnel: Tunnel{
 			Listen:           netip.MustParseAddrPort("0.0.0.0:18001"),

@@ -35,6 +35,12 @@ func (c *Config) Validate() error {
 		p.addf("datapath.map_size", "%d is out of range (want %d to %d)", c.Datapath.MapSize, minMapSize, maxMapSize)
 	}
 
+	if c.Outbound.MaxConnections < 1 {
+		p.addf("outbound.max_connections", "%d: want at least 1", c.Outbound.MaxConnections)
+	}
+	if c.Outbound.IdleTimeout.Duration < 0 {
+		p.addf("outbound.idle_timeout", "%s: want a duration of 0 (no limit) or more, e.g. \"1h\"", c.Outbound.IdleTimeout.Duration)
+	}
 	if checkListen(&p, "outbound.listen", c.Outbound.Listen, "127.0.0.1:18000") {
 		if a := c.Outbound.Listen.Addr(); !a.Is4() || !a.IsLoopback() {
 			p.addf("outbound.listen", "%s is not an IPv4 loopback address (want e.g. \"127.0.0.1:18000\"): captured IPv4 connections are redirected to it", c.Outbound.Listen)

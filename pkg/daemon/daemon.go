@@ -9,30 +9,46 @@ import (
 	"io"
 	"net/netip"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
 	"github.com/vishvananda/netlink"
 
+	sdnotify "github.com/coreos/go-systemd/v22/daemon"
+
+	"github.com/smesh-dev/smesh/pkg/admin"
 	"github.com/smesh-dev/smesh/pkg/cgroups"
 	"github.com/smesh-dev/smesh/pkg/config"
 	"github.com/smesh-dev/smesh/pkg/datapath"
+	"github.com/smesh-dev/smesh/pkg/metrics"
 	"github.com/smesh-dev/smesh/pkg/proxy"
 	"github.com/smesh-dev/smesh/pkg/tunnel"
 )
 
-// NewLogger builds the logger [log] asks for.
+// NewLogger builds the logger [log] asks for. The level is zerolog's
+// process-wide one, so that a reload can change it for every component's
+// logger at once, and disabled events cost nothing.
 func NewLogger(c config.Log, w io.Writer) (zerolog.Logger, error) {
-	level, err := zerolog.ParseLevel(c.Level)
-	if err != nil {
-		return zerolog.Logger{}, fmt.Errorf("log.level: %w", err)
+	if err := setLogLevel(c.Level); err != nil {
+		return zerolog.Logger{}, err
 	}
 	if c.Format == "console" {
 		w = zerolog.ConsoleWriter{Out: w, TimeFormat: time.RFC3339}
 	}
-	return zerolog.New(w).Level(level).With().Timestamp().Logger(), nil
+	return zerolog.New(w).With().Timestamp().Logger(), nil
+}
+
+func setLogLevel(level string) error {
+	l, err := zerolog.ParseLevel(level)
+	if err != nil {
+		return fmt.Errorf("log.level: %w", err)
+	}
+	zerolog.SetGlobalLevel(l)
+	return nil
 }
 
 // ResolveMode turns [datapath] mode into the mode this kernel can run.
@@ -60,13 +76,90 @@ func ResolveMode(mode string, features []datapath.Feature) (datapath.Mode, error
 	return "", fmt.Errorf("datapath.mode %q: want auto, splice or copy", mode)
 }
 
-// Run runs smeshd until ctx is done. ready, if not nil, is called once the
-// data path is attached and the listeners are up.
-func Run(ctx context.Context, cfg config.Config, logOut io.Writer, ready func()) error {
-	log, err := NewLogger(cfg.Log, logOut)
-	if err != nil {
+// Options of one daemon run.
+type Options struct {
+	Config config.Config
+	// ConfigPath is re-read on SIGHUP; empty disables reloading.
+	ConfigPath string
+	LogOut     io.Writer
+	// Notify reports state changes the systemd way ("READY=1",
+	// "RELOADING=1", "STOPPING=1", "WATCHDOG=1"); nil ignores them.
+	Notify  func(state string)
+	Version string
+}
+
+// daemon is one running smeshd: its parts and the configuration in force.
+type daemon struct {
+	opts     Options
+	cfg      config.Config
+	log      zerolog.Logger
+	mount    string
+	own      string // smeshd's own cgroup
+	metrics  *metrics.Metrics
+	admin    *admin.Server
+	tun      *tunnel.Tunnel
+	out      *proxy.Outbound
+	dp       *datapath.Datapath
+	cleanups []func() // run in reverse order on exit
+}
+
+// Run runs smeshd until ctx is done, then drains (see drain). SIGHUP
+// reloads the configuration file.
+func Run(ctx context.Context, opts Options) (err error) {
+	d := &daemon{opts: opts, cfg: opts.Config}
+	if d.opts.Notify == nil {
+		d.opts.Notify = func(string) {}
+	}
+	defer func() {
+		for i := len(d.cleanups) - 1; i >= 0; i-- {
+			d.cleanups[i]()
+		}
+	}()
+	if d.log, err = NewLogger(d.cfg.Log, opts.LogOut); err != nil {
 		return err
 	}
+	// The serving context outlives ctx by the drain: connections being
+	// drained still dial and relay.
+	serveCtx, stopServing := context.WithCancel(context.Background())
+	d.cleanups = append(d.cleanups, stopServing)
+	if err := d.start(serveCtx); err != nil {
+		return err
+	}
+
+	d.admin.SetReady(true)
+	d.opts.Notify("READY=1")
+	d.log.Info().Str("mode", string(d.dp.Mode())).Str("outbound", d.out.Addr().String()).
+		Str("tunnel", d.tun.Server.Addr().String()).Str("admin", d.admin.Addr().String()).
+		Bool("mtls", d.tun.Credentials != nil).Str("on_failure", d.cfg.Capture.OnFailure).Msg("smeshd ready")
+
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	var watchdog <-chan time.Time
+	if interval, err := sdnotify.SdWatchdogEnabled(false); err == nil && interval > 0 {
+		t := time.NewTicker(interval / 2)
+		defer t.Stop()
+		watchdog = t.C
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			d.drain()
+			return nil
+		case <-hup:
+			d.opts.Notify("RELOADING=1")
+			d.reload()
+			d.opts.Notify("READY=1")
+		case <-watchdog:
+			d.opts.Notify("WATCHDOG=1")
+		}
+	}
+}
+
+// start brings the parts up in the order that lets no connection be
+// captured before smeshd can serve it: listeners, then the data path.
+func (d *daemon) start(ctx context.Context) error {
+	cfg, log := d.cfg, d.log
 	features := datapath.Probe()
 	mode, err := ResolveMode(cfg.Datapath.Mode, features)
 	if err != nil {
@@ -77,45 +170,53 @@ func Run(ctx context.Context, cfg config.Config, logOut io.Writer, ready func())
 			Msg("this kernel cannot splice; using the copy data path")
 	}
 
+	d.metrics = metrics.New(d.opts.Version)
+	d.admin, err = admin.New(cfg.Admin.Listen, d.metrics, d.connections, log)
+	if err != nil {
+		return err
+	}
+	go d.admin.Serve()
+	d.cleanups = append(d.cleanups, func() { d.admin.Shutdown(context.Background()) })
+
 	// The tunnel first: in mtls mode missing certificates stop smeshd
 	// before anything is created or attached.
-	tun, err := tunnel.New(cfg.Tunnel, []uint16{cfg.Outbound.Listen.Port(), cfg.Admin.Listen.Port()}, log)
+	d.tun, err = tunnel.New(cfg.Tunnel, []uint16{cfg.Outbound.Listen.Port(), cfg.Admin.Listen.Port()}, log)
 	if err != nil {
 		return err
 	}
-	defer tun.Close()
+	d.tun.Stats.Observer = d.metrics
+	d.cleanups = append(d.cleanups, func() { d.tun.Close() })
+	if d.tun.Credentials != nil {
+		d.metrics.CertExpiry(cfg.Tunnel.TLS.Cert, d.tun.Credentials.NotAfter())
+	}
 
-	mount, err := cgroups.Mount()
+	if d.mount, err = cgroups.Mount(); err != nil {
+		return err
+	}
+	enrolled, err := d.enroll(cfg)
 	if err != nil {
 		return err
 	}
-	enrolled, err := cfg.CgroupPaths(mount)
+	own, restore, err := ownCgroup(d.mount, enrolled, log)
 	if err != nil {
 		return err
 	}
-	for _, cg := range enrolled {
-		if _, err := os.Stat(cg); errors.Is(err, os.ErrNotExist) {
-			if err := os.Mkdir(cg, 0o755); err != nil {
-				return fmt.Errorf("creating enrolled cgroup %s: %w", cg, err)
-			}
-			log.Info().Str("cgroup", cg).Msg("created enrolled cgroup")
-			// Removed again on exit if nothing runs in it any more
-			// (rmdir fails on a populated cgroup).
-			defer os.Remove(cg)
-		}
-	}
-	own, restore, err := ownCgroup(mount, enrolled, log)
-	if err != nil {
-		return err
-	}
-	defer restore()
+	d.own = own
+	d.cleanups = append(d.cleanups, restore)
 
-	out, err := proxy.Listen(cfg.Outbound.Listen, tun.Dialer(), log)
+	d.out, err = proxy.Listen(proxy.Options{
+		Listen:         cfg.Outbound.Listen,
+		Dialer:         d.tun.Dialer(),
+		MaxConnections: cfg.Outbound.MaxConnections,
+		IdleTimeout:    cfg.Outbound.IdleTimeout.Duration,
+		Observer:       d.metrics,
+		Logger:         log,
+	})
 	if err != nil {
 		return err
 	}
-	defer out.Close()
-	go out.Serve(ctx)
+	d.cleanups = append(d.cleanups, func() { d.out.Close() })
+	go d.out.Serve(ctx)
 
 	// on_failure = "closed" pins the capture so that it outlives smeshd.
 	// "open" must leave nothing behind, including pins of an earlier
@@ -128,7 +229,7 @@ func Run(ctx context.Context, cfg config.Config, logOut io.Writer, ready func())
 	} else if n > 0 {
 		log.Warn().Str("pin_dir", cfg.Capture.PinDir).Msg("removed the pinned capture of an earlier on_failure = \"closed\" run")
 	}
-	dp, err := datapath.New(datapath.Options{
+	d.dp, err = datapath.New(datapath.Options{
 		Mode:         mode,
 		ProxyAddr:    cfg.Outbound.Listen,
 		ProxyCgroup:  own,
@@ -143,27 +244,84 @@ func Run(ctx context.Context, cfg config.Config, logOut io.Writer, ready func())
 	if err != nil {
 		return err
 	}
-	defer dp.Close()
-	if err := watchLocalAddrs(ctx, dp, tun.Local, log); err != nil {
+	d.cleanups = append(d.cleanups, func() { d.dp.Close() })
+	d.metrics.SetSpliceSource(d.spliceCounters)
+	if err := watchLocalAddrs(ctx, d.dp, d.tun.Local, log); err != nil {
 		return err
 	}
-	go tun.Server.Serve(ctx)
-
-	log.Info().Str("mode", string(mode)).Str("outbound", out.Addr().String()).
-		Str("tunnel", tun.Server.Addr().String()).Bool("mtls", tun.Credentials != nil).Msg("smeshd ready")
-	if ready != nil {
-		ready()
-	}
-	<-ctx.Done()
-	ts := tun.Stats
-	ev := log.Info().Uint64("tunnel_out", ts.Out.Connections.Load()).Uint64("tunnel_in", ts.In.Connections.Load()).
-		Uint64("tunnel_in_bytes_rx", ts.In.BytesRx.Load()).Uint64("tunnel_in_bytes_tx", ts.In.BytesTx.Load()).
-		Any("tunnel_errors", ts.ErrorCounts())
-	if st, err := dp.Stats(); err == nil {
-		ev = ev.Uint64("spliced_bytes", st.ClientToServer.Bytes+st.ServerToClient.Bytes)
-	}
-	ev.Msg("stopping: detaching capture, closing relayed connections")
+	go d.tun.Server.Serve(ctx)
 	return nil
+}
+
+// enroll resolves [capture] cgroups and creates the missing ones.
+func (d *daemon) enroll(cfg config.Config) ([]string, error) {
+	enrolled, err := cfg.CgroupPaths(d.mount)
+	if err != nil {
+		return nil, err
+	}
+	for _, cg := range enrolled {
+		if d.own != "" && cgroups.Within(d.own, cg) {
+			return nil, fmt.Errorf("capture.cgroups: %s contains smeshd's own cgroup %s: smeshd would capture itself", cg, d.own)
+		}
+		if _, err := os.Stat(cg); errors.Is(err, os.ErrNotExist) {
+			if err := os.Mkdir(cg, 0o755); err != nil {
+				return nil, fmt.Errorf("creating enrolled cgroup %s: %w", cg, err)
+			}
+			d.log.Info().Str("cgroup", cg).Msg("created enrolled cgroup")
+			// Removed again on exit if nothing runs in it any more
+			// (rmdir fails on a populated cgroup).
+			d.cleanups = append(d.cleanups, func() { os.Remove(cg) })
+		}
+	}
+	return enrolled, nil
+}
+
+// drain is the SIGTERM path: stop capturing new connections, let the
+// relayed and tunnelled ones finish for up to daemon.drain_timeout, then
+// exit. Spliced same-node connections are not smeshd's: they keep going.
+func (d *daemon) drain() {
+	d.opts.Notify("STOPPING=1")
+	d.admin.SetDraining()
+	timeout := d.cfg.Daemon.DrainTimeout.Duration
+	d.log.Info().Dur("drain_timeout", timeout).Int("relayed", len(d.out.Connections())).Msg("stopping: no new captures, draining")
+	if err := d.dp.StopCapture(); err != nil {
+		d.log.Error().Err(err).Msg("detaching connect4")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	done := make(chan struct{}, 2)
+	go func() { d.out.Shutdown(ctx); done <- struct{}{} }()
+	go func() { d.tun.Server.Shutdown(ctx); done <- struct{}{} }()
+	<-done
+	<-done
+	d.log.Info().Msg("drained")
+}
+
+// connections lists the relayed connections for /debug/connections.
+func (d *daemon) connections() []admin.Conn {
+	var out []admin.Conn
+	for _, c := range d.out.Connections() {
+		out = append(out, admin.Conn{Source: c.Source, OriginalDst: c.OriginalDst, Path: c.Path,
+			TxBytes: c.TxBytes, RxBytes: c.RxBytes, AgeSeconds: c.Age.Seconds()})
+	}
+	return out
+}
+
+// spliceCounters reads the BPF splice counters at scrape time.
+func (d *daemon) spliceCounters() (metrics.SpliceCounters, error) {
+	st, err := d.dp.Stats()
+	if err != nil {
+		return metrics.SpliceCounters{}, err
+	}
+	sockets, _, err := d.dp.MapCounts()
+	if err != nil {
+		return metrics.SpliceCounters{}, err
+	}
+	return metrics.SpliceCounters{
+		TxBytes: st.ClientToServer.Bytes, RxBytes: st.ServerToClient.Bytes,
+		TxMsgs: st.ClientToServer.Msgs, RxMsgs: st.ServerToClient.Msgs,
+		Sockets: sockets,
+	}, nil
 }
 
 // ownCgroup makes sure smeshd sits in a cgroup of its own: sock_ops must see

@@ -65,6 +65,7 @@ type Datapath struct {
 	links map[attachment]link.Link
 	// proxyCgroup is smeshd's own cgroup.
 	proxyCgroup string
+	mode        Mode
 	// msgAttached: the sk_msg program is attached to the sockhash.
 	msgAttached bool
 	// pins is the locked pin directory, nil unless Options.PinDir is set.
@@ -111,7 +112,7 @@ func New(opts Options) (_ *Datapath, err error) {
 	}
 	// smeshd's own cgroup gets sock_ops (its sockets are hop ends) and
 	// getsockopt (SO_ORIGINAL_DST), never connect4.
-	d.proxyCgroup = opts.ProxyCgroup
+	d.proxyCgroup, d.mode = opts.ProxyCgroup, opts.Mode
 	if err := d.SetCapture(opts.Cgroups, opts.IncludeCIDRs, opts.ExcludeCIDRs, opts.ExcludePorts); err != nil {
 		return nil, err
 	}
@@ -396,6 +397,9 @@ func (d *Datapath) StopCapture() error {
 	}
 	return errors.Join(errs...)
 }
+
+// Mode is the data path's mode.
+func (d *Datapath) Mode() Mode { return d.mode }
 
 // SetLocalAddrs replaces the set of this node's addresses the programs treat
 // as same-node.

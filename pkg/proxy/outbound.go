@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -20,37 +21,87 @@ type Dialer interface {
 	DialContext(ctx context.Context, network, address string) (net.Conn, error)
 }
 
+// Observer receives connection events; smeshd's metrics implement it.
+type Observer interface {
+	ConnOpened(path string)
+	ConnClosed(path string, tx, rx int64)
+	Refused(reason string)
+}
+
+// Paths of relayed connections, as the metrics name them.
+const (
+	PathCopy      = "copy"       // to a destination on this node, dialled directly
+	PathTunnelOut = "tunnel_out" // through the tunnel to another node
+)
+
+// Options configure an Outbound.
+type Options struct {
+	Listen netip.AddrPort
+	// Dialer reaches destinations; nil dials them directly.
+	Dialer Dialer
+	// MaxConnections bounds the connections relayed at once; more are
+	// reset at once. 0: no limit.
+	MaxConnections int
+	// IdleTimeout resets a connection that moved no byte either way for
+	// that long. 0: no limit.
+	IdleTimeout time.Duration
+	Observer    Observer // may be nil
+	Logger      zerolog.Logger
+}
+
 // Outbound accepts captured connections and relays each to its original
 // destination.
 type Outbound struct {
-	ln     *net.TCPListener
-	dialer Dialer
-	log    zerolog.Logger
-	wg     sync.WaitGroup
+	o     Options
+	ln    *net.TCPListener
+	log   zerolog.Logger
+	warn  zerolog.Logger // rate-limited, for per-connection refusals
+	slots chan struct{}  // nil without a limit
+	wg    sync.WaitGroup
 
 	mu    sync.Mutex
-	conns map[*net.TCPConn]struct{}
+	conns map[*net.TCPConn]*relayed
+}
+
+// relayed is one connection being relayed, as /debug/connections shows it.
+type relayed struct {
+	src, dst string
+	path     atomic.Value // string, once the upstream is known
+	start    time.Time
+	tx, rx   atomic.Int64
+}
+
+// ConnInfo describes one relayed connection.
+type ConnInfo struct {
+	Source, OriginalDst, Path string
+	TxBytes, RxBytes          int64
+	Age                       time.Duration
 }
 
 // DialTimeout bounds how long a captured connection waits for its upstream.
 const DialTimeout = 10 * time.Second
 
-// Listen opens the outbound listener. dialer nil means dial destinations
-// directly.
-func Listen(addr netip.AddrPort, dialer Dialer, log zerolog.Logger) (*Outbound, error) {
-	ln, err := net.ListenTCP("tcp4", net.TCPAddrFromAddrPort(addr))
+// Listen opens the outbound listener.
+func Listen(o Options) (*Outbound, error) {
+	ln, err := net.ListenTCP("tcp4", net.TCPAddrFromAddrPort(o.Listen))
 	if err != nil {
-		return nil, fmt.Errorf("listening on %s (outbound.listen): %w", addr, err)
+		return nil, fmt.Errorf("listening on %s (outbound.listen): %w", o.Listen, err)
 	}
-	if dialer == nil {
-		dialer = &net.Dialer{Timeout: DialTimeout}
+	if o.Dialer == nil {
+		o.Dialer = &net.Dialer{Timeout: DialTimeout}
 	}
-	return &Outbound{
-		ln:     ln,
-		dialer: dialer,
-		log:    log.With().Str("component", "outbound").Logger(),
-		conns:  make(map[*net.TCPConn]struct{}),
-	}, nil
+	log := o.Logger.With().Str("component", "outbound").Logger()
+	out := &Outbound{
+		o:     o,
+		ln:    ln,
+		log:   log,
+		warn:  log.Sample(&zerolog.BurstSampler{Burst: 5, Period: time.Second}),
+		conns: make(map[*net.TCPConn]*relayed),
+	}
+	if o.MaxConnections > 0 {
+		out.slots = make(chan struct{}, o.MaxConnections)
+	}
+	return out, nil
 }
 
 // Addr is the address the listener is bound to.
@@ -64,58 +115,80 @@ func (o *Outbound) Serve(ctx context.Context) error {
 			if errors.Is(err, net.ErrClosed) {
 				return nil
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				continue
-			}
 			// EMFILE and friends: back off instead of spinning.
-			o.log.Error().Err(err).Msg("accepting")
+			o.warn.Error().Err(err).Msg("accepting")
 			time.Sleep(50 * time.Millisecond)
 			continue
 		}
-		o.track(c, true)
+		if o.slots != nil {
+			select {
+			case o.slots <- struct{}{}:
+			default:
+				o.refuse(c, "max_connections")
+				continue
+			}
+		}
+		r := o.track(c)
 		o.wg.Add(1)
 		go func() {
 			defer o.wg.Done()
-			defer o.track(c, false)
-			o.handle(ctx, c)
+			o.handle(ctx, c, r)
+			o.untrack(c)
+			if o.slots != nil {
+				<-o.slots
+			}
 		}()
 	}
 }
 
-func (o *Outbound) track(c *net.TCPConn, add bool) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if add {
-		o.conns[c] = struct{}{}
-	} else {
-		delete(o.conns, c)
+// refuse resets c: the app sees a reset, as it would without the mesh.
+func (o *Outbound) refuse(c *net.TCPConn, reason string) {
+	o.warn.Warn().Str("src", c.RemoteAddr().String()).Str("reason", reason).Msg("captured connection reset")
+	if o.o.Observer != nil {
+		o.o.Observer.Refused(reason)
 	}
+	c.SetLinger(0)
+	c.Close()
 }
 
-func (o *Outbound) handle(ctx context.Context, c *net.TCPConn) {
+func (o *Outbound) track(c *net.TCPConn) *relayed {
+	r := &relayed{src: c.RemoteAddr().String(), start: time.Now()}
+	o.mu.Lock()
+	o.conns[c] = r
+	o.mu.Unlock()
+	return r
+}
+
+func (o *Outbound) untrack(c *net.TCPConn) {
+	o.mu.Lock()
+	delete(o.conns, c)
+	o.mu.Unlock()
+}
+
+func (o *Outbound) handle(ctx context.Context, c *net.TCPConn, r *relayed) {
 	dst, err := OriginalDst(c)
 	if err != nil {
 		// Not a captured connection (someone dialled the port directly):
 		// there is nowhere to send it.
-		o.log.Warn().Err(err).Str("src", c.RemoteAddr().String()).Msg("refusing connection without an original destination")
+		o.refuse(c, "no_original_destination")
+		return
+	}
+	r.dst = dst.String()
+	up, err := o.o.Dialer.DialContext(ctx, "tcp4", dst.String())
+	if err != nil {
+		// The dialer counts and logs tunnel failures itself.
+		o.log.Debug().Err(err).Str("dst", dst.String()).Msg("upstream unreachable")
 		c.SetLinger(0)
 		c.Close()
 		return
 	}
-	up, err := o.dialer.DialContext(ctx, "tcp4", dst.String())
-	if err != nil {
-		o.log.Debug().Err(err).Str("dst", dst.String()).Msg("upstream unreachable")
-		c.SetLinger(0) // the app sees a reset, as it would without the mesh
-		c.Close()
-		return
-	}
+	path := PathTunnelOut
 	var upc Conn
 	switch u := up.(type) {
+	case *net.TCPConn:
+		upc, path = TCP(u), PathCopy
 	case Conn:
 		upc = u
-	case *net.TCPConn:
-		upc = TCP(u)
 	default:
 		o.log.Error().Str("type", fmt.Sprintf("%T", up)).Msg("dialer returned a connection the relay cannot use")
 		up.Close()
@@ -123,23 +196,69 @@ func (o *Outbound) handle(ctx context.Context, c *net.TCPConn) {
 		c.Close()
 		return
 	}
-	res := Relay(TCP(c), upc)
-	o.log.Debug().Str("src", c.RemoteAddr().String()).Str("dst", dst.String()).
+	r.path.Store(path)
+	if o.o.Observer != nil {
+		o.o.Observer.ConnOpened(path)
+	}
+	var idle *activity
+	if o.o.IdleTimeout > 0 {
+		idle = &activity{timeout: o.o.IdleTimeout}
+		idle.touch()
+	}
+	res := Relay(watch(TCP(c), &r.tx, idle), watch(upc, &r.rx, idle))
+	if o.o.Observer != nil {
+		o.o.Observer.ConnClosed(path, res.AtoB, res.BtoA)
+		if errors.Is(res.Err, errIdle) {
+			o.o.Observer.Refused("idle_timeout")
+		}
+	}
+	o.log.Debug().Str("src", r.src).Str("dst", r.dst).Str("path", path).
 		Int64("tx", res.AtoB).Int64("rx", res.BtoA).AnErr("err", res.Err).Msg("connection done")
 }
 
-// Close stops accepting and resets every relayed connection.
-func (o *Outbound) Close() error {
-	err := o.ln.Close()
+// Connections lists the connections being relayed.
+func (o *Outbound) Connections() []ConnInfo {
 	o.mu.Lock()
-	for c := range o.conns {
-		c.SetLinger(0)
-		c.Close()
+	defer o.mu.Unlock()
+	out := make([]ConnInfo, 0, len(o.conns))
+	for _, r := range o.conns {
+		path, _ := r.path.Load().(string)
+		out = append(out, ConnInfo{Source: r.src, OriginalDst: r.dst, Path: path,
+			TxBytes: r.tx.Load(), RxBytes: r.rx.Load(), Age: time.Since(r.start)})
 	}
-	o.mu.Unlock()
-	o.wg.Wait()
+	return out
+}
+
+// Shutdown stops accepting, waits for the relayed connections to end until
+// ctx is done, then resets those still open.
+func (o *Outbound) Shutdown(ctx context.Context) error {
+	err := o.ln.Close()
+	done := make(chan struct{})
+	go func() { o.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		o.mu.Lock()
+		n := len(o.conns)
+		for c := range o.conns {
+			c.SetLinger(0)
+			c.Close()
+		}
+		o.mu.Unlock()
+		if n > 0 {
+			o.log.Warn().Int("connections", n).Msg("drain timeout: reset the connections still open")
+		}
+		<-done
+	}
 	if errors.Is(err, net.ErrClosed) {
 		return nil
 	}
 	return err
+}
+
+// Close resets every relayed connection at once.
+func (o *Outbound) Close() error {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	return o.Shutdown(ctx)
 }

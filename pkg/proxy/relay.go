@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"time"
 )
 
 // bufSize is the relay's read size: large enough that bulk transfers cost few
@@ -37,6 +38,9 @@ func (t tcpConn) Read(p []byte) (int, error)  { return t.c.Read(p) }
 func (t tcpConn) Write(p []byte) (int, error) { return t.c.Write(p) }
 func (t tcpConn) CloseWrite() error           { return t.c.CloseWrite() }
 func (t tcpConn) Close() error                { return t.c.Close() }
+
+// SetReadDeadline lets the idle timeout wake a waiting read.
+func (t tcpConn) SetReadDeadline(d time.Time) error { return t.c.SetReadDeadline(d) }
 
 // Abort closes with SO_LINGER 0, which sends a reset.
 func (t tcpConn) Abort() {

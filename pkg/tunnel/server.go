@@ -53,6 +53,8 @@ type Server struct {
 	log    zerolog.Logger
 	errLog *limitedLog
 
+	allowPorts atomic.Pointer[[]uint16] // tunnel.allow_ports, changed by reloads
+
 	slots   chan struct{} // one per connection being served
 	refuses chan struct{} // one per connection being refused for lack of slots
 	wg      sync.WaitGroup
@@ -93,7 +95,15 @@ func Listen(o ServerOptions) (*Server, error) {
 	if o.Credentials != nil {
 		s.tlsCfg = o.Credentials.ServerConfig()
 	}
+	s.SetAllowPorts(o.AllowPorts)
 	return s, nil
+}
+
+// SetAllowPorts replaces tunnel.allow_ports (empty: any port) for the
+// connections accepted from now on.
+func (s *Server) SetAllowPorts(ports []uint16) {
+	p := slices.Clone(ports)
+	s.allowPorts.Store(&p)
 }
 
 // Addr is the address the listener is bound to.
@@ -147,6 +157,25 @@ func (s *Server) start(raw *rawConn, fn func()) {
 	}()
 }
 
+// Shutdown stops accepting and waits for the connections being relayed to
+// end until ctx is done; then it closes the rest (see Close).
+func (s *Server) Shutdown(ctx context.Context) error {
+	err := s.ln.Close()
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+	}
+	if cerr := s.Close(); cerr != nil && !errors.Is(cerr, net.ErrClosed) {
+		return cerr
+	}
+	if errors.Is(err, net.ErrClosed) {
+		return nil
+	}
+	return err
+}
+
 // Close stops accepting and resets every tunnel connection (their local
 // ends are reset by the relay in turn).
 func (s *Server) Close() error {
@@ -198,10 +227,18 @@ func (s *Server) serve(ctx context.Context, raw *rawConn) {
 		st.Resumed.Add(1)
 	}
 	st.Active.Add(1)
+	if obs := s.o.Stats.Observer; obs != nil {
+		obs.ConnOpened("tunnel_in")
+	}
 	res := proxy.Relay(conn, proxy.TCP(up))
 	st.Active.Add(-1)
 	st.BytesRx.Add(uint64(res.AtoB))
 	st.BytesTx.Add(uint64(res.BtoA))
+	if obs := s.o.Stats.Observer; obs != nil {
+		// The remote client sends (tx, client to server) what arrives
+		// through the tunnel.
+		obs.ConnClosed("tunnel_in", res.AtoB, res.BtoA)
+	}
 	if e := s.log.Debug(); e.Enabled() {
 		if conn.tls != nil {
 			e = e.Str("peer_id", PeerID(conn.tls.ConnectionState()))
@@ -270,7 +307,7 @@ func (s *Server) deliver(dst netip.AddrPort) (*net.TCPConn, *refusal) {
 		return nil, &refusal{ReasonNotLocal, fmt.Errorf("%s is not an address of this node", dst.Addr())}
 	case slices.Contains(s.o.OwnPorts, dst.Port()):
 		return nil, &refusal{ReasonOwnPort, fmt.Errorf("port %d is one of smeshd's own", dst.Port())}
-	case len(s.o.AllowPorts) > 0 && !slices.Contains(s.o.AllowPorts, dst.Port()):
+	case len(*s.allowPorts.Load()) > 0 && !slices.Contains(*s.allowPorts.Load(), dst.Port()):
 		return nil, &refusal{ReasonPortNotAllowed, fmt.Errorf("port %d is not in tunnel.allow_ports", dst.Port())}
 	}
 	// smeshd's own connect() is never captured; in splice mode sock_ops

@@ -105,6 +105,16 @@ type Stats struct {
 	// Out those the client opened (tunnel_out).
 	In, Out PathStats
 	errors  [256]atomic.Uint64
+	// Observer, if set before the tunnel serves, also gets every
+	// connection and error (the daemon's metrics).
+	Observer Observer
+}
+
+// Observer receives the tunnel's events; smeshd's metrics implement it.
+type Observer interface {
+	ConnOpened(path string)
+	ConnClosed(path string, tx, rx int64)
+	TunnelError(reason string)
 }
 
 // PathStats count one direction of tunnel connections. Tx is what this node
@@ -119,7 +129,12 @@ type PathStats struct {
 }
 
 // Count adds one error of reason r.
-func (s *Stats) Count(r Reason) { s.errors[r].Add(1) }
+func (s *Stats) Count(r Reason) {
+	s.errors[r].Add(1)
+	if s.Observer != nil {
+		s.Observer.TunnelError(r.String())
+	}
+}
 
 // Errors returns the count of reason r.
 func (s *Stats) Errors(r Reason) uint64 { return s.errors[r].Load() }

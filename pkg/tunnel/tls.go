@@ -37,7 +37,7 @@ const (
 // that does not match) is logged and the previous set stays in use.
 type Credentials struct {
 	certFile, keyFile, caFile string
-	allow                     []spiffeid.ID
+	allow                     atomic.Pointer[[]spiffeid.ID] // changed by reloads
 	log                       zerolog.Logger
 
 	cur        atomic.Pointer[credSet]
@@ -70,12 +70,8 @@ func LoadCredentials(certFile, keyFile, caFile string, allow []string, log zerol
 		certFile: certFile, keyFile: keyFile, caFile: caFile,
 		log: log.With().Str("component", "tunnel-tls").Logger(),
 	}
-	for _, s := range allow {
-		id, err := spiffeid.FromString(s)
-		if err != nil {
-			return nil, fmt.Errorf("tunnel.tls.allow_identities: %q: %w", s, err)
-		}
-		c.allow = append(c.allow, id)
+	if err := c.SetAllowIdentities(allow); err != nil {
+		return nil, err
 	}
 	set, err := c.load()
 	if err != nil {
@@ -85,6 +81,21 @@ func LoadCredentials(certFile, keyFile, caFile string, allow []string, log zerol
 	c.nextCheck.Store(time.Now().Add(reloadInterval).UnixNano())
 	c.warnExpiry(set, time.Now())
 	return c, nil
+}
+
+// SetAllowIdentities replaces the SPIFFE IDs a peer may have (empty: every
+// certificate of the CA). New handshakes see the new list at once.
+func (c *Credentials) SetAllowIdentities(allow []string) error {
+	ids := make([]spiffeid.ID, 0, len(allow))
+	for _, s := range allow {
+		id, err := spiffeid.FromString(s)
+		if err != nil {
+			return fmt.Errorf("tunnel.tls.allow_identities: %q: %w", s, err)
+		}
+		ids = append(ids, id)
+	}
+	c.allow.Store(&ids)
+	return nil
 }
 
 // NotAfter is when this node's certificate expires (for metrics).
@@ -262,14 +273,15 @@ func (e *identityError) Error() string { return e.err.Error() }
 
 // checkIdentity applies allow_identities to a verified peer certificate.
 func (c *Credentials) checkIdentity(leaf *x509.Certificate) error {
-	if len(c.allow) == 0 {
+	allow := *c.allow.Load()
+	if len(allow) == 0 {
 		return nil
 	}
 	id, err := x509svid.IDFromCert(leaf)
 	if err != nil {
 		return &identityError{ReasonBadIdentity, fmt.Errorf("peer certificate has no usable SPIFFE ID: %w", err)}
 	}
-	if !slices.Contains(c.allow, id) {
+	if !slices.Contains(allow, id) {
 		return &identityError{ReasonIdentityNotAllowed, fmt.Errorf("peer identity %s is not in tunnel.tls.allow_identities", id)}
 	}
 	return nil

@@ -97,6 +97,19 @@ func loadConfigured(c config.TLS, log zerolog.Logger) (*Credentials, error) {
 	return LoadCredentials(c.Cert, c.Key, c.CA, c.AllowIdentities, log)
 }
 
+// Reconfigure applies the parts of cfg that can change while smeshd runs:
+// tunnel.allow_ports and tunnel.tls.allow_identities. (Certificate files
+// are re-read by themselves when they change.)
+func (t *Tunnel) Reconfigure(cfg config.Tunnel) error {
+	if t.Credentials != nil {
+		if err := t.Credentials.SetAllowIdentities(cfg.TLS.AllowIdentities); err != nil {
+			return err
+		}
+	}
+	t.Server.SetAllowPorts(cfg.AllowPorts)
+	return nil
+}
+
 // Close closes the server and its connections.
 func (t *Tunnel) Close() error { return t.Server.Close() }
 
