@@ -25,6 +25,7 @@ func TestMain(m *testing.M) {
 		"client":   client,
 		"smeshd":   runSmeshd,
 		"sockopts": sockoptProbe,
+		"http-get": httpGet,
 	})
 	os.Exit(m.Run())
 }
@@ -68,6 +69,8 @@ type node struct {
 	capture string
 	// captureExtra goes into the [capture] table (e.g. on_failure).
 	captureExtra string
+	// confPath is smeshd's configuration file, set by start.
+	confPath string
 }
 
 func newNode(t *testing.T) *node {
@@ -143,6 +146,7 @@ format = "json"
 	if _, err := config.Load(path); err != nil {
 		t.Fatalf("test config: %v", err)
 	}
+	n.confPath = path
 	n.smeshd = testenv.StartHelper(t, n.smeshCg, n.ns.Name, "smeshd", path)
 	if line, err := n.smeshd.ReadLine(15 * time.Second); err != nil || line != "ready" {
 		t.Fatalf("smeshd did not get ready (%q, %v): %s", line, err, n.smeshd.Stderr())

@@ -1,0 +1,193 @@
+package e2e
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+
+	"github.com/smesh-dev/smesh/pkg/testenv"
+)
+
+// httpGet is the "http-get" helper: GET args[0], print the status code and
+// the body.
+func httpGet(args []string) int {
+	resp, err := http.Get(args[0])
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	fmt.Printf("%d\n%s", resp.StatusCode, body)
+	return 0
+}
+
+// admin GETs path from the node's admin endpoint, from outside the mesh.
+func (n *node) admin(path string) (int, string) {
+	n.t.Helper()
+	h := testenv.StartHelper(n.t, "", n.ns.Name, "http-get", "http://127.0.0.1:15000"+path)
+	if err := h.Wait(); err != nil {
+		n.t.Fatalf("GET %s: %v %s", path, err, h.Stderr())
+	}
+	code, body, _ := strings.Cut(h.Stdout(), "\n")
+	var c int
+	fmt.Sscan(code, &c)
+	return c, body
+}
+
+// metric returns the value of the series of family name whose labels
+// include want, or -1.
+func metric(t *testing.T, text, name string, want map[string]string) float64 {
+	t.Helper()
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	families, err := parser.TextToMetricFamilies(strings.NewReader(text))
+	if err != nil {
+		t.Fatalf("/metrics does not parse: %v", err)
+	}
+	f, ok := families[name]
+	if !ok {
+		t.Fatalf("/metrics has no %s", name)
+	}
+	for _, m := range f.GetMetric() {
+		if labelsMatch(m, want) {
+			if c := m.GetCounter(); c != nil {
+				return c.GetValue()
+			}
+			return m.GetGauge().GetValue()
+		}
+	}
+	return -1
+}
+
+func labelsMatch(m *dto.Metric, want map[string]string) bool {
+	n := 0
+	for _, l := range m.GetLabel() {
+		if v, ok := want[l.GetName()]; ok && v == l.GetValue() {
+			n++
+		}
+	}
+	return n == len(want)
+}
+
+// TestAdminAndMetrics: once smeshd says it is ready, /readyz says so too,
+// and /metrics (Prometheus text) counts the traffic that went through.
+func TestAdminAndMetrics(t *testing.T) {
+	a, _, server := twoNodes(t, "splice", "")
+	if code, body := a.admin("/readyz"); code != 200 {
+		t.Fatalf("/readyz after ready: %d %q", code, body)
+	}
+	if code, _ := a.admin("/healthz"); code != 200 {
+		t.Fatalf("/healthz: %d", code)
+	}
+	a.server(a.enrolled, "127.0.0.1:9000")
+	a.client(a.enrolled, "oneway", server, "1000000")
+	a.client(a.enrolled, "oneway", "127.0.0.1:9000", "2000000")
+
+	_, text := a.admin("/metrics")
+	if v := metric(t, text, "smesh_connections_total", map[string]string{"path": "tunnel_out"}); v < 1 {
+		t.Errorf("smesh_connections_total{path=tunnel_out} = %v, want >= 1", v)
+	}
+	if v := metric(t, text, "smesh_bytes_total", map[string]string{"path": "tunnel_out", "direction": "tx"}); v < 1000000 {
+		t.Errorf("smesh_bytes_total{path=tunnel_out,direction=tx} = %v, want >= 1000000", v)
+	}
+	// Spliced: the same-node transfer, and the app <-> smeshd hop of the
+	// tunnelled one.
+	if v := metric(t, text, "smesh_bytes_total", map[string]string{"path": "splice", "direction": "tx"}); v < 3000000 {
+		t.Errorf("smesh_bytes_total{path=splice,direction=tx} = %v, want >= 3000000", v)
+	}
+	if code, body := a.admin("/debug/connections"); code != 200 || !strings.Contains(body, "connections") {
+		t.Errorf("/debug/connections: %d %q", code, body)
+	}
+}
+
+// TestReload: a bad configuration file is rejected and changes nothing; a
+// good one changes the capture at once; a connection open across both
+// loses no byte.
+func TestReload(t *testing.T) {
+	a, _, server := twoNodes(t, "splice", "")
+	long := testenv.StartHelper(t, a.enrolled, a.ns.Name, "client", "paced", server, "300")
+	if line, err := long.ReadLine(5 * time.Second); err != nil || line != "connected" {
+		t.Fatalf("long-lived client: %q %v %s", line, err, long.Stderr())
+	}
+	good, err := os.ReadFile(a.confPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	reload := func(conf string) {
+		t.Helper()
+		if err := os.WriteFile(a.confPath, []byte(conf), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := a.smeshd.Signal(syscall.SIGHUP); err != nil {
+			t.Fatal(err)
+		}
+		if line, err := a.smeshd.ReadLine(10 * time.Second); err != nil || line != "ready" {
+			t.Fatalf("smeshd after SIGHUP: %q %v %s", line, err, a.smeshd.Stderr())
+		}
+	}
+
+	reload(string(good) + "\n[bogus]\nkey = 1\n")
+	if _, _, remote := peerOf(a, a.enrolled, server); remote.String() != "127.0.0.1:18000" {
+		t.Errorf("after a rejected reload, capture changed: connected to %s", remote)
+	}
+	_, text := a.admin("/metrics")
+	if v := metric(t, text, "smesh_config_reloads_total", map[string]string{"result": "error"}); v != 1 {
+		t.Errorf("smesh_config_reloads_total{result=error} = %v, want 1", v)
+	}
+
+	// Exclude the server's port: new connections to it go direct.
+	port := server[strings.LastIndex(server, ":")+1:]
+	reload(strings.Replace(string(good), "[capture]\n", "[capture]\nexclude_ports = ["+port+"]\n", 1))
+	if _, _, remote := peerOf(a, a.enrolled, server); remote.String() != server {
+		t.Errorf("after excluding port %s, a new connection went to %s", port, remote)
+	}
+	_, text = a.admin("/metrics")
+	if v := metric(t, text, "smesh_config_reloads_total", map[string]string{"result": "ok"}); v != 1 {
+		t.Errorf("smesh_config_reloads_total{result=ok} = %v, want 1", v)
+	}
+	if err := long.Wait(); err != nil {
+		t.Errorf("connection open across the reloads: %v\n%s", err, long.Stderr())
+	}
+}
+
+// TestDrain: on SIGTERM smeshd stops capturing at once, lets the relayed
+// connection finish, then exits.
+func TestDrain(t *testing.T) {
+	a, _, server := twoNodes(t, "splice", "")
+	long := testenv.StartHelper(t, a.enrolled, a.ns.Name, "client", "paced", server, "200")
+	if line, err := long.ReadLine(5 * time.Second); err != nil || line != "connected" {
+		t.Fatalf("long-lived client: %q %v %s", line, err, long.Stderr())
+	}
+	if err := a.smeshd.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond)
+	select {
+	case <-a.smeshd.Exited():
+		t.Fatal("smeshd exited without draining its relayed connection")
+	default:
+	}
+	if _, _, remote := peerOf(a, a.enrolled, server); remote.String() != server {
+		t.Errorf("while draining, a new connection was captured (went to %s)", remote)
+	}
+	if err := long.Wait(); err != nil {
+		t.Errorf("relayed connection during the drain: %v\n%s", err, long.Stderr())
+	}
+	select {
+	case <-a.smeshd.Exited():
+	case <-time.After(10 * time.Second):
+		t.Fatal("smeshd still running after its connections ended")
+	}
+	if err := a.smeshd.Wait(); err != nil {
+		t.Errorf("smeshd exit: %v", err)
+	}
+}
