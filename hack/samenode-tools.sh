@@ -34,7 +34,9 @@ for m in $MODES; do
   ip netns add "smesh-test-tools-$m"; ip -n "smesh-test-tools-$m" link set lo up
   mkdir "$CGROOT/smesh-test-tools-$m" "$CGROOT/smesh-test-tools-$m-d"
   if [ "$m" != direct ]; then
-    printf '[capture]\ncgroups = ["smesh-test-tools-%s"]\n[datapath]\nmode = "%s"\n[log]\nlevel = "warn"\n' "$m" "$m" > "$D/$m.toml"
+    [ -e "$D/tls/ca.crt" ] || "$SMESHD" certs init --dir "$D/tls" --nodes node >/dev/null
+    printf '[capture]\ncgroups = ["smesh-test-tools-%s"]\n[datapath]\nmode = "%s"\n[log]\nlevel = "warn"\n[tunnel.tls]\ncert = "%s"\nkey = "%s"\nca = "%s"\n' \
+      "$m" "$m" "$D/tls/node.crt" "$D/tls/node.key" "$D/tls/ca.crt" > "$D/$m.toml"
     nsenter --net="/run/netns/smesh-test-tools-$m" bash -c "echo \$\$ > $CGROOT/smesh-test-tools-$m-d/cgroup.procs; exec $SMESHD -c $D/$m.toml" 2>"$D/$m.log" &
     PIDS+=($!)
   fi
