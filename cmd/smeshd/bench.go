@@ -16,6 +16,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	duration := fs.Duration("duration", time.Second, "length of each workload run")
 	rounds := fs.Int("rounds", 3, "measured rounds (after one discarded warm-up round)")
 	modes := fs.String("modes", "direct,copy,splice", "modes to compare, comma-separated")
+	tunnel := fs.Bool("tunnel", false, "also measure across two namespace nodes: bare veth and the smesh mTLS tunnel")
 	conns := fs.Int("conns", 0, "also hold this many concurrent connections per mode and report memory")
 	jsonPath := fs.String("json", "", "write the report as JSON to this file")
 	svgPath := fs.String("svg", "", "write a chart (SVG) to this file")
@@ -29,7 +30,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	rep, err := bench.Run(ctx, bench.Options{
 		Duration: *duration,
 		Rounds:   *rounds,
-		Modes:    strings.Split(*modes, ","),
+		Modes:    benchModes(*modes, *tunnel),
 		Conns:    *conns,
 		Exe:      exe,
 		Progress: stderr,
@@ -47,4 +48,12 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		}
 	}
 	return err
+}
+
+func benchModes(modes string, tunnel bool) []string {
+	out := strings.Split(modes, ",")
+	if tunnel {
+		out = append(out, "veth", "tunnel")
+	}
+	return out
 }

@@ -20,8 +20,17 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Modes the bench knows, in report order.
-var allModes = []string{"direct", "copy", "splice"}
+// Modes the bench knows, in report order: same-node (direct is the
+// baseline) and cross-node (veth is the baseline).
+var allModes = []string{"direct", "copy", "splice", "veth", "tunnel"}
+
+// baseline is the mode a mode's ratios are relative to.
+func baseline(mode string) string {
+	if crossNode(mode) {
+		return "veth"
+	}
+	return "direct"
+}
 
 // Options of a bench run.
 type Options struct {

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -72,23 +73,34 @@ func (p *proc) stop() {
 	}
 }
 
-// modeEnv is one mode's world: a network namespace of its own, cgroups for
-// the client, the server and smeshd, and (except for direct) a smeshd in
-// that mode with the client's and server's cgroups enrolled.
+// modeEnv is one mode's world: its own network namespaces ("nodes"),
+// cgroups for the client, the server and smeshd, and the smeshd(s) of the
+// mode. Same-node modes (direct, copy, splice) have one node, the server on
+// its loopback; cross-node modes (veth, tunnel) two nodes joined by a veth,
+// the client on the first and the server on the second.
 type modeEnv struct {
-	mode   string
-	nsName string
-	ns     netns.NsHandle
-	dir    string // configuration
-	mount  string
-	// cgroups, all made by the bench and removed by close
-	client, server, smeshdCg string
-	made                     []string
-	smeshd, srv              *proc
+	mode       string
+	nodes      []benchNode
+	dir        string // configuration, certificates
+	mount      string
+	client     string // cgroups
+	server     string
+	serverAddr string
+	made       []string // every cgroup made, removed by close
+	smeshds    []*proc
+	srv        *proc
 }
 
+type benchNode struct {
+	name string
+	ns   netns.NsHandle
+}
+
+// crossNode says whether a mode runs between two nodes.
+func crossNode(mode string) bool { return mode == "veth" || mode == "tunnel" }
+
 func newModeEnv(ctx context.Context, exe, mode string) (_ *modeEnv, err error) {
-	e := &modeEnv{mode: mode, nsName: fmt.Sprintf("smesh-bench-%d-%s", os.Getpid(), mode), ns: netns.None()}
+	e := &modeEnv{mode: mode, serverAddr: serverAddr}
 	defer func() {
 		if err != nil {
 			e.close()
@@ -97,58 +109,117 @@ func newModeEnv(ctx context.Context, exe, mode string) (_ *modeEnv, err error) {
 	if e.mount, err = cgroups.Mount(); err != nil {
 		return nil, err
 	}
-	if e.dir, err = os.MkdirTemp("", e.nsName+"-"); err != nil {
+	base := fmt.Sprintf("smesh-bench-%d-%s", os.Getpid(), mode)
+	if e.dir, err = os.MkdirTemp("", base+"-"); err != nil {
 		return nil, err
 	}
-	if e.ns, err = sandbox.NewNamedNetns(e.nsName); err != nil {
+	names := []string{base}
+	if crossNode(mode) {
+		names = []string{base + "-a", base + "-b"}
+	}
+	for _, name := range names {
+		if err := e.addNode(name); err != nil {
+			return nil, err
+		}
+	}
+	client, server := e.nodes[0], e.nodes[len(e.nodes)-1]
+	if crossNode(mode) {
+		// A /24 of 198.18.0.0/15 (reserved for benchmarks) per bench run.
+		subnet := 100 + os.Getpid()%150
+		a := netip.MustParsePrefix(fmt.Sprintf("198.18.%d.1/24", subnet))
+		b := netip.MustParsePrefix(fmt.Sprintf("198.18.%d.2/24", subnet))
+		if err := sandbox.Veth(client.ns, server.ns, "eth0", "eth0", a, b); err != nil {
+			return nil, fmt.Errorf("linking the bench nodes: %w", err)
+		}
+		e.serverAddr = netip.AddrPortFrom(b.Addr(), 9000).String()
+	}
+	if e.client, err = e.cgroup("client"); err != nil {
 		return nil, err
 	}
+	if e.server, err = e.cgroup("server"); err != nil {
+		return nil, err
+	}
+	switch mode {
+	case "copy", "splice":
+		err = e.startSmeshd(ctx, exe, client, "smeshd", mode, e.client, e.server)
+	case "tunnel":
+		// Both ends splice their local hop; the bytes between the nodes
+		// cross the mTLS tunnel.
+		if _, err = certs.Init(filepath.Join(e.dir, "tls"), []string{"a", "b"}, certs.DefaultTrustDomain); err != nil {
+			return nil, err
+		}
+		if err = e.startSmeshd(ctx, exe, client, "a", "splice", e.client); err == nil {
+			err = e.startSmeshd(ctx, exe, server, "b", "splice", e.server)
+		}
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := e.startServer(exe, server); err != nil {
+		return nil, err
+	}
+	return e, nil
+}
+
+func (e *modeEnv) addNode(name string) error {
+	ns, err := sandbox.NewNamedNetns(name)
+	if err != nil {
+		return err
+	}
+	e.nodes = append(e.nodes, benchNode{name: name, ns: ns})
 	// Connection-rate runs open thousands of connections a second: give
 	// them the whole port range and let TIME_WAIT ports be reused.
-	err = sandbox.InNetns(e.ns, func() error {
+	err = sandbox.InNetns(ns, func() error {
 		if err := os.WriteFile("/proc/sys/net/ipv4/ip_local_port_range", []byte("1024 65535"), 0); err != nil {
 			return err
 		}
 		return os.WriteFile("/proc/sys/net/ipv4/tcp_tw_reuse", []byte("1"), 0)
 	})
 	if err != nil {
-		return nil, fmt.Errorf("tuning %s: %w", e.nsName, err)
+		return fmt.Errorf("tuning %s: %w", name, err)
 	}
-	for i, cg := range []*string{&e.client, &e.server, &e.smeshdCg} {
-		*cg = filepath.Join(e.mount, fmt.Sprintf("%s-%s", e.nsName, []string{"client", "server", "smeshd"}[i]))
-		if err := os.Mkdir(*cg, 0o755); err != nil {
-			return nil, fmt.Errorf("creating cgroup: %w", err)
-		}
-		e.made = append(e.made, *cg)
-	}
-	if mode != "direct" {
-		if err := e.startSmeshd(ctx, exe); err != nil {
-			return nil, err
-		}
-	}
-	if err := e.startServer(exe); err != nil {
-		return nil, err
-	}
-	return e, nil
+	return nil
 }
 
-func (e *modeEnv) startSmeshd(ctx context.Context, exe string) error {
-	rel := func(p string) string { r, _ := filepath.Rel(e.mount, p); return r }
-	// The tunnel needs certificates even where the bench does not use it.
-	if _, err := certs.Init(filepath.Join(e.dir, "tls"), []string{"bench"}, certs.DefaultTrustDomain); err != nil {
+func (e *modeEnv) cgroup(role string) (string, error) {
+	cg := filepath.Join(e.mount, fmt.Sprintf("smesh-bench-%d-%s-%s", os.Getpid(), e.mode, role))
+	if err := os.Mkdir(cg, 0o755); err != nil {
+		return "", fmt.Errorf("creating cgroup: %w", err)
+	}
+	e.made = append(e.made, cg)
+	return cg, nil
+}
+
+// startSmeshd starts a smeshd on node n in datapath mode dpMode with the
+// given cgroups enrolled, and waits until it is ready. name is its
+// certificate's name in e.dir/tls (made here if missing).
+func (e *modeEnv) startSmeshd(ctx context.Context, exe string, n benchNode, name, dpMode string, enrolled ...string) error {
+	own, err := e.cgroup(name + "-smeshd")
+	if err != nil {
 		return err
 	}
 	tlsDir := filepath.Join(e.dir, "tls")
-	conf := fmt.Sprintf("[capture]\ncgroups = [%q, %q]\n[datapath]\nmode = %q\n[log]\nlevel = \"warn\"\nformat = \"json\"\n"+
+	if _, err := os.Stat(filepath.Join(tlsDir, name+".crt")); err != nil {
+		// The tunnel needs certificates even where the bench does not use it.
+		if _, err := certs.Init(tlsDir, []string{name}, certs.DefaultTrustDomain); err != nil {
+			return err
+		}
+	}
+	var cgs []string
+	for _, cg := range enrolled {
+		rel, _ := filepath.Rel(e.mount, cg)
+		cgs = append(cgs, fmt.Sprintf("%q", rel))
+	}
+	conf := fmt.Sprintf("[capture]\ncgroups = [%s]\n[datapath]\nmode = %q\n[log]\nlevel = \"warn\"\nformat = \"json\"\n"+
 		"[tunnel.tls]\ncert = %q\nkey = %q\nca = %q\n",
-		rel(e.client), rel(e.server), e.mode,
-		filepath.Join(tlsDir, "bench.crt"), filepath.Join(tlsDir, "bench.key"), filepath.Join(tlsDir, "ca.crt"))
-	path := filepath.Join(e.dir, "smesh.toml")
+		strings.Join(cgs, ", "), dpMode,
+		filepath.Join(tlsDir, name+".crt"), filepath.Join(tlsDir, name+".key"), filepath.Join(tlsDir, "ca.crt"))
+	path := filepath.Join(e.dir, name+".toml")
 	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
 		return err
 	}
 	// smeshd says it is ready the systemd way: READY=1 on NOTIFY_SOCKET.
-	sockPath := filepath.Join(e.dir, "notify.sock")
+	sockPath := filepath.Join(e.dir, name+".sock")
 	notify, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sockPath, Net: "unixgram"})
 	if err != nil {
 		return err
@@ -156,9 +227,11 @@ func (e *modeEnv) startSmeshd(ctx context.Context, exe string) error {
 	defer notify.Close()
 	cmd := exec.Command(exe, "-c", path)
 	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+sockPath)
-	if e.smeshd, err = startProc("smeshd "+e.mode, cmd, e.smeshdCg, e.nsName); err != nil {
+	p, err := startProc("smeshd "+e.mode+" "+name, cmd, own, n.name)
+	if err != nil {
 		return err
 	}
+	e.smeshds = append(e.smeshds, p)
 	ready := make(chan error, 1)
 	go func() {
 		buf := make([]byte, 512)
@@ -177,8 +250,8 @@ func (e *modeEnv) startSmeshd(ctx context.Context, exe string) error {
 	select {
 	case err := <-ready:
 		return err
-	case <-e.smeshd.done:
-		return e.smeshd.failed()
+	case <-p.done:
+		return p.failed()
 	case <-time.After(20 * time.Second):
 		return fmt.Errorf("smeshd (%s) not ready after 20s", e.mode)
 	case <-ctx.Done():
@@ -186,13 +259,13 @@ func (e *modeEnv) startSmeshd(ctx context.Context, exe string) error {
 	}
 }
 
-func (e *modeEnv) startServer(exe string) error {
-	cmd := exec.Command(exe, "bench-agent", "server", serverAddr)
+func (e *modeEnv) startServer(exe string, n benchNode) error {
+	cmd := exec.Command(exe, "bench-agent", "server", e.serverAddr)
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		return err
 	}
-	if e.srv, err = startProc("bench server", cmd, e.server, e.nsName); err != nil {
+	if e.srv, err = startProc("bench server", cmd, e.server, n.name); err != nil {
 		return err
 	}
 	line, err := bufio.NewReader(out).ReadString('\n')
@@ -205,9 +278,9 @@ func (e *modeEnv) startServer(exe string) error {
 // run runs one client workload and returns its sample.
 func (e *modeEnv) run(ctx context.Context, exe, workload string, d time.Duration) (Sample, error) {
 	var out bytes.Buffer
-	cmd := exec.CommandContext(ctx, exe, "bench-agent", "client", workload, serverAddr, d.String())
+	cmd := exec.CommandContext(ctx, exe, "bench-agent", "client", workload, e.serverAddr, d.String())
 	cmd.Stdout = &out
-	p, err := startProc("bench client "+workload, cmd, e.client, e.nsName)
+	p, err := startProc("bench client "+workload, cmd, e.client, e.nodes[0].name)
 	if err != nil {
 		return Sample{}, err
 	}
@@ -225,7 +298,7 @@ func (e *modeEnv) run(ctx context.Context, exe, workload string, d time.Duration
 // hold opens n connections from the client to the server and keeps them
 // until release is called.
 func (e *modeEnv) hold(exe string, n int) (release func() error, err error) {
-	cmd := exec.Command(exe, "bench-agent", "hold", serverAddr, strconv.Itoa(n))
+	cmd := exec.Command(exe, "bench-agent", "hold", e.serverAddr, strconv.Itoa(n))
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		return nil, err
@@ -234,7 +307,7 @@ func (e *modeEnv) hold(exe string, n int) (release func() error, err error) {
 	if err != nil {
 		return nil, err
 	}
-	p, err := startProc("bench hold", cmd, e.client, e.nsName)
+	p, err := startProc("bench hold", cmd, e.client, e.nodes[0].name)
 	if err != nil {
 		return nil, err
 	}
@@ -275,12 +348,13 @@ func (e *modeEnv) cpuUsage() (time.Duration, error) {
 	return total, nil
 }
 
-// smeshdMemory returns smeshd's resident and peak resident memory, in bytes.
+// smeshdMemory returns the resident and peak resident memory of the mode's
+// first smeshd (the client side's), in bytes; zero without one.
 func (e *modeEnv) smeshdMemory() (rss, peak int64, err error) {
-	if e.smeshd == nil {
+	if len(e.smeshds) == 0 {
 		return 0, 0, nil
 	}
-	return procMemory(e.smeshd.cmd.Process.Pid)
+	return procMemory(e.smeshds[0].cmd.Process.Pid)
 }
 
 func procMemory(pid int) (rss, peak int64, err error) {
@@ -306,21 +380,22 @@ func procMemory(pid int) (rss, peak int64, err error) {
 // close stops what the environment started and removes what it made.
 func (e *modeEnv) close() error {
 	var errs []error
-	for _, p := range []*proc{e.srv, e.smeshd} {
-		if p != nil {
-			p.stop()
-		}
+	if e.srv != nil {
+		e.srv.stop()
+	}
+	for _, p := range e.smeshds {
+		p.stop()
 	}
 	for _, cg := range e.made {
 		if err := cgroups.Remove(cg, 5*time.Second); err != nil {
 			errs = append(errs, err)
 		}
 	}
-	if e.ns.IsOpen() {
-		e.ns.Close()
-	}
-	if err := sandbox.DeleteNamedNetns(e.nsName); err != nil {
-		errs = append(errs, err)
+	for _, n := range e.nodes {
+		n.ns.Close()
+		if err := sandbox.DeleteNamedNetns(n.name); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if e.dir != "" {
 		os.RemoveAll(e.dir)

@@ -70,16 +70,17 @@ func ratio(v, base float64) string {
 	return fmt.Sprintf(" (%.2fx)", v/base)
 }
 
-// WriteTable prints the results, each with its ratio to direct.
+// WriteTable prints the results, each with its ratio to its baseline
+// (direct for same-node modes, veth for cross-node ones).
 func (r *Report) WriteTable(w io.Writer) {
 	fmt.Fprintf(w, "smeshd bench: kernel %s, %s, %d cores; %d rounds of %s per workload, medians\n",
 		r.Machine.Kernel, r.Machine.CPU, r.Machine.Cores, r.Rounds, r.Duration)
-	base, haveBase := r.result("direct")
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "mode\tthroughput Gbit/s\trr p50 us\trr p99 us\trr p99.9 us\tconn/s\tCPU s/GB\tsmeshd peak RSS MiB\tbytes\t")
 	for _, x := range r.Results {
+		base, haveBase := r.result(baseline(x.Mode))
 		rt := func(v, b float64) string {
-			if !haveBase || x.Mode == "direct" {
+			if !haveBase || x.Mode == base.Mode {
 				return ""
 			}
 			return ratio(v, b)
