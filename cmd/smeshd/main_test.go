@@ -69,7 +69,7 @@ func TestBenchShort(t *testing.T) {
 	rep, err := bench.Run(context.Background(), bench.Options{
 		Duration: 200 * time.Millisecond,
 		Rounds:   1,
-		Modes:    []string{"direct", "copy", "splice"},
+		Modes:    []string{"direct", "copy", "splice", "veth", "tunnel"},
 		Conns:    100,
 		Exe:      exe,
 	}, &table)
@@ -77,19 +77,20 @@ func TestBenchShort(t *testing.T) {
 		t.Fatalf("bench: %v\n%s", err, table.String())
 	}
 	t.Log("\n" + table.String())
-	if len(rep.Results) != 3 {
-		t.Fatalf("got %d results, want 3", len(rep.Results))
+	if len(rep.Results) != 5 {
+		t.Fatalf("got %d results, want 5", len(rep.Results))
 	}
 	for _, r := range rep.Results {
 		if !r.DataVerified || r.ThroughputGbps <= 0 || r.RRP50us <= 0 || r.RRP99us < r.RRP50us || r.ConnPerSec <= 0 || r.CPUSeconds <= 0 {
 			t.Errorf("mode %s: incomplete or unverified result %+v", r.Mode, r)
 		}
-		if (r.Mode == "direct") != (r.SmeshdPeakRSSMiB == 0) {
+		noMesh := r.Mode == "direct" || r.Mode == "veth"
+		if noMesh != (r.SmeshdPeakRSSMiB == 0) {
 			t.Errorf("mode %s: smeshd peak RSS %v", r.Mode, r.SmeshdPeakRSSMiB)
 		}
 	}
-	if len(rep.Held) != 3 {
-		t.Errorf("held connections reported for %d modes, want 3", len(rep.Held))
+	if len(rep.Held) != 5 {
+		t.Errorf("held connections reported for %d modes, want 5", len(rep.Held))
 	}
 
 	// The JSON has the shape of the contract in the design document.
