@@ -1,0 +1,117 @@
+package proxy
+
+import (
+	"bytes"
+	"crypto/rand"
+	"errors"
+	"io"
+	"net"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// pair returns the two ends of a loopback TCP connection.
+func pair(t *testing.T) (*net.TCPConn, *net.TCPConn) {
+	t.Helper()
+	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c, err := net.DialTCP("tcp4", nil, ln.Addr().(*net.TCPAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := ln.AcceptTCP()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close(); s.Close() })
+	return c, s
+}
+
+// relayed sets up app <-> [a Relay b] <-> server and returns the outer ends.
+func relayPair(t *testing.T, idle time.Duration) (app, server *net.TCPConn, done chan Result) {
+	app, a := pair(t)
+	b, server := pair(t)
+	done = make(chan Result, 1)
+	var act *activity
+	if idle > 0 {
+		act = &activity{timeout: idle}
+		act.touch()
+	}
+	var ta, tb atomic.Int64
+	go func() { done <- Relay(watch(TCP(a), &ta, act), watch(TCP(b), &tb, act)) }()
+	return app, server, done
+}
+
+func TestRelayBothWaysAndHalfClose(t *testing.T) {
+	app, server, done := relayPair(t, 0)
+	up := make([]byte, 3<<20)
+	rand.Read(up)
+	go func() {
+		app.Write(up)
+		app.CloseWrite()
+	}()
+	got, err := io.ReadAll(server) // EOF arrives: the half-close crossed
+	if err != nil || !bytes.Equal(got, up) {
+		t.Fatalf("server got %d bytes (%v), want the %d sent", len(got), err, len(up))
+	}
+	// The other direction still works after the half-close.
+	if _, err := server.Write([]byte("answer")); err != nil {
+		t.Fatal(err)
+	}
+	server.CloseWrite()
+	back, err := io.ReadAll(app)
+	if err != nil || string(back) != "answer" {
+		t.Fatalf("app got %q, %v", back, err)
+	}
+	res := <-done
+	if res.Err != nil || res.AtoB != int64(len(up)) || res.BtoA != 6 {
+		t.Errorf("relay result %+v", res)
+	}
+}
+
+func TestRelayPassesResets(t *testing.T) {
+	app, server, done := relayPair(t, 0)
+	server.SetLinger(0)
+	server.Close()
+	app.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, err := app.Read(make([]byte, 1))
+	if !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("app read after the server's reset: %v, want ECONNRESET", err)
+	}
+	if res := <-done; res.Err == nil {
+		t.Error("relay reported no error for a reset")
+	}
+}
+
+func TestRelayIdleTimeout(t *testing.T) {
+	app, server, done := relayPair(t, 300*time.Millisecond)
+	// A one-way stream keeps the connection alive although the other
+	// direction is silent.
+	for range 6 {
+		if _, err := app.Write([]byte("tick")); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if _, err := io.ReadFull(server, make([]byte, 24)); err != nil {
+		t.Fatalf("one-way traffic was cut: %v", err)
+	}
+	// Then silence: the relay gives up and resets both ends.
+	select {
+	case res := <-done:
+		if !errors.Is(res.Err, errIdle) {
+			t.Errorf("relay ended with %v, want the idle timeout", res.Err)
+		}
+	case <-time.After(3 * time.Second):
+		t.Fatal("idle connection not reset")
+	}
+	app.SetReadDeadline(time.Now().Add(2 * time.Second))
+	if _, err := app.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
+		t.Errorf("app after the idle timeout: %v, want ECONNRESET", err)
+	}
+}
