@@ -419,6 +419,14 @@ func TestTunnelBadInput(t *testing.T) {
 		})
 	}
 
+	t.Run("a refusal reaches the app as a reset", func(t *testing.T) {
+		// Port 9001 is not in node b's allow_ports: node a's smeshd
+		// gets a refusal and resets the app's connection.
+		before := strings.Count(b.smeshd.Stderr(), `"reason":"port_not_allowed"`)
+		a.client(a.enrolled, "reset-server", netip.AddrPortFrom(addrB, 9001).String())
+		waitLog(t, b, "port_not_allowed", before+1)
+	})
+
 	t.Run("a flood of bad input while real traffic flows", func(t *testing.T) {
 		bad.t = t
 		transfer := testenv.StartHelper(t, a.enrolled, a.ns.Name, "client", "concurrent", server.String(), "4000000")
