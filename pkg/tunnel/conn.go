@@ -4,9 +4,13 @@ import (
 	"crypto/tls"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Conn is an established tunnel connection, past header and status: a
@@ -33,13 +37,37 @@ func newConn(raw *rawConn, tc *tls.Conn) *Conn {
 // is an error, not io.EOF: crypto/tls takes one at a record boundary for a
 // clean end, but for a tunnel it means the stream was cut short (a peer that
 // died, or a forged FIN), and the relay must pass that on as a reset.
+//
+// With TLS, one Read returns as many whole records as fit in p and are
+// already read from the socket (rawConn reads up to 64 KiB at once), so
+// that the relay writes one large chunk rather than one per 16 KiB record.
 func (c *Conn) Read(p []byte) (int, error) {
-	n, err := c.Conn.Read(p)
-	if err == io.EOF && c.tls != nil && c.raw.eof.Load() {
+	if c.tls == nil {
+		return c.raw.TCPConn.Read(p)
+	}
+	n, err := c.tls.Read(p)
+	if err == nil {
+		c.raw.noWait = true
+		for len(p)-n >= maxRecordPlaintext {
+			m, err := c.tls.Read(p[n:])
+			n += m
+			// Without a whole record at hand, crypto/tls reports
+			// rawConn's would-block as a timeout, which it does not
+			// keep; a real error it keeps, for the next Read.
+			if err != nil || m == 0 {
+				break
+			}
+		}
+		c.raw.noWait = false
+	}
+	if err == io.EOF && c.raw.eof.Load() {
 		err = io.ErrUnexpectedEOF
 	}
 	return n, err
 }
+
+// maxRecordPlaintext is the most a TLS record carries.
+const maxRecordPlaintext = 16 << 10
 
 // Write encrypts p into TLS records and sends them with one write(2): p
 // of up to 64 KiB is four full records, and one large send costs the
@@ -92,7 +120,25 @@ type rawConn struct {
 	// order crypto/tls produced them) are collected and sent together.
 	wmu   sync.Mutex
 	batch *[]byte
+
+	// Read side, used by the reading goroutine only: bytes read from the
+	// socket that crypto/tls has not taken yet, in a pooled buffer held
+	// only while it holds bytes (an idle connection holds none).
+	sc     syscall.RawConn
+	rbuf   *[]byte
+	roff   int
+	noWait bool // Read returns a timeout instead of reading the socket
+	// readFn and its results: made once per connection, not per read.
+	readFn func(fd uintptr) bool
+	rn     int
+	rerr   error
 }
+
+// readSize is how much one read(2) of a tunnel connection takes: four
+// full records and then some.
+const readSize = 80 << 10
+
+var readPool = sync.Pool{New: func() any { b := make([]byte, readSize); return &b }}
 
 // batchSize fits the records of a 64 KiB write: four records of 16 KiB,
 // each with a 5-byte header and a 17-byte tag and type.
@@ -127,12 +173,74 @@ func (r *rawConn) Write(p []byte) (int, error) {
 	return r.TCPConn.Write(p)
 }
 
+// Read serves crypto/tls from the read buffer, filling it with one read(2)
+// when it is empty.
 func (r *rawConn) Read(p []byte) (int, error) {
-	n, err := r.TCPConn.Read(p)
-	if err == io.EOF {
-		r.eof.Store(true)
+	if r.rbuf == nil {
+		if r.noWait {
+			return 0, os.ErrDeadlineExceeded
+		}
+		if err := r.fill(); err != nil {
+			return 0, err
+		}
 	}
-	return n, err
+	n := copy(p, (*r.rbuf)[r.roff:])
+	r.roff += n
+	if r.roff == len(*r.rbuf) {
+		*r.rbuf = (*r.rbuf)[:cap(*r.rbuf)]
+		readPool.Put(r.rbuf)
+		r.rbuf = nil
+	}
+	return n, nil
+}
+
+// fill reads what the socket has, up to readSize, waiting (under the read
+// deadline) until it has something. The buffer is taken from the pool only
+// once the socket is readable.
+func (r *rawConn) fill() error {
+	if r.sc == nil {
+		sc, err := r.TCPConn.SyscallConn()
+		if err != nil {
+			return err
+		}
+		r.sc = sc
+		r.readFn = func(fd uintptr) bool {
+			if r.rbuf == nil {
+				r.rbuf = readPool.Get().(*[]byte)
+			}
+			for {
+				r.rn, r.rerr = unix.Read(int(fd), *r.rbuf)
+				if r.rerr != unix.EINTR {
+					break
+				}
+			}
+			if r.rerr == unix.EAGAIN {
+				readPool.Put(r.rbuf)
+				r.rbuf = nil
+				return false // wait until readable
+			}
+			return true
+		}
+	}
+	r.rn, r.rerr = 0, nil
+	err := r.sc.Read(r.readFn)
+	if err == nil && r.rerr != nil {
+		err = &net.OpError{Op: "read", Net: "tcp", Source: r.LocalAddr(), Addr: r.RemoteAddr(), Err: os.NewSyscallError("read", r.rerr)}
+	}
+	if err == nil && r.rn == 0 {
+		r.eof.Store(true)
+		err = io.EOF
+	}
+	if err != nil {
+		if r.rbuf != nil {
+			readPool.Put(r.rbuf)
+			r.rbuf = nil
+		}
+		return err
+	}
+	*r.rbuf = (*r.rbuf)[:r.rn]
+	r.roff = 0
+	return nil
 }
 
 func (r *rawConn) SetWriteDeadline(t time.Time) error {
