@@ -125,6 +125,11 @@ func (n *node) start(mode string, extra string) {
 	if n.capture != "" {
 		capture = n.capture
 	}
+	// The tests exercise the splice of the hops through smeshd too (off by
+	// default, see smesh.toml); TestProxyHopsNotSpliced covers the default.
+	if mode == "splice" && !strings.Contains(extra, "splice_proxy_hops") {
+		extra += "\nsplice_proxy_hops = true"
+	}
 	conf := fmt.Sprintf(`
 [capture]
 cgroups = %s

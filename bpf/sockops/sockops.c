@@ -13,6 +13,14 @@
 /* Set by smeshd before load: copy mode records original destinations but
  * splices nothing. */
 volatile const bool splice = 0;
+/* Splice the hops that have smeshd at one end (captured app <-> smeshd,
+ * smeshd <-> local server). sk_msg ingress redirect has no flow control:
+ * when the reader is slower than the sender (an upload into the tunnel) the
+ * queue grows until TCP memory runs out and the sender gets ENOMEM. Off,
+ * those hops keep TCP; direct same-node connections are spliced either way.
+ * smeshd leaves sock_ops off its own cgroup then, so only the app side of a
+ * captured hop needs the check below. */
+volatile const bool splice_proxy_hops = 0;
 
 static __always_inline void key_of(struct bpf_sock_ops *skops, struct sock_key *key)
 {
@@ -45,7 +53,8 @@ static __always_inline void established(struct bpf_sock_ops *skops, __u8 role)
 							 BPF_SOCK_OPS_STATE_CB_FLAG);
 	}
 
-	if (splice && is_local(skops->remote_ip4))
+	if (splice && is_local(skops->remote_ip4) &&
+	    (splice_proxy_hops || !(st && st->captured)))
 		/* Fails when the map is full: the connection then takes the
 		 * TCP stack, which sk_msg handles like any unspliced peer. */
 		bpf_sock_hash_update(skops, &smesh_sockhash, &key, BPF_NOEXIST);

@@ -54,6 +54,7 @@ const (
 	SockopsMapSmeshStats      = "smesh_stats"
 	SockopsProgSmeshSockops   = "smesh_sockops"
 	SockopsVarSplice          = "splice"
+	SockopsVarSpliceProxyHops = "splice_proxy_hops"
 )
 
 // LoadSockops returns the embedded CollectionSpec for Sockops.
@@ -116,7 +117,8 @@ type SockopsMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SockopsVariableSpecs struct {
-	Splice *ebpf.VariableSpec `ebpf:"splice"`
+	Splice          *ebpf.VariableSpec `ebpf:"splice"`
+	SpliceProxyHops *ebpf.VariableSpec `ebpf:"splice_proxy_hops"`
 }
 
 // SockopsObjects contains all objects after they have been loaded into the kernel.
@@ -160,7 +162,8 @@ func (m *SockopsMaps) Close() error {
 //
 // It can be passed to LoadSockopsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SockopsVariables struct {
-	Splice *ebpf.Variable `ebpf:"splice"`
+	Splice          *ebpf.Variable `ebpf:"splice"`
+	SpliceProxyHops *ebpf.Variable `ebpf:"splice_proxy_hops"`
 }
 
 // SockopsPrograms contains all programs after they have been loaded into the kernel.

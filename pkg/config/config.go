@@ -55,6 +55,9 @@ type Datapath struct {
 	// MapSize is the maximum number of entries of the sockhash and of the
 	// original-destination map.
 	MapSize uint32 `toml:"map_size"`
+	// SpliceProxyHops splices the hops with smeshd at one end too, not
+	// only direct same-node connections.
+	SpliceProxyHops bool `toml:"splice_proxy_hops"`
 }
 
 // Outbound is the local listener captured connections are redirected to.

@@ -230,16 +230,17 @@ func (d *daemon) start(ctx context.Context) error {
 		log.Warn().Str("pin_dir", cfg.Capture.PinDir).Msg("removed the pinned capture of an earlier on_failure = \"closed\" run")
 	}
 	d.dp, err = datapath.New(datapath.Options{
-		Mode:         mode,
-		ProxyAddr:    cfg.Outbound.Listen,
-		ProxyCgroup:  own,
-		Cgroups:      enrolled,
-		IncludeCIDRs: cfg.Capture.IncludeCIDRs,
-		ExcludeCIDRs: cfg.Capture.ExcludeCIDRs,
-		ExcludePorts: cfg.Capture.ExcludePorts,
-		MapSize:      cfg.Datapath.MapSize,
-		PinDir:       pinDir,
-		Logger:       log,
+		Mode:            mode,
+		ProxyAddr:       cfg.Outbound.Listen,
+		ProxyCgroup:     own,
+		Cgroups:         enrolled,
+		IncludeCIDRs:    cfg.Capture.IncludeCIDRs,
+		ExcludeCIDRs:    cfg.Capture.ExcludeCIDRs,
+		ExcludePorts:    cfg.Capture.ExcludePorts,
+		MapSize:         cfg.Datapath.MapSize,
+		SpliceProxyHops: cfg.Datapath.SpliceProxyHops,
+		PinDir:          pinDir,
+		Logger:          log,
 	})
 	if err != nil {
 		return err

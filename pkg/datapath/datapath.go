@@ -48,6 +48,9 @@ type Options struct {
 	ExcludePorts []uint16
 	// MapSize bounds the sockhash and the original-destination map.
 	MapSize uint32
+	// SpliceProxyHops splices the hops with smeshd at one end too (see
+	// splice_proxy_hops in sockops.c for what that costs).
+	SpliceProxyHops bool
 	// PinDir, when set, pins the capture there (on bpffs) so that it
 	// outlives smeshd: [capture] on_failure = "closed". Empty: everything
 	// is detached when smeshd stops or dies.
@@ -64,8 +67,9 @@ type Datapath struct {
 	// links are the cgroup attachments, by cgroup and type.
 	links map[attachment]link.Link
 	// proxyCgroup is smeshd's own cgroup.
-	proxyCgroup string
-	mode        Mode
+	proxyCgroup     string
+	mode            Mode
+	spliceProxyHops bool
 	// msgAttached: the sk_msg program is attached to the sockhash.
 	msgAttached bool
 	// pins is the locked pin directory, nil unless Options.PinDir is set.
@@ -112,7 +116,7 @@ func New(opts Options) (_ *Datapath, err error) {
 	}
 	// smeshd's own cgroup gets sock_ops (its sockets are hop ends) and
 	// getsockopt (SO_ORIGINAL_DST), never connect4.
-	d.proxyCgroup, d.mode = opts.ProxyCgroup, opts.Mode
+	d.proxyCgroup, d.mode, d.spliceProxyHops = opts.ProxyCgroup, opts.Mode, opts.SpliceProxyHops
 	if err := d.SetCapture(opts.Cgroups, opts.IncludeCIDRs, opts.ExcludeCIDRs, opts.ExcludePorts); err != nil {
 		return nil, err
 	}
@@ -132,6 +136,9 @@ func (d *Datapath) load(opts Options, proxyCgroupID uint64) error {
 	spec.Maps["smesh_orig_dst"].MaxEntries = opts.MapSize
 	if err := spec.Variables["splice"].Set(opts.Mode == ModeSplice); err != nil {
 		return fmt.Errorf("setting sockops splice: %w", err)
+	}
+	if err := spec.Variables["splice_proxy_hops"].Set(opts.SpliceProxyHops); err != nil {
+		return fmt.Errorf("setting sockops splice_proxy_hops: %w", err)
 	}
 	if err := spec.LoadAndAssign(&d.sockops, d.pinOptions(spec)); err != nil {
 		return fmt.Errorf("loading sockops: %w", d.loadError(err))
@@ -311,9 +318,13 @@ func (d *Datapath) SetCapture(cgroups []string, include, exclude []netip.Prefix,
 	if err := capture.sync(include, exclude, ports); err != nil {
 		return err
 	}
+	// smeshd's own cgroup: getsockopt answers SO_ORIGINAL_DST; sock_ops
+	// only when its sockets are to be spliced.
 	want := map[attachment]*ebpf.Program{
-		{d.proxyCgroup, ebpf.AttachCGroupSockOps}:    d.sockops.SmeshSockops,
 		{d.proxyCgroup, ebpf.AttachCGroupGetsockopt}: d.connect.SmeshGetsockopt,
+	}
+	if d.spliceProxyHops {
+		want[attachment{d.proxyCgroup, ebpf.AttachCGroupSockOps}] = d.sockops.SmeshSockops
 	}
 	for _, cg := range cgroups {
 		want[attachment{cg, ebpf.AttachCGroupSockOps}] = d.sockops.SmeshSockops
