@@ -127,8 +127,9 @@ func (n *node) start(mode string, extra string) {
 	}
 	// The tests exercise the splice of the hops through smeshd too (off by
 	// default, see smesh.toml); TestProxyHopsNotSpliced covers the default.
+	// First, so that it stays in [datapath] when extra opens tables.
 	if mode == "splice" && !strings.Contains(extra, "splice_proxy_hops") {
-		extra += "\nsplice_proxy_hops = true"
+		extra = "splice_proxy_hops = true\n" + extra
 	}
 	conf := fmt.Sprintf(`
 [capture]
