@@ -1,8 +1,9 @@
 // Command smesh-demo shows smesh at work on one machine (`sudo make demo`):
 // two nodes (network namespaces joined by a veth pair), smeshd on each with
 // certificates from `smeshd certs init`, nginx on each in the mesh, and curl
-// requests across the nodes (captured, spliced to smeshd, carried by the
-// mTLS tunnel, spliced to nginx) and within each node (spliced, no proxy).
+// requests across the nodes (captured, relayed by smeshd through the mTLS
+// tunnel to the other node's smeshd, which delivers to nginx) and within
+// each node (spliced, no proxy).
 // It prints what happened from smeshd's own logs and BPF counters, and
 // removes everything it made, also when interrupted.
 package main
@@ -422,7 +423,11 @@ func report(n *node) error {
 	if err != nil {
 		return err
 	}
-	say("   node %s: spliced in the kernel (sk_msg, counted in BPF): %s", n.name, bytesOf(total-n.splicedWas))
+	note := ""
+	if total == n.splicedWas {
+		note = " (the hops through smeshd keep TCP's flow control: datapath.splice_proxy_hops is off)"
+	}
+	say("   node %s: spliced in the kernel (sk_msg, counted in BPF): %s%s", n.name, bytesOf(total-n.splicedWas), note)
 	n.splicedWas = total
 	return nil
 }
