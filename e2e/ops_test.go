@@ -104,6 +104,12 @@ func TestAdminAndMetrics(t *testing.T) {
 	if v := metric(t, text, "smesh_bytes_total", map[string]string{"path": "splice", "direction": "tx"}); v < 3000000 {
 		t.Errorf("smesh_bytes_total{path=splice,direction=tx} = %v, want >= 3000000", v)
 	}
+	if v := metric(t, text, "smesh_tls_handshakes_total", map[string]string{"role": "client", "result": "ok"}); v < 1 {
+		t.Errorf("smesh_tls_handshakes_total{role=client,result=ok} = %v, want >= 1", v)
+	}
+	if v := metric(t, text, "smesh_certificate_expiry_seconds", nil); v < float64(time.Now().Unix()) {
+		t.Errorf("smesh_certificate_expiry_seconds = %v, want a time in the future", v)
+	}
 	if code, body := a.admin("/debug/connections"); code != 200 || !strings.Contains(body, "connections") {
 		t.Errorf("/debug/connections: %d %q", code, body)
 	}

@@ -128,7 +128,10 @@ func (c *Client) dial(ctx context.Context, dst netip.AddrPort) (*Conn, Reason, e
 			cfg.ClientSessionCache = nil
 		}
 		tc = tls.Client(raw, cfg)
-		if err := tc.HandshakeContext(ctx); err != nil {
+		start := time.Now()
+		err := tc.HandshakeContext(ctx)
+		c.stats.handshake("client", tc, err, start)
+		if err != nil {
 			return fail(ReasonPeerHandshake, fmt.Errorf("TLS handshake with tunnel peer %s: %w", peer, err))
 		}
 	}

@@ -257,8 +257,10 @@ func (s *Server) accept(ctx context.Context, raw *rawConn) (*Conn, netip.AddrPor
 	if s.tlsCfg != nil {
 		tc = tls.Server(raw, s.tlsCfg)
 		hctx, cancel := context.WithDeadline(ctx, deadline)
+		start := time.Now()
 		err := tc.HandshakeContext(hctx)
 		cancel()
+		s.o.Stats.handshake("server", tc, err, start)
 		if err != nil {
 			return nil, netip.AddrPort{}, &refusal{handshakeReason(err), err}
 		}

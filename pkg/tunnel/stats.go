@@ -1,6 +1,7 @@
 package tunnel
 
 import (
+	"crypto/tls"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -115,6 +116,15 @@ type Observer interface {
 	ConnOpened(path string)
 	ConnClosed(path string, tx, rx int64)
 	TunnelError(reason string)
+	// Handshake: role "client" or "server".
+	Handshake(role string, ok, resumed bool, d time.Duration)
+}
+
+// handshake reports one TLS handshake to the observer, if any.
+func (s *Stats) handshake(role string, tc *tls.Conn, err error, start time.Time) {
+	if s.Observer != nil {
+		s.Observer.Handshake(role, err == nil, err == nil && tc.ConnectionState().DidResume, time.Since(start))
+	}
 }
 
 // PathStats count one direction of tunnel connections. Tx is what this node
