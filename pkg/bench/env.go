@@ -211,7 +211,7 @@ func (e *modeEnv) startSmeshd(ctx context.Context, exe string, n benchNode, name
 		cgs = append(cgs, fmt.Sprintf("%q", rel))
 	}
 	conf := fmt.Sprintf("[capture]\ncgroups = [%s]\n[datapath]\nmode = %q\n[log]\nlevel = \"warn\"\nformat = \"json\"\n"+
-		"[tunnel.tls]\ncert = %q\nkey = %q\nca = %q\n",
+		"[tunnel]\nmax_connections = 65536\n[tunnel.tls]\ncert = %q\nkey = %q\nca = %q\n",
 		strings.Join(cgs, ", "), dpMode,
 		filepath.Join(tlsDir, name+".crt"), filepath.Join(tlsDir, name+".key"), filepath.Join(tlsDir, "ca.crt"))
 	path := filepath.Join(e.dir, name+".toml")

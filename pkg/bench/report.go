@@ -113,7 +113,7 @@ func (r *Report) WriteTable(w io.Writer) {
 				continue
 			}
 			rss := "-"
-			if h.Mode != "direct" {
+			if h.Mode != baseline(h.Mode) {
 				rss = fmt.Sprintf("%.1f", h.SmeshdRSSMiB)
 			}
 			fmt.Fprintf(tw, "%s\t%d\t%s\t%.0f\t\n", h.Mode, h.Conns, rss, h.KernelBytesPerConn)
