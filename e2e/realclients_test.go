@@ -3,12 +3,12 @@ package e2e
 import (
 	"bytes"
 	"crypto/rand"
-	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
 	"time"
 
+	"github.com/smesh-dev/smesh/pkg/sandbox"
 	"github.com/smesh-dev/smesh/pkg/testenv"
 )
 
@@ -27,29 +27,11 @@ func TestCurlNginx(t *testing.T) {
 			if err := os.WriteFile(filepath.Join(dir, "blob"), blob, 0o644); err != nil {
 				t.Fatal(err)
 			}
-			conf := fmt.Sprintf(`user root;
-master_process off; # one process: the test stops it by its PID
-daemon off;
-pid %[1]s/nginx.pid;
-error_log stderr;
-events {}
-http {
-	access_log off;
-	client_body_temp_path %[1]s;
-	proxy_temp_path %[1]s;
-	fastcgi_temp_path %[1]s;
-	uwsgi_temp_path %[1]s;
-	scgi_temp_path %[1]s;
-	server {
-		listen 127.0.0.1:8080;
-		root %[1]s;
-	}
-}
-`, dir)
-			if err := os.WriteFile(filepath.Join(dir, "nginx.conf"), []byte(conf), 0o644); err != nil {
+			conf, err := sandbox.WriteNginxConfig(dir, "127.0.0.1:8080")
+			if err != nil {
 				t.Fatal(err)
 			}
-			testenv.StartProcess(t, n.enrolled, n.ns.Name, nginx, "-p", dir, "-c", filepath.Join(dir, "nginx.conf"))
+			testenv.StartProcess(t, n.enrolled, n.ns.Name, nginx, "-p", dir, "-c", conf)
 			n.start(mode, "")
 			before := n.stats()
 			out := filepath.Join(dir, "got")

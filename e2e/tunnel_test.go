@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/smesh-dev/smesh/pkg/certs"
+	"github.com/smesh-dev/smesh/pkg/sandbox"
 	"github.com/smesh-dev/smesh/pkg/testenv"
 	"github.com/smesh-dev/smesh/pkg/tunnel"
 )
@@ -126,10 +127,11 @@ func TestTunnelCurlNginx(t *testing.T) {
 		t.Fatal(err)
 	}
 	listen := netip.AddrPortFrom(addrB, 8080)
-	if err := os.WriteFile(filepath.Join(dir, "nginx.conf"), []byte(nginxConf(dir, listen.String())), 0o644); err != nil {
+	conf, err := sandbox.WriteNginxConfig(dir, listen.String())
+	if err != nil {
 		t.Fatal(err)
 	}
-	testenv.StartProcess(t, b.enrolled, b.ns.Name, nginx, "-p", dir, "-c", filepath.Join(dir, "nginx.conf"))
+	testenv.StartProcess(t, b.enrolled, b.ns.Name, nginx, "-p", dir, "-c", conf)
 	out := filepath.Join(dir, "got")
 	var h *testenv.Helper
 	for range 50 { // nginx may still be starting
@@ -152,28 +154,6 @@ func TestTunnelCurlNginx(t *testing.T) {
 	if !strings.Contains(b.smeshd.Stderr(), `"message":"tunnel connection done"`) {
 		t.Error("node b's smeshd logged no tunnel connection")
 	}
-}
-
-func nginxConf(dir, listen string) string {
-	return fmt.Sprintf(`user root;
-master_process off; # one process: the test stops it by its PID
-daemon off;
-pid %[1]s/nginx.pid;
-error_log stderr;
-events {}
-http {
-	access_log off;
-	client_body_temp_path %[1]s;
-	proxy_temp_path %[1]s;
-	fastcgi_temp_path %[1]s;
-	uwsgi_temp_path %[1]s;
-	scgi_temp_path %[1]s;
-	server {
-		listen %[2]s;
-		root %[1]s;
-	}
-}
-`, dir, listen)
 }
 
 // sniffer reads every frame on one interface of a node through an

@@ -335,27 +335,8 @@ func (d *demo) startNginx(n *node, blob []byte) error {
 	if err := os.WriteFile(filepath.Join(root, "demo.bin"), blob, 0o644); err != nil {
 		return err
 	}
-	conf := fmt.Sprintf(`user root;
-master_process off;
-daemon off;
-pid %[1]s/nginx.pid;
-error_log stderr;
-events {}
-http {
-	access_log off;
-	client_body_temp_path %[1]s;
-	proxy_temp_path %[1]s;
-	fastcgi_temp_path %[1]s;
-	uwsgi_temp_path %[1]s;
-	scgi_temp_path %[1]s;
-	server {
-		listen %[2]s:8080;
-		root %[1]s;
-	}
-}
-`, root, n.addr)
-	confPath := filepath.Join(root, "nginx.conf")
-	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
+	confPath, err := sandbox.WriteNginxConfig(root, n.addr.String()+":8080")
+	if err != nil {
 		return err
 	}
 	var stderr bytes.Buffer
