@@ -141,11 +141,19 @@ func Run(ctx context.Context, opts Options) (err error) {
 		defer t.Stop()
 		watchdog = t.C
 	}
+	// The certificate may be rotated while smeshd runs (its files are
+	// re-read on handshakes): keep the expiry metric current.
+	certCheck := time.NewTicker(time.Minute)
+	defer certCheck.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			d.drain()
 			return nil
+		case <-certCheck.C:
+			if d.tun.Credentials != nil {
+				d.metrics.CertExpiry(d.cfg.Tunnel.TLS.Cert, d.tun.Credentials.NotAfter())
+			}
 		case <-hup:
 			d.opts.Notify("RELOADING=1")
 			d.reload()
