@@ -34,8 +34,8 @@ func attached(t *testing.T, cgroup string, typ ebpf.AttachType) int {
 // leaves nothing attached, and new connections go out directly.
 func TestKilledOpen(t *testing.T) {
 	a, _, server := twoNodes(t, "splice", "")
-	if _, _, remote := peerOf(a, a.enrolled, server); remote.String() != "127.0.0.1:18000" {
-		t.Fatalf("not captured while smeshd runs: connected to %s", remote)
+	if !captured(a, a.enrolled, server) {
+		t.Fatal("not captured while smeshd runs")
 	}
 	a.smeshd.Stop() // SIGKILL
 	for _, typ := range []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupSockOps} {
@@ -43,8 +43,8 @@ func TestKilledOpen(t *testing.T) {
 			t.Errorf("%d %s programs still attached after kill -9", n, typ)
 		}
 	}
-	if _, _, remote := peerOf(a, a.enrolled, server); remote.String() != server {
-		t.Errorf("after kill -9 a new connection went to %s, want %s directly", remote, server)
+	if captured(a, a.enrolled, server) {
+		t.Errorf("after kill -9 a new connection was still captured")
 	}
 }
 
@@ -84,8 +84,8 @@ func TestKilledClosed(t *testing.T) {
 	a.client(a.enrolled, "refused", server)
 
 	a.start("splice", "")
-	if _, _, remote := peerOf(a, a.enrolled, server); remote.String() != "127.0.0.1:18000" {
-		t.Errorf("restarted smeshd does not capture: connected to %s", remote)
+	if !captured(a, a.enrolled, server) {
+		t.Error("restarted smeshd does not capture")
 	}
 	a.client(a.enrolled, "echo", server, "1000000")
 	if n := attached(t, a.enrolled, ebpf.AttachCGroupInet4Connect); n != 1 {

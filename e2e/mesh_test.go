@@ -206,6 +206,19 @@ func (n *node) stats() spliceStats {
 	return s
 }
 
+// captured reports whether a connection from cgroup cg to addr went
+// through smeshd: the server then sees another connection than the one the
+// client made. Either way the client must see addr as its peer (smesh's
+// getpeername4 hides the capture).
+func captured(n *node, cg, addr string) bool {
+	n.t.Helper()
+	saw, local, remote := peerOf(n, cg, addr)
+	if remote.String() != addr {
+		n.t.Errorf("client's peer is %s, want %s (the address it connected to)", remote, addr)
+	}
+	return saw != local
+}
+
 // peerOf runs the "peer" scenario and parses its report.
 func peerOf(n *node, cg, addr string) (serverSaw, local, remote netip.AddrPort) {
 	n.t.Helper()

@@ -142,8 +142,8 @@ func TestReload(t *testing.T) {
 	}
 
 	reload(string(good) + "\n[bogus]\nkey = 1\n")
-	if _, _, remote := peerOf(a, a.enrolled, server); remote.String() != "127.0.0.1:18000" {
-		t.Errorf("after a rejected reload, capture changed: connected to %s", remote)
+	if !captured(a, a.enrolled, server) {
+		t.Error("after a rejected reload, capture changed")
 	}
 	_, text := a.admin("/metrics")
 	if v := metric(t, text, "smesh_config_reloads_total", map[string]string{"result": "error"}); v != 1 {
@@ -153,8 +153,8 @@ func TestReload(t *testing.T) {
 	// Exclude the server's port: new connections to it go direct.
 	port := server[strings.LastIndex(server, ":")+1:]
 	reload(strings.Replace(string(good), "[capture]\n", "[capture]\nexclude_ports = ["+port+"]\n", 1))
-	if _, _, remote := peerOf(a, a.enrolled, server); remote.String() != server {
-		t.Errorf("after excluding port %s, a new connection went to %s", port, remote)
+	if captured(a, a.enrolled, server) {
+		t.Errorf("after excluding port %s, a new connection was still captured", port)
 	}
 	_, text = a.admin("/metrics")
 	if v := metric(t, text, "smesh_config_reloads_total", map[string]string{"result": "ok"}); v != 1 {
@@ -182,8 +182,8 @@ func TestDrain(t *testing.T) {
 		t.Fatal("smeshd exited without draining its relayed connection")
 	default:
 	}
-	if _, _, remote := peerOf(a, a.enrolled, server); remote.String() != server {
-		t.Errorf("while draining, a new connection was captured (went to %s)", remote)
+	if captured(a, a.enrolled, server) {
+		t.Error("while draining, a new connection was captured")
 	}
 	if err := long.Wait(); err != nil {
 		t.Errorf("relayed connection during the drain: %v\n%s", err, long.Stderr())

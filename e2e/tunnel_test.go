@@ -56,9 +56,9 @@ func TestTunnel(t *testing.T) {
 					addr := netip.AddrPortFrom(dir.serverAddr, 9000).String()
 					sv.server(sv.enrolled, addr)
 
-					saw, _, remote := peerOf(cl, cl.enrolled, addr)
-					if remote.String() != "127.0.0.1:18000" {
-						t.Fatalf("client connected to %s, want smeshd's outbound listener", remote)
+					saw, local, remote := peerOf(cl, cl.enrolled, addr)
+					if remote.String() != addr || saw == local {
+						t.Fatalf("client's peer %s, server saw %s, client %s: want captured (the server sees smeshd), the client seeing %s", remote, saw, local, addr)
 					}
 					if saw.Addr() != dir.serverAddr {
 						t.Fatalf("server saw the connection from %s, want its own node's smeshd at %s", saw, dir.serverAddr)

@@ -39,6 +39,21 @@ int smesh_connect4(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
+/* A captured app asking for its peer gets the destination it connected to,
+ * not smeshd's listener: capture stays invisible to the app. */
+SEC("cgroup/getpeername4")
+int smesh_getpeername4(struct bpf_sock_addr *ctx)
+{
+	struct sock_state *st;
+
+	st = bpf_sk_storage_get(&smesh_sk_state, ctx->sk, 0, 0);
+	if (st && st->captured) {
+		ctx->user_ip4 = st->orig.ip4;
+		ctx->user_port = bpf_htons(st->orig.port);
+	}
+	return 1;
+}
+
 SEC("cgroup/getsockopt")
 int smesh_getsockopt(struct bpf_sockopt *ctx)
 {

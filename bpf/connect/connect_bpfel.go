@@ -53,20 +53,21 @@ type ConnectSpliceStats struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	ConnectMapSmeshExclude      = "smesh_exclude"
-	ConnectMapSmeshExcludePorts = "smesh_exclude_ports"
-	ConnectMapSmeshInclude      = "smesh_include"
-	ConnectMapSmeshLocalAddrs   = "smesh_local_addrs"
-	ConnectMapSmeshOrigDst      = "smesh_orig_dst"
-	ConnectMapSmeshSkState      = "smesh_sk_state"
-	ConnectMapSmeshSockhash     = "smesh_sockhash"
-	ConnectMapSmeshStats        = "smesh_stats"
-	ConnectProgSmeshConnect4    = "smesh_connect4"
-	ConnectProgSmeshGetsockopt  = "smesh_getsockopt"
-	ConnectVarCaptureLocal      = "capture_local"
-	ConnectVarProxyCgroup       = "proxy_cgroup"
-	ConnectVarProxyIp4          = "proxy_ip4"
-	ConnectVarProxyPort         = "proxy_port"
+	ConnectMapSmeshExclude       = "smesh_exclude"
+	ConnectMapSmeshExcludePorts  = "smesh_exclude_ports"
+	ConnectMapSmeshInclude       = "smesh_include"
+	ConnectMapSmeshLocalAddrs    = "smesh_local_addrs"
+	ConnectMapSmeshOrigDst       = "smesh_orig_dst"
+	ConnectMapSmeshSkState       = "smesh_sk_state"
+	ConnectMapSmeshSockhash      = "smesh_sockhash"
+	ConnectMapSmeshStats         = "smesh_stats"
+	ConnectProgSmeshConnect4     = "smesh_connect4"
+	ConnectProgSmeshGetpeername4 = "smesh_getpeername4"
+	ConnectProgSmeshGetsockopt   = "smesh_getsockopt"
+	ConnectVarCaptureLocal       = "capture_local"
+	ConnectVarProxyCgroup        = "proxy_cgroup"
+	ConnectVarProxyIp4           = "proxy_ip4"
+	ConnectVarProxyPort          = "proxy_port"
 )
 
 // LoadConnect returns the embedded CollectionSpec for Connect.
@@ -111,8 +112,9 @@ type ConnectSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type ConnectProgramSpecs struct {
-	SmeshConnect4   *ebpf.ProgramSpec `ebpf:"smesh_connect4"`
-	SmeshGetsockopt *ebpf.ProgramSpec `ebpf:"smesh_getsockopt"`
+	SmeshConnect4     *ebpf.ProgramSpec `ebpf:"smesh_connect4"`
+	SmeshGetpeername4 *ebpf.ProgramSpec `ebpf:"smesh_getpeername4"`
+	SmeshGetsockopt   *ebpf.ProgramSpec `ebpf:"smesh_getsockopt"`
 }
 
 // ConnectMapSpecs contains maps before they are loaded into the kernel.
@@ -196,13 +198,15 @@ type ConnectVariables struct {
 //
 // It can be passed to LoadConnectObjects or ebpf.CollectionSpec.LoadAndAssign.
 type ConnectPrograms struct {
-	SmeshConnect4   *ebpf.Program `ebpf:"smesh_connect4"`
-	SmeshGetsockopt *ebpf.Program `ebpf:"smesh_getsockopt"`
+	SmeshConnect4     *ebpf.Program `ebpf:"smesh_connect4"`
+	SmeshGetpeername4 *ebpf.Program `ebpf:"smesh_getpeername4"`
+	SmeshGetsockopt   *ebpf.Program `ebpf:"smesh_getsockopt"`
 }
 
 func (p *ConnectPrograms) Close() error {
 	return _ConnectClose(
 		p.SmeshConnect4,
+		p.SmeshGetpeername4,
 		p.SmeshGetsockopt,
 	)
 }

@@ -332,12 +332,13 @@ func (d *Datapath) SetCapture(cgroups []string, include, exclude []netip.Prefix,
 	// connect4 last: a cgroup is captured only once its sockets are seen
 	// by sock_ops.
 	for _, cg := range cgroups {
+		want[attachment{cg, ebpf.AttachCgroupInet4GetPeername}] = d.connect.SmeshGetpeername4
 		want[attachment{cg, ebpf.AttachCGroupInet4Connect}] = d.connect.SmeshConnect4
 	}
 	if d.links == nil {
 		d.links = make(map[attachment]link.Link)
 	}
-	for _, typ := range []ebpf.AttachType{ebpf.AttachCGroupSockOps, ebpf.AttachCGroupGetsockopt, ebpf.AttachCGroupInet4Connect} {
+	for _, typ := range []ebpf.AttachType{ebpf.AttachCGroupSockOps, ebpf.AttachCGroupGetsockopt, ebpf.AttachCgroupInet4GetPeername, ebpf.AttachCGroupInet4Connect} {
 		for a, prog := range want {
 			if a.typ != typ || d.links[a] != nil {
 				continue
@@ -483,7 +484,7 @@ func (d *Datapath) Close() error {
 	d.closed = true
 	var errs []error
 	// connect4 first, so nothing is captured once the rest is gone.
-	for _, typ := range []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupGetsockopt, ebpf.AttachCGroupSockOps} {
+	for _, typ := range []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCgroupInet4GetPeername, ebpf.AttachCGroupGetsockopt, ebpf.AttachCGroupSockOps} {
 		for a, l := range d.links {
 			if a.typ == typ {
 				// Closing a pinned link leaves it attached, by design.
