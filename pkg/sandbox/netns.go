@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"os"
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
@@ -177,4 +178,28 @@ func routeHandle(ns netns.NsHandle) (*netlink.Handle, error) {
 		return nil, fmt.Errorf("opening rtnetlink: %w", err)
 	}
 	return h, nil
+}
+
+// StrayThreads lists the threads of this process that are not in the
+// network namespace want (a /proc/self/ns/net link, e.g. "net:[4026531840]").
+// Tests use it to show that switching namespaces leaves no thread behind.
+func StrayThreads(want string) ([]string, error) {
+	tasks, err := os.ReadDir("/proc/self/task")
+	if err != nil {
+		return nil, err
+	}
+	var stray []string
+	for _, task := range tasks {
+		ns, err := os.Readlink(filepath.Join("/proc/self/task", task.Name(), "ns/net"))
+		if errors.Is(err, fs.ErrNotExist) {
+			continue // the thread exited meanwhile
+		}
+		if err != nil {
+			return nil, err
+		}
+		if ns != want {
+			stray = append(stray, fmt.Sprintf("thread %s in %s", task.Name(), ns))
+		}
+	}
+	return stray, nil
 }

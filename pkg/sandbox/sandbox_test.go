@@ -321,21 +321,12 @@ func netnsOfPath(t *testing.T, path string) string {
 // another network namespace than the one it started in.
 func checkThreadsHome(t *testing.T) {
 	t.Helper()
-	tasks, err := os.ReadDir("/proc/self/task")
+	stray, err := sandbox.StrayThreads(testNetns)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, task := range tasks {
-		ns, err := os.Readlink(filepath.Join("/proc/self/task", task.Name(), "ns/net"))
-		if errors.Is(err, fs.ErrNotExist) {
-			continue // the thread exited meanwhile
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		if ns != testNetns {
-			t.Errorf("thread %s is in network namespace %s, the test started in %s", task.Name(), ns, testNetns)
-		}
+	for _, s := range stray {
+		t.Errorf("%s, the test started in %s", s, testNetns)
 	}
 }
 
