@@ -19,7 +19,6 @@ func TestCurlNginx(t *testing.T) {
 		t.Run(mode, func(t *testing.T) {
 			testenv.RequirePrivileged(t)
 			nginx := testenv.RequireCommand(t, "nginx")
-			curl := testenv.RequireCommand(t, "curl")
 			n := newNode(t)
 			dir := t.TempDir()
 			blob := make([]byte, 32<<20)
@@ -34,25 +33,7 @@ func TestCurlNginx(t *testing.T) {
 			testenv.StartProcess(t, n.enrolled, n.ns.Name, nginx, "-p", dir, "-c", conf)
 			n.start(mode, "")
 			before := n.stats()
-			out := filepath.Join(dir, "got")
-			var h *testenv.Helper
-			for range 50 { // nginx may still be starting
-				h = testenv.StartProcess(t, n.enrolled, n.ns.Name, curl, "-sS", "--fail", "-o", out, "http://127.0.0.1:8080/blob")
-				if h.Wait() == nil {
-					break
-				}
-				time.Sleep(100 * time.Millisecond)
-			}
-			if err := h.Wait(); err != nil {
-				t.Fatalf("curl: %v %s", err, h.Stderr())
-			}
-			got, err := os.ReadFile(out)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if !bytes.Equal(got, blob) {
-				t.Fatalf("curl got %d bytes that differ from nginx's %d-byte file", len(got), len(blob))
-			}
+			curlFile(t, n, n.enrolled, "http://127.0.0.1:8080/blob", blob)
 			moved := n.stats().bytes - before.bytes
 			if mode == "splice" && moved < uint64(len(blob)) {
 				t.Errorf("spliced %d bytes, want at least %d", moved, len(blob))
@@ -83,5 +64,31 @@ func TestIperf3Spliced(t *testing.T) {
 	}
 	if moved := n.stats().bytes - before.bytes; moved < 256<<20 {
 		t.Errorf("spliced %d bytes, want at least %d", moved, 256<<20)
+	}
+}
+
+// curlFile downloads url with curl in cgroup cg of node n, retrying while
+// the server starts, and fails the test unless it gets exactly want.
+func curlFile(t *testing.T, n *node, cg, url string, want []byte) {
+	t.Helper()
+	curl := testenv.RequireCommand(t, "curl")
+	out := filepath.Join(t.TempDir(), "got")
+	var h *testenv.Helper
+	for range 50 { // the server may still be starting
+		h = testenv.StartProcess(t, cg, n.ns.Name, curl, "-sS", "--fail", "-o", out, url)
+		if h.Wait() == nil {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if err := h.Wait(); err != nil {
+		t.Fatalf("curl %s: %v %s", url, err, h.Stderr())
+	}
+	got, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatalf("curl got %d bytes that differ from the server's %d-byte file", len(got), len(want))
 	}
 }

@@ -118,7 +118,6 @@ func TestTunnel(t *testing.T) {
 func TestTunnelCurlNginx(t *testing.T) {
 	testenv.RequirePrivileged(t)
 	nginx := testenv.RequireCommand(t, "nginx")
-	curl := testenv.RequireCommand(t, "curl")
 	a, b, _, addrB := meshPair(t, "splice", "", "")
 	dir := t.TempDir()
 	blob := make([]byte, 32<<20)
@@ -132,25 +131,7 @@ func TestTunnelCurlNginx(t *testing.T) {
 		t.Fatal(err)
 	}
 	testenv.StartProcess(t, b.enrolled, b.ns.Name, nginx, "-p", dir, "-c", conf)
-	out := filepath.Join(dir, "got")
-	var h *testenv.Helper
-	for range 50 { // nginx may still be starting
-		h = testenv.StartProcess(t, a.enrolled, a.ns.Name, curl, "-sS", "--fail", "-o", out, "http://"+listen.String()+"/blob")
-		if h.Wait() == nil {
-			break
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	if err := h.Wait(); err != nil {
-		t.Fatalf("curl: %v %s", err, h.Stderr())
-	}
-	got, err := os.ReadFile(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(got, blob) {
-		t.Fatalf("curl got %d bytes that differ from nginx's %d-byte file", len(got), len(blob))
-	}
+	curlFile(t, a, a.enrolled, "http://"+listen.String()+"/blob", blob)
 	if !strings.Contains(b.smeshd.Stderr(), `"message":"tunnel connection done"`) {
 		t.Error("node b's smeshd logged no tunnel connection")
 	}

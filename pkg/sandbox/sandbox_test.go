@@ -23,6 +23,7 @@ import (
 
 	"github.com/smesh-dev/smesh/pkg/cgroups"
 	"github.com/smesh-dev/smesh/pkg/sandbox"
+	"github.com/smesh-dev/smesh/pkg/testenv"
 )
 
 // testNetns is the network namespace the test binary started in; no thread
@@ -330,26 +331,14 @@ func checkThreadsHome(t *testing.T) {
 	}
 }
 
-// requireRoot returns the cgroup v2 mount, or skips t when it cannot make
-// namespaces and cgroups: fails it instead when SMESH_REQUIRE_PRIVILEGED=1.
-// (pkg/testenv has the full check for kernel tests, BTF included, which
-// these do not need.)
+// requireRoot returns the cgroup v2 mount, or skips t (fails it with
+// SMESH_REQUIRE_PRIVILEGED=1) when it cannot make namespaces and cgroups.
 func requireRoot(t *testing.T) string {
 	t.Helper()
-	var missing []string
-	if euid := os.Geteuid(); euid != 0 {
-		missing = append(missing, fmt.Sprintf("root (running as euid %d)", euid))
-	}
+	testenv.RequirePrivileged(t)
 	mount, err := cgroups.Mount()
 	if err != nil {
-		missing = append(missing, err.Error())
-	}
-	if len(missing) > 0 {
-		msg := "test needs " + strings.Join(missing, "; ")
-		if os.Getenv("SMESH_REQUIRE_PRIVILEGED") == "1" {
-			t.Fatal(msg + " (failing instead of skipping: SMESH_REQUIRE_PRIVILEGED=1)")
-		}
-		t.Skip(msg)
+		t.Fatal(err)
 	}
 	return mount
 }
