@@ -132,8 +132,9 @@ func TestTunnelCurlNginx(t *testing.T) {
 	}
 	testenv.StartProcess(t, b.enrolled, b.ns.Name, nginx, "-p", dir, "-c", conf)
 	curlFile(t, a, a.enrolled, "http://"+listen.String()+"/blob", blob)
-	if !strings.Contains(b.smeshd.Stderr(), `"message":"tunnel connection done"`) {
-		t.Error("node b's smeshd logged no tunnel connection")
+	_, text := b.admin("/metrics")
+	if v := metric(t, text, "smesh_connections_total", map[string]string{"path": "tunnel_in"}); v < 1 {
+		t.Errorf("node b counted %v incoming tunnel connections, want at least 1", v)
 	}
 }
 
