@@ -140,8 +140,16 @@ func dial(addr string) (*net.TCPConn, error) {
 	return c.(*net.TCPConn), nil
 }
 
-// oneWay sends n bytes, half-closes, and checks the server's count and digest.
+// oneWay sends n bytes of stream(seed), half-closes, and checks the
+// server's count and digest.
 func oneWay(addr string, n int64, seed uint64, cmd byte) error {
+	return sendChecked(addr, n, cmd, func() io.Reader { return stream(seed) })
+}
+
+// sendChecked sends n bytes from data() (a fresh reader per call, the same
+// bytes each time) after the command byte, half-closes, and checks the
+// server's count and digest.
+func sendChecked(addr string, n int64, cmd byte, data func() io.Reader) error {
 	c, err := dial(addr)
 	if err != nil {
 		return err
@@ -150,7 +158,7 @@ func oneWay(addr string, n int64, seed uint64, cmd byte) error {
 	if _, err := c.Write([]byte{cmd}); err != nil {
 		return err
 	}
-	if _, err := io.CopyN(plainWriter{c}, stream(seed), n); err != nil {
+	if _, err := io.CopyN(plainWriter{c}, data(), n); err != nil {
 		return fmt.Errorf("sending: %w", err)
 	}
 	if err := c.CloseWrite(); err != nil {
@@ -164,7 +172,9 @@ func oneWay(addr string, n int64, seed uint64, cmd byte) error {
 	if got := int64(binary.BigEndian.Uint64(ans[:8])); got != n {
 		return fmt.Errorf("server received %d bytes, sent %d", got, n)
 	}
-	if !bytes.Equal(ans[8:], digestOf(n, seed)) {
+	h := sha256.New()
+	io.CopyN(h, data(), n)
+	if !bytes.Equal(ans[8:], h.Sum(nil)) {
 		return errors.New("server received different bytes than sent")
 	}
 	return expectEOF(c)
@@ -332,31 +342,7 @@ func (m *markerReader) Read(p []byte) (int, error) {
 // sendMarker sends n bytes of repeated Marker, half-closes, and checks the
 // server's count and digest.
 func sendMarker(addr string, n int64) error {
-	c, err := dial(addr)
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	if _, err := c.Write([]byte{cmdSink}); err != nil {
-		return err
-	}
-	if _, err := io.CopyN(plainWriter{c}, &markerReader{}, n); err != nil {
-		return fmt.Errorf("sending: %w", err)
-	}
-	if err := c.CloseWrite(); err != nil {
-		return err
-	}
-	c.SetReadDeadline(time.Now().Add(60 * time.Second))
-	var ans [8 + sha256.Size]byte
-	if _, err := io.ReadFull(c, ans[:]); err != nil {
-		return fmt.Errorf("reading the server's digest: %w", err)
-	}
-	h := sha256.New()
-	io.CopyN(h, &markerReader{}, n)
-	if got := int64(binary.BigEndian.Uint64(ans[:8])); got != n || !bytes.Equal(ans[8:], h.Sum(nil)) {
-		return fmt.Errorf("server received %d bytes or different ones, sent %d", got, n)
-	}
-	return expectEOF(c)
+	return sendChecked(addr, n, cmdSink, func() io.Reader { return &markerReader{} })
 }
 
 // concurrent runs conns transfers at once, random sizes up to maxSize.

@@ -322,7 +322,7 @@ func (d *daemon) spliceCounters() (metrics.SpliceCounters, error) {
 	if err != nil {
 		return metrics.SpliceCounters{}, err
 	}
-	sockets, _, err := d.dp.MapCounts()
+	sockets, err := d.dp.SplicedSockets()
 	if err != nil {
 		return metrics.SpliceCounters{}, err
 	}

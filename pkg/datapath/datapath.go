@@ -451,27 +451,21 @@ func (d *Datapath) Stats() (Stats, error) {
 	return s, nil
 }
 
-// MapCounts reports how many entries the sockhash and the original
-// destination map hold (for tests and debugging; it walks both maps).
-func (d *Datapath) MapCounts() (sockhash, origDst int, err error) {
+// SplicedSockets counts the sockets in the sockhash: both ends of every
+// spliced hop. It walks the map, one syscall per entry, so it is for
+// scrapes, not the data path.
+func (d *Datapath) SplicedSockets() (int, error) {
 	var key sockops.SockopsSockKey
 	var cookie uint64
+	n := 0
 	it := d.sockops.SmeshSockhash.Iterate()
 	for it.Next(&key, &cookie) {
-		sockhash++
+		n++
 	}
 	if err := it.Err(); err != nil {
-		return 0, 0, fmt.Errorf("walking sockhash: %w", err)
+		return 0, fmt.Errorf("walking sockhash: %w", err)
 	}
-	var orig sockops.SockopsOrigDst
-	it = d.sockops.SmeshOrigDst.Iterate()
-	for it.Next(&key, &orig) {
-		origDst++
-	}
-	if err := it.Err(); err != nil {
-		return 0, 0, fmt.Errorf("walking original destinations: %w", err)
-	}
-	return sockhash, origDst, nil
+	return n, nil
 }
 
 // Close detaches and unloads everything, except a pinned capture, which

@@ -32,6 +32,7 @@ type watched struct {
 	count *atomic.Int64
 	idle  *activity // nil: no timeout
 	dl    deadliner
+	armed time.Time // when the read deadline was last set
 }
 
 // watch wraps c; idle nil (or a c without read deadlines) means no timeout.
@@ -45,8 +46,14 @@ func watch(c Conn, count *atomic.Int64, idle *activity) Conn {
 
 func (w *watched) Read(p []byte) (int, error) {
 	for {
+		// Re-arming the deadline on every read would cost a timer update
+		// per read; an eighth of the timeout late is close enough, and a
+		// deadline that fires early is checked against idleFor below.
 		if w.idle != nil {
-			w.dl.SetReadDeadline(time.Now().Add(w.idle.timeout))
+			if now := time.Now(); now.Sub(w.armed) > w.idle.timeout/8 {
+				w.dl.SetReadDeadline(now.Add(w.idle.timeout))
+				w.armed = now
+			}
 		}
 		n, err := w.Conn.Read(p)
 		if n > 0 {
@@ -58,7 +65,12 @@ func (w *watched) Read(p []byte) (int, error) {
 		}
 		if w.idle != nil && errors.Is(err, os.ErrDeadlineExceeded) {
 			if w.idle.idleFor() < w.idle.timeout {
-				continue // the other direction moved: not idle
+				// Something moved since the deadline was set: wait until
+				// the timeout after that.
+				last := time.Unix(0, w.idle.last.Load())
+				w.dl.SetReadDeadline(last.Add(w.idle.timeout))
+				w.armed = time.Now()
+				continue
 			}
 			return 0, errIdle
 		}

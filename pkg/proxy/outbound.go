@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -59,9 +60,16 @@ type Outbound struct {
 	slots chan struct{}  // nil without a limit
 	wg    sync.WaitGroup
 
+	served chan struct{} // closed when Serve returns
+
 	mu    sync.Mutex
 	conns map[*net.TCPConn]*relayed
 }
+
+// acceptGrace is how long Shutdown keeps accepting: connections the kernel
+// already completed sit in the listen queue, and closing the listener would
+// reset them instead of draining them.
+const acceptGrace = 100 * time.Millisecond
 
 // relayed is one connection being relayed, as /debug/connections shows it.
 type relayed struct {
@@ -92,11 +100,12 @@ func Listen(o Options) (*Outbound, error) {
 	}
 	log := o.Logger.With().Str("component", "outbound").Logger()
 	out := &Outbound{
-		o:     o,
-		ln:    ln,
-		log:   log,
-		warn:  log.Sample(&zerolog.BurstSampler{Burst: 5, Period: time.Second}),
-		conns: make(map[*net.TCPConn]*relayed),
+		o:      o,
+		ln:     ln,
+		log:    log,
+		warn:   log.Sample(&zerolog.BurstSampler{Burst: 5, Period: time.Second}),
+		conns:  make(map[*net.TCPConn]*relayed),
+		served: make(chan struct{}),
 	}
 	if o.MaxConnections > 0 {
 		out.slots = make(chan struct{}, o.MaxConnections)
@@ -109,10 +118,12 @@ func (o *Outbound) Addr() netip.AddrPort { return o.ln.Addr().(*net.TCPAddr).Add
 
 // Serve accepts until the listener is closed.
 func (o *Outbound) Serve(ctx context.Context) error {
+	defer close(o.served)
 	for {
 		c, err := o.ln.AcceptTCP()
 		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
+			// Closed, or Shutdown's accept deadline: the queue is drained.
+			if errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrDeadlineExceeded) {
 				return nil
 			}
 			// EMFILE and friends: back off instead of spinning.
@@ -232,6 +243,14 @@ func (o *Outbound) Connections() []ConnInfo {
 // Shutdown stops accepting, waits for the relayed connections to end until
 // ctx is done, then resets those still open.
 func (o *Outbound) Shutdown(ctx context.Context) error {
+	// Take what is already queued (capture is detached by then, so no new
+	// connections arrive in open mode), then close.
+	o.ln.SetDeadline(time.Now().Add(acceptGrace))
+	select {
+	case <-o.served:
+	case <-time.After(2 * acceptGrace): // Serve never ran
+	case <-ctx.Done():
+	}
 	err := o.ln.Close()
 	done := make(chan struct{})
 	go func() { o.wg.Wait(); close(done) }()
