@@ -12,9 +12,12 @@ volatile const __u16 proxy_port = 0;    /* [outbound] listen port, host byte ord
 volatile const __u64 proxy_cgroup = 0;  /* cgroup id of smeshd itself: never captured */
 volatile const bool capture_local = 0;  /* copy mode: same-node destinations go through smeshd too */
 
-struct lpm_v4_key {
+/* An LPM trie key: IPv4 prefixes are stored v4-mapped (prefixlen + 96), so
+ * one trie holds both families and a v4-mapped destination is decided as the
+ * IPv4 address it carries. */
+struct lpm_key {
 	__u32 prefixlen;
-	__u32 ip4; /* network byte order */
+	struct addr ip;
 };
 
 /* Written by smeshd from [capture] include_cidrs; read by connect4. */
@@ -22,7 +25,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, 1024);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct lpm_v4_key);
+	__type(key, struct lpm_key);
 	__type(value, __u8);
 } smesh_include SEC(".maps");
 
@@ -31,7 +34,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, 1024);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct lpm_v4_key);
+	__type(key, struct lpm_key);
 	__type(value, __u8);
 } smesh_exclude SEC(".maps");
 
@@ -44,9 +47,9 @@ struct {
 	__type(value, __u8);
 } smesh_exclude_ports SEC(".maps");
 
-static __always_inline bool in_trie(void *trie, __u32 ip4)
+static __always_inline bool in_trie(void *trie, const struct addr *ip)
 {
-	struct lpm_v4_key key = { .prefixlen = 32, .ip4 = ip4 };
+	struct lpm_key key = { .prefixlen = 128, .ip = *ip };
 
 	return bpf_map_lookup_elem(trie, &key) != NULL;
 }
@@ -58,18 +61,24 @@ static __always_inline bool port_excluded(__u16 port)
 	return bpf_map_lookup_elem(&smesh_exclude_ports, &key) != NULL;
 }
 
-/* should_capture holds the whole decision, so it reads top to bottom. */
-static __always_inline bool should_capture(__u32 ip4, __u16 port)
+static __always_inline bool is_proxy(const struct addr *ip, __u16 port)
 {
-	if (ip4 == proxy_ip4 && port == proxy_port)
+	return port == proxy_port && addr_is4(ip) && ip->ip[3] == proxy_ip4;
+}
+
+/* should_capture holds the whole decision for a connect() from namespace
+ * netns to ip:port, so it reads top to bottom. */
+static __always_inline bool should_capture(__u64 netns, const struct addr *ip, __u16 port)
+{
+	if (is_proxy(ip, port))
 		return false;
 	if (port_excluded(port))
 		return false;
 	/* Splice mode leaves same-node connections alone: sockops splices them
 	 * from the first byte without a proxy hop. */
-	if (!capture_local && is_local(ip4))
+	if (!capture_local && is_local(netns, ip))
 		return false;
-	if (!in_trie(&smesh_include, ip4) || in_trie(&smesh_exclude, ip4))
+	if (!in_trie(&smesh_include, ip) || in_trie(&smesh_exclude, ip))
 		return false;
 	return true;
 }

@@ -1,20 +1,42 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 //go:build ignore
 
-/* Test harness for should_capture: a program that BPF_PROG_TEST_RUN can run
- * with any destination, which connect4 itself cannot. Never loaded by
- * smeshd. A raw tracepoint program because test runs take its arguments
- * from user space and it may read LPM tries (a "syscall" program, being
- * sleepable, may not). */
+/* Test harness for the decisions connect4 and sock_ops make (should_capture,
+ * peer_netns): programs that BPF_PROG_TEST_RUN can run with any input, which
+ * connect4 and sock_ops themselves cannot. Never loaded by smeshd. Raw
+ * tracepoint programs because test runs take their arguments from user space
+ * and they may read LPM tries (a "syscall" program, being sleepable, may
+ * not). */
 
 #include "capture.h"
 
-/* ctx[0]: IPv4 address (network byte order), ctx[1]: port (host byte
- * order). Returns 1 when connect4 would capture. */
+/* ctx[0], ctx[1]: the 16 bytes of a struct addr, in memory order. */
+static __always_inline void addr_of(__u64 *ctx, struct addr *a)
+{
+	__builtin_memcpy(&a->ip[0], &ctx[0], 8);
+	__builtin_memcpy(&a->ip[2], &ctx[1], 8);
+}
+
+/* ctx[2]: port (host byte order), ctx[3]: netns cookie of the caller.
+ * Returns 1 when connect4 would capture. */
 SEC("raw_tp/smesh_capture_harness")
 int run_should_capture(__u64 *ctx)
 {
-	return should_capture((__u32)ctx[0], (__u16)ctx[1]);
+	struct addr ip;
+
+	addr_of(ctx, &ip);
+	return should_capture(ctx[3], &ip, (__u16)ctx[2]);
+}
+
+/* ctx[2]: the namespace of the socket. Returns the peer's namespace (the
+ * tests use cookies below 2^32). */
+SEC("raw_tp/smesh_peer_harness")
+int run_peer_netns(__u64 *ctx)
+{
+	struct addr ip;
+
+	addr_of(ctx, &ip);
+	return (int)peer_netns(ctx[2], &ip);
 }
 
 char __license[] SEC("license") = "Dual BSD/GPL";

@@ -13,29 +13,56 @@ import (
 	"github.com/cilium/ebpf"
 )
 
-type CaptureHarnessLpmV4Key struct {
+type CaptureHarnessAddr struct {
+	_  structs.HostLayout
+	Ip [4]uint32
+}
+
+type CaptureHarnessAddrOwner struct {
+	_     structs.HostLayout
+	Netns uint64
+}
+
+type CaptureHarnessConnKey struct {
+	_          structs.HostLayout
+	Netns      uint64
+	Local      CaptureHarnessAddr
+	Remote     CaptureHarnessAddr
+	LocalPort  uint16
+	RemotePort uint16
+	Pad        uint32
+}
+
+type CaptureHarnessLpmKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
-	Ip4       uint32
+	Ip        CaptureHarnessAddr
+}
+
+type CaptureHarnessNsAddr struct {
+	_     structs.HostLayout
+	Netns uint64
+	Ip    CaptureHarnessAddr
 }
 
 type CaptureHarnessOrigDst struct {
-	_    structs.HostLayout
-	Ip4  uint32
-	Port uint16
-	Pad  uint16
+	_      structs.HostLayout
+	Ip     CaptureHarnessAddr
+	Port   uint16
+	Family uint16
 }
 
 type CaptureHarnessSockKey struct {
-	_          structs.HostLayout
-	LocalIp4   uint32
-	RemoteIp4  uint32
-	LocalPort  uint16
-	RemotePort uint16
+	_         structs.HostLayout
+	Conn      CaptureHarnessConnKey
+	LocalSeq  uint32
+	RemoteSeq uint32
 }
 
 type CaptureHarnessSockState struct {
 	_        structs.HostLayout
+	Self     CaptureHarnessSockKey
+	Peer     CaptureHarnessSockKey
 	Orig     CaptureHarnessOrigDst
 	Captured uint8
 	Role     uint8
@@ -53,14 +80,18 @@ type CaptureHarnessSpliceStats struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	CaptureHarnessMapSmeshAddrs        = "smesh_addrs"
+	CaptureHarnessMapSmeshCounters     = "smesh_counters"
 	CaptureHarnessMapSmeshExclude      = "smesh_exclude"
 	CaptureHarnessMapSmeshExcludePorts = "smesh_exclude_ports"
 	CaptureHarnessMapSmeshInclude      = "smesh_include"
-	CaptureHarnessMapSmeshLocalAddrs   = "smesh_local_addrs"
+	CaptureHarnessMapSmeshNetns        = "smesh_netns"
+	CaptureHarnessMapSmeshNsAddrs      = "smesh_ns_addrs"
 	CaptureHarnessMapSmeshOrigDst      = "smesh_orig_dst"
 	CaptureHarnessMapSmeshSkState      = "smesh_sk_state"
 	CaptureHarnessMapSmeshSockhash     = "smesh_sockhash"
 	CaptureHarnessMapSmeshStats        = "smesh_stats"
+	CaptureHarnessProgRunPeerNetns     = "run_peer_netns"
 	CaptureHarnessProgRunShouldCapture = "run_should_capture"
 	CaptureHarnessVarCaptureLocal      = "capture_local"
 	CaptureHarnessVarProxyCgroup       = "proxy_cgroup"
@@ -110,6 +141,7 @@ type CaptureHarnessSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type CaptureHarnessProgramSpecs struct {
+	RunPeerNetns     *ebpf.ProgramSpec `ebpf:"run_peer_netns"`
 	RunShouldCapture *ebpf.ProgramSpec `ebpf:"run_should_capture"`
 }
 
@@ -117,10 +149,13 @@ type CaptureHarnessProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type CaptureHarnessMapSpecs struct {
+	SmeshAddrs        *ebpf.MapSpec `ebpf:"smesh_addrs"`
+	SmeshCounters     *ebpf.MapSpec `ebpf:"smesh_counters"`
 	SmeshExclude      *ebpf.MapSpec `ebpf:"smesh_exclude"`
 	SmeshExcludePorts *ebpf.MapSpec `ebpf:"smesh_exclude_ports"`
 	SmeshInclude      *ebpf.MapSpec `ebpf:"smesh_include"`
-	SmeshLocalAddrs   *ebpf.MapSpec `ebpf:"smesh_local_addrs"`
+	SmeshNetns        *ebpf.MapSpec `ebpf:"smesh_netns"`
+	SmeshNsAddrs      *ebpf.MapSpec `ebpf:"smesh_ns_addrs"`
 	SmeshOrigDst      *ebpf.MapSpec `ebpf:"smesh_orig_dst"`
 	SmeshSkState      *ebpf.MapSpec `ebpf:"smesh_sk_state"`
 	SmeshSockhash     *ebpf.MapSpec `ebpf:"smesh_sockhash"`
@@ -157,10 +192,13 @@ func (o *CaptureHarnessObjects) Close() error {
 //
 // It can be passed to LoadCaptureHarnessObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CaptureHarnessMaps struct {
+	SmeshAddrs        *ebpf.Map `ebpf:"smesh_addrs"`
+	SmeshCounters     *ebpf.Map `ebpf:"smesh_counters"`
 	SmeshExclude      *ebpf.Map `ebpf:"smesh_exclude"`
 	SmeshExcludePorts *ebpf.Map `ebpf:"smesh_exclude_ports"`
 	SmeshInclude      *ebpf.Map `ebpf:"smesh_include"`
-	SmeshLocalAddrs   *ebpf.Map `ebpf:"smesh_local_addrs"`
+	SmeshNetns        *ebpf.Map `ebpf:"smesh_netns"`
+	SmeshNsAddrs      *ebpf.Map `ebpf:"smesh_ns_addrs"`
 	SmeshOrigDst      *ebpf.Map `ebpf:"smesh_orig_dst"`
 	SmeshSkState      *ebpf.Map `ebpf:"smesh_sk_state"`
 	SmeshSockhash     *ebpf.Map `ebpf:"smesh_sockhash"`
@@ -169,10 +207,13 @@ type CaptureHarnessMaps struct {
 
 func (m *CaptureHarnessMaps) Close() error {
 	return _CaptureHarnessClose(
+		m.SmeshAddrs,
+		m.SmeshCounters,
 		m.SmeshExclude,
 		m.SmeshExcludePorts,
 		m.SmeshInclude,
-		m.SmeshLocalAddrs,
+		m.SmeshNetns,
+		m.SmeshNsAddrs,
 		m.SmeshOrigDst,
 		m.SmeshSkState,
 		m.SmeshSockhash,
@@ -194,11 +235,13 @@ type CaptureHarnessVariables struct {
 //
 // It can be passed to LoadCaptureHarnessObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CaptureHarnessPrograms struct {
+	RunPeerNetns     *ebpf.Program `ebpf:"run_peer_netns"`
 	RunShouldCapture *ebpf.Program `ebpf:"run_should_capture"`
 }
 
 func (p *CaptureHarnessPrograms) Close() error {
 	return _CaptureHarnessClose(
+		p.RunPeerNetns,
 		p.RunShouldCapture,
 	)
 }

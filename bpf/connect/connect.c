@@ -3,40 +3,126 @@
 
 /* cgroup/connect4 decides which outbound TCP connections of enrolled workloads
  * smeshd captures; cgroup/getsockopt answers SO_ORIGINAL_DST for the sockets
- * smeshd accepts, so the proxy learns where a captured connection was going. */
+ * smeshd accepts, so the proxy learns where a captured connection was going.
+ *
+ * A captured connection is sent to [outbound] listen in the caller's own
+ * network namespace (every pod has its own 127.0.0.1), where smeshd keeps a
+ * listener for every enrolled namespace. Until that listener is up, capture
+ * in that namespace follows [capture] on_failure. */
 
 #include "smesh.h"
 
 #define SOL_IP 0
+#define SOL_IPV6 41
 #define SO_ORIGINAL_DST 80
+#define IP6T_SO_ORIGINAL_DST 80
 #define PAGE_SIZE 4096
 
 #include "capture.h"
 
+/* Set by smeshd before load: [capture] on_failure = "closed". */
+volatile const bool fail_closed = 0;
+
+struct netns_event {
+	__u64 netns;
+	__u32 pid; /* a process that connected from that namespace */
+	__u32 pad;
+};
+
+/* Makes clang emit struct netns_event into BTF, for the generated Go type
+ * smeshd reads the ring buffer with. */
+const struct netns_event *unused_netns_event __attribute__((unused));
+
+/* Written by connect4: a namespace it would capture in but where smeshd has
+ * no listener; read by smeshd, which then looks for new namespaces at once
+ * instead of waiting for its next scan. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4096);
+} smesh_netns_events SEC(".maps");
+
+/* Written and read by connect4: when it last told smeshd about a namespace,
+ * so that a busy namespace without a listener raises an event a second, not
+ * one per connect(). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u64);
+	__type(value, __u64);
+} smesh_netns_told SEC(".maps");
+
+#define TELL_INTERVAL_NS 1000000000ULL
+
+static __always_inline void tell_smeshd(__u64 netns)
+{
+	__u64 now = bpf_ktime_get_ns();
+	__u64 *last = bpf_map_lookup_elem(&smesh_netns_told, &netns);
+	struct netns_event *ev;
+
+	if (last && now - *last < TELL_INTERVAL_NS)
+		return;
+	bpf_map_update_elem(&smesh_netns_told, &netns, &now, BPF_ANY);
+	ev = bpf_ringbuf_reserve(&smesh_netns_events, sizeof(*ev), 0);
+	if (!ev)
+		return; /* smeshd is behind: its periodic scan finds the namespace */
+	ev->netns = netns;
+	ev->pid = bpf_get_current_pid_tgid() >> 32;
+	ev->pad = 0;
+	bpf_ringbuf_submit(ev, 0);
+}
+
+enum verdict {
+	VERDICT_PASS,    /* leave the connection alone */
+	VERDICT_CAPTURE, /* rewrite its destination to smeshd's listener */
+	VERDICT_REFUSE,  /* fail connect() (EPERM): on_failure = "closed" */
+};
+
+/* decide makes the capture decision for one connect() to ip:port and, when
+ * it captures, remembers the original destination on the socket. */
+static __always_inline enum verdict decide(struct bpf_sock_addr *ctx, const struct addr *ip,
+					   __u16 port, __u16 family)
+{
+	struct sock_state *st;
+	__u64 netns;
+
+	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+		return VERDICT_PASS;
+	if (bpf_get_current_cgroup_id() == proxy_cgroup)
+		return VERDICT_PASS;
+	netns = bpf_get_netns_cookie(ctx);
+	if (!should_capture(netns, ip, port))
+		return VERDICT_PASS;
+	if (!bpf_map_lookup_elem(&smesh_netns, &netns)) {
+		tell_smeshd(netns);
+		counter_inc(fail_closed ? COUNTER_UNREADY_CLOSED : COUNTER_UNREADY_OPEN);
+		return fail_closed ? VERDICT_REFUSE : VERDICT_PASS;
+	}
+	st = bpf_sk_storage_get(&smesh_sk_state, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st) /* out of memory */
+		return fail_closed ? VERDICT_REFUSE : VERDICT_PASS;
+	st->orig.ip = *ip;
+	st->orig.port = port;
+	st->orig.family = family;
+	st->captured = 1;
+	return VERDICT_CAPTURE;
+}
+
 SEC("cgroup/connect4")
 int smesh_connect4(struct bpf_sock_addr *ctx)
 {
-	struct sock_state *st;
-	__u32 ip4 = ctx->user_ip4;
-	__u16 port = bpf_ntohs(ctx->user_port);
+	struct addr ip;
 
-	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+	addr_from4(&ip, ctx->user_ip4);
+	switch (decide(ctx, &ip, bpf_ntohs(ctx->user_port), AF_INET)) {
+	case VERDICT_REFUSE:
+		return 0;
+	case VERDICT_CAPTURE:
+		ctx->user_ip4 = proxy_ip4;
+		ctx->user_port = bpf_htons(proxy_port);
 		return 1;
-	if (bpf_get_current_cgroup_id() == proxy_cgroup)
+	default:
 		return 1;
-	if (!should_capture(ip4, port))
-		return 1;
-
-	st = bpf_sk_storage_get(&smesh_sk_state, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!st)
-		return 1; /* out of memory: let the connection go direct */
-	st->orig.ip4 = ip4;
-	st->orig.port = port;
-	st->captured = 1;
-
-	ctx->user_ip4 = proxy_ip4;
-	ctx->user_port = bpf_htons(proxy_port);
-	return 1;
+	}
 }
 
 /* A captured app asking for its peer gets the destination it connected to,
@@ -47,22 +133,29 @@ int smesh_getpeername4(struct bpf_sock_addr *ctx)
 	struct sock_state *st;
 
 	st = bpf_sk_storage_get(&smesh_sk_state, ctx->sk, 0, 0);
-	if (st && st->captured) {
-		ctx->user_ip4 = st->orig.ip4;
+	if (st && st->captured && addr_is4(&st->orig.ip)) {
+		ctx->user_ip4 = st->orig.ip.ip[3];
 		ctx->user_port = bpf_htons(st->orig.port);
 	}
 	return 1;
 }
 
+/* Attached to smeshd's own cgroup only (the kernel runs it for the sockets of
+ * that cgroup), so it answers smeshd alone: SO_ORIGINAL_DST comes from smesh
+ * and from nothing else. Without an entry it fails (EPERM) rather than pass
+ * on the kernel's answer: with conntrack active, that answer for a
+ * connection made straight to smeshd's listener is the listener itself, and
+ * smeshd would dial itself in a loop. */
 SEC("cgroup/getsockopt")
 int smesh_getsockopt(struct bpf_sockopt *ctx)
 {
 	struct bpf_sock *sk = ctx->sk;
-	struct sockaddr_in *sin = ctx->optval;
+	bool v4 = ctx->level == SOL_IP && ctx->optname == SO_ORIGINAL_DST;
+	bool v6 = ctx->level == SOL_IPV6 && ctx->optname == IP6T_SO_ORIGINAL_DST;
 	struct orig_dst *orig;
-	struct sock_key key;
+	struct conn_key key = {};
 
-	if (ctx->level != SOL_IP || ctx->optname != SO_ORIGINAL_DST || !sk) {
+	if (!(v4 || v6)) {
 		/* Not ours: leave the kernel's answer as it is. A buffer larger
 		 * than a page is only partly visible here; optlen 0 tells the
 		 * kernel to return its own result unchanged. */
@@ -70,25 +163,55 @@ int smesh_getsockopt(struct bpf_sockopt *ctx)
 			ctx->optlen = 0;
 		return 1;
 	}
-	if (sk->family != AF_INET)
-		return 1;
+	if (!sk)
+		return 0;
 
-	/* The accepted socket's remote end is the captured client: look the
-	 * connection up the way the client sees it. */
-	key.local_ip4 = sk->dst_ip4;
+	/* The accepted socket's remote end is the captured client, in the same
+	 * namespace: look the connection up the way the client sees it. */
+	key.netns = bpf_get_netns_cookie(ctx);
+	if (sk->family == AF_INET) {
+		addr_from4(&key.local, sk->dst_ip4);
+		addr_from4(&key.remote, sk->src_ip4);
+	} else if (sk->family == AF_INET6) {
+		key.local.ip[0] = sk->dst_ip6[0];
+		key.local.ip[1] = sk->dst_ip6[1];
+		key.local.ip[2] = sk->dst_ip6[2];
+		key.local.ip[3] = sk->dst_ip6[3];
+		key.remote.ip[0] = sk->src_ip6[0];
+		key.remote.ip[1] = sk->src_ip6[1];
+		key.remote.ip[2] = sk->src_ip6[2];
+		key.remote.ip[3] = sk->src_ip6[3];
+	} else {
+		return 0;
+	}
 	key.local_port = bpf_ntohs(sk->dst_port);
-	key.remote_ip4 = sk->src_ip4;
 	key.remote_port = sk->src_port;
 	orig = bpf_map_lookup_elem(&smesh_orig_dst, &key);
 	if (!orig)
-		return 1;
-	if ((void *)(sin + 1) > ctx->optval_end)
-		return 1; /* buffer too small: the kernel's error stands */
+		return 0;
 
-	sin->sin_family = AF_INET;
-	sin->sin_port = bpf_htons(orig->port);
-	sin->sin_addr.s_addr = orig->ip4;
-	ctx->optlen = sizeof(*sin);
+	if (v4) {
+		struct sockaddr_in *sin = ctx->optval;
+
+		if (!addr_is4(&orig->ip))
+			return 0; /* an IPv6 destination has no sockaddr_in */
+		if ((void *)(sin + 1) > ctx->optval_end)
+			return 0;
+		sin->sin_family = AF_INET;
+		sin->sin_port = bpf_htons(orig->port);
+		sin->sin_addr.s_addr = orig->ip.ip[3];
+		ctx->optlen = sizeof(*sin);
+	} else {
+		struct sockaddr_in6 *sin6 = ctx->optval;
+
+		if ((void *)(sin6 + 1) > ctx->optval_end)
+			return 0;
+		__builtin_memset(sin6, 0, sizeof(*sin6));
+		sin6->sin6_family = AF_INET6;
+		sin6->sin6_port = bpf_htons(orig->port);
+		__builtin_memcpy(&sin6->sin6_addr, &orig->ip, sizeof(orig->ip));
+		ctx->optlen = sizeof(*sin6);
+	}
 	ctx->retval = 0;
 	return 1;
 }

@@ -13,29 +13,63 @@ import (
 	"github.com/cilium/ebpf"
 )
 
-type ConnectLpmV4Key struct {
+type ConnectAddr struct {
+	_  structs.HostLayout
+	Ip [4]uint32
+}
+
+type ConnectAddrOwner struct {
+	_     structs.HostLayout
+	Netns uint64
+}
+
+type ConnectConnKey struct {
+	_          structs.HostLayout
+	Netns      uint64
+	Local      ConnectAddr
+	Remote     ConnectAddr
+	LocalPort  uint16
+	RemotePort uint16
+	Pad        uint32
+}
+
+type ConnectLpmKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
-	Ip4       uint32
+	Ip        ConnectAddr
+}
+
+type ConnectNetnsEvent struct {
+	_     structs.HostLayout
+	Netns uint64
+	Pid   uint32
+	Pad   uint32
+}
+
+type ConnectNsAddr struct {
+	_     structs.HostLayout
+	Netns uint64
+	Ip    ConnectAddr
 }
 
 type ConnectOrigDst struct {
-	_    structs.HostLayout
-	Ip4  uint32
-	Port uint16
-	Pad  uint16
+	_      structs.HostLayout
+	Ip     ConnectAddr
+	Port   uint16
+	Family uint16
 }
 
 type ConnectSockKey struct {
-	_          structs.HostLayout
-	LocalIp4   uint32
-	RemoteIp4  uint32
-	LocalPort  uint16
-	RemotePort uint16
+	_         structs.HostLayout
+	Conn      ConnectConnKey
+	LocalSeq  uint32
+	RemoteSeq uint32
 }
 
 type ConnectSockState struct {
 	_        structs.HostLayout
+	Self     ConnectSockKey
+	Peer     ConnectSockKey
 	Orig     ConnectOrigDst
 	Captured uint8
 	Role     uint8
@@ -53,10 +87,15 @@ type ConnectSpliceStats struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	ConnectMapSmeshAddrs         = "smesh_addrs"
+	ConnectMapSmeshCounters      = "smesh_counters"
 	ConnectMapSmeshExclude       = "smesh_exclude"
 	ConnectMapSmeshExcludePorts  = "smesh_exclude_ports"
 	ConnectMapSmeshInclude       = "smesh_include"
-	ConnectMapSmeshLocalAddrs    = "smesh_local_addrs"
+	ConnectMapSmeshNetns         = "smesh_netns"
+	ConnectMapSmeshNetnsEvents   = "smesh_netns_events"
+	ConnectMapSmeshNetnsTold     = "smesh_netns_told"
+	ConnectMapSmeshNsAddrs       = "smesh_ns_addrs"
 	ConnectMapSmeshOrigDst       = "smesh_orig_dst"
 	ConnectMapSmeshSkState       = "smesh_sk_state"
 	ConnectMapSmeshSockhash      = "smesh_sockhash"
@@ -65,9 +104,11 @@ const (
 	ConnectProgSmeshGetpeername4 = "smesh_getpeername4"
 	ConnectProgSmeshGetsockopt   = "smesh_getsockopt"
 	ConnectVarCaptureLocal       = "capture_local"
+	ConnectVarFailClosed         = "fail_closed"
 	ConnectVarProxyCgroup        = "proxy_cgroup"
 	ConnectVarProxyIp4           = "proxy_ip4"
 	ConnectVarProxyPort          = "proxy_port"
+	ConnectVarUnusedNetnsEvent   = "unused_netns_event"
 )
 
 // LoadConnect returns the embedded CollectionSpec for Connect.
@@ -121,10 +162,15 @@ type ConnectProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type ConnectMapSpecs struct {
+	SmeshAddrs        *ebpf.MapSpec `ebpf:"smesh_addrs"`
+	SmeshCounters     *ebpf.MapSpec `ebpf:"smesh_counters"`
 	SmeshExclude      *ebpf.MapSpec `ebpf:"smesh_exclude"`
 	SmeshExcludePorts *ebpf.MapSpec `ebpf:"smesh_exclude_ports"`
 	SmeshInclude      *ebpf.MapSpec `ebpf:"smesh_include"`
-	SmeshLocalAddrs   *ebpf.MapSpec `ebpf:"smesh_local_addrs"`
+	SmeshNetns        *ebpf.MapSpec `ebpf:"smesh_netns"`
+	SmeshNetnsEvents  *ebpf.MapSpec `ebpf:"smesh_netns_events"`
+	SmeshNetnsTold    *ebpf.MapSpec `ebpf:"smesh_netns_told"`
+	SmeshNsAddrs      *ebpf.MapSpec `ebpf:"smesh_ns_addrs"`
 	SmeshOrigDst      *ebpf.MapSpec `ebpf:"smesh_orig_dst"`
 	SmeshSkState      *ebpf.MapSpec `ebpf:"smesh_sk_state"`
 	SmeshSockhash     *ebpf.MapSpec `ebpf:"smesh_sockhash"`
@@ -135,10 +181,12 @@ type ConnectMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type ConnectVariableSpecs struct {
-	CaptureLocal *ebpf.VariableSpec `ebpf:"capture_local"`
-	ProxyCgroup  *ebpf.VariableSpec `ebpf:"proxy_cgroup"`
-	ProxyIp4     *ebpf.VariableSpec `ebpf:"proxy_ip4"`
-	ProxyPort    *ebpf.VariableSpec `ebpf:"proxy_port"`
+	CaptureLocal     *ebpf.VariableSpec `ebpf:"capture_local"`
+	FailClosed       *ebpf.VariableSpec `ebpf:"fail_closed"`
+	ProxyCgroup      *ebpf.VariableSpec `ebpf:"proxy_cgroup"`
+	ProxyIp4         *ebpf.VariableSpec `ebpf:"proxy_ip4"`
+	ProxyPort        *ebpf.VariableSpec `ebpf:"proxy_port"`
+	UnusedNetnsEvent *ebpf.VariableSpec `ebpf:"unused_netns_event"`
 }
 
 // ConnectObjects contains all objects after they have been loaded into the kernel.
@@ -161,10 +209,15 @@ func (o *ConnectObjects) Close() error {
 //
 // It can be passed to LoadConnectObjects or ebpf.CollectionSpec.LoadAndAssign.
 type ConnectMaps struct {
+	SmeshAddrs        *ebpf.Map `ebpf:"smesh_addrs"`
+	SmeshCounters     *ebpf.Map `ebpf:"smesh_counters"`
 	SmeshExclude      *ebpf.Map `ebpf:"smesh_exclude"`
 	SmeshExcludePorts *ebpf.Map `ebpf:"smesh_exclude_ports"`
 	SmeshInclude      *ebpf.Map `ebpf:"smesh_include"`
-	SmeshLocalAddrs   *ebpf.Map `ebpf:"smesh_local_addrs"`
+	SmeshNetns        *ebpf.Map `ebpf:"smesh_netns"`
+	SmeshNetnsEvents  *ebpf.Map `ebpf:"smesh_netns_events"`
+	SmeshNetnsTold    *ebpf.Map `ebpf:"smesh_netns_told"`
+	SmeshNsAddrs      *ebpf.Map `ebpf:"smesh_ns_addrs"`
 	SmeshOrigDst      *ebpf.Map `ebpf:"smesh_orig_dst"`
 	SmeshSkState      *ebpf.Map `ebpf:"smesh_sk_state"`
 	SmeshSockhash     *ebpf.Map `ebpf:"smesh_sockhash"`
@@ -173,10 +226,15 @@ type ConnectMaps struct {
 
 func (m *ConnectMaps) Close() error {
 	return _ConnectClose(
+		m.SmeshAddrs,
+		m.SmeshCounters,
 		m.SmeshExclude,
 		m.SmeshExcludePorts,
 		m.SmeshInclude,
-		m.SmeshLocalAddrs,
+		m.SmeshNetns,
+		m.SmeshNetnsEvents,
+		m.SmeshNetnsTold,
+		m.SmeshNsAddrs,
 		m.SmeshOrigDst,
 		m.SmeshSkState,
 		m.SmeshSockhash,
@@ -188,10 +246,12 @@ func (m *ConnectMaps) Close() error {
 //
 // It can be passed to LoadConnectObjects or ebpf.CollectionSpec.LoadAndAssign.
 type ConnectVariables struct {
-	CaptureLocal *ebpf.Variable `ebpf:"capture_local"`
-	ProxyCgroup  *ebpf.Variable `ebpf:"proxy_cgroup"`
-	ProxyIp4     *ebpf.Variable `ebpf:"proxy_ip4"`
-	ProxyPort    *ebpf.Variable `ebpf:"proxy_port"`
+	CaptureLocal     *ebpf.Variable `ebpf:"capture_local"`
+	FailClosed       *ebpf.Variable `ebpf:"fail_closed"`
+	ProxyCgroup      *ebpf.Variable `ebpf:"proxy_cgroup"`
+	ProxyIp4         *ebpf.Variable `ebpf:"proxy_ip4"`
+	ProxyPort        *ebpf.Variable `ebpf:"proxy_port"`
+	UnusedNetnsEvent *ebpf.Variable `ebpf:"unused_netns_event"`
 }
 
 // ConnectPrograms contains all programs after they have been loaded into the kernel.

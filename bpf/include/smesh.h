@@ -5,6 +5,14 @@
  * each map once and hands it to every object it loads (cilium/ebpf
  * MapReplacements), so the programs of connect/, sockops/ and skmsg/ all see
  * one instance.
+ *
+ * The invariant every map keyed by a connection keeps: a byte is only ever
+ * delivered to the socket its TCP connection is connected to. 4-tuples repeat
+ * across network namespaces (every pod has its own 127.0.0.1, pods on two
+ * bridges can share an address), and within one namespace a socket of an
+ * earlier connection can outlive its peer; so a connection is named by the
+ * namespace of the socket, both ends' addresses and ports, and the sequence
+ * numbers both ends started with (see struct sock_key).
  */
 #ifndef __SMESH_H__
 #define __SMESH_H__
@@ -14,27 +22,52 @@
 #include <bpf/bpf_endian.h>
 
 #define AF_INET 2
+#define AF_INET6 10
 #define SOCK_STREAM 1
 
-/* One TCP connection as seen from one of its sockets. Addresses are in network
- * byte order, ports in host byte order. The peer's key is the same four values
- * with local and remote swapped. */
-struct sock_key {
-	__u32 local_ip4;
-	__u32 remote_ip4;
+/* An address of either family: IPv6 as it is, IPv4 as ::ffff:a.b.c.d
+ * (v4-mapped), so that an AF_INET socket and a dual-stack AF_INET6 socket
+ * connected to the same IPv4 peer name it alike. Network byte order. */
+struct addr {
+	__u32 ip[4];
+};
+
+/* One TCP connection as one of its sockets sees it: the socket's network
+ * namespace (netns cookie), its own and its peer's address and port. Ports
+ * in host byte order. */
+struct conn_key {
+	__u64 netns;
+	struct addr local;
+	struct addr remote;
 	__u16 local_port;
 	__u16 remote_port;
+	__u32 pad; /* zeroed: keys are compared byte by byte */
+};
+
+/* A socket's key in the sockhash: its connection, plus the first sequence
+ * number each end sends with (snd_nxt and rcv_nxt when the connection is
+ * established). The peer's key has local and remote swapped, including the
+ * netns, which sock_ops works out once (peer_netns). Two connections of one
+ * 4-tuple, one namespace or not, never share the sequence numbers, so a
+ * socket left from an earlier connection, or in a namespace the address map
+ * named wrongly, cannot match. */
+struct sock_key {
+	struct conn_key conn;
+	__u32 local_seq;
+	__u32 remote_seq;
 };
 
 /* Where a captured connection was going before connect4 sent it to smeshd. */
 struct orig_dst {
-	__u32 ip4;  /* network byte order */
-	__u16 port; /* host byte order */
-	__u16 pad;
+	struct addr ip;
+	__u16 port;   /* host byte order */
+	__u16 family; /* AF_INET or AF_INET6: how the app connected */
 };
 
 /* Per-socket state, kept in socket-local storage: freed with the socket. */
 struct sock_state {
+	struct sock_key self; /* this socket's key in the sockhash */
+	struct sock_key peer; /* the key of the socket it is connected to */
 	struct orig_dst orig; /* set by connect4 on a captured socket */
 	__u8 captured;        /* connect4 rewrote this socket's destination */
 	__u8 role;            /* ROLE_*, set by sockops */
@@ -70,6 +103,15 @@ struct splice_stats {
 	__u64 msgs;
 };
 
+/* Counter slots of smesh_counters: events the programs count for metrics. */
+enum {
+	/* connect4 would have captured, but smeshd had no listener ready in
+	 * the caller's namespace: on_failure decided. */
+	COUNTER_UNREADY_OPEN = 0,   /* let through uncaptured */
+	COUNTER_UNREADY_CLOSED = 1, /* refused */
+	COUNTER_MAX = 2,
+};
+
 /* Written by sockops (both ends of every same-node hop, at establishment);
  * read by sk_msg (the redirect target) and by smeshd (counting). Entries leave
  * the map by themselves when their socket closes. max_entries is set by smeshd
@@ -82,17 +124,18 @@ struct {
 } smesh_sockhash SEC(".maps");
 
 /* Written by sockops when a captured client socket is established (keyed by
- * the client's view of the 4-tuple) and deleted when that socket closes; read
- * by cgroup/getsockopt (SO_ORIGINAL_DST on the accepted socket) and smeshd. */
+ * the client's view of its connection) and deleted when that socket closes;
+ * read by cgroup/getsockopt (SO_ORIGINAL_DST on the accepted socket, which is
+ * in the same namespace) and smeshd. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
-	__type(key, struct sock_key);
+	__type(key, struct conn_key);
 	__type(value, struct orig_dst);
 } smesh_orig_dst SEC(".maps");
 
-/* Written by connect4 (orig), sockops (role) and sk_msg (path); read by the
- * same. Socket-local, so nothing is left behind when a socket closes. */
+/* Written by connect4 (orig), sockops (role, keys) and sk_msg (path); read by
+ * the same. Socket-local, so nothing is left behind when a socket closes. */
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -100,14 +143,46 @@ struct {
 	__type(value, struct sock_state);
 } smesh_sk_state SEC(".maps");
 
-/* Written by smeshd (the IPv4 addresses of this node, kept up to date); read
- * by connect4 and sockops to tell same-node destinations apart. */
+/* The owner of an address on this node. */
+struct addr_owner {
+	__u64 netns; /* netns cookie, or 0: several namespaces have it */
+};
+
+/* Written by smeshd: every address of every enrolled network namespace and of
+ * smeshd's own (the node's), with the namespace that has it. Read by connect4
+ * (is a destination on this node?) and sockops (in which namespace is the
+ * peer?). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1024);
-	__type(key, __u32);
+	__uint(max_entries, 16384);
+	__type(key, struct addr);
+	__type(value, struct addr_owner);
+} smesh_addrs SEC(".maps");
+
+struct ns_addr {
+	__u64 netns;
+	struct addr ip;
+};
+
+/* Written by smeshd: the same addresses by namespace, so that an address
+ * several namespaces share is still known as a namespace's own. Read by
+ * connect4 and sockops. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct ns_addr);
 	__type(value, __u8);
-} smesh_local_addrs SEC(".maps");
+} smesh_ns_addrs SEC(".maps");
+
+/* Written by smeshd once its listeners in a network namespace are up (key:
+ * netns cookie) and deleted when it closes them; read by connect4, which
+ * captures only where smeshd can take the connection. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, __u8);
+} smesh_netns SEC(".maps");
 
 /* Written by sk_msg (per CPU, no locking on the data path); read by smeshd. */
 struct {
@@ -117,15 +192,72 @@ struct {
 	__type(value, struct splice_stats);
 } smesh_stats SEC(".maps");
 
-static __always_inline bool is_loopback(__u32 ip4)
+/* Written by connect4 (and later sk_msg), per CPU; read by smeshd. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, COUNTER_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} smesh_counters SEC(".maps");
+
+static __always_inline void counter_inc(__u32 slot)
 {
-	return (bpf_ntohl(ip4) >> 24) == 127;
+	__u64 *c = bpf_map_lookup_elem(&smesh_counters, &slot);
+
+	if (c)
+		(*c)++;
 }
 
-/* Same-node: loopback, or one of this node's addresses. */
-static __always_inline bool is_local(__u32 ip4)
+/* addr_from4 makes the v4-mapped form of an IPv4 address (network order). */
+static __always_inline void addr_from4(struct addr *a, __u32 ip4)
 {
-	return is_loopback(ip4) || bpf_map_lookup_elem(&smesh_local_addrs, &ip4);
+	a->ip[0] = 0;
+	a->ip[1] = 0;
+	a->ip[2] = bpf_htonl(0xffff);
+	a->ip[3] = ip4;
+}
+
+static __always_inline bool addr_is4(const struct addr *a)
+{
+	return a->ip[0] == 0 && a->ip[1] == 0 && a->ip[2] == bpf_htonl(0xffff);
+}
+
+/* 127.0.0.0/8 and ::1. */
+static __always_inline bool addr_is_loopback(const struct addr *a)
+{
+	if (addr_is4(a))
+		return (bpf_ntohl(a->ip[3]) >> 24) == 127;
+	return a->ip[0] == 0 && a->ip[1] == 0 && a->ip[2] == 0 && a->ip[3] == bpf_htonl(1);
+}
+
+/* is_ns_addr: ip is an address of the namespace netns itself. */
+static __always_inline bool is_ns_addr(__u64 netns, const struct addr *ip)
+{
+	struct ns_addr k = { .netns = netns, .ip = *ip };
+
+	return bpf_map_lookup_elem(&smesh_ns_addrs, &k) != NULL;
+}
+
+/* Same-node, seen from namespace netns: loopback, an address of netns itself,
+ * or of any namespace smeshd knows on this node (enrolled ones, its own). */
+static __always_inline bool is_local(__u64 netns, const struct addr *ip)
+{
+	return addr_is_loopback(ip) || is_ns_addr(netns, ip) ||
+	       bpf_map_lookup_elem(&smesh_addrs, ip) != NULL;
+}
+
+/* peer_netns names the namespace of the other end of a connection that a
+ * socket in namespace own has with remote: own for loopback and own
+ * addresses, else the one namespace that has remote. 0 when no namespace or
+ * several have it: such a connection is not spliced (correct first). */
+static __always_inline __u64 peer_netns(__u64 own, const struct addr *remote)
+{
+	struct addr_owner *o;
+
+	if (addr_is_loopback(remote) || is_ns_addr(own, remote))
+		return own;
+	o = bpf_map_lookup_elem(&smesh_addrs, remote);
+	return o ? o->netns : 0;
 }
 
 #endif /* __SMESH_H__ */

@@ -2,4 +2,4 @@
 // generated Go bindings. Regenerate with "make generate".
 package skmsg
 
-//go:generate go tool bpf2go -cc $BPF2GO_CC -cflags "$BPF2GO_CFLAGS" -target bpfel -type sock_key -type orig_dst -type splice_stats Skmsg skmsg.c -- -I../include
+//go:generate go tool bpf2go -cc $BPF2GO_CC -cflags "$BPF2GO_CFLAGS" -target bpfel -type sock_key -type splice_stats Skmsg skmsg.c -- -I../include

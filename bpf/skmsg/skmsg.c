@@ -21,22 +21,18 @@ SEC("sk_msg")
 int smesh_skmsg(struct sk_msg_md *msg)
 {
 	struct sock_state *st;
-	struct sock_key peer;
 
 	struct bpf_sock *sk = msg->sk;
 
 	if (!sk) /* the verifier wants sk checked for NULL before use */
 		return SK_PASS;
-	st = bpf_sk_storage_get(&smesh_sk_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	/* sock_ops made the state, with the peer's key, before it put the
+	 * socket in the sockhash. */
+	st = bpf_sk_storage_get(&smesh_sk_state, sk, 0, 0);
 	if (!st || st->path == PATH_TCP)
 		return SK_PASS;
 
-	peer.local_ip4 = msg->remote_ip4;
-	peer.remote_ip4 = msg->local_ip4;
-	peer.local_port = bpf_ntohs((__u16)(msg->remote_port >> 16));
-	peer.remote_port = (__u16)msg->local_port;
-
-	if (bpf_msg_redirect_hash(msg, &smesh_sockhash, &peer, BPF_F_INGRESS) == SK_PASS) {
+	if (bpf_msg_redirect_hash(msg, &smesh_sockhash, &st->peer, BPF_F_INGRESS) == SK_PASS) {
 		st->path = PATH_SPLICE;
 		count(st->role, msg->size);
 		return SK_PASS;

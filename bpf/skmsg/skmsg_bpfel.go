@@ -13,23 +13,50 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type SkmsgAddr struct {
+	_  structs.HostLayout
+	Ip [4]uint32
+}
+
+type SkmsgAddrOwner struct {
+	_     structs.HostLayout
+	Netns uint64
+}
+
+type SkmsgConnKey struct {
+	_          structs.HostLayout
+	Netns      uint64
+	Local      SkmsgAddr
+	Remote     SkmsgAddr
+	LocalPort  uint16
+	RemotePort uint16
+	Pad        uint32
+}
+
+type SkmsgNsAddr struct {
+	_     structs.HostLayout
+	Netns uint64
+	Ip    SkmsgAddr
+}
+
 type SkmsgOrigDst struct {
-	_    structs.HostLayout
-	Ip4  uint32
-	Port uint16
-	Pad  uint16
+	_      structs.HostLayout
+	Ip     SkmsgAddr
+	Port   uint16
+	Family uint16
 }
 
 type SkmsgSockKey struct {
-	_          structs.HostLayout
-	LocalIp4   uint32
-	RemoteIp4  uint32
-	LocalPort  uint16
-	RemotePort uint16
+	_         structs.HostLayout
+	Conn      SkmsgConnKey
+	LocalSeq  uint32
+	RemoteSeq uint32
 }
 
 type SkmsgSockState struct {
 	_        structs.HostLayout
+	Self     SkmsgSockKey
+	Peer     SkmsgSockKey
 	Orig     SkmsgOrigDst
 	Captured uint8
 	Role     uint8
@@ -47,12 +74,15 @@ type SkmsgSpliceStats struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	SkmsgMapSmeshLocalAddrs = "smesh_local_addrs"
-	SkmsgMapSmeshOrigDst    = "smesh_orig_dst"
-	SkmsgMapSmeshSkState    = "smesh_sk_state"
-	SkmsgMapSmeshSockhash   = "smesh_sockhash"
-	SkmsgMapSmeshStats      = "smesh_stats"
-	SkmsgProgSmeshSkmsg     = "smesh_skmsg"
+	SkmsgMapSmeshAddrs    = "smesh_addrs"
+	SkmsgMapSmeshCounters = "smesh_counters"
+	SkmsgMapSmeshNetns    = "smesh_netns"
+	SkmsgMapSmeshNsAddrs  = "smesh_ns_addrs"
+	SkmsgMapSmeshOrigDst  = "smesh_orig_dst"
+	SkmsgMapSmeshSkState  = "smesh_sk_state"
+	SkmsgMapSmeshSockhash = "smesh_sockhash"
+	SkmsgMapSmeshStats    = "smesh_stats"
+	SkmsgProgSmeshSkmsg   = "smesh_skmsg"
 )
 
 // LoadSkmsg returns the embedded CollectionSpec for Skmsg.
@@ -104,11 +134,14 @@ type SkmsgProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SkmsgMapSpecs struct {
-	SmeshLocalAddrs *ebpf.MapSpec `ebpf:"smesh_local_addrs"`
-	SmeshOrigDst    *ebpf.MapSpec `ebpf:"smesh_orig_dst"`
-	SmeshSkState    *ebpf.MapSpec `ebpf:"smesh_sk_state"`
-	SmeshSockhash   *ebpf.MapSpec `ebpf:"smesh_sockhash"`
-	SmeshStats      *ebpf.MapSpec `ebpf:"smesh_stats"`
+	SmeshAddrs    *ebpf.MapSpec `ebpf:"smesh_addrs"`
+	SmeshCounters *ebpf.MapSpec `ebpf:"smesh_counters"`
+	SmeshNetns    *ebpf.MapSpec `ebpf:"smesh_netns"`
+	SmeshNsAddrs  *ebpf.MapSpec `ebpf:"smesh_ns_addrs"`
+	SmeshOrigDst  *ebpf.MapSpec `ebpf:"smesh_orig_dst"`
+	SmeshSkState  *ebpf.MapSpec `ebpf:"smesh_sk_state"`
+	SmeshSockhash *ebpf.MapSpec `ebpf:"smesh_sockhash"`
+	SmeshStats    *ebpf.MapSpec `ebpf:"smesh_stats"`
 }
 
 // SkmsgVariableSpecs contains global variables before they are loaded into the kernel.
@@ -137,16 +170,22 @@ func (o *SkmsgObjects) Close() error {
 //
 // It can be passed to LoadSkmsgObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SkmsgMaps struct {
-	SmeshLocalAddrs *ebpf.Map `ebpf:"smesh_local_addrs"`
-	SmeshOrigDst    *ebpf.Map `ebpf:"smesh_orig_dst"`
-	SmeshSkState    *ebpf.Map `ebpf:"smesh_sk_state"`
-	SmeshSockhash   *ebpf.Map `ebpf:"smesh_sockhash"`
-	SmeshStats      *ebpf.Map `ebpf:"smesh_stats"`
+	SmeshAddrs    *ebpf.Map `ebpf:"smesh_addrs"`
+	SmeshCounters *ebpf.Map `ebpf:"smesh_counters"`
+	SmeshNetns    *ebpf.Map `ebpf:"smesh_netns"`
+	SmeshNsAddrs  *ebpf.Map `ebpf:"smesh_ns_addrs"`
+	SmeshOrigDst  *ebpf.Map `ebpf:"smesh_orig_dst"`
+	SmeshSkState  *ebpf.Map `ebpf:"smesh_sk_state"`
+	SmeshSockhash *ebpf.Map `ebpf:"smesh_sockhash"`
+	SmeshStats    *ebpf.Map `ebpf:"smesh_stats"`
 }
 
 func (m *SkmsgMaps) Close() error {
 	return _SkmsgClose(
-		m.SmeshLocalAddrs,
+		m.SmeshAddrs,
+		m.SmeshCounters,
+		m.SmeshNetns,
+		m.SmeshNsAddrs,
 		m.SmeshOrigDst,
 		m.SmeshSkState,
 		m.SmeshSockhash,

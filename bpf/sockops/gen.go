@@ -2,4 +2,4 @@
 // generated Go bindings. Regenerate with "make generate".
 package sockops
 
-//go:generate go tool bpf2go -cc $BPF2GO_CC -cflags "$BPF2GO_CFLAGS" -target bpfel -type sock_key -type orig_dst -type splice_stats Sockops sockops.c -- -I../include
+//go:generate go tool bpf2go -cc $BPF2GO_CC -cflags "$BPF2GO_CFLAGS" -target bpfel -type sock_key -type conn_key -type orig_dst -type addr -type addr_owner -type ns_addr -type splice_stats Sockops sockops.c -- -I../include

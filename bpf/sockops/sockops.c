@@ -22,48 +22,97 @@ volatile const bool splice = 0;
  * captured hop needs the check below. */
 volatile const bool splice_proxy_hops = 0;
 
-static __always_inline void key_of(struct bpf_sock_ops *skops, struct sock_key *key)
+/* conn_of reads the socket's view of its connection. */
+static __always_inline bool conn_of(struct bpf_sock_ops *skops, struct conn_key *c)
 {
-	key->local_ip4 = skops->local_ip4;
-	key->remote_ip4 = skops->remote_ip4;
-	key->local_port = (__u16)skops->local_port;
+	c->netns = bpf_get_netns_cookie(skops);
+	if (skops->family == AF_INET) {
+		addr_from4(&c->local, skops->local_ip4);
+		addr_from4(&c->remote, skops->remote_ip4);
+	} else if (skops->family == AF_INET6) {
+		/* A dual-stack socket's IPv4 connection reads as v4-mapped
+		 * here, as struct addr wants it. */
+		c->local.ip[0] = skops->local_ip6[0];
+		c->local.ip[1] = skops->local_ip6[1];
+		c->local.ip[2] = skops->local_ip6[2];
+		c->local.ip[3] = skops->local_ip6[3];
+		c->remote.ip[0] = skops->remote_ip6[0];
+		c->remote.ip[1] = skops->remote_ip6[1];
+		c->remote.ip[2] = skops->remote_ip6[2];
+		c->remote.ip[3] = skops->remote_ip6[3];
+	} else {
+		return false;
+	}
+	c->local_port = (__u16)skops->local_port;
 	/* remote_port holds the big-endian port in its upper 16 bits. */
-	key->remote_port = bpf_ntohs((__u16)(skops->remote_port >> 16));
+	c->remote_port = bpf_ntohs((__u16)(skops->remote_port >> 16));
+	c->pad = 0;
+	return true;
+}
+
+/* keys_of fills a socket's own sockhash key and its peer's. Returns false
+ * when the peer's namespace is unknown: the socket is then not spliced. */
+static __always_inline bool keys_of(struct bpf_sock_ops *skops, const struct conn_key *c,
+				    struct sock_key *self, struct sock_key *peer)
+{
+	__u64 peer_ns = peer_netns(c->netns, &c->remote);
+
+	if (!peer_ns)
+		return false;
+	self->conn = *c;
+	/* At establishment neither end has sent data yet: snd_nxt and rcv_nxt
+	 * are the initial sequence numbers + 1 (the SYNs), the same pair the
+	 * peer holds the other way round. */
+	self->local_seq = skops->snd_nxt;
+	self->remote_seq = skops->rcv_nxt;
+
+	peer->conn.netns = peer_ns;
+	peer->conn.local = c->remote;
+	peer->conn.remote = c->local;
+	peer->conn.local_port = c->remote_port;
+	peer->conn.remote_port = c->local_port;
+	peer->conn.pad = 0;
+	peer->local_seq = self->remote_seq;
+	peer->remote_seq = self->local_seq;
+	return true;
 }
 
 static __always_inline void established(struct bpf_sock_ops *skops, __u8 role)
 {
 	struct sock_state *st;
 	struct bpf_sock *sk;
-	struct sock_key key;
+	struct conn_key conn;
 
-	if (skops->family != AF_INET)
+	if (!conn_of(skops, &conn))
 		return;
-	key_of(skops, &key);
-
 	/* The verifier wants sk checked for NULL before use. */
 	sk = skops->sk;
-	st = sk ? bpf_sk_storage_get(&smesh_sk_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE) : NULL;
-	if (st) {
-		st->role = role;
-		if (st->captured &&
-		    bpf_map_update_elem(&smesh_orig_dst, &key, &st->orig, BPF_ANY) == 0)
-			/* Ask for state changes so the entry is removed on close. */
-			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
-							 BPF_SOCK_OPS_STATE_CB_FLAG);
-	}
+	if (!sk)
+		return;
+	st = bpf_sk_storage_get(&smesh_sk_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st)
+		return; /* out of memory: neither recorded nor spliced, plain TCP */
+	st->role = role;
+	if (st->captured &&
+	    bpf_map_update_elem(&smesh_orig_dst, &conn, &st->orig, BPF_ANY) == 0)
+		/* Ask for state changes so the entry is removed on close. */
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+						 BPF_SOCK_OPS_STATE_CB_FLAG);
 
-	if (splice && is_local(skops->remote_ip4) &&
-	    (splice_proxy_hops || !(st && st->captured)))
-		/* Fails when the map is full: the connection then takes the
-		 * TCP stack, which sk_msg handles like any unspliced peer. */
-		bpf_sock_hash_update(skops, &smesh_sockhash, &key, BPF_NOEXIST);
+	if (!splice || !is_local(conn.netns, &conn.remote) ||
+	    (st->captured && !splice_proxy_hops))
+		return;
+	if (!keys_of(skops, &conn, &st->self, &st->peer))
+		return;
+	/* Fails when the map is full: the connection then takes the TCP
+	 * stack, which sk_msg handles like any unspliced peer. */
+	bpf_sock_hash_update(skops, &smesh_sockhash, &st->self, BPF_NOEXIST);
 }
 
 SEC("sockops")
 int smesh_sockops(struct bpf_sock_ops *skops)
 {
-	struct sock_key key;
+	struct conn_key conn;
 
 	switch (skops->op) {
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
@@ -74,10 +123,8 @@ int smesh_sockops(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		/* args[1] is the new state. */
-		if (skops->args[1] == TCP_CLOSE && skops->family == AF_INET) {
-			key_of(skops, &key);
-			bpf_map_delete_elem(&smesh_orig_dst, &key);
-		}
+		if (skops->args[1] == TCP_CLOSE && conn_of(skops, &conn))
+			bpf_map_delete_elem(&smesh_orig_dst, &conn);
 		break;
 	}
 	return 1;

@@ -13,23 +13,50 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type SockopsAddr struct {
+	_  structs.HostLayout
+	Ip [4]uint32
+}
+
+type SockopsAddrOwner struct {
+	_     structs.HostLayout
+	Netns uint64
+}
+
+type SockopsConnKey struct {
+	_          structs.HostLayout
+	Netns      uint64
+	Local      SockopsAddr
+	Remote     SockopsAddr
+	LocalPort  uint16
+	RemotePort uint16
+	Pad        uint32
+}
+
+type SockopsNsAddr struct {
+	_     structs.HostLayout
+	Netns uint64
+	Ip    SockopsAddr
+}
+
 type SockopsOrigDst struct {
-	_    structs.HostLayout
-	Ip4  uint32
-	Port uint16
-	Pad  uint16
+	_      structs.HostLayout
+	Ip     SockopsAddr
+	Port   uint16
+	Family uint16
 }
 
 type SockopsSockKey struct {
-	_          structs.HostLayout
-	LocalIp4   uint32
-	RemoteIp4  uint32
-	LocalPort  uint16
-	RemotePort uint16
+	_         structs.HostLayout
+	Conn      SockopsConnKey
+	LocalSeq  uint32
+	RemoteSeq uint32
 }
 
 type SockopsSockState struct {
 	_        structs.HostLayout
+	Self     SockopsSockKey
+	Peer     SockopsSockKey
 	Orig     SockopsOrigDst
 	Captured uint8
 	Role     uint8
@@ -47,7 +74,10 @@ type SockopsSpliceStats struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	SockopsMapSmeshLocalAddrs = "smesh_local_addrs"
+	SockopsMapSmeshAddrs      = "smesh_addrs"
+	SockopsMapSmeshCounters   = "smesh_counters"
+	SockopsMapSmeshNetns      = "smesh_netns"
+	SockopsMapSmeshNsAddrs    = "smesh_ns_addrs"
 	SockopsMapSmeshOrigDst    = "smesh_orig_dst"
 	SockopsMapSmeshSkState    = "smesh_sk_state"
 	SockopsMapSmeshSockhash   = "smesh_sockhash"
@@ -106,11 +136,14 @@ type SockopsProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SockopsMapSpecs struct {
-	SmeshLocalAddrs *ebpf.MapSpec `ebpf:"smesh_local_addrs"`
-	SmeshOrigDst    *ebpf.MapSpec `ebpf:"smesh_orig_dst"`
-	SmeshSkState    *ebpf.MapSpec `ebpf:"smesh_sk_state"`
-	SmeshSockhash   *ebpf.MapSpec `ebpf:"smesh_sockhash"`
-	SmeshStats      *ebpf.MapSpec `ebpf:"smesh_stats"`
+	SmeshAddrs    *ebpf.MapSpec `ebpf:"smesh_addrs"`
+	SmeshCounters *ebpf.MapSpec `ebpf:"smesh_counters"`
+	SmeshNetns    *ebpf.MapSpec `ebpf:"smesh_netns"`
+	SmeshNsAddrs  *ebpf.MapSpec `ebpf:"smesh_ns_addrs"`
+	SmeshOrigDst  *ebpf.MapSpec `ebpf:"smesh_orig_dst"`
+	SmeshSkState  *ebpf.MapSpec `ebpf:"smesh_sk_state"`
+	SmeshSockhash *ebpf.MapSpec `ebpf:"smesh_sockhash"`
+	SmeshStats    *ebpf.MapSpec `ebpf:"smesh_stats"`
 }
 
 // SockopsVariableSpecs contains global variables before they are loaded into the kernel.
@@ -141,16 +174,22 @@ func (o *SockopsObjects) Close() error {
 //
 // It can be passed to LoadSockopsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SockopsMaps struct {
-	SmeshLocalAddrs *ebpf.Map `ebpf:"smesh_local_addrs"`
-	SmeshOrigDst    *ebpf.Map `ebpf:"smesh_orig_dst"`
-	SmeshSkState    *ebpf.Map `ebpf:"smesh_sk_state"`
-	SmeshSockhash   *ebpf.Map `ebpf:"smesh_sockhash"`
-	SmeshStats      *ebpf.Map `ebpf:"smesh_stats"`
+	SmeshAddrs    *ebpf.Map `ebpf:"smesh_addrs"`
+	SmeshCounters *ebpf.Map `ebpf:"smesh_counters"`
+	SmeshNetns    *ebpf.Map `ebpf:"smesh_netns"`
+	SmeshNsAddrs  *ebpf.Map `ebpf:"smesh_ns_addrs"`
+	SmeshOrigDst  *ebpf.Map `ebpf:"smesh_orig_dst"`
+	SmeshSkState  *ebpf.Map `ebpf:"smesh_sk_state"`
+	SmeshSockhash *ebpf.Map `ebpf:"smesh_sockhash"`
+	SmeshStats    *ebpf.Map `ebpf:"smesh_stats"`
 }
 
 func (m *SockopsMaps) Close() error {
 	return _SockopsClose(
-		m.SmeshLocalAddrs,
+		m.SmeshAddrs,
+		m.SmeshCounters,
+		m.SmeshNetns,
+		m.SmeshNsAddrs,
 		m.SmeshOrigDst,
 		m.SmeshSkState,
 		m.SmeshSockhash,

@@ -62,6 +62,7 @@ const (
 // Server is the admin HTTP server.
 type Server struct {
 	ln    net.Listener
+	mux   *http.ServeMux
 	srv   *http.Server
 	m     *metrics.Metrics
 	conns func() []Conn
@@ -94,6 +95,7 @@ func New(addr netip.AddrPort, m *metrics.Metrics, conns func() []Conn, log zerol
 	mux.HandleFunc("GET /healthz", s.healthz)
 	mux.HandleFunc("GET /readyz", s.readyz)
 	mux.HandleFunc("GET /debug/connections", s.connections)
+	s.mux = mux
 
 	s.srv = &http.Server{
 		Handler:           mux,
@@ -106,6 +108,14 @@ func New(addr netip.AddrPort, m *metrics.Metrics, conns func() []Conn, log zerol
 		ErrorLog:       stdlog.New(errorLog{s.log}, "", 0),
 	}
 	return s, nil
+}
+
+// HandleJSON serves the document fn returns, as JSON, on GET path (e.g.
+// "/debug/namespaces"). Call it before requests for path arrive.
+func (s *Server) HandleJSON(path string, fn func() any) {
+	s.mux.HandleFunc("GET "+path, func(w http.ResponseWriter, r *http.Request) {
+		s.writeJSON(w, r, fn())
+	})
 }
 
 // Addr is the address the server listens on (with the real port when the
@@ -182,13 +192,16 @@ func (s *Server) connections(w http.ResponseWriter, r *http.Request) {
 		hops := sc.Sockets / 2
 		doc.SplicedHops = &hops
 	}
+	s.writeJSON(w, r, doc)
+}
 
+func (s *Server) writeJSON(w http.ResponseWriter, r *http.Request, doc any) {
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
 	if err := enc.Encode(doc); err != nil {
-		s.log.Debug().Err(err).Msg("writing /debug/connections")
+		s.log.Debug().Err(err).Str("path", r.URL.Path).Msg("writing JSON")
 	}
 }
 

@@ -7,16 +7,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net/netip"
 	"os"
 	"os/signal"
 	"path/filepath"
-	"strings"
 	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
-	"github.com/vishvananda/netlink"
 
 	sdnotify "github.com/coreos/go-systemd/v22/daemon"
 
@@ -24,6 +21,7 @@ import (
 	"github.com/smesh-dev/smesh/pkg/cgroups"
 	"github.com/smesh-dev/smesh/pkg/config"
 	"github.com/smesh-dev/smesh/pkg/datapath"
+	"github.com/smesh-dev/smesh/pkg/enrol"
 	"github.com/smesh-dev/smesh/pkg/metrics"
 	"github.com/smesh-dev/smesh/pkg/proxy"
 	"github.com/smesh-dev/smesh/pkg/tunnel"
@@ -100,6 +98,7 @@ type daemon struct {
 	tun      *tunnel.Tunnel
 	out      *proxy.Outbound
 	dp       *datapath.Datapath
+	members  *enrol.Tracker
 	cleanups []func() // run in reverse order on exit
 }
 
@@ -237,7 +236,7 @@ func (d *daemon) start(ctx context.Context) error {
 	} else if n > 0 {
 		log.Warn().Str("pin_dir", cfg.Capture.PinDir).Msg("removed the pinned capture of an earlier on_failure = \"closed\" run")
 	}
-	d.dp, err = datapath.New(datapath.Options{
+	d.dp, err = datapath.Load(datapath.Options{
 		Mode:            mode,
 		ProxyAddr:       cfg.Outbound.Listen,
 		ProxyCgroup:     own,
@@ -248,6 +247,7 @@ func (d *daemon) start(ctx context.Context) error {
 		MapSize:         cfg.Datapath.MapSize,
 		SpliceProxyHops: cfg.Datapath.SpliceProxyHops,
 		PinDir:          pinDir,
+		FailClosed:      cfg.Capture.OnFailure == "closed",
 		Logger:          log,
 	})
 	if err != nil {
@@ -255,11 +255,72 @@ func (d *daemon) start(ctx context.Context) error {
 	}
 	d.cleanups = append(d.cleanups, func() { d.dp.Close() })
 	d.metrics.SetSpliceSource(d.spliceCounters)
-	if err := watchLocalAddrs(ctx, d.dp, d.tun.Local, log); err != nil {
+
+	// Every namespace an enrolled process lives in gets its listeners
+	// before connect4 is attached; later ones as they appear.
+	if err := d.startMembers(ctx, enrolled); err != nil {
 		return err
 	}
+	c := cfg.Capture
+	if err := d.dp.SetCapture(enrolled, c.IncludeCIDRs, c.ExcludeCIDRs, c.ExcludePorts); err != nil {
+		return err
+	}
+	log.Info().Str("mode", string(mode)).Strs("cgroups", enrolled).Str("proxy_cgroup", own).Msg("data path attached")
 	go d.tun.Server.Serve(ctx)
 	return nil
+}
+
+// startMembers starts tracking the enrolled cgroups' network namespaces
+// (package enrol), with smeshd's own listeners as its own namespace's.
+func (d *daemon) startMembers(ctx context.Context, enrolled []string) error {
+	events, err := d.dp.NetnsEvents()
+	if err != nil {
+		return err
+	}
+	wake := make(chan struct{}, 1)
+	go func() {
+		for ev := range events {
+			d.log.Debug().Uint64("netns", ev.Cookie).Int("pid", ev.PID).Msg("connect() from a namespace without a listener")
+			select {
+			case wake <- struct{}{}:
+			default:
+			}
+		}
+	}()
+	d.members, err = enrol.New(enrol.Options{
+		Cgroups:   enrolled,
+		Open:      d.openNamespace(ctx),
+		Own:       ownService{d.tun.Local},
+		Maps:      d.dp,
+		NodeAddrs: d.tun.Node.Set,
+		Wake:      wake,
+		Logger:    d.log,
+	})
+	if err != nil {
+		return err
+	}
+	membersCtx, stop := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { d.members.Run(membersCtx); close(done) }()
+	d.cleanups = append(d.cleanups, func() { stop(); <-done })
+	d.admin.HandleJSON("/debug/namespaces", func() any { return d.members.Namespaces() })
+	d.metrics.Registry().MustRegister(metrics.NamespaceCollector(d.namespaceCounts))
+	return nil
+}
+
+// namespaceCounts reads the namespace metrics at scrape time.
+func (d *daemon) namespaceCounts() (metrics.NamespaceCounts, error) {
+	var nc metrics.NamespaceCounts
+	for _, ns := range d.members.Namespaces() {
+		if ns.Ready {
+			nc.Ready++
+		} else {
+			nc.NotReady++
+		}
+	}
+	c, err := d.dp.Counters()
+	nc.UnreadyOpen, nc.UnreadyClosed = c.UnreadyOpen, c.UnreadyClosed
+	return nc, err
 }
 
 // enroll resolves [capture] cgroups and creates the missing ones.
@@ -369,46 +430,4 @@ func ownCgroup(mount string, enrolled []string, log zerolog.Logger) (string, fun
 			os.Remove(dir)
 		}
 	}, nil
-}
-
-// watchLocalAddrs keeps the data path's set of this node's addresses
-// current, so same-node traffic is recognised as addresses come and go.
-func watchLocalAddrs(ctx context.Context, dp *datapath.Datapath, tunLocal *tunnel.LocalAddrs, log zerolog.Logger) error {
-	update := func() error {
-		addrs, err := netlink.AddrList(nil, netlink.FAMILY_V4)
-		if err != nil {
-			return fmt.Errorf("listing local addresses: %w", err)
-		}
-		var ips []netip.Addr
-		var names []string
-		for _, a := range addrs {
-			if ip, ok := netip.AddrFromSlice(a.IP.To4()); ok {
-				ips = append(ips, ip)
-				names = append(names, ip.String())
-			}
-		}
-		log.Debug().Str("addrs", strings.Join(names, ",")).Msg("local addresses")
-		tunLocal.Set(ips)
-		return dp.SetLocalAddrs(ips)
-	}
-	if err := update(); err != nil {
-		return err
-	}
-	updates := make(chan netlink.AddrUpdate, 16)
-	done := make(chan struct{})
-	if err := netlink.AddrSubscribe(updates, done); err != nil {
-		return fmt.Errorf("watching local addresses: %w", err)
-	}
-	go func() {
-		<-ctx.Done()
-		close(done)
-	}()
-	go func() {
-		for range updates {
-			if err := update(); err != nil {
-				log.Error().Err(err).Msg("updating local addresses")
-			}
-		}
-	}()
-	return nil
 }

@@ -42,6 +42,9 @@ func (d *daemon) apply(next config.Config) error {
 	if err := d.tun.Reconfigure(next.Tunnel); err != nil {
 		return err
 	}
+	// The new cgroups' namespaces get their listeners before connect4 is
+	// attached to them.
+	d.members.SetCgroups(enrolled)
 	c := next.Capture
 	if err := d.dp.SetCapture(enrolled, c.IncludeCIDRs, c.ExcludeCIDRs, c.ExcludePorts); err != nil {
 		return fmt.Errorf("applying [capture]: %w", err)

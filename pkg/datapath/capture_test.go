@@ -24,6 +24,7 @@ func TestShouldCapture(t *testing.T) {
 	narrow := base
 	narrow.IncludeCIDRs = []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}
 	local := netip.MustParseAddr("198.18.5.1")
+	pod := netip.MustParseAddr("198.18.6.7") // of another namespace on this node
 
 	cases := []struct {
 		name   string
@@ -38,6 +39,7 @@ func TestShouldCapture(t *testing.T) {
 		{"the proxy itself", base, "127.0.0.1:18000", false, false},
 		{"loopback", base, "127.0.0.5:80", false, true},
 		{"an address of this node", base, "198.18.5.1:8080", false, true},
+		{"an address of another namespace on this node", base, "198.18.6.7:8080", false, true},
 		{"inside include_cidrs", narrow, "10.200.0.1:80", true, true},
 		{"outside include_cidrs", narrow, "192.0.2.1:80", false, false},
 		{"outside include_cidrs, local", narrow, "127.0.0.1:9000", false, false},
@@ -47,7 +49,7 @@ func TestShouldCapture(t *testing.T) {
 			t.Run(c.name+"/"+string(mode), func(t *testing.T) {
 				opts := c.opts
 				opts.Mode = mode
-				run := captureHarness(t, opts, []netip.Addr{local})
+				run := captureHarness(t, opts, []netip.Addr{local}, []netip.Addr{pod})
 				want := c.splice
 				if mode == ModeCopy {
 					want = c.copy
@@ -60,9 +62,40 @@ func TestShouldCapture(t *testing.T) {
 	}
 }
 
-// captureHarness loads the harness program with opts and returns a
-// function that asks it about one destination.
-func captureHarness(t *testing.T, opts Options, localAddrs []netip.Addr) func(netip.AddrPort) bool {
+// The namespaces of the harness tests: the caller's, and another one on
+// the same node.
+const (
+	callerNetns = 1
+	otherNetns  = 2
+)
+
+// harnessAddr splits an address into the two context words the harness
+// programs read as a struct addr.
+func harnessAddr(a netip.Addr) (uint64, uint64) {
+	b := bpfAddr(a)
+	return uint64(b.Ip[0]) | uint64(b.Ip[1])<<32, uint64(b.Ip[2]) | uint64(b.Ip[3])<<32
+}
+
+// captureHarness loads the harness program with opts, the caller's
+// namespace having callerAddrs and another namespace otherAddrs, and returns
+// a function that asks it about one destination.
+func captureHarness(t *testing.T, opts Options, callerAddrs, otherAddrs []netip.Addr) func(netip.AddrPort) bool {
+	t.Helper()
+	objs := loadHarness(t, opts, map[uint64][]netip.Addr{callerNetns: callerAddrs, otherNetns: otherAddrs})
+	return func(dst netip.AddrPort) bool {
+		a, b := harnessAddr(dst.Addr())
+		args := []uint64{a, b, uint64(dst.Port()), callerNetns}
+		ret, err := objs.RunShouldCapture.Run(&ebpf.RunOptions{Context: args})
+		if err != nil {
+			t.Fatalf("running the harness: %v", err)
+		}
+		return ret == 1
+	}
+}
+
+// loadHarness loads the harness programs with opts and the given namespaces
+// and their addresses in the maps, as SetNamespace puts them there.
+func loadHarness(t *testing.T, opts Options, namespaces map[uint64][]netip.Addr) *connect.CaptureHarnessObjects {
 	t.Helper()
 	spec, err := connect.LoadCaptureHarness()
 	if err != nil {
@@ -79,15 +112,58 @@ func captureHarness(t *testing.T, opts Options, localAddrs []netip.Addr) func(ne
 	if err := (captureMaps{objs.SmeshInclude, objs.SmeshExclude, objs.SmeshExcludePorts}).sync(opts.IncludeCIDRs, opts.ExcludeCIDRs, opts.ExcludePorts); err != nil {
 		t.Fatal(err)
 	}
-	if err := setLocalAddrs(objs.SmeshLocalAddrs, localAddrs); err != nil {
+	ns := &nsMaps{addrs: objs.SmeshAddrs, nsAddrs: objs.SmeshNsAddrs, ready: objs.SmeshNetns}
+	if err := ns.reset(); err != nil {
 		t.Fatal(err)
 	}
-	return func(dst netip.AddrPort) bool {
-		args := []uint64{uint64(ip4(dst.Addr())), uint64(dst.Port())}
-		ret, err := objs.RunShouldCapture.Run(&ebpf.RunOptions{Context: args})
-		if err != nil {
-			t.Fatalf("running the harness: %v", err)
+	for cookie, addrs := range namespaces {
+		if err := ns.set(cookie, addrs, true); err != nil {
+			t.Fatal(err)
 		}
-		return ret == 1
+	}
+	return &objs
+}
+
+// TestPeerNetns runs sock_ops' choice of a spliced hop's peer namespace
+// (peer_netns in smesh.h) in the kernel: the caller's own namespace for
+// loopback and its own addresses, the one namespace that has the address,
+// and none (not spliced) when several or none have it.
+func TestPeerNetns(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	const third = 3
+	opts := Options{ProxyAddr: netip.MustParseAddrPort("127.0.0.1:18000")}
+	objs := loadHarness(t, opts, map[uint64][]netip.Addr{
+		callerNetns: {netip.MustParseAddr("198.18.1.2"), netip.MustParseAddr("198.18.9.9"), netip.MustParseAddr("fd00:5e:1::2")},
+		otherNetns:  {netip.MustParseAddr("198.18.1.3"), netip.MustParseAddr("198.18.9.9"), netip.MustParseAddr("198.18.7.7"), netip.MustParseAddr("fd00:5e:1::3")},
+		third:       {netip.MustParseAddr("198.18.7.7")},
+	})
+	cases := []struct {
+		name   string
+		remote string
+		want   uint64
+	}{
+		{"IPv4 loopback", "127.0.0.1", callerNetns},
+		{"other IPv4 loopback", "127.3.2.1", callerNetns},
+		{"IPv6 loopback", "::1", callerNetns},
+		{"own address", "198.18.1.2", callerNetns},
+		{"own IPv6 address", "fd00:5e:1::2", callerNetns},
+		{"own address another namespace has too", "198.18.9.9", callerNetns},
+		{"another namespace's address", "198.18.1.3", otherNetns},
+		{"another namespace's IPv6 address", "fd00:5e:1::3", otherNetns},
+		{"address of two other namespaces", "198.18.7.7", 0},
+		{"unknown address", "198.18.200.1", 0},
+		{"unknown IPv6 address", "fd00:5e:9::1", 0},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			a, b := harnessAddr(netip.MustParseAddr(c.remote))
+			ret, err := objs.RunPeerNetns.Run(&ebpf.RunOptions{Context: []uint64{a, b, callerNetns}})
+			if err != nil {
+				t.Fatalf("running the harness: %v", err)
+			}
+			if uint64(ret) != c.want {
+				t.Errorf("peer_netns(%s) = %d, want %d", c.remote, ret, c.want)
+			}
+		})
 	}
 }

@@ -7,6 +7,7 @@
 package datapath
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/ringbuf"
 	"github.com/rs/zerolog"
 
 	"github.com/smesh-dev/smesh/bpf/connect"
@@ -55,7 +57,11 @@ type Options struct {
 	// outlives smeshd: [capture] on_failure = "closed". Empty: everything
 	// is detached when smeshd stops or dies.
 	PinDir string
-	Logger zerolog.Logger
+	// FailClosed refuses the connections connect4 would capture in a
+	// network namespace where smeshd has no listener (yet); false lets them
+	// through uncaptured. [capture] on_failure.
+	FailClosed bool
+	Logger     zerolog.Logger
 }
 
 // Datapath is the loaded and attached set of programs and maps.
@@ -74,14 +80,34 @@ type Datapath struct {
 	msgAttached bool
 	// pins is the locked pin directory, nil unless Options.PinDir is set.
 	pins   *pins
+	ns     *nsMaps
+	events *ringbuf.Reader // smesh_netns_events, once NetnsEvents opened it
 	closed bool
 }
 
-// New loads the programs, fills the maps and attaches: sk_msg to the
-// sockhash first, then sock_ops, getsockopt and finally connect4, so that no
-// connection is captured before the rest is in place. On error, everything
-// already made is undone.
-func New(opts Options) (_ *Datapath, err error) {
+// New loads the data path (Load) and attaches it to opts.Cgroups
+// (SetCapture). Until namespaces are registered with SetNamespace, connect4
+// captures nothing: see Options.FailClosed.
+func New(opts Options) (*Datapath, error) {
+	d, err := Load(opts)
+	if err != nil {
+		return nil, err
+	}
+	if err := d.SetCapture(opts.Cgroups, opts.IncludeCIDRs, opts.ExcludeCIDRs, opts.ExcludePorts); err != nil {
+		d.Close()
+		return nil, err
+	}
+	d.log.Info().Str("mode", string(opts.Mode)).Strs("cgroups", opts.Cgroups).
+		Str("proxy_cgroup", opts.ProxyCgroup).Msg("data path attached")
+	return d, nil
+}
+
+// Load loads the programs and attaches sk_msg to the sockhash, but attaches
+// nothing to a cgroup yet: the caller registers the namespaces it serves
+// (SetNamespace) and then calls SetCapture, so that no connection meets
+// connect4 before smeshd can take it. On error, everything already made is
+// undone.
+func Load(opts Options) (_ *Datapath, err error) {
 	d := &Datapath{log: opts.Logger.With().Str("component", "datapath").Logger()}
 	defer func() {
 		if err != nil {
@@ -117,11 +143,12 @@ func New(opts Options) (_ *Datapath, err error) {
 	// smeshd's own cgroup gets sock_ops (its sockets are hop ends) and
 	// getsockopt (SO_ORIGINAL_DST), never connect4.
 	d.proxyCgroup, d.mode, d.spliceProxyHops = opts.ProxyCgroup, opts.Mode, opts.SpliceProxyHops
-	if err := d.SetCapture(opts.Cgroups, opts.IncludeCIDRs, opts.ExcludeCIDRs, opts.ExcludePorts); err != nil {
+	d.ns = &nsMaps{addrs: d.sockops.SmeshAddrs, nsAddrs: d.sockops.SmeshNsAddrs, ready: d.sockops.SmeshNetns}
+	// A pinned set adopted from an earlier run names that run's
+	// namespaces; the caller registers the current ones.
+	if err := d.ns.reset(); err != nil {
 		return nil, err
 	}
-	d.log.Info().Str("mode", string(opts.Mode)).Strs("cgroups", opts.Cgroups).
-		Str("proxy_cgroup", opts.ProxyCgroup).Msg("data path attached")
 	return d, nil
 }
 
@@ -144,11 +171,14 @@ func (d *Datapath) load(opts Options, proxyCgroupID uint64) error {
 		return fmt.Errorf("loading sockops: %w", d.loadError(err))
 	}
 	shared := map[string]*ebpf.Map{
-		"smesh_sockhash":    d.sockops.SmeshSockhash,
-		"smesh_orig_dst":    d.sockops.SmeshOrigDst,
-		"smesh_sk_state":    d.sockops.SmeshSkState,
-		"smesh_local_addrs": d.sockops.SmeshLocalAddrs,
-		"smesh_stats":       d.sockops.SmeshStats,
+		"smesh_sockhash": d.sockops.SmeshSockhash,
+		"smesh_orig_dst": d.sockops.SmeshOrigDst,
+		"smesh_sk_state": d.sockops.SmeshSkState,
+		"smesh_addrs":    d.sockops.SmeshAddrs,
+		"smesh_ns_addrs": d.sockops.SmeshNsAddrs,
+		"smesh_stats":    d.sockops.SmeshStats,
+		"smesh_counters": d.sockops.SmeshCounters,
+		"smesh_netns":    d.sockops.SmeshNetns,
 	}
 
 	cspec, err := connect.LoadConnect()
@@ -157,6 +187,9 @@ func (d *Datapath) load(opts Options, proxyCgroupID uint64) error {
 	}
 	if err := setConnectVars(cspec, opts, proxyCgroupID); err != nil {
 		return err
+	}
+	if err := cspec.Variables["fail_closed"].Set(opts.FailClosed); err != nil {
+		return fmt.Errorf("setting connect fail_closed: %w", err)
 	}
 	copts := d.pinOptions(cspec)
 	copts.MapReplacements = sharedFor(cspec, shared)
@@ -174,7 +207,8 @@ func (d *Datapath) load(opts Options, proxyCgroupID uint64) error {
 	return nil
 }
 
-// setConnectVars sets connect4's load-time constants (capture.h).
+// setConnectVars sets the load-time constants of the capture decision
+// (capture.h), in connect4 and in the test harness alike.
 func setConnectVars(spec *ebpf.CollectionSpec, opts Options, proxyCgroupID uint64) error {
 	vars := []struct {
 		name  string
@@ -247,11 +281,11 @@ type captureMaps struct {
 // before stale ones go out, so a pinned capture being adopted never sees an
 // empty include list (which would let connections out uncaptured).
 func (m captureMaps) sync(includeCIDRs, excludeCIDRs []netip.Prefix, excludePorts []uint16) error {
-	include := make(map[connect.ConnectLpmV4Key]bool)
+	include := make(map[connect.ConnectLpmKey]bool)
 	for _, p := range includeCIDRs {
 		include[lpmKey(p)] = true
 	}
-	exclude := make(map[connect.ConnectLpmV4Key]bool)
+	exclude := make(map[connect.ConnectLpmKey]bool)
 	for _, p := range excludeCIDRs {
 		exclude[lpmKey(p)] = true
 	}
@@ -293,12 +327,18 @@ func syncSet[K comparable](m *ebpf.Map, want map[K]bool, what string) error {
 	return nil
 }
 
-func lpmKey(p netip.Prefix) connect.ConnectLpmV4Key {
-	return connect.ConnectLpmV4Key{Prefixlen: uint32(p.Bits()), Ip4: ip4(p.Masked().Addr())}
+// lpmKey is the trie key of a prefix; IPv4 prefixes are stored v4-mapped
+// (capture.h).
+func lpmKey(p netip.Prefix) connect.ConnectLpmKey {
+	bits := p.Bits()
+	if p.Addr().Is4() {
+		bits += 96
+	}
+	return connect.ConnectLpmKey{Prefixlen: uint32(bits), Ip: bpfAddr(p.Masked().Addr())}
 }
 
-// ip4 turns an address into the __u32 the programs compare against: network
-// byte order, read as a little-endian integer by the map's encoding.
+// ip4 turns an IPv4 address into the __u32 the programs compare against:
+// network byte order, read as a little-endian integer by the map's encoding.
 func ip4(a netip.Addr) uint32 {
 	b := a.As4()
 	return uint32(b[0]) | uint32(b[1])<<8 | uint32(b[2])<<16 | uint32(b[3])<<24
@@ -413,20 +453,85 @@ func (d *Datapath) StopCapture() error {
 // Mode is the data path's mode.
 func (d *Datapath) Mode() Mode { return d.mode }
 
-// SetLocalAddrs replaces the set of this node's addresses the programs treat
-// as same-node.
-func (d *Datapath) SetLocalAddrs(addrs []netip.Addr) error {
-	return setLocalAddrs(d.sockops.SmeshLocalAddrs, addrs)
+// SetNamespace tells the programs about a network namespace smeshd serves
+// (by netns cookie): its addresses, which make destinations on this node
+// known as such and name the namespace of a spliced hop's peer, and whether
+// smeshd's listeners in it are up (ready), without which connect4 does not
+// capture there (Options.FailClosed decides). It replaces what an earlier
+// call said about the namespace.
+func (d *Datapath) SetNamespace(cookie uint64, addrs []netip.Addr, ready bool) error {
+	return d.ns.set(cookie, addrs, ready)
 }
 
-func setLocalAddrs(m *ebpf.Map, addrs []netip.Addr) error {
-	want := make(map[uint32]bool)
-	for _, a := range addrs {
-		if a.Is4() {
-			want[ip4(a)] = true
+// RemoveNamespace forgets a namespace: capture stops there, and its
+// addresses are no longer on this node.
+func (d *Datapath) RemoveNamespace(cookie uint64) error {
+	return d.ns.remove(cookie)
+}
+
+// Counters are the events the programs count, since load.
+type Counters struct {
+	// UnreadyOpen and UnreadyClosed count connections connect4 would have
+	// captured in a namespace without a ready listener, let through
+	// (on_failure = "open") or refused ("closed").
+	UnreadyOpen, UnreadyClosed uint64
+}
+
+// Counters sums the per-CPU event counters.
+func (d *Datapath) Counters() (Counters, error) {
+	read := func(slot uint32) (uint64, error) {
+		var perCPU []uint64
+		if err := d.sockops.SmeshCounters.Lookup(slot, &perCPU); err != nil {
+			return 0, fmt.Errorf("reading counter %d: %w", slot, err)
 		}
+		var sum uint64
+		for _, v := range perCPU {
+			sum += v
+		}
+		return sum, nil
 	}
-	return syncSet(m, want, "local addresses")
+	var c Counters
+	var err1, err2 error
+	c.UnreadyOpen, err1 = read(0)
+	c.UnreadyClosed, err2 = read(1)
+	return c, errors.Join(err1, err2)
+}
+
+// NetnsEvent says that a process connected from a network namespace where
+// connect4 would capture but smeshd has no listener.
+type NetnsEvent struct {
+	Cookie uint64
+	PID    int
+}
+
+// NetnsEvents delivers connect4's NetnsEvents until the data path is
+// closed. It may be called once.
+func (d *Datapath) NetnsEvents() (<-chan NetnsEvent, error) {
+	if d.events != nil {
+		return nil, errors.New("NetnsEvents called twice")
+	}
+	r, err := ringbuf.NewReader(d.connect.SmeshNetnsEvents)
+	if err != nil {
+		return nil, fmt.Errorf("reading namespace events: %w", err)
+	}
+	d.events = r
+	ch := make(chan NetnsEvent, 16)
+	go func() {
+		defer close(ch)
+		var ev connect.ConnectNetnsEvent
+		for {
+			rec, err := r.Read()
+			if err != nil {
+				// Closed; any other error would repeat.
+				return
+			}
+			if _, err := binary.Decode(rec.RawSample, binary.NativeEndian, &ev); err != nil {
+				continue
+			}
+			ch <- NetnsEvent{Cookie: ev.Netns, PID: int(ev.Pid)}
+		}
+	}()
+	return ch, nil
 }
 
 // Stats are the spliced bytes and messages counted in BPF since load.
@@ -489,6 +594,9 @@ func (d *Datapath) Close() error {
 		}
 	}
 	d.links = nil
+	if d.events != nil {
+		d.events.Close()
+	}
 	if d.msgAttached && d.pins == nil {
 		err := link.RawDetachProgram(link.RawDetachProgramOptions{
 			Target:  d.sockops.SmeshSockhash.FD(),

@@ -52,18 +52,30 @@ type Options struct {
 
 // Outbound accepts captured connections and relays each to its original
 // destination.
+//
+// It serves its own listener (Options.Listen, in smeshd's namespace) and one
+// more in every enrolled network namespace (AddListener): connect4 sends a
+// captured connection to [outbound] listen in the app's own namespace. The
+// limits are shared by all of them.
 type Outbound struct {
 	o     Options
-	ln    *net.TCPListener
+	main  *listener
 	log   zerolog.Logger
 	warn  zerolog.Logger // rate-limited, for per-connection refusals
 	slots chan struct{}  // nil without a limit
 	wg    sync.WaitGroup
 
-	served chan struct{} // closed when Serve returns
-
 	mu    sync.Mutex
 	conns map[*net.TCPConn]*relayed
+	lns   map[*listener]struct{} // the AddListener ones
+}
+
+// listener is one outbound listener and how its connections reach their
+// destinations.
+type listener struct {
+	ln     *net.TCPListener
+	dialer Dialer
+	served chan struct{} // closed when its accept loop returns
 }
 
 // acceptGrace is how long Shutdown keeps accepting: connections the kernel
@@ -100,12 +112,12 @@ func Listen(o Options) (*Outbound, error) {
 	}
 	log := o.Logger.With().Str("component", "outbound").Logger()
 	out := &Outbound{
-		o:      o,
-		ln:     ln,
-		log:    log,
-		warn:   log.Sample(&zerolog.BurstSampler{Burst: 5, Period: time.Second}),
-		conns:  make(map[*net.TCPConn]*relayed),
-		served: make(chan struct{}),
+		o:     o,
+		main:  &listener{ln: ln, dialer: o.Dialer, served: make(chan struct{})},
+		log:   log,
+		warn:  log.Sample(&zerolog.BurstSampler{Burst: 5, Period: time.Second}),
+		conns: make(map[*net.TCPConn]*relayed),
+		lns:   make(map[*listener]struct{}),
 	}
 	if o.MaxConnections > 0 {
 		out.slots = make(chan struct{}, o.MaxConnections)
@@ -114,13 +126,34 @@ func Listen(o Options) (*Outbound, error) {
 }
 
 // Addr is the address the listener is bound to.
-func (o *Outbound) Addr() netip.AddrPort { return o.ln.Addr().(*net.TCPAddr).AddrPort() }
+func (o *Outbound) Addr() netip.AddrPort { return o.main.ln.Addr().(*net.TCPAddr).AddrPort() }
 
-// Serve accepts until the listener is closed.
+// Serve accepts on the outbound's own listener until it is closed.
 func (o *Outbound) Serve(ctx context.Context) error {
-	defer close(o.served)
+	return o.serve(ctx, o.main)
+}
+
+// AddListener serves ln too (the outbound listener of another network
+// namespace), reaching destinations with dialer, until the returned function
+// closes it; connections already accepted go on.
+func (o *Outbound) AddListener(ctx context.Context, ln *net.TCPListener, dialer Dialer) (stop func()) {
+	l := &listener{ln: ln, dialer: dialer, served: make(chan struct{})}
+	o.mu.Lock()
+	o.lns[l] = struct{}{}
+	o.mu.Unlock()
+	go o.serve(ctx, l)
+	return func() {
+		o.mu.Lock()
+		delete(o.lns, l)
+		o.mu.Unlock()
+		ln.Close()
+	}
+}
+
+func (o *Outbound) serve(ctx context.Context, l *listener) error {
+	defer close(l.served)
 	for {
-		c, err := o.ln.AcceptTCP()
+		c, err := l.ln.AcceptTCP()
 		if err != nil {
 			// Closed, or Shutdown's accept deadline: the queue is drained.
 			if errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrDeadlineExceeded) {
@@ -143,7 +176,7 @@ func (o *Outbound) Serve(ctx context.Context) error {
 		o.wg.Add(1)
 		go func() {
 			defer o.wg.Done()
-			o.handle(ctx, c, r)
+			o.handle(ctx, c, r, l.dialer)
 			o.untrack(c)
 			if o.slots != nil {
 				<-o.slots
@@ -176,7 +209,7 @@ func (o *Outbound) untrack(c *net.TCPConn) {
 	o.mu.Unlock()
 }
 
-func (o *Outbound) handle(ctx context.Context, c *net.TCPConn, r *relayed) {
+func (o *Outbound) handle(ctx context.Context, c *net.TCPConn, r *relayed, dialer Dialer) {
 	dst, err := OriginalDst(c)
 	if err != nil {
 		// Not a captured connection (someone dialled the port directly):
@@ -185,7 +218,7 @@ func (o *Outbound) handle(ctx context.Context, c *net.TCPConn, r *relayed) {
 		return
 	}
 	r.dst = dst.String()
-	up, err := o.o.Dialer.DialContext(ctx, "tcp4", dst.String())
+	up, err := dialer.DialContext(ctx, "tcp", dst.String())
 	if err != nil {
 		// The dialer counts and logs tunnel failures itself.
 		o.log.Debug().Err(err).Str("dst", dst.String()).Msg("upstream unreachable")
@@ -245,13 +278,27 @@ func (o *Outbound) Connections() []ConnInfo {
 func (o *Outbound) Shutdown(ctx context.Context) error {
 	// Take what is already queued (capture is detached by then, so no new
 	// connections arrive in open mode), then close.
-	o.ln.SetDeadline(time.Now().Add(acceptGrace))
-	select {
-	case <-o.served:
-	case <-time.After(2 * acceptGrace): // Serve never ran
-	case <-ctx.Done():
+	o.mu.Lock()
+	lns := []*listener{o.main}
+	for l := range o.lns {
+		lns = append(lns, l)
 	}
-	err := o.ln.Close()
+	o.mu.Unlock()
+	for _, l := range lns {
+		l.ln.SetDeadline(time.Now().Add(acceptGrace))
+	}
+	grace := time.After(2 * acceptGrace) // for loops that never ran
+	var err error
+	for _, l := range lns {
+		select {
+		case <-l.served:
+		case <-grace:
+		case <-ctx.Done():
+		}
+		if cerr := l.ln.Close(); l == o.main {
+			err = cerr
+		}
+	}
 	done := make(chan struct{})
 	go func() { o.wg.Wait(); close(done) }()
 	select {

@@ -46,9 +46,16 @@ type ServerOptions struct {
 
 // Server accepts tunnel connections from other nodes and delivers each to
 // the local destination its header names, after checking that it is one.
+//
+// It serves its own listener ([tunnel] listen, in smeshd's namespace, which
+// delivers to the node's addresses) and one more in every enrolled network
+// namespace (AddListener), which delivers only to that namespace's own
+// addresses: a tunnel to a pod on this node arrives inside the pod's
+// namespace, where the pod's address is local, and nowhere else is.
 type Server struct {
 	o      ServerOptions
 	ln     *net.TCPListener
+	scope  Scope // of ln
 	tlsCfg *tls.Config
 	log    zerolog.Logger
 	errLog *limitedLog
@@ -62,6 +69,16 @@ type Server struct {
 
 	mu    sync.Mutex
 	conns map[*rawConn]struct{}
+	lns   map[*net.TCPListener]struct{} // the AddListener ones
+}
+
+// Scope is where a listener's connections may be delivered: the addresses
+// of one network namespace, dialled from inside it.
+type Scope struct {
+	Local *LocalAddrs
+	// Dial connects to a local destination from the namespace; nil dials
+	// from smeshd's own.
+	Dial func(ctx context.Context, network, address string) (net.Conn, error)
 }
 
 // Listen opens the tunnel listener.
@@ -91,6 +108,8 @@ func Listen(o ServerOptions) (*Server, error) {
 		slots:   make(chan struct{}, o.MaxConnections),
 		refuses: make(chan struct{}, refusalSlots),
 		conns:   make(map[*rawConn]struct{}),
+		lns:     make(map[*net.TCPListener]struct{}),
+		scope:   Scope{Local: o.Local},
 	}
 	if o.Credentials != nil {
 		s.tlsCfg = o.Credentials.ServerConfig()
@@ -109,10 +128,46 @@ func (s *Server) SetAllowPorts(ports []uint16) {
 // Addr is the address the listener is bound to.
 func (s *Server) Addr() netip.AddrPort { return s.ln.Addr().(*net.TCPAddr).AddrPort() }
 
-// Serve accepts until the listener is closed.
+// Serve accepts on the server's own listener until it is closed.
 func (s *Server) Serve(ctx context.Context) error {
+	return s.serveListener(ctx, s.ln, s.scope)
+}
+
+// AddListener serves ln too, delivering within scope, until the returned
+// function closes it (connections being relayed go on) or the server closes.
+func (s *Server) AddListener(ctx context.Context, ln *net.TCPListener, scope Scope) (stop func()) {
+	s.mu.Lock()
+	if s.closed.Load() {
+		s.mu.Unlock()
+		ln.Close()
+		return func() {}
+	}
+	s.lns[ln] = struct{}{}
+	s.mu.Unlock()
+	go s.serveListener(ctx, ln, scope)
+	return func() {
+		s.mu.Lock()
+		delete(s.lns, ln)
+		s.mu.Unlock()
+		ln.Close()
+	}
+}
+
+// closeListeners closes every listener (no new tunnel connections).
+func (s *Server) closeListeners() error {
+	err := s.ln.Close()
+	s.mu.Lock()
+	for ln := range s.lns {
+		ln.Close()
+		delete(s.lns, ln)
+	}
+	s.mu.Unlock()
+	return err
+}
+
+func (s *Server) serveListener(ctx context.Context, ln *net.TCPListener, scope Scope) error {
 	for {
-		c, err := s.ln.AcceptTCP()
+		c, err := ln.AcceptTCP()
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return nil
@@ -125,7 +180,7 @@ func (s *Server) Serve(ctx context.Context) error {
 		raw := &rawConn{TCPConn: c}
 		select {
 		case s.slots <- struct{}{}:
-			s.start(raw, func() { s.serve(ctx, raw); <-s.slots })
+			s.start(raw, func() { s.serve(ctx, raw, scope); <-s.slots })
 		default:
 			select {
 			case s.refuses <- struct{}{}:
@@ -160,7 +215,7 @@ func (s *Server) start(raw *rawConn, fn func()) {
 // Shutdown stops accepting and waits for the connections being relayed to
 // end until ctx is done; then it closes the rest (see Close).
 func (s *Server) Shutdown(ctx context.Context) error {
-	err := s.ln.Close()
+	err := s.closeListeners()
 	done := make(chan struct{})
 	go func() { s.wg.Wait(); close(done) }()
 	select {
@@ -182,7 +237,7 @@ func (s *Server) Close() error {
 	if s.closed.Swap(true) {
 		return nil
 	}
-	err := s.ln.Close()
+	err := s.closeListeners()
 	s.mu.Lock()
 	for raw := range s.conns {
 		raw.SetLinger(0)
@@ -201,13 +256,13 @@ type refusal struct {
 
 // serve runs one tunnel connection: handshake, header, checks, status,
 // relay.
-func (s *Server) serve(ctx context.Context, raw *rawConn) {
+func (s *Server) serve(ctx context.Context, raw *rawConn, scope Scope) {
 	conn, dst, ref := s.accept(ctx, raw)
 	if ref != nil {
 		s.refuse(raw, conn, dst, ref)
 		return
 	}
-	up, ref := s.deliver(dst)
+	up, ref := s.deliver(ctx, dst, scope)
 	if ref != nil {
 		s.refuse(raw, conn, dst, ref)
 		return
@@ -300,12 +355,12 @@ func readHeader(conn *Conn) (netip.AddrPort, *refusal) {
 	return dst, nil
 }
 
-// deliver checks dst and connects to it. Only addresses of this node, never
-// smeshd's own ports, and only allow_ports when set: the tunnel port must
-// never be an open relay.
-func (s *Server) deliver(dst netip.AddrPort) (*net.TCPConn, *refusal) {
+// deliver checks dst and connects to it. Only addresses of the listener's
+// namespace, never smeshd's own ports, and only allow_ports when set: the
+// tunnel port must never be an open relay.
+func (s *Server) deliver(ctx context.Context, dst netip.AddrPort, scope Scope) (*net.TCPConn, *refusal) {
 	switch {
-	case !s.o.Local.Contains(dst.Addr()):
+	case !scope.Local.Contains(dst.Addr()):
 		return nil, &refusal{ReasonNotLocal, fmt.Errorf("%s is not an address of this node", dst.Addr())}
 	case slices.Contains(s.o.OwnPorts, dst.Port()):
 		return nil, &refusal{ReasonOwnPort, fmt.Errorf("port %d is one of smeshd's own", dst.Port())}
@@ -314,11 +369,23 @@ func (s *Server) deliver(dst netip.AddrPort) (*net.TCPConn, *refusal) {
 	}
 	// smeshd's own connect() is never captured; in splice mode sock_ops
 	// splices this hop with the local server's socket.
-	c, err := net.DialTimeout("tcp", dst.String(), s.o.HandshakeTimeout)
+	dctx, cancel := context.WithTimeout(ctx, s.o.HandshakeTimeout)
+	defer cancel()
+	dial := scope.Dial
+	if dial == nil {
+		var d net.Dialer
+		dial = d.DialContext
+	}
+	c, err := dial(dctx, "tcp", dst.String())
 	if err != nil {
 		return nil, &refusal{ReasonUnreachable, err}
 	}
-	return c.(*net.TCPConn), nil
+	tc, ok := c.(*net.TCPConn)
+	if !ok {
+		c.Close()
+		return nil, &refusal{ReasonUnreachable, fmt.Errorf("dialled %T, not TCP", c)}
+	}
+	return tc, nil
 }
 
 // refuse counts and logs a refusal and ends the connection: with a status

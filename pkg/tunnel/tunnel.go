@@ -29,8 +29,13 @@ import (
 type Tunnel struct {
 	Server *Server
 	Client *Client
-	Local  *LocalAddrs
-	Stats  *Stats
+	// Local are the addresses of smeshd's own network namespace: where the
+	// server's own listener delivers.
+	Local *LocalAddrs
+	// Node are all addresses on this node (every namespace smeshd serves):
+	// destinations there are dialled directly, never tunnelled.
+	Node  *LocalAddrs
+	Stats *Stats
 	// Credentials are nil with [tunnel.tls] mode = "disabled".
 	Credentials *Credentials
 }
@@ -39,7 +44,7 @@ type Tunnel struct {
 // ownPorts are smeshd's other listener ports, which the tunnel never
 // delivers to.
 func New(cfg config.Tunnel, ownPorts []uint16, log zerolog.Logger) (*Tunnel, error) {
-	t := &Tunnel{Local: new(LocalAddrs), Stats: new(Stats)}
+	t := &Tunnel{Local: new(LocalAddrs), Node: new(LocalAddrs), Stats: new(Stats)}
 	switch cfg.TLS.Mode {
 	case "mtls":
 		creds, err := loadConfigured(cfg.TLS, log)
@@ -60,6 +65,7 @@ func New(cfg config.Tunnel, ownPorts []uint16, log zerolog.Logger) (*Tunnel, err
 		return nil, err
 	}
 	t.Local.Set(addrs)
+	t.Node.Set(addrs)
 
 	t.Client = NewClient(ClientOptions{
 		PeerPort:    cfg.PeerPort,
@@ -113,21 +119,36 @@ func (t *Tunnel) Reconfigure(cfg config.Tunnel) error {
 // Close closes the server and its connections.
 func (t *Tunnel) Close() error { return t.Server.Close() }
 
-// Dialer is the outbound proxy's dialer: destinations on this node (copy
-// mode captures those too) are dialled directly, all others through the
-// tunnel to their node's smeshd.
-func (t *Tunnel) Dialer() proxy.Dialer { return routeDialer{t} }
+// Dialer is the outbound proxy's dialer for captured connections of
+// smeshd's own network namespace: destinations on this node (copy mode
+// captures those too) are dialled directly, all others through the tunnel
+// to their node's smeshd.
+func (t *Tunnel) Dialer() proxy.Dialer { return t.DialerIn(nil) }
 
-type routeDialer struct{ t *Tunnel }
+// DialerIn is Dialer for the captured connections of another network
+// namespace: local destinations are dialled by local, from inside that
+// namespace (nil: from smeshd's own). The tunnel is always dialled from
+// smeshd's own namespace, the node's.
+func (t *Tunnel) DialerIn(local func(ctx context.Context, network, address string) (net.Conn, error)) proxy.Dialer {
+	if local == nil {
+		var d net.Dialer
+		local = d.DialContext
+	}
+	return routeDialer{t, local}
+}
+
+type routeDialer struct {
+	t     *Tunnel
+	local func(ctx context.Context, network, address string) (net.Conn, error)
+}
 
 func (r routeDialer) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
 	dst, err := netip.ParseAddrPort(address)
 	if err != nil {
 		return nil, err
 	}
-	if r.t.Local.Contains(dst.Addr()) {
-		var d net.Dialer
-		return d.DialContext(ctx, network, address)
+	if r.t.Node.Contains(dst.Addr()) {
+		return r.local(ctx, network, address)
 	}
 	return r.t.Client.DialContext(ctx, network, address)
 }
