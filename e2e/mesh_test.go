@@ -22,6 +22,7 @@ import (
 func TestMain(m *testing.M) {
 	testenv.RunHelpers(map[string]testenv.HelperFunc{
 		"server":   serve,
+		"conns":    conns,
 		"client":   client,
 		"smeshd":   runSmeshd,
 		"sockopts": sockoptProbe,

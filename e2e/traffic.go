@@ -27,6 +27,7 @@ const (
 	cmdGenerate = 'G' // + count + seed (8 bytes each): send that stream, then close first
 	cmdReset    = 'R' // read 1 byte, then reset the connection
 	cmdPeer     = 'P' // answer "remote-addr\n" as the server sees it, then echo
+	cmdHold     = 'H' // like cmdSink, but keep the socket open afterwards and report bytes that still arrive
 )
 
 // stream is the deterministic data both ends can produce from a seed.
@@ -111,6 +112,30 @@ func serveConn(c *net.TCPConn, say func(string, ...any)) {
 		}
 		n, seed := int64(binary.BigEndian.Uint64(p[:8])), binary.BigEndian.Uint64(p[8:])
 		io.CopyN(plainWriter{c}, stream(seed), n)
+	case cmdHold:
+		h := sha256.New()
+		n, err := copyPlain(h, c)
+		if err != nil {
+			say("result hold %s", outcome(err))
+			return
+		}
+		var out [8]byte
+		binary.BigEndian.PutUint64(out[:], uint64(n))
+		c.Write(append(out[:], h.Sum(nil)...))
+		say("result hold eof %s %d", c.RemoteAddr(), n)
+		// The client is gone, this end stays: no byte may reach it any
+		// more. Polled, since a read at end of stream does not block.
+		buf := make([]byte, 64<<10)
+		for {
+			m, err := c.Read(buf)
+			if m > 0 {
+				say("late %s %d", c.RemoteAddr(), m)
+			}
+			if err != nil && err != io.EOF {
+				return
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
 	case cmdReset:
 		c.SetLinger(0)
 	case cmdPeer:

@@ -76,6 +76,7 @@ type Helper struct {
 	t      testing.TB
 	name   string
 	cmd    *exec.Cmd
+	stdin  *os.File // write end of a helper's stdin, nil for other processes
 	stdout *capture
 	stderr *capture
 
@@ -96,7 +97,30 @@ func StartHelper(t testing.TB, cgroup, netnsName, name string, args ...string) *
 	// whole package again, recursively.
 	cmd := exec.Command(exe, append([]string{"-test.run=^$", helperArgsSep}, args...)...)
 	cmd.Env = append(os.Environ(), helperEnv+"="+name)
-	return start(t, cgroup, netnsName, "helper "+name, cmd)
+	// A pipe for Send; external programs keep the default stdin, since
+	// some (socat, iperf3) behave differently with one.
+	inR, inW, err := os.Pipe()
+	if err != nil {
+		t.Fatalf("starting helper %s: %v", name, err)
+	}
+	cmd.Stdin = inR
+	h := start(t, cgroup, netnsName, "helper "+name, cmd)
+	inR.Close()
+	h.stdin = inW
+	t.Cleanup(func() { inW.Close() })
+	return h
+}
+
+// Send writes line and a newline to the stdin of a helper started with
+// StartHelper, for helpers that take commands.
+func (h *Helper) Send(line string) error {
+	if h.stdin == nil {
+		return fmt.Errorf("%s has no stdin to send to", h.name)
+	}
+	if _, err := h.stdin.WriteString(line + "\n"); err != nil {
+		return fmt.Errorf("sending to %s: %w", h.name, err)
+	}
+	return nil
 }
 
 // StartProcess starts the external program name with args (looked up in
