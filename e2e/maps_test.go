@@ -61,7 +61,14 @@ func closeAll(maps map[string]*ebpf.Map) {
 	}
 }
 
-type spliceStats struct{ bytes, msgs uint64 }
+// spliceStats are smeshd's splice counters: bytes and messages spliced, the
+// bytes demoted directions sent by TCP, and the demotions.
+type spliceStats struct{ bytes, msgs, demotedBytes, demotions uint64 }
+
+// carried counts the bytes sk_msg handled: spliced, or sent by TCP once the
+// bound demoted their direction (a bulk writer outruns its reader within a
+// few MiB, see TestBoundedSplice).
+func (s spliceStats) carried() uint64 { return s.bytes + s.demotedBytes }
 
 // readStats sums smeshd's per-CPU splice counters, both directions.
 func readStats(pid int) (spliceStats, error) {
@@ -75,15 +82,32 @@ func readStats(pid int) (spliceStats, error) {
 		return spliceStats{}, fmt.Errorf("smeshd (pid %d) holds no smesh_stats map", pid)
 	}
 	var s spliceStats
-	for slot := uint32(0); slot < 2; slot++ {
+	// Slots (smesh.h, enum stat_slot): 0 and 1 spliced, 2 and 3 demoted.
+	for slot := uint32(0); slot < 4; slot++ {
 		var perCPU []struct{ Bytes, Msgs uint64 }
 		if err := m.Lookup(slot, &perCPU); err != nil {
 			return spliceStats{}, err
 		}
 		for _, c := range perCPU {
-			s.bytes += c.Bytes
-			s.msgs += c.Msgs
+			if slot < 2 {
+				s.bytes += c.Bytes
+				s.msgs += c.Msgs
+			} else {
+				s.demotedBytes += c.Bytes
+			}
 		}
+	}
+	counters, ok := maps["smesh_counters"]
+	if !ok {
+		return spliceStats{}, fmt.Errorf("smeshd (pid %d) holds no smesh_counters map", pid)
+	}
+	var perCPU []uint64
+	// enum counter_slot: 2 is COUNTER_DEMOTIONS.
+	if err := counters.Lookup(uint32(2), &perCPU); err != nil {
+		return spliceStats{}, err
+	}
+	for _, v := range perCPU {
+		s.demotions += v
 	}
 	return s, nil
 }

@@ -126,12 +126,6 @@ func (n *node) start(mode string, extra string) {
 	if n.capture != "" {
 		capture = n.capture
 	}
-	// The tests exercise the splice of the hops through smeshd too (off by
-	// default, see smesh.toml); TestProxyHopsNotSpliced covers the default.
-	// First, so that it stays in [datapath] when extra opens tables.
-	if mode == "splice" && !strings.Contains(extra, "splice_proxy_hops") {
-		extra = "splice_proxy_hops = true\n" + extra
-	}
 	conf := fmt.Sprintf(`
 [capture]
 cgroups = %s

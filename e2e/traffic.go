@@ -136,6 +136,8 @@ func serveConn(c *net.TCPConn, say func(string, ...any)) {
 			}
 			time.Sleep(20 * time.Millisecond)
 		}
+	case cmdSlow:
+		serveSlow(c, say)
 	case cmdReset:
 		c.SetLinger(0)
 	case cmdPeer:
@@ -467,6 +469,23 @@ func runScenario(args []string) error {
 			if err = oneWay(addr, 16, uint64(i), cmdSink); err != nil {
 				break
 			}
+		}
+	case "slow", "slow-waitall", "slow-lowat", "stalled":
+		// A writer as fast as it can be into a reader that sleeps
+		// 1 ms per 64 KiB read, or that stalls 10 s first.
+		mode, stall, pause := byte('p'), byte(0), time.Millisecond
+		switch scenario {
+		case "slow-waitall":
+			mode = 'w'
+		case "slow-lowat":
+			mode = 'l'
+		case "stalled":
+			stall, pause = 10, 0
+		}
+		var rmem, wq int64
+		rmem, wq, err = slowWrite(addr, n, mode, stall, pause)
+		if err == nil {
+			fmt.Printf("memory max_rmem=%d max_wqueued=%d\n", rmem, wq)
 		}
 	case "peer":
 		var s, l, r string

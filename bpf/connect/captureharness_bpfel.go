@@ -67,7 +67,7 @@ type CaptureHarnessSockState struct {
 	Captured uint8
 	Role     uint8
 	Path     uint8
-	Pad      uint8
+	Demoted  uint8
 }
 
 type CaptureHarnessSpliceStats struct {

@@ -74,7 +74,7 @@ type ConnectSockState struct {
 	Captured uint8
 	Role     uint8
 	Path     uint8
-	Pad      uint8
+	Demoted  uint8
 }
 
 type ConnectSpliceStats struct {

@@ -72,7 +72,7 @@ struct sock_state {
 	__u8 captured;        /* connect4 rewrote this socket's destination */
 	__u8 role;            /* ROLE_*, set by sockops */
 	__u8 path;            /* PATH_*, decided by sk_msg on the first send */
-	__u8 pad;
+	__u8 demoted;         /* sk_msg moved this direction from splice to TCP */
 };
 
 enum {
@@ -91,11 +91,14 @@ enum {
 };
 
 /* Counter slots of smesh_stats: bytes and messages spliced, by the role of the
- * sending socket (client->server is "tx", server->client is "rx"). */
-enum {
+ * sending socket (client->server is "tx", server->client is "rx"), and those
+ * sent by TCP after sk_msg demoted their direction. */
+enum stat_slot {
 	STAT_CLIENT_TO_SERVER = 0,
 	STAT_SERVER_TO_CLIENT = 1,
-	STAT_MAX = 2,
+	STAT_DEMOTED_CLIENT_TO_SERVER = 2,
+	STAT_DEMOTED_SERVER_TO_CLIENT = 3,
+	STAT_MAX = 4,
 };
 
 struct splice_stats {
@@ -104,12 +107,15 @@ struct splice_stats {
 };
 
 /* Counter slots of smesh_counters: events the programs count for metrics. */
-enum {
+enum counter_slot {
 	/* connect4 would have captured, but smeshd had no listener ready in
 	 * the caller's namespace: on_failure decided. */
 	COUNTER_UNREADY_OPEN = 0,   /* let through uncaptured */
 	COUNTER_UNREADY_CLOSED = 1, /* refused */
-	COUNTER_MAX = 2,
+	/* sk_msg demoted a spliced direction to TCP: its peer's queue was
+	 * full (splice_queue_limit). */
+	COUNTER_DEMOTIONS = 2,
+	COUNTER_MAX = 3,
 };
 
 /* Written by sockops (both ends of every same-node hop, at establishment);

@@ -2,13 +2,41 @@
 //go:build ignore
 
 /* sk_msg splices same-node hops: every send on a socket in the sockhash goes
- * straight into the receive queue of the peer socket, skipping TCP/IP. */
+ * straight into the receive queue of the peer socket, skipping TCP/IP.
+ *
+ * The kernel gives such a redirect no flow control: the sender's memory is
+ * released at once and the receiver is charged without any comparison to its
+ * buffer size, so a reader slower than its writer lets the queue grow until
+ * the node's TCP memory runs out. smesh_skmsg bounds it: when the bytes
+ * waiting at the peer plus this message would pass splice_queue_limit, that
+ * direction is demoted to TCP for good, and TCP's own flow control bounds the
+ * rest (the writer blocks, as without the mesh). Demoting is order-safe: the
+ * peer reads TCP data only once its redirected queue is empty, and every
+ * redirected byte is queued before the first TCP byte is sent. Promoting back
+ * is not (a reader parked in tcp_recvmsg waits on the TCP queue only), so a
+ * demoted direction never splices again.
+ *
+ * smesh_skmsg_unbounded is the same without the bound, for kernels without
+ * what the bound reads (the kfuncs bpf_cast_to_kern_ctx and bpf_rdonly_cast,
+ * Linux 6.2) or without CAP_PERFMON; smeshd chooses which one to load. */
 
 #include "smesh.h"
+#include <bpf/bpf_core_read.h>
 
-static __always_inline void count(__u8 role, __u32 size)
+/* Set by smeshd before load: [datapath] splice_queue_limit, in bytes. */
+volatile const __u32 splice_queue_limit = 2 << 20;
+
+extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
+extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
+
+/* The low bits of sk_user_data are flags (SK_USER_DATA_NOCOPY, _BPF,
+ * _PSOCK); the rest points to the socket's sk_psock. */
+#define SK_USER_DATA_PTRMASK (~7UL)
+
+/* Written by sk_msg (per CPU): bytes and messages spliced, by the role of
+ * the sender; and the bytes of demoted directions, sent by TCP. */
+static __always_inline void count(__u32 slot, __u32 size)
 {
-	__u32 slot = role == ROLE_SERVER ? STAT_SERVER_TO_CLIENT : STAT_CLIENT_TO_SERVER;
 	struct splice_stats *s = bpf_map_lookup_elem(&smesh_stats, &slot);
 
 	if (s) {
@@ -17,34 +45,93 @@ static __always_inline void count(__u8 role, __u32 size)
 	}
 }
 
-SEC("sk_msg")
-int smesh_skmsg(struct sk_msg_md *msg)
+static __always_inline __u32 role_slot(const struct sock_state *st, __u32 client, __u32 server)
 {
-	struct sock_state *st;
+	return st->role == ROLE_SERVER ? server : client;
+}
 
+/* queued returns the bytes that wait in the receive queue of the socket
+ * bpf_msg_redirect_hash just chose for msg. */
+static __always_inline __u64 queued(struct sk_msg_md *msg)
+{
+	struct sk_msg *kmsg = bpf_cast_to_kern_ctx(msg);
+	struct sock *peer = kmsg->sk_redir;
+	struct sk_psock *psock;
+	unsigned long data;
+
+	if (!peer)
+		return 0;
+	/* 6.18 counts the redirected bytes waiting in the psock (for
+	 * FIONREAD); older kernels that charge receive memory for them
+	 * (6.13, backported to 6.6.69 and 6.12) have them in sk_rmem_alloc. */
+	data = (unsigned long)peer->sk_user_data & SK_USER_DATA_PTRMASK;
+	psock = bpf_rdonly_cast((void *)data, bpf_core_type_id_kernel(struct sk_psock));
+	if (psock && bpf_core_field_exists(psock->msg_tot_len))
+		return psock->msg_tot_len;
+	return peer->sk_backlog.rmem_alloc.counter;
+}
+
+static __always_inline int splice(struct sk_msg_md *msg, bool bounded)
+{
 	struct bpf_sock *sk = msg->sk;
+	/* Read once: clang would otherwise reload it through a context
+	 * pointer it moved, which the verifier refuses. */
+	__u32 size = msg->size;
+	struct sock_state *st;
 
 	if (!sk) /* the verifier wants sk checked for NULL before use */
 		return SK_PASS;
-	/* sock_ops made the state, with the peer's key, before it put the
-	 * socket in the sockhash. */
+	/* sock_ops made the state, with both keys, before it put the socket
+	 * in the sockhash. */
 	st = bpf_sk_storage_get(&smesh_sk_state, sk, 0, 0);
-	if (!st || st->path == PATH_TCP)
+	if (!st)
 		return SK_PASS;
-
-	if (bpf_msg_redirect_hash(msg, &smesh_sockhash, &st->peer, BPF_F_INGRESS) == SK_PASS) {
-		st->path = PATH_SPLICE;
-		count(st->role, msg->size);
+	if (st->path == PATH_TCP) {
+		if (st->demoted)
+			count(role_slot(st, STAT_DEMOTED_CLIENT_TO_SERVER, STAT_DEMOTED_SERVER_TO_CLIENT), size);
 		return SK_PASS;
 	}
-	/* The peer is not in the map. On the first send that means it is not
-	 * spliced (not enrolled, map full, or not yet established): this
-	 * direction takes TCP for good. After splicing began it means the peer
-	 * closed; TCP then reports that to the sender as usual. Never SK_DROP:
-	 * the app would see EACCES. */
-	if (st->path == PATH_UNDECIDED)
-		st->path = PATH_TCP;
+
+	if (bpf_msg_redirect_hash(msg, &smesh_sockhash, &st->peer, BPF_F_INGRESS) != SK_PASS) {
+		/* The peer is not in the map. On the first send that means it
+		 * is not spliced (not enrolled, map full, or not yet
+		 * established): this direction takes TCP for good. After
+		 * splicing began it means the peer closed; TCP then reports
+		 * that to the sender as usual. Never SK_DROP: the app would
+		 * see EACCES. */
+		if (st->path == PATH_UNDECIDED)
+			st->path = PATH_TCP;
+		return SK_PASS;
+	}
+	if (bounded && queued(msg) + size > splice_queue_limit) {
+		/* The redirect above chose the peer already (returning
+		 * SK_PASS now would still redirect): send this message by TCP
+		 * instead, through the sender's own socket (egress). */
+		if (bpf_msg_redirect_hash(msg, &smesh_sockhash, &st->self, 0) == SK_PASS) {
+			st->path = PATH_TCP;
+			st->demoted = 1;
+			counter_inc(COUNTER_DEMOTIONS);
+			count(role_slot(st, STAT_DEMOTED_CLIENT_TO_SERVER, STAT_DEMOTED_SERVER_TO_CLIENT), size);
+			return SK_PASS;
+		}
+		/* Our own entry is gone (the socket is closing): splice this
+		 * last message. */
+	}
+	st->path = PATH_SPLICE;
+	count(role_slot(st, STAT_CLIENT_TO_SERVER, STAT_SERVER_TO_CLIENT), size);
 	return SK_PASS;
+}
+
+SEC("sk_msg")
+int smesh_skmsg(struct sk_msg_md *msg)
+{
+	return splice(msg, true);
+}
+
+SEC("sk_msg")
+int smesh_skmsg_unbounded(struct sk_msg_md *msg)
+{
+	return splice(msg, false);
 }
 
 char __license[] SEC("license") = "Dual BSD/GPL";

@@ -61,7 +61,7 @@ type SkmsgSockState struct {
 	Captured uint8
 	Role     uint8
 	Path     uint8
-	Pad      uint8
+	Demoted  uint8
 }
 
 type SkmsgSpliceStats struct {
@@ -74,15 +74,17 @@ type SkmsgSpliceStats struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	SkmsgMapSmeshAddrs    = "smesh_addrs"
-	SkmsgMapSmeshCounters = "smesh_counters"
-	SkmsgMapSmeshNetns    = "smesh_netns"
-	SkmsgMapSmeshNsAddrs  = "smesh_ns_addrs"
-	SkmsgMapSmeshOrigDst  = "smesh_orig_dst"
-	SkmsgMapSmeshSkState  = "smesh_sk_state"
-	SkmsgMapSmeshSockhash = "smesh_sockhash"
-	SkmsgMapSmeshStats    = "smesh_stats"
-	SkmsgProgSmeshSkmsg   = "smesh_skmsg"
+	SkmsgMapSmeshAddrs           = "smesh_addrs"
+	SkmsgMapSmeshCounters        = "smesh_counters"
+	SkmsgMapSmeshNetns           = "smesh_netns"
+	SkmsgMapSmeshNsAddrs         = "smesh_ns_addrs"
+	SkmsgMapSmeshOrigDst         = "smesh_orig_dst"
+	SkmsgMapSmeshSkState         = "smesh_sk_state"
+	SkmsgMapSmeshSockhash        = "smesh_sockhash"
+	SkmsgMapSmeshStats           = "smesh_stats"
+	SkmsgProgSmeshSkmsg          = "smesh_skmsg"
+	SkmsgProgSmeshSkmsgUnbounded = "smesh_skmsg_unbounded"
+	SkmsgVarSpliceQueueLimit     = "splice_queue_limit"
 )
 
 // LoadSkmsg returns the embedded CollectionSpec for Skmsg.
@@ -127,7 +129,8 @@ type SkmsgSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SkmsgProgramSpecs struct {
-	SmeshSkmsg *ebpf.ProgramSpec `ebpf:"smesh_skmsg"`
+	SmeshSkmsg          *ebpf.ProgramSpec `ebpf:"smesh_skmsg"`
+	SmeshSkmsgUnbounded *ebpf.ProgramSpec `ebpf:"smesh_skmsg_unbounded"`
 }
 
 // SkmsgMapSpecs contains maps before they are loaded into the kernel.
@@ -148,6 +151,7 @@ type SkmsgMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SkmsgVariableSpecs struct {
+	SpliceQueueLimit *ebpf.VariableSpec `ebpf:"splice_queue_limit"`
 }
 
 // SkmsgObjects contains all objects after they have been loaded into the kernel.
@@ -197,18 +201,21 @@ func (m *SkmsgMaps) Close() error {
 //
 // It can be passed to LoadSkmsgObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SkmsgVariables struct {
+	SpliceQueueLimit *ebpf.Variable `ebpf:"splice_queue_limit"`
 }
 
 // SkmsgPrograms contains all programs after they have been loaded into the kernel.
 //
 // It can be passed to LoadSkmsgObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SkmsgPrograms struct {
-	SmeshSkmsg *ebpf.Program `ebpf:"smesh_skmsg"`
+	SmeshSkmsg          *ebpf.Program `ebpf:"smesh_skmsg"`
+	SmeshSkmsgUnbounded *ebpf.Program `ebpf:"smesh_skmsg_unbounded"`
 }
 
 func (p *SkmsgPrograms) Close() error {
 	return _SkmsgClose(
 		p.SmeshSkmsg,
+		p.SmeshSkmsgUnbounded,
 	)
 }
 

@@ -61,7 +61,7 @@ type SockopsSockState struct {
 	Captured uint8
 	Role     uint8
 	Path     uint8
-	Pad      uint8
+	Demoted  uint8
 }
 
 type SockopsSpliceStats struct {

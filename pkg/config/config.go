@@ -9,7 +9,10 @@ package config
 
 import (
 	"fmt"
+	"math"
 	"net/netip"
+	"strconv"
+	"strings"
 	"time"
 )
 
@@ -58,6 +61,9 @@ type Datapath struct {
 	// SpliceProxyHops splices the hops with smeshd at one end too, not
 	// only direct same-node connections.
 	SpliceProxyHops bool `toml:"splice_proxy_hops"`
+	// SpliceQueueLimit is how many bytes a spliced hop may queue at its
+	// reader before that direction is demoted to TCP.
+	SpliceQueueLimit Size `toml:"splice_queue_limit"`
 }
 
 // Outbound is the local listener captured connections are redirected to.
@@ -141,6 +147,47 @@ func (d *Duration) UnmarshalText(text []byte) error {
 	return nil
 }
 
+// Size is a number of bytes written in TOML as a string such as "2MiB".
+type Size struct{ Bytes uint64 }
+
+var sizeUnits = []struct {
+	suffix string
+	mult   uint64
+}{{"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}, {"B", 1}}
+
+// MarshalText implements encoding.TextMarshaler.
+func (s Size) MarshalText() ([]byte, error) {
+	for _, u := range sizeUnits {
+		if s.Bytes >= u.mult && s.Bytes%u.mult == 0 {
+			return []byte(strconv.FormatUint(s.Bytes/u.mult, 10) + u.suffix), nil
+		}
+	}
+	return []byte(strconv.FormatUint(s.Bytes, 10) + "B"), nil
+}
+
+func (s Size) String() string {
+	b, _ := s.MarshalText()
+	return string(b)
+}
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (s *Size) UnmarshalText(text []byte) error {
+	str := string(text)
+	for _, u := range sizeUnits {
+		num, ok := strings.CutSuffix(str, u.suffix)
+		if !ok {
+			continue
+		}
+		n, err := strconv.ParseUint(num, 10, 64)
+		if err != nil || n > math.MaxUint64/u.mult {
+			break
+		}
+		s.Bytes = n * u.mult
+		return nil
+	}
+	return fmt.Errorf("%q is not a size (want e.g. \"2MiB\", \"512KiB\" or \"65536B\")", text)
+}
+
 // Default returns the default configuration, the one smesh.toml documents.
 // Empty lists are empty, not nil, so that a parsed "[]" compares equal.
 func Default() Config {
@@ -154,8 +201,10 @@ func Default() Config {
 			PinDir:       "/sys/fs/bpf/smesh",
 		},
 		Datapath: Datapath{
-			Mode:    "auto",
-			MapSize: 65536,
+			Mode:             "auto",
+			MapSize:          65536,
+			SpliceProxyHops:  true,
+			SpliceQueueLimit: Size{2 << 20},
 		},
 		Outbound: Outbound{
 			Listen:         netip.MustParseAddrPort("127.0.0.1:18000"),

@@ -17,6 +17,13 @@ const (
 	maxMapSize = 1 << 20
 )
 
+// The bound of a spliced hop's queue: below the minimum a hop demotes at
+// once; above the maximum one stalled reader holds more than TCP would.
+const (
+	minQueueLimit = 64 << 10
+	maxQueueLimit = 256 << 20
+)
+
 // problems collects validation errors, each prefixed with its key.
 type problems []error
 
@@ -33,6 +40,9 @@ func (c *Config) Validate() error {
 	checkOneOf(&p, "datapath.mode", c.Datapath.Mode, "auto", "splice", "copy")
 	if c.Datapath.MapSize < minMapSize || c.Datapath.MapSize > maxMapSize {
 		p.addf("datapath.map_size", "%d is out of range (want %d to %d)", c.Datapath.MapSize, minMapSize, maxMapSize)
+	}
+	if l := c.Datapath.SpliceQueueLimit.Bytes; l < minQueueLimit || l > maxQueueLimit {
+		p.addf("datapath.splice_queue_limit", "%s is out of range (want 64KiB to 256MiB)", c.Datapath.SpliceQueueLimit)
 	}
 
 	if c.Outbound.MaxConnections < 1 {

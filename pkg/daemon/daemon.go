@@ -50,13 +50,17 @@ func setLogLevel(level string) error {
 }
 
 // ResolveMode turns [datapath] mode into the mode this kernel can run.
-// "auto" falls back to copy when splicing is unavailable; an explicit
-// "splice" on such a kernel is an error naming what is missing.
+// "auto" splices only where the kernel can also bound what a spliced hop
+// queues (datapath.Missing "bounded splice"), and copies otherwise; an
+// explicit "splice" on a kernel that cannot splice is an error naming what
+// is missing, and on one that cannot bound it splices without a bound (the
+// caller warns).
 func ResolveMode(mode string, features []datapath.Feature) (datapath.Mode, error) {
 	if err := datapath.Missing(features, "capture"); err != nil {
 		return "", fmt.Errorf("this kernel cannot run smesh's capture: %w", err)
 	}
 	spliceErr := datapath.Missing(features, "splice")
+	boundErr := datapath.Missing(features, "bounded splice")
 	switch mode {
 	case "copy":
 		return datapath.ModeCopy, nil
@@ -66,7 +70,7 @@ func ResolveMode(mode string, features []datapath.Feature) (datapath.Mode, error
 		}
 		return datapath.ModeSplice, nil
 	case "auto", "":
-		if spliceErr != nil {
+		if spliceErr != nil || boundErr != nil {
 			return datapath.ModeCopy, nil
 		}
 		return datapath.ModeSplice, nil
@@ -173,8 +177,18 @@ func (d *daemon) start(ctx context.Context) error {
 		return err
 	}
 	if mode == datapath.ModeCopy && cfg.Datapath.Mode == "auto" {
-		log.Warn().AnErr("missing", datapath.Missing(features, "splice")).
-			Msg("this kernel cannot splice; using the copy data path")
+		log.Warn().AnErr("missing", datapath.Missing(features, "bounded splice")).
+			Msg("this kernel cannot splice with a bound on what a spliced hop queues; using the copy data path " +
+				"(datapath.mode = \"splice\" splices without the bound)")
+	}
+	queueLimit := uint32(cfg.Datapath.SpliceQueueLimit.Bytes)
+	if mode == datapath.ModeSplice {
+		if err := datapath.Missing(features, "bounded splice"); err != nil {
+			queueLimit = 0
+			log.Warn().AnErr("missing", err).Msg("SPLICING WITHOUT A BOUND: this kernel cannot bound what a spliced hop " +
+				"queues at its reader, so a reader that stalls under a fast writer can use up the node's TCP memory " +
+				"(datapath.mode = \"auto\" would use the copy data path here)")
+		}
 	}
 
 	d.metrics = metrics.New(d.opts.Version)
@@ -245,7 +259,8 @@ func (d *daemon) start(ctx context.Context) error {
 		ExcludeCIDRs:    cfg.Capture.ExcludeCIDRs,
 		ExcludePorts:    cfg.Capture.ExcludePorts,
 		MapSize:         cfg.Datapath.MapSize,
-		SpliceProxyHops: cfg.Datapath.SpliceProxyHops,
+		SpliceProxyHops:  cfg.Datapath.SpliceProxyHops,
+		SpliceQueueLimit: queueLimit,
 		PinDir:          pinDir,
 		FailClosed:      cfg.Capture.OnFailure == "closed",
 		Logger:          log,

@@ -51,8 +51,14 @@ type Options struct {
 	// MapSize bounds the sockhash and the original-destination map.
 	MapSize uint32
 	// SpliceProxyHops splices the hops with smeshd at one end too (see
-	// splice_proxy_hops in sockops.c for what that costs).
+	// splice_proxy_hops in sockops.c).
 	SpliceProxyHops bool
+	// SpliceQueueLimit bounds the bytes a spliced hop may queue at its
+	// peer before its direction is demoted to TCP (skmsg.c). 0 splices
+	// without a bound, for kernels that cannot bound (Probe's "bounded
+	// splice"): a reader that stalls can then make its writer queue until
+	// the node's TCP memory runs out.
+	SpliceQueueLimit uint32
 	// PinDir, when set, pins the capture there (on bpffs) so that it
 	// outlives smeshd: [capture] on_failure = "closed". Empty: everything
 	// is detached when smeshd stops or dies.
@@ -69,7 +75,9 @@ type Datapath struct {
 	log     zerolog.Logger
 	connect connect.ConnectObjects
 	sockops sockops.SockopsObjects
-	skmsg   skmsg.SkmsgObjects
+	// msg is the sk_msg program: smesh_skmsg, or smesh_skmsg_unbounded
+	// where the kernel cannot bound spliced queues (see skmsg.c).
+	msg *ebpf.Program
 	// links are the cgroup attachments, by cgroup and type.
 	links map[attachment]link.Link
 	// proxyCgroup is smeshd's own cgroup.
@@ -132,7 +140,7 @@ func Load(opts Options) (_ *Datapath, err error) {
 	if opts.Mode == ModeSplice {
 		err := link.RawAttachProgram(link.RawAttachProgramOptions{
 			Target:  d.sockops.SmeshSockhash.FD(),
-			Program: d.skmsg.SmeshSkmsg,
+			Program: d.msg,
 			Attach:  ebpf.AttachSkMsgVerdict,
 		})
 		if err != nil {
@@ -197,14 +205,39 @@ func (d *Datapath) load(opts Options, proxyCgroupID uint64) error {
 		return fmt.Errorf("loading connect: %w", d.loadError(err))
 	}
 
-	mspec, err := skmsg.LoadSkmsg()
+	d.msg, err = loadSkmsg(opts.SpliceQueueLimit, shared)
+	return err
+}
+
+// loadSkmsg loads the sk_msg program: bounded to limit bytes queued at a
+// peer (smesh_skmsg), or without a bound when limit is 0
+// (smesh_skmsg_unbounded, for kernels that cannot bound: see
+// Options.SpliceQueueLimit). shared are the maps to use; nil makes the
+// program's own (a probe).
+func loadSkmsg(limit uint32, shared map[string]*ebpf.Map) (*ebpf.Program, error) {
+	spec, err := skmsg.LoadSkmsg()
 	if err != nil {
-		return fmt.Errorf("loading skmsg spec: %w", err)
+		return nil, fmt.Errorf("loading skmsg spec: %w", err)
 	}
-	if err := mspec.LoadAndAssign(&d.skmsg, &ebpf.CollectionOptions{MapReplacements: sharedFor(mspec, shared)}); err != nil {
-		return fmt.Errorf("loading skmsg: %w", verifierError(err))
+	if limit > 0 {
+		if err := spec.Variables["splice_queue_limit"].Set(limit); err != nil {
+			return nil, fmt.Errorf("setting skmsg splice_queue_limit: %w", err)
+		}
+		var objs struct {
+			Prog *ebpf.Program `ebpf:"smesh_skmsg"`
+		}
+		if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: sharedFor(spec, shared)}); err != nil {
+			return nil, fmt.Errorf("loading sk_msg (bounded): %w", verifierError(err))
+		}
+		return objs.Prog, nil
 	}
-	return nil
+	var objs struct {
+		Prog *ebpf.Program `ebpf:"smesh_skmsg_unbounded"`
+	}
+	if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: sharedFor(spec, shared)}); err != nil {
+		return nil, fmt.Errorf("loading sk_msg: %w", verifierError(err))
+	}
+	return objs.Prog, nil
 }
 
 // setConnectVars sets the load-time constants of the capture decision
@@ -600,7 +633,7 @@ func (d *Datapath) Close() error {
 	if d.msgAttached && d.pins == nil {
 		err := link.RawDetachProgram(link.RawDetachProgramOptions{
 			Target:  d.sockops.SmeshSockhash.FD(),
-			Program: d.skmsg.SmeshSkmsg,
+			Program: d.msg,
 			Attach:  ebpf.AttachSkMsgVerdict,
 		})
 		if err != nil {
@@ -608,7 +641,10 @@ func (d *Datapath) Close() error {
 		}
 		d.msgAttached = false
 	}
-	for _, c := range []interface{ Close() error }{&d.connect, &d.skmsg, &d.sockops} {
+	if d.msg != nil {
+		errs = append(errs, d.msg.Close())
+	}
+	for _, c := range []interface{ Close() error }{&d.connect, &d.sockops} {
 		if err := c.Close(); err != nil {
 			errs = append(errs, err)
 		}

@@ -38,15 +38,30 @@ func Probe() []Feature {
 	add("socket-local storage", "capture", features.HaveMapType(ebpf.SkStorage))
 	add("sockhash maps (CONFIG_BPF_STREAM_PARSER)", "splice", features.HaveMapType(ebpf.SockHash))
 	add("sk_msg programs (CONFIG_NET_SOCK_MSG)", "splice", features.HaveProgramType(ebpf.SkMsg))
+	add("bounded splice (smesh's sk_msg program: kfuncs bpf_cast_to_kern_ctx and bpf_rdonly_cast, Linux 6.2+, and CAP_PERFMON)",
+		"bounded splice", probeBoundedSplice())
 	return fs
 }
 
+// probeBoundedSplice loads the real bounded sk_msg program, with maps of
+// its own: what it reads of the kernel's structures is checked by the
+// verifier only then.
+func probeBoundedSplice() error {
+	prog, err := loadSkmsg(1<<20, nil)
+	if err != nil {
+		return err
+	}
+	return prog.Close()
+}
+
 // Missing returns an error listing the features needed for neededFor
-// ("capture" or "splice") that this kernel lacks, or nil.
+// ("capture", "splice" or "bounded splice", each needing the ones before)
+// that this kernel lacks, or nil.
 func Missing(fs []Feature, neededFor string) error {
+	levels := map[string]int{"capture": 0, "splice": 1, "bounded splice": 2}
 	var errs []error
 	for _, f := range fs {
-		if f.Err != nil && (f.NeededFor == neededFor || neededFor == "splice" && f.NeededFor == "capture") {
+		if f.Err != nil && levels[f.NeededFor] <= levels[neededFor] {
 			errs = append(errs, fmt.Errorf("%s: %w", f.Name, f.Err))
 		}
 	}

@@ -1,0 +1,204 @@
+package e2e
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// The slow-reader exchange (cmdSlow) checks bounded splice: the client
+// writes an offset pattern as fast as it can, the server reads it slowly (or
+// stalls first), and both report the most kernel memory their socket held
+// (SO_MEMINFO), so the test can tell whether the connection stayed bounded.
+//
+// Request after the command byte: mode (1 byte: 'p' plain reads, 'w'
+// MSG_WAITALL reads, 'l' SO_RCVLOWAT), stall seconds (1 byte), pause per
+// read in microseconds (4 bytes). Answer once the client half-closed:
+// bytes read (8), offset of the first wrong byte or -1 (8), the most
+// receive memory seen (8).
+const cmdSlow = 'L'
+
+// slowReadSize is the size of each of the server's reads.
+const slowReadSize = 64 << 10
+
+// patternAt fills buf with the pattern at offset off: every 8-byte word,
+// little endian, holds its own offset, so a lost, repeated or reordered byte
+// anywhere shows.
+func patternAt(buf []byte, off int64) {
+	for i := range buf {
+		o := off + int64(i)
+		buf[i] = byte(uint64(o&^7) >> (8 * (o & 7)))
+	}
+}
+
+// memInfo returns the receive memory and the send queue a socket holds.
+func memInfo(c *net.TCPConn) (rmem, wqueued int64) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return -1, -1
+	}
+	var mi [unix.SK_MEMINFO_VARS]uint32
+	var serr error
+	rc.Control(func(fd uintptr) {
+		l := uint32(len(mi) * 4)
+		_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, fd, unix.SOL_SOCKET, unix.SO_MEMINFO,
+			uintptr(unsafe.Pointer(&mi[0])), uintptr(unsafe.Pointer(&l)), 0)
+		if e != 0 {
+			serr = e
+		}
+	})
+	if serr != nil {
+		return -1, -1
+	}
+	return int64(mi[unix.SK_MEMINFO_RMEM_ALLOC]), int64(mi[unix.SK_MEMINFO_WMEM_QUEUED])
+}
+
+// serveSlow is the server's side of cmdSlow.
+func serveSlow(c *net.TCPConn, say func(string, ...any)) {
+	var req [6]byte
+	if _, err := io.ReadFull(c, req[:]); err != nil {
+		return
+	}
+	mode, stall := req[0], time.Duration(req[1])*time.Second
+	pause := time.Duration(binary.BigEndian.Uint32(req[2:])) * time.Microsecond
+	if mode == 'l' {
+		rc, _ := c.SyscallConn()
+		rc.Control(func(fd uintptr) {
+			unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVLOWAT, slowReadSize)
+		})
+	}
+	time.Sleep(stall)
+	var got, bad, maxRmem int64 = 0, -1, 0
+	buf := make([]byte, slowReadSize)
+	want := make([]byte, slowReadSize)
+	var err error
+	for {
+		var n int
+		if mode == 'w' {
+			n, err = recvWaitAll(c, buf)
+		} else {
+			n, err = c.Read(buf)
+		}
+		if rmem, _ := memInfo(c); rmem > maxRmem {
+			maxRmem = rmem
+		}
+		if n > 0 && bad < 0 {
+			patternAt(want[:n], got)
+			if !bytes.Equal(buf[:n], want[:n]) {
+				for i := range n {
+					if buf[i] != want[i] {
+						bad = got + int64(i)
+						break
+					}
+				}
+			}
+		}
+		got += int64(n)
+		if err != nil {
+			break
+		}
+		time.Sleep(pause)
+	}
+	say("result slow %s read=%d bad=%d max_rmem=%d", outcome(ignoreEOF(err)), got, bad, maxRmem)
+	var ans [24]byte
+	binary.BigEndian.PutUint64(ans[0:], uint64(got))
+	binary.BigEndian.PutUint64(ans[8:], uint64(bad))
+	binary.BigEndian.PutUint64(ans[16:], uint64(maxRmem))
+	c.Write(ans[:])
+}
+
+func ignoreEOF(err error) error {
+	if errors.Is(err, io.EOF) {
+		return nil
+	}
+	return err
+}
+
+// recvWaitAll is one recv(MSG_WAITALL): it returns only once buf is full,
+// or at the end of the stream. It waits inside the kernel (tcp_recvmsg),
+// which is what a spliced socket must not leave waiting forever.
+func recvWaitAll(c *net.TCPConn, buf []byte) (int, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var n int
+	var rerr error
+	err = rc.Read(func(fd uintptr) bool {
+		// The descriptor is non-blocking: MSG_WAITALL alone would
+		// return what is there. Block in the kernel for this call.
+		n, _, rerr = unix.Recvfrom(int(fd), buf, unix.MSG_WAITALL|unix.MSG_CMSG_CLOEXEC)
+		if errors.Is(rerr, unix.EAGAIN) {
+			// Wait in the netpoller until readable, then again.
+			return false
+		}
+		return true
+	})
+	if err != nil {
+		return 0, err
+	}
+	if rerr != nil {
+		return 0, rerr
+	}
+	if n == 0 {
+		return 0, io.EOF
+	}
+	return n, nil
+}
+
+// slowWrite is the client's side of cmdSlow: it writes n bytes of the
+// pattern as fast as the connection takes them, then checks the server's
+// answer. It returns the server's and its own memory peaks.
+func slowWrite(addr string, n int64, mode byte, stall byte, pause time.Duration) (maxRmem, maxWqueued int64, err error) {
+	c, err := dial(addr)
+	if err != nil {
+		return 0, 0, err
+	}
+	defer c.Close()
+	req := []byte{cmdSlow, mode, stall, 0, 0, 0, 0}
+	binary.BigEndian.PutUint32(req[3:], uint32(pause/time.Microsecond))
+	if _, err := c.Write(req); err != nil {
+		return 0, 0, err
+	}
+	buf := make([]byte, 64<<10)
+	for off := int64(0); off < n; {
+		k := min(int64(len(buf)), n-off)
+		patternAt(buf[:k], off)
+		w, err := c.Write(buf[:k])
+		off += int64(w)
+		if _, wq := memInfo(c); wq > maxWqueued {
+			maxWqueued = wq
+		}
+		if err != nil {
+			if errors.Is(err, syscall.ENOMEM) {
+				return 0, maxWqueued, fmt.Errorf("write at offset %d: ENOMEM: the kernel ran out of TCP memory", off)
+			}
+			return 0, maxWqueued, fmt.Errorf("write at offset %d: %w", off, err)
+		}
+	}
+	if err := c.CloseWrite(); err != nil {
+		return 0, maxWqueued, err
+	}
+	c.SetReadDeadline(time.Now().Add(60 * time.Second))
+	var ans [24]byte
+	if _, err := io.ReadFull(c, ans[:]); err != nil {
+		return 0, maxWqueued, fmt.Errorf("reading the server's answer: %w", err)
+	}
+	got, bad := int64(binary.BigEndian.Uint64(ans[0:])), int64(binary.BigEndian.Uint64(ans[8:]))
+	maxRmem = int64(binary.BigEndian.Uint64(ans[16:]))
+	switch {
+	case bad >= 0:
+		return maxRmem, maxWqueued, fmt.Errorf("the server read a wrong byte at offset %d", bad)
+	case got != n:
+		return maxRmem, maxWqueued, fmt.Errorf("the server read %d bytes, sent %d", got, n)
+	}
+	return maxRmem, maxWqueued, nil
+}
