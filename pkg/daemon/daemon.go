@@ -251,19 +251,19 @@ func (d *daemon) start(ctx context.Context) error {
 		log.Warn().Str("pin_dir", cfg.Capture.PinDir).Msg("removed the pinned capture of an earlier on_failure = \"closed\" run")
 	}
 	d.dp, err = datapath.Load(datapath.Options{
-		Mode:            mode,
-		ProxyAddr:       cfg.Outbound.Listen,
-		ProxyCgroup:     own,
-		Cgroups:         enrolled,
-		IncludeCIDRs:    cfg.Capture.IncludeCIDRs,
-		ExcludeCIDRs:    cfg.Capture.ExcludeCIDRs,
-		ExcludePorts:    cfg.Capture.ExcludePorts,
-		MapSize:         cfg.Datapath.MapSize,
+		Mode:             mode,
+		ProxyAddr:        cfg.Outbound.Listen,
+		ProxyCgroup:      own,
+		Cgroups:          enrolled,
+		IncludeCIDRs:     cfg.Capture.IncludeCIDRs,
+		ExcludeCIDRs:     cfg.Capture.ExcludeCIDRs,
+		ExcludePorts:     cfg.Capture.ExcludePorts,
+		MapSize:          cfg.Datapath.MapSize,
 		SpliceProxyHops:  cfg.Datapath.SpliceProxyHops,
 		SpliceQueueLimit: queueLimit,
-		PinDir:          pinDir,
-		FailClosed:      cfg.Capture.OnFailure == "closed",
-		Logger:          log,
+		PinDir:           pinDir,
+		FailClosed:       cfg.Capture.OnFailure == "closed",
+		Logger:           log,
 	})
 	if err != nil {
 		return err
