@@ -350,3 +350,52 @@ func unique(prefix string) string {
 	_, _ = rand.Read(b[:])
 	return prefix + "-" + hex.EncodeToString(b[:])
 }
+
+func TestSetSysctl(t *testing.T) {
+	requireRoot(t)
+	name := unique("smesh-test")
+	ns := newNetns(t, name)
+	const key = "net/ipv6/conf/all/forwarding"
+	own, err := os.ReadFile("/proc/sys/" + key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "1"
+	if strings.TrimSpace(string(own)) == "1" {
+		want = "0"
+	}
+	if err := sandbox.SetSysctl(ns, key, want); err != nil {
+		t.Fatal(err)
+	}
+	// Read by a process of its own in the namespace, every thread of
+	// which is in it: no question which namespace it sees.
+	if got := sysctlIn(t, name, key); got != want {
+		t.Errorf("%s in the namespace = %q after SetSysctl(%q), want %q", key, got, want, want)
+	}
+	if again, err := os.ReadFile("/proc/sys/" + key); err != nil || !bytes.Equal(again, own) {
+		t.Errorf("%s of the test's own namespace changed from %q to %q (%v)", key, own, again, err)
+	}
+
+	for _, bad := range []string{"net/ipv4/no_such_sysctl", "../sys/net/ipv4/ip_forward", "/proc/sys/net/ipv4/ip_forward"} {
+		if err := sandbox.SetSysctl(ns, bad, "1"); err == nil {
+			t.Errorf("SetSysctl(%q): no error", bad)
+		}
+	}
+	checkThreadsHome(t)
+}
+
+// sysctlIn returns the value of the sysctl key as cat, a process started in
+// network namespace netnsName, reads it.
+func sysctlIn(t *testing.T, netnsName, key string) string {
+	t.Helper()
+	var out bytes.Buffer
+	cmd := exec.Command("cat", filepath.Join("/proc/sys", key))
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := sandbox.Start(cmd, "", netnsName); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("cat %s: %v: %s", key, err, out.String())
+	}
+	return strings.TrimSpace(out.String())
+}
