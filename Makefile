@@ -63,10 +63,17 @@ ci: generate
 clean:
 	rm -rf bin
 
+# Each smesh-test-*/smesh-bench-* cgroup goes with everything below it, whatever
+# the names there (a pod's cgroup sits below an enrolled one, and may be named
+# by whoever made it): one cgroup.kill for the tree, then rmdir children first.
+# Bridges, veths and wires live in the network namespaces and go with them.
 clean-test-env:
 	@cg=$$(awk '$$3=="cgroup2"{print $$2; exit}' /proc/mounts); \
-	for d in $$(find "$$cg" -depth -type d \( -name 'smesh-test-*' -o -name 'smesh-bench-*' \) 2>/dev/null); do \
-		[ -f "$$d/cgroup.kill" ] && echo 1 > "$$d/cgroup.kill"; \
-		rmdir "$$d" 2>/dev/null || sleep 0.5; rmdir "$$d" 2>/dev/null && echo "removed cgroup $$d" || echo "could not remove cgroup $$d"; \
+	for top in $$(find "$$cg" -type d \( -name 'smesh-test-*' -o -name 'smesh-bench-*' \) -prune 2>/dev/null); do \
+		[ -f "$$top/cgroup.kill" ] && echo 1 > "$$top/cgroup.kill"; \
+		for d in $$(find "$$top" -depth -type d); do \
+			if rmdir "$$d" 2>/dev/null || { sleep 0.5; rmdir "$$d" 2>/dev/null; }; then \
+				echo "removed cgroup $$d"; else echo "could not remove cgroup $$d"; fi; \
+		done; \
 	done; \
 	for n in $$(ip netns list 2>/dev/null | awk '/^smesh-(test|bench)/{print $$1}'); do ip netns del "$$n" && echo "removed netns $$n"; done

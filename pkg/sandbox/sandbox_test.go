@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -349,4 +350,262 @@ func unique(prefix string) string {
 	var b [4]byte
 	_, _ = rand.Read(b[:])
 	return prefix + "-" + hex.EncodeToString(b[:])
+}
+
+func TestSetSysctl(t *testing.T) {
+	requireRoot(t)
+	name := unique("smesh-test")
+	ns := newNetns(t, name)
+	const key = "net/ipv6/conf/all/forwarding"
+	own, err := os.ReadFile("/proc/sys/" + key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "1"
+	if strings.TrimSpace(string(own)) == "1" {
+		want = "0"
+	}
+	if err := sandbox.SetSysctl(ns, key, want); err != nil {
+		t.Fatal(err)
+	}
+	// Read by a process of its own in the namespace, every thread of
+	// which is in it: no question which namespace it sees.
+	if got := sysctlIn(t, name, key); got != want {
+		t.Errorf("%s in the namespace = %q after SetSysctl(%q), want %q", key, got, want, want)
+	}
+	if again, err := os.ReadFile("/proc/sys/" + key); err != nil || !bytes.Equal(again, own) {
+		t.Errorf("%s of the test's own namespace changed from %q to %q (%v)", key, own, again, err)
+	}
+
+	for _, bad := range []string{"net/ipv4/no_such_sysctl", "../sys/net/ipv4/ip_forward", "/proc/sys/net/ipv4/ip_forward"} {
+		if err := sandbox.SetSysctl(ns, bad, "1"); err == nil {
+			t.Errorf("SetSysctl(%q): no error", bad)
+		}
+	}
+	checkThreadsHome(t)
+}
+
+func TestClusterNode(t *testing.T) {
+	mount := requireRoot(t)
+	ip := testenv.RequireCommand(t, "ip")
+	parent := filepath.Join(mount, unique("smesh-test"))
+	if err := os.Mkdir(parent, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := cgroups.Remove(parent, 5*time.Second); err != nil {
+			t.Error(err)
+		}
+	})
+	pod4, pod6 := netip.MustParsePrefix("198.18.0.0/24"), netip.MustParsePrefix("fd00:5e::/64")
+	n := newClusterNode(t, pod4, pod6)
+
+	if got, want := n.Gateway4(), netip.MustParseAddr("198.18.0.1"); got != want {
+		t.Errorf("Gateway4() = %v, want %v", got, want)
+	}
+	if got, want := n.Gateway6(), netip.MustParseAddr("fd00:5e::1"); got != want {
+		t.Errorf("Gateway6() = %v, want %v", got, want)
+	}
+	for _, key := range []string{"net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding", "net/ipv6/conf/" + sandbox.BridgeName + "/forwarding"} {
+		if got := sysctlIn(t, n.Name, key); got != "1" {
+			t.Errorf("%s in the node = %q, want 1", key, got)
+		}
+	}
+	mac, addrs := bridgeOf(t, n)
+	if mac[0] != 0xfe {
+		t.Errorf("bridge MAC %v, want one starting with fe", mac)
+	}
+	if want := []string{"198.18.0.1/24", "fd00:5e::1/64"}; !slices.Equal(addrs, want) {
+		t.Errorf("bridge has addresses %v, want %v", addrs, want)
+	}
+
+	type podWant struct{ addr4, addr6 string }
+	addPod := func(want podWant) *sandbox.Pod {
+		t.Helper()
+		name := unique("smesh-test")
+		p, err := n.AddPod(name, filepath.Join(parent, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p.Name != name || p.Cgroup != filepath.Join(parent, name) ||
+			p.Addr4.String() != want.addr4 || p.Addr6.String() != want.addr6 {
+			t.Errorf("AddPod(%q) = %+v, want addresses %s and %s", name, p, want.addr4, want.addr6)
+		}
+		if _, err := os.Stat(p.Cgroup); err != nil {
+			t.Errorf("pod cgroup: %v", err)
+		}
+		return p
+	}
+	p1 := addPod(podWant{"198.18.0.2", "fd00:5e::2"})
+	p2 := addPod(podWant{"198.18.0.3", "fd00:5e::3"})
+
+	// No address is tentative, link-local ones included: the node can
+	// resolve neighbours for what it forwards at once.
+	for _, ns := range []string{n.Name, p1.Name} {
+		out, err := exec.Command(ip, "-n", ns, "-6", "addr", "show", "tentative").CombinedOutput()
+		if err != nil || len(bytes.TrimSpace(out)) > 0 {
+			t.Errorf("tentative IPv6 addresses in %s (%v):\n%s", ns, err, out)
+		}
+	}
+
+	// Forwarding as soon as AddPod returns: no frame is dropped at a port
+	// still learning.
+	out, err := exec.Command(ip, "-n", n.Name, "-d", "-j", "link", "show", "master", sandbox.BridgeName).Output()
+	if err != nil {
+		t.Fatalf("ip link show: %v", err)
+	}
+	var ports []struct {
+		Ifname   string `json:"ifname"`
+		Linkinfo struct {
+			Slave struct {
+				State string `json:"state"`
+			} `json:"info_slave_data"`
+		} `json:"linkinfo"`
+	}
+	if err := json.Unmarshal(out, &ports); err != nil {
+		t.Fatalf("parsing %s: %v", out, err)
+	}
+	var states []string
+	for _, p := range ports {
+		states = append(states, p.Ifname+" "+p.Linkinfo.Slave.State)
+	}
+	if want := []string{"veth0 forwarding", "veth1 forwarding"}; !slices.Equal(states, want) {
+		t.Errorf("bridge ports %v, want %v", states, want)
+	}
+
+	// A deleted pod's address is not handed out again at once.
+	if err := p1.Delete(); err != nil {
+		t.Fatal(err)
+	}
+	checkPodGone(t, p1)
+	if err := p1.Delete(); err != nil {
+		t.Errorf("deleting a deleted pod: %v", err)
+	}
+	p3 := addPod(podWant{"198.18.0.4", "fd00:5e::4"})
+	if again, _ := bridgeOf(t, n); !bytes.Equal(again, mac) {
+		t.Errorf("bridge MAC changed from %v to %v as pods came and went", mac, again)
+	}
+
+	// Nodes with overlapping pod subnets cannot be joined, nor a node
+	// to itself.
+	twin := newClusterNode(t, pod4, pod6)
+	w4, w6 := netip.MustParsePrefix("198.18.1.0/24"), netip.MustParsePrefix("fd00:5e:0:1::/64")
+	if _, _, err := sandbox.JoinNodes(n, twin, w4, w6); err == nil {
+		t.Error("JoinNodes of nodes with the same pod subnets: no error")
+	}
+	if _, _, err := sandbox.JoinNodes(n, n, w4, w6); err == nil {
+		t.Error("JoinNodes of a node with itself: no error")
+	}
+	other := newClusterNode(t, netip.MustParsePrefix("198.18.2.0/24"), netip.MustParsePrefix("fd00:5e:0:2::/64"))
+	endA, endB, err := sandbox.JoinNodes(n, other, w4, w6)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := (sandbox.WireEnd{netip.MustParseAddr("198.18.1.1"), netip.MustParseAddr("fd00:5e:0:1::1")}); endA != want {
+		t.Errorf("JoinNodes: a's end %v, want %v", endA, want)
+	}
+	if want := (sandbox.WireEnd{netip.MustParseAddr("198.18.1.2"), netip.MustParseAddr("fd00:5e:0:1::2")}); endB != want {
+		t.Errorf("JoinNodes: b's end %v, want %v", endB, want)
+	}
+
+	// Close deletes the pods left.
+	if err := n.Close(); err != nil {
+		t.Fatal(err)
+	}
+	checkPodGone(t, p2)
+	checkPodGone(t, p3)
+	if _, err := os.Lstat(filepath.Join("/run/netns", n.Name)); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("node namespace still there after Close (lstat: %v)", err)
+	}
+	if err := n.Close(); err != nil {
+		t.Errorf("closing a closed node: %v", err)
+	}
+	if _, err := n.AddPod(unique("smesh-test"), ""); err == nil {
+		t.Error("AddPod on a closed node: no error")
+	}
+
+	// Bad subnets are refused before anything is made.
+	name := unique("smesh-test")
+	for _, nets := range [][2]string{
+		{"198.18.0.1/24", "fd00:5e::/64"},
+		{"198.18.0.0/31", "fd00:5e::/64"},
+		{"fd00:5e::/64", "198.18.0.0/24"},
+		{"198.18.0.0/24", "::ffff:198.18.0.0/120"},
+	} {
+		if bad, err := sandbox.NewClusterNode(name, netip.MustParsePrefix(nets[0]), netip.MustParsePrefix(nets[1])); err == nil {
+			bad.Close()
+			t.Errorf("NewClusterNode with subnets %v: no error", nets)
+		}
+	}
+	if _, err := os.Lstat(filepath.Join("/run/netns", name)); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("NewClusterNode with bad subnets left namespace %s (lstat: %v)", name, err)
+	}
+	checkThreadsHome(t)
+}
+
+// newClusterNode creates a cluster node with the given pod subnets, closed in
+// cleanup.
+func newClusterNode(t *testing.T, pod4, pod6 netip.Prefix) *sandbox.ClusterNode {
+	t.Helper()
+	n, err := sandbox.NewClusterNode(unique("smesh-test"), pod4, pod6)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := n.Close(); err != nil {
+			t.Error(err)
+		}
+	})
+	return n
+}
+
+// bridgeOf returns the MAC address and the global addresses of n's bridge.
+func bridgeOf(t *testing.T, n *sandbox.ClusterNode) (net.HardwareAddr, []string) {
+	t.Helper()
+	var mac net.HardwareAddr
+	var addrs []string
+	err := sandbox.InNetns(n.Netns(), func() error {
+		br, err := net.InterfaceByName(sandbox.BridgeName)
+		if err != nil {
+			return err
+		}
+		mac = br.HardwareAddr
+		as, err := br.Addrs()
+		for _, a := range as {
+			if ipn := a.(*net.IPNet); !ipn.IP.IsLinkLocalUnicast() {
+				addrs = append(addrs, ipn.String())
+			}
+		}
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return mac, addrs
+}
+
+// checkPodGone fails t if p's namespace or cgroup is still there.
+func checkPodGone(t *testing.T, p *sandbox.Pod) {
+	t.Helper()
+	for _, path := range []string{filepath.Join("/run/netns", p.Name), p.Cgroup} {
+		if _, err := os.Lstat(path); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("%s still there after deleting pod %s (lstat: %v)", path, p.Name, err)
+		}
+	}
+}
+
+// sysctlIn returns the value of the sysctl key as cat, a process started in
+// network namespace netnsName, reads it.
+func sysctlIn(t *testing.T, netnsName, key string) string {
+	t.Helper()
+	var out bytes.Buffer
+	cmd := exec.Command("cat", filepath.Join("/proc/sys", key))
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := sandbox.Start(cmd, "", netnsName); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("cat %s: %v: %s", key, err, out.String())
+	}
+	return strings.TrimSpace(out.String())
 }
