@@ -86,6 +86,9 @@ func TestBenchShort(t *testing.T) {
 	if progress.String() != wantProgress {
 		t.Errorf("progress into a buffer:\n%q\nwant\n%q", progress.String(), wantProgress)
 	}
+	if !strings.Contains(table.String(), "; 1 round of 200ms per workload\n") {
+		t.Errorf("the table does not say it is from 1 round of 200ms:\n%s", table.String())
+	}
 	if len(rep.Results) != 5 {
 		t.Fatalf("got %d results, want 5", len(rep.Results))
 	}
