@@ -111,6 +111,14 @@ func (n *node) tlsConf(extra string) string {
 // tables of its own). The node's certificate is configured in [tunnel.tls]
 // unless extra has that table (see tlsConf).
 func (n *node) start(mode string, extra string) {
+	n.t.Helper()
+	n.startVia(nil, mode, extra)
+}
+
+// startVia is start with smeshd started through the command wrapper (see
+// testenv.StartHelperVia), or in the node's namespace directly when it is
+// nil.
+func (n *node) startVia(wrapper []string, mode string, extra string) {
 	t := n.t
 	t.Helper()
 	mount, err := testenv.Cgroup2Mount()
@@ -153,7 +161,11 @@ format = "json"
 		t.Fatalf("test config: %v", err)
 	}
 	n.confPath = path
-	n.smeshd = testenv.StartHelper(t, n.smeshCg, n.ns.Name, "smeshd", path)
+	if wrapper == nil {
+		n.smeshd = testenv.StartHelper(t, n.smeshCg, n.ns.Name, "smeshd", path)
+	} else {
+		n.smeshd = testenv.StartHelperVia(t, n.smeshCg, wrapper, "smeshd", path)
+	}
 	if line, err := n.smeshd.ReadLine(15 * time.Second); err != nil || line != "ready" {
 		t.Fatalf("smeshd did not get ready (%q, %v): %s", line, err, n.smeshd.Stderr())
 	}
