@@ -1,5 +1,7 @@
 # smesh: build, generate, test. `make help` lists the targets.
-GO ?= go
+# sudo resets PATH (secure_path), leaving out /usr/local/go/bin, where Go's
+# own installer puts go: without go in PATH, `sudo make ...` looks there.
+GO ?= $(if $(shell command -v go 2>/dev/null),go,$(or $(wildcard /usr/local/go/bin/go),go))
 BIN := bin/smeshd
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 
