@@ -1,5 +1,7 @@
 # smesh: build, generate, test. `make help` lists the targets.
-GO ?= go
+# sudo resets PATH (secure_path), leaving out /usr/local/go/bin, where Go's
+# own installer puts go: without go in PATH, `sudo make ...` looks there.
+GO ?= $(if $(shell command -v go 2>/dev/null),go,$(or $(wildcard /usr/local/go/bin/go),go))
 BIN := bin/smeshd
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 
@@ -7,7 +9,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 export BPF2GO_CC := clang
 export BPF2GO_CFLAGS := -O2 -g -Wall -Werror
 
-.PHONY: all build run demo bench generate vmlinux test ci fmt-check vet clean clean-test-env help
+.PHONY: all build run demo bench generate vmlinux test test-deps ci fmt-check vet clean clean-test-env help
 
 all: build
 
@@ -16,7 +18,8 @@ help:
 	@echo "bench           build and run smeshd bench: no mesh vs copy vs splice (root)"
 	@echo "demo            two namespace nodes with smeshd, nginx and curl: tunnel and splice at work (root)"
 	@echo "run             build and run smeshd with ./smesh.toml and development certificates in bin/dev-tls (root)"
-	@echo "test            all tests; kernel tests need root (SMESH_REQUIRE_PRIVILEGED=1 makes their skips failures)"
+	@echo "test            all tests, then how many were skipped and why; kernel tests need root (SMESH_REQUIRE_PRIVILEGED=1 makes skips failures)"
+	@echo "test-deps       install the programs the tests drive: iproute2, iperf3, curl, nginx-light, systemd (root, apt-get)"
 	@echo "generate        regenerate the BPF bindings and objects (needs clang)"
 	@echo "vmlinux         regenerate bpf/include/vmlinux.h from this kernel's BTF (needs bpftool)"
 	@echo "ci              generate and fail on any diff, gofmt, vet, test"
@@ -47,8 +50,18 @@ generate:
 vmlinux:
 	bpftool btf dump file /sys/kernel/btf/vmlinux format c > bpf/include/vmlinux.h
 
+# go test through hack/testsummary: go test's usual output, then how many
+# tests were skipped and why, so that a run without root or without the
+# tools the tests drive cannot pass for a full one.
+# Narrower runs: make test PKGS=./pkg/bench TESTFLAGS="-count=1 -run Progress"
+PKGS ?= ./...
+TESTFLAGS ?= -count=1
 test:
-	$(GO) test -count=1 ./...
+	$(GO) build -o bin/testsummary ./hack/testsummary
+	GO=$(GO) ./bin/testsummary $(TESTFLAGS) $(PKGS)
+
+test-deps:
+	hack/test-deps.sh
 
 fmt-check:
 	@out=$$(gofmt -l .); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

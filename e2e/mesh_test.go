@@ -112,6 +112,22 @@ func (n *node) tlsConf(extra string) string {
 // tables of its own). The node's certificate is configured in [tunnel.tls]
 // unless extra has that table (see tlsConf).
 func (n *node) start(mode string, extra string) {
+	n.t.Helper()
+	n.startVia(nil, mode, extra)
+}
+
+// startVia is start with smeshd started through the command wrapper (see
+// testenv.StartHelperVia), or in the node's namespace directly when it is
+// nil.
+func (n *node) startVia(wrapper []string, mode string, extra string) {
+	n.t.Helper()
+	n.launch(wrapper, n.writeConfig(mode, extra))
+	n.waitReady()
+}
+
+// writeConfig writes smeshd's configuration file for start and returns its
+// path.
+func (n *node) writeConfig(mode string, extra string) string {
 	t := n.t
 	t.Helper()
 	mount, err := testenv.Cgroup2Mount()
@@ -148,9 +164,25 @@ format = "json"
 		t.Fatalf("test config: %v", err)
 	}
 	n.confPath = path
-	n.smeshd = testenv.StartHelper(t, n.smeshCg, n.ns.Name, "smeshd", path)
+	return path
+}
+
+// launch starts smeshd with the configuration file path, through wrapper
+// when it is not nil (see startVia).
+func (n *node) launch(wrapper []string, path string) {
+	n.t.Helper()
+	if wrapper == nil {
+		n.smeshd = testenv.StartHelper(n.t, n.smeshCg, n.ns.Name, "smeshd", path)
+	} else {
+		n.smeshd = testenv.StartHelperVia(n.t, n.smeshCg, wrapper, "smeshd", path)
+	}
+}
+
+// waitReady waits for smeshd to say it is ready (systemd's READY=1).
+func (n *node) waitReady() {
+	n.t.Helper()
 	if line, err := n.smeshd.ReadLine(15 * time.Second); err != nil || line != "ready" {
-		t.Fatalf("smeshd did not get ready (%q, %v): %s", line, err, n.smeshd.Stderr())
+		n.t.Fatalf("smeshd did not get ready (%q, %v): %s", line, err, n.smeshd.Stderr())
 	}
 }
 

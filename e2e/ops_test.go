@@ -5,14 +5,17 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
+	"golang.org/x/sys/unix"
 
 	"github.com/smesh-dev/smesh/pkg/testenv"
 )
@@ -113,6 +116,78 @@ func TestAdminAndMetrics(t *testing.T) {
 	if code, body := a.admin("/debug/connections"); code != 200 || !strings.Contains(body, "connections") {
 		t.Errorf("/debug/connections: %d %q", code, body)
 	}
+}
+
+// TestReadyzDuringStartup: /readyz answers 503 while smeshd is starting,
+// before its capture is attached, and 200 once it is. Start-up is held at
+// a known point, not raced: the tunnel's CA file is a named pipe, so
+// loading the certificates (after the admin endpoint is up, before the
+// listeners and the data path) waits until the test writes the CA into it.
+func TestReadyzDuringStartup(t *testing.T) {
+	n := newNode(t)
+	ca := filepath.Join(t.TempDir(), "ca.crt")
+	if err := unix.Mkfifo(ca, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// Should the test end before smeshd opened the pipe, a reader of our
+	// own lets the writer below return.
+	t.Cleanup(func() {
+		if fd, err := unix.Open(ca, unix.O_RDONLY|unix.O_NONBLOCK, 0); err == nil {
+			unix.Close(fd)
+		}
+	})
+	n.launch(nil, n.writeConfig("splice", fmt.Sprintf("[tunnel.tls]\ncert = %q\nkey = %q\nca = %q\n",
+		filepath.Join(n.pki, n.name+".crt"), filepath.Join(n.pki, n.name+".key"), ca)))
+
+	code, body := n.adminOnceUp("/readyz")
+	if code != http.StatusServiceUnavailable {
+		t.Errorf("/readyz while starting: %d %q, want 503", code, body)
+	}
+	if code, _ := n.admin("/healthz"); code != http.StatusOK {
+		t.Errorf("/healthz while starting: %d, want 200", code)
+	}
+	if progs := attached(t, n.enrolled, ebpf.AttachCGroupInet4Connect); progs != 0 {
+		t.Errorf("while starting, %d connect4 programs are attached to the enrolled cgroup already", progs)
+	}
+
+	caPEM, err := os.ReadFile(filepath.Join(n.pki, "ca.crt"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	wrote := make(chan error, 1)
+	go func() { wrote <- os.WriteFile(ca, caPEM, 0) }()
+	n.waitReady()
+	if err := <-wrote; err != nil {
+		t.Fatalf("writing the CA into smeshd's pipe: %v", err)
+	}
+	if progs := attached(t, n.enrolled, ebpf.AttachCGroupInet4Connect); progs == 0 {
+		t.Error("ready, but no connect4 program is attached to the enrolled cgroup")
+	}
+	if code, body := n.admin("/readyz"); code != http.StatusOK {
+		t.Errorf("/readyz once ready: %d %q, want 200", code, body)
+	}
+}
+
+// adminOnceUp GETs path from the node's admin endpoint as soon as it
+// answers: smeshd may not be listening yet.
+func (n *node) adminOnceUp(path string) (int, string) {
+	n.t.Helper()
+	for range 300 {
+		h := testenv.StartHelper(n.t, "", n.ns.Name, "http-get", "http://127.0.0.1:15000"+path)
+		if err := h.Wait(); err == nil {
+			code, body, _ := strings.Cut(h.Stdout(), "\n")
+			var c int
+			fmt.Sscan(code, &c)
+			return c, body
+		}
+		select {
+		case <-n.smeshd.Exited():
+			n.t.Fatalf("smeshd exited: %s", n.smeshd.Stderr())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	n.t.Fatalf("the admin endpoint did not answer GET %s", path)
+	return 0, ""
 }
 
 // TestReload: a bad configuration file is rejected and changes nothing; a

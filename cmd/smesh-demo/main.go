@@ -233,14 +233,18 @@ func run(ctx context.Context, smeshdPath string, size int) (err error) {
 			say("   smeshd on node %s: %v", n.name, err)
 		}
 		for _, line := range newLines(n) {
-			if line["message"] == "stopping: detaching capture, closing relayed connections" {
-				refused := "none"
-				if m, ok := line["tunnel_errors"].(map[string]any); ok && len(m) > 0 {
-					refused = fmt.Sprint(m)
-				}
-				say("   smeshd on node %s at exit: %d tunnel connections out, %d in, %s spliced in the kernel; tunnel errors: %s",
-					n.name, num(line["tunnel_out"]), num(line["tunnel_in"]), bytesOf(num(line["spliced_bytes"])), refused)
+			// smeshd logs its tunnel counters (the ones /metrics exports)
+			// once it has drained.
+			tun, ok := line["tunnel"].(map[string]any)
+			if line["message"] != "drained" || !ok {
+				continue
 			}
+			refused := "none"
+			if m, ok := tun["errors"].(map[string]any); ok && len(m) > 0 {
+				refused = fmt.Sprint(m)
+			}
+			say("   smeshd on node %s at exit: %d tunnel connections out, %d in, %s spliced in the kernel; tunnel errors: %s",
+				n.name, num(tun["out"]), num(tun["in"]), bytesOf(n.splicedWas), refused)
 		}
 	}
 	return nil

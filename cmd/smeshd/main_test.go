@@ -65,18 +65,30 @@ func TestBenchShort(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var table bytes.Buffer
+	var table, progress bytes.Buffer
 	rep, err := bench.Run(context.Background(), bench.Options{
 		Duration: 200 * time.Millisecond,
 		Rounds:   1,
 		Modes:    []string{"direct", "copy", "splice", "veth", "tunnel"},
 		Conns:    100,
 		Exe:      exe,
+		Progress: &progress,
 	}, &table)
 	if err != nil {
 		t.Fatalf("bench: %v\n%s", err, table.String())
 	}
 	t.Log("\n" + table.String())
+	// Not a terminal: a plain line per phase, no terminal control.
+	wantProgress := "smeshd bench: setting up namespaces, cgroups and smeshd\n" +
+		"smeshd bench: warm-up round (discarded)\n" +
+		"smeshd bench: round 1/1\n" +
+		"smeshd bench: holding 100 connections per mode\n"
+	if progress.String() != wantProgress {
+		t.Errorf("progress into a buffer:\n%q\nwant\n%q", progress.String(), wantProgress)
+	}
+	if !strings.Contains(table.String(), "; 1 round of 200ms per workload\n") {
+		t.Errorf("the table does not say it is from 1 round of 200ms:\n%s", table.String())
+	}
 	if len(rep.Results) != 5 {
 		t.Fatalf("got %d results, want 5", len(rep.Results))
 	}

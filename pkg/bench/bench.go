@@ -42,7 +42,9 @@ type Options struct {
 	SVG      string // and a chart here
 	// Exe is the smeshd binary whose agents and daemon are measured.
 	Exe string
-	// Progress gets one line, rewritten, while the bench runs.
+	// Progress hears what the bench is doing: on a terminal one line,
+	// rewritten in place; anywhere else (a file, a pipe, a CI log) a plain
+	// line whenever a new phase starts. nil: silence.
 	Progress io.Writer
 }
 
@@ -75,8 +77,10 @@ func Run(ctx context.Context, opts Options, out io.Writer) (*Report, error) {
 		}
 	}()
 	modes := orderedModes(opts.Modes)
+	prog := newProgress(opts.Progress)
+	defer prog.done() // also when a step fails: the error starts a clean line
 	for _, m := range modes {
-		progress(opts.Progress, "setting up %s", m)
+		prog.update("setting up namespaces, cgroups and smeshd", m)
 		e, err := newModeEnv(ctx, opts.Exe, m)
 		if err != nil {
 			return nil, err
@@ -94,11 +98,11 @@ func Run(ctx context.Context, opts Options, out io.Writer) (*Report, error) {
 			// Rotate the order each round so no mode always runs first.
 			for i := range modes {
 				m := modes[(i+round)%len(modes)]
-				label := fmt.Sprintf("round %d/%d", round, opts.Rounds)
+				phase := fmt.Sprintf("round %d/%d", round, opts.Rounds)
 				if round == 0 {
-					label = "warm-up"
+					phase = "warm-up round (discarded)"
 				}
-				progress(opts.Progress, "%s: %s %s", label, m, w)
+				prog.update(phase, m+" "+w)
 				if err := measure(ctx, envs[m], opts, w, acc[m], round == 0); err != nil {
 					return nil, err
 				}
@@ -114,7 +118,7 @@ func Run(ctx context.Context, opts Options, out io.Writer) (*Report, error) {
 	}
 	if opts.Conns > 0 {
 		for _, m := range modes {
-			progress(opts.Progress, "holding %d connections: %s", opts.Conns, m)
+			prog.update(fmt.Sprintf("holding %d connections per mode", opts.Conns), m)
 			// Every held connection is a descriptor in the client and the
 			// server, and two in a smeshd that relays it (copy, tunnel).
 			need := uint64(opts.Conns) + 64
@@ -134,7 +138,7 @@ func Run(ctx context.Context, opts Options, out io.Writer) (*Report, error) {
 			rep.Held = append(rep.Held, h)
 		}
 	}
-	progress(opts.Progress, "")
+	prog.done()
 	for _, r := range rep.Results {
 		if !r.DataVerified {
 			rep.WriteTable(out)
@@ -172,13 +176,6 @@ func orderedModes(want []string) []string {
 		}
 	}
 	return out
-}
-
-func progress(w io.Writer, format string, args ...any) {
-	if w == nil {
-		return
-	}
-	fmt.Fprintf(w, "\r\033[K"+format, args...)
 }
 
 // modeSamples collects one mode's measured rounds.

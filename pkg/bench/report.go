@@ -70,11 +70,28 @@ func ratio(v, base float64) string {
 	return fmt.Sprintf(" (%.2fx)", v/base)
 }
 
+// roundsPerWorkload says how the table's numbers were measured: "3 rounds
+// of 1s per workload, medians". A single round has no median to speak of.
+func (r *Report) roundsPerWorkload() string {
+	if r.Rounds == 1 {
+		return fmt.Sprintf("1 round of %s per workload", r.Duration)
+	}
+	return fmt.Sprintf("%d rounds of %s per workload, medians", r.Rounds, r.Duration)
+}
+
+// roundsMeasured is the chart's shorter form: "medians of 3 rounds".
+func (r *Report) roundsMeasured() string {
+	if r.Rounds == 1 {
+		return "1 round"
+	}
+	return fmt.Sprintf("medians of %d rounds", r.Rounds)
+}
+
 // WriteTable prints the results, each with its ratio to its baseline
 // (direct for same-node modes, veth for cross-node ones).
 func (r *Report) WriteTable(w io.Writer) {
-	fmt.Fprintf(w, "smeshd bench: kernel %s, %s, %d cores; %d rounds of %s per workload, medians\n",
-		r.Machine.Kernel, r.Machine.CPU, r.Machine.Cores, r.Rounds, r.Duration)
+	fmt.Fprintf(w, "smeshd bench: kernel %s, %s, %d cores; %s\n",
+		r.Machine.Kernel, r.Machine.CPU, r.Machine.Cores, r.roundsPerWorkload())
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "mode\tthroughput Gbit/s\trr p50 us\trr p99 us\trr p99.9 us\tconn/s\tCPU s/GB\tsmeshd peak RSS MiB\tbytes\t")
 	for _, x := range r.Results {
@@ -139,8 +156,8 @@ func (r *Report) WriteSVGFile(path string) error {
 	fmt.Fprintf(&b, `<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" font-size="12">`+"\n", w, h)
 	fmt.Fprintf(&b, `<rect width="100%%" height="100%%" fill="white"/>`+"\n")
 	fmt.Fprintf(&b, `<text x="20" y="22" font-size="15" font-weight="bold">smesh: same-node TCP, no mesh vs copy vs splice</text>`+"\n")
-	fmt.Fprintf(&b, `<text x="20" y="40" fill="#555">%s, kernel %s, %d cores; medians of %d rounds</text>`+"\n",
-		html.EscapeString(r.Machine.CPU), html.EscapeString(r.Machine.Kernel), r.Machine.Cores, r.Rounds)
+	fmt.Fprintf(&b, `<text x="20" y="40" fill="#555">%s, kernel %s, %d cores; %s</text>`+"\n",
+		html.EscapeString(r.Machine.CPU), html.EscapeString(r.Machine.Kernel), r.Machine.Cores, html.EscapeString(r.roundsMeasured()))
 	colors := map[string]string{"direct": "#888888", "copy": "#e69f00", "splice": "#0072b2"}
 
 	panel := func(x0 int, title string, series [][2]any, unit string) {

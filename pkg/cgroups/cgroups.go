@@ -17,33 +17,51 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Mount returns where the cgroup v2 hierarchy is mounted, read from
-// /proc/mounts: /sys/fs/cgroup on unified hosts, /sys/fs/cgroup/unified on
-// hybrid ones.
-func Mount() (string, error) {
-	f, err := os.Open("/proc/mounts")
-	if err != nil {
-		return "", fmt.Errorf("finding the cgroup v2 mount: %w", err)
-	}
-	defer f.Close()
-	return parseMount(f)
-}
-
 // parseMount returns the mount point of the first cgroup2 line of r, in the
 // format of /proc/mounts.
 func parseMount(r io.Reader) (string, error) {
+	mounts, err := parseMounts(r)
+	if err != nil {
+		return "", err
+	}
+	m, ok := cgroup2(mounts)
+	if !ok {
+		return "", errNotMounted
+	}
+	return m.point, nil
+}
+
+var errNotMounted = errors.New("no cgroup v2 hierarchy is mounted (see /proc/mounts); smesh needs cgroup v2")
+
+// mount is one line of /proc/PID/mounts.
+type mount struct {
+	point, fstype, options string
+}
+
+func parseMounts(r io.Reader) ([]mount, error) {
+	var ms []mount
 	s := bufio.NewScanner(r)
 	for s.Scan() {
 		// device mountpoint fstype options dump pass
 		fields := strings.Fields(s.Text())
-		if len(fields) >= 3 && fields[2] == "cgroup2" {
-			return unescapeMountPath(fields[1]), nil
+		if len(fields) >= 4 {
+			ms = append(ms, mount{point: unescapeMountPath(fields[1]), fstype: fields[2], options: fields[3]})
 		}
 	}
 	if err := s.Err(); err != nil {
-		return "", fmt.Errorf("reading /proc/mounts: %w", err)
+		return nil, fmt.Errorf("reading mounts: %w", err)
 	}
-	return "", errors.New("no cgroup v2 hierarchy is mounted (see /proc/mounts); smesh needs cgroup v2")
+	return ms, nil
+}
+
+// cgroup2 returns the first cgroup2 mount of ms.
+func cgroup2(ms []mount) (mount, bool) {
+	for _, m := range ms {
+		if m.fstype == "cgroup2" {
+			return m, true
+		}
+	}
+	return mount{}, false
 }
 
 // unescapeMountPath undoes the octal escapes (\040 for a space, \011, \012,

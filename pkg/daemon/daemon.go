@@ -205,7 +205,7 @@ func (d *daemon) start(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	d.tun.Stats.Observer = d.metrics
+	d.metrics.SetTunnelStats(d.tun.Stats)
 	d.cleanups = append(d.cleanups, func() { d.tun.Close() })
 	if d.tun.Credentials != nil {
 		d.metrics.CertExpiry(cfg.Tunnel.TLS.Cert, d.tun.Credentials.NotAfter())
@@ -379,7 +379,7 @@ func (d *daemon) drain() {
 	go func() { d.tun.Server.Shutdown(ctx); done <- struct{}{} }()
 	<-done
 	<-done
-	d.log.Info().Msg("drained")
+	d.log.Info().Object("tunnel", d.tun.Stats).Msg("drained")
 }
 
 // connections lists the relayed connections for /debug/connections.

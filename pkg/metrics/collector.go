@@ -1,11 +1,18 @@
 package metrics
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"github.com/prometheus/client_golang/prometheus"
 
-// Bytes and active connections of the splice path are counted in BPF, those
-// of the other paths in Go. One collector produces both metric families
-// whole, so a series can never be registered twice.
+	"github.com/smesh-dev/smesh/pkg/tunnel"
+)
+
+// The per-path series come from three sources (see the package comment):
+// Go counters, BPF and the tunnel's Stats. One collector produces each of
+// these metric families whole, so a series can never be registered twice.
 var (
+	connsDesc = prometheus.NewDesc("smesh_connections_total",
+		"Connections opened, by data path.",
+		[]string{"path"}, nil)
 	bytesDesc = prometheus.NewDesc("smesh_bytes_total",
 		"Bytes moved, by data path and direction (tx: client to server, rx: server to client). Spliced bytes are counted in BPF.",
 		[]string{"path", "direction"}, nil)
@@ -18,12 +25,24 @@ var (
 	spliceUpDesc = prometheus.NewDesc("smesh_splice_source_up",
 		"1 if the BPF splice counters were read for this scrape, 0 if reading them failed (their series are then left out).",
 		nil, nil)
+
+	tunnelErrorsDesc = prometheus.NewDesc("smesh_tunnel_errors_total",
+		"Tunnel connections that failed, by reason.",
+		[]string{"reason"}, nil)
+	handshakesDesc = prometheus.NewDesc("smesh_tls_handshakes_total",
+		"Tunnel TLS handshakes, by role, result and session resumption.",
+		[]string{"role", "result", "resumed"}, nil)
+	handshakeSecondsDesc = prometheus.NewDesc("smesh_tls_handshake_seconds",
+		"Duration of successful tunnel TLS handshakes, by role.",
+		[]string{"role"}, nil)
 )
 
-// dataPathCollector exports the per-path bytes and active connections.
+// dataPathCollector exports the per-path connections, bytes and active
+// connections.
 type dataPathCollector struct{ m *Metrics }
 
 func (c dataPathCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- connsDesc
 	ch <- bytesDesc
 	ch <- activeDesc
 	ch <- splicedMsgsDesc
@@ -31,28 +50,88 @@ func (c dataPathCollector) Describe(ch chan<- *prometheus.Desc) {
 }
 
 func (c dataPathCollector) Collect(ch chan<- prometheus.Metric) {
-	for _, p := range paths {
-		if p == PathSplice {
-			continue
-		}
-		s := c.m.paths[p]
-		ch <- prometheus.MustNewConstMetric(bytesDesc, prometheus.CounterValue, float64(s.tx.Load()), p, "tx")
-		ch <- prometheus.MustNewConstMetric(bytesDesc, prometheus.CounterValue, float64(s.rx.Load()), p, "rx")
-		ch <- prometheus.MustNewConstMetric(activeDesc, prometheus.GaugeValue, float64(s.active.Load()), p)
+	counter := func(d *prometheus.Desc, v uint64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
 	}
+	gauge := func(d *prometheus.Desc, v int64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, float64(v), labels...)
+	}
+	ts := c.m.tunnel.Load()
+
+	counter(connsDesc, c.m.paths[PathSplice].conns.Load(), PathSplice)
+	for _, p := range []string{PathCopy, PathTunnelOut} {
+		s := c.m.paths[p]
+		conns := s.conns.Load()
+		if p == PathTunnelOut {
+			conns = ts.Out.Connections.Load()
+		}
+		counter(connsDesc, conns, p)
+		counter(bytesDesc, s.tx.Load(), p, "tx")
+		counter(bytesDesc, s.rx.Load(), p, "rx")
+		gauge(activeDesc, s.active.Load(), p)
+	}
+	// The remote client sends (tx, client to server) what this node's
+	// tunnel server receives.
+	counter(connsDesc, ts.In.Connections.Load(), PathTunnelIn)
+	counter(bytesDesc, ts.In.BytesRx.Load(), PathTunnelIn, "tx")
+	counter(bytesDesc, ts.In.BytesTx.Load(), PathTunnelIn, "rx")
+	gauge(activeDesc, ts.In.Active.Load(), PathTunnelIn)
 
 	sc, ok, err := c.m.Splice()
 	if !ok {
 		return
 	}
 	if err != nil {
-		ch <- prometheus.MustNewConstMetric(spliceUpDesc, prometheus.GaugeValue, 0)
+		gauge(spliceUpDesc, 0)
 		return
 	}
-	ch <- prometheus.MustNewConstMetric(spliceUpDesc, prometheus.GaugeValue, 1)
-	ch <- prometheus.MustNewConstMetric(bytesDesc, prometheus.CounterValue, float64(sc.TxBytes), PathSplice, "tx")
-	ch <- prometheus.MustNewConstMetric(bytesDesc, prometheus.CounterValue, float64(sc.RxBytes), PathSplice, "rx")
-	ch <- prometheus.MustNewConstMetric(splicedMsgsDesc, prometheus.CounterValue, float64(sc.TxMsgs), "tx")
-	ch <- prometheus.MustNewConstMetric(splicedMsgsDesc, prometheus.CounterValue, float64(sc.RxMsgs), "rx")
-	ch <- prometheus.MustNewConstMetric(activeDesc, prometheus.GaugeValue, float64(sc.Sockets/2), PathSplice)
+	gauge(spliceUpDesc, 1)
+	counter(bytesDesc, sc.TxBytes, PathSplice, "tx")
+	counter(bytesDesc, sc.RxBytes, PathSplice, "rx")
+	counter(splicedMsgsDesc, sc.TxMsgs, "tx")
+	counter(splicedMsgsDesc, sc.RxMsgs, "rx")
+	gauge(activeDesc, int64(sc.Sockets/2), PathSplice)
+}
+
+// tunnelCollector exports the tunnel's errors and TLS handshakes.
+type tunnelCollector struct{ m *Metrics }
+
+func (c tunnelCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- tunnelErrorsDesc
+	ch <- handshakesDesc
+	ch <- handshakeSecondsDesc
+}
+
+func (c tunnelCollector) Collect(ch chan<- prometheus.Metric) {
+	ts := c.m.tunnel.Load()
+	// A reason's series appears once it has been counted.
+	for _, r := range tunnel.Reasons() {
+		if n := ts.Errors(r); n > 0 {
+			ch <- prometheus.MustNewConstMetric(tunnelErrorsDesc, prometheus.CounterValue, float64(n), r.String())
+		}
+	}
+	for _, role := range []struct {
+		name string
+		h    *tunnel.HandshakeStats
+	}{{RoleClient, &ts.ClientHandshakes}, {RoleServer, &ts.ServerHandshakes}} {
+		for _, ok := range []bool{false, true} {
+			result := "error"
+			if ok {
+				result = "ok"
+			}
+			for _, resumed := range []bool{false, true} {
+				ch <- prometheus.MustNewConstMetric(handshakesDesc, prometheus.CounterValue,
+					float64(role.h.Count(ok, resumed)), role.name, result, fmtBool(resumed))
+			}
+		}
+		buckets, count, sum := role.h.Durations()
+		ch <- prometheus.MustNewConstHistogram(handshakeSecondsDesc, count, sum, buckets, role.name)
+	}
+}
+
+func fmtBool(b bool) string {
+	if b {
+		return "true"
+	}
+	return "false"
 }

@@ -1,7 +1,17 @@
 // Package metrics holds smeshd's Prometheus metrics: a Metrics value owns its
-// own registry, the data path reports to it through a few cheap methods, and
-// the bytes spliced in the kernel are read from BPF at scrape time through a
-// callback the daemon supplies.
+// own registry, the outbound relay reports to it through a few cheap
+// methods, and what others already count is read at scrape time: the bytes
+// spliced in the kernel from BPF (through a callback the daemon supplies),
+// the tunnel's connections, errors and handshakes from its tunnel.Stats.
+// Nothing is counted twice.
+//
+// Where each path's series come from:
+//
+//	path        smesh_connections_total  smesh_active_connections  smesh_bytes_total
+//	splice      ConnOpened               BPF (sockhash)            BPF
+//	copy        ConnOpened               ConnOpened, ConnClosed    ConnClosed, AddBytes
+//	tunnel_out  tunnel.Stats             ConnOpened, ConnClosed    ConnClosed, AddBytes
+//	tunnel_in   tunnel.Stats             tunnel.Stats              tunnel.Stats
 //
 // The metric names and labels are a contract (docs/design.md): dashboards and
 // alerts depend on them.
@@ -15,6 +25,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/smesh-dev/smesh/pkg/tunnel"
 )
 
 // The values of the path label. Only these are counted: the data path passes
@@ -31,7 +43,9 @@ const (
 	PathTunnelIn = "tunnel_in"
 )
 
-var paths = []string{PathSplice, PathCopy, PathTunnelOut, PathTunnelIn}
+// goPaths are the paths the Go-side counters (ConnOpened, ConnClosed,
+// AddBytes) take part in; tunnel_in is all the tunnel's.
+var goPaths = []string{PathSplice, PathCopy, PathTunnelOut}
 
 // The values of the role label of the TLS metrics.
 const (
@@ -59,23 +73,19 @@ type Metrics struct {
 	// looks a path up without a lock.
 	paths map[string]*pathStats
 
-	tunnelErrors *prometheus.CounterVec
-	refused      *prometheus.CounterVec
-	// handshakes is indexed by role, result (ok) and resumed.
-	handshakes       [2][2][2]prometheus.Counter
-	handshakeSeconds [2]prometheus.Observer
-	certExpiry       *prometheus.GaugeVec
-	reloadOK         prometheus.Counter
-	reloadError      prometheus.Counter
+	refused     *prometheus.CounterVec
+	certExpiry  *prometheus.GaugeVec
+	reloadOK    prometheus.Counter
+	reloadError prometheus.Counter
 
 	splice atomic.Pointer[func() (SpliceCounters, error)]
+	tunnel atomic.Pointer[tunnel.Stats]
 }
 
-// pathStats are the Go-side counters of one path. Bytes and active
-// connections are plain atomics, exported by dataPathCollector together with
-// the BPF counters of the splice path.
+// pathStats are the Go-side counters of one path, exported by
+// dataPathCollector together with those read from BPF and the tunnel.
 type pathStats struct {
-	conns  prometheus.Counter
+	conns  atomic.Uint64
 	active atomic.Int64
 	tx, rx atomic.Uint64
 }
@@ -85,45 +95,19 @@ type pathStats struct {
 func New(version string) *Metrics {
 	m := &Metrics{
 		reg:   prometheus.NewRegistry(),
-		paths: make(map[string]*pathStats, len(paths)),
+		paths: make(map[string]*pathStats, len(goPaths)),
 	}
-
-	conns := prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "smesh_connections_total",
-		Help: "Connections opened, by data path.",
-	}, []string{"path"})
-	for _, p := range paths {
-		m.paths[p] = &pathStats{conns: conns.WithLabelValues(p)}
+	for _, p := range goPaths {
+		m.paths[p] = &pathStats{}
 	}
+	// Until SetTunnelStats, a tunnel that counted nothing: its series are
+	// there, at 0.
+	m.tunnel.Store(new(tunnel.Stats))
 
-	m.tunnelErrors = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "smesh_tunnel_errors_total",
-		Help: "Tunnel connections that failed, by reason.",
-	}, []string{"reason"})
 	m.refused = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "smesh_refused_connections_total",
 		Help: "Connections refused or cut by a limit (connection limit, handshake or idle timeout), by reason.",
 	}, []string{"reason"})
-
-	handshakes := prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "smesh_tls_handshakes_total",
-		Help: "Tunnel TLS handshakes, by role, result and session resumption.",
-	}, []string{"role", "result", "resumed"})
-	handshakeSeconds := prometheus.NewHistogramVec(prometheus.HistogramOpts{
-		Name: "smesh_tls_handshake_seconds",
-		Help: "Duration of successful tunnel TLS handshakes, by role.",
-		// 0.5 ms to about 4 s: a resumed handshake on a LAN is well under a
-		// millisecond, a loaded peer across regions takes seconds.
-		Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14),
-	}, []string{"role"})
-	for ri, role := range []string{RoleClient, RoleServer} {
-		for oi, result := range []string{"error", "ok"} {
-			for si, resumed := range []string{"false", "true"} {
-				m.handshakes[ri][oi][si] = handshakes.WithLabelValues(role, result, resumed)
-			}
-		}
-		m.handshakeSeconds[ri] = handshakeSeconds.WithLabelValues(role)
-	}
 
 	m.certExpiry = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "smesh_certificate_expiry_seconds",
@@ -144,9 +128,9 @@ func New(version string) *Metrics {
 	buildInfo.WithLabelValues(version).Set(1)
 
 	m.reg.MustRegister(
-		conns, m.tunnelErrors, m.refused, handshakes, handshakeSeconds,
-		m.certExpiry, reloads, buildInfo,
+		m.refused, m.certExpiry, reloads, buildInfo,
 		dataPathCollector{m},
+		tunnelCollector{m},
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
@@ -181,10 +165,22 @@ func (m *Metrics) SetSpliceSource(fn func() (SpliceCounters, error)) {
 	m.splice.Store(&fn)
 }
 
-// ConnOpened counts a new connection on path.
+// SetTunnelStats sets the tunnel counters that every scrape reads:
+// connections, active connections and bytes of tunnel_in, connections of
+// tunnel_out, tunnel errors and TLS handshakes.
+func (m *Metrics) SetTunnelStats(s *tunnel.Stats) {
+	m.tunnel.Store(s)
+}
+
+// ConnOpened counts a new connection on path. For PathSplice only the
+// connection count uses it (BPF counts the rest), for PathTunnelOut only
+// the active count (the tunnel counts its connections); PathTunnelIn is
+// all the tunnel's and ignored here, as is any other path.
 func (m *Metrics) ConnOpened(path string) {
 	if s := m.paths[path]; s != nil {
-		s.conns.Inc()
+		if path != PathTunnelOut {
+			s.conns.Add(1)
+		}
 		s.active.Add(1)
 	}
 }
@@ -217,43 +213,10 @@ func (s *pathStats) add(tx, rx int64) {
 	}
 }
 
-// TunnelError counts a failed tunnel connection. reason is a short fixed
-// word (e.g. "handshake", "refused", "dial"), never an error string: each
-// distinct value is a new series.
-func (m *Metrics) TunnelError(reason string) {
-	m.tunnelErrors.WithLabelValues(reason).Inc()
-}
-
 // Refused counts a connection refused or cut by a limit. reason is a short
 // fixed word (e.g. "max_connections", "handshake_timeout", "idle_timeout").
 func (m *Metrics) Refused(reason string) {
 	m.refused.WithLabelValues(reason).Inc()
-}
-
-// Handshake counts a tunnel TLS handshake as RoleClient or RoleServer. Only
-// successful handshakes go into the duration histogram: a failure's duration
-// is mostly the timeout that ended it.
-func (m *Metrics) Handshake(role string, ok, resumed bool, d time.Duration) {
-	var ri int
-	switch role {
-	case RoleClient:
-		ri = 0
-	case RoleServer:
-		ri = 1
-	default:
-		return
-	}
-	m.handshakes[ri][b2i(ok)][b2i(resumed)].Inc()
-	if ok {
-		m.handshakeSeconds[ri].Observe(d.Seconds())
-	}
-}
-
-func b2i(b bool) int {
-	if b {
-		return 1
-	}
-	return 0
 }
 
 // CertExpiry records the notAfter of the certificate loaded from file. A zero

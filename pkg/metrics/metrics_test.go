@@ -1,6 +1,8 @@
 package metrics
 
 import (
+	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -14,6 +16,9 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
+	"github.com/rs/zerolog"
+
+	"github.com/smesh-dev/smesh/pkg/tunnel"
 )
 
 // scrape fetches /metrics through the handler and parses the text format.
@@ -102,13 +107,23 @@ func TestFreshScrape(t *testing.T) {
 
 func TestDataPathCounters(t *testing.T) {
 	m := New("dev")
+	ts := new(tunnel.Stats)
+	m.SetTunnelStats(ts)
 	m.ConnOpened(PathCopy)
 	m.ConnOpened(PathCopy)
+	// A tunnelled connection: the tunnel client counts it, the outbound
+	// relay reports it open.
+	ts.Out.Connections.Add(1)
 	m.ConnOpened(PathTunnelOut)
+	// tunnel_in is the tunnel's alone: what the relay might report is
+	// not counted again.
+	ts.In.Connections.Add(1)
+	ts.In.BytesRx.Add(5)
+	ts.In.BytesTx.Add(7)
 	m.ConnOpened(PathTunnelIn)
+	m.ConnClosed(PathTunnelIn, 500, 700)
 	m.AddBytes(PathCopy, 10, 1)
 	m.ConnClosed(PathCopy, 100, 20)
-	m.ConnClosed(PathTunnelIn, 5, 7)
 	m.ConnOpened("bogus") // not a path: ignored, no new series
 	m.ConnClosed("bogus", 1, 1)
 
@@ -117,10 +132,52 @@ func TestDataPathCounters(t *testing.T) {
 		`{path="copy"} 2`, `{path="splice"} 0`, `{path="tunnel_in"} 1`, `{path="tunnel_out"} 1`)
 	expect(t, fams, "smesh_active_connections", dto.MetricType_GAUGE,
 		`{path="copy"} 1`, `{path="tunnel_in"} 0`, `{path="tunnel_out"} 1`)
+	// tunnel_in: what arrived through the tunnel (the server's rx) went
+	// from the client to the server (tx).
 	expect(t, fams, "smesh_bytes_total", dto.MetricType_COUNTER,
 		`{direction="tx",path="copy"} 110`, `{direction="rx",path="copy"} 21`,
 		`{direction="tx",path="tunnel_out"} 0`, `{direction="rx",path="tunnel_out"} 0`,
 		`{direction="tx",path="tunnel_in"} 5`, `{direction="rx",path="tunnel_in"} 7`)
+}
+
+// The tunnel's counters have one source, tunnel.Stats, which /metrics reads
+// at every scrape and smeshd's log reads when it stops: both say the same.
+func TestTunnelStatsOneSource(t *testing.T) {
+	m := New("dev")
+	ts := new(tunnel.Stats)
+	m.SetTunnelStats(ts)
+	check := func(out, in, notLocal uint64) {
+		t.Helper()
+		fams := scrape(t, m)
+		expect(t, fams, "smesh_connections_total", dto.MetricType_COUNTER,
+			`{path="copy"} 0`, `{path="splice"} 0`,
+			fmt.Sprintf(`{path="tunnel_in"} %d`, in), fmt.Sprintf(`{path="tunnel_out"} %d`, out))
+		expect(t, fams, "smesh_tunnel_errors_total", dto.MetricType_COUNTER, fmt.Sprintf(`{reason="not_local"} %d`, notLocal))
+
+		var log bytes.Buffer
+		logger := zerolog.New(&log)
+		logger.Info().Object("tunnel", ts).Msg("drained")
+		var line struct {
+			Tunnel struct {
+				Out, In uint64
+				Errors  map[string]uint64
+			}
+		}
+		if err := json.Unmarshal(log.Bytes(), &line); err != nil {
+			t.Fatalf("log line %s: %v", log.String(), err)
+		}
+		if line.Tunnel.Out != out || line.Tunnel.In != in || line.Tunnel.Errors["not_local"] != notLocal || len(line.Tunnel.Errors) != 1 {
+			t.Errorf("log line %s, want out %d, in %d, errors {not_local: %d}", log.String(), out, in, notLocal)
+		}
+	}
+	ts.Out.Connections.Add(3)
+	ts.In.Connections.Add(2)
+	ts.Count(tunnel.ReasonNotLocal)
+	check(3, 2, 1)
+	// Read when asked, not copied once.
+	ts.Out.Connections.Add(1)
+	ts.Count(tunnel.ReasonNotLocal)
+	check(4, 2, 2)
 }
 
 func TestSpliceSource(t *testing.T) {
@@ -180,9 +237,11 @@ func TestSpliceSourceError(t *testing.T) {
 
 func TestErrorsAndLimits(t *testing.T) {
 	m := New("dev")
-	m.TunnelError("handshake")
-	m.TunnelError("handshake")
-	m.TunnelError("dial")
+	ts := new(tunnel.Stats)
+	m.SetTunnelStats(ts)
+	ts.Count(tunnel.ReasonNotTLS)
+	ts.Count(tunnel.ReasonNotTLS)
+	ts.Count(tunnel.ReasonPeerUnreachable)
 	m.Refused("max_connections")
 	m.Refused("idle_timeout")
 	m.Refused("idle_timeout")
@@ -190,17 +249,18 @@ func TestErrorsAndLimits(t *testing.T) {
 
 	fams := scrape(t, m)
 	expect(t, fams, "smesh_tunnel_errors_total", dto.MetricType_COUNTER,
-		`{reason="dial"} 1`, `{reason="handshake"} 2`)
+		`{reason="not_tls"} 2`, `{reason="peer_unreachable"} 1`)
 	expect(t, fams, "smesh_refused_connections_total", dto.MetricType_COUNTER,
 		`{reason="handshake_timeout"} 1`, `{reason="idle_timeout"} 2`, `{reason="max_connections"} 1`)
 }
 
 func TestTLSAndReload(t *testing.T) {
 	m := New("dev")
-	m.Handshake(RoleClient, true, false, 3*time.Millisecond)
-	m.Handshake(RoleClient, true, true, 400*time.Microsecond)
-	m.Handshake(RoleServer, false, false, 10*time.Second)
-	m.Handshake("bogus", true, true, time.Second)
+	ts := new(tunnel.Stats)
+	m.SetTunnelStats(ts)
+	ts.ClientHandshakes.Add(true, false, 3*time.Millisecond)
+	ts.ClientHandshakes.Add(true, true, 400*time.Microsecond)
+	ts.ServerHandshakes.Add(false, false, 10*time.Second)
 	notAfter := time.Date(2031, 5, 1, 12, 0, 0, 0, time.UTC)
 	m.CertExpiry("/etc/smesh/node.crt", notAfter)
 	m.CertExpiry("/etc/smesh/old.crt", notAfter)
@@ -222,12 +282,22 @@ func TestTLSAndReload(t *testing.T) {
 	// Only the two successful handshakes are timed.
 	expect(t, fams, "smesh_tls_handshake_seconds", dto.MetricType_HISTOGRAM,
 		`{role="client"} 2`, `{role="server"} 0`)
-	h := fams["smesh_tls_handshake_seconds"].GetMetric()
-	for _, s := range h {
-		if s.GetLabel()[0].GetValue() == RoleClient {
-			if got, want := s.GetHistogram().GetSampleSum(), 0.0034; got < want-1e-9 || got > want+1e-9 {
-				t.Errorf("client handshake seconds sum %g, want %g", got, want)
-			}
+	for _, s := range fams["smesh_tls_handshake_seconds"].GetMetric() {
+		if s.GetLabel()[0].GetValue() != RoleClient {
+			continue
+		}
+		h := s.GetHistogram()
+		if got, want := h.GetSampleSum(), 0.0034; got < want-1e-9 || got > want+1e-9 {
+			t.Errorf("client handshake seconds sum %g, want %g", got, want)
+		}
+		// 0.4 ms is in the first bucket (le 0.0005), 3 ms in le 0.004.
+		var got []string
+		for _, b := range h.GetBucket() {
+			got = append(got, fmt.Sprintf("%g:%d", b.GetUpperBound(), b.GetCumulativeCount()))
+		}
+		want := "0.0005:1 0.001:1 0.002:1 0.004:2 0.008:2 0.016:2 0.032:2 0.064:2 0.128:2 0.256:2 0.512:2 1.024:2 2.048:2 4.096:2 +Inf:2"
+		if strings.Join(got, " ") != want {
+			t.Errorf("client handshake buckets %s, want %s", strings.Join(got, " "), want)
 		}
 	}
 	expect(t, fams, "smesh_certificate_expiry_seconds", dto.MetricType_GAUGE,

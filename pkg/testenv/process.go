@@ -123,6 +123,23 @@ func (h *Helper) Send(line string) error {
 	return nil
 }
 
+// StartHelperVia starts the helper name as StartHelper does, but through
+// the command wrapper, which gets the helper's command line as its last
+// arguments: e.g. {"ip", "netns", "exec", NODE} starts it the way people
+// start a daemon in a network namespace. The wrapper is born in cgroup and
+// in the test's own network namespace.
+func StartHelperVia(t testing.TB, cgroup string, wrapper []string, name string, args ...string) *Helper {
+	t.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatalf("starting helper %s: %v", name, err)
+	}
+	argv := slices.Concat(wrapper[1:], []string{exe, "-test.run=^$", helperArgsSep}, args)
+	cmd := exec.Command(wrapper[0], argv...)
+	cmd.Env = append(os.Environ(), helperEnv+"="+name)
+	return start(t, cgroup, "", "helper "+name+" via "+wrapper[0], cmd)
+}
+
 // StartProcess starts the external program name with args (looked up in
 // PATH), e.g. iperf3.
 //

@@ -91,9 +91,6 @@ func (c *Client) DialContext(ctx context.Context, network, address string) (net.
 		return nil, err
 	}
 	c.stats.Out.Connections.Add(1)
-	if conn.Resumed {
-		c.stats.Out.Resumed.Add(1)
-	}
 	return conn, nil
 }
 

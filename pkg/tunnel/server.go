@@ -278,22 +278,11 @@ func (s *Server) serve(ctx context.Context, raw *rawConn, scope Scope) {
 
 	st := &s.o.Stats.In
 	st.Connections.Add(1)
-	if conn.Resumed {
-		st.Resumed.Add(1)
-	}
 	st.Active.Add(1)
-	if obs := s.o.Stats.Observer; obs != nil {
-		obs.ConnOpened("tunnel_in")
-	}
 	res := proxy.Relay(conn, proxy.TCP(up))
 	st.Active.Add(-1)
 	st.BytesRx.Add(uint64(res.AtoB))
 	st.BytesTx.Add(uint64(res.BtoA))
-	if obs := s.o.Stats.Observer; obs != nil {
-		// The remote client sends (tx, client to server) what arrives
-		// through the tunnel.
-		obs.ConnClosed("tunnel_in", res.AtoB, res.BtoA)
-	}
 	if e := s.log.Debug(); e.Enabled() {
 		if conn.tls != nil {
 			e = e.Str("peer_id", PeerID(conn.tls.ConnectionState()))

@@ -99,51 +99,52 @@ func Reasons() []Reason {
 	return rs
 }
 
-// Stats are the tunnel's counters, shared by client and server. All fields
-// are safe for concurrent use; the metrics endpoint reads them as they are.
+// Stats are the tunnel's counters, shared by client and server: the one
+// place where tunnel events are counted. /metrics reads them at every scrape
+// (pkg/metrics) and smeshd logs them when it stops (MarshalZerologObject),
+// so the two always agree. All fields are safe for concurrent use.
 type Stats struct {
-	// In counts connections the server accepted and relays (tunnel_in),
-	// Out those the client opened (tunnel_out).
-	In, Out PathStats
-	errors  [256]atomic.Uint64
-	// Observer, if set before the tunnel serves, also gets every
-	// connection and error (the daemon's metrics).
-	Observer Observer
+	// In counts the connections the server accepted and relays
+	// (tunnel_in).
+	In PathStats
+	// Out counts the connections the client opened (tunnel_out).
+	Out OutStats
+	// ClientHandshakes and ServerHandshakes count the TLS handshakes of
+	// each role.
+	ClientHandshakes, ServerHandshakes HandshakeStats
+
+	errors [256]atomic.Uint64
 }
 
-// Observer receives the tunnel's events; smeshd's metrics implement it.
-type Observer interface {
-	ConnOpened(path string)
-	ConnClosed(path string, tx, rx int64)
-	TunnelError(reason string)
-	// Handshake: role "client" or "server".
-	Handshake(role string, ok, resumed bool, d time.Duration)
-}
-
-// handshake reports one TLS handshake to the observer, if any.
-func (s *Stats) handshake(role string, tc *tls.Conn, err error, start time.Time) {
-	if s.Observer != nil {
-		s.Observer.Handshake(role, err == nil, err == nil && tc.ConnectionState().DidResume, time.Since(start))
-	}
-}
-
-// PathStats count one direction of tunnel connections. Tx is what this node
+// PathStats count the connections the server relays. Tx is what this node
 // sent into the tunnel connection, Rx what it received from it; bytes are
 // added when a connection ends.
 type PathStats struct {
 	Connections atomic.Uint64 // established: the status was ok
 	Active      atomic.Int64
-	Resumed     atomic.Uint64 // TLS handshakes that resumed a session
 	BytesTx     atomic.Uint64
 	BytesRx     atomic.Uint64
+}
+
+// OutStats count the connections the client opened. Their bytes and how
+// many are open are counted by what relays them: the outbound proxy, as
+// path tunnel_out.
+type OutStats struct {
+	Connections atomic.Uint64 // established: the peer's status was ok
+}
+
+// handshake counts one TLS handshake of role "client" or "server".
+func (s *Stats) handshake(role string, tc *tls.Conn, err error, start time.Time) {
+	h := &s.ClientHandshakes
+	if role == "server" {
+		h = &s.ServerHandshakes
+	}
+	h.Add(err == nil, err == nil && tc.ConnectionState().DidResume, time.Since(start))
 }
 
 // Count adds one error of reason r.
 func (s *Stats) Count(r Reason) {
 	s.errors[r].Add(1)
-	if s.Observer != nil {
-		s.Observer.TunnelError(r.String())
-	}
 }
 
 // Errors returns the count of reason r.
@@ -158,6 +159,81 @@ func (s *Stats) ErrorCounts() map[string]uint64 {
 		}
 	}
 	return m
+}
+
+// MarshalZerologObject logs the counters: connections out and in, and
+// errors by reason (the same numbers /metrics exports).
+func (s *Stats) MarshalZerologObject(e *zerolog.Event) {
+	errs := zerolog.Dict()
+	for name, n := range s.ErrorCounts() {
+		errs.Uint64(name, n)
+	}
+	e.Uint64("out", s.Out.Connections.Load()).Uint64("in", s.In.Connections.Load()).Dict("errors", errs)
+}
+
+// handshakeBuckets is the number of upper bounds of the handshake duration
+// histogram (HandshakeBuckets).
+const handshakeBuckets = 14
+
+// HandshakeBuckets returns the upper bounds, in seconds, of the handshake
+// duration histogram: 0.5 ms to about 4 s. A resumed handshake on a LAN is
+// well under a millisecond, a loaded peer across regions takes seconds.
+func HandshakeBuckets() []float64 {
+	b := make([]float64, handshakeBuckets)
+	for i := range b {
+		b[i] = 0.0005 * float64(uint(1)<<i)
+	}
+	return b
+}
+
+// HandshakeStats count the TLS handshakes of one role, by result and
+// session resumption, and time the successful ones (a failure's duration is
+// mostly the timeout that ended it).
+type HandshakeStats struct {
+	counts [2][2]atomic.Uint64 // [ok][resumed]
+	// buckets[i] counts durations in (bound i-1, bound i]; the last one
+	// those above every bound.
+	buckets  [handshakeBuckets + 1]atomic.Uint64
+	sumNanos atomic.Uint64
+}
+
+// Add counts one handshake.
+func (h *HandshakeStats) Add(ok, resumed bool, d time.Duration) {
+	h.counts[b2i(ok)][b2i(resumed)].Add(1)
+	if !ok {
+		return
+	}
+	i := 0
+	for bound := 500 * time.Microsecond; i < handshakeBuckets && d > bound; bound *= 2 {
+		i++
+	}
+	h.buckets[i].Add(1)
+	h.sumNanos.Add(uint64(max(d, 0)))
+}
+
+// Count returns how many handshakes had that result and resumption.
+func (h *HandshakeStats) Count(ok, resumed bool) uint64 {
+	return h.counts[b2i(ok)][b2i(resumed)].Load()
+}
+
+// Durations returns the histogram of the successful handshakes' durations:
+// cumulative counts by upper bound in seconds (HandshakeBuckets), the
+// number of handshakes and the sum of their durations in seconds.
+func (h *HandshakeStats) Durations() (cumulative map[float64]uint64, count uint64, sum float64) {
+	cumulative = make(map[float64]uint64, handshakeBuckets)
+	for i, bound := range HandshakeBuckets() {
+		count += h.buckets[i].Load()
+		cumulative[bound] = count
+	}
+	count += h.buckets[handshakeBuckets].Load()
+	return cumulative, count, time.Duration(h.sumNanos.Load()).Seconds()
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 // limitedLog lets through at most burst lines per interval and counts the

@@ -1,0 +1,52 @@
+package bench
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// The table and the chart say how many rounds the numbers come from, in
+// English: "1 round", "3 rounds".
+func TestReportRounds(t *testing.T) {
+	for _, c := range []struct {
+		rounds           int
+		inTable, inChart string
+	}{
+		{1, "; 1 round of 1s per workload\n", "; 1 round</text>"},
+		{3, "; 3 rounds of 1s per workload, medians\n", "; medians of 3 rounds</text>"},
+	} {
+		r := &Report{
+			Machine:  Machine{Kernel: "6.18", CPU: "AMD EPYC", Cores: 2},
+			Duration: "1s",
+			Rounds:   c.rounds,
+			Results: []Result{
+				{Mode: "direct", ThroughputGbps: 10, RRP50us: 20, RRP99us: 40, ConnPerSec: 5000, DataVerified: true},
+				{Mode: "splice", ThroughputGbps: 20, RRP50us: 18, RRP99us: 30, ConnPerSec: 4000, DataVerified: true},
+			},
+		}
+		var table bytes.Buffer
+		r.WriteTable(&table)
+		svgPath := filepath.Join(t.TempDir(), "bench.svg")
+		if err := r.WriteSVGFile(svgPath); err != nil {
+			t.Fatal(err)
+		}
+		svg, err := os.ReadFile(svgPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(table.String(), c.inTable) {
+			t.Errorf("%d rounds: the table's first line does not say %q:\n%s", c.rounds, c.inTable, table.String())
+		}
+		if !bytes.Contains(svg, []byte(c.inChart)) {
+			t.Errorf("%d rounds: the chart does not say %q", c.rounds, c.inChart)
+		}
+		for _, out := range []string{table.String(), string(svg)} {
+			if strings.Contains(out, " 1 rounds") {
+				t.Errorf("%d rounds: says \"1 rounds\"", c.rounds)
+			}
+		}
+	}
+}
