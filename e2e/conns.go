@@ -123,3 +123,9 @@ func dialFrom(src, dst string) (*net.TCPConn, error) {
 	}
 	return c.(*net.TCPConn), nil
 }
+
+// pause is the "pause" helper: it waits until killed, like a pod's pause
+// container, so that a pod's namespace has a process in it.
+func pause(args []string) int {
+	select {}
+}

@@ -52,8 +52,11 @@ func TestKilledOpen(t *testing.T) {
 // leaves the capture pinned: new captured connections are refused, never
 // sent uncaptured; a spliced same-node connection keeps working; a restarted
 // smeshd adopts the pins and captures again; removing the pins detaches all.
-func TestKilledClosed(t *testing.T) {
-	testenv.RequirePrivileged(t)
+// testPinDir returns a pin directory for on_failure = "closed" on a bpffs
+// of the test's own. Cleanup, after smeshd's (registered later, so run
+// earlier), removes the pins and the mount.
+func testPinDir(t *testing.T) string {
+	t.Helper()
 	bpffs := t.TempDir()
 	if err := unix.Mount("bpf", bpffs, "bpf", 0, "mode=0700"); err != nil {
 		t.Fatalf("mounting a bpffs for the test: %v", err)
@@ -65,6 +68,12 @@ func TestKilledClosed(t *testing.T) {
 		}
 		unix.Unmount(bpffs, unix.MNT_DETACH)
 	})
+	return pinDir
+}
+
+func TestKilledClosed(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	pinDir := testPinDir(t)
 	a, _, server := twoNodes(t, "splice", "")
 	a.smeshd.Stop()
 	a.captureExtra = fmt.Sprintf("on_failure = \"closed\"\npin_dir = %q", pinDir)

@@ -23,6 +23,7 @@ func TestMain(m *testing.M) {
 	testenv.RunHelpers(map[string]testenv.HelperFunc{
 		"server":   serve,
 		"conns":    conns,
+		"pause":    pause,
 		"client":   client,
 		"smeshd":   runSmeshd,
 		"sockopts": sockoptProbe,
@@ -77,7 +78,14 @@ type node struct {
 func newNode(t *testing.T) *node {
 	t.Helper()
 	testenv.RequirePrivileged(t)
-	n := &node{t: t, ns: testenv.NewNode(t), smeshCg: testenv.NewCgroup(t), enrolled: testenv.NewCgroup(t)}
+	return nodeOn(t, testenv.NewNode(t))
+}
+
+// nodeOn makes a test node of the namespace ns (a plain node or a cluster
+// node's).
+func nodeOn(t *testing.T, ns *testenv.Node) *node {
+	t.Helper()
+	n := &node{t: t, ns: ns, smeshCg: testenv.NewCgroup(t), enrolled: testenv.NewCgroup(t)}
 	n.name = strings.TrimPrefix(n.ns.Name, "smesh-")
 	n.pki = testPKI(t)
 	if _, err := certs.Init(n.pki, []string{n.name}, "test.local"); err != nil {

@@ -55,12 +55,13 @@ func (n *node) workload(addr string) *nsWorkload {
 	return w
 }
 
-// inode is the nsfs inode of the workload's namespace, as
+// netnsInode is the nsfs inode of a named network namespace, as
 // /debug/namespaces names it.
-func (w *nsWorkload) inode() uint64 {
+func netnsInode(t *testing.T, name string) uint64 {
+	t.Helper()
 	var st unix.Stat_t
-	if err := unix.Stat("/run/netns/"+w.ns.Name, &st); err != nil {
-		w.t.Fatal(err)
+	if err := unix.Stat("/run/netns/"+name, &st); err != nil {
+		t.Fatal(err)
 	}
 	return st.Ino
 }
@@ -89,18 +90,39 @@ func (n *node) namespaces() []enrol.Info {
 	return infos
 }
 
-// waitServed waits until smeshd serves the namespace of every workload
-// (listeners up, addresses known).
-func (n *node) waitServed(ws ...*nsWorkload) {
+// waitNamespace waits until smeshd's /debug/namespaces shows the named
+// network namespace in a state ok accepts.
+func (n *node) waitNamespace(name string, ok func(enrol.Info) bool) {
+	n.t.Helper()
+	ino := netnsInode(n.t, name)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		infos := n.namespaces()
+		for _, i := range infos {
+			if i.Inode == ino && ok(i) {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			n.t.Fatalf("namespace %s not in the expected state after 10s: %+v", name, infos)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// waitServed waits until smeshd serves the named network namespaces
+// (listeners up).
+func (n *node) waitServed(netnsNames ...string) {
 	n.t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		infos := n.namespaces()
 		missing := 0
-		for _, w := range ws {
+		for _, name := range netnsNames {
 			found := false
+			ino := netnsInode(n.t, name)
 			for _, i := range infos {
-				found = found || i.Inode == w.inode() && i.Ready
+				found = found || i.Inode == ino && i.Ready
 			}
 			if !found {
 				missing++
@@ -110,7 +132,7 @@ func (n *node) waitServed(ws ...*nsWorkload) {
 			return
 		}
 		if time.Now().After(deadline) {
-			n.t.Fatalf("smeshd serves %d of %d namespaces after 10s: %+v", len(ws)-missing, len(ws), infos)
+			n.t.Fatalf("smeshd serves %d of %d namespaces after 10s: %+v", len(netnsNames)-missing, len(netnsNames), infos)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -156,7 +178,7 @@ func TestNamespacesNeverCrossDeliver(t *testing.T) {
 			a, b := n.workload(podAddr), n.workload(podAddr)
 			dst := net.JoinHostPort(tc.addr, "8080")
 			srvA, srvB := a.server(dst), b.server(dst)
-			n.waitServed(a, b)
+			n.waitServed(a.ns.Name, b.ns.Name)
 			inA, inB := a.conns(), b.conns()
 			src := func(port int) string { return net.JoinHostPort(tc.addr, fmt.Sprint(port)) }
 
