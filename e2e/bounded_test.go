@@ -70,6 +70,15 @@ func TestBoundedSplice(t *testing.T) {
 			}
 		})
 	}
+	t.Run("demotions in the metrics", func(t *testing.T) {
+		_, m := n.admin("/metrics")
+		if v := metric(t, m, "smesh_splice_demotions_total", nil); v < 4 {
+			t.Errorf("smesh_splice_demotions_total = %v, want the 4 demotions above at least", v)
+		}
+		if v := metric(t, m, "smesh_splice_demoted_bytes_total", map[string]string{"direction": "tx"}); v < 4*(size-spliceQueueLimit) {
+			t.Errorf("smesh_splice_demoted_bytes_total{direction=tx} = %v, want at least %d", v, 4*(size-spliceQueueLimit))
+		}
+	})
 	t.Run("request-response never demoted", func(t *testing.T) {
 		before := n.stats()
 		n.client(n.enrolled, "rr", addr, "20000")

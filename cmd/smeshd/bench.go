@@ -17,6 +17,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	rounds := fs.Int("rounds", 3, "measured rounds (after one discarded warm-up round)")
 	modes := fs.String("modes", "direct,copy,splice", "modes to compare, comma-separated")
 	tunnel := fs.Bool("tunnel", false, "also measure across two namespace nodes: bare veth and the smesh mTLS tunnel")
+	pods := fs.Bool("pods", false, fmt.Sprintf("also measure pod to pod on one node's bridge: no mesh, and spliced with %d more idle pods enrolled", bench.IdlePods))
 	conns := fs.Int("conns", 0, "also hold this many concurrent connections per mode and report memory")
 	jsonPath := fs.String("json", "", "write the report as JSON to this file")
 	svgPath := fs.String("svg", "", "write a chart (SVG) to this file")
@@ -30,7 +31,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	rep, err := bench.Run(ctx, bench.Options{
 		Duration: *duration,
 		Rounds:   *rounds,
-		Modes:    benchModes(*modes, *tunnel),
+		Modes:    benchModes(*modes, *tunnel, *pods),
 		Conns:    *conns,
 		Exe:      exe,
 		Progress: stderr,
@@ -50,10 +51,13 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	return err
 }
 
-func benchModes(modes string, tunnel bool) []string {
+func benchModes(modes string, tunnel, pods bool) []string {
 	out := strings.Split(modes, ",")
 	if tunnel {
 		out = append(out, "veth", "tunnel")
+	}
+	if pods {
+		out = append(out, "bridge", "pods")
 	}
 	return out
 }

@@ -44,6 +44,9 @@ func AgentMain(args []string) int {
 		err = agentClient(args[1:])
 	case "hold":
 		err = agentHold(args[1:])
+	case "pause":
+		// An idle pod's only process: it waits until killed.
+		select {}
 	default:
 		err = fmt.Errorf("unknown role %q", args[0])
 	}

@@ -21,13 +21,17 @@ import (
 )
 
 // Modes the bench knows, in report order: same-node (direct is the
-// baseline) and cross-node (veth is the baseline).
-var allModes = []string{"direct", "copy", "splice", "veth", "tunnel"}
+// baseline), cross-node (veth is the baseline) and pod to pod on one node
+// (bridge is the baseline).
+var allModes = []string{"direct", "copy", "splice", "veth", "tunnel", "bridge", "pods"}
 
 // baseline is the mode a mode's ratios are relative to.
 func baseline(mode string) string {
-	if crossNode(mode) {
+	switch {
+	case crossNode(mode):
 		return "veth"
+	case podMode(mode):
+		return "bridge"
 	}
 	return "direct"
 }

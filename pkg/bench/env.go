@@ -79,7 +79,9 @@ func (p *proc) stop() {
 // its loopback; cross-node modes (veth, tunnel) two nodes joined by a veth,
 // the client on the first and the server on the second.
 type modeEnv struct {
-	mode       string
+	mode string
+	// nodes are where the client (first) and the server (last) run; for
+	// the pod modes, the client's and the server's pods.
 	nodes      []benchNode
 	dir        string // configuration, certificates
 	mount      string
@@ -89,15 +91,25 @@ type modeEnv struct {
 	made       []string // every cgroup made, removed by close
 	smeshds    []*proc
 	srv        *proc
+	cluster    *sandbox.ClusterNode // of the pod modes
+	pauses     []*proc              // the pods' pause processes (pods mode)
 }
 
 type benchNode struct {
 	name string
 	ns   netns.NsHandle
+	pod  bool // a pod's namespace: the cluster node deletes it
 }
 
 // crossNode says whether a mode runs between two nodes.
 func crossNode(mode string) bool { return mode == "veth" || mode == "tunnel" }
+
+// podMode says whether a mode runs between two pods on one node's bridge.
+func podMode(mode string) bool { return mode == "bridge" || mode == "pods" }
+
+// IdlePods is how many idle enrolled pods the pods mode adds, so that its
+// smeshd serves as many namespaces as a busy Kubernetes node has pods.
+const IdlePods = 100
 
 func newModeEnv(ctx context.Context, exe, mode string) (_ *modeEnv, err error) {
 	e := &modeEnv{mode: mode, serverAddr: serverAddr}
@@ -112,6 +124,12 @@ func newModeEnv(ctx context.Context, exe, mode string) (_ *modeEnv, err error) {
 	base := fmt.Sprintf("smesh-bench-%d-%s", os.Getpid(), mode)
 	if e.dir, err = os.MkdirTemp("", base+"-"); err != nil {
 		return nil, err
+	}
+	if podMode(mode) {
+		if err := e.setUpPods(ctx, exe, base); err != nil {
+			return nil, err
+		}
+		return e, nil
 	}
 	names := []string{base}
 	if crossNode(mode) {
@@ -386,19 +404,92 @@ func (e *modeEnv) close() error {
 	for _, p := range e.smeshds {
 		p.stop()
 	}
+	for _, p := range e.pauses {
+		p.stop()
+	}
 	for _, cg := range e.made {
 		if err := cgroups.Remove(cg, 5*time.Second); err != nil {
 			errs = append(errs, err)
 		}
 	}
 	for _, n := range e.nodes {
+		if n.pod {
+			continue
+		}
 		n.ns.Close()
 		if err := sandbox.DeleteNamedNetns(n.name); err != nil {
 			errs = append(errs, err)
 		}
 	}
+	if e.cluster != nil {
+		errs = append(errs, e.cluster.Close())
+	}
 	if e.dir != "" {
 		os.RemoveAll(e.dir)
 	}
 	return errors.Join(errs...)
+}
+
+// setUpPods builds the world of the pod modes: a node with a bridge and
+// two pods on it, the client's and the server's, as a CNI bridge plugin
+// makes them. "bridge" leaves them out of the mesh: the no-mesh baseline a
+// Kubernetes user has. "pods" enrols both, and IdlePods more pods that only
+// wait, under a smeshd in the node's namespace.
+func (e *modeEnv) setUpPods(ctx context.Context, exe, base string) (err error) {
+	// A /24 of 198.18.0.0/15 (reserved for benchmarks) per run and mode,
+	// apart from the cross-node modes' (100-249).
+	subnet := 250 + os.Getpid()%250
+	if e.mode == "pods" {
+		subnet = (subnet + 1) % 512
+	}
+	v4 := netip.PrefixFrom(netip.AddrFrom4([4]byte{198, 18 + byte(subnet/256), byte(subnet % 256), 0}), 24)
+	v6 := netip.MustParsePrefix(fmt.Sprintf("fd00:5e:be:%x::/64", subnet))
+	if e.cluster, err = sandbox.NewClusterNode(base, v4, v6); err != nil {
+		return err
+	}
+	parent, err := e.cgroup("pods")
+	if err != nil {
+		return err
+	}
+	var pods []*sandbox.Pod
+	for _, role := range []string{"client", "server"} {
+		p, err := e.cluster.AddPod(base+"-"+role, filepath.Join(parent, role))
+		if err != nil {
+			return err
+		}
+		pods = append(pods, p)
+		e.nodes = append(e.nodes, benchNode{name: p.Name, ns: p.Netns(), pod: true})
+	}
+	e.client, e.server = pods[0].Cgroup, pods[1].Cgroup
+	e.serverAddr = netip.AddrPortFrom(pods[1].Addr4, 9000).String()
+	// Connection-rate runs: the whole port range, TIME_WAIT ports reused.
+	for _, kv := range [][2]string{{"net/ipv4/ip_local_port_range", "1024 65535"}, {"net/ipv4/tcp_tw_reuse", "1"}} {
+		if err := sandbox.SetSysctl(pods[0].Netns(), kv[0], kv[1]); err != nil {
+			return err
+		}
+	}
+	if e.mode == "pods" {
+		for i := range IdlePods {
+			p, err := e.cluster.AddPod(fmt.Sprintf("%s-idle%d", base, i), filepath.Join(parent, fmt.Sprintf("idle%d", i)))
+			if err != nil {
+				return err
+			}
+			pods = append(pods, p)
+		}
+		// Every pod has a process from start to end, as a Kubernetes
+		// pod has its pause container: smeshd serves the namespaces its
+		// enrolled processes live in, also between two client runs.
+		for _, p := range pods {
+			pause, err := startProc("pause", exec.Command(exe, "bench-agent", "pause", "-"), p.Cgroup, p.Name)
+			if err != nil {
+				return err
+			}
+			e.pauses = append(e.pauses, pause)
+		}
+		node := benchNode{name: e.cluster.Name, ns: e.cluster.Netns(), pod: true}
+		if err := e.startSmeshd(ctx, exe, node, "smeshd", "splice", parent); err != nil {
+			return err
+		}
+	}
+	return e.startServer(exe, e.nodes[1])
 }

@@ -402,10 +402,15 @@ func (d *daemon) spliceCounters() (metrics.SpliceCounters, error) {
 	if err != nil {
 		return metrics.SpliceCounters{}, err
 	}
+	c, err := d.dp.Counters()
+	if err != nil {
+		return metrics.SpliceCounters{}, err
+	}
 	return metrics.SpliceCounters{
 		TxBytes: st.ClientToServer.Bytes, RxBytes: st.ServerToClient.Bytes,
 		TxMsgs: st.ClientToServer.Msgs, RxMsgs: st.ServerToClient.Msgs,
-		Sockets: sockets,
+		Sockets:   sockets,
+		Demotions: c.Demotions, DemotedTxBytes: st.DemotedClientToServer, DemotedRxBytes: st.DemotedServerToClient,
 	}, nil
 }
 

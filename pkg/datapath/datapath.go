@@ -508,6 +508,8 @@ type Counters struct {
 	// captured in a namespace without a ready listener, let through
 	// (on_failure = "open") or refused ("closed").
 	UnreadyOpen, UnreadyClosed uint64
+	// Demotions counts spliced directions sk_msg moved to TCP.
+	Demotions uint64
 }
 
 // Counters sums the per-CPU event counters.
@@ -523,11 +525,13 @@ func (d *Datapath) Counters() (Counters, error) {
 		}
 		return sum, nil
 	}
+	// Slots: enum counter_slot in smesh.h.
 	var c Counters
-	var err1, err2 error
+	var err1, err2, err3 error
 	c.UnreadyOpen, err1 = read(0)
 	c.UnreadyClosed, err2 = read(1)
-	return c, errors.Join(err1, err2)
+	c.Demotions, err3 = read(2)
+	return c, errors.Join(err1, err2, err3)
 }
 
 // NetnsEvent says that a process connected from a network namespace where
@@ -567,16 +571,21 @@ func (d *Datapath) NetnsEvents() (<-chan NetnsEvent, error) {
 	return ch, nil
 }
 
-// Stats are the spliced bytes and messages counted in BPF since load.
+// Stats are the spliced bytes and messages counted in BPF since load, and
+// the bytes demoted directions sent by TCP.
 type Stats struct {
 	ClientToServer sockops.SockopsSpliceStats
 	ServerToClient sockops.SockopsSpliceStats
+	// DemotedClientToServer and DemotedServerToClient are bytes.
+	DemotedClientToServer, DemotedServerToClient uint64
 }
 
-// Stats sums the per-CPU splice counters.
+// Stats sums the per-CPU splice counters (slots: enum stat_slot in
+// smesh.h).
 func (d *Datapath) Stats() (Stats, error) {
 	var s Stats
-	for slot, dst := range []*sockops.SockopsSpliceStats{&s.ClientToServer, &s.ServerToClient} {
+	var demoted [2]sockops.SockopsSpliceStats
+	for slot, dst := range []*sockops.SockopsSpliceStats{&s.ClientToServer, &s.ServerToClient, &demoted[0], &demoted[1]} {
 		var perCPU []sockops.SockopsSpliceStats
 		if err := d.sockops.SmeshStats.Lookup(uint32(slot), &perCPU); err != nil {
 			return Stats{}, fmt.Errorf("reading splice counters: %w", err)
@@ -586,6 +595,7 @@ func (d *Datapath) Stats() (Stats, error) {
 			dst.Msgs += c.Msgs
 		}
 	}
+	s.DemotedClientToServer, s.DemotedServerToClient = demoted[0].Bytes, demoted[1].Bytes
 	return s, nil
 }
 

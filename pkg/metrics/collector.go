@@ -22,6 +22,12 @@ var (
 	splicedMsgsDesc = prometheus.NewDesc("smesh_spliced_messages_total",
 		"sendmsg calls spliced by sk_msg, by direction (tx: client to server, rx: server to client).",
 		[]string{"direction"}, nil)
+	demotionsDesc = prometheus.NewDesc("smesh_splice_demotions_total",
+		"Directions of spliced connections moved to TCP for good because their reader fell datapath.splice_queue_limit behind.",
+		nil, nil)
+	demotedBytesDesc = prometheus.NewDesc("smesh_splice_demoted_bytes_total",
+		"Bytes that demoted directions sent by TCP, by direction (tx: client to server, rx: server to client).",
+		[]string{"direction"}, nil)
 	spliceUpDesc = prometheus.NewDesc("smesh_splice_source_up",
 		"1 if the BPF splice counters were read for this scrape, 0 if reading them failed (their series are then left out).",
 		nil, nil)
@@ -46,6 +52,8 @@ func (c dataPathCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- bytesDesc
 	ch <- activeDesc
 	ch <- splicedMsgsDesc
+	ch <- demotionsDesc
+	ch <- demotedBytesDesc
 	ch <- spliceUpDesc
 }
 
@@ -90,6 +98,9 @@ func (c dataPathCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(bytesDesc, sc.RxBytes, PathSplice, "rx")
 	counter(splicedMsgsDesc, sc.TxMsgs, "tx")
 	counter(splicedMsgsDesc, sc.RxMsgs, "rx")
+	counter(demotionsDesc, sc.Demotions)
+	counter(demotedBytesDesc, sc.DemotedTxBytes, "tx")
+	counter(demotedBytesDesc, sc.DemotedRxBytes, "rx")
 	gauge(activeDesc, int64(sc.Sockets/2), PathSplice)
 }
 

@@ -62,6 +62,11 @@ type SpliceCounters struct {
 	// Sockets is the number of sockets in the sockhash: both ends of every
 	// spliced hop, so twice the number of hops.
 	Sockets int
+	// Demotions counts the directions sk_msg moved to TCP because their
+	// reader fell datapath.splice_queue_limit behind; DemotedTxBytes and
+	// DemotedRxBytes are what such directions sent by TCP afterwards.
+	Demotions                      uint64
+	DemotedTxBytes, DemotedRxBytes uint64
 }
 
 // Metrics is smeshd's metric set. Its methods are safe for concurrent use.
