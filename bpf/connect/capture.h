@@ -9,6 +9,8 @@
 /* Set by smeshd before load. */
 volatile const __u32 proxy_ip4 = 0;     /* [outbound] listen address, network byte order */
 volatile const __u16 proxy_port = 0;    /* [outbound] listen port, host byte order */
+volatile const __u32 proxy_ip6[4] = {}; /* [outbound] listen6 address, network byte order */
+volatile const __u16 proxy_port6 = 0;   /* [outbound] listen6 port, host byte order */
 volatile const __u64 proxy_cgroup = 0;  /* cgroup id of smeshd itself: never captured */
 volatile const bool capture_local = 0;  /* copy mode: same-node destinations go through smeshd too */
 
@@ -61,9 +63,13 @@ static __always_inline bool port_excluded(__u16 port)
 	return bpf_map_lookup_elem(&smesh_exclude_ports, &key) != NULL;
 }
 
+/* is_proxy: ip:port is one of smeshd's outbound listeners. */
 static __always_inline bool is_proxy(const struct addr *ip, __u16 port)
 {
-	return port == proxy_port && addr_is4(ip) && ip->ip[3] == proxy_ip4;
+	if (addr_is4(ip))
+		return port == proxy_port && ip->ip[3] == proxy_ip4;
+	return port == proxy_port6 && ip->ip[0] == proxy_ip6[0] && ip->ip[1] == proxy_ip6[1] &&
+	       ip->ip[2] == proxy_ip6[2] && ip->ip[3] == proxy_ip6[3];
 }
 
 /* should_capture holds the whole decision for a connect() from namespace

@@ -96,7 +96,9 @@ const (
 	CaptureHarnessVarCaptureLocal      = "capture_local"
 	CaptureHarnessVarProxyCgroup       = "proxy_cgroup"
 	CaptureHarnessVarProxyIp4          = "proxy_ip4"
+	CaptureHarnessVarProxyIp6          = "proxy_ip6"
 	CaptureHarnessVarProxyPort         = "proxy_port"
+	CaptureHarnessVarProxyPort6        = "proxy_port6"
 )
 
 // LoadCaptureHarness returns the embedded CollectionSpec for CaptureHarness.
@@ -169,7 +171,9 @@ type CaptureHarnessVariableSpecs struct {
 	CaptureLocal *ebpf.VariableSpec `ebpf:"capture_local"`
 	ProxyCgroup  *ebpf.VariableSpec `ebpf:"proxy_cgroup"`
 	ProxyIp4     *ebpf.VariableSpec `ebpf:"proxy_ip4"`
+	ProxyIp6     *ebpf.VariableSpec `ebpf:"proxy_ip6"`
 	ProxyPort    *ebpf.VariableSpec `ebpf:"proxy_port"`
+	ProxyPort6   *ebpf.VariableSpec `ebpf:"proxy_port6"`
 }
 
 // CaptureHarnessObjects contains all objects after they have been loaded into the kernel.
@@ -228,7 +232,9 @@ type CaptureHarnessVariables struct {
 	CaptureLocal *ebpf.Variable `ebpf:"capture_local"`
 	ProxyCgroup  *ebpf.Variable `ebpf:"proxy_cgroup"`
 	ProxyIp4     *ebpf.Variable `ebpf:"proxy_ip4"`
+	ProxyIp6     *ebpf.Variable `ebpf:"proxy_ip6"`
 	ProxyPort    *ebpf.Variable `ebpf:"proxy_port"`
+	ProxyPort6   *ebpf.Variable `ebpf:"proxy_port6"`
 }
 
 // CaptureHarnessPrograms contains all programs after they have been loaded into the kernel.

@@ -1,14 +1,21 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 //go:build ignore
 
-/* cgroup/connect4 decides which outbound TCP connections of enrolled workloads
- * smeshd captures; cgroup/getsockopt answers SO_ORIGINAL_DST for the sockets
- * smeshd accepts, so the proxy learns where a captured connection was going.
+/* cgroup/connect4 and cgroup/connect6 decide which outbound TCP connections
+ * of enrolled workloads smeshd captures; cgroup/getsockopt answers
+ * SO_ORIGINAL_DST for the sockets smeshd accepts, so the proxy learns where a
+ * captured connection was going.
  *
- * A captured connection is sent to [outbound] listen in the caller's own
- * network namespace (every pod has its own 127.0.0.1), where smeshd keeps a
- * listener for every enrolled namespace. Until that listener is up, capture
- * in that namespace follows [capture] on_failure. */
+ * A captured connection is sent to [outbound] listen (IPv4, and v4-mapped
+ * destinations of dual-stack sockets) or listen6 (IPv6) in the caller's own
+ * network namespace (every pod has its own 127.0.0.1), where smeshd keeps
+ * its listeners for every enrolled namespace. Until the listener is up,
+ * capture in that namespace follows [capture] on_failure.
+ *
+ * A dual-stack (AF_INET6) socket connecting to ::ffff:a.b.c.d goes through
+ * connect6, not connect4: it is decided as the IPv4 address it carries, and
+ * sent to the IPv4 listener as ::ffff:127.0.0.1, so nothing an enrolled
+ * workload connects to leaves uncaptured by being written another way. */
 
 #include "smesh.h"
 
@@ -78,11 +85,13 @@ enum verdict {
 };
 
 /* decide makes the capture decision for one connect() to ip:port and, when
- * it captures, remembers the original destination on the socket. */
+ * it captures, remembers the original destination on the socket. need is
+ * the NETNS_READY* bit of the listener the connection would go to. */
 static __always_inline enum verdict decide(struct bpf_sock_addr *ctx, const struct addr *ip,
-					   __u16 port, __u16 family)
+					   __u16 port, __u16 family, __u8 need)
 {
 	struct sock_state *st;
+	__u8 *ready;
 	__u64 netns;
 
 	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
@@ -92,7 +101,8 @@ static __always_inline enum verdict decide(struct bpf_sock_addr *ctx, const stru
 	netns = bpf_get_netns_cookie(ctx);
 	if (!should_capture(netns, ip, port))
 		return VERDICT_PASS;
-	if (!bpf_map_lookup_elem(&smesh_netns, &netns)) {
+	ready = bpf_map_lookup_elem(&smesh_netns, &netns);
+	if (!ready || !(*ready & need)) {
 		tell_smeshd(netns);
 		counter_inc(fail_closed ? COUNTER_UNREADY_CLOSED : COUNTER_UNREADY_OPEN);
 		return fail_closed ? VERDICT_REFUSE : VERDICT_PASS;
@@ -113,12 +123,45 @@ int smesh_connect4(struct bpf_sock_addr *ctx)
 	struct addr ip;
 
 	addr_from4(&ip, ctx->user_ip4);
-	switch (decide(ctx, &ip, bpf_ntohs(ctx->user_port), AF_INET)) {
+	switch (decide(ctx, &ip, bpf_ntohs(ctx->user_port), AF_INET, NETNS_READY4)) {
 	case VERDICT_REFUSE:
 		return 0;
 	case VERDICT_CAPTURE:
 		ctx->user_ip4 = proxy_ip4;
 		ctx->user_port = bpf_htons(proxy_port);
+		return 1;
+	default:
+		return 1;
+	}
+}
+
+SEC("cgroup/connect6")
+int smesh_connect6(struct bpf_sock_addr *ctx)
+{
+	struct addr ip;
+	bool v4;
+
+	ip.ip[0] = ctx->user_ip6[0];
+	ip.ip[1] = ctx->user_ip6[1];
+	ip.ip[2] = ctx->user_ip6[2];
+	ip.ip[3] = ctx->user_ip6[3];
+	v4 = addr_is4(&ip);
+	switch (decide(ctx, &ip, bpf_ntohs(ctx->user_port), AF_INET6, v4 ? NETNS_READY4 : NETNS_READY6)) {
+	case VERDICT_REFUSE:
+		return 0;
+	case VERDICT_CAPTURE:
+		if (v4) {
+			/* Still v4-mapped: a dual-stack socket reaches the
+			 * IPv4 listener this way. */
+			ctx->user_ip6[3] = proxy_ip4;
+			ctx->user_port = bpf_htons(proxy_port);
+		} else {
+			ctx->user_ip6[0] = proxy_ip6[0];
+			ctx->user_ip6[1] = proxy_ip6[1];
+			ctx->user_ip6[2] = proxy_ip6[2];
+			ctx->user_ip6[3] = proxy_ip6[3];
+			ctx->user_port = bpf_htons(proxy_port6);
+		}
 		return 1;
 	default:
 		return 1;
@@ -135,6 +178,24 @@ int smesh_getpeername4(struct bpf_sock_addr *ctx)
 	st = bpf_sk_storage_get(&smesh_sk_state, ctx->sk, 0, 0);
 	if (st && st->captured && addr_is4(&st->orig.ip)) {
 		ctx->user_ip4 = st->orig.ip.ip[3];
+		ctx->user_port = bpf_htons(st->orig.port);
+	}
+	return 1;
+}
+
+SEC("cgroup/getpeername6")
+int smesh_getpeername6(struct bpf_sock_addr *ctx)
+{
+	struct sock_state *st;
+
+	st = bpf_sk_storage_get(&smesh_sk_state, ctx->sk, 0, 0);
+	if (st && st->captured) {
+		/* v4-mapped for a dual-stack socket's IPv4 destination, as the
+		 * app connected. */
+		ctx->user_ip6[0] = st->orig.ip.ip[0];
+		ctx->user_ip6[1] = st->orig.ip.ip[1];
+		ctx->user_ip6[2] = st->orig.ip.ip[2];
+		ctx->user_ip6[3] = st->orig.ip.ip[3];
 		ctx->user_port = bpf_htons(st->orig.port);
 	}
 	return 1;

@@ -101,13 +101,17 @@ const (
 	ConnectMapSmeshSockhash      = "smesh_sockhash"
 	ConnectMapSmeshStats         = "smesh_stats"
 	ConnectProgSmeshConnect4     = "smesh_connect4"
+	ConnectProgSmeshConnect6     = "smesh_connect6"
 	ConnectProgSmeshGetpeername4 = "smesh_getpeername4"
+	ConnectProgSmeshGetpeername6 = "smesh_getpeername6"
 	ConnectProgSmeshGetsockopt   = "smesh_getsockopt"
 	ConnectVarCaptureLocal       = "capture_local"
 	ConnectVarFailClosed         = "fail_closed"
 	ConnectVarProxyCgroup        = "proxy_cgroup"
 	ConnectVarProxyIp4           = "proxy_ip4"
+	ConnectVarProxyIp6           = "proxy_ip6"
 	ConnectVarProxyPort          = "proxy_port"
+	ConnectVarProxyPort6         = "proxy_port6"
 	ConnectVarUnusedNetnsEvent   = "unused_netns_event"
 )
 
@@ -154,7 +158,9 @@ type ConnectSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type ConnectProgramSpecs struct {
 	SmeshConnect4     *ebpf.ProgramSpec `ebpf:"smesh_connect4"`
+	SmeshConnect6     *ebpf.ProgramSpec `ebpf:"smesh_connect6"`
 	SmeshGetpeername4 *ebpf.ProgramSpec `ebpf:"smesh_getpeername4"`
+	SmeshGetpeername6 *ebpf.ProgramSpec `ebpf:"smesh_getpeername6"`
 	SmeshGetsockopt   *ebpf.ProgramSpec `ebpf:"smesh_getsockopt"`
 }
 
@@ -185,7 +191,9 @@ type ConnectVariableSpecs struct {
 	FailClosed       *ebpf.VariableSpec `ebpf:"fail_closed"`
 	ProxyCgroup      *ebpf.VariableSpec `ebpf:"proxy_cgroup"`
 	ProxyIp4         *ebpf.VariableSpec `ebpf:"proxy_ip4"`
+	ProxyIp6         *ebpf.VariableSpec `ebpf:"proxy_ip6"`
 	ProxyPort        *ebpf.VariableSpec `ebpf:"proxy_port"`
+	ProxyPort6       *ebpf.VariableSpec `ebpf:"proxy_port6"`
 	UnusedNetnsEvent *ebpf.VariableSpec `ebpf:"unused_netns_event"`
 }
 
@@ -250,7 +258,9 @@ type ConnectVariables struct {
 	FailClosed       *ebpf.Variable `ebpf:"fail_closed"`
 	ProxyCgroup      *ebpf.Variable `ebpf:"proxy_cgroup"`
 	ProxyIp4         *ebpf.Variable `ebpf:"proxy_ip4"`
+	ProxyIp6         *ebpf.Variable `ebpf:"proxy_ip6"`
 	ProxyPort        *ebpf.Variable `ebpf:"proxy_port"`
+	ProxyPort6       *ebpf.Variable `ebpf:"proxy_port6"`
 	UnusedNetnsEvent *ebpf.Variable `ebpf:"unused_netns_event"`
 }
 
@@ -259,14 +269,18 @@ type ConnectVariables struct {
 // It can be passed to LoadConnectObjects or ebpf.CollectionSpec.LoadAndAssign.
 type ConnectPrograms struct {
 	SmeshConnect4     *ebpf.Program `ebpf:"smesh_connect4"`
+	SmeshConnect6     *ebpf.Program `ebpf:"smesh_connect6"`
 	SmeshGetpeername4 *ebpf.Program `ebpf:"smesh_getpeername4"`
+	SmeshGetpeername6 *ebpf.Program `ebpf:"smesh_getpeername6"`
 	SmeshGetsockopt   *ebpf.Program `ebpf:"smesh_getsockopt"`
 }
 
 func (p *ConnectPrograms) Close() error {
 	return _ConnectClose(
 		p.SmeshConnect4,
+		p.SmeshConnect6,
 		p.SmeshGetpeername4,
+		p.SmeshGetpeername6,
 		p.SmeshGetsockopt,
 	)
 }

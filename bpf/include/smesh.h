@@ -180,9 +180,17 @@ struct {
 	__type(value, __u8);
 } smesh_ns_addrs SEC(".maps");
 
+/* Values of smesh_netns: which of smeshd's outbound listeners are up in a
+ * namespace. */
+enum {
+	NETNS_READY4 = 1, /* [outbound] listen: IPv4 and v4-mapped destinations */
+	NETNS_READY6 = 2, /* [outbound] listen6: IPv6 destinations */
+};
+
 /* Written by smeshd once its listeners in a network namespace are up (key:
- * netns cookie) and deleted when it closes them; read by connect4, which
- * captures only where smeshd can take the connection. */
+ * netns cookie, value: NETNS_READY* bits) and deleted when it closes them;
+ * read by connect4 and connect6, which capture only where smeshd can take
+ * the connection. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);

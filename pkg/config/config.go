@@ -36,7 +36,8 @@ type Capture struct {
 	// mount; see CgroupPaths. An empty list captures nothing, which suits a
 	// node that only receives tunnel traffic.
 	Cgroups []string `toml:"cgroups"`
-	// IncludeCIDRs are the IPv4 destinations that are captured.
+	// IncludeCIDRs are the destinations (IPv4 and IPv6) that are captured;
+	// a v4-mapped destination counts as the IPv4 address it carries.
 	IncludeCIDRs []netip.Prefix `toml:"include_cidrs"`
 	// ExcludeCIDRs are destinations left alone even when included.
 	ExcludeCIDRs []netip.Prefix `toml:"exclude_cidrs"`
@@ -69,8 +70,12 @@ type Datapath struct {
 // Outbound is the local listener captured connections are redirected to.
 type Outbound struct {
 	// Listen must be an IPv4 loopback address: connect4 rewrites IPv4
-	// destinations to it, and nothing off the node may reach it.
+	// destinations to it (and connect6 v4-mapped ones), and nothing off the
+	// node may reach it.
 	Listen netip.AddrPort `toml:"listen"`
+	// Listen6 must be an IPv6 loopback address: connect6 rewrites IPv6
+	// destinations to it.
+	Listen6 netip.AddrPort `toml:"listen6"`
 	// MaxConnections bounds the captured connections relayed at once;
 	// more are reset.
 	MaxConnections int `toml:"max_connections"`
@@ -81,7 +86,9 @@ type Outbound struct {
 
 // Tunnel is the mTLS tunnel between the smeshd of different nodes.
 type Tunnel struct {
-	// Listen is where this node accepts tunnel connections.
+	// Listen is where this node accepts tunnel connections; [::] accepts
+	// IPv4 and IPv6 (where the kernel has no IPv6, smeshd listens on
+	// 0.0.0.0 instead and says so).
 	Listen netip.AddrPort `toml:"listen"`
 	// PeerPort is the port dialled on other nodes.
 	PeerPort uint16 `toml:"peer_port"`
@@ -194,7 +201,7 @@ func Default() Config {
 	return Config{
 		Capture: Capture{
 			Cgroups:      []string{"smesh.slice"},
-			IncludeCIDRs: []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0")},
+			IncludeCIDRs: []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("::/0")},
 			ExcludeCIDRs: []netip.Prefix{},
 			ExcludePorts: []uint16{},
 			OnFailure:    "open",
@@ -208,11 +215,12 @@ func Default() Config {
 		},
 		Outbound: Outbound{
 			Listen:         netip.MustParseAddrPort("127.0.0.1:18000"),
+			Listen6:        netip.MustParseAddrPort("[::1]:18000"),
 			MaxConnections: 16384,
 			IdleTimeout:    Duration{time.Hour},
 		},
 		Tunnel: Tunnel{
-			Listen:           netip.MustParseAddrPort("0.0.0.0:18001"),
+			Listen:           netip.MustParseAddrPort("[::]:18001"),
 			PeerPort:         18001,
 			AllowPorts:       []uint16{},
 			MaxConnections:   4096,

@@ -56,6 +56,11 @@ func (c *Config) Validate() error {
 			p.addf("outbound.listen", "%s is not an IPv4 loopback address (want e.g. \"127.0.0.1:18000\"): captured IPv4 connections are redirected to it", c.Outbound.Listen)
 		}
 	}
+	if checkListen(&p, "outbound.listen6", c.Outbound.Listen6, "[::1]:18000") {
+		if a := c.Outbound.Listen6.Addr(); !a.Is6() || a.Is4In6() || !a.IsLoopback() {
+			p.addf("outbound.listen6", "%s is not the IPv6 loopback address (want e.g. \"[::1]:18000\"): captured IPv6 connections are redirected to it", c.Outbound.Listen6)
+		}
+	}
 
 	c.Tunnel.validate(&p)
 
@@ -109,8 +114,8 @@ func checkCIDRs(p *problems, key string, prefixes []netip.Prefix) {
 		switch {
 		case !prefix.IsValid():
 			p.addf(key, "contains an unset CIDR (want e.g. \"10.0.0.0/8\")")
-		case !prefix.Addr().Is4():
-			p.addf(key, "%s is not an IPv4 CIDR (IPv6 is not captured yet)", prefix)
+		case prefix.Addr().Is4In6():
+			p.addf(key, "%s is a v4-mapped CIDR (want the IPv4 CIDR, e.g. %s: v4-mapped destinations are decided as IPv4)", prefix, unmapPrefix(prefix))
 		case prefix != prefix.Masked():
 			p.addf(key, "%s has host bits set (want %s)", prefix, prefix.Masked())
 		}
@@ -148,6 +153,12 @@ func checkDistinctPorts(p *problems, c *Config) {
 		{"tunnel.listen", c.Tunnel.Listen.Port()},
 		{"admin.listen", c.Admin.Listen.Port()},
 	}
+	// outbound.listen6 may share outbound.listen's port, and only that.
+	for _, other := range listens[1:] {
+		if port := c.Outbound.Listen6.Port(); port != 0 && port == other.port {
+			p.addf("outbound.listen6", "port %d is also used by %s (want distinct ports; outbound.listen6 may share outbound.listen's)", port, other.key)
+		}
+	}
 	for i, a := range listens {
 		for _, b := range listens[i+1:] {
 			if a.port != 0 && a.port == b.port {
@@ -158,7 +169,7 @@ func checkDistinctPorts(p *problems, c *Config) {
 }
 
 func (t *Tunnel) validate(p *problems) {
-	checkListen(p, "tunnel.listen", t.Listen, "0.0.0.0:18001")
+	checkListen(p, "tunnel.listen", t.Listen, "[::]:18001")
 	if t.PeerPort == 0 {
 		p.addf("tunnel.peer_port", "0 is not a port (want 1 to 65535, e.g. 18001)")
 	}
@@ -252,4 +263,9 @@ func (c Config) CgroupPaths(cgroup2Mount string) ([]string, error) {
 func isBelowDir(path, dir string) bool {
 	rel, err := filepath.Rel(dir, path)
 	return err == nil && rel != "." && rel != ".." && !strings.HasPrefix(rel, "../")
+}
+
+// unmapPrefix turns ::ffff:a.b.c.d/n (n >= 96) into a.b.c.d/(n-96).
+func unmapPrefix(p netip.Prefix) netip.Prefix {
+	return netip.PrefixFrom(p.Addr().Unmap(), max(p.Bits()-96, 0)).Masked()
 }

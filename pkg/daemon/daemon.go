@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -238,6 +239,15 @@ func (d *daemon) start(ctx context.Context) error {
 	}
 	d.cleanups = append(d.cleanups, func() { d.out.Close() })
 	go d.out.Serve(ctx)
+	// IPv6 capture in smeshd's own namespace, where it has IPv6.
+	ready6 := false
+	if ln, err := net.ListenTCP("tcp6", net.TCPAddrFromAddrPort(cfg.Outbound.Listen6)); err != nil {
+		log.Warn().Err(err).Str("listen6", cfg.Outbound.Listen6.String()).
+			Msg("no IPv6 outbound listener in smeshd's network namespace (IPv6 disabled?): IPv6 connections of workloads there are not captured (capture.on_failure decides)")
+	} else {
+		d.out.AddListener(ctx, ln, d.tun.Dialer())
+		ready6 = true
+	}
 
 	// on_failure = "closed" pins the capture so that it outlives smeshd.
 	// "open" must leave nothing behind, including pins of an earlier
@@ -273,7 +283,7 @@ func (d *daemon) start(ctx context.Context) error {
 
 	// Every namespace an enrolled process lives in gets its listeners
 	// before connect4 is attached; later ones as they appear.
-	if err := d.startMembers(ctx, enrolled); err != nil {
+	if err := d.startMembers(ctx, enrolled, ready6); err != nil {
 		return err
 	}
 	c := cfg.Capture
@@ -287,7 +297,7 @@ func (d *daemon) start(ctx context.Context) error {
 
 // startMembers starts tracking the enrolled cgroups' network namespaces
 // (package enrol), with smeshd's own listeners as its own namespace's.
-func (d *daemon) startMembers(ctx context.Context, enrolled []string) error {
+func (d *daemon) startMembers(ctx context.Context, enrolled []string, ready6 bool) error {
 	events, err := d.dp.NetnsEvents()
 	if err != nil {
 		return err
@@ -305,7 +315,7 @@ func (d *daemon) startMembers(ctx context.Context, enrolled []string) error {
 	d.members, err = enrol.New(enrol.Options{
 		Cgroups:   enrolled,
 		Open:      d.openNamespace(ctx),
-		Own:       ownService{d.tun.Local},
+		Own:       ownService{d.tun.Local, ready6},
 		Maps:      d.dp,
 		NodeAddrs: d.tun.Node.Set,
 		Wake:      wake,

@@ -6,22 +6,27 @@ import (
 	"net"
 	"net/netip"
 
+	"github.com/rs/zerolog"
+
+	"github.com/smesh-dev/smesh/pkg/config"
 	"github.com/smesh-dev/smesh/pkg/enrol"
 	"github.com/smesh-dev/smesh/pkg/tunnel"
 )
 
-// nsService is smeshd's service inside one enrolled network namespace: an
-// outbound listener, where connect4 sends the namespace's captured
-// connections, and a tunnel listener, where tunnels from other nodes to the
-// namespace's addresses arrive (as Istio ztunnel's in-pod mode listens inside
-// each pod). Both are sockets of the namespace, created from a thread inside
-// it; they keep the namespace whichever thread uses them.
+// nsService is smeshd's service inside one enrolled network namespace:
+// outbound listeners, where connect4 and connect6 send the namespace's
+// captured connections, and a tunnel listener, where tunnels from other
+// nodes to the namespace's addresses arrive (as Istio ztunnel's in-pod mode
+// listens inside each pod). All are sockets of the namespace, created from a
+// thread inside it; they keep the namespace whichever thread uses them.
 type nsService struct {
-	local *tunnel.LocalAddrs // the namespace's addresses: the tunnel delivers only there
-	stops []func()
+	local  *tunnel.LocalAddrs // the namespace's addresses: the tunnel delivers only there
+	ready6 bool               // the IPv6 outbound listener is up
+	stops  []func()
 }
 
 func (s *nsService) SetAddrs(addrs []netip.Addr) { s.local.Set(addrs) }
+func (s *nsService) Ready() (v4, v6 bool)        { return true, s.ready6 }
 
 func (s *nsService) Close() error {
 	for _, stop := range s.stops {
@@ -30,36 +35,64 @@ func (s *nsService) Close() error {
 	return nil
 }
 
+// listeners are smeshd's listeners of one network namespace.
+type listeners struct {
+	out, out6, tun *net.TCPListener // out6 nil without IPv6
+	err6           error            // why out6 is nil
+}
+
+// openListeners opens the listeners of the calling thread's network
+// namespace. out and tun are required; out6 fails alone where the namespace
+// has no IPv6, and then IPv6 is not captured there.
+func openListeners(cfg config.Config, log zerolog.Logger) (l listeners, err error) {
+	if l.out, err = net.ListenTCP("tcp4", net.TCPAddrFromAddrPort(cfg.Outbound.Listen)); err != nil {
+		return l, fmt.Errorf("outbound listener %s: %w", cfg.Outbound.Listen, err)
+	}
+	if l.out6, err = net.ListenTCP("tcp6", net.TCPAddrFromAddrPort(cfg.Outbound.Listen6)); err != nil {
+		l.out6, l.err6 = nil, fmt.Errorf("outbound.listen6 %s: %w", cfg.Outbound.Listen6, err)
+	}
+	if l.tun, err = tunnel.ListenTCP(cfg.Tunnel.Listen, log); err != nil {
+		l.close()
+		return l, err
+	}
+	return l, nil
+}
+
+func (l listeners) close() {
+	for _, ln := range []*net.TCPListener{l.out, l.out6, l.tun} {
+		if ln != nil {
+			ln.Close()
+		}
+	}
+}
+
 // openNamespace is enrol's Open: it starts nsService in ns.
 func (d *daemon) openNamespace(ctx context.Context) func(ns *enrol.Namespace) (enrol.Service, error) {
 	cfg := d.cfg
 	return func(ns *enrol.Namespace) (enrol.Service, error) {
-		var out, tun *net.TCPListener
-		err := ns.Do(func() error {
-			var err error
-			if out, err = net.ListenTCP("tcp4", net.TCPAddrFromAddrPort(cfg.Outbound.Listen)); err != nil {
-				return fmt.Errorf("outbound listener %s: %w", cfg.Outbound.Listen, err)
-			}
-			network := "tcp"
-			if cfg.Tunnel.Listen.Addr().Is4() {
-				network = "tcp4"
-			}
-			if tun, err = net.ListenTCP(network, net.TCPAddrFromAddrPort(cfg.Tunnel.Listen)); err != nil {
-				out.Close()
-				return fmt.Errorf("tunnel listener %s: %w", cfg.Tunnel.Listen, err)
-			}
-			return nil
+		var l listeners
+		err := ns.Do(func() (err error) {
+			l, err = openListeners(cfg, d.log)
+			return err
 		})
 		if err != nil {
 			return nil, err
 		}
+		if l.err6 != nil {
+			d.log.Warn().Err(l.err6).Uint64("netns", ns.Cookie).
+				Msg("no IPv6 outbound listener in this network namespace: its IPv6 connections are not captured (capture.on_failure decides)")
+		}
 		dial := dialIn(ns)
-		svc := &nsService{local: new(tunnel.LocalAddrs)}
+		svc := &nsService{local: new(tunnel.LocalAddrs), ready6: l.out6 != nil}
 		svc.local.Set(ns.Addrs())
+		dialer := d.tun.DialerIn(dial)
 		svc.stops = append(svc.stops,
-			d.out.AddListener(ctx, out, d.tun.DialerIn(dial)),
-			d.tun.Server.AddListener(ctx, tun, tunnel.Scope{Local: svc.local, Dial: dial}),
+			d.out.AddListener(ctx, l.out, dialer),
+			d.tun.Server.AddListener(ctx, l.tun, tunnel.Scope{Local: svc.local, Dial: dial}),
 		)
+		if l.out6 != nil {
+			svc.stops = append(svc.stops, d.out.AddListener(ctx, l.out6, dialer))
+		}
 		return svc, nil
 	}
 }
@@ -82,9 +115,13 @@ func dialIn(ns *enrol.Namespace) func(ctx context.Context, network, address stri
 
 // ownService is the service of smeshd's own namespace: the listeners the
 // daemon opened at start, which stay until it stops.
-type ownService struct{ local *tunnel.LocalAddrs }
+type ownService struct {
+	local  *tunnel.LocalAddrs
+	ready6 bool
+}
 
 func (s ownService) SetAddrs(addrs []netip.Addr) { s.local.Set(addrs) }
+func (s ownService) Ready() (v4, v6 bool)        { return true, s.ready6 }
 func (s ownService) Close() error                { return nil }
 
 var (

@@ -17,14 +17,17 @@ func TestShouldCapture(t *testing.T) {
 	testenv.RequirePrivileged(t)
 	base := Options{
 		ProxyAddr:    netip.MustParseAddrPort("127.0.0.1:18000"),
-		IncludeCIDRs: []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0")},
-		ExcludeCIDRs: []netip.Prefix{netip.MustParsePrefix("10.96.0.0/12")},
+		ProxyAddr6:   netip.MustParseAddrPort("[::1]:18000"),
+		IncludeCIDRs: []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("::/0")},
+		ExcludeCIDRs: []netip.Prefix{netip.MustParsePrefix("10.96.0.0/12"), netip.MustParsePrefix("fd00:5e:ff::/48")},
 		ExcludePorts: []uint16{22},
 	}
 	narrow := base
 	narrow.IncludeCIDRs = []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}
-	local := netip.MustParseAddr("198.18.5.1")
-	pod := netip.MustParseAddr("198.18.6.7") // of another namespace on this node
+	local, local6 := netip.MustParseAddr("198.18.5.1"), netip.MustParseAddr("fd00:5e:5::1")
+	pod, pod6 := netip.MustParseAddr("198.18.6.7"), netip.MustParseAddr("fd00:5e:6::7") // of another namespace on this node
+	v4only := base
+	v4only.IncludeCIDRs = []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0")}
 
 	cases := []struct {
 		name   string
@@ -43,13 +46,26 @@ func TestShouldCapture(t *testing.T) {
 		{"inside include_cidrs", narrow, "10.200.0.1:80", true, true},
 		{"outside include_cidrs", narrow, "192.0.2.1:80", false, false},
 		{"outside include_cidrs, local", narrow, "127.0.0.1:9000", false, false},
+		{"IPv6 remote address", base, "[fd00:5e:1::5]:80", true, true},
+		{"IPv6 excluded CIDR", base, "[fd00:5e:ff::1]:80", false, false},
+		{"IPv6 excluded port", base, "[fd00:5e:1::5]:22", false, false},
+		{"IPv6 loopback", base, "[::1]:80", false, true},
+		{"the IPv6 proxy itself", base, "[::1]:18000", false, false},
+		{"an IPv6 address of this node", base, "[fd00:5e:5::1]:8080", false, true},
+		{"an IPv6 address of another namespace on this node", base, "[fd00:5e:6::7]:8080", false, true},
+		{"IPv6 outside include_cidrs", v4only, "[fd00:5e:1::5]:80", false, false},
+		{"v4-mapped remote address", base, "[::ffff:10.1.2.3]:80", true, true},
+		{"v4-mapped excluded CIDR", base, "[::ffff:10.96.0.10]:443", false, false},
+		{"v4-mapped loopback", base, "[::ffff:127.0.0.1]:80", false, true},
+		{"v4-mapped proxy", base, "[::ffff:127.0.0.1]:18000", false, false},
+		{"v4-mapped, IPv4 included only", v4only, "[::ffff:10.1.2.3]:80", true, true},
 	}
 	for _, c := range cases {
 		for _, mode := range []Mode{ModeSplice, ModeCopy} {
 			t.Run(c.name+"/"+string(mode), func(t *testing.T) {
 				opts := c.opts
 				opts.Mode = mode
-				run := captureHarness(t, opts, []netip.Addr{local}, []netip.Addr{pod})
+				run := captureHarness(t, opts, []netip.Addr{local, local6}, []netip.Addr{pod, pod6})
 				want := c.splice
 				if mode == ModeCopy {
 					want = c.copy
@@ -117,7 +133,7 @@ func loadHarness(t *testing.T, opts Options, namespaces map[uint64][]netip.Addr)
 		t.Fatal(err)
 	}
 	for cookie, addrs := range namespaces {
-		if err := ns.set(cookie, addrs, true); err != nil {
+		if err := ns.set(cookie, addrs, true, true); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 
 	"github.com/cilium/ebpf"
@@ -38,8 +39,10 @@ const (
 // Options configure a Datapath.
 type Options struct {
 	Mode Mode
-	// ProxyAddr is where captured connections are sent ([outbound] listen).
-	ProxyAddr netip.AddrPort
+	// ProxyAddr is where captured IPv4 connections (and v4-mapped ones of
+	// dual-stack sockets) are sent ([outbound] listen); ProxyAddr6 where
+	// IPv6 ones are ([outbound] listen6).
+	ProxyAddr, ProxyAddr6 netip.AddrPort
 	// ProxyCgroup is smeshd's own cgroup: its sockets are hop ends too, and
 	// they are never captured.
 	ProxyCgroup string
@@ -123,7 +126,10 @@ func Load(opts Options) (_ *Datapath, err error) {
 		}
 	}()
 	if !opts.ProxyAddr.Addr().Is4() {
-		return nil, fmt.Errorf("proxy address %s: only IPv4 is supported", opts.ProxyAddr)
+		return nil, fmt.Errorf("proxy address %s: want an IPv4 address", opts.ProxyAddr)
+	}
+	if opts.ProxyAddr6.IsValid() && !opts.ProxyAddr6.Addr().Is6() {
+		return nil, fmt.Errorf("IPv6 proxy address %s: want an IPv6 address", opts.ProxyAddr6)
 	}
 	proxyCgroupID, err := cgroups.ID(opts.ProxyCgroup)
 	if err != nil {
@@ -249,6 +255,8 @@ func setConnectVars(spec *ebpf.CollectionSpec, opts Options, proxyCgroupID uint6
 	}{
 		{"proxy_ip4", opts.ProxyAddr.Addr().As4()},
 		{"proxy_port", opts.ProxyAddr.Port()},
+		{"proxy_ip6", proxyIP6(opts.ProxyAddr6)},
+		{"proxy_port6", opts.ProxyAddr6.Port()},
 		{"proxy_cgroup", proxyCgroupID},
 		{"capture_local", opts.Mode == ModeCopy},
 	}
@@ -377,6 +385,24 @@ func ip4(a netip.Addr) uint32 {
 	return uint32(b[0]) | uint32(b[1])<<8 | uint32(b[2])<<16 | uint32(b[3])<<24
 }
 
+// attachOrder is the order attachments are made in: sock_ops and
+// getsockopt before connect4 and connect6, so that a cgroup is captured
+// only once its sockets are seen. Detaching goes the other way.
+var attachOrder = []ebpf.AttachType{
+	ebpf.AttachCGroupSockOps, ebpf.AttachCGroupGetsockopt,
+	ebpf.AttachCgroupInet4GetPeername, ebpf.AttachCgroupInet6GetPeername,
+	ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupInet6Connect,
+}
+
+// proxyIP6 is [outbound] listen6's address as connect6 compares it
+// (network byte order); zero when IPv6 capture is off.
+func proxyIP6(a netip.AddrPort) [4]uint32 {
+	if !a.IsValid() {
+		return [4]uint32{}
+	}
+	return bpfAddr(a.Addr()).Ip
+}
+
 // attachment is one program type attached to one cgroup.
 type attachment struct {
 	cgroup string
@@ -406,12 +432,14 @@ func (d *Datapath) SetCapture(cgroups []string, include, exclude []netip.Prefix,
 	// by sock_ops.
 	for _, cg := range cgroups {
 		want[attachment{cg, ebpf.AttachCgroupInet4GetPeername}] = d.connect.SmeshGetpeername4
+		want[attachment{cg, ebpf.AttachCgroupInet6GetPeername}] = d.connect.SmeshGetpeername6
 		want[attachment{cg, ebpf.AttachCGroupInet4Connect}] = d.connect.SmeshConnect4
+		want[attachment{cg, ebpf.AttachCGroupInet6Connect}] = d.connect.SmeshConnect6
 	}
 	if d.links == nil {
 		d.links = make(map[attachment]link.Link)
 	}
-	for _, typ := range []ebpf.AttachType{ebpf.AttachCGroupSockOps, ebpf.AttachCGroupGetsockopt, ebpf.AttachCgroupInet4GetPeername, ebpf.AttachCGroupInet4Connect} {
+	for _, typ := range attachOrder {
 		for a, prog := range want {
 			if a.typ != typ || d.links[a] != nil {
 				continue
@@ -475,7 +503,7 @@ func (d *Datapath) StopCapture() error {
 	}
 	var errs []error
 	for a, l := range d.links {
-		if a.typ == ebpf.AttachCGroupInet4Connect {
+		if a.typ == ebpf.AttachCGroupInet4Connect || a.typ == ebpf.AttachCGroupInet6Connect {
 			errs = append(errs, d.detach(a, l))
 			delete(d.links, a)
 		}
@@ -490,10 +518,11 @@ func (d *Datapath) Mode() Mode { return d.mode }
 // (by netns cookie): its addresses, which make destinations on this node
 // known as such and name the namespace of a spliced hop's peer, and whether
 // smeshd's listeners in it are up (ready), without which connect4 does not
-// capture there (Options.FailClosed decides). It replaces what an earlier
-// call said about the namespace.
-func (d *Datapath) SetNamespace(cookie uint64, addrs []netip.Addr, ready bool) error {
-	return d.ns.set(cookie, addrs, ready)
+// capture there (Options.FailClosed decides): ready4 for [outbound] listen
+// (IPv4 and v4-mapped destinations), ready6 for listen6 (IPv6 ones). It
+// replaces what an earlier call said about the namespace.
+func (d *Datapath) SetNamespace(cookie uint64, addrs []netip.Addr, ready4, ready6 bool) error {
+	return d.ns.set(cookie, addrs, ready4, ready6)
 }
 
 // RemoveNamespace forgets a namespace: capture stops there, and its
@@ -625,8 +654,9 @@ func (d *Datapath) Close() error {
 	}
 	d.closed = true
 	var errs []error
-	// connect4 first, so nothing is captured once the rest is gone.
-	for _, typ := range []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCgroupInet4GetPeername, ebpf.AttachCGroupGetsockopt, ebpf.AttachCGroupSockOps} {
+	// connect4 and connect6 first, so nothing is captured once the rest
+	// is gone.
+	for _, typ := range slices.Backward(attachOrder) {
 		for a, l := range d.links {
 			if a.typ == typ {
 				// Closing a pinned link leaves it attached, by design.

@@ -64,9 +64,15 @@ func (m *nsMaps) reset() error {
 	)
 }
 
-// set records the addresses of namespace cookie and whether its listeners
+// Bits of smesh_netns values (smesh.h, NETNS_READY*).
+const (
+	netnsReady4 uint8 = 1
+	netnsReady6 uint8 = 2
+)
+
+// set records the addresses of namespace cookie and which of its listeners
 // are up.
-func (m *nsMaps) set(cookie uint64, addrs []netip.Addr, ready bool) error {
+func (m *nsMaps) set(cookie uint64, addrs []netip.Addr, ready4, ready6 bool) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if cookie == 0 {
@@ -96,8 +102,15 @@ func (m *nsMaps) set(cookie uint64, addrs []netip.Addr, ready bool) error {
 		}
 	}
 	errs = append(errs, m.setOwners(slices.Concat(old, clean)))
-	if ready {
-		errs = append(errs, m.ready.Put(cookie, uint8(1)))
+	var ready uint8
+	if ready4 {
+		ready |= netnsReady4
+	}
+	if ready6 {
+		ready |= netnsReady6
+	}
+	if ready != 0 {
+		errs = append(errs, m.ready.Put(cookie, ready))
 	} else if err := m.ready.Delete(cookie); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		errs = append(errs, err)
 	}

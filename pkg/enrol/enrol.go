@@ -35,7 +35,7 @@ import (
 // Maps is what the kernel data path is told of each namespace
 // (datapath.Datapath implements it).
 type Maps interface {
-	SetNamespace(cookie uint64, addrs []netip.Addr, ready bool) error
+	SetNamespace(cookie uint64, addrs []netip.Addr, ready4, ready6 bool) error
 	RemoveNamespace(cookie uint64) error
 }
 
@@ -44,6 +44,9 @@ type Service interface {
 	// SetAddrs is called with the namespace's addresses whenever they
 	// change (the tunnel delivers only to them).
 	SetAddrs(addrs []netip.Addr)
+	// Ready says which outbound listeners are up: IPv4 (for IPv4 and
+	// v4-mapped destinations) and IPv6.
+	Ready() (v4, v6 bool)
 	Close() error
 }
 
@@ -342,9 +345,13 @@ func (t *Tracker) open(n *Namespace) {
 // publish tells the maps what is known of n.
 func (t *Tracker) publish(n *Namespace) {
 	n.mu.Lock()
-	addrs, ready := slices.Clone(n.addrs), n.svc != nil
+	addrs, svc := slices.Clone(n.addrs), n.svc
 	n.mu.Unlock()
-	if err := t.o.Maps.SetNamespace(n.Cookie, addrs, ready); err != nil {
+	var ready4, ready6 bool
+	if svc != nil {
+		ready4, ready6 = svc.Ready()
+	}
+	if err := t.o.Maps.SetNamespace(n.Cookie, addrs, ready4, ready6); err != nil {
 		t.log.Error().Err(err).Uint64("netns", n.Cookie).Msg("updating the data path's namespace maps")
 	}
 }

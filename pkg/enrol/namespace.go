@@ -63,8 +63,11 @@ type Info struct {
 	Procs   int      `json:"processes"`
 	Cgroups []string `json:"cgroups"`
 	Addrs   []string `json:"addresses"`
-	Ready   bool     `json:"ready"`
-	Error   string   `json:"error,omitempty"`
+	// Ready: smeshd's listeners are up, connections are captured;
+	// Ready6: IPv6 ones too.
+	Ready  bool   `json:"ready"`
+	Ready6 bool   `json:"ready6"`
+	Error  string `json:"error,omitempty"`
 }
 
 func (n *Namespace) info() Info {
@@ -72,6 +75,9 @@ func (n *Namespace) info() Info {
 	defer n.mu.Unlock()
 	i := Info{Cookie: n.Cookie, Inode: n.Inode, Own: n.Own, Procs: len(n.pids),
 		Cgroups: slices.Clone(n.cgroups), Addrs: []string{}, Ready: n.svc != nil}
+	if n.svc != nil {
+		_, i.Ready6 = n.svc.Ready()
+	}
 	if len(n.pids) > 0 {
 		i.PID = n.pids[0]
 	}

@@ -1,6 +1,8 @@
 package proxy
 
 import (
+	"unsafe"
+
 	"encoding/binary"
 	"fmt"
 	"net"
@@ -8,6 +10,10 @@ import (
 
 	"golang.org/x/sys/unix"
 )
+
+// ip6tSoOriginalDst is IP6T_SO_ORIGINAL_DST (linux/netfilter_ipv6/ip6_tables.h),
+// which x/sys/unix does not name.
+const ip6tSoOriginalDst = 80
 
 // OriginalDst asks the kernel where a captured connection was going before
 // connect4 sent it to smeshd (SO_ORIGINAL_DST, answered by smesh's
@@ -17,12 +23,23 @@ func OriginalDst(c *net.TCPConn) (netip.AddrPort, error) {
 	if err != nil {
 		return netip.AddrPort{}, err
 	}
-	var sa *unix.IPv6Mreq
+	// A connection accepted on the IPv4 listener (a dual-stack app's
+	// v4-mapped one too) asks at the IPv4 level, as any
+	// SO_ORIGINAL_DST-aware proxy would; one on the IPv6 listener at the
+	// IPv6 level (IP6T_SO_ORIGINAL_DST, what Envoy asks).
+	level, opt := unix.SOL_IP, unix.SO_ORIGINAL_DST
+	if local, ok := c.LocalAddr().(*net.TCPAddr); ok && local.AddrPort().Addr().Is6() && !local.AddrPort().Addr().Is4In6() {
+		level, opt = unix.SOL_IPV6, ip6tSoOriginalDst
+	}
+	var buf [unix.SizeofSockaddrInet6]byte
 	var serr error
 	err = raw.Control(func(fd uintptr) {
-		// SO_ORIGINAL_DST fills a 16-byte sockaddr_in; IPv6Mreq is the
-		// 16-byte getsockopt wrapper x/sys offers.
-		sa, serr = unix.GetsockoptIPv6Mreq(int(fd), unix.SOL_IP, unix.SO_ORIGINAL_DST)
+		l := uint32(len(buf))
+		_, _, errno := unix.Syscall6(unix.SYS_GETSOCKOPT, fd, uintptr(level), uintptr(opt),
+			uintptr(unsafe.Pointer(&buf[0])), uintptr(unsafe.Pointer(&l)), 0)
+		if errno != 0 {
+			serr = errno
+		}
 	})
 	if err == nil {
 		err = serr
@@ -30,11 +47,15 @@ func OriginalDst(c *net.TCPConn) (netip.AddrPort, error) {
 	if err != nil {
 		return netip.AddrPort{}, fmt.Errorf("SO_ORIGINAL_DST: %w", err)
 	}
-	b := sa.Multiaddr[:]
-	if fam := binary.NativeEndian.Uint16(b[0:2]); fam != unix.AF_INET {
-		return netip.AddrPort{}, fmt.Errorf("SO_ORIGINAL_DST: address family %d, want AF_INET", fam)
+	// sockaddr_in and sockaddr_in6 both start with the family and the
+	// port (network byte order).
+	port := binary.BigEndian.Uint16(buf[2:4])
+	switch fam := binary.NativeEndian.Uint16(buf[0:2]); fam {
+	case unix.AF_INET:
+		return netip.AddrPortFrom(netip.AddrFrom4([4]byte(buf[4:8])), port), nil
+	case unix.AF_INET6:
+		return netip.AddrPortFrom(netip.AddrFrom16([16]byte(buf[8:24])).Unmap(), port), nil
+	default:
+		return netip.AddrPort{}, fmt.Errorf("SO_ORIGINAL_DST: address family %d", fam)
 	}
-	port := binary.BigEndian.Uint16(b[2:4])
-	addr := netip.AddrFrom4([4]byte(b[4:8]))
-	return netip.AddrPortFrom(addr, port), nil
 }

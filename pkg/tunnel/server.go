@@ -11,6 +11,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -81,6 +82,28 @@ type Scope struct {
 	Dial func(ctx context.Context, network, address string) (net.Conn, error)
 }
 
+// ListenTCP opens a tunnel listener on addr ([tunnel] listen) in the
+// calling thread's network namespace. "[::]" is dual-stack (IPv4 and IPv6);
+// where the kernel has no IPv6 it falls back to 0.0.0.0 on the same port,
+// saying so. "0.0.0.0" means every IPv4 address, not IPv6 too.
+func ListenTCP(addr netip.AddrPort, log zerolog.Logger) (*net.TCPListener, error) {
+	network := "tcp"
+	if addr.Addr().Is4() {
+		network = "tcp4"
+	}
+	ln, err := net.ListenTCP(network, net.TCPAddrFromAddrPort(addr))
+	if err != nil && addr.Addr() == netip.IPv6Unspecified() && errors.Is(err, syscall.EAFNOSUPPORT) {
+		v4 := netip.AddrPortFrom(netip.IPv4Unspecified(), addr.Port())
+		log.Warn().Str("component", "tunnel-in").Str("listen", addr.String()).Str("instead", v4.String()).
+			Msg("this kernel has no IPv6 (ipv6.disable=1?): the tunnel accepts IPv4 only")
+		ln, err = net.ListenTCP("tcp4", net.TCPAddrFromAddrPort(v4))
+	}
+	if err != nil {
+		return nil, fmt.Errorf("listening on %s (tunnel.listen): %w", addr, err)
+	}
+	return ln, nil
+}
+
 // Listen opens the tunnel listener.
 func Listen(o ServerOptions) (*Server, error) {
 	if o.MaxConnections < 1 || o.HandshakeTimeout <= 0 || o.Local == nil {
@@ -89,13 +112,9 @@ func Listen(o ServerOptions) (*Server, error) {
 	if o.Stats == nil {
 		o.Stats = new(Stats)
 	}
-	network := "tcp"
-	if o.Listen.Addr().Is4() {
-		network = "tcp4" // "0.0.0.0" means every IPv4 address, not IPv6 too
-	}
-	ln, err := net.ListenTCP(network, net.TCPAddrFromAddrPort(o.Listen))
+	ln, err := ListenTCP(o.Listen, o.Logger)
 	if err != nil {
-		return nil, fmt.Errorf("listening on %s (tunnel.listen): %w", o.Listen, err)
+		return nil, err
 	}
 	// The bound port too: with port 0 in Listen it is known only now.
 	o.OwnPorts = append(slices.Clone(o.OwnPorts), ln.Addr().(*net.TCPAddr).AddrPort().Port())
