@@ -11,11 +11,14 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
+	"net/netip"
 	"os"
 	"strconv"
 	"sync"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // The test server speaks a tiny protocol so that one server process can play
@@ -58,7 +61,7 @@ func copyPlain(dst io.Writer, src io.Reader) (int64, error) {
 // "ready ADDR" once listening and "result KIND OUTCOME" for every connection
 // whose outcome the tests read (sink and echo ends).
 func serve(args []string) int {
-	ln, err := net.Listen("tcp4", args[0])
+	ln, err := net.Listen(network(args[0]), args[0])
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "listen:", err)
 		return 1
@@ -159,8 +162,41 @@ func outcome(err error) string {
 // Client side: each function dials, runs one exchange and returns an error
 // unless every byte came back as expected.
 
+// network is the Go network for an address: "tcp6" for IPv6 ones, "tcp4"
+// for IPv4 ones.
+func network(addr string) string {
+	if ap, err := netip.ParseAddrPort(addr); err == nil && ap.Addr().Is6() {
+		return "tcp6"
+	}
+	return "tcp4"
+}
+
 func dial(addr string) (*net.TCPConn, error) {
-	c, err := net.DialTimeout("tcp4", addr, 5*time.Second)
+	if ap, err := netip.ParseAddrPort(addr); err == nil && ap.Addr().Is4In6() {
+		return dialMapped(ap)
+	}
+	c, err := net.DialTimeout(network(addr), addr, 5*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	return c.(*net.TCPConn), nil
+}
+
+// dialMapped connects a dual-stack AF_INET6 socket to a v4-mapped address
+// (::ffff:a.b.c.d), as the JVM and many dual-stack programs do; Go's dialer
+// would use an AF_INET socket for it instead.
+func dialMapped(dst netip.AddrPort) (*net.TCPConn, error) {
+	fd, err := unix.Socket(unix.AF_INET6, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	f := os.NewFile(uintptr(fd), "v4-mapped")
+	defer f.Close()
+	sa := &unix.SockaddrInet6{Port: int(dst.Port()), Addr: dst.Addr().As16()}
+	if err := unix.Connect(fd, sa); err != nil {
+		return nil, &net.OpError{Op: "dial", Net: "tcp6", Addr: net.TCPAddrFromAddrPort(dst), Err: os.NewSyscallError("connect", err)}
+	}
+	c, err := net.FileConn(f)
 	if err != nil {
 		return nil, err
 	}

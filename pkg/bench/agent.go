@@ -9,7 +9,9 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/signal"
 	"strconv"
+	"syscall"
 	"time"
 )
 
@@ -45,8 +47,10 @@ func AgentMain(args []string) int {
 	case "hold":
 		err = agentHold(args[1:])
 	case "pause":
-		// An idle pod's only process: it waits until killed.
-		select {}
+		// An idle pod's only process: it waits until told to stop.
+		stop := make(chan os.Signal, 1)
+		signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
+		<-stop
 	default:
 		err = fmt.Errorf("unknown role %q", args[0])
 	}

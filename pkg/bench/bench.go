@@ -186,6 +186,7 @@ func orderedModes(want []string) []string {
 type modeSamples struct {
 	gbps, cpuSec, cpuPerGB, connPerSec []float64
 	p50, p99, p999                     []float64
+	splicedShare                       []float64 // of the bulk stream's bytes, where smeshd splices
 	failed                             bool
 }
 
@@ -194,6 +195,7 @@ func measure(ctx context.Context, e *modeEnv, opts Options, workload string, acc
 	if err != nil {
 		return err
 	}
+	splice0, spliceErr := e.spliceCount()
 	s, err := e.run(ctx, opts.Exe, workload, opts.Duration)
 	if err != nil {
 		return err
@@ -202,6 +204,7 @@ func measure(ctx context.Context, e *modeEnv, opts Options, workload string, acc
 	if err != nil {
 		return err
 	}
+	splice1, spliceErr1 := e.spliceCount()
 	if !s.Verified {
 		acc.failed = true
 	}
@@ -214,6 +217,12 @@ func measure(ctx context.Context, e *modeEnv, opts Options, workload string, acc
 		cpu := (cpu1 - cpu0).Seconds()
 		acc.cpuSec = append(acc.cpuSec, cpu)
 		acc.cpuPerGB = append(acc.cpuPerGB, cpu/(float64(s.Bytes)/1e9))
+		// How much of the stream stayed spliced, and how much went by
+		// TCP once a direction was demoted (splice_queue_limit).
+		spliced, demoted := splice1.spliced-splice0.spliced, splice1.demoted-splice0.demoted
+		if spliceErr == nil && spliceErr1 == nil && spliced+demoted > 0 {
+			acc.splicedShare = append(acc.splicedShare, float64(spliced)/float64(spliced+demoted))
+		}
 	case "rr":
 		var h histogram
 		h.merge(s.Histogram)
@@ -234,16 +243,21 @@ func (a *modeSamples) result(mode string) Result {
 		}
 		return 0
 	}
+	share := -1.0 // no spliced hop in this mode
+	if len(a.splicedShare) > 0 {
+		share = med(a.splicedShare)
+	}
 	return Result{
-		Mode:            mode,
-		ThroughputGbps:  med(a.gbps),
-		RRP50us:         med(a.p50),
-		RRP99us:         med(a.p99),
-		RRP999us:        med(a.p999),
-		ConnPerSec:      med(a.connPerSec),
-		CPUSeconds:      med(a.cpuSec),
-		CPUSecondsPerGB: med(a.cpuPerGB),
-		DataVerified:    !a.failed,
+		Mode:             mode,
+		BulkSplicedShare: share,
+		ThroughputGbps:   med(a.gbps),
+		RRP50us:          med(a.p50),
+		RRP99us:          med(a.p99),
+		RRP999us:         med(a.p999),
+		ConnPerSec:       med(a.connPerSec),
+		CPUSeconds:       med(a.cpuSec),
+		CPUSecondsPerGB:  med(a.cpuPerGB),
+		DataVerified:     !a.failed,
 	}
 }
 

@@ -366,6 +366,15 @@ func (e *modeEnv) cpuUsage() (time.Duration, error) {
 	return total, nil
 }
 
+// spliceCount reads the splice counters of the mode's first smeshd (the
+// client side's); zero without one.
+func (e *modeEnv) spliceCount() (spliceCount, error) {
+	if len(e.smeshds) == 0 {
+		return spliceCount{}, nil
+	}
+	return readSpliceCount(e.smeshds[0].cmd.Process.Pid)
+}
+
 // smeshdMemory returns the resident and peak resident memory of the mode's
 // first smeshd (the client side's), in bytes; zero without one.
 func (e *modeEnv) smeshdMemory() (rss, peak int64, err error) {

@@ -40,6 +40,10 @@ type Result struct {
 	CPUSeconds       float64 `json:"cpu_seconds"`
 	CPUSecondsPerGB  float64 `json:"cpu_seconds_per_gb"`
 	SmeshdPeakRSSMiB float64 `json:"smeshd_peak_rss_mib,omitempty"`
+	// BulkSplicedShare is the part of the bulk stream's bytes that stayed
+	// spliced (the rest went by TCP after the direction was demoted,
+	// datapath.splice_queue_limit); -1 where nothing is spliced.
+	BulkSplicedShare float64 `json:"bulk_spliced_share"`
 	DataVerified     bool    `json:"data_verified"`
 }
 
@@ -93,7 +97,7 @@ func (r *Report) WriteTable(w io.Writer) {
 	fmt.Fprintf(w, "smeshd bench: kernel %s, %s, %d cores; %s\n",
 		r.Machine.Kernel, r.Machine.CPU, r.Machine.Cores, r.roundsPerWorkload())
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "mode\tthroughput Gbit/s\trr p50 us\trr p99 us\trr p99.9 us\tconn/s\tCPU s/GB\tsmeshd peak RSS MiB\tbytes\t")
+	fmt.Fprintln(tw, "mode\tthroughput Gbit/s\trr p50 us\trr p99 us\trr p99.9 us\tconn/s\tCPU s/GB\tbulk spliced\tsmeshd peak RSS MiB\tbytes\t")
 	for _, x := range r.Results {
 		base, haveBase := r.result(baseline(x.Mode))
 		rt := func(v, b float64) string {
@@ -110,14 +114,18 @@ func (r *Report) WriteTable(w io.Writer) {
 		if x.SmeshdPeakRSSMiB > 0 {
 			rss = fmt.Sprintf("%.1f", x.SmeshdPeakRSSMiB)
 		}
-		fmt.Fprintf(tw, "%s\t%.2f%s\t%.1f%s\t%.1f%s\t%.1f\t%.0f%s\t%.2f%s\t%s\t%s\t\n", x.Mode,
+		share := "-"
+		if x.BulkSplicedShare >= 0 {
+			share = fmt.Sprintf("%.1f%%", 100*x.BulkSplicedShare)
+		}
+		fmt.Fprintf(tw, "%s\t%.2f%s\t%.1f%s\t%.1f%s\t%.1f\t%.0f%s\t%.2f%s\t%s\t%s\t%s\t\n", x.Mode,
 			x.ThroughputGbps, rt(x.ThroughputGbps, base.ThroughputGbps),
 			x.RRP50us, rt(x.RRP50us, base.RRP50us),
 			x.RRP99us, rt(x.RRP99us, base.RRP99us),
 			x.RRP999us,
 			x.ConnPerSec, rt(x.ConnPerSec, base.ConnPerSec),
 			x.CPUSecondsPerGB, rt(x.CPUSecondsPerGB, base.CPUSecondsPerGB),
-			rss, verified)
+			share, rss, verified)
 	}
 	tw.Flush()
 	if len(r.Held) > 0 {

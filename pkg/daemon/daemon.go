@@ -263,6 +263,7 @@ func (d *daemon) start(ctx context.Context) error {
 	d.dp, err = datapath.Load(datapath.Options{
 		Mode:             mode,
 		ProxyAddr:        cfg.Outbound.Listen,
+		ProxyAddr6:       cfg.Outbound.Listen6,
 		ProxyCgroup:      own,
 		Cgroups:          enrolled,
 		IncludeCIDRs:     cfg.Capture.IncludeCIDRs,

@@ -128,8 +128,8 @@ func Load(opts Options) (_ *Datapath, err error) {
 	if !opts.ProxyAddr.Addr().Is4() {
 		return nil, fmt.Errorf("proxy address %s: want an IPv4 address", opts.ProxyAddr)
 	}
-	if opts.ProxyAddr6.IsValid() && !opts.ProxyAddr6.Addr().Is6() {
-		return nil, fmt.Errorf("IPv6 proxy address %s: want an IPv6 address", opts.ProxyAddr6)
+	if !opts.ProxyAddr6.Addr().Is6() || opts.ProxyAddr6.Addr().Is4In6() || opts.ProxyAddr6.Port() == 0 {
+		return nil, fmt.Errorf("IPv6 proxy address %q: want an IPv6 address and port", opts.ProxyAddr6)
 	}
 	proxyCgroupID, err := cgroups.ID(opts.ProxyCgroup)
 	if err != nil {
