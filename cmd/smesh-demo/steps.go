@@ -66,6 +66,7 @@ func (d *demo) smeshds(ctx context.Context) error {
 }
 
 func (d *demo) pods(ctx context.Context, blob []byte) error {
+	start := time.Now()
 	for _, p := range []struct {
 		n     *node
 		short string
@@ -88,7 +89,6 @@ func (d *demo) pods(ctx context.Context, blob []byte) error {
 	// smeshd finds a pod by its first process (inotify on the enrolled
 	// cgroup tree) and opens its listeners in the pod's namespace: wait
 	// until /debug/namespaces says they are up.
-	start := time.Now()
 	for _, n := range []*node{d.a, d.b} {
 		if _, err := n.smeshd.waitServed(ctx, n.pods, 10*time.Second); err != nil {
 			return err
@@ -105,8 +105,8 @@ func (d *demo) pods(ctx context.Context, blob []byte) error {
 				n.name, p.inode, p.short, l.str("ready"))
 		}
 	}
-	say("   /debug/namespaces on both nodes: all four pods ready (listeners up) %.1f s after they were made",
-		time.Since(start).Seconds())
+	say("   /debug/namespaces on both nodes: all four pods ready (listeners up) %d ms after the first was made",
+		time.Since(start).Milliseconds())
 	for _, p := range []*pod{d.webA, d.webB} {
 		x, err := d.w.startNginx(ctx, p, blob)
 		if err != nil {
