@@ -131,6 +131,28 @@ func TestPodToPodSameNode(t *testing.T) {
 	}
 }
 
+// TestPodToPodSameNodeCopy: in copy mode a pod's connection to a pod on its
+// own node is captured and relayed by smeshd, which dials the destination
+// from inside the client's pod (the server sees the client pod's address,
+// not the node's), every byte intact.
+func TestPodToPodSameNodeCopy(t *testing.T) {
+	n := podNodes(t, 1, "copy", "")[0]
+	a, b := n.pod(), n.pod()
+	_, addr := n.podServer(b, 9000)
+	n.waitServed(a.Name, b.Name)
+
+	saw, local := n.podPeer(a, addr)
+	if saw == local || saw.Addr() != a.Addr4 {
+		t.Errorf("server saw %s, client is %s: want smeshd's connection from inside pod a (%s)", saw, local, a.Addr4)
+	}
+	n.podClient(a, "oneway", addr, fmt.Sprint(16<<20))
+	n.podClient(a, "echo", addr, fmt.Sprint(4<<20))
+	_, m := n.admin("/metrics")
+	if v := metric(t, m, "smesh_connections_total", map[string]string{"path": "copy"}); v < 3 {
+		t.Errorf("smeshd relayed %v connections, want at least 3", v)
+	}
+}
+
 // TestPodToPodAcrossNodes: a pod's connection to a pod on another node is
 // captured, carried by the mTLS tunnel to the other node's smeshd listening
 // inside the destination pod, and delivered there: curl gets nginx's file
