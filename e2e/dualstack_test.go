@@ -20,31 +20,6 @@ func mapped(a netip.Addr, port int) string {
 	return netip.AddrPortFrom(netip.AddrFrom16(a.As16()), uint16(port)).String()
 }
 
-// peerIn runs the "peer" scenario from pod p to addr and returns what the
-// server saw and the client's own address, checking that getpeername on
-// the client shows addr, the destination it connected to.
-func (n *podNode) peerIn(p *testenv.Pod, addr string) (serverSaw, local netip.AddrPort) {
-	n.t.Helper()
-	out := n.podClient(p, "peer", addr)
-	var s, l, r string
-	for _, f := range strings.Fields(out) {
-		if v, ok := strings.CutPrefix(f, "server-saw="); ok {
-			s = v
-		} else if v, ok := strings.CutPrefix(f, "local="); ok {
-			l = v
-		} else if v, ok := strings.CutPrefix(f, "remote="); ok {
-			r = v
-		}
-	}
-	want := netip.MustParseAddrPort(addr)
-	got, err := netip.ParseAddrPort(r)
-	// Go prints a v4-mapped peer as the IPv4 address it carries.
-	if err != nil || got.Addr().Unmap() != want.Addr().Unmap() || got.Port() != want.Port() {
-		n.t.Errorf("getpeername on the client says %s, want %s (the address it connected to)", r, addr)
-	}
-	return netip.MustParseAddrPort(s), netip.MustParseAddrPort(l)
-}
-
 // TestDualStackAcrossNodes: from an enrolled pod, a native IPv6 connection
 // and a dual-stack socket's connection to a v4-mapped address are both
 // captured (connect6), carried by the tunnel and delivered inside the
@@ -59,10 +34,7 @@ func TestDualStackAcrossNodes(t *testing.T) {
 	dst6 := netip.AddrPortFrom(b.Addr6, 9000).String()
 	dst4 := netip.AddrPortFrom(b.Addr4, 9001).String()
 	for _, addr := range []string{dst6, dst4} {
-		h := testenv.StartHelper(t, b.Cgroup, b.Name, "server", addr)
-		if line, err := h.ReadLine(5 * time.Second); err != nil || !strings.HasPrefix(line, "ready ") {
-			t.Fatalf("server %s: %q %v %s", addr, line, err, h.Stderr())
-		}
+		podServerAt(t, b, addr)
 	}
 	n1.waitServed(a.Name)
 	n2.waitServed(b.Name)
@@ -77,7 +49,7 @@ func TestDualStackAcrossNodes(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			_, m := n1.admin("/metrics")
 			before := metric(t, m, "smesh_connections_total", map[string]string{"path": "tunnel_out"})
-			saw, local := n1.peerIn(a, c.addr)
+			saw, local := n1.podPeer(a, c.addr)
 			if saw == local || saw.Addr().Unmap() != c.want {
 				t.Errorf("server saw %s (client %s): want smeshd delivering from inside pod b, from %s", saw, local, c.want)
 			}
@@ -105,12 +77,9 @@ func TestDualStackSameNode(t *testing.T) {
 		{"within a pod over [::1]", a, "[::1]:9001"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			h := testenv.StartHelper(t, c.server.Cgroup, c.server.Name, "server", c.addr)
-			if line, err := h.ReadLine(5 * time.Second); err != nil || !strings.HasPrefix(line, "ready ") {
-				t.Fatalf("server: %q %v %s", line, err, h.Stderr())
-			}
+			podServerAt(t, c.server, c.addr)
 			n.waitServed(a.Name, b.Name)
-			if saw, local := n.peerIn(a, c.addr); saw != local {
+			if saw, local := n.podPeer(a, c.addr); saw != local {
 				t.Errorf("captured: server saw %s, client is %s", saw, local)
 			}
 			before := n.stats()
@@ -143,10 +112,7 @@ func TestDualStackClosedWhileDown(t *testing.T) {
 	a, b := n1.pod(), n2.pod()
 	dst6, dst4 := netip.AddrPortFrom(b.Addr6, 9000).String(), netip.AddrPortFrom(b.Addr4, 9000).String()
 	for _, addr := range []string{dst6, dst4} {
-		h := testenv.StartHelper(t, b.Cgroup, b.Name, "server", addr)
-		if line, err := h.ReadLine(5 * time.Second); err != nil || !strings.HasPrefix(line, "ready ") {
-			t.Fatalf("server %s: %q %v %s", addr, line, err, h.Stderr())
-		}
+		podServerAt(t, b, addr)
 	}
 	n1.waitServed(a.Name)
 	n2.waitServed(b.Name)
@@ -176,7 +142,7 @@ func TestNamespaceWithoutIPv6(t *testing.T) {
 	}
 	testenv.StartHelper(t, a.Cgroup, a.Name, "pause")
 	n1.waitNamespace(a.Name, func(i enrol.Info) bool { return i.Ready && !i.Ready6 })
-	if saw, local := n1.peerIn(a, addr); saw == local {
+	if saw, local := n1.podPeer(a, addr); saw == local {
 		t.Errorf("IPv4 not captured in a namespace without IPv6 (server saw %s)", saw)
 	}
 	n1.podClient(a, "oneway", addr, "1000000")

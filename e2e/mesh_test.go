@@ -257,16 +257,25 @@ func captured(n *node, cg, addr string) bool {
 // peerOf runs the "peer" scenario and parses its report.
 func peerOf(n *node, cg, addr string) (serverSaw, local, remote netip.AddrPort) {
 	n.t.Helper()
-	out := n.client(cg, "peer", addr)
-	var s, l, r string
+	return parsePeer(n.t, n.client(cg, "peer", addr))
+}
+
+// parsePeer reads the "peer" scenario's report: how the server saw the
+// connection, and the client's own and peer addresses.
+func parsePeer(t *testing.T, out string) (serverSaw, local, remote netip.AddrPort) {
+	t.Helper()
+	fields := map[string]netip.AddrPort{}
 	for _, f := range strings.Fields(out) {
-		if v, ok := strings.CutPrefix(f, "server-saw="); ok {
-			s = v
-		} else if v, ok := strings.CutPrefix(f, "local="); ok {
-			l = v
-		} else if v, ok := strings.CutPrefix(f, "remote="); ok {
-			r = v
+		if k, v, ok := strings.Cut(f, "="); ok {
+			if ap, err := netip.ParseAddrPort(v); err == nil {
+				fields[k] = ap
+			}
 		}
 	}
-	return netip.MustParseAddrPort(s), netip.MustParseAddrPort(l), netip.MustParseAddrPort(r)
+	for _, k := range []string{"server-saw", "local", "remote"} {
+		if _, ok := fields[k]; !ok {
+			t.Fatalf("no %s in the peer report %q", k, out)
+		}
+	}
+	return fields["server-saw"], fields["local"], fields["remote"]
 }

@@ -9,13 +9,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
-	"github.com/cilium/ebpf"
-
+	"github.com/smesh-dev/smesh/pkg/datapath"
 	"github.com/smesh-dev/smesh/pkg/enrol"
 )
 
@@ -266,64 +264,12 @@ func (c spliceCounters) sub(o spliceCounters) spliceCounters {
 // counters reads smeshd's splice counters from the smesh_stats map it
 // holds, found through its file descriptors.
 func (s *smeshd) counters() (spliceCounters, error) {
-	pid := s.proc.cmd.Process.Pid
-	m, err := mapOf(pid, "smesh_stats")
+	st, err := datapath.StatsOf(s.proc.cmd.Process.Pid)
 	if err != nil {
 		return spliceCounters{}, err
 	}
-	defer m.Close()
-	var c spliceCounters
-	// Slots (bpf/include/smesh.h, enum stat_slot): 0 and 1 spliced, 2
-	// and 3 demoted, client to server and server to client.
-	for slot := uint32(0); slot < 4; slot++ {
-		var perCPU []struct{ Bytes, Msgs uint64 }
-		if err := m.Lookup(slot, &perCPU); err != nil {
-			return spliceCounters{}, fmt.Errorf("reading smesh_stats of smeshd (pid %d): %w", pid, err)
-		}
-		for _, v := range perCPU {
-			if slot < 2 {
-				c.spliced += v.Bytes
-			} else {
-				c.demoted += v.Bytes
-			}
-		}
-	}
-	return c, nil
-}
-
-// mapOf opens the BPF map named name that process pid holds.
-func mapOf(pid int, name string) (*ebpf.Map, error) {
-	dir := fmt.Sprintf("/proc/%d/fd", pid)
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		return nil, err
-	}
-	for _, e := range ents {
-		if target, _ := os.Readlink(filepath.Join(dir, e.Name())); target != "anon_inode:bpf-map" {
-			continue
-		}
-		info, err := os.ReadFile(fmt.Sprintf("/proc/%d/fdinfo/%s", pid, e.Name()))
-		if err != nil {
-			continue
-		}
-		for l := range strings.Lines(string(info)) {
-			v, ok := strings.CutPrefix(l, "map_id:")
-			if !ok {
-				continue
-			}
-			id, err := strconv.Atoi(strings.TrimSpace(v))
-			if err != nil {
-				break
-			}
-			m, err := ebpf.NewMapFromID(ebpf.MapID(id))
-			if err != nil {
-				break
-			}
-			if mi, err := m.Info(); err == nil && mi.Name == name {
-				return m, nil
-			}
-			m.Close()
-		}
-	}
-	return nil, fmt.Errorf("smeshd (pid %d) holds no %s map", pid, name)
+	return spliceCounters{
+		spliced: st.ClientToServer.Bytes + st.ServerToClient.Bytes,
+		demoted: st.DemotedClientToServer + st.DemotedServerToClient,
+	}, nil
 }

@@ -543,9 +543,14 @@ type Counters struct {
 
 // Counters sums the per-CPU event counters.
 func (d *Datapath) Counters() (Counters, error) {
+	return countersFrom(d.sockops.SmeshCounters)
+}
+
+// countersFrom sums smesh_counters (slots: enum counter_slot in smesh.h).
+func countersFrom(m *ebpf.Map) (Counters, error) {
 	read := func(slot uint32) (uint64, error) {
 		var perCPU []uint64
-		if err := d.sockops.SmeshCounters.Lookup(slot, &perCPU); err != nil {
+		if err := m.Lookup(slot, &perCPU); err != nil {
 			return 0, fmt.Errorf("reading counter %d: %w", slot, err)
 		}
 		var sum uint64
@@ -554,7 +559,6 @@ func (d *Datapath) Counters() (Counters, error) {
 		}
 		return sum, nil
 	}
-	// Slots: enum counter_slot in smesh.h.
 	var c Counters
 	var err1, err2, err3 error
 	c.UnreadyOpen, err1 = read(0)
@@ -609,14 +613,18 @@ type Stats struct {
 	DemotedClientToServer, DemotedServerToClient uint64
 }
 
-// Stats sums the per-CPU splice counters (slots: enum stat_slot in
-// smesh.h).
+// Stats sums the per-CPU splice counters.
 func (d *Datapath) Stats() (Stats, error) {
+	return statsFrom(d.sockops.SmeshStats)
+}
+
+// statsFrom sums smesh_stats (slots: enum stat_slot in smesh.h).
+func statsFrom(m *ebpf.Map) (Stats, error) {
 	var s Stats
 	var demoted [2]sockops.SockopsSpliceStats
 	for slot, dst := range []*sockops.SockopsSpliceStats{&s.ClientToServer, &s.ServerToClient, &demoted[0], &demoted[1]} {
 		var perCPU []sockops.SockopsSpliceStats
-		if err := d.sockops.SmeshStats.Lookup(uint32(slot), &perCPU); err != nil {
+		if err := m.Lookup(uint32(slot), &perCPU); err != nil {
 			return Stats{}, fmt.Errorf("reading splice counters: %w", err)
 		}
 		for _, c := range perCPU {

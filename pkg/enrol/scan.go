@@ -4,13 +4,12 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
-	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/smesh-dev/smesh/pkg/cgroups"
 )
 
 // found is what one scan saw of one network namespace: the enrolled
@@ -45,7 +44,7 @@ func scan(roots []string) (scanResult, error) {
 				return nil
 			}
 			res.dirs = append(res.dirs, dir)
-			pids, err := readProcs(dir)
+			pids, err := cgroups.Procs(dir)
 			if err != nil {
 				if errors.Is(err, fs.ErrNotExist) {
 					return nil
@@ -74,21 +73,6 @@ func scan(roots []string) (scanResult, error) {
 		}
 	}
 	return res, errors.Join(errs...)
-}
-
-// readProcs lists the processes of one cgroup (not of its children).
-func readProcs(dir string) ([]int, error) {
-	data, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
-	if err != nil {
-		return nil, err
-	}
-	var pids []int
-	for _, f := range strings.Fields(string(data)) {
-		if pid, err := strconv.Atoi(f); err == nil {
-			pids = append(pids, pid)
-		}
-	}
-	return pids, nil
 }
 
 // netnsInode names the network namespace of a process by the inode of
