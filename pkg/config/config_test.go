@@ -112,6 +112,16 @@ func TestParseUnknownKeys(t *testing.T) {
 			want: []string{"line 2", `unknown key log."level.x"`},
 		},
 		{
+			name: "dotted key below a table",
+			doc:  "[capture]\nfoo.bar = 1\n",
+			want: []string{"line 2", "unknown key capture.foo", "in [capture]"},
+		},
+		{
+			name: "dotted key from the top",
+			doc:  "tunnel.tls.x.y = 1\n",
+			want: []string{"line 1", "unknown key tunnel.tls.x", "in [tunnel.tls]"},
+		},
+		{
 			name: "array of tables, reported once",
 			doc:  "[[capture.rules]]\nport = 1\n[[capture.rules]]\nport = 2\n",
 			want: []string{"unknown key capture.rules"},
