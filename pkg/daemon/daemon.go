@@ -230,6 +230,8 @@ func (d *daemon) start(ctx context.Context) error {
 		Dialer:         d.tun.Dialer(),
 		MaxConnections: cfg.Outbound.MaxConnections,
 		IdleTimeout:    cfg.Outbound.IdleTimeout.Duration,
+		OwnPorts:       []uint16{cfg.Outbound.Listen.Port(), d.tun.Server.Addr().Port(), d.admin.Addr().Port()},
+		Local:          d.tun.Node.Contains,
 		Observer:       d.metrics,
 		Logger:         log,
 	})
