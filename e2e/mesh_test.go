@@ -101,9 +101,10 @@ func testPKI(t *testing.T) string {
 // id is the node's SPIFFE ID.
 func (n *node) id() string { return "spiffe://test.local/node/" + n.name }
 
-// tlsConf is the node's [tunnel.tls] section; extra lines go into it.
+// tlsConf is the node's [tunnel.tls] section; extra lines go into it. The
+// test CA's trust domain is test.local.
 func (n *node) tlsConf(extra string) string {
-	return fmt.Sprintf("[tunnel.tls]\ncert = %q\nkey = %q\nca = %q\n%s\n",
+	return fmt.Sprintf("[tunnel.tls]\ncert = %q\nkey = %q\nca = %q\ntrust_domain = \"test.local\"\n%s\n",
 		filepath.Join(n.pki, n.name+".crt"), filepath.Join(n.pki, n.name+".key"), filepath.Join(n.pki, "ca.crt"), extra)
 }
 

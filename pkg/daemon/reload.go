@@ -39,9 +39,11 @@ func (d *daemon) apply(next config.Config) error {
 	if err != nil {
 		return err
 	}
-	if err := d.tun.Reconfigure(next.Tunnel); err != nil {
+	policy, err := d.tun.Prepare(next.Tunnel)
+	if err != nil {
 		return err
 	}
+	d.tun.Apply(policy)
 	// The new cgroups' namespaces get their listeners before connect4 is
 	// attached to them.
 	d.members.SetCgroups(enrolled)
