@@ -4,7 +4,6 @@ package daemon
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -103,6 +102,7 @@ type daemon struct {
 	out      *proxy.Outbound
 	dp       *datapath.Datapath
 	members  *enrol.Tracker
+	enrolled []string // the cgroups in force (cfg's, resolved)
 	cleanups []func() // run in reverse order on exit
 }
 
@@ -214,10 +214,12 @@ func (d *daemon) start(ctx context.Context) error {
 	if d.mount, err = cgroups.Mount(); err != nil {
 		return err
 	}
-	enrolled, err := d.enroll(cfg)
+	enrolled, created, err := d.enroll(cfg)
 	if err != nil {
 		return err
 	}
+	d.keepCreated(created)
+	d.enrolled = enrolled
 	own, restore, err := ownCgroup(d.mount, enrolled, log)
 	if err != nil {
 		return err
@@ -340,27 +342,43 @@ func (d *daemon) namespaceCounts() (metrics.NamespaceCounts, error) {
 	return nc, err
 }
 
-// enroll resolves [capture] cgroups and creates the missing ones.
-func (d *daemon) enroll(cfg config.Config) ([]string, error) {
-	enrolled, err := cfg.CgroupPaths(d.mount)
+// enroll resolves [capture] cgroups (ResolveCgroups) and creates the
+// missing ones. created are those it made: the caller removes them should
+// what follows fail, or hands them to keepCreated.
+func (d *daemon) enroll(cfg config.Config) (enrolled, created []string, err error) {
+	cgs, err := ResolveCgroups(cfg, d.mount)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	for _, cg := range enrolled {
+	for _, cg := range cgs.Paths {
 		if d.own != "" && cgroups.Within(d.own, cg) {
-			return nil, fmt.Errorf("capture.cgroups: %s contains smeshd's own cgroup %s: smeshd would capture itself", cg, d.own)
-		}
-		if _, err := os.Stat(cg); errors.Is(err, os.ErrNotExist) {
-			if err := os.Mkdir(cg, 0o755); err != nil {
-				return nil, fmt.Errorf("creating enrolled cgroup %s: %w", cg, err)
-			}
-			d.log.Info().Str("cgroup", cg).Msg("created enrolled cgroup")
-			// Removed again on exit if nothing runs in it any more
-			// (rmdir fails on a populated cgroup).
-			d.cleanups = append(d.cleanups, func() { os.Remove(cg) })
+			return nil, nil, fmt.Errorf("capture.cgroups: %s contains smeshd's own cgroup %s: smeshd would capture itself", cg, d.own)
 		}
 	}
-	return enrolled, nil
+	for _, cg := range cgs.Missing {
+		if err := os.Mkdir(cg, 0o755); err != nil {
+			removeAll(created)
+			return nil, nil, fmt.Errorf("creating enrolled cgroup %s: %w", cg, err)
+		}
+		created = append(created, cg)
+	}
+	return cgs.Paths, created, nil
+}
+
+// keepCreated keeps the cgroups enroll created: they are removed again on
+// exit if nothing runs in them any more (rmdir fails on a populated one).
+func (d *daemon) keepCreated(created []string) {
+	for _, cg := range created {
+		d.log.Info().Str("cgroup", cg).Msg("created enrolled cgroup")
+		d.cleanups = append(d.cleanups, func() { os.Remove(cg) })
+	}
+}
+
+// removeAll removes the (empty) directories in dirs, last first.
+func removeAll(dirs []string) {
+	for i := len(dirs) - 1; i >= 0; i-- {
+		os.Remove(dirs[i])
+	}
 }
 
 // drain is the SIGTERM path: stop capturing new connections, let the
