@@ -10,14 +10,19 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"slices"
 	"syscall"
+	"time"
 
 	sdnotify "github.com/coreos/go-systemd/v22/daemon"
+	"github.com/rs/zerolog"
 
 	"github.com/smesh-dev/smesh/pkg/bench"
+	"github.com/smesh-dev/smesh/pkg/cgroups"
 	"github.com/smesh-dev/smesh/pkg/config"
 	"github.com/smesh-dev/smesh/pkg/daemon"
 	"github.com/smesh-dev/smesh/pkg/datapath"
+	"github.com/smesh-dev/smesh/pkg/tunnel"
 )
 
 // version is set at build time (-ldflags "-X main.version=...").
@@ -141,7 +146,9 @@ func cleanup(cfgPath string, out io.Writer) error {
 }
 
 // check validates the configuration and probes the kernel, reporting every
-// problem it finds.
+// problem it finds. Beyond the file it checks what start checks on this
+// host, with the same functions: the enrolled cgroups, the tunnel's
+// certificates, what the kernel can do.
 func check(cfgPath string, out io.Writer) error {
 	if cfgPath == "" {
 		return errors.New("check needs -c FILE")
@@ -151,6 +158,27 @@ func check(cfgPath string, out io.Writer) error {
 		return err
 	}
 	fmt.Fprintf(out, "config %s: ok\n", cfgPath)
+	var errs []error
+	if mount, err := cgroups.Mount(); err != nil {
+		errs = append(errs, err)
+	} else if cgs, err := daemon.ResolveCgroups(cfg, mount); err != nil {
+		errs = append(errs, err)
+	} else {
+		for _, p := range cgs.Paths {
+			note := "ok"
+			if slices.Contains(cgs.Missing, p) {
+				note = "missing: smeshd creates it at start"
+			}
+			fmt.Fprintf(out, "cgroup %s: %s\n", p, note)
+		}
+	}
+	if cfg.Tunnel.TLS.Mode == "mtls" {
+		if creds, err := tunnel.LoadConfigured(cfg.Tunnel.TLS, zerolog.Nop()); err != nil {
+			errs = append(errs, err)
+		} else {
+			fmt.Fprintf(out, "tunnel certificate %s: %s, valid until %s\n", cfg.Tunnel.TLS.Cert, creds.Identity(), creds.NotAfter().Format(time.RFC3339))
+		}
+	}
 	features := datapath.Probe()
 	for _, f := range features {
 		status := "ok"
@@ -159,10 +187,10 @@ func check(cfgPath string, out io.Writer) error {
 		}
 		fmt.Fprintf(out, "kernel: %-45s %s\n", f.Name, status)
 	}
-	mode, err := daemon.ResolveMode(cfg.Datapath.Mode, features)
-	if err != nil {
-		return err
+	if mode, err := daemon.ResolveMode(cfg.Datapath.Mode, features); err != nil {
+		errs = append(errs, err)
+	} else {
+		fmt.Fprintf(out, "datapath mode: %s\n", mode)
 	}
-	fmt.Fprintf(out, "datapath mode: %s\n", mode)
-	return nil
+	return errors.Join(errs...)
 }

@@ -45,17 +45,6 @@ func TestUsageErrors(t *testing.T) {
 	}
 }
 
-func TestCheckDefaultConfig(t *testing.T) {
-	testenv.RequirePrivileged(t)
-	var out, errOut bytes.Buffer
-	if err := run(context.Background(), []string{"check", "-c", "../../smesh.toml"}, &out, &errOut); err != nil {
-		t.Fatalf("smeshd check -c smesh.toml: %v\n%s", err, out.String())
-	}
-	if !strings.Contains(out.String(), "datapath mode: splice") {
-		t.Errorf("check did not report the splice data path:\n%s", out.String())
-	}
-}
-
 // TestBenchShort runs a short bench of every mode through the real data
 // paths and checks that each produced numbers and that its bytes matched.
 func TestBenchShort(t *testing.T) {

@@ -92,6 +92,15 @@ func (c *Credentials) SetPolicy(policy *IdentityPolicy) (previous *IdentityPolic
 	return c.policy.Swap(policy)
 }
 
+// Identity is the SPIFFE ID of this node's certificate, or "".
+func (c *Credentials) Identity() string {
+	id, err := x509svid.IDFromCert(c.cur.Load().cert.Leaf)
+	if err != nil {
+		return ""
+	}
+	return id.String()
+}
+
 // NotAfter is when this node's certificate expires (for metrics).
 func (c *Credentials) NotAfter() time.Time { return c.cur.Load().cert.Leaf.NotAfter }
 
