@@ -34,6 +34,9 @@ func TestMain(m *testing.M) {
 // runSmeshd is the "smeshd" helper: the real daemon, configured by the file
 // args[0]. It prints "ready" once everything is attached.
 func runSmeshd(args []string) int {
+	// As cmd/smeshd: SIGHUP is caught first, a reload while starting waits.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	cfg, err := config.Load(args[0])
@@ -46,7 +49,7 @@ func runSmeshd(args []string) int {
 			fmt.Println("ready")
 		}
 	}
-	err = daemon.Run(ctx, daemon.Options{Config: cfg, ConfigPath: args[0], LogOut: os.Stderr, Notify: notify, Version: "e2e"})
+	err = daemon.Run(ctx, daemon.Options{Config: cfg, ConfigPath: args[0], Reload: hup, LogOut: os.Stderr, Notify: notify, Version: "e2e"})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "smeshd:", err)
 		return 1

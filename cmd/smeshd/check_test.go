@@ -35,7 +35,7 @@ func devConfig(t *testing.T) string {
 func TestCheckDefaultConfig(t *testing.T) {
 	testenv.RequirePrivileged(t)
 	var out, errOut bytes.Buffer
-	if err := run(context.Background(), []string{"check", "-c", devConfig(t)}, &out, &errOut); err != nil {
+	if err := run(context.Background(), []string{"check", "-c", devConfig(t)}, &out, &errOut, nil); err != nil {
 		t.Fatalf("smeshd check -c smesh.toml: %v\n%s", err, out.String())
 	}
 	for _, want := range []string{"datapath mode: splice", "spiffe://smesh.local/node/node, valid until", "smesh.slice: "} {
@@ -84,7 +84,7 @@ func TestCheckAsStart(t *testing.T) {
 				t.Fatal(err)
 			}
 			var out, errOut bytes.Buffer
-			err := run(context.Background(), []string{"check", "-c", path}, &out, &errOut)
+			err := run(context.Background(), []string{"check", "-c", path}, &out, &errOut, nil)
 			if err == nil {
 				t.Fatalf("check accepted it:\n%s", out.String())
 			}

@@ -43,8 +43,18 @@ Usage:
 `
 
 func main() {
+	// First of all: SIGHUP is `systemctl reload`, and its default action
+	// ends the process, so a reload asked for while the daemon starts
+	// would kill it. Caught from here on, it waits until the daemon is
+	// ready (daemon.Options.Reload).
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	if cmd, _ := command(os.Args[1:]); cmd != "" {
+		// The other commands keep the default: a hangup ends them.
+		signal.Stop(hup)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr, hup)
 	stop()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "smeshd:", err)
@@ -52,14 +62,21 @@ func main() {
 	}
 }
 
-func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	cmd := ""
+// command splits the subcommand ("" for the daemon) from its arguments.
+func command(args []string) (string, []string) {
 	if len(args) > 0 && args[0] != "" && args[0][0] != '-' {
-		cmd, args = args[0], args[1:]
+		return args[0], args[1:]
 	}
+	return "", args
+}
+
+// run runs the command in args. reload delivers SIGHUP to the daemon; nil
+// lets daemon.Run catch it itself.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer, reload <-chan os.Signal) error {
+	cmd, args := command(args)
 	switch cmd {
 	case "":
-		return runDaemon(ctx, args, stderr)
+		return runDaemon(ctx, args, stderr, reload)
 	case "version":
 		fmt.Fprintln(stdout, "smeshd", version)
 		return nil
@@ -112,7 +129,7 @@ func parseFlags(fs *flag.FlagSet, args []string) error {
 	return nil
 }
 
-func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
+func runDaemon(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.Signal) error {
 	fs := newFlagSet("", stderr)
 	cfgPath := fs.String("c", "", "configuration file (TOML)")
 	if err := parseFlags(fs, args); err != nil {
@@ -128,7 +145,7 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 	// READY=1 tells systemd (Type=notify) and smeshd bench that capture
 	// is attached; without NOTIFY_SOCKET it does nothing.
 	notify := func(state string) { sdnotify.SdNotify(false, state) }
-	return daemon.Run(ctx, daemon.Options{Config: cfg, ConfigPath: *cfgPath, LogOut: stderr, Notify: notify, Version: version})
+	return daemon.Run(ctx, daemon.Options{Config: cfg, ConfigPath: *cfgPath, Reload: reload, LogOut: stderr, Notify: notify, Version: version})
 }
 
 // cleanup removes the capture that on_failure = "closed" left pinned.

@@ -82,7 +82,12 @@ type Options struct {
 	Config config.Config
 	// ConfigPath is re-read on SIGHUP; empty disables reloading.
 	ConfigPath string
-	LogOut     io.Writer
+	// Reload delivers SIGHUP. A reload asked for while smeshd starts is
+	// applied once it is ready (several are one). nil: Run catches SIGHUP
+	// itself, first thing; a caller that does work before Run (reading the
+	// configuration) should catch it earlier and pass it here.
+	Reload <-chan os.Signal
+	LogOut io.Writer
 	// Notify reports state changes the systemd way ("READY=1",
 	// "RELOADING=1", "STOPPING=1", "WATCHDOG=1"); nil ignores them.
 	Notify  func(state string)
@@ -107,8 +112,16 @@ type daemon struct {
 }
 
 // Run runs smeshd until ctx is done, then drains (see drain). SIGHUP
-// reloads the configuration file.
+// reloads the configuration file, also when it comes while smeshd starts
+// (once it is ready).
 func Run(ctx context.Context, opts Options) (err error) {
+	reload := opts.Reload
+	if reload == nil {
+		hup := make(chan os.Signal, 1)
+		signal.Notify(hup, syscall.SIGHUP)
+		defer signal.Stop(hup)
+		reload = hup
+	}
 	d := &daemon{opts: opts, cfg: opts.Config}
 	if d.opts.Notify == nil {
 		d.opts.Notify = func(string) {}
@@ -135,9 +148,14 @@ func Run(ctx context.Context, opts Options) (err error) {
 		Str("tunnel", d.tun.Server.Addr().String()).Str("admin", d.admin.Addr().String()).
 		Bool("mtls", d.tun.Credentials != nil).Str("on_failure", d.cfg.Capture.OnFailure).Msg("smeshd ready")
 
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
+	select {
+	case <-reload:
+		d.log.Info().Msg("a reload was asked for (SIGHUP) while smeshd started: reloading now")
+		d.opts.Notify("RELOADING=1")
+		d.reload()
+		d.opts.Notify("READY=1")
+	default:
+	}
 	var watchdog <-chan time.Time
 	if interval, err := sdnotify.SdWatchdogEnabled(false); err == nil && interval > 0 {
 		t := time.NewTicker(interval / 2)
@@ -157,7 +175,7 @@ func Run(ctx context.Context, opts Options) (err error) {
 			if d.tun.Credentials != nil {
 				d.metrics.CertExpiry(d.cfg.Tunnel.TLS.Cert, d.tun.Credentials.NotAfter())
 			}
-		case <-hup:
+		case <-reload:
 			d.opts.Notify("RELOADING=1")
 			d.reload()
 			d.opts.Notify("READY=1")
