@@ -140,25 +140,45 @@ func TestTunnelHandshakeBudget(t *testing.T) {
 }
 
 // TestTunnelIdleTimeout: a tunnelled connection that moves nothing for
-// [tunnel] idle_timeout is reset by the server's node, at both ends; one
-// that keeps moving, slower than that, is not.
+// [tunnel] idle_timeout is reset by the receiving node, at both ends; one
+// that keeps moving, slower than that, is not. On the sending node,
+// [outbound] idle_timeout does the same.
 func TestTunnelIdleTimeout(t *testing.T) {
-	a, b := newNode(t), newNode(t)
-	_, addrB := testenv.Link(t, a.ns, b.ns)
-	b.start("splice", "[tunnel]\nidle_timeout = \"1s\"\n")
-	a.start("splice", "")
-	server := netip.AddrPortFrom(addrB, 9000).String()
-	srv := b.server(b.enrolled, server)
+	for _, tc := range []struct {
+		name, confA, confB string
+		cutter             int // 0: a counts it, 1: b
+	}{
+		{"receiving node", "", "[tunnel]\nidle_timeout = \"1s\"\n", 1},
+		{"sending node", "[outbound]\nidle_timeout = \"1s\"\n", "", 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a, b := newNode(t), newNode(t)
+			_, addrB := testenv.Link(t, a.ns, b.ns)
+			b.start("splice", tc.confB)
+			a.start("splice", tc.confA)
+			server := netip.AddrPortFrom(addrB, 9000).String()
+			srv := b.server(b.enrolled, server)
 
-	a.client(a.enrolled, "idle", server)
-	line, err := srv.ReadLine(10 * time.Second)
-	if err != nil || !strings.HasPrefix(line, "result hold error:") {
-		t.Errorf("the server's end of the idle connection: %q %v, want an error (a reset)", line, err)
-	}
-	a.client(a.enrolled, "paced", server, "200") // 2 s, 10 ms apart
-	_, text := b.admin("/metrics")
-	if n := metric(t, text, "smesh_tunnel_errors_total", map[string]string{"reason": "idle_timeout"}); n != 1 {
-		t.Errorf("node b counted %v idle_timeout, want 1", n)
+			a.client(a.enrolled, "idle", server)
+			line, err := srv.ReadLine(10 * time.Second)
+			if err != nil || !strings.HasPrefix(line, "result hold error:") {
+				t.Errorf("the server's end of the idle connection: %q %v, want an error (a reset)", line, err)
+			}
+			a.client(a.enrolled, "paced", server, "200") // 2 s, 10 ms apart
+			_, textA := a.admin("/metrics")
+			_, textB := b.admin("/metrics")
+			// (A family appears with its first count.)
+			counts := []float64{0, 0}
+			if strings.Contains(textA, "smesh_refused_connections_total{") {
+				counts[0] = metric(t, textA, "smesh_refused_connections_total", map[string]string{"reason": "idle_timeout"})
+			}
+			if strings.Contains(textB, "smesh_tunnel_errors_total{") {
+				counts[1] = metric(t, textB, "smesh_tunnel_errors_total", map[string]string{"reason": "idle_timeout"})
+			}
+			if counts[tc.cutter] != 1 || counts[1-tc.cutter] > 0 {
+				t.Errorf("idle timeouts counted by node a %v, by node b %v; want 1 by node %c", counts[0], counts[1], "ab"[tc.cutter])
+			}
+		})
 	}
 }
 

@@ -32,7 +32,8 @@ const usage = `smeshd: smesh node daemon
 
 Usage:
   smeshd -c FILE          run the daemon with the configuration in FILE
-  smeshd check -c FILE    validate FILE and probe the kernel; non-zero exit with the reason
+  smeshd check -c FILE    validate FILE as start would (cgroups, certificates) and probe
+                          the kernel; non-zero exit with the reason
   smeshd bench [flags]    measure no mesh vs copy vs splice on this machine (root; see smeshd bench -h)
   smeshd certs init --dir DIR --nodes a,b [--trust-domain smesh.local]
                           write a development CA and node certificates for the tunnel
