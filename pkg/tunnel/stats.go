@@ -31,7 +31,7 @@ const (
 	// Destination is a loopback address: a captured connection's original
 	// destination is never another node's loopback, so only a peer that
 	// wants to reach services bound to localhost sends one. A peer older
-	// than this code reads it as "unknown", still a refusal.
+	// than this code still reads a refusal, named "reason_10".
 	ReasonLoopback Reason = 10
 
 	// Counted and logged only: the connection ends before a status can be
