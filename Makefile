@@ -19,7 +19,7 @@ help:
 	@echo "demo            two namespace nodes with smeshd, nginx and curl: tunnel and splice at work (root)"
 	@echo "run             build and run smeshd with ./smesh.toml and development certificates in bin/dev-tls (root)"
 	@echo "test            all tests, then how many were skipped and why; kernel tests need root (SMESH_REQUIRE_PRIVILEGED=1 makes skips failures)"
-	@echo "test-deps       install the programs the tests drive: iproute2, iperf3, curl, nginx-light, systemd (root, apt-get)"
+	@echo "test-deps       install the programs the tests drive: iproute2, iperf3, curl, nginx-light, systemd, nftables (root, apt-get)"
 	@echo "generate        regenerate the BPF bindings and objects (needs clang)"
 	@echo "vmlinux         regenerate bpf/include/vmlinux.h from this kernel's BTF (needs bpftool)"
 	@echo "ci              generate and fail on any diff, gofmt, vet, test"

@@ -35,6 +35,9 @@ func TestMain(m *testing.M) {
 // runSmeshd is the "smeshd" helper: the real daemon, configured by the file
 // args[0]. It prints "ready" once everything is attached.
 func runSmeshd(args []string) int {
+	// As cmd/smeshd: SIGHUP is caught first, a reload while starting waits.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	cfg, err := config.Load(args[0])
@@ -47,7 +50,7 @@ func runSmeshd(args []string) int {
 			fmt.Println("ready")
 		}
 	}
-	err = daemon.Run(ctx, daemon.Options{Config: cfg, ConfigPath: args[0], LogOut: os.Stderr, Notify: notify, Version: "e2e"})
+	err = daemon.Run(ctx, daemon.Options{Config: cfg, ConfigPath: args[0], Reload: hup, LogOut: os.Stderr, Notify: notify, Version: "e2e"})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "smeshd:", err)
 		return 1
@@ -109,9 +112,10 @@ func testPKI(t *testing.T) string {
 // id is the node's SPIFFE ID.
 func (n *node) id() string { return "spiffe://test.local/node/" + n.name }
 
-// tlsConf is the node's [tunnel.tls] section; extra lines go into it.
+// tlsConf is the node's [tunnel.tls] section; extra lines go into it. The
+// test CA's trust domain is test.local.
 func (n *node) tlsConf(extra string) string {
-	return fmt.Sprintf("[tunnel.tls]\ncert = %q\nkey = %q\nca = %q\n%s\n",
+	return fmt.Sprintf("[tunnel.tls]\ncert = %q\nkey = %q\nca = %q\ntrust_domain = \"test.local\"\n%s\n",
 		filepath.Join(n.pki, n.name+".crt"), filepath.Join(n.pki, n.name+".key"), filepath.Join(n.pki, "ca.crt"), extra)
 }
 

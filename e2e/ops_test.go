@@ -136,7 +136,7 @@ func TestReadyzDuringStartup(t *testing.T) {
 			unix.Close(fd)
 		}
 	})
-	n.launch(nil, n.writeConfig("splice", fmt.Sprintf("[tunnel.tls]\ncert = %q\nkey = %q\nca = %q\n",
+	n.launch(nil, n.writeConfig("splice", fmt.Sprintf("[tunnel.tls]\ncert = %q\nkey = %q\nca = %q\ntrust_domain = \"test.local\"\n",
 		filepath.Join(n.pki, n.name+".crt"), filepath.Join(n.pki, n.name+".key"), ca)))
 
 	code, body := n.adminOnceUp("/readyz")

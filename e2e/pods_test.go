@@ -334,16 +334,6 @@ func TestPodCreatedAfterStart(t *testing.T) {
 	}
 }
 
-// openFiles counts the descriptors a process holds.
-func openFiles(t *testing.T, pid int) int {
-	t.Helper()
-	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return len(ents)
-}
-
 // TestPodChurn: 100 pods come and go while two others talk. Afterwards
 // smeshd holds as many descriptors, goroutines and map entries as before:
 // nothing of a deleted pod is left behind.

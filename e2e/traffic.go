@@ -373,6 +373,37 @@ func resetByServer(addr string) error {
 	return nil
 }
 
+// endsWith dials addr, sends what, then sends nothing more and waits up to
+// wait for the connection to end: it returns nil when it ends by a reset
+// (and, with eofToo, by an end of stream), an error when bytes arrive or it
+// stays open.
+func endsWith(addr string, what []byte, wait time.Duration, eofToo bool) error {
+	c, err := dial(addr)
+	if err != nil {
+		if eofToo && errors.Is(err, syscall.ECONNRESET) {
+			return nil // reset before connect(2) returned
+		}
+		return err
+	}
+	defer c.Close()
+	if _, err := c.Write(what); err != nil {
+		return nil // reset already
+	}
+	c.SetReadDeadline(time.Now().Add(wait))
+	var b [64]byte
+	n, err := c.Read(b[:])
+	var ne net.Error
+	switch {
+	case n > 0:
+		return fmt.Errorf("%d bytes arrived, want the connection ended", n)
+	case errors.As(err, &ne) && ne.Timeout():
+		return fmt.Errorf("still open after %s", wait)
+	case err == io.EOF && !eofToo:
+		return errors.New("ended by an end of stream, want a reset")
+	}
+	return nil
+}
+
 // resetByClient sends some bytes, then resets. The server reports what it saw.
 func resetByClient(addr string) error {
 	c, err := dial(addr)
@@ -496,6 +527,10 @@ func runScenario(args []string) error {
 		err = resetByServer(addr)
 	case "reset-client":
 		err = resetByClient(addr)
+	case "direct": // straight to a port that must end the connection at once
+		err = endsWith(addr, []byte("x"), 10*time.Second, true)
+	case "idle": // a few bytes, then nothing: the connection must be reset
+		err = endsWith(addr, []byte{cmdHold, 1, 2, 3}, 30*time.Second, false)
 	case "concurrent":
 		err = concurrent(addr, 200, n)
 	case "marker":

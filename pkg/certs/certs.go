@@ -101,13 +101,24 @@ func (ca *CA) Issue(name string, notBefore, notAfter time.Time) (certPEM, keyPEM
 	if err := checkNodeName(name); err != nil {
 		return nil, nil, err
 	}
+	return ca.IssueURIs(name, []string{ca.ID(name)}, notBefore, notAfter)
+}
+
+// IssueURIs is Issue with the URI SANs given: none, or identities outside
+// the CA's trust domain. Tests make with it the certificates a peer must
+// refuse although the CA signed them.
+func (ca *CA) IssueURIs(name string, uris []string, notBefore, notAfter time.Time) (certPEM, keyPEM []byte, err error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, nil, err
 	}
-	id, err := url.Parse(ca.ID(name))
-	if err != nil {
-		return nil, nil, err
+	var ids []*url.URL
+	for _, u := range uris {
+		id, err := url.Parse(u)
+		if err != nil {
+			return nil, nil, err
+		}
+		ids = append(ids, id)
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber: serial(),
@@ -116,7 +127,7 @@ func (ca *CA) Issue(name string, notBefore, notAfter time.Time) (certPEM, keyPEM
 		NotAfter:     notAfter,
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-		URIs:         []*url.URL{id},
+		URIs:         ids,
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, &key.PublicKey, ca.Key)
 	if err != nil {

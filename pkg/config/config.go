@@ -95,11 +95,21 @@ type Tunnel struct {
 	// AllowPorts are the only local destination ports the tunnel delivers
 	// to; empty means any port.
 	AllowPorts []uint16 `toml:"allow_ports"`
-	// MaxConnections bounds the concurrent incoming tunnel connections.
+	// MaxConnections bounds the incoming tunnel connections past their
+	// handshake (authenticated, relaying) at once.
 	MaxConnections int `toml:"max_connections"`
 	// HandshakeTimeout bounds the TLS handshake and the read of the header.
 	HandshakeTimeout Duration `toml:"handshake_timeout"`
-	TLS              TLS      `toml:"tls"`
+	// MaxHandshakes bounds the incoming connections still in their
+	// handshake (not authenticated yet), apart from MaxConnections, so that
+	// unauthenticated connections cannot take the places of peers.
+	MaxHandshakes int `toml:"max_handshakes"`
+	// MaxHandshakesPerSource bounds those of them from one source address.
+	MaxHandshakesPerSource int `toml:"max_handshakes_per_source"`
+	// IdleTimeout resets an incoming tunnel connection that moved nothing
+	// either way for this long; 0 disables it.
+	IdleTimeout Duration `toml:"idle_timeout"`
+	TLS         TLS      `toml:"tls"`
 }
 
 // TLS configures the tunnel's mutual authentication.
@@ -111,9 +121,23 @@ type TLS struct {
 	Cert string `toml:"cert"`
 	Key  string `toml:"key"`
 	CA   string `toml:"ca"`
+	// TrustDomain is the SPIFFE trust domain every peer certificate's
+	// identity (its spiffe:// URI SAN) must be in, this node's own too.
+	TrustDomain string `toml:"trust_domain"`
 	// AllowIdentities are the spiffe:// URIs a peer certificate must carry
-	// one of; empty means any certificate signed by CA.
+	// one of; empty means any identity in TrustDomain.
 	AllowIdentities []string `toml:"allow_identities"`
+	// Peers pin which identities may serve which destinations: a tunnel to
+	// a destination inside one of their CIDRs is only opened to a server
+	// whose identity that entry lists (the most specific CIDR decides).
+	// Destinations outside every entry may be served by any allowed peer.
+	Peers []Peer `toml:"peers"`
+}
+
+// Peer is one [[tunnel.tls.peers]] entry.
+type Peer struct {
+	CIDRs      []netip.Prefix `toml:"cidrs"`
+	Identities []string       `toml:"identities"`
 }
 
 // Admin is the HTTP endpoint for /metrics, /healthz and /readyz.
@@ -195,6 +219,11 @@ func (s *Size) UnmarshalText(text []byte) error {
 	return fmt.Errorf("%q is not a size (want e.g. \"2MiB\", \"512KiB\" or \"65536B\")", text)
 }
 
+// DefaultTrustDomain is [tunnel.tls] trust_domain unless set: the trust
+// domain `smeshd certs init` gives its certificates unless told otherwise
+// (pkg/certs keeps the same value).
+const DefaultTrustDomain = "smesh.local"
+
 // Default returns the default configuration, the one smesh.toml documents.
 // Empty lists are empty, not nil, so that a parsed "[]" compares equal.
 func Default() Config {
@@ -220,17 +249,22 @@ func Default() Config {
 			IdleTimeout:    Duration{time.Hour},
 		},
 		Tunnel: Tunnel{
-			Listen:           netip.MustParseAddrPort("[::]:18001"),
-			PeerPort:         18001,
-			AllowPorts:       []uint16{},
-			MaxConnections:   4096,
-			HandshakeTimeout: Duration{5 * time.Second},
+			Listen:                 netip.MustParseAddrPort("[::]:18001"),
+			PeerPort:               18001,
+			AllowPorts:             []uint16{},
+			MaxConnections:         4096,
+			HandshakeTimeout:       Duration{5 * time.Second},
+			MaxHandshakes:          1024,
+			MaxHandshakesPerSource: 512,
+			IdleTimeout:            Duration{time.Hour},
 			TLS: TLS{
 				Mode:            "mtls",
 				Cert:            "/etc/smesh/tls/node.crt",
 				Key:             "/etc/smesh/tls/node.key",
 				CA:              "/etc/smesh/tls/ca.crt",
+				TrustDomain:     DefaultTrustDomain,
 				AllowIdentities: []string{},
+				Peers:           []Peer{},
 			},
 		},
 		Admin: Admin{

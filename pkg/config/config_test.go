@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/smesh-dev/smesh/pkg/certs"
 )
 
 func TestDefaultValidates(t *testing.T) {
@@ -49,7 +51,7 @@ exclude_ports = [22]
 [tunnel]
 allow_ports = [80, 443]
 handshake_timeout = "1m30s"
-tls.allow_identities = ["spiffe://example.org/node/a"]
+tls.allow_identities = ["spiffe://smesh.local/node/a"]
 
 [daemon]
 drain_timeout = "0s"
@@ -63,7 +65,7 @@ drain_timeout = "0s"
 	want.Capture.ExcludePorts = []uint16{22}
 	want.Tunnel.AllowPorts = []uint16{80, 443}
 	want.Tunnel.HandshakeTimeout = Duration{90 * time.Second}
-	want.Tunnel.TLS.AllowIdentities = []string{"spiffe://example.org/node/a"}
+	want.Tunnel.TLS.AllowIdentities = []string{"spiffe://smesh.local/node/a"}
 	want.Daemon.DrainTimeout = Duration{0}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("got  %+v\nwant %+v", got, want)
@@ -110,6 +112,21 @@ func TestParseUnknownKeys(t *testing.T) {
 			name: "quoted key",
 			doc:  "[log]\n\"level.x\" = 1\n",
 			want: []string{"line 2", `unknown key log."level.x"`},
+		},
+		{
+			name: "dotted key below a table",
+			doc:  "[capture]\nfoo.bar = 1\n",
+			want: []string{"line 2", "unknown key capture.foo", "in [capture]"},
+		},
+		{
+			name: "dotted key from the top",
+			doc:  "tunnel.tls.x.y = 1\n",
+			want: []string{"line 1", "unknown key tunnel.tls.x", "in [tunnel.tls]"},
+		},
+		{
+			name: "in an array of tables",
+			doc:  "[[tunnel.tls.peers]]\ncidrs = [\"10.0.0.0/8\"]\nidentities = [\"spiffe://smesh.local/node/a\"]\nidentity = \"x\"\n",
+			want: []string{"line 4", "unknown key tunnel.tls.peers.identity", "cidrs, identities"},
 		},
 		{
 			name: "array of tables, reported once",
@@ -229,8 +246,42 @@ func TestParseInvalidValues(t *testing.T) {
 		{"identity not a URI", "[tunnel.tls]\nallow_identities = [\"node-a\"]\n", []string{"tunnel.tls.allow_identities", "SPIFFE"}},
 		{"identity wrong scheme", "[tunnel.tls]\nallow_identities = [\"https://example.org/a\"]\n", []string{"tunnel.tls.allow_identities"}},
 		{"identity without host", "[tunnel.tls]\nallow_identities = [\"spiffe:///a\"]\n", []string{"tunnel.tls.allow_identities"}},
-		{"identities without TLS", "[tunnel.tls]\nmode = \"disabled\"\nallow_identities = [\"spiffe://example.org/a\"]\n",
+		{"identities without TLS", "[tunnel.tls]\nmode = \"disabled\"\nallow_identities = [\"spiffe://smesh.local/a\"]\n",
 			[]string{"tunnel.tls.allow_identities", "disabled"}},
+		// What the tunnel's own parser (go-spiffe) refuses, check refuses.
+		{"identity with upper-case trust domain", "[tunnel.tls]\nallow_identities = [\"spiffe://SMESH.local/node/b\"]\n",
+			[]string{"tunnel.tls.allow_identities", `"spiffe://SMESH.local/node/b" is not a SPIFFE ID`, "lower-case"}},
+		{"identity with a query", "[tunnel.tls]\nallow_identities = [\"spiffe://smesh.local/node/b?x=1\"]\n",
+			[]string{"tunnel.tls.allow_identities", "is not a SPIFFE ID"}},
+		{"identity with a fragment", "[tunnel.tls]\nallow_identities = [\"spiffe://smesh.local/node/b#x\"]\n",
+			[]string{"tunnel.tls.allow_identities", "is not a SPIFFE ID"}},
+		{"identity with a port", "[tunnel.tls]\nallow_identities = [\"spiffe://smesh.local:8443/node/b\"]\n",
+			[]string{"tunnel.tls.allow_identities", "is not a SPIFFE ID"}},
+		{"identity with a user", "[tunnel.tls]\nallow_identities = [\"spiffe://u@smesh.local/node/b\"]\n",
+			[]string{"tunnel.tls.allow_identities", "is not a SPIFFE ID"}},
+		{"identity in another trust domain", "[tunnel.tls]\nallow_identities = [\"spiffe://example.org/node/b\"]\n",
+			[]string{"tunnel.tls.allow_identities", `not in tunnel.tls.trust_domain "smesh.local"`}},
+		{"trust domain upper-case", "[tunnel.tls]\ntrust_domain = \"Smesh.local\"\n", []string{"tunnel.tls.trust_domain"}},
+		{"trust domain empty", "[tunnel.tls]\ntrust_domain = \"\"\n", []string{"tunnel.tls.trust_domain"}},
+		{"trust domain as an ID", "[tunnel.tls]\ntrust_domain = \"spiffe://smesh.local/x\"\n", []string{"tunnel.tls.trust_domain"}},
+		{"peers without CIDRs", "[[tunnel.tls.peers]]\nidentities = [\"spiffe://smesh.local/node/b\"]\n",
+			[]string{"tunnel.tls.peers[0].cidrs", "empty"}},
+		{"peers without identities", "[[tunnel.tls.peers]]\ncidrs = [\"10.0.2.0/24\"]\n",
+			[]string{"tunnel.tls.peers[0].identities", "empty"}},
+		{"peers CIDR with host bits", "[[tunnel.tls.peers]]\ncidrs = [\"10.0.2.1/24\"]\nidentities = [\"spiffe://smesh.local/node/b\"]\n",
+			[]string{"tunnel.tls.peers[0].cidrs", "host bits"}},
+		{"peers bad identity", "[[tunnel.tls.peers]]\ncidrs = [\"10.0.2.0/24\"]\nidentities = [\"spiffe://smesh.local/node/b?x\"]\n",
+			[]string{"tunnel.tls.peers[0].identities", "is not a SPIFFE ID"}},
+		{"peers identity in another trust domain", "[[tunnel.tls.peers]]\ncidrs = [\"10.0.2.0/24\"]\nidentities = [\"spiffe://example.org/node/b\"]\n",
+			[]string{"tunnel.tls.peers[0].identities", "not in tunnel.tls.trust_domain"}},
+		{"peers CIDR twice", "[[tunnel.tls.peers]]\ncidrs = [\"10.0.2.0/24\"]\nidentities = [\"spiffe://smesh.local/node/b\"]\n" +
+			"[[tunnel.tls.peers]]\ncidrs = [\"10.0.2.0/24\"]\nidentities = [\"spiffe://smesh.local/node/c\"]\n",
+			[]string{"tunnel.tls.peers[1].cidrs", "also in tunnel.tls.peers[0]"}},
+		{"peers without TLS", "[tunnel.tls]\nmode = \"disabled\"\n[[tunnel.tls.peers]]\ncidrs = [\"10.0.2.0/24\"]\nidentities = [\"spiffe://smesh.local/node/b\"]\n",
+			[]string{"tunnel.tls.peers", "disabled"}},
+		{"max_handshakes", "[tunnel]\nmax_handshakes = 0\n", []string{"tunnel.max_handshakes"}},
+		{"max_handshakes_per_source", "[tunnel]\nmax_handshakes_per_source = 0\n", []string{"tunnel.max_handshakes_per_source"}},
+		{"tunnel idle negative", "[tunnel]\nidle_timeout = \"-1s\"\n", []string{"tunnel.idle_timeout"}},
 		{"log level", "[log]\nlevel = \"verbose\"\n", []string{"log.level", `"trace"`}},
 		{"log format", "[log]\nformat = \"text\"\n", []string{"log.format", `"console", "json"`}},
 	}
@@ -255,6 +306,11 @@ func TestParseValidEdgeCases(t *testing.T) {
 		{"other loopback", "[outbound]\nlisten = \"127.0.0.2:18000\"\n"},
 		{"drain zero", "[daemon]\ndrain_timeout = \"0s\"\n"},
 		{"map_size bounds", "[datapath]\nmap_size = 1024\n"},
+		{"other trust domain", "[tunnel.tls]\ntrust_domain = \"example.org\"\nallow_identities = [\"spiffe://example.org/node/a\"]\n"},
+		{"peers", "[[tunnel.tls.peers]]\ncidrs = [\"10.0.2.0/24\", \"fd00:5e::/32\"]\nidentities = [\"spiffe://smesh.local/node/b\"]\n" +
+			"[[tunnel.tls.peers]]\ncidrs = [\"10.0.0.0/8\"]\nidentities = [\"spiffe://smesh.local/node/b\", \"spiffe://smesh.local/node/c\"]\n"},
+		{"peers inline", "[tunnel.tls]\npeers = [{cidrs = [\"10.0.2.0/24\"], identities = [\"spiffe://smesh.local/node/b\"]}]\n"},
+		{"tunnel idle zero", "[tunnel]\nidle_timeout = \"0s\"\n"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -262,6 +318,14 @@ func TestParseValidEdgeCases(t *testing.T) {
 				t.Errorf("Parse = %v, want no error", err)
 			}
 		})
+	}
+}
+
+// The default trust domain is the one `smeshd certs init` uses, so that a
+// development set of certificates works with the default configuration.
+func TestDefaultTrustDomainIsCertsInit(t *testing.T) {
+	if DefaultTrustDomain != certs.DefaultTrustDomain || Default().Tunnel.TLS.TrustDomain != certs.DefaultTrustDomain {
+		t.Errorf("tunnel.tls.trust_domain defaults to %q, smeshd certs init uses %q", Default().Tunnel.TLS.TrustDomain, certs.DefaultTrustDomain)
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"encoding"
 	"errors"
 	"fmt"
+	"io"
 	"net/netip"
 	"os"
 	"reflect"
@@ -14,11 +15,17 @@ import (
 	"github.com/BurntSushi/toml"
 )
 
-// Load reads and parses the configuration file at path.
+// Load reads and parses the configuration file at path. It reads at most
+// MaxSize bytes (and one more, to tell a file that is too large).
 func Load(path string) (Config, error) {
-	data, err := os.ReadFile(path)
+	f, err := os.Open(path)
 	if err != nil {
 		return Config{}, fmt.Errorf("reading config: %w", err)
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, MaxSize+1))
+	if err != nil {
+		return Config{}, fmt.Errorf("reading config %s: %w", path, err)
 	}
 	cfg, err := Parse(data)
 	if err != nil {
@@ -28,8 +35,12 @@ func Load(path string) (Config, error) {
 }
 
 // Parse decodes a TOML configuration over Default and validates it. Keys
-// that are not part of Config are errors.
+// that are not part of Config are errors, and so is a document past the
+// bounds in bounds.go.
 func Parse(data []byte) (Config, error) {
+	if err := checkBounds(data); err != nil {
+		return Config{}, err
+	}
 	doc := string(data)
 
 	// A first decode into a plain map fails only on syntax. It lists the
@@ -130,23 +141,30 @@ const maxUnknownKeys = 10
 // with their line and the keys allowed next to them. Matching is exact: the
 // decoder would also accept "Capture" for "capture".
 func checkKeys(doc string, keys []toml.Key) error {
-	tables := schema()
+	tables, arrays := schema()
 	var errs []error
 	reported := make(map[string]bool) // an array of tables lists its key once per element
 	for _, key := range keys {
-		parent := key[:len(key)-1]
-		allowed, isTable := tables[parent.String()]
-		if !isTable {
-			// Below an unknown key (already reported), or below a value
-			// such as capture.cgroups, which the typed decode rejects.
-			continue
-		}
-		if slices.Contains(allowed, key[len(key)-1]) || reported[key.String()] {
-			continue
-		}
-		reported[key.String()] = true
-		if len(reported) <= maxUnknownKeys {
-			errs = append(errs, unknownKeyError(doc, key, allowed))
+		// Every part of the key, not only the last: a dotted key such as
+		// capture.x.y = 1 lists only capture.x.y, never capture.x.
+		for i := 1; i <= len(key); i++ {
+			allowed, isTable := tables[key[:i-1].String()]
+			if !isTable {
+				// Below a value such as capture.cgroups, which the typed
+				// decode rejects.
+				break
+			}
+			if slices.Contains(allowed, key[i-1]) {
+				continue
+			}
+			unknown := key[:i]
+			if !reported[unknown.String()] {
+				reported[unknown.String()] = true
+				if len(reported) <= maxUnknownKeys {
+					errs = append(errs, unknownKeyError(doc, unknown, key, arrays, allowed))
+				}
+			}
+			break
 		}
 	}
 	if more := len(reported) - maxUnknownKeys; more > 0 {
@@ -155,36 +173,51 @@ func checkKeys(doc string, keys []toml.Key) error {
 	return errors.Join(errs...)
 }
 
-func unknownKeyError(doc string, key toml.Key, allowed []string) error {
+// unknownKeyError reports key, the first unknown part of full (the key as
+// the document has it), with its line.
+func unknownKeyError(doc string, key, full toml.Key, arrays map[string]bool, allowed []string) error {
 	where := "at the top level"
 	if len(key) > 1 {
 		where = "in [" + key[:len(key)-1].String() + "]"
 	}
 	msg := fmt.Sprintf("unknown key %s (allowed %s: %s)", key, where, strings.Join(allowed, ", "))
-	if line := keyLine(doc, key); line > 0 {
+	line := keyLine(doc, key, arrays)
+	if line == 0 {
+		// A table made by a dotted key (capture.x.y = 1 makes capture.x)
+		// has no line of its own; its key's line is the one to name.
+		line = keyLine(doc, full, arrays)
+	}
+	if line > 0 {
 		return fmt.Errorf("line %d: %s", line, msg)
 	}
 	return errors.New(msg)
 }
 
 // schema maps each table of Config ("" for the top level, then e.g.
-// "tunnel.tls") to its keys in declaration order.
-func schema() map[string][]string {
-	tables := make(map[string][]string)
+// "tunnel.tls") to its keys in declaration order, and lists the arrays of
+// tables (e.g. "tunnel.tls.peers").
+func schema() (tables map[string][]string, arrays map[string]bool) {
+	tables, arrays = make(map[string][]string), make(map[string]bool)
 	var walk func(path toml.Key, t reflect.Type)
 	walk = func(path toml.Key, t reflect.Type) {
 		var names []string
 		for f := range t.Fields() {
 			name := f.Tag.Get("toml")
 			names = append(names, name)
-			if isTable(f.Type) {
+			switch {
+			case isTable(f.Type):
 				walk(append(slices.Clip(path), name), f.Type)
+			case f.Type.Kind() == reflect.Slice && isTable(f.Type.Elem()):
+				// An array of tables: its elements' keys are listed
+				// below the array's name.
+				arrays[append(slices.Clip(path), name).String()] = true
+				walk(append(slices.Clip(path), name), f.Type.Elem())
 			}
 		}
 		tables[path.String()] = names
 	}
 	walk(nil, reflect.TypeFor[Config]())
-	return tables
+	return tables, arrays
 }
 
 // isTable reports whether a field type is a TOML table rather than a value
@@ -199,9 +232,12 @@ func isTable(t reflect.Type) bool {
 // toml v1.6 keeps key positions private and reveals them only in decoding
 // errors, so this decodes doc once more into a struct whose single path
 // leads to key and whose leaf always fails to decode.
-func keyLine(doc string, key toml.Key) int {
+func keyLine(doc string, key toml.Key, arrays map[string]bool) int {
 	t := reflect.TypeFor[failDecode]()
 	for i := len(key) - 1; i >= 0; i-- {
+		if i < len(key)-1 && arrays[key[:i+1].String()] {
+			t = reflect.SliceOf(t) // below an array of tables
+		}
 		t = reflect.StructOf([]reflect.StructField{{
 			Name: "F",
 			Type: t,

@@ -4,10 +4,11 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"net/url"
 	"path/filepath"
 	"slices"
 	"strings"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
 // Map sizes smeshd accepts: below the minimum a busy node fills the maps at
@@ -180,6 +181,15 @@ func (t *Tunnel) validate(p *problems) {
 	if t.HandshakeTimeout.Duration <= 0 {
 		p.addf("tunnel.handshake_timeout", "%s is not positive (want e.g. \"5s\")", t.HandshakeTimeout)
 	}
+	if t.MaxHandshakes < 1 {
+		p.addf("tunnel.max_handshakes", "%d is too small (want 1 or more)", t.MaxHandshakes)
+	}
+	if t.MaxHandshakesPerSource < 1 {
+		p.addf("tunnel.max_handshakes_per_source", "%d is too small (want 1 or more)", t.MaxHandshakesPerSource)
+	}
+	if t.IdleTimeout.Duration < 0 {
+		p.addf("tunnel.idle_timeout", "%s: want a duration of 0 (no limit) or more, e.g. \"1h\"", t.IdleTimeout.Duration)
+	}
 
 	tls := t.TLS
 	checkOneOf(p, "tunnel.tls.mode", tls.Mode, "mtls", "disabled")
@@ -199,10 +209,56 @@ func (t *Tunnel) validate(p *problems) {
 		// let the operator believe peers are restricted.
 		p.addf("tunnel.tls.allow_identities", "is set but tunnel.tls.mode = \"disabled\" (want [] or mode \"mtls\")")
 	}
-	for _, id := range tls.AllowIdentities {
-		if u, err := url.Parse(id); err != nil || u.Scheme != "spiffe" || u.Host == "" {
-			p.addf("tunnel.tls.allow_identities", "%q is not a SPIFFE ID (want e.g. \"spiffe://example.org/node/a\")", id)
+	if tls.Mode == "disabled" && len(tls.Peers) > 0 {
+		p.addf("tunnel.tls.peers", "is set but tunnel.tls.mode = \"disabled\" (want none or mode \"mtls\")")
+	}
+	td, err := spiffeid.TrustDomainFromString(tls.TrustDomain)
+	if err == nil && td.Name() != tls.TrustDomain {
+		// go-spiffe also takes a SPIFFE ID and keeps its trust domain.
+		err, td = errors.New("want the name alone, without spiffe:// or a path"), spiffeid.TrustDomain{}
+	}
+	if err != nil {
+		p.addf("tunnel.tls.trust_domain", "%q is not a SPIFFE trust domain (want lower-case letters, digits, '.', '-' and '_', e.g. %q): %v",
+			tls.TrustDomain, DefaultTrustDomain, err)
+	}
+	checkIDs := func(key string, ids []string) {
+		for _, s := range ids {
+			id, err := spiffeid.FromString(s)
+			switch {
+			case err != nil:
+				p.addf(key, "%q is not a SPIFFE ID (want e.g. \"spiffe://%s/node/a\": a lower-case trust domain without port, then a path, no query or fragment): %v",
+					s, DefaultTrustDomain, err)
+			case !td.IsZero() && id.TrustDomain() != td:
+				p.addf(key, "%q is not in tunnel.tls.trust_domain %q, so no peer could have it", s, td.Name())
+			}
 		}
+	}
+	checkIDs("tunnel.tls.allow_identities", tls.AllowIdentities)
+	seen := make(map[netip.Prefix]int)
+	for i, peer := range tls.Peers {
+		key := fmt.Sprintf("tunnel.tls.peers[%d]", i)
+		if len(peer.CIDRs) == 0 {
+			p.addf(key+".cidrs", "is empty (want the destinations these identities serve, e.g. [\"10.0.2.0/24\"])")
+		}
+		for _, c := range peer.CIDRs {
+			switch {
+			case !c.IsValid():
+				p.addf(key+".cidrs", "contains an unset CIDR (want e.g. \"10.0.2.0/24\")")
+			case c.Addr().Is4In6() || c.Addr().Zone() != "":
+				p.addf(key+".cidrs", "%s: want a plain IPv4 or IPv6 CIDR", c)
+			case c != c.Masked():
+				p.addf(key+".cidrs", "%s has host bits set (want %s)", c, c.Masked())
+			default:
+				if j, dup := seen[c]; dup {
+					p.addf(key+".cidrs", "%s is also in tunnel.tls.peers[%d] (want each CIDR in one entry)", c, j)
+				}
+				seen[c] = i
+			}
+		}
+		if len(peer.Identities) == 0 {
+			p.addf(key+".identities", "is empty (want the SPIFFE IDs that may serve these destinations)")
+		}
+		checkIDs(key+".identities", peer.Identities)
 	}
 }
 

@@ -4,7 +4,6 @@ package daemon
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -84,7 +83,12 @@ type Options struct {
 	Config config.Config
 	// ConfigPath is re-read on SIGHUP; empty disables reloading.
 	ConfigPath string
-	LogOut     io.Writer
+	// Reload delivers SIGHUP. A reload asked for while smeshd starts is
+	// applied once it is ready (several are one). nil: Run catches SIGHUP
+	// itself, first thing; a caller that does work before Run (reading the
+	// configuration) should catch it earlier and pass it here.
+	Reload <-chan os.Signal
+	LogOut io.Writer
 	// Notify reports state changes the systemd way ("READY=1",
 	// "RELOADING=1", "STOPPING=1", "WATCHDOG=1"); nil ignores them.
 	Notify  func(state string)
@@ -104,12 +108,21 @@ type daemon struct {
 	out      *proxy.Outbound
 	dp       *datapath.Datapath
 	members  *enrol.Tracker
+	enrolled []string // the cgroups in force (cfg's, resolved)
 	cleanups []func() // run in reverse order on exit
 }
 
 // Run runs smeshd until ctx is done, then drains (see drain). SIGHUP
-// reloads the configuration file.
+// reloads the configuration file, also when it comes while smeshd starts
+// (once it is ready).
 func Run(ctx context.Context, opts Options) (err error) {
+	reload := opts.Reload
+	if reload == nil {
+		hup := make(chan os.Signal, 1)
+		signal.Notify(hup, syscall.SIGHUP)
+		defer signal.Stop(hup)
+		reload = hup
+	}
 	d := &daemon{opts: opts, cfg: opts.Config}
 	if d.opts.Notify == nil {
 		d.opts.Notify = func(string) {}
@@ -136,9 +149,14 @@ func Run(ctx context.Context, opts Options) (err error) {
 		Str("tunnel", d.tun.Server.Addr().String()).Str("admin", d.admin.Addr().String()).
 		Bool("mtls", d.tun.Credentials != nil).Str("on_failure", d.cfg.Capture.OnFailure).Msg("smeshd ready")
 
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
+	select {
+	case <-reload:
+		d.log.Info().Msg("a reload was asked for (SIGHUP) while smeshd started: reloading now")
+		d.opts.Notify("RELOADING=1")
+		d.reload()
+		d.opts.Notify("READY=1")
+	default:
+	}
 	var watchdog <-chan time.Time
 	if interval, err := sdnotify.SdWatchdogEnabled(false); err == nil && interval > 0 {
 		t := time.NewTicker(interval / 2)
@@ -158,7 +176,7 @@ func Run(ctx context.Context, opts Options) (err error) {
 			if d.tun.Credentials != nil {
 				d.metrics.CertExpiry(d.cfg.Tunnel.TLS.Cert, d.tun.Credentials.NotAfter())
 			}
-		case <-hup:
+		case <-reload:
 			d.opts.Notify("RELOADING=1")
 			d.reload()
 			d.opts.Notify("READY=1")
@@ -215,10 +233,12 @@ func (d *daemon) start(ctx context.Context) error {
 	if d.mount, err = cgroups.Mount(); err != nil {
 		return err
 	}
-	enrolled, err := d.enroll(cfg)
+	enrolled, created, err := d.enroll(cfg)
 	if err != nil {
 		return err
 	}
+	d.keepCreated(created)
+	d.enrolled = enrolled
 	own, restore, err := ownCgroup(d.mount, enrolled, log)
 	if err != nil {
 		return err
@@ -231,6 +251,8 @@ func (d *daemon) start(ctx context.Context) error {
 		Dialer:         d.tun.Dialer(),
 		MaxConnections: cfg.Outbound.MaxConnections,
 		IdleTimeout:    cfg.Outbound.IdleTimeout.Duration,
+		OwnPorts:       []uint16{cfg.Outbound.Listen.Port(), d.tun.Server.Addr().Port(), d.admin.Addr().Port()},
+		Local:          d.tun.Node.Contains,
 		Observer:       d.metrics,
 		Logger:         log,
 	})
@@ -349,27 +371,43 @@ func (d *daemon) namespaceCounts() (metrics.NamespaceCounts, error) {
 	return nc, err
 }
 
-// enroll resolves [capture] cgroups and creates the missing ones.
-func (d *daemon) enroll(cfg config.Config) ([]string, error) {
-	enrolled, err := cfg.CgroupPaths(d.mount)
+// enroll resolves [capture] cgroups (ResolveCgroups) and creates the
+// missing ones. created are those it made: the caller removes them should
+// what follows fail, or hands them to keepCreated.
+func (d *daemon) enroll(cfg config.Config) (enrolled, created []string, err error) {
+	cgs, err := ResolveCgroups(cfg, d.mount)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	for _, cg := range enrolled {
+	for _, cg := range cgs.Paths {
 		if d.own != "" && cgroups.Within(d.own, cg) {
-			return nil, fmt.Errorf("capture.cgroups: %s contains smeshd's own cgroup %s: smeshd would capture itself", cg, d.own)
-		}
-		if _, err := os.Stat(cg); errors.Is(err, os.ErrNotExist) {
-			if err := os.Mkdir(cg, 0o755); err != nil {
-				return nil, fmt.Errorf("creating enrolled cgroup %s: %w", cg, err)
-			}
-			d.log.Info().Str("cgroup", cg).Msg("created enrolled cgroup")
-			// Removed again on exit if nothing runs in it any more
-			// (rmdir fails on a populated cgroup).
-			d.cleanups = append(d.cleanups, func() { os.Remove(cg) })
+			return nil, nil, fmt.Errorf("capture.cgroups: %s contains smeshd's own cgroup %s: smeshd would capture itself", cg, d.own)
 		}
 	}
-	return enrolled, nil
+	for _, cg := range cgs.Missing {
+		if err := os.Mkdir(cg, 0o755); err != nil {
+			removeAll(created)
+			return nil, nil, fmt.Errorf("creating enrolled cgroup %s: %w", cg, err)
+		}
+		created = append(created, cg)
+	}
+	return cgs.Paths, created, nil
+}
+
+// keepCreated keeps the cgroups enroll created: they are removed again on
+// exit if nothing runs in them any more (rmdir fails on a populated one).
+func (d *daemon) keepCreated(created []string) {
+	for _, cg := range created {
+		d.log.Info().Str("cgroup", cg).Msg("created enrolled cgroup")
+		d.cleanups = append(d.cleanups, func() { os.Remove(cg) })
+	}
+}
+
+// removeAll removes the (empty) directories in dirs, last first.
+func removeAll(dirs []string) {
+	for i := len(dirs) - 1; i >= 0; i-- {
+		os.Remove(dirs[i])
+	}
 }
 
 // drain is the SIGTERM path: stop capturing new connections, let the

@@ -2,9 +2,14 @@ package daemon
 
 import (
 	"errors"
+	"os"
+	"path/filepath"
+	"reflect"
+	"slices"
 	"strings"
 	"testing"
 
+	"github.com/smesh-dev/smesh/pkg/config"
 	"github.com/smesh-dev/smesh/pkg/datapath"
 )
 
@@ -44,5 +49,86 @@ func TestResolveMode(t *testing.T) {
 		case got != c.want:
 			t.Errorf("ResolveMode(%q) = %q, want %q", c.mode, got, c.want)
 		}
+	}
+}
+
+// TestSwitchover: a reload's changes are done in order; when one fails,
+// those done before it are undone, last first, and the later ones are not
+// done at all.
+func TestSwitchover(t *testing.T) {
+	var log []string
+	step := func(name string, fail bool) change {
+		return change{
+			what: name,
+			do: func() error {
+				log = append(log, "do "+name)
+				if fail {
+					return errors.New("refused")
+				}
+				return nil
+			},
+			undo: func() { log = append(log, "undo "+name) },
+		}
+	}
+	err := switchover([]change{step("a", false), step("b", false), step("c", true), step("d", false)})
+	if err == nil || !strings.Contains(err.Error(), "applying c: refused") {
+		t.Errorf("error %v, want one naming c", err)
+	}
+	if want := []string{"do a", "do b", "do c", "undo b", "undo a"}; !slices.Equal(log, want) {
+		t.Errorf("steps %q, want %q", log, want)
+	}
+	log = nil
+	if err := switchover([]change{step("a", false), {what: "b", do: func() error { return nil }}}); err != nil {
+		t.Errorf("switchover without a failure: %v", err)
+	}
+	if want := []string{"do a"}; !slices.Equal(log, want) {
+		t.Errorf("steps %q, want %q", log, want)
+	}
+}
+
+// TestResolveCgroups: what start, reload and `smeshd check` accept as
+// [capture] cgroups, on a directory tree standing in for the cgroup v2
+// mount.
+func TestResolveCgroups(t *testing.T) {
+	mount := t.TempDir()
+	for _, dir := range []string{"smesh.slice", "smesh.slice/app.scope"} {
+		if err := os.Mkdir(filepath.Join(mount, dir), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(mount, "smesh.slice", "cgroup.procs"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cases := []struct {
+		name    string
+		cgroups []string
+		want    Cgroups
+		wantErr string
+	}{
+		{"existing", []string{"smesh.slice"}, Cgroups{Paths: []string{mount + "/smesh.slice"}}, ""},
+		{"missing, created at start", []string{"new.slice"},
+			Cgroups{Paths: []string{mount + "/new.slice"}, Missing: []string{mount + "/new.slice"}}, ""},
+		{"the mount itself", []string{mount}, Cgroups{}, "is the cgroup v2 root"},
+		{"outside the mount", []string{"/etc/passwd"}, Cgroups{}, "is not below the cgroup v2 mount"},
+		{"a cgroup with its own child", []string{"smesh.slice", "smesh.slice/app.scope"}, Cgroups{}, "is below"},
+		{"a file inside a cgroup", []string{"smesh.slice/cgroup.procs"}, Cgroups{}, "is a file, not a cgroup"},
+		{"below a file", []string{"smesh.slice/cgroup.procs/x"}, Cgroups{}, "not a cgroup directory"},
+		{"two levels missing", []string{"a/b"}, Cgroups{}, "creates only its last directory"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := config.Default()
+			cfg.Capture.Cgroups = tc.cgroups
+			got, err := ResolveCgroups(cfg, mount)
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Errorf("ResolveCgroups(%q) error %v, want one containing %q", tc.cgroups, err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil || !reflect.DeepEqual(got, tc.want) {
+				t.Errorf("ResolveCgroups(%q) = %+v, %v; want %+v", tc.cgroups, got, err, tc.want)
+			}
+		})
 	}
 }

@@ -4,15 +4,19 @@ import (
 	"fmt"
 	"reflect"
 
+	"github.com/rs/zerolog"
+
 	"github.com/smesh-dev/smesh/pkg/config"
+	"github.com/smesh-dev/smesh/pkg/tunnel"
 )
 
 // reload re-reads the configuration file (SIGHUP). What can change while
-// smeshd runs changes: capture rules and cgroups, tunnel allow lists, log
-// level (certificates are re-read by themselves when their files change).
-// Open connections are not touched. A file that does not validate changes
-// nothing. Settings that need a restart keep their running values, and the
-// log says which.
+// smeshd runs changes: capture rules and cgroups, tunnel allow_ports, the
+// peers' identities (trust_domain, allow_identities, peers), log level
+// (certificates are re-read by themselves when their files change). Open
+// connections are not touched. A file that does not validate, or that
+// cannot be applied in full, changes nothing. Settings that need a restart
+// keep their running values, and the log says which.
 func (d *daemon) reload() {
 	log := d.log.With().Str("component", "reload").Str("file", d.opts.ConfigPath).Logger()
 	if d.opts.ConfigPath == "" {
@@ -31,35 +35,90 @@ func (d *daemon) reload() {
 	log.Info().Msg("configuration reloaded")
 }
 
+// apply puts next in force, all of it or none of it. First everything that
+// can fail is prepared, with nothing in force changed (the cgroups are
+// resolved and the missing ones created, the tunnel's policy checked, the
+// log level parsed); then the parts are switched one after the other, and
+// should one fail, those already switched are switched back.
 func (d *daemon) apply(next config.Config) error {
 	for _, f := range restartOnly(d.cfg, next) {
 		d.log.Warn().Str("key", f).Msg("this setting changes only when smeshd restarts; keeping the running value")
 	}
-	enrolled, err := d.enroll(next)
+	enrolled, created, err := d.enroll(next)
 	if err != nil {
 		return err
 	}
-	if err := d.tun.Reconfigure(next.Tunnel); err != nil {
+	policy, err := d.tun.Prepare(next.Tunnel)
+	if err != nil {
+		removeAll(created)
 		return err
 	}
-	// The new cgroups' namespaces get their listeners before connect4 is
-	// attached to them.
-	d.members.SetCgroups(enrolled)
+	level, err := zerolog.ParseLevel(next.Log.Level)
+	if err != nil {
+		removeAll(created)
+		return fmt.Errorf("log.level: %w", err)
+	}
+
 	c := next.Capture
-	if err := d.dp.SetCapture(enrolled, c.IncludeCIDRs, c.ExcludeCIDRs, c.ExcludePorts); err != nil {
-		return fmt.Errorf("applying [capture]: %w", err)
-	}
-	if err := setLogLevel(next.Log.Level); err != nil {
+	var prevPolicy *tunnel.Policy
+	prevEnrolled := d.enrolled
+	err = switchover([]change{
+		{"tunnel.allow_ports and [tunnel.tls] identities",
+			func() error { prevPolicy = d.tun.Apply(policy); return nil },
+			func() { d.tun.Apply(prevPolicy) }},
+		// The new cgroups' namespaces get their listeners before connect4
+		// is attached to them.
+		{"the enrolled cgroups' namespaces",
+			func() error { d.members.SetCgroups(enrolled); return nil },
+			func() { d.members.SetCgroups(prevEnrolled) }},
+		// Last, for it is the one that can fail; it changes all or nothing
+		// itself.
+		{"[capture]",
+			func() error { return d.dp.SetCapture(enrolled, c.IncludeCIDRs, c.ExcludeCIDRs, c.ExcludePorts) },
+			nil},
+	})
+	if err != nil {
+		removeAll(created)
 		return err
 	}
+	zerolog.SetGlobalLevel(level)
+	d.keepCreated(created)
+	d.enrolled = enrolled
+
 	// Keep the running values of what needs a restart, so the next reload
 	// compares against what is in force.
 	kept := d.cfg
 	kept.Capture.Cgroups, kept.Capture.IncludeCIDRs = c.Cgroups, c.IncludeCIDRs
 	kept.Capture.ExcludeCIDRs, kept.Capture.ExcludePorts = c.ExcludeCIDRs, c.ExcludePorts
-	kept.Tunnel.AllowPorts, kept.Tunnel.TLS.AllowIdentities = next.Tunnel.AllowPorts, next.Tunnel.TLS.AllowIdentities
+	kept.Tunnel.AllowPorts = next.Tunnel.AllowPorts
+	kept.Tunnel.TLS.TrustDomain, kept.Tunnel.TLS.AllowIdentities, kept.Tunnel.TLS.Peers =
+		next.Tunnel.TLS.TrustDomain, next.Tunnel.TLS.AllowIdentities, next.Tunnel.TLS.Peers
 	kept.Log.Level = next.Log.Level
 	d.cfg = kept
+	return nil
+}
+
+// change is one part of a reload's switch: do puts it in force, undo (nil:
+// nothing to undo) puts back what was in force before do.
+type change struct {
+	what string
+	do   func() error
+	undo func()
+}
+
+// switchover does the changes in order. When one fails, it undoes those
+// already done, last first, and returns the error: all or nothing.
+func switchover(changes []change) error {
+	for i, c := range changes {
+		if err := c.do(); err != nil {
+			for j := i - 1; j >= 0; j-- {
+				if changes[j].undo != nil {
+					changes[j].undo()
+				}
+			}
+			return fmt.Errorf("applying %s: %w (what was switched before it is switched back)", c.what, err)
+		}
+	}
 	return nil
 }
 
@@ -79,6 +138,9 @@ func restartOnly(cur, next config.Config) []string {
 		{"tunnel.peer_port", cur.Tunnel.PeerPort, next.Tunnel.PeerPort},
 		{"tunnel.max_connections", cur.Tunnel.MaxConnections, next.Tunnel.MaxConnections},
 		{"tunnel.handshake_timeout", cur.Tunnel.HandshakeTimeout, next.Tunnel.HandshakeTimeout},
+		{"tunnel.max_handshakes", cur.Tunnel.MaxHandshakes, next.Tunnel.MaxHandshakes},
+		{"tunnel.max_handshakes_per_source", cur.Tunnel.MaxHandshakesPerSource, next.Tunnel.MaxHandshakesPerSource},
+		{"tunnel.idle_timeout", cur.Tunnel.IdleTimeout, next.Tunnel.IdleTimeout},
 		{"tunnel.tls.mode", cur.Tunnel.TLS.Mode, next.Tunnel.TLS.Mode},
 		{"tunnel.tls.cert", cur.Tunnel.TLS.Cert, next.Tunnel.TLS.Cert},
 		{"tunnel.tls.key", cur.Tunnel.TLS.Key, next.Tunnel.TLS.Key},

@@ -93,6 +93,8 @@ type Datapath struct {
 	pins   *pins
 	ns     *nsMaps
 	events *ringbuf.Reader // smesh_netns_events, once NetnsEvents opened it
+	// rules are what SetCapture last wrote into the capture maps.
+	rules  *captureRules
 	closed bool
 }
 
@@ -409,14 +411,19 @@ type attachment struct {
 	typ    ebpf.AttachType
 }
 
+// captureRules are the destination rules the maps hold, as last set.
+type captureRules struct {
+	include, exclude []netip.Prefix
+	ports            []uint16
+}
+
 // SetCapture changes what is captured: the enrolled cgroups and the
-// destination rules. New attachments and rules are in place before old ones
-// go, and open connections are not touched.
+// destination rules. It applies all of it or none of it: the attachments it
+// needs are made first, and should one fail, those just made are detached
+// again and the rules are not touched; then the rules are written (and the
+// previous ones written back should that fail); only then does what is no
+// longer wanted go. Open connections are not touched.
 func (d *Datapath) SetCapture(cgroups []string, include, exclude []netip.Prefix, ports []uint16) error {
-	capture := captureMaps{d.connect.SmeshInclude, d.connect.SmeshExclude, d.connect.SmeshExcludePorts}
-	if err := capture.sync(include, exclude, ports); err != nil {
-		return err
-	}
 	// smeshd's own cgroup: getsockopt answers SO_ORIGINAL_DST; sock_ops
 	// only when its sockets are to be spliced.
 	want := map[attachment]*ebpf.Program{
@@ -439,6 +446,16 @@ func (d *Datapath) SetCapture(cgroups []string, include, exclude []netip.Prefix,
 	if d.links == nil {
 		d.links = make(map[attachment]link.Link)
 	}
+	var added []attachment
+	undo := func() {
+		for i := len(added) - 1; i >= 0; i-- {
+			a := added[i]
+			if err := d.detach(a, d.links[a]); err != nil {
+				d.log.Error().Err(err).Msg("undoing an attachment of a capture change that failed")
+			}
+			delete(d.links, a)
+		}
+	}
 	for _, typ := range attachOrder {
 		for a, prog := range want {
 			if a.typ != typ || d.links[a] != nil {
@@ -446,15 +463,34 @@ func (d *Datapath) SetCapture(cgroups []string, include, exclude []netip.Prefix,
 			}
 			l, err := d.attach(a, prog)
 			if err != nil {
+				undo()
 				return err
 			}
 			d.links[a] = l
+			added = append(added, a)
 		}
 	}
-	var errs []error
+
+	capture := captureMaps{d.connect.SmeshInclude, d.connect.SmeshExclude, d.connect.SmeshExcludePorts}
+	if err := capture.sync(include, exclude, ports); err != nil {
+		if prev := d.rules; prev != nil {
+			if rerr := capture.sync(prev.include, prev.exclude, prev.ports); rerr != nil {
+				d.log.Error().Err(rerr).Msg("writing back the previous capture rules")
+			}
+		}
+		undo()
+		return err
+	}
+	d.rules = &captureRules{slices.Clone(include), slices.Clone(exclude), slices.Clone(ports)}
+
+	// The new capture is in force. Detaching what it no longer needs does
+	// not fail short of a kernel error; should it, the attachment stays
+	// until smeshd stops, and the log says so.
 	for a, l := range d.links {
 		if _, ok := want[a]; !ok {
-			errs = append(errs, d.detach(a, l))
+			if err := d.detach(a, l); err != nil {
+				d.log.Error().Err(err).Msg("detaching what the capture no longer needs")
+			}
 			delete(d.links, a)
 		}
 	}
@@ -463,9 +499,11 @@ func (d *Datapath) SetCapture(cgroups []string, include, exclude []netip.Prefix,
 		for a := range d.links {
 			keep[d.pins.linkPath(a.typ, a.cgroup)] = true
 		}
-		errs = append(errs, d.pins.pruneLinks(keep))
+		if err := d.pins.pruneLinks(keep); err != nil {
+			d.log.Error().Err(err).Msg("removing pinned attachments the capture no longer needs")
+		}
 	}
-	return errors.Join(errs...)
+	return nil
 }
 
 func (d *Datapath) attach(a attachment, prog *ebpf.Program) (link.Link, error) {

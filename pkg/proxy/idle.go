@@ -7,8 +7,9 @@ import (
 	"time"
 )
 
-// errIdle ends a relay whose connection moved nothing for the idle timeout.
-var errIdle = errors.New("idle timeout")
+// ErrIdle ends a relay whose connection moved nothing for the idle timeout
+// (Result.Err).
+var ErrIdle = errors.New("idle timeout")
 
 // activity is when either direction of one relayed connection last moved a
 // byte. A direction waiting for data is not idle while the other one moves:
@@ -72,8 +73,21 @@ func (w *watched) Read(p []byte) (int, error) {
 				w.armed = time.Now()
 				continue
 			}
-			return 0, errIdle
+			return 0, ErrIdle
 		}
 		return n, err
 	}
+}
+
+// RelayIdle is Relay with an idle timeout: when neither direction moved a
+// byte for idle, both ends are reset and Result.Err is ErrIdle. 0 is no
+// timeout. Ends that cannot take a read deadline are never timed out.
+func RelayIdle(a, b Conn, idle time.Duration) Result {
+	if idle <= 0 {
+		return Relay(a, b)
+	}
+	act := &activity{timeout: idle}
+	act.touch()
+	var na, nb atomic.Int64
+	return Relay(watch(a, &na, act), watch(b, &nb, act))
 }

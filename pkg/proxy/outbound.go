@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -46,6 +47,18 @@ type Options struct {
 	// IdleTimeout resets a connection that moved no byte either way for
 	// that long. 0: no limit.
 	IdleTimeout time.Duration
+	// OwnPorts are the ports of smeshd's own listeners (outbound, tunnel,
+	// admin). A connection whose original destination is one of them on
+	// a local address (loopback, unspecified, or Local) is refused, never
+	// dialled: smeshd would be dialling itself, and each such dial could
+	// come back as another such connection.
+	OwnPorts []uint16
+	// Local reports whether an address is on this node; nil: loopback
+	// and unspecified addresses only.
+	Local func(netip.Addr) bool
+	// OriginalDst finds a connection's original destination; nil asks
+	// the kernel (SO_ORIGINAL_DST, see OriginalDst).
+	OriginalDst func(*net.TCPConn) (netip.AddrPort, error)
 	Observer    Observer // may be nil
 	Logger      zerolog.Logger
 }
@@ -109,6 +122,9 @@ func Listen(o Options) (*Outbound, error) {
 	}
 	if o.Dialer == nil {
 		o.Dialer = &net.Dialer{Timeout: DialTimeout}
+	}
+	if o.OriginalDst == nil {
+		o.OriginalDst = OriginalDst
 	}
 	log := o.Logger.With().Str("component", "outbound").Logger()
 	out := &Outbound{
@@ -187,7 +203,12 @@ func (o *Outbound) serve(ctx context.Context, l *listener) error {
 
 // refuse resets c: the app sees a reset, as it would without the mesh.
 func (o *Outbound) refuse(c *net.TCPConn, reason string) {
-	o.warn.Warn().Str("src", c.RemoteAddr().String()).Str("reason", reason).Msg("captured connection reset")
+	o.refuseWhy(c, reason, o.warn.Warn())
+}
+
+// refuseWhy is refuse, logging ev (filled with more fields by the caller).
+func (o *Outbound) refuseWhy(c *net.TCPConn, reason string, ev *zerolog.Event) {
+	ev.Str("src", c.RemoteAddr().String()).Str("reason", reason).Msg("captured connection reset")
 	if o.o.Observer != nil {
 		o.o.Observer.Refused(reason)
 	}
@@ -210,14 +231,21 @@ func (o *Outbound) untrack(c *net.TCPConn) {
 }
 
 func (o *Outbound) handle(ctx context.Context, c *net.TCPConn, r *relayed, dialer Dialer) {
-	dst, err := OriginalDst(c)
+	dst, err := o.o.OriginalDst(c)
 	if err != nil {
 		// Not a captured connection (someone dialled the port directly):
-		// there is nowhere to send it.
-		o.refuse(c, "no_original_destination")
+		// there is nowhere to send it. smesh alone answers smeshd's
+		// SO_ORIGINAL_DST, so conntrack's answer for such a connection
+		// (this very listener) never comes back here.
+		o.refuseWhy(c, "no_original_destination", o.warn.Warn().AnErr("why", err))
 		return
 	}
 	r.dst = dst.String()
+	if o.ownListener(dst) {
+		o.refuseWhy(c, "own_listener", o.warn.Warn().Str("dst", r.dst).
+			Str("why", "the original destination is one of smeshd's own listeners: smeshd would be dialling itself"))
+		return
+	}
 	up, err := dialer.DialContext(ctx, "tcp", dst.String())
 	if err != nil {
 		// The dialer counts and logs tunnel failures itself.
@@ -252,12 +280,22 @@ func (o *Outbound) handle(ctx context.Context, c *net.TCPConn, r *relayed, diale
 	res := Relay(watch(TCP(c), &r.tx, idle), watch(upc, &r.rx, idle))
 	if o.o.Observer != nil {
 		o.o.Observer.ConnClosed(path, res.AtoB, res.BtoA)
-		if errors.Is(res.Err, errIdle) {
+		if errors.Is(res.Err, ErrIdle) {
 			o.o.Observer.Refused("idle_timeout")
 		}
 	}
 	o.log.Debug().Str("src", r.src).Str("dst", r.dst).Str("path", path).
 		Int64("tx", res.AtoB).Int64("rx", res.BtoA).AnErr("err", res.Err).Msg("connection done")
+}
+
+// ownListener reports whether dst is one of smeshd's own listeners: one of
+// OwnPorts on an address of this node.
+func (o *Outbound) ownListener(dst netip.AddrPort) bool {
+	if !slices.Contains(o.o.OwnPorts, dst.Port()) {
+		return false
+	}
+	a := dst.Addr().Unmap()
+	return a.IsLoopback() || a.IsUnspecified() || o.o.Local != nil && o.o.Local(a)
 }
 
 // Connections lists the connections being relayed.

@@ -104,7 +104,7 @@ func TestRelayIdleTimeout(t *testing.T) {
 	// Then silence: the relay gives up and resets both ends.
 	select {
 	case res := <-done:
-		if !errors.Is(res.Err, errIdle) {
+		if !errors.Is(res.Err, ErrIdle) {
 			t.Errorf("relay ended with %v, want the idle timeout", res.Err)
 		}
 	case <-time.After(3 * time.Second):

@@ -6,6 +6,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/link"
+
 	"github.com/smesh-dev/smesh/pkg/cgroups"
 )
 
@@ -34,4 +38,33 @@ func NewCgroup(t testing.TB) string {
 		}
 	})
 	return path
+}
+
+// maxCgroupPrograms is how many programs of one type the kernel attaches to
+// one cgroup (BPF_CGROUP_MAX_PROGS).
+const maxCgroupPrograms = 64
+
+// FillCgroup attaches to cgroup, which the test created, as many trivial
+// cgroup/connect4 programs (they allow every connect) as the kernel takes,
+// so that attaching one more fails: for tests of what an attach that fails
+// leaves behind. Cleanup detaches them.
+func FillCgroup(t testing.TB, cgroup string) {
+	t.Helper()
+	for range maxCgroupPrograms {
+		prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+			Type:         ebpf.CGroupSockAddr,
+			AttachType:   ebpf.AttachCGroupInet4Connect,
+			Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 1), asm.Return()},
+			License:      "GPL",
+		})
+		if err != nil {
+			t.Fatalf("loading a test program: %v", err)
+		}
+		l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroup, Attach: ebpf.AttachCGroupInet4Connect, Program: prog})
+		prog.Close()
+		if err != nil {
+			t.Fatalf("attaching a test program to %s: %v", cgroup, err)
+		}
+		t.Cleanup(func() { l.Close() })
+	}
 }

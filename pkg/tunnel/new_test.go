@@ -51,6 +51,7 @@ func TestNewDisabledWarns(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer plain.Close()
+	onTestNode(plain)
 	go plain.Server.Serve(context.Background())
 	if !strings.Contains(log.String(), `"level":"warn"`) || !strings.Contains(log.String(), "TUNNEL TLS IS DISABLED") {
 		t.Errorf("no warning for tunnel.tls.mode = \"disabled\": %s", log.String())
@@ -65,11 +66,13 @@ func TestNewDisabledWarns(t *testing.T) {
 	}
 	cfg := tunnelConfig("mtls")
 	cfg.TLS.Cert, cfg.TLS.Key, cfg.TLS.CA = filepath.Join(dir, "a.crt"), filepath.Join(dir, "a.key"), filepath.Join(dir, "ca.crt")
+	cfg.TLS.TrustDomain = "test.local"
 	secure, err := New(cfg, nil, zerolog.Nop())
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer secure.Close()
+	onTestNode(secure)
 	go secure.Server.Serve(context.Background())
 
 	backend := newBackend(t)
@@ -81,17 +84,17 @@ func TestNewDisabledWarns(t *testing.T) {
 		client *Client
 		server *Server
 	}{
-		{"mtls client, plaintext server", NewClient(ClientOptions{PeerPort: plain.Server.Addr().Port(), Credentials: secure.Credentials, Timeout: 2 * time.Second}), plain.Server},
-		{"plaintext client, mtls server", NewClient(ClientOptions{PeerPort: secure.Server.Addr().Port(), Timeout: 2 * time.Second}), secure.Server},
+		{"mtls client, plaintext server", NewClient(ClientOptions{PeerPort: plain.Server.Addr().Port(), Credentials: secure.Credentials, Timeout: 2 * time.Second, Dial: testDial}), plain.Server},
+		{"plaintext client, mtls server", NewClient(ClientOptions{PeerPort: secure.Server.Addr().Port(), Timeout: 2 * time.Second, Dial: testDial}), secure.Server},
 	} {
-		if nc, err := c.client.DialContext(ctx, "tcp", backend.addr().String()); err == nil {
+		if nc, err := c.client.DialContext(ctx, "tcp", onNode(backend.addr()).String()); err == nil {
 			nc.Close()
 			t.Errorf("%s: connected", c.name)
 		}
 	}
 	// Plaintext to plaintext works: disabled means disabled, not broken.
-	pc := NewClient(ClientOptions{PeerPort: plain.Server.Addr().Port()})
-	nc, err := pc.DialContext(ctx, "tcp", backend.addr().String())
+	pc := NewClient(ClientOptions{PeerPort: plain.Server.Addr().Port(), Dial: testDial})
+	nc, err := pc.DialContext(ctx, "tcp", onNode(backend.addr()).String())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -102,20 +105,27 @@ func TestNewDisabledWarns(t *testing.T) {
 	}
 }
 
+// onTestNode makes a tunnel made by New deliver as the harness's server
+// does: to nodeAddr, reached on loopback (see testDial).
+func onTestNode(t *Tunnel) {
+	t.Local.Set([]netip.Addr{nodeAddr})
+	t.Server.scope.Dial = testDial
+}
+
 // TestExpiryWarning: a certificate close to its end is logged as a warning
 // when loaded.
 func TestExpiryWarning(t *testing.T) {
 	p := newPKI(t)
 	p.issue(t, p.ca, "soon", time.Now().Add(-time.Hour), time.Now().Add(48*time.Hour))
 	var log bytes.Buffer
-	if _, err := LoadCredentials(p.path("soon.crt"), p.path("soon.key"), p.path("ca.crt"), nil, zerolog.New(&log)); err != nil {
+	if _, err := LoadCredentials(p.path("soon.crt"), p.path("soon.key"), p.path("ca.crt"), policy(t), zerolog.New(&log)); err != nil {
 		t.Fatal(err)
 	}
 	if !strings.Contains(log.String(), "expires soon") {
 		t.Errorf("no expiry warning for a certificate valid 48 more hours: %q", log.String())
 	}
 	log.Reset()
-	if _, err := LoadCredentials(p.path("a.crt"), p.path("a.key"), p.path("ca.crt"), nil, zerolog.New(&log)); err != nil {
+	if _, err := LoadCredentials(p.path("a.crt"), p.path("a.key"), p.path("ca.crt"), policy(t), zerolog.New(&log)); err != nil {
 		t.Fatal(err)
 	}
 	if strings.Contains(log.String(), "expires soon") {
@@ -133,7 +143,7 @@ func TestBadRotationKeepsOldCredentials(t *testing.T) {
 	}
 	time.Sleep(reloadInterval + 100*time.Millisecond)
 	for range 3 { // the first handshake after the interval tries the reload
-		nc, err := c.DialContext(context.Background(), "tcp", h.backend.addr().String())
+		nc, err := c.DialContext(context.Background(), "tcp", h.dst())
 		if err != nil {
 			var re *RefusedError
 			t.Fatalf("after a broken rotation: %v (refused: %v)", err, errors.As(err, &re))

@@ -19,11 +19,6 @@ import (
 	"github.com/smesh-dev/smesh/pkg/proxy"
 )
 
-// refusalSlots bounds the connections over max_connections that still get a
-// handshake and a too_many_connections status. Beyond them, new connections
-// are reset at once: refusing must stay cheaper than serving.
-const refusalSlots = 64
-
 // ServerOptions configure a Server.
 type ServerOptions struct {
 	Listen netip.AddrPort
@@ -33,13 +28,23 @@ type ServerOptions struct {
 	AllowPorts []uint16
 	// OwnPorts are smeshd's own listener ports, never delivered to.
 	OwnPorts []uint16
-	// MaxConnections bounds the incoming connections open at once,
-	// in handshake or relaying.
+	// MaxConnections bounds the authenticated connections (past their
+	// handshake and header) open at once; more are refused with a status.
 	MaxConnections int
+	// MaxHandshakes and MaxHandshakesPerSource bound the connections not
+	// authenticated yet, in all and per source address (handshakeBudget);
+	// 0: as many as MaxConnections.
+	MaxHandshakes, MaxHandshakesPerSource int
 	// HandshakeTimeout bounds the TLS handshake and the header together.
 	HandshakeTimeout time.Duration
+	// IdleTimeout resets a relayed connection that moved nothing either
+	// way for that long; 0: never.
+	IdleTimeout time.Duration
 	// Local are this node's addresses: the only destinations delivered to.
 	Local *LocalAddrs
+	// Dial connects the server's own listener to local destinations; nil
+	// dials from this process's namespace. (Tests map addresses with it.)
+	Dial func(ctx context.Context, network, address string) (net.Conn, error)
 	// Stats receives the counters; nil gets a private set.
 	Stats  *Stats
 	Logger zerolog.Logger
@@ -63,10 +68,10 @@ type Server struct {
 
 	allowPorts atomic.Pointer[[]uint16] // tunnel.allow_ports, changed by reloads
 
-	slots   chan struct{} // one per connection being served
-	refuses chan struct{} // one per connection being refused for lack of slots
-	wg      sync.WaitGroup
-	closed  atomic.Bool
+	slots      chan struct{} // one per authenticated connection (max_connections)
+	handshakes *handshakeBudget
+	wg         sync.WaitGroup
+	closed     atomic.Bool
 
 	mu    sync.Mutex
 	conns map[*rawConn]struct{}
@@ -112,6 +117,12 @@ func Listen(o ServerOptions) (*Server, error) {
 	if o.Stats == nil {
 		o.Stats = new(Stats)
 	}
+	if o.MaxHandshakes < 1 {
+		o.MaxHandshakes = o.MaxConnections
+	}
+	if o.MaxHandshakesPerSource < 1 {
+		o.MaxHandshakesPerSource = o.MaxHandshakes
+	}
 	ln, err := ListenTCP(o.Listen, o.Logger)
 	if err != nil {
 		return nil, err
@@ -120,15 +131,15 @@ func Listen(o ServerOptions) (*Server, error) {
 	o.OwnPorts = append(slices.Clone(o.OwnPorts), ln.Addr().(*net.TCPAddr).AddrPort().Port())
 	log := o.Logger.With().Str("component", "tunnel-in").Logger()
 	s := &Server{
-		o:       o,
-		ln:      ln,
-		log:     log,
-		errLog:  newLimitedLog(log, 20, time.Second),
-		slots:   make(chan struct{}, o.MaxConnections),
-		refuses: make(chan struct{}, refusalSlots),
-		conns:   make(map[*rawConn]struct{}),
-		lns:     make(map[*net.TCPListener]struct{}),
-		scope:   Scope{Local: o.Local},
+		o:          o,
+		ln:         ln,
+		log:        log,
+		errLog:     newLimitedLog(log, 20, time.Second),
+		slots:      make(chan struct{}, o.MaxConnections),
+		handshakes: newHandshakeBudget(o.MaxHandshakes, o.MaxHandshakesPerSource, staleAfter(o.HandshakeTimeout)),
+		conns:      make(map[*rawConn]struct{}),
+		lns:        make(map[*net.TCPListener]struct{}),
+		scope:      Scope{Local: o.Local, Dial: o.Dial},
 	}
 	if o.Credentials != nil {
 		s.tlsCfg = o.Credentials.ServerConfig()
@@ -143,6 +154,9 @@ func (s *Server) SetAllowPorts(ports []uint16) {
 	p := slices.Clone(ports)
 	s.allowPorts.Store(&p)
 }
+
+// AllowPorts returns tunnel.allow_ports in force.
+func (s *Server) AllowPorts() []uint16 { return slices.Clone(*s.allowPorts.Load()) }
 
 // Addr is the address the listener is bound to.
 func (s *Server) Addr() netip.AddrPort { return s.ln.Addr().(*net.TCPAddr).AddrPort() }
@@ -197,21 +211,22 @@ func (s *Server) serveListener(ctx context.Context, ln *net.TCPListener, scope S
 			continue
 		}
 		raw := &rawConn{TCPConn: c}
-		select {
-		case s.slots <- struct{}{}:
-			s.start(raw, func() { s.serve(ctx, raw, scope); <-s.slots })
-		default:
-			select {
-			case s.refuses <- struct{}{}:
-				s.start(raw, func() { s.refuseFull(ctx, raw); <-s.refuses })
-			default:
-				s.o.Stats.Count(ReasonTooManyConnections)
-				s.errLog.warn().Str("peer", c.RemoteAddr().String()).Str("reason", ReasonTooManyConnections.String()).
-					Int("max_connections", s.o.MaxConnections).Msg("tunnel connection reset: over max_connections")
-				raw.SetLinger(0)
-				c.Close()
-			}
+		src := c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr()
+		p, ok := s.handshakes.admit(src, time.Now(), func() {
+			raw.SetLinger(0)
+			raw.TCPConn.Close()
+		})
+		if !ok {
+			// Refusing must stay cheaper than serving: no handshake, a reset.
+			s.o.Stats.Count(ReasonTooManyHandshakes)
+			s.errLog.warn().Str("peer", c.RemoteAddr().String()).Str("reason", ReasonTooManyHandshakes.String()).
+				Int("max_handshakes", s.o.MaxHandshakes).Int("max_handshakes_per_source", s.o.MaxHandshakesPerSource).
+				Msg("tunnel connection reset: too many connections in their handshake")
+			raw.SetLinger(0)
+			c.Close()
+			continue
 		}
+		s.start(raw, func() { s.serve(ctx, raw, scope, p) })
 	}
 }
 
@@ -273,12 +288,23 @@ type refusal struct {
 	err    error
 }
 
-// serve runs one tunnel connection: handshake, header, checks, status,
+// serve runs one tunnel connection: handshake and header (under the
+// handshake budget, p), then a place among max_connections, checks, status,
 // relay.
-func (s *Server) serve(ctx context.Context, raw *rawConn, scope Scope) {
+func (s *Server) serve(ctx context.Context, raw *rawConn, scope Scope, p *pending) {
 	conn, dst, ref := s.accept(ctx, raw)
+	if s.handshakes.done(p) {
+		ref = &refusal{ReasonHandshakeEvicted, fmt.Errorf("still in its handshake after %s, when a new connection needed the place", staleAfter(s.o.HandshakeTimeout))}
+	}
 	if ref != nil {
 		s.refuse(raw, conn, dst, ref)
+		return
+	}
+	select {
+	case s.slots <- struct{}{}:
+		defer func() { <-s.slots }()
+	default:
+		s.refuse(raw, conn, dst, &refusal{ReasonTooManyConnections, fmt.Errorf("%d connections open (tunnel.max_connections)", s.o.MaxConnections)})
 		return
 	}
 	up, ref := s.deliver(ctx, dst, scope)
@@ -298,10 +324,15 @@ func (s *Server) serve(ctx context.Context, raw *rawConn, scope Scope) {
 	st := &s.o.Stats.In
 	st.Connections.Add(1)
 	st.Active.Add(1)
-	res := proxy.Relay(conn, proxy.TCP(up))
+	res := proxy.RelayIdle(conn, proxy.TCP(up), s.o.IdleTimeout)
 	st.Active.Add(-1)
 	st.BytesRx.Add(uint64(res.AtoB))
 	st.BytesTx.Add(uint64(res.BtoA))
+	if errors.Is(res.Err, proxy.ErrIdle) {
+		s.o.Stats.Count(ReasonIdleTimeout)
+		s.errLog.warn().Str("peer", raw.RemoteAddr().String()).Str("dst", dst.String()).Str("reason", ReasonIdleTimeout.String()).
+			Dur("idle_timeout", s.o.IdleTimeout).Msg("tunnel connection reset: nothing moved for tunnel.idle_timeout")
+	}
 	if e := s.log.Debug(); e.Enabled() {
 		if conn.tls != nil {
 			e = e.Str("peer_id", PeerID(conn.tls.ConnectionState()))
@@ -364,10 +395,13 @@ func readHeader(conn *Conn) (netip.AddrPort, *refusal) {
 }
 
 // deliver checks dst and connects to it. Only addresses of the listener's
-// namespace, never smeshd's own ports, and only allow_ports when set: the
-// tunnel port must never be an open relay.
+// namespace, never loopback, never smeshd's own ports, and only allow_ports
+// when set: the tunnel port must never be an open relay, nor a way to the
+// services a node keeps on localhost.
 func (s *Server) deliver(ctx context.Context, dst netip.AddrPort, scope Scope) (*net.TCPConn, *refusal) {
 	switch {
+	case dst.Addr().Unmap().IsLoopback():
+		return nil, &refusal{ReasonLoopback, fmt.Errorf("%s is a loopback address: no captured connection goes to another node's loopback", dst.Addr())}
 	case !scope.Local.Contains(dst.Addr()):
 		return nil, &refusal{ReasonNotLocal, fmt.Errorf("%s is not an address of this node", dst.Addr())}
 	case slices.Contains(s.o.OwnPorts, dst.Port()):
@@ -424,14 +458,4 @@ func (s *Server) refuse(raw *rawConn, conn *Conn, dst netip.AddrPort, ref *refus
 		return
 	}
 	conn.Abort()
-}
-
-// refuseFull answers too_many_connections to a connection over the limit:
-// after the handshake and header, so that the client reads a clear reason.
-func (s *Server) refuseFull(ctx context.Context, raw *rawConn) {
-	conn, dst, ref := s.accept(ctx, raw)
-	if ref == nil {
-		ref = &refusal{ReasonTooManyConnections, fmt.Errorf("%d connections open (tunnel.max_connections)", s.o.MaxConnections)}
-	}
-	s.refuse(raw, conn, dst, ref)
 }

@@ -28,22 +28,33 @@ const (
 	ReasonOwnPort            Reason = 7 // destination is one of smeshd's own listeners
 	ReasonTooManyConnections Reason = 8 // [tunnel] max_connections reached
 	ReasonUnreachable        Reason = 9 // the local destination refused or did not answer
+	// Destination is a loopback address: a captured connection's original
+	// destination is never another node's loopback, so only a peer that
+	// wants to reach services bound to localhost sends one. A peer older
+	// than this code still reads a refusal, named "reason_10".
+	ReasonLoopback Reason = 10
 
 	// Counted and logged only: the connection ends before a status can be
 	// sent, or the failure is on the client's side.
-	ReasonNotTLS             Reason = 64 // plaintext or garbage where a TLS handshake belongs
-	ReasonTLSHandshake       Reason = 65 // any other handshake failure
-	ReasonHandshakeTimeout   Reason = 66 // handshake not done within handshake_timeout
-	ReasonUnknownCA          Reason = 67 // peer certificate not signed by [tunnel.tls] ca
-	ReasonCertExpired        Reason = 68 // peer certificate expired or not yet valid
-	ReasonBadIdentity        Reason = 69 // peer certificate has no valid SPIFFE ID, but allow_identities needs one
-	ReasonIdentityNotAllowed Reason = 70 // peer SPIFFE ID not in allow_identities
-	ReasonHeaderTimeout      Reason = 71 // header not complete within handshake_timeout
-	ReasonTruncatedHeader    Reason = 72 // connection ended inside the header
-	ReasonPeerUnreachable    Reason = 80 // client: the peer's tunnel port did not answer
-	ReasonPeerHandshake      Reason = 81 // client: TLS handshake with the peer failed
-	ReasonPeerRefused        Reason = 82 // client: the peer refused (its reason is logged)
-	ReasonPeerProtocol       Reason = 83 // client: the peer's status was not a v1 status
+	ReasonNotTLS               Reason = 64 // plaintext or garbage where a TLS handshake belongs
+	ReasonTLSHandshake         Reason = 65 // any other handshake failure
+	ReasonHandshakeTimeout     Reason = 66 // handshake not done within handshake_timeout
+	ReasonUnknownCA            Reason = 67 // peer certificate not signed by [tunnel.tls] ca
+	ReasonCertExpired          Reason = 68 // peer certificate expired or not yet valid
+	ReasonBadIdentity          Reason = 69 // peer certificate has no valid SPIFFE ID (every peer needs one)
+	ReasonIdentityNotAllowed   Reason = 70 // peer SPIFFE ID not in allow_identities
+	ReasonHeaderTimeout        Reason = 71 // header not complete within handshake_timeout
+	ReasonTruncatedHeader      Reason = 72 // connection ended inside the header
+	ReasonWrongTrustDomain     Reason = 73 // peer SPIFFE ID not in [tunnel.tls] trust_domain
+	ReasonTooManyHandshakes    Reason = 74 // max_handshakes(_per_source) reached, none stale: reset at once
+	ReasonHandshakeEvicted     Reason = 75 // a stale handshake reset to make room for a new connection
+	ReasonIdleTimeout          Reason = 76 // a tunnelled connection moved nothing for [tunnel] idle_timeout
+	ReasonPeerUnreachable      Reason = 80 // client: the peer's tunnel port did not answer
+	ReasonPeerHandshake        Reason = 81 // client: TLS handshake with the peer failed
+	ReasonPeerRefused          Reason = 82 // client: the peer refused (its reason is logged)
+	ReasonPeerProtocol         Reason = 83 // client: the peer's status was not a v1 status
+	ReasonPeerRefusedHandshake Reason = 84 // client: the peer refused this node's certificate (a TLS alert)
+	ReasonPeerIdentity         Reason = 85 // client: the server's identity is not pinned for the destination
 
 	// ReasonUnknown stands for a reason code this version does not know,
 	// e.g. one answered by a newer peer.
@@ -52,30 +63,37 @@ const (
 
 // reasonNames are the label values of smesh_tunnel_errors_total{reason}.
 var reasonNames = map[Reason]string{
-	ReasonNone:               "none",
-	ReasonBadMagic:           "bad_magic",
-	ReasonUnsupportedVersion: "unsupported_version",
-	ReasonBadHeader:          "bad_header",
-	ReasonOversizedHeader:    "oversized_header",
-	ReasonNotLocal:           "not_local",
-	ReasonPortNotAllowed:     "port_not_allowed",
-	ReasonOwnPort:            "own_port",
-	ReasonTooManyConnections: "too_many_connections",
-	ReasonUnreachable:        "unreachable",
-	ReasonNotTLS:             "not_tls",
-	ReasonTLSHandshake:       "tls_handshake",
-	ReasonHandshakeTimeout:   "handshake_timeout",
-	ReasonUnknownCA:          "unknown_ca",
-	ReasonCertExpired:        "cert_expired",
-	ReasonBadIdentity:        "bad_identity",
-	ReasonIdentityNotAllowed: "identity_not_allowed",
-	ReasonHeaderTimeout:      "header_timeout",
-	ReasonTruncatedHeader:    "truncated_header",
-	ReasonPeerUnreachable:    "peer_unreachable",
-	ReasonPeerHandshake:      "peer_handshake",
-	ReasonPeerRefused:        "peer_refused",
-	ReasonPeerProtocol:       "peer_protocol",
-	ReasonUnknown:            "unknown",
+	ReasonNone:                 "none",
+	ReasonBadMagic:             "bad_magic",
+	ReasonUnsupportedVersion:   "unsupported_version",
+	ReasonBadHeader:            "bad_header",
+	ReasonOversizedHeader:      "oversized_header",
+	ReasonNotLocal:             "not_local",
+	ReasonPortNotAllowed:       "port_not_allowed",
+	ReasonOwnPort:              "own_port",
+	ReasonTooManyConnections:   "too_many_connections",
+	ReasonUnreachable:          "unreachable",
+	ReasonLoopback:             "loopback",
+	ReasonNotTLS:               "not_tls",
+	ReasonTLSHandshake:         "tls_handshake",
+	ReasonHandshakeTimeout:     "handshake_timeout",
+	ReasonUnknownCA:            "unknown_ca",
+	ReasonCertExpired:          "cert_expired",
+	ReasonBadIdentity:          "bad_identity",
+	ReasonIdentityNotAllowed:   "identity_not_allowed",
+	ReasonHeaderTimeout:        "header_timeout",
+	ReasonTruncatedHeader:      "truncated_header",
+	ReasonWrongTrustDomain:     "wrong_trust_domain",
+	ReasonTooManyHandshakes:    "too_many_handshakes",
+	ReasonHandshakeEvicted:     "handshake_evicted",
+	ReasonIdleTimeout:          "idle_timeout",
+	ReasonPeerUnreachable:      "peer_unreachable",
+	ReasonPeerHandshake:        "peer_handshake",
+	ReasonPeerRefused:          "peer_refused",
+	ReasonPeerProtocol:         "peer_protocol",
+	ReasonPeerRefusedHandshake: "peer_refused_handshake",
+	ReasonPeerIdentity:         "peer_identity",
+	ReasonUnknown:              "unknown",
 }
 
 // String returns the reason's snake_case name; a code this version does not

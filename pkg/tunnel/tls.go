@@ -5,15 +5,14 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/rs/zerolog"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 )
 
@@ -37,7 +36,7 @@ const (
 // that does not match) is logged and the previous set stays in use.
 type Credentials struct {
 	certFile, keyFile, caFile string
-	allow                     atomic.Pointer[[]spiffeid.ID] // changed by reloads
+	policy                    atomic.Pointer[IdentityPolicy] // changed by reloads
 	log                       zerolog.Logger
 
 	cur        atomic.Pointer[credSet]
@@ -63,16 +62,14 @@ type fileStamp struct {
 	ino   uint64
 }
 
-// LoadCredentials reads the three files. allow are the SPIFFE IDs a peer
-// may have; empty allows every certificate the CA signed.
-func LoadCredentials(certFile, keyFile, caFile string, allow []string, log zerolog.Logger) (*Credentials, error) {
+// LoadCredentials reads the three files. policy says which peers'
+// certificates are accepted; this node's own must pass its trust domain.
+func LoadCredentials(certFile, keyFile, caFile string, policy *IdentityPolicy, log zerolog.Logger) (*Credentials, error) {
 	c := &Credentials{
 		certFile: certFile, keyFile: keyFile, caFile: caFile,
 		log: log.With().Str("component", "tunnel-tls").Logger(),
 	}
-	if err := c.SetAllowIdentities(allow); err != nil {
-		return nil, err
-	}
+	c.policy.Store(policy)
 	set, err := c.load()
 	if err != nil {
 		return nil, err
@@ -83,19 +80,25 @@ func LoadCredentials(certFile, keyFile, caFile string, allow []string, log zerol
 	return c, nil
 }
 
-// SetAllowIdentities replaces the SPIFFE IDs a peer may have (empty: every
-// certificate of the CA). New handshakes see the new list at once.
-func (c *Credentials) SetAllowIdentities(allow []string) error {
-	ids := make([]spiffeid.ID, 0, len(allow))
-	for _, s := range allow {
-		id, err := spiffeid.FromString(s)
-		if err != nil {
-			return fmt.Errorf("tunnel.tls.allow_identities: %q: %w", s, err)
-		}
-		ids = append(ids, id)
+// CheckPolicy reports whether policy could be put in force: this node's
+// certificate must pass its trust domain.
+func (c *Credentials) CheckPolicy(policy *IdentityPolicy) error {
+	return policy.checkOwn(c.certFile, c.cur.Load().cert.Leaf)
+}
+
+// SetPolicy puts policy in force for new handshakes (a reload) and returns
+// the one it replaces. Call CheckPolicy first.
+func (c *Credentials) SetPolicy(policy *IdentityPolicy) (previous *IdentityPolicy) {
+	return c.policy.Swap(policy)
+}
+
+// Identity is the SPIFFE ID of this node's certificate, or "".
+func (c *Credentials) Identity() string {
+	id, err := x509svid.IDFromCert(c.cur.Load().cert.Leaf)
+	if err != nil {
+		return ""
 	}
-	c.allow.Store(&ids)
-	return nil
+	return id.String()
 }
 
 // NotAfter is when this node's certificate expires (for metrics).
@@ -112,8 +115,20 @@ func (c *Credentials) ServerConfig() *tls.Config {
 	}
 }
 
-// clientConfig is the TLS configuration for the next tunnel connection.
-func (c *Credentials) clientConfig() *tls.Config { return c.current().client }
+// clientConfig is the TLS configuration for the next tunnel connection, to
+// the node of dst: a server dst is pinned to ([[tunnel.tls.peers]]) must
+// have one of the pinned identities.
+func (c *Credentials) clientConfig(dst netip.Addr) *tls.Config {
+	set := c.current()
+	if _, ok := c.policy.Load().pinned(dst); !ok {
+		return set.client
+	}
+	// The clone shares the session cache: a session resumed with another
+	// server is checked all the same (VerifyConnection runs on resumption).
+	cfg := set.client.Clone()
+	cfg.VerifyConnection = func(cs tls.ConnectionState) error { return c.verifyServer(set, cs, dst) }
+	return cfg
+}
 
 // current returns the credentials in force, first reloading them if a
 // file changed.
@@ -201,6 +216,9 @@ func (c *Credentials) load() (*credSet, error) {
 	if _, err := cert.Leaf.Verify(x509.VerifyOptions{Roots: pool, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
 		return nil, fmt.Errorf("tunnel.tls.cert %s does not verify against tunnel.tls.ca %s: %w", c.certFile, c.caFile, err)
 	}
+	if err := c.policy.Load().checkOwn(c.certFile, cert.Leaf); err != nil {
+		return nil, err
+	}
 
 	set := &credSet{stamps: stamps, cert: cert, pool: pool}
 	set.server = &tls.Config{
@@ -211,7 +229,8 @@ func (c *Credentials) load() (*credSet, error) {
 		// Also runs on resumed sessions (crypto/tls checks there that
 		// the stored chain still verifies against this ClientCAs).
 		VerifyConnection: func(cs tls.ConnectionState) error {
-			return c.checkIdentity(cs.PeerCertificates[0])
+			_, err := c.policy.Load().check(cs.PeerCertificates[0])
+			return err
 		},
 		DynamicRecordSizingDisabled: true,
 	}
@@ -223,7 +242,7 @@ func (c *Credentials) load() (*credSet, error) {
 		// apply: verifyServer checks the chain and the identity instead,
 		// on every handshake, resumed ones included.
 		InsecureSkipVerify:          true,
-		VerifyConnection:            func(cs tls.ConnectionState) error { return c.verifyServer(set, cs) },
+		VerifyConnection:            func(cs tls.ConnectionState) error { return c.verifyServer(set, cs, netip.Addr{}) },
 		ClientSessionCache:          tls.NewLRUClientSessionCache(1024),
 		DynamicRecordSizingDisabled: true,
 	}
@@ -233,8 +252,8 @@ func (c *Credentials) load() (*credSet, error) {
 // verifyServer checks a peer server's certificate: its chain against the CA
 // (on a resumed session, the chain was verified when the session was made,
 // in this generation's cache; only its validity period is checked again),
-// then its identity.
-func (c *Credentials) verifyServer(set *credSet, cs tls.ConnectionState) error {
+// then its identity, pinned for dst if dst is valid.
+func (c *Credentials) verifyServer(set *credSet, cs tls.ConnectionState, dst netip.Addr) error {
 	if len(cs.PeerCertificates) == 0 {
 		return errors.New("peer sent no certificate")
 	}
@@ -260,31 +279,11 @@ func (c *Credentials) verifyServer(set *credSet, cs tls.ConnectionState) error {
 			return err
 		}
 	}
-	return c.checkIdentity(leaf)
-}
-
-// identityError is a peer certificate whose identity is not allowed.
-type identityError struct {
-	reason Reason
-	err    error
-}
-
-func (e *identityError) Error() string { return e.err.Error() }
-
-// checkIdentity applies allow_identities to a verified peer certificate.
-func (c *Credentials) checkIdentity(leaf *x509.Certificate) error {
-	allow := *c.allow.Load()
-	if len(allow) == 0 {
-		return nil
+	if dst.IsValid() {
+		return c.policy.Load().checkServer(leaf, dst)
 	}
-	id, err := x509svid.IDFromCert(leaf)
-	if err != nil {
-		return &identityError{ReasonBadIdentity, fmt.Errorf("peer certificate has no usable SPIFFE ID: %w", err)}
-	}
-	if !slices.Contains(allow, id) {
-		return &identityError{ReasonIdentityNotAllowed, fmt.Errorf("peer identity %s is not in tunnel.tls.allow_identities", id)}
-	}
-	return nil
+	_, err := c.policy.Load().check(leaf)
+	return err
 }
 
 // PeerID returns the SPIFFE ID of a peer certificate, or "" (for logs).

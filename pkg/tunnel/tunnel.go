@@ -47,7 +47,7 @@ func New(cfg config.Tunnel, ownPorts []uint16, log zerolog.Logger) (*Tunnel, err
 	t := &Tunnel{Local: new(LocalAddrs), Node: new(LocalAddrs), Stats: new(Stats)}
 	switch cfg.TLS.Mode {
 	case "mtls":
-		creds, err := loadConfigured(cfg.TLS, log)
+		creds, err := LoadConfigured(cfg.TLS, log)
 		if err != nil {
 			return nil, err
 		}
@@ -74,15 +74,18 @@ func New(cfg config.Tunnel, ownPorts []uint16, log zerolog.Logger) (*Tunnel, err
 		Logger:      log,
 	})
 	t.Server, err = Listen(ServerOptions{
-		Listen:           cfg.Listen,
-		Credentials:      t.Credentials,
-		AllowPorts:       cfg.AllowPorts,
-		OwnPorts:         slices.Concat(ownPorts, []uint16{cfg.Listen.Port()}),
-		MaxConnections:   cfg.MaxConnections,
-		HandshakeTimeout: cfg.HandshakeTimeout.Duration,
-		Local:            t.Local,
-		Stats:            t.Stats,
-		Logger:           log,
+		Listen:                 cfg.Listen,
+		Credentials:            t.Credentials,
+		AllowPorts:             cfg.AllowPorts,
+		OwnPorts:               slices.Concat(ownPorts, []uint16{cfg.Listen.Port()}),
+		MaxConnections:         cfg.MaxConnections,
+		MaxHandshakes:          cfg.MaxHandshakes,
+		MaxHandshakesPerSource: cfg.MaxHandshakesPerSource,
+		HandshakeTimeout:       cfg.HandshakeTimeout.Duration,
+		IdleTimeout:            cfg.IdleTimeout.Duration,
+		Local:                  t.Local,
+		Stats:                  t.Stats,
+		Logger:                 log,
 	})
 	if err != nil {
 		return nil, err
@@ -90,9 +93,10 @@ func New(cfg config.Tunnel, ownPorts []uint16, log zerolog.Logger) (*Tunnel, err
 	return t, nil
 }
 
-// loadConfigured loads [tunnel.tls] files, saying what to do when they are
-// missing.
-func loadConfigured(c config.TLS, log zerolog.Logger) (*Credentials, error) {
+// LoadConfigured loads the [tunnel.tls] files with the identity policy of
+// c, saying what to do when they are missing. smeshd start and smeshd
+// check both load them with it.
+func LoadConfigured(c config.TLS, log zerolog.Logger) (*Credentials, error) {
 	for _, f := range []struct{ key, path string }{{"cert", c.Cert}, {"key", c.Key}, {"ca", c.CA}} {
 		if _, err := os.Stat(f.path); err != nil {
 			return nil, fmt.Errorf("tunnel.tls.%s: %w: tunnel.tls.mode = \"mtls\" needs this node's certificate, key and CA; "+
@@ -100,20 +104,47 @@ func loadConfigured(c config.TLS, log zerolog.Logger) (*Credentials, error) {
 				"`smeshd certs init --dir DIR --nodes NAME` and use DIR/NAME.crt, DIR/NAME.key and DIR/ca.crt", f.key, err)
 		}
 	}
-	return LoadCredentials(c.Cert, c.Key, c.CA, c.AllowIdentities, log)
+	policy, err := NewIdentityPolicy(c)
+	if err != nil {
+		return nil, err
+	}
+	return LoadCredentials(c.Cert, c.Key, c.CA, policy, log)
 }
 
-// Reconfigure applies the parts of cfg that can change while smeshd runs:
-// tunnel.allow_ports and tunnel.tls.allow_identities. (Certificate files
-// are re-read by themselves when they change.)
-func (t *Tunnel) Reconfigure(cfg config.Tunnel) error {
+// Policy is what a reload may change in the tunnel: where the server
+// delivers (tunnel.allow_ports) and who is a peer (tunnel.tls trust_domain,
+// allow_identities and peers). Prepare makes one, Apply puts it in force.
+type Policy struct {
+	allowPorts []uint16
+	identities *IdentityPolicy // nil without TLS
+}
+
+// Prepare checks cfg's policy without changing anything: the error says
+// why it could not be applied.
+func (t *Tunnel) Prepare(cfg config.Tunnel) (*Policy, error) {
+	p := &Policy{allowPorts: slices.Clone(cfg.AllowPorts)}
 	if t.Credentials != nil {
-		if err := t.Credentials.SetAllowIdentities(cfg.TLS.AllowIdentities); err != nil {
-			return err
+		ids, err := NewIdentityPolicy(cfg.TLS)
+		if err != nil {
+			return nil, err
 		}
+		if err := t.Credentials.CheckPolicy(ids); err != nil {
+			return nil, err
+		}
+		p.identities = ids
 	}
-	t.Server.SetAllowPorts(cfg.AllowPorts)
-	return nil
+	return p, nil
+}
+
+// Apply puts p in force for new connections and returns the policy it
+// replaces, for rolling back. It cannot fail.
+func (t *Tunnel) Apply(p *Policy) (previous *Policy) {
+	previous = &Policy{allowPorts: t.Server.AllowPorts()}
+	if t.Credentials != nil {
+		previous.identities = t.Credentials.SetPolicy(p.identities)
+	}
+	t.Server.SetAllowPorts(p.allowPorts)
+	return previous
 }
 
 // Close closes the server and its connections.

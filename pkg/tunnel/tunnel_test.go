@@ -7,23 +7,31 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/rs/zerolog"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/smesh-dev/smesh/pkg/certs"
+	"github.com/smesh-dev/smesh/pkg/config"
 )
 
 // pki is a test CA with node certificates in a directory, plus material a
-// tunnel must refuse: another CA's node, an expired node.
+// tunnel must refuse: another CA's node, an expired node, and certificates
+// of the CA without a SPIFFE ID ("noid") or with one of another trust
+// domain ("foreign").
 type pki struct {
 	dir string
 	ca  *certs.CA
@@ -44,7 +52,19 @@ func newPKI(t testing.TB) *pki {
 		t.Fatal(err)
 	}
 	p.issue(t, other, "stranger", now.Add(-time.Hour), now.Add(time.Hour))
+	p.issueURIs(t, "noid", nil)
+	p.issueURIs(t, "foreign", []string{"spiffe://other.example/node/a"})
 	return p
+}
+
+func (p *pki) issueURIs(t testing.TB, name string, uris []string) {
+	t.Helper()
+	c, k, err := p.ca.IssueURIs(name, uris, time.Now().Add(-time.Hour), time.Now().Add(time.Hour))
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(p.dir, name+".crt"), c, 0o644)
+	os.WriteFile(filepath.Join(p.dir, name+".key"), k, 0o600)
 }
 
 func (p *pki) issue(t testing.TB, ca *certs.CA, name string, from, to time.Time) {
@@ -61,12 +81,58 @@ func (p *pki) path(name string) string { return filepath.Join(p.dir, name) }
 
 func (p *pki) creds(t testing.TB, node string, allow ...string) *Credentials {
 	t.Helper()
-	c, err := LoadCredentials(p.path(node+".crt"), p.path(node+".key"), p.path("ca.crt"), allow, testLogger(t))
+	return p.credsWith(t, node, policy(t, allow...))
+}
+
+func (p *pki) credsWith(t testing.TB, node string, pol *IdentityPolicy) *Credentials {
+	t.Helper()
+	c, err := LoadCredentials(p.path(node+".crt"), p.path(node+".key"), p.path("ca.crt"), pol, testLogger(t))
 	if err != nil {
 		t.Fatal(err)
 	}
 	return c
 }
+
+// policy is the identity policy of the test trust domain, allowing allow
+// (empty: any identity in it).
+func policy(t testing.TB, allow ...string) *IdentityPolicy {
+	t.Helper()
+	cfg := config.Default().Tunnel.TLS
+	cfg.TrustDomain = "test.local"
+	cfg.AllowIdentities = allow
+	p, err := NewIdentityPolicy(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// nodeAddr stands for the address of the server's node in these tests.
+// The tunnel never delivers to loopback, so the server is told that
+// nodeAddr is local and the test dials map it to 127.0.0.1: no packet is
+// ever sent to it (see testDial).
+var nodeAddr = netip.MustParseAddr("198.18.0.2")
+
+// testDial dials as net.Dialer does, with nodeAddr mapped to 127.0.0.1.
+// Other addresses are refused: tests reach nothing outside loopback.
+func testDial(ctx context.Context, network, address string) (net.Conn, error) {
+	ap, err := netip.ParseAddrPort(address)
+	if err != nil {
+		return nil, err
+	}
+	switch {
+	case ap.Addr() == nodeAddr:
+		ap = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), ap.Port())
+	case !ap.Addr().IsLoopback():
+		return nil, fmt.Errorf("test network: no route to %s", ap)
+	}
+	var d net.Dialer
+	return d.DialContext(ctx, network, ap.String())
+}
+
+// onNode is where the tunnel reaches a loopback server of the test: the
+// same port at nodeAddr.
+func onNode(ap netip.AddrPort) netip.AddrPort { return netip.AddrPortFrom(nodeAddr, ap.Port()) }
 
 // tlsConfig is a bare client configuration presenting node's certificate,
 // for clients that misbehave on purpose.
@@ -175,12 +241,15 @@ type harness struct {
 func newHarness(t testing.TB, mod func(*ServerOptions)) *harness {
 	t.Helper()
 	h := &harness{pki: newPKI(t), backend: newBackend(t), stats: new(Stats)}
+	local := new(LocalAddrs)
+	local.Set([]netip.Addr{nodeAddr})
 	o := ServerOptions{
 		Listen:           netip.MustParseAddrPort("127.0.0.1:0"),
 		Credentials:      h.pki.creds(t, "b", "spiffe://test.local/node/a", "spiffe://test.local/node/b"),
 		MaxConnections:   100,
 		HandshakeTimeout: 2 * time.Second,
-		Local:            new(LocalAddrs),
+		Local:            local,
+		Dial:             testDial,
 		Stats:            h.stats,
 		Logger:           testLogger(t),
 	}
@@ -202,12 +271,26 @@ func (h *harness) client(t testing.TB, node string) *Client {
 	if node != "" {
 		creds = h.pki.creds(t, node)
 	}
-	return NewClient(ClientOptions{PeerPort: h.server.Addr().Port(), Credentials: creds, Timeout: 5 * time.Second, Logger: testLogger(t)})
+	return h.newClient(t, ClientOptions{Credentials: creds})
 }
+
+// newClient makes a client of the harness's server: to its port, through
+// testDial, with a timeout and the test's log unless o says otherwise.
+func (h *harness) newClient(t testing.TB, o ClientOptions) *Client {
+	o.PeerPort, o.Dial = h.server.Addr().Port(), testDial
+	if o.Timeout == 0 {
+		o.Timeout = 5 * time.Second
+	}
+	o.Logger = testLogger(t)
+	return NewClient(o)
+}
+
+// dst is the backend as the tunnel's clients name it.
+func (h *harness) dst() string { return onNode(h.backend.addr()).String() }
 
 func (h *harness) dial(t testing.TB, c *Client, cmd byte) *Conn {
 	t.Helper()
-	nc, err := c.DialContext(context.Background(), "tcp", h.backend.addr().String())
+	nc, err := c.DialContext(context.Background(), "tcp", h.dst())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -261,7 +344,7 @@ func TestEchoAndResumption(t *testing.T) {
 
 func TestNoResumption(t *testing.T) {
 	h := newHarness(t, nil)
-	c := NewClient(ClientOptions{PeerPort: h.server.Addr().Port(), Credentials: h.pki.creds(t, "a"), DisableResumption: true})
+	c := h.newClient(t, ClientOptions{Credentials: h.pki.creds(t, "a"), DisableResumption: true})
 	for range 2 {
 		conn := h.dial(t, c, 'E')
 		if conn.Resumed {
@@ -374,7 +457,7 @@ func TestConcurrent(t *testing.T) {
 	errs := make(chan error, 50)
 	for i := range 50 {
 		wg.Go(func() {
-			nc, err := c.DialContext(context.Background(), "tcp", h.backend.addr().String())
+			nc, err := c.DialContext(context.Background(), "tcp", h.dst())
 			if err != nil {
 				errs <- err
 				return
@@ -443,9 +526,13 @@ func TestBadInput(t *testing.T) {
 	h := newHarness(t, func(o *ServerOptions) {
 		o.HandshakeTimeout = 300 * time.Millisecond
 	})
-	// allow_ports needs a server of its own.
-	hp := newHarness(t, func(o *ServerOptions) { o.AllowPorts = []uint16{1} })
-	backend := h.backend.addr()
+	// allow_ports needs a server of its own; it allows any identity of
+	// the trust domain.
+	hp := newHarness(t, func(o *ServerOptions) {
+		o.AllowPorts = []uint16{1}
+		o.Credentials.SetPolicy(policy(t))
+	})
+	backend := onNode(h.backend.addr())
 	header := func(dst netip.AddrPort) []byte {
 		b, err := AppendHeader(nil, dst)
 		if err != nil {
@@ -472,12 +559,20 @@ func TestBadInput(t *testing.T) {
 		{"unknown version", h, good, func() []byte { b := header(backend); b[4] = 9; return b }(), true, ReasonUnsupportedVersion},
 		{"bad magic", h, good, func() []byte { b := header(backend); b[0] = 'X'; return b }(), true, ReasonBadMagic},
 		{"relay attempt", h, good, header(netip.MustParseAddrPort("192.0.2.1:80")), true, ReasonNotLocal},
-		{"to the tunnel port itself", h, good, header(h.server.Addr()), true, ReasonOwnPort},
-		{"port not allowed", hp, hp.pki.tlsConfig(t, "a"), header(hp.backend.addr()), true, ReasonPortNotAllowed},
-		{"nothing listening", h, good, header(netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), closedPort)), true, ReasonUnreachable},
+		{"to the tunnel port itself", h, good, header(onNode(h.server.Addr())), true, ReasonOwnPort},
+		{"port not allowed", hp, hp.pki.tlsConfig(t, "a"), header(onNode(hp.backend.addr())), true, ReasonPortNotAllowed},
+		{"nothing listening", h, good, header(netip.AddrPortFrom(nodeAddr, closedPort)), true, ReasonUnreachable},
+		// The backend listens on 127.0.0.1: a peer must not reach it.
+		{"loopback", h, good, header(h.backend.addr()), true, ReasonLoopback},
+		{"loopback, another address", h, good, header(netip.AddrPortFrom(netip.MustParseAddr("127.0.0.53"), h.backend.addr().Port())), true, ReasonLoopback},
+		{"loopback IPv6", h, good, header(netip.AddrPortFrom(netip.IPv6Loopback(), h.backend.addr().Port())), true, ReasonLoopback},
+		{"loopback, tunnel port", h, good, header(h.server.Addr()), true, ReasonLoopback},
 		{"other CA", h, h.pki.tlsConfig(t, "stranger"), nil, false, ReasonUnknownCA},
 		{"expired", h, h.pki.tlsConfig(t, "expired"), nil, false, ReasonCertExpired},
 		{"identity not allowed", h, h.pki.tlsConfig(t, "c"), nil, false, ReasonIdentityNotAllowed},
+		// With allow_identities empty the trust domain still decides.
+		{"no SPIFFE ID, any identity allowed", hp, hp.pki.tlsConfig(t, "noid"), nil, false, ReasonBadIdentity},
+		{"another trust domain, any identity allowed", hp, hp.pki.tlsConfig(t, "foreign"), nil, false, ReasonWrongTrustDomain},
 		{"no client certificate", h, &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS13}, nil, false, ReasonTLSHandshake},
 	}
 	for _, c := range cases {
@@ -529,7 +624,7 @@ func TestClientRefusals(t *testing.T) {
 
 	// The peer refuses: a RefusedError naming its reason.
 	c := h.client(t, "a")
-	_, err := c.DialContext(ctx, "tcp", "127.0.0.1:"+itoa(h.server.Addr().Port()))
+	_, err := c.DialContext(ctx, "tcp", onNode(h.server.Addr()).String())
 	var re *RefusedError
 	if !errors.As(err, &re) || re.Reason != ReasonOwnPort {
 		t.Errorf("dial to the tunnel port: %v, want a refusal for own_port", err)
@@ -543,8 +638,8 @@ func TestClientRefusals(t *testing.T) {
 		p := newPKI(t) // another CA, the same names
 		o.Credentials = p.creds(t, "b")
 	})
-	c = NewClient(ClientOptions{PeerPort: stranger.server.Addr().Port(), Credentials: h.pki.creds(t, "a")})
-	if _, err := c.DialContext(ctx, "tcp", stranger.backend.addr().String()); err == nil {
+	c = stranger.newClient(t, ClientOptions{Credentials: h.pki.creds(t, "a")})
+	if _, err := c.DialContext(ctx, "tcp", stranger.dst()); err == nil {
 		t.Error("client accepted a server certificate from another CA")
 	}
 	if n := c.stats.Errors(ReasonPeerHandshake); n != 1 {
@@ -552,14 +647,92 @@ func TestClientRefusals(t *testing.T) {
 	}
 
 	// The server's identity is not allowed.
-	c = NewClient(ClientOptions{PeerPort: h.server.Addr().Port(), Credentials: h.pki.creds(t, "a", "spiffe://test.local/node/z")})
-	if _, err := c.DialContext(ctx, "tcp", h.backend.addr().String()); err == nil {
+	c = h.newClient(t, ClientOptions{Credentials: h.pki.creds(t, "a", "spiffe://test.local/node/z")})
+	if _, err := c.DialContext(ctx, "tcp", h.dst()); err == nil {
 		t.Error("client accepted a server identity outside allow_identities")
+	}
+	// Nor is a server without a SPIFFE ID, or of another trust domain,
+	// with allow_identities empty.
+	// (A TLS server of its own: smeshd would not start with either.)
+	for _, name := range []string{"noid", "foreign"} {
+		ln, err := tls.Listen("tcp4", "127.0.0.1:0", h.pki.tlsConfig(t, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				c.(*tls.Conn).Handshake()
+				c.Close()
+			}
+		}()
+		c = NewClient(ClientOptions{PeerPort: uint16(ln.Addr().(*net.TCPAddr).Port), Credentials: h.pki.creds(t, "a"), Dial: testDial})
+		_, err = c.DialContext(ctx, "tcp", h.dst())
+		if err == nil {
+			t.Errorf("client accepted the server certificate %q", name)
+		}
+		if n := c.stats.Errors(ReasonPeerHandshake); n != 1 {
+			t.Errorf("server certificate %q: client counted %d peer_handshake (%v)", name, n, err)
+		}
 	}
 }
 
-func itoa(p uint16) string {
-	return netip.AddrPortFrom(netip.IPv4Unspecified(), p).String()[len("0.0.0.0:"):]
+// TestPeerRefusesHandshake: when the server refuses this node's
+// certificate, the client says that the peer refused the handshake and
+// what its TLS alert tells, whether the alert comes before the header is
+// sent or after (in TLS 1.3 the client's handshake is done before the
+// server has checked its certificate).
+func TestPeerRefusesHandshake(t *testing.T) {
+	h := newHarness(t, nil) // allows a and b only
+	c := h.client(t, "c")
+	for i := range 10 {
+		_, err := c.DialContext(context.Background(), "tcp", h.dst())
+		if err == nil || !strings.Contains(err.Error(), "refused the TLS handshake") || !strings.Contains(err.Error(), "bad certificate") {
+			t.Fatalf("dial %d with an identity the server refuses: %v, want the peer's refusal and its alert", i, err)
+		}
+	}
+	if n := c.stats.Errors(ReasonPeerRefusedHandshake); n != 10 {
+		t.Errorf("client counted %d peer_refused_handshake of 10; all: %v", n, c.stats.ErrorCounts())
+	}
+
+	// The server resets the connection after its alert, and the client
+	// sends its header only once the reset arrived: the write fails, the
+	// alert is still there to read.
+	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	closed := make(chan struct{})
+	go func() {
+		defer close(closed)
+		nc, err := ln.AcceptTCP()
+		if err != nil {
+			return
+		}
+		strict := h.pki.creds(t, "b", "spiffe://test.local/node/a")
+		tls.Server(nc, strict.ServerConfig()).Handshake()
+		nc.SetLinger(0)
+		nc.Close()
+	}()
+	c = NewClient(ClientOptions{
+		PeerPort:    uint16(ln.Addr().(*net.TCPAddr).Port),
+		Credentials: h.pki.creds(t, "c"),
+		Dial:        testDial,
+		Timeout:     5 * time.Second,
+	})
+	c.testHookHandshakeDone = func() { <-closed }
+	_, err = c.DialContext(context.Background(), "tcp", h.dst())
+	if err == nil || !strings.Contains(err.Error(), "refused the TLS handshake") || !strings.Contains(err.Error(), "bad certificate") {
+		t.Errorf("header sent after the peer's alert and reset: %v, want the peer's refusal and its alert", err)
+	}
+	if n := c.stats.Errors(ReasonPeerRefusedHandshake); n != 1 {
+		t.Errorf("client counted %d peer_refused_handshake; all: %v", n, c.stats.ErrorCounts())
+	}
 }
 
 // TestMaxConnections: over max_connections, a client gets a clear refusal;
@@ -568,7 +741,7 @@ func TestMaxConnections(t *testing.T) {
 	h := newHarness(t, func(o *ServerOptions) { o.MaxConnections = 2 })
 	c := h.client(t, "a")
 	held := []*Conn{h.dial(t, c, 'H'), h.dial(t, c, 'H')}
-	_, err := c.DialContext(context.Background(), "tcp", h.backend.addr().String())
+	_, err := c.DialContext(context.Background(), "tcp", h.dst())
 	var re *RefusedError
 	if !errors.As(err, &re) || re.Reason != ReasonTooManyConnections {
 		t.Fatalf("third connection: %v, want too_many_connections", err)
@@ -578,7 +751,7 @@ func TestMaxConnections(t *testing.T) {
 	held[0].Close()
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		nc, err := c.DialContext(context.Background(), "tcp", h.backend.addr().String())
+		nc, err := c.DialContext(context.Background(), "tcp", h.dst())
 		if err == nil {
 			nc.Close()
 			break
@@ -608,12 +781,12 @@ func TestRotation(t *testing.T) {
 		os.Rename(tmp, h.pki.path(f))
 	}
 	time.Sleep(reloadInterval + 100*time.Millisecond)
-	newClient := NewClient(ClientOptions{PeerPort: h.server.Addr().Port(), Credentials: next.creds(t, "a")})
+	newClient := h.newClient(t, ClientOptions{Credentials: next.creds(t, "a")})
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		// The first handshake after the interval triggers the reload
 		// and may still use the old set.
-		nc, err := newClient.DialContext(context.Background(), "tcp", h.backend.addr().String())
+		nc, err := newClient.DialContext(context.Background(), "tcp", h.dst())
 		if err == nil {
 			nc.Close()
 			break
@@ -623,7 +796,7 @@ func TestRotation(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	if nc, err := c.DialContext(context.Background(), "tcp", h.backend.addr().String()); err == nil {
+	if nc, err := c.DialContext(context.Background(), "tcp", h.dst()); err == nil {
 		nc.Close()
 		t.Error("client of the old CA still accepted after rotation (resumed session?)")
 	}
@@ -694,12 +867,11 @@ func BenchmarkConnect(b *testing.B) {
 	for _, mode := range []string{"resumed", "full"} {
 		b.Run(mode, func(b *testing.B) {
 			h := newHarness(b, nil)
-			c := NewClient(ClientOptions{
-				PeerPort:          h.server.Addr().Port(),
+			c := h.newClient(b, ClientOptions{
 				Credentials:       h.pki.creds(b, "a"),
 				DisableResumption: mode == "full",
 			})
-			dst := h.backend.addr().String()
+			dst := h.dst()
 			var one [1]byte
 			b.ResetTimer()
 			for b.Loop() {
@@ -743,5 +915,219 @@ func BenchmarkThroughput(b *testing.B) {
 	conn.CloseWrite()
 	if _, err := io.ReadAll(conn); err != nil {
 		b.Fatal(err)
+	}
+}
+
+// TestPins: with [[tunnel.tls.peers]], the client opens a tunnel to a
+// destination only to a server whose identity the most specific entry for
+// it lists; destinations outside every entry may be served by any peer.
+func TestPins(t *testing.T) {
+	h := newHarness(t, nil) // the server is node b
+	pinned := func(pins ...Pin) *Client {
+		p := policy(t)
+		p.Pins = pins
+		return h.newClient(t, ClientOptions{Credentials: h.pki.credsWith(t, "a", p)})
+	}
+	b, c := spiffeid.RequireFromString("spiffe://test.local/node/b"), spiffeid.RequireFromString("spiffe://test.local/node/c")
+	node := netip.PrefixFrom(nodeAddr, 32)
+	wide := netip.MustParsePrefix("198.18.0.0/15")
+	for _, tc := range []struct {
+		name string
+		pins []Pin
+		ok   bool
+	}{
+		{"pinned to the server's identity", []Pin{{node, []spiffeid.ID{b}}}, true},
+		{"pinned to another identity", []Pin{{node, []spiffeid.ID{c}}}, false},
+		{"pinned to both", []Pin{{node, []spiffeid.ID{c, b}}}, true},
+		{"the most specific entry decides", []Pin{{node, []spiffeid.ID{c}}, {wide, []spiffeid.ID{b}}}, false},
+		{"the most specific entry decides, allowing", []Pin{{wide, []spiffeid.ID{c}}, {node, []spiffeid.ID{b}}}, true},
+		{"not pinned", []Pin{{netip.MustParsePrefix("198.19.0.0/16"), []spiffeid.ID{c}}}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cl := pinned(tc.pins...)
+			slices.SortStableFunc(cl.creds.policy.Load().Pins, func(x, y Pin) int { return y.Prefix.Bits() - x.Prefix.Bits() })
+			for i := range 2 { // a full handshake, then a resumed one
+				nc, err := cl.DialContext(context.Background(), "tcp", h.dst())
+				if tc.ok {
+					if err != nil {
+						t.Fatalf("dial %d: %v", i, err)
+					}
+					nc.Close()
+					continue
+				}
+				if err == nil {
+					nc.Close()
+					t.Fatalf("dial %d: a server that is not pinned for %s was accepted", i, nodeAddr)
+				}
+				if !strings.Contains(err.Error(), "spiffe://test.local/node/b, which tunnel.tls.peers does not list") {
+					t.Errorf("dial %d: %v", i, err)
+				}
+			}
+			if n := cl.stats.Errors(ReasonPeerIdentity); !tc.ok && n != 2 {
+				t.Errorf("client counted %d peer_identity, want 2", n)
+			}
+		})
+	}
+	// A session resumed for one destination is checked against the pins of
+	// the next: the same server (the same session cache entry) for another
+	// destination pinned to someone else is refused.
+	p := policy(t)
+	p.Pins = []Pin{{netip.PrefixFrom(nodeAddr, 32), []spiffeid.ID{c}}}
+	cl := h.newClient(t, ClientOptions{Credentials: h.pki.credsWith(t, "a", p)})
+	if nc, err := cl.DialContext(context.Background(), "tcp", "127.0.0.1:"+strconv.Itoa(int(h.backend.addr().Port()))); err == nil {
+		nc.Close()
+	}
+	if nc, err := cl.DialContext(context.Background(), "tcp", h.dst()); err == nil {
+		nc.Close()
+		t.Error("a resumed session skipped the pin")
+	}
+}
+
+// TestPinsFromConfig: NewIdentityPolicy turns [[tunnel.tls.peers]] into pins,
+// most specific first.
+func TestPinsFromConfig(t *testing.T) {
+	cfg := config.Default().Tunnel.TLS
+	cfg.Peers = []config.Peer{
+		{CIDRs: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}, Identities: []string{"spiffe://smesh.local/node/x"}},
+		{CIDRs: []netip.Prefix{netip.MustParsePrefix("10.1.2.0/24"), netip.MustParsePrefix("fd00:5e::/32")}, Identities: []string{"spiffe://smesh.local/node/y"}},
+	}
+	p, err := NewIdentityPolicy(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for dst, want := range map[string]string{
+		"10.1.2.3":   "spiffe://smesh.local/node/y",
+		"10.1.3.3":   "spiffe://smesh.local/node/x",
+		"fd00:5e::1": "spiffe://smesh.local/node/y",
+		"11.0.0.1":   "",
+	} {
+		pin, ok := p.pinned(netip.MustParseAddr(dst))
+		got := ""
+		if ok {
+			got = pin.IDs[0].String()
+		}
+		if got != want {
+			t.Errorf("pin for %s: %q, want %q", dst, got, want)
+		}
+	}
+	cfg.Peers[0].Identities = []string{"spiffe://other.example/node/x"}
+	if _, err := NewIdentityPolicy(cfg); err == nil {
+		t.Error("a pinned identity outside the trust domain was accepted")
+	}
+}
+
+// TestHandshakeBudget: many idle connections from one source, more than
+// max_connections and max_handshakes_per_source, renewed as they are
+// refused, neither take the places of authenticated connections nor keep a
+// legitimate peer out, even one from the same source address.
+func TestHandshakeBudget(t *testing.T) {
+	h := newHarness(t, func(o *ServerOptions) {
+		o.MaxConnections = 4
+		o.MaxHandshakes = 16
+		o.MaxHandshakesPerSource = 8
+		o.HandshakeTimeout = time.Minute // idle connections stay until pushed out
+	})
+	c := h.client(t, "a")
+	held := []*Conn{h.dial(t, c, 'H')}
+
+	// 50 idle connections from 127.0.0.1: beyond 8 they are reset at
+	// once, for none of the 8 pending is stale yet.
+	idle := func(src string, n int) {
+		for range n {
+			d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}}
+			// The server may reset it before connect(2) returns.
+			if nc, err := d.Dial("tcp4", h.server.Addr().String()); err == nil {
+				t.Cleanup(func() { nc.Close() })
+			}
+		}
+	}
+	idle("127.0.0.1", 50)
+	h.waitCount(t, ReasonTooManyHandshakes, 42)
+	if total, mine := h.server.handshakes.pendingCount(netip.MustParseAddr("127.0.0.1")); total != 8 || mine != 8 {
+		t.Errorf("%d connections pending, %d from 127.0.0.1; want 8 and 8", total, mine)
+	}
+	// Once they are stale, a peer from the same address takes the place
+	// of the oldest, and gets through; the idle connections held no place
+	// among max_connections.
+	time.Sleep(staleAfter(time.Minute) + 100*time.Millisecond)
+	for range 3 {
+		held = append(held, h.dial(t, c, 'H'))
+	}
+	// (The first one pushed one out; the others found the place free.)
+	if n := h.stats.Errors(ReasonHandshakeEvicted); n != 1 {
+		t.Errorf("%d stale handshakes evicted, want 1", n)
+	}
+	// More sources: over the total, the busiest source with stale
+	// connections (127.0.0.1, not the fresh 127.0.0.2) makes room.
+	idle("127.0.0.2", 8)
+	idle("127.0.0.3", 4)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		total, mine := h.server.handshakes.pendingCount(netip.MustParseAddr("127.0.0.3"))
+		if total == 16 && mine == 4 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d connections pending, %d from 127.0.0.3; want 16 and 4", total, mine)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	_, fromFirst := h.server.handshakes.pendingCount(netip.MustParseAddr("127.0.0.1"))
+	if fromFirst != 4 {
+		t.Errorf("127.0.0.1 has %d pending, want 4: its stale connections make room", fromFirst)
+	}
+	if n := h.stats.Errors(ReasonHandshakeEvicted); n != 4 {
+		t.Errorf("%d stale handshakes evicted in all, want 4", n)
+	}
+	for _, conn := range held {
+		conn.Write([]byte("still served"))
+		conn.CloseWrite()
+		if err := <-h.backend.results; err != nil {
+			t.Errorf("held connection: %v", err)
+		}
+		conn.Close()
+	}
+}
+
+// TestIdleTimeout: a tunnelled connection that moves nothing for
+// idle_timeout is reset at both ends; one that keeps moving is not.
+func TestIdleTimeout(t *testing.T) {
+	h := newHarness(t, func(o *ServerOptions) { o.IdleTimeout = 500 * time.Millisecond })
+	c := h.client(t, "a")
+	busy := h.dial(t, c, 'E')
+	idle := h.dial(t, c, 'H')
+	idle.Write([]byte("then nothing"))
+
+	// The busy one echoes a byte every 100 ms for 1.5 s.
+	for i := range 15 {
+		if _, err := busy.Write([]byte{byte(i)}); err != nil {
+			t.Fatalf("busy connection, write %d: %v", i, err)
+		}
+		var b [1]byte
+		busy.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(busy, b[:]); err != nil || b[0] != byte(i) {
+			t.Fatalf("busy connection, echo %d: %v", i, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	select {
+	case err := <-h.backend.results:
+		if err == nil {
+			t.Error("idle connection: the backend read a clean end of stream, want a reset")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("idle connection still open at the backend")
+	}
+	idle.SetReadDeadline(time.Now().Add(5 * time.Second))
+	var b [1]byte
+	if _, err := idle.Read(b[:]); err == nil || errors.Is(err, io.EOF) || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("idle connection, client side: %v, want a reset", err)
+	}
+	if n := h.stats.Errors(ReasonIdleTimeout); n != 1 {
+		t.Errorf("server counted %d idle_timeout, want 1", n)
+	}
+	busy.CloseWrite()
+	if rest, err := io.ReadAll(busy); err != nil || len(rest) != 0 {
+		t.Errorf("busy connection at its end: %q, %v", rest, err)
 	}
 }

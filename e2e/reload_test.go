@@ -1,0 +1,110 @@
+package e2e
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/smesh-dev/smesh/pkg/testenv"
+)
+
+// reload writes conf as the node's configuration file, sends SIGHUP and
+// waits until smeshd says it is ready again.
+func (n *node) reload(conf string) {
+	n.t.Helper()
+	if err := os.WriteFile(n.confPath, []byte(conf), 0o644); err != nil {
+		n.t.Fatal(err)
+	}
+	if err := n.smeshd.Signal(syscall.SIGHUP); err != nil {
+		n.t.Fatal(err)
+	}
+	if line, err := n.smeshd.ReadLine(10 * time.Second); err != nil || line != "ready" {
+		n.t.Fatalf("smeshd after SIGHUP: %q %v %s", line, err, n.smeshd.Stderr())
+	}
+}
+
+// TestReloadAllOrNothing: a reload whose [capture] cgroups cannot all be
+// attached to changes nothing, not even what comes before the capture in
+// the file or in the switch: include_cidrs (enrolled traffic would leave
+// the node in clear) and allow_identities (the peer's identity check).
+// Either smeshd sees it before switching anything (a file inside a cgroup),
+// or the attach fails (a cgroup that takes no more programs) and what was
+// switched is switched back.
+func TestReloadAllOrNothing(t *testing.T) {
+	a, b := newNode(t), newNode(t)
+	b.capture = "[]"
+	_, addrB := testenv.Link(t, a.ns, b.ns)
+	server := netip.AddrPortFrom(addrB, 9000).String()
+	b.server("", server)
+	b.start("splice", "")
+	a.start("splice", "")
+	good, err := os.ReadFile(a.confPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mount, err := testenv.Cgroup2Mount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rel, _ := filepath.Rel(mount, a.enrolled)
+	full := testenv.NewCgroup(t)
+	testenv.FillCgroup(t, full)
+	fullRel, _ := filepath.Rel(mount, full)
+	other, _ := filepath.Rel(mount, testenv.NewCgroup(t))
+
+	// Everything else in the file would change what a captures and which
+	// peer it accepts.
+	bad := func(extra string) string {
+		conf := strings.Replace(string(good), fmt.Sprintf("cgroups = [%q]", rel),
+			fmt.Sprintf("cgroups = [%q, %q]\ninclude_cidrs = [\"203.0.113.0/24\"]", rel, extra), 1)
+		conf = strings.Replace(conf, "trust_domain = \"test.local\"\n",
+			"trust_domain = \"test.local\"\nallow_identities = [\"spiffe://test.local/node/nobody\"]\n", 1)
+		if conf == string(good) || !strings.Contains(conf, "nobody") || !strings.Contains(conf, "203.0.113.0/24") {
+			t.Fatalf("could not make the bad configuration from:\n%s", good)
+		}
+		return conf
+	}
+	for i, tc := range []struct{ name, cgroup, why string }{
+		{"a file inside a cgroup", other + "/cgroup.procs", "is a file, not a cgroup"},
+		{"a cgroup that takes no more programs", fullRel, "applying [capture]"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a.reload(bad(tc.cgroup))
+			_, text := a.admin("/metrics")
+			if v := metric(t, text, "smesh_config_reloads_total", map[string]string{"result": "error"}); v != float64(i+1) {
+				t.Errorf("smesh_config_reloads_total{result=error} = %v, want %d", v, i+1)
+			}
+			if !strings.Contains(a.smeshd.Stderr(), tc.why) {
+				t.Errorf("the log does not say %q", tc.why)
+			}
+			if !captured(a, a.enrolled, server) {
+				t.Error("after the rejected reload, a connection to the other node is not captured (include_cidrs changed)")
+			}
+			// Through the tunnel: node b's identity is still accepted.
+			a.client(a.enrolled, "oneway", server, "1000000")
+			if n := attached(t, full, ebpf.AttachCGroupInet4Connect); n != 64 {
+				t.Errorf("%d connect4 programs on the full cgroup, want its 64", n)
+			}
+			for _, typ := range []ebpf.AttachType{ebpf.AttachCGroupSockOps, ebpf.AttachCgroupInet4GetPeername} {
+				if n := attached(t, full, typ); n != 0 {
+					t.Errorf("%d %s programs left on a cgroup of the rejected configuration", n, typ)
+				}
+			}
+		})
+	}
+
+	// The same changes without the bad cgroup are applied, all of them.
+	conf := bad("x")
+	conf = strings.Replace(conf, fmt.Sprintf("cgroups = [%q, \"x\"]", rel), fmt.Sprintf("cgroups = [%q]", rel), 1)
+	a.reload(conf)
+	if captured(a, a.enrolled, server) {
+		t.Error("include_cidrs changed to 203.0.113.0/24, but the connection was still captured")
+	}
+}

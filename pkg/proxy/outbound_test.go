@@ -1,0 +1,111 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+)
+
+// recorder is an Observer and a Dialer that notes what it was asked.
+type recorder struct {
+	mu      sync.Mutex
+	dialled []string
+	refused []string
+}
+
+func (r *recorder) ConnOpened(string)               {}
+func (r *recorder) ConnClosed(string, int64, int64) {}
+func (r *recorder) Refused(reason string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.refused = append(r.refused, reason)
+}
+
+func (r *recorder) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
+	r.mu.Lock()
+	r.dialled = append(r.dialled, address)
+	r.mu.Unlock()
+	return nil, errors.New("recorder dials nothing")
+}
+
+func (r *recorder) lists() (dialled, refused []string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]string(nil), r.dialled...), append([]string(nil), r.refused...)
+}
+
+// TestOwnListenerRefused: a captured connection whose original destination
+// is one of smeshd's own listeners (its ports on loopback, on an unspecified
+// address or on an address of the node) is reset, never dialled; others
+// are dialled. Without it, a wrong original destination (conntrack's answer
+// for a connection made straight to the outbound port) made smeshd dial
+// itself again and again.
+func TestOwnListenerRefused(t *testing.T) {
+	const outPort, tunnelPort, adminPort = 18000, 18001, 15000
+	node := netip.MustParseAddr("198.18.0.9")
+	cases := []struct {
+		dst string
+		own bool
+	}{
+		{"127.0.0.1:18000", true},
+		{"127.0.0.7:18001", true},
+		{"[::1]:15000", true},
+		{"[::ffff:127.0.0.1]:18000", true},
+		{"0.0.0.0:18001", true},
+		{"198.18.0.9:18001", true},
+		{"198.18.0.9:15000", true},
+		{"127.0.0.1:9000", false},     // a local server (copy mode dials those)
+		{"198.18.0.9:80", false},      // a local server on the node's address
+		{"198.51.100.1:18001", false}, // another node's tunnel port: its smeshd decides
+	}
+	for _, tc := range cases {
+		t.Run(tc.dst, func(t *testing.T) {
+			rec := &recorder{}
+			out, err := Listen(Options{
+				Listen:      netip.MustParseAddrPort("127.0.0.1:0"),
+				Dialer:      rec,
+				OwnPorts:    []uint16{outPort, tunnelPort, adminPort},
+				Local:       func(a netip.Addr) bool { return a == node },
+				OriginalDst: func(*net.TCPConn) (netip.AddrPort, error) { return netip.MustParseAddrPort(tc.dst), nil },
+				Observer:    rec,
+				Logger:      zerolog.Nop(),
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			go out.Serve(context.Background())
+			t.Cleanup(func() { out.Close() })
+
+			// Reset either way: refused, or its dial failed. The reset
+			// may come before connect(2) returns.
+			c, err := net.Dial("tcp4", out.Addr().String())
+			if err == nil {
+				defer c.Close()
+				c.SetReadDeadline(time.Now().Add(5 * time.Second))
+				var b [1]byte
+				_, err = c.Read(b[:])
+			}
+			if !errors.Is(err, syscall.ECONNRESET) && !errors.Is(err, io.EOF) {
+				t.Fatalf("%v, want the connection reset", err)
+			}
+			dialled, refused := rec.lists()
+			if tc.own {
+				if len(dialled) != 0 || len(refused) != 1 || refused[0] != "own_listener" {
+					t.Errorf("dialled %q, refused %q; want no dial and one own_listener refusal", dialled, refused)
+				}
+				return
+			}
+			if len(dialled) != 1 || dialled[0] != netip.MustParseAddrPort(tc.dst).String() || len(refused) != 0 {
+				t.Errorf("dialled %q, refused %q; want %s dialled", dialled, refused, tc.dst)
+			}
+		})
+	}
+}
