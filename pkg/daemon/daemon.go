@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 
 	sdnotify "github.com/coreos/go-systemd/v22/daemon"
 
@@ -30,14 +31,30 @@ import (
 // NewLogger builds the logger [log] asks for. The level is zerolog's
 // process-wide one, so that a reload can change it for every component's
 // logger at once, and disabled events cost nothing.
+//
+// The console format is coloured only on a terminal: the journal, a pipe or
+// a file gets plain text (escape sequences in the journal make
+// `journalctl -o json` store messages as byte arrays), and so does anyone
+// who sets NO_COLOR.
 func NewLogger(c config.Log, w io.Writer) (zerolog.Logger, error) {
 	if err := setLogLevel(c.Level); err != nil {
 		return zerolog.Logger{}, err
 	}
 	if c.Format == "console" {
-		w = zerolog.ConsoleWriter{Out: w, TimeFormat: time.RFC3339}
+		noColor := !isTerminal(w) || os.Getenv("NO_COLOR") != ""
+		w = zerolog.ConsoleWriter{Out: w, TimeFormat: time.RFC3339, NoColor: noColor}
 	}
 	return zerolog.New(w).With().Timestamp().Logger(), nil
+}
+
+// isTerminal reports whether w is a file open on a terminal.
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	return err == nil
 }
 
 func setLogLevel(level string) error {

@@ -1,10 +1,18 @@
 package daemon
 
 import (
+	"bytes"
 	"errors"
+	"fmt"
+	"io"
+	"os"
 	"strings"
 	"testing"
+	"time"
 
+	"golang.org/x/sys/unix"
+
+	"github.com/smesh-dev/smesh/pkg/config"
 	"github.com/smesh-dev/smesh/pkg/datapath"
 )
 
@@ -44,5 +52,65 @@ func TestResolveMode(t *testing.T) {
 		case got != c.want:
 			t.Errorf("ResolveMode(%q) = %q, want %q", c.mode, got, c.want)
 		}
+	}
+}
+
+// TestConsoleColourOnlyOnTerminal: the console format writes escape
+// sequences to a terminal only, never to the journal, a pipe or a buffer.
+func TestConsoleColourOnlyOnTerminal(t *testing.T) {
+	logLine := func(w io.Writer) {
+		t.Helper()
+		log, err := NewLogger(config.Log{Level: "info", Format: "console"}, w)
+		if err != nil {
+			t.Fatal(err)
+		}
+		log.Info().Str("component", "test").Msg("hello")
+	}
+	var buf bytes.Buffer
+	logLine(&buf)
+	if strings.Contains(buf.String(), "\x1b[") || !strings.Contains(buf.String(), "hello") {
+		t.Errorf("console log to a buffer: %q, want plain text", buf.String())
+	}
+
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	logLine(w)
+	w.Close()
+	out, _ := io.ReadAll(r)
+	r.Close()
+	if strings.Contains(string(out), "\x1b[") {
+		t.Errorf("console log to a pipe (as under systemd): %q, want plain text", out)
+	}
+
+	// A pseudo-terminal gets colours.
+	ptm, err := os.OpenFile("/dev/ptmx", os.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		t.Skipf("no pseudo-terminal to test colours on: %v", err)
+	}
+	defer ptm.Close()
+	if err := unix.IoctlSetPointerInt(int(ptm.Fd()), unix.TIOCSPTLCK, 0); err != nil {
+		t.Fatal(err)
+	}
+	n, err := unix.IoctlGetInt(int(ptm.Fd()), unix.TIOCGPTN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pts, err := os.OpenFile(fmt.Sprintf("/dev/pts/%d", n), os.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pts.Close()
+	t.Setenv("NO_COLOR", "")
+	logLine(pts)
+	got := make([]byte, 4096)
+	ptm.SetReadDeadline(time.Now().Add(5 * time.Second))
+	k, err := ptm.Read(got)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(got[:k]), "\x1b[") {
+		t.Errorf("console log to a terminal: %q, want colours", got[:k])
 	}
 }
