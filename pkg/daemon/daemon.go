@@ -297,6 +297,9 @@ func (d *daemon) start(ctx context.Context) error {
 	if err := d.dp.SetCapture(enrolled, c.IncludeCIDRs, c.ExcludeCIDRs, c.ExcludePorts); err != nil {
 		return err
 	}
+	// Started: a pinned capture now outlives smeshd. Until here a failure
+	// removed every pin this start made.
+	d.dp.Commit()
 	log.Info().Str("mode", string(mode)).Strs("cgroups", enrolled).Str("proxy_cgroup", own).Msg("data path attached")
 	go d.tun.Server.Serve(ctx)
 	return nil

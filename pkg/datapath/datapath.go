@@ -80,8 +80,9 @@ type Datapath struct {
 	msg *ebpf.Program
 	// links are the cgroup attachments, by cgroup and type.
 	links map[attachment]link.Link
-	// proxyCgroup is smeshd's own cgroup.
+	// proxyCgroup is smeshd's own cgroup, proxyCgroupID its id.
 	proxyCgroup     string
+	proxyCgroupID   uint64
 	mode            Mode
 	spliceProxyHops bool
 	// msgAttached: the sk_msg program is attached to the sockhash.
@@ -150,7 +151,8 @@ func Load(opts Options) (_ *Datapath, err error) {
 	}
 	// smeshd's own cgroup gets sock_ops (its sockets are hop ends) and
 	// getsockopt (SO_ORIGINAL_DST), never connect4.
-	d.proxyCgroup, d.mode, d.spliceProxyHops = opts.ProxyCgroup, opts.Mode, opts.SpliceProxyHops
+	d.proxyCgroup, d.proxyCgroupID = opts.ProxyCgroup, proxyCgroupID
+	d.mode, d.spliceProxyHops = opts.Mode, opts.SpliceProxyHops
 	d.ns = &nsMaps{addrs: d.sockops.SmeshAddrs, nsAddrs: d.sockops.SmeshNsAddrs, ready: d.sockops.SmeshNetns}
 	// A pinned set adopted from an earlier run names that run's
 	// namespaces; the caller registers the current ones.
@@ -377,16 +379,29 @@ func ip4(a netip.Addr) uint32 {
 	return uint32(b[0]) | uint32(b[1])<<8 | uint32(b[2])<<16 | uint32(b[3])<<24
 }
 
-// attachment is one program type attached to one cgroup.
+// attachment is one program type attached to one cgroup. The cgroup is
+// known by its id as well as its path: a cgroup removed and made again
+// under the same path (systemd stops and starts a slice) is a new cgroup,
+// which needs new attachments, while the old ones went with the old cgroup.
 type attachment struct {
 	cgroup string
+	id     uint64
 	typ    ebpf.AttachType
 }
 
 // SetCapture changes what is captured: the enrolled cgroups and the
 // destination rules. New attachments and rules are in place before old ones
-// go, and open connections are not touched.
-func (d *Datapath) SetCapture(cgroups []string, include, exclude []netip.Prefix, ports []uint16) error {
+// go, and open connections are not touched. Every cgroup must exist; one
+// that was removed and made again since the last call is attached anew.
+func (d *Datapath) SetCapture(cgroupPaths []string, include, exclude []netip.Prefix, ports []uint16) error {
+	ids := make([]uint64, len(cgroupPaths))
+	for i, cg := range cgroupPaths {
+		id, err := cgroups.ID(cg)
+		if err != nil {
+			return fmt.Errorf("enrolled cgroup: %w", err)
+		}
+		ids[i] = id
+	}
 	capture := captureMaps{d.connect.SmeshInclude, d.connect.SmeshExclude, d.connect.SmeshExcludePorts}
 	if err := capture.sync(include, exclude, ports); err != nil {
 		return err
@@ -394,19 +409,19 @@ func (d *Datapath) SetCapture(cgroups []string, include, exclude []netip.Prefix,
 	// smeshd's own cgroup: getsockopt answers SO_ORIGINAL_DST; sock_ops
 	// only when its sockets are to be spliced.
 	want := map[attachment]*ebpf.Program{
-		{d.proxyCgroup, ebpf.AttachCGroupGetsockopt}: d.connect.SmeshGetsockopt,
+		{d.proxyCgroup, d.proxyCgroupID, ebpf.AttachCGroupGetsockopt}: d.connect.SmeshGetsockopt,
 	}
 	if d.spliceProxyHops {
-		want[attachment{d.proxyCgroup, ebpf.AttachCGroupSockOps}] = d.sockops.SmeshSockops
+		want[attachment{d.proxyCgroup, d.proxyCgroupID, ebpf.AttachCGroupSockOps}] = d.sockops.SmeshSockops
 	}
-	for _, cg := range cgroups {
-		want[attachment{cg, ebpf.AttachCGroupSockOps}] = d.sockops.SmeshSockops
+	for i, cg := range cgroupPaths {
+		want[attachment{cg, ids[i], ebpf.AttachCGroupSockOps}] = d.sockops.SmeshSockops
 	}
 	// connect4 last: a cgroup is captured only once its sockets are seen
 	// by sock_ops.
-	for _, cg := range cgroups {
-		want[attachment{cg, ebpf.AttachCgroupInet4GetPeername}] = d.connect.SmeshGetpeername4
-		want[attachment{cg, ebpf.AttachCGroupInet4Connect}] = d.connect.SmeshConnect4
+	for i, cg := range cgroupPaths {
+		want[attachment{cg, ids[i], ebpf.AttachCgroupInet4GetPeername}] = d.connect.SmeshGetpeername4
+		want[attachment{cg, ids[i], ebpf.AttachCGroupInet4Connect}] = d.connect.SmeshConnect4
 	}
 	if d.links == nil {
 		d.links = make(map[attachment]link.Link)
@@ -433,7 +448,7 @@ func (d *Datapath) SetCapture(cgroups []string, include, exclude []netip.Prefix,
 	if d.pins != nil {
 		keep := make(map[string]bool)
 		for a := range d.links {
-			keep[d.pins.linkPath(a.typ, a.cgroup)] = true
+			keep[d.pins.linkPath(a.typ, a.id)] = true
 		}
 		errs = append(errs, d.pins.pruneLinks(keep))
 	}
@@ -442,7 +457,7 @@ func (d *Datapath) SetCapture(cgroups []string, include, exclude []netip.Prefix,
 
 func (d *Datapath) attach(a attachment, prog *ebpf.Program) (link.Link, error) {
 	if d.pins != nil {
-		return d.pins.attach(d.pins.linkPath(a.typ, a.cgroup), a.cgroup, a.typ, prog)
+		return d.pins.attach(d.pins.linkPath(a.typ, a.id), a.cgroup, a.typ, prog)
 	}
 	l, err := link.AttachCgroup(link.CgroupOptions{Path: a.cgroup, Attach: a.typ, Program: prog})
 	if err != nil {
@@ -606,9 +621,15 @@ func (d *Datapath) SplicedSockets() (int, error) {
 	return n, nil
 }
 
-// Close detaches and unloads everything, except a pinned capture, which
-// stays attached for the next smeshd to adopt. It is safe to call more than
-// once.
+// Commit says that smeshd started: from now on a pinned capture
+// (Options.PinDir) outlives Close and the process. Before Commit, Close
+// also removes every pin this Datapath made, so that a start that fails
+// leaves nothing pinned behind (an earlier run's pins stay).
+func (d *Datapath) Commit() { d.pins.commit() }
+
+// Close detaches and unloads everything, except a pinned capture after
+// Commit, which stays attached for the next smeshd to adopt. It is safe to
+// call more than once.
 func (d *Datapath) Close() error {
 	if d.closed {
 		return nil
@@ -648,6 +669,9 @@ func (d *Datapath) Close() error {
 		if err := c.Close(); err != nil {
 			errs = append(errs, err)
 		}
+	}
+	if err := d.pins.rollback(); err != nil {
+		errs = append(errs, fmt.Errorf("removing the pins of a failed start from %s: %w", d.pins.dir, err))
 	}
 	d.pins.close()
 	return errors.Join(errs...)
