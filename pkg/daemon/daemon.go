@@ -121,6 +121,15 @@ type daemon struct {
 	dp       *datapath.Datapath
 	members  *enrol.Tracker
 	cleanups []func() // run in reverse order on exit
+
+	// What the capture covers (cgroups.go): every enrolled cgroup, the id
+	// of each that exists, the error of the last attempt to attach, and
+	// the problem /readyz reports, if any.
+	cgw        *cgroupWatch
+	enrolled   []string
+	cgroupIDs  map[string]uint64
+	captureErr error
+	problem    string
 }
 
 // Run runs smeshd until ctx is done, then drains (see drain). SIGHUP
@@ -178,6 +187,8 @@ func Run(ctx context.Context, opts Options) (err error) {
 			d.opts.Notify("RELOADING=1")
 			d.reload()
 			d.opts.Notify("READY=1")
+		case <-d.cgw.kick:
+			d.checkCgroups()
 		case <-watchdog:
 			d.opts.Notify("WATCHDOG=1")
 		}
@@ -293,14 +304,17 @@ func (d *daemon) start(ctx context.Context) error {
 	if err := d.startMembers(ctx, enrolled); err != nil {
 		return err
 	}
-	c := cfg.Capture
-	if err := d.dp.SetCapture(enrolled, c.IncludeCIDRs, c.ExcludeCIDRs, c.ExcludePorts); err != nil {
+	if d.cgw, err = newCgroupWatch(); err != nil {
+		return err
+	}
+	d.cleanups = append(d.cleanups, d.cgw.close)
+	if err := d.attachCapture(enrolled, cfg.Capture); err != nil {
 		return err
 	}
 	// Started: a pinned capture now outlives smeshd. Until here a failure
 	// removed every pin this start made.
 	d.dp.Commit()
-	log.Info().Str("mode", string(mode)).Strs("cgroups", enrolled).Str("proxy_cgroup", own).Msg("data path attached")
+	log.Info().Str("mode", string(mode)).Strs("cgroups", presentOf(enrolled, d.cgroupIDs)).Str("proxy_cgroup", own).Msg("data path attached")
 	go d.tun.Server.Serve(ctx)
 	return nil
 }
@@ -358,7 +372,10 @@ func (d *daemon) namespaceCounts() (metrics.NamespaceCounts, error) {
 	return nc, err
 }
 
-// enroll resolves [capture] cgroups and creates the missing ones.
+// enroll resolves [capture] cgroups and creates the missing ones, except
+// where systemd manages the cgroup tree: there it owns them (a slice's
+// cgroup is made by starting the slice), and smeshd attaches to a missing
+// one when it appears (attachCapture, checkCgroups).
 func (d *daemon) enroll(cfg config.Config) ([]string, error) {
 	enrolled, err := cfg.CgroupPaths(d.mount)
 	if err != nil {
@@ -368,7 +385,7 @@ func (d *daemon) enroll(cfg config.Config) ([]string, error) {
 		if d.own != "" && cgroups.Within(d.own, cg) {
 			return nil, fmt.Errorf("capture.cgroups: %s contains smeshd's own cgroup %s: smeshd would capture itself", cg, d.own)
 		}
-		if _, err := os.Stat(cg); errors.Is(err, os.ErrNotExist) {
+		if _, err := os.Stat(cg); errors.Is(err, os.ErrNotExist) && !systemdOwnsCgroups() {
 			if err := os.Mkdir(cg, 0o755); err != nil {
 				return nil, fmt.Errorf("creating enrolled cgroup %s: %w", cg, err)
 			}

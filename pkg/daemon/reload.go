@@ -46,7 +46,7 @@ func (d *daemon) apply(next config.Config) error {
 	// attached to them.
 	d.members.SetCgroups(enrolled)
 	c := next.Capture
-	if err := d.dp.SetCapture(enrolled, c.IncludeCIDRs, c.ExcludeCIDRs, c.ExcludePorts); err != nil {
+	if err := d.attachCapture(enrolled, c); err != nil {
 		return fmt.Errorf("applying [capture]: %w", err)
 	}
 	if err := setLogLevel(next.Log.Level); err != nil {
