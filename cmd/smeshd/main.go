@@ -10,7 +10,9 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
+	"time"
 
 	sdnotify "github.com/coreos/go-systemd/v22/daemon"
 
@@ -34,6 +36,9 @@ Usage:
                           (DIR/ca.crt, DIR/ca.key, DIR/a.crt, DIR/a.key, ...)
   smeshd cleanup [-c FILE] remove the capture that on_failure = "closed" left pinned
                           (capture.pin_dir of FILE, default /etc/smesh/smesh.toml)
+  smeshd reload           make the smeshd running under systemd reload its configuration
+                          and wait: exits non-zero with the reason if it was rejected
+                          (the unit's ExecReload; outside systemd send smeshd SIGHUP)
   smeshd version          print the version
 `
 
@@ -72,6 +77,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			return err
 		}
 		return cleanup(*cfgPath, stdout)
+	case "reload":
+		fs := newFlagSet("reload", stderr)
+		socket := fs.String("socket", "", "control socket of the running smeshd (default: $RUNTIME_DIRECTORY/control, else "+
+			daemon.DefaultRuntimeDir+"/"+daemon.ControlSocketName+")")
+		timeout := fs.Duration("timeout", 80*time.Second, "how long to wait for the reload")
+		if err := parseFlags(fs, args); err != nil {
+			return err
+		}
+		return reload(*socket, *timeout, stdout)
 	case "bench":
 		return runBench(ctx, args, stdout, stderr)
 	case "certs":
@@ -124,6 +138,21 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 	// is attached; without NOTIFY_SOCKET it does nothing.
 	notify := func(state string) { sdnotify.SdNotify(false, state) }
 	return daemon.Run(ctx, daemon.Options{Config: cfg, ConfigPath: *cfgPath, LogOut: stderr, Notify: notify, Version: version})
+}
+
+// reload asks the running smeshd to reload and reports the outcome.
+func reload(socket string, timeout time.Duration, out io.Writer) error {
+	if socket == "" {
+		socket = daemon.ControlSocket()
+	}
+	if socket == "" {
+		socket = filepath.Join(daemon.DefaultRuntimeDir, daemon.ControlSocketName)
+	}
+	if err := daemon.Reload(socket, timeout); err != nil {
+		return fmt.Errorf("reload: %w", err)
+	}
+	fmt.Fprintln(out, "smeshd: configuration reloaded")
+	return nil
 }
 
 // cleanup removes the capture that on_failure = "closed" left pinned.

@@ -102,7 +102,9 @@ type Options struct {
 	ConfigPath string
 	LogOut     io.Writer
 	// Notify reports state changes the systemd way ("READY=1",
-	// "RELOADING=1", "STOPPING=1", "WATCHDOG=1"); nil ignores them.
+	// "RELOADING=1\nMONOTONIC_USEC=...", "STOPPING=1", "WATCHDOG=1",
+	// "STATUS=..."); nil ignores them. READY=1 is always a message of
+	// its own.
 	Notify  func(state string)
 	Version string
 }
@@ -133,7 +135,8 @@ type daemon struct {
 }
 
 // Run runs smeshd until ctx is done, then drains (see drain). SIGHUP
-// reloads the configuration file.
+// reloads the configuration file, and so does a request on the control
+// socket (control.go) when systemd gave smeshd a runtime directory.
 func Run(ctx context.Context, opts Options) (err error) {
 	d := &daemon{opts: opts, cfg: opts.Config}
 	if d.opts.Notify == nil {
@@ -151,8 +154,21 @@ func Run(ctx context.Context, opts Options) (err error) {
 	// drained still dial and relay.
 	serveCtx, stopServing := context.WithCancel(context.Background())
 	d.cleanups = append(d.cleanups, stopServing)
+	// From now on a SIGHUP waits for the loop below instead of ending
+	// smeshd (its default action).
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	if err := d.start(serveCtx); err != nil {
 		return err
+	}
+	reloads := make(chan reloadRequest)
+	if path := ControlSocket(); path != "" && opts.ConfigPath != "" {
+		stop, err := listenControl(serveCtx, path, reloads, d.log)
+		if err != nil {
+			return err
+		}
+		d.cleanups = append(d.cleanups, stop)
 	}
 
 	d.admin.SetReady(true)
@@ -161,9 +177,6 @@ func Run(ctx context.Context, opts Options) (err error) {
 		Str("tunnel", d.tun.Server.Addr().String()).Str("admin", d.admin.Addr().String()).
 		Bool("mtls", d.tun.Credentials != nil).Str("on_failure", d.cfg.Capture.OnFailure).Msg("smeshd ready")
 
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
 	var watchdog <-chan time.Time
 	if interval, err := sdnotify.SdWatchdogEnabled(false); err == nil && interval > 0 {
 		t := time.NewTicker(interval / 2)
@@ -184,9 +197,9 @@ func Run(ctx context.Context, opts Options) (err error) {
 				d.metrics.CertExpiry(d.cfg.Tunnel.TLS.Cert, d.tun.Credentials.NotAfter())
 			}
 		case <-hup:
-			d.opts.Notify("RELOADING=1")
-			d.reload()
-			d.opts.Notify("READY=1")
+			d.reloadNotifying()
+		case r := <-reloads:
+			r.reply <- d.reloadNotifying()
 		case <-d.cgw.kick:
 			d.checkCgroups()
 		case <-watchdog:
