@@ -186,7 +186,11 @@ func check(cfgPath string, out io.Writer) error {
 		if f.Err != nil {
 			status = "MISSING: " + f.Err.Error()
 		}
-		fmt.Fprintf(out, "kernel: %-45s %s\n", f.Name, status)
+		what := "kernel:"
+		if f.Privilege {
+			what = "smeshd:"
+		}
+		fmt.Fprintf(out, "%s %-45s %s\n", what, f.Name, status)
 	}
 	mode, err := daemon.ResolveMode(cfg.Datapath.Mode, features)
 	if err != nil {

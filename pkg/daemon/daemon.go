@@ -74,6 +74,16 @@ func setLogLevel(level string) error {
 // caller warns).
 func ResolveMode(mode string, features []datapath.Feature) (datapath.Mode, error) {
 	if err := datapath.Missing(features, "capture"); err != nil {
+		// Without its capabilities smeshd cannot even probe the kernel:
+		// every probe fails with EPERM. Name what is missing instead.
+		if priv := datapath.MissingPrivileges(features); priv != nil {
+			return "", fmt.Errorf("%w: smeshd needs CAP_BPF and CAP_NET_ADMIN (or CAP_SYS_ADMIN); "+
+				"under systemd, in CapabilityBoundingSet= and AmbientCapabilities= (see deploy/smeshd.service)", priv)
+		}
+		if errors.Is(err, unix.EPERM) {
+			return "", fmt.Errorf("the kernel refuses smesh's capture (operation not permitted): smeshd has CAP_BPF and CAP_NET_ADMIN, "+
+				"but they count only in the initial user namespace, and a seccomp filter or LSM may deny bpf(2): %w", err)
+		}
 		return "", fmt.Errorf("this kernel cannot run smesh's capture: %w", err)
 	}
 	spliceErr := datapath.Missing(features, "splice")
@@ -411,13 +421,19 @@ func (d *daemon) enroll(cfg config.Config) ([]string, error) {
 	return enrolled, nil
 }
 
+// stopMargin is what smeshd asks systemd for beyond drain_timeout when it
+// stops: time to reset what is still open, detach and exit.
+const stopMargin = 10 * time.Second
+
 // drain is the SIGTERM path: stop capturing new connections, let the
 // relayed and tunnelled ones finish for up to daemon.drain_timeout, then
 // exit. Spliced same-node connections are not smeshd's: they keep going.
 func (d *daemon) drain() {
-	d.opts.Notify("STOPPING=1")
-	d.admin.SetDraining()
 	timeout := d.cfg.Daemon.DrainTimeout.Duration
+	// systemd's TimeoutStopSec= is fixed in the unit while drain_timeout
+	// is not: ask for the drain and some time to detach and exit.
+	d.opts.Notify(fmt.Sprintf("STOPPING=1\nEXTEND_TIMEOUT_USEC=%d", (timeout + stopMargin).Microseconds()))
+	d.admin.SetDraining()
 	d.log.Info().Dur("drain_timeout", timeout).Int("relayed", len(d.out.Connections())).Msg("stopping: no new captures, draining")
 	if err := d.dp.StopCapture(); err != nil {
 		d.log.Error().Err(err).Msg("detaching connect4")

@@ -28,6 +28,17 @@ func TestResolveMode(t *testing.T) {
 	noCapture := []datapath.Feature{
 		{Name: "sock_ops programs", NeededFor: "capture", Err: errors.New("not supported")},
 	}
+	// Without CAP_BPF every probe fails, with EPERM: the error must name
+	// the capability, not blame the kernel.
+	noCapBPF := []datapath.Feature{
+		{Name: "CAP_BPF", NeededFor: "capture", Privilege: true, Err: errors.New("missing capability CAP_BPF")},
+		{Name: "CAP_NET_ADMIN", NeededFor: "capture", Privilege: true},
+		{Name: "sock_ops programs", NeededFor: "capture", Err: fmt.Errorf("load: %w", unix.EPERM)},
+	}
+	eperm := []datapath.Feature{
+		{Name: "CAP_BPF", NeededFor: "capture", Privilege: true},
+		{Name: "sock_ops programs", NeededFor: "capture", Err: fmt.Errorf("load: %w", unix.EPERM)},
+	}
 	cases := []struct {
 		mode     string
 		features []datapath.Feature
@@ -40,6 +51,8 @@ func TestResolveMode(t *testing.T) {
 		{"splice", noSkMsg, "", "CONFIG_NET_SOCK_MSG"},
 		{"copy", noSkMsg, datapath.ModeCopy, ""},
 		{"copy", noCapture, "", "sock_ops"},
+		{"auto", noCapBPF, "", "missing capability CAP_BPF: smeshd needs CAP_BPF and CAP_NET_ADMIN"},
+		{"auto", eperm, "", "the kernel refuses smesh's capture (operation not permitted)"},
 		{"turbo", all, "", "want auto, splice or copy"},
 	}
 	for _, c := range cases {
@@ -49,6 +62,8 @@ func TestResolveMode(t *testing.T) {
 			t.Errorf("ResolveMode(%q): %v", c.mode, err)
 		case c.errWants != "" && (err == nil || !strings.Contains(err.Error(), c.errWants)):
 			t.Errorf("ResolveMode(%q) error = %v, want one naming %q", c.mode, err, c.errWants)
+		case err != nil && strings.Contains(err.Error(), "this kernel cannot") && datapath.MissingPrivileges(c.features) != nil:
+			t.Errorf("ResolveMode(%q) error = %v blames the kernel for a missing capability", c.mode, err)
 		case got != c.want:
 			t.Errorf("ResolveMode(%q) = %q, want %q", c.mode, got, c.want)
 		}
