@@ -169,13 +169,13 @@ func (d *daemon) attachCapture(enrolled []string, c config.Capture) error {
 func (d *daemon) checkCgroups() {
 	d.cgw.watch(d.enrolled)
 	ids := cgroupIDs(d.enrolled)
-	changed := false
+	changed, appeared := false, false
 	for _, cg := range d.enrolled {
 		was, now := d.cgroupIDs[cg], ids[cg]
 		if was == now {
 			continue
 		}
-		changed = true
+		changed, appeared = true, appeared || now != 0
 		log := d.log.With().Str("cgroup", cg).Logger()
 		if was != 0 {
 			d.metrics.EnrolledCgroupEvent(metrics.EnrolledRemoved)
@@ -207,7 +207,7 @@ func (d *daemon) checkCgroups() {
 	d.cgroupIDs = ids
 	if d.captureErr != nil {
 		d.log.Error().Err(d.captureErr).Msg("attaching the capture to the enrolled cgroups; trying again at the next change or in " + cgroupCheckInterval.String())
-	} else if changed {
+	} else if appeared {
 		d.log.Info().Strs("cgroups", presentOf(d.enrolled, ids)).Msg("capture attached")
 	}
 	d.reportCgroups()

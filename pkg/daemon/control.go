@@ -97,7 +97,7 @@ func serveControl(ctx context.Context, c net.Conn, requests chan<- reloadRequest
 		select {
 		case requests <- r:
 			if err := <-r.reply; err != nil {
-				answer = "error: " + strings.ReplaceAll(err.Error(), "\n", "; ")
+				answer = "error: configuration rejected, the running one stays in force: " + strings.ReplaceAll(err.Error(), "\n", "; ")
 			} else {
 				answer = "ok"
 			}

@@ -169,9 +169,7 @@ func Run(ctx context.Context, opts Options) (err error) {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
-	if err := d.start(serveCtx); err != nil {
-		return err
-	}
+	// Requests wait for the loop below.
 	reloads := make(chan reloadRequest)
 	if path := ControlSocket(); path != "" && opts.ConfigPath != "" {
 		stop, err := listenControl(serveCtx, path, reloads, d.log)
@@ -180,6 +178,12 @@ func Run(ctx context.Context, opts Options) (err error) {
 		}
 		d.cleanups = append(d.cleanups, stop)
 	}
+	if err := d.start(serveCtx); err != nil {
+		return err
+	}
+	// Started: a pinned capture now outlives smeshd. Until here a failure
+	// removed every pin this start made.
+	d.dp.Commit()
 
 	d.admin.SetReady(true)
 	d.opts.Notify("READY=1")
@@ -334,9 +338,6 @@ func (d *daemon) start(ctx context.Context) error {
 	if err := d.attachCapture(enrolled, cfg.Capture); err != nil {
 		return err
 	}
-	// Started: a pinned capture now outlives smeshd. Until here a failure
-	// removed every pin this start made.
-	d.dp.Commit()
 	log.Info().Str("mode", string(mode)).Strs("cgroups", presentOf(enrolled, d.cgroupIDs)).Str("proxy_cgroup", own).Msg("data path attached")
 	go d.tun.Server.Serve(ctx)
 	return nil
