@@ -201,7 +201,8 @@ func (d *daemon) checkCgroups() {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	d.members.Scan(ctx)
 	cancel()
-	ids = cgroupIDs(d.enrolled)
+	// A cgroup that changes again meanwhile is attached as it is now, and
+	// reported at the next check.
 	c := d.cfg.Capture
 	d.captureErr = d.dp.SetCapture(presentOf(d.enrolled, ids), c.IncludeCIDRs, c.ExcludeCIDRs, c.ExcludePorts)
 	d.cgroupIDs = ids
