@@ -63,6 +63,9 @@ func listenControl(ctx context.Context, path string, requests chan<- reloadReque
 		return nil, fmt.Errorf("control socket: %w", err)
 	}
 	log = log.With().Str("component", "control").Str("socket", path).Logger()
+	// Its own context: a request waiting for a loop that is gone is
+	// answered when the socket closes.
+	ctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -75,6 +78,7 @@ func listenControl(ctx context.Context, path string, requests chan<- reloadReque
 		}
 	}()
 	return func() {
+		cancel()
 		ln.Close()
 		<-done
 		os.Remove(path)

@@ -67,6 +67,33 @@ func TestControlReload(t *testing.T) {
 	}
 }
 
+// TestControlStopWithRequestWaiting: closing the socket while a request
+// waits for a loop that no longer runs answers it instead of hanging.
+func TestControlStopWithRequestWaiting(t *testing.T) {
+	t.Setenv("RUNTIME_DIRECTORY", t.TempDir())
+	path := ControlSocket()
+	stop, err := listenControl(context.Background(), path, make(chan reloadRequest), zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	res := make(chan error, 1)
+	go func() { res <- Reload(path, 5*time.Second) }()
+	time.Sleep(100 * time.Millisecond) // the request is waiting
+	stopped := make(chan struct{})
+	go func() { stop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(5 * time.Second):
+		t.Fatal("closing the control socket hangs while a request waits")
+	}
+	if err := <-res; err == nil || !strings.Contains(err.Error(), "stopping") {
+		t.Errorf("the waiting request got %v, want that smeshd stops", err)
+	}
+	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("control socket left behind: %v", err)
+	}
+}
+
 func TestControlSocketPath(t *testing.T) {
 	t.Setenv("RUNTIME_DIRECTORY", "")
 	if p := ControlSocket(); p != "" {
