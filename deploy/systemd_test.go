@@ -131,9 +131,13 @@ const (
 func sourceTree(t *testing.T) string {
 	t.Helper()
 	dir := t.TempDir()
-	gobin, err := exec.LookPath("go")
-	if err != nil {
-		gobin = filepath.Join(runtime.GOROOT(), "bin", "go")
+	// make test passes the go it found in GO (sudo's PATH may lack it).
+	gobin := os.Getenv("GO")
+	if gobin == "" {
+		var err error
+		if gobin, err = exec.LookPath("go"); err != nil {
+			gobin = filepath.Join(runtime.GOROOT(), "bin", "go")
+		}
 	}
 	// What `make build` runs; static, as the container's libc is not
 	// necessarily the host's.
