@@ -54,8 +54,10 @@ vmlinux:
 # tests were skipped and why, so that a run without root or without the
 # tools the tests drive cannot pass for a full one.
 # Narrower runs: make test PKGS=./pkg/bench TESTFLAGS="-count=1 -run Progress"
+# -timeout: the first run on a machine also builds the systemd tests' root
+# file systems (deploy/, debootstrap: several minutes).
 PKGS ?= ./...
-TESTFLAGS ?= -count=1
+TESTFLAGS ?= -count=1 -timeout 30m
 test:
 	$(GO) build -o bin/testsummary ./hack/testsummary
 	GO=$(GO) ./bin/testsummary $(TESTFLAGS) $(PKGS)
