@@ -19,7 +19,7 @@ help:
 	@echo "demo            two namespace nodes with smeshd, nginx and curl: tunnel and splice at work (root)"
 	@echo "run             build and run smeshd with ./smesh.toml and development certificates in bin/dev-tls (root)"
 	@echo "test            all tests, then how many were skipped and why; kernel tests need root (SMESH_REQUIRE_PRIVILEGED=1 makes skips failures)"
-	@echo "test-deps       install the programs the tests drive: iproute2, iperf3, curl, nginx-light, systemd, nftables (root, apt-get)"
+	@echo "test-deps       install the programs the tests drive: iproute2, iperf3, curl, nginx-light, systemd, nftables, debootstrap, systemd-container (root, apt-get)"
 	@echo "generate        regenerate the BPF bindings and objects (needs clang)"
 	@echo "vmlinux         regenerate bpf/include/vmlinux.h from this kernel's BTF (needs bpftool)"
 	@echo "ci              generate and fail on any diff, gofmt, vet, test"
@@ -54,8 +54,10 @@ vmlinux:
 # tests were skipped and why, so that a run without root or without the
 # tools the tests drive cannot pass for a full one.
 # Narrower runs: make test PKGS=./pkg/bench TESTFLAGS="-count=1 -run Progress"
+# -timeout: the first run on a machine also builds the systemd tests' root
+# file systems (deploy/, debootstrap: several minutes).
 PKGS ?= ./...
-TESTFLAGS ?= -count=1
+TESTFLAGS ?= -count=1 -timeout 30m
 test:
 	$(GO) build -o bin/testsummary ./hack/testsummary
 	GO=$(GO) ./bin/testsummary $(TESTFLAGS) $(PKGS)
@@ -79,6 +81,8 @@ clean:
 # Each smesh-test-*/smesh-bench-* cgroup goes with everything below it, whatever
 # the names there (a pod's cgroup sits below an enrolled one, and may be named
 # by whoever made it): one cgroup.kill for the tree, then rmdir children first.
+# A killed systemd test container (deploy/) also leaves its name=systemd cgroup
+# on a hybrid host, and systemd-nspawn's state in /run.
 # Bridges, veths and wires live in the network namespaces and go with them.
 clean-test-env:
 	@cg=$$(awk '$$3=="cgroup2"{print $$2; exit}' /proc/mounts); \
@@ -89,4 +93,9 @@ clean-test-env:
 				echo "removed cgroup $$d"; else echo "could not remove cgroup $$d"; fi; \
 		done; \
 	done; \
+	v1=$$(awk '$$3=="cgroup" && $$4 ~ /(^|,)name=systemd(,|$$)/ {print $$2; exit}' /proc/mounts); \
+	for top in $$([ -n "$$v1" ] && find "$$v1" -maxdepth 1 -type d -name 'smesh-test-*' 2>/dev/null); do \
+		for d in $$(find "$$top" -depth -type d); do rmdir "$$d" 2>/dev/null && echo "removed name=systemd cgroup $$d"; done; \
+	done; \
+	for d in /run/systemd/nspawn/propagate/smesh-test-*; do [ -d "$$d" ] && rm -rf "$$d" && echo "removed $$d"; done; \
 	for n in $$(ip netns list 2>/dev/null | awk '/^smesh-(test|bench)/{print $$1}'); do ip netns del "$$n" && echo "removed netns $$n"; done

@@ -15,7 +15,8 @@ import (
 )
 
 const (
-	unitFile = "smeshd.service"
+	unitFile  = "smeshd.service"
+	sliceFile = "smesh.slice"
 	// binary is where the unit expects smeshd, and what verifyUnit swaps
 	// for a stub.
 	binary    = "/usr/local/bin/smeshd"
@@ -39,6 +40,29 @@ func TestUnitVerifies(t *testing.T) {
 	}
 	if out, err := verifyUnit(t, sa, unit); err != nil {
 		t.Errorf("systemd-analyze verify %s: %v\n%s", unitFile, err, out)
+	}
+}
+
+// TestSliceVerifies: smesh.slice, which smeshd.service wants, is a valid
+// slice unit.
+func TestSliceVerifies(t *testing.T) {
+	sa := testenv.RequireCommand(t, "systemd-analyze")
+	slice, err := os.ReadFile(sliceFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), sliceFile)
+	if err := os.WriteFile(path, slice, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(sa, "verify", "--man=no", "--generators=no", "--recursive-errors=no", path)
+	cmd.Env = append(os.Environ(), "SYSTEMD_COLORS=0", "SYSTEMD_PAGER=cat")
+	out, err := cmd.CombinedOutput()
+	if err != nil || strings.Contains(string(out), sliceFile) {
+		t.Errorf("systemd-analyze verify %s: %v\n%s", sliceFile, err, out)
+	}
+	if !strings.Contains(readUnit(t), "\nWants=smesh.slice\nAfter=smesh.slice\n") {
+		t.Errorf("%s does not want and come after %s", unitFile, sliceFile)
 	}
 }
 
@@ -105,14 +129,16 @@ func checkPrivileges(settings map[string][]string) error {
 	if filter := strings.Fields(strings.Join(settings["SystemCallFilter"], " ")); !slices.Contains(filter, "bpf") {
 		errs = append(errs, fmt.Errorf("SystemCallFilter = %v does not allow bpf", filter))
 	}
-	// Enrolled cgroups are created and joined at run time.
-	for _, key := range []string{"ProtectControlGroups", "ProtectKernelTunables"} {
-		if v := settings[key]; len(v) > 0 && v[len(v)-1] != "no" {
-			errs = append(errs, fmt.Errorf("%s=%s makes the cgroup tree or /sys/fs/bpf read-only", key, v[len(v)-1]))
-		}
+	// on_failure = "closed" pins in /sys/fs/bpf.
+	if v := settings["ProtectKernelTunables"]; len(v) > 0 && v[len(v)-1] != "no" {
+		errs = append(errs, fmt.Errorf("ProtectKernelTunables=%s makes /sys/fs/bpf read-only", v[len(v)-1]))
 	}
-	if rw := strings.Fields(strings.Join(settings["ReadWritePaths"], " ")); !slices.Contains(rw, "/sys/fs/cgroup") {
-		errs = append(errs, fmt.Errorf("ReadWritePaths = %v does not include /sys/fs/cgroup", rw))
+	if rw := strings.Fields(strings.Join(settings["ReadWritePaths"], " ")); !slices.Contains(rw, "-/sys/fs/bpf") {
+		errs = append(errs, fmt.Errorf("ReadWritePaths = %v does not include -/sys/fs/bpf", rw))
+	}
+	// systemd owns the cgroup tree: smeshd must not write to it.
+	if v := settings["ProtectControlGroups"]; len(v) == 0 || v[len(v)-1] != "yes" {
+		errs = append(errs, fmt.Errorf("ProtectControlGroups = %v, want yes: smeshd only reads the cgroup tree systemd owns", v))
 	}
 	return errors.Join(errs...)
 }

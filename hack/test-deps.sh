@@ -8,7 +8,9 @@
 set -eu
 
 # command the tests run : the Debian package that has it
-needs="ip:iproute2 iperf3:iperf3 curl:curl nginx:nginx-light systemd-analyze:systemd nft:nftables"
+# (debootstrap and systemd-nspawn: deploy/systemd_test.go boots a Debian
+# container with systemd as PID 1.)
+needs="ip:iproute2 iperf3:iperf3 curl:curl nginx:nginx-light systemd-analyze:systemd nft:nftables debootstrap:debootstrap systemd-nspawn:systemd-container"
 
 missing=""
 for need in $needs; do
@@ -19,7 +21,7 @@ for need in $needs; do
 done
 pkgs="$missing${*:+ $*}"
 if [ -z "$pkgs" ]; then
-	echo "test-deps: everything the tests drive is installed (ip, iperf3, curl, nginx, systemd-analyze, nft)"
+	echo "test-deps: everything the tests drive is installed (ip, iperf3, curl, nginx, systemd-analyze, nft, debootstrap, systemd-nspawn)"
 	exit 0
 fi
 if ! command -v apt-get >/dev/null 2>&1; then

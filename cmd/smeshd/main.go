@@ -10,6 +10,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"slices"
 	"syscall"
 	"time"
@@ -40,6 +41,9 @@ Usage:
                           (DIR/ca.crt, DIR/ca.key, DIR/a.crt, DIR/a.key, ...)
   smeshd cleanup [-c FILE] remove the capture that on_failure = "closed" left pinned
                           (capture.pin_dir of FILE, default /etc/smesh/smesh.toml)
+  smeshd reload           make the smeshd running under systemd reload its configuration
+                          and wait: exits non-zero with the reason if it was rejected
+                          (the unit's ExecReload; outside systemd send smeshd SIGHUP)
   smeshd version          print the version
 `
 
@@ -95,6 +99,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, reload <-
 			return err
 		}
 		return cleanup(*cfgPath, stdout)
+	case "reload":
+		fs := newFlagSet("reload", stderr)
+		socket := fs.String("socket", "", "control socket of the running smeshd (default: $RUNTIME_DIRECTORY/control, else "+
+			daemon.DefaultRuntimeDir+"/"+daemon.ControlSocketName+")")
+		timeout := fs.Duration("timeout", 80*time.Second, "how long to wait for the reload")
+		if err := parseFlags(fs, args); err != nil {
+			return err
+		}
+		return reloadRunning(*socket, *timeout, stdout)
 	case "bench":
 		return runBench(ctx, args, stdout, stderr)
 	case "certs":
@@ -147,6 +160,21 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer, reload <-ch
 	// is attached; without NOTIFY_SOCKET it does nothing.
 	notify := func(state string) { sdnotify.SdNotify(false, state) }
 	return daemon.Run(ctx, daemon.Options{Config: cfg, ConfigPath: *cfgPath, Reload: reload, LogOut: stderr, Notify: notify, Version: version})
+}
+
+// reloadRunning asks the running smeshd to reload and reports the outcome.
+func reloadRunning(socket string, timeout time.Duration, out io.Writer) error {
+	if socket == "" {
+		socket = daemon.ControlSocket()
+	}
+	if socket == "" {
+		socket = filepath.Join(daemon.DefaultRuntimeDir, daemon.ControlSocketName)
+	}
+	if err := daemon.Reload(socket, timeout); err != nil {
+		return fmt.Errorf("reload: %w", err)
+	}
+	fmt.Fprintln(out, "smeshd: configuration reloaded")
+	return nil
 }
 
 // cleanup removes the capture that on_failure = "closed" left pinned.
@@ -203,7 +231,11 @@ func check(cfgPath string, out io.Writer) error {
 		if f.Err != nil {
 			status = "MISSING: " + f.Err.Error()
 		}
-		fmt.Fprintf(out, "kernel: %-45s %s\n", f.Name, status)
+		what := "kernel:"
+		if f.Privilege {
+			what = "smeshd:"
+		}
+		fmt.Fprintf(out, "%s %-45s %s\n", what, f.Name, status)
 	}
 	if mode, err := daemon.ResolveMode(cfg.Datapath.Mode, features); err != nil {
 		errs = append(errs, err)

@@ -68,6 +68,9 @@ type Server struct {
 	conns func() []Conn
 	log   zerolog.Logger
 	state atomic.Int32
+	// problem, when not empty, keeps a ready server answering 503 with
+	// it: something smeshd should be doing it cannot do right now.
+	problem atomic.Pointer[string]
 }
 
 // New listens on addr at once, so that a port clash is a startup error, and
@@ -158,6 +161,14 @@ func (s *Server) SetReady(ok bool) {
 	s.state.CompareAndSwap(from, to)
 }
 
+// SetProblem makes /readyz answer 503 with problem as the reason while the
+// server is ready, for as long as smeshd cannot do all it is configured to
+// (e.g. an enrolled cgroup is missing, so nothing is captured there). ""
+// clears it.
+func (s *Server) SetProblem(problem string) {
+	s.problem.Store(&problem)
+}
+
 // SetDraining makes /readyz answer 503 for good, so that whatever routes
 // traffic by readiness stops sending new work while connections drain.
 func (s *Server) SetDraining() { s.state.Store(draining) }
@@ -169,6 +180,10 @@ func (s *Server) healthz(w http.ResponseWriter, r *http.Request) {
 func (s *Server) readyz(w http.ResponseWriter, r *http.Request) {
 	switch s.state.Load() {
 	case ready:
+		if p := s.problem.Load(); p != nil && *p != "" {
+			plain(w, http.StatusServiceUnavailable, "not ready: "+*p)
+			return
+		}
 		plain(w, http.StatusOK, "ready")
 	case draining:
 		plain(w, http.StatusServiceUnavailable, "not ready: draining")

@@ -4,6 +4,7 @@ package daemon
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 
 	sdnotify "github.com/coreos/go-systemd/v22/daemon"
 
@@ -30,14 +32,30 @@ import (
 // NewLogger builds the logger [log] asks for. The level is zerolog's
 // process-wide one, so that a reload can change it for every component's
 // logger at once, and disabled events cost nothing.
+//
+// The console format is coloured only on a terminal: the journal, a pipe or
+// a file gets plain text (escape sequences in the journal make
+// `journalctl -o json` store messages as byte arrays), and so does anyone
+// who sets NO_COLOR.
 func NewLogger(c config.Log, w io.Writer) (zerolog.Logger, error) {
 	if err := setLogLevel(c.Level); err != nil {
 		return zerolog.Logger{}, err
 	}
 	if c.Format == "console" {
-		w = zerolog.ConsoleWriter{Out: w, TimeFormat: time.RFC3339}
+		noColor := !isTerminal(w) || os.Getenv("NO_COLOR") != ""
+		w = zerolog.ConsoleWriter{Out: w, TimeFormat: time.RFC3339, NoColor: noColor}
 	}
 	return zerolog.New(w).With().Timestamp().Logger(), nil
+}
+
+// isTerminal reports whether w is a file open on a terminal.
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	_, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS)
+	return err == nil
 }
 
 func setLogLevel(level string) error {
@@ -57,6 +75,16 @@ func setLogLevel(level string) error {
 // caller warns).
 func ResolveMode(mode string, features []datapath.Feature) (datapath.Mode, error) {
 	if err := datapath.Missing(features, "capture"); err != nil {
+		// Without its capabilities smeshd cannot even probe the kernel:
+		// every probe fails with EPERM. Name what is missing instead.
+		if priv := datapath.MissingPrivileges(features); priv != nil {
+			return "", fmt.Errorf("%w: smeshd needs CAP_BPF and CAP_NET_ADMIN (or CAP_SYS_ADMIN); "+
+				"under systemd, in CapabilityBoundingSet= and AmbientCapabilities= (see deploy/smeshd.service)", priv)
+		}
+		if errors.Is(err, unix.EPERM) {
+			return "", fmt.Errorf("the kernel refuses smesh's capture (operation not permitted): smeshd has CAP_BPF and CAP_NET_ADMIN, "+
+				"but they count only in the initial user namespace, and a seccomp filter or LSM may deny bpf(2): %w", err)
+		}
 		return "", fmt.Errorf("this kernel cannot run smesh's capture: %w", err)
 	}
 	spliceErr := datapath.Missing(features, "splice")
@@ -90,7 +118,9 @@ type Options struct {
 	Reload <-chan os.Signal
 	LogOut io.Writer
 	// Notify reports state changes the systemd way ("READY=1",
-	// "RELOADING=1", "STOPPING=1", "WATCHDOG=1"); nil ignores them.
+	// "RELOADING=1\nMONOTONIC_USEC=...", "STOPPING=1", "WATCHDOG=1",
+	// "STATUS=..."); nil ignores them. READY=1 is always a message of
+	// its own.
 	Notify  func(state string)
 	Version string
 }
@@ -108,13 +138,23 @@ type daemon struct {
 	out      *proxy.Outbound
 	dp       *datapath.Datapath
 	members  *enrol.Tracker
-	enrolled []string // the cgroups in force (cfg's, resolved)
 	cleanups []func() // run in reverse order on exit
+
+	// What the capture covers (cgroups.go): every enrolled cgroup (cfg's,
+	// resolved: the ones in force), the id of each that exists, the error
+	// of the last attempt to attach, and the problem /readyz reports, if
+	// any.
+	cgw        *cgroupWatch
+	enrolled   []string
+	cgroupIDs  map[string]uint64
+	captureErr error
+	problem    string
 }
 
 // Run runs smeshd until ctx is done, then drains (see drain). SIGHUP
 // reloads the configuration file, also when it comes while smeshd starts
-// (once it is ready).
+// (once it is ready), and so does a request on the control socket
+// (control.go) when systemd gave smeshd a runtime directory.
 func Run(ctx context.Context, opts Options) (err error) {
 	reload := opts.Reload
 	if reload == nil {
@@ -139,9 +179,21 @@ func Run(ctx context.Context, opts Options) (err error) {
 	// drained still dial and relay.
 	serveCtx, stopServing := context.WithCancel(context.Background())
 	d.cleanups = append(d.cleanups, stopServing)
+	// Requests wait for the loop below.
+	reloads := make(chan reloadRequest)
+	if path := ControlSocket(); path != "" && opts.ConfigPath != "" {
+		stop, err := listenControl(serveCtx, path, reloads, d.log)
+		if err != nil {
+			return err
+		}
+		d.cleanups = append(d.cleanups, stop)
+	}
 	if err := d.start(serveCtx); err != nil {
 		return err
 	}
+	// Started: a pinned capture now outlives smeshd. Until here a failure
+	// removed every pin this start made.
+	d.dp.Commit()
 
 	d.admin.SetReady(true)
 	d.opts.Notify("READY=1")
@@ -152,9 +204,7 @@ func Run(ctx context.Context, opts Options) (err error) {
 	select {
 	case <-reload:
 		d.log.Info().Msg("a reload was asked for (SIGHUP) while smeshd started: reloading now")
-		d.opts.Notify("RELOADING=1")
-		d.reload()
-		d.opts.Notify("READY=1")
+		d.reloadNotifying()
 	default:
 	}
 	var watchdog <-chan time.Time
@@ -177,9 +227,11 @@ func Run(ctx context.Context, opts Options) (err error) {
 				d.metrics.CertExpiry(d.cfg.Tunnel.TLS.Cert, d.tun.Credentials.NotAfter())
 			}
 		case <-reload:
-			d.opts.Notify("RELOADING=1")
-			d.reload()
-			d.opts.Notify("READY=1")
+			d.reloadNotifying()
+		case r := <-reloads:
+			r.reply <- d.reloadNotifying()
+		case <-d.cgw.kick:
+			d.checkCgroups()
 		case <-watchdog:
 			d.opts.Notify("WATCHDOG=1")
 		}
@@ -309,11 +361,14 @@ func (d *daemon) start(ctx context.Context) error {
 	if err := d.startMembers(ctx, enrolled, ready6); err != nil {
 		return err
 	}
-	c := cfg.Capture
-	if err := d.dp.SetCapture(enrolled, c.IncludeCIDRs, c.ExcludeCIDRs, c.ExcludePorts); err != nil {
+	if d.cgw, err = newCgroupWatch(); err != nil {
 		return err
 	}
-	log.Info().Str("mode", string(mode)).Strs("cgroups", enrolled).Str("proxy_cgroup", own).Msg("data path attached")
+	d.cleanups = append(d.cleanups, d.cgw.close)
+	if err := d.attachCapture(enrolled, cfg.Capture); err != nil {
+		return err
+	}
+	log.Info().Str("mode", string(mode)).Strs("cgroups", presentOf(enrolled, d.cgroupIDs)).Str("proxy_cgroup", own).Msg("data path attached")
 	go d.tun.Server.Serve(ctx)
 	return nil
 }
@@ -372,8 +427,11 @@ func (d *daemon) namespaceCounts() (metrics.NamespaceCounts, error) {
 }
 
 // enroll resolves [capture] cgroups (ResolveCgroups) and creates the
-// missing ones. created are those it made: the caller removes them should
-// what follows fail, or hands them to keepCreated.
+// missing ones, except where systemd manages the cgroup tree: there it owns
+// them (a slice's cgroup is made by starting the slice), and smeshd
+// attaches to a missing one when it appears (attachCapture, checkCgroups).
+// created are those it made: the caller removes them should what follows
+// fail, or hands them to keepCreated.
 func (d *daemon) enroll(cfg config.Config) (enrolled, created []string, err error) {
 	cgs, err := ResolveCgroups(cfg, d.mount)
 	if err != nil {
@@ -383,6 +441,9 @@ func (d *daemon) enroll(cfg config.Config) (enrolled, created []string, err erro
 		if d.own != "" && cgroups.Within(d.own, cg) {
 			return nil, nil, fmt.Errorf("capture.cgroups: %s contains smeshd's own cgroup %s: smeshd would capture itself", cg, d.own)
 		}
+	}
+	if systemdOwnsCgroups() {
+		return cgs.Paths, nil, nil
 	}
 	for _, cg := range cgs.Missing {
 		if err := os.Mkdir(cg, 0o755); err != nil {
@@ -410,13 +471,19 @@ func removeAll(dirs []string) {
 	}
 }
 
+// stopMargin is what smeshd asks systemd for beyond drain_timeout when it
+// stops: time to reset what is still open, detach and exit.
+const stopMargin = 10 * time.Second
+
 // drain is the SIGTERM path: stop capturing new connections, let the
 // relayed and tunnelled ones finish for up to daemon.drain_timeout, then
 // exit. Spliced same-node connections are not smeshd's: they keep going.
 func (d *daemon) drain() {
-	d.opts.Notify("STOPPING=1")
-	d.admin.SetDraining()
 	timeout := d.cfg.Daemon.DrainTimeout.Duration
+	// systemd's TimeoutStopSec= is fixed in the unit while drain_timeout
+	// is not: ask for the drain and some time to detach and exit.
+	d.opts.Notify(fmt.Sprintf("STOPPING=1\nEXTEND_TIMEOUT_USEC=%d", (timeout + stopMargin).Microseconds()))
+	d.admin.SetDraining()
 	d.log.Info().Dur("drain_timeout", timeout).Int("relayed", len(d.out.Connections())).Msg("stopping: no new captures, draining")
 	if err := d.dp.StopCapture(); err != nil {
 		d.log.Error().Err(err).Msg("detaching connect4")

@@ -1,13 +1,19 @@
 package daemon
 
 import (
+	"bytes"
 	"errors"
+	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"reflect"
 	"slices"
 	"strings"
 	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/smesh-dev/smesh/pkg/config"
 	"github.com/smesh-dev/smesh/pkg/datapath"
@@ -25,6 +31,17 @@ func TestResolveMode(t *testing.T) {
 	noCapture := []datapath.Feature{
 		{Name: "sock_ops programs", NeededFor: "capture", Err: errors.New("not supported")},
 	}
+	// Without CAP_BPF every probe fails, with EPERM: the error must name
+	// the capability, not blame the kernel.
+	noCapBPF := []datapath.Feature{
+		{Name: "CAP_BPF", NeededFor: "capture", Privilege: true, Err: errors.New("missing capability CAP_BPF")},
+		{Name: "CAP_NET_ADMIN", NeededFor: "capture", Privilege: true},
+		{Name: "sock_ops programs", NeededFor: "capture", Err: fmt.Errorf("load: %w", unix.EPERM)},
+	}
+	eperm := []datapath.Feature{
+		{Name: "CAP_BPF", NeededFor: "capture", Privilege: true},
+		{Name: "sock_ops programs", NeededFor: "capture", Err: fmt.Errorf("load: %w", unix.EPERM)},
+	}
 	cases := []struct {
 		mode     string
 		features []datapath.Feature
@@ -37,6 +54,8 @@ func TestResolveMode(t *testing.T) {
 		{"splice", noSkMsg, "", "CONFIG_NET_SOCK_MSG"},
 		{"copy", noSkMsg, datapath.ModeCopy, ""},
 		{"copy", noCapture, "", "sock_ops"},
+		{"auto", noCapBPF, "", "missing capability CAP_BPF: smeshd needs CAP_BPF and CAP_NET_ADMIN"},
+		{"auto", eperm, "", "the kernel refuses smesh's capture (operation not permitted)"},
 		{"turbo", all, "", "want auto, splice or copy"},
 	}
 	for _, c := range cases {
@@ -46,6 +65,8 @@ func TestResolveMode(t *testing.T) {
 			t.Errorf("ResolveMode(%q): %v", c.mode, err)
 		case c.errWants != "" && (err == nil || !strings.Contains(err.Error(), c.errWants)):
 			t.Errorf("ResolveMode(%q) error = %v, want one naming %q", c.mode, err, c.errWants)
+		case err != nil && strings.Contains(err.Error(), "this kernel cannot") && datapath.MissingPrivileges(c.features) != nil:
+			t.Errorf("ResolveMode(%q) error = %v blames the kernel for a missing capability", c.mode, err)
 		case got != c.want:
 			t.Errorf("ResolveMode(%q) = %q, want %q", c.mode, got, c.want)
 		}
@@ -130,5 +151,65 @@ func TestResolveCgroups(t *testing.T) {
 				t.Errorf("ResolveCgroups(%q) = %+v, %v; want %+v", tc.cgroups, got, err, tc.want)
 			}
 		})
+	}
+}
+
+// TestConsoleColourOnlyOnTerminal: the console format writes escape
+// sequences to a terminal only, never to the journal, a pipe or a buffer.
+func TestConsoleColourOnlyOnTerminal(t *testing.T) {
+	logLine := func(w io.Writer) {
+		t.Helper()
+		log, err := NewLogger(config.Log{Level: "info", Format: "console"}, w)
+		if err != nil {
+			t.Fatal(err)
+		}
+		log.Info().Str("component", "test").Msg("hello")
+	}
+	var buf bytes.Buffer
+	logLine(&buf)
+	if strings.Contains(buf.String(), "\x1b[") || !strings.Contains(buf.String(), "hello") {
+		t.Errorf("console log to a buffer: %q, want plain text", buf.String())
+	}
+
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	logLine(w)
+	w.Close()
+	out, _ := io.ReadAll(r)
+	r.Close()
+	if strings.Contains(string(out), "\x1b[") {
+		t.Errorf("console log to a pipe (as under systemd): %q, want plain text", out)
+	}
+
+	// A pseudo-terminal gets colours.
+	ptm, err := os.OpenFile("/dev/ptmx", os.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		t.Skipf("no pseudo-terminal to test colours on: %v", err)
+	}
+	defer ptm.Close()
+	if err := unix.IoctlSetPointerInt(int(ptm.Fd()), unix.TIOCSPTLCK, 0); err != nil {
+		t.Fatal(err)
+	}
+	n, err := unix.IoctlGetInt(int(ptm.Fd()), unix.TIOCGPTN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pts, err := os.OpenFile(fmt.Sprintf("/dev/pts/%d", n), os.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pts.Close()
+	t.Setenv("NO_COLOR", "")
+	logLine(pts)
+	got := make([]byte, 4096)
+	ptm.SetReadDeadline(time.Now().Add(5 * time.Second))
+	k, err := ptm.Read(got)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(got[:k]), "\x1b[") {
+		t.Errorf("console log to a terminal: %q, want colours", got[:k])
 	}
 }

@@ -1,8 +1,12 @@
 package daemon
 
 import (
+	"errors"
 	"fmt"
 	"reflect"
+	"strings"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/rs/zerolog"
 
@@ -10,18 +14,42 @@ import (
 	"github.com/smesh-dev/smesh/pkg/tunnel"
 )
 
+// reloadNotifying is one reload as systemd sees it. RELOADING=1 carries
+// the time the reload began (MONOTONIC_USEC, CLOCK_MONOTONIC): with
+// Type=notify-reload (systemd 253+), systemd sends the SIGHUP itself and
+// waits for a RELOADING=1 stamped after its signal, then for READY=1, so
+// `systemctl reload` returns once the reload is done. STATUS= says how it
+// went (`systemctl status smeshd`); it returns the reason of a rejection.
+func (d *daemon) reloadNotifying() error {
+	var now unix.Timespec
+	unix.ClockGettime(unix.CLOCK_MONOTONIC, &now)
+	d.opts.Notify(fmt.Sprintf("RELOADING=1\nMONOTONIC_USEC=%d", now.Nano()/1000))
+	err := d.reload()
+	status := "configuration reloaded"
+	if err != nil {
+		status = "configuration rejected, the running one stays in force: " + err.Error()
+	}
+	if d.problem != "" {
+		status += "; " + d.problem
+	}
+	d.opts.Notify("STATUS=" + strings.ReplaceAll(status, "\n", "; "))
+	d.opts.Notify("READY=1")
+	return err
+}
+
 // reload re-reads the configuration file (SIGHUP). What can change while
 // smeshd runs changes: capture rules and cgroups, tunnel allow_ports, the
 // peers' identities (trust_domain, allow_identities, peers), log level
 // (certificates are re-read by themselves when their files change). Open
 // connections are not touched. A file that does not validate, or that
-// cannot be applied in full, changes nothing. Settings that need a restart
-// keep their running values, and the log says which.
-func (d *daemon) reload() {
+// cannot be applied in full, changes nothing, and its error is returned.
+// Settings that need a restart keep their running values, and the log says
+// which.
+func (d *daemon) reload() error {
 	log := d.log.With().Str("component", "reload").Str("file", d.opts.ConfigPath).Logger()
 	if d.opts.ConfigPath == "" {
 		log.Warn().Msg("SIGHUP ignored: smeshd was not started from a configuration file")
-		return
+		return errors.New("smeshd was not started from a configuration file: nothing to reload")
 	}
 	next, err := config.Load(d.opts.ConfigPath)
 	if err == nil {
@@ -30,9 +58,10 @@ func (d *daemon) reload() {
 	d.metrics.Reload(err == nil)
 	if err != nil {
 		log.Error().Err(err).Msg("configuration rejected; the running configuration stays in force")
-		return
+		return err
 	}
 	log.Info().Msg("configuration reloaded")
+	return nil
 }
 
 // apply puts next in force, all of it or none of it. First everything that
@@ -74,7 +103,7 @@ func (d *daemon) apply(next config.Config) error {
 		// Last, for it is the one that can fail; it changes all or nothing
 		// itself.
 		{"[capture]",
-			func() error { return d.dp.SetCapture(enrolled, c.IncludeCIDRs, c.ExcludeCIDRs, c.ExcludePorts) },
+			func() error { return d.attachCapture(enrolled, c) },
 			nil},
 	})
 	if err != nil {

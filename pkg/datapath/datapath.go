@@ -83,8 +83,9 @@ type Datapath struct {
 	msg *ebpf.Program
 	// links are the cgroup attachments, by cgroup and type.
 	links map[attachment]link.Link
-	// proxyCgroup is smeshd's own cgroup.
+	// proxyCgroup is smeshd's own cgroup, proxyCgroupID its id.
 	proxyCgroup     string
+	proxyCgroupID   uint64
 	mode            Mode
 	spliceProxyHops bool
 	// msgAttached: the sk_msg program is attached to the sockhash.
@@ -158,7 +159,8 @@ func Load(opts Options) (_ *Datapath, err error) {
 	}
 	// smeshd's own cgroup gets sock_ops (its sockets are hop ends) and
 	// getsockopt (SO_ORIGINAL_DST), never connect4.
-	d.proxyCgroup, d.mode, d.spliceProxyHops = opts.ProxyCgroup, opts.Mode, opts.SpliceProxyHops
+	d.proxyCgroup, d.proxyCgroupID = opts.ProxyCgroup, proxyCgroupID
+	d.mode, d.spliceProxyHops = opts.Mode, opts.SpliceProxyHops
 	d.ns = &nsMaps{addrs: d.sockops.SmeshAddrs, nsAddrs: d.sockops.SmeshNsAddrs, ready: d.sockops.SmeshNetns}
 	// A pinned set adopted from an earlier run names that run's
 	// namespaces; the caller registers the current ones.
@@ -405,9 +407,13 @@ func proxyIP6(a netip.AddrPort) [4]uint32 {
 	return bpfAddr(a.Addr()).Ip
 }
 
-// attachment is one program type attached to one cgroup.
+// attachment is one program type attached to one cgroup. The cgroup is
+// known by its id as well as its path: a cgroup removed and made again
+// under the same path (systemd stops and starts a slice) is a new cgroup,
+// which needs new attachments, while the old ones went with the old cgroup.
 type attachment struct {
 	cgroup string
+	id     uint64
 	typ    ebpf.AttachType
 }
 
@@ -422,26 +428,36 @@ type captureRules struct {
 // needs are made first, and should one fail, those just made are detached
 // again and the rules are not touched; then the rules are written (and the
 // previous ones written back should that fail); only then does what is no
-// longer wanted go. Open connections are not touched.
-func (d *Datapath) SetCapture(cgroups []string, include, exclude []netip.Prefix, ports []uint16) error {
+// longer wanted go. Open connections are not touched. Every cgroup must
+// exist; one that was removed and made again since the last call is
+// attached anew.
+func (d *Datapath) SetCapture(cgroupPaths []string, include, exclude []netip.Prefix, ports []uint16) error {
+	ids := make([]uint64, len(cgroupPaths))
+	for i, cg := range cgroupPaths {
+		id, err := cgroups.ID(cg)
+		if err != nil {
+			return fmt.Errorf("enrolled cgroup: %w", err)
+		}
+		ids[i] = id
+	}
 	// smeshd's own cgroup: getsockopt answers SO_ORIGINAL_DST; sock_ops
 	// only when its sockets are to be spliced.
 	want := map[attachment]*ebpf.Program{
-		{d.proxyCgroup, ebpf.AttachCGroupGetsockopt}: d.connect.SmeshGetsockopt,
+		{d.proxyCgroup, d.proxyCgroupID, ebpf.AttachCGroupGetsockopt}: d.connect.SmeshGetsockopt,
 	}
 	if d.spliceProxyHops {
-		want[attachment{d.proxyCgroup, ebpf.AttachCGroupSockOps}] = d.sockops.SmeshSockops
+		want[attachment{d.proxyCgroup, d.proxyCgroupID, ebpf.AttachCGroupSockOps}] = d.sockops.SmeshSockops
 	}
-	for _, cg := range cgroups {
-		want[attachment{cg, ebpf.AttachCGroupSockOps}] = d.sockops.SmeshSockops
+	for i, cg := range cgroupPaths {
+		want[attachment{cg, ids[i], ebpf.AttachCGroupSockOps}] = d.sockops.SmeshSockops
 	}
 	// connect4 last: a cgroup is captured only once its sockets are seen
 	// by sock_ops.
-	for _, cg := range cgroups {
-		want[attachment{cg, ebpf.AttachCgroupInet4GetPeername}] = d.connect.SmeshGetpeername4
-		want[attachment{cg, ebpf.AttachCgroupInet6GetPeername}] = d.connect.SmeshGetpeername6
-		want[attachment{cg, ebpf.AttachCGroupInet4Connect}] = d.connect.SmeshConnect4
-		want[attachment{cg, ebpf.AttachCGroupInet6Connect}] = d.connect.SmeshConnect6
+	for i, cg := range cgroupPaths {
+		want[attachment{cg, ids[i], ebpf.AttachCgroupInet4GetPeername}] = d.connect.SmeshGetpeername4
+		want[attachment{cg, ids[i], ebpf.AttachCgroupInet6GetPeername}] = d.connect.SmeshGetpeername6
+		want[attachment{cg, ids[i], ebpf.AttachCGroupInet4Connect}] = d.connect.SmeshConnect4
+		want[attachment{cg, ids[i], ebpf.AttachCGroupInet6Connect}] = d.connect.SmeshConnect6
 	}
 	if d.links == nil {
 		d.links = make(map[attachment]link.Link)
@@ -497,7 +513,7 @@ func (d *Datapath) SetCapture(cgroups []string, include, exclude []netip.Prefix,
 	if d.pins != nil {
 		keep := make(map[string]bool)
 		for a := range d.links {
-			keep[d.pins.linkPath(a.typ, a.cgroup)] = true
+			keep[d.pins.linkPath(a.typ, a.id)] = true
 		}
 		if err := d.pins.pruneLinks(keep); err != nil {
 			d.log.Error().Err(err).Msg("removing pinned attachments the capture no longer needs")
@@ -508,7 +524,7 @@ func (d *Datapath) SetCapture(cgroups []string, include, exclude []netip.Prefix,
 
 func (d *Datapath) attach(a attachment, prog *ebpf.Program) (link.Link, error) {
 	if d.pins != nil {
-		return d.pins.attach(d.pins.linkPath(a.typ, a.cgroup), a.cgroup, a.typ, prog)
+		return d.pins.attach(d.pins.linkPath(a.typ, a.id), a.cgroup, a.typ, prog)
 	}
 	l, err := link.AttachCgroup(link.CgroupOptions{Path: a.cgroup, Attach: a.typ, Program: prog})
 	if err != nil {
@@ -691,9 +707,15 @@ func (d *Datapath) SplicedSockets() (int, error) {
 	return n, nil
 }
 
-// Close detaches and unloads everything, except a pinned capture, which
-// stays attached for the next smeshd to adopt. It is safe to call more than
-// once.
+// Commit says that smeshd started: from now on a pinned capture
+// (Options.PinDir) outlives Close and the process. Before Commit, Close
+// also removes every pin this Datapath made, so that a start that fails
+// leaves nothing pinned behind (an earlier run's pins stay).
+func (d *Datapath) Commit() { d.pins.commit() }
+
+// Close detaches and unloads everything, except a pinned capture after
+// Commit, which stays attached for the next smeshd to adopt. It is safe to
+// call more than once.
 func (d *Datapath) Close() error {
 	if d.closed {
 		return nil
@@ -734,6 +756,9 @@ func (d *Datapath) Close() error {
 		if err := c.Close(); err != nil {
 			errs = append(errs, err)
 		}
+	}
+	if err := d.pins.rollback(); err != nil {
+		errs = append(errs, fmt.Errorf("removing the pins of a failed start from %s: %w", d.pins.dir, err))
 	}
 	d.pins.close()
 	return errors.Join(errs...)

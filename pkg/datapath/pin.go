@@ -21,6 +21,10 @@ import (
 //
 // Only one smeshd may own a pin directory: it holds an exclusive flock on
 // it while it runs.
+//
+// A start that fails leaves nothing pinned that it made: until Commit, the
+// directory's entries at open time are all that Close keeps (an earlier
+// run's capture, adopted or not, stays).
 
 // linkPrefix starts the names of pinned links; maps keep their own names.
 const linkPrefix = "link_"
@@ -29,18 +33,26 @@ const linkPrefix = "link_"
 type pins struct {
 	dir  string
 	lock *os.File
+	// before holds the names in dir when it was opened, and madeDir says
+	// whether opening created dir; nil before once committed.
+	before  map[string]bool
+	madeDir bool
 }
 
 // openPins creates and locks dir, which must be on bpffs.
 func openPins(dir string) (*pins, error) {
+	_, statErr := os.Stat(dir)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("creating pin directory %s: %w", dir, err)
 	}
+	p := &pins{dir: dir, madeDir: errors.Is(statErr, os.ErrNotExist)}
 	if err := checkBPFFS(dir); err != nil {
+		p.removeDirIfMade()
 		return nil, err
 	}
 	f, err := os.Open(dir)
 	if err != nil {
+		p.removeDirIfMade()
 		return nil, err
 	}
 	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
@@ -50,7 +62,57 @@ func openPins(dir string) (*pins, error) {
 		}
 		return nil, fmt.Errorf("locking pin directory %s: %w", dir, err)
 	}
-	return &pins{dir: dir, lock: f}, nil
+	p.lock = f
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		p.close()
+		return nil, err
+	}
+	p.before = make(map[string]bool, len(ents))
+	for _, e := range ents {
+		p.before[e.Name()] = true
+	}
+	return p, nil
+}
+
+func (p *pins) removeDirIfMade() {
+	if p.madeDir {
+		os.Remove(p.dir) // only if empty
+	}
+}
+
+// commit makes what this run pinned permanent: Close leaves it.
+func (p *pins) commit() {
+	if p != nil {
+		p.before = nil
+	}
+}
+
+// rollback removes what this run pinned, unless it committed: links
+// (detaching them once no descriptor holds them) and maps, and the directory
+// if this run created it.
+func (p *pins) rollback() error {
+	if p == nil || p.before == nil {
+		return nil
+	}
+	ents, err := os.ReadDir(p.dir)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, e := range ents {
+		if p.before[e.Name()] {
+			continue
+		}
+		path := filepath.Join(p.dir, e.Name())
+		if strings.HasPrefix(e.Name(), linkPrefix) {
+			errs = append(errs, unpinLink(path))
+		} else {
+			errs = append(errs, os.Remove(path))
+		}
+	}
+	p.removeDirIfMade()
+	return errors.Join(errs...)
 }
 
 func checkBPFFS(dir string) error {
@@ -72,10 +134,12 @@ func (p *pins) close() {
 	}
 }
 
-// linkPath names the pin of one attachment of one cgroup.
-func (p *pins) linkPath(typ ebpf.AttachType, cgroup string) string {
-	name := strings.ReplaceAll(strings.Trim(cgroup, "/"), "/", "_")
-	return filepath.Join(p.dir, fmt.Sprintf("%s%d_%s", linkPrefix, typ, name))
+// linkPath names the pin of one attachment of one cgroup. The name carries
+// the cgroup's id, not its path: bpffs refuses names with a dot (every
+// systemd unit's cgroup has one), and a cgroup removed and made again under
+// the same path is another cgroup, whose old pin is stale.
+func (p *pins) linkPath(typ ebpf.AttachType, cgroupID uint64) string {
+	return filepath.Join(p.dir, fmt.Sprintf("%s%d_%d", linkPrefix, typ, cgroupID))
 }
 
 // attach returns the pinned link at path updated to prog, or a new link

@@ -7,22 +7,78 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/features"
+	"golang.org/x/sys/unix"
 
 	"github.com/smesh-dev/smesh/pkg/cgroups"
 )
 
 // Feature is one kernel capability smesh relies on and whether this kernel
-// has it.
+// has it, or one privilege smeshd needs and whether it has it.
 type Feature struct {
 	Name string
 	// NeededFor says which mode cannot work without it.
 	NeededFor string
+	// Privilege: a capability of smeshd's, not a feature of the kernel.
+	// Without it the kernel's features cannot be probed either (they
+	// fail with EPERM).
+	Privilege bool
 	Err       error
 }
 
-// Probe checks the kernel for everything the data path uses.
-func Probe() []Feature {
+// privileges are the capabilities the data path needs; deploy/smeshd.service
+// explains each. CAP_SYS_ADMIN stands in for both, as it does in the kernel
+// (bpf_capable(), bpf_net_capable()).
+var privileges = []struct {
+	capability int
+	name, why  string
+}{
+	{unix.CAP_BPF, "CAP_BPF", "to load BPF programs and create their maps"},
+	{unix.CAP_NET_ADMIN, "CAP_NET_ADMIN", "to load connect4, sockopt, sock_ops and sk_msg programs and create the sockhash"},
+}
+
+// probePrivileges checks this process's effective capabilities.
+func probePrivileges() []Feature {
 	var fs []Feature
+	has, err := effectiveCaps()
+	for _, p := range privileges {
+		f := Feature{Name: fmt.Sprintf("%s (%s)", p.name, p.why), NeededFor: "capture", Privilege: true}
+		switch {
+		case err != nil:
+			f.Err = err
+		case !has(p.capability) && !has(unix.CAP_SYS_ADMIN):
+			f.Err = fmt.Errorf("missing capability %s", p.name)
+		}
+		fs = append(fs, f)
+	}
+	return fs
+}
+
+// effectiveCaps reads this process's effective capability set.
+func effectiveCaps() (func(capability int) bool, error) {
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &data[0]); err != nil {
+		return nil, fmt.Errorf("reading smeshd's capabilities: %w", err)
+	}
+	return func(c int) bool { return data[c/32].Effective&(1<<(uint(c)%32)) != 0 }, nil
+}
+
+// MissingPrivileges returns an error naming each capability smeshd lacks
+// (Probe's privileges), or nil.
+func MissingPrivileges(fs []Feature) error {
+	var errs []error
+	for _, f := range fs {
+		if f.Privilege && f.Err != nil {
+			errs = append(errs, f.Err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Probe checks smeshd's privileges and the kernel for everything the data
+// path uses.
+func Probe() []Feature {
+	fs := probePrivileges()
 	add := func(name, neededFor string, err error) {
 		fs = append(fs, Feature{Name: name, NeededFor: neededFor, Err: err})
 	}

@@ -83,6 +83,9 @@ type Metrics struct {
 	reloadOK    prometheus.Counter
 	reloadError prometheus.Counter
 
+	enrolled       *prometheus.GaugeVec
+	enrolledEvents *prometheus.CounterVec
+
 	splice atomic.Pointer[func() (SpliceCounters, error)]
 	tunnel atomic.Pointer[tunnel.Stats]
 }
@@ -126,6 +129,21 @@ func New(version string) *Metrics {
 	m.reloadOK = reloads.WithLabelValues("ok")
 	m.reloadError = reloads.WithLabelValues("error")
 
+	m.enrolled = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "smesh_enrolled_cgroups",
+		Help: "Enrolled cgroups (capture.cgroups) with the capture attached, and those missing (nothing is captured there until they exist again).",
+	}, []string{"state"})
+	m.enrolledEvents = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "smesh_enrolled_cgroup_events_total",
+		Help: "Enrolled cgroups seen removed, and seen made (again) and attached to, while smeshd runs.",
+	}, []string{"event"})
+	for _, state := range []string{"attached", "missing"} {
+		m.enrolled.WithLabelValues(state)
+	}
+	for _, ev := range []string{EnrolledRemoved, EnrolledCreated} {
+		m.enrolledEvents.WithLabelValues(ev)
+	}
+
 	buildInfo := prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "smesh_build_info",
 		Help: "Always 1; the version label says which smeshd runs.",
@@ -133,7 +151,7 @@ func New(version string) *Metrics {
 	buildInfo.WithLabelValues(version).Set(1)
 
 	m.reg.MustRegister(
-		m.refused, m.certExpiry, reloads, buildInfo,
+		m.refused, m.certExpiry, reloads, buildInfo, m.enrolled, m.enrolledEvents,
 		dataPathCollector{m},
 		tunnelCollector{m},
 		collectors.NewGoCollector(),
@@ -252,4 +270,23 @@ func (m *Metrics) Splice() (c SpliceCounters, ok bool, err error) {
 	}
 	c, err = (*fn)()
 	return c, true, err
+}
+
+// The values of the event label of smesh_enrolled_cgroup_events_total.
+const (
+	EnrolledRemoved = "removed"
+	EnrolledCreated = "created"
+)
+
+// EnrolledCgroups sets how many enrolled cgroups have the capture attached
+// and how many are missing.
+func (m *Metrics) EnrolledCgroups(attached, missing int) {
+	m.enrolled.WithLabelValues("attached").Set(float64(attached))
+	m.enrolled.WithLabelValues("missing").Set(float64(missing))
+}
+
+// EnrolledCgroupEvent counts an enrolled cgroup seen removed
+// (EnrolledRemoved) or made again (EnrolledCreated).
+func (m *Metrics) EnrolledCgroupEvent(event string) {
+	m.enrolledEvents.WithLabelValues(event).Inc()
 }

@@ -100,6 +100,8 @@ func TestFreshScrape(t *testing.T) {
 		`{result="error"} 0`, `{result="ok"} 0`)
 	expect(t, fams, "smesh_spliced_messages_total", dto.MetricType_COUNTER)
 	expect(t, fams, "smesh_splice_source_up", dto.MetricType_GAUGE)
+	expect(t, fams, "smesh_enrolled_cgroups", dto.MetricType_GAUGE, `{state="attached"} 0`, `{state="missing"} 0`)
+	expect(t, fams, "smesh_enrolled_cgroup_events_total", dto.MetricType_COUNTER, `{event="created"} 0`, `{event="removed"} 0`)
 	if _, ok := fams["go_goroutines"]; !ok {
 		t.Error("no Go runtime metrics")
 	}
@@ -336,4 +338,16 @@ func TestIndependentAndConcurrent(t *testing.T) {
 	expect(t, fb, "smesh_build_info", dto.MetricType_GAUGE, `{version="b"} 1`)
 	expect(t, fb, "smesh_active_connections", dto.MetricType_GAUGE,
 		`{path="splice"} 1`, `{path="copy"} 0`, `{path="tunnel_in"} 0`, `{path="tunnel_out"} 0`)
+}
+
+func TestEnrolledCgroups(t *testing.T) {
+	m := New("dev")
+	m.EnrolledCgroups(2, 0)
+	m.EnrolledCgroupEvent(EnrolledRemoved)
+	m.EnrolledCgroups(1, 1)
+	m.EnrolledCgroupEvent(EnrolledCreated)
+	m.EnrolledCgroupEvent(EnrolledRemoved)
+	fams := scrape(t, m)
+	expect(t, fams, "smesh_enrolled_cgroups", dto.MetricType_GAUGE, `{state="attached"} 1`, `{state="missing"} 1`)
+	expect(t, fams, "smesh_enrolled_cgroup_events_total", dto.MetricType_COUNTER, `{event="created"} 1`, `{event="removed"} 2`)
 }

@@ -124,6 +124,10 @@ func DeleteNamedNetns(name string) error {
 // goroutine exits without unlocking, and the runtime then discards the
 // thread instead of handing a thread in the wrong namespace to other
 // goroutines.
+//
+// When the thread is in ns already, fn runs there without setns(2), which
+// needs CAP_SYS_ADMIN (smeshd.service does not grant it, and its
+// RestrictNamespaces= forbids setns).
 func InNetns(ns netns.NsHandle, fn func() error) error {
 	errc := make(chan error, 1)
 	go func() {
@@ -135,6 +139,12 @@ func InNetns(ns netns.NsHandle, fn func() error) error {
 			return
 		}
 		defer orig.Close()
+		if orig.Equal(ns) {
+			fnErr := callRecovered(fn)
+			runtime.UnlockOSThread()
+			errc <- fnErr
+			return
+		}
 		if err := netns.Set(ns); err != nil {
 			// setns failed: the thread is where it was.
 			runtime.UnlockOSThread()

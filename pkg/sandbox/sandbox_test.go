@@ -609,3 +609,37 @@ func sysctlIn(t *testing.T, netnsName, key string) string {
 	}
 	return strings.TrimSpace(out.String())
 }
+
+// ownNetnsHelperEnv makes the test binary run TestInNetnsOwnWithoutSysAdmin's
+// check in a child process.
+const ownNetnsHelperEnv = "SMESH_TEST_INNETNS_OWN"
+
+// TestInNetnsOwnWithoutSysAdmin: InNetns into the namespace the process is
+// in needs no CAP_SYS_ADMIN (setns does), which smeshd's systemd unit does
+// not grant: the child runs without it.
+func TestInNetnsOwnWithoutSysAdmin(t *testing.T) {
+	if os.Getenv(ownNetnsHelperEnv) == "1" {
+		own, err := netns.Get()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer own.Close()
+		ran := false
+		if err := sandbox.InNetns(own, func() error { ran = true; return nil }); err != nil || !ran {
+			t.Fatalf("InNetns(own namespace) without CAP_SYS_ADMIN: %v (ran: %v)", err, ran)
+		}
+		// The child really lacks it: setns fails.
+		if err := netns.Set(own); err == nil {
+			t.Fatal("setns succeeded: the child has CAP_SYS_ADMIN after all")
+		}
+		return
+	}
+	requireRoot(t)
+	setpriv := testenv.RequireCommand(t, "setpriv")
+	cmd := exec.Command(setpriv, "--bounding-set=-sys_admin", os.Args[0], "-test.run=^TestInNetnsOwnWithoutSysAdmin$", "-test.v")
+	cmd.Env = append(os.Environ(), ownNetnsHelperEnv+"=1")
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "--- PASS") {
+		t.Fatalf("child without CAP_SYS_ADMIN: %v\n%s", err, out)
+	}
+}

@@ -1,0 +1,755 @@
+package deploy
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+	"golang.org/x/sys/unix"
+
+	"github.com/smesh-dev/smesh/pkg/testenv"
+)
+
+// TestSystemd installs smeshd as the README says in a Debian 12 container
+// booted with systemd 252 as PID 1, and checks what the unit promises
+// (README, "Running under systemd"), each defect of issue 13 included.
+// The subtests share the container and run in order; each leaves smeshd
+// running with the installed configuration.
+func TestSystemd(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	t.Parallel() // with TestSystemdNotifyReload: a container each
+	start := time.Now()
+	rootfs := bookwormRootfs(t)
+	src := sourceTree(t)
+	bpffs := testBPFFS(t)
+	c := bootContainer(t, rootfs, "--bind-ro="+src+":/root/smesh", "--bind="+bpffs+":/sys/fs/bpf")
+	s := &systemd{container: c}
+	c.diagnose = func() string { return "smeshd's journal:\n" + tail(s.journal(), 25) }
+
+	t.Run("README install", func(t *testing.T) { c.t = t; s.install(t) })
+	c.t = t
+	if t.Failed() {
+		t.Fatalf("smeshd is not installed; journal:\n%s", s.journal())
+	}
+	for _, step := range []struct {
+		name string
+		fn   func(t *testing.T)
+	}{
+		{"ready", s.checkReady},
+		{"journal without colours", s.checkJournal},
+		{"splice of an enrolled scope", s.checkSplice},
+		{"reload", s.checkReload},
+		{"stop smesh.slice", s.checkSliceStop},
+		{"watchdog", s.checkWatchdog},
+		{"restarts and SIGKILL", s.checkRestarts},
+		{"on_failure closed", s.checkClosed},
+		{"drain on stop", s.checkDrain},
+		{"capabilities", s.checkCapabilities},
+		{"stop", s.checkStop},
+	} {
+		t.Run(step.name, func(t *testing.T) {
+			c.t = t
+			step.fn(t)
+		})
+	}
+	c.t = t
+	t.Logf("TestSystemd took %v", time.Since(start).Round(time.Second))
+}
+
+// TestSystemdNotifyReload installs smeshd as the README says on systemd
+// 254 (bookworm-backports), with the README's drop-in for systemd 253 and
+// later: Type=notify-reload, reloads driven by systemd's SIGHUP and
+// smeshd's RELOADING=1 with MONOTONIC_USEC.
+func TestSystemdNotifyReload(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	t.Parallel()
+	rootfs := backportsRootfs(t)
+	src := sourceTree(t)
+	c := bootContainer(t, rootfs, "--bind-ro="+src+":/root/smesh")
+	s := &systemd{container: c}
+	c.diagnose = func() string { return "smeshd's journal:\n" + tail(s.journal(), 25) }
+	blocks := readmeBlocks(t)
+	if blocks[0][0] != "make build" {
+		t.Fatalf("the README's install steps begin with %q, want \"make build\"", blocks[0][0])
+	}
+	s.runREADME(append(blocks[0][1:], blocks[1]...))
+	if got := s.show("smeshd", "Type"); got != "notify-reload" {
+		t.Fatalf("smeshd.service is Type=%s after the README's steps for systemd 253+, want notify-reload", got)
+	}
+	if got := s.show("smeshd", "ActiveState"); got != "active" {
+		t.Fatalf("smeshd is %s", got)
+	}
+	t.Run("reload waits", func(t *testing.T) { c.t = t; s.checkReloadWaits() })
+	t.Run("rejected reload", func(t *testing.T) { c.t = t; s.checkRejectedReload(false) })
+	c.t = t
+	s.sh("systemctl stop smeshd")
+	if r := s.show("smeshd", "Result"); r != "success" {
+		t.Errorf("smeshd stopped with result %s", r)
+	}
+}
+
+// systemd is the state the subtests share.
+type systemd struct {
+	*container
+	// smallSum and blobSum are the SHA-256 of /srv/small and /srv/blob,
+	// what the web server serves.
+	smallSum, blobSum string
+}
+
+const (
+	// smallSize is the size of the file the splice checks download: less
+	// than splice_queue_limit (2 MiB), so that a spliced hop never hits the
+	// bound, which would move the rest of it to TCP (bounded splice).
+	smallSize = 1_500_000
+	// blobSize is the size of the file the drain check downloads: 6 s at
+	// 1 MB/s.
+	blobSize = 6_000_000
+)
+
+const (
+	configPath = "/etc/smesh/smesh.toml"
+	sliceDir   = "/sys/fs/cgroup/smesh.slice"
+	// dropIns is where the checks put their runtime drop-ins (gone at the
+	// container's next boot, removed by each check).
+	dropIns = "/run/systemd/system/smeshd.service.d"
+)
+
+// sourceTree lays out what the README's steps read, as in a checkout:
+// bin/smeshd (built like `make build`), smesh.toml and deploy/.
+func sourceTree(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	// make test passes the go it found in GO (sudo's PATH may lack it).
+	gobin := os.Getenv("GO")
+	if gobin == "" {
+		var err error
+		if gobin, err = exec.LookPath("go"); err != nil {
+			gobin = filepath.Join(runtime.GOROOT(), "bin", "go")
+		}
+	}
+	// What `make build` runs; static, as the container's libc is not
+	// necessarily the host's.
+	build := exec.Command(gobin, "build", "-ldflags", "-X main.version=systemd-test", "-o", filepath.Join(dir, "bin", "smeshd"), "./cmd/smeshd")
+	build.Dir = ".."
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("building smeshd: %v\n%s", err, out)
+	}
+	for _, f := range []string{"smesh.toml", "deploy/smeshd.service", "deploy/smesh.slice", "deploy/smeshd.service.d/notify-reload.conf"} {
+		data, err := os.ReadFile(filepath.Join("..", f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.MkdirAll(filepath.Dir(filepath.Join(dir, f)), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, f), data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
+}
+
+// testBPFFS mounts a bpffs of the test's own (a new instance), to be the
+// container's /sys/fs/bpf.
+func testBPFFS(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
+		t.Fatalf("mounting a bpffs for the container: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
+			t.Errorf("unmounting the container's bpffs: %v", err)
+		}
+	})
+	return dir
+}
+
+// readmeBlocks returns the shell blocks of the README's section "Running
+// under systemd", in order.
+func readmeBlocks(t *testing.T) [][]string {
+	t.Helper()
+	data, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, ok := strings.Cut(string(data), "\n## Running under systemd\n")
+	if !ok {
+		t.Fatal("README.md has no section \"Running under systemd\"")
+	}
+	section, _, _ = strings.Cut(section, "\n## ")
+	var blocks [][]string
+	var cur []string
+	in := false
+	for line := range strings.Lines(section) {
+		line = strings.TrimRight(line, "\n")
+		switch {
+		case !in && line == "```sh":
+			in, cur = true, nil
+		case in && line == "```":
+			in = false
+			blocks = append(blocks, cur)
+		case in:
+			cur = append(cur, line)
+		}
+	}
+	if len(blocks) < 2 {
+		t.Fatalf("README.md, \"Running under systemd\": %d shell blocks, want the install steps and the notify-reload ones", len(blocks))
+	}
+	return blocks
+}
+
+// runREADME runs the lines of a README block in the container, verbatim,
+// from /root/smesh (the tree sourceTree made). The container's shell is
+// root and has no sudo: a shim runs sudo's command as it is.
+func (s *systemd) runREADME(lines []string) {
+	s.t.Helper()
+	s.sh(`[ -x /usr/local/bin/sudo ] || { printf '#!/bin/sh\nexec "$@"\n' > /usr/local/bin/sudo; chmod 755 /usr/local/bin/sudo; }`)
+	script := "cd /root/smesh\n" + strings.Join(lines, "\n")
+	out, err := s.exec(commandTimeout, "/bin/sh", "-exc", script)
+	s.t.Logf("README steps:\n%s", out)
+	if err != nil {
+		s.t.Fatalf("the README's steps failed: %v\n%s", err, s.journal())
+	}
+}
+
+func (s *systemd) install(t *testing.T) {
+	steps := readmeBlocks(t)[0]
+	// The first step builds bin/smeshd, which sourceTree did.
+	if len(steps) == 0 || steps[0] != "make build" {
+		t.Fatalf("the README's install steps begin with %q, want \"make build\"", steps)
+	}
+	s.runREADME(steps[1:])
+	for unit, want := range map[string]string{"smeshd": "active", "smesh.slice": "active"} {
+		if got := s.show(unit, "ActiveState"); got != want {
+			t.Errorf("%s is %s after the README's steps, want %s", unit, got, want)
+		}
+	}
+	if got := s.show("smeshd", "UnitFileState"); got != "enabled" {
+		t.Errorf("smeshd is %s, want enabled", got)
+	}
+}
+
+// checkReady: `systemctl start` returned once smeshd was ready: /readyz says
+// so at once, the capture is on smesh.slice, and smeshd created no cgroup.
+func (s *systemd) checkReady(t *testing.T) {
+	// A fresh start: its job returns on READY=1.
+	s.sh("systemctl restart smeshd")
+	if code, body := s.admin("/readyz"); code != 200 {
+		t.Errorf("/readyz right after systemctl restart returned: %d %q", code, body)
+	}
+	for _, typ := range []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupSockOps} {
+		if n := s.attached(sliceDir, typ); n != 1 {
+			t.Errorf("%d %s programs on smesh.slice, want 1", n, typ)
+		}
+	}
+	j := s.journal()
+	if !strings.Contains(j, "smeshd ready") {
+		t.Errorf("no \"smeshd ready\" in the journal:\n%s", j)
+	}
+	if strings.Contains(j, "created enrolled cgroup") {
+		t.Error("smeshd created an enrolled cgroup under systemd")
+	}
+}
+
+// checkJournal: no escape sequences, every message a string.
+func (s *systemd) checkJournal(t *testing.T) {
+	out := s.sh("journalctl -u smeshd -o json --no-pager _COMM=smeshd")
+	n := 0
+	for line := range strings.Lines(out) {
+		var entry map[string]any
+		if err := json.Unmarshal([]byte(line), &entry); err != nil {
+			t.Fatalf("journal entry %q: %v", line, err)
+		}
+		msg, ok := entry["MESSAGE"].(string)
+		if !ok {
+			t.Errorf("a journal message is stored as %T, not text: %v", entry["MESSAGE"], entry["MESSAGE"])
+			continue
+		}
+		if strings.Contains(msg, "\x1b[") {
+			t.Errorf("escape sequence in the journal: %q", msg)
+		}
+		n++
+	}
+	if n < 5 {
+		t.Errorf("only %d messages of smeshd in the journal", n)
+	}
+}
+
+// startWeb serves /srv/blob from a service in smesh.slice (enrolled), on
+// 127.0.0.1:8080. Starting a unit in the slice starts the slice.
+func (s *systemd) startWeb(unit string) {
+	s.t.Helper()
+	if s.blobSum == "" {
+		out := s.sh(fmt.Sprintf("mkdir -p /srv && head -c %d /dev/urandom > /srv/small && head -c %d /dev/urandom > /srv/blob && sha256sum /srv/small /srv/blob", smallSize, blobSize))
+		sums := strings.Fields(out)
+		s.smallSum, s.blobSum = sums[0], sums[2]
+	}
+	s.sh("systemctl stop 'smesh-test-web*' 2>/dev/null || true")
+	s.sh("systemd-run --quiet --unit=" + unit + " --slice=smesh.slice -p WorkingDirectory=/srv python3 -m http.server --bind 127.0.0.1 8080")
+	// Polled from outside the mesh (this shell is not enrolled).
+	s.sh("for i in $(seq 100); do curl -fsS -o /dev/null http://127.0.0.1:8080/ && exit 0; sleep 0.1; done; exit 1")
+}
+
+// download fetches /srv/small from a scope in smesh.slice and checks every
+// byte.
+func (s *systemd) download() {
+	s.t.Helper()
+	out := s.sh("systemd-run --quiet --slice=smesh.slice --scope sh -c 'curl -fsS http://127.0.0.1:8080/small | sha256sum'")
+	if got := strings.Fields(out); len(got) == 0 || got[0] != s.smallSum {
+		s.t.Errorf("downloaded file: sha256 %q, want %s", out, s.smallSum)
+	}
+}
+
+func (s *systemd) splicedBytes() float64 {
+	return s.metric("smesh_bytes_total", map[string]string{"path": "splice", "direction": "tx"}) +
+		s.metric("smesh_bytes_total", map[string]string{"path": "splice", "direction": "rx"})
+}
+
+// checkSplice: a scope started with systemd-run --slice=smesh.slice --scope
+// talks to a server in the slice over a spliced connection, every byte
+// intact.
+func (s *systemd) checkSplice(t *testing.T) {
+	s.startWeb("smesh-test-web")
+	before := s.splicedBytes()
+	s.download()
+	if got := s.splicedBytes() - before; got < smallSize {
+		t.Errorf("%v bytes spliced for a %d-byte download", got, smallSize)
+	}
+}
+
+// checkReload: `systemctl reload` returns once the reload is done, and a
+// rejected file makes it fail, with the reason in the journal and the
+// status, and changes nothing.
+func (s *systemd) checkReload(t *testing.T) {
+	s.sh("cp " + configPath + " /root/smesh.toml.good")
+	defer s.sh("cp /root/smesh.toml.good " + configPath + " && systemctl reload smeshd")
+	ok := s.metric("smesh_config_reloads_total", map[string]string{"result": "ok"})
+	for i := 1; i <= 5; i++ {
+		s.sh(fmt.Sprintf(`sed -i 's/^exclude_ports = .*/exclude_ports = [%d]/' %s && systemctl reload smeshd`, 40000+i, configPath))
+		if got := s.metric("smesh_config_reloads_total", map[string]string{"result": "ok"}); got != ok+float64(i) {
+			t.Fatalf("after reload %d returned, smesh_config_reloads_total{result=ok} = %v, want %v", i, got, ok+float64(i))
+		}
+	}
+	s.checkReloadWaits()
+	s.checkRejectedReload(true)
+}
+
+// checkReloadWaits: `systemctl reload` has not returned while smeshd is
+// still reading its file (a named pipe it blocks on), and returns once it
+// did.
+func (s *systemd) checkReloadWaits() {
+	t := s.t
+	t.Helper()
+	ok := s.metric("smesh_config_reloads_total", map[string]string{"result": "ok"})
+	s.sh("cp " + configPath + " /root/smesh.toml.fifo && rm " + configPath + " && mkfifo -m 0644 " + configPath)
+	defer s.sh("rm -f " + configPath + " && cp /root/smesh.toml.fifo " + configPath)
+	s.sh("rm -f /run/smesh-test-reload.rc && systemd-run --quiet --collect --unit=smesh-test-reload sh -c 'systemctl reload smeshd; echo $? > /run/smesh-test-reload.rc'")
+	time.Sleep(time.Second)
+	if _, done := s.try("test -e /run/smesh-test-reload.rc"); done {
+		t.Fatal("systemctl reload returned while smeshd was still reading its configuration")
+	}
+	// Opens the pipe for smeshd to read, then the reload goes on.
+	s.sh("timeout 10 sh -c 'cat /root/smesh.toml.fifo > " + configPath + "'")
+	s.waitFor("systemctl reload to return", func() bool { _, done := s.try("test -e /run/smesh-test-reload.rc"); return done })
+	if rc := strings.TrimSpace(s.sh("cat /run/smesh-test-reload.rc")); rc != "0" {
+		t.Errorf("systemctl reload exited with %s", rc)
+	}
+	if got := s.metric("smesh_config_reloads_total", map[string]string{"result": "ok"}); got != ok+1 {
+		t.Errorf("smesh_config_reloads_total{result=ok} = %v, want %v", got, ok+1)
+	}
+}
+
+// checkRejectedReload: a file smeshd rejects changes nothing; the reason is
+// in the journal and systemd's status; with the unit's ExecReload,
+// `systemctl reload` fails (wantFail), with Type=notify-reload it cannot.
+func (s *systemd) checkRejectedReload(wantFail bool) {
+	t := s.t
+	t.Helper()
+	pid := s.show("smeshd", "MainPID")
+	errs := s.metric("smesh_config_reloads_total", map[string]string{"result": "error"})
+	s.sh("cp " + configPath + " /root/smesh.toml.bad && printf '\\n[bogus]\\nkey = 1\\n' >> /root/smesh.toml.bad")
+	s.sh("cp " + configPath + " /root/smesh.toml.before && cp /root/smesh.toml.bad " + configPath)
+	defer s.sh("cp /root/smesh.toml.before " + configPath)
+	out, ok := s.try("systemctl reload smeshd")
+	t.Logf("systemctl reload of a bad file: exit ok %v: %s", ok, strings.TrimSpace(out))
+	if ok == wantFail {
+		if wantFail {
+			t.Error("systemctl reload of a file smeshd rejects succeeded")
+		} else {
+			t.Error("systemctl reload of a rejected file failed with Type=notify-reload: the README says it cannot; update it")
+		}
+	}
+	if got := s.metric("smesh_config_reloads_total", map[string]string{"result": "error"}); got != errs+1 {
+		t.Errorf("smesh_config_reloads_total{result=error} = %v, want %v", got, errs+1)
+	}
+	if j := s.journal(); !strings.Contains(j, "configuration rejected") || !strings.Contains(j, "unknown key bogus") {
+		t.Errorf("the journal does not say why the reload was rejected:\n%s", tail(j, 10))
+	}
+	if st := s.show("smeshd", "StatusText"); !strings.Contains(st, "unknown key bogus") {
+		t.Errorf("systemctl status says %q, want the reason of the rejection", st)
+	}
+	if got := s.show("smeshd", "ActiveState"); got != "active" || s.show("smeshd", "MainPID") != pid {
+		t.Errorf("after a rejected reload smeshd is %s with PID %s, want active with PID %s", got, s.show("smeshd", "MainPID"), pid)
+	}
+}
+
+// checkSliceStop: `systemctl stop smesh.slice` removes the slice's cgroup;
+// smeshd stays up and says so; it creates no cgroup, not even on a reload;
+// when the slice starts again, capture and splice are back.
+func (s *systemd) checkSliceStop(t *testing.T) {
+	pid := s.show("smeshd", "MainPID")
+	removed := s.metric("smesh_enrolled_cgroup_events_total", map[string]string{"event": "removed"})
+	created := s.metric("smesh_enrolled_cgroup_events_total", map[string]string{"event": "created"})
+	s.sh("systemctl stop smesh.slice")
+	s.waitFor("/readyz 503 naming smesh.slice", func() bool {
+		code, body := s.admin("/readyz")
+		return code == 503 && strings.Contains(body, sliceDir)
+	})
+	if s.show("smeshd", "ActiveState") != "active" || s.show("smeshd", "MainPID") != pid {
+		t.Error("smeshd did not stay up when smesh.slice stopped")
+	}
+	if got := s.metric("smesh_enrolled_cgroups", map[string]string{"state": "missing"}); got != 1 {
+		t.Errorf("smesh_enrolled_cgroups{state=missing} = %v, want 1", got)
+	}
+	if got := s.metric("smesh_enrolled_cgroup_events_total", map[string]string{"event": "removed"}); got != removed+1 {
+		t.Errorf("smesh_enrolled_cgroup_events_total{event=removed} = %v, want %v", got, removed+1)
+	}
+	if st := s.show("smeshd", "StatusText"); !strings.Contains(st, sliceDir) {
+		t.Errorf("systemctl status says %q, want the missing slice", st)
+	}
+	if !strings.Contains(s.journal(), "enrolled cgroup removed") {
+		t.Error("smeshd did not log the removal")
+	}
+	// A reload (which enrols again) must not create it either.
+	s.sh("systemctl reload smeshd")
+	if _, err := os.Stat(s.hostCgroup(sliceDir)); err == nil {
+		t.Errorf("%s exists while smesh.slice is stopped: smeshd created it", sliceDir)
+	}
+	if got := s.show("smesh.slice", "ActiveState"); got != "inactive" {
+		t.Errorf("smesh.slice is %s, want inactive", got)
+	}
+
+	s.startWeb("smesh-test-web2") // starts the slice
+	s.waitFor("/readyz 200 again", func() bool { code, _ := s.admin("/readyz"); return code == 200 })
+	if got := s.metric("smesh_enrolled_cgroup_events_total", map[string]string{"event": "created"}); got != created+1 {
+		t.Errorf("smesh_enrolled_cgroup_events_total{event=created} = %v, want %v", got, created+1)
+	}
+	if n := s.attached(sliceDir, ebpf.AttachCGroupInet4Connect); n != 1 {
+		t.Errorf("%d connect4 programs on the new smesh.slice, want 1", n)
+	}
+	before := s.splicedBytes()
+	s.download()
+	if got := s.splicedBytes() - before; got < smallSize {
+		t.Errorf("%v bytes spliced after the slice came back, for a %d-byte download", got, smallSize)
+	}
+}
+
+// checkWatchdog: smeshd pings the watchdog, and one that hangs is killed
+// and restarted.
+func (s *systemd) checkWatchdog(t *testing.T) {
+	s.dropIn("smesh-test-watchdog", "[Service]\nWatchdogSec=2s\n")
+	defer s.removeDropIn("smesh-test-watchdog")
+	s.sh("systemctl restart smeshd")
+	first := s.show("smeshd", "WatchdogTimestampMonotonic")
+	time.Sleep(1500 * time.Millisecond)
+	if second := s.show("smeshd", "WatchdogTimestampMonotonic"); second == first || second == "0" {
+		t.Errorf("no watchdog ping in 1.5s (WatchdogSec=2s): %s, then %s", first, second)
+	}
+	restarts := s.show("smeshd", "NRestarts")
+	pid := s.show("smeshd", "MainPID")
+	s.sh("kill -STOP " + pid)
+	s.waitFor("the watchdog to restart a stopped smeshd", func() bool {
+		return s.show("smeshd", "NRestarts") != restarts && s.show("smeshd", "ActiveState") == "active"
+	})
+	if !strings.Contains(s.journal(), "Watchdog timeout") {
+		t.Error("no watchdog timeout in the journal")
+	}
+}
+
+// checkRestarts: however often smeshd was restarted by hand, a crash brings
+// it back; and a SIGKILLed smeshd leaves nothing attached.
+func (s *systemd) checkRestarts(t *testing.T) {
+	for i := 0; i < 6; i++ {
+		s.sh("systemctl restart smeshd")
+	}
+	// Time to look while smeshd is away (RestartSec=2s is short on a
+	// busy machine).
+	s.dropIn("smesh-test-restart", "[Service]\nRestartSec=5s\n")
+	defer s.removeDropIn("smesh-test-restart")
+	for round := 0; round < 2; round++ {
+		restarts := s.show("smeshd", "NRestarts")
+		s.sh("systemctl kill --signal=SIGKILL smeshd")
+		// RestartSec=2s: look at the cgroup while smeshd is down.
+		s.waitFor("smeshd to be gone", func() bool { return s.show("smeshd", "MainPID") == "0" })
+		for _, typ := range []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupSockOps} {
+			if n := s.attached(sliceDir, typ); n != 0 {
+				t.Errorf("%d %s programs on smesh.slice after SIGKILL", n, typ)
+			}
+		}
+		s.waitFor("smeshd to come back after SIGKILL", func() bool {
+			return s.show("smeshd", "NRestarts") != restarts && s.show("smeshd", "ActiveState") == "active"
+		})
+	}
+	if j := s.journal(); strings.Contains(j, "Start request repeated too quickly") {
+		t.Errorf("systemd gave up on smeshd:\n%s", tail(j, 10))
+	}
+}
+
+// checkClosed: on_failure = "closed" starts with smesh.slice enrolled
+// (pins named by cgroup id), keeps refusing while smeshd is away, is
+// adopted by the restarted smeshd; a start that fails leaves no pin.
+func (s *systemd) checkClosed(t *testing.T) {
+	// Time to look while smeshd is away.
+	s.dropIn("smesh-test-restart", "[Service]\nRestartSec=8s\n")
+	defer s.removeDropIn("smesh-test-restart") // restarts smeshd, after the next defer
+	s.sh("cp " + configPath + " /root/smesh.toml.good")
+	defer func() {
+		s.sh("cp /root/smesh.toml.good " + configPath + " && systemctl restart smeshd")
+		if out := s.sh("ls /sys/fs/bpf"); strings.Contains(out, "smesh") {
+			t.Errorf("pins left after going back to on_failure = \"open\": %s", out)
+		}
+	}()
+	s.sh(`sed -i 's/^on_failure = .*/on_failure = "closed"/' ` + configPath + " && systemctl restart smeshd")
+	id := strings.TrimSpace(s.sh("stat -c %i " + sliceDir))
+	pins := s.sh("ls /sys/fs/bpf/smesh")
+	want := fmt.Sprintf("link_%d_%s", ebpf.AttachCGroupInet4Connect, id)
+	if !strings.Contains(pins, want) {
+		t.Errorf("pins %q, want %s (connect4 of smesh.slice, by cgroup id)", pins, want)
+	}
+	// Away: still attached, and a captured connection is refused.
+	s.sh("systemctl kill --signal=SIGKILL smeshd")
+	s.waitFor("smeshd to be gone", func() bool { return s.show("smeshd", "MainPID") == "0" })
+	if n := s.attached(sliceDir, ebpf.AttachCGroupInet4Connect); n != 1 {
+		t.Errorf("%d connect4 programs on smesh.slice while smeshd is away, want the pinned one", n)
+	}
+	// Uncaptured, 198.18.0.1 is unreachable (the container has only
+	// loopback); captured, connect4 sends it to the proxy port, which
+	// nobody listens on, or refuses it outright.
+	out, _ := s.try(`systemd-run --quiet --slice=smesh.slice --scope python3 -c '
+import socket
+s = socket.socket()
+s.settimeout(5)
+try:
+    s.connect(("198.18.0.1", 80))
+    print("connected")
+except OSError as e:
+    print(type(e).__name__, e)
+'`)
+	if !strings.Contains(out, "ConnectionRefusedError") && !strings.Contains(out, "PermissionError") {
+		t.Errorf("a captured connection while smeshd is away: %q, want refused", out)
+	}
+	if s.show("smeshd", "MainPID") != "0" {
+		t.Error("smeshd came back before the check of the pinned capture ended")
+	}
+	s.waitFor("smeshd to come back", func() bool { return s.show("smeshd", "ActiveState") == "active" })
+	if n := s.attached(sliceDir, ebpf.AttachCGroupInet4Connect); n != 1 {
+		t.Errorf("%d connect4 programs on smesh.slice after the restart, want 1 (adopted)", n)
+	}
+
+	// A start that fails after pinning (an enrolled path that is no
+	// cgroup) removes what it pinned.
+	s.sh("systemctl stop smeshd && smeshd cleanup")
+	s.sh(`sed -i 's/^cgroups = .*/cgroups = ["smesh.slice", "cgroup.procs"]/' ` + configPath)
+	if _, ok := s.try("systemctl start smeshd"); ok {
+		t.Error("smeshd started with cgroup.procs enrolled")
+	}
+	s.sh("systemctl stop smeshd")
+	if j := s.journal(); !strings.Contains(j, "attaching") {
+		t.Errorf("the start did not fail where expected:\n%s", tail(j, 5))
+	}
+	if out := s.sh("ls /sys/fs/bpf"); strings.Contains(out, "smesh") {
+		t.Errorf("a failed start left pins: %s: %s", out, s.sh("ls /sys/fs/bpf/smesh || true"))
+	}
+	s.sh("systemctl reset-failed smeshd")
+}
+
+// checkDrain: systemctl stop lets a relayed connection finish, for longer
+// than TimeoutStopSec= when drain_timeout says so, and ends with success;
+// nothing stays attached.
+func (s *systemd) checkDrain(t *testing.T) {
+	s.dropIn("smesh-test-stop", "[Service]\nTimeoutStopSec=3s\n")
+	defer s.removeDropIn("smesh-test-stop") // restarts smeshd, after the next defer
+	s.sh("cp " + configPath + " /root/smesh.toml.good")
+	defer s.sh("cp /root/smesh.toml.good " + configPath)
+	// copy mode relays same-node connections through smeshd.
+	s.sh(`sed -i 's/^mode = "auto"/mode = "copy"/; s/^drain_timeout = .*/drain_timeout = "30s"/' ` + configPath)
+	s.sh("systemctl restart smeshd")
+	// A reader of 1 MB/s (curl's --limit-rate does not hold on loopback).
+	s.sh(`systemd-run --quiet --unit=smesh-test-slow --slice=smesh.slice -p RemainAfterExit=yes python3 -c '
+import hashlib, time, urllib.request
+h = hashlib.sha256()
+with urllib.request.urlopen("http://127.0.0.1:8080/blob") as r:
+    while chunk := r.read(100000):
+        h.update(chunk)
+        time.sleep(0.1)
+open("/run/smesh-test-slow.sum", "w").write(h.hexdigest() + "\n")
+'`)
+	s.waitFor("the download to be relayed", func() bool {
+		_, body := s.admin("/debug/connections")
+		return strings.Contains(body, "127.0.0.1:8080")
+	})
+	begin := time.Now()
+	s.sh("systemctl stop smeshd")
+	took := time.Since(begin)
+	if took < 3*time.Second {
+		t.Errorf("systemctl stop took %v: the relayed download (6 s) was not drained", took)
+	}
+	if r := s.show("smeshd", "Result"); r != "success" {
+		t.Errorf("smeshd stopped with result %s, want success (TimeoutStopSec=3s, extended by smeshd)", r)
+	}
+	s.waitFor("the download to finish", func() bool { return s.show("smesh-test-slow", "SubState") == "exited" })
+	if got := strings.Fields(s.sh("cat /run/smesh-test-slow.sum")); len(got) == 0 || got[0] != s.blobSum {
+		t.Errorf("download across the drain: sha256 %v, want %s", got, s.blobSum)
+	}
+	s.sh("systemctl stop smesh-test-slow")
+	if !strings.Contains(s.journal(), "drained") {
+		t.Error("no \"drained\" in the journal")
+	}
+	for _, typ := range []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupSockOps} {
+		if n := s.attached(sliceDir, typ); n != 0 {
+			t.Errorf("%d %s programs on smesh.slice after stop", n, typ)
+		}
+	}
+}
+
+// checkCapabilities: without CAP_BPF or CAP_NET_ADMIN, smeshd names what it
+// lacks instead of blaming the kernel.
+func (s *systemd) checkCapabilities(t *testing.T) {
+	for missing, keep := range map[string]string{
+		"CAP_BPF":       "CAP_NET_ADMIN CAP_PERFMON",
+		"CAP_NET_ADMIN": "CAP_BPF CAP_PERFMON",
+	} {
+		out, ok := s.try(fmt.Sprintf("systemd-run --quiet --wait --pipe -p CapabilityBoundingSet='%s' /usr/local/bin/smeshd check -c %s", keep, configPath))
+		if ok {
+			t.Errorf("smeshd check without %s passed:\n%s", missing, out)
+		}
+		if !strings.Contains(out, "missing capability "+missing) || strings.Contains(out, "this kernel cannot") {
+			t.Errorf("smeshd check without %s says:\n%s", missing, out)
+		}
+	}
+}
+
+// checkStop: a stopped smeshd leaves nothing attached.
+func (s *systemd) checkStop(t *testing.T) {
+	s.sh("systemctl stop smeshd")
+	for _, typ := range []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupSockOps, ebpf.AttachCgroupInet4GetPeername} {
+		if n := s.attached(sliceDir, typ); n != 0 {
+			t.Errorf("%d %s programs on smesh.slice after stop", n, typ)
+		}
+	}
+	if r := s.show("smeshd", "Result"); r != "success" {
+		t.Errorf("smeshd stopped with result %s", r)
+	}
+}
+
+// show is one property of a unit (systemctl show -P).
+func (s *systemd) show(unit, property string) string {
+	s.t.Helper()
+	return strings.TrimSpace(s.sh("systemctl show -P " + property + " " + unit))
+}
+
+// journal is smeshd's journal, as text.
+func (s *systemd) journal() string {
+	out, _ := s.exec(commandTimeout, "journalctl", "-u", "smeshd", "--no-pager", "-o", "short-monotonic")
+	return out
+}
+
+func (s *systemd) dropIn(name, content string) {
+	s.t.Helper()
+	s.sh(fmt.Sprintf("mkdir -p %s && printf '%%s' '%s' > %s/%s.conf && systemctl daemon-reload", dropIns, content, dropIns, name))
+}
+
+func (s *systemd) removeDropIn(name string) {
+	s.t.Helper()
+	s.sh(fmt.Sprintf("rm -f %s/%s.conf && systemctl daemon-reload && systemctl restart smeshd", dropIns, name))
+}
+
+// admin GETs a path of smeshd's admin endpoint, from outside the mesh.
+func (s *systemd) admin(path string) (int, string) {
+	s.t.Helper()
+	out, _ := s.exec(commandTimeout, "curl", "-sS", "-w", "\n%{http_code}", "http://127.0.0.1:15000"+path)
+	out = strings.TrimRight(out, "\n")
+	i := strings.LastIndex(out, "\n")
+	code, _ := strconv.Atoi(out[i+1:])
+	return code, out[:max(i, 0)]
+}
+
+// metric is the value of the series of family name with labels, or -1.
+func (s *systemd) metric(name string, labels map[string]string) float64 {
+	s.t.Helper()
+	code, text := s.admin("/metrics")
+	if code != 200 {
+		s.t.Fatalf("/metrics: %d %s", code, text)
+	}
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	families, err := parser.TextToMetricFamilies(bufio.NewReader(strings.NewReader(text)))
+	if err != nil {
+		s.t.Fatalf("/metrics does not parse: %v", err)
+	}
+	f, ok := families[name]
+	if !ok {
+		s.t.Fatalf("/metrics has no %s", name)
+	}
+metrics:
+	for _, m := range f.GetMetric() {
+		n := 0
+		for _, l := range m.GetLabel() {
+			if v, ok := labels[l.GetName()]; ok {
+				if v != l.GetValue() {
+					continue metrics
+				}
+				n++
+			}
+		}
+		if n != len(labels) {
+			continue
+		}
+		if c := m.GetCounter(); c != nil {
+			return c.GetValue()
+		}
+		return m.GetGauge().GetValue()
+	}
+	return -1
+}
+
+// attached counts the programs of type typ on a cgroup of the container,
+// queried from the host; a cgroup that does not exist has none.
+func (s *systemd) attached(inside string, typ ebpf.AttachType) int {
+	s.t.Helper()
+	f, err := os.Open(s.hostCgroup(inside))
+	if os.IsNotExist(err) {
+		return 0
+	}
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	defer f.Close()
+	res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: typ})
+	if err != nil {
+		s.t.Fatalf("querying %s programs of %s: %v", typ, inside, err)
+	}
+	return len(res.Programs)
+}
+
+func (s *systemd) waitFor(what string, cond func() bool) {
+	s.t.Helper()
+	for deadline := time.Now().Add(20 * time.Second); !cond(); time.Sleep(100 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			s.t.Fatalf("waited 20s for %s\n%s", what, tail(s.journal(), 15))
+		}
+	}
+}
