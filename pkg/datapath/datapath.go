@@ -477,13 +477,15 @@ func (d *Datapath) SetCapture(cgroupPaths []string, include, exclude []netip.Pre
 			if a.typ != typ || d.links[a] != nil {
 				continue
 			}
-			l, err := d.attach(a, prog)
+			l, adopted, err := d.attach(a, prog)
 			if err != nil {
 				undo()
 				return err
 			}
 			d.links[a] = l
-			added = append(added, a)
+			if !adopted {
+				added = append(added, a)
+			}
 		}
 	}
 
@@ -522,15 +524,17 @@ func (d *Datapath) SetCapture(cgroupPaths []string, include, exclude []netip.Pre
 	return nil
 }
 
-func (d *Datapath) attach(a attachment, prog *ebpf.Program) (link.Link, error) {
+// attach attaches prog as a. adopted: a pinned link of an earlier run took
+// prog, which undoing a failed change must leave in place.
+func (d *Datapath) attach(a attachment, prog *ebpf.Program) (l link.Link, adopted bool, err error) {
 	if d.pins != nil {
 		return d.pins.attach(d.pins.linkPath(a.typ, a.id), a.cgroup, a.typ, prog)
 	}
-	l, err := link.AttachCgroup(link.CgroupOptions{Path: a.cgroup, Attach: a.typ, Program: prog})
+	l, err = link.AttachCgroup(link.CgroupOptions{Path: a.cgroup, Attach: a.typ, Program: prog})
 	if err != nil {
-		return nil, fmt.Errorf("attaching %s to %s: %w", a.typ, a.cgroup, err)
+		return nil, false, fmt.Errorf("attaching %s to %s: %w", a.typ, a.cgroup, err)
 	}
-	return l, nil
+	return l, false, nil
 }
 
 // detach removes one attachment for good, pinned or not.

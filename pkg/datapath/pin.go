@@ -142,29 +142,30 @@ func (p *pins) linkPath(typ ebpf.AttachType, cgroupID uint64) string {
 	return filepath.Join(p.dir, fmt.Sprintf("%s%d_%d", linkPrefix, typ, cgroupID))
 }
 
-// attach returns the pinned link at path updated to prog, or a new link
+// attach returns the pinned link at path updated to prog (adopted: an
+// earlier run's, which a failed change must leave pinned), or a new link
 // attached and pinned there.
-func (p *pins) attach(path, cgroup string, typ ebpf.AttachType, prog *ebpf.Program) (link.Link, error) {
-	l, err := link.LoadPinnedLink(path, nil)
+func (p *pins) attach(path, cgroup string, typ ebpf.AttachType, prog *ebpf.Program) (l link.Link, adopted bool, err error) {
+	l, err = link.LoadPinnedLink(path, nil)
 	if err == nil {
 		if err := l.Update(prog); err != nil {
 			l.Close()
-			return nil, fmt.Errorf("updating pinned %s link of %s: %w", typ, cgroup, err)
+			return nil, false, fmt.Errorf("updating pinned %s link of %s: %w", typ, cgroup, err)
 		}
-		return l, nil
+		return l, true, nil
 	}
 	if !errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("loading pinned link %s: %w", path, err)
+		return nil, false, fmt.Errorf("loading pinned link %s: %w", path, err)
 	}
 	l, err = link.AttachCgroup(link.CgroupOptions{Path: cgroup, Attach: typ, Program: prog})
 	if err != nil {
-		return nil, fmt.Errorf("attaching %s to %s: %w", typ, cgroup, err)
+		return nil, false, fmt.Errorf("attaching %s to %s: %w", typ, cgroup, err)
 	}
 	if err := l.Pin(path); err != nil {
 		l.Close()
-		return nil, fmt.Errorf("pinning %s link of %s: %w", typ, cgroup, err)
+		return nil, false, fmt.Errorf("pinning %s link of %s: %w", typ, cgroup, err)
 	}
-	return l, nil
+	return l, false, nil
 }
 
 // pruneLinks detaches pinned links that are not in keep: cgroups no longer

@@ -30,6 +30,7 @@ import (
 
 	"github.com/fsnotify/fsnotify"
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 )
 
 // Maps is what the kernel data path is told of each namespace
@@ -87,6 +88,7 @@ type Tracker struct {
 	scanned chan struct{}         // closed and replaced after every scan
 	mu      sync.Mutex            // guards ns and scanned
 	ns      map[uint64]*Namespace // by inode
+	failed  map[uint64]string     // namespaces that could not be opened, with the reason (owned by Run)
 }
 
 // New opens smeshd's own namespace, scans the cgroups once and opens the
@@ -107,6 +109,7 @@ func New(o Options) (_ *Tracker, err error) {
 		roots:   slices.Clone(o.Cgroups),
 		scanned: make(chan struct{}),
 		ns:      make(map[uint64]*Namespace),
+		failed:  make(map[uint64]string),
 	}
 	defer func() {
 		if err != nil {
@@ -230,9 +233,10 @@ func (t *Tracker) scan() {
 		if n == nil {
 			var oerr error
 			if n, oerr = openNamespace(ino, f.pids); oerr != nil {
-				t.log.Debug().Err(oerr).Uint64("inode", ino).Msg("namespace gone before it was opened")
+				t.openFailed(ino, f, oerr)
 				continue
 			}
+			delete(t.failed, ino)
 			t.mu.Lock()
 			t.ns[ino] = n
 			t.mu.Unlock()
@@ -250,6 +254,11 @@ func (t *Tracker) scan() {
 		n.mu.Unlock()
 		if retry {
 			t.open(n)
+		}
+	}
+	for ino := range t.failed {
+		if _, ok := res.ns[ino]; !ok {
+			delete(t.failed, ino)
 		}
 	}
 	// A failed scan may have missed processes: close nothing on it.
@@ -274,6 +283,26 @@ func (t *Tracker) scan() {
 	close(t.scanned)
 	t.scanned = make(chan struct{})
 	t.mu.Unlock()
+}
+
+// openFailed reports a namespace that could not be opened, once per
+// namespace and reason: its processes' connections are not captured
+// (on_failure decides) until it can be.
+func (t *Tracker) openFailed(ino uint64, f *found, err error) {
+	if errors.Is(err, errNoProcess) {
+		t.log.Debug().Err(err).Uint64("inode", ino).Msg("namespace gone before it was opened")
+		return
+	}
+	if t.failed[ino] == err.Error() {
+		return
+	}
+	t.failed[ino] = err.Error()
+	ev := t.log.Warn().Err(err).Uint64("inode", ino).Strs("cgroups", f.cgroups).Ints("pids", f.pids)
+	if errors.Is(err, unix.EPERM) {
+		ev = ev.Str("hint", "entering another network namespace (setns) needs CAP_SYS_ADMIN: grant it to serve "+
+			"containers and pods (deploy/smeshd.service says how), or keep enrolled processes in smeshd's own namespace")
+	}
+	ev.Msg("cannot serve the network namespace of enrolled processes: their connections are not captured (capture.on_failure decides)")
 }
 
 func (t *Tracker) get(ino uint64) *Namespace {

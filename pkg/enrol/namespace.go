@@ -14,6 +14,9 @@ import (
 	"github.com/smesh-dev/smesh/pkg/sandbox"
 )
 
+// errNoProcess: every process a scan saw in a namespace is gone.
+var errNoProcess = errors.New("no process left in it")
+
 // soNetnsCookie is SO_NETNS_COOKIE (Linux 5.14+, asm-generic value), which
 // x/sys/unix does not name.
 const soNetnsCookie = 71
@@ -113,7 +116,7 @@ func openNamespace(ino uint64, pids []int) (*Namespace, error) {
 		}
 		return n, nil
 	}
-	return nil, fmt.Errorf("opening network namespace %d: no process left in it: %w", ino, errors.Join(errs...))
+	return nil, fmt.Errorf("opening network namespace %d: %w: %w", ino, errNoProcess, errors.Join(errs...))
 }
 
 // ownNamespace opens smeshd's own namespace.

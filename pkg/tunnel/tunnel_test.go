@@ -1076,6 +1076,9 @@ func TestHandshakeBudget(t *testing.T) {
 	if fromFirst != 4 {
 		t.Errorf("127.0.0.1 has %d pending, want 4: its stale connections make room", fromFirst)
 	}
+	// An eviction is counted by the evicted connection's own goroutine,
+	// which may run after the pending counts changed.
+	h.waitCount(t, ReasonHandshakeEvicted, 4)
 	if n := h.stats.Errors(ReasonHandshakeEvicted); n != 4 {
 		t.Errorf("%d stale handshakes evicted in all, want 4", n)
 	}
