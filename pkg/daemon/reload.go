@@ -80,12 +80,15 @@ func restartOnly(cur, next config.Config) []string {
 		{"tunnel.max_connections", cur.Tunnel.MaxConnections, next.Tunnel.MaxConnections},
 		{"tunnel.handshake_timeout", cur.Tunnel.HandshakeTimeout, next.Tunnel.HandshakeTimeout},
 		{"tunnel.tls.mode", cur.Tunnel.TLS.Mode, next.Tunnel.TLS.Mode},
+		{"tunnel.tls.source", cur.Tunnel.TLS.Source, next.Tunnel.TLS.Source},
+		{"tunnel.tls.workload_api_socket", cur.Tunnel.TLS.WorkloadAPISocket, next.Tunnel.TLS.WorkloadAPISocket},
 		{"tunnel.tls.cert", cur.Tunnel.TLS.Cert, next.Tunnel.TLS.Cert},
 		{"tunnel.tls.key", cur.Tunnel.TLS.Key, next.Tunnel.TLS.Key},
 		{"tunnel.tls.ca", cur.Tunnel.TLS.CA, next.Tunnel.TLS.CA},
 		{"admin", cur.Admin, next.Admin},
 		{"log.format", cur.Log.Format, next.Log.Format},
 		{"daemon", cur.Daemon, next.Daemon},
+		{"kubernetes", cur.Kubernetes, next.Kubernetes},
 	} {
 		if !reflect.DeepEqual(f.cur, f.new) {
 			keys = append(keys, f.key)
