@@ -24,6 +24,9 @@ func TestMain(m *testing.M) {
 	if ns, ok := os.LookupEnv(mountHelperEnv); ok {
 		os.Exit(mountHelper(ns))
 	}
+	if ns, ok := os.LookupEnv(ofHelperEnv); ok {
+		os.Exit(ofHelper(ns))
+	}
 	os.Exit(m.Run())
 }
 
