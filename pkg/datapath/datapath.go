@@ -439,19 +439,26 @@ func (d *Datapath) SetCapture(cgroups []string, include, exclude []netip.Prefix,
 	if d.links == nil {
 		d.links = make(map[attachment]link.Link)
 	}
+	// A cgroup that cannot be attached (a pod's, removed meanwhile) keeps
+	// neither the others out nor the detaching of those no longer wanted;
+	// its later programs are skipped, so connect4 never runs where
+	// sock_ops does not.
+	var errs []error
+	failed := make(map[string]bool)
 	for _, typ := range attachOrder {
 		for a, prog := range want {
-			if a.typ != typ || d.links[a] != nil {
+			if a.typ != typ || d.links[a] != nil || failed[a.cgroup] {
 				continue
 			}
 			l, err := d.attach(a, prog)
 			if err != nil {
-				return err
+				errs = append(errs, err)
+				failed[a.cgroup] = true
+				continue
 			}
 			d.links[a] = l
 		}
 	}
-	var errs []error
 	for a, l := range d.links {
 		if _, ok := want[a]; !ok {
 			errs = append(errs, d.detach(a, l))
