@@ -13,11 +13,13 @@ import (
 	"syscall"
 
 	sdnotify "github.com/coreos/go-systemd/v22/daemon"
+	"github.com/rs/zerolog"
 
 	"github.com/smesh-dev/smesh/pkg/bench"
 	"github.com/smesh-dev/smesh/pkg/config"
 	"github.com/smesh-dev/smesh/pkg/daemon"
 	"github.com/smesh-dev/smesh/pkg/datapath"
+	"github.com/smesh-dev/smesh/pkg/kube"
 )
 
 // version is set at build time (-ldflags "-X main.version=...").
@@ -123,7 +125,13 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 	// READY=1 tells systemd (Type=notify) and smeshd bench that capture
 	// is attached; without NOTIFY_SOCKET it does nothing.
 	notify := func(state string) { sdnotify.SdNotify(false, state) }
-	return daemon.Run(ctx, daemon.Options{Config: cfg, ConfigPath: *cfgPath, LogOut: stderr, Notify: notify, Version: version})
+	return daemon.Run(ctx, daemon.Options{Config: cfg, ConfigPath: *cfgPath, LogOut: stderr, Notify: notify, Version: version,
+		Kubernetes: startKube})
+}
+
+// startKube starts the enrolment of this node's pods ([kubernetes]).
+func startKube(ctx context.Context, cfg config.Kubernetes, cgroupMount string, log zerolog.Logger) (daemon.PodSource, error) {
+	return kube.Start(ctx, cfg, cgroupMount, log)
 }
 
 // cleanup removes the capture that on_failure = "closed" left pinned.
@@ -151,6 +159,13 @@ func check(cfgPath string, out io.Writer) error {
 		return err
 	}
 	fmt.Fprintf(out, "config %s: ok\n", cfgPath)
+	if k := cfg.Kubernetes; k.Enabled {
+		node := os.Getenv(k.NodeNameEnv)
+		if node == "" {
+			return fmt.Errorf("kubernetes.node_name_env: $%s is empty (the DaemonSet sets it from spec.nodeName)", k.NodeNameEnv)
+		}
+		fmt.Fprintf(out, "kubernetes: pods of node %s labelled %s (or in a namespace labelled so)\n", node, k.Label)
+	}
 	features := datapath.Probe()
 	for _, f := range features {
 		status := "ok"

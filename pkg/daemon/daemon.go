@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"syscall"
 	"time"
 
@@ -89,6 +90,24 @@ type Options struct {
 	// "RELOADING=1", "STOPPING=1", "WATCHDOG=1"); nil ignores them.
 	Notify  func(state string)
 	Version string
+	// Kubernetes starts the pod enrolment of [kubernetes] when it is
+	// enabled (cmd/smeshd passes pkg/kube's); it runs until ctx is done.
+	// Nil: a configuration that enables it is refused.
+	Kubernetes func(ctx context.Context, cfg config.Kubernetes, cgroupMount string, log zerolog.Logger) (PodSource, error)
+}
+
+// PodSource is an enrolment whose cgroups change while smeshd runs: the
+// cgroups of this node's pods in the mesh (pkg/kube), enrolled next to
+// [capture] cgroups through the same path as a reload.
+type PodSource interface {
+	// WaitSynced returns once the first set is known.
+	WaitSynced(ctx context.Context) error
+	// Cgroups is the current set.
+	Cgroups() []string
+	// Changed receives a value after Cgroups changed.
+	Changed() <-chan struct{}
+	// Pods describes the pods for /debug/pods.
+	Pods() any
 }
 
 // daemon is one running smeshd: its parts and the configuration in force.
@@ -104,7 +123,9 @@ type daemon struct {
 	out      *proxy.Outbound
 	dp       *datapath.Datapath
 	members  *enrol.Tracker
-	cleanups []func() // run in reverse order on exit
+	static   []string  // [capture] cgroups, as paths
+	pods     PodSource // nil without [kubernetes]
+	cleanups []func()  // run in reverse order on exit
 }
 
 // Run runs smeshd until ctx is done, then drains (see drain). SIGHUP
@@ -126,7 +147,7 @@ func Run(ctx context.Context, opts Options) (err error) {
 	// drained still dial and relay.
 	serveCtx, stopServing := context.WithCancel(context.Background())
 	d.cleanups = append(d.cleanups, stopServing)
-	if err := d.start(serveCtx); err != nil {
+	if err := d.start(ctx, serveCtx); err != nil {
 		return err
 	}
 
@@ -149,11 +170,19 @@ func Run(ctx context.Context, opts Options) (err error) {
 	// re-read on handshakes): keep the expiry metric current.
 	certCheck := time.NewTicker(time.Minute)
 	defer certCheck.Stop()
+	var podsChanged <-chan struct{}
+	if d.pods != nil {
+		podsChanged = d.pods.Changed()
+	}
 	for {
 		select {
 		case <-ctx.Done():
 			d.drain()
 			return nil
+		case <-podsChanged:
+			if err := d.applyEnrolment(d.cfg.Capture); err != nil {
+				d.log.Error().Err(err).Msg("enrolling this node's pods in the mesh")
+			}
 		case <-certCheck.C:
 			if d.tun.Credentials != nil {
 				d.metrics.CertExpiry(d.cfg.Tunnel.TLS.Cert, d.tun.Credentials.NotAfter())
@@ -169,8 +198,9 @@ func Run(ctx context.Context, opts Options) (err error) {
 }
 
 // start brings the parts up in the order that lets no connection be
-// captured before smeshd can serve it: listeners, then the data path.
-func (d *daemon) start(ctx context.Context) error {
+// captured before smeshd can serve it: listeners, then the data path. Parts
+// run until ctx is done; waiting for the Kubernetes API ends with wait.
+func (d *daemon) start(wait, ctx context.Context) error {
 	cfg, log := d.cfg, d.log
 	features := datapath.Probe()
 	mode, err := ResolveMode(cfg.Datapath.Mode, features)
@@ -215,16 +245,21 @@ func (d *daemon) start(ctx context.Context) error {
 	if d.mount, err = cgroups.Mount(); err != nil {
 		return err
 	}
-	enrolled, err := d.enroll(cfg)
-	if err != nil {
+	if d.static, err = d.enroll(cfg); err != nil {
 		return err
 	}
-	own, restore, err := ownCgroup(d.mount, enrolled, log)
+	own, restore, err := ownCgroup(d.mount, d.static, log)
 	if err != nil {
 		return err
 	}
 	d.own = own
 	d.cleanups = append(d.cleanups, restore)
+	if cfg.Kubernetes.Enabled {
+		if err := d.startPods(wait, ctx); err != nil {
+			return err
+		}
+	}
+	enrolled := d.enrolled()
 
 	d.out, err = proxy.Listen(proxy.Options{
 		Listen:         cfg.Outbound.Listen,
@@ -331,6 +366,65 @@ func (d *daemon) startMembers(ctx context.Context, enrolled []string, ready6 boo
 	d.cleanups = append(d.cleanups, func() { stop(); <-done })
 	d.admin.HandleJSON("/debug/namespaces", func() any { return d.members.Namespaces() })
 	d.metrics.Registry().MustRegister(metrics.NamespaceCollector(d.namespaceCounts))
+	return nil
+}
+
+// startPods starts the enrolment of this node's pods and waits for the
+// first set, so that pods running before smeshd starts are captured from
+// its first moment on.
+func (d *daemon) startPods(wait, ctx context.Context) error {
+	if d.opts.Kubernetes == nil {
+		return errors.New("kubernetes.enabled: this smeshd cannot enrol pods (no Kubernetes support wired in)")
+	}
+	pods, err := d.opts.Kubernetes(ctx, d.cfg.Kubernetes, d.mount, d.log)
+	if err != nil {
+		return err
+	}
+	d.log.Info().Str("label", d.cfg.Kubernetes.Label).Msg("waiting for this node's pods from the Kubernetes API")
+	if err := pods.WaitSynced(wait); err != nil {
+		return err
+	}
+	d.pods = pods
+	d.admin.HandleJSON("/debug/pods", pods.Pods)
+	return nil
+}
+
+// enrolled is every cgroup in the mesh: [capture] cgroups and, with
+// [kubernetes], the cgroups of this node's pods in the mesh. A pod's cgroup
+// that holds smeshd itself (its own pod labelled) or lies inside a
+// [capture] cgroup (captured already) is left out.
+func (d *daemon) enrolled() []string {
+	out := slices.Clone(d.static)
+	if d.pods == nil {
+		return out
+	}
+	for _, cg := range d.pods.Cgroups() {
+		if d.own != "" && cgroups.Within(d.own, cg) {
+			d.log.Warn().Str("cgroup", cg).Str("own", d.own).Msg("a pod in the mesh holds smeshd itself: left out (smeshd would capture itself)")
+			continue
+		}
+		if slices.ContainsFunc(d.static, func(s string) bool { return cgroups.Within(cg, s) }) {
+			continue
+		}
+		out = append(out, cg)
+	}
+	return out
+}
+
+// applyEnrolment hands the cgroups in the mesh to the namespace tracker,
+// then to the data path with the capture rules c: the one path for reloads
+// and for pods that join or leave. Open connections are left alone.
+func (d *daemon) applyEnrolment(c config.Capture) error {
+	enrolled := d.enrolled()
+	// The namespaces of new cgroups get their listeners before connect4 is
+	// attached to them (capture is gated on the listeners anyway).
+	d.members.SetCgroups(enrolled)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	d.members.Scan(ctx)
+	cancel()
+	if err := d.dp.SetCapture(enrolled, c.IncludeCIDRs, c.ExcludeCIDRs, c.ExcludePorts); err != nil {
+		return fmt.Errorf("applying [capture]: %w", err)
+	}
 	return nil
 }
 

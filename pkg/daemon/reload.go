@@ -1,7 +1,6 @@
 package daemon
 
 import (
-	"fmt"
 	"reflect"
 
 	"github.com/smesh-dev/smesh/pkg/config"
@@ -35,19 +34,17 @@ func (d *daemon) apply(next config.Config) error {
 	for _, f := range restartOnly(d.cfg, next) {
 		d.log.Warn().Str("key", f).Msg("this setting changes only when smeshd restarts; keeping the running value")
 	}
-	enrolled, err := d.enroll(next)
+	static, err := d.enroll(next)
 	if err != nil {
 		return err
 	}
 	if err := d.tun.Reconfigure(next.Tunnel); err != nil {
 		return err
 	}
-	// The new cgroups' namespaces get their listeners before connect4 is
-	// attached to them.
-	d.members.SetCgroups(enrolled)
+	d.static = static
 	c := next.Capture
-	if err := d.dp.SetCapture(enrolled, c.IncludeCIDRs, c.ExcludeCIDRs, c.ExcludePorts); err != nil {
-		return fmt.Errorf("applying [capture]: %w", err)
+	if err := d.applyEnrolment(c); err != nil {
+		return err
 	}
 	if err := setLogLevel(next.Log.Level); err != nil {
 		return err

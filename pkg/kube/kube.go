@@ -11,8 +11,9 @@
 // the namespace machinery and the data path, as it does [capture] cgroups:
 // it sees only PodSource, never a client-go type.
 //
-// Only the core API group's typed client is linked (pods and namespaces), not
-// client-go's whole clientset.
+// Only what pods and namespaces need of client-go is linked: a REST client
+// with a scheme of the core API group alone (API), not client-go's typed
+// clients, whose scheme registers every API group (about 27 MB more).
 package kube
 
 import (
@@ -21,7 +22,6 @@ import (
 	"os"
 
 	"github.com/rs/zerolog"
-	corev1client "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/rest"
 
 	"github.com/smesh-dev/smesh/pkg/config"
@@ -43,13 +43,13 @@ func Start(ctx context.Context, cfg config.Kubernetes, cgroupMount string, log z
 		return nil, fmt.Errorf("kubernetes.enabled: reaching the API server from inside the cluster: %w", err)
 	}
 	rc.UserAgent = "smeshd"
-	client, err := corev1client.NewForConfig(rc)
+	api, err := NewAPI(rc)
 	if err != nil {
-		return nil, fmt.Errorf("kubernetes client: %w", err)
+		return nil, err
 	}
 	key, value := cfg.LabelKeyValue()
 	w := NewWatcher(Options{
-		Client:     client,
+		API:        api,
 		NodeName:   node,
 		LabelKey:   key,
 		LabelValue: value,

@@ -17,17 +17,15 @@ import (
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/watch"
-	corev1client "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/tools/cache"
 )
 
 // Options configure a Watcher.
 type Options struct {
-	// Client reaches the API server: only the core group is used (pods
-	// and namespaces), which keeps the rest of client-go out of smeshd.
-	Client corev1client.CoreV1Interface
-	// NoWatchList: Client cannot stream a list as a watch (client-go's
-	// fake clientset), so the informers list and then watch.
+	// API reaches the API server (NewAPI).
+	API API
+	// NoWatchList: API cannot stream a list as a watch (client-go's fake
+	// clientset), so the informers list and then watch.
 	NoWatchList bool
 	// NodeName is the node whose pods are watched.
 	NodeName string
@@ -100,24 +98,22 @@ func NewWatcher(o Options) *Watcher {
 	// Only this node's pods: the API server filters by spec.nodeName, so
 	// a node's smeshd never holds the cluster's pods.
 	onNode := fields.OneTermEqualSelector("spec.nodeName", o.NodeName).String()
-	pods := o.Client.Pods(metav1.NamespaceAll)
 	w.pods = cache.NewSharedIndexInformer(w.listWatcher(&cache.ListWatch{
 		ListWithContextFunc: func(ctx context.Context, opts metav1.ListOptions) (runtime.Object, error) {
 			opts.FieldSelector = onNode
-			return pods.List(ctx, opts)
+			return o.API.List(ctx, "pods", opts)
 		},
 		WatchFuncWithContext: func(ctx context.Context, opts metav1.ListOptions) (watch.Interface, error) {
 			opts.FieldSelector = onNode
-			return pods.Watch(ctx, opts)
+			return o.API.Watch(ctx, "pods", opts)
 		},
 	}), &corev1.Pod{}, 0, cache.Indexers{})
-	nss := o.Client.Namespaces()
 	w.ns = cache.NewSharedIndexInformer(w.listWatcher(&cache.ListWatch{
 		ListWithContextFunc: func(ctx context.Context, opts metav1.ListOptions) (runtime.Object, error) {
-			return nss.List(ctx, opts)
+			return o.API.List(ctx, "namespaces", opts)
 		},
 		WatchFuncWithContext: func(ctx context.Context, opts metav1.ListOptions) (watch.Interface, error) {
-			return nss.Watch(ctx, opts)
+			return o.API.Watch(ctx, "namespaces", opts)
 		},
 	}), &corev1.Namespace{}, 0, cache.Indexers{})
 	// Keep only what the decision needs: a node's pods carry large specs

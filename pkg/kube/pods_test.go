@@ -11,7 +11,9 @@ import (
 	"github.com/rs/zerolog"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
 )
@@ -43,7 +45,7 @@ func (wd *world) start() {
 	t := wd.t
 	ctx, cancel := context.WithCancel(context.Background())
 	wd.w = NewWatcher(Options{
-		Client:      wd.client.CoreV1(),
+		API:         fakeAPI{wd.client},
 		NoWatchList: wd.client.IsWatchListSemanticsUnSupported(),
 		NodeName:    node,
 		LabelKey:    labelKey,
@@ -81,6 +83,23 @@ func (wd *world) watching(resource string) bool {
 		}
 	}
 	return false
+}
+
+// fakeAPI is API over client-go's fake clientset.
+type fakeAPI struct{ c *fake.Clientset }
+
+func (f fakeAPI) List(ctx context.Context, resource string, opts metav1.ListOptions) (runtime.Object, error) {
+	if resource == "pods" {
+		return f.c.CoreV1().Pods(metav1.NamespaceAll).List(ctx, opts)
+	}
+	return f.c.CoreV1().Namespaces().List(ctx, opts)
+}
+
+func (f fakeAPI) Watch(ctx context.Context, resource string, opts metav1.ListOptions) (watch.Interface, error) {
+	if resource == "pods" {
+		return f.c.CoreV1().Pods(metav1.NamespaceAll).Watch(ctx, opts)
+	}
+	return f.c.CoreV1().Namespaces().Watch(ctx, opts)
 }
 
 func namespace(name string, labels map[string]string) *corev1.Namespace {
