@@ -185,7 +185,7 @@ func Run(ctx context.Context, opts Options) (err error) {
 			}
 		case <-certCheck.C:
 			if d.tun.Credentials != nil {
-				d.metrics.CertExpiry(d.cfg.Tunnel.TLS.Cert, d.tun.Credentials.NotAfter())
+				d.metrics.CertExpiry(d.tun.Credentials.Source(), d.tun.Credentials.NotAfter())
 			}
 		case <-hup:
 			d.opts.Notify("RELOADING=1")
@@ -239,7 +239,7 @@ func (d *daemon) start(wait, ctx context.Context) error {
 	d.metrics.SetTunnelStats(d.tun.Stats)
 	d.cleanups = append(d.cleanups, func() { d.tun.Close() })
 	if d.tun.Credentials != nil {
-		d.metrics.CertExpiry(cfg.Tunnel.TLS.Cert, d.tun.Credentials.NotAfter())
+		d.metrics.CertExpiry(d.tun.Credentials.Source(), d.tun.Credentials.NotAfter())
 	}
 
 	if d.mount, err = cgroups.Mount(); err != nil {

@@ -11,12 +11,14 @@ package tunnel
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
 	"slices"
 	"sync/atomic"
+	"time"
 
 	"github.com/rs/zerolog"
 
@@ -90,9 +92,18 @@ func New(cfg config.Tunnel, ownPorts []uint16, log zerolog.Logger) (*Tunnel, err
 	return t, nil
 }
 
+// workloadAPIWait bounds the wait for the first SVID at start: a SPIRE
+// agent starting on the same node answers within it.
+const workloadAPIWait = 30 * time.Second
+
 // loadConfigured loads [tunnel.tls] files, saying what to do when they are
-// missing.
+// missing, or takes the credentials from the Workload API.
 func loadConfigured(c config.TLS, log zerolog.Logger) (*Credentials, error) {
+	if c.Source == "workload_api" {
+		ctx, cancel := context.WithTimeout(context.Background(), workloadAPIWait)
+		defer cancel()
+		return WorkloadAPICredentials(ctx, c.WorkloadAPISocket, c.AllowIdentities, log)
+	}
 	for _, f := range []struct{ key, path string }{{"cert", c.Cert}, {"key", c.Key}, {"ca", c.CA}} {
 		if _, err := os.Stat(f.path); err != nil {
 			return nil, fmt.Errorf("tunnel.tls.%s: %w: tunnel.tls.mode = \"mtls\" needs this node's certificate, key and CA; "+
@@ -116,8 +127,15 @@ func (t *Tunnel) Reconfigure(cfg config.Tunnel) error {
 	return nil
 }
 
-// Close closes the server and its connections.
-func (t *Tunnel) Close() error { return t.Server.Close() }
+// Close closes the server and its connections, and stops following the
+// Workload API.
+func (t *Tunnel) Close() error {
+	err := t.Server.Close()
+	if t.Credentials != nil {
+		err = errors.Join(err, t.Credentials.Close())
+	}
+	return err
+}
 
 // Dialer is the outbound proxy's dialer for captured connections of
 // smeshd's own network namespace: destinations on this node (copy mode
