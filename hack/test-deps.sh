@@ -8,7 +8,7 @@
 set -eu
 
 # command the tests run : the Debian package that has it
-needs="ip:iproute2 iperf3:iperf3 curl:curl nginx:nginx-light systemd-analyze:systemd"
+needs="ip:iproute2 iperf3:iperf3 curl:curl nginx:nginx-light systemd-analyze:systemd setpriv:util-linux nsenter:util-linux unshare:util-linux"
 
 missing=""
 for need in $needs; do
