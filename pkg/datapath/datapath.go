@@ -205,6 +205,12 @@ func (d *Datapath) load(opts Options, proxyCgroupID uint64) error {
 		return fmt.Errorf("loading connect: %w", d.loadError(err))
 	}
 
+	// Copy mode attaches no sk_msg program, so none is loaded: where the
+	// kernel cannot load the bounded one (Linux 6.1: no kfuncs), loading
+	// it anyway would stop the copy data path too.
+	if opts.Mode != ModeSplice {
+		return nil
+	}
 	d.msg, err = loadSkmsg(opts.SpliceQueueLimit, shared)
 	return err
 }
