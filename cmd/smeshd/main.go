@@ -10,6 +10,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	sdnotify "github.com/coreos/go-systemd/v22/daemon"
@@ -151,18 +152,35 @@ func check(cfgPath string, out io.Writer) error {
 		return err
 	}
 	fmt.Fprintf(out, "config %s: ok\n", cfgPath)
+	fmt.Fprintf(out, "kernel: Linux %s\n", datapath.KernelRelease())
 	features := datapath.Probe()
 	for _, f := range features {
-		status := "ok"
-		if f.Err != nil {
-			status = "MISSING: " + f.Err.Error()
+		if f.Err == nil {
+			fmt.Fprintf(out, "kernel: ok       %s\n", f.Name)
+			continue
 		}
-		fmt.Fprintf(out, "kernel: %-45s %s\n", f.Name, status)
+		fmt.Fprintf(out, "kernel: MISSING  %s (needed for %s)\n", f.Name, f.NeededFor)
+		for line := range strings.Lines(f.Err.Error()) {
+			fmt.Fprintf(out, "                 %s", strings.TrimRight(line, "\n")+"\n")
+		}
 	}
 	mode, err := daemon.ResolveMode(cfg.Datapath.Mode, features)
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(out, "datapath mode: %s\n", mode)
+	bounded := datapath.Missing(features, "bounded splice") == nil
+	switch {
+	case mode == datapath.ModeCopy && cfg.Datapath.Mode != "copy":
+		fmt.Fprintf(out, "datapath mode: copy (mode = %q: this kernel cannot bound what a spliced hop queues; "+
+			"mode = \"splice\" would splice without the bound)\n", cfg.Datapath.Mode)
+	case mode == datapath.ModeSplice && !bounded:
+		fmt.Fprintf(out, "datapath mode: splice WITHOUT A BOUND: a reader that stalls under a fast writer "+
+			"can use up the node's TCP memory (mode = \"auto\" would copy here)\n")
+	case mode == datapath.ModeSplice:
+		fmt.Fprintf(out, "datapath mode: splice (bounded: a hop queueing more than %s at its reader moves to TCP)\n",
+			cfg.Datapath.SpliceQueueLimit)
+	default:
+		fmt.Fprintf(out, "datapath mode: %s\n", mode)
+	}
 	return nil
 }

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/smesh-dev/smesh/pkg/bench"
+	"github.com/smesh-dev/smesh/pkg/datapath"
 	"github.com/smesh-dev/smesh/pkg/testenv"
 )
 
@@ -45,14 +46,27 @@ func TestUsageErrors(t *testing.T) {
 	}
 }
 
+// TestCheckDefaultConfig: smeshd check passes with the default
+// configuration (mode = "auto") and reports the data path this kernel
+// gets: splice where it can bound spliced queues, else copy, saying why.
 func TestCheckDefaultConfig(t *testing.T) {
 	testenv.RequirePrivileged(t)
 	var out, errOut bytes.Buffer
 	if err := run(context.Background(), []string{"check", "-c", "../../smesh.toml"}, &out, &errOut); err != nil {
 		t.Fatalf("smeshd check -c smesh.toml: %v\n%s", err, out.String())
 	}
-	if !strings.Contains(out.String(), "datapath mode: splice") {
-		t.Errorf("check did not report the splice data path:\n%s", out.String())
+	want := []string{"datapath mode: splice (bounded"}
+	if err := datapath.Missing(datapath.Probe(), "bounded splice"); err != nil {
+		t.Logf("this kernel cannot bound spliced queues: %v", err)
+		want = []string{"kernel: MISSING  bounded splice", "datapath mode: copy (mode = \"auto\": this kernel cannot bound"}
+	}
+	for _, w := range want {
+		if !strings.Contains(out.String(), w) {
+			t.Errorf("check did not report %q:\n%s", w, out.String())
+		}
+	}
+	if strings.Count(out.String(), "kernel: ok ") < 10 {
+		t.Errorf("check reported fewer kernel features than it probes:\n%s", out.String())
 	}
 }
 

@@ -57,6 +57,9 @@ func setLogLevel(level string) error {
 // caller warns).
 func ResolveMode(mode string, features []datapath.Feature) (datapath.Mode, error) {
 	if err := datapath.Missing(features, "capture"); err != nil {
+		if errors.Is(err, datapath.ErrBelowFloor) {
+			return "", fmt.Errorf("this kernel (Linux %s) is below smesh's floor: %w", datapath.KernelRelease(), err)
+		}
 		return "", fmt.Errorf("this kernel cannot run smesh's capture: %w", err)
 	}
 	spliceErr := datapath.Missing(features, "splice")
@@ -171,7 +174,7 @@ func Run(ctx context.Context, opts Options) (err error) {
 // captured before smeshd can serve it: listeners, then the data path.
 func (d *daemon) start(ctx context.Context) error {
 	cfg, log := d.cfg, d.log
-	features := datapath.Probe()
+	features := datapath.ProbeModes()
 	mode, err := ResolveMode(cfg.Datapath.Mode, features)
 	if err != nil {
 		return err

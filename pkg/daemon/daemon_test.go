@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -20,6 +21,13 @@ func TestResolveMode(t *testing.T) {
 	noCapture := []datapath.Feature{
 		{Name: "sock_ops programs", NeededFor: "capture", Err: errors.New("not supported")},
 	}
+	// Linux 6.1: everything but the bounded sk_msg program.
+	noBound := append(all[:len(all):len(all)],
+		datapath.Feature{Name: "bounded splice", NeededFor: "bounded splice", Err: errors.New(`kfunc "bpf_cast_to_kern_ctx": not supported`)})
+	// Linux 5.10: smesh_sockops does not load.
+	belowFloor := []datapath.Feature{
+		{Name: "program smesh_sockops", NeededFor: "capture", Err: fmt.Errorf("%w: unknown func bpf_get_netns_cookie#122", datapath.ErrBelowFloor)},
+	}
 	cases := []struct {
 		mode     string
 		features []datapath.Feature
@@ -32,6 +40,11 @@ func TestResolveMode(t *testing.T) {
 		{"splice", noSkMsg, "", "CONFIG_NET_SOCK_MSG"},
 		{"copy", noSkMsg, datapath.ModeCopy, ""},
 		{"copy", noCapture, "", "sock_ops"},
+		{"auto", noBound, datapath.ModeCopy, ""},
+		{"splice", noBound, datapath.ModeSplice, ""},
+		{"copy", noBound, datapath.ModeCopy, ""},
+		{"auto", belowFloor, "", "below smesh's floor"},
+		{"copy", belowFloor, "", "Linux 5.15 or later"},
 		{"turbo", all, "", "want auto, splice or copy"},
 	}
 	for _, c := range cases {
