@@ -35,6 +35,7 @@ func memoryOf(t *testing.T, out string) (rmem, wqueued int64) {
 // wait inside the kernel too (MSG_WAITALL, SO_RCVLOWAT), and with one that
 // stalls for 10 s.
 func TestBoundedSplice(t *testing.T) {
+	requireBoundedSplice(t)
 	n, addr := sameNode(t, "splice")
 	// The same exchanges between processes outside the mesh: what TCP
 	// alone holds.

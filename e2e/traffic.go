@@ -460,8 +460,14 @@ func runScenario(args []string) error {
 		err = resetByServer(addr)
 	case "reset-client":
 		err = resetByClient(addr)
-	case "concurrent":
-		err = concurrent(addr, 200, n)
+	case "concurrent": // N: largest size; then the number of connections, 200 by default
+		conns := 200
+		if len(args) > 3 {
+			if conns, err = strconv.Atoi(args[3]); err != nil {
+				return err
+			}
+		}
+		err = concurrent(addr, conns, n)
 	case "marker":
 		err = sendMarker(addr, n)
 	case "short":
