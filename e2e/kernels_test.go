@@ -50,7 +50,7 @@ func concurrentConns() string { return fmt.Sprint(max(scaled(200), 20)) }
 // SMESH_REQUIRE_PRIVILEGED=1: CI's own kernel must bound them.
 func requireBoundedSplice(t *testing.T) {
 	t.Helper()
-	err := datapath.Missing(datapath.Probe(), "bounded splice")
+	err := datapath.Missing(datapath.ProbeModes(), "bounded splice")
 	if err == nil {
 		return
 	}
@@ -68,7 +68,7 @@ func requireBoundedSplice(t *testing.T) {
 // an explicit "splice" splices without the bound, with a warning. "copy"
 // works everywhere.
 func TestModeFollowsKernel(t *testing.T) {
-	bounded := datapath.Missing(datapath.Probe(), "bounded splice") == nil
+	bounded := datapath.Missing(datapath.ProbeModes(), "bounded splice") == nil
 	t.Logf("Linux %s, bounded splice: %v", datapath.KernelRelease(), bounded)
 	for _, c := range []struct {
 		mode     string

@@ -56,7 +56,7 @@ func TestCheckDefaultConfig(t *testing.T) {
 		t.Fatalf("smeshd check -c smesh.toml: %v\n%s", err, out.String())
 	}
 	want := []string{"datapath mode: splice (bounded"}
-	if err := datapath.Missing(datapath.Probe(), "bounded splice"); err != nil {
+	if err := datapath.Missing(datapath.ProbeModes(), "bounded splice"); err != nil {
 		t.Logf("this kernel cannot bound spliced queues: %v", err)
 		want = []string{"kernel: MISSING  bounded splice", "datapath mode: copy (mode = \"auto\": this kernel cannot bound"}
 	}
