@@ -85,6 +85,8 @@ func probe(programs bool) []Feature {
 	}
 	add("bounded splice (program smesh_skmsg: kfuncs bpf_cast_to_kern_ctx and bpf_rdonly_cast, Linux 6.2+, and CAP_PERFMON)",
 		"bounded splice", probeSkmsg(1<<20))
+	add("bounded splice: the queue at a spliced hop's reader is visible (psock->msg_tot_len, or redirected bytes in sk_rmem_alloc)",
+		"bounded splice", probeQueueVisible())
 	return fs
 }
 
