@@ -188,9 +188,11 @@ func (d *daemon) start(ctx context.Context) error {
 	if mode == datapath.ModeSplice {
 		if err := datapath.Missing(features, "bounded splice"); err != nil {
 			queueLimit = 0
-			log.Warn().AnErr("missing", err).Msg("SPLICING WITHOUT A BOUND: this kernel cannot bound what a spliced hop " +
-				"queues at its reader, so a reader that stalls under a fast writer can use up the node's TCP memory " +
-				"(datapath.mode = \"auto\" would use the copy data path here)")
+			log.Warn().AnErr("missing", err).Bool("splice_proxy_hops", cfg.Datapath.SpliceProxyHops).
+				Msg("SPLICING WITHOUT A BOUND: this kernel cannot bound what a spliced hop " +
+					"queues at its reader, so a reader that stalls under a fast writer can use up the node's TCP memory " +
+					"(datapath.mode = \"auto\" would use the copy data path here; splice_proxy_hops = false keeps " +
+					"the hops to and from smeshd, the most exposed, on TCP)")
 		}
 	}
 
