@@ -9,7 +9,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 export BPF2GO_CC := clang
 export BPF2GO_CFLAGS := -O2 -g -Wall -Werror
 
-.PHONY: all build image run demo bench generate vmlinux test test-deps ci fmt-check vet clean clean-test-env help
+.PHONY: all build image run demo bench generate vmlinux test test-deps kernel-test ci fmt-check vet clean clean-test-env help
 
 all: build
 
@@ -21,6 +21,7 @@ help:
 	@echo "run             build and run smeshd with ./smesh.toml and development certificates in bin/dev-tls (root)"
 	@echo "test            all tests, then how many were skipped and why; kernel tests need root (SMESH_REQUIRE_PRIVILEGED=1 makes skips failures)"
 	@echo "test-deps       install the programs the tests drive: iproute2, iperf3, curl, nginx-light, systemd, nftables, debootstrap, systemd-container (root, apt-get)"
+	@echo "kernel-test     the kernel tests on another kernel in a qemu guest: KERNEL=pkg|file.deb (default: Debian 12's 6.1)"
 	@echo "generate        regenerate the BPF bindings and objects (needs clang)"
 	@echo "vmlinux         regenerate bpf/include/vmlinux.h from this kernel's BTF (needs bpftool)"
 	@echo "ci              generate and fail on any diff, gofmt, vet, test"
@@ -76,6 +77,18 @@ test:
 
 test-deps:
 	hack/test-deps.sh
+
+# The kernel tests on another kernel than this machine's, in a qemu guest
+# (hack/kerneltest; needs qemu-system-x86, busybox-static, cpio). KERNEL is
+# a Debian kernel package, a metapackage (followed to its image), or a .deb
+# file; the default, linux-image-amd64, is Debian 12's 6.1 on Debian 12.
+# Packages are downloaded once, into .cache/kernel-test.
+# E.g. make kernel-test KERNEL=linux-image-6.12-amd64 KERNEL_TEST_FLAGS="-run TestSameNode"
+KERNEL ?= linux-image-amd64
+KERNEL_TEST_FLAGS ?=
+kernel-test:
+	$(GO) build -o bin/kerneltest ./hack/kerneltest
+	GO=$(GO) ./bin/kerneltest -kernel $(KERNEL) $(KERNEL_TEST_FLAGS)
 
 fmt-check:
 	@out=$$(gofmt -l .); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

@@ -34,6 +34,7 @@ func memoryOf(t *testing.T, out string) slowMemory {
 // wait inside the kernel too (MSG_WAITALL, SO_RCVLOWAT), and with one that
 // stalls for 10 s.
 func TestBoundedSplice(t *testing.T) {
+	requireBoundedSplice(t)
 	n, addr := sameNode(t, "splice")
 	const size = 512 << 20
 	for _, scenario := range []string{"slow", "slow-waitall", "slow-lowat", "stalled"} {

@@ -46,7 +46,7 @@ func TestQueuedBytesSurviveSmeshdExit(t *testing.T) {
 	n.server(n.enrolled, addr)
 	n.start("splice", "")
 	// The server stalls 3 s before reading; smeshd exits meanwhile.
-	stall := testenv.StartHelper(t, n.enrolled, n.ns.Name, "client", "stall", addr, "67108864")
+	stall := testenv.StartHelper(t, n.enrolled, n.ns.Name, "client", "stall", addr, scaledArg(64<<20))
 	time.Sleep(time.Second)
 	n.stop()
 	if err := stall.Wait(); err != nil {

@@ -29,6 +29,9 @@ func TestMain(m *testing.M) {
 		"sockopts": sockoptProbe,
 		"http-get": httpGet,
 	})
+	if s := dataScale(); s > 1 {
+		fmt.Printf("e2e: data sizes and counts of exchanges divided by %d (%s)\n", s, scaleEnv)
+	}
 	os.Exit(m.Run())
 }
 

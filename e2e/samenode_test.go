@@ -33,14 +33,14 @@ func TestSameNode(t *testing.T) {
 				// bulk writer outruns its reader within a few MiB)
 				spliced uint64
 			}{
-				{"1GiB one way", []string{"oneway", addr, "1073741824"}, gib},
-				{"1GiB both ways at once", []string{"echo", addr, "1073741824"}, 2 * gib},
-				{"10000 one-byte exchanges", []string{"rr", addr, "10000"}, 20000},
-				{"200 concurrent connections", []string{"concurrent", addr, "4000000"}, 1},
+				{"1GiB one way", []string{"oneway", addr, scaledArg(gib)}, uint64(scaled(gib))},
+				{"1GiB both ways at once", []string{"echo", addr, scaledArg(gib)}, 2 * uint64(scaled(gib))},
+				{"10000 one-byte exchanges", []string{"rr", addr, scaledArg(10000)}, 2 * uint64(scaled(10000))},
+				{"200 concurrent connections", []string{"concurrent", addr, scaledArg(4000000), concurrentConns()}, 1},
 				{"half-close then answer", []string{"oneway", addr, "12345"}, 12345},
-				{"server closes first", []string{"serverfirst", addr, "10000000"}, 10000000},
+				{"server closes first", []string{"serverfirst", addr, scaledArg(10000000)}, uint64(scaled(10000000))},
 				{"reset by server", []string{"reset-server", addr}, 0},
-				{"stalled reader, 256MiB writer", []string{"stall", addr, "268435456"}, 256 << 20},
+				{"stalled reader, 256MiB writer", []string{"stall", addr, scaledArg(256 << 20)}, uint64(scaled(256 << 20))},
 			}
 			for _, c := range cases {
 				t.Run(c.name, func(t *testing.T) {

@@ -531,8 +531,14 @@ func runScenario(args []string) error {
 		err = endsWith(addr, []byte("x"), 10*time.Second, true)
 	case "idle": // a few bytes, then nothing: the connection must be reset
 		err = endsWith(addr, []byte{cmdHold, 1, 2, 3}, 30*time.Second, false)
-	case "concurrent":
-		err = concurrent(addr, 200, n)
+	case "concurrent": // N: largest size; then the number of connections, 200 by default
+		conns := 200
+		if len(args) > 3 {
+			if conns, err = strconv.Atoi(args[3]); err != nil {
+				return err
+			}
+		}
+		err = concurrent(addr, conns, n)
 	case "marker":
 		err = sendMarker(addr, n)
 	case "short":

@@ -71,15 +71,15 @@ func TestTunnel(t *testing.T) {
 						// nodes must grow by at least this much
 						spliced uint64
 					}{
-						{"128MiB one way", []string{"oneway", addr, "134217728"}, 128 << 20},
-						{"128MiB both ways at once", []string{"echo", addr, "134217728"}, 256 << 20},
+						{"128MiB one way", []string{"oneway", addr, scaledArg(128 << 20)}, uint64(scaled(128 << 20))},
+						{"128MiB both ways at once", []string{"echo", addr, scaledArg(128 << 20)}, 2 * uint64(scaled(128<<20))},
 						{"one byte", []string{"oneway", addr, "1"}, 1},
 						{"nothing, then half-close", []string{"oneway", addr, "0"}, 0},
-						{"2000 one-byte exchanges", []string{"rr", addr, "2000"}, 4000},
-						{"server closes first", []string{"serverfirst", addr, "10000000"}, 10000000},
-						{"200 concurrent connections", []string{"concurrent", addr, "1000000"}, 1},
+						{"2000 one-byte exchanges", []string{"rr", addr, scaledArg(2000)}, 2 * uint64(scaled(2000))},
+						{"server closes first", []string{"serverfirst", addr, scaledArg(10000000)}, uint64(scaled(10000000))},
+						{"200 concurrent connections", []string{"concurrent", addr, scaledArg(1000000), concurrentConns()}, 1},
 						{"reset by server", []string{"reset-server", addr}, 0},
-						{"stalled reader, 64MiB writer", []string{"stall", addr, "67108864"}, 64 << 20},
+						{"stalled reader, 64MiB writer", []string{"stall", addr, scaledArg(64 << 20)}, uint64(scaled(64 << 20))},
 					}
 					for _, c := range cases {
 						t.Run(c.name, func(t *testing.T) {
@@ -397,7 +397,7 @@ func TestTunnelBadInput(t *testing.T) {
 
 	t.Run("a flood of bad input while real traffic flows", func(t *testing.T) {
 		bad.t = t
-		transfer := testenv.StartHelper(t, a.enrolled, a.ns.Name, "client", "concurrent", server.String(), "4000000")
+		transfer := testenv.StartHelper(t, a.enrolled, a.ns.Name, "client", "concurrent", server.String(), scaledArg(4000000))
 		var wg sync.WaitGroup
 		for i := range 200 {
 			wg.Go(func() {
@@ -428,7 +428,7 @@ func TestTunnelBadInput(t *testing.T) {
 		if !strings.Contains(transfer.Stdout(), "ok concurrent") {
 			t.Fatalf("traffic during the flood did not complete: %q", transfer.Stdout())
 		}
-		a.client(a.enrolled, "oneway", server.String(), "10000000")
+		a.client(a.enrolled, "oneway", server.String(), scaledArg(10000000))
 		select {
 		case <-b.smeshd.Exited():
 			t.Fatal("smeshd on node b exited")

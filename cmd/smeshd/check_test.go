@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/smesh-dev/smesh/pkg/certs"
+	"github.com/smesh-dev/smesh/pkg/datapath"
 	"github.com/smesh-dev/smesh/pkg/testenv"
 )
 
@@ -38,10 +39,18 @@ func TestCheckDefaultConfig(t *testing.T) {
 	if err := run(context.Background(), []string{"check", "-c", devConfig(t)}, &out, &errOut, nil); err != nil {
 		t.Fatalf("smeshd check -c smesh.toml: %v\n%s", err, out.String())
 	}
-	for _, want := range []string{"datapath mode: splice", "spiffe://smesh.local/node/node, valid until", "smesh.slice: "} {
-		if !strings.Contains(out.String(), want) {
-			t.Errorf("check did not report %q:\n%s", want, out.String())
+	want := []string{"spiffe://smesh.local/node/node, valid until", "smesh.slice: ", "datapath mode: splice (bounded"}
+	if err := datapath.Missing(datapath.ProbeModes(), "bounded splice"); err != nil {
+		t.Logf("this kernel cannot bound spliced queues: %v", err)
+		want = append(want[:2], "kernel: MISSING  bounded splice", `datapath mode: copy (mode = "auto": this kernel cannot bound`)
+	}
+	for _, w := range want {
+		if !strings.Contains(out.String(), w) {
+			t.Errorf("check did not report %q:\n%s", w, out.String())
 		}
+	}
+	if strings.Count(out.String(), "kernel: ok ") < 10 {
+		t.Errorf("check reported fewer kernel features than it probes:\n%s", out.String())
 	}
 }
 

@@ -12,6 +12,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"slices"
+	"strings"
 	"syscall"
 	"time"
 
@@ -242,21 +243,38 @@ func check(cfgPath string, out io.Writer) error {
 		}
 		fmt.Fprintf(out, "kubernetes: pods of node %s labelled %s (or in a namespace labelled so)\n", node, k.Label)
 	}
+	fmt.Fprintf(out, "kernel: Linux %s\n", datapath.KernelRelease())
 	features := datapath.Probe()
 	for _, f := range features {
-		status := "ok"
-		if f.Err != nil {
-			status = "MISSING: " + f.Err.Error()
-		}
 		what := "kernel:"
 		if f.Privilege {
 			what = "smeshd:"
 		}
-		fmt.Fprintf(out, "%s %-45s %s\n", what, f.Name, status)
+		if f.Err == nil {
+			fmt.Fprintf(out, "%s ok       %s\n", what, f.Name)
+			continue
+		}
+		fmt.Fprintf(out, "%s MISSING  %s (needed for %s)\n", what, f.Name, f.NeededFor)
+		for line := range strings.Lines(f.Err.Error()) {
+			fmt.Fprintf(out, "                 %s\n", strings.TrimRight(line, "\n"))
+		}
 	}
-	if mode, err := daemon.ResolveMode(cfg.Datapath.Mode, features); err != nil {
-		errs = append(errs, err)
-	} else {
+	mode, err := daemon.ResolveMode(cfg.Datapath.Mode, features)
+	if err != nil {
+		return errors.Join(append(errs, err)...)
+	}
+	bounded := datapath.Missing(features, "bounded splice") == nil
+	switch {
+	case mode == datapath.ModeCopy && cfg.Datapath.Mode != "copy":
+		fmt.Fprintf(out, "datapath mode: copy (mode = %q: this kernel cannot bound what a spliced hop queues; "+
+			"mode = \"splice\" would splice without the bound)\n", cfg.Datapath.Mode)
+	case mode == datapath.ModeSplice && !bounded:
+		fmt.Fprintf(out, "datapath mode: splice WITHOUT A BOUND: a reader that stalls under a fast writer "+
+			"can use up the node's TCP memory (mode = \"auto\" would copy here)\n")
+	case mode == datapath.ModeSplice:
+		fmt.Fprintf(out, "datapath mode: splice (bounded: a hop queueing more than %s at its reader moves to TCP)\n",
+			cfg.Datapath.SpliceQueueLimit)
+	default:
 		fmt.Fprintf(out, "datapath mode: %s\n", mode)
 	}
 	return errors.Join(errs...)

@@ -82,6 +82,9 @@ func ResolveMode(mode string, features []datapath.Feature) (datapath.Mode, error
 			return "", fmt.Errorf("%w: smeshd needs CAP_BPF and CAP_NET_ADMIN (or CAP_SYS_ADMIN); "+
 				"under systemd, in CapabilityBoundingSet= and AmbientCapabilities= (see deploy/smeshd.service)", priv)
 		}
+		if errors.Is(err, datapath.ErrBelowFloor) {
+			return "", fmt.Errorf("this kernel (Linux %s) is below smesh's floor: %w", datapath.KernelRelease(), err)
+		}
 		if errors.Is(err, unix.EPERM) {
 			return "", fmt.Errorf("the kernel refuses smesh's capture (operation not permitted): smeshd has CAP_BPF and CAP_NET_ADMIN, "+
 				"but they count only in the initial user namespace, and a seccomp filter or LSM may deny bpf(2): %w", err)
@@ -272,7 +275,7 @@ func Run(ctx context.Context, opts Options) (err error) {
 // run until ctx is done; waiting for the Kubernetes API ends with wait.
 func (d *daemon) start(wait, ctx context.Context) error {
 	cfg, log := d.cfg, d.log
-	features := datapath.Probe()
+	features := datapath.ProbeModes()
 	mode, err := ResolveMode(cfg.Datapath.Mode, features)
 	if err != nil {
 		return err
@@ -286,9 +289,11 @@ func (d *daemon) start(wait, ctx context.Context) error {
 	if mode == datapath.ModeSplice {
 		if err := datapath.Missing(features, "bounded splice"); err != nil {
 			queueLimit = 0
-			log.Warn().AnErr("missing", err).Msg("SPLICING WITHOUT A BOUND: this kernel cannot bound what a spliced hop " +
-				"queues at its reader, so a reader that stalls under a fast writer can use up the node's TCP memory " +
-				"(datapath.mode = \"auto\" would use the copy data path here)")
+			log.Warn().AnErr("missing", err).Bool("splice_proxy_hops", cfg.Datapath.SpliceProxyHops).
+				Msg("SPLICING WITHOUT A BOUND: this kernel cannot bound what a spliced hop " +
+					"queues at its reader, so a reader that stalls under a fast writer can use up the node's TCP memory " +
+					"(datapath.mode = \"auto\" would use the copy data path here; splice_proxy_hops = false keeps " +
+					"the hops to and from smeshd, the most exposed, on TCP)")
 		}
 	}
 

@@ -42,6 +42,13 @@ func TestResolveMode(t *testing.T) {
 		{Name: "CAP_BPF", NeededFor: "capture", Privilege: true},
 		{Name: "sock_ops programs", NeededFor: "capture", Err: fmt.Errorf("load: %w", unix.EPERM)},
 	}
+	// Linux 6.1: everything but the bounded sk_msg program.
+	noBound := append(all[:len(all):len(all)],
+		datapath.Feature{Name: "bounded splice", NeededFor: "bounded splice", Err: errors.New(`kfunc "bpf_cast_to_kern_ctx": not supported`)})
+	// Linux 5.10: smesh_sockops does not load.
+	belowFloor := []datapath.Feature{
+		{Name: "program smesh_sockops", NeededFor: "capture", Err: fmt.Errorf("%w: unknown func bpf_get_netns_cookie#122", datapath.ErrBelowFloor)},
+	}
 	cases := []struct {
 		mode     string
 		features []datapath.Feature
@@ -56,6 +63,11 @@ func TestResolveMode(t *testing.T) {
 		{"copy", noCapture, "", "sock_ops"},
 		{"auto", noCapBPF, "", "missing capability CAP_BPF: smeshd needs CAP_BPF and CAP_NET_ADMIN"},
 		{"auto", eperm, "", "the kernel refuses smesh's capture (operation not permitted)"},
+		{"auto", noBound, datapath.ModeCopy, ""},
+		{"splice", noBound, datapath.ModeSplice, ""},
+		{"copy", noBound, datapath.ModeCopy, ""},
+		{"auto", belowFloor, "", "below smesh's floor"},
+		{"copy", belowFloor, "", "Linux 5.15 or later"},
 		{"turbo", all, "", "want auto, splice or copy"},
 	}
 	for _, c := range cases {

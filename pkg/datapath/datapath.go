@@ -215,15 +215,24 @@ func (d *Datapath) load(opts Options, proxyCgroupID uint64) error {
 		return fmt.Errorf("loading connect: %w", d.loadError(err))
 	}
 
-	d.msg, err = loadSkmsg(opts.SpliceQueueLimit, shared)
-	return err
+	// Copy mode attaches no sk_msg program, so none is loaded: where the
+	// kernel cannot load the bounded one (Linux 6.1: no kfuncs), loading
+	// it anyway would stop the copy data path too.
+	if opts.Mode != ModeSplice {
+		return nil
+	}
+	if d.msg, err = loadSkmsg(opts.SpliceQueueLimit, shared); err != nil {
+		return verifierError(explainLoadError(err))
+	}
+	return nil
 }
 
 // loadSkmsg loads the sk_msg program: bounded to limit bytes queued at a
 // peer (smesh_skmsg), or without a bound when limit is 0
 // (smesh_skmsg_unbounded, for kernels that cannot bound: see
 // Options.SpliceQueueLimit). shared are the maps to use; nil makes the
-// program's own (a probe).
+// program's own. Errors keep the verifier's log for the caller to show
+// (verifierError) or to summarise (a probe).
 func loadSkmsg(limit uint32, shared map[string]*ebpf.Map) (*ebpf.Program, error) {
 	spec, err := skmsg.LoadSkmsg()
 	if err != nil {
@@ -237,7 +246,7 @@ func loadSkmsg(limit uint32, shared map[string]*ebpf.Map) (*ebpf.Program, error)
 			Prog *ebpf.Program `ebpf:"smesh_skmsg"`
 		}
 		if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: sharedFor(spec, shared)}); err != nil {
-			return nil, fmt.Errorf("loading sk_msg (bounded): %w", verifierError(err))
+			return nil, fmt.Errorf("loading sk_msg (bounded): %w", err)
 		}
 		return objs.Prog, nil
 	}
@@ -245,7 +254,7 @@ func loadSkmsg(limit uint32, shared map[string]*ebpf.Map) (*ebpf.Program, error)
 		Prog *ebpf.Program `ebpf:"smesh_skmsg_unbounded"`
 	}
 	if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: sharedFor(spec, shared)}); err != nil {
-		return nil, fmt.Errorf("loading sk_msg: %w", verifierError(err))
+		return nil, fmt.Errorf("loading sk_msg: %w", err)
 	}
 	return objs.Prog, nil
 }
@@ -305,13 +314,15 @@ func (d *Datapath) loadError(err error) error {
 		return fmt.Errorf("the maps pinned in %s were made with other settings (datapath.map_size?); "+
 			"`smeshd cleanup` removes them (and with them the splice of open same-node connections): %w", d.pins.dir, err)
 	}
-	return verifierError(err)
+	return verifierError(explainLoadError(err))
 }
 
+// verifierError makes err carry the verifier's whole log, which says why
+// a program was refused, when there is one.
 func verifierError(err error) error {
 	var ve *ebpf.VerifierError
 	if errors.As(err, &ve) {
-		return fmt.Errorf("%+v", ve)
+		return fmt.Errorf("%w\nverifier log:\n%+v", err, ve)
 	}
 	return err
 }

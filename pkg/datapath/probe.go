@@ -3,12 +3,18 @@ package datapath
 import (
 	"errors"
 	"fmt"
+	"net/netip"
+	"strings"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/features"
+	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
+	"github.com/smesh-dev/smesh/bpf/connect"
+	"github.com/smesh-dev/smesh/bpf/skmsg"
+	"github.com/smesh-dev/smesh/bpf/sockops"
 	"github.com/smesh-dev/smesh/pkg/cgroups"
 )
 
@@ -75,9 +81,26 @@ func MissingPrivileges(fs []Feature) error {
 	return errors.Join(errs...)
 }
 
-// Probe checks smeshd's privileges and the kernel for everything the data
-// path uses.
+// Probe checks smeshd's privileges and the kernel for everything the
+// data path uses (smeshd check). Program and map types say whether the
+// kernel has a hook at all; smesh's own programs are then loaded as smeshd loads them, with small
+// maps of their own, since what a program calls and reads is checked by the
+// verifier only then: the hooks are older than what smesh does in them
+// (bpf_get_netns_cookie reached sock_ops, sk_msg and cgroup/getsockopt in
+// Linux 5.15, the kfuncs of the bounded sk_msg program in 6.2).
 func Probe() []Feature {
+	return probe(true)
+}
+
+// ProbeModes is what smeshd probes at start to choose its data path: the
+// kinds of programs and maps, and whether the bounded sk_msg program loads.
+// The other programs are loaded for real right after, and a kernel that
+// refuses one stops smeshd with the verifier's reason (explainLoadError).
+func ProbeModes() []Feature {
+	return probe(false)
+}
+
+func probe(programs bool) []Feature {
 	fs := probePrivileges()
 	add := func(name, neededFor string, err error) {
 		fs = append(fs, Feature{Name: name, NeededFor: neededFor, Err: err})
@@ -94,20 +117,151 @@ func Probe() []Feature {
 	add("socket-local storage", "capture", features.HaveMapType(ebpf.SkStorage))
 	add("sockhash maps (CONFIG_BPF_STREAM_PARSER)", "splice", features.HaveMapType(ebpf.SockHash))
 	add("sk_msg programs (CONFIG_NET_SOCK_MSG)", "splice", features.HaveProgramType(ebpf.SkMsg))
-	add("bounded splice (smesh's sk_msg program: kfuncs bpf_cast_to_kern_ctx and bpf_rdonly_cast, Linux 6.2+, and CAP_PERFMON)",
-		"bounded splice", probeBoundedSplice())
+
+	if programs {
+		// smesh's programs, each loaded on its own so that each
+		// failure is reported with the verifier's own reason.
+		add("program smesh_sockops (sock_ops: fills the sockhash; Linux 5.15+)", "capture",
+			probeSockops())
+		cspec, specErr := connect.LoadConnect()
+		for _, p := range []struct{ name, what string }{
+			{"smesh_connect4", "cgroup/connect4: capture"},
+			{"smesh_getpeername4", "cgroup/getpeername4: the app sees its destination; Linux 5.8+"},
+			{"smesh_getsockopt", "cgroup/getsockopt: SO_ORIGINAL_DST; Linux 5.15+"},
+		} {
+			err := specErr
+			if err == nil {
+				err = probeConnect(cspec, p.name)
+			}
+			add(fmt.Sprintf("program %s (%s)", p.name, p.what), "capture", err)
+		}
+		add("program smesh_skmsg_unbounded (sk_msg on a sockhash: splice)", "splice", probeSkmsg(0))
+	}
+	add("bounded splice (program smesh_skmsg: kfuncs bpf_cast_to_kern_ctx and bpf_rdonly_cast, Linux 6.2+, and CAP_PERFMON)",
+		"bounded splice", probeSkmsg(1<<20))
+	add("bounded splice: the queue at a spliced hop's reader is visible (psock->msg_tot_len, or redirected bytes in sk_rmem_alloc)",
+		"bounded splice", probeQueueVisible())
 	return fs
 }
 
-// probeBoundedSplice loads the real bounded sk_msg program, with maps of
-// its own: what it reads of the kernel's structures is checked by the
-// verifier only then.
-func probeBoundedSplice() error {
-	prog, err := loadSkmsg(1<<20, nil)
+// KernelRelease is this kernel's release (uname -r), for messages: smesh
+// decides by what the kernel loads, never by its version.
+func KernelRelease() string {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		return "unknown"
+	}
+	return unix.ByteSliceToString(u.Release[:])
+}
+
+// probeMapSize is the size of the hash-like maps of a probe: the verifier
+// does not care, and smeshd's own sizes would allocate megabytes.
+const probeMapSize = 64
+
+// shrinkMaps makes a probe's hash-like maps small. Arrays keep their sizes
+// (programs index them with constants) and so does the ring buffer (its
+// size must be a power-of-two number of pages).
+func shrinkMaps(spec *ebpf.CollectionSpec) {
+	for _, m := range spec.Maps {
+		switch m.Type {
+		case ebpf.Hash, ebpf.LRUHash, ebpf.LPMTrie, ebpf.SockHash:
+			m.MaxEntries = min(m.MaxEntries, probeMapSize)
+		}
+	}
+}
+
+// probeSockops loads smesh_sockops as Load does (splicing), with maps of
+// its own.
+func probeSockops() error {
+	spec, err := sockops.LoadSockops()
 	if err != nil {
+		return fmt.Errorf("loading sockops spec: %w", err)
+	}
+	shrinkMaps(spec)
+	if err := spec.Variables["splice"].Set(true); err != nil {
 		return err
 	}
-	return prog.Close()
+	var objs struct {
+		Prog *ebpf.Program `ebpf:"smesh_sockops"`
+	}
+	if err := spec.LoadAndAssign(&objs, nil); err != nil {
+		return explainLoadError(err)
+	}
+	return objs.Prog.Close()
+}
+
+// probeConnect loads one program of the connect object (connect4,
+// getpeername4 or getsockopt) with maps of its own.
+func probeConnect(cspec *ebpf.CollectionSpec, name string) error {
+	spec := onlyProgram(cspec, name)
+	shrinkMaps(spec)
+	opts := Options{ProxyAddr: netip.MustParseAddrPort("127.0.0.1:18000")}
+	if err := setConnectVars(spec, opts, 1); err != nil {
+		return err
+	}
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{})
+	if err != nil {
+		return explainLoadError(err)
+	}
+	coll.Close()
+	return nil
+}
+
+// onlyProgram is spec with program name alone. Every map of the object is
+// still created, as Load creates them all.
+func onlyProgram(spec *ebpf.CollectionSpec, name string) *ebpf.CollectionSpec {
+	out := spec.Copy()
+	for p := range out.Programs {
+		if p != name {
+			delete(out.Programs, p)
+		}
+	}
+	return out
+}
+
+// probeSkmsg loads the sk_msg program loadSkmsg would load for limit
+// (bounded, or unbounded when 0) and attaches it to a sockhash of its own,
+// as Load does to the real one.
+func probeSkmsg(limit uint32) error {
+	spec, err := skmsg.LoadSkmsg()
+	if err != nil {
+		return fmt.Errorf("loading skmsg spec: %w", err)
+	}
+	shrinkMaps(spec)
+	hash, err := ebpf.NewMap(spec.Maps["smesh_sockhash"])
+	if err != nil {
+		return fmt.Errorf("creating a sockhash: %w", err)
+	}
+	defer hash.Close()
+	prog, err := loadSkmsg(limit, map[string]*ebpf.Map{"smesh_sockhash": hash})
+	if err != nil {
+		return explainLoadError(err)
+	}
+	defer prog.Close()
+	attach := link.RawAttachProgramOptions{Target: hash.FD(), Program: prog, Attach: ebpf.AttachSkMsgVerdict}
+	if err := link.RawAttachProgram(attach); err != nil {
+		return fmt.Errorf("attaching sk_msg to a sockhash: %w", err)
+	}
+	if err := link.RawDetachProgram(link.RawDetachProgramOptions(attach)); err != nil {
+		return fmt.Errorf("detaching sk_msg from a sockhash: %w", err)
+	}
+	return nil
+}
+
+// ErrBelowFloor explains the one feature whose lack puts a kernel below
+// smesh's floor.
+var ErrBelowFloor = errors.New("smesh needs Linux 5.15 or later: every connection is keyed by its " +
+	"network namespace, and bpf_get_netns_cookie reached sock_ops, sk_msg and cgroup/getsockopt programs in 5.15")
+
+// explainLoadError shortens a verifier error to its reason (the full log
+// is for developers: make generate and a kernel at hand) and says what a
+// missing helper means for smesh.
+func explainLoadError(err error) error {
+	var ve *ebpf.VerifierError
+	if errors.As(err, &ve) && strings.Contains(strings.Join(ve.Log, "\n"), "bpf_get_netns_cookie") {
+		return fmt.Errorf("%w: %w", ErrBelowFloor, err)
+	}
+	return err
 }
 
 // Missing returns an error listing the features needed for neededFor
