@@ -1,8 +1,11 @@
 // Package tunnel carries captured connections between the smeshd of two
-// nodes: a mutually authenticated TLS 1.3 connection to the destination
-// node's [tunnel] port per captured connection, opened with a fixed-size
-// header naming the original destination (wire protocol v1, header.go) and
-// answered with a status before any payload flows.
+// nodes over mutually authenticated TLS 1.3 connections to the destination
+// node's [tunnel] port. Each captured connection starts with a fixed-size
+// header naming the original destination and is answered with a status
+// (header.go). Protocol v2 keeps those TLS connections warm in a pool and
+// carries one captured connection after another on each, in frames, with
+// the first bytes sent along with the header; v1, which older nodes speak,
+// is one TLS connection per captured connection.
 //
 // The server delivers only to addresses of its own node and, when set, to
 // [tunnel] allow_ports, so the tunnel port is never an open relay. Every bad
@@ -147,8 +150,12 @@ func (t *Tunnel) Apply(p *Policy) (previous *Policy) {
 	return previous
 }
 
-// Close closes the server and its connections.
-func (t *Tunnel) Close() error { return t.Server.Close() }
+// Close closes the server and its connections, and the client's idle
+// pooled ones.
+func (t *Tunnel) Close() error {
+	t.Client.Close()
+	return t.Server.Close()
+}
 
 // Dialer is the outbound proxy's dialer for captured connections of
 // smeshd's own network namespace: destinations on this node (copy mode
@@ -181,7 +188,9 @@ func (r routeDialer) DialContext(ctx context.Context, network, address string) (
 	if r.t.Node.Contains(dst.Addr()) {
 		return r.local(ctx, network, address)
 	}
-	return r.t.Client.DialContext(ctx, network, address)
+	// No round trip before the first byte: the relay sends at once, and
+	// a refusal reaches the app as a reset all the same.
+	return r.t.Client.Open(ctx, network, address)
 }
 
 // LocalAddrs is the set of this node's addresses, kept current by the

@@ -18,6 +18,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -161,8 +162,9 @@ func testLogger(t testing.TB) zerolog.Logger {
 //	'R' read one more byte, then reset
 //	'H' hold: read until EOF or error, report it
 type backend struct {
-	ln      *net.TCPListener
-	results chan error
+	ln       *net.TCPListener
+	results  chan error
+	accepted atomic.Int64 // connections the backend accepted
 }
 
 func newBackend(t testing.TB) *backend {
@@ -179,6 +181,7 @@ func newBackend(t testing.TB) *backend {
 			if err != nil {
 				return
 			}
+			b.accepted.Add(1)
 			go b.serve(c)
 		}
 	}()
@@ -314,37 +317,46 @@ func (h *harness) waitCount(t testing.TB, r Reason, want uint64) {
 	}
 }
 
+// TestEchoAndResumption: in protocol v1 (one TLS connection per tunnelled
+// connection) the connections after the first resume a TLS session.
 func TestEchoAndResumption(t *testing.T) {
 	h := newHarness(t, nil)
-	c := h.client(t, "a")
+	c := h.newClient(t, ClientOptions{Credentials: h.pki.creds(t, "a"), ProtocolV1: true})
 	for i := range 3 {
 		conn := h.dial(t, c, 'E')
 		if conn.Resumed != (i > 0) {
 			t.Errorf("connection %d: resumed %v", i, conn.Resumed)
 		}
-		data := make([]byte, 3<<20+17)
-		rand.Read(data)
-		go func() {
-			conn.Write(data)
-			conn.CloseWrite()
-		}()
-		got, err := io.ReadAll(conn)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if !bytes.Equal(got, data) {
-			t.Fatalf("echo returned %d bytes that differ from the %d sent", len(got), len(data))
-		}
-		conn.Close()
+		echo(t, conn, 3<<20+17)
 	}
 	if n := h.stats.ServerHandshakes.Count(true, true); n != 2 {
 		t.Errorf("server resumed %d sessions, want 2", n)
 	}
 }
 
+// echo sends n random bytes through conn (an 'E' connection), half-closes,
+// checks that exactly they come back and closes conn.
+func echo(t testing.TB, conn net.Conn, n int) {
+	t.Helper()
+	data := make([]byte, n)
+	rand.Read(data)
+	go func() {
+		conn.Write(data)
+		conn.(*Conn).CloseWrite()
+	}()
+	got, err := io.ReadAll(conn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, data) {
+		t.Fatalf("echo returned %d bytes that differ from the %d sent", len(got), len(data))
+	}
+	conn.Close()
+}
+
 func TestNoResumption(t *testing.T) {
 	h := newHarness(t, nil)
-	c := h.newClient(t, ClientOptions{Credentials: h.pki.creds(t, "a"), DisableResumption: true})
+	c := h.newClient(t, ClientOptions{Credentials: h.pki.creds(t, "a"), DisableResumption: true, ProtocolV1: true})
 	for range 2 {
 		conn := h.dial(t, c, 'E')
 		if conn.Resumed {
