@@ -102,7 +102,7 @@ func (c *Client) Close() { c.pool.close() }
 // address. It returns a *Conn once the peer answered ok; a refusal is a
 // *RefusedError. network must be "tcp", "tcp4" or "tcp6".
 func (c *Client) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
-	conn, err := c.open(ctx, network, address)
+	conn, err := c.open(ctx, network, address, nil)
 	if err != nil {
 		return nil, err
 	}
@@ -120,10 +120,19 @@ func (c *Client) DialContext(ctx context.Context, network, address string) (net.
 // outbound proxy opens its tunnel connections so: no round trip before the
 // first byte.
 func (c *Client) Open(ctx context.Context, network, address string) (net.Conn, error) {
-	return c.open(ctx, network, address)
+	return c.open(ctx, network, address, nil)
 }
 
-func (c *Client) open(ctx context.Context, network, address string) (*Conn, error) {
+// OpenEarly is Open with the connection's first bytes (at most earlyMax),
+// sent along with the header in v2.
+func (c *Client) OpenEarly(ctx context.Context, network, address string, first []byte) (net.Conn, error) {
+	if len(first) > earlyMax {
+		return nil, fmt.Errorf("tunnel: %d first bytes, at most %d", len(first), earlyMax)
+	}
+	return c.open(ctx, network, address, first)
+}
+
+func (c *Client) open(ctx context.Context, network, address string, first []byte) (*Conn, error) {
 	if network != "tcp" && network != "tcp4" && network != "tcp6" {
 		return nil, fmt.Errorf("tunnel: network %q is not TCP", network)
 	}
@@ -131,7 +140,7 @@ func (c *Client) open(ctx context.Context, network, address string) (*Conn, erro
 	if err != nil {
 		return nil, fmt.Errorf("tunnel: destination %q: %w", address, err)
 	}
-	conn, reason, err := c.dial(ctx, dst)
+	conn, reason, err := c.dial(ctx, dst, first)
 	if err != nil {
 		c.failed(dst, reason, err)
 		return nil, err
@@ -145,7 +154,7 @@ func (c *Client) failed(dst netip.AddrPort, reason Reason, err error) {
 	c.errLog.warn().Err(err).Str("dst", dst.String()).Str("reason", reason.String()).Msg("tunnel connection failed")
 }
 
-func (c *Client) dial(ctx context.Context, dst netip.AddrPort) (*Conn, Reason, error) {
+func (c *Client) dial(ctx context.Context, dst netip.AddrPort, first []byte) (*Conn, Reason, error) {
 	version := byte(Version2)
 	if c.v1Only {
 		version = Version
@@ -159,11 +168,11 @@ func (c *Client) dial(ctx context.Context, dst netip.AddrPort) (*Conn, Reason, e
 		// A warm link first; one that fails at once was dead already
 		// (its peer went away while it idled): the next one.
 		for l := c.pool.take(peer, dst); l != nil; l = c.pool.take(peer, dst) {
-			if _, err := l.Write(hdr); err != nil {
+			if err := l.open(hdr, first); err != nil {
 				l.Abort()
 				continue
 			}
-			conn := c.stream(l, dst, hdr)
+			conn := c.stream(l, dst, hdr, first)
 			conn.Reused = true
 			return conn, ReasonNone, nil
 		}
@@ -177,14 +186,14 @@ func (c *Client) dial(ctx context.Context, dst netip.AddrPort) (*Conn, Reason, e
 		return nil, r, err
 	}
 	if l.version == Version2 {
-		if _, err := l.Write(hdr); err != nil {
+		if err := l.open(hdr, first); err != nil {
 			l.raw.SetReadDeadline(time.Now().Add(c.timeout))
 			if alert := readAlert(l); alert != nil {
 				return fail(ReasonPeerRefusedHandshake, refusedHandshake(peer, alert))
 			}
 			return fail(ReasonPeerUnreachable, fmt.Errorf("sending tunnel header to %s: %w", peer, err))
 		}
-		return c.stream(l, dst, hdr), ReasonNone, nil
+		return c.stream(l, dst, hdr, first), ReasonNone, nil
 	}
 	// A peer that speaks v1 only (an older smeshd, or no TLS).
 	if version != Version {
@@ -221,12 +230,23 @@ func (c *Client) dial(ctx context.Context, dst netip.AddrPort) (*Conn, Reason, e
 	l.raw.SetDeadline(time.Time{})
 	l.raw.established.Store(true)
 	c.stats.Out.Connections.Add(1)
+	if len(first) > 0 {
+		if _, err := l.Write(first); err != nil {
+			l.Abort()
+			return nil, ReasonPeerUnreachable, fmt.Errorf("sending to tunnel peer %s: %w", peer, err)
+		}
+	}
 	return &Conn{Conn: l.Conn, Resumed: l.resumed, raw: l.raw, v1: l}, ReasonNone, nil
 }
 
-// stream makes the v2 tunnelled connection whose header was just sent on l.
-func (c *Client) stream(l *link, dst netip.AddrPort, hdr []byte) *Conn {
-	return &Conn{Conn: l.Conn, Resumed: l.resumed, raw: l.raw, c: c, dst: dst, hdr: hdr, l: l}
+// stream makes the v2 tunnelled connection whose header (and first bytes)
+// were just sent on l.
+func (c *Client) stream(l *link, dst netip.AddrPort, hdr, first []byte) *Conn {
+	conn := &Conn{Conn: l.Conn, Resumed: l.resumed, raw: l.raw, c: c, dst: dst, hdr: hdr, l: l}
+	if len(first) > 0 {
+		conn.early = append(make([]byte, 0, len(first)), first...)
+	}
+	return conn
 }
 
 // dialLink connects to the tunnel port of dst's node and, with TLS, does

@@ -187,21 +187,38 @@ const batchSize = 64<<10 + 4*(5+17) + 512
 
 var batchPool = sync.Pool{New: func() any { b := make([]byte, 0, batchSize); return &b }}
 
+// startBatch opens a batch, unless one is open: then what comes joins it.
 func (r *rawConn) startBatch() {
 	r.wmu.Lock()
-	r.batch = batchPool.Get().(*[]byte)
+	if r.batch == nil {
+		r.batch = batchPool.Get().(*[]byte)
+	}
 	r.wmu.Unlock()
 }
 
+// flushBatch sends the open batch, if any.
 func (r *rawConn) flushBatch() error {
 	r.wmu.Lock()
 	defer r.wmu.Unlock()
 	b := r.batch
+	if b == nil {
+		return nil
+	}
 	r.batch = nil
 	_, err := r.TCPConn.Write(*b)
 	*b = (*b)[:0]
 	batchPool.Put(b)
 	return err
+}
+
+// batchLen is how much the open batch holds.
+func (r *rawConn) batchLen() int {
+	r.wmu.Lock()
+	defer r.wmu.Unlock()
+	if r.batch == nil {
+		return 0
+	}
+	return len(*r.batch)
 }
 
 func (r *rawConn) Write(p []byte) (int, error) {

@@ -58,23 +58,10 @@ func (c *link) writeData(p []byte) (int, error) {
 	written := 0
 	for len(p) > 0 {
 		chunk := p[:min(len(p), maxFrameData)]
-		var err error
-		if len(chunk) <= smallFrame {
-			buf := c.wbuf[:frameHeaderSize+len(chunk)]
-			putFrameHeader(buf, frameData, len(chunk))
-			copy(buf[frameHeaderSize:], chunk)
-			_, err = c.Write(buf)
-		} else {
-			h := c.wbuf[:frameHeaderSize]
-			putFrameHeader(h, frameData, len(chunk))
-			c.raw.startBatch()
-			_, err = c.tls.Write(h)
-			if err == nil {
-				_, err = c.tls.Write(chunk)
-			}
-			if ferr := c.raw.flushBatch(); err == nil {
-				err = ferr
-			}
+		c.raw.startBatch()
+		err := c.appendData(chunk)
+		if ferr := c.raw.flushBatch(); err == nil {
+			err = ferr
 		}
 		if err != nil {
 			return written, err
@@ -83,6 +70,39 @@ func (c *link) writeData(p []byte) (int, error) {
 		p = p[len(chunk):]
 	}
 	return written, nil
+}
+
+// appendData encrypts one 'D' frame of p (at most maxFrameData) into the
+// open batch.
+func (c *link) appendData(p []byte) error {
+	if len(p) <= smallFrame {
+		buf := c.wbuf[:frameHeaderSize+len(p)]
+		putFrameHeader(buf, frameData, len(p))
+		copy(buf[frameHeaderSize:], p)
+		_, err := c.tls.Write(buf)
+		return err
+	}
+	h := c.wbuf[:frameHeaderSize]
+	putFrameHeader(h, frameData, len(p))
+	if _, err := c.tls.Write(h); err != nil {
+		return err
+	}
+	_, err := c.tls.Write(p)
+	return err
+}
+
+// open sends the header of a tunnelled connection and its first bytes, if
+// any, with one write(2).
+func (c *link) open(hdr, first []byte) error {
+	c.raw.startBatch()
+	_, err := c.tls.Write(hdr)
+	if err == nil && len(first) > 0 {
+		err = c.appendData(first)
+	}
+	if ferr := c.raw.flushBatch(); err == nil {
+		err = ferr
+	}
+	return err
 }
 
 // writeFin sends an 'F' frame: this direction of the tunnelled connection

@@ -366,6 +366,12 @@ func (s *Server) start(raw *rawConn, fn func()) bool {
 	return true
 }
 
+// statusDelay bounds how long a v2 status waits for the local server's
+// first bytes to go with (a millisecond: a server that answers at once has
+// answered, and a client that waits for the status before it sends more
+// than earlyMax loses no more).
+const statusDelay = time.Millisecond
+
 // acceptGrace is how long Shutdown lets the accept loops run before it
 // takes what is queued and closes the listeners.
 const acceptGrace = 100 * time.Millisecond
@@ -487,14 +493,30 @@ func (s *Server) relay(ctx context.Context, raw *rawConn, l *link, dst netip.Add
 		s.refuse(raw, l, dst, ref)
 		return false
 	}
-	if _, err := l.Write(appendStatus(make([]byte, 0, StatusSize), Status{OK: true}, l.version)); err != nil {
+	raw.SetDeadline(time.Time{})
+	raw.established.Store(true)
+	status := appendStatus(make([]byte, 0, StatusSize), Status{OK: true}, l.version)
+	var ss *serverStream
+	var err error
+	if l.version == Version2 {
+		// The client sends without waiting for the status: it may wait
+		// (statusDelay at most) for the local server's first bytes or
+		// end, and cross the tunnel with them: one wake-up of the client's
+		// node instead of two.
+		ss = &serverStream{l: l, corked: true}
+		ss.local, _ = up.SyscallConn()
+		l.raw.startBatch()
+		_, err = l.tls.Write(status)
+		ss.flush.Store(time.AfterFunc(statusDelay, func() { l.raw.flushBatch() }))
+	} else {
+		_, err = l.Write(status)
+	}
+	if err != nil {
 		up.SetLinger(0)
 		up.Close()
 		l.Abort()
 		return false
 	}
-	raw.SetDeadline(time.Time{})
-	raw.established.Store(true)
 
 	st := &s.o.Stats.In
 	st.Connections.Add(1)
@@ -502,8 +524,8 @@ func (s *Server) relay(ctx context.Context, raw *rawConn, l *link, dst netip.Add
 	var res proxy.Result
 	reuse := false
 	if l.version == Version2 {
-		ss := &serverStream{l: l}
 		res = proxy.RelayIdle(ss, proxy.TCP(up), s.o.IdleTimeout)
+		ss.stopTimer()
 		reuse = res.Err == nil && ss.clean()
 		if !reuse && !ss.aborted {
 			l.Abort()
@@ -689,8 +711,7 @@ func (s *Server) deliver(ctx context.Context, dst netip.AddrPort, scope Scope) (
 	defer cancel()
 	dial := scope.Dial
 	if dial == nil {
-		var d net.Dialer
-		dial = d.DialContext
+		dial = proxy.LocalDialer().DialContext
 	}
 	c, err := dial(dctx, "tcp", dst.String())
 	if err != nil {

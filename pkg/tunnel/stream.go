@@ -8,7 +8,11 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Conn is a tunnelled connection opened by a Client: a proxy.Conn for the
@@ -304,9 +308,17 @@ func (c *Conn) again(old *link) error {
 	return nil
 }
 
-// serverStream is one tunnelled connection on a v2 link, server side.
+// serverStream is one tunnelled connection on a v2 link, server side. Its
+// writes wait in the link's batch while the local end has more to read at
+// once (corked): a local server's answer and its end of stream then cross
+// the tunnel in one send, and wake the client's node once.
 type serverStream struct {
-	l       *link
+	l     *link
+	local syscall.RawConn // the local end, to look for more to read
+	// corked: a batch may be open on the link; flush sends it after at
+	// most statusDelay (the status's wait, see Server.relay).
+	corked  bool
+	flush   atomic.Pointer[time.Timer] // Abort may stop it from the other direction
 	finRead bool
 	finSent bool
 	aborted bool
@@ -328,19 +340,79 @@ func (s *serverStream) Read(p []byte) (int, error) {
 	}
 }
 
-func (s *serverStream) Write(p []byte) (int, error) { return s.l.writeData(p) }
+func (s *serverStream) Write(p []byte) (int, error) {
+	written := 0
+	for len(p) > 0 {
+		chunk := p[:min(len(p), maxFrameData)]
+		p = p[len(chunk):]
+		if !s.corked {
+			s.l.raw.startBatch()
+		}
+		err := s.l.appendData(chunk)
+		s.corked = err == nil && len(p) == 0 && s.l.raw.batchLen() < maxFrameData && s.more()
+		if !s.corked {
+			s.stopTimer()
+			if ferr := s.l.raw.flushBatch(); err == nil {
+				err = ferr
+			}
+		}
+		if err != nil {
+			return written, err
+		}
+		written += len(chunk)
+	}
+	return written, nil
+}
+
+// more reports whether a read of the local end would return at once
+// (data, its end, or an error): the relay reads it next, without waiting.
+func (s *serverStream) more() bool {
+	if s.local == nil {
+		return false
+	}
+	ready := false
+	s.local.Read(func(fd uintptr) bool {
+		var b [1]byte
+		_, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		ready = err != unix.EAGAIN
+		return true
+	})
+	return ready
+}
 
 func (s *serverStream) CloseWrite() error {
 	if s.finSent {
 		return nil
 	}
 	s.finSent = true
-	return s.l.writeFin()
+	if !s.corked {
+		s.l.raw.startBatch()
+	}
+	s.corked = false
+	h := s.l.wbuf[:frameHeaderSize]
+	putFrameHeader(h, frameFin, 0)
+	_, err := s.l.tls.Write(h)
+	s.stopTimer()
+	if ferr := s.l.raw.flushBatch(); err == nil {
+		err = ferr
+	}
+	return err
 }
 
+// Abort resets the link, after what waits in its batch (a status comes
+// before the reset).
 func (s *serverStream) Abort() {
 	s.aborted = true
+	s.stopTimer()
+	s.l.raw.flushBatch()
 	s.l.Abort()
+}
+
+// stopTimer stops the status's wait, once its batch is sent another way.
+func (s *serverStream) stopTimer() {
+	if t := s.flush.Swap(nil); t != nil {
+		t.Stop()
+	}
 }
 
 // Close leaves the link to the server's loop: it carries the next

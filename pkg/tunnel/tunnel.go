@@ -169,8 +169,7 @@ func (t *Tunnel) Dialer() proxy.Dialer { return t.DialerIn(nil) }
 // smeshd's own namespace, the node's.
 func (t *Tunnel) DialerIn(local func(ctx context.Context, network, address string) (net.Conn, error)) proxy.Dialer {
 	if local == nil {
-		var d net.Dialer
-		local = d.DialContext
+		local = proxy.LocalDialer().DialContext
 	}
 	return routeDialer{t, local}
 }
@@ -191,6 +190,26 @@ func (r routeDialer) DialContext(ctx context.Context, network, address string) (
 	// No round trip before the first byte: the relay sends at once, and
 	// a refusal reaches the app as a reset all the same.
 	return r.t.Client.Open(ctx, network, address)
+}
+
+// DialEarly is DialContext with the connection's first bytes: through the
+// tunnel they go with the header.
+func (r routeDialer) DialEarly(ctx context.Context, network, address string, first []byte) (net.Conn, error) {
+	dst, err := netip.ParseAddrPort(address)
+	if err != nil {
+		return nil, err
+	}
+	if !r.t.Node.Contains(dst.Addr()) {
+		return r.t.Client.OpenEarly(ctx, network, address, first)
+	}
+	c, err := r.local(ctx, network, address)
+	if err == nil && len(first) > 0 {
+		if _, err = c.Write(first); err != nil {
+			c.Close()
+			return nil, err
+		}
+	}
+	return c, err
 }
 
 // LocalAddrs is the set of this node's addresses, kept current by the
