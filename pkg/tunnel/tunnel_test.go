@@ -870,31 +870,35 @@ func TestLocalAddrs(t *testing.T) {
 }
 
 // BenchmarkConnect measures new tunnel connections per second over loopback
-// (client, server and backend in this process): dial, TLS handshake, header
-// and status, a one-byte request and its echo, close. "resumed" is what
-// smeshd does (a session cache per peer); "full" turns resumption off.
+// (client, server and backend in this process): open, a one-byte request
+// and its echo, close. "pooled" is what smeshd does between nodes of this
+// version (protocol v2: a warm TLS connection, no handshake); "resumed" is
+// protocol v1 with a TLS session resumed per connection (what an older
+// peer gets); "full" turns resumption off too.
 //
 //	go test -run '^$' -bench Connect -benchtime 3s ./pkg/tunnel
 func BenchmarkConnect(b *testing.B) {
-	for _, mode := range []string{"resumed", "full"} {
+	for _, mode := range []string{"pooled", "resumed", "full"} {
 		b.Run(mode, func(b *testing.B) {
 			h := newHarness(b, nil)
 			c := h.newClient(b, ClientOptions{
 				Credentials:       h.pki.creds(b, "a"),
 				DisableResumption: mode == "full",
+				ProtocolV1:        mode != "pooled",
 			})
 			dst := h.dst()
 			var one [1]byte
 			b.ResetTimer()
 			for b.Loop() {
-				nc, err := c.DialContext(context.Background(), "tcp", dst)
+				nc, err := c.OpenEarly(context.Background(), "tcp", dst, []byte{'E', 1})
 				if err != nil {
 					b.Fatal(err)
 				}
-				if _, err := nc.Write([]byte{'E', 1}); err != nil {
+				if _, err := io.ReadFull(nc, one[:]); err != nil {
 					b.Fatal(err)
 				}
-				if _, err := io.ReadFull(nc, one[:]); err != nil {
+				nc.(*Conn).CloseWrite()
+				if _, err := io.ReadAll(nc); err != nil {
 					b.Fatal(err)
 				}
 				nc.Close()
@@ -902,6 +906,9 @@ func BenchmarkConnect(b *testing.B) {
 			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "conn/s")
 			if mode == "resumed" && h.stats.ServerHandshakes.Count(true, true) == 0 {
 				b.Error("no session was resumed")
+			}
+			if mode == "pooled" && h.handshakes() > 2 {
+				b.Errorf("%d handshakes", h.handshakes())
 			}
 		})
 	}
