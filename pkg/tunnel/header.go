@@ -35,7 +35,8 @@ import (
 // waiting for the status: the server reads nothing after the header until
 // it has checked the destination and connected to it (TCP's flow control
 // holds the rest), and a refusal discards what came early. The server
-// answers a status (version 2), then frames:
+// answers a status (version 2; it may hold it back a moment to send it
+// with its first frames), then frames:
 //
 //	frame header (4 bytes), then length bytes of data
 //	 0  1  type: 'D' (0x44) data, 'F' (0x46) end of this direction
