@@ -27,7 +27,8 @@ type Dialer interface {
 // EarlyDialer is a Dialer that can send a connection's first bytes along
 // with what opens it (the tunnel sends them with its header: one send, one
 // wake-up of the peer, instead of two). The outbound proxy hands it what
-// the app sent before the proxy got to the connection.
+// the app sent before the proxy got to the connection; first is valid
+// only during the call.
 type EarlyDialer interface {
 	Dialer
 	DialEarly(ctx context.Context, network, address string, first []byte) (net.Conn, error)
@@ -256,13 +257,14 @@ func (o *Outbound) handle(ctx context.Context, c *net.TCPConn, r *relayed, diale
 			Str("why", "the original destination is one of smeshd's own listeners: smeshd would be dialling itself"))
 		return
 	}
-	var first []byte
+	var early int64 // bytes handed to the dialer
 	var up net.Conn
 	if ed, ok := dialer.(EarlyDialer); ok {
 		bp := bufPool.Get().(*[]byte)
-		defer bufPool.Put(bp)
-		first = readReady(c, *bp)
+		first := readReady(c, *bp)
 		up, err = ed.DialEarly(ctx, "tcp", dst.String(), first)
+		early = int64(len(first))
+		bufPool.Put(bp)
 	} else {
 		up, err = dialer.DialContext(ctx, "tcp", dst.String())
 	}
@@ -296,9 +298,9 @@ func (o *Outbound) handle(ctx context.Context, c *net.TCPConn, r *relayed, diale
 		idle = &activity{timeout: o.o.IdleTimeout}
 		idle.touch()
 	}
-	r.tx.Add(int64(len(first)))
+	r.tx.Add(early)
 	res := Relay(watch(TCP(c), &r.tx, idle), watch(upc, &r.rx, idle))
-	res.AtoB += int64(len(first))
+	res.AtoB += early
 	if o.o.Observer != nil {
 		o.o.Observer.ConnClosed(path, res.AtoB, res.BtoA)
 		if errors.Is(res.Err, ErrIdle) {
