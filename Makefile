@@ -9,12 +9,13 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 export BPF2GO_CC := clang
 export BPF2GO_CFLAGS := -O2 -g -Wall -Werror
 
-.PHONY: all build run demo bench generate vmlinux test test-deps ci fmt-check vet clean clean-test-env help
+.PHONY: all build image run demo bench generate vmlinux test test-deps ci fmt-check vet clean clean-test-env help
 
 all: build
 
 help:
 	@echo "build           bin/smeshd"
+	@echo "image           the container image $(IMAGE) as $(IMAGE_TAR), offline (docker load / podman load / kind load image-archive)"
 	@echo "bench           build and run smeshd bench: no mesh vs copy vs splice (root)"
 	@echo "demo            two namespace nodes with smeshd, nginx and curl: tunnel and splice at work (root)"
 	@echo "run             build and run smeshd with ./smesh.toml and development certificates in bin/dev-tls (root)"
@@ -27,6 +28,17 @@ help:
 
 build:
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/smeshd
+
+# The container image deploy/kubernetes/daemonset.yaml runs: the static
+# binary in one layer, built offline from Go (hack/image, go-containerregistry):
+# no Dockerfile, no base image. One tar, both a docker-save archive and an OCI
+# layout. `make image IMAGE=registry.example/smesh/smeshd:v1` for another name
+# (then set it in the DaemonSet too).
+IMAGE ?= smesh/smeshd:dev
+IMAGE_TAR ?= bin/smeshd-image.tar
+image:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w -X main.version=$(VERSION)" -o bin/image/smeshd ./cmd/smeshd
+	$(GO) run ./hack/image -binary bin/image/smeshd -name $(IMAGE) -out $(IMAGE_TAR) -version $(VERSION)
 
 # smesh.toml's tunnel wants certificates in /etc/smesh/tls. `make run` makes a
 # development set in bin/dev-tls instead (once) and runs smesh.toml with its

@@ -50,7 +50,8 @@ func runSmeshd(args []string) int {
 			fmt.Println("ready")
 		}
 	}
-	err = daemon.Run(ctx, daemon.Options{Config: cfg, ConfigPath: args[0], Reload: hup, LogOut: os.Stderr, Notify: notify, Version: "e2e"})
+	err = daemon.Run(ctx, daemon.Options{Config: cfg, ConfigPath: args[0], Reload: hup, LogOut: os.Stderr, Notify: notify, Version: "e2e",
+		Kubernetes: startKube})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "smeshd:", err)
 		return 1

@@ -23,7 +23,8 @@ import (
 // MSG_WAITALL reads, 'l' SO_RCVLOWAT), stall seconds (1 byte), pause per
 // read in microseconds (4 bytes). Answer once the client half-closed:
 // bytes read (8), offset of the first wrong byte or -1 (8), the most
-// receive memory seen (8).
+// receive memory seen (8), and the most it exceeded the socket's receive
+// buffer, what TCP alone would have let it hold (8).
 const cmdSlow = 'L'
 
 // slowReadSize is the size of each of the server's reads.
@@ -39,11 +40,12 @@ func patternAt(buf []byte, off int64) {
 	}
 }
 
-// memInfo returns the receive memory and the send queue a socket holds.
-func memInfo(c *net.TCPConn) (rmem, wqueued int64) {
+// memInfo returns the receive memory and the send queue a socket holds,
+// and its receive buffer size (what TCP's own flow control lets it hold).
+func memInfo(c *net.TCPConn) (rmem, wqueued, rcvbuf int64) {
 	rc, err := c.SyscallConn()
 	if err != nil {
-		return -1, -1
+		return -1, -1, -1
 	}
 	var mi [unix.SK_MEMINFO_VARS]uint32
 	var serr error
@@ -56,9 +58,9 @@ func memInfo(c *net.TCPConn) (rmem, wqueued int64) {
 		}
 	})
 	if serr != nil {
-		return -1, -1
+		return -1, -1, -1
 	}
-	return int64(mi[unix.SK_MEMINFO_RMEM_ALLOC]), int64(mi[unix.SK_MEMINFO_WMEM_QUEUED])
+	return int64(mi[unix.SK_MEMINFO_RMEM_ALLOC]), int64(mi[unix.SK_MEMINFO_WMEM_QUEUED]), int64(mi[unix.SK_MEMINFO_RCVBUF])
 }
 
 // serveSlow is the server's side of cmdSlow.
@@ -76,7 +78,7 @@ func serveSlow(c *net.TCPConn, say func(string, ...any)) {
 		})
 	}
 	time.Sleep(stall)
-	var got, bad, maxRmem int64 = 0, -1, 0
+	var got, bad, maxRmem, maxOver int64 = 0, -1, 0, 0
 	buf := make([]byte, slowReadSize)
 	want := make([]byte, slowReadSize)
 	var err error
@@ -87,9 +89,8 @@ func serveSlow(c *net.TCPConn, say func(string, ...any)) {
 		} else {
 			n, err = c.Read(buf)
 		}
-		if rmem, _ := memInfo(c); rmem > maxRmem {
-			maxRmem = rmem
-		}
+		rmem, _, rcvbuf := memInfo(c)
+		maxRmem, maxOver = max(maxRmem, rmem), max(maxOver, rmem-rcvbuf)
 		if n > 0 && bad < 0 {
 			patternAt(want[:n], got)
 			if !bytes.Equal(buf[:n], want[:n]) {
@@ -107,11 +108,12 @@ func serveSlow(c *net.TCPConn, say func(string, ...any)) {
 		}
 		time.Sleep(pause)
 	}
-	say("result slow %s read=%d bad=%d max_rmem=%d", outcome(ignoreEOF(err)), got, bad, maxRmem)
-	var ans [24]byte
+	say("result slow %s read=%d bad=%d max_rmem=%d max_over_rcvbuf=%d", outcome(ignoreEOF(err)), got, bad, maxRmem, maxOver)
+	var ans [32]byte
 	binary.BigEndian.PutUint64(ans[0:], uint64(got))
 	binary.BigEndian.PutUint64(ans[8:], uint64(bad))
 	binary.BigEndian.PutUint64(ans[16:], uint64(maxRmem))
+	binary.BigEndian.PutUint64(ans[24:], uint64(maxOver))
 	c.Write(ans[:])
 }
 
@@ -156,17 +158,23 @@ func recvWaitAll(c *net.TCPConn, buf []byte) (int, error) {
 
 // slowWrite is the client's side of cmdSlow: it writes n bytes of the
 // pattern as fast as the connection takes them, then checks the server's
-// answer. It returns the server's and its own memory peaks.
-func slowWrite(addr string, n int64, mode byte, stall byte, pause time.Duration) (maxRmem, maxWqueued int64, err error) {
+// answer. It returns the server's and its own memory peaks: mem holds
+// max_rmem, max_wqueued and max_over_rcvbuf.
+// slowMemory is what a slow exchange held in the kernel at most: the
+// reader's receive memory, how far that exceeded its receive buffer, and
+// the writer's send queue.
+type slowMemory struct{ rmem, overRcvbuf, wqueued int64 }
+
+func slowWrite(addr string, n int64, mode byte, stall byte, pause time.Duration) (mem slowMemory, err error) {
 	c, err := dial(addr)
 	if err != nil {
-		return 0, 0, err
+		return mem, err
 	}
 	defer c.Close()
 	req := []byte{cmdSlow, mode, stall, 0, 0, 0, 0}
 	binary.BigEndian.PutUint32(req[3:], uint32(pause/time.Microsecond))
 	if _, err := c.Write(req); err != nil {
-		return 0, 0, err
+		return mem, err
 	}
 	buf := make([]byte, 64<<10)
 	for off := int64(0); off < n; {
@@ -174,31 +182,30 @@ func slowWrite(addr string, n int64, mode byte, stall byte, pause time.Duration)
 		patternAt(buf[:k], off)
 		w, err := c.Write(buf[:k])
 		off += int64(w)
-		if _, wq := memInfo(c); wq > maxWqueued {
-			maxWqueued = wq
-		}
+		_, wq, _ := memInfo(c)
+		mem.wqueued = max(mem.wqueued, wq)
 		if err != nil {
 			if errors.Is(err, syscall.ENOMEM) {
-				return 0, maxWqueued, fmt.Errorf("write at offset %d: ENOMEM: the kernel ran out of TCP memory", off)
+				return mem, fmt.Errorf("write at offset %d: ENOMEM: the kernel ran out of TCP memory", off)
 			}
-			return 0, maxWqueued, fmt.Errorf("write at offset %d: %w", off, err)
+			return mem, fmt.Errorf("write at offset %d: %w", off, err)
 		}
 	}
 	if err := c.CloseWrite(); err != nil {
-		return 0, maxWqueued, err
+		return mem, err
 	}
 	c.SetReadDeadline(time.Now().Add(60 * time.Second))
-	var ans [24]byte
+	var ans [32]byte
 	if _, err := io.ReadFull(c, ans[:]); err != nil {
-		return 0, maxWqueued, fmt.Errorf("reading the server's answer: %w", err)
+		return mem, fmt.Errorf("reading the server's answer: %w", err)
 	}
 	got, bad := int64(binary.BigEndian.Uint64(ans[0:])), int64(binary.BigEndian.Uint64(ans[8:]))
-	maxRmem = int64(binary.BigEndian.Uint64(ans[16:]))
+	mem.rmem, mem.overRcvbuf = int64(binary.BigEndian.Uint64(ans[16:])), int64(binary.BigEndian.Uint64(ans[24:]))
 	switch {
 	case bad >= 0:
-		return maxRmem, maxWqueued, fmt.Errorf("the server read a wrong byte at offset %d", bad)
+		return mem, fmt.Errorf("the server read a wrong byte at offset %d", bad)
 	case got != n:
-		return maxRmem, maxWqueued, fmt.Errorf("the server read %d bytes, sent %d", got, n)
+		return mem, fmt.Errorf("the server read %d bytes, sent %d", got, n)
 	}
-	return maxRmem, maxWqueued, nil
+	return mem, nil
 }

@@ -553,10 +553,10 @@ func runScenario(args []string) error {
 		case "stalled":
 			stall, pause = 10, 0
 		}
-		var rmem, wq int64
-		rmem, wq, err = slowWrite(addr, n, mode, stall, pause)
+		var mem slowMemory
+		mem, err = slowWrite(addr, n, mode, stall, pause)
 		if err == nil {
-			fmt.Printf("memory max_rmem=%d max_wqueued=%d\n", rmem, wq)
+			fmt.Printf("memory max_rmem=%d max_wqueued=%d max_over_rcvbuf=%d\n", mem.rmem, mem.wqueued, mem.overRcvbuf)
 		}
 	case "peer":
 		var s, l, r string

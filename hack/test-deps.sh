@@ -9,8 +9,9 @@ set -eu
 
 # command the tests run : the Debian package that has it
 # (debootstrap and systemd-nspawn: deploy/systemd_test.go boots a Debian
-# container with systemd as PID 1.)
-needs="ip:iproute2 iperf3:iperf3 curl:curl nginx:nginx-light systemd-analyze:systemd nft:nftables debootstrap:debootstrap systemd-nspawn:systemd-container"
+# container with systemd as PID 1; setpriv, nsenter and unshare: the
+# Kubernetes capability test.)
+needs="ip:iproute2 iperf3:iperf3 curl:curl nginx:nginx-light systemd-analyze:systemd nft:nftables debootstrap:debootstrap systemd-nspawn:systemd-container setpriv:util-linux nsenter:util-linux unshare:util-linux"
 
 missing=""
 for need in $needs; do

@@ -218,8 +218,9 @@ static __always_inline void counter_inc(__u32 slot)
 {
 	__u64 *c = bpf_map_lookup_elem(&smesh_counters, &slot);
 
+	/* Atomic although per CPU: see count() in skmsg.c. */
 	if (c)
-		(*c)++;
+		__sync_fetch_and_add(c, 1);
 }
 
 /* addr_from4 makes the v4-mapped form of an IPv4 address (network order). */

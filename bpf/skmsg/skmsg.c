@@ -39,9 +39,12 @@ static __always_inline void count(__u32 slot, __u32 size)
 {
 	struct splice_stats *s = bpf_map_lookup_elem(&smesh_stats, &slot);
 
+	/* Atomic although per CPU: programs in process context run with
+	 * migration, not preemption, disabled, so another task on this CPU
+	 * can run this same code between a load and a store. */
 	if (s) {
-		s->bytes += size;
-		s->msgs++;
+		__sync_fetch_and_add(&s->bytes, size);
+		__sync_fetch_and_add(&s->msgs, 1);
 	}
 }
 

@@ -23,6 +23,7 @@ import (
 	"github.com/smesh-dev/smesh/pkg/config"
 	"github.com/smesh-dev/smesh/pkg/daemon"
 	"github.com/smesh-dev/smesh/pkg/datapath"
+	"github.com/smesh-dev/smesh/pkg/kube"
 	"github.com/smesh-dev/smesh/pkg/tunnel"
 )
 
@@ -159,7 +160,13 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer, reload <-ch
 	// READY=1 tells systemd (Type=notify) and smeshd bench that capture
 	// is attached; without NOTIFY_SOCKET it does nothing.
 	notify := func(state string) { sdnotify.SdNotify(false, state) }
-	return daemon.Run(ctx, daemon.Options{Config: cfg, ConfigPath: *cfgPath, Reload: reload, LogOut: stderr, Notify: notify, Version: version})
+	return daemon.Run(ctx, daemon.Options{Config: cfg, ConfigPath: *cfgPath, Reload: reload, LogOut: stderr, Notify: notify, Version: version,
+		Kubernetes: startKube})
+}
+
+// startKube starts the enrolment of this node's pods ([kubernetes]).
+func startKube(ctx context.Context, cfg config.Kubernetes, cgroupMount string, log zerolog.Logger) (daemon.PodSource, error) {
+	return kube.Start(ctx, cfg, cgroupMount, log)
 }
 
 // reloadRunning asks the running smeshd to reload and reports the outcome.
@@ -218,12 +225,22 @@ func check(cfgPath string, out io.Writer) error {
 			fmt.Fprintf(out, "cgroup %s: %s\n", p, note)
 		}
 	}
-	if cfg.Tunnel.TLS.Mode == "mtls" {
-		if creds, err := tunnel.LoadConfigured(cfg.Tunnel.TLS, zerolog.Nop()); err != nil {
+	switch tls := cfg.Tunnel.TLS; {
+	case tls.Mode == "mtls" && tls.Source == "workload_api":
+		fmt.Fprintf(out, "tunnel certificate: from the SPIFFE Workload API at %s (not checked here)\n", tls.WorkloadAPISocket)
+	case tls.Mode == "mtls":
+		if creds, err := tunnel.LoadConfigured(tls, zerolog.Nop()); err != nil {
 			errs = append(errs, err)
 		} else {
-			fmt.Fprintf(out, "tunnel certificate %s: %s, valid until %s\n", cfg.Tunnel.TLS.Cert, creds.Identity(), creds.NotAfter().Format(time.RFC3339))
+			fmt.Fprintf(out, "tunnel certificate %s: %s, valid until %s\n", tls.Cert, creds.Identity(), creds.NotAfter().Format(time.RFC3339))
 		}
+	}
+	if k := cfg.Kubernetes; k.Enabled {
+		node := os.Getenv(k.NodeNameEnv)
+		if node == "" {
+			return fmt.Errorf("kubernetes.node_name_env: $%s is empty (the DaemonSet sets it from spec.nodeName)", k.NodeNameEnv)
+		}
+		fmt.Fprintf(out, "kubernetes: pods of node %s labelled %s (or in a namespace labelled so)\n", node, k.Label)
 	}
 	features := datapath.Probe()
 	for _, f := range features {

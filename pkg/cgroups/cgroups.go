@@ -11,6 +11,8 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -95,7 +97,21 @@ func isOctal(s string) bool {
 }
 
 // Of returns the cgroup v2 directory of process pid (0: this process).
+//
+// /proc/PID/cgroup names the cgroup relative to the reader's cgroup
+// namespace. A container on a cgroup v2 host runs in a namespace of its own,
+// rooted at its own cgroup, where its cgroup reads as "/"; the node's tree,
+// mounted into it (smeshd's DaemonSet mounts the node's /sys/fs/cgroup),
+// shows the cgroup at its full path. So when this process's cgroup namespace
+// is not PID 1's, the file is also read from a thread in PID 1's namespace
+// (with the host's PID namespace, the node's), and of the two paths the one
+// whose cgroup.procs lists the process is the answer.
 func Of(mount string, pid int) (string, error) {
+	return of(mount, pid, "/proc/1/ns/cgroup")
+}
+
+// of is Of with the reference cgroup namespace, the node's, named by refNS.
+func of(mount string, pid int, refNS string) (string, error) {
 	file := "/proc/self/cgroup"
 	if pid != 0 {
 		file = "/proc/" + strconv.Itoa(pid) + "/cgroup"
@@ -104,12 +120,84 @@ func Of(mount string, pid int) (string, error) {
 	if err != nil {
 		return "", err
 	}
+	path, err := parseCgroupFile(file, data, mount)
+	if err != nil {
+		return "", err
+	}
+	if sameCgroupNamespace("/proc/self/ns/cgroup", refNS) {
+		return path, nil
+	}
+	hostData, err := readInCgroupNamespace(refNS, file)
+	if err != nil {
+		return path, nil // no way to know better: the old answer
+	}
+	hostPath, err := parseCgroupFile(file, hostData, mount)
+	if err != nil {
+		return path, nil
+	}
+	if pid == 0 {
+		pid = os.Getpid()
+	}
+	for _, p := range []string{hostPath, path} {
+		if procs, err := Procs(p); err == nil && slices.Contains(procs, pid) {
+			return p, nil
+		}
+	}
+	return path, nil
+}
+
+func parseCgroupFile(file string, data []byte, mount string) (string, error) {
 	for _, line := range strings.Split(string(data), "\n") {
 		if rel, ok := strings.CutPrefix(line, "0::"); ok {
 			return filepath.Join(mount, rel), nil
 		}
 	}
 	return "", fmt.Errorf("%s has no cgroup v2 entry", file)
+}
+
+// sameCgroupNamespace reports whether two nsfs files name one namespace;
+// true when either cannot be read (nothing better can be done then).
+func sameCgroupNamespace(a, b string) bool {
+	var sa, sb unix.Stat_t
+	if unix.Stat(a, &sa) != nil || unix.Stat(b, &sb) != nil {
+		return true
+	}
+	return sa.Dev == sb.Dev && sa.Ino == sb.Ino
+}
+
+// readInCgroupNamespace reads file from an OS thread switched into the
+// cgroup namespace nsFile (setns(2) with CLONE_NEWCGROUP changes only the
+// calling thread, and needs CAP_SYS_ADMIN). The thread is never given back
+// to Go's scheduler: it ends with the goroutine.
+func readInCgroupNamespace(nsFile, file string) ([]byte, error) {
+	type result struct {
+		data []byte
+		err  error
+	}
+	res := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		// No UnlockOSThread: a thread in another namespace must die.
+		fd, err := unix.Open(nsFile, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			res <- result{nil, err}
+			return
+		}
+		defer unix.Close(fd)
+		if err := unix.Setns(fd, unix.CLONE_NEWCGROUP); err != nil {
+			res <- result{nil, fmt.Errorf("entering cgroup namespace %s: %w", nsFile, err)}
+			return
+		}
+		// /proc/thread-self: /proc/self/cgroup would be read by the
+		// same thread anyway, but name it for the reader.
+		if strings.HasPrefix(file, "/proc/self/") {
+			file = "/proc/thread-self/" + strings.TrimPrefix(file, "/proc/self/")
+		}
+		data, err := os.ReadFile(file)
+		res <- result{data, err}
+	}()
+	r := <-res
+	return r.data, r.err
 }
 
 // ID returns the cgroup id of a cgroup v2 directory: the inode number, which

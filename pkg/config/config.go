@@ -19,13 +19,14 @@ import (
 // Config is the whole smeshd configuration. Start from Default: its zero
 // value is not valid.
 type Config struct {
-	Capture  Capture  `toml:"capture"`
-	Datapath Datapath `toml:"datapath"`
-	Outbound Outbound `toml:"outbound"`
-	Tunnel   Tunnel   `toml:"tunnel"`
-	Admin    Admin    `toml:"admin"`
-	Log      Log      `toml:"log"`
-	Daemon   Daemon   `toml:"daemon"`
+	Capture    Capture    `toml:"capture"`
+	Datapath   Datapath   `toml:"datapath"`
+	Outbound   Outbound   `toml:"outbound"`
+	Tunnel     Tunnel     `toml:"tunnel"`
+	Admin      Admin      `toml:"admin"`
+	Log        Log        `toml:"log"`
+	Daemon     Daemon     `toml:"daemon"`
+	Kubernetes Kubernetes `toml:"kubernetes"`
 }
 
 // Capture selects the workloads and destinations whose outbound TCP is
@@ -116,6 +117,11 @@ type Tunnel struct {
 type TLS struct {
 	// Mode is "mtls" or "disabled" (plain TCP, for tests and benchmarks).
 	Mode string `toml:"mode"`
+	// Source is where the node's certificate and the CA come from with
+	// mode "mtls": "files" (Cert, Key, CA) or "workload_api" (a SPIFFE
+	// Workload API, such as a SPIRE agent's socket, at WorkloadAPISocket).
+	Source            string `toml:"source"`
+	WorkloadAPISocket string `toml:"workload_api_socket"`
 	// Cert, Key and CA are PEM files. Their existence is checked when the
 	// tunnel starts, not here, so a config can be checked on another host.
 	Cert string `toml:"cert"`
@@ -158,6 +164,24 @@ type Daemon struct {
 	// DrainTimeout is how long smeshd waits for open connections to end
 	// when asked to stop; 0 stops at once.
 	DrainTimeout Duration `toml:"drain_timeout"`
+}
+
+// Kubernetes enrols the pods of this node by label, when smeshd runs in a
+// cluster (deploy/kubernetes).
+type Kubernetes struct {
+	Enabled bool `toml:"enabled"`
+	// NodeNameEnv names the environment variable that holds this node's
+	// name (the DaemonSet sets it from spec.nodeName).
+	NodeNameEnv string `toml:"node_name_env"`
+	// Label is "KEY=VALUE": a pod carrying it, or whose namespace carries
+	// it, is in the mesh; a pod whose KEY has another value is not.
+	Label string `toml:"label"`
+}
+
+// LabelKeyValue splits Label into its key and value.
+func (k Kubernetes) LabelKeyValue() (key, value string) {
+	key, value, _ = strings.Cut(k.Label, "=")
+	return key, value
 }
 
 // Duration is a time.Duration written in TOML as a string such as "30s".
@@ -258,13 +282,15 @@ func Default() Config {
 			MaxHandshakesPerSource: 512,
 			IdleTimeout:            Duration{time.Hour},
 			TLS: TLS{
-				Mode:            "mtls",
-				Cert:            "/etc/smesh/tls/node.crt",
-				Key:             "/etc/smesh/tls/node.key",
-				CA:              "/etc/smesh/tls/ca.crt",
-				TrustDomain:     DefaultTrustDomain,
-				AllowIdentities: []string{},
-				Peers:           []Peer{},
+				Mode:              "mtls",
+				Source:            "files",
+				WorkloadAPISocket: "unix:///run/spire/agent-sockets/spire-agent.sock",
+				Cert:              "/etc/smesh/tls/node.crt",
+				Key:               "/etc/smesh/tls/node.key",
+				CA:                "/etc/smesh/tls/ca.crt",
+				TrustDomain:       DefaultTrustDomain,
+				AllowIdentities:   []string{},
+				Peers:             []Peer{},
 			},
 		},
 		Admin: Admin{
@@ -276,6 +302,11 @@ func Default() Config {
 		},
 		Daemon: Daemon{
 			DrainTimeout: Duration{30 * time.Second},
+		},
+		Kubernetes: Kubernetes{
+			Enabled:     false,
+			NodeNameEnv: "NODE_NAME",
+			Label:       "smesh.dev/mesh=enabled",
 		},
 	}
 }

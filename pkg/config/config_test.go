@@ -284,6 +284,18 @@ func TestParseInvalidValues(t *testing.T) {
 		{"tunnel idle negative", "[tunnel]\nidle_timeout = \"-1s\"\n", []string{"tunnel.idle_timeout"}},
 		{"log level", "[log]\nlevel = \"verbose\"\n", []string{"log.level", `"trace"`}},
 		{"log format", "[log]\nformat = \"text\"\n", []string{"log.format", `"console", "json"`}},
+		{"tls source", "[tunnel.tls]\nsource = \"spire\"\n", []string{"tunnel.tls.source", `"files", "workload_api"`}},
+		{"workload API socket relative", "[tunnel.tls]\nsource = \"workload_api\"\nworkload_api_socket = \"unix://run/agent.sock\"\n",
+			[]string{"tunnel.tls.workload_api_socket", "unix:///ABSOLUTE/PATH"}},
+		{"workload API socket no scheme", "[tunnel.tls]\nsource = \"workload_api\"\nworkload_api_socket = \"/run/agent.sock\"\n",
+			[]string{"tunnel.tls.workload_api_socket"}},
+		{"workload API tcp name", "[tunnel.tls]\nsource = \"workload_api\"\nworkload_api_socket = \"tcp://localhost:8081\"\n",
+			[]string{"tunnel.tls.workload_api_socket", "IP and a port"}},
+		{"kubernetes label without value", "[kubernetes]\nlabel = \"smesh.dev/mesh\"\n", []string{"kubernetes.label", "KEY=VALUE"}},
+		{"kubernetes label bad key", "[kubernetes]\nlabel = \"-mesh=enabled\"\n", []string{"kubernetes.label", "label name"}},
+		{"kubernetes label bad prefix", "[kubernetes]\nlabel = \"Smesh_dev/mesh=enabled\"\n", []string{"kubernetes.label", "DNS subdomain"}},
+		{"kubernetes label bad value", "[kubernetes]\nlabel = \"smesh.dev/mesh=on!\"\n", []string{"kubernetes.label", "label value"}},
+		{"kubernetes node env", "[kubernetes]\nnode_name_env = \"node name\"\n", []string{"kubernetes.node_name_env"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -311,6 +323,10 @@ func TestParseValidEdgeCases(t *testing.T) {
 			"[[tunnel.tls.peers]]\ncidrs = [\"10.0.0.0/8\"]\nidentities = [\"spiffe://smesh.local/node/b\", \"spiffe://smesh.local/node/c\"]\n"},
 		{"peers inline", "[tunnel.tls]\npeers = [{cidrs = [\"10.0.2.0/24\"], identities = [\"spiffe://smesh.local/node/b\"]}]\n"},
 		{"tunnel idle zero", "[tunnel]\nidle_timeout = \"0s\"\n"},
+		{"workload API without files", "[tunnel.tls]\nsource = \"workload_api\"\ncert = \"\"\nkey = \"\"\nca = \"\"\n"},
+		{"workload API over tcp", "[tunnel.tls]\nsource = \"workload_api\"\nworkload_api_socket = \"tcp://127.0.0.1:8081\"\n"},
+		{"kubernetes", "[kubernetes]\nenabled = true\nnode_name_env = \"MY_NODE\"\nlabel = \"mesh=\"\n"},
+		{"kubernetes plain label", "[kubernetes]\nlabel = \"example.com/in-mesh=yes\"\n"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -4,7 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"net/url"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 
@@ -74,6 +76,7 @@ func (c *Config) Validate() error {
 	if c.Daemon.DrainTimeout.Duration < 0 {
 		p.addf("daemon.drain_timeout", "%s is negative (want 0 or more, e.g. \"30s\")", c.Daemon.DrainTimeout)
 	}
+	c.Kubernetes.validate(&p)
 	return errors.Join(p...)
 }
 
@@ -193,7 +196,13 @@ func (t *Tunnel) validate(p *problems) {
 
 	tls := t.TLS
 	checkOneOf(p, "tunnel.tls.mode", tls.Mode, "mtls", "disabled")
-	if tls.Mode == "mtls" {
+	checkOneOf(p, "tunnel.tls.source", tls.Source, "files", "workload_api")
+	if tls.Mode == "mtls" && tls.Source == "workload_api" {
+		if err := checkWorkloadAPISocket(tls.WorkloadAPISocket); err != nil {
+			p.addf("tunnel.tls.workload_api_socket", "%v", err)
+		}
+	}
+	if tls.Mode == "mtls" && tls.Source == "files" {
 		for _, f := range []struct{ key, path string }{
 			{"tunnel.tls.cert", tls.Cert},
 			{"tunnel.tls.key", tls.Key},
@@ -260,6 +269,70 @@ func (t *Tunnel) validate(p *problems) {
 		}
 		checkIDs(key+".identities", peer.Identities)
 	}
+}
+
+// checkWorkloadAPISocket accepts the addresses go-spiffe's Workload API
+// client dials: unix:///absolute/path or tcp://IP:PORT.
+func checkWorkloadAPISocket(addr string) error {
+	const want = `want "unix:///ABSOLUTE/PATH" or "tcp://IP:PORT", e.g. "unix:///run/spire/agent-sockets/spire-agent.sock"`
+	u, err := url.Parse(addr)
+	if err != nil {
+		return fmt.Errorf("%q is not a URL (%s)", addr, want)
+	}
+	switch u.Scheme {
+	case "unix":
+		if u.Host != "" || u.Opaque != "" || !filepath.IsAbs(u.Path) || u.RawQuery != "" || u.Fragment != "" {
+			return fmt.Errorf("%q is not a unix socket address (%s)", addr, want)
+		}
+	case "tcp":
+		if _, err := netip.ParseAddrPort(u.Host); err != nil || u.Path != "" || u.RawQuery != "" {
+			return fmt.Errorf("%q is not a tcp address with an IP and a port (%s)", addr, want)
+		}
+	default:
+		return fmt.Errorf("%q (%s)", addr, want)
+	}
+	return nil
+}
+
+// Kubernetes label syntax (k8s.io/apimachinery/pkg/util/validation): a key
+// is an optional DNS subdomain prefix and "/", then a name; a value is a
+// name or empty.
+var (
+	labelName    = regexp.MustCompile(`^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$`)
+	dnsSubdomain = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$`)
+	envVarName   = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+)
+
+func (k *Kubernetes) validate(p *problems) {
+	if !envVarName.MatchString(k.NodeNameEnv) {
+		p.addf("kubernetes.node_name_env", "%q is not an environment variable name (want e.g. \"NODE_NAME\", set from spec.nodeName by the DaemonSet)", k.NodeNameEnv)
+	}
+	const example = `want "KEY=VALUE", e.g. "smesh.dev/mesh=enabled"`
+	key, value, ok := strings.Cut(k.Label, "=")
+	if !ok {
+		p.addf("kubernetes.label", "%q has no \"=\" (%s)", k.Label, example)
+		return
+	}
+	if err := checkLabelKey(key); err != nil {
+		p.addf("kubernetes.label", "%q: key %v (%s)", k.Label, err, example)
+	}
+	if len(value) > 63 || (value != "" && !labelName.MatchString(value)) {
+		p.addf("kubernetes.label", "%q: value %q is not a label value (at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit; %s)", k.Label, value, example)
+	}
+}
+
+func checkLabelKey(key string) error {
+	name := key
+	if prefix, n, ok := strings.Cut(key, "/"); ok {
+		if len(prefix) > 253 || !dnsSubdomain.MatchString(prefix) {
+			return fmt.Errorf("prefix %q is not a DNS subdomain", prefix)
+		}
+		name = n
+	}
+	if len(name) > 63 || !labelName.MatchString(name) {
+		return fmt.Errorf("name %q is not a label name (at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit)", name)
+	}
+	return nil
 }
 
 func checkOneOf(p *problems, key, value string, allowed ...string) {

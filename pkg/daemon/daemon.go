@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"syscall"
 	"time"
 
@@ -122,6 +123,24 @@ type Options struct {
 	// its own.
 	Notify  func(state string)
 	Version string
+	// Kubernetes starts the pod enrolment of [kubernetes] when it is
+	// enabled (cmd/smeshd passes pkg/kube's); it runs until ctx is done.
+	// Nil: a configuration that enables it is refused.
+	Kubernetes func(ctx context.Context, cfg config.Kubernetes, cgroupMount string, log zerolog.Logger) (PodSource, error)
+}
+
+// PodSource is an enrolment whose cgroups change while smeshd runs: the
+// cgroups of this node's pods in the mesh (pkg/kube), enrolled next to
+// [capture] cgroups through the same path as a reload.
+type PodSource interface {
+	// WaitSynced returns once the first set is known.
+	WaitSynced(ctx context.Context) error
+	// Cgroups is the current set.
+	Cgroups() []string
+	// Changed receives a value after Cgroups changed.
+	Changed() <-chan struct{}
+	// Pods describes the pods for /debug/pods.
+	Pods() any
 }
 
 // daemon is one running smeshd: its parts and the configuration in force.
@@ -137,12 +156,14 @@ type daemon struct {
 	out      *proxy.Outbound
 	dp       *datapath.Datapath
 	members  *enrol.Tracker
-	cleanups []func() // run in reverse order on exit
+	static   []string  // [capture] cgroups, as paths
+	pods     PodSource // nil without [kubernetes]
+	cleanups []func()  // run in reverse order on exit
 
-	// What the capture covers (cgroups.go): every enrolled cgroup (cfg's,
-	// resolved: the ones in force), the id of each that exists, the error
-	// of the last attempt to attach, and the problem /readyz reports, if
-	// any.
+	// What the capture covers (cgroups.go): every enrolled cgroup (static's
+	// and the pods', the ones in force), the id of each that exists, the
+	// error of the last attempt to attach, and the problem /readyz reports,
+	// if any.
 	cgw        *cgroupWatch
 	enrolled   []string
 	cgroupIDs  map[string]uint64
@@ -187,7 +208,7 @@ func Run(ctx context.Context, opts Options) (err error) {
 		}
 		d.cleanups = append(d.cleanups, stop)
 	}
-	if err := d.start(serveCtx); err != nil {
+	if err := d.start(ctx, serveCtx); err != nil {
 		return err
 	}
 	// Started: a pinned capture now outlives smeshd. Until here a failure
@@ -216,14 +237,22 @@ func Run(ctx context.Context, opts Options) (err error) {
 	// re-read on handshakes): keep the expiry metric current.
 	certCheck := time.NewTicker(time.Minute)
 	defer certCheck.Stop()
+	var podsChanged <-chan struct{}
+	if d.pods != nil {
+		podsChanged = d.pods.Changed()
+	}
 	for {
 		select {
 		case <-ctx.Done():
 			d.drain()
 			return nil
+		case <-podsChanged:
+			if err := d.applyEnrolment(d.cfg.Capture); err != nil {
+				d.log.Error().Err(err).Msg("enrolling this node's pods in the mesh")
+			}
 		case <-certCheck.C:
 			if d.tun.Credentials != nil {
-				d.metrics.CertExpiry(d.cfg.Tunnel.TLS.Cert, d.tun.Credentials.NotAfter())
+				d.metrics.CertExpiry(d.tun.Credentials.Source(), d.tun.Credentials.NotAfter())
 			}
 		case <-reload:
 			d.reloadNotifying()
@@ -238,8 +267,9 @@ func Run(ctx context.Context, opts Options) (err error) {
 }
 
 // start brings the parts up in the order that lets no connection be
-// captured before smeshd can serve it: listeners, then the data path.
-func (d *daemon) start(ctx context.Context) error {
+// captured before smeshd can serve it: listeners, then the data path. Parts
+// run until ctx is done; waiting for the Kubernetes API ends with wait.
+func (d *daemon) start(wait, ctx context.Context) error {
 	cfg, log := d.cfg, d.log
 	features := datapath.Probe()
 	mode, err := ResolveMode(cfg.Datapath.Mode, features)
@@ -278,24 +308,30 @@ func (d *daemon) start(ctx context.Context) error {
 	d.metrics.SetTunnelStats(d.tun.Stats)
 	d.cleanups = append(d.cleanups, func() { d.tun.Close() })
 	if d.tun.Credentials != nil {
-		d.metrics.CertExpiry(cfg.Tunnel.TLS.Cert, d.tun.Credentials.NotAfter())
+		d.metrics.CertExpiry(d.tun.Credentials.Source(), d.tun.Credentials.NotAfter())
 	}
 
 	if d.mount, err = cgroups.Mount(); err != nil {
 		return err
 	}
-	enrolled, created, err := d.enroll(cfg)
+	static, created, err := d.enroll(cfg)
 	if err != nil {
 		return err
 	}
 	d.keepCreated(created)
-	d.enrolled = enrolled
-	own, restore, err := ownCgroup(d.mount, enrolled, log)
+	d.static = static
+	own, restore, err := ownCgroup(d.mount, d.static, log)
 	if err != nil {
 		return err
 	}
 	d.own = own
 	d.cleanups = append(d.cleanups, restore)
+	if cfg.Kubernetes.Enabled {
+		if err := d.startPods(wait, ctx); err != nil {
+			return err
+		}
+	}
+	enrolled := d.wanted()
 
 	d.out, err = proxy.Listen(proxy.Options{
 		Listen:         cfg.Outbound.Listen,
@@ -407,6 +443,65 @@ func (d *daemon) startMembers(ctx context.Context, enrolled []string, ready6 boo
 	d.cleanups = append(d.cleanups, func() { stop(); <-done })
 	d.admin.HandleJSON("/debug/namespaces", func() any { return d.members.Namespaces() })
 	d.metrics.Registry().MustRegister(metrics.NamespaceCollector(d.namespaceCounts))
+	return nil
+}
+
+// startPods starts the enrolment of this node's pods and waits for the
+// first set, so that pods running before smeshd starts are captured from
+// its first moment on.
+func (d *daemon) startPods(wait, ctx context.Context) error {
+	if d.opts.Kubernetes == nil {
+		return errors.New("kubernetes.enabled: this smeshd cannot enrol pods (no Kubernetes support wired in)")
+	}
+	pods, err := d.opts.Kubernetes(ctx, d.cfg.Kubernetes, d.mount, d.log)
+	if err != nil {
+		return err
+	}
+	d.log.Info().Str("label", d.cfg.Kubernetes.Label).Msg("waiting for this node's pods from the Kubernetes API")
+	if err := pods.WaitSynced(wait); err != nil {
+		return err
+	}
+	d.pods = pods
+	d.admin.HandleJSON("/debug/pods", pods.Pods)
+	return nil
+}
+
+// wanted is every cgroup in the mesh: [capture] cgroups and, with
+// [kubernetes], the cgroups of this node's pods in the mesh. A pod's cgroup
+// that holds smeshd itself (its own pod labelled) or lies inside a
+// [capture] cgroup (captured already) is left out.
+func (d *daemon) wanted() []string {
+	out := slices.Clone(d.static)
+	if d.pods == nil {
+		return out
+	}
+	for _, cg := range d.pods.Cgroups() {
+		if d.own != "" && cgroups.Within(d.own, cg) {
+			d.log.Warn().Str("cgroup", cg).Str("own", d.own).Msg("a pod in the mesh holds smeshd itself: left out (smeshd would capture itself)")
+			continue
+		}
+		if slices.ContainsFunc(d.static, func(s string) bool { return cgroups.Within(cg, s) }) {
+			continue
+		}
+		out = append(out, cg)
+	}
+	return out
+}
+
+// applyEnrolment hands the cgroups in the mesh to the namespace tracker,
+// then to the data path with the capture rules c: the one path for reloads
+// and for pods that join or leave. Open connections are left alone.
+func (d *daemon) applyEnrolment(c config.Capture) error {
+	enrolled := d.wanted()
+	// The namespaces of new cgroups get their listeners before connect4 is
+	// attached to them (capture is gated on the listeners anyway).
+	d.members.SetCgroups(enrolled)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	d.members.Scan(ctx)
+	cancel()
+	if err := d.attachCapture(enrolled, c); err != nil {
+		return fmt.Errorf("applying [capture]: %w", err)
+	}
 	return nil
 }
 

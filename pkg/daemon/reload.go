@@ -73,7 +73,7 @@ func (d *daemon) apply(next config.Config) error {
 	for _, f := range restartOnly(d.cfg, next) {
 		d.log.Warn().Str("key", f).Msg("this setting changes only when smeshd restarts; keeping the running value")
 	}
-	enrolled, created, err := d.enroll(next)
+	static, created, err := d.enroll(next)
 	if err != nil {
 		return err
 	}
@@ -90,7 +90,10 @@ func (d *daemon) apply(next config.Config) error {
 
 	c := next.Capture
 	var prevPolicy *tunnel.Policy
-	prevEnrolled := d.enrolled
+	prevStatic, prevEnrolled := d.static, d.enrolled
+	// [capture] cgroups and, with [kubernetes], this node's pods in the mesh.
+	d.static = static
+	enrolled := d.wanted()
 	err = switchover([]change{
 		{"tunnel.allow_ports and [tunnel.tls] identities",
 			func() error { prevPolicy = d.tun.Apply(policy); return nil },
@@ -107,6 +110,7 @@ func (d *daemon) apply(next config.Config) error {
 			nil},
 	})
 	if err != nil {
+		d.static = prevStatic
 		removeAll(created)
 		return err
 	}
@@ -171,12 +175,15 @@ func restartOnly(cur, next config.Config) []string {
 		{"tunnel.max_handshakes_per_source", cur.Tunnel.MaxHandshakesPerSource, next.Tunnel.MaxHandshakesPerSource},
 		{"tunnel.idle_timeout", cur.Tunnel.IdleTimeout, next.Tunnel.IdleTimeout},
 		{"tunnel.tls.mode", cur.Tunnel.TLS.Mode, next.Tunnel.TLS.Mode},
+		{"tunnel.tls.source", cur.Tunnel.TLS.Source, next.Tunnel.TLS.Source},
+		{"tunnel.tls.workload_api_socket", cur.Tunnel.TLS.WorkloadAPISocket, next.Tunnel.TLS.WorkloadAPISocket},
 		{"tunnel.tls.cert", cur.Tunnel.TLS.Cert, next.Tunnel.TLS.Cert},
 		{"tunnel.tls.key", cur.Tunnel.TLS.Key, next.Tunnel.TLS.Key},
 		{"tunnel.tls.ca", cur.Tunnel.TLS.CA, next.Tunnel.TLS.CA},
 		{"admin", cur.Admin, next.Admin},
 		{"log.format", cur.Log.Format, next.Log.Format},
 		{"daemon", cur.Daemon, next.Daemon},
+		{"kubernetes", cur.Kubernetes, next.Kubernetes},
 	} {
 		if !reflect.DeepEqual(f.cur, f.new) {
 			keys = append(keys, f.key)

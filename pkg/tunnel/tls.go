@@ -1,6 +1,7 @@
 package tunnel
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/rs/zerolog"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"github.com/spiffe/go-spiffe/v2/workloadapi"
 )
 
 // ExpiryWarning is how close to its end a certificate must be for smeshd
@@ -29,14 +31,20 @@ const (
 )
 
 // Credentials are this node's certificate and key and the CA its peers'
-// certificates must chain to, read from PEM files and read again when a
-// file changes: rotation needs no restart, and open connections keep the
-// session they have. A change is noticed at the first handshake at least a
-// second after it; a set that does not load (a half-written file, a key
-// that does not match) is logged and the previous set stays in use.
+// certificates must chain to. They come from PEM files, read again when a
+// file changes (LoadCredentials), or from a SPIFFE Workload API, which
+// pushes every rotation (WorkloadAPICredentials). Either way rotation needs
+// no restart, and open connections keep the session they have. A file
+// change is noticed at the first handshake at least a second after it; a set
+// that does not load (a half-written file, a key that does not match) is
+// logged and the previous set stays in use.
 type Credentials struct {
 	certFile, keyFile, caFile string
 	policy                    atomic.Pointer[IdentityPolicy] // changed by reloads
+	svids                     *workloadapi.X509Source        // nil: files
+	source                    string                         // the cert file or the Workload API's address, for logs and metrics
+	stop                      chan struct{}                  // closed by Close
+	closeOnce                 sync.Once
 	log                       zerolog.Logger
 
 	cur        atomic.Pointer[credSet]
@@ -66,8 +74,9 @@ type fileStamp struct {
 // certificates are accepted; this node's own must pass its trust domain.
 func LoadCredentials(certFile, keyFile, caFile string, policy *IdentityPolicy, log zerolog.Logger) (*Credentials, error) {
 	c := &Credentials{
-		certFile: certFile, keyFile: keyFile, caFile: caFile,
-		log: log.With().Str("component", "tunnel-tls").Logger(),
+		certFile: certFile, keyFile: keyFile, caFile: caFile, source: certFile,
+		stop: make(chan struct{}),
+		log:  log.With().Str("component", "tunnel-tls").Logger(),
 	}
 	c.policy.Store(policy)
 	set, err := c.load()
@@ -80,10 +89,116 @@ func LoadCredentials(certFile, keyFile, caFile string, policy *IdentityPolicy, l
 	return c, nil
 }
 
+// WorkloadAPICredentials takes this node's certificate (its X.509 SVID)
+// and the CA (the X.509 bundle of the SVID's trust domain) from the SPIFFE
+// Workload API at addr ("unix:///run/spire/agent-sockets/spire-agent.sock",
+// a SPIRE agent's socket), waiting for the first SVID until ctx is done.
+// The agent pushes each rotation; new handshakes use it from then on. Close
+// ends the stream.
+func WorkloadAPICredentials(ctx context.Context, addr string, policy *IdentityPolicy, log zerolog.Logger) (_ *Credentials, err error) {
+	c := &Credentials{
+		source: addr,
+		stop:   make(chan struct{}),
+		log:    log.With().Str("component", "tunnel-tls").Str("workload_api", addr).Logger(),
+	}
+	c.policy.Store(policy)
+	c.svids, err = workloadapi.NewX509Source(ctx, workloadapi.WithClientOptions(workloadapi.WithAddr(addr)))
+	if err != nil {
+		return nil, fmt.Errorf("tunnel.tls.workload_api_socket %s: no X.509 SVID: %w "+
+			"(is the SPIRE agent running there, and is smeshd registered with it?)", addr, err)
+	}
+	defer func() {
+		if err != nil {
+			c.svids.Close()
+		}
+	}()
+	set, err := c.fromWorkloadAPI()
+	if err != nil {
+		return nil, err
+	}
+	c.cur.Store(set)
+	c.nextCheck.Store(time.Now().Add(reloadInterval).UnixNano())
+	c.log.Info().Str("spiffe_id", spiffeIDOf(set.cert.Leaf)).Time("not_after", set.cert.Leaf.NotAfter).Msg("X.509 SVID from the Workload API")
+	c.warnExpiry(set, time.Now())
+	go c.follow()
+	return c, nil
+}
+
+// follow installs every SVID or bundle the Workload API pushes.
+func (c *Credentials) follow() {
+	for {
+		select {
+		case <-c.stop:
+			return
+		case <-c.svids.Updated():
+		}
+		next, err := c.fromWorkloadAPI()
+		if err != nil {
+			c.log.Error().Err(err).Msg("the Workload API sent an SVID or bundle that does not load; keeping the previous one")
+			continue
+		}
+		c.mu.Lock()
+		c.cur.Store(next)
+		c.lastWarned = time.Time{}
+		c.mu.Unlock()
+		c.log.Info().Str("spiffe_id", spiffeIDOf(next.cert.Leaf)).Time("not_after", next.cert.Leaf.NotAfter).
+			Msg("X.509 SVID or bundle rotated by the Workload API")
+	}
+}
+
+// fromWorkloadAPI builds a generation from the source's current SVID and
+// its trust domain's bundle.
+func (c *Credentials) fromWorkloadAPI() (*credSet, error) {
+	svid, err := c.svids.GetX509SVID()
+	if err != nil {
+		return nil, err
+	}
+	bundle, err := c.svids.GetX509BundleForTrustDomain(svid.ID.TrustDomain())
+	if err != nil {
+		return nil, fmt.Errorf("no X.509 bundle for trust domain %s: %w", svid.ID.TrustDomain(), err)
+	}
+	if len(svid.Certificates) == 0 {
+		return nil, errors.New("X.509 SVID without a certificate")
+	}
+	cert := tls.Certificate{PrivateKey: svid.PrivateKey, Leaf: svid.Certificates[0]}
+	for _, sc := range svid.Certificates {
+		cert.Certificate = append(cert.Certificate, sc.Raw)
+	}
+	pool := x509.NewCertPool()
+	for _, ca := range bundle.X509Authorities() {
+		pool.AddCert(ca)
+	}
+	return c.newSet([3]fileStamp{}, cert, pool, "the Workload API's SVID", "its trust bundle")
+}
+
+// Source names where the credentials come from: the certificate file, or
+// the Workload API's address.
+func (c *Credentials) Source() string { return c.source }
+
+// Close stops following the Workload API (nothing for files).
+func (c *Credentials) Close() error {
+	var err error
+	c.closeOnce.Do(func() {
+		close(c.stop)
+		if c.svids != nil {
+			err = c.svids.Close()
+		}
+	})
+	return err
+}
+
+func spiffeIDOf(cert *x509.Certificate) string {
+	id, err := x509svid.IDFromCert(cert)
+	if err != nil {
+		return ""
+	}
+	return id.String()
+}
+
 // CheckPolicy reports whether policy could be put in force: this node's
 // certificate must pass its trust domain.
 func (c *Credentials) CheckPolicy(policy *IdentityPolicy) error {
-	return policy.checkOwn(c.certFile, c.cur.Load().cert.Leaf)
+	return policy.checkOwn(c.source, c.cur.Load().cert.Leaf)
 }
 
 // SetPolicy puts policy in force for new handshakes (a reload) and returns
@@ -144,6 +259,12 @@ func (c *Credentials) current() *credSet {
 	}
 	defer c.mu.Unlock()
 	c.nextCheck.Store(now.Add(reloadInterval).UnixNano())
+	if c.svids != nil {
+		// Pushed by the Workload API (follow): nothing to poll.
+		set = c.cur.Load()
+		c.warnExpiry(set, now)
+		return set
+	}
 	if stamps, err := c.stamps(); err == nil && stamps == set.stamps {
 		c.warnExpiry(set, now)
 		return set
@@ -167,8 +288,15 @@ func (c *Credentials) warnExpiry(set *credSet, now time.Time) {
 	for _, f := range []struct {
 		what, file string
 		cert       *x509.Certificate
-	}{{"node certificate", c.certFile, set.cert.Leaf}} {
-		if left := f.cert.NotAfter.Sub(now); left < ExpiryWarning {
+	}{{"node certificate", c.source, set.cert.Leaf}} {
+		threshold := ExpiryWarning
+		if c.svids != nil {
+			// SVIDs live for hours (SPIRE's default is 1h) and the agent
+			// rotates them at half their life: one with a quarter left
+			// was not rotated in time.
+			threshold = f.cert.NotAfter.Sub(f.cert.NotBefore) / 4
+		}
+		if left := f.cert.NotAfter.Sub(now); left < threshold {
 			c.log.Warn().Str("file", f.file).Time("not_after", f.cert.NotAfter).
 				Str("left", left.Round(time.Minute).String()).Msg(f.what + " expires soon: renew it (smesh reloads it without a restart)")
 			c.lastWarned = now
@@ -209,6 +337,12 @@ func (c *Credentials) load() (*credSet, error) {
 	if !pool.AppendCertsFromPEM(caPEM) {
 		return nil, fmt.Errorf("tunnel.tls.ca %s holds no PEM certificate", c.caFile)
 	}
+	return c.newSet(stamps, cert, pool, "tunnel.tls.cert "+c.certFile, "tunnel.tls.ca "+c.caFile)
+}
+
+// newSet builds a generation from a certificate and the CAs peers must
+// chain to. certName and caName say where they came from, for errors.
+func (c *Credentials) newSet(stamps [3]fileStamp, cert tls.Certificate, pool *x509.CertPool, certName, caName string) (*credSet, error) {
 	// Our own certificate must chain to the CA too: a node whose peers
 	// would all refuse it should say so at start, not at every handshake.
 	inter := x509.NewCertPool()
@@ -218,9 +352,9 @@ func (c *Credentials) load() (*credSet, error) {
 		}
 	}
 	if _, err := cert.Leaf.Verify(x509.VerifyOptions{Roots: pool, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
-		return nil, fmt.Errorf("tunnel.tls.cert %s does not verify against tunnel.tls.ca %s: %w", c.certFile, c.caFile, err)
+		return nil, fmt.Errorf("%s does not verify against %s: %w", certName, caName, err)
 	}
-	if err := c.policy.Load().checkOwn(c.certFile, cert.Leaf); err != nil {
+	if err := c.policy.Load().checkOwn(c.source, cert.Leaf); err != nil {
 		return nil, err
 	}
 

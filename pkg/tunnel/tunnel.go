@@ -14,12 +14,14 @@ package tunnel
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
 	"slices"
 	"sync/atomic"
+	"time"
 
 	"github.com/rs/zerolog"
 
@@ -96,20 +98,29 @@ func New(cfg config.Tunnel, ownPorts []uint16, log zerolog.Logger) (*Tunnel, err
 	return t, nil
 }
 
+// workloadAPIWait bounds the wait for the first SVID at start: a SPIRE
+// agent starting on the same node answers within it.
+const workloadAPIWait = 30 * time.Second
+
 // LoadConfigured loads the [tunnel.tls] files with the identity policy of
-// c, saying what to do when they are missing. smeshd start and smeshd
-// check both load them with it.
+// c, saying what to do when they are missing, or takes the credentials from
+// the Workload API. smeshd start and smeshd check both load them with it.
 func LoadConfigured(c config.TLS, log zerolog.Logger) (*Credentials, error) {
+	policy, err := NewIdentityPolicy(c)
+	if err != nil {
+		return nil, err
+	}
+	if c.Source == "workload_api" {
+		ctx, cancel := context.WithTimeout(context.Background(), workloadAPIWait)
+		defer cancel()
+		return WorkloadAPICredentials(ctx, c.WorkloadAPISocket, policy, log)
+	}
 	for _, f := range []struct{ key, path string }{{"cert", c.Cert}, {"key", c.Key}, {"ca", c.CA}} {
 		if _, err := os.Stat(f.path); err != nil {
 			return nil, fmt.Errorf("tunnel.tls.%s: %w: tunnel.tls.mode = \"mtls\" needs this node's certificate, key and CA; "+
 				"point [tunnel.tls] cert, key and ca at them, or make a development set with "+
 				"`smeshd certs init --dir DIR --nodes NAME` and use DIR/NAME.crt, DIR/NAME.key and DIR/ca.crt", f.key, err)
 		}
-	}
-	policy, err := NewIdentityPolicy(c)
-	if err != nil {
-		return nil, err
 	}
 	return LoadCredentials(c.Cert, c.Key, c.CA, policy, log)
 }
@@ -150,11 +161,15 @@ func (t *Tunnel) Apply(p *Policy) (previous *Policy) {
 	return previous
 }
 
-// Close closes the server and its connections, and the client's idle
-// pooled ones.
+// Close closes the server and its connections and the client's idle
+// pooled ones, and stops following the Workload API.
 func (t *Tunnel) Close() error {
 	t.Client.Close()
-	return t.Server.Close()
+	err := t.Server.Close()
+	if t.Credentials != nil {
+		err = errors.Join(err, t.Credentials.Close())
+	}
+	return err
 }
 
 // Dialer is the outbound proxy's dialer for captured connections of

@@ -1,0 +1,61 @@
+// Package kube enrols the pods of this node in the mesh by label, for
+// smeshd running in a Kubernetes cluster as a DaemonSet (deploy/kubernetes).
+//
+// It watches the pods scheduled to its node (an informer whose list and
+// watch carry the field selector spec.nodeName=NODE, so the API server sends
+// no other node's pods) and the namespaces, puts in the mesh the pods that
+// carry [kubernetes] label or whose namespace does (a pod's own label with
+// the same key and another value keeps it out), finds each one's cgroup from
+// its UID below the node's cgroup v2 tree (Resolver, for both kubelet cgroup
+// drivers), and reports the set of those cgroups. The daemon hands the set to
+// the namespace machinery and the data path, as it does [capture] cgroups:
+// it sees only PodSource, never a client-go type.
+//
+// Only what pods and namespaces need of client-go is linked: a REST client
+// with a scheme of the core API group alone (API), not client-go's typed
+// clients, whose scheme registers every API group (about 27 MB more).
+package kube
+
+import (
+	"context"
+	"fmt"
+	"os"
+
+	"github.com/rs/zerolog"
+	"k8s.io/client-go/rest"
+
+	"github.com/smesh-dev/smesh/pkg/config"
+)
+
+// Start connects to the API server with the pod's service account and
+// starts watching this node's pods until ctx is done. The node's name is in
+// the environment variable cfg.NodeNameEnv; cgroupMount is where the node's
+// cgroup v2 tree is mounted. The caller waits for WaitSynced before it
+// relies on Cgroups.
+func Start(ctx context.Context, cfg config.Kubernetes, cgroupMount string, log zerolog.Logger) (*Watcher, error) {
+	node := os.Getenv(cfg.NodeNameEnv)
+	if node == "" {
+		return nil, fmt.Errorf("kubernetes.node_name_env: $%s is empty: set it to this node's name "+
+			"(the DaemonSet does, from spec.nodeName through the downward API)", cfg.NodeNameEnv)
+	}
+	rc, err := rest.InClusterConfig()
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes.enabled: reaching the API server from inside the cluster: %w", err)
+	}
+	rc.UserAgent = "smeshd"
+	api, err := NewAPI(rc)
+	if err != nil {
+		return nil, err
+	}
+	key, value := cfg.LabelKeyValue()
+	w := NewWatcher(Options{
+		API:        api,
+		NodeName:   node,
+		LabelKey:   key,
+		LabelValue: value,
+		Resolver:   NewResolver(cgroupMount),
+		Logger:     log,
+	})
+	go w.Run(ctx)
+	return w, nil
+}
