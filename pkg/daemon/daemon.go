@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -356,7 +355,7 @@ func (d *daemon) start(wait, ctx context.Context) error {
 	go d.out.Serve(ctx)
 	// IPv6 capture in smeshd's own namespace, where it has IPv6.
 	ready6 := false
-	if ln, err := net.ListenTCP("tcp6", net.TCPAddrFromAddrPort(cfg.Outbound.Listen6)); err != nil {
+	if ln, err := proxy.ListenLocal("tcp6", cfg.Outbound.Listen6); err != nil {
 		log.Warn().Err(err).Str("listen6", cfg.Outbound.Listen6.String()).
 			Msg("no IPv6 outbound listener in smeshd's network namespace (IPv6 disabled?): IPv6 connections of workloads there are not captured (capture.on_failure decides)")
 	} else {

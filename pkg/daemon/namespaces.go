@@ -10,6 +10,7 @@ import (
 
 	"github.com/smesh-dev/smesh/pkg/config"
 	"github.com/smesh-dev/smesh/pkg/enrol"
+	"github.com/smesh-dev/smesh/pkg/proxy"
 	"github.com/smesh-dev/smesh/pkg/tunnel"
 )
 
@@ -45,10 +46,10 @@ type listeners struct {
 // namespace. out and tun are required; out6 fails alone where the namespace
 // has no IPv6, and then IPv6 is not captured there.
 func openListeners(cfg config.Config, log zerolog.Logger) (l listeners, err error) {
-	if l.out, err = net.ListenTCP("tcp4", net.TCPAddrFromAddrPort(cfg.Outbound.Listen)); err != nil {
+	if l.out, err = proxy.ListenLocal("tcp4", cfg.Outbound.Listen); err != nil {
 		return l, fmt.Errorf("outbound listener %s: %w", cfg.Outbound.Listen, err)
 	}
-	if l.out6, err = net.ListenTCP("tcp6", net.TCPAddrFromAddrPort(cfg.Outbound.Listen6)); err != nil {
+	if l.out6, err = proxy.ListenLocal("tcp6", cfg.Outbound.Listen6); err != nil {
 		l.out6, l.err6 = nil, fmt.Errorf("outbound.listen6 %s: %w", cfg.Outbound.Listen6, err)
 	}
 	if l.tun, err = tunnel.ListenTCP(cfg.Tunnel.Listen, log); err != nil {
@@ -104,9 +105,8 @@ func dialIn(ns *enrol.Namespace) func(ctx context.Context, network, address stri
 	return func(ctx context.Context, network, address string) (net.Conn, error) {
 		var c net.Conn
 		err := ns.Do(func() error {
-			var d net.Dialer
 			var err error
-			c, err = d.DialContext(ctx, network, address)
+			c, err = proxy.LocalDialer().DialContext(ctx, network, address)
 			return err
 		})
 		return c, err

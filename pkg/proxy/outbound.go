@@ -16,11 +16,22 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 )
 
 // Dialer reaches a captured connection's original destination.
 type Dialer interface {
 	DialContext(ctx context.Context, network, address string) (net.Conn, error)
+}
+
+// EarlyDialer is a Dialer that can send a connection's first bytes along
+// with what opens it (the tunnel sends them with its header: one send, one
+// wake-up of the peer, instead of two). The outbound proxy hands it what
+// the app sent before the proxy got to the connection; first is valid
+// only during the call.
+type EarlyDialer interface {
+	Dialer
+	DialEarly(ctx context.Context, network, address string, first []byte) (net.Conn, error)
 }
 
 // Observer receives connection events; smeshd's metrics implement it.
@@ -116,12 +127,12 @@ const DialTimeout = 10 * time.Second
 
 // Listen opens the outbound listener.
 func Listen(o Options) (*Outbound, error) {
-	ln, err := net.ListenTCP("tcp4", net.TCPAddrFromAddrPort(o.Listen))
+	ln, err := ListenLocal("tcp4", o.Listen)
 	if err != nil {
 		return nil, fmt.Errorf("listening on %s (outbound.listen): %w", o.Listen, err)
 	}
 	if o.Dialer == nil {
-		o.Dialer = &net.Dialer{Timeout: DialTimeout}
+		o.Dialer = &net.Dialer{Timeout: DialTimeout, KeepAlive: -1}
 	}
 	if o.OriginalDst == nil {
 		o.OriginalDst = OriginalDst
@@ -246,7 +257,17 @@ func (o *Outbound) handle(ctx context.Context, c *net.TCPConn, r *relayed, diale
 			Str("why", "the original destination is one of smeshd's own listeners: smeshd would be dialling itself"))
 		return
 	}
-	up, err := dialer.DialContext(ctx, "tcp", dst.String())
+	var early int64 // bytes handed to the dialer
+	var up net.Conn
+	if ed, ok := dialer.(EarlyDialer); ok {
+		bp := bufPool.Get().(*[]byte)
+		first := readReady(c, *bp)
+		up, err = ed.DialEarly(ctx, "tcp", dst.String(), first)
+		early = int64(len(first))
+		bufPool.Put(bp)
+	} else {
+		up, err = dialer.DialContext(ctx, "tcp", dst.String())
+	}
 	if err != nil {
 		// The dialer counts and logs tunnel failures itself.
 		o.log.Debug().Err(err).Str("dst", dst.String()).Msg("upstream unreachable")
@@ -277,7 +298,9 @@ func (o *Outbound) handle(ctx context.Context, c *net.TCPConn, r *relayed, diale
 		idle = &activity{timeout: o.o.IdleTimeout}
 		idle.touch()
 	}
+	r.tx.Add(early)
 	res := Relay(watch(TCP(c), &r.tx, idle), watch(upc, &r.rx, idle))
+	res.AtoB += early
 	if o.o.Observer != nil {
 		o.o.Observer.ConnClosed(path, res.AtoB, res.BtoA)
 		if errors.Is(res.Err, ErrIdle) {
@@ -286,6 +309,47 @@ func (o *Outbound) handle(ctx context.Context, c *net.TCPConn, r *relayed, diale
 	}
 	o.log.Debug().Str("src", r.src).Str("dst", r.dst).Str("path", path).
 		Int64("tx", res.AtoB).Int64("rx", res.BtoA).AnErr("err", res.Err).Msg("connection done")
+}
+
+// ListenLocal opens a listener for hops within a node (an app's captured
+// connection to smeshd): its connections have no TCP keepalive, which
+// means nothing on a hop whose both ends are on this node and would cost
+// four setsockopt(2) per connection.
+func ListenLocal(network string, addr netip.AddrPort) (*net.TCPListener, error) {
+	lc := net.ListenConfig{KeepAlive: -1}
+	ln, err := lc.Listen(context.Background(), network, addr.String())
+	if err != nil {
+		return nil, err
+	}
+	return ln.(*net.TCPListener), nil
+}
+
+// LocalDialer dials hops within a node (smeshd to a local destination): no
+// TCP keepalive, see ListenLocal.
+func LocalDialer() *net.Dialer { return &net.Dialer{KeepAlive: -1} }
+
+// readReady reads what c has already received into buf, without waiting:
+// nothing when it has nothing (or only its end, which the relay reads
+// again: an end of stream stays).
+func readReady(c *net.TCPConn, buf []byte) []byte {
+	sc, err := c.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	n := 0
+	sc.Read(func(fd uintptr) bool {
+		for {
+			m, err := unix.Read(int(fd), buf)
+			if err == unix.EINTR {
+				continue
+			}
+			if m > 0 {
+				n = m
+			}
+			return true
+		}
+	})
+	return buf[:n]
 }
 
 // ownListener reports whether dst is one of smeshd's own listeners: one of

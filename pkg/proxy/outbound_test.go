@@ -109,3 +109,79 @@ func TestOwnListenerRefused(t *testing.T) {
 		})
 	}
 }
+
+// earlyDialer dials an echo server and notes the first bytes it was given.
+type earlyDialer struct {
+	to    string
+	first chan []byte
+	tx    chan int64
+}
+
+func (e *earlyDialer) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
+	return e.DialEarly(ctx, network, address, nil)
+}
+
+func (e *earlyDialer) DialEarly(ctx context.Context, network, address string, first []byte) (net.Conn, error) {
+	e.first <- append([]byte(nil), first...)
+	c, err := net.Dial("tcp4", e.to)
+	if err == nil && len(first) > 0 {
+		_, err = c.Write(first)
+	}
+	return c, err
+}
+
+func (e *earlyDialer) ConnOpened(string)                {}
+func (e *earlyDialer) Refused(string)                   {}
+func (e *earlyDialer) ConnClosed(_ string, tx, _ int64) { e.tx <- tx }
+
+// TestEarlyDialer: what the app sent before the proxy got to its connection
+// goes to an EarlyDialer with the dial, and is relayed and counted once,
+// like the rest.
+func TestEarlyDialer(t *testing.T) {
+	echo, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer echo.Close()
+	go func() {
+		for {
+			c, err := echo.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				io.Copy(c, c)
+				c.(*net.TCPConn).CloseWrite()
+			}()
+		}
+	}()
+	ed := &earlyDialer{to: echo.Addr().String(), first: make(chan []byte, 1), tx: make(chan int64, 1)}
+	out, err := Listen(Options{
+		Listen:      netip.MustParseAddrPort("127.0.0.1:0"),
+		Dialer:      ed,
+		OriginalDst: func(*net.TCPConn) (netip.AddrPort, error) { return netip.MustParseAddrPort("198.51.100.1:80"), nil },
+		Observer:    ed,
+		Logger:      zerolog.Nop(),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go out.Serve(context.Background())
+	t.Cleanup(func() { out.Close() })
+	c, err := net.Dial("tcp4", out.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write([]byte("sent at once"))
+	first := <-ed.first // what the proxy found: all, part or none of it
+	c.Write([]byte(", then more"))
+	c.(*net.TCPConn).CloseWrite()
+	got, err := io.ReadAll(c)
+	if err != nil || string(got) != "sent at once, then more" {
+		t.Errorf("echo %q, %v (first bytes %q)", got, err, first)
+	}
+	if tx := <-ed.tx; tx != int64(len("sent at once, then more")) {
+		t.Errorf("counted %d bytes sent, want %d", tx, len("sent at once, then more"))
+	}
+}

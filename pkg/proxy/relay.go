@@ -77,9 +77,11 @@ func Relay(a, b Conn) Result {
 			b.Abort()
 		})
 	}
-	wg.Add(2)
+	// One direction in a goroutine of its own, the other in this one: a
+	// goroutine started is a thread woken to run it, per connection.
+	wg.Add(1)
 	go func() { defer wg.Done(); res.AtoB = pipe(b, a, fail) }()
-	go func() { defer wg.Done(); res.BtoA = pipe(a, b, fail) }()
+	res.BtoA = pipe(a, b, fail)
 	wg.Wait()
 	a.Close()
 	b.Close()

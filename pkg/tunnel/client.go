@@ -33,8 +33,11 @@ type Client struct {
 	log      zerolog.Logger
 	errLog   *limitedLog
 	dialTCP  func(ctx context.Context, network, address string) (net.Conn, error)
+	pool     *pool
 	// noResume turns TLS session resumption off (for measuring it).
 	noResume bool
+	// v1Only: offer no protocol v2, as a node before it did.
+	v1Only bool
 	// testHookHandshakeDone, when set, runs after a successful handshake,
 	// before the header is sent.
 	testHookHandshakeDone func()
@@ -53,6 +56,10 @@ type ClientOptions struct {
 	// DisableResumption makes every connection a full handshake. Only for
 	// measuring what resumption saves.
 	DisableResumption bool
+	// ProtocolV1 speaks wire protocol v1 only, one TLS connection per
+	// tunnelled connection, as nodes before v2 do (for tests and
+	// measurements).
+	ProtocolV1 bool
 	// Dial connects to a peer's tunnel port; nil: a plain net.Dialer.
 	// (Tests map node addresses to loopback with it.)
 	Dial   func(ctx context.Context, network, address string) (net.Conn, error)
@@ -80,15 +87,52 @@ func NewClient(o ClientOptions) *Client {
 		log:      log,
 		errLog:   newLimitedLog(log, 10, time.Second),
 		noResume: o.DisableResumption,
+		v1Only:   o.ProtocolV1 || o.Credentials == nil,
 		dialTCP:  o.Dial,
+		pool:     newPool(o.Credentials, poolMaxIdle, poolIdle),
 	}
 }
+
+// Close closes the idle pooled connections (tunnelled connections still
+// open go on; their links are closed when they end).
+func (c *Client) Close() { c.pool.close() }
 
 // DialContext opens a tunnel connection to the smeshd on the node of
 // address (the original destination, "ip:port") and asks it to connect to
 // address. It returns a *Conn once the peer answered ok; a refusal is a
-// *RefusedError. network must be "tcp" or "tcp4".
+// *RefusedError. network must be "tcp", "tcp4" or "tcp6".
 func (c *Client) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
+	conn, err := c.open(ctx, network, address, nil)
+	if err != nil {
+		return nil, err
+	}
+	if conn.v1 == nil {
+		if _, err := conn.awaitStatus(); err != nil {
+			return nil, err
+		}
+	}
+	return conn, nil
+}
+
+// Open is DialContext without waiting for the peer's answer where the
+// protocol allows it (v2): the connection may send at once, and a refusal
+// comes as the error of its first Read (and of Writes from then on). The
+// outbound proxy opens its tunnel connections so: no round trip before the
+// first byte.
+func (c *Client) Open(ctx context.Context, network, address string) (net.Conn, error) {
+	return c.open(ctx, network, address, nil)
+}
+
+// OpenEarly is Open with the connection's first bytes (at most earlyMax),
+// sent along with the header in v2.
+func (c *Client) OpenEarly(ctx context.Context, network, address string, first []byte) (net.Conn, error) {
+	if len(first) > earlyMax {
+		return nil, fmt.Errorf("tunnel: %d first bytes, at most %d", len(first), earlyMax)
+	}
+	return c.open(ctx, network, address, first)
+}
+
+func (c *Client) open(ctx context.Context, network, address string, first []byte) (*Conn, error) {
 	if network != "tcp" && network != "tcp4" && network != "tcp6" {
 		return nil, fmt.Errorf("tunnel: network %q is not TCP", network)
 	}
@@ -96,21 +140,118 @@ func (c *Client) DialContext(ctx context.Context, network, address string) (net.
 	if err != nil {
 		return nil, fmt.Errorf("tunnel: destination %q: %w", address, err)
 	}
-	conn, reason, err := c.dial(ctx, dst)
+	conn, reason, err := c.dial(ctx, dst, first)
 	if err != nil {
-		c.stats.Count(reason)
-		c.errLog.warn().Err(err).Str("dst", dst.String()).Str("reason", reason.String()).Msg("tunnel connection failed")
+		c.failed(dst, reason, err)
 		return nil, err
 	}
-	c.stats.Out.Connections.Add(1)
 	return conn, nil
 }
 
-func (c *Client) dial(ctx context.Context, dst netip.AddrPort) (*Conn, Reason, error) {
-	hdr, err := AppendHeader(make([]byte, 0, HeaderSize), dst)
+// failed counts and logs a tunnel connection that failed.
+func (c *Client) failed(dst netip.AddrPort, reason Reason, err error) {
+	c.stats.Count(reason)
+	c.errLog.warn().Err(err).Str("dst", dst.String()).Str("reason", reason.String()).Msg("tunnel connection failed")
+}
+
+func (c *Client) dial(ctx context.Context, dst netip.AddrPort, first []byte) (*Conn, Reason, error) {
+	version := byte(Version2)
+	if c.v1Only {
+		version = Version
+	}
+	hdr, err := appendHeader(make([]byte, 0, HeaderSize), dst, version)
 	if err != nil {
 		return nil, ReasonBadHeader, err
 	}
+	peer := netip.AddrPortFrom(dst.Addr(), c.peerPort)
+	if !c.v1Only {
+		// A warm link first; one that fails at once was dead already
+		// (its peer went away while it idled): the next one.
+		for l := c.pool.take(peer, dst); l != nil; l = c.pool.take(peer, dst) {
+			if err := l.open(hdr, first); err != nil {
+				l.Abort()
+				continue
+			}
+			conn := c.stream(l, dst, hdr, first)
+			conn.Reused = true
+			return conn, ReasonNone, nil
+		}
+	}
+	l, reason, err := c.dialLink(ctx, dst)
+	if err != nil {
+		return nil, reason, err
+	}
+	fail := func(r Reason, err error) (*Conn, Reason, error) {
+		l.Abort()
+		return nil, r, err
+	}
+	if l.version == Version2 {
+		if err := l.open(hdr, first); err != nil {
+			l.raw.SetReadDeadline(time.Now().Add(c.timeout))
+			if alert := readAlert(l); alert != nil {
+				return fail(ReasonPeerRefusedHandshake, refusedHandshake(peer, alert))
+			}
+			return fail(ReasonPeerUnreachable, fmt.Errorf("sending tunnel header to %s: %w", peer, err))
+		}
+		return c.stream(l, dst, hdr, first), ReasonNone, nil
+	}
+	// A peer that speaks v1 only (an older smeshd, or no TLS).
+	if version != Version {
+		hdr, _ = appendHeader(hdr[:0], dst, Version)
+	}
+	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	defer cancel()
+	deadline, _ := ctx.Deadline()
+	l.raw.SetDeadline(deadline)
+	if _, err := l.Write(hdr); err != nil {
+		// In TLS 1.3 the client's handshake is done before the server
+		// has checked its certificate: a server that refuses it answers
+		// with an alert and closes, and the header then meets a closed
+		// connection. The alert may still be there to read, and says why.
+		if alert := readAlert(l); alert != nil {
+			return fail(ReasonPeerRefusedHandshake, refusedHandshake(peer, alert))
+		}
+		return fail(ReasonPeerUnreachable, fmt.Errorf("sending tunnel header to %s: %w", peer, err))
+	}
+	var st [StatusSize]byte
+	if _, err := io.ReadFull(l, st[:]); err != nil {
+		if isAlert(err) {
+			return fail(ReasonPeerRefusedHandshake, refusedHandshake(peer, err))
+		}
+		return fail(ReasonPeerProtocol, fmt.Errorf("reading tunnel status from %s: %w", peer, err))
+	}
+	status, err := ParseStatus(st[:])
+	if err != nil {
+		return fail(ReasonPeerProtocol, fmt.Errorf("tunnel peer %s: %w", peer, err))
+	}
+	if !status.OK {
+		return fail(ReasonPeerRefused, &RefusedError{Peer: peer, Dst: dst, Reason: status.Reason})
+	}
+	l.raw.SetDeadline(time.Time{})
+	l.raw.established.Store(true)
+	c.stats.Out.Connections.Add(1)
+	if len(first) > 0 {
+		if _, err := l.Write(first); err != nil {
+			l.Abort()
+			return nil, ReasonPeerUnreachable, fmt.Errorf("sending to tunnel peer %s: %w", peer, err)
+		}
+	}
+	return &Conn{Conn: l.Conn, Resumed: l.resumed, raw: l.raw, v1: l}, ReasonNone, nil
+}
+
+// stream makes the v2 tunnelled connection whose header (and first bytes)
+// were just sent on l.
+func (c *Client) stream(l *link, dst netip.AddrPort, hdr, first []byte) *Conn {
+	conn := &Conn{Conn: l.Conn, Resumed: l.resumed, raw: l.raw, c: c, dst: dst, hdr: hdr, l: l}
+	if len(first) > 0 {
+		conn.early = append(make([]byte, 0, len(first)), first...)
+	}
+	return conn
+}
+
+// dialLink connects to the tunnel port of dst's node and, with TLS, does
+// the handshake (offering protocol v2 unless v1Only).
+func (c *Client) dialLink(ctx context.Context, dst netip.AddrPort) (*link, Reason, error) {
 	ctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
 	peer := netip.AddrPortFrom(dst.Addr(), c.peerPort)
@@ -124,63 +265,44 @@ func (c *Client) dial(ctx context.Context, dst netip.AddrPort) (*Conn, Reason, e
 		return nil, ReasonPeerUnreachable, fmt.Errorf("connecting to tunnel peer %s: dialled %T, not TCP", peer, nc)
 	}
 	raw := &rawConn{TCPConn: tcp}
-	fail := func(r Reason, err error) (*Conn, Reason, error) {
-		raw.SetLinger(0)
-		raw.TCPConn.Close()
-		return nil, r, err
-	}
-	// The context bounds the handshake; the deadline the header and
-	// status that follow.
-	deadline, _ := ctx.Deadline()
-	raw.SetDeadline(deadline)
-
 	var tc *tls.Conn
+	var set *credSet
+	var pol *IdentityPolicy
 	if c.creds != nil {
-		cfg := c.creds.clientConfig(dst.Addr())
-		if c.noResume {
+		var cfg *tls.Config
+		pol = c.creds.policy.Load()
+		cfg, set = c.creds.clientConfig(dst.Addr())
+		if c.noResume || c.v1Only {
 			cfg = cfg.Clone()
-			cfg.ClientSessionCache = nil
+			if c.noResume {
+				cfg.ClientSessionCache = nil
+			}
+			if c.v1Only {
+				cfg.NextProtos = nil
+			}
 		}
 		tc = tls.Client(raw, cfg)
 		start := time.Now()
 		err := tc.HandshakeContext(ctx)
 		c.stats.handshake("client", tc, err, start)
 		if err != nil {
+			raw.SetLinger(0)
+			raw.TCPConn.Close()
 			r, err := handshakeFailure(peer, err)
-			return fail(r, err)
+			return nil, r, err
 		}
 		if c.testHookHandshakeDone != nil {
 			c.testHookHandshakeDone()
 		}
 	}
-	conn := newConn(raw, tc)
-	if _, err := conn.Write(hdr); err != nil {
-		// In TLS 1.3 the client's handshake is done before the server
-		// has checked its certificate: a server that refuses it answers
-		// with an alert and closes, and the header then meets a closed
-		// connection. The alert may still be there to read, and says why.
-		if alert := readAlert(conn); alert != nil {
-			return fail(ReasonPeerRefusedHandshake, refusedHandshake(peer, alert))
-		}
-		return fail(ReasonPeerUnreachable, fmt.Errorf("sending tunnel header to %s: %w", peer, err))
+	l := newLink(raw, tc)
+	l.peer, l.set, l.policy = peer, set, pol
+	if l.version == Version2 {
+		// Relayed connections have no deadlines (v1 sets its own for
+		// header and status).
+		raw.established.Store(true)
 	}
-	var st [StatusSize]byte
-	if _, err := io.ReadFull(conn, st[:]); err != nil {
-		if isAlert(err) {
-			return fail(ReasonPeerRefusedHandshake, refusedHandshake(peer, err))
-		}
-		return fail(ReasonPeerProtocol, fmt.Errorf("reading tunnel status from %s: %w", peer, err))
-	}
-	status, err := ParseStatus(st[:])
-	if err != nil {
-		return fail(ReasonPeerProtocol, fmt.Errorf("tunnel peer %s: %w", peer, err))
-	}
-	if !status.OK {
-		return fail(ReasonPeerRefused, &RefusedError{Peer: peer, Dst: dst, Reason: status.Reason})
-	}
-	raw.SetDeadline(time.Time{})
-	raw.established.Store(true)
-	return conn, ReasonNone, nil
+	return l, ReasonNone, nil
 }
 
 // handshakeFailure classifies a failed client handshake: the peer's alert
@@ -206,7 +328,7 @@ func isAlert(err error) bool {
 // readAlert reads what the peer sent after the handshake, if anything is
 // there (the read deadline set for the header bounds the wait), and
 // returns it when it is a TLS alert.
-func readAlert(conn *Conn) error {
+func readAlert(conn *link) error {
 	var b [1]byte
 	_, err := conn.Read(b[:])
 	if isAlert(err) {

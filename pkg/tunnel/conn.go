@@ -2,8 +2,10 @@ package tunnel
 
 import (
 	"crypto/tls"
+	"crypto/x509"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -13,24 +15,55 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Conn is an established tunnel connection, past header and status: a
-// proxy.Conn for the relay. Half-close travels as TLS close_notify; a reset
-// as a TCP reset of the connection underneath.
-type Conn struct {
+// link is one connection between two smeshd: a TLS connection (or plain
+// TCP with [tunnel.tls] mode = "disabled"). In protocol v1 it carries one
+// tunnelled connection, past header and status, and is a proxy.Conn for
+// the relay itself; in v2 it carries one tunnelled connection after
+// another in frames (frame.go), and a client keeps it in its pool between
+// them. Half-close travels as TLS close_notify (v1) or an 'F' frame (v2); a
+// reset as a TCP reset of the connection underneath.
+type link struct {
 	net.Conn          // the *tls.Conn, or the raw connection without TLS
 	raw      *rawConn // the TCP connection underneath
 	tls      *tls.Conn
-	// Resumed: the TLS handshake resumed an earlier session.
-	Resumed bool
+	// resumed: the TLS handshake resumed an earlier session.
+	resumed bool
+	// version is the wire protocol, from ALPN: Version or Version2.
+	version byte
+
+	// Client side: what the link was checked against, so that a pooled
+	// link is reused only while that still holds (pool.go).
+	peer      netip.AddrPort
+	set       *credSet
+	policy    *IdentityPolicy
+	leaf      *x509.Certificate
+	idleSince time.Time
+
+	// v2 frames being read (by one goroutine at a time): data bytes left
+	// in the current 'D' frame, and the frame header.
+	rem int
+	fh  [frameHeaderSize]byte
+	fhn int // bytes of fh read
+	// wbuf holds a frame header, and the data of a small frame behind
+	// it; allocated with the link, not per frame.
+	wbuf *[frameHeaderSize + smallFrame]byte
 }
 
-func newConn(raw *rawConn, tc *tls.Conn) *Conn {
-	c := &Conn{raw: raw, tls: tc, Conn: raw}
+func newLink(raw *rawConn, tc *tls.Conn) *link {
+	l := &link{raw: raw, tls: tc, Conn: raw, version: Version}
 	if tc != nil {
-		c.Conn = tc
-		c.Resumed = tc.ConnectionState().DidResume
+		l.Conn = tc
+		cs := tc.ConnectionState()
+		l.resumed = cs.DidResume
+		if cs.NegotiatedProtocol == ALPN2 {
+			l.version = Version2
+			l.wbuf = new([frameHeaderSize + smallFrame]byte)
+		}
+		if len(cs.PeerCertificates) > 0 {
+			l.leaf = cs.PeerCertificates[0]
+		}
 	}
-	return c
+	return l
 }
 
 // Read reads from the tunnel. A TCP end of stream without TLS close_notify
@@ -41,7 +74,7 @@ func newConn(raw *rawConn, tc *tls.Conn) *Conn {
 // With TLS, one Read returns as many whole records as fit in p and are
 // already read from the socket (rawConn reads up to 64 KiB at once), so
 // that the relay writes one large chunk rather than one per 16 KiB record.
-func (c *Conn) Read(p []byte) (int, error) {
+func (c *link) Read(p []byte) (int, error) {
 	if c.tls == nil {
 		return c.raw.TCPConn.Read(p)
 	}
@@ -72,7 +105,7 @@ const maxRecordPlaintext = 16 << 10
 // Write encrypts p into TLS records and sends them with one write(2): p
 // of up to 64 KiB is four full records, and one large send costs the
 // kernel far less than four small ones, on both nodes.
-func (c *Conn) Write(p []byte) (int, error) {
+func (c *link) Write(p []byte) (int, error) {
 	if c.tls == nil {
 		return c.raw.Write(p)
 	}
@@ -86,7 +119,7 @@ func (c *Conn) Write(p []byte) (int, error) {
 
 // CloseWrite ends this direction cleanly: close_notify with TLS (the other
 // direction stays open: TLS 1.3 allows half-close), a FIN without.
-func (c *Conn) CloseWrite() error {
+func (c *link) CloseWrite() error {
 	if c.tls != nil {
 		return c.tls.CloseWrite()
 	}
@@ -95,14 +128,14 @@ func (c *Conn) CloseWrite() error {
 
 // Abort resets the TCP connection underneath without a close_notify, so
 // the far end sees an error, not an end of stream.
-func (c *Conn) Abort() {
+func (c *link) Abort() {
 	c.raw.SetLinger(0)
 	c.raw.TCPConn.Close()
 }
 
 // Close closes the connection; with TLS, after a close_notify unless one
 // was sent already.
-func (c *Conn) Close() error { return c.Conn.Close() }
+func (c *link) Close() error { return c.Conn.Close() }
 
 // rawConn is the TCP connection under a tunnel's TLS session. It notes when
 // the peer's FIN was read (see Conn.Read), and once the session is
@@ -114,6 +147,14 @@ type rawConn struct {
 	*net.TCPConn
 	eof         atomic.Bool
 	established atomic.Bool
+
+	// Server side: the credentials its handshake used and the identity
+	// policy its peer was checked against, so that a v2 connection carries
+	// no more tunnelled connections once either changed; idle while it
+	// waits for the next header (Shutdown wakes those).
+	set    *credSet
+	policy *IdentityPolicy
+	idle   atomic.Bool
 
 	// While a batch is open, writes (the records of one Conn.Write, and
 	// any alert crypto/tls sends meanwhile from the reading side, in the
@@ -146,21 +187,38 @@ const batchSize = 64<<10 + 4*(5+17) + 512
 
 var batchPool = sync.Pool{New: func() any { b := make([]byte, 0, batchSize); return &b }}
 
+// startBatch opens a batch, unless one is open: then what comes joins it.
 func (r *rawConn) startBatch() {
 	r.wmu.Lock()
-	r.batch = batchPool.Get().(*[]byte)
+	if r.batch == nil {
+		r.batch = batchPool.Get().(*[]byte)
+	}
 	r.wmu.Unlock()
 }
 
+// flushBatch sends the open batch, if any.
 func (r *rawConn) flushBatch() error {
 	r.wmu.Lock()
 	defer r.wmu.Unlock()
 	b := r.batch
+	if b == nil {
+		return nil
+	}
 	r.batch = nil
 	_, err := r.TCPConn.Write(*b)
 	*b = (*b)[:0]
 	batchPool.Put(b)
 	return err
+}
+
+// batchLen is how much the open batch holds.
+func (r *rawConn) batchLen() int {
+	r.wmu.Lock()
+	defer r.wmu.Unlock()
+	if r.batch == nil {
+		return 0
+	}
+	return len(*r.batch)
 }
 
 func (r *rawConn) Write(p []byte) (int, error) {

@@ -6,30 +6,71 @@ import (
 	"net/netip"
 )
 
-// Wire protocol v1. Inside the TLS session the client sends one header and
-// nothing else until the server has answered with a status:
+// Wire protocols v1 and v2. Which one a TLS connection speaks is chosen in
+// its handshake, by ALPN: a client of this version offers "smesh/2", and a
+// server of this version that is offered it accepts it; anything else (a
+// peer of an older version, which knows no ALPN, or a plaintext tunnel)
+// speaks v1. So a node of this version talks to an older one in v1, and
+// an older one to it in v1: nobody is refused for its version. The header
+// and status carry the version too, and a header whose version is not the
+// connection's is refused (unsupported_version).
+//
+// v1: one tunnelled connection per TLS connection. Inside the TLS session
+// the client sends one header and nothing else until the server has
+// answered with a status; then the bytes of the connection flow as they
+// are, half-close is TLS close_notify and reset a TCP reset:
 //
 //	header (24 bytes)                  status (8 bytes)
 //	 0  4  magic "SMSH"                 0  4  magic "SMSH"
-//	 4  1  version (1)                  4  1  version (1)
+//	 4  1  version (1 or 2)             4  1  version (1 or 2)
 //	 5  1  address family (4 or 6)      5  1  status (0 ok, 1 refused)
 //	 6  2  destination port, big-endian 6  1  reason code (0 with ok)
 //	 8 16  destination address          7  1  reserved, 0
 //	       (IPv4: 4 bytes, then 12 zeros)
 //
+// v2: one tunnelled connection after another on the same TLS connection,
+// never two at once, so that a node keeps warm connections to its peers
+// and a new connection costs no handshake. Each starts with a header
+// (version 2) that the client may follow at once with frames, without
+// waiting for the status: the server reads nothing after the header until
+// it has checked the destination and connected to it (TCP's flow control
+// holds the rest), and a refusal discards what came early. The server
+// answers a status (version 2; it may hold it back a moment to send it
+// with its first frames), then frames:
+//
+//	frame header (4 bytes), then length bytes of data
+//	 0  1  type: 'D' (0x44) data, 'F' (0x46) end of this direction
+//	 1  3  length, big-endian: 1 to 65536 for 'D', 0 for 'F'
+//
+// Once the status was ok and both directions ended with 'F', the
+// connection is idle and the client may send the next header. Anything
+// else ends the TLS connection: a refusal (status, close_notify), a reset
+// (a TCP reset, as in v1: no later connection rides on a reset one), a
+// frame that breaks these rules (bad_frame, a reset). The server retires
+// an idle connection with close_notify and nothing else, and answers the
+// header of one it may no longer use (its certificate or identity policy
+// changed since the handshake, or it is draining) with the refusal
+// "retired": in both cases nothing was delivered, and the client sends the
+// same header and early data again on a new connection.
+//
 // Every field has exactly one valid encoding, so a header either parses to a
 // destination or is refused: no padding to ignore, no optional parts. The
 // header has a fixed size so that the server reads it in one bounded read;
-// a later version keeps magic and version at the same offsets, so an old
+// later versions keep magic and version at the same offsets, so an old
 // server can name the version it refuses.
 const (
-	// HeaderSize is the size of a v1 header.
+	// HeaderSize is the size of a header (v1 and v2).
 	HeaderSize = 24
-	// StatusSize is the size of a v1 status.
+	// StatusSize is the size of a status (v1 and v2).
 	StatusSize = 8
-	// Version is the protocol version this package speaks.
+	// Version is protocol v1, which every node speaks.
 	Version = 1
+	// Version2 is protocol v2, negotiated with ALPN (ALPN2).
+	Version2 = 2
 )
+
+// ALPN2 is the ALPN protocol name of wire protocol v2.
+const ALPN2 = "smesh/2"
 
 // magic opens every header and status: a smeshd talking to something else
 // finds out at once.
@@ -63,12 +104,16 @@ func headerErr(r Reason, format string, args ...any) error {
 // AppendHeader appends the v1 header for destination dst to b. dst must be a
 // valid address (IPv4 or IPv6, not an IPv4-mapped IPv6 one) with a port.
 func AppendHeader(b []byte, dst netip.AddrPort) ([]byte, error) {
+	return appendHeader(b, dst, Version)
+}
+
+func appendHeader(b []byte, dst netip.AddrPort, version byte) ([]byte, error) {
 	if err := checkDst(dst); err != nil {
 		return b, err
 	}
 	var h [HeaderSize]byte
 	copy(h[0:4], magic[:])
-	h[4] = Version
+	h[4] = version
 	h[5] = family6
 	if dst.Addr().Is4() {
 		h[5] = family4
@@ -80,7 +125,10 @@ func AppendHeader(b []byte, dst netip.AddrPort) ([]byte, error) {
 }
 
 // ParseHeader decodes a v1 header. Errors are *HeaderError.
-func ParseHeader(h []byte) (netip.AddrPort, error) {
+func ParseHeader(h []byte) (netip.AddrPort, error) { return parseHeader(h, Version) }
+
+// parseHeader decodes a header of the given version.
+func parseHeader(h []byte, version byte) (netip.AddrPort, error) {
 	if len(h) < HeaderSize {
 		return netip.AddrPort{}, headerErr(ReasonTruncatedHeader, "%d bytes, want %d", len(h), HeaderSize)
 	}
@@ -90,8 +138,8 @@ func ParseHeader(h []byte) (netip.AddrPort, error) {
 	if [4]byte(h[0:4]) != magic {
 		return netip.AddrPort{}, headerErr(ReasonBadMagic, "magic %q", h[0:4])
 	}
-	if h[4] != Version {
-		return netip.AddrPort{}, headerErr(ReasonUnsupportedVersion, "version %d, this smeshd speaks %d", h[4], Version)
+	if h[4] != version {
+		return netip.AddrPort{}, headerErr(ReasonUnsupportedVersion, "version %d on a connection of protocol v%d", h[4], version)
 	}
 	port := binary.BigEndian.Uint16(h[6:8])
 	var addr netip.Addr
@@ -143,11 +191,13 @@ type Status struct {
 	Reason Reason
 }
 
-// AppendStatus appends the encoding of s to b.
-func AppendStatus(b []byte, s Status) []byte {
+// AppendStatus appends the v1 encoding of s to b.
+func AppendStatus(b []byte, s Status) []byte { return appendStatus(b, s, Version) }
+
+func appendStatus(b []byte, s Status, version byte) []byte {
 	var st [StatusSize]byte
 	copy(st[0:4], magic[:])
-	st[4] = Version
+	st[4] = version
 	if s.OK {
 		st[5] = statusOK
 	} else {
@@ -159,16 +209,18 @@ func AppendStatus(b []byte, s Status) []byte {
 
 // ParseStatus decodes a status. A refusal with a reason code this version
 // does not know is still a refusal (ReasonUnknown keeps the code readable in
-// logs through its number).
-func ParseStatus(st []byte) (Status, error) {
+// logs through its number). It parses v1.
+func ParseStatus(st []byte) (Status, error) { return parseStatus(st, Version) }
+
+func parseStatus(st []byte, version byte) (Status, error) {
 	if len(st) != StatusSize {
 		return Status{}, fmt.Errorf("tunnel status: %d bytes, want %d", len(st), StatusSize)
 	}
 	if [4]byte(st[0:4]) != magic {
 		return Status{}, fmt.Errorf("tunnel status: magic %q: the peer is not a smesh tunnel", st[0:4])
 	}
-	if st[4] != Version {
-		return Status{}, fmt.Errorf("tunnel status: version %d, want %d", st[4], Version)
+	if st[4] != version {
+		return Status{}, fmt.Errorf("tunnel status: version %d, want %d", st[4], version)
 	}
 	if st[7] != 0 {
 		return Status{}, fmt.Errorf("tunnel status: reserved byte %d", st[7])

@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -15,6 +17,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 
 	"github.com/smesh-dev/smesh/pkg/proxy"
 )
@@ -46,8 +49,11 @@ type ServerOptions struct {
 	// dials from this process's namespace. (Tests map addresses with it.)
 	Dial func(ctx context.Context, network, address string) (net.Conn, error)
 	// Stats receives the counters; nil gets a private set.
-	Stats  *Stats
-	Logger zerolog.Logger
+	Stats *Stats
+	// ProtocolV1 accepts wire protocol v1 only, as nodes before v2 do
+	// (for tests and measurements).
+	ProtocolV1 bool
+	Logger     zerolog.Logger
 }
 
 // Server accepts tunnel connections from other nodes and delivers each to
@@ -68,14 +74,20 @@ type Server struct {
 
 	allowPorts atomic.Pointer[[]uint16] // tunnel.allow_ports, changed by reloads
 
-	slots      chan struct{} // one per authenticated connection (max_connections)
+	slots      chan struct{} // one per tunnelled connection relayed (max_connections)
 	handshakes *handshakeBudget
-	wg         sync.WaitGroup
-	closed     atomic.Bool
+	draining   atomic.Bool
 
-	mu    sync.Mutex
-	conns map[*rawConn]struct{}
-	lns   map[*net.TCPListener]struct{} // the AddListener ones
+	// testHookAccept, when set, runs before each accept.
+	testHookAccept func()
+
+	mu     sync.Mutex
+	closed bool                               // under mu: no more accept loops or connections start
+	wg     sync.WaitGroup                     // the connections; Add under mu, while !closed
+	loops  sync.WaitGroup                     // the accept loops; Add under mu, while !closed
+	conns  map[*rawConn]struct{}              // under mu
+	lns    map[*net.TCPListener]chan struct{} // the AddListener ones, with their loop's end
+	served map[*net.TCPListener]chan struct{} // every listener's loop's end, for Shutdown
 }
 
 // Scope is where a listener's connections may be delivered: the addresses
@@ -138,11 +150,23 @@ func Listen(o ServerOptions) (*Server, error) {
 		slots:      make(chan struct{}, o.MaxConnections),
 		handshakes: newHandshakeBudget(o.MaxHandshakes, o.MaxHandshakesPerSource, staleAfter(o.HandshakeTimeout)),
 		conns:      make(map[*rawConn]struct{}),
-		lns:        make(map[*net.TCPListener]struct{}),
+		lns:        make(map[*net.TCPListener]chan struct{}),
+		served:     make(map[*net.TCPListener]chan struct{}),
 		scope:      Scope{Local: o.Local, Dial: o.Dial},
 	}
 	if o.Credentials != nil {
 		s.tlsCfg = o.Credentials.ServerConfig()
+		if o.ProtocolV1 {
+			get := s.tlsCfg.GetConfigForClient
+			s.tlsCfg.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+				cfg, err := get(hello)
+				if cfg != nil {
+					cfg = cfg.Clone()
+					cfg.NextProtos = nil
+				}
+				return cfg, err
+			}
+		}
 	}
 	s.SetAllowPorts(o.AllowPorts)
 	return s, nil
@@ -163,27 +187,51 @@ func (s *Server) Addr() netip.AddrPort { return s.ln.Addr().(*net.TCPAddr).AddrP
 
 // Serve accepts on the server's own listener until it is closed.
 func (s *Server) Serve(ctx context.Context) error {
-	return s.serveListener(ctx, s.ln, s.scope)
+	done, ok := s.startLoop(s.ln)
+	if !ok {
+		return nil
+	}
+	return s.serveListener(ctx, s.ln, s.scope, done)
 }
 
 // AddListener serves ln too, delivering within scope, until the returned
 // function closes it (connections being relayed go on) or the server closes.
 func (s *Server) AddListener(ctx context.Context, ln *net.TCPListener, scope Scope) (stop func()) {
-	s.mu.Lock()
-	if s.closed.Load() {
-		s.mu.Unlock()
+	done, ok := s.startLoop(ln)
+	if !ok {
 		ln.Close()
 		return func() {}
 	}
-	s.lns[ln] = struct{}{}
+	s.mu.Lock()
+	s.lns[ln] = done
 	s.mu.Unlock()
-	go s.serveListener(ctx, ln, scope)
+	go s.serveListener(ctx, ln, scope, done)
 	return func() {
 		s.mu.Lock()
 		delete(s.lns, ln)
 		s.mu.Unlock()
 		ln.Close()
 	}
+}
+
+// startLoop registers the accept loop of ln, unless the server is closed.
+func (s *Server) startLoop(ln *net.TCPListener) (done chan struct{}, ok bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil, false
+	}
+	done = make(chan struct{})
+	s.served[ln] = done
+	s.loops.Add(1)
+	return done, true
+}
+
+// listeners returns every listener with its loop's end.
+func (s *Server) listeners() map[*net.TCPListener]chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return maps.Clone(s.served)
 }
 
 // closeListeners closes every listener (no new tunnel connections).
@@ -198,11 +246,28 @@ func (s *Server) closeListeners() error {
 	return err
 }
 
-func (s *Server) serveListener(ctx context.Context, ln *net.TCPListener, scope Scope) error {
+func (s *Server) serveListener(ctx context.Context, ln *net.TCPListener, scope Scope, done chan struct{}) error {
+	defer s.loops.Done()
+	defer close(done)
+	defer func() {
+		s.mu.Lock()
+		delete(s.served, ln)
+		s.mu.Unlock()
+	}()
 	for {
+		if s.testHookAccept != nil {
+			s.testHookAccept()
+		}
 		c, err := ln.AcceptTCP()
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			if errors.Is(err, os.ErrDeadlineExceeded) && s.draining.Load() {
+				// Shutdown: take what the kernel queued, then stop.
+				for _, c := range acceptQueued(ln) {
+					s.admit(ctx, c, scope)
+				}
 				return nil
 			}
 			// EMFILE and friends: back off instead of spinning.
@@ -210,31 +275,85 @@ func (s *Server) serveListener(ctx context.Context, ln *net.TCPListener, scope S
 			time.Sleep(50 * time.Millisecond)
 			continue
 		}
-		raw := &rawConn{TCPConn: c}
-		src := c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr()
-		p, ok := s.handshakes.admit(src, time.Now(), func() {
-			raw.SetLinger(0)
-			raw.TCPConn.Close()
-		})
-		if !ok {
-			// Refusing must stay cheaper than serving: no handshake, a reset.
-			s.o.Stats.Count(ReasonTooManyHandshakes)
-			s.errLog.warn().Str("peer", c.RemoteAddr().String()).Str("reason", ReasonTooManyHandshakes.String()).
-				Int("max_handshakes", s.o.MaxHandshakes).Int("max_handshakes_per_source", s.o.MaxHandshakesPerSource).
-				Msg("tunnel connection reset: too many connections in their handshake")
-			raw.SetLinger(0)
-			c.Close()
-			continue
-		}
-		s.start(raw, func() { s.serve(ctx, raw, scope, p) })
+		s.admit(ctx, c, scope)
 	}
 }
 
-func (s *Server) start(raw *rawConn, fn func()) {
+// acceptQueued accepts the connections in ln's queue without waiting:
+// those whose handshake the kernel completed before the listener closes,
+// which closing it would reset.
+func acceptQueued(ln *net.TCPListener) []*net.TCPConn {
+	sc, err := ln.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	var fds []int
+	sc.Control(func(fd uintptr) {
+		for {
+			nfd, _, err := unix.Accept4(int(fd), unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC)
+			if err == unix.EINTR || err == unix.ECONNABORTED {
+				continue
+			}
+			if err != nil {
+				return
+			}
+			fds = append(fds, nfd)
+		}
+	})
+	var conns []*net.TCPConn
+	for _, fd := range fds {
+		f := os.NewFile(uintptr(fd), "tunnel")
+		c, err := net.FileConn(f)
+		f.Close()
+		if err != nil {
+			continue
+		}
+		if tc, ok := c.(*net.TCPConn); ok {
+			conns = append(conns, tc)
+		} else {
+			c.Close()
+		}
+	}
+	return conns
+}
+
+// admit puts a new connection under the handshake budget and serves it.
+func (s *Server) admit(ctx context.Context, c *net.TCPConn, scope Scope) {
+	raw := &rawConn{TCPConn: c}
+	src := c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr()
+	p, ok := s.handshakes.admit(src, time.Now(), func() {
+		raw.SetLinger(0)
+		raw.TCPConn.Close()
+	})
+	if !ok {
+		// Refusing must stay cheaper than serving: no handshake, a reset.
+		s.o.Stats.Count(ReasonTooManyHandshakes)
+		s.errLog.warn().Str("peer", c.RemoteAddr().String()).Str("reason", ReasonTooManyHandshakes.String()).
+			Int("max_handshakes", s.o.MaxHandshakes).Int("max_handshakes_per_source", s.o.MaxHandshakesPerSource).
+			Msg("tunnel connection reset: too many connections in their handshake")
+		raw.SetLinger(0)
+		c.Close()
+		return
+	}
+	if !s.start(raw, func() { s.serve(ctx, raw, scope, p) }) {
+		s.handshakes.done(p)
+	}
+}
+
+// start runs fn for raw in a goroutine of its own, unless the server is
+// closed (then it resets raw and reports false). The WaitGroup's Add and
+// Close's Wait are ordered by mu.
+func (s *Server) start(raw *rawConn, fn func()) bool {
 	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		raw.SetLinger(0)
+		raw.TCPConn.Close()
+		return false
+	}
 	s.conns[raw] = struct{}{}
-	s.mu.Unlock()
 	s.wg.Add(1)
+	s.mu.Unlock()
 	go func() {
 		defer s.wg.Done()
 		defer func() {
@@ -244,12 +363,45 @@ func (s *Server) start(raw *rawConn, fn func()) {
 		}()
 		fn()
 	}()
+	return true
 }
 
-// Shutdown stops accepting and waits for the connections being relayed to
-// end until ctx is done; then it closes the rest (see Close).
+// statusDelay bounds how long a v2 status waits for the local server's
+// first bytes to go with (a millisecond: a server that answers at once has
+// answered, and a client that waits for the status before it sends more
+// than earlyMax loses no more).
+const statusDelay = time.Millisecond
+
+// acceptGrace is how long Shutdown lets the accept loops run before it
+// takes what is queued and closes the listeners.
+const acceptGrace = 100 * time.Millisecond
+
+// Shutdown stops accepting: the connections peers already made (queued in
+// the listeners) are accepted and served, none is reset. Idle pooled
+// connections are retired (close_notify: their clients open new ones for
+// what comes next), and the tunnelled connections being relayed may end
+// until ctx is done; then it closes the rest (see Close).
 func (s *Server) Shutdown(ctx context.Context) error {
+	s.draining.Store(true)
+	s.wakeIdle()
+	lns := s.listeners()
+	for ln := range lns {
+		ln.SetDeadline(time.Now().Add(acceptGrace))
+	}
+	for _, done := range lns {
+		select {
+		case <-done:
+		case <-ctx.Done():
+		}
+	}
 	err := s.closeListeners()
+	// No accept loop runs any more: the connections started are all in wg.
+	loops := make(chan struct{})
+	go func() { s.loops.Wait(); close(loops) }()
+	select {
+	case <-loops:
+	case <-ctx.Done():
+	}
 	done := make(chan struct{})
 	go func() { s.wg.Wait(); close(done) }()
 	select {
@@ -265,19 +417,34 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	return err
 }
 
+// wakeIdle wakes the v2 connections waiting idle for their next header, so
+// that they see the server draining and retire.
+func (s *Server) wakeIdle() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for raw := range s.conns {
+		if raw.idle.Load() {
+			raw.SetReadDeadline(time.Now())
+		}
+	}
+}
+
 // Close stops accepting and resets every tunnel connection (their local
 // ends are reset by the relay in turn).
 func (s *Server) Close() error {
-	if s.closed.Swap(true) {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
 		return nil
 	}
-	err := s.closeListeners()
-	s.mu.Lock()
+	s.closed = true
 	for raw := range s.conns {
 		raw.SetLinger(0)
 		raw.TCPConn.Close()
 	}
 	s.mu.Unlock()
+	err := s.closeListeners()
+	s.loops.Wait()
 	s.wg.Wait()
 	return err
 }
@@ -289,62 +456,185 @@ type refusal struct {
 }
 
 // serve runs one tunnel connection: handshake and header (under the
-// handshake budget, p), then a place among max_connections, checks, status,
-// relay.
+// handshake budget, p), then its tunnelled connection (relay); in protocol
+// v2, the tunnelled connections that follow on it too.
 func (s *Server) serve(ctx context.Context, raw *rawConn, scope Scope, p *pending) {
-	conn, dst, ref := s.accept(ctx, raw)
+	l, dst, ref := s.accept(ctx, raw)
 	if s.handshakes.done(p) {
 		ref = &refusal{ReasonHandshakeEvicted, fmt.Errorf("still in its handshake after %s, when a new connection needed the place", staleAfter(s.o.HandshakeTimeout))}
 	}
-	if ref != nil {
-		s.refuse(raw, conn, dst, ref)
-		return
+	for {
+		if ref != nil {
+			s.refuse(raw, l, dst, ref)
+			return
+		}
+		if !s.relay(ctx, raw, l, dst, scope) {
+			return
+		}
+		var more bool
+		if dst, ref, more = s.next(raw, l); !more {
+			return
+		}
 	}
+}
+
+// relay delivers one tunnelled connection and relays it. It reports whether
+// the link may carry the next one: protocol v2, and this one ended cleanly.
+func (s *Server) relay(ctx context.Context, raw *rawConn, l *link, dst netip.AddrPort, scope Scope) bool {
 	select {
 	case s.slots <- struct{}{}:
 		defer func() { <-s.slots }()
 	default:
-		s.refuse(raw, conn, dst, &refusal{ReasonTooManyConnections, fmt.Errorf("%d connections open (tunnel.max_connections)", s.o.MaxConnections)})
-		return
+		s.refuse(raw, l, dst, &refusal{ReasonTooManyConnections, fmt.Errorf("%d connections open (tunnel.max_connections)", s.o.MaxConnections)})
+		return false
 	}
 	up, ref := s.deliver(ctx, dst, scope)
 	if ref != nil {
-		s.refuse(raw, conn, dst, ref)
-		return
-	}
-	if _, err := conn.Write(AppendStatus(make([]byte, 0, StatusSize), Status{OK: true})); err != nil {
-		up.SetLinger(0)
-		up.Close()
-		conn.Abort()
-		return
+		s.refuse(raw, l, dst, ref)
+		return false
 	}
 	raw.SetDeadline(time.Time{})
 	raw.established.Store(true)
+	status := appendStatus(make([]byte, 0, StatusSize), Status{OK: true}, l.version)
+	var ss *serverStream
+	var err error
+	if l.version == Version2 {
+		// The client sends without waiting for the status: it may wait
+		// (statusDelay at most) for the local server's first bytes or
+		// end, and cross the tunnel with them: one wake-up of the client's
+		// node instead of two.
+		ss = &serverStream{l: l, corked: true}
+		ss.local, _ = up.SyscallConn()
+		l.raw.startBatch()
+		_, err = l.tls.Write(status)
+		ss.flush.Store(time.AfterFunc(statusDelay, func() { l.raw.flushBatch() }))
+	} else {
+		_, err = l.Write(status)
+	}
+	if err != nil {
+		up.SetLinger(0)
+		up.Close()
+		l.Abort()
+		return false
+	}
 
 	st := &s.o.Stats.In
 	st.Connections.Add(1)
 	st.Active.Add(1)
-	res := proxy.RelayIdle(conn, proxy.TCP(up), s.o.IdleTimeout)
+	var res proxy.Result
+	reuse := false
+	if l.version == Version2 {
+		res = proxy.RelayIdle(ss, proxy.TCP(up), s.o.IdleTimeout)
+		ss.stopTimer()
+		reuse = res.Err == nil && ss.clean()
+		if !reuse && !ss.aborted {
+			l.Abort()
+		}
+	} else {
+		res = proxy.RelayIdle(l, proxy.TCP(up), s.o.IdleTimeout)
+	}
 	st.Active.Add(-1)
 	st.BytesRx.Add(uint64(res.AtoB))
 	st.BytesTx.Add(uint64(res.BtoA))
-	if errors.Is(res.Err, proxy.ErrIdle) {
+	var fe *frameError
+	switch {
+	case errors.Is(res.Err, proxy.ErrIdle):
 		s.o.Stats.Count(ReasonIdleTimeout)
 		s.errLog.warn().Str("peer", raw.RemoteAddr().String()).Str("dst", dst.String()).Str("reason", ReasonIdleTimeout.String()).
 			Dur("idle_timeout", s.o.IdleTimeout).Msg("tunnel connection reset: nothing moved for tunnel.idle_timeout")
+	case errors.As(res.Err, &fe):
+		s.o.Stats.Count(ReasonBadFrame)
+		s.errLog.warn().Str("peer", raw.RemoteAddr().String()).Str("dst", dst.String()).Str("reason", ReasonBadFrame.String()).
+			Err(res.Err).Msg("tunnel connection reset")
 	}
 	if e := s.log.Debug(); e.Enabled() {
-		if conn.tls != nil {
-			e = e.Str("peer_id", PeerID(conn.tls.ConnectionState()))
+		if l.tls != nil {
+			e = e.Str("peer_id", PeerID(l.tls.ConnectionState()))
 		}
-		e.Str("peer", raw.RemoteAddr().String()).Str("dst", dst.String()).Bool("resumed", conn.Resumed).
+		e.Str("peer", raw.RemoteAddr().String()).Str("dst", dst.String()).Bool("resumed", l.resumed).
 			Int64("rx", res.AtoB).Int64("tx", res.BtoA).AnErr("err", res.Err).Msg("tunnel connection done")
 	}
+	return reuse
+}
+
+// next waits on an idle v2 link for the header of its next tunnelled
+// connection. more is false when the link ends: the client closed it, it
+// idled for serverPoolIdle, or the server drains (then it retires the link
+// with close_notify, and the client sends what it had for it on a new
+// one). A link made with credentials or under a policy no longer in force
+// gets the refusal "retired" instead of a delivery.
+func (s *Server) next(raw *rawConn, l *link) (dst netip.AddrPort, ref *refusal, more bool) {
+	// The deadline before idle, idle before draining is checked: Shutdown
+	// sets draining, then wakes the idle ones (wakeIdle).
+	raw.SetReadDeadline(time.Now().Add(serverPoolIdle))
+	raw.idle.Store(true)
+	var h [HeaderSize]byte
+	n, err := 0, error(nil)
+	if !s.draining.Load() {
+		n, err = io.ReadFull(l, h[:])
+	}
+	raw.idle.Store(false)
+	var ne net.Error
+	switch {
+	case s.draining.Load() && (err == nil || errors.As(err, &ne) && ne.Timeout()):
+		l.Close()
+		return dst, nil, false
+	case n == 0 && errors.As(err, &ne) && ne.Timeout():
+		l.Close()
+		return dst, nil, false
+	case n == 0 && err != nil:
+		// The client closed the idle link (or reset it, or the server
+		// closes).
+		l.Close()
+		return dst, nil, false
+	case err != nil && errors.As(err, &ne) && ne.Timeout():
+		return dst, &refusal{ReasonHeaderTimeout, fmt.Errorf("%d of %d header bytes before the deadline", n, HeaderSize)}, true
+	case err != nil:
+		return dst, &refusal{ReasonTruncatedHeader, fmt.Errorf("%d of %d header bytes: %w", n, HeaderSize, err)}, true
+	}
+	raw.SetReadDeadline(time.Time{})
+	dst, err = parseHeader(h[:], l.version)
+	if err != nil {
+		var he *HeaderError
+		errors.As(err, &he)
+		return netip.AddrPort{}, &refusal{he.Reason, err}, true
+	}
+	if err := s.stale(raw, l); err != nil {
+		return dst, &refusal{ReasonRetired, err}, true
+	}
+	return dst, nil, true
+}
+
+// stale says why a v2 link may carry no more tunnelled connections, or nil:
+// this node's certificate files changed since its handshake, or its peer's
+// certificate no longer passes the identity policy in force (a reload that
+// dropped it from allow_identities), or expired.
+func (s *Server) stale(raw *rawConn, l *link) error {
+	creds := s.o.Credentials
+	if creds == nil {
+		return nil
+	}
+	if creds.current() != raw.set {
+		return errors.New("this node's certificate files changed since the connection's handshake")
+	}
+	if l.leaf == nil || time.Now().After(l.leaf.NotAfter) {
+		return errors.New("the peer's certificate expired")
+	}
+	if pol := creds.policy.Load(); pol != raw.policy {
+		if _, err := pol.check(l.leaf); err != nil {
+			return err
+		}
+		raw.policy = pol
+	}
+	if s.draining.Load() {
+		return errors.New("the server is draining")
+	}
+	return nil
 }
 
 // accept does the handshake and reads the header, both under the handshake
-// deadline. conn is nil if the handshake failed.
-func (s *Server) accept(ctx context.Context, raw *rawConn) (*Conn, netip.AddrPort, *refusal) {
+// deadline. l is nil if the handshake failed.
+func (s *Server) accept(ctx context.Context, raw *rawConn) (*link, netip.AddrPort, *refusal) {
 	deadline := time.Now().Add(s.o.HandshakeTimeout)
 	raw.SetDeadline(deadline)
 	var tc *tls.Conn
@@ -358,24 +648,30 @@ func (s *Server) accept(ctx context.Context, raw *rawConn) (*Conn, netip.AddrPor
 		if err != nil {
 			return nil, netip.AddrPort{}, &refusal{handshakeReason(err), err}
 		}
+		raw.policy = s.o.Credentials.policy.Load()
 	}
-	conn := newConn(raw, tc)
-	dst, ref := readHeader(conn)
-	return conn, dst, ref
+	l := newLink(raw, tc)
+	dst, ref := readHeader(l)
+	return l, dst, ref
 }
 
-// readHeader reads exactly one header. The client sends nothing else before
-// the status, so with TLS the header is a record of its own: a first read
-// that returns more than a header is an oversized header.
-func readHeader(conn *Conn) (netip.AddrPort, *refusal) {
+// readHeader reads exactly one header. In v1 the client sends nothing else
+// before the status, so with TLS the header is a record of its own: a
+// first read that returns more than a header is an oversized header. In v2
+// what follows the header stays unread until the destination is connected.
+func readHeader(l *link) (netip.AddrPort, *refusal) {
 	var buf [HeaderSize + 1]byte
-	n, err := conn.Read(buf[:])
+	p := buf[:]
+	if l.version == Version2 {
+		p = buf[:HeaderSize]
+	}
+	n, err := l.Read(p)
 	if n > HeaderSize {
 		return netip.AddrPort{}, &refusal{ReasonOversizedHeader, fmt.Errorf("more than %d bytes before the status", HeaderSize)}
 	}
 	if err == nil && n < HeaderSize {
 		var m int
-		m, err = io.ReadFull(conn, buf[n:HeaderSize])
+		m, err = io.ReadFull(l, buf[n:HeaderSize])
 		n += m
 	}
 	if err != nil {
@@ -385,7 +681,7 @@ func readHeader(conn *Conn) (netip.AddrPort, *refusal) {
 		}
 		return netip.AddrPort{}, &refusal{ReasonTruncatedHeader, fmt.Errorf("%d of %d header bytes: %w", n, HeaderSize, err)}
 	}
-	dst, err := ParseHeader(buf[:HeaderSize])
+	dst, err := parseHeader(buf[:HeaderSize], l.version)
 	if err != nil {
 		var he *HeaderError
 		errors.As(err, &he)
@@ -415,8 +711,7 @@ func (s *Server) deliver(ctx context.Context, dst netip.AddrPort, scope Scope) (
 	defer cancel()
 	dial := scope.Dial
 	if dial == nil {
-		var d net.Dialer
-		dial = d.DialContext
+		dial = proxy.LocalDialer().DialContext
 	}
 	c, err := dial(dctx, "tcp", dst.String())
 	if err != nil {
@@ -433,7 +728,7 @@ func (s *Server) deliver(ctx context.Context, dst netip.AddrPort, scope Scope) (
 // refuse counts and logs a refusal and ends the connection: with a status
 // when the header was read (the peer then resets its app's connection), by
 // closing it otherwise.
-func (s *Server) refuse(raw *rawConn, conn *Conn, dst netip.AddrPort, ref *refusal) {
+func (s *Server) refuse(raw *rawConn, conn *link, dst netip.AddrPort, ref *refusal) {
 	s.o.Stats.Count(ref.reason)
 	ev := s.errLog.warn()
 	if ev != nil {
@@ -453,7 +748,7 @@ func (s *Server) refuse(raw *rawConn, conn *Conn, dst netip.AddrPort, ref *refus
 	if ref.reason < ReasonNotTLS {
 		// A status, then close_notify and FIN: the client reads the
 		// reason, not a reset.
-		conn.Write(AppendStatus(make([]byte, 0, StatusSize), Status{Reason: ref.reason}))
+		conn.Write(appendStatus(make([]byte, 0, StatusSize), Status{Reason: ref.reason}, conn.version))
 		conn.Close()
 		return
 	}

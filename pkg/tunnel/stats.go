@@ -20,7 +20,7 @@ const (
 
 	// Answered in a status (wire codes).
 	ReasonBadMagic           Reason = 1 // header does not start with "SMSH"
-	ReasonUnsupportedVersion Reason = 2 // header version is not 1
+	ReasonUnsupportedVersion Reason = 2 // header version is not the connection's protocol version
 	ReasonBadHeader          Reason = 3 // bad family, padding, port 0, non-unicast address
 	ReasonOversizedHeader    Reason = 4 // more than a header before the status
 	ReasonNotLocal           Reason = 5 // destination is not an address of the server's node: a relay attempt
@@ -33,6 +33,11 @@ const (
 	// wants to reach services bound to localhost sends one. A peer older
 	// than this code still reads a refusal, named "reason_10".
 	ReasonLoopback Reason = 10
+	// Protocol v2 only: the server will not use this pooled connection
+	// any more (its certificate files or identity policy changed since
+	// the handshake, or it is draining). Nothing was delivered: the client
+	// opens a new connection and sends the header and early data again.
+	ReasonRetired Reason = 11
 
 	// Counted and logged only: the connection ends before a status can be
 	// sent, or the failure is on the client's side.
@@ -49,6 +54,7 @@ const (
 	ReasonTooManyHandshakes    Reason = 74 // max_handshakes(_per_source) reached, none stale: reset at once
 	ReasonHandshakeEvicted     Reason = 75 // a stale handshake reset to make room for a new connection
 	ReasonIdleTimeout          Reason = 76 // a tunnelled connection moved nothing for [tunnel] idle_timeout
+	ReasonBadFrame             Reason = 77 // v2: a frame that breaks the protocol's rules (the connection is reset)
 	ReasonPeerUnreachable      Reason = 80 // client: the peer's tunnel port did not answer
 	ReasonPeerHandshake        Reason = 81 // client: TLS handshake with the peer failed
 	ReasonPeerRefused          Reason = 82 // client: the peer refused (its reason is logged)
@@ -74,6 +80,7 @@ var reasonNames = map[Reason]string{
 	ReasonTooManyConnections:   "too_many_connections",
 	ReasonUnreachable:          "unreachable",
 	ReasonLoopback:             "loopback",
+	ReasonRetired:              "retired",
 	ReasonNotTLS:               "not_tls",
 	ReasonTLSHandshake:         "tls_handshake",
 	ReasonHandshakeTimeout:     "handshake_timeout",
@@ -87,6 +94,7 @@ var reasonNames = map[Reason]string{
 	ReasonTooManyHandshakes:    "too_many_handshakes",
 	ReasonHandshakeEvicted:     "handshake_evicted",
 	ReasonIdleTimeout:          "idle_timeout",
+	ReasonBadFrame:             "bad_frame",
 	ReasonPeerUnreachable:      "peer_unreachable",
 	ReasonPeerHandshake:        "peer_handshake",
 	ReasonPeerRefused:          "peer_refused",

@@ -224,25 +224,29 @@ func (c *Credentials) NotAfter() time.Time { return c.cur.Load().cert.Leaf.NotAf
 func (c *Credentials) ServerConfig() *tls.Config {
 	return &tls.Config{
 		MinVersion: tls.VersionTLS13,
-		GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
-			return c.current().server, nil
+		GetConfigForClient: func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+			set := c.current()
+			if raw, ok := hello.Conn.(*rawConn); ok {
+				raw.set = set
+			}
+			return set.server, nil
 		},
 	}
 }
 
 // clientConfig is the TLS configuration for the next tunnel connection, to
-// the node of dst: a server dst is pinned to ([[tunnel.tls.peers]]) must
-// have one of the pinned identities.
-func (c *Credentials) clientConfig(dst netip.Addr) *tls.Config {
+// the node of dst, and the credentials it holds: a server dst is pinned to
+// ([[tunnel.tls.peers]]) must have one of the pinned identities.
+func (c *Credentials) clientConfig(dst netip.Addr) (*tls.Config, *credSet) {
 	set := c.current()
 	if _, ok := c.policy.Load().pinned(dst); !ok {
-		return set.client
+		return set.client, set
 	}
 	// The clone shares the session cache: a session resumed with another
 	// server is checked all the same (VerifyConnection runs on resumption).
 	cfg := set.client.Clone()
 	cfg.VerifyConnection = func(cs tls.ConnectionState) error { return c.verifyServer(set, cs, dst) }
-	return cfg
+	return cfg, set
 }
 
 // current returns the credentials in force, first reloading them if a
@@ -366,6 +370,9 @@ func (c *Credentials) newSet(stamps [3]fileStamp, cert tls.Certificate, pool *x5
 			_, err := c.policy.Load().check(cs.PeerCertificates[0])
 			return err
 		},
+		// Protocol v2 for clients that offer it; a client that offers
+		// no ALPN (an older node) speaks v1.
+		NextProtos:                  []string{ALPN2},
 		DynamicRecordSizingDisabled: true,
 	}
 	set.client = &tls.Config{
@@ -378,6 +385,7 @@ func (c *Credentials) newSet(stamps [3]fileStamp, cert tls.Certificate, pool *x5
 		InsecureSkipVerify:          true,
 		VerifyConnection:            func(cs tls.ConnectionState) error { return c.verifyServer(set, cs, netip.Addr{}) },
 		ClientSessionCache:          tls.NewLRUClientSessionCache(1024),
+		NextProtos:                  []string{ALPN2},
 		DynamicRecordSizingDisabled: true,
 	}
 	return set, nil

@@ -1,8 +1,11 @@
 // Package tunnel carries captured connections between the smeshd of two
-// nodes: a mutually authenticated TLS 1.3 connection to the destination
-// node's [tunnel] port per captured connection, opened with a fixed-size
-// header naming the original destination (wire protocol v1, header.go) and
-// answered with a status before any payload flows.
+// nodes over mutually authenticated TLS 1.3 connections to the destination
+// node's [tunnel] port. Each captured connection starts with a fixed-size
+// header naming the original destination and is answered with a status
+// (header.go). Protocol v2 keeps those TLS connections warm in a pool and
+// carries one captured connection after another on each, in frames, with
+// the first bytes sent along with the header; v1, which older nodes speak,
+// is one TLS connection per captured connection.
 //
 // The server delivers only to addresses of its own node and, when set, to
 // [tunnel] allow_ports, so the tunnel port is never an open relay. Every bad
@@ -158,9 +161,10 @@ func (t *Tunnel) Apply(p *Policy) (previous *Policy) {
 	return previous
 }
 
-// Close closes the server and its connections, and stops following the
-// Workload API.
+// Close closes the server and its connections and the client's idle
+// pooled ones, and stops following the Workload API.
 func (t *Tunnel) Close() error {
+	t.Client.Close()
 	err := t.Server.Close()
 	if t.Credentials != nil {
 		err = errors.Join(err, t.Credentials.Close())
@@ -180,8 +184,7 @@ func (t *Tunnel) Dialer() proxy.Dialer { return t.DialerIn(nil) }
 // smeshd's own namespace, the node's.
 func (t *Tunnel) DialerIn(local func(ctx context.Context, network, address string) (net.Conn, error)) proxy.Dialer {
 	if local == nil {
-		var d net.Dialer
-		local = d.DialContext
+		local = proxy.LocalDialer().DialContext
 	}
 	return routeDialer{t, local}
 }
@@ -199,7 +202,29 @@ func (r routeDialer) DialContext(ctx context.Context, network, address string) (
 	if r.t.Node.Contains(dst.Addr()) {
 		return r.local(ctx, network, address)
 	}
-	return r.t.Client.DialContext(ctx, network, address)
+	// No round trip before the first byte: the relay sends at once, and
+	// a refusal reaches the app as a reset all the same.
+	return r.t.Client.Open(ctx, network, address)
+}
+
+// DialEarly is DialContext with the connection's first bytes: through the
+// tunnel they go with the header.
+func (r routeDialer) DialEarly(ctx context.Context, network, address string, first []byte) (net.Conn, error) {
+	dst, err := netip.ParseAddrPort(address)
+	if err != nil {
+		return nil, err
+	}
+	if !r.t.Node.Contains(dst.Addr()) {
+		return r.t.Client.OpenEarly(ctx, network, address, first)
+	}
+	c, err := r.local(ctx, network, address)
+	if err == nil && len(first) > 0 {
+		if _, err = c.Write(first); err != nil {
+			c.Close()
+			return nil, err
+		}
+	}
+	return c, err
 }
 
 // LocalAddrs is the set of this node's addresses, kept current by the

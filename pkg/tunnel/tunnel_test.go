@@ -18,6 +18,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -161,8 +162,9 @@ func testLogger(t testing.TB) zerolog.Logger {
 //	'R' read one more byte, then reset
 //	'H' hold: read until EOF or error, report it
 type backend struct {
-	ln      *net.TCPListener
-	results chan error
+	ln       *net.TCPListener
+	results  chan error
+	accepted atomic.Int64 // connections the backend accepted
 }
 
 func newBackend(t testing.TB) *backend {
@@ -179,6 +181,7 @@ func newBackend(t testing.TB) *backend {
 			if err != nil {
 				return
 			}
+			b.accepted.Add(1)
 			go b.serve(c)
 		}
 	}()
@@ -314,37 +317,46 @@ func (h *harness) waitCount(t testing.TB, r Reason, want uint64) {
 	}
 }
 
+// TestEchoAndResumption: in protocol v1 (one TLS connection per tunnelled
+// connection) the connections after the first resume a TLS session.
 func TestEchoAndResumption(t *testing.T) {
 	h := newHarness(t, nil)
-	c := h.client(t, "a")
+	c := h.newClient(t, ClientOptions{Credentials: h.pki.creds(t, "a"), ProtocolV1: true})
 	for i := range 3 {
 		conn := h.dial(t, c, 'E')
 		if conn.Resumed != (i > 0) {
 			t.Errorf("connection %d: resumed %v", i, conn.Resumed)
 		}
-		data := make([]byte, 3<<20+17)
-		rand.Read(data)
-		go func() {
-			conn.Write(data)
-			conn.CloseWrite()
-		}()
-		got, err := io.ReadAll(conn)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if !bytes.Equal(got, data) {
-			t.Fatalf("echo returned %d bytes that differ from the %d sent", len(got), len(data))
-		}
-		conn.Close()
+		echo(t, conn, 3<<20+17)
 	}
 	if n := h.stats.ServerHandshakes.Count(true, true); n != 2 {
 		t.Errorf("server resumed %d sessions, want 2", n)
 	}
 }
 
+// echo sends n random bytes through conn (an 'E' connection), half-closes,
+// checks that exactly they come back and closes conn.
+func echo(t testing.TB, conn net.Conn, n int) {
+	t.Helper()
+	data := make([]byte, n)
+	rand.Read(data)
+	go func() {
+		conn.Write(data)
+		conn.(*Conn).CloseWrite()
+	}()
+	got, err := io.ReadAll(conn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, data) {
+		t.Fatalf("echo returned %d bytes that differ from the %d sent", len(got), len(data))
+	}
+	conn.Close()
+}
+
 func TestNoResumption(t *testing.T) {
 	h := newHarness(t, nil)
-	c := h.newClient(t, ClientOptions{Credentials: h.pki.creds(t, "a"), DisableResumption: true})
+	c := h.newClient(t, ClientOptions{Credentials: h.pki.creds(t, "a"), DisableResumption: true, ProtocolV1: true})
 	for range 2 {
 		conn := h.dial(t, c, 'E')
 		if conn.Resumed {
@@ -858,31 +870,35 @@ func TestLocalAddrs(t *testing.T) {
 }
 
 // BenchmarkConnect measures new tunnel connections per second over loopback
-// (client, server and backend in this process): dial, TLS handshake, header
-// and status, a one-byte request and its echo, close. "resumed" is what
-// smeshd does (a session cache per peer); "full" turns resumption off.
+// (client, server and backend in this process): open, a one-byte request
+// and its echo, close. "pooled" is what smeshd does between nodes of this
+// version (protocol v2: a warm TLS connection, no handshake); "resumed" is
+// protocol v1 with a TLS session resumed per connection (what an older
+// peer gets); "full" turns resumption off too.
 //
 //	go test -run '^$' -bench Connect -benchtime 3s ./pkg/tunnel
 func BenchmarkConnect(b *testing.B) {
-	for _, mode := range []string{"resumed", "full"} {
+	for _, mode := range []string{"pooled", "resumed", "full"} {
 		b.Run(mode, func(b *testing.B) {
 			h := newHarness(b, nil)
 			c := h.newClient(b, ClientOptions{
 				Credentials:       h.pki.creds(b, "a"),
 				DisableResumption: mode == "full",
+				ProtocolV1:        mode != "pooled",
 			})
 			dst := h.dst()
 			var one [1]byte
 			b.ResetTimer()
 			for b.Loop() {
-				nc, err := c.DialContext(context.Background(), "tcp", dst)
+				nc, err := c.OpenEarly(context.Background(), "tcp", dst, []byte{'E', 1})
 				if err != nil {
 					b.Fatal(err)
 				}
-				if _, err := nc.Write([]byte{'E', 1}); err != nil {
+				if _, err := io.ReadFull(nc, one[:]); err != nil {
 					b.Fatal(err)
 				}
-				if _, err := io.ReadFull(nc, one[:]); err != nil {
+				nc.(*Conn).CloseWrite()
+				if _, err := io.ReadAll(nc); err != nil {
 					b.Fatal(err)
 				}
 				nc.Close()
@@ -890,6 +906,9 @@ func BenchmarkConnect(b *testing.B) {
 			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "conn/s")
 			if mode == "resumed" && h.stats.ServerHandshakes.Count(true, true) == 0 {
 				b.Error("no session was resumed")
+			}
+			if mode == "pooled" && h.handshakes() > 2 {
+				b.Errorf("%d handshakes", h.handshakes())
 			}
 		})
 	}

@@ -1,0 +1,133 @@
+package e2e
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/smesh-dev/smesh/pkg/testenv"
+)
+
+// handshakes is how many TLS handshakes a node's smeshd completed as the
+// tunnel's server.
+func handshakes(t *testing.T, n *node) float64 {
+	t.Helper()
+	_, text := n.admin("/metrics")
+	var total float64
+	for _, resumed := range []string{"true", "false"} {
+		total += metric(t, text, "smesh_tls_handshakes_total", map[string]string{"role": "server", "result": "ok", "resumed": resumed})
+	}
+	return total
+}
+
+// TestTunnelShortBesideBulk: 2,000 short connections between two nodes,
+// each one's bytes checked, while one bulk transfer runs between the same
+// two nodes: neither starves the other, and the short connections ride TLS
+// connections the tunnel keeps warm instead of a handshake each.
+func TestTunnelShortBesideBulk(t *testing.T) {
+	a, b, _, addrB := meshPair(t, "splice", "", "")
+	addr := netip.AddrPortFrom(addrB, 9000).String()
+	b.server(b.enrolled, addr)
+	before := handshakes(t, b)
+	// 2 GiB, checked by the server: long enough to run beside all the
+	// short connections on a busy machine (its end is waited for, its
+	// length decides nothing).
+	bulk := testenv.StartHelper(t, a.enrolled, a.ns.Name, "client", "oneway", addr, fmt.Sprint(2<<30))
+	const workers, each = 4, 500
+	shorts := make([]*testenv.Helper, workers)
+	for i := range shorts {
+		shorts[i] = testenv.StartHelper(t, a.enrolled, a.ns.Name, "client", "short", addr, fmt.Sprint(each))
+	}
+	for i, h := range shorts {
+		if err := h.Wait(); err != nil {
+			t.Fatalf("short connections %d: %v\n%s", i, err, h.Stderr())
+		}
+	}
+	bulkRunning := true
+	select {
+	case <-bulk.Exited():
+		bulkRunning = false
+	default:
+	}
+	if err := bulk.Wait(); err != nil {
+		t.Fatalf("bulk transfer beside the short connections: %v\n%s", err, bulk.Stderr())
+	}
+	if !bulkRunning {
+		t.Log("the bulk transfer ended before the short connections did")
+	}
+	if n := handshakes(t, b) - before; n > 4*workers+4 {
+		t.Errorf("%v TLS handshakes for %d short connections from %d clients: the tunnel did not keep its connections warm", n, workers*each, workers)
+	}
+}
+
+// TestTunnelPeerRestart: the receiving node's smeshd restarts while a
+// connection crosses the tunnel and others idle in the sending node's pool.
+// Stopped with SIGTERM it drains the crossing connection; killed, that
+// connection is reset. Either way every connection opened afterwards gets
+// through: the pooled TLS connections to the old smeshd are not used.
+func TestTunnelPeerRestart(t *testing.T) {
+	for _, kill := range []bool{false, true} {
+		t.Run(fmt.Sprintf("kill=%v", kill), func(t *testing.T) {
+			a, b, _, addrB := meshPair(t, "splice", "", "")
+			addr := netip.AddrPortFrom(addrB, 9000).String()
+			b.server(b.enrolled, addr)
+			// Warm connections in a's pool.
+			a.client(a.enrolled, "concurrent", addr, "10000")
+			long := testenv.StartHelper(t, a.enrolled, a.ns.Name, "client", "paced", addr, "100")
+			if line, err := long.ReadLine(5 * time.Second); err != nil || line != "connected" {
+				t.Fatalf("long-lived client: %q %v %s", line, err, long.Stderr())
+			}
+			time.Sleep(100 * time.Millisecond)
+			if kill {
+				b.smeshd.Stop()
+			} else {
+				b.stop()
+			}
+			err := long.Wait()
+			if kill && err == nil {
+				t.Error("a connection crossing the tunnel when the peer's smeshd was killed ended cleanly")
+			}
+			if !kill && err != nil {
+				t.Errorf("a connection crossing the tunnel while the peer's smeshd drained: %v\n%s", err, long.Stderr())
+			}
+			b.start("splice", "")
+			a.client(a.enrolled, "short", addr, "200")
+			a.client(a.enrolled, "concurrent", addr, "100000")
+		})
+	}
+}
+
+// TestTunnelRevokedPooled: a node dropped from the receiving node's
+// allow_identities by a reload gets no connection delivered, pooled TLS
+// connection or not; put back, it does again.
+func TestTunnelRevokedPooled(t *testing.T) {
+	a, b, _, addrB := meshPair(t, "splice", "", "")
+	addr := netip.AddrPortFrom(addrB, 9000).String()
+	b.server(b.enrolled, addr)
+	a.client(a.enrolled, "concurrent", addr, "10000")
+	running := b.confPath
+	allow := func(ids ...string) string {
+		list := ""
+		for i, id := range ids {
+			if i > 0 {
+				list += ", "
+			}
+			list += fmt.Sprintf("%q", id)
+		}
+		path := b.writeConfig("splice", b.tlsConf("allow_identities = ["+list+"]"))
+		b.confPath = running
+		data, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(data)
+	}
+	b.reload(allow(b.id()))
+	// The captured connection is accepted on a's node and then reset: the
+	// tunnel delivers nothing.
+	a.client(a.enrolled, "idle", addr)
+	b.reload(allow(b.id(), a.id()))
+	a.client(a.enrolled, "short", addr, "50")
+}

@@ -1,0 +1,425 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Conn is a tunnelled connection opened by a Client: a proxy.Conn for the
+// relay. Half-close reaches the far end as an end of stream, a reset
+// (Abort) as a reset.
+//
+// In protocol v1 it is one TLS connection of its own, past header and
+// status. In v2 it rides a pooled link; it may send before the peer's
+// status came (the first Read waits for it), so a refusal shows as the
+// error of a Read or Write, never as an end of stream.
+type Conn struct {
+	net.Conn // the first link's, for addresses
+	// Resumed: the TLS handshake of the connection it rides resumed an
+	// earlier session (a reused v2 link keeps its first handshake's).
+	Resumed bool
+	// Reused: it rides a link that carried another connection before.
+	Reused bool
+
+	raw *rawConn // the first link's TCP connection (tests)
+	v1  *link    // protocol v1: the link, past header and status
+
+	// v2 only.
+	c   *Client
+	dst netip.AddrPort
+	hdr []byte
+
+	rmu      sync.Mutex // who reads the status
+	mu       sync.Mutex
+	l        *link       // under mu while the status is pending
+	state    streamState // under mu
+	err      error       // why it failed, under mu
+	early    []byte      // sent before the status: sent again on a retry
+	earlyFin bool
+	retried  bool
+	finSent  bool
+	finRead  bool // by the reading goroutine only
+	closed   bool
+}
+
+type streamState int
+
+const (
+	streamPending streamState = iota
+	streamOK
+	streamFailed
+)
+
+// earlyMax bounds what a v2 connection sends before the peer's status (one
+// relay read): more waits for the status. Kept for a retry, so bounded.
+const earlyMax = 64 << 10
+
+// errAborted is the error of a connection this side reset.
+var errAborted = errors.New("tunnel connection reset")
+
+func (c *Conn) Read(p []byte) (int, error) {
+	if c.v1 != nil {
+		return c.v1.Read(p)
+	}
+	if c.finRead {
+		return 0, io.EOF
+	}
+	c.mu.Lock()
+	state, l := c.state, c.l
+	c.mu.Unlock()
+	if state != streamOK {
+		var err error
+		if l, err = c.awaitStatus(); err != nil {
+			return 0, err
+		}
+	}
+	for {
+		n, fin, err := l.readData(p)
+		if fin {
+			c.finRead = true
+			return 0, io.EOF
+		}
+		if n > 0 || err != nil || len(p) == 0 {
+			return n, err
+		}
+	}
+}
+
+func (c *Conn) Write(p []byte) (int, error) {
+	if c.v1 != nil {
+		return c.v1.Write(p)
+	}
+	for {
+		c.mu.Lock()
+		switch c.state {
+		case streamFailed:
+			err := c.err
+			c.mu.Unlock()
+			return 0, err
+		case streamOK:
+			l := c.l
+			c.mu.Unlock()
+			return l.writeData(p)
+		}
+		if len(c.early)+len(p) > earlyMax {
+			// No more before the peer's answer: read it here if no
+			// Read does (a writer that reads only at the end).
+			c.mu.Unlock()
+			if _, err := c.awaitStatus(); err != nil {
+				return 0, err
+			}
+			continue
+		}
+		c.early = append(c.early, p...)
+		// An error here shows in the status (and a retry sends again).
+		c.l.writeData(p)
+		c.mu.Unlock()
+		return len(p), nil
+	}
+}
+
+// CloseWrite ends this direction: the far end reads an end of stream.
+func (c *Conn) CloseWrite() error {
+	if c.v1 != nil {
+		return c.v1.CloseWrite()
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	switch {
+	case c.state == streamFailed:
+		return c.err
+	case c.finSent:
+		return nil
+	}
+	c.finSent = true
+	if c.state == streamPending {
+		c.earlyFin = true
+		c.l.writeFin()
+		return nil
+	}
+	return c.l.writeFin()
+}
+
+// Abort resets the connection: the far end sees an error, not an end of
+// stream. The link it rode is reset with it.
+func (c *Conn) Abort() {
+	if c.v1 != nil {
+		c.v1.Abort()
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.resolve(streamFailed, errAborted)
+	c.closed = true
+	c.l.Abort()
+}
+
+// Close ends the connection. A v2 connection that ended cleanly, both
+// directions, gives its link back to the pool; any other is closed like a
+// v1 connection (an end of stream for the far end, if not sent yet).
+func (c *Conn) Close() error {
+	if c.v1 != nil {
+		return c.v1.Close()
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return nil
+	}
+	c.closed = true
+	if c.state == streamOK && c.finSent && c.finRead && c.l.rem == 0 {
+		c.c.pool.put(c.l)
+		return nil
+	}
+	if c.state != streamFailed && !c.finSent {
+		c.l.writeFin()
+	}
+	c.resolve(streamFailed, net.ErrClosed)
+	return c.l.Close()
+}
+
+// SetReadDeadline lets the relay's idle timeout wake a waiting Read.
+func (c *Conn) SetReadDeadline(t time.Time) error {
+	if c.v1 != nil {
+		return c.v1.SetReadDeadline(t)
+	}
+	c.mu.Lock()
+	l := c.l
+	c.mu.Unlock()
+	return l.raw.SetReadDeadline(t)
+}
+
+// resolve leaves the pending state (under mu); later calls change nothing.
+func (c *Conn) resolve(s streamState, err error) {
+	if c.state != streamPending {
+		return
+	}
+	c.state, c.err = s, err
+	c.early = nil
+}
+
+// awaitStatus reads the peer's status (by Read, or by a Write that may send
+// no more before it; rmu lets one at a time read it). A peer
+// that says the connection was not delivered (it retired the link: a
+// close_notify where the status belongs, or the refusal "retired") gets
+// it again once, on a new link.
+func (c *Conn) awaitStatus() (*link, error) {
+	c.rmu.Lock()
+	defer c.rmu.Unlock()
+	for {
+		c.mu.Lock()
+		l, state, err := c.l, c.state, c.err
+		c.mu.Unlock()
+		switch state {
+		case streamOK:
+			return l, nil
+		case streamFailed:
+			return nil, err
+		}
+		var st [StatusSize]byte
+		l.raw.SetReadDeadline(time.Now().Add(c.c.timeout))
+		n, err := io.ReadFull(l, st[:])
+		l.raw.SetReadDeadline(time.Time{})
+		var status Status
+		if err == nil {
+			status, err = parseStatus(st[:], Version2)
+		}
+		retire := n == 0 && err == io.EOF || err == nil && !status.OK && status.Reason == ReasonRetired
+		if retire && !c.retried {
+			c.retried = true
+			if err := c.again(l); err != nil {
+				return nil, err
+			}
+			continue
+		}
+		var reason Reason
+		switch {
+		case err != nil && isAlert(err):
+			reason, err = ReasonPeerRefusedHandshake, refusedHandshake(l.peer, err)
+		case err != nil:
+			reason, err = ReasonPeerProtocol, fmt.Errorf("reading tunnel status from %s: %w", l.peer, err)
+		case !status.OK:
+			reason, err = ReasonPeerRefused, &RefusedError{Peer: l.peer, Dst: c.dst, Reason: status.Reason}
+		}
+		c.mu.Lock()
+		if err == nil {
+			c.resolve(streamOK, nil)
+		} else {
+			c.resolve(streamFailed, err)
+		}
+		err = c.err
+		c.mu.Unlock()
+		if err != nil {
+			l.Abort()
+			if !errors.Is(err, errAborted) && !errors.Is(err, net.ErrClosed) {
+				c.c.failed(c.dst, reason, err)
+			}
+			return nil, err
+		}
+		c.c.stats.Out.Connections.Add(1)
+		return l, nil
+	}
+}
+
+// again sends the header, and what was sent early, on a new link.
+func (c *Conn) again(old *link) error {
+	old.Close()
+	// The peer retires links for a reason that holds for its other
+	// links too (new credentials or policy, or it is draining).
+	c.c.pool.drop(old.peer)
+	l, reason, err := c.c.dialLink(context.Background(), c.dst)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err == nil && c.state == streamPending {
+		_, err = l.Write(c.hdr)
+		if err == nil && len(c.early) > 0 {
+			_, err = l.writeData(c.early)
+		}
+		if err == nil && c.earlyFin {
+			err = l.writeFin()
+		}
+		reason = ReasonPeerUnreachable
+	}
+	if c.state != streamPending {
+		err = c.err
+	}
+	if err != nil {
+		if l != nil {
+			l.Abort()
+		}
+		if c.state == streamPending {
+			c.c.failed(c.dst, reason, err)
+		}
+		c.resolve(streamFailed, err)
+		return c.err
+	}
+	c.l = l
+	c.Reused, c.Resumed = false, l.resumed
+	return nil
+}
+
+// serverStream is one tunnelled connection on a v2 link, server side. Its
+// writes wait in the link's batch while the local end has more to read at
+// once (corked): a local server's answer and its end of stream then cross
+// the tunnel in one send, and wake the client's node once.
+type serverStream struct {
+	l     *link
+	local syscall.RawConn // the local end, to look for more to read
+	// corked: a batch may be open on the link; flush sends it after at
+	// most statusDelay (the status's wait, see Server.relay).
+	corked  bool
+	flush   atomic.Pointer[time.Timer] // Abort may stop it from the other direction
+	finRead bool
+	finSent bool
+	aborted bool
+}
+
+func (s *serverStream) Read(p []byte) (int, error) {
+	if s.finRead {
+		return 0, io.EOF
+	}
+	for {
+		n, fin, err := s.l.readData(p)
+		if fin {
+			s.finRead = true
+			return 0, io.EOF
+		}
+		if n > 0 || err != nil || len(p) == 0 {
+			return n, err
+		}
+	}
+}
+
+func (s *serverStream) Write(p []byte) (int, error) {
+	written := 0
+	for len(p) > 0 {
+		chunk := p[:min(len(p), maxFrameData)]
+		p = p[len(chunk):]
+		if !s.corked {
+			s.l.raw.startBatch()
+		}
+		err := s.l.appendData(chunk)
+		s.corked = err == nil && len(p) == 0 && s.l.raw.batchLen() < maxFrameData && s.more()
+		if !s.corked {
+			s.stopTimer()
+			if ferr := s.l.raw.flushBatch(); err == nil {
+				err = ferr
+			}
+		}
+		if err != nil {
+			return written, err
+		}
+		written += len(chunk)
+	}
+	return written, nil
+}
+
+// more reports whether a read of the local end would return at once
+// (data, its end, or an error): the relay reads it next, without waiting.
+func (s *serverStream) more() bool {
+	if s.local == nil {
+		return false
+	}
+	ready := false
+	s.local.Read(func(fd uintptr) bool {
+		var b [1]byte
+		_, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		ready = err != unix.EAGAIN
+		return true
+	})
+	return ready
+}
+
+func (s *serverStream) CloseWrite() error {
+	if s.finSent {
+		return nil
+	}
+	s.finSent = true
+	if !s.corked {
+		s.l.raw.startBatch()
+	}
+	s.corked = false
+	h := s.l.wbuf[:frameHeaderSize]
+	putFrameHeader(h, frameFin, 0)
+	_, err := s.l.tls.Write(h)
+	s.stopTimer()
+	if ferr := s.l.raw.flushBatch(); err == nil {
+		err = ferr
+	}
+	return err
+}
+
+// Abort resets the link, after what waits in its batch (a status comes
+// before the reset).
+func (s *serverStream) Abort() {
+	s.aborted = true
+	s.stopTimer()
+	s.l.raw.flushBatch()
+	s.l.Abort()
+}
+
+// stopTimer stops the status's wait, once its batch is sent another way.
+func (s *serverStream) stopTimer() {
+	if t := s.flush.Swap(nil); t != nil {
+		t.Stop()
+	}
+}
+
+// Close leaves the link to the server's loop: it carries the next
+// tunnelled connection if this one ended cleanly (clean).
+func (s *serverStream) Close() error { return nil }
+
+func (s *serverStream) SetReadDeadline(t time.Time) error { return s.l.raw.SetReadDeadline(t) }
+
+// clean: both directions ended with 'F' and nothing was reset.
+func (s *serverStream) clean() bool { return s.finRead && s.finSent && !s.aborted && s.l.rem == 0 }
