@@ -125,7 +125,12 @@ func dialFrom(src, dst string) (*net.TCPConn, error) {
 }
 
 // pause is the "pause" helper: it waits until killed, like a pod's pause
-// container, so that a pod's namespace has a process in it.
+// container, so that a pod's namespace has a process in it. It sleeps
+// rather than blocking on nothing: a statically linked Go program (as in
+// make kernel-test's guest) with every goroutine blocked for good dies of
+// "all goroutines are asleep".
 func pause(args []string) int {
-	select {}
+	for {
+		time.Sleep(time.Hour)
+	}
 }

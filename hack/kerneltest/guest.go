@@ -45,7 +45,7 @@ var steps = []step{
 // hiddenApplets are busybox applets left out of the guest: busybox's ip has
 // no `ip netns`, so the tests that drive iproute2 must see no ip at all
 // (and are then listed as not run) rather than a different one.
-var hiddenApplets = map[string]bool{"busybox": true, "ip": true}
+var hiddenApplets = map[string]bool{"busybox": true, "ip": true, "setpriv": true}
 
 // modulesNeeded are the modules the tests load (veth pairs between nodes,
 // pod bridges), with their dependencies found from the modules themselves.
@@ -59,10 +59,15 @@ func buildGuest(ctx context.Context, g guestOptions, k *kernel, logf func(string
 	if err := os.RemoveAll(root); err != nil {
 		return "", err
 	}
-	for _, d := range []string{"bin", "dev", "proc", "sys", "tmp", "run", "root", "etc", "kerneltest", "lib/modules", "src"} {
+	for _, d := range []string{"bin", "dev", "proc", "sys", "tmp", "run", "root", "etc", "kerneltest", "lib/modules", "src", "var"} {
 		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
 			return "", err
 		}
+	}
+	// /var/run is /run, as on every Debian host (client-go reads a pod's
+	// service account from /var/run/secrets).
+	if err := os.Symlink("../run", filepath.Join(root, "var", "run")); err != nil {
+		return "", err
 	}
 
 	logf("building smeshd and %d test binaries (CGO_ENABLED=0)", len(steps))
