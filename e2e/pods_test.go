@@ -368,7 +368,8 @@ func TestPodChurn(t *testing.T) {
 	if line, err := traffic.ReadLine(5 * time.Second); err != nil || line != "connected" {
 		t.Fatalf("steady traffic did not start (%q, %v): %s", line, err, traffic.Stderr())
 	}
-	const churn = 100
+	// Fewer under emulation (make kernel-test), where each pod takes seconds.
+	churn := int(max(scaled(100), 10))
 	var pods []*testenv.Pod
 	for i := range churn {
 		p := n.pod()

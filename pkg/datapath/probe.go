@@ -258,7 +258,10 @@ var ErrBelowFloor = errors.New("smesh needs Linux 5.15 or later: every connectio
 // missing helper means for smesh.
 func explainLoadError(err error) error {
 	var ve *ebpf.VerifierError
-	if errors.As(err, &ve) && strings.Contains(strings.Join(ve.Log, "\n"), "bpf_get_netns_cookie") {
+	// What a kernel says of a helper its program type does not have:
+	// "unknown func bpf_get_netns_cookie#122". The name alone is not
+	// enough: every verifier log of these programs mentions the call.
+	if errors.As(err, &ve) && strings.Contains(strings.Join(ve.Log, "\n"), "unknown func bpf_get_netns_cookie") {
 		return fmt.Errorf("%w: %w", ErrBelowFloor, err)
 	}
 	return err
