@@ -291,7 +291,7 @@ var notInGuest = map[string]map[string]string{
 		"TestBenchShort": "a benchmark run; the data paths it measures are tested one by one in e2e",
 	},
 	"e2e": {
-		"TestTunnelBadInput": "the tunnel protocol's handling of bad input: userspace, and minutes of TLS handshakes under emulation",
+		"TestTunnelBadInput":    "the tunnel protocol's handling of bad input: userspace, and minutes of TLS handshakes under emulation",
 		"TestTunnelIdleTimeout": "the tunnel's idle timers: userspace, and 20 s of waiting under emulation",
 		"TestKubernetesLabels": "the pod informer against a fake API server: userspace; pods' cgroups are attached " +
 			"as static ones are (TestPod*), and it takes 30 s under emulation",
