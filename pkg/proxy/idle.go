@@ -46,6 +46,25 @@ func watch(c Conn, count *atomic.Int64, idle *activity) Conn {
 }
 
 func (w *watched) Read(p []byte) (int, error) {
+	return w.read(func() (int, error) { return w.Conn.Read(p) })
+}
+
+// ReadPooled is Read into a pooled buffer (see pooledReader).
+func (w *watched) ReadPooled() (*[]byte, int, error) {
+	inner := readPooled(w.Conn)
+	var bp *[]byte
+	n, err := w.read(func() (int, error) {
+		var n int
+		var err error
+		bp, n, err = inner()
+		return n, err
+	})
+	return bp, n, err
+}
+
+// read runs one read of the watched end (f), counting what it read and
+// enforcing the idle timeout.
+func (w *watched) read(f func() (int, error)) (int, error) {
 	for {
 		// Re-arming the deadline on every read would cost a timer update
 		// per read; an eighth of the timeout late is close enough, and a
@@ -56,7 +75,7 @@ func (w *watched) Read(p []byte) (int, error) {
 				w.armed = now
 			}
 		}
-		n, err := w.Conn.Read(p)
+		n, err := f()
 		if n > 0 {
 			w.count.Add(int64(n))
 			if w.idle != nil {

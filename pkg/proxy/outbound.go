@@ -260,11 +260,11 @@ func (o *Outbound) handle(ctx context.Context, c *net.TCPConn, r *relayed, diale
 	var early int64 // bytes handed to the dialer
 	var up net.Conn
 	if ed, ok := dialer.(EarlyDialer); ok {
-		bp := bufPool.Get().(*[]byte)
+		bp := getBuffer()
 		first := readReady(c, *bp)
 		up, err = ed.DialEarly(ctx, "tcp", dst.String(), first)
 		early = int64(len(first))
-		bufPool.Put(bp)
+		putBuffer(bp)
 	} else {
 		up, err = dialer.DialContext(ctx, "tcp", dst.String())
 	}

@@ -4,8 +4,12 @@ import (
 	"errors"
 	"io"
 	"net"
+	"os"
 	"sync"
+	"sync/atomic"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // bufSize is the relay's read size: large enough that bulk transfers cost few
@@ -14,6 +18,20 @@ import (
 const bufSize = 64 << 10
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, bufSize); return &b }}
+
+// buffersHeld counts the relay buffers taken and not given back: what
+// relayed connections hold (tests).
+var buffersHeld atomic.Int64
+
+func getBuffer() *[]byte {
+	buffersHeld.Add(1)
+	return bufPool.Get().(*[]byte)
+}
+
+func putBuffer(bp *[]byte) {
+	buffersHeld.Add(-1)
+	bufPool.Put(bp)
+}
 
 // Conn is one end of a relayed connection: a TCP connection (TCP) or a
 // tunnel connection.
@@ -41,6 +59,70 @@ func (t tcpConn) Close() error                { return t.c.Close() }
 
 // SetReadDeadline lets the idle timeout wake a waiting read.
 func (t tcpConn) SetReadDeadline(d time.Time) error { return t.c.SetReadDeadline(d) }
+
+// ReadPooled reads what the socket has into a relay buffer that it takes
+// from the pool only once the socket is readable, so that waiting for
+// bytes holds none; the caller gives it back (putBuffer). The end of the
+// stream is io.EOF. The read deadline applies.
+func (t tcpConn) ReadPooled() (*[]byte, int, error) {
+	rc, err := t.c.SyscallConn()
+	if err != nil {
+		return nil, 0, err
+	}
+	var bp *[]byte
+	var n int
+	var rerr error
+	err = rc.Read(func(fd uintptr) bool {
+		bp = getBuffer()
+		for {
+			n, rerr = unix.Read(int(fd), *bp)
+			if rerr != unix.EINTR {
+				break
+			}
+		}
+		if rerr == unix.EAGAIN {
+			putBuffer(bp)
+			bp = nil
+			return false // wait until readable, then again
+		}
+		return true
+	})
+	switch {
+	case err != nil: // the deadline, or closed while waiting
+		return nil, 0, err
+	case rerr != nil:
+		putBuffer(bp)
+		return nil, 0, &net.OpError{Op: "read", Net: "tcp", Source: t.c.LocalAddr(), Addr: t.c.RemoteAddr(), Err: os.NewSyscallError("read", rerr)}
+	case n == 0:
+		putBuffer(bp)
+		return nil, 0, io.EOF
+	}
+	return bp, n, nil
+}
+
+// pooledReader is a relay end that reads into pooled buffers it takes only
+// once there is something to read: an idle relayed connection then holds
+// no relay buffer (64 KiB a direction otherwise).
+type pooledReader interface {
+	ReadPooled() (*[]byte, int, error)
+}
+
+// readPooled is src's ReadPooled, or a Read into a pooled buffer that is
+// held while the Read waits.
+func readPooled(src Conn) func() (*[]byte, int, error) {
+	if pr, ok := src.(pooledReader); ok {
+		return pr.ReadPooled
+	}
+	return func() (*[]byte, int, error) {
+		bp := getBuffer()
+		n, err := src.Read(*bp)
+		if n == 0 {
+			putBuffer(bp)
+			return nil, 0, err
+		}
+		return bp, n, err
+	}
+}
 
 // Abort closes with SO_LINGER 0, which sends a reset.
 func (t tcpConn) Abort() {
@@ -88,21 +170,24 @@ func Relay(a, b Conn) Result {
 	return res
 }
 
-// pipe copies src to dst until src ends, then half-closes dst.
+// pipe copies src to dst until src ends, then half-closes dst. Each read
+// takes a pooled buffer, given back once written.
 func pipe(dst, src Conn, fail func(error)) int64 {
-	bp := bufPool.Get().(*[]byte)
-	defer bufPool.Put(bp)
-	buf := *bp
+	read := readPooled(src)
 	var n int64
 	for {
-		nr, rerr := src.Read(buf)
+		bp, nr, rerr := read()
 		if nr > 0 {
-			nw, werr := dst.Write(buf[:nr])
+			nw, werr := dst.Write((*bp)[:nr])
 			n += int64(nw)
 			if werr != nil {
+				putBuffer(bp)
 				fail(werr)
 				return n
 			}
+		}
+		if bp != nil {
+			putBuffer(bp)
 		}
 		if errors.Is(rerr, io.EOF) {
 			if err := dst.CloseWrite(); err != nil {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/rand"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"sync/atomic"
@@ -113,5 +114,47 @@ func TestRelayIdleTimeout(t *testing.T) {
 	app.SetReadDeadline(time.Now().Add(2 * time.Second))
 	if _, err := app.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
 		t.Errorf("app after the idle timeout: %v, want ECONNRESET", err)
+	}
+}
+
+// TestIdleRelayHoldsNoBuffer: relayed TCP connections that wait for bytes
+// hold no relay buffer (64 KiB a direction), so idle connections cost the
+// node little; bytes still cross both ways afterwards.
+func TestIdleRelayHoldsNoBuffer(t *testing.T) {
+	const n = 20
+	type conns struct{ app, server *net.TCPConn }
+	var all []conns
+	for range n {
+		app, server, _ := relayPair(t, time.Minute)
+		all = append(all, conns{app, server})
+	}
+	exchange := func(c conns, i int) {
+		t.Helper()
+		msg := []byte(fmt.Sprintf("hello %d", i))
+		got := make([]byte, len(msg))
+		for _, dir := range [][2]*net.TCPConn{{c.app, c.server}, {c.server, c.app}} {
+			if _, err := dir[0].Write(msg); err != nil {
+				t.Fatal(err)
+			}
+			dir[1].SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := io.ReadFull(dir[1], got); err != nil || !bytes.Equal(got, msg) {
+				t.Fatalf("connection %d: got %q (%v), want %q", i, got, err, msg)
+			}
+		}
+	}
+	for i, c := range all {
+		exchange(c, i)
+	}
+	// Each pipe gives its buffer back once its read drained the socket;
+	// it may still be writing when the other end already read.
+	deadline := time.Now().Add(5 * time.Second)
+	for buffersHeld.Load() != 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if held := buffersHeld.Load(); held != 0 {
+		t.Errorf("%d idle relayed connections hold %d relay buffers, want none", n, held)
+	}
+	for i, c := range all {
+		exchange(c, i)
 	}
 }

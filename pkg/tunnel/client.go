@@ -34,6 +34,7 @@ type Client struct {
 	errLog   *limitedLog
 	dialTCP  func(ctx context.Context, network, address string) (net.Conn, error)
 	pool     *pool
+	dials    *dialSlots
 	// noResume turns TLS session resumption off (for measuring it).
 	noResume bool
 	// v1Only: offer no protocol v2, as a node before it did.
@@ -90,6 +91,7 @@ func NewClient(o ClientOptions) *Client {
 		v1Only:   o.ProtocolV1 || o.Credentials == nil,
 		dialTCP:  o.Dial,
 		pool:     newPool(o.Credentials, poolMaxIdle, poolIdle),
+		dials:    newDialSlots(maxDialsPerPeer),
 	}
 }
 
@@ -164,18 +166,28 @@ func (c *Client) dial(ctx context.Context, dst netip.AddrPort, first []byte) (*C
 		return nil, ReasonBadHeader, err
 	}
 	peer := netip.AddrPortFrom(dst.Addr(), c.peerPort)
-	if !c.v1Only {
-		// A warm link first; one that fails at once was dead already
-		// (its peer went away while it idled): the next one.
-		for l := c.pool.take(peer, dst); l != nil; l = c.pool.take(peer, dst) {
-			if err := l.open(hdr, first); err != nil {
-				l.Abort()
-				continue
-			}
-			conn := c.stream(l, dst, hdr, first)
-			conn.Reused = true
-			return conn, ReasonNone, nil
+	if conn := c.warm(peer, dst, hdr, first); conn != nil {
+		return conn, ReasonNone, nil
+	}
+	// A new link: wait for a place among the handshakes under way to
+	// this peer (maxDialsPerPeer), then look for a warm one again.
+	waitCtx, stopWait := context.WithTimeout(ctx, c.timeout)
+	release, err := c.dials.acquire(waitCtx, peer.Addr())
+	stopWait()
+	if err != nil {
+		return nil, ReasonPeerUnreachable, fmt.Errorf("waiting %s to connect to tunnel peer %s behind %d handshakes under way to it: %w",
+			c.timeout, peer, c.dials.max, err)
+	}
+	// The place is given back once the peer has read the header: its
+	// handshake budget counts a connection until then.
+	handedOver := false
+	defer func() {
+		if !handedOver {
+			release()
 		}
+	}()
+	if conn := c.warm(peer, dst, hdr, first); conn != nil {
+		return conn, ReasonNone, nil
 	}
 	l, reason, err := c.dialLink(ctx, dst)
 	if err != nil {
@@ -193,7 +205,10 @@ func (c *Client) dial(ctx context.Context, dst netip.AddrPort, first []byte) (*C
 			}
 			return fail(ReasonPeerUnreachable, fmt.Errorf("sending tunnel header to %s: %w", peer, err))
 		}
-		return c.stream(l, dst, hdr, first), ReasonNone, nil
+		// With its status (or its end before one).
+		conn := c.stream(l, dst, hdr, first)
+		conn.release, handedOver = release, true
+		return conn, ReasonNone, nil
 	}
 	// A peer that speaks v1 only (an older smeshd, or no TLS).
 	if version != Version {
@@ -237,6 +252,25 @@ func (c *Client) dial(ctx context.Context, dst netip.AddrPort, first []byte) (*C
 		}
 	}
 	return &Conn{Conn: l.Conn, Resumed: l.resumed, raw: l.raw, v1: l}, ReasonNone, nil
+}
+
+// warm opens the tunnelled connection on a pooled link to peer, if one is
+// there (v2); a link that fails at once was dead already (its peer went
+// away while it idled): the next one.
+func (c *Client) warm(peer, dst netip.AddrPort, hdr, first []byte) *Conn {
+	if c.v1Only {
+		return nil
+	}
+	for l := c.pool.take(peer, dst); l != nil; l = c.pool.take(peer, dst) {
+		if err := l.open(hdr, first); err != nil {
+			l.Abort()
+			continue
+		}
+		conn := c.stream(l, dst, hdr, first)
+		conn.Reused = true
+		return conn
+	}
+	return nil
 }
 
 // stream makes the v2 tunnelled connection whose header (and first bytes)

@@ -667,3 +667,54 @@ func TestFrameHeader(t *testing.T) {
 		t.Errorf("data frame header % x", h)
 	}
 }
+
+// TestBurstWithinPeerBudget: a burst of new tunnelled connections to one
+// peer, many more than its max_handshakes_per_source, all get through:
+// the client keeps the handshakes under way to one peer below a bound of
+// its own (maxDialsPerPeer), and the others wait for a place instead of
+// being reset by the peer as a flood.
+func TestBurstWithinPeerBudget(t *testing.T) {
+	h := newHarness(t, func(o *ServerOptions) {
+		o.MaxHandshakes = 8
+		o.MaxHandshakesPerSource = 4
+	})
+	c := h.client(t, "a")
+	c.dials = newDialSlots(3)
+	const n = 60
+	conns := make(chan *Conn, n)
+	errs := make(chan error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			// Held open, so that each needs a TLS connection of its own.
+			nc, err := c.DialContext(context.Background(), "tcp", h.dst())
+			if err == nil {
+				_, err = nc.Write([]byte{'H'})
+				conns <- nc.(*Conn)
+			}
+			if err != nil {
+				errs <- fmt.Errorf("connection %d: %w", i, err)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	close(conns)
+	for err := range errs {
+		t.Error(err)
+	}
+	if got := h.stats.Errors(ReasonTooManyHandshakes); got != 0 {
+		t.Errorf("the server reset %d connections of the burst as too many handshakes", got)
+	}
+	if got := h.handshakes(); got != n {
+		t.Errorf("the server completed %d handshakes, want %d (one per held connection)", got, n)
+	}
+	if got := c.dials.underWay(nodeAddr); got != 0 {
+		t.Errorf("%d handshakes still counted under way after the burst", got)
+	}
+	for conn := range conns {
+		conn.Abort()
+	}
+}

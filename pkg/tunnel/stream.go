@@ -46,10 +46,14 @@ type Conn struct {
 	err      error       // why it failed, under mu
 	early    []byte      // sent before the status: sent again on a retry
 	earlyFin bool
-	retried  bool
-	finSent  bool
-	finRead  bool // by the reading goroutine only
-	closed   bool
+	// release gives back the place among the handshakes under way to the
+	// peer (dialSlots) of the link this connection opened, when it leaves
+	// the pending state; nil on a warm link.
+	release func()
+	retried bool
+	finSent bool
+	finRead bool // by the reading goroutine only
+	closed  bool
 }
 
 type streamState int
@@ -206,6 +210,10 @@ func (c *Conn) resolve(s streamState, err error) {
 	}
 	c.state, c.err = s, err
 	c.early = nil
+	if c.release != nil {
+		c.release()
+		c.release = nil
+	}
 }
 
 // awaitStatus reads the peer's status (by Read, or by a Write that may send
