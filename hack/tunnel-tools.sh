@@ -16,6 +16,11 @@ P=smesh-test-tt-$$
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  # What nsenter started outlives the subshell PIDS holds (stunnel4 in
+  # particular): stop every process of the two namespaces, by PID.
+  for n in a b; do
+    for p in $(ip netns pids "$P-$n" 2>/dev/null); do kill "$p" 2>/dev/null; done
+  done
   sleep 0.5
   for n in a b; do
     for c in mesh d; do
