@@ -104,6 +104,11 @@ func TestDaemonSetCapabilities(t *testing.T) {
 	testenv.RequirePrivileged(t)
 	setpriv := testenv.RequireCommand(t, "setpriv")
 	unshare := testenv.RequireCommand(t, "unshare")
+	// The data path's helper loads the bounded sk_msg program, the one
+	// that needs CAP_PERFMON.
+	if err := datapath.Missing(datapath.ProbeModes(), "bounded splice"); err != nil {
+		testenv.SkipOrFail(t, "this kernel cannot bound spliced queues (Linux %s): %v", datapath.KernelRelease(), err)
+	}
 	ds := find[*appsv1.DaemonSet](t, objects(t), "smeshd")
 	var caps []string
 	for _, c := range smeshdContainer(t, ds).SecurityContext.Capabilities.Add {

@@ -21,9 +21,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -487,7 +485,7 @@ func (c *container) remove() {
 		<-c.exited
 	}
 	if c.v1 != "" {
-		if err := removeV1(c.v1); err != nil {
+		if err := cgroups.RemoveTree(c.v1, 5*time.Second); err != nil {
 			t.Errorf("removing the container's name=systemd cgroup: %v", err)
 		}
 	}
@@ -496,33 +494,4 @@ func (c *container) remove() {
 	if err := os.RemoveAll(filepath.Join("/run/systemd/nspawn/propagate", c.name)); err != nil {
 		t.Errorf("removing nspawn's state: %v", err)
 	}
-}
-
-// removeV1 removes a name=systemd cgroup tree whose processes are gone.
-func removeV1(dir string) error {
-	var dirs []string
-	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		if d.IsDir() {
-			dirs = append(dirs, p)
-		}
-		return nil
-	})
-	if err != nil {
-		return err
-	}
-	for _, d := range slices.Backward(dirs) {
-		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-			err := unix.Rmdir(d)
-			if err == nil || errors.Is(err, unix.ENOENT) {
-				break
-			}
-			if !errors.Is(err, unix.EBUSY) || time.Now().After(deadline) {
-				return fmt.Errorf("rmdir %s: %w", d, err)
-			}
-		}
-	}
-	return nil
 }

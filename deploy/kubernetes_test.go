@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"net/netip"
 	"os"
@@ -193,7 +194,7 @@ func smeshConfig(t *testing.T, objs []runtime.Object) (config.Config, string) {
 	t.Helper()
 	cm := find[*corev1.ConfigMap](t, objs, "smesh-config")
 	if len(cm.Data) != 1 {
-		t.Fatalf("ConfigMap smesh-config has keys %v, want smesh.toml only", slices.Collect(mapKeys(cm.Data)))
+		t.Fatalf("ConfigMap smesh-config has keys %v, want smesh.toml only", slices.Collect(maps.Keys(cm.Data)))
 	}
 	doc, ok := cm.Data["smesh.toml"]
 	if !ok {
@@ -204,16 +205,6 @@ func smeshConfig(t *testing.T, objs []runtime.Object) (config.Config, string) {
 		t.Fatalf("the ConfigMap's smesh.toml: %v", err)
 	}
 	return cfg, "smesh.toml"
-}
-
-func mapKeys[V any](m map[string]V) func(func(string) bool) {
-	return func(yield func(string) bool) {
-		for k := range m {
-			if !yield(k) {
-				return
-			}
-		}
-	}
 }
 
 func smeshdContainer(t *testing.T, ds *appsv1.DaemonSet) corev1.Container {

@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 	"golang.org/x/sys/unix"
@@ -730,19 +729,11 @@ metrics:
 // queried from the host; a cgroup that does not exist has none.
 func (s *systemd) attached(inside string, typ ebpf.AttachType) int {
 	s.t.Helper()
-	f, err := os.Open(s.hostCgroup(inside))
-	if os.IsNotExist(err) {
+	path := s.hostCgroup(inside)
+	if _, err := os.Stat(path); os.IsNotExist(err) {
 		return 0
 	}
-	if err != nil {
-		s.t.Fatal(err)
-	}
-	defer f.Close()
-	res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: typ})
-	if err != nil {
-		s.t.Fatalf("querying %s programs of %s: %v", typ, inside, err)
-	}
-	return len(res.Programs)
+	return testenv.AttachedPrograms(s.t, path, typ)
 }
 
 func (s *systemd) waitFor(what string, cond func() bool) {

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/smesh-dev/smesh/pkg/testenv"
 )
 
 // TestEnrolledCgroupRemovedAndMadeAgain: an enrolled cgroup that is removed
@@ -49,7 +50,7 @@ func TestEnrolledCgroupRemovedAndMadeAgain(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor("/readyz 200 again", func() bool { code, _ := a.admin("/readyz"); return code == 200 })
-	if n := attached(t, a.enrolled, ebpf.AttachCGroupInet4Connect); n != 1 {
+	if n := testenv.AttachedPrograms(t, a.enrolled, ebpf.AttachCGroupInet4Connect); n != 1 {
 		t.Errorf("%d connect4 programs on the cgroup made again, want 1", n)
 	}
 	if !captured(a, a.enrolled, server) {

@@ -2,33 +2,16 @@ package e2e
 
 import (
 	"fmt"
-	"os"
 	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
 	"github.com/smesh-dev/smesh/pkg/datapath"
 	"github.com/smesh-dev/smesh/pkg/testenv"
 )
-
-// attached counts the programs of type typ attached to a cgroup.
-func attached(t *testing.T, cgroup string, typ ebpf.AttachType) int {
-	t.Helper()
-	f, err := os.Open(cgroup)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: typ})
-	if err != nil {
-		t.Fatalf("querying %s programs of %s: %v", typ, cgroup, err)
-	}
-	return len(res.Programs)
-}
 
 // TestKilledOpen: with on_failure = "open", a smeshd killed with SIGKILL
 // leaves nothing attached, and new connections go out directly.
@@ -39,7 +22,7 @@ func TestKilledOpen(t *testing.T) {
 	}
 	a.smeshd.Stop() // SIGKILL
 	for _, typ := range []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupSockOps} {
-		if n := attached(t, a.enrolled, typ); n != 0 {
+		if n := testenv.AttachedPrograms(t, a.enrolled, typ); n != 0 {
 			t.Errorf("%d %s programs still attached after kill -9", n, typ)
 		}
 	}
@@ -87,7 +70,7 @@ func TestKilledClosed(t *testing.T) {
 	}
 
 	a.smeshd.Stop() // SIGKILL
-	if n := attached(t, a.enrolled, ebpf.AttachCGroupInet4Connect); n != 1 {
+	if n := testenv.AttachedPrograms(t, a.enrolled, ebpf.AttachCGroupInet4Connect); n != 1 {
 		t.Fatalf("%d connect4 programs attached after kill -9, want the pinned one", n)
 	}
 	a.client(a.enrolled, "refused", server)
@@ -97,7 +80,7 @@ func TestKilledClosed(t *testing.T) {
 		t.Error("restarted smeshd does not capture")
 	}
 	a.client(a.enrolled, "echo", server, "1000000")
-	if n := attached(t, a.enrolled, ebpf.AttachCGroupInet4Connect); n != 1 {
+	if n := testenv.AttachedPrograms(t, a.enrolled, ebpf.AttachCGroupInet4Connect); n != 1 {
 		t.Errorf("%d connect4 programs attached after the restart, want 1 (adopted)", n)
 	}
 
@@ -109,7 +92,7 @@ func TestKilledClosed(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, typ := range []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupSockOps} {
-		if n := attached(t, a.enrolled, typ); n != 0 {
+		if n := testenv.AttachedPrograms(t, a.enrolled, typ); n != 0 {
 			t.Errorf("%d %s programs attached after removing the pins", n, typ)
 		}
 	}

@@ -53,9 +53,9 @@ func readStats(pid int) (spliceStats, error) {
 		return spliceStats{}, err
 	}
 	return spliceStats{
-		bytes:        st.ClientToServer.Bytes + st.ServerToClient.Bytes,
-		msgs:         st.ClientToServer.Msgs + st.ServerToClient.Msgs,
-		demotedBytes: st.DemotedClientToServer + st.DemotedServerToClient,
+		bytes:        st.Bytes(),
+		msgs:         st.Msgs(),
+		demotedBytes: st.Demoted(),
 		demotions:    c.Demotions,
 	}, nil
 }

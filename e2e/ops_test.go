@@ -146,7 +146,7 @@ func TestReadyzDuringStartup(t *testing.T) {
 	if code, _ := n.admin("/healthz"); code != http.StatusOK {
 		t.Errorf("/healthz while starting: %d, want 200", code)
 	}
-	if progs := attached(t, n.enrolled, ebpf.AttachCGroupInet4Connect); progs != 0 {
+	if progs := testenv.AttachedPrograms(t, n.enrolled, ebpf.AttachCGroupInet4Connect); progs != 0 {
 		t.Errorf("while starting, %d connect4 programs are attached to the enrolled cgroup already", progs)
 	}
 
@@ -160,7 +160,7 @@ func TestReadyzDuringStartup(t *testing.T) {
 	if err := <-wrote; err != nil {
 		t.Fatalf("writing the CA into smeshd's pipe: %v", err)
 	}
-	if progs := attached(t, n.enrolled, ebpf.AttachCGroupInet4Connect); progs == 0 {
+	if progs := testenv.AttachedPrograms(t, n.enrolled, ebpf.AttachCGroupInet4Connect); progs == 0 {
 		t.Error("ready, but no connect4 program is attached to the enrolled cgroup")
 	}
 	if code, body := n.admin("/readyz"); code != http.StatusOK {
@@ -203,20 +203,8 @@ func TestReload(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	reload := func(conf string) {
-		t.Helper()
-		if err := os.WriteFile(a.confPath, []byte(conf), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		if err := a.smeshd.Signal(syscall.SIGHUP); err != nil {
-			t.Fatal(err)
-		}
-		if line, err := a.smeshd.ReadLine(10 * time.Second); err != nil || line != "ready" {
-			t.Fatalf("smeshd after SIGHUP: %q %v %s", line, err, a.smeshd.Stderr())
-		}
-	}
 
-	reload(string(good) + "\n[bogus]\nkey = 1\n")
+	a.reload(string(good) + "\n[bogus]\nkey = 1\n")
 	if !captured(a, a.enrolled, server) {
 		t.Error("after a rejected reload, capture changed")
 	}
@@ -227,7 +215,7 @@ func TestReload(t *testing.T) {
 
 	// Exclude the server's port: new connections to it go direct.
 	port := server[strings.LastIndex(server, ":")+1:]
-	reload(strings.Replace(string(good), "[capture]\n", "[capture]\nexclude_ports = ["+port+"]\n", 1))
+	a.reload(strings.Replace(string(good), "[capture]\n", "[capture]\nexclude_ports = ["+port+"]\n", 1))
 	if captured(a, a.enrolled, server) {
 		t.Errorf("after excluding port %s, a new connection was still captured", port)
 	}

@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"fmt"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -38,13 +37,7 @@ func (n *node) reload(conf string) {
 // or the attach fails (a cgroup that takes no more programs) and what was
 // switched is switched back.
 func TestReloadAllOrNothing(t *testing.T) {
-	a, b := newNode(t), newNode(t)
-	b.capture = "[]"
-	_, addrB := testenv.Link(t, a.ns, b.ns)
-	server := netip.AddrPortFrom(addrB, 9000).String()
-	b.server("", server)
-	b.start("splice", "")
-	a.start("splice", "")
+	a, _, server := twoNodes(t, "splice", "")
 	good, err := os.ReadFile(a.confPath)
 	if err != nil {
 		t.Fatal(err)
@@ -89,11 +82,11 @@ func TestReloadAllOrNothing(t *testing.T) {
 			}
 			// Through the tunnel: node b's identity is still accepted.
 			a.client(a.enrolled, "oneway", server, "1000000")
-			if n := attached(t, full, ebpf.AttachCGroupInet4Connect); n != 64 {
+			if n := testenv.AttachedPrograms(t, full, ebpf.AttachCGroupInet4Connect); n != 64 {
 				t.Errorf("%d connect4 programs on the full cgroup, want its 64", n)
 			}
 			for _, typ := range []ebpf.AttachType{ebpf.AttachCGroupSockOps, ebpf.AttachCgroupInet4GetPeername} {
-				if n := attached(t, full, typ); n != 0 {
+				if n := testenv.AttachedPrograms(t, full, typ); n != 0 {
 					t.Errorf("%d %s programs left on a cgroup of the rejected configuration", n, typ)
 				}
 			}

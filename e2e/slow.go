@@ -156,15 +156,14 @@ func recvWaitAll(c *net.TCPConn, buf []byte) (int, error) {
 	return n, nil
 }
 
-// slowWrite is the client's side of cmdSlow: it writes n bytes of the
-// pattern as fast as the connection takes them, then checks the server's
-// answer. It returns the server's and its own memory peaks: mem holds
-// max_rmem, max_wqueued and max_over_rcvbuf.
 // slowMemory is what a slow exchange held in the kernel at most: the
 // reader's receive memory, how far that exceeded its receive buffer, and
 // the writer's send queue.
 type slowMemory struct{ rmem, overRcvbuf, wqueued int64 }
 
+// slowWrite is the client's side of cmdSlow: it writes n bytes of the
+// pattern as fast as the connection takes them, then checks the server's
+// answer. It returns the server's and its own memory peaks.
 func slowWrite(addr string, n int64, mode byte, stall byte, pause time.Duration) (mem slowMemory, err error) {
 	c, err := dial(addr)
 	if err != nil {

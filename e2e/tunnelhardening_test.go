@@ -204,15 +204,6 @@ func TestTunnelPins(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	next := strings.Replace(string(conf), "spiffe://test.local/node/someone-else", b.id(), 1)
-	if err := os.WriteFile(a.confPath, []byte(next), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := a.smeshd.Signal(syscall.SIGHUP); err != nil {
-		t.Fatal(err)
-	}
-	if line, err := a.smeshd.ReadLine(10 * time.Second); err != nil || line != "ready" {
-		t.Fatalf("smeshd after SIGHUP: %q %v %s", line, err, a.smeshd.Stderr())
-	}
+	a.reload(strings.Replace(string(conf), "spiffe://test.local/node/someone-else", b.id(), 1))
 	a.client(a.enrolled, "oneway", server, "1000000")
 }

@@ -268,8 +268,5 @@ func (s *smeshd) counters() (spliceCounters, error) {
 	if err != nil {
 		return spliceCounters{}, err
 	}
-	return spliceCounters{
-		spliced: st.ClientToServer.Bytes + st.ServerToClient.Bytes,
-		demoted: st.DemotedClientToServer + st.DemotedServerToClient,
-	}, nil
+	return spliceCounters{spliced: st.Bytes(), demoted: st.Demoted()}, nil
 }

@@ -141,13 +141,9 @@ func (w *world) addPod(n *node, short string) (*pod, error) {
 		return nil, fmt.Errorf("pod %s: reading its network namespace's inode: %w", short, err)
 	}
 	p.inode = st.Ino
-	pause, err := w.start("pause process of pod "+short, exec.Command(w.exe, "bench-agent", "pause", "-"), sp.Cgroup, sp.Name)
-	if err != nil {
+	if _, err := w.start("pause process of pod "+short, exec.Command(w.exe, "bench-agent", "pause", "-"), sp.Cgroup, sp.Name); err != nil {
 		return nil, err
 	}
-	// smeshd's main catches SIGTERM for all its commands, and pause waits
-	// for nothing: it would ignore SIGTERM.
-	pause.term = syscall.SIGKILL
 	return p, nil
 }
 
@@ -155,8 +151,7 @@ func (w *world) addPod(n *node, short string) (*pod, error) {
 type proc struct {
 	name   string
 	cmd    *exec.Cmd
-	term   syscall.Signal // what stop sends first; SIGTERM if 0
-	stderr output         // unless the caller set cmd.Stderr
+	stderr output // unless the caller set cmd.Stderr
 	done   chan struct{}
 	err    error
 }
@@ -228,17 +223,13 @@ func (p *proc) exited() bool {
 	}
 }
 
-// stop sends SIGTERM (or p.term), and SIGKILL if the process is still
-// there after timeout.
+// stop sends SIGTERM, and SIGKILL if the process is still there after
+// timeout.
 func (p *proc) stop(timeout time.Duration) {
 	if p.exited() {
 		return
 	}
-	sig := p.term
-	if sig == 0 {
-		sig = syscall.SIGTERM
-	}
-	p.cmd.Process.Signal(sig)
+	p.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-p.done:
 	case <-time.After(timeout):

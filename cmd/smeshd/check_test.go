@@ -59,7 +59,7 @@ func TestCheckDefaultConfig(t *testing.T) {
 func TestCheckAsStart(t *testing.T) {
 	mount, err := testenv.Cgroup2Mount()
 	if err != nil {
-		t.Skip(err)
+		testenv.SkipOrFail(t, "%v", err)
 	}
 	dir := t.TempDir()
 	cases := []struct {

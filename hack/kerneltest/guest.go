@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -300,13 +301,9 @@ var notInGuest = map[string]map[string]string{
 
 // skipPattern is the -test.skip pattern of a step, "" for none.
 func skipPattern(step string, skip map[string]map[string]string) string {
-	var names []string
-	for name := range skip[step] {
-		names = append(names, name)
-	}
+	names := slices.Sorted(maps.Keys(skip[step]))
 	if len(names) == 0 {
 		return ""
 	}
-	slices.Sort(names)
 	return "^(" + strings.Join(names, "|") + ")$"
 }

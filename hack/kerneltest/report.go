@@ -6,11 +6,14 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"os/exec"
 	"regexp"
 	"slices"
 	"strconv"
 	"strings"
+
+	"github.com/smesh-dev/smesh/hack/internal/gotest"
 )
 
 // marker starts the lines init.sh frames the guest's steps with.
@@ -234,7 +237,7 @@ func (r *guestRun) judge(boundedMissing bool, left map[string]map[string]string,
 					v.detail = append(v.detail, out...)
 				}
 			case "skip":
-				reason := skipReason(t.output)
+				reason := gotest.SkipReason(t.output)
 				switch m := needsCommand.FindStringSubmatch(reason); {
 				case m != nil:
 					if v.status == "PASS" {
@@ -258,7 +261,7 @@ func (r *guestRun) judge(boundedMissing bool, left map[string]map[string]string,
 		for _, name := range order {
 			vs = append(vs, *tops[name])
 		}
-		for _, name := range sortedKeys(left[s.name]) {
+		for _, name := range slices.Sorted(maps.Keys(left[s.name])) {
 			if !filtered {
 				vs = append(vs, verdict{step: s.name, test: name, status: "NOT SEL", detail: []string{left[s.name][name]}})
 			}
@@ -278,15 +281,6 @@ func (r *guestRun) judge(boundedMissing bool, left map[string]map[string]string,
 		}
 	}
 	return vs
-}
-
-func sortedKeys(m map[string]string) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	slices.Sort(keys)
-	return keys
 }
 
 func hasFailedChild(tests []*testResult, name string) bool {
@@ -319,28 +313,6 @@ func tail(lines []string, n int) []string {
 		return append([]string{fmt.Sprintf("    (%d lines before)", len(lines)-n)}, lines[len(lines)-n:]...)
 	}
 	return lines
-}
-
-// logLine is the start of a t.Log, t.Skip or t.Error line: "    file.go:12: ".
-var logLine = regexp.MustCompile(`^\s*[^\s:]+\.go:\d+: `)
-
-// skipReason is the last message a test logged before it was skipped (as
-// hack/testsummary reads it).
-func skipReason(lines []string) string {
-	var msgs []string
-	for _, l := range lines {
-		switch {
-		case strings.HasPrefix(strings.TrimSpace(l), "--- "), strings.HasPrefix(l, "=== "):
-		case logLine.MatchString(l):
-			msgs = append(msgs, logLine.ReplaceAllString(l, ""))
-		case len(msgs) > 0 && strings.TrimSpace(l) != "":
-			msgs[len(msgs)-1] += " " + strings.TrimSpace(l)
-		}
-	}
-	if len(msgs) == 0 {
-		return "(no reason given)"
-	}
-	return msgs[len(msgs)-1]
 }
 
 // kernelTrouble are console lines that say the kernel itself went wrong.

@@ -2,13 +2,11 @@ package main
 
 import (
 	"context"
-	"os"
-	"os/exec"
-	"path/filepath"
-	"runtime"
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/smesh-dev/smesh/hack/internal/gotest"
 )
 
 // guestStream is what a guest writes to its results port: marker lines
@@ -123,15 +121,9 @@ func TestConsoleTrouble(t *testing.T) {
 }
 
 func goCommand(t *testing.T) string {
-	if g := os.Getenv("GO"); g != "" {
-		return g
-	}
-	if g, err := exec.LookPath("go"); err == nil {
-		return g
-	}
-	g := filepath.Join(runtime.GOROOT(), "bin", "go")
-	if _, err := os.Stat(g); err != nil {
-		t.Fatalf("no go command: not in $GO, not in PATH, not in %s", g)
+	g, err := gotest.Command()
+	if err != nil {
+		t.Fatal(err)
 	}
 	return g
 }

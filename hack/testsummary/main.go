@@ -22,10 +22,11 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
-	"regexp"
 	"slices"
 	"strings"
 	"syscall"
+
+	"github.com/smesh-dev/smesh/hack/internal/gotest"
 )
 
 func main() {
@@ -144,32 +145,9 @@ func (s *summary) event(ev event) {
 				}
 			}
 		case "skip":
-			s.skipped = append(s.skipped, skip{ev.Package, ev.Test, skipReason(lines)})
+			s.skipped = append(s.skipped, skip{ev.Package, ev.Test, gotest.SkipReason(lines)})
 		}
 	}
-}
-
-// logLine is the start of a t.Log, t.Skip or t.Error line: "    file.go:12: ".
-var logLine = regexp.MustCompile(`^\s*[^\s:]+\.go:\d+: `)
-
-// skipReason is the last message the test logged before it was skipped:
-// what t.Skip was given (continuation lines joined).
-func skipReason(lines []string) string {
-	var msgs []string
-	for _, l := range lines {
-		l = strings.TrimRight(l, "\n")
-		switch {
-		case strings.HasPrefix(strings.TrimSpace(l), "--- "), strings.HasPrefix(l, "=== "):
-		case logLine.MatchString(l):
-			msgs = append(msgs, logLine.ReplaceAllString(l, ""))
-		case len(msgs) > 0 && strings.TrimSpace(l) != "":
-			msgs[len(msgs)-1] += " " + strings.TrimSpace(l)
-		}
-	}
-	if len(msgs) == 0 {
-		return "(no reason given)"
-	}
-	return msgs[len(msgs)-1]
 }
 
 // maxNames bounds the test names listed under one reason.

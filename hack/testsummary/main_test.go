@@ -7,10 +7,11 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"runtime"
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/smesh-dev/smesh/hack/internal/gotest"
 )
 
 // runAsMain makes the test binary run main (the real command) when a test
@@ -23,27 +24,6 @@ func TestMain(m *testing.M) {
 		os.Exit(0)
 	}
 	os.Exit(m.Run())
-}
-
-func TestSkipReason(t *testing.T) {
-	for _, c := range []struct {
-		lines []string
-		want  string
-	}{
-		{[]string{"=== RUN   TestA\n", "    env.go:61: kernel test needs root (running as euid 1000)\n", "--- SKIP: TestA (0.00s)\n"},
-			"kernel test needs root (running as euid 1000)"},
-		// The last message is the one t.Skip logged; a multi-line one is
-		// joined.
-		{[]string{"=== RUN   TestB\n", "    b_test.go:5: starting\n", "    b_test.go:9: needs nginx:\n", "        not in PATH\n", "--- SKIP: TestB (0.00s)\n"},
-			"needs nginx: not in PATH"},
-		{[]string{"=== RUN   TestC/sub\n", "        c_test.go:3: sub reason\n", "    --- SKIP: TestC/sub (0.00s)\n"},
-			"sub reason"},
-		{[]string{"=== RUN   TestD\n", "--- SKIP: TestD (0.00s)\n"}, "(no reason given)"},
-	} {
-		if got := skipReason(c.lines); got != c.want {
-			t.Errorf("skipReason(%q) = %q, want %q", c.lines, got, c.want)
-		}
-	}
 }
 
 // module is a small Go module whose tests pass, skip (with reasons, in a
@@ -148,15 +128,9 @@ func sameLines(a, b string) bool {
 
 // goCommand is the go command that runs this test.
 func goCommand(t *testing.T) string {
-	if g := os.Getenv("GO"); g != "" {
-		return g
-	}
-	if g, err := exec.LookPath("go"); err == nil {
-		return g
-	}
-	g := filepath.Join(runtime.GOROOT(), "bin", "go")
-	if _, err := os.Stat(g); err != nil {
-		t.Fatalf("no go command: not in $GO, not in PATH, not in %s", g)
+	g, err := gotest.Command()
+	if err != nil {
+		t.Fatal(err)
 	}
 	return g
 }

@@ -195,7 +195,7 @@ func measure(ctx context.Context, e *modeEnv, opts Options, workload string, acc
 	if err != nil {
 		return err
 	}
-	splice0, spliceErr := e.spliceCount()
+	splice0, spliceErr := e.spliceStats()
 	s, err := e.run(ctx, opts.Exe, workload, opts.Duration)
 	if err != nil {
 		return err
@@ -204,7 +204,7 @@ func measure(ctx context.Context, e *modeEnv, opts Options, workload string, acc
 	if err != nil {
 		return err
 	}
-	splice1, spliceErr1 := e.spliceCount()
+	splice1, spliceErr1 := e.spliceStats()
 	if !s.Verified {
 		acc.failed = true
 	}
@@ -219,7 +219,7 @@ func measure(ctx context.Context, e *modeEnv, opts Options, workload string, acc
 		acc.cpuPerGB = append(acc.cpuPerGB, cpu/(float64(s.Bytes)/1e9))
 		// How much of the stream stayed spliced, and how much went by
 		// TCP once a direction was demoted (splice_queue_limit).
-		spliced, demoted := splice1.spliced-splice0.spliced, splice1.demoted-splice0.demoted
+		spliced, demoted := splice1.Bytes()-splice0.Bytes(), splice1.Demoted()-splice0.Demoted()
 		if spliceErr == nil && spliceErr1 == nil && spliced+demoted > 0 {
 			acc.splicedShare = append(acc.splicedShare, float64(spliced)/float64(spliced+demoted))
 		}

@@ -21,6 +21,7 @@ import (
 
 	"github.com/smesh-dev/smesh/pkg/certs"
 	"github.com/smesh-dev/smesh/pkg/cgroups"
+	"github.com/smesh-dev/smesh/pkg/datapath"
 	"github.com/smesh-dev/smesh/pkg/sandbox"
 )
 
@@ -366,13 +367,14 @@ func (e *modeEnv) cpuUsage() (time.Duration, error) {
 	return total, nil
 }
 
-// spliceCount reads the splice counters of the mode's first smeshd (the
-// client side's); zero without one.
-func (e *modeEnv) spliceCount() (spliceCount, error) {
+// spliceStats reads the splice counters of the mode's first smeshd (the
+// client side's) from the maps it holds: the bench asks smeshd nothing.
+// Zero without one.
+func (e *modeEnv) spliceStats() (datapath.Stats, error) {
 	if len(e.smeshds) == 0 {
-		return spliceCount{}, nil
+		return datapath.Stats{}, nil
 	}
-	return readSpliceCount(e.smeshds[0].cmd.Process.Pid)
+	return datapath.StatsOf(e.smeshds[0].cmd.Process.Pid)
 }
 
 // smeshdMemory returns the resident and peak resident memory of the mode's

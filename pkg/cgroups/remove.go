@@ -48,9 +48,21 @@ func remove(path string, timeout time.Duration, kill func(path string) error) er
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+	return removeTree(path, deadline)
+}
 
-	// Children first. rmdir of a cgroup whose last process just exited can
-	// still see EBUSY for a moment, so retry until the deadline.
+// RemoveTree removes path and every cgroup below it, children first, once
+// their processes are gone (it kills nothing; it works on any cgroup
+// hierarchy, a v1 name=systemd one too). It gives up with an error after
+// timeout.
+func RemoveTree(path string, timeout time.Duration) error {
+	return removeTree(path, time.Now().Add(timeout))
+}
+
+// removeTree is RemoveTree by a deadline. rmdir of a cgroup whose last
+// process just exited can still see EBUSY for a moment: it retries until
+// the deadline.
+func removeTree(path string, deadline time.Time) error {
 	dirs, err := tree(path)
 	if err != nil {
 		return err

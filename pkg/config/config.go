@@ -54,8 +54,8 @@ type Capture struct {
 
 // Datapath chooses how captured connections are carried.
 type Datapath struct {
-	// Mode is "auto" (splice where the kernel supports it, else copy),
-	// "splice" or "copy".
+	// Mode is "auto" (splice where the kernel can also bound what a
+	// spliced hop queues, else copy), "splice" or "copy".
 	Mode string `toml:"mode"`
 	// MapSize is the maximum number of entries of the sockhash and of the
 	// original-destination map.

@@ -17,6 +17,7 @@ import (
 
 	"github.com/smesh-dev/smesh/pkg/config"
 	"github.com/smesh-dev/smesh/pkg/datapath"
+	"github.com/smesh-dev/smesh/pkg/testenv"
 )
 
 func TestResolveMode(t *testing.T) {
@@ -198,7 +199,7 @@ func TestConsoleColourOnlyOnTerminal(t *testing.T) {
 	// A pseudo-terminal gets colours.
 	ptm, err := os.OpenFile("/dev/ptmx", os.O_RDWR|unix.O_NOCTTY, 0)
 	if err != nil {
-		t.Skipf("no pseudo-terminal to test colours on: %v", err)
+		testenv.SkipOrFail(t, "no pseudo-terminal to test colours on: %v", err)
 	}
 	defer ptm.Close()
 	if err := unix.IoctlSetPointerInt(int(ptm.Fd()), unix.TIOCSPTLCK, 0); err != nil {

@@ -116,7 +116,6 @@ func (d *daemon) apply(next config.Config) error {
 	}
 	zerolog.SetGlobalLevel(level)
 	d.keepCreated(created)
-	d.enrolled = enrolled
 
 	// Keep the running values of what needs a restart, so the next reload
 	// compares against what is in force.

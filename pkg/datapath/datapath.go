@@ -46,8 +46,8 @@ type Options struct {
 	// ProxyCgroup is smeshd's own cgroup: its sockets are hop ends too, and
 	// they are never captured.
 	ProxyCgroup string
-	// Cgroups are the enrolled cgroup directories.
-	Cgroups      []string
+	// IncludeCIDRs, ExcludeCIDRs and ExcludePorts are what tests hand to
+	// SetCapture; Load does not read them.
 	IncludeCIDRs []netip.Prefix
 	ExcludeCIDRs []netip.Prefix
 	ExcludePorts []uint16
@@ -97,23 +97,6 @@ type Datapath struct {
 	// rules are what SetCapture last wrote into the capture maps.
 	rules  *captureRules
 	closed bool
-}
-
-// New loads the data path (Load) and attaches it to opts.Cgroups
-// (SetCapture). Until namespaces are registered with SetNamespace, connect4
-// captures nothing: see Options.FailClosed.
-func New(opts Options) (*Datapath, error) {
-	d, err := Load(opts)
-	if err != nil {
-		return nil, err
-	}
-	if err := d.SetCapture(opts.Cgroups, opts.IncludeCIDRs, opts.ExcludeCIDRs, opts.ExcludePorts); err != nil {
-		d.Close()
-		return nil, err
-	}
-	d.log.Info().Str("mode", string(opts.Mode)).Strs("cgroups", opts.Cgroups).
-		Str("proxy_cgroup", opts.ProxyCgroup).Msg("data path attached")
-	return d, nil
 }
 
 // Load loads the programs and attaches sk_msg to the sockhash, but attaches
@@ -681,6 +664,15 @@ type Stats struct {
 	// DemotedClientToServer and DemotedServerToClient are bytes.
 	DemotedClientToServer, DemotedServerToClient uint64
 }
+
+// Bytes is what was spliced, both directions.
+func (s Stats) Bytes() uint64 { return s.ClientToServer.Bytes + s.ServerToClient.Bytes }
+
+// Msgs is how many messages were spliced, both directions.
+func (s Stats) Msgs() uint64 { return s.ClientToServer.Msgs + s.ServerToClient.Msgs }
+
+// Demoted is what demoted directions sent by TCP, both directions.
+func (s Stats) Demoted() uint64 { return s.DemotedClientToServer + s.DemotedServerToClient }
 
 // Stats sums the per-CPU splice counters.
 func (d *Datapath) Stats() (Stats, error) {

@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
 
@@ -49,20 +48,6 @@ func dottedCgroup(t *testing.T) string {
 		}
 	})
 	return path
-}
-
-func attachedTo(t *testing.T, cgroup string, typ ebpf.AttachType) int {
-	t.Helper()
-	f, err := os.Open(cgroup)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: typ})
-	if err != nil {
-		t.Fatalf("querying %s programs of %s: %v", typ, cgroup, err)
-	}
-	return len(res.Programs)
 }
 
 func pinOpts(pinDir, own string) Options {
@@ -129,17 +114,17 @@ func TestPinsOfDottedCgroup(t *testing.T) {
 	if got := names(t, pinDir); !strings.Contains(strings.Join(got, " "), want) {
 		t.Errorf("pins %v, want one named %s", got, want)
 	}
-	if n := attachedTo(t, slice, ebpf.AttachCGroupInet4Connect); n != 1 {
+	if n := testenv.AttachedPrograms(t, slice, ebpf.AttachCGroupInet4Connect); n != 1 {
 		t.Fatalf("%d connect4 programs on %s after Close, want the pinned one", n, slice)
 	}
 	run() // adopts
-	if n := attachedTo(t, slice, ebpf.AttachCGroupInet4Connect); n != 1 {
+	if n := testenv.AttachedPrograms(t, slice, ebpf.AttachCGroupInet4Connect); n != 1 {
 		t.Errorf("%d connect4 programs on %s after a second run, want 1 (adopted)", n, slice)
 	}
 	if _, err := RemovePins(pinDir); err != nil {
 		t.Fatal(err)
 	}
-	if n := attachedTo(t, slice, ebpf.AttachCGroupInet4Connect); n != 0 {
+	if n := testenv.AttachedPrograms(t, slice, ebpf.AttachCGroupInet4Connect); n != 0 {
 		t.Errorf("%d connect4 programs on %s after RemovePins", n, slice)
 	}
 }
@@ -179,8 +164,8 @@ func TestFailedStartLeavesNoPins(t *testing.T) {
 		t.Errorf("a failed first start left the pin directory it made: %v", err)
 	}
 	for _, cg := range []string{good, own} {
-		for _, typ := range []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupSockOps, ebpf.AttachCGroupGetsockopt} {
-			if n := attachedTo(t, cg, typ); n != 0 {
+		for _, typ := range attachOrder {
+			if n := testenv.AttachedPrograms(t, cg, typ); n != 0 {
 				t.Errorf("a failed start left %d %s programs on %s", n, typ, cg)
 			}
 		}
@@ -202,7 +187,7 @@ func TestFailedStartLeavesNoPins(t *testing.T) {
 	if after := names(t, pinDir); strings.Join(after, " ") != strings.Join(before, " ") {
 		t.Errorf("pins after a failed start: %v, want those of the earlier run: %v", after, before)
 	}
-	if n := attachedTo(t, good, ebpf.AttachCGroupInet4Connect); n != 1 {
+	if n := testenv.AttachedPrograms(t, good, ebpf.AttachCGroupInet4Connect); n != 1 {
 		t.Errorf("%d connect4 programs on %s after a failed start, want the earlier run's", n, good)
 	}
 }

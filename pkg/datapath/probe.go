@@ -126,7 +126,9 @@ func probe(programs bool) []Feature {
 		cspec, specErr := connect.LoadConnect()
 		for _, p := range []struct{ name, what string }{
 			{"smesh_connect4", "cgroup/connect4: capture"},
+			{"smesh_connect6", "cgroup/connect6: capture of IPv6 and dual-stack sockets"},
 			{"smesh_getpeername4", "cgroup/getpeername4: the app sees its destination; Linux 5.8+"},
+			{"smesh_getpeername6", "cgroup/getpeername6: the same for IPv6 and dual-stack sockets"},
 			{"smesh_getsockopt", "cgroup/getsockopt: SO_ORIGINAL_DST; Linux 5.15+"},
 		} {
 			err := specErr

@@ -2,14 +2,12 @@ package datapath
 
 import (
 	"net/netip"
-	"os"
 	"path/filepath"
 	"reflect"
 	"slices"
 	"testing"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
 	"github.com/rs/zerolog"
 
 	"github.com/smesh-dev/smesh/bpf/connect"
@@ -19,19 +17,10 @@ import (
 // programs counts the programs of each type attached to a cgroup.
 func programs(t *testing.T, cgroup string) map[ebpf.AttachType]int {
 	t.Helper()
-	f, err := os.Open(cgroup)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
 	n := make(map[ebpf.AttachType]int)
-	for _, typ := range []ebpf.AttachType{ebpf.AttachCGroupSockOps, ebpf.AttachCGroupGetsockopt, ebpf.AttachCgroupInet4GetPeername, ebpf.AttachCGroupInet4Connect} {
-		res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: typ})
-		if err != nil {
-			t.Fatalf("querying %s programs of %s: %v", typ, cgroup, err)
-		}
-		if len(res.Programs) > 0 {
-			n[typ] = len(res.Programs)
+	for _, typ := range attachOrder {
+		if c := testenv.AttachedPrograms(t, cgroup, typ); c > 0 {
+			n[typ] = c
 		}
 	}
 	return n

@@ -34,11 +34,14 @@ type watched struct {
 	idle  *activity // nil: no timeout
 	dl    deadliner
 	armed time.Time // when the read deadline was last set
+	// readPooled reads the wrapped end into a pooled buffer (see
+	// pooledReader), resolved once.
+	readPooled func() (*[]byte, int, error)
 }
 
 // watch wraps c; idle nil (or a c without read deadlines) means no timeout.
 func watch(c Conn, count *atomic.Int64, idle *activity) Conn {
-	w := &watched{Conn: c, count: count}
+	w := &watched{Conn: c, count: count, readPooled: readPooled(c)}
 	if dl, ok := c.(deadliner); ok && idle != nil {
 		w.idle, w.dl = idle, dl
 	}
@@ -51,12 +54,11 @@ func (w *watched) Read(p []byte) (int, error) {
 
 // ReadPooled is Read into a pooled buffer (see pooledReader).
 func (w *watched) ReadPooled() (*[]byte, int, error) {
-	inner := readPooled(w.Conn)
 	var bp *[]byte
 	n, err := w.read(func() (int, error) {
 		var n int
 		var err error
-		bp, n, err = inner()
+		bp, n, err = w.readPooled()
 		return n, err
 	})
 	return bp, n, err

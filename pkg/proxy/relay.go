@@ -7,6 +7,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -19,17 +20,22 @@ const bufSize = 64 << 10
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, bufSize); return &b }}
 
-// buffersHeld counts the relay buffers taken and not given back: what
-// relayed connections hold (tests).
-var buffersHeld atomic.Int64
+// buffersHeld, when a test sets it, counts the relay buffers taken and not
+// given back: what relayed connections hold. nil otherwise: no shared
+// counter on every read.
+var buffersHeld atomic.Pointer[atomic.Int64]
 
 func getBuffer() *[]byte {
-	buffersHeld.Add(1)
+	if n := buffersHeld.Load(); n != nil {
+		n.Add(1)
+	}
 	return bufPool.Get().(*[]byte)
 }
 
 func putBuffer(bp *[]byte) {
-	buffersHeld.Add(-1)
+	if n := buffersHeld.Load(); n != nil {
+		n.Add(-1)
+	}
 	bufPool.Put(bp)
 }
 
@@ -46,58 +52,77 @@ type Conn interface {
 }
 
 // TCP makes a TCP connection a relay end.
-func TCP(c *net.TCPConn) Conn { return tcpConn{c} }
+func TCP(c *net.TCPConn) Conn {
+	t := &tcpConn{c: c}
+	t.rc, t.rcErr = c.SyscallConn()
+	t.readFn = t.readReady
+	return t
+}
 
 // tcpConn exposes only what Relay uses. Read and Write are plain read(2) and
 // write(2): the relay never reaches ReadFrom/WriteTo, hence never splice(2).
-type tcpConn struct{ c *net.TCPConn }
+type tcpConn struct {
+	c *net.TCPConn
 
-func (t tcpConn) Read(p []byte) (int, error)  { return t.c.Read(p) }
-func (t tcpConn) Write(p []byte) (int, error) { return t.c.Write(p) }
-func (t tcpConn) CloseWrite() error           { return t.c.CloseWrite() }
-func (t tcpConn) Close() error                { return t.c.Close() }
+	// ReadPooled's: made once per connection, not per read (one
+	// goroutine reads a relay end).
+	rc     syscall.RawConn
+	rcErr  error
+	readFn func(fd uintptr) bool
+	bp     *[]byte
+	n      int
+	err    error
+}
+
+func (t *tcpConn) Read(p []byte) (int, error)  { return t.c.Read(p) }
+func (t *tcpConn) Write(p []byte) (int, error) { return t.c.Write(p) }
+func (t *tcpConn) CloseWrite() error           { return t.c.CloseWrite() }
+func (t *tcpConn) Close() error                { return t.c.Close() }
 
 // SetReadDeadline lets the idle timeout wake a waiting read.
-func (t tcpConn) SetReadDeadline(d time.Time) error { return t.c.SetReadDeadline(d) }
+func (t *tcpConn) SetReadDeadline(d time.Time) error { return t.c.SetReadDeadline(d) }
 
 // ReadPooled reads what the socket has into a relay buffer that it takes
 // from the pool only once the socket is readable, so that waiting for
 // bytes holds none; the caller gives it back (putBuffer). The end of the
 // stream is io.EOF. The read deadline applies.
-func (t tcpConn) ReadPooled() (*[]byte, int, error) {
-	rc, err := t.c.SyscallConn()
-	if err != nil {
-		return nil, 0, err
+func (t *tcpConn) ReadPooled() (*[]byte, int, error) {
+	if t.rcErr != nil {
+		return nil, 0, t.rcErr
 	}
-	var bp *[]byte
-	var n int
-	var rerr error
-	err = rc.Read(func(fd uintptr) bool {
-		bp = getBuffer()
-		for {
-			n, rerr = unix.Read(int(fd), *bp)
-			if rerr != unix.EINTR {
-				break
-			}
-		}
-		if rerr == unix.EAGAIN {
-			putBuffer(bp)
-			bp = nil
-			return false // wait until readable, then again
-		}
-		return true
-	})
+	t.bp, t.n, t.err = nil, 0, nil
+	err := t.rc.Read(t.readFn)
+	bp, n := t.bp, t.n
+	t.bp = nil
 	switch {
 	case err != nil: // the deadline, or closed while waiting
 		return nil, 0, err
-	case rerr != nil:
+	case t.err != nil:
 		putBuffer(bp)
-		return nil, 0, &net.OpError{Op: "read", Net: "tcp", Source: t.c.LocalAddr(), Addr: t.c.RemoteAddr(), Err: os.NewSyscallError("read", rerr)}
+		return nil, 0, &net.OpError{Op: "read", Net: "tcp", Source: t.c.LocalAddr(), Addr: t.c.RemoteAddr(), Err: os.NewSyscallError("read", t.err)}
 	case n == 0:
 		putBuffer(bp)
 		return nil, 0, io.EOF
 	}
 	return bp, n, nil
+}
+
+// readReady is ReadPooled's read(2), run by RawConn.Read: false (wait
+// until readable, then again) while the socket has nothing.
+func (t *tcpConn) readReady(fd uintptr) bool {
+	t.bp = getBuffer()
+	for {
+		t.n, t.err = unix.Read(int(fd), *t.bp)
+		if t.err != unix.EINTR {
+			break
+		}
+	}
+	if t.err == unix.EAGAIN {
+		putBuffer(t.bp)
+		t.bp = nil
+		return false
+	}
+	return true
 }
 
 // pooledReader is a relay end that reads into pooled buffers it takes only
@@ -125,7 +150,7 @@ func readPooled(src Conn) func() (*[]byte, int, error) {
 }
 
 // Abort closes with SO_LINGER 0, which sends a reset.
-func (t tcpConn) Abort() {
+func (t *tcpConn) Abort() {
 	t.c.SetLinger(0)
 	t.c.Close()
 }

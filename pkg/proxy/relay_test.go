@@ -121,6 +121,9 @@ func TestRelayIdleTimeout(t *testing.T) {
 // hold no relay buffer (64 KiB a direction), so idle connections cost the
 // node little; bytes still cross both ways afterwards.
 func TestIdleRelayHoldsNoBuffer(t *testing.T) {
+	held := new(atomic.Int64)
+	buffersHeld.Store(held)
+	t.Cleanup(func() { buffersHeld.Store(nil) })
 	const n = 20
 	type conns struct{ app, server *net.TCPConn }
 	var all []conns
@@ -148,10 +151,10 @@ func TestIdleRelayHoldsNoBuffer(t *testing.T) {
 	// Each pipe gives its buffer back once its read drained the socket;
 	// it may still be writing when the other end already read.
 	deadline := time.Now().Add(5 * time.Second)
-	for buffersHeld.Load() != 0 && time.Now().Before(deadline) {
+	for held.Load() != 0 && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
-	if held := buffersHeld.Load(); held != 0 {
+	if held := held.Load(); held != 0 {
 		t.Errorf("%d idle relayed connections hold %d relay buffers, want none", n, held)
 	}
 	for i, c := range all {

@@ -2,8 +2,6 @@ package sandbox_test
 
 import (
 	"bytes"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -38,7 +36,7 @@ func TestMain(m *testing.M) {
 
 func TestNamedNetns(t *testing.T) {
 	requireRoot(t)
-	name := unique("smesh-test")
+	name := testenv.Unique("smesh-test")
 	ns := newNetns(t, name)
 	path := filepath.Join("/run/netns", name)
 
@@ -99,7 +97,7 @@ func TestNamedNetns(t *testing.T) {
 
 func TestInNetnsPanic(t *testing.T) {
 	requireRoot(t)
-	ns := newNetns(t, unique("smesh-test"))
+	ns := newNetns(t, testenv.Unique("smesh-test"))
 	err := sandbox.InNetns(ns, func() error { panic("boom") })
 	if err == nil || !strings.Contains(err.Error(), "panic: boom") {
 		t.Errorf("InNetns(panicking fn) = %v, want an error with the panic", err)
@@ -113,9 +111,9 @@ func TestInNetnsPanic(t *testing.T) {
 
 func TestStart(t *testing.T) {
 	mount := requireRoot(t)
-	name := unique("smesh-test")
+	name := testenv.Unique("smesh-test")
 	ns := newNetns(t, name)
-	cg := filepath.Join(mount, unique("smesh-test"))
+	cg := filepath.Join(mount, testenv.Unique("smesh-test"))
 	if err := os.Mkdir(cg, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -174,7 +172,7 @@ func TestStart(t *testing.T) {
 	}
 
 	cmd := exec.Command("true")
-	if err := sandbox.Start(cmd, "", unique("smesh-test-missing")); err == nil {
+	if err := sandbox.Start(cmd, "", testenv.Unique("smesh-test-missing")); err == nil {
 		cmd.Wait()
 		t.Error("Start in a namespace that does not exist: no error")
 	}
@@ -183,7 +181,7 @@ func TestStart(t *testing.T) {
 
 func TestVeth(t *testing.T) {
 	requireRoot(t)
-	a, b := newNetns(t, unique("smesh-test")), newNetns(t, unique("smesh-test"))
+	a, b := newNetns(t, testenv.Unique("smesh-test")), newNetns(t, testenv.Unique("smesh-test"))
 	addrA, addrB := netip.MustParsePrefix("198.18.0.1/24"), netip.MustParsePrefix("198.18.0.2/24")
 	if err := sandbox.Veth(a, b, "eth0", "eth1", addrA, addrB); err != nil {
 		t.Fatal(err)
@@ -346,15 +344,10 @@ func requireRoot(t *testing.T) string {
 
 // unique returns prefix-<8 random hex digits>, a name no concurrent test
 // binary picks too.
-func unique(prefix string) string {
-	var b [4]byte
-	_, _ = rand.Read(b[:])
-	return prefix + "-" + hex.EncodeToString(b[:])
-}
 
 func TestSetSysctl(t *testing.T) {
 	requireRoot(t)
-	name := unique("smesh-test")
+	name := testenv.Unique("smesh-test")
 	ns := newNetns(t, name)
 	const key = "net/ipv6/conf/all/forwarding"
 	own, err := os.ReadFile("/proc/sys/" + key)
@@ -388,7 +381,7 @@ func TestSetSysctl(t *testing.T) {
 func TestClusterNode(t *testing.T) {
 	mount := requireRoot(t)
 	ip := testenv.RequireCommand(t, "ip")
-	parent := filepath.Join(mount, unique("smesh-test"))
+	parent := filepath.Join(mount, testenv.Unique("smesh-test"))
 	if err := os.Mkdir(parent, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -422,7 +415,7 @@ func TestClusterNode(t *testing.T) {
 	type podWant struct{ addr4, addr6 string }
 	addPod := func(want podWant) *sandbox.Pod {
 		t.Helper()
-		name := unique("smesh-test")
+		name := testenv.Unique("smesh-test")
 		p, err := n.AddPod(name, filepath.Join(parent, name))
 		if err != nil {
 			t.Fatal(err)
@@ -520,12 +513,12 @@ func TestClusterNode(t *testing.T) {
 	if err := n.Close(); err != nil {
 		t.Errorf("closing a closed node: %v", err)
 	}
-	if _, err := n.AddPod(unique("smesh-test"), ""); err == nil {
+	if _, err := n.AddPod(testenv.Unique("smesh-test"), ""); err == nil {
 		t.Error("AddPod on a closed node: no error")
 	}
 
 	// Bad subnets are refused before anything is made.
-	name := unique("smesh-test")
+	name := testenv.Unique("smesh-test")
 	for _, nets := range [][2]string{
 		{"198.18.0.1/24", "fd00:5e::/64"},
 		{"198.18.0.0/31", "fd00:5e::/64"},
@@ -547,7 +540,7 @@ func TestClusterNode(t *testing.T) {
 // cleanup.
 func newClusterNode(t *testing.T, pod4, pod6 netip.Prefix) *sandbox.ClusterNode {
 	t.Helper()
-	n, err := sandbox.NewClusterNode(unique("smesh-test"), pod4, pod6)
+	n, err := sandbox.NewClusterNode(testenv.Unique("smesh-test"), pod4, pod6)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -68,3 +68,18 @@ func FillCgroup(t testing.TB, cgroup string) {
 		t.Cleanup(func() { l.Close() })
 	}
 }
+
+// AttachedPrograms counts the BPF programs of type typ attached to cgroup.
+func AttachedPrograms(t testing.TB, cgroup string, typ ebpf.AttachType) int {
+	t.Helper()
+	f, err := os.Open(cgroup)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	res, err := link.QueryPrograms(link.QueryOptions{Target: int(f.Fd()), Attach: typ})
+	if err != nil {
+		t.Fatalf("querying %s programs of %s: %v", typ, cgroup, err)
+	}
+	return len(res.Programs)
+}

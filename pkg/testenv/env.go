@@ -37,7 +37,7 @@ func RequirePrivileged(t testing.TB) {
 		missing = append(missing, fmt.Sprintf("kernel BTF: %v", err))
 	}
 	if len(missing) > 0 {
-		skipOrFail(t, "kernel test needs %s", strings.Join(missing, "; "))
+		SkipOrFail(t, "kernel test needs %s", strings.Join(missing, "; "))
 	}
 }
 
@@ -48,12 +48,14 @@ func RequireCommand(t testing.TB, name string) string {
 	t.Helper()
 	path, err := exec.LookPath(name)
 	if err != nil {
-		skipOrFail(t, "test needs the command %s: %v", name, err)
+		SkipOrFail(t, "test needs the command %s: %v", name, err)
 	}
 	return path
 }
 
-func skipOrFail(t testing.TB, format string, args ...any) {
+// SkipOrFail skips t with the reason, or fails it where skips are not
+// allowed (SMESH_REQUIRE_PRIVILEGED=1, as in CI).
+func SkipOrFail(t testing.TB, format string, args ...any) {
 	t.Helper()
 	if os.Getenv(RequirePrivilegedEnv) == "1" {
 		t.Fatalf(format+" (failing instead of skipping: %s=1)", append(args, RequirePrivilegedEnv)...)

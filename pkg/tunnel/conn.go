@@ -72,7 +72,7 @@ func newLink(raw *rawConn, tc *tls.Conn) *link {
 // died, or a forged FIN), and the relay must pass that on as a reset.
 //
 // With TLS, one Read returns as many whole records as fit in p and are
-// already read from the socket (rawConn reads up to 64 KiB at once), so
+// already read from the socket (rawConn reads up to readSize at once), so
 // that the relay writes one large chunk rather than one per 16 KiB record.
 func (c *link) Read(p []byte) (int, error) {
 	if c.tls == nil {

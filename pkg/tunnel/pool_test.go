@@ -466,7 +466,7 @@ func TestPooledLinkPolicy(t *testing.T) {
 func TestShutdownDrainsQueue(t *testing.T) {
 	release := make(chan struct{})
 	var once sync.Once
-	h := newHarness(t, func(o *ServerOptions) {})
+	h := newHarness(t, nil)
 	h.server.Close()
 	// A server whose accept loop waits until released: what peers dial
 	// meanwhile queues in the listener.
@@ -477,6 +477,9 @@ func TestShutdownDrainsQueue(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { s.Close() })
+	// Released before Close waits for the accept loop, should the test
+	// end early (cleanups run last first).
+	t.Cleanup(func() { once.Do(func() { close(release) }) })
 	s.testHookAccept = func() { <-release }
 	h.server = s
 	go s.Serve(context.Background())

@@ -503,7 +503,7 @@ func (s *Server) relay(ctx context.Context, raw *rawConn, l *link, dst netip.Add
 		// (statusDelay at most) for the local server's first bytes or
 		// end, and cross the tunnel with them: one wake-up of the client's
 		// node instead of two.
-		ss = &serverStream{l: l, corked: true}
+		ss = &serverStream{l: l}
 		ss.local, _ = up.SyscallConn()
 		l.raw.startBatch()
 		_, err = l.tls.Write(status)
@@ -577,9 +577,6 @@ func (s *Server) next(raw *rawConn, l *link) (dst netip.AddrPort, ref *refusal, 
 	var ne net.Error
 	switch {
 	case s.draining.Load() && (err == nil || errors.As(err, &ne) && ne.Timeout()):
-		l.Close()
-		return dst, nil, false
-	case n == 0 && errors.As(err, &ne) && ne.Timeout():
 		l.Close()
 		return dst, nil, false
 	case n == 0 && err != nil:

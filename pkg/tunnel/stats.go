@@ -58,7 +58,7 @@ const (
 	ReasonPeerUnreachable      Reason = 80 // client: the peer's tunnel port did not answer
 	ReasonPeerHandshake        Reason = 81 // client: TLS handshake with the peer failed
 	ReasonPeerRefused          Reason = 82 // client: the peer refused (its reason is logged)
-	ReasonPeerProtocol         Reason = 83 // client: the peer's status was not a v1 status
+	ReasonPeerProtocol         Reason = 83 // client: the peer's status did not parse
 	ReasonPeerRefusedHandshake Reason = 84 // client: the peer refused this node's certificate (a TLS alert)
 	ReasonPeerIdentity         Reason = 85 // client: the server's identity is not pinned for the destination
 

@@ -323,9 +323,8 @@ func (c *Conn) again(old *link) error {
 type serverStream struct {
 	l     *link
 	local syscall.RawConn // the local end, to look for more to read
-	// corked: a batch may be open on the link; flush sends it after at
-	// most statusDelay (the status's wait, see Server.relay).
-	corked  bool
+	// flush sends the batch the status opened after at most statusDelay
+	// (see Server.relay), unless a write sent it first.
 	flush   atomic.Pointer[time.Timer] // Abort may stop it from the other direction
 	finRead bool
 	finSent bool
@@ -353,12 +352,10 @@ func (s *serverStream) Write(p []byte) (int, error) {
 	for len(p) > 0 {
 		chunk := p[:min(len(p), maxFrameData)]
 		p = p[len(chunk):]
-		if !s.corked {
-			s.l.raw.startBatch()
-		}
+		s.l.raw.startBatch() // or joins the one open: the status's, or a corked write's
 		err := s.l.appendData(chunk)
-		s.corked = err == nil && len(p) == 0 && s.l.raw.batchLen() < maxFrameData && s.more()
-		if !s.corked {
+		corked := err == nil && len(p) == 0 && s.l.raw.batchLen() < maxFrameData && s.more()
+		if !corked {
 			s.stopTimer()
 			if ferr := s.l.raw.flushBatch(); err == nil {
 				err = ferr
@@ -393,18 +390,8 @@ func (s *serverStream) CloseWrite() error {
 		return nil
 	}
 	s.finSent = true
-	if !s.corked {
-		s.l.raw.startBatch()
-	}
-	s.corked = false
-	h := s.l.wbuf[:frameHeaderSize]
-	putFrameHeader(h, frameFin, 0)
-	_, err := s.l.tls.Write(h)
 	s.stopTimer()
-	if ferr := s.l.raw.flushBatch(); err == nil {
-		err = ferr
-	}
-	return err
+	return s.l.writeFin() // with what waits in the batch, in one send
 }
 
 // Abort resets the link, after what waits in its batch (a status comes

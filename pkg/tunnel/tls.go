@@ -187,6 +187,7 @@ func (c *Credentials) Close() error {
 	return err
 }
 
+// spiffeIDOf is the SPIFFE ID of cert, or "".
 func spiffeIDOf(cert *x509.Certificate) string {
 	id, err := x509svid.IDFromCert(cert)
 	if err != nil {
@@ -208,13 +209,7 @@ func (c *Credentials) SetPolicy(policy *IdentityPolicy) (previous *IdentityPolic
 }
 
 // Identity is the SPIFFE ID of this node's certificate, or "".
-func (c *Credentials) Identity() string {
-	id, err := x509svid.IDFromCert(c.cur.Load().cert.Leaf)
-	if err != nil {
-		return ""
-	}
-	return id.String()
-}
+func (c *Credentials) Identity() string { return spiffeIDOf(c.cur.Load().cert.Leaf) }
 
 // NotAfter is when this node's certificate expires (for metrics).
 func (c *Credentials) NotAfter() time.Time { return c.cur.Load().cert.Leaf.NotAfter }
@@ -433,11 +428,7 @@ func PeerID(cs tls.ConnectionState) string {
 	if len(cs.PeerCertificates) == 0 {
 		return ""
 	}
-	id, err := x509svid.IDFromCert(cs.PeerCertificates[0])
-	if err != nil {
-		return ""
-	}
-	return id.String()
+	return spiffeIDOf(cs.PeerCertificates[0])
 }
 
 // handshakeReason classifies a failed TLS handshake for the counters.

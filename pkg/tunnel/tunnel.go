@@ -195,20 +195,13 @@ type routeDialer struct {
 }
 
 func (r routeDialer) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
-	dst, err := netip.ParseAddrPort(address)
-	if err != nil {
-		return nil, err
-	}
-	if r.t.Node.Contains(dst.Addr()) {
-		return r.local(ctx, network, address)
-	}
-	// No round trip before the first byte: the relay sends at once, and
-	// a refusal reaches the app as a reset all the same.
-	return r.t.Client.Open(ctx, network, address)
+	return r.DialEarly(ctx, network, address, nil)
 }
 
 // DialEarly is DialContext with the connection's first bytes: through the
-// tunnel they go with the header.
+// tunnel they go with the header. Through the tunnel there is no round
+// trip before the first byte either way: the relay sends at once, and a
+// refusal reaches the app as a reset all the same.
 func (r routeDialer) DialEarly(ctx context.Context, network, address string, first []byte) (net.Conn, error) {
 	dst, err := netip.ParseAddrPort(address)
 	if err != nil {
