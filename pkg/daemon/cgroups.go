@@ -204,7 +204,7 @@ func (d *daemon) checkCgroups() {
 	// The namespaces of processes already in a new cgroup get their
 	// listeners before connect4 is attached there (enrol's rule); a scan
 	// that takes too long only delays that, capture is gated per namespace.
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), memberScanTimeout)
 	d.members.Scan(ctx)
 	cancel()
 	// A cgroup that changes again meanwhile is attached as it is now, and

@@ -494,16 +494,29 @@ func (d *daemon) wanted() []string {
 // and for pods that join or leave. Open connections are left alone.
 func (d *daemon) applyEnrolment(c config.Capture) error {
 	enrolled := d.wanted()
-	// The namespaces of new cgroups get their listeners before connect4 is
-	// attached to them (capture is gated on the listeners anyway).
-	d.members.SetCgroups(enrolled)
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	d.members.Scan(ctx)
-	cancel()
+	d.setMembers(enrolled)
 	if err := d.attachCapture(enrolled, c); err != nil {
 		return fmt.Errorf("applying [capture]: %w", err)
 	}
 	return nil
+}
+
+// memberScanTimeout bounds how long enrolment waits for the namespaces of
+// newly enrolled cgroups to get their listeners before capture is attached
+// there. Past it capture is attached all the same: it is gated per
+// namespace, so on_failure decides there until the listener is up.
+const memberScanTimeout = 5 * time.Second
+
+// setMembers hands the enrolled cgroups to the namespace tracker and waits
+// until their namespaces are served: capture attached to the cgroups next
+// finds a listener in each (enrol's rule: listeners before connect4).
+func (d *daemon) setMembers(enrolled []string) {
+	ctx, cancel := context.WithTimeout(context.Background(), memberScanTimeout)
+	defer cancel()
+	if err := d.members.SetCgroups(ctx, enrolled); err != nil {
+		d.log.Warn().Err(err).Msg("the enrolled cgroups' namespaces are not all served yet; " +
+			"capture is attached to the cgroups anyway, and on_failure decides in those namespaces until they are")
+	}
 }
 
 // namespaceCounts reads the namespace metrics at scrape time.

@@ -101,8 +101,8 @@ func (d *daemon) apply(next config.Config) error {
 		// The new cgroups' namespaces get their listeners before connect4
 		// is attached to them.
 		{"the enrolled cgroups' namespaces",
-			func() error { d.members.SetCgroups(enrolled); return nil },
-			func() { d.members.SetCgroups(prevEnrolled) }},
+			func() error { d.setMembers(enrolled); return nil },
+			func() { d.setMembers(prevEnrolled) }},
 		// Last, for it is the one that can fail; it changes all or nothing
 		// itself.
 		{"[capture]",

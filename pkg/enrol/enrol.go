@@ -80,7 +80,7 @@ type Tracker struct {
 	watched map[string]bool
 	kick    chan struct{}         // a scan is wanted
 	addrs   chan *Namespace       // a namespace's addresses changed
-	cgroups chan []string         // SetCgroups
+	cgroups chan setCgroups       // SetCgroups
 	done    chan struct{}         // closed when Run returns
 	roots   []string              // owned by Run
 	own     *Namespace            // smeshd's own namespace
@@ -104,7 +104,7 @@ func New(o Options) (_ *Tracker, err error) {
 		watched: make(map[string]bool),
 		kick:    make(chan struct{}, 1),
 		addrs:   make(chan *Namespace, 64),
-		cgroups: make(chan []string),
+		cgroups: make(chan setCgroups),
 		done:    make(chan struct{}),
 		roots:   slices.Clone(o.Cgroups),
 		scanned: make(chan struct{}),
@@ -145,9 +145,10 @@ func (t *Tracker) Run(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
-		case roots := <-t.cgroups:
-			t.roots = roots
+		case req := <-t.cgroups:
+			t.roots = req.roots
 			t.scan()
+			close(req.scanned)
 		case <-t.kick:
 			t.scan()
 		case <-t.o.Wake:
@@ -170,14 +171,37 @@ func (t *Tracker) Run(ctx context.Context) {
 	}
 }
 
-// SetCgroups replaces the enrolled cgroups (a reload) and scans them.
+// setCgroups is a SetCgroups request: Run closes scanned once it has scanned
+// the new roots.
+type setCgroups struct {
+	roots   []string
+	scanned chan struct{}
+}
+
+// SetCgroups replaces the enrolled cgroups (a reload, a pod that joins or
+// leaves) and waits until they have been scanned: when it returns nil, every
+// namespace a process of theirs lives in has been served (or has failed to
+// be, which is logged), so capture can be attached to them next. On ctx's
+// end it stops waiting; the cgroups are replaced all the same.
 // It must not be called after Run returned.
-func (t *Tracker) SetCgroups(cgroups []string) {
+func (t *Tracker) SetCgroups(ctx context.Context, cgroups []string) error {
+	req := setCgroups{slices.Clone(cgroups), make(chan struct{})}
 	select {
-	case t.cgroups <- slices.Clone(cgroups):
+	case t.cgroups <- req:
 	case <-t.done:
+		return errTrackerStopped
+	}
+	select {
+	case <-req.scanned:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.done:
+		return errTrackerStopped
 	}
 }
+
+var errTrackerStopped = errors.New("enrol: tracker stopped")
 
 // Scan asks for a scan and waits until one has finished.
 func (t *Tracker) Scan(ctx context.Context) error {
@@ -194,7 +218,7 @@ func (t *Tracker) Scan(ctx context.Context) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	case <-t.done:
-		return errors.New("enrol: tracker stopped")
+		return errTrackerStopped
 	}
 }
 
