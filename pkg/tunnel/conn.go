@@ -38,6 +38,7 @@ type link struct {
 	policy    *IdentityPolicy
 	leaf      *x509.Certificate
 	idleSince time.Time
+	peek      *peeker // for alive, made at its first call
 
 	// v2 frames being read (by one goroutine at a time): data bytes left
 	// in the current 'D' frame, and the frame header.

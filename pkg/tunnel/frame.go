@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"syscall"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -163,21 +165,50 @@ func unexpected(err error) error {
 // alive reports whether an idle pooled link can carry another tunnelled
 // connection: nothing may arrive on one (a peer that retires it sends
 // close_notify, one that died a FIN or a reset), so anything readable, an
-// end or an error means no. One recv(MSG_PEEK|MSG_DONTWAIT), no waiting.
+// end or an error means no.
 func (c *link) alive() bool {
 	if c.raw.rbuf != nil || c.raw.eof.Load() {
 		return false
 	}
-	sc, err := c.raw.TCPConn.SyscallConn()
-	if err != nil {
-		return false
+	if c.peek == nil {
+		sc, err := c.raw.TCPConn.SyscallConn()
+		if err != nil {
+			return false
+		}
+		c.peek = newPeeker(sc)
 	}
-	ok := false
-	err = sc.Read(func(fd uintptr) bool {
-		var b [1]byte
-		n, _, rerr := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		ok = n <= 0 && rerr == unix.EAGAIN
+	wait, looked := c.peek.look()
+	return looked && wait
+}
+
+// peeker looks whether a read of a socket would return at once, without
+// reading: one recv(MSG_PEEK|MSG_DONTWAIT), no waiting. It is made once per
+// socket, so that a look allocates nothing.
+type peeker struct {
+	rc    syscall.RawConn
+	fn    func(fd uintptr) bool
+	b     [1]byte
+	errno syscall.Errno
+}
+
+func newPeeker(rc syscall.RawConn) *peeker {
+	p := &peeker{rc: rc}
+	p.fn = func(fd uintptr) bool {
+		// recvfrom(2) without an address: unix.Recvfrom would allocate
+		// one for every call.
+		_, _, p.errno = unix.Syscall6(unix.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&p.b[0])), 1,
+			unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
 		return true
-	})
-	return err == nil && ok
+	}
+	return p
+}
+
+// look reports whether a read would wait: nothing to read, no end of
+// stream, no error. looked is false when the socket could not be asked
+// (it is closed).
+func (p *peeker) look() (wait, looked bool) {
+	if err := p.rc.Read(p.fn); err != nil {
+		return false, false
+	}
+	return p.errno == unix.EAGAIN, true
 }

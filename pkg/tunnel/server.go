@@ -504,7 +504,9 @@ func (s *Server) relay(ctx context.Context, raw *rawConn, l *link, dst netip.Add
 		// end, and cross the tunnel with them: one wake-up of the client's
 		// node instead of two.
 		ss = &serverStream{l: l}
-		ss.local, _ = up.SyscallConn()
+		if rc, err := up.SyscallConn(); err == nil {
+			ss.local = newPeeker(rc)
+		}
 		l.raw.startBatch()
 		_, err = l.tls.Write(status)
 		ss.flush.Store(time.AfterFunc(statusDelay, func() { l.raw.flushBatch() }))

@@ -9,10 +9,7 @@ import (
 	"net/netip"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // Conn is a tunnelled connection opened by a Client: a proxy.Conn for the
@@ -322,7 +319,7 @@ func (c *Conn) again(old *link) error {
 // the tunnel in one send, and wake the client's node once.
 type serverStream struct {
 	l     *link
-	local syscall.RawConn // the local end, to look for more to read
+	local *peeker // the local end, to look for more to read
 	// flush sends the batch the status opened after at most statusDelay
 	// (see Server.relay), unless a write sent it first.
 	flush   atomic.Pointer[time.Timer] // Abort may stop it from the other direction
@@ -375,14 +372,8 @@ func (s *serverStream) more() bool {
 	if s.local == nil {
 		return false
 	}
-	ready := false
-	s.local.Read(func(fd uintptr) bool {
-		var b [1]byte
-		_, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		ready = err != unix.EAGAIN
-		return true
-	})
-	return ready
+	wait, looked := s.local.look()
+	return looked && !wait
 }
 
 func (s *serverStream) CloseWrite() error {

@@ -820,35 +820,43 @@ func TestRotation(t *testing.T) {
 }
 
 // TestRelayAllocations: the relay and the tunnel connection allocate
-// nothing per read. 64 MiB are 4096 TLS records, and the server's relay
-// reads at most one record per read. crypto/tls itself allocates a small
-// reader per socket read (about one per two records here); anything of ours
-// that allocated per read would add at least one per record on top.
+// nothing per read or write, in either direction: 4096 round trips of one
+// TLS record (16 KiB) each way. crypto/tls itself allocates a small reader
+// per socket read, two per round trip (one at each end); anything of ours
+// that allocated per read or per write would add at least 4096 on top.
+// (The server's look for more to read allocated twice per write.)
 func TestRelayAllocations(t *testing.T) {
 	if raceEnabled {
 		t.Skip("allocation counts are meaningless under the race detector")
 	}
 	h := newHarness(t, nil)
 	c := h.client(t, "a")
-	conn := h.dial(t, c, 'S')
-	chunk := make([]byte, 64<<10)
-	conn.Write(chunk) // warm up buffers on both sides
-	var before, after runtime.MemStats
-	runtime.ReadMemStats(&before)
-	for range 1024 {
+	conn := h.dial(t, c, 'E')
+	chunk := make([]byte, 16<<10)
+	echo := make([]byte, len(chunk))
+	roundTrip := func() {
+		t.Helper()
 		if _, err := conn.Write(chunk); err != nil {
 			t.Fatal(err)
 		}
+		if _, err := io.ReadFull(conn, echo); err != nil {
+			t.Fatal(err)
+		}
 	}
-	conn.CloseWrite()
-	ans, err := io.ReadAll(conn)
+	roundTrip() // warm up buffers on both sides
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	for range 4096 {
+		roundTrip()
+	}
 	runtime.ReadMemStats(&after)
-	if err != nil || len(ans) != 40 {
-		t.Fatalf("answer: %d bytes, %v", len(ans), err)
+	conn.CloseWrite()
+	if rest, err := io.ReadAll(conn); err != nil || len(rest) != 0 {
+		t.Fatalf("after the echo: %d bytes more, %v", len(rest), err)
 	}
 	t.Logf("%d allocations", after.Mallocs-before.Mallocs)
-	if n := after.Mallocs - before.Mallocs; n > 4096 {
-		t.Errorf("%d allocations while relaying 64 MiB through the tunnel", n)
+	if n := after.Mallocs - before.Mallocs; n > 2*4096+512 {
+		t.Errorf("%d allocations in 4096 round trips through the tunnel", n)
 	}
 }
 
