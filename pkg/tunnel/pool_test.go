@@ -566,7 +566,9 @@ func listenQueue(port uint16) (int, error) {
 }
 
 // TestCloseWhileAccepting: Close may come while connections are being
-// accepted (the WaitGroup's Add never races its Wait: run with -race).
+// accepted: Serve and Close return, and no accepted connection is left
+// open. (That the WaitGroup's Add never races its Wait, the race detector
+// checks: run with -race.)
 func TestCloseWhileAccepting(t *testing.T) {
 	h := newHarness(t, nil)
 	for range 20 {
@@ -576,7 +578,8 @@ func TestCloseWhileAccepting(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		go s.Serve(context.Background())
+		served := make(chan error, 1)
+		go func() { served <- s.Serve(context.Background()) }()
 		var wg sync.WaitGroup
 		for range 10 {
 			wg.Go(func() {
@@ -586,9 +589,28 @@ func TestCloseWhileAccepting(t *testing.T) {
 			})
 		}
 		time.Sleep(time.Millisecond)
-		s.Close()
+		closed := make(chan error, 1)
+		go func() { closed <- s.Close() }()
+		for what, ch := range map[string]chan error{"Close": closed, "Serve": served} {
+			select {
+			case err := <-ch:
+				if what == "Close" && err != nil {
+					t.Errorf("Close: %v", err)
+				}
+			case <-time.After(5 * time.Second):
+				t.Fatalf("%s did not return after Close", what)
+			}
+		}
 		wg.Wait()
-		s.Close()
+		s.mu.Lock()
+		open := len(s.conns)
+		s.mu.Unlock()
+		if open != 0 {
+			t.Fatalf("%d accepted connections still open after Close", open)
+		}
+		if err := s.Close(); err != nil {
+			t.Errorf("second Close: %v", err)
+		}
 	}
 }
 
