@@ -105,3 +105,25 @@ func TestCheckAsStart(t *testing.T) {
 		})
 	}
 }
+
+// TestCheckGoesOnPastEmptyNodeName: with [kubernetes] enabled and the node
+// name's variable empty, check says so and still checks the kernel.
+func TestCheckGoesOnPastEmptyNodeName(t *testing.T) {
+	if _, err := testenv.Cgroup2Mount(); err != nil {
+		testenv.SkipOrFail(t, "%v", err)
+	}
+	conf := "[tunnel.tls]\nmode = \"disabled\"\n[kubernetes]\nenabled = true\nnode_name_env = \"SMESH_TEST_UNSET_NODE\"\n"
+	path := filepath.Join(t.TempDir(), "smesh.toml")
+	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("SMESH_TEST_UNSET_NODE", "")
+	var out, errOut bytes.Buffer
+	err := run(context.Background(), []string{"check", "-c", path}, &out, &errOut, nil)
+	if err == nil || !strings.Contains(err.Error(), "$SMESH_TEST_UNSET_NODE is empty") {
+		t.Errorf("check's error does not name the empty variable: %v", err)
+	}
+	if !strings.Contains(out.String(), "kernel: Linux ") || !strings.Contains(out.String(), "datapath mode: ") {
+		t.Errorf("check stopped at the empty variable:\n%s", out.String())
+	}
+}

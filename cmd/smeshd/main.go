@@ -220,7 +220,12 @@ func check(cfgPath string, out io.Writer) error {
 	} else {
 		for _, p := range cgs.Paths {
 			note := "ok"
-			if slices.Contains(cgs.Missing, p) {
+			switch {
+			case !slices.Contains(cgs.Missing, p):
+			case daemon.SystemdOwnsCgroups():
+				note = "missing: systemd owns the cgroup tree here, so smeshd does not create it; " +
+					"nothing is captured there until it exists (start its slice, or a unit in it)"
+			default:
 				note = "missing: smeshd creates it at start"
 			}
 			fmt.Fprintf(out, "cgroup %s: %s\n", p, note)
@@ -239,9 +244,10 @@ func check(cfgPath string, out io.Writer) error {
 	if k := cfg.Kubernetes; k.Enabled {
 		node := os.Getenv(k.NodeNameEnv)
 		if node == "" {
-			return fmt.Errorf("kubernetes.node_name_env: $%s is empty (the DaemonSet sets it from spec.nodeName)", k.NodeNameEnv)
+			errs = append(errs, fmt.Errorf("kubernetes.node_name_env: $%s is empty (the DaemonSet sets it from spec.nodeName)", k.NodeNameEnv))
+		} else {
+			fmt.Fprintf(out, "kubernetes: pods of node %s labelled %s (or in a namespace labelled so)\n", node, k.Label)
 		}
-		fmt.Fprintf(out, "kubernetes: pods of node %s labelled %s (or in a namespace labelled so)\n", node, k.Label)
 	}
 	fmt.Fprintf(out, "kernel: Linux %s\n", datapath.KernelRelease())
 	features := datapath.Probe()

@@ -36,11 +36,11 @@ const cgroupCheckInterval = 5 * time.Second
 // systemdRuntimeDir exists when systemd is the init system (sd_booted(3)).
 const systemdRuntimeDir = "/run/systemd/system"
 
-// systemdOwnsCgroups reports whether systemd manages the cgroup tree. It
+// SystemdOwnsCgroups reports whether systemd manages the cgroup tree. It
 // then owns every cgroup outside the subtrees it delegates: smeshd must not
 // create one (systemd's "single writer" rule; a slice is made by starting
 // it), only wait for it to appear.
-func systemdOwnsCgroups() bool {
+func SystemdOwnsCgroups() bool {
 	_, err := os.Stat(systemdRuntimeDir)
 	return err == nil
 }

@@ -550,7 +550,7 @@ func (d *daemon) enroll(cfg config.Config) (enrolled, created []string, err erro
 			return nil, nil, fmt.Errorf("capture.cgroups: %s contains smeshd's own cgroup %s: smeshd would capture itself", cg, d.own)
 		}
 	}
-	if systemdOwnsCgroups() {
+	if SystemdOwnsCgroups() {
 		return cgs.Paths, nil, nil
 	}
 	for _, cg := range cgs.Missing {
