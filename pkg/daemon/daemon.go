@@ -250,7 +250,7 @@ func Run(ctx context.Context, opts Options) (err error) {
 			d.drain()
 			return nil
 		case <-podsChanged:
-			if err := d.applyEnrolment(d.cfg.Capture); err != nil {
+			if err := d.enrolPods(); err != nil {
 				d.log.Error().Err(err).Msg("enrolling this node's pods in the mesh")
 			}
 		case <-certCheck.C:
@@ -489,13 +489,19 @@ func (d *daemon) wanted() []string {
 	return out
 }
 
-// applyEnrolment hands the cgroups in the mesh to the namespace tracker,
-// then to the data path with the capture rules c: the one path for reloads
-// and for pods that join or leave. Open connections are left alone.
-func (d *daemon) applyEnrolment(c config.Capture) error {
+// enrolPods puts the cgroups in the mesh in force after this node's pods
+// changed: their namespaces get listeners first (setMembers), then the
+// capture is attached to them. A reload does the same in its switch
+// (apply). Open connections are left alone.
+func (d *daemon) enrolPods() error {
 	enrolled := d.wanted()
+	if slices.Equal(enrolled, d.enrolled) && d.captureErr == nil {
+		// No pod joined or left the mesh (the watcher's first set, for
+		// one, was enrolled at start).
+		return nil
+	}
 	d.setMembers(enrolled)
-	if err := d.attachCapture(enrolled, c); err != nil {
+	if err := d.attachCapture(enrolled, d.cfg.Capture); err != nil {
 		return fmt.Errorf("applying [capture]: %w", err)
 	}
 	return nil

@@ -27,7 +27,10 @@ type nsService struct {
 }
 
 func (s *nsService) SetAddrs(addrs []netip.Addr) { s.local.Set(addrs) }
-func (s *nsService) Ready() (v4, v6 bool)        { return true, s.ready6 }
+
+// Ready: v4 always, for an nsService exists only once its IPv4 outbound
+// listener is open (openListeners requires it).
+func (s *nsService) Ready() (v4, v6 bool) { return true, s.ready6 }
 
 func (s *nsService) Close() error {
 	for _, stop := range s.stops {
