@@ -156,17 +156,9 @@ func Load(opts Options) (_ *Datapath, err error) {
 func (d *Datapath) load(opts Options, proxyCgroupID uint64) error {
 	// sock_ops is loaded first: its maps are the shared instances the other
 	// objects reuse.
-	spec, err := sockops.LoadSockops()
+	spec, err := sockopsSpec(opts)
 	if err != nil {
-		return fmt.Errorf("loading sockops spec: %w", err)
-	}
-	spec.Maps["smesh_sockhash"].MaxEntries = opts.MapSize
-	spec.Maps["smesh_orig_dst"].MaxEntries = opts.MapSize
-	if err := spec.Variables["splice"].Set(opts.Mode == ModeSplice); err != nil {
-		return fmt.Errorf("setting sockops splice: %w", err)
-	}
-	if err := spec.Variables["splice_proxy_hops"].Set(opts.SpliceProxyHops); err != nil {
-		return fmt.Errorf("setting sockops splice_proxy_hops: %w", err)
+		return err
 	}
 	if err := spec.LoadAndAssign(&d.sockops, d.pinOptions(spec)); err != nil {
 		return fmt.Errorf("loading sockops: %w", d.loadError(err))
@@ -182,15 +174,9 @@ func (d *Datapath) load(opts Options, proxyCgroupID uint64) error {
 		"smesh_netns":    d.sockops.SmeshNetns,
 	}
 
-	cspec, err := connect.LoadConnect()
+	cspec, err := connectSpec(opts, proxyCgroupID)
 	if err != nil {
-		return fmt.Errorf("loading connect spec: %w", err)
-	}
-	if err := setConnectVars(cspec, opts, proxyCgroupID); err != nil {
 		return err
-	}
-	if err := cspec.Variables["fail_closed"].Set(opts.FailClosed); err != nil {
-		return fmt.Errorf("setting connect fail_closed: %w", err)
 	}
 	copts := d.pinOptions(cspec)
 	copts.MapReplacements = sharedFor(cspec, shared)
@@ -240,6 +226,40 @@ func loadSkmsg(limit uint32, shared map[string]*ebpf.Map) (*ebpf.Program, error)
 		return nil, fmt.Errorf("loading sk_msg: %w", err)
 	}
 	return objs.Prog, nil
+}
+
+// sockopsSpec is the sock_ops object as opts loads it: map sizes and
+// load-time constants set (Load, and the probes with small maps).
+func sockopsSpec(opts Options) (*ebpf.CollectionSpec, error) {
+	spec, err := sockops.LoadSockops()
+	if err != nil {
+		return nil, fmt.Errorf("loading sockops spec: %w", err)
+	}
+	spec.Maps["smesh_sockhash"].MaxEntries = opts.MapSize
+	spec.Maps["smesh_orig_dst"].MaxEntries = opts.MapSize
+	if err := spec.Variables["splice"].Set(opts.Mode == ModeSplice); err != nil {
+		return nil, fmt.Errorf("setting sockops splice: %w", err)
+	}
+	if err := spec.Variables["splice_proxy_hops"].Set(opts.SpliceProxyHops); err != nil {
+		return nil, fmt.Errorf("setting sockops splice_proxy_hops: %w", err)
+	}
+	return spec, nil
+}
+
+// connectSpec is the connect object (connect4/6, getpeername4/6,
+// getsockopt) as opts loads it (Load, and the probes).
+func connectSpec(opts Options, proxyCgroupID uint64) (*ebpf.CollectionSpec, error) {
+	spec, err := connect.LoadConnect()
+	if err != nil {
+		return nil, fmt.Errorf("loading connect spec: %w", err)
+	}
+	if err := setConnectVars(spec, opts, proxyCgroupID); err != nil {
+		return nil, err
+	}
+	if err := spec.Variables["fail_closed"].Set(opts.FailClosed); err != nil {
+		return nil, fmt.Errorf("setting connect fail_closed: %w", err)
+	}
+	return spec, nil
 }
 
 // setConnectVars sets the load-time constants of the capture decision

@@ -12,9 +12,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
-	"github.com/smesh-dev/smesh/bpf/connect"
 	"github.com/smesh-dev/smesh/bpf/skmsg"
-	"github.com/smesh-dev/smesh/bpf/sockops"
 	"github.com/smesh-dev/smesh/pkg/cgroups"
 )
 
@@ -123,7 +121,7 @@ func probe(programs bool) []Feature {
 		// failure is reported with the verifier's own reason.
 		add("program smesh_sockops (sock_ops: fills the sockhash; Linux 5.15+)", "capture",
 			probeSockops())
-		cspec, specErr := connect.LoadConnect()
+		cspec, specErr := connectSpec(probeOptions, 1)
 		for _, p := range []struct{ name, what string }{
 			{"smesh_connect4", "cgroup/connect4: capture"},
 			{"smesh_connect6", "cgroup/connect6: capture of IPv6 and dual-stack sockets"},
@@ -172,17 +170,24 @@ func shrinkMaps(spec *ebpf.CollectionSpec) {
 	}
 }
 
-// probeSockops loads smesh_sockops as Load does (splicing), with maps of
-// its own.
+// probeOptions are the options the probes load smesh's programs with: as
+// smeshd loads them in splice mode with the shipped defaults (every hop
+// spliced), but with small maps.
+var probeOptions = Options{
+	Mode:            ModeSplice,
+	SpliceProxyHops: true,
+	MapSize:         probeMapSize,
+	ProxyAddr:       netip.MustParseAddrPort("127.0.0.1:18000"),
+	ProxyAddr6:      netip.MustParseAddrPort("[::1]:18000"),
+}
+
+// probeSockops loads smesh_sockops as Load does, with maps of its own.
 func probeSockops() error {
-	spec, err := sockops.LoadSockops()
+	spec, err := sockopsSpec(probeOptions)
 	if err != nil {
-		return fmt.Errorf("loading sockops spec: %w", err)
-	}
-	shrinkMaps(spec)
-	if err := spec.Variables["splice"].Set(true); err != nil {
 		return err
 	}
+	shrinkMaps(spec)
 	var objs struct {
 		Prog *ebpf.Program `ebpf:"smesh_sockops"`
 	}
@@ -197,10 +202,6 @@ func probeSockops() error {
 func probeConnect(cspec *ebpf.CollectionSpec, name string) error {
 	spec := onlyProgram(cspec, name)
 	shrinkMaps(spec)
-	opts := Options{ProxyAddr: netip.MustParseAddrPort("127.0.0.1:18000")}
-	if err := setConnectVars(spec, opts, 1); err != nil {
-		return err
-	}
 	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{})
 	if err != nil {
 		return explainLoadError(err)
