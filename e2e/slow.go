@@ -9,8 +9,8 @@ import (
 	"net"
 	"syscall"
 	"time"
-	"unsafe"
 
+	"github.com/smesh-dev/smesh/pkg/sockmem"
 	"golang.org/x/sys/unix"
 )
 
@@ -40,29 +40,6 @@ func patternAt(buf []byte, off int64) {
 	}
 }
 
-// memInfo returns the receive memory and the send queue a socket holds,
-// and its receive buffer size (what TCP's own flow control lets it hold).
-func memInfo(c *net.TCPConn) (rmem, wqueued, rcvbuf int64) {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return -1, -1, -1
-	}
-	var mi [unix.SK_MEMINFO_VARS]uint32
-	var serr error
-	rc.Control(func(fd uintptr) {
-		l := uint32(len(mi) * 4)
-		_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, fd, unix.SOL_SOCKET, unix.SO_MEMINFO,
-			uintptr(unsafe.Pointer(&mi[0])), uintptr(unsafe.Pointer(&l)), 0)
-		if e != 0 {
-			serr = e
-		}
-	})
-	if serr != nil {
-		return -1, -1, -1
-	}
-	return int64(mi[unix.SK_MEMINFO_RMEM_ALLOC]), int64(mi[unix.SK_MEMINFO_WMEM_QUEUED]), int64(mi[unix.SK_MEMINFO_RCVBUF])
-}
-
 // serveSlow is the server's side of cmdSlow.
 func serveSlow(c *net.TCPConn, say func(string, ...any)) {
 	var req [6]byte
@@ -89,8 +66,9 @@ func serveSlow(c *net.TCPConn, say func(string, ...any)) {
 		} else {
 			n, err = c.Read(buf)
 		}
-		rmem, _, rcvbuf := memInfo(c)
-		maxRmem, maxOver = max(maxRmem, rmem), max(maxOver, rmem-rcvbuf)
+		if m, err := sockmem.Read(c); err == nil {
+			maxRmem, maxOver = max(maxRmem, m.RmemAlloc), max(maxOver, m.RmemAlloc-m.Rcvbuf)
+		}
 		if n > 0 && bad < 0 {
 			patternAt(want[:n], got)
 			if !bytes.Equal(buf[:n], want[:n]) {
@@ -181,8 +159,9 @@ func slowWrite(addr string, n int64, mode byte, stall byte, pause time.Duration)
 		patternAt(buf[:k], off)
 		w, err := c.Write(buf[:k])
 		off += int64(w)
-		_, wq, _ := memInfo(c)
-		mem.wqueued = max(mem.wqueued, wq)
+		if mi, err := sockmem.Read(c); err == nil {
+			mem.wqueued = max(mem.wqueued, mi.WmemQueued)
+		}
 		if err != nil {
 			if errors.Is(err, syscall.ENOMEM) {
 				return mem, fmt.Errorf("write at offset %d: ENOMEM: the kernel ran out of TCP memory", off)

@@ -5,12 +5,12 @@ import (
 	"fmt"
 	"net"
 	"time"
-	"unsafe"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/link"
+	"github.com/smesh-dev/smesh/pkg/sockmem"
 	"golang.org/x/sys/unix"
 )
 
@@ -139,11 +139,11 @@ func redirectedBytesCharged() (bool, error) {
 	} else if sent > 0 {
 		return false, fmt.Errorf("the sk_msg redirect did not take the bytes: TCP sent %d", sent)
 	}
-	rmem, err := rmemAlloc(receiver)
+	mem, err := sockmem.Read(receiver)
 	if err != nil {
 		return false, err
 	}
-	return rmem >= chargeProbeBytes/2, nil
+	return mem.RmemAlloc >= chargeProbeBytes/2, nil
 }
 
 // bytesSent is TCP_INFO's tcpi_bytes_sent: what TCP itself transmitted.
@@ -172,34 +172,4 @@ func connFD(c *net.TCPConn) (int, error) {
 	var fd int
 	err = rc.Control(func(f uintptr) { fd = int(f) })
 	return fd, err
-}
-
-// rmemAlloc is a socket's sk_rmem_alloc, as SO_MEMINFO reports it.
-func rmemAlloc(c *net.TCPConn) (int64, error) {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return 0, err
-	}
-	var mi [unix.SK_MEMINFO_VARS]uint32
-	var serr error
-	err = rc.Control(func(fd uintptr) {
-		serr = getsockoptMeminfo(int(fd), &mi)
-	})
-	if err == nil {
-		err = serr
-	}
-	if err != nil {
-		return 0, fmt.Errorf("SO_MEMINFO: %w", err)
-	}
-	return int64(mi[unix.SK_MEMINFO_RMEM_ALLOC]), nil
-}
-
-func getsockoptMeminfo(fd int, mi *[unix.SK_MEMINFO_VARS]uint32) error {
-	l := uint32(len(mi) * 4)
-	_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_MEMINFO,
-		uintptr(unsafe.Pointer(&mi[0])), uintptr(unsafe.Pointer(&l)), 0)
-	if e != 0 {
-		return e
-	}
-	return nil
 }
