@@ -1,7 +1,6 @@
 package deploy
 
 import (
-	"bufio"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -14,8 +13,6 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/prometheus/common/expfmt"
-	"github.com/prometheus/common/model"
 	"golang.org/x/sys/unix"
 
 	"github.com/smesh-dev/smesh/pkg/testenv"
@@ -694,35 +691,7 @@ func (s *systemd) metric(name string, labels map[string]string) float64 {
 	if code != 200 {
 		s.t.Fatalf("/metrics: %d %s", code, text)
 	}
-	parser := expfmt.NewTextParser(model.UTF8Validation)
-	families, err := parser.TextToMetricFamilies(bufio.NewReader(strings.NewReader(text)))
-	if err != nil {
-		s.t.Fatalf("/metrics does not parse: %v", err)
-	}
-	f, ok := families[name]
-	if !ok {
-		s.t.Fatalf("/metrics has no %s", name)
-	}
-metrics:
-	for _, m := range f.GetMetric() {
-		n := 0
-		for _, l := range m.GetLabel() {
-			if v, ok := labels[l.GetName()]; ok {
-				if v != l.GetValue() {
-					continue metrics
-				}
-				n++
-			}
-		}
-		if n != len(labels) {
-			continue
-		}
-		if c := m.GetCounter(); c != nil {
-			return c.GetValue()
-		}
-		return m.GetGauge().GetValue()
-	}
-	return -1
+	return testenv.Metric(s.t, text, name, labels)
 }
 
 // attached counts the programs of type typ on a cgroup of the container,

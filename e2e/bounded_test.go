@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+
+	"github.com/smesh-dev/smesh/pkg/testenv"
 )
 
 // spliceQueueLimit is [datapath] splice_queue_limit's default.
@@ -68,11 +70,11 @@ func TestBoundedSplice(t *testing.T) {
 	}
 	t.Run("demotions in the metrics", func(t *testing.T) {
 		_, m := n.admin("/metrics")
-		if v := metric(t, m, "smesh_splice_demotions_total", nil); v < 4 {
+		if v := testenv.Metric(t, m, "smesh_splice_demotions_total", nil); v < 4 {
 			t.Errorf("smesh_splice_demotions_total = %v, want the 4 demotions above at least", v)
 		}
 		// Into those readers most of each 512 MiB went by TCP.
-		if v := metric(t, m, "smesh_splice_demoted_bytes_total", map[string]string{"direction": "tx"}); v < 4*size/2 {
+		if v := testenv.Metric(t, m, "smesh_splice_demoted_bytes_total", map[string]string{"direction": "tx"}); v < 4*size/2 {
 			t.Errorf("smesh_splice_demoted_bytes_total{direction=tx} = %v, want at least %d", v, 4*size/2)
 		}
 	})

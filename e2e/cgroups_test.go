@@ -21,7 +21,7 @@ func TestEnrolledCgroupRemovedAndMadeAgain(t *testing.T) {
 	}
 	metricIs := func(name string, labels map[string]string, want float64) bool {
 		_, text := a.admin("/metrics")
-		return metric(t, text, name, labels) == want
+		return testenv.Metric(t, text, name, labels) == want
 	}
 	waitFor := func(what string, cond func() bool) {
 		t.Helper()

@@ -48,7 +48,7 @@ func TestDualStackAcrossNodes(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			_, m := n1.admin("/metrics")
-			before := metric(t, m, "smesh_connections_total", map[string]string{"path": "tunnel_out"})
+			before := testenv.Metric(t, m, "smesh_connections_total", map[string]string{"path": "tunnel_out"})
 			saw, local := n1.podPeer(a, c.addr)
 			if saw == local || saw.Addr().Unmap() != c.want {
 				t.Errorf("server saw %s (client %s): want smeshd delivering from inside pod b, from %s", saw, local, c.want)
@@ -56,7 +56,7 @@ func TestDualStackAcrossNodes(t *testing.T) {
 			n1.podClient(a, "oneway", c.addr, fmt.Sprint(16<<20))
 			n1.podClient(a, "echo", c.addr, fmt.Sprint(4<<20))
 			_, m = n1.admin("/metrics")
-			if v := metric(t, m, "smesh_connections_total", map[string]string{"path": "tunnel_out"}); v < before+3 {
+			if v := testenv.Metric(t, m, "smesh_connections_total", map[string]string{"path": "tunnel_out"}); v < before+3 {
 				t.Errorf("node 1 counted %v tunnelled connections, want at least %v", v, before+3)
 			}
 		})

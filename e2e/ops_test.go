@@ -12,9 +12,6 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	dto "github.com/prometheus/client_model/go"
-	"github.com/prometheus/common/expfmt"
-	"github.com/prometheus/common/model"
 	"golang.org/x/sys/unix"
 
 	"github.com/smesh-dev/smesh/pkg/testenv"
@@ -47,40 +44,6 @@ func (n *node) admin(path string) (int, string) {
 	return c, body
 }
 
-// metric returns the value of the series of family name whose labels
-// include want, or -1.
-func metric(t *testing.T, text, name string, want map[string]string) float64 {
-	t.Helper()
-	parser := expfmt.NewTextParser(model.UTF8Validation)
-	families, err := parser.TextToMetricFamilies(strings.NewReader(text))
-	if err != nil {
-		t.Fatalf("/metrics does not parse: %v", err)
-	}
-	f, ok := families[name]
-	if !ok {
-		t.Fatalf("/metrics has no %s", name)
-	}
-	for _, m := range f.GetMetric() {
-		if labelsMatch(m, want) {
-			if c := m.GetCounter(); c != nil {
-				return c.GetValue()
-			}
-			return m.GetGauge().GetValue()
-		}
-	}
-	return -1
-}
-
-func labelsMatch(m *dto.Metric, want map[string]string) bool {
-	n := 0
-	for _, l := range m.GetLabel() {
-		if v, ok := want[l.GetName()]; ok && v == l.GetValue() {
-			n++
-		}
-	}
-	return n == len(want)
-}
-
 // TestAdminAndMetrics: once smeshd says it is ready, /readyz says so too,
 // and /metrics (Prometheus text) counts the traffic that went through.
 func TestAdminAndMetrics(t *testing.T) {
@@ -96,21 +59,21 @@ func TestAdminAndMetrics(t *testing.T) {
 	a.client(a.enrolled, "oneway", "127.0.0.1:9000", "2000000")
 
 	_, text := a.admin("/metrics")
-	if v := metric(t, text, "smesh_connections_total", map[string]string{"path": "tunnel_out"}); v < 1 {
+	if v := testenv.Metric(t, text, "smesh_connections_total", map[string]string{"path": "tunnel_out"}); v < 1 {
 		t.Errorf("smesh_connections_total{path=tunnel_out} = %v, want >= 1", v)
 	}
-	if v := metric(t, text, "smesh_bytes_total", map[string]string{"path": "tunnel_out", "direction": "tx"}); v < 1000000 {
+	if v := testenv.Metric(t, text, "smesh_bytes_total", map[string]string{"path": "tunnel_out", "direction": "tx"}); v < 1000000 {
 		t.Errorf("smesh_bytes_total{path=tunnel_out,direction=tx} = %v, want >= 1000000", v)
 	}
 	// Spliced: the same-node transfer, and the app <-> smeshd hop of the
 	// tunnelled one.
-	if v := metric(t, text, "smesh_bytes_total", map[string]string{"path": "splice", "direction": "tx"}); v < 3000000 {
+	if v := testenv.Metric(t, text, "smesh_bytes_total", map[string]string{"path": "splice", "direction": "tx"}); v < 3000000 {
 		t.Errorf("smesh_bytes_total{path=splice,direction=tx} = %v, want >= 3000000", v)
 	}
-	if v := metric(t, text, "smesh_tls_handshakes_total", map[string]string{"role": "client", "result": "ok"}); v < 1 {
+	if v := testenv.Metric(t, text, "smesh_tls_handshakes_total", map[string]string{"role": "client", "result": "ok"}); v < 1 {
 		t.Errorf("smesh_tls_handshakes_total{role=client,result=ok} = %v, want >= 1", v)
 	}
-	if v := metric(t, text, "smesh_certificate_expiry_seconds", nil); v < float64(time.Now().Unix()) {
+	if v := testenv.Metric(t, text, "smesh_certificate_expiry_seconds", nil); v < float64(time.Now().Unix()) {
 		t.Errorf("smesh_certificate_expiry_seconds = %v, want a time in the future", v)
 	}
 	if code, body := a.admin("/debug/connections"); code != 200 || !strings.Contains(body, "connections") {
@@ -209,7 +172,7 @@ func TestReload(t *testing.T) {
 		t.Error("after a rejected reload, capture changed")
 	}
 	_, text := a.admin("/metrics")
-	if v := metric(t, text, "smesh_config_reloads_total", map[string]string{"result": "error"}); v != 1 {
+	if v := testenv.Metric(t, text, "smesh_config_reloads_total", map[string]string{"result": "error"}); v != 1 {
 		t.Errorf("smesh_config_reloads_total{result=error} = %v, want 1", v)
 	}
 
@@ -220,7 +183,7 @@ func TestReload(t *testing.T) {
 		t.Errorf("after excluding port %s, a new connection was still captured", port)
 	}
 	_, text = a.admin("/metrics")
-	if v := metric(t, text, "smesh_config_reloads_total", map[string]string{"result": "ok"}); v != 1 {
+	if v := testenv.Metric(t, text, "smesh_config_reloads_total", map[string]string{"result": "ok"}); v != 1 {
 		t.Errorf("smesh_config_reloads_total{result=ok} = %v, want 1", v)
 	}
 	if err := long.Wait(); err != nil {

@@ -146,7 +146,7 @@ func TestPodToPodSameNodeCopy(t *testing.T) {
 	n.podClient(a, "oneway", addr, fmt.Sprint(16<<20))
 	n.podClient(a, "echo", addr, fmt.Sprint(4<<20))
 	_, m := n.admin("/metrics")
-	if v := metric(t, m, "smesh_connections_total", map[string]string{"path": "copy"}); v < 3 {
+	if v := testenv.Metric(t, m, "smesh_connections_total", map[string]string{"path": "copy"}); v < 3 {
 		t.Errorf("smeshd relayed %v connections, want at least 3", v)
 	}
 }
@@ -207,10 +207,10 @@ func TestPodToPodAcrossNodes(t *testing.T) {
 		n1.podClient(a, "serverfirst", addr, "1000000")
 		_, m1 := n1.admin("/metrics")
 		_, m2 := n2.admin("/metrics")
-		if v := metric(t, m1, "smesh_connections_total", map[string]string{"path": "tunnel_out"}); v < 5 {
+		if v := testenv.Metric(t, m1, "smesh_connections_total", map[string]string{"path": "tunnel_out"}); v < 5 {
 			t.Errorf("node 1 counted %v outgoing tunnel connections, want at least 5", v)
 		}
-		if v := metric(t, m2, "smesh_connections_total", map[string]string{"path": "tunnel_in"}); v < 5 {
+		if v := testenv.Metric(t, m2, "smesh_connections_total", map[string]string{"path": "tunnel_in"}); v < 5 {
 			t.Errorf("node 2 counted %v incoming tunnel connections, want at least 5", v)
 		}
 	})
@@ -260,7 +260,7 @@ func TestPodCreatedAfterStart(t *testing.T) {
 			h := testenv.StartHelper(t, a.Cgroup, a.Name, "client", "peer", addr)
 			err := h.Wait()
 			_, m := n1.admin("/metrics")
-			unready := metric(t, m, "smesh_capture_unready_total", map[string]string{"action": onFailure})
+			unready := testenv.Metric(t, m, "smesh_capture_unready_total", map[string]string{"action": onFailure})
 			switch {
 			case err != nil && onFailure == "closed" && unready >= 1:
 				t.Logf("first connection refused before the pod's listener was up (on_failure = closed): %s", strings.TrimSpace(h.Stderr()))
@@ -297,7 +297,7 @@ func TestPodCreatedAfterStart(t *testing.T) {
 				testenv.StartHelper(t, p.Cgroup, p.Name, "pause")
 				n1.waitNamespace(p.Name, func(i enrol.Info) bool { return !i.Ready && i.Error != "" })
 				_, m := n1.admin("/metrics")
-				before := metric(t, m, "smesh_capture_unready_total", map[string]string{"action": onFailure})
+				before := testenv.Metric(t, m, "smesh_capture_unready_total", map[string]string{"action": onFailure})
 				h := testenv.StartHelper(t, p.Cgroup, p.Name, "client", "peer", addr)
 				err := h.Wait()
 				if onFailure == "closed" {
@@ -310,7 +310,7 @@ func TestPodCreatedAfterStart(t *testing.T) {
 					t.Errorf("connection captured without a listener? server saw %s, client %s", saw, local)
 				}
 				_, m = n1.admin("/metrics")
-				if after := metric(t, m, "smesh_capture_unready_total", map[string]string{"action": onFailure}); after < before+1 {
+				if after := testenv.Metric(t, m, "smesh_capture_unready_total", map[string]string{"action": onFailure}); after < before+1 {
 					t.Errorf("smesh_capture_unready_total{action=%q} went from %v to %v, want it counted", onFailure, before, after)
 				}
 				// Fixed: the next connection's event makes smeshd try
@@ -351,7 +351,7 @@ func TestPodChurn(t *testing.T) {
 	snap := func() snapshot {
 		s := snapshot{files: openFiles(t, pid), maps: make(map[string]int)}
 		_, m := n.admin("/metrics")
-		s.goroutines = int(metric(t, m, "go_goroutines", nil))
+		s.goroutines = int(testenv.Metric(t, m, "go_goroutines", nil))
 		for _, name := range []string{"smesh_netns", "smesh_addrs", "smesh_ns_addrs", "smesh_sockhash", "smesh_orig_dst"} {
 			c, err := entries(pid, name)
 			if err != nil {

@@ -71,7 +71,7 @@ func TestReloadAllOrNothing(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			a.reload(bad(tc.cgroup))
 			_, text := a.admin("/metrics")
-			if v := metric(t, text, "smesh_config_reloads_total", map[string]string{"result": "error"}); v != float64(i+1) {
+			if v := testenv.Metric(t, text, "smesh_config_reloads_total", map[string]string{"result": "error"}); v != float64(i+1) {
 				t.Errorf("smesh_config_reloads_total{result=error} = %v, want %d", v, i+1)
 			}
 			if !strings.Contains(a.smeshd.Stderr(), tc.why) {

@@ -147,9 +147,9 @@ func TestSelfDialConntrack(t *testing.T) {
 	metrics := func() (refused, copied float64) {
 		_, text := a.admin("/metrics")
 		if strings.Contains(text, "smesh_refused_connections_total{") { // none before the first
-			refused = metric(t, text, "smesh_refused_connections_total", map[string]string{"reason": "no_original_destination"})
+			refused = testenv.Metric(t, text, "smesh_refused_connections_total", map[string]string{"reason": "no_original_destination"})
 		}
-		return max(refused, 0), metric(t, text, "smesh_connections_total", map[string]string{"path": "copy"})
+		return max(refused, 0), testenv.Metric(t, text, "smesh_connections_total", map[string]string{"path": "copy"})
 	}
 	refusedBefore, _ := metrics()
 	pid := a.smeshd.PID()

@@ -133,7 +133,7 @@ func TestTunnelCurlNginx(t *testing.T) {
 	testenv.StartProcess(t, b.enrolled, b.ns.Name, nginx, "-p", dir, "-c", conf)
 	curlFile(t, a, a.enrolled, "http://"+listen.String()+"/blob", blob)
 	_, text := b.admin("/metrics")
-	if v := metric(t, text, "smesh_connections_total", map[string]string{"path": "tunnel_in"}); v < 1 {
+	if v := testenv.Metric(t, text, "smesh_connections_total", map[string]string{"path": "tunnel_in"}); v < 1 {
 		t.Errorf("node b counted %v incoming tunnel connections, want at least 1", v)
 	}
 }

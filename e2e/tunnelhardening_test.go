@@ -124,7 +124,7 @@ func TestTunnelHandshakeBudget(t *testing.T) {
 		}
 	}
 	_, text := b.admin("/metrics")
-	if n := metric(t, text, "smesh_tunnel_errors_total", map[string]string{"reason": "too_many_handshakes"}); n < 1 {
+	if n := testenv.Metric(t, text, "smesh_tunnel_errors_total", map[string]string{"reason": "too_many_handshakes"}); n < 1 {
 		t.Errorf("no connection refused for too_many_handshakes (%v) after 100 idle ones", n)
 	}
 	// A real handshake takes milliseconds; the idle connections are stale
@@ -133,7 +133,7 @@ func TestTunnelHandshakeBudget(t *testing.T) {
 	a.client(a.enrolled, "oneway", server, "1000000")
 	a.client(a.enrolled, "echo", server, "1000000")
 	_, text = b.admin("/metrics")
-	if n := metric(t, text, "smesh_tunnel_errors_total", map[string]string{"reason": "handshake_evicted"}); n < 1 {
+	if n := testenv.Metric(t, text, "smesh_tunnel_errors_total", map[string]string{"reason": "handshake_evicted"}); n < 1 {
 		t.Errorf("%v idle handshakes evicted, want at least 1", n)
 	}
 	t.Logf("%d of 100 idle connections were accepted by the kernel and held", held)
@@ -170,10 +170,10 @@ func TestTunnelIdleTimeout(t *testing.T) {
 			// (A family appears with its first count.)
 			counts := []float64{0, 0}
 			if strings.Contains(textA, "smesh_refused_connections_total{") {
-				counts[0] = metric(t, textA, "smesh_refused_connections_total", map[string]string{"reason": "idle_timeout"})
+				counts[0] = testenv.Metric(t, textA, "smesh_refused_connections_total", map[string]string{"reason": "idle_timeout"})
 			}
 			if strings.Contains(textB, "smesh_tunnel_errors_total{") {
-				counts[1] = metric(t, textB, "smesh_tunnel_errors_total", map[string]string{"reason": "idle_timeout"})
+				counts[1] = testenv.Metric(t, textB, "smesh_tunnel_errors_total", map[string]string{"reason": "idle_timeout"})
 			}
 			if counts[tc.cutter] != 1 || counts[1-tc.cutter] > 0 {
 				t.Errorf("idle timeouts counted by node a %v, by node b %v; want 1 by node %c", counts[0], counts[1], "ab"[tc.cutter])

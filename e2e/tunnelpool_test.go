@@ -17,7 +17,7 @@ func handshakes(t *testing.T, n *node) float64 {
 	_, text := n.admin("/metrics")
 	var total float64
 	for _, resumed := range []string{"true", "false"} {
-		total += metric(t, text, "smesh_tls_handshakes_total", map[string]string{"role": "server", "result": "ok", "resumed": resumed})
+		total += testenv.Metric(t, text, "smesh_tls_handshakes_total", map[string]string{"role": "server", "result": "ok", "resumed": resumed})
 	}
 	return total
 }
