@@ -13,6 +13,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/smesh-dev/smesh/pkg/sandbox"
 )
 
 // nginxPort is where nginx listens in the web pods.
@@ -43,31 +45,10 @@ func (w *world) startNginx(ctx context.Context, p *pod, blob []byte) (*nginx, er
 	x := &nginx{pod: p, url: "http://" + listen.String() + "/demo.bin", accessLog: filepath.Join(root, "access.log")}
 	// One process (no master, no daemon), stopped by its PID; every file
 	// it writes stays in root.
-	conf := fmt.Sprintf(`user root;
-master_process off;
-daemon off;
-pid %[1]s/nginx.pid;
-error_log stderr;
-events {}
-http {
-	log_format demo '$remote_addr:$remote_port "$request" $status $body_bytes_sent';
-	access_log %[3]s demo;
-	client_body_temp_path %[1]s;
-	proxy_temp_path %[1]s;
-	fastcgi_temp_path %[1]s;
-	uwsgi_temp_path %[1]s;
-	scgi_temp_path %[1]s;
-	server {
-		listen %[2]s;
-		root %[1]s/html;
-	}
-}
-`, root, listen, x.accessLog)
-	confPath := filepath.Join(root, "nginx.conf")
-	if err := os.WriteFile(confPath, []byte(conf), 0o644); err != nil {
+	confPath, err := sandbox.WriteNginxConfigLogged(root, html, listen.String(), x.accessLog)
+	if err != nil {
 		return nil, err
 	}
-	var err error
 	if x.proc, err = w.start("nginx in pod "+p.short, exec.Command("nginx", "-p", root, "-c", confPath), p.Cgroup, p.Name); err != nil {
 		return nil, err
 	}
@@ -149,7 +130,7 @@ func (x *nginx) readLine() (string, error) {
 	return strings.TrimSuffix(line, "\n"), nil
 }
 
-// parseAccess parses a line of log_format demo:
+// parseAccess parses a line of the log WriteNginxConfigLogged asks for:
 // ADDR:PORT "METHOD PATH PROTO" STATUS BYTES.
 func parseAccess(line string) (accessEntry, error) {
 	bad := fmt.Errorf("unexpected nginx access log line %q", line)
