@@ -53,7 +53,10 @@ func TestImage(t *testing.T) {
 	if err := run(bin, "smesh/smeshd:dev", out, runtime.GOARCH, "v9.9.9-test"); err != nil {
 		t.Fatal(err)
 	}
-	tag, _ := name.NewTag("smesh/smeshd:dev")
+	tag, err := name.NewTag("smesh/smeshd:dev")
+	if err != nil {
+		t.Fatal(err)
+	}
 
 	// Docker's way in.
 	img, err := tarball.ImageFromPath(out, &tag)
@@ -86,10 +89,10 @@ func TestImage(t *testing.T) {
 		t.Fatal(err)
 	}
 	checkImage(t, ociImg, dir)
-	a, _ := img.ConfigName()
-	b, _ := ociImg.ConfigName()
-	if a != b {
-		t.Errorf("the two views have different configs: %s and %s", a, b)
+	a, errA := img.ConfigName()
+	b, errB := ociImg.ConfigName()
+	if errA != nil || errB != nil || a != b {
+		t.Errorf("the two views have different configs: %s (%v) and %s (%v)", a, errA, b, errB)
 	}
 	var dm []dockerManifest
 	data, _ := os.ReadFile(filepath.Join(oci, "manifest.json"))
@@ -102,8 +105,11 @@ func TestImage(t *testing.T) {
 	if err := run(bin, "smesh/smeshd:dev", again, runtime.GOARCH, "v9.9.9-test"); err != nil {
 		t.Fatal(err)
 	}
-	x, _ := os.ReadFile(out)
-	y, _ := os.ReadFile(again)
+	x, errX := os.ReadFile(out)
+	y, errY := os.ReadFile(again)
+	if errX != nil || errY != nil {
+		t.Fatal(errX, errY)
+	}
 	if !bytes.Equal(x, y) {
 		t.Error("building twice gave two different tars")
 	}
@@ -152,7 +158,9 @@ func checkImage(t *testing.T, img v1.Image, dir string) {
 			if h.Mode&0o111 == 0 || h.Uid != 0 {
 				t.Errorf("%s: mode %o uid %d", h.Name, h.Mode, h.Uid)
 			}
-			binary, _ = io.ReadAll(tr)
+			if binary, err = io.ReadAll(tr); err != nil {
+				t.Fatalf("reading %s from the layer: %v", h.Name, err)
+			}
 		}
 	}
 	if binary == nil {
