@@ -132,11 +132,46 @@ type pooledReader interface {
 	ReadPooled() (*[]byte, int, error)
 }
 
-// readPooled is src's ReadPooled, or a Read into a pooled buffer that is
-// held while the Read waits.
+// ErrWouldBlock is what a ReadyReader's ReadNoWait returns when it has no
+// bytes at hand.
+var ErrWouldBlock = errors.New("read would block")
+
+// ReadyReader is a relay end that can read without waiting and wait
+// without reading (a tunnel connection, whose TLS layer may hold bytes the
+// socket does not show): the relay then takes a buffer only when there are
+// bytes.
+type ReadyReader interface {
+	// ReadNoWait reads what the end has at hand, or returns ErrWouldBlock.
+	ReadNoWait(p []byte) (int, error)
+	// WaitReadable waits, under the read deadline, until ReadNoWait may
+	// find bytes (or the end of the stream, or an error).
+	WaitReadable() error
+}
+
+// readPooled is src's ReadPooled; for a ReadyReader, a read into a pooled
+// buffer taken only when there are bytes; else a Read into a pooled buffer
+// that is held while the Read waits.
 func readPooled(src Conn) func() (*[]byte, int, error) {
 	if pr, ok := src.(pooledReader); ok {
 		return pr.ReadPooled
+	}
+	if rr, ok := src.(ReadyReader); ok {
+		return func() (*[]byte, int, error) {
+			for {
+				bp := getBuffer()
+				n, err := rr.ReadNoWait(*bp)
+				if n > 0 {
+					return bp, n, err
+				}
+				putBuffer(bp)
+				if !errors.Is(err, ErrWouldBlock) {
+					return nil, 0, err
+				}
+				if err := rr.WaitReadable(); err != nil {
+					return nil, 0, err
+				}
+			}
+		}
 	}
 	return func() (*[]byte, int, error) {
 		bp := getBuffer()

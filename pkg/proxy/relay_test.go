@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // pair returns the two ends of a loopback TCP connection.
@@ -159,5 +161,98 @@ func TestIdleRelayHoldsNoBuffer(t *testing.T) {
 	}
 	for i, c := range all {
 		exchange(c, i)
+	}
+}
+
+// readyEnd is a relay end that reads only what its socket has now
+// (ReadyReader), as a tunnel connection does.
+type readyEnd struct {
+	*tcpConn
+	n   int
+	err error
+}
+
+func (r *readyEnd) ReadNoWait(p []byte) (int, error) {
+	err := r.rc.Read(func(fd uintptr) bool {
+		r.n, r.err = unix.Read(int(fd), p)
+		return true
+	})
+	switch {
+	case err != nil:
+		return 0, err
+	case r.err == unix.EAGAIN:
+		return 0, ErrWouldBlock
+	case r.err != nil:
+		return 0, r.err
+	case r.n == 0:
+		return 0, io.EOF
+	}
+	return r.n, nil
+}
+
+func (r *readyEnd) WaitReadable() error {
+	var b [1]byte
+	return r.rc.Read(func(fd uintptr) bool {
+		_, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		return err != unix.EAGAIN
+	})
+}
+
+// TestReadyReaderHoldsNoBufferWhileWaiting: an end that can read without
+// waiting (a tunnel connection) is waited on holding no relay buffer, and
+// its bytes still cross both ways, its end of stream too.
+func TestReadyReaderHoldsNoBufferWhileWaiting(t *testing.T) {
+	held := new(atomic.Int64)
+	buffersHeld.Store(held)
+	t.Cleanup(func() { buffersHeld.Store(nil) })
+	type relayed struct {
+		app, server *net.TCPConn
+		done        chan Result
+	}
+	var all []relayed
+	for range 10 {
+		app, in := pair(t)
+		out, server := pair(t)
+		ready := &readyEnd{tcpConn: TCP(in).(*tcpConn)}
+		// Only ReadNoWait and WaitReadable, no ReadPooled: the relay must
+		// take the ReadyReader path.
+		end := struct {
+			Conn
+			ReadyReader
+		}{ready, ready}
+		done := make(chan Result, 1)
+		go func() { done <- Relay(end, TCP(out)) }()
+		all = append(all, relayed{app, server, done})
+	}
+	for i, r := range all {
+		msg := []byte(fmt.Sprintf("hello %d", i))
+		for _, dir := range [][2]*net.TCPConn{{r.app, r.server}, {r.server, r.app}} {
+			if _, err := dir[0].Write(msg); err != nil {
+				t.Fatal(err)
+			}
+			got := make([]byte, len(msg))
+			dir[1].SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := io.ReadFull(dir[1], got); err != nil || !bytes.Equal(got, msg) {
+				t.Fatalf("connection %d: got %q (%v), want %q", i, got, err, msg)
+			}
+		}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for held.Load() != 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := held.Load(); n != 0 {
+		t.Errorf("%d idle relayed connections hold %d relay buffers, want none", len(all), n)
+	}
+	for i, r := range all {
+		r.app.CloseWrite()
+		r.server.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if rest, err := io.ReadAll(r.server); err != nil || len(rest) != 0 {
+			t.Errorf("connection %d: the end of stream did not cross: %q, %v", i, rest, err)
+		}
+		r.server.Close()
+		if res := <-r.done; res.Err != nil {
+			t.Errorf("connection %d: relay ended with %v", i, res.Err)
+		}
 	}
 }

@@ -3,6 +3,7 @@ package tunnel
 import (
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"io"
 	"net"
 	"net/netip"
@@ -12,6 +13,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/smesh-dev/smesh/pkg/proxy"
 	"golang.org/x/sys/unix"
 )
 
@@ -38,7 +40,6 @@ type link struct {
 	policy    *IdentityPolicy
 	leaf      *x509.Certificate
 	idleSince time.Time
-	peek      *peeker // for alive, made at its first call
 
 	// v2 frames being read (by one goroutine at a time): data bytes left
 	// in the current 'D' frame, and the frame header.
@@ -77,11 +78,12 @@ func newLink(raw *rawConn, tc *tls.Conn) *link {
 // that the relay writes one large chunk rather than one per 16 KiB record.
 func (c *link) Read(p []byte) (int, error) {
 	if c.tls == nil {
-		return c.raw.TCPConn.Read(p)
+		return c.raw.Read(p)
 	}
 	n, err := c.tls.Read(p)
 	if err == nil {
-		c.raw.noWait = true
+		mode := c.raw.mode
+		c.raw.mode = readBuffered
 		for len(p)-n >= maxRecordPlaintext {
 			m, err := c.tls.Read(p[n:])
 			n += m
@@ -92,12 +94,49 @@ func (c *link) Read(p []byte) (int, error) {
 				break
 			}
 		}
-		c.raw.noWait = false
+		c.raw.mode = mode
 	}
 	if err == io.EOF && c.raw.eof.Load() {
 		err = io.ErrUnexpectedEOF
 	}
 	return n, err
+}
+
+// ReadNoWait is Read of what the connection holds already (read from the
+// socket, not yet taken), or proxy.ErrWouldBlock. With WaitReadable it
+// lets the relay wait for bytes without holding a buffer
+// (proxy.ReadyReader).
+func (c *link) ReadNoWait(p []byte) (int, error) {
+	return c.noWait(func() (int, error) { return c.Read(p) })
+}
+
+// noWait runs read (a Read of this link, or of a stream on it) on what the
+// link holds already, without reading the socket.
+func (c *link) noWait(read func() (int, error)) (int, error) {
+	c.raw.mode = readBuffered
+	n, err := read()
+	c.raw.mode = readWait
+	if errors.Is(err, errWouldBlock) {
+		if n > 0 {
+			return n, nil
+		}
+		return 0, proxy.ErrWouldBlock
+	}
+	return n, err
+}
+
+// WaitReadable waits, under the read deadline, until the socket has bytes,
+// its end or an error, and reads them for ReadNoWait; the read buffer is
+// taken only once there are bytes (proxy.ReadyReader).
+func (c *link) WaitReadable() error {
+	r := c.raw
+	if r.rbuf != nil || r.final != nil {
+		return nil
+	}
+	if err := r.fill(); err != nil && r.final == nil {
+		return err // the deadline, or closed
+	}
+	return nil // bytes, or the socket's end or error: ReadNoWait reports it as Read would
 }
 
 // maxRecordPlaintext is the most a TLS record carries.
@@ -166,15 +205,33 @@ type rawConn struct {
 	// Read side, used by the reading goroutine only: bytes read from the
 	// socket that crypto/tls has not taken yet, in a pooled buffer held
 	// only while it holds bytes (an idle connection holds none).
-	sc     syscall.RawConn
-	rbuf   *[]byte
-	roff   int
-	noWait bool // Read returns a timeout instead of reading the socket
+	sc   syscall.RawConn
+	peek *peeker // looks without reading (link.alive)
+	rbuf *[]byte
+	roff int
+	mode readMode // how Read gets bytes when none are buffered
+	// final is the socket's end (io.EOF) or error, once read.
+	final error
 	// readFn and its results: made once per connection, not per read.
 	readFn func(fd uintptr) bool
 	rn     int
 	rerr   error
 }
+
+// readMode is how rawConn.Read gets bytes when it has none buffered.
+// readBuffered returns a timeout where it would read the socket, which
+// crypto/tls passes on without keeping it: it reads the rest of a record at
+// the next call.
+type readMode uint8
+
+const (
+	readWait     readMode = iota // read the socket, waiting (under the read deadline) until it has bytes
+	readBuffered                 // do not read the socket
+)
+
+// errWouldBlock is what rawConn.Read returns in readBuffered mode when it
+// has nothing: a timeout, which crypto/tls does not keep.
+var errWouldBlock = os.ErrDeadlineExceeded
 
 // readSize is how much one read(2) of a tunnel connection takes: four
 // full records and then some.
@@ -236,8 +293,11 @@ func (r *rawConn) Write(p []byte) (int, error) {
 // when it is empty.
 func (r *rawConn) Read(p []byte) (int, error) {
 	if r.rbuf == nil {
-		if r.noWait {
-			return 0, os.ErrDeadlineExceeded
+		if r.final != nil {
+			return 0, r.final
+		}
+		if r.mode == readBuffered {
+			return 0, errWouldBlock
 		}
 		if err := r.fill(); err != nil {
 			return 0, err
@@ -255,14 +315,13 @@ func (r *rawConn) Read(p []byte) (int, error) {
 
 // fill reads what the socket has, up to readSize, waiting (under the read
 // deadline) until it has something. The buffer is taken from the pool only
-// once the socket is readable.
+// once the socket is readable. The socket's end or error is final: every
+// later Read returns it.
 func (r *rawConn) fill() error {
-	if r.sc == nil {
-		sc, err := r.TCPConn.SyscallConn()
-		if err != nil {
+	if r.readFn == nil {
+		if _, err := r.syscallConn(); err != nil {
 			return err
 		}
-		r.sc = sc
 		r.readFn = func(fd uintptr) bool {
 			if r.rbuf == nil {
 				r.rbuf = readPool.Get().(*[]byte)
@@ -285,10 +344,12 @@ func (r *rawConn) fill() error {
 	err := r.sc.Read(r.readFn)
 	if err == nil && r.rerr != nil {
 		err = &net.OpError{Op: "read", Net: "tcp", Source: r.LocalAddr(), Addr: r.RemoteAddr(), Err: os.NewSyscallError("read", r.rerr)}
+		r.final = err
 	}
 	if err == nil && r.rn == 0 {
 		r.eof.Store(true)
 		err = io.EOF
+		r.final = err
 	}
 	if err != nil {
 		if r.rbuf != nil {
@@ -300,6 +361,30 @@ func (r *rawConn) fill() error {
 	*r.rbuf = (*r.rbuf)[:r.rn]
 	r.roff = 0
 	return nil
+}
+
+// syscallConn is the socket's RawConn, made once.
+func (r *rawConn) syscallConn() (syscall.RawConn, error) {
+	if r.sc == nil {
+		sc, err := r.TCPConn.SyscallConn()
+		if err != nil {
+			return nil, err
+		}
+		r.sc = sc
+	}
+	return r.sc, nil
+}
+
+// peeker is the socket's, made once.
+func (r *rawConn) peeker() (*peeker, error) {
+	if r.peek == nil {
+		sc, err := r.syscallConn()
+		if err != nil {
+			return nil, err
+		}
+		r.peek = newPeeker(sc)
+	}
+	return r.peek, nil
 }
 
 func (r *rawConn) SetWriteDeadline(t time.Time) error {

@@ -170,14 +170,11 @@ func (c *link) alive() bool {
 	if c.raw.rbuf != nil || c.raw.eof.Load() {
 		return false
 	}
-	if c.peek == nil {
-		sc, err := c.raw.TCPConn.SyscallConn()
-		if err != nil {
-			return false
-		}
-		c.peek = newPeeker(sc)
+	p, err := c.raw.peeker()
+	if err != nil {
+		return false
 	}
-	wait, looked := c.peek.look()
+	wait, looked := p.look()
 	return looked && wait
 }
 

@@ -10,6 +10,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/smesh-dev/smesh/pkg/proxy"
 )
 
 // Conn is a tunnelled connection opened by a Client: a proxy.Conn for the
@@ -94,6 +96,42 @@ func (c *Conn) Read(p []byte) (int, error) {
 			return n, err
 		}
 	}
+}
+
+// ReadNoWait is Read without waiting, or proxy.ErrWouldBlock
+// (proxy.ReadyReader). Before the peer's status it is Read: the status
+// comes at once.
+func (c *Conn) ReadNoWait(p []byte) (int, error) {
+	if c.v1 != nil {
+		return c.v1.ReadNoWait(p)
+	}
+	if l := c.established(); l != nil {
+		return l.noWait(func() (int, error) { return c.Read(p) })
+	}
+	return c.Read(p)
+}
+
+// WaitReadable waits, holding no buffer, until ReadNoWait may find bytes
+// (proxy.ReadyReader).
+func (c *Conn) WaitReadable() error {
+	if c.v1 != nil {
+		return c.v1.WaitReadable()
+	}
+	if l := c.established(); l != nil {
+		return l.WaitReadable()
+	}
+	return nil
+}
+
+// established is the link a v2 connection rides once the peer's status
+// accepted it, else nil.
+func (c *Conn) established() *link {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.state != streamOK || c.finRead {
+		return nil
+	}
+	return c.l
 }
 
 func (c *Conn) Write(p []byte) (int, error) {
@@ -344,6 +382,16 @@ func (s *serverStream) Read(p []byte) (int, error) {
 	}
 }
 
+// ReadNoWait is Read without waiting, or proxy.ErrWouldBlock
+// (proxy.ReadyReader).
+func (s *serverStream) ReadNoWait(p []byte) (int, error) {
+	return s.l.noWait(func() (int, error) { return s.Read(p) })
+}
+
+// WaitReadable waits, holding no buffer, until ReadNoWait may find bytes
+// (proxy.ReadyReader).
+func (s *serverStream) WaitReadable() error { return s.l.WaitReadable() }
+
 func (s *serverStream) Write(p []byte) (int, error) {
 	written := 0
 	for len(p) > 0 {
@@ -409,3 +457,10 @@ func (s *serverStream) SetReadDeadline(t time.Time) error { return s.l.raw.SetRe
 
 // clean: both directions ended with 'F' and nothing was reset.
 func (s *serverStream) clean() bool { return s.finRead && s.finSent && !s.aborted && s.l.rem == 0 }
+
+// The relay reads tunnel connections only when they have bytes.
+var (
+	_ proxy.ReadyReader = (*Conn)(nil)
+	_ proxy.ReadyReader = (*serverStream)(nil)
+	_ proxy.ReadyReader = (*link)(nil)
+)
