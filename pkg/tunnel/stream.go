@@ -86,10 +86,19 @@ func (c *Conn) Read(p []byte) (int, error) {
 			return 0, err
 		}
 	}
+	return readStream(l, p, &c.finRead)
+}
+
+// readStream reads the data frames of one tunnelled connection on l into
+// p; its end frame is io.EOF, noted in *fin.
+func readStream(l *link, p []byte, fin *bool) (int, error) {
+	if *fin {
+		return 0, io.EOF
+	}
 	for {
-		n, fin, err := l.readData(p)
-		if fin {
-			c.finRead = true
+		n, end, err := l.readData(p)
+		if end {
+			*fin = true
 			return 0, io.EOF
 		}
 		if n > 0 || err != nil || len(p) == 0 {
@@ -128,7 +137,7 @@ func (c *Conn) WaitReadable() error {
 func (c *Conn) established() *link {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.state != streamOK || c.finRead {
+	if c.state != streamOK {
 		return nil
 	}
 	return c.l
@@ -366,21 +375,7 @@ type serverStream struct {
 	aborted bool
 }
 
-func (s *serverStream) Read(p []byte) (int, error) {
-	if s.finRead {
-		return 0, io.EOF
-	}
-	for {
-		n, fin, err := s.l.readData(p)
-		if fin {
-			s.finRead = true
-			return 0, io.EOF
-		}
-		if n > 0 || err != nil || len(p) == 0 {
-			return n, err
-		}
-	}
-}
+func (s *serverStream) Read(p []byte) (int, error) { return readStream(s.l, p, &s.finRead) }
 
 // ReadNoWait is Read without waiting, or proxy.ErrWouldBlock
 // (proxy.ReadyReader).
