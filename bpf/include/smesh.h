@@ -72,7 +72,7 @@ struct sock_state {
 	__u8 captured;        /* connect4 rewrote this socket's destination */
 	__u8 role;            /* ROLE_*, set by sockops */
 	__u8 path;            /* PATH_*, decided by sk_msg on the first send */
-	__u8 demoted;         /* sk_msg moved this direction from splice to TCP */
+	__u8 demoted;         /* this direction went from splice (or undecided) to TCP */
 	__u8 released;        /* sockops took this socket out of the sockhash */
 	/* bytes_acked, plus the bytes in flight, when sockops released the
 	 * socket: sk_msg counted what was sent before, sockops counts the

@@ -78,8 +78,12 @@ static __always_inline int splice(struct sk_msg_md *msg, bool bounded)
 		 * socket that is leaving ever starts. No entry (smesh_dirs
 		 * full): the peer never leaves, splice as before. */
 		dir = bpf_map_lookup_elem(&smesh_dirs, &st->self);
-		if (dir && __sync_val_compare_and_swap(dir, PATH_UNDECIDED, PATH_SPLICE) != PATH_UNDECIDED)
+		if (dir && __sync_val_compare_and_swap(dir, PATH_UNDECIDED, PATH_SPLICE) != PATH_UNDECIDED) {
+			/* The peer left the sockhash before this direction
+			 * spliced: it goes by TCP, counted as demoted. */
 			st->path = PATH_TCP;
+			st->demoted = 1;
+		}
 	}
 	if (st->path == PATH_TCP) {
 		if (st->demoted)
