@@ -20,7 +20,9 @@ import (
 // (SO_MEMINFO), so the test can tell whether the connection stayed bounded.
 //
 // Request after the command byte: mode (1 byte: 'p' plain reads, 'w'
-// MSG_WAITALL reads, 'l' SO_RCVLOWAT), stall seconds (1 byte), pause per
+// MSG_WAITALL reads, 'l' SO_RCVLOWAT, 'g' plain reads after the server sent
+// one byte first, 'm' plain reads of several writers' bytes, see
+// writerByte), stall seconds (1 byte), pause per
 // read in microseconds (4 bytes). Answer once the client half-closed:
 // bytes read (8), offset of the first wrong byte or -1 (8), the most
 // receive memory seen (8), and the most it exceeded the socket's receive
@@ -54,8 +56,15 @@ func serveSlow(c *net.TCPConn, say func(string, ...any)) {
 			unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVLOWAT, slowReadSize)
 		})
 	}
+	if mode == 'g' {
+		// The server's direction splices before the client's bulk.
+		if _, err := c.Write([]byte{'g'}); err != nil {
+			return
+		}
+	}
 	time.Sleep(stall)
 	var got, bad, maxRmem, maxOver int64 = 0, -1, 0, 0
+	var seen [slowWriters]int64 // 'm': bytes of each writer so far
 	buf := make([]byte, slowReadSize)
 	want := make([]byte, slowReadSize)
 	var err error
@@ -69,7 +78,16 @@ func serveSlow(c *net.TCPConn, say func(string, ...any)) {
 		if m, err := sockmem.Read(c); err == nil {
 			maxRmem, maxOver = max(maxRmem, m.RmemAlloc), max(maxOver, m.RmemAlloc-m.Rcvbuf)
 		}
-		if n > 0 && bad < 0 {
+		if n > 0 && bad < 0 && mode == 'm' {
+			for i, b := range buf[:n] {
+				w := int(b) / writerSpan
+				if writerByte(w, seen[w]) != b {
+					bad = got + int64(i)
+					break
+				}
+				seen[w]++
+			}
+		} else if n > 0 && bad < 0 {
 			patternAt(want[:n], got)
 			if !bytes.Equal(buf[:n], want[:n]) {
 				for i := range n {
@@ -153,6 +171,15 @@ func slowWrite(addr string, n int64, mode byte, stall byte, pause time.Duration)
 	if _, err := c.Write(req); err != nil {
 		return mem, err
 	}
+	if mode == 'g' {
+		var g [1]byte
+		if _, err := io.ReadFull(c, g[:]); err != nil {
+			return mem, fmt.Errorf("reading the server's first byte: %w", err)
+		}
+	}
+	if mode == 'm' {
+		return multiWrite(c, n)
+	}
 	buf := make([]byte, 64<<10)
 	for off := int64(0); off < n; {
 		k := min(int64(len(buf)), n-off)
@@ -169,21 +196,96 @@ func slowWrite(addr string, n int64, mode byte, stall byte, pause time.Duration)
 			return mem, fmt.Errorf("write at offset %d: %w", off, err)
 		}
 	}
+	return mem, slowAnswer(c, n, &mem)
+}
+
+// slowAnswer half-closes c and checks the server's answer to an n-byte
+// slow exchange.
+func slowAnswer(c *net.TCPConn, n int64, mem *slowMemory) error {
 	if err := c.CloseWrite(); err != nil {
-		return mem, err
+		return err
 	}
 	c.SetReadDeadline(time.Now().Add(60 * time.Second))
 	var ans [32]byte
 	if _, err := io.ReadFull(c, ans[:]); err != nil {
-		return mem, fmt.Errorf("reading the server's answer: %w", err)
+		return fmt.Errorf("reading the server's answer: %w", err)
 	}
 	got, bad := int64(binary.BigEndian.Uint64(ans[0:])), int64(binary.BigEndian.Uint64(ans[8:]))
 	mem.rmem, mem.overRcvbuf = int64(binary.BigEndian.Uint64(ans[16:])), int64(binary.BigEndian.Uint64(ans[24:]))
 	switch {
 	case bad >= 0:
-		return mem, fmt.Errorf("the server read a wrong byte at offset %d", bad)
+		return fmt.Errorf("the server read a wrong byte at offset %d", bad)
 	case got != n:
-		return mem, fmt.Errorf("the server read %d bytes, sent %d", got, n)
+		return fmt.Errorf("the server read %d bytes, sent %d", got, n)
 	}
-	return mem, nil
+	return nil
+}
+
+// slowWriters is how many threads write one socket at once in mode 'm'.
+const slowWriters = 4
+
+// writerSpan is how many byte values each writer of mode 'm' has.
+const writerSpan = 256 / slowWriters
+
+// writerByte is byte i of writer w's stream in mode 'm': the writer in the
+// high bits, i modulo writerSpan in the rest. Writers interleave anywhere
+// (the kernel may cut a send at any byte), yet a lost, repeated or
+// reordered byte within one writer's stream shows.
+func writerByte(w int, i int64) byte { return byte(w*writerSpan + int(i%writerSpan)) }
+
+// multiWrite writes n bytes from slowWriters threads at once, each with its
+// own blocking send(2) on the one socket, so that the kernel runs their
+// sends concurrently (Go's own Write would queue them on the descriptor's
+// write lock), and checks the server's answer.
+func multiWrite(c *net.TCPConn, n int64) (slowMemory, error) {
+	var mem slowMemory
+	f, err := c.File() // a second descriptor of the same socket
+	if err != nil {
+		return mem, err
+	}
+	defer f.Close()
+	fd := int(f.Fd())
+	// Blocking: each writer waits in the kernel, as a C program's would.
+	// (The flag is the socket's, c's too: c is only used below.)
+	if err := unix.SetNonblock(fd, false); err != nil {
+		return mem, err
+	}
+	errs := make(chan error, slowWriters)
+	for w := range slowWriters {
+		go func() {
+			share := n / slowWriters
+			if w == slowWriters-1 {
+				share = n - share*(slowWriters-1)
+			}
+			buf := make([]byte, 1<<20)
+			for off := int64(0); off < share; {
+				// Sizes vary so that the writers' sends cut each other
+				// at ever other places.
+				k := min(int64(4096+(int(off)*7919+w*104729)%(len(buf)-4096)), share-off)
+				for i := range k {
+					buf[i] = writerByte(w, off+i)
+				}
+				for p := buf[:k]; len(p) > 0; {
+					m, err := unix.Write(fd, p)
+					if errors.Is(err, unix.EINTR) {
+						continue
+					}
+					if err != nil {
+						errs <- fmt.Errorf("writer %d at offset %d: %w", w, off, err)
+						return
+					}
+					p = p[m:]
+				}
+				off += k
+			}
+			errs <- nil
+		}()
+	}
+	for range slowWriters {
+		if err := <-errs; err != nil {
+			return mem, err
+		}
+	}
+	unix.SetNonblock(fd, true)
+	return mem, slowAnswer(c, n, &mem)
 }

@@ -547,9 +547,12 @@ func runScenario(args []string) error {
 				break
 			}
 		}
-	case "slow", "slow-waitall", "slow-lowat", "stalled":
+	case "slow", "slow-waitall", "slow-lowat", "stalled", "fast", "greeted", "writers":
 		// A writer as fast as it can be into a reader that sleeps
-		// 1 ms per 64 KiB read, or that stalls 10 s first.
+		// 1 ms per 64 KiB read, or that stalls 10 s first; or one
+		// that reads as fast as it can ("fast"); after a byte the
+		// server sent first ("greeted"); from several writer
+		// threads at once ("writers").
 		mode, stall, pause := byte('p'), byte(0), time.Millisecond
 		switch scenario {
 		case "slow-waitall":
@@ -558,6 +561,12 @@ func runScenario(args []string) error {
 			mode = 'l'
 		case "stalled":
 			stall, pause = 10, 0
+		case "fast":
+			pause = 0
+		case "greeted":
+			mode = 'g'
+		case "writers":
+			mode = 'm'
 		}
 		var mem slowMemory
 		mem, err = slowWrite(addr, n, mode, stall, pause)

@@ -60,14 +60,17 @@ type CaptureHarnessSockKey struct {
 }
 
 type CaptureHarnessSockState struct {
-	_        structs.HostLayout
-	Self     CaptureHarnessSockKey
-	Peer     CaptureHarnessSockKey
-	Orig     CaptureHarnessOrigDst
-	Captured uint8
-	Role     uint8
-	Path     uint8
-	Demoted  uint8
+	_             structs.HostLayout
+	Self          CaptureHarnessSockKey
+	Peer          CaptureHarnessSockKey
+	Orig          CaptureHarnessOrigDst
+	Captured      uint8
+	Role          uint8
+	Path          uint8
+	Demoted       uint8
+	Released      uint8
+	_             [7]byte
+	ReleasedAcked uint64
 }
 
 type CaptureHarnessSpliceStats struct {
@@ -82,6 +85,7 @@ type CaptureHarnessSpliceStats struct {
 const (
 	CaptureHarnessMapSmeshAddrs        = "smesh_addrs"
 	CaptureHarnessMapSmeshCounters     = "smesh_counters"
+	CaptureHarnessMapSmeshDirs         = "smesh_dirs"
 	CaptureHarnessMapSmeshExclude      = "smesh_exclude"
 	CaptureHarnessMapSmeshExcludePorts = "smesh_exclude_ports"
 	CaptureHarnessMapSmeshInclude      = "smesh_include"
@@ -153,6 +157,7 @@ type CaptureHarnessProgramSpecs struct {
 type CaptureHarnessMapSpecs struct {
 	SmeshAddrs        *ebpf.MapSpec `ebpf:"smesh_addrs"`
 	SmeshCounters     *ebpf.MapSpec `ebpf:"smesh_counters"`
+	SmeshDirs         *ebpf.MapSpec `ebpf:"smesh_dirs"`
 	SmeshExclude      *ebpf.MapSpec `ebpf:"smesh_exclude"`
 	SmeshExcludePorts *ebpf.MapSpec `ebpf:"smesh_exclude_ports"`
 	SmeshInclude      *ebpf.MapSpec `ebpf:"smesh_include"`
@@ -198,6 +203,7 @@ func (o *CaptureHarnessObjects) Close() error {
 type CaptureHarnessMaps struct {
 	SmeshAddrs        *ebpf.Map `ebpf:"smesh_addrs"`
 	SmeshCounters     *ebpf.Map `ebpf:"smesh_counters"`
+	SmeshDirs         *ebpf.Map `ebpf:"smesh_dirs"`
 	SmeshExclude      *ebpf.Map `ebpf:"smesh_exclude"`
 	SmeshExcludePorts *ebpf.Map `ebpf:"smesh_exclude_ports"`
 	SmeshInclude      *ebpf.Map `ebpf:"smesh_include"`
@@ -213,6 +219,7 @@ func (m *CaptureHarnessMaps) Close() error {
 	return _CaptureHarnessClose(
 		m.SmeshAddrs,
 		m.SmeshCounters,
+		m.SmeshDirs,
 		m.SmeshExclude,
 		m.SmeshExcludePorts,
 		m.SmeshInclude,

@@ -67,14 +67,17 @@ type ConnectSockKey struct {
 }
 
 type ConnectSockState struct {
-	_        structs.HostLayout
-	Self     ConnectSockKey
-	Peer     ConnectSockKey
-	Orig     ConnectOrigDst
-	Captured uint8
-	Role     uint8
-	Path     uint8
-	Demoted  uint8
+	_             structs.HostLayout
+	Self          ConnectSockKey
+	Peer          ConnectSockKey
+	Orig          ConnectOrigDst
+	Captured      uint8
+	Role          uint8
+	Path          uint8
+	Demoted       uint8
+	Released      uint8
+	_             [7]byte
+	ReleasedAcked uint64
 }
 
 type ConnectSpliceStats struct {
@@ -89,6 +92,7 @@ type ConnectSpliceStats struct {
 const (
 	ConnectMapSmeshAddrs         = "smesh_addrs"
 	ConnectMapSmeshCounters      = "smesh_counters"
+	ConnectMapSmeshDirs          = "smesh_dirs"
 	ConnectMapSmeshExclude       = "smesh_exclude"
 	ConnectMapSmeshExcludePorts  = "smesh_exclude_ports"
 	ConnectMapSmeshInclude       = "smesh_include"
@@ -170,6 +174,7 @@ type ConnectProgramSpecs struct {
 type ConnectMapSpecs struct {
 	SmeshAddrs        *ebpf.MapSpec `ebpf:"smesh_addrs"`
 	SmeshCounters     *ebpf.MapSpec `ebpf:"smesh_counters"`
+	SmeshDirs         *ebpf.MapSpec `ebpf:"smesh_dirs"`
 	SmeshExclude      *ebpf.MapSpec `ebpf:"smesh_exclude"`
 	SmeshExcludePorts *ebpf.MapSpec `ebpf:"smesh_exclude_ports"`
 	SmeshInclude      *ebpf.MapSpec `ebpf:"smesh_include"`
@@ -219,6 +224,7 @@ func (o *ConnectObjects) Close() error {
 type ConnectMaps struct {
 	SmeshAddrs        *ebpf.Map `ebpf:"smesh_addrs"`
 	SmeshCounters     *ebpf.Map `ebpf:"smesh_counters"`
+	SmeshDirs         *ebpf.Map `ebpf:"smesh_dirs"`
 	SmeshExclude      *ebpf.Map `ebpf:"smesh_exclude"`
 	SmeshExcludePorts *ebpf.Map `ebpf:"smesh_exclude_ports"`
 	SmeshInclude      *ebpf.Map `ebpf:"smesh_include"`
@@ -236,6 +242,7 @@ func (m *ConnectMaps) Close() error {
 	return _ConnectClose(
 		m.SmeshAddrs,
 		m.SmeshCounters,
+		m.SmeshDirs,
 		m.SmeshExclude,
 		m.SmeshExcludePorts,
 		m.SmeshInclude,

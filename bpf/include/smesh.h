@@ -72,7 +72,13 @@ struct sock_state {
 	__u8 captured;        /* connect4 rewrote this socket's destination */
 	__u8 role;            /* ROLE_*, set by sockops */
 	__u8 path;            /* PATH_*, decided by sk_msg on the first send */
-	__u8 demoted;         /* sk_msg moved this direction from splice to TCP */
+	__u8 demoted;         /* this direction went from splice (or undecided) to TCP */
+	__u8 released;        /* sockops took this socket out of the sockhash */
+	/* bytes_acked, plus the bytes in flight, when sockops released the
+	 * socket: sk_msg counted what was sent before, sockops counts the
+	 * rest when the socket closes (less what waited unsent in the write
+	 * queue at release: sock_ops cannot read write_seq). */
+	__u64 released_acked;
 };
 
 enum {
@@ -115,7 +121,10 @@ enum counter_slot {
 	/* sk_msg demoted a spliced direction to TCP: its peer's queue was
 	 * full (splice_queue_limit). */
 	COUNTER_DEMOTIONS = 2,
-	COUNTER_MAX = 3,
+	/* sockops took a demoted socket out of the sockhash: it sends and
+	 * receives by plain TCP from then on (release() in sockops.c). */
+	COUNTER_RELEASED = 3,
+	COUNTER_MAX = 4,
 };
 
 /* Written by sockops (both ends of every same-node hop, at establishment);
@@ -148,6 +157,22 @@ struct {
 	__type(key, int);
 	__type(value, struct sock_state);
 } smesh_sk_state SEC(".maps");
+
+/* Written by sockops (an entry, PATH_UNDECIDED, for every socket it puts in
+ * the sockhash; deleted when the socket closes), by sk_msg (the socket's own
+ * entry: UNDECIDED -> SPLICE before its first redirect, SPLICE -> TCP when
+ * that first send found no peer) and by the peer's sockops (UNDECIDED -> TCP,
+ * before it takes the peer out of the sockhash: release() in sockops.c).
+ * Both swaps from UNDECIDED are atomic, so exactly one wins. Keyed by the
+ * socket's own sock_key. A copy of the first decision of sock_state.path
+ * that the peer can reach: sock_ops cannot get at another socket's storage
+ * (a sockhash lookup returns a reference sock_ops cannot release). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct sock_key);
+	__type(value, __u32);
+} smesh_dirs SEC(".maps");
 
 /* The owner of an address on this node. */
 struct addr_owner {
@@ -198,7 +223,8 @@ struct {
 	__type(value, __u8);
 } smesh_netns SEC(".maps");
 
-/* Written by sk_msg (per CPU, no locking on the data path); read by smeshd. */
+/* Written by sk_msg (per CPU, no locking on the data path) and by sockops
+ * (released sockets, at close); read by smeshd. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, STAT_MAX);
@@ -218,9 +244,30 @@ static __always_inline void counter_inc(__u32 slot)
 {
 	__u64 *c = bpf_map_lookup_elem(&smesh_counters, &slot);
 
-	/* Atomic although per CPU: see count() in skmsg.c. */
+	/* Atomic although per CPU: see count(). */
 	if (c)
 		__sync_fetch_and_add(c, 1);
+}
+
+/* Counts into smesh_stats (per CPU): bytes and messages spliced, by the
+ * role of the sender; and the bytes of demoted directions, sent by TCP
+ * (sk_msg, and sockops for released sockets). */
+static __always_inline void count(__u32 slot, __u32 size)
+{
+	struct splice_stats *s = bpf_map_lookup_elem(&smesh_stats, &slot);
+
+	/* Atomic although per CPU: programs in process context run with
+	 * migration, not preemption, disabled, so another task on this CPU
+	 * can run this same code between a load and a store. */
+	if (s) {
+		__sync_fetch_and_add(&s->bytes, size);
+		__sync_fetch_and_add(&s->msgs, 1);
+	}
+}
+
+static __always_inline __u32 role_slot(const struct sock_state *st, __u32 client, __u32 server)
+{
+	return st->role == ROLE_SERVER ? server : client;
 }
 
 /* addr_from4 makes the v4-mapped form of an IPv4 address (network order). */

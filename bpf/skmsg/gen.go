@@ -2,4 +2,6 @@
 // generated Go bindings. Regenerate with "make generate".
 package skmsg
 
-//go:generate go tool bpf2go -cc $BPF2GO_CC -cflags "$BPF2GO_CFLAGS" -target bpfel -type sock_key -type splice_stats Skmsg skmsg.c -- -I../include
+// -mcpu=v3: sk_msg and sockops swap sock_state.path with an atomic
+// compare-and-swap (BPF_CMPXCHG, Linux 5.12; the floor is 5.15).
+//go:generate go tool bpf2go -cc $BPF2GO_CC -cflags "$BPF2GO_CFLAGS -mcpu=v3" -target bpfel -type sock_key -type splice_stats Skmsg skmsg.c -- -I../include

@@ -33,26 +33,6 @@ extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
  * _PSOCK); the rest points to the socket's sk_psock. */
 #define SK_USER_DATA_PTRMASK (~7UL)
 
-/* Written by sk_msg (per CPU): bytes and messages spliced, by the role of
- * the sender; and the bytes of demoted directions, sent by TCP. */
-static __always_inline void count(__u32 slot, __u32 size)
-{
-	struct splice_stats *s = bpf_map_lookup_elem(&smesh_stats, &slot);
-
-	/* Atomic although per CPU: programs in process context run with
-	 * migration, not preemption, disabled, so another task on this CPU
-	 * can run this same code between a load and a store. */
-	if (s) {
-		__sync_fetch_and_add(&s->bytes, size);
-		__sync_fetch_and_add(&s->msgs, 1);
-	}
-}
-
-static __always_inline __u32 role_slot(const struct sock_state *st, __u32 client, __u32 server)
-{
-	return st->role == ROLE_SERVER ? server : client;
-}
-
 /* queued returns the bytes that wait in the receive queue of the socket
  * bpf_msg_redirect_hash just chose for msg. */
 static __always_inline __u64 queued(struct sk_msg_md *msg)
@@ -81,6 +61,7 @@ static __always_inline int splice(struct sk_msg_md *msg, bool bounded)
 	 * pointer it moved, which the verifier refuses. */
 	__u32 size = msg->size;
 	struct sock_state *st;
+	__u32 *dir = NULL;
 
 	if (!sk) /* the verifier wants sk checked for NULL before use */
 		return SK_PASS;
@@ -89,6 +70,21 @@ static __always_inline int splice(struct sk_msg_md *msg, bool bounded)
 	st = bpf_sk_storage_get(&smesh_sk_state, sk, 0, 0);
 	if (!st)
 		return SK_PASS;
+	if (st->path == PATH_UNDECIDED) {
+		/* Claim the splice before choosing the peer: the peer's
+		 * sock_ops closes an undecided direction (UNDECIDED -> TCP)
+		 * before it leaves the sockhash (release() in sockops.c), and
+		 * exactly one of the two swaps wins, so no redirect into a
+		 * socket that is leaving ever starts. No entry (smesh_dirs
+		 * full): the peer never leaves, splice as before. */
+		dir = bpf_map_lookup_elem(&smesh_dirs, &st->self);
+		if (dir && __sync_val_compare_and_swap(dir, PATH_UNDECIDED, PATH_SPLICE) != PATH_UNDECIDED) {
+			/* The peer left the sockhash before this direction
+			 * spliced: it goes by TCP, counted as demoted. */
+			st->path = PATH_TCP;
+			st->demoted = 1;
+		}
+	}
 	if (st->path == PATH_TCP) {
 		if (st->demoted)
 			count(role_slot(st, STAT_DEMOTED_CLIENT_TO_SERVER, STAT_DEMOTED_SERVER_TO_CLIENT), size);
@@ -102,8 +98,12 @@ static __always_inline int splice(struct sk_msg_md *msg, bool bounded)
 		 * splicing began it means the peer closed; TCP then reports
 		 * that to the sender as usual. Never SK_DROP: the app would
 		 * see EACCES. */
-		if (st->path == PATH_UNDECIDED)
+		if (st->path == PATH_UNDECIDED) {
 			st->path = PATH_TCP;
+			/* Never redirected: the peer may leave the sockhash. */
+			if (dir)
+				*dir = PATH_TCP;
+		}
 		return SK_PASS;
 	}
 	if (bounded && queued(msg) + size > splice_queue_limit) {

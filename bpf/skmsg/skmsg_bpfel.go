@@ -54,14 +54,17 @@ type SkmsgSockKey struct {
 }
 
 type SkmsgSockState struct {
-	_        structs.HostLayout
-	Self     SkmsgSockKey
-	Peer     SkmsgSockKey
-	Orig     SkmsgOrigDst
-	Captured uint8
-	Role     uint8
-	Path     uint8
-	Demoted  uint8
+	_             structs.HostLayout
+	Self          SkmsgSockKey
+	Peer          SkmsgSockKey
+	Orig          SkmsgOrigDst
+	Captured      uint8
+	Role          uint8
+	Path          uint8
+	Demoted       uint8
+	Released      uint8
+	_             [7]byte
+	ReleasedAcked uint64
 }
 
 type SkmsgSpliceStats struct {
@@ -76,6 +79,7 @@ type SkmsgSpliceStats struct {
 const (
 	SkmsgMapSmeshAddrs           = "smesh_addrs"
 	SkmsgMapSmeshCounters        = "smesh_counters"
+	SkmsgMapSmeshDirs            = "smesh_dirs"
 	SkmsgMapSmeshNetns           = "smesh_netns"
 	SkmsgMapSmeshNsAddrs         = "smesh_ns_addrs"
 	SkmsgMapSmeshOrigDst         = "smesh_orig_dst"
@@ -139,6 +143,7 @@ type SkmsgProgramSpecs struct {
 type SkmsgMapSpecs struct {
 	SmeshAddrs    *ebpf.MapSpec `ebpf:"smesh_addrs"`
 	SmeshCounters *ebpf.MapSpec `ebpf:"smesh_counters"`
+	SmeshDirs     *ebpf.MapSpec `ebpf:"smesh_dirs"`
 	SmeshNetns    *ebpf.MapSpec `ebpf:"smesh_netns"`
 	SmeshNsAddrs  *ebpf.MapSpec `ebpf:"smesh_ns_addrs"`
 	SmeshOrigDst  *ebpf.MapSpec `ebpf:"smesh_orig_dst"`
@@ -176,6 +181,7 @@ func (o *SkmsgObjects) Close() error {
 type SkmsgMaps struct {
 	SmeshAddrs    *ebpf.Map `ebpf:"smesh_addrs"`
 	SmeshCounters *ebpf.Map `ebpf:"smesh_counters"`
+	SmeshDirs     *ebpf.Map `ebpf:"smesh_dirs"`
 	SmeshNetns    *ebpf.Map `ebpf:"smesh_netns"`
 	SmeshNsAddrs  *ebpf.Map `ebpf:"smesh_ns_addrs"`
 	SmeshOrigDst  *ebpf.Map `ebpf:"smesh_orig_dst"`
@@ -188,6 +194,7 @@ func (m *SkmsgMaps) Close() error {
 	return _SkmsgClose(
 		m.SmeshAddrs,
 		m.SmeshCounters,
+		m.SmeshDirs,
 		m.SmeshNetns,
 		m.SmeshNsAddrs,
 		m.SmeshOrigDst,

@@ -22,6 +22,8 @@ volatile const bool splice = 0;
  * captured hop needs the check below. */
 volatile const bool splice_proxy_hops = 0;
 
+static const __u32 undecided = PATH_UNDECIDED;
+
 /* conn_of reads the socket's view of its connection. */
 static __always_inline bool conn_of(struct bpf_sock_ops *skops, struct conn_key *c)
 {
@@ -104,16 +106,102 @@ static __always_inline void established(struct bpf_sock_ops *skops, __u8 role)
 		return;
 	if (!keys_of(skops, &conn, &st->self, &st->peer))
 		return;
+	/* The entry the peer's release() swaps; without one (map full) the
+	 * peer simply never leaves the sockhash. */
+	bpf_map_update_elem(&smesh_dirs, &st->self, &undecided, BPF_NOEXIST);
 	/* Fails when the map is full: the connection then takes the TCP
 	 * stack, which sk_msg handles like any unspliced peer. */
-	bpf_sock_hash_update(skops, &smesh_sockhash, &st->self, BPF_NOEXIST);
+	if (bpf_sock_hash_update(skops, &smesh_sockhash, &st->self, BPF_NOEXIST) != 0) {
+		bpf_map_delete_elem(&smesh_dirs, &st->self);
+		return;
+	}
+	/* STATE_CB: remove the smesh_dirs entry on close. RTT_CB: ACKs, which
+	 * come only for bytes sent by TCP, that is once this socket's own
+	 * direction went to TCP: then release() runs. */
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+					 BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG);
+}
+
+/* release takes a socket whose own sends go by TCP (demoted, or TCP from its
+ * first send) out of the sockhash, so that the kernel drops its psock and it
+ * returns to plain TCP (tcp_prot): tcp_bpf_sendmsg copies every send into an
+ * sk_msg, runs sk_msg and pushes it page by page, far slower than
+ * tcp_sendmsg.
+ *
+ * Dropping the psock (sk_psock_drop; sk_psock_destroy zaps the ingress
+ * queue) frees whatever waits in its ingress queue, and a redirect from the
+ * peer that already chose this socket would fail (EPIPE to the peer's
+ * writer) or be freed after it was queued. So the other direction must never
+ * have redirected and never be able to: the peer's smesh_dirs entry is
+ * PATH_UNDECIDED, which release() swaps to PATH_TCP (sk_msg swaps UNDECIDED
+ * -> SPLICE before it looks the peer up; one of the two wins), or PATH_TCP
+ * (its first send found no peer). A peer that ever spliced is left alone: a
+ * redirect of one of its writer threads can still be on its way
+ * (tcp_bpf_send_verdict releases the sender's lock around
+ * tcp_bpf_sendmsg_redir), and nothing a program can read tells when it has
+ * landed.
+ *
+ * Runs for the socket's own ACKs (RTT_CB), under its socket lock. The psock
+ * goes when its last reference does: here, or when a send or receive under
+ * way on this socket returns (they hold one); the kernel switches sk_prot
+ * back under sk_callback_lock, and a send that already runs in
+ * tcp_bpf_sendmsg finishes there, through this program, by TCP. */
+static __always_inline void release(struct bpf_sock_ops *skops)
+{
+	struct sock_state *st;
+	struct bpf_sock *sk;
+	__u32 *dir, was;
+
+	sk = skops->sk;
+	if (!sk)
+		return;
+	st = bpf_sk_storage_get(&smesh_sk_state, sk, 0, 0);
+	if (!st || st->released || st->path != PATH_TCP)
+		return;
+	dir = bpf_map_lookup_elem(&smesh_dirs, &st->peer);
+	if (!dir)
+		/* The peer is not in the sockhash (yet: it may be added at
+		 * its establishment, after our first send): stay. */
+		return;
+	was = __sync_val_compare_and_swap(dir, PATH_UNDECIDED, PATH_TCP);
+	if (was == PATH_UNDECIDED || was == PATH_TCP) {
+		if (bpf_map_delete_elem(&smesh_sockhash, &st->self) == 0) {
+			st->released = 1;
+			st->released_acked = skops->bytes_acked + (skops->snd_nxt - skops->snd_una);
+			counter_inc(COUNTER_RELEASED);
+		}
+	}
+	/* Released, or the peer spliced, which never changes back: stop
+	 * asking on every ACK. */
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_RTT_CB_FLAG);
+}
+
+static __always_inline void closed(struct bpf_sock_ops *skops)
+{
+	struct sock_state *st;
+	struct bpf_sock *sk;
+	struct conn_key conn;
+
+	if (conn_of(skops, &conn))
+		bpf_map_delete_elem(&smesh_orig_dst, &conn);
+	sk = skops->sk;
+	if (!sk)
+		return;
+	st = bpf_sk_storage_get(&smesh_sk_state, sk, 0, 0);
+	if (!st)
+		return;
+	bpf_map_delete_elem(&smesh_dirs, &st->self);
+	if (st->released && skops->bytes_acked > st->released_acked)
+		/* What the socket sent by plain TCP since release(), which
+		 * no sk_msg counted (as acknowledged: the FIN's sequence
+		 * number is one byte too many). */
+		count(role_slot(st, STAT_DEMOTED_CLIENT_TO_SERVER, STAT_DEMOTED_SERVER_TO_CLIENT),
+		      skops->bytes_acked - st->released_acked);
 }
 
 SEC("sockops")
 int smesh_sockops(struct bpf_sock_ops *skops)
 {
-	struct conn_key conn;
-
 	switch (skops->op) {
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		established(skops, ROLE_CLIENT);
@@ -121,10 +209,13 @@ int smesh_sockops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		established(skops, ROLE_SERVER);
 		break;
+	case BPF_SOCK_OPS_RTT_CB:
+		release(skops);
+		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		/* args[1] is the new state. */
-		if (skops->args[1] == TCP_CLOSE && conn_of(skops, &conn))
-			bpf_map_delete_elem(&smesh_orig_dst, &conn);
+		if (skops->args[1] == TCP_CLOSE)
+			closed(skops);
 		break;
 	}
 	return 1;

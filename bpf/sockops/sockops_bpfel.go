@@ -54,14 +54,17 @@ type SockopsSockKey struct {
 }
 
 type SockopsSockState struct {
-	_        structs.HostLayout
-	Self     SockopsSockKey
-	Peer     SockopsSockKey
-	Orig     SockopsOrigDst
-	Captured uint8
-	Role     uint8
-	Path     uint8
-	Demoted  uint8
+	_             structs.HostLayout
+	Self          SockopsSockKey
+	Peer          SockopsSockKey
+	Orig          SockopsOrigDst
+	Captured      uint8
+	Role          uint8
+	Path          uint8
+	Demoted       uint8
+	Released      uint8
+	_             [7]byte
+	ReleasedAcked uint64
 }
 
 type SockopsSpliceStats struct {
@@ -76,6 +79,7 @@ type SockopsSpliceStats struct {
 const (
 	SockopsMapSmeshAddrs      = "smesh_addrs"
 	SockopsMapSmeshCounters   = "smesh_counters"
+	SockopsMapSmeshDirs       = "smesh_dirs"
 	SockopsMapSmeshNetns      = "smesh_netns"
 	SockopsMapSmeshNsAddrs    = "smesh_ns_addrs"
 	SockopsMapSmeshOrigDst    = "smesh_orig_dst"
@@ -138,6 +142,7 @@ type SockopsProgramSpecs struct {
 type SockopsMapSpecs struct {
 	SmeshAddrs    *ebpf.MapSpec `ebpf:"smesh_addrs"`
 	SmeshCounters *ebpf.MapSpec `ebpf:"smesh_counters"`
+	SmeshDirs     *ebpf.MapSpec `ebpf:"smesh_dirs"`
 	SmeshNetns    *ebpf.MapSpec `ebpf:"smesh_netns"`
 	SmeshNsAddrs  *ebpf.MapSpec `ebpf:"smesh_ns_addrs"`
 	SmeshOrigDst  *ebpf.MapSpec `ebpf:"smesh_orig_dst"`
@@ -176,6 +181,7 @@ func (o *SockopsObjects) Close() error {
 type SockopsMaps struct {
 	SmeshAddrs    *ebpf.Map `ebpf:"smesh_addrs"`
 	SmeshCounters *ebpf.Map `ebpf:"smesh_counters"`
+	SmeshDirs     *ebpf.Map `ebpf:"smesh_dirs"`
 	SmeshNetns    *ebpf.Map `ebpf:"smesh_netns"`
 	SmeshNsAddrs  *ebpf.Map `ebpf:"smesh_ns_addrs"`
 	SmeshOrigDst  *ebpf.Map `ebpf:"smesh_orig_dst"`
@@ -188,6 +194,7 @@ func (m *SockopsMaps) Close() error {
 	return _SockopsClose(
 		m.SmeshAddrs,
 		m.SmeshCounters,
+		m.SmeshDirs,
 		m.SmeshNetns,
 		m.SmeshNsAddrs,
 		m.SmeshOrigDst,

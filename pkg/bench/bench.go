@@ -217,11 +217,14 @@ func measure(ctx context.Context, e *modeEnv, opts Options, workload string, acc
 		cpu := (cpu1 - cpu0).Seconds()
 		acc.cpuSec = append(acc.cpuSec, cpu)
 		acc.cpuPerGB = append(acc.cpuPerGB, cpu/(float64(s.Bytes)/1e9))
-		// How much of the stream stayed spliced, and how much went by
-		// TCP once a direction was demoted (splice_queue_limit).
+		// How much of the stream stayed spliced; the rest went by TCP
+		// once the direction was demoted (splice_queue_limit). Of the
+		// stream's bytes, not of spliced+demoted: a demoted socket that
+		// sockops released from the sockhash sends by plain TCP, which
+		// no program counts.
 		spliced, demoted := splice1.Bytes()-splice0.Bytes(), splice1.Demoted()-splice0.Demoted()
-		if spliceErr == nil && spliceErr1 == nil && spliced+demoted > 0 {
-			acc.splicedShare = append(acc.splicedShare, float64(spliced)/float64(spliced+demoted))
+		if spliceErr == nil && spliceErr1 == nil && spliced+demoted > 0 && s.Bytes > 0 {
+			acc.splicedShare = append(acc.splicedShare, min(1, float64(spliced)/float64(s.Bytes)))
 		}
 	case "rr":
 		var h histogram

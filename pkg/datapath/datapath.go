@@ -51,7 +51,8 @@ type Options struct {
 	IncludeCIDRs []netip.Prefix
 	ExcludeCIDRs []netip.Prefix
 	ExcludePorts []uint16
-	// MapSize bounds the sockhash and the original-destination map.
+	// MapSize bounds the sockhash, the original-destination map and
+	// smesh_dirs (one entry per socket in the sockhash).
 	MapSize uint32
 	// SpliceProxyHops splices the hops with smeshd at one end too (see
 	// splice_proxy_hops in sockops.c).
@@ -172,6 +173,7 @@ func (d *Datapath) load(opts Options, proxyCgroupID uint64) error {
 		"smesh_stats":    d.sockops.SmeshStats,
 		"smesh_counters": d.sockops.SmeshCounters,
 		"smesh_netns":    d.sockops.SmeshNetns,
+		"smesh_dirs":     d.sockops.SmeshDirs,
 	}
 
 	cspec, err := connectSpec(opts, proxyCgroupID)
@@ -237,6 +239,7 @@ func sockopsSpec(opts Options) (*ebpf.CollectionSpec, error) {
 	}
 	spec.Maps["smesh_sockhash"].MaxEntries = opts.MapSize
 	spec.Maps["smesh_orig_dst"].MaxEntries = opts.MapSize
+	spec.Maps["smesh_dirs"].MaxEntries = opts.MapSize
 	if err := spec.Variables["splice"].Set(opts.Mode == ModeSplice); err != nil {
 		return nil, fmt.Errorf("setting sockops splice: %w", err)
 	}
@@ -611,6 +614,10 @@ type Counters struct {
 	UnreadyOpen, UnreadyClosed uint64
 	// Demotions counts spliced directions sk_msg moved to TCP.
 	Demotions uint64
+	// Released counts sockets sockops took out of the sockhash once their
+	// sends went by TCP and their peer could no longer splice into them:
+	// they are plain TCP sockets from then on (release() in sockops.c).
+	Released uint64
 }
 
 // Counters sums the per-CPU event counters.
@@ -632,11 +639,12 @@ func countersFrom(m *ebpf.Map) (Counters, error) {
 		return sum, nil
 	}
 	var c Counters
-	var err1, err2, err3 error
+	var err1, err2, err3, err4 error
 	c.UnreadyOpen, err1 = read(0)
 	c.UnreadyClosed, err2 = read(1)
 	c.Demotions, err3 = read(2)
-	return c, errors.Join(err1, err2, err3)
+	c.Released, err4 = read(3)
+	return c, errors.Join(err1, err2, err3, err4)
 }
 
 // NetnsEvent says that a process connected from a network namespace where

@@ -25,6 +25,9 @@ var (
 	demotionsDesc = prometheus.NewDesc("smesh_splice_demotions_total",
 		"Directions of spliced connections moved to TCP for good because their reader fell datapath.splice_queue_limit behind.",
 		nil, nil)
+	releasedDesc = prometheus.NewDesc("smesh_splice_released_total",
+		"Demoted sockets taken out of the sockhash because their peer never spliced to them: they run as plain TCP sockets from then on.",
+		nil, nil)
 	demotedBytesDesc = prometheus.NewDesc("smesh_splice_demoted_bytes_total",
 		"Bytes that demoted directions sent by TCP, by direction (tx: client to server, rx: server to client).",
 		[]string{"direction"}, nil)
@@ -53,6 +56,7 @@ func (c dataPathCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- activeDesc
 	ch <- splicedMsgsDesc
 	ch <- demotionsDesc
+	ch <- releasedDesc
 	ch <- demotedBytesDesc
 	ch <- spliceUpDesc
 }
@@ -99,6 +103,7 @@ func (c dataPathCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(splicedMsgsDesc, sc.TxMsgs, "tx")
 	counter(splicedMsgsDesc, sc.RxMsgs, "rx")
 	counter(demotionsDesc, sc.Demotions)
+	counter(releasedDesc, sc.Released)
 	counter(demotedBytesDesc, sc.DemotedTxBytes, "tx")
 	counter(demotedBytesDesc, sc.DemotedRxBytes, "rx")
 	gauge(activeDesc, int64(sc.Sockets/2), PathSplice)

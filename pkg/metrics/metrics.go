@@ -67,6 +67,9 @@ type SpliceCounters struct {
 	// DemotedRxBytes are what such directions sent by TCP afterwards.
 	Demotions                      uint64
 	DemotedTxBytes, DemotedRxBytes uint64
+	// Released counts demoted sockets taken out of the sockhash, plain
+	// TCP sockets from then on.
+	Released uint64
 }
 
 // Metrics is smeshd's metric set. Its methods are safe for concurrent use.

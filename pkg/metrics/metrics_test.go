@@ -188,7 +188,8 @@ func TestSpliceSource(t *testing.T) {
 	m.ConnClosed(PathCopy, 3, 4)
 	m.ConnOpened(PathSplice)
 	m.SetSpliceSource(func() (SpliceCounters, error) {
-		return SpliceCounters{TxBytes: 1 << 40, RxBytes: 12345, TxMsgs: 77, RxMsgs: 8, Sockets: 7}, nil
+		return SpliceCounters{TxBytes: 1 << 40, RxBytes: 12345, TxMsgs: 77, RxMsgs: 8, Sockets: 7,
+			Demotions: 5, Released: 4, DemotedTxBytes: 6 << 20}, nil
 	})
 
 	fams := scrape(t, m)
@@ -200,6 +201,10 @@ func TestSpliceSource(t *testing.T) {
 		`{direction="tx",path="tunnel_in"} 0`, `{direction="rx",path="tunnel_in"} 0`)
 	expect(t, fams, "smesh_spliced_messages_total", dto.MetricType_COUNTER,
 		`{direction="tx"} 77`, `{direction="rx"} 8`)
+	expect(t, fams, "smesh_splice_demotions_total", dto.MetricType_COUNTER, `{} 5`)
+	expect(t, fams, "smesh_splice_released_total", dto.MetricType_COUNTER, `{} 4`)
+	expect(t, fams, "smesh_splice_demoted_bytes_total", dto.MetricType_COUNTER,
+		`{direction="tx"} 6.291456e+06`, `{direction="rx"} 0`)
 	// 7 sockets is 3 whole hops (a hop whose second end is not in yet does
 	// not count); Go's ConnOpened(splice) does not change the active count.
 	expect(t, fams, "smesh_active_connections", dto.MetricType_GAUGE,

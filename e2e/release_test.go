@@ -1,0 +1,72 @@
+package e2e
+
+import (
+	"fmt"
+	"testing"
+
+	"github.com/smesh-dev/smesh/pkg/datapath"
+	"github.com/smesh-dev/smesh/pkg/testenv"
+)
+
+// released reads how many sockets smeshd's sockops took out of the
+// sockhash (release() in sockops.c).
+func (n *node) released() uint64 {
+	n.t.Helper()
+	c, err := datapath.CountersOf(n.smeshd.PID())
+	if err != nil {
+		n.t.Fatalf("reading counters: %v", err)
+	}
+	return c.Released
+}
+
+// TestReleaseDemoted: once a spliced direction is demoted and the other
+// direction never spliced, sockops takes the demoted sender out of the
+// sockhash, and it goes on as a plain TCP socket. Every byte still arrives
+// once and in order: readers slow, fast, waiting in the kernel
+// (MSG_WAITALL), and four threads writing one socket at once. A sender
+// whose peer spliced to it first stays in the sockhash (a redirect from the
+// peer could still be on its way into it) and its bytes arrive as well.
+func TestReleaseDemoted(t *testing.T) {
+	requireBoundedSplice(t)
+	n, addr := sameNode(t, "splice")
+	const size = 512 << 20
+	for _, c := range []struct {
+		scenario string
+		release  bool
+	}{
+		{"slow", true},
+		{"fast", true},
+		{"slow-waitall", true},
+		{"writers", true},
+		{"greeted", false},
+	} {
+		t.Run(c.scenario, func(t *testing.T) {
+			before, rel0 := n.stats(), n.released()
+			n.client(n.enrolled, c.scenario, addr, fmt.Sprint(size))
+			after, rel1 := n.stats(), n.released()
+			t.Logf("spliced %d MiB, then %d MiB by TCP; %d demotions, %d sockets released",
+				(after.bytes-before.bytes)>>20, (after.demotedBytes-before.demotedBytes)>>20,
+				after.demotions-before.demotions, rel1-rel0)
+			if after.demotions == before.demotions {
+				t.Fatalf("no demotion: the writer never got ahead by splice_queue_limit?")
+			}
+			switch {
+			case c.release && rel1 == rel0:
+				t.Errorf("the demoted writer was not released from the sockhash")
+			case !c.release && rel1 != rel0:
+				t.Errorf("%d sockets released, want none: the server's direction spliced", rel1-rel0)
+			}
+			// Released sockets count what they sent by TCP when they
+			// close (less what waited unsent at release).
+			if moved := after.carried() - before.carried(); moved < carriedFloor(size) {
+				t.Errorf("counted %d bytes, want at least %d", moved, carriedFloor(size))
+			}
+		})
+	}
+	t.Run("released in the metrics", func(t *testing.T) {
+		_, m := n.admin("/metrics")
+		if v, want := testenv.Metric(t, m, "smesh_splice_released_total", nil), n.released(); v != float64(want) || want < 4 {
+			t.Errorf("smesh_splice_released_total = %v, want %d (the counter), at least the 4 releases above", v, want)
+		}
+	})
+}
