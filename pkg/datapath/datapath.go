@@ -317,7 +317,7 @@ func (d *Datapath) pinOptions(spec *ebpf.CollectionSpec) *ebpf.CollectionOptions
 
 func (d *Datapath) loadError(err error) error {
 	if d.pins != nil && errors.Is(err, ebpf.ErrMapIncompatible) {
-		return fmt.Errorf("the maps pinned in %s were made with other settings (datapath.map_size?); "+
+		return fmt.Errorf("the maps pinned in %s were made with other settings (datapath.map_size?) or by another version of smeshd; "+
 			"`smeshd cleanup` removes them (and with them the splice of open same-node connections): %w", d.pins.dir, err)
 	}
 	return verifierError(explainLoadError(err))
