@@ -60,17 +60,17 @@ type CaptureHarnessSockKey struct {
 }
 
 type CaptureHarnessSockState struct {
-	_             structs.HostLayout
-	Self          CaptureHarnessSockKey
-	Peer          CaptureHarnessSockKey
-	Orig          CaptureHarnessOrigDst
-	Captured      uint8
-	Role          uint8
-	Path          uint8
-	Demoted       uint8
-	Released      uint8
-	_             [7]byte
-	ReleasedAcked uint64
+	_        structs.HostLayout
+	Self     CaptureHarnessSockKey
+	Peer     CaptureHarnessSockKey
+	Orig     CaptureHarnessOrigDst
+	Captured uint8
+	Role     uint8
+	Path     uint8
+	Demoted  uint8
+	Released uint8
+	_        [7]byte
+	TcpBytes uint64
 }
 
 type CaptureHarnessSpliceStats struct {

@@ -67,17 +67,17 @@ type ConnectSockKey struct {
 }
 
 type ConnectSockState struct {
-	_             structs.HostLayout
-	Self          ConnectSockKey
-	Peer          ConnectSockKey
-	Orig          ConnectOrigDst
-	Captured      uint8
-	Role          uint8
-	Path          uint8
-	Demoted       uint8
-	Released      uint8
-	_             [7]byte
-	ReleasedAcked uint64
+	_        structs.HostLayout
+	Self     ConnectSockKey
+	Peer     ConnectSockKey
+	Orig     ConnectOrigDst
+	Captured uint8
+	Role     uint8
+	Path     uint8
+	Demoted  uint8
+	Released uint8
+	_        [7]byte
+	TcpBytes uint64
 }
 
 type ConnectSpliceStats struct {

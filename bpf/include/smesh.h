@@ -74,11 +74,11 @@ struct sock_state {
 	__u8 path;            /* PATH_*, decided by sk_msg on the first send */
 	__u8 demoted;         /* this direction went from splice (or undecided) to TCP */
 	__u8 released;        /* sockops took this socket out of the sockhash */
-	/* bytes_acked, plus the bytes in flight, when sockops released the
-	 * socket: sk_msg counted what was sent before, sockops counts the
-	 * rest when the socket closes (less what waited unsent in the write
-	 * queue at release: sock_ops cannot read write_seq). */
-	__u64 released_acked;
+	/* Bytes sk_msg handed to TCP once this direction was demoted (and
+	 * counted as demoted). All of a demoted direction's TCP bytes are
+	 * acknowledged in the end (bytes_acked); what a released socket sent
+	 * without sk_msg is the difference, counted when it closes. */
+	__u64 tcp_bytes;
 };
 
 enum {

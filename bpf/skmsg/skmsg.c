@@ -86,8 +86,10 @@ static __always_inline int splice(struct sk_msg_md *msg, bool bounded)
 		}
 	}
 	if (st->path == PATH_TCP) {
-		if (st->demoted)
+		if (st->demoted) {
 			count(role_slot(st, STAT_DEMOTED_CLIENT_TO_SERVER, STAT_DEMOTED_SERVER_TO_CLIENT), size);
+			st->tcp_bytes += size;
+		}
 		return SK_PASS;
 	}
 
@@ -115,6 +117,7 @@ static __always_inline int splice(struct sk_msg_md *msg, bool bounded)
 			st->demoted = 1;
 			counter_inc(COUNTER_DEMOTIONS);
 			count(role_slot(st, STAT_DEMOTED_CLIENT_TO_SERVER, STAT_DEMOTED_SERVER_TO_CLIENT), size);
+			st->tcp_bytes = size;
 			return SK_PASS;
 		}
 		/* Our own entry is gone (the socket is closing): splice this

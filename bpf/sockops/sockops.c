@@ -167,7 +167,6 @@ static __always_inline void release(struct bpf_sock_ops *skops)
 	if (was == PATH_UNDECIDED || was == PATH_TCP) {
 		if (bpf_map_delete_elem(&smesh_sockhash, &st->self) == 0) {
 			st->released = 1;
-			st->released_acked = skops->bytes_acked + (skops->snd_nxt - skops->snd_una);
 			counter_inc(COUNTER_RELEASED);
 		}
 	}
@@ -191,12 +190,13 @@ static __always_inline void closed(struct bpf_sock_ops *skops)
 	if (!st)
 		return;
 	bpf_map_delete_elem(&smesh_dirs, &st->self);
-	if (st->released && skops->bytes_acked > st->released_acked)
-		/* What the socket sent by plain TCP since release(), which
-		 * no sk_msg counted (as acknowledged: the FIN's sequence
-		 * number is one byte too many). */
+	if (st->released && st->demoted && skops->bytes_acked > st->tcp_bytes)
+		/* What the socket sent without sk_msg: after release(), and
+		 * any message the kernel passed to TCP on a verdict it kept
+		 * (see the README). Acknowledged bytes: the FIN's sequence
+		 * number makes one byte too many. */
 		count(role_slot(st, STAT_DEMOTED_CLIENT_TO_SERVER, STAT_DEMOTED_SERVER_TO_CLIENT),
-		      skops->bytes_acked - st->released_acked);
+		      skops->bytes_acked - st->tcp_bytes);
 }
 
 SEC("sockops")

@@ -54,17 +54,17 @@ type SockopsSockKey struct {
 }
 
 type SockopsSockState struct {
-	_             structs.HostLayout
-	Self          SockopsSockKey
-	Peer          SockopsSockKey
-	Orig          SockopsOrigDst
-	Captured      uint8
-	Role          uint8
-	Path          uint8
-	Demoted       uint8
-	Released      uint8
-	_             [7]byte
-	ReleasedAcked uint64
+	_        structs.HostLayout
+	Self     SockopsSockKey
+	Peer     SockopsSockKey
+	Orig     SockopsOrigDst
+	Captured uint8
+	Role     uint8
+	Path     uint8
+	Demoted  uint8
+	Released uint8
+	_        [7]byte
+	TcpBytes uint64
 }
 
 type SockopsSpliceStats struct {
