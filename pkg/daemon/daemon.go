@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/debug"
 	"slices"
 	"syscall"
 	"time"
@@ -331,6 +332,7 @@ func (d *daemon) start(wait, ctx context.Context) error {
 	}
 	d.own = own
 	d.cleanups = append(d.cleanups, restore)
+	adoptMemoryLimit(d.mount, own, log)
 	if cfg.Kubernetes.Enabled {
 		if err := d.startPods(wait, ctx); err != nil {
 			return err
@@ -643,6 +645,30 @@ func (d *daemon) spliceCounters() (metrics.SpliceCounters, error) {
 		Demotions: c.Demotions, DemotedTxBytes: st.DemotedClientToServer, DemotedRxBytes: st.DemotedServerToClient,
 		Released: c.Released,
 	}, nil
+}
+
+// adoptMemoryLimit makes a memory limit on smeshd's cgroup (systemd's
+// MemoryMax=, a pod's limits.memory) the Go runtime's soft limit, at three
+// quarters of it, unless GOMEMLIMIT is set: near the limit the collector
+// then works harder instead of smeshd being killed at it. The last quarter
+// is for what the kernel charges to the cgroup beside the Go runtime's
+// memory (socket buffers among it).
+func adoptMemoryLimit(mount, own string, log zerolog.Logger) {
+	if os.Getenv("GOMEMLIMIT") != "" || own == "" {
+		return
+	}
+	limit, ok, err := cgroups.MemoryLimit(mount, own)
+	if err != nil {
+		log.Warn().Err(err).Msg("reading the memory limit of smeshd's cgroup: the Go runtime keeps no soft memory limit")
+		return
+	}
+	if !ok {
+		return
+	}
+	soft := limit / 4 * 3
+	debug.SetMemoryLimit(soft)
+	log.Info().Int64("memory_max", limit).Int64("go_memory_limit", soft).
+		Msg("smeshd's cgroup has a memory limit: the Go runtime collects harder as it nears three quarters of it (GOMEMLIMIT overrides)")
 }
 
 // ownCgroup makes sure smeshd sits in a cgroup of its own: sock_ops must see

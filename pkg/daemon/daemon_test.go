@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"runtime/debug"
 	"slices"
 	"strings"
 	"testing"
@@ -15,6 +16,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/rs/zerolog"
 	"github.com/smesh-dev/smesh/pkg/config"
 	"github.com/smesh-dev/smesh/pkg/datapath"
 	"github.com/smesh-dev/smesh/pkg/testenv"
@@ -224,5 +226,41 @@ func TestConsoleColourOnlyOnTerminal(t *testing.T) {
 	}
 	if !strings.Contains(string(got[:k]), "\x1b[") {
 		t.Errorf("console log to a terminal: %q, want colours", got[:k])
+	}
+}
+
+// TestAdoptMemoryLimit: a memory limit on smeshd's cgroup (or above it)
+// becomes the Go runtime's soft limit at three quarters; GOMEMLIMIT, or no
+// limit, leaves the runtime as it is.
+func TestAdoptMemoryLimit(t *testing.T) {
+	before := debug.SetMemoryLimit(-1)
+	t.Cleanup(func() { debug.SetMemoryLimit(before) })
+	mount := t.TempDir()
+	limited := filepath.Join(mount, "pod", "ctr")
+	free := filepath.Join(mount, "free")
+	for _, d := range []string{limited, free} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	os.WriteFile(filepath.Join(mount, "pod", "memory.max"), []byte("1073741824\n"), 0o644)
+	os.WriteFile(filepath.Join(limited, "memory.max"), []byte("max\n"), 0o644)
+	os.WriteFile(filepath.Join(free, "memory.max"), []byte("max\n"), 0o644)
+	log := zerolog.Nop()
+
+	t.Setenv("GOMEMLIMIT", "")
+	adoptMemoryLimit(mount, free, log)
+	if got := debug.SetMemoryLimit(-1); got != before {
+		t.Errorf("no limit: the runtime's soft limit became %d", got)
+	}
+	adoptMemoryLimit(mount, limited, log)
+	if got, want := debug.SetMemoryLimit(-1), int64(3<<30/4); got != want {
+		t.Errorf("under a 1 GiB limit: the runtime's soft limit is %d, want %d", got, want)
+	}
+	debug.SetMemoryLimit(before)
+	t.Setenv("GOMEMLIMIT", "100MiB")
+	adoptMemoryLimit(mount, limited, log)
+	if got := debug.SetMemoryLimit(-1); got != before {
+		t.Errorf("with GOMEMLIMIT set: the runtime's soft limit became %d", got)
 	}
 }
