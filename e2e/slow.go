@@ -1,12 +1,14 @@
 package e2e
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"syscall"
 	"time"
 
@@ -159,8 +161,10 @@ type slowMemory struct{ rmem, overRcvbuf, wqueued int64 }
 
 // slowWrite is the client's side of cmdSlow: it writes n bytes of the
 // pattern as fast as the connection takes them, then checks the server's
-// answer. It returns the server's and its own memory peaks.
-func slowWrite(addr string, n int64, mode byte, stall byte, pause time.Duration) (mem slowMemory, err error) {
+// answer. It returns the server's and its own memory peaks. With hold, it
+// keeps the connection open once every byte is written and acknowledged
+// (holdOpen) before it half-closes.
+func slowWrite(addr string, n int64, mode byte, stall byte, pause time.Duration, hold bool) (mem slowMemory, err error) {
 	c, err := dial(addr)
 	if err != nil {
 		return mem, err
@@ -196,7 +200,42 @@ func slowWrite(addr string, n int64, mode byte, stall byte, pause time.Duration)
 			return mem, fmt.Errorf("write at offset %d: %w", off, err)
 		}
 	}
+	if hold {
+		if err := holdOpen(c); err != nil {
+			return mem, err
+		}
+	}
 	return mem, slowAnswer(c, n, &mem)
+}
+
+// holdOpen waits until the peer acknowledged every byte c sent by TCP (its
+// send queue is empty), prints "held", and waits for a line on stdin: the
+// test reads counters meanwhile, of a connection still open.
+func holdOpen(c *net.TCPConn) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(10 * time.Millisecond) {
+		unacked, ierr := 0, error(nil)
+		if err := rc.Control(func(fd uintptr) { unacked, ierr = unix.IoctlGetInt(int(fd), unix.TIOCOUTQ) }); err != nil {
+			return err
+		}
+		if ierr != nil {
+			return fmt.Errorf("TIOCOUTQ: %w", ierr)
+		}
+		if unacked == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%d bytes still unacknowledged after a minute", unacked)
+		}
+	}
+	fmt.Println("held")
+	if _, err := bufio.NewReader(os.Stdin).ReadString('\n'); err != nil {
+		return fmt.Errorf("waiting for the test's go-ahead: %w", err)
+	}
+	return nil
 }
 
 // slowAnswer half-closes c and checks the server's answer to an n-byte

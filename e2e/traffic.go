@@ -14,6 +14,7 @@ import (
 	"net/netip"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -547,14 +548,16 @@ func runScenario(args []string) error {
 				break
 			}
 		}
-	case "slow", "slow-waitall", "slow-lowat", "stalled", "fast", "greeted", "writers":
+	case "slow", "slow-waitall", "slow-lowat", "stalled", "fast", "greeted", "writers", "held", "held-greeted":
 		// A writer as fast as it can be into a reader that sleeps
 		// 1 ms per 64 KiB read, or that stalls 10 s first; or one
 		// that reads as fast as it can ("fast"); after a byte the
 		// server sent first ("greeted"); from several writer
-		// threads at once ("writers").
+		// threads at once ("writers"); "held": slow, then open until
+		// a line on stdin, once every byte is acknowledged.
 		mode, stall, pause := byte('p'), byte(0), time.Millisecond
-		switch scenario {
+		hold := strings.HasPrefix(scenario, "held")
+		switch strings.TrimPrefix(scenario, "held-") {
 		case "slow-waitall":
 			mode = 'w'
 		case "slow-lowat":
@@ -569,7 +572,7 @@ func runScenario(args []string) error {
 			mode = 'm'
 		}
 		var mem slowMemory
-		mem, err = slowWrite(addr, n, mode, stall, pause)
+		mem, err = slowWrite(addr, n, mode, stall, pause, hold)
 		if err == nil {
 			fmt.Printf("memory max_rmem=%d max_wqueued=%d max_over_rcvbuf=%d\n", mem.rmem, mem.wqueued, mem.overRcvbuf)
 		}

@@ -60,17 +60,20 @@ type CaptureHarnessSockKey struct {
 }
 
 type CaptureHarnessSockState struct {
-	_        structs.HostLayout
-	Self     CaptureHarnessSockKey
-	Peer     CaptureHarnessSockKey
-	Orig     CaptureHarnessOrigDst
-	Captured uint8
-	Role     uint8
-	Path     uint8
-	Demoted  uint8
-	Released uint8
-	_        [7]byte
-	TcpBytes uint64
+	_            structs.HostLayout
+	Self         CaptureHarnessSockKey
+	Peer         CaptureHarnessSockKey
+	Orig         CaptureHarnessOrigDst
+	Captured     uint8
+	Role         uint8
+	Path         uint8
+	Demoted      uint8
+	Released     uint8
+	Stays        uint8
+	_            [6]byte
+	TcpBytes     uint64
+	AckedBytes   uint64
+	AckedAtStart uint64
 }
 
 type CaptureHarnessSpliceStats struct {

@@ -74,11 +74,18 @@ struct sock_state {
 	__u8 path;            /* PATH_*, decided by sk_msg on the first send */
 	__u8 demoted;         /* this direction went from splice (or undecided) to TCP */
 	__u8 released;        /* sockops took this socket out of the sockhash */
+	__u8 stays;           /* its peer spliced: it can never be released */
 	/* Bytes sk_msg handed to TCP once this direction was demoted (and
-	 * counted as demoted). All of a demoted direction's TCP bytes are
-	 * acknowledged in the end (bytes_acked); what a released socket sent
-	 * without sk_msg is the difference, counted when it closes. */
+	 * counted as demoted). A demoted socket sends no TCP byte before its
+	 * demotion, so what it acknowledged since its establishment is all its
+ * demoted bytes; what sk_msg
+	 * did not see (sends after release, a message the kernel passed to
+	 * TCP on a verdict it kept) is the difference, counted by sockops as
+	 * ACKs come (acked_bytes: how much of it is counted so far). */
 	__u64 tcp_bytes;
+	__u64 acked_bytes;
+	/* bytes_acked at establishment: the active opener's SYN is in it. */
+	__u64 acked_at_start;
 };
 
 enum {
@@ -124,7 +131,10 @@ enum counter_slot {
 	/* sockops took a demoted socket out of the sockhash: it sends and
 	 * receives by plain TCP from then on (release() in sockops.c). */
 	COUNTER_RELEASED = 3,
-	COUNTER_MAX = 4,
+	/* sockops put the second end of a same-node hop in the sockhash:
+	 * a connection spliced from its first byte on. */
+	COUNTER_SPLICED_CONNS = 4,
+	COUNTER_MAX = 5,
 };
 
 /* Written by sockops (both ends of every same-node hop, at establishment);
@@ -224,7 +234,8 @@ struct {
 } smesh_netns SEC(".maps");
 
 /* Written by sk_msg (per CPU, no locking on the data path) and by sockops
- * (released sockets, at close); read by smeshd. */
+ * (demoted bytes sk_msg did not see, as they are acknowledged); read by
+ * smeshd. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, STAT_MAX);
@@ -232,7 +243,7 @@ struct {
 	__type(value, struct splice_stats);
 } smesh_stats SEC(".maps");
 
-/* Written by connect4 (and later sk_msg), per CPU; read by smeshd. */
+/* Written by connect4, sk_msg and sockops, per CPU; read by smeshd. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, COUNTER_MAX);
@@ -251,7 +262,7 @@ static __always_inline void counter_inc(__u32 slot)
 
 /* Counts into smesh_stats (per CPU): bytes and messages spliced, by the
  * role of the sender; and the bytes of demoted directions, sent by TCP
- * (sk_msg, and sockops for released sockets). */
+ * (sk_msg, and sockops for what sk_msg did not see). */
 static __always_inline void count(__u32 slot, __u32 size)
 {
 	struct splice_stats *s = bpf_map_lookup_elem(&smesh_stats, &slot);

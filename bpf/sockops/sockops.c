@@ -8,7 +8,12 @@
 
 #include "smesh.h"
 
+/* TCP states (include/net/tcp_states.h). */
+#define TCP_FIN_WAIT1 4
+#define TCP_FIN_WAIT2 5
 #define TCP_CLOSE 7
+#define TCP_LAST_ACK 9
+#define TCP_CLOSING 11
 
 /* Set by smeshd before load: copy mode records original destinations but
  * splices nothing. */
@@ -95,6 +100,7 @@ static __always_inline void established(struct bpf_sock_ops *skops, __u8 role)
 	if (!st)
 		return; /* out of memory: neither recorded nor spliced, plain TCP */
 	st->role = role;
+	st->acked_at_start = skops->bytes_acked;
 	if (st->captured &&
 	    bpf_map_update_elem(&smesh_orig_dst, &conn, &st->orig, BPF_ANY) == 0)
 		/* Ask for state changes so the entry is removed on close. */
@@ -115,11 +121,41 @@ static __always_inline void established(struct bpf_sock_ops *skops, __u8 role)
 		bpf_map_delete_elem(&smesh_dirs, &st->self);
 		return;
 	}
-	/* STATE_CB: remove the smesh_dirs entry on close. RTT_CB: ACKs, which
-	 * come only for bytes sent by TCP, that is once this socket's own
-	 * direction went to TCP: then release() runs. */
+	/* The second end of the hop in: both are, so the connection is
+	 * spliced (counted once: the client's end is in the map before it
+	 * sends the ACK whose arrival establishes the server's). Its
+	 * smesh_dirs entry says the peer is in the sockhash without taking
+	 * a reference to its socket (which sock_ops could not release). */
+	if (bpf_map_lookup_elem(&smesh_dirs, &st->peer))
+		counter_inc(COUNTER_SPLICED_CONNS);
+	/* STATE_CB: remove the smesh_dirs entry on close. RTT_CB: rtt(). */
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
 					 BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG);
+}
+
+/* count_acked counts what a demoted socket sent by TCP that sk_msg did
+ * not count, as it is acknowledged. A demoted socket sent no byte by TCP
+ * before its demotion, so what it acknowledged since its establishment
+ * covers all of the direction's TCP bytes: sk_msg counted tcp_bytes of them itself (before TCP sent them, so
+ * never after their ACK), earlier calls acked_bytes. The rest went without
+ * sk_msg: sends after release(), and a message the kernel passed to TCP on
+ * a verdict it kept (tcp_bpf_send_verdict, after a send that would have
+ * blocked). state is the socket's TCP state: once this end's FIN is sent
+ * (FIN_WAIT1, FIN_WAIT2, CLOSING, LAST_ACK) and everything is acknowledged,
+ * the FIN's sequence number is among the acknowledged bytes but is no data.
+ * Runs on ACKs (RTT_CB) and at close, under the socket lock, as sk_msg. */
+static __always_inline void count_acked(struct bpf_sock_ops *skops, struct sock_state *st, __u32 state)
+{
+	__u64 acked = skops->bytes_acked - st->acked_at_start;
+	__u64 counted = st->tcp_bytes + st->acked_bytes;
+
+	if ((state == TCP_FIN_WAIT1 || state == TCP_FIN_WAIT2 || state == TCP_CLOSING ||
+	     state == TCP_LAST_ACK) && skops->snd_una == skops->snd_nxt && acked > 0)
+		acked--;
+	if (acked <= counted)
+		return;
+	st->acked_bytes += acked - counted;
+	count(role_slot(st, STAT_DEMOTED_CLIENT_TO_SERVER, STAT_DEMOTED_SERVER_TO_CLIENT), acked - counted);
 }
 
 /* release takes a socket whose own sends go by TCP (demoted, or TCP from its
@@ -135,8 +171,8 @@ static __always_inline void established(struct bpf_sock_ops *skops, __u8 role)
  * have redirected and never be able to: the peer's smesh_dirs entry is
  * PATH_UNDECIDED, which release() swaps to PATH_TCP (sk_msg swaps UNDECIDED
  * -> SPLICE before it looks the peer up; one of the two wins), or PATH_TCP
- * (its first send found no peer). A peer that ever spliced is left alone: a
- * redirect of one of its writer threads can still be on its way
+ * (its first send found no peer). A peer that ever spliced is left alone
+ * (stays): a redirect of one of its writer threads can still be on its way
  * (tcp_bpf_send_verdict releases the sender's lock around
  * tcp_bpf_sendmsg_redir), and nothing a program can read tells when it has
  * landed.
@@ -146,33 +182,49 @@ static __always_inline void established(struct bpf_sock_ops *skops, __u8 role)
  * way on this socket returns (they hold one); the kernel switches sk_prot
  * back under sk_callback_lock, and a send that already runs in
  * tcp_bpf_sendmsg finishes there, through this program, by TCP. */
-static __always_inline void release(struct bpf_sock_ops *skops)
+static __always_inline void release(struct sock_state *st)
+{
+	__u32 *dir, was;
+
+	dir = bpf_map_lookup_elem(&smesh_dirs, &st->peer);
+	if (!dir)
+		/* The peer is not in the sockhash (yet: it may be added at
+		 * its establishment, after our first send): ask again. */
+		return;
+	was = __sync_val_compare_and_swap(dir, PATH_UNDECIDED, PATH_TCP);
+	if (was != PATH_UNDECIDED && was != PATH_TCP) {
+		st->stays = 1;
+		return;
+	}
+	if (bpf_map_delete_elem(&smesh_sockhash, &st->self) == 0) {
+		st->released = 1;
+		counter_inc(COUNTER_RELEASED);
+	}
+}
+
+/* rtt runs on the ACKs of a spliced socket, which come only for bytes sent
+ * by TCP, that is once its own direction went to TCP: release() it if it
+ * can be, and count a demoted direction's bytes as they are acknowledged. */
+static __always_inline void rtt(struct bpf_sock_ops *skops)
 {
 	struct sock_state *st;
 	struct bpf_sock *sk;
-	__u32 *dir, was;
 
 	sk = skops->sk;
 	if (!sk)
 		return;
 	st = bpf_sk_storage_get(&smesh_sk_state, sk, 0, 0);
-	if (!st || st->released || st->path != PATH_TCP)
+	if (!st || st->path != PATH_TCP)
 		return;
-	dir = bpf_map_lookup_elem(&smesh_dirs, &st->peer);
-	if (!dir)
-		/* The peer is not in the sockhash (yet: it may be added at
-		 * its establishment, after our first send): stay. */
-		return;
-	was = __sync_val_compare_and_swap(dir, PATH_UNDECIDED, PATH_TCP);
-	if (was == PATH_UNDECIDED || was == PATH_TCP) {
-		if (bpf_map_delete_elem(&smesh_sockhash, &st->self) == 0) {
-			st->released = 1;
-			counter_inc(COUNTER_RELEASED);
-		}
-	}
-	/* Released, or the peer spliced, which never changes back: stop
-	 * asking on every ACK. */
-	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_RTT_CB_FLAG);
+	if (!st->released && !st->stays)
+		release(st);
+	if (st->demoted)
+		count_acked(skops, st, skops->state);
+	else if (st->released || st->stays)
+		/* Nothing left to do on its ACKs: not the mesh's bytes (its
+		 * first send found no spliced peer), and released or never
+		 * to be. Stop asking. */
+		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_RTT_CB_FLAG);
 }
 
 static __always_inline void closed(struct bpf_sock_ops *skops)
@@ -190,13 +242,11 @@ static __always_inline void closed(struct bpf_sock_ops *skops)
 	if (!st)
 		return;
 	bpf_map_delete_elem(&smesh_dirs, &st->self);
-	if (st->released && st->demoted && skops->bytes_acked > st->tcp_bytes)
-		/* What the socket sent without sk_msg: after release(), and
-		 * any message the kernel passed to TCP on a verdict it kept
-		 * (see the README). Acknowledged bytes: the FIN's sequence
-		 * number makes one byte too many. */
-		count(role_slot(st, STAT_DEMOTED_CLIENT_TO_SERVER, STAT_DEMOTED_SERVER_TO_CLIENT),
-		      skops->bytes_acked - st->tcp_bytes);
+	if (st->demoted)
+		/* What ACKs without an RTT sample acknowledged since the
+		 * last RTT_CB (Karn: none is taken from a retransmitted
+		 * segment). args[0] is the state the socket leaves. */
+		count_acked(skops, st, skops->args[0]);
 }
 
 SEC("sockops")
@@ -210,7 +260,7 @@ int smesh_sockops(struct bpf_sock_ops *skops)
 		established(skops, ROLE_SERVER);
 		break;
 	case BPF_SOCK_OPS_RTT_CB:
-		release(skops);
+		rtt(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		/* args[1] is the new state. */

@@ -618,6 +618,9 @@ type Counters struct {
 	// sends went by TCP and their peer could no longer splice into them:
 	// they are plain TCP sockets from then on (release() in sockops.c).
 	Released uint64
+	// SplicedConns counts same-node hops whose both ends sockops put in
+	// the sockhash: connections spliced from their first byte on.
+	SplicedConns uint64
 }
 
 // Counters sums the per-CPU event counters.
@@ -639,12 +642,13 @@ func countersFrom(m *ebpf.Map) (Counters, error) {
 		return sum, nil
 	}
 	var c Counters
-	var err1, err2, err3, err4 error
-	c.UnreadyOpen, err1 = read(0)
-	c.UnreadyClosed, err2 = read(1)
-	c.Demotions, err3 = read(2)
-	c.Released, err4 = read(3)
-	return c, errors.Join(err1, err2, err3, err4)
+	var errs [5]error
+	c.UnreadyOpen, errs[0] = read(0)
+	c.UnreadyClosed, errs[1] = read(1)
+	c.Demotions, errs[2] = read(2)
+	c.Released, errs[3] = read(3)
+	c.SplicedConns, errs[4] = read(4)
+	return c, errors.Join(errs[:]...)
 }
 
 // NetnsEvent says that a process connected from a network namespace where

@@ -70,7 +70,6 @@ func (c dataPathCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	ts := c.m.tunnel.Load()
 
-	counter(connsDesc, c.m.paths[PathSplice].conns.Load(), PathSplice)
 	for _, p := range []string{PathCopy, PathTunnelOut} {
 		s := c.m.paths[p]
 		conns := s.conns.Load()
@@ -91,6 +90,8 @@ func (c dataPathCollector) Collect(ch chan<- prometheus.Metric) {
 
 	sc, ok, err := c.m.Splice()
 	if !ok {
+		// No splice source (no data path yet): nothing spliced.
+		counter(connsDesc, 0, PathSplice)
 		return
 	}
 	if err != nil {
@@ -98,6 +99,7 @@ func (c dataPathCollector) Collect(ch chan<- prometheus.Metric) {
 		return
 	}
 	gauge(spliceUpDesc, 1)
+	counter(connsDesc, sc.Conns, PathSplice)
 	counter(bytesDesc, sc.TxBytes, PathSplice, "tx")
 	counter(bytesDesc, sc.RxBytes, PathSplice, "rx")
 	counter(splicedMsgsDesc, sc.TxMsgs, "tx")

@@ -8,7 +8,7 @@
 // Where each path's series come from:
 //
 //	path        smesh_connections_total  smesh_active_connections  smesh_bytes_total
-//	splice      ConnOpened               BPF (sockhash)            BPF
+//	splice      BPF (sockops)            BPF (sockhash)            BPF
 //	copy        ConnOpened               ConnOpened, ConnClosed    ConnClosed, AddBytes
 //	tunnel_out  tunnel.Stats             ConnOpened, ConnClosed    ConnClosed, AddBytes
 //	tunnel_in   tunnel.Stats             tunnel.Stats              tunnel.Stats
@@ -44,8 +44,9 @@ const (
 )
 
 // goPaths are the paths the Go-side counters (ConnOpened, ConnClosed,
-// AddBytes) take part in; tunnel_in is all the tunnel's.
-var goPaths = []string{PathSplice, PathCopy, PathTunnelOut}
+// AddBytes) take part in; splice is all the kernel's, tunnel_in all the
+// tunnel's.
+var goPaths = []string{PathCopy, PathTunnelOut}
 
 // The values of the role label of the TLS metrics.
 const (
@@ -70,6 +71,10 @@ type SpliceCounters struct {
 	// Released counts demoted sockets taken out of the sockhash, plain
 	// TCP sockets from then on.
 	Released uint64
+	// Conns counts spliced hops: connections whose both ends went into
+	// the sockhash (an app's connection to a local server, or either
+	// hop between an app and smeshd when those are spliced).
+	Conns uint64
 }
 
 // Metrics is smeshd's metric set. Its methods are safe for concurrent use.
@@ -198,10 +203,10 @@ func (m *Metrics) SetTunnelStats(s *tunnel.Stats) {
 	m.tunnel.Store(s)
 }
 
-// ConnOpened counts a new connection on path. For PathSplice only the
-// connection count uses it (BPF counts the rest), for PathTunnelOut only
-// the active count (the tunnel counts its connections); PathTunnelIn is
-// all the tunnel's and ignored here, as is any other path.
+// ConnOpened counts a new connection on path. For PathTunnelOut only the
+// active count uses it (the tunnel counts its connections); PathSplice is
+// all the kernel's and PathTunnelIn all the tunnel's: both are ignored
+// here, as is any other path.
 func (m *Metrics) ConnOpened(path string) {
 	if s := m.paths[path]; s != nil {
 		if path != PathTunnelOut {
@@ -213,8 +218,7 @@ func (m *Metrics) ConnOpened(path string) {
 
 // ConnClosed ends a connection opened with ConnOpened and adds the bytes it
 // moved that AddBytes has not already counted: tx from the client to the
-// server, rx back. For PathSplice the bytes and the active count come from
-// the splice source, so only the connection count uses what is reported here.
+// server, rx back.
 func (m *Metrics) ConnClosed(path string, tx, rx int64) {
 	if s := m.paths[path]; s != nil {
 		s.active.Add(-1)

@@ -186,10 +186,10 @@ func TestSpliceSource(t *testing.T) {
 	m := New("dev")
 	m.ConnOpened(PathCopy)
 	m.ConnClosed(PathCopy, 3, 4)
-	m.ConnOpened(PathSplice)
+	m.ConnOpened(PathSplice) // the kernel counts spliced hops, not this
 	m.SetSpliceSource(func() (SpliceCounters, error) {
 		return SpliceCounters{TxBytes: 1 << 40, RxBytes: 12345, TxMsgs: 77, RxMsgs: 8, Sockets: 7,
-			Demotions: 5, Released: 4, DemotedTxBytes: 6 << 20}, nil
+			Demotions: 5, Released: 4, DemotedTxBytes: 6 << 20, Conns: 9}, nil
 	})
 
 	fams := scrape(t, m)
@@ -206,16 +206,24 @@ func TestSpliceSource(t *testing.T) {
 	expect(t, fams, "smesh_splice_demoted_bytes_total", dto.MetricType_COUNTER,
 		`{direction="tx"} 6.291456e+06`, `{direction="rx"} 0`)
 	// 7 sockets is 3 whole hops (a hop whose second end is not in yet does
-	// not count); Go's ConnOpened(splice) does not change the active count.
+	// not count); Go's ConnOpened(splice) changes neither count.
 	expect(t, fams, "smesh_active_connections", dto.MetricType_GAUGE,
 		`{path="splice"} 3`, `{path="copy"} 0`, `{path="tunnel_in"} 0`, `{path="tunnel_out"} 0`)
 	expect(t, fams, "smesh_connections_total", dto.MetricType_COUNTER,
-		`{path="copy"} 1`, `{path="splice"} 1`, `{path="tunnel_in"} 0`, `{path="tunnel_out"} 0`)
+		`{path="copy"} 1`, `{path="splice"} 9`, `{path="tunnel_in"} 0`, `{path="tunnel_out"} 0`)
+
+	m.SetSpliceSource(func() (SpliceCounters, error) { return SpliceCounters{}, errors.New("map gone") })
+	fams = scrape(t, m)
+	expect(t, fams, "smesh_splice_source_up", dto.MetricType_GAUGE, `{} 0`)
+	expect(t, fams, "smesh_connections_total", dto.MetricType_COUNTER,
+		`{path="copy"} 1`, `{path="tunnel_in"} 0`, `{path="tunnel_out"} 0`)
 
 	m.SetSpliceSource(nil)
 	fams = scrape(t, m)
 	expect(t, fams, "smesh_splice_source_up", dto.MetricType_GAUGE)
 	expect(t, fams, "smesh_spliced_messages_total", dto.MetricType_COUNTER)
+	expect(t, fams, "smesh_connections_total", dto.MetricType_COUNTER,
+		`{path="copy"} 1`, `{path="splice"} 0`, `{path="tunnel_in"} 0`, `{path="tunnel_out"} 0`)
 }
 
 // A failing splice source leaves its series out, says so in
