@@ -19,6 +19,7 @@ import (
 	sdnotify "github.com/coreos/go-systemd/v22/daemon"
 	"github.com/rs/zerolog"
 
+	"github.com/smesh-dev/smesh/cmd/smeshd/internal/hangup"
 	"github.com/smesh-dev/smesh/pkg/bench"
 	"github.com/smesh-dev/smesh/pkg/cgroups"
 	"github.com/smesh-dev/smesh/pkg/config"
@@ -50,15 +51,14 @@ Usage:
 `
 
 func main() {
-	// First of all: SIGHUP is `systemctl reload`, and its default action
-	// ends the process, so a reload asked for while the daemon starts
-	// would kill it. Caught from here on, it waits until the daemon is
-	// ready (daemon.Options.Reload).
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
+	// SIGHUP is a reload, and its default action ends the process, so a
+	// reload asked for while the daemon starts would kill it. Caught since
+	// package initialisation (hangup), it waits until the daemon is ready
+	// (daemon.Options.Reload).
+	hup := hangup.Caught()
 	if cmd, _ := command(os.Args[1:]); cmd != "" {
 		// The other commands keep the default: a hangup ends them.
-		signal.Stop(hup)
+		hangup.Release()
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr, hup)
