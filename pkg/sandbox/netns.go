@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/debug"
+	"sync"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -18,6 +19,51 @@ import (
 // and vishvananda/netns alike.
 const netnsDir = "/run/netns"
 
+// netnsDirMu serializes prepareNetnsDir: two callers that both find
+// netnsDir no mount point must not both bind-mount it. It guards the mount
+// namespace, which is process-wide state, not state of this package.
+var netnsDirMu sync.Mutex
+
+// prepareNetnsDir makes netnsDir a shared mount point, as `ip netns add`
+// does before it creates a namespace (iproute2's netns_add): when netnsDir is
+// not a mount point yet, it is bind-mounted onto itself first. Like ip, it
+// does so on every call rather than once: it costs one mount(2) when there is
+// nothing to do, and a /run/netns unmounted meanwhile is prepared again.
+//
+// Without it, the first `ip netns add` on a machine makes that bind mount
+// over namespaces already mounted in the plain directory: they are hidden
+// beneath it, unmounting one by its path removes only the copy on top, and
+// its file stays busy for good. Once netnsDir is a mount point, `ip netns
+// add` finds it one and mounts nothing over it.
+//
+// Two processes preparing at the same moment (this one and `ip netns add`)
+// may both bind-mount netnsDir; that is harmless: each mounts a namespace
+// only after making the top mount shared, and a bind mount of a shared mount
+// joins its peer group, so unmounting the copy on top unmounts the one
+// beneath too. What remains is a process that mounts namespaces in a
+// netnsDir that is no mount point without preparing it (vishvananda/netns
+// NewNamed alone, as this package did before, or `unshare
+// --net=/run/netns/NAME`): the first preparation, ours or ip's, hides those.
+func prepareNetnsDir() error {
+	netnsDirMu.Lock()
+	defer netnsDirMu.Unlock()
+	if err := os.MkdirAll(netnsDir, 0o755); err != nil {
+		return fmt.Errorf("creating %s: %w", netnsDir, err)
+	}
+	err := unix.Mount("", netnsDir, "none", unix.MS_SHARED|unix.MS_REC, "")
+	if errors.Is(err, unix.EINVAL) {
+		// Not a mount point yet: make it one, then shared.
+		if err := unix.Mount(netnsDir, netnsDir, "none", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+			return fmt.Errorf("bind-mounting %s onto itself: %w", netnsDir, err)
+		}
+		err = unix.Mount("", netnsDir, "none", unix.MS_SHARED|unix.MS_REC, "")
+	}
+	if err != nil {
+		return fmt.Errorf("making %s a shared mount: %w", netnsDir, err)
+	}
+	return nil
+}
+
 // NewNamedNetns creates a network namespace bind-mounted at /run/netns/name,
 // so that `ip netns exec name` and Start find it, brings its loopback up, and
 // returns a handle to it. The caller closes the handle and, to delete the
@@ -26,9 +72,15 @@ const netnsDir = "/run/netns"
 // lo is up because in a namespace where it is down even 127.0.0.1 does not
 // answer, which no user of this package wants.
 //
+// /run/netns is made a shared mount point first, as `ip netns add` does (see
+// prepareNetnsDir), so that the two can be used side by side.
+//
 // On error nothing is left behind, except when the name was taken: then the
 // existing namespace is not touched.
 func NewNamedNetns(name string) (netns.NsHandle, error) {
+	if err := prepareNetnsDir(); err != nil {
+		return netns.None(), fmt.Errorf("creating network namespace %s: %w", name, err)
+	}
 	type result struct {
 		ns  netns.NsHandle
 		err error
