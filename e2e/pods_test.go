@@ -362,25 +362,41 @@ func TestPodChurn(t *testing.T) {
 		return s
 	}
 	base := snap()
+	counted := n.meshCounts()
 
-	// Traffic between the two steady pods all along.
-	traffic := testenv.StartHelper(t, a.Cgroup, a.Name, "client", "paced", addr, "1500")
+	// Traffic between the two steady pods all along: the command byte,
+	// then exchanges of one byte each way.
+	const exchanges = 1500
+	traffic := testenv.StartHelper(t, a.Cgroup, a.Name, "client", "paced", addr, strconv.Itoa(exchanges))
 	if line, err := traffic.ReadLine(5 * time.Second); err != nil || line != "connected" {
 		t.Fatalf("steady traffic did not start (%q, %v): %s", line, err, traffic.Stderr())
 	}
+	want := meshCounts{conns: 1, txSpliced: 1 + exchanges, rxSpliced: exchanges}
 	// Fewer under emulation (make kernel-test), where each pod takes seconds.
 	churn := int(max(scaled(100), 10))
 	var pods []*testenv.Pod
-	for i := range churn {
+	var names []string
+	for range churn {
 		p := n.pod()
-		// A process in each, connecting to the steady server: the pod's
-		// namespace is enrolled, and its connection is spliced.
-		h := testenv.StartHelper(t, p.Cgroup, p.Name, "client", "oneway", addr, strconv.Itoa(1000+i))
-		pods = append(pods, p)
-		if i%10 == 9 {
-			if err := h.Wait(); err != nil {
-				t.Fatalf("a churning pod's client: %v %s", err, h.Stderr())
-			}
+		pods, names = append(pods, p), append(names, p.Name)
+	}
+	// A process in each, connecting to the steady server, once smeshd
+	// serves the pod's namespace (a connection made before that is not
+	// spliced: the server's end cannot tell in which namespace its peer
+	// is), so its connection is spliced: the command byte and its bytes
+	// one way, a count and a SHA-256 back (oneway).
+	n.waitServed(names...)
+	var clients []*testenv.Helper
+	for i, p := range pods {
+		size := 1000 + i
+		clients = append(clients, testenv.StartHelper(t, p.Cgroup, p.Name, "client", "oneway", addr, strconv.Itoa(size)))
+		want.conns++
+		want.txSpliced += float64(1 + size)
+		want.rxSpliced += 8 + 32
+	}
+	for i, h := range clients {
+		if err := h.Wait(); err != nil || !strings.Contains(h.Stdout(), "ok oneway") {
+			t.Fatalf("churning pod %d's client: %v %s%s", i, err, h.Stdout(), h.Stderr())
 		}
 	}
 	served := 0
@@ -393,8 +409,12 @@ func TestPodChurn(t *testing.T) {
 	for _, p := range pods {
 		p.Delete(t)
 	}
-	if err := traffic.Wait(); err != nil {
-		t.Fatalf("steady traffic during the churn: %v %s", err, traffic.Stderr())
+	if err := traffic.Wait(); err != nil || !strings.Contains(traffic.Stdout(), "ok paced") {
+		t.Fatalf("steady traffic during the churn: %v %s%s", err, traffic.Stdout(), traffic.Stderr())
+	}
+	// Every connection spliced, every byte of them, none by TCP.
+	if got := n.meshCounts().sub(counted); got != want {
+		t.Errorf("counted %v\nwant    %v", got, want)
 	}
 
 	// smeshd notices deleted pods by itself (cgroup events); give it
