@@ -7,16 +7,21 @@
 // pods: across the nodes (captured, carried by the mTLS tunnel, delivered by
 // the other node's smeshd inside the destination pod) and between two pods
 // of one node (not captured, spliced in the kernel across the two pods'
-// namespaces).
+// namespaces). Across the nodes it shows the tunnel's links at work: a new
+// link's full TLS handshake, the next connection riding that link from the
+// pool, and, for two connections at once, a new link whose handshake
+// resumes the session.
 //
 // It prints what happened from smeshd's own JSON logs, its admin endpoint
 // and its BPF counters (and from curl and nginx), and removes everything it
 // made, also on Ctrl-C and on any error.
 //
 // The files follow what it shows: this one the flags and the list of steps,
-// steps.go what each step does and prints, world.go the nodes, pods and
+// steps.go what the other steps do and print, world.go the nodes, pods and
 // processes and their removal, smeshd.go starting smeshd and reading its
-// logs, counters and admin endpoint, workloads.go nginx and curl.
+// logs, counters and admin endpoint, workloads.go nginx and curl, fetch.go
+// the steps in which curl fetches and what they print, links.go which
+// tunnel link a connection rode and smeshd's handshake counters.
 package main
 
 import (
@@ -71,6 +76,11 @@ type demo struct {
 	// On node a a client and a web pod, on node b a web and a client pod.
 	clientA, webA, webB, clientB *pod
 	nginx                        map[*pod]*nginx
+	// step is the number of the step running; links are the tunnel links
+	// the steps' tunnelled connections rode, by their address on the
+	// client node (links.go).
+	step  int
+	links map[string]*linkUse
 }
 
 func run(ctx context.Context, smeshdPath string, size int) (err error) {
@@ -100,7 +110,7 @@ func run(ctx context.Context, smeshdPath string, size int) (err error) {
 			err = errors.Join(err, fmt.Errorf("removing what the demo made: %w", cerr))
 		}
 	}()
-	d := &demo{w: w, size: size, nginx: make(map[*pod]*nginx)}
+	d := &demo{w: w, size: size, nginx: make(map[*pod]*nginx), links: make(map[string]*linkUse)}
 	blob := make([]byte, size)
 	rand.Read(blob)
 	d.sum = sha256.Sum256(blob)
@@ -117,10 +127,11 @@ func run(ctx context.Context, smeshdPath string, size int) (err error) {
 		{"nodes: a network namespace each, with a bridge for its pods, joined by a wire", d.nodes},
 		{"smeshd on each node: in the node's namespace, in a cgroup of its own, enrolling the node's pods' parent cgroup", d.smeshds},
 		{"pods: a network namespace each, eth0 on the node's br0, a cgroup below the enrolled one, a pause process", func(ctx context.Context) error { return d.pods(ctx, blob) }},
-		{"pod client-a (node a) -> nginx in pod web-b (node b): another node", func(ctx context.Context) error { return d.fetch(ctx, d.clientA, d.webB) }},
-		{"the same again: a new tunnel connection to a known peer resumes its TLS session", func(ctx context.Context) error { return d.fetch(ctx, d.clientA, d.webB) }},
-		{"pod client-a (node a) -> nginx in pod web-a (node a): the same node, another pod", func(ctx context.Context) error { return d.fetch(ctx, d.clientA, d.webA) }},
-		{"pod client-b (node b) -> nginx in pod web-a (node a): the other way", func(ctx context.Context) error { return d.fetch(ctx, d.clientB, d.webA) }},
+		{"pod client-a (node a) -> nginx in pod web-b (node b): another node", d.fetcher(&d.clientA, &d.webB, 1)},
+		{"the same again: the new connection rides the tunnel link the previous step left idle in node a's pool", d.fetcher(&d.clientA, &d.webB, 1)},
+		{"twice at once: one connection takes the pooled link, the other needs a new link, whose TLS handshake resumes the session", d.fetcher(&d.clientA, &d.webB, 2)},
+		{"pod client-a (node a) -> nginx in pod web-a (node a): the same node, another pod", d.fetcher(&d.clientA, &d.webA, 1)},
+		{"pod client-b (node b) -> nginx in pod web-a (node a): the other way", d.fetcher(&d.clientB, &d.webA, 1)},
 		{"what smeshd serves: GET /debug/namespaces on each node's admin endpoint (" + adminAddr + " in the node's namespace)", d.served},
 		{"stop: SIGTERM to each smeshd, then remove the pods, nodes, cgroups and files", d.stop},
 	}
@@ -128,7 +139,8 @@ func run(ctx context.Context, smeshdPath string, size int) (err error) {
 		if err := ctx.Err(); err != nil {
 			return fmt.Errorf("interrupted before step %d", i+1)
 		}
-		say("%d. %s", i+1, s.title)
+		d.step = i + 1
+		say("%d. %s", d.step, s.title)
 		if err := s.run(ctx); err != nil {
 			if ctx.Err() != nil {
 				err = errors.New("interrupted")

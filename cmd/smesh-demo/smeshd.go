@@ -144,10 +144,21 @@ func (s *smeshd) since(mark int, match func(logLine) bool) []logLine {
 // waitLine waits for a line logged since mark that matches, for at most
 // timeout; what names the line in the error.
 func (s *smeshd) waitLine(ctx context.Context, mark int, timeout time.Duration, what string, match func(logLine) bool) (logLine, error) {
+	lines, err := s.waitLines(ctx, mark, 1, timeout, what, match)
+	if err != nil {
+		return nil, err
+	}
+	return lines[0], nil
+}
+
+// waitLines waits for n lines logged since mark that match, for at most
+// timeout, and returns them all (n or more); what names a line in the
+// error.
+func (s *smeshd) waitLines(ctx context.Context, mark, n int, timeout time.Duration, what string, match func(logLine) bool) ([]logLine, error) {
 	deadline := time.After(timeout)
 	for {
-		if lines := s.since(mark, match); len(lines) > 0 {
-			return lines[0], nil
+		if lines := s.since(mark, match); len(lines) >= n {
+			return lines, nil
 		}
 		select {
 		case <-s.proc.done:
@@ -155,11 +166,11 @@ func (s *smeshd) waitLine(ctx context.Context, mark int, timeout time.Duration, 
 			if s.proc.err != nil {
 				status = s.proc.err.Error()
 			}
-			return nil, fmt.Errorf("smeshd on node %s exited (%s) before logging %s; its last lines:\n%s", s.node.name, status, what, s.tail(20))
+			return nil, fmt.Errorf("smeshd on node %s exited (%s) before logging %d %s; its last lines:\n%s", s.node.name, status, n, what, s.tail(20))
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		case <-deadline:
-			return nil, fmt.Errorf("smeshd on node %s logged no %s within %v; its last lines:\n%s", s.node.name, what, timeout, s.tail(20))
+			return nil, fmt.Errorf("smeshd on node %s logged fewer than %d %s within %v; its last lines:\n%s", s.node.name, n, what, timeout, s.tail(20))
 		case <-time.After(50 * time.Millisecond):
 		}
 	}

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net/netip"
 	"path/filepath"
@@ -115,123 +114,6 @@ func (d *demo) pods(ctx context.Context, blob []byte) error {
 		d.nginx[p] = x
 	}
 	say("   nginx in pods web-a and web-b serves a %d-byte random file: %s, %s", d.size, d.nginx[d.webA].url, d.nginx[d.webB].url)
-	return nil
-}
-
-// fetch runs curl in pod from for the file of nginx in pod to, and shows
-// what curl, nginx and smeshd on the nodes involved said about it, and how
-// smeshd's splice counters moved.
-func (d *demo) fetch(ctx context.Context, from, to *pod) error {
-	x := d.nginx[to]
-	nodes := []*node{from.node}
-	if to.node != from.node {
-		nodes = append(nodes, to.node)
-	}
-	marks := make(map[*node]int)
-	before := make(map[*node]spliceCounters)
-	for _, n := range nodes {
-		marks[n] = n.smeshd.mark()
-		c, err := n.smeshd.counters()
-		if err != nil {
-			return err
-		}
-		before[n] = c
-	}
-
-	say("   in pod %s: curl %s", from.short, x.url)
-	res, sum, err := d.w.curl(ctx, from, x.url)
-	if err != nil {
-		return err
-	}
-	if sum != d.sum {
-		say("   curl: %s; sha256 DIFFERS from the file nginx serves", res)
-		return errors.New("curl got another file than nginx serves")
-	}
-	say("   curl: %s; sha256 matches the file nginx serves", res)
-	acc, err := x.nextRequest(ctx)
-	if err != nil {
-		return err
-	}
-	dst := netip.AddrPortFrom(to.Addr4, nginxPort).String()
-	outbound := func(l logLine) bool {
-		return message("connection done", "outbound")(l) && l.str("dst") == dst
-	}
-
-	if from.node != to.node {
-		out, err := from.node.smeshd.waitLine(ctx, marks[from.node], 10*time.Second, `outbound "connection done" for `+dst, outbound)
-		if err != nil {
-			return err
-		}
-		in, err := to.node.smeshd.waitLine(ctx, marks[to.node], 10*time.Second, `tunnel-in "tunnel connection done" for `+dst,
-			func(l logLine) bool {
-				return message("tunnel connection done", "tunnel-in")(l) && l.str("dst") == dst
-			})
-		if err != nil {
-			return err
-		}
-		say("   node %s, smeshd: outbound \"connection done\": src %s, dst %s, path %s, tx %s, rx %s",
-			from.node.name, out.str("src"), out.str("dst"), out.str("path"), bytesOf(out.num("tx")), bytesOf(out.num("rx")))
-		say("           (curl's connect() was captured by cgroup/connect4 and sent to smeshd's listener in pod %s;\n"+
-			"           smeshd learnt the original destination and carried the connection through the tunnel)", from.short)
-		handshake := "a full TLS 1.3 handshake"
-		if in["resumed"] == true {
-			handshake = "a resumed TLS session"
-		}
-		say("   node %s, smeshd: tunnel-in \"tunnel connection done\": peer %s, peer_id %s, resumed %s, dst %s, rx %s, tx %s",
-			to.node.name, in.str("peer"), in.str("peer_id"), in.str("resumed"), in.str("dst"), bytesOf(in.num("rx")), bytesOf(in.num("tx")))
-		say("           (node %s's smeshd, identified by its certificate, with %s, reached the tunnel\n"+
-			"           listener smeshd keeps inside pod %s, which delivered it to nginx there)", from.node.name, handshake, to.short)
-	} else {
-		// A captured connection would be logged when it ends: give that
-		// line a moment before saying there is none.
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(500 * time.Millisecond):
-		}
-		lines := from.node.smeshd.since(marks[from.node], outbound)
-		for _, l := range lines {
-			say("   node %s, smeshd: outbound \"connection done\": src %s, dst %s, path %s (captured)",
-				from.node.name, l.str("src"), l.str("dst"), l.str("path"))
-		}
-		if len(lines) == 0 {
-			say("   node %s, smeshd: no \"connection done\" for %s: curl's connect() to a pod of its own node was not\n"+
-				"           captured (no proxy hop)", from.node.name, dst)
-		}
-	}
-
-	who := ""
-	switch acc.from.Addr() {
-	case to.Addr4:
-		who = " (its own pod's address: smeshd connected from inside the pod)"
-	case from.Addr4:
-		who = fmt.Sprintf(" (pod %s's address: curl's own connection)", from.short)
-	}
-	say("   nginx in pod %s: %q %d, %s, from %s%s", to.short, acc.request, acc.status, bytesOf(uint64(acc.bytes)), acc.from, who)
-
-	for _, n := range nodes {
-		after, err := n.smeshd.counters()
-		if err != nil {
-			return err
-		}
-		c := after.sub(before[n])
-		hop := "between the two pods' namespaces"
-		switch {
-		case from.node == to.node:
-		case n == from.node:
-			hop = "the hop curl <-> smeshd in pod " + from.short
-		default:
-			hop = "the hop smeshd <-> nginx in pod " + to.short
-		}
-		if c.demoted == 0 {
-			say("   node %s, BPF counters, %s: %s spliced by sk_msg, nothing demoted to TCP",
-				n.name, hop, bytesOf(c.spliced))
-			continue
-		}
-		say("   node %s, BPF counters, %s: %s spliced by sk_msg, then %s sent by TCP\n"+
-			"           (a bounded-splice demotion: the reader's queue reached datapath.splice_queue_limit)",
-			n.name, hop, bytesOf(c.spliced), bytesOf(c.demoted))
-	}
 	return nil
 }
 

@@ -158,29 +158,47 @@ func parseAccess(line string) (accessEntry, error) {
 	return e, nil
 }
 
-// curl fetches url with curl in pod p (its cgroup, so in the mesh, and its
-// network namespace) and returns curl's summary and the SHA-256 of what it
-// got.
-func (w *world) curl(ctx context.Context, p *pod, url string) (string, [32]byte, error) {
-	out := filepath.Join(w.dir, "got-"+p.short)
-	defer os.Remove(out)
+// curl fetches url n times at once with curl in pod p (its cgroup, so in the
+// mesh, and its network namespace), each time on a connection of its own,
+// and returns curl's summary and the SHA-256 of what it got, per fetch.
+func (w *world) curl(ctx context.Context, p *pod, url string, n int) ([]string, [][32]byte, error) {
+	args := []string{"-sS", "--max-time", "30", "-w", "HTTP %{http_code}, %{size_download} bytes in %{time_total} s\\n"}
+	if n > 1 {
+		args = append(args, "--parallel", "--parallel-immediate")
+	}
+	var outs []string
+	for i := range n {
+		out := filepath.Join(w.dir, fmt.Sprintf("got-%s-%d", p.short, i))
+		defer os.Remove(out)
+		outs = append(outs, out)
+		args = append(args, "-o", out, url)
+	}
 	var stdout output
-	cmd := exec.Command("curl", "-sS", "--max-time", "30", "-o", out,
-		"-w", "HTTP %{http_code}, %{size_download} bytes in %{time_total} s", url)
+	cmd := exec.Command("curl", args...)
 	cmd.Stdout = &stdout
 	c, err := w.start("curl in pod "+p.short, cmd, p.Cgroup, p.Name)
 	if err != nil {
-		return "", [32]byte{}, err
+		return nil, nil, err
 	}
 	if err := c.wait(ctx, 40*time.Second); err != nil {
-		return "", [32]byte{}, fmt.Errorf("curl %s: %w: %s", url, err, strings.TrimSpace(c.stderr.String()))
+		return nil, nil, fmt.Errorf("curl %s: %w: %s", url, err, strings.TrimSpace(c.stderr.String()))
 	}
-	if res := stdout.String(); !strings.HasPrefix(res, "HTTP 200") {
-		return "", [32]byte{}, fmt.Errorf("curl %s: %s", url, res)
+	res := strings.Split(strings.TrimSpace(stdout.String()), "\n")
+	if len(res) != n {
+		return nil, nil, fmt.Errorf("curl %s: %d summaries for %d fetches: %q", url, len(res), n, stdout.String())
 	}
-	got, err := os.ReadFile(out)
-	if err != nil {
-		return "", [32]byte{}, err
+	for _, r := range res {
+		if !strings.HasPrefix(r, "HTTP 200") {
+			return nil, nil, fmt.Errorf("curl %s: %s", url, r)
+		}
 	}
-	return stdout.String(), sha256.Sum256(got), nil
+	var sums [][32]byte
+	for _, out := range outs {
+		got, err := os.ReadFile(out)
+		if err != nil {
+			return nil, nil, err
+		}
+		sums = append(sums, sha256.Sum256(got))
+	}
+	return res, sums, nil
 }
