@@ -203,6 +203,19 @@ func dialMapped(dst netip.AddrPort) (*net.TCPConn, error) {
 	return c.(*net.TCPConn), nil
 }
 
+// command dials addr and sends req, the command and its parameters.
+func command(addr string, req []byte) (*net.TCPConn, error) {
+	c, err := dial(addr)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := c.Write(req); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
 // oneWay sends n bytes of stream(seed), half-closes, and checks the
 // server's count and digest.
 func oneWay(addr string, n int64, seed uint64, cmd byte) error {
@@ -213,14 +226,11 @@ func oneWay(addr string, n int64, seed uint64, cmd byte) error {
 // bytes each time) after the command byte, half-closes, and checks the
 // server's count and digest.
 func sendChecked(addr string, n int64, cmd byte, data func() io.Reader) error {
-	c, err := dial(addr)
+	c, err := command(addr, []byte{cmd})
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	if _, err := c.Write([]byte{cmd}); err != nil {
-		return err
-	}
 	if _, err := io.CopyN(plainWriter{c}, data(), n); err != nil {
 		return fmt.Errorf("sending: %w", err)
 	}
@@ -253,14 +263,11 @@ func expectEOF(c *net.TCPConn) error {
 
 // echo sends n bytes while reading them back at the same time.
 func echo(addr string, n int64, seed uint64) error {
-	c, err := dial(addr)
+	c, err := command(addr, []byte{cmdEcho})
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	if _, err := c.Write([]byte{cmdEcho}); err != nil {
-		return err
-	}
 	errc := make(chan error, 1)
 	go func() {
 		_, err := io.CopyN(plainWriter{c}, stream(seed), n)
@@ -300,14 +307,11 @@ func requestResponse(addr string, count int) error {
 // can stay open across events such as smeshd starting or stopping. It prints
 // "connected" once the connection is up.
 func paced(addr string, count int, pause time.Duration) error {
-	c, err := dial(addr)
+	c, err := command(addr, []byte{cmdEcho})
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	if _, err := c.Write([]byte{cmdEcho}); err != nil {
-		return err
-	}
 	fmt.Println("connected")
 	var b [1]byte
 	for i := range count {
@@ -352,14 +356,11 @@ func serverFirst(addr string, n int64, seed uint64) error {
 
 // resetByServer expects the server's reset to arrive as an error, not EOF.
 func resetByServer(addr string) error {
-	c, err := dial(addr)
+	c, err := command(addr, []byte{cmdReset, 0})
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	if _, err := c.Write([]byte{cmdReset, 0}); err != nil {
-		return err
-	}
 	c.SetReadDeadline(time.Now().Add(10 * time.Second))
 	var b [1]byte
 	_, err = c.Read(b[:])
@@ -463,14 +464,11 @@ func concurrent(addr string, conns int, maxSize int64) error {
 
 // peer returns how the server saw this connection and how the client did.
 func peer(addr string) (serverSaw, local, remote string, err error) {
-	c, err := dial(addr)
+	c, err := command(addr, []byte{cmdPeer})
 	if err != nil {
 		return "", "", "", err
 	}
 	defer c.Close()
-	if _, err := c.Write([]byte{cmdPeer}); err != nil {
-		return "", "", "", err
-	}
 	c.SetReadDeadline(time.Now().Add(5 * time.Second))
 	line, err := bufio.NewReader(c).ReadString('\n')
 	if err != nil {
