@@ -440,12 +440,18 @@ func sendMarker(addr string, n int64) error {
 	return sendChecked(addr, n, cmdSink, func() io.Reader { return &markerReader{} })
 }
 
-// concurrent runs conns transfers at once, random sizes up to maxSize.
+// concurrentSize is the size of connection i of a "concurrent" exchange:
+// random, up to maxSize, the same for the test that checks the counters.
+func concurrentSize(i int, maxSize int64) int64 {
+	return rand.New(rand.NewPCG(uint64(i), uint64(maxSize))).Int64N(maxSize) + 1
+}
+
+// concurrent runs conns transfers at once, sizes by concurrentSize.
 func concurrent(addr string, conns int, maxSize int64) error {
 	errs := make(chan error, conns)
 	for i := range conns {
 		go func() {
-			n := rand.Int64N(maxSize) + 1
+			n := concurrentSize(i, maxSize)
 			if i%2 == 0 {
 				errs <- oneWay(addr, n, uint64(i), cmdSink)
 			} else {

@@ -79,7 +79,7 @@ func TestTunnelPeerRestart(t *testing.T) {
 			addr := netip.AddrPortFrom(addrB, 9000).String()
 			b.server(b.enrolled, addr)
 			// Warm connections in a's pool.
-			a.client(a.enrolled, "concurrent", addr, "10000", concurrentConns())
+			a.client(a.enrolled, "concurrent", addr, "10000", fmt.Sprint(concurrentConns()))
 			long := testenv.StartHelper(t, a.enrolled, a.ns.Name, "client", "paced", addr, "100")
 			if line, err := long.ReadLine(5 * time.Second); err != nil || line != "connected" {
 				t.Fatalf("long-lived client: %q %v %s", line, err, long.Stderr())
@@ -99,7 +99,7 @@ func TestTunnelPeerRestart(t *testing.T) {
 			}
 			b.start("splice", "")
 			a.client(a.enrolled, "short", addr, fmt.Sprint(max(scaled(200), 20)))
-			a.client(a.enrolled, "concurrent", addr, scaledArg(100000), concurrentConns())
+			a.client(a.enrolled, "concurrent", addr, scaledArg(100000), fmt.Sprint(concurrentConns()))
 		})
 	}
 }
@@ -111,7 +111,7 @@ func TestTunnelRevokedPooled(t *testing.T) {
 	a, b, _, addrB := meshPair(t, "splice", "", "")
 	addr := netip.AddrPortFrom(addrB, 9000).String()
 	b.server(b.enrolled, addr)
-	a.client(a.enrolled, "concurrent", addr, "10000", concurrentConns())
+	a.client(a.enrolled, "concurrent", addr, "10000", fmt.Sprint(concurrentConns()))
 	running := b.confPath
 	allow := func(ids ...string) string {
 		list := ""
