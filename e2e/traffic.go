@@ -234,6 +234,14 @@ func sendChecked(addr string, n int64, cmd byte, data func() io.Reader) error {
 	if _, err := io.CopyN(plainWriter{c}, data(), n); err != nil {
 		return fmt.Errorf("sending: %w", err)
 	}
+	h := sha256.New()
+	io.CopyN(h, data(), n)
+	return checkSink(c, n, h.Sum(nil))
+}
+
+// checkSink half-closes c, on which n bytes with the sha256 digest went to
+// a cmdSink server, and checks the server's count and digest.
+func checkSink(c *net.TCPConn, n int64, digest []byte) error {
 	if err := c.CloseWrite(); err != nil {
 		return err
 	}
@@ -245,12 +253,55 @@ func sendChecked(addr string, n int64, cmd byte, data func() io.Reader) error {
 	if got := int64(binary.BigEndian.Uint64(ans[:8])); got != n {
 		return fmt.Errorf("server received %d bytes, sent %d", got, n)
 	}
-	h := sha256.New()
-	io.CopyN(h, data(), n)
-	if !bytes.Equal(ans[8:], h.Sum(nil)) {
+	if !bytes.Equal(ans[8:], digest) {
 		return errors.New("server received different bytes than sent")
 	}
 	return expectEOF(c)
+}
+
+// bulkLimit bounds a "bulk" transfer nobody stops.
+const bulkLimit = 5 * time.Minute
+
+// bulk sends stream(seed) to a cmdSink server until a line (or the end) on
+// stdin says stop, then checks the server's count and digest. It prints
+// "started" once its first MiB is sent and "sent N" at the end, so a test
+// can run other traffic beside it for exactly as long as it wants,
+// whatever the speed of either.
+func bulk(addr string, seed uint64) error {
+	stop := make(chan struct{})
+	go func() {
+		bufio.NewReader(os.Stdin).ReadString('\n')
+		close(stop)
+	}()
+	c, err := command(addr, []byte{cmdSink})
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	h := sha256.New()
+	src := io.TeeReader(stream(seed), h)
+	buf := make([]byte, 64<<10)
+	limit := time.After(bulkLimit)
+	var n int64
+	for sending := true; sending; {
+		select {
+		case <-stop:
+			sending = false
+			continue
+		case <-limit:
+			return fmt.Errorf("not stopped within %s", bulkLimit)
+		default:
+		}
+		io.ReadFull(src, buf)
+		if _, err := c.Write(buf); err != nil {
+			return fmt.Errorf("sending at offset %d: %w", n, err)
+		}
+		if n += int64(len(buf)); n == 1<<20 {
+			fmt.Println("started")
+		}
+	}
+	fmt.Printf("sent %d\n", n)
+	return checkSink(c, n, h.Sum(nil))
 }
 
 func expectEOF(c *net.TCPConn) error {
@@ -509,6 +560,8 @@ func runScenario(args []string) error {
 	switch scenario {
 	case "oneway":
 		err = oneWay(addr, n, 1, cmdSink)
+	case "bulk": // until told to stop on stdin
+		err = bulk(addr, 5)
 	case "stall":
 		err = oneWay(addr, n, 2, cmdStall)
 	case "echo":
