@@ -586,7 +586,7 @@ func runScenario(args []string) error {
 		err = resetByClient(addr)
 	case "direct": // straight to a port that must end the connection at once
 		err = endsWith(addr, []byte("x"), 10*time.Second, true)
-	case "idle": // a few bytes, then nothing: the connection must be reset
+	case "idle": // a few bytes, then nothing: the connection must be reset (not delivered, or cut)
 		err = endsWith(addr, []byte{cmdHold, 1, 2, 3}, 30*time.Second, false)
 	case "concurrent": // N: largest size; then the number of connections, 200 by default
 		conns := 200
