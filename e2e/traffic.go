@@ -356,7 +356,7 @@ func requestResponse(addr string, count int) error {
 
 // paced is requestResponse with a pause between exchanges, so a connection
 // can stay open across events such as smeshd starting or stopping. It prints
-// "connected" once the connection is up.
+// "connected" once the connection is up, then "local ADDR", its own address.
 func paced(addr string, count int, pause time.Duration) error {
 	c, err := command(addr, []byte{cmdEcho})
 	if err != nil {
@@ -364,6 +364,7 @@ func paced(addr string, count int, pause time.Duration) error {
 	}
 	defer c.Close()
 	fmt.Println("connected")
+	fmt.Println("local", c.LocalAddr())
 	var b [1]byte
 	for i := range count {
 		time.Sleep(pause)
