@@ -63,11 +63,14 @@ func TestKilledClosed(t *testing.T) {
 	a.start("splice", "")
 	a.server(a.enrolled, "127.0.0.1:9000")
 
-	// A spliced same-node connection that lives through all of it.
-	long := testenv.StartHelper(t, a.enrolled, a.ns.Name, "client", "paced", "127.0.0.1:9000", "400")
+	// A spliced same-node connection that lives through all of it: 1000
+	// exchanges 10 ms apart, 10 s at least, to outlast the restart.
+	before := a.stats()
+	long := testenv.StartHelper(t, a.enrolled, a.ns.Name, "client", "paced", "127.0.0.1:9000", "1000")
 	if line, err := long.ReadLine(5 * time.Second); err != nil || line != "connected" {
 		t.Fatalf("long-lived client: %q %v %s", line, err, long.Stderr())
 	}
+	a.waitSpliced(before, 20)
 
 	a.smeshd.Stop() // SIGKILL
 	if n := testenv.AttachedPrograms(t, a.enrolled, ebpf.AttachCGroupInet4Connect); n != 1 {
@@ -76,6 +79,8 @@ func TestKilledClosed(t *testing.T) {
 	a.client(a.enrolled, "refused", server)
 
 	a.start("splice", "")
+	// Still spliced, counted in the adopted maps.
+	a.waitSpliced(a.stats(), 20)
 	if !captured(a, a.enrolled, server) {
 		t.Error("restarted smeshd does not capture")
 	}

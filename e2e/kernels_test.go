@@ -43,7 +43,19 @@ func scaledArg(n int64) string { return strconv.FormatInt(scaled(n), 10) }
 // opens at once: 200, divided by SMESH_TEST_SCALE down to 20 at least
 // (under emulation, 200 TLS handshakes at once outlast the tunnel's
 // handshake timeout).
-func concurrentConns() string { return fmt.Sprint(max(scaled(200), 20)) }
+func concurrentConns() int { return int(max(scaled(200), 20)) }
+
+// concurrentArgs are the "concurrent" scenario's arguments for
+// concurrentConns connections to addr of up to maxSize bytes, and the bytes
+// they move in all (even connections send theirs one way, odd ones echo
+// them back), the command bytes and the server's answers left out.
+func concurrentArgs(addr string, maxSize int64) (args []string, moved uint64) {
+	conns := concurrentConns()
+	for i := range conns {
+		moved += uint64(concurrentSize(i, maxSize) * int64(1+i%2))
+	}
+	return []string{"concurrent", addr, fmt.Sprint(maxSize), fmt.Sprint(conns)}, moved
+}
 
 // requireBoundedSplice skips a test of the bound on spliced queues on a
 // kernel that cannot bound them (smeshd splices there only when told to,

@@ -1,6 +1,8 @@
 package e2e
 
 import (
+	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -39,17 +41,27 @@ func TestConnectionsOutliveSmeshd(t *testing.T) {
 }
 
 // TestQueuedBytesSurviveSmeshdExit: bytes already spliced into a stalled
-// reader's queue when smeshd exits are still delivered, in order.
+// reader's queue when smeshd exits are still delivered, in order. The
+// transfer stays within splice_queue_limit, so that every byte of it is
+// spliced (the counters must say so before smeshd exits), none by TCP.
 func TestQueuedBytesSurviveSmeshdExit(t *testing.T) {
 	n := newNode(t)
 	addr := "127.0.0.1:9000"
-	n.server(n.enrolled, addr)
+	srv := n.server(n.enrolled, addr)
 	n.start("splice", "")
-	// The server stalls 3 s before reading; smeshd exits meanwhile.
-	stall := testenv.StartHelper(t, n.enrolled, n.ns.Name, "client", "stall", addr, scaledArg(64<<20))
-	time.Sleep(time.Second)
+	before := n.stats()
+	// The server stalls 10 s before reading; smeshd exits meanwhile.
+	const size = spliceQueueLimit / 2
+	stalled := testenv.StartHelper(t, n.enrolled, n.ns.Name, "client", "stalled", addr, fmt.Sprint(size))
+	after := n.waitSpliced(before, size)
+	if d := after.demotedBytes - before.demotedBytes; d != 0 {
+		t.Errorf("%d bytes demoted to TCP, want all %d spliced", d, size)
+	}
+	if strings.Contains(srv.Stdout(), "result slow") {
+		t.Fatalf("the server read before smeshd exited: nothing waited in its queue\n%s", srv.Stdout())
+	}
 	n.stop()
-	if err := stall.Wait(); err != nil {
-		t.Fatalf("transfer across smeshd's exit: %v\n%s", err, stall.Stderr())
+	if err := stalled.Wait(); err != nil {
+		t.Fatalf("transfer across smeshd's exit: %v\n%s", err, stalled.Stderr())
 	}
 }

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"fmt"
+	"testing"
 
 	"github.com/cilium/ebpf"
 
@@ -39,6 +40,24 @@ func carriedFloor(n uint64) uint64 {
 		return n
 	}
 	return n - n/10
+}
+
+// checkSpliced fails t unless the splice counters of one node (where) grew
+// from before to after by n bytes that went spliced. Where no direction of
+// the transfer can queue splice_queue_limit (bulk false: small, or read as
+// fast as written), every byte must be spliced and none demoted: demotions
+// there are a bug that turns splicing off. A bulk transfer may be demoted
+// once its reader falls behind: carriedFloor(n), spliced or sent by TCP
+// after.
+func checkSpliced(t *testing.T, where string, before, after spliceStats, n uint64, bulk bool) {
+	t.Helper()
+	spliced, demoted := after.bytes-before.bytes, after.demotedBytes-before.demotedBytes
+	switch {
+	case bulk && spliced+demoted < carriedFloor(n):
+		t.Errorf("%s: spliced %d bytes and demoted %d, want at least %d in all", where, spliced, demoted, carriedFloor(n))
+	case !bulk && (spliced < n || demoted != 0):
+		t.Errorf("%s: spliced %d bytes and demoted %d, want at least %d spliced and none demoted", where, spliced, demoted, n)
+	}
 }
 
 // readStats reads smeshd's splice counters, both directions, and its

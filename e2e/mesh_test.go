@@ -249,6 +249,24 @@ func (n *node) stats() spliceStats {
 	return s
 }
 
+// waitSpliced waits until smeshd's counters show n more bytes spliced than
+// before (a transfer still going, counted as it is sent) and returns them;
+// it fails the test if they do not within 10 s.
+func (n *node) waitSpliced(before spliceStats, bytes uint64) spliceStats {
+	n.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		now := n.stats()
+		if now.bytes-before.bytes >= bytes {
+			return now
+		}
+		if time.Now().After(deadline) {
+			n.t.Fatalf("spliced %d bytes (and demoted %d), want at least %d", now.bytes-before.bytes, now.demotedBytes-before.demotedBytes, bytes)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 // captured reports whether a connection from cgroup cg to addr went
 // through smeshd: the server then sees another connection than the one the
 // client made. Either way the client must see addr as its peer (smesh's

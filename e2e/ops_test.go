@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -14,6 +15,7 @@ import (
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
+	"github.com/smesh-dev/smesh/pkg/admin"
 	"github.com/smesh-dev/smesh/pkg/testenv"
 )
 
@@ -76,8 +78,53 @@ func TestAdminAndMetrics(t *testing.T) {
 	if v := testenv.Metric(t, text, "smesh_certificate_expiry_seconds", nil); v < float64(time.Now().Unix()) {
 		t.Errorf("smesh_certificate_expiry_seconds = %v, want a time in the future", v)
 	}
-	if code, body := a.admin("/debug/connections"); code != 200 || !strings.Contains(body, "connections") {
-		t.Errorf("/debug/connections: %d %q", code, body)
+
+	t.Run("/debug/connections", func(t *testing.T) {
+		// An open captured connection, relayed to the tunnel.
+		long := testenv.StartHelper(t, a.enrolled, a.ns.Name, "client", "paced", server, "300")
+		if line, err := long.ReadLine(5 * time.Second); err != nil || line != "connected" {
+			t.Fatalf("long-lived client: %q %v %s", line, err, long.Stderr())
+		}
+		line, err := long.ReadLine(5 * time.Second)
+		local, ok := strings.CutPrefix(line, "local ")
+		if err != nil || !ok {
+			t.Fatalf("long-lived client: %q %v %s", line, err, long.Stderr())
+		}
+		doc, c := a.relayed(server)
+		if c.Source != local || c.Path != "tunnel_out" || c.TxBytes < 1 {
+			t.Errorf("/debug/connections shows %+v, want source %s (the client), path tunnel_out, bytes sent", c, local)
+		}
+		// Its app <-> smeshd hop is spliced.
+		if doc.SplicedHops == nil || *doc.SplicedHops < 1 {
+			t.Errorf("/debug/connections counts no spliced hop: %+v", doc)
+		}
+		if err := long.Wait(); err != nil {
+			t.Errorf("long-lived client: %v\n%s", err, long.Stderr())
+		}
+	})
+}
+
+// relayed waits until /debug/connections lists a connection to dst that
+// moved bytes from its client, and returns the document and that
+// connection; it fails the test if none shows within 10 s.
+func (n *node) relayed(dst string) (admin.Connections, admin.Conn) {
+	n.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		code, body := n.admin("/debug/connections")
+		var doc admin.Connections
+		if err := json.Unmarshal([]byte(body), &doc); code != 200 || err != nil {
+			n.t.Fatalf("/debug/connections: %d %v %q", code, err, body)
+		}
+		for _, c := range doc.Connections {
+			if c.OriginalDst == dst && c.TxBytes > 0 {
+				return doc, c
+			}
+		}
+		if time.Now().After(deadline) {
+			n.t.Fatalf("/debug/connections shows no connection to %s that moved bytes: %s", dst, body)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
 

@@ -38,6 +38,15 @@ func TestCurlNginx(t *testing.T) {
 			if floor := carriedFloor(uint64(len(blob))); mode == "splice" && moved < floor {
 				t.Errorf("spliced %d bytes, want at least %d", moved, floor)
 			}
+			if mode == "copy" && moved != 0 {
+				t.Errorf("copy mode spliced %d bytes", moved)
+			}
+			// Relayed by smeshd's copy in copy mode only.
+			_, text := n.admin("/metrics")
+			copied := testenv.Metric(t, text, "smesh_connections_total", map[string]string{"path": "copy"})
+			if (mode == "copy") != (copied >= 1) {
+				t.Errorf("smesh_connections_total{path=copy} = %v in %s mode", copied, mode)
+			}
 		})
 	}
 }

@@ -2,6 +2,8 @@ package e2e
 
 import (
 	"fmt"
+	"io"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -11,7 +13,9 @@ import (
 
 	"github.com/cilium/ebpf"
 
+	"github.com/smesh-dev/smesh/pkg/certs"
 	"github.com/smesh-dev/smesh/pkg/testenv"
+	"github.com/smesh-dev/smesh/pkg/tunnel"
 )
 
 // reload writes conf as the node's configuration file, sends SIGHUP and
@@ -27,6 +31,24 @@ func (n *node) reload(conf string) {
 	if line, err := n.smeshd.ReadLine(10 * time.Second); err != nil || line != "ready" {
 		n.t.Fatalf("smeshd after SIGHUP: %q %v %s", line, err, n.smeshd.Stderr())
 	}
+}
+
+// tunnelAccepts reports whether node n's tunnel port takes a connection from
+// the certificate of identity name (of the test's CA): it answers the
+// header with a status (the destination is loopback, so a refusal; what
+// matters is that it answers) instead of failing the TLS handshake.
+func tunnelAccepts(t *testing.T, n *node, name string) bool {
+	t.Helper()
+	local := netip.MustParseAddr("127.0.0.1")
+	conn, err := badClient{t: t, from: n, to: netip.AddrPortFrom(local, 18001)}.dial(clientTLS(t, n.pki, name))
+	if err == nil {
+		_, err = conn.Write(header(t, netip.AddrPortFrom(local, 9000)))
+	}
+	if err == nil {
+		var st [tunnel.StatusSize]byte
+		_, err = io.ReadFull(conn, st[:])
+	}
+	return err == nil
 }
 
 // TestReloadAllOrNothing: a reload whose [capture] cgroups cannot all be
@@ -51,6 +73,10 @@ func TestReloadAllOrNothing(t *testing.T) {
 	testenv.FillCgroup(t, full)
 	fullRel, _ := filepath.Rel(mount, full)
 	other, _ := filepath.Rel(mount, testenv.NewCgroup(t))
+	// A peer that the bad configuration's allow_identities leaves out.
+	if _, err := certs.Init(a.pki, []string{"peer"}, "test.local"); err != nil {
+		t.Fatal(err)
+	}
 
 	// Everything else in the file would change what a captures and which
 	// peer it accepts.
@@ -80,8 +106,12 @@ func TestReloadAllOrNothing(t *testing.T) {
 			if !captured(a, a.enrolled, server) {
 				t.Error("after the rejected reload, a connection to the other node is not captured (include_cidrs changed)")
 			}
-			// Through the tunnel: node b's identity is still accepted.
+			// Through the tunnel: node b's identity is still accepted, and
+			// so is any other of the trust domain.
 			a.client(a.enrolled, "oneway", server, "1000000")
+			if !tunnelAccepts(t, a, "peer") {
+				t.Error("after the rejected reload, the tunnel refuses a peer of the trust domain (allow_identities changed)")
+			}
 			if n := testenv.AttachedPrograms(t, full, ebpf.AttachCGroupInet4Connect); n != 64 {
 				t.Errorf("%d connect4 programs on the full cgroup, want its 64", n)
 			}
@@ -100,4 +130,8 @@ func TestReloadAllOrNothing(t *testing.T) {
 	if captured(a, a.enrolled, server) {
 		t.Error("include_cidrs changed to 203.0.113.0/24, but the connection was still captured")
 	}
+	if tunnelAccepts(t, a, "peer") {
+		t.Error("allow_identities changed to nobody's, but the tunnel accepted a peer")
+	}
+	waitLog(t, a, "identity_not_allowed", 1)
 }

@@ -25,33 +25,35 @@ func TestSameNode(t *testing.T) {
 	for _, mode := range []string{"splice", "copy"} {
 		t.Run(mode, func(t *testing.T) {
 			n, addr := sameNode(t, mode)
+			concArgs, concBytes := concurrentArgs(addr, scaled(1<<20))
 			cases := []struct {
 				name string
 				args []string
-				// min bytes sk_msg must see in splice mode: spliced, or
-				// sent by TCP once the bound demoted the direction (a
-				// bulk writer outruns its reader within a few MiB)
+				// bytes sk_msg must splice in splice mode; bulk: the
+				// reader may fall behind the writer and demote it (see
+				// checkSpliced)
 				spliced uint64
+				bulk    bool
 			}{
-				{"1GiB one way", []string{"oneway", addr, scaledArg(gib)}, uint64(scaled(gib))},
-				{"1GiB both ways at once", []string{"echo", addr, scaledArg(gib)}, 2 * uint64(scaled(gib))},
-				{"10000 one-byte exchanges", []string{"rr", addr, scaledArg(10000)}, 2 * uint64(scaled(10000))},
-				{"200 concurrent connections", []string{"concurrent", addr, scaledArg(4000000), concurrentConns()}, 1},
-				{"half-close then answer", []string{"oneway", addr, "12345"}, 12345},
-				{"server closes first", []string{"serverfirst", addr, scaledArg(10000000)}, uint64(scaled(10000000))},
-				{"reset by server", []string{"reset-server", addr}, 0},
-				{"stalled reader, 256MiB writer", []string{"stall", addr, scaledArg(256 << 20)}, uint64(scaled(256 << 20))},
+				{"1GiB one way", []string{"oneway", addr, scaledArg(gib)}, uint64(scaled(gib)), true},
+				{"1GiB both ways at once", []string{"echo", addr, scaledArg(gib)}, 2 * uint64(scaled(gib)), true},
+				{"10000 one-byte exchanges", []string{"rr", addr, scaledArg(10000)}, 2 * uint64(scaled(10000)), false},
+				// Each within splice_queue_limit: none may demote.
+				{"200 concurrent connections", concArgs, concBytes, false},
+				{"half-close then answer", []string{"oneway", addr, "12345"}, 12345, false},
+				{"server closes first", []string{"serverfirst", addr, scaledArg(10000000)}, uint64(scaled(10000000)), true},
+				// The command and one more byte, in one send.
+				{"reset by server", []string{"reset-server", addr}, 2, false},
+				{"stalled reader, 256MiB writer", []string{"stall", addr, scaledArg(256 << 20)}, uint64(scaled(256 << 20)), true},
 			}
 			for _, c := range cases {
 				t.Run(c.name, func(t *testing.T) {
 					before := n.stats()
 					n.client(n.enrolled, c.args...)
 					after := n.stats()
-					moved := after.bytes - before.bytes + after.demotedBytes - before.demotedBytes
-					switch {
-					case mode == "splice" && moved < carriedFloor(c.spliced):
-						t.Errorf("spliced %d bytes, want at least %d", moved, carriedFloor(c.spliced))
-					case mode == "copy" && moved != 0:
+					if mode == "splice" {
+						checkSpliced(t, "sk_msg", before, after, c.spliced, c.bulk)
+					} else if moved := after.carried() - before.carried(); moved != 0 {
 						t.Errorf("copy mode spliced %d bytes", moved)
 					}
 				})

@@ -204,6 +204,19 @@ func dialMapped(dst netip.AddrPort) (*net.TCPConn, error) {
 	return c.(*net.TCPConn), nil
 }
 
+// command dials addr and sends req, the command and its parameters.
+func command(addr string, req []byte) (*net.TCPConn, error) {
+	c, err := dial(addr)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := c.Write(req); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
 // oneWay sends n bytes of stream(seed), half-closes, and checks the
 // server's count and digest.
 func oneWay(addr string, n int64, seed uint64, cmd byte) error {
@@ -214,17 +227,22 @@ func oneWay(addr string, n int64, seed uint64, cmd byte) error {
 // bytes each time) after the command byte, half-closes, and checks the
 // server's count and digest.
 func sendChecked(addr string, n int64, cmd byte, data func() io.Reader) error {
-	c, err := dial(addr)
+	c, err := command(addr, []byte{cmd})
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	if _, err := c.Write([]byte{cmd}); err != nil {
-		return err
-	}
 	if _, err := io.CopyN(plainWriter{c}, data(), n); err != nil {
 		return fmt.Errorf("sending: %w", err)
 	}
+	h := sha256.New()
+	io.CopyN(h, data(), n)
+	return checkSink(c, n, h.Sum(nil))
+}
+
+// checkSink half-closes c, on which n bytes with the sha256 digest went to
+// a cmdSink server, and checks the server's count and digest.
+func checkSink(c *net.TCPConn, n int64, digest []byte) error {
 	if err := c.CloseWrite(); err != nil {
 		return err
 	}
@@ -236,12 +254,55 @@ func sendChecked(addr string, n int64, cmd byte, data func() io.Reader) error {
 	if got := int64(binary.BigEndian.Uint64(ans[:8])); got != n {
 		return fmt.Errorf("server received %d bytes, sent %d", got, n)
 	}
-	h := sha256.New()
-	io.CopyN(h, data(), n)
-	if !bytes.Equal(ans[8:], h.Sum(nil)) {
+	if !bytes.Equal(ans[8:], digest) {
 		return errors.New("server received different bytes than sent")
 	}
 	return expectEOF(c)
+}
+
+// bulkLimit bounds a "bulk" transfer nobody stops.
+const bulkLimit = 5 * time.Minute
+
+// bulk sends stream(seed) to a cmdSink server until a line (or the end) on
+// stdin says stop, then checks the server's count and digest. It prints
+// "started" once its first MiB is sent and "sent N" at the end, so a test
+// can run other traffic beside it for exactly as long as it wants,
+// whatever the speed of either.
+func bulk(addr string, seed uint64) error {
+	stop := make(chan struct{})
+	go func() {
+		bufio.NewReader(os.Stdin).ReadString('\n')
+		close(stop)
+	}()
+	c, err := command(addr, []byte{cmdSink})
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	h := sha256.New()
+	src := io.TeeReader(stream(seed), h)
+	buf := make([]byte, 64<<10)
+	limit := time.After(bulkLimit)
+	var n int64
+	for sending := true; sending; {
+		select {
+		case <-stop:
+			sending = false
+			continue
+		case <-limit:
+			return fmt.Errorf("not stopped within %s", bulkLimit)
+		default:
+		}
+		io.ReadFull(src, buf)
+		if _, err := c.Write(buf); err != nil {
+			return fmt.Errorf("sending at offset %d: %w", n, err)
+		}
+		if n += int64(len(buf)); n == 1<<20 {
+			fmt.Println("started")
+		}
+	}
+	fmt.Printf("sent %d\n", n)
+	return checkSink(c, n, h.Sum(nil))
 }
 
 func expectEOF(c *net.TCPConn) error {
@@ -254,14 +315,11 @@ func expectEOF(c *net.TCPConn) error {
 
 // echo sends n bytes while reading them back at the same time.
 func echo(addr string, n int64, seed uint64) error {
-	c, err := dial(addr)
+	c, err := command(addr, []byte{cmdEcho})
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	if _, err := c.Write([]byte{cmdEcho}); err != nil {
-		return err
-	}
 	errc := make(chan error, 1)
 	go func() {
 		_, err := io.CopyN(plainWriter{c}, stream(seed), n)
@@ -299,17 +357,15 @@ func requestResponse(addr string, count int) error {
 
 // paced is requestResponse with a pause between exchanges, so a connection
 // can stay open across events such as smeshd starting or stopping. It prints
-// "connected" once the connection is up.
+// "connected" once the connection is up, then "local ADDR", its own address.
 func paced(addr string, count int, pause time.Duration) error {
-	c, err := dial(addr)
+	c, err := command(addr, []byte{cmdEcho})
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	if _, err := c.Write([]byte{cmdEcho}); err != nil {
-		return err
-	}
 	fmt.Println("connected")
+	fmt.Println("local", c.LocalAddr())
 	var b [1]byte
 	for i := range count {
 		time.Sleep(pause)
@@ -353,14 +409,11 @@ func serverFirst(addr string, n int64, seed uint64) error {
 
 // resetByServer expects the server's reset to arrive as an error, not EOF.
 func resetByServer(addr string) error {
-	c, err := dial(addr)
+	c, err := command(addr, []byte{cmdReset, 0})
 	if err != nil {
 		return err
 	}
 	defer c.Close()
-	if _, err := c.Write([]byte{cmdReset, 0}); err != nil {
-		return err
-	}
 	c.SetReadDeadline(time.Now().Add(10 * time.Second))
 	var b [1]byte
 	_, err = c.Read(b[:])
@@ -440,12 +493,18 @@ func sendMarker(addr string, n int64) error {
 	return sendChecked(addr, n, cmdSink, func() io.Reader { return &markerReader{} })
 }
 
-// concurrent runs conns transfers at once, random sizes up to maxSize.
+// concurrentSize is the size of connection i of a "concurrent" exchange:
+// random, up to maxSize, the same for the test that checks the counters.
+func concurrentSize(i int, maxSize int64) int64 {
+	return rand.New(rand.NewPCG(uint64(i), uint64(maxSize))).Int64N(maxSize) + 1
+}
+
+// concurrent runs conns transfers at once, sizes by concurrentSize.
 func concurrent(addr string, conns int, maxSize int64) error {
 	errs := make(chan error, conns)
 	for i := range conns {
 		go func() {
-			n := rand.Int64N(maxSize) + 1
+			n := concurrentSize(i, maxSize)
 			if i%2 == 0 {
 				errs <- oneWay(addr, n, uint64(i), cmdSink)
 			} else {
@@ -464,14 +523,11 @@ func concurrent(addr string, conns int, maxSize int64) error {
 
 // peer returns how the server saw this connection and how the client did.
 func peer(addr string) (serverSaw, local, remote string, err error) {
-	c, err := dial(addr)
+	c, err := command(addr, []byte{cmdPeer})
 	if err != nil {
 		return "", "", "", err
 	}
 	defer c.Close()
-	if _, err := c.Write([]byte{cmdPeer}); err != nil {
-		return "", "", "", err
-	}
 	c.SetReadDeadline(time.Now().Add(5 * time.Second))
 	line, err := bufio.NewReader(c).ReadString('\n')
 	if err != nil {
@@ -506,6 +562,8 @@ func runScenario(args []string) error {
 	switch scenario {
 	case "oneway":
 		err = oneWay(addr, n, 1, cmdSink)
+	case "bulk": // until told to stop on stdin
+		err = bulk(addr, 5)
 	case "stall":
 		err = oneWay(addr, n, 2, cmdStall)
 	case "echo":
@@ -530,7 +588,7 @@ func runScenario(args []string) error {
 		err = resetByClient(addr)
 	case "direct": // straight to a port that must end the connection at once
 		err = endsWith(addr, []byte("x"), 10*time.Second, true)
-	case "idle": // a few bytes, then nothing: the connection must be reset
+	case "idle": // a few bytes, then nothing: the connection must be reset (not delivered, or cut)
 		err = endsWith(addr, []byte{cmdHold, 1, 2, 3}, 30*time.Second, false)
 	case "concurrent": // N: largest size; then the number of connections, 200 by default
 		conns := 200

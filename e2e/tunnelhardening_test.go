@@ -191,14 +191,19 @@ func TestTunnelPins(t *testing.T) {
 	_, addrB := testenv.Link(t, a.ns, b.ns)
 	b.start("splice", "")
 	server := netip.AddrPortFrom(addrB, 9000).String()
-	b.server(b.enrolled, server)
+	srv := b.server(b.enrolled, server)
 	pin := func(id string) string {
 		return a.tlsConf(fmt.Sprintf("[[tunnel.tls.peers]]\ncidrs = [%q]\nidentities = [%q]\n", netip.PrefixFrom(addrB, 32), id))
 	}
 	a.start("splice", pin("spiffe://test.local/node/someone-else"))
 
-	a.client(a.enrolled, "direct", server)
+	// Refused: node a's smeshd resets the app's connection; delivered, it
+	// would stay open to the server, which holds it.
+	a.client(a.enrolled, "idle", server)
 	waitLog(t, a, "peer_identity", 1)
+	if strings.Contains(srv.Stdout(), "result hold") {
+		t.Errorf("the server saw the connection: %s", srv.Stdout())
+	}
 
 	conf, err := os.ReadFile(a.confPath)
 	if err != nil {

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -25,20 +26,22 @@ func handshakes(t *testing.T, n *node) float64 {
 // TestTunnelShortBesideBulk: 2,000 short connections between two nodes,
 // each one's bytes checked, while one bulk transfer runs between the same
 // two nodes: neither starves the other, and the short connections ride TLS
-// connections the tunnel keeps warm instead of a handshake each. The data
+// connections the tunnel keeps warm instead of a handshake each. The bulk
+// transfer is under way before the first short connection starts and ends
+// only once the last one has ended, then its bytes are checked too. The data
 // path is auto's: a bulk upload into the tunnel on a kernel that cannot
 // bound spliced queues (Linux 6.1) would only show the danger that makes
-// auto copy there. Under emulation (make kernel-test) sizes and counts are
-// scaled down.
+// auto copy there. Under emulation (make kernel-test) counts are scaled
+// down.
 func TestTunnelShortBesideBulk(t *testing.T) {
 	a, b, _, addrB := meshPair(t, "auto", "", "")
 	addr := netip.AddrPortFrom(addrB, 9000).String()
 	b.server(b.enrolled, addr)
 	before := handshakes(t, b)
-	// 2 GiB, checked by the server: long enough to run beside all the
-	// short connections on a busy machine (its end is waited for, its
-	// length decides nothing).
-	bulk := testenv.StartHelper(t, a.enrolled, a.ns.Name, "client", "oneway", addr, scaledArg(2<<30))
+	bulk := testenv.StartHelper(t, a.enrolled, a.ns.Name, "client", "bulk", addr)
+	if line, err := bulk.ReadLine(10 * time.Second); err != nil || line != "started" {
+		t.Fatalf("bulk transfer: %q %v %s", line, err, bulk.Stderr())
+	}
 	const workers = 4
 	each := max(scaled(500), 20)
 	shorts := make([]*testenv.Helper, workers)
@@ -50,18 +53,22 @@ func TestTunnelShortBesideBulk(t *testing.T) {
 			t.Fatalf("short connections %d: %v\n%s", i, err, h.Stderr())
 		}
 	}
-	bulkRunning := true
 	select {
 	case <-bulk.Exited():
-		bulkRunning = false
+		t.Fatalf("the bulk transfer ended before the short connections did: %v\n%s", bulk.Wait(), bulk.Stderr())
 	default:
+	}
+	if err := bulk.Send("stop"); err != nil {
+		t.Fatal(err)
 	}
 	if err := bulk.Wait(); err != nil {
 		t.Fatalf("bulk transfer beside the short connections: %v\n%s", err, bulk.Stderr())
 	}
-	if !bulkRunning {
-		t.Log("the bulk transfer ended before the short connections did")
+	var sent int64
+	for _, line := range strings.Split(bulk.Stdout(), "\n") {
+		fmt.Sscanf(line, "sent %d", &sent)
 	}
+	t.Logf("the bulk transfer sent %d MiB", sent>>20)
 	if n := handshakes(t, b) - before; n > 4*workers+4 {
 		t.Errorf("%v TLS handshakes for %d short connections from %d clients: the tunnel did not keep its connections warm", n, workers*each, workers)
 	}
@@ -79,7 +86,7 @@ func TestTunnelPeerRestart(t *testing.T) {
 			addr := netip.AddrPortFrom(addrB, 9000).String()
 			b.server(b.enrolled, addr)
 			// Warm connections in a's pool.
-			a.client(a.enrolled, "concurrent", addr, "10000", concurrentConns())
+			a.client(a.enrolled, "concurrent", addr, "10000", fmt.Sprint(concurrentConns()))
 			long := testenv.StartHelper(t, a.enrolled, a.ns.Name, "client", "paced", addr, "100")
 			if line, err := long.ReadLine(5 * time.Second); err != nil || line != "connected" {
 				t.Fatalf("long-lived client: %q %v %s", line, err, long.Stderr())
@@ -99,7 +106,7 @@ func TestTunnelPeerRestart(t *testing.T) {
 			}
 			b.start("splice", "")
 			a.client(a.enrolled, "short", addr, fmt.Sprint(max(scaled(200), 20)))
-			a.client(a.enrolled, "concurrent", addr, scaledArg(100000), concurrentConns())
+			a.client(a.enrolled, "concurrent", addr, scaledArg(100000), fmt.Sprint(concurrentConns()))
 		})
 	}
 }
@@ -111,7 +118,7 @@ func TestTunnelRevokedPooled(t *testing.T) {
 	a, b, _, addrB := meshPair(t, "splice", "", "")
 	addr := netip.AddrPortFrom(addrB, 9000).String()
 	b.server(b.enrolled, addr)
-	a.client(a.enrolled, "concurrent", addr, "10000", concurrentConns())
+	a.client(a.enrolled, "concurrent", addr, "10000", fmt.Sprint(concurrentConns()))
 	running := b.confPath
 	allow := func(ids ...string) string {
 		list := ""
