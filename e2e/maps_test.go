@@ -22,39 +22,26 @@ func closeAll(maps map[string]*ebpf.Map) {
 // bytes demoted directions sent by TCP, and the demotions.
 type spliceStats struct{ bytes, msgs, demotedBytes, demotions uint64 }
 
-// carried counts the bytes sk_msg handled: spliced, or sent by TCP once the
+// carried counts the bytes of spliced hops: spliced, or sent by TCP once the
 // bound demoted their direction (a bulk writer outruns its reader within a
-// few MiB, see TestBoundedSplice).
+// few MiB, see TestBoundedSplice). A demoted direction's bytes are all
+// counted once acknowledged (sk_msg counts what it sees, sock_ops the rest
+// from the socket's ACKs), so a transfer is counted in full once it ended.
 func (s spliceStats) carried() uint64 { return s.bytes + s.demotedBytes }
-
-// carriedFloor is the least sk_msg counts of an n-byte transfer on a
-// spliced hop. A transfer that stays within splice_queue_limit is counted
-// in full. Past it, the direction is demoted, and a demoted direction's
-// bytes are counted message by message, except after a send on a
-// non-blocking socket that would block: the kernel then keeps its verdict
-// (pass, to TCP) for the next message without running sk_msg
-// (tcp_bpf_send_verdict), and that message reaches its reader uncounted.
-// Seen here: one or two 32 KiB messages of 32 MiB.
-func carriedFloor(n uint64) uint64 {
-	if n <= spliceQueueLimit {
-		return n
-	}
-	return n - n/10
-}
 
 // checkSpliced fails t unless the splice counters of one node (where) grew
 // from before to after by n bytes that went spliced. Where no direction of
 // the transfer can queue splice_queue_limit (bulk false: small, or read as
 // fast as written), every byte must be spliced and none demoted: demotions
 // there are a bug that turns splicing off. A bulk transfer may be demoted
-// once its reader falls behind: carriedFloor(n), spliced or sent by TCP
-// after.
+// once its reader falls behind: all n bytes, spliced or sent by TCP,
+// are counted after.
 func checkSpliced(t *testing.T, where string, before, after spliceStats, n uint64, bulk bool) {
 	t.Helper()
 	spliced, demoted := after.bytes-before.bytes, after.demotedBytes-before.demotedBytes
 	switch {
-	case bulk && spliced+demoted < carriedFloor(n):
-		t.Errorf("%s: spliced %d bytes and demoted %d, want at least %d in all", where, spliced, demoted, carriedFloor(n))
+	case bulk && spliced+demoted < n:
+		t.Errorf("%s: spliced %d bytes and demoted %d, want at least %d in all", where, spliced, demoted, n)
 	case !bulk && (spliced < n || demoted != 0):
 		t.Errorf("%s: spliced %d bytes and demoted %d, want at least %d spliced and none demoted", where, spliced, demoted, n)
 	}
