@@ -108,8 +108,13 @@ func TestBenchShort(t *testing.T) {
 	if err := json.Unmarshal(data, &doc); err != nil {
 		t.Fatal(err)
 	}
-	if doc.Machine["kernel"] == "" || doc.Machine["cores"] == nil {
-		t.Errorf("machine lacks kernel or cores: %v", doc.Machine)
+	// A missing key or one of another type must fail: the assertions
+	// yield "" and 0 for both.
+	if kernel, _ := doc.Machine["kernel"].(string); kernel == "" {
+		t.Errorf("machine lacks a kernel release: %v", doc.Machine)
+	}
+	if cores, _ := doc.Machine["cores"].(float64); cores < 1 {
+		t.Errorf("machine lacks a core count: %v", doc.Machine)
 	}
 	for _, r := range doc.Results {
 		for _, k := range []string{"mode", "throughput_gbps", "rr_p50_us", "rr_p99_us", "conn_per_s", "cpu_seconds"} {
