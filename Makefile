@@ -9,7 +9,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 export BPF2GO_CC := clang
 export BPF2GO_CFLAGS := -O2 -g -Wall -Werror
 
-.PHONY: all build image run demo bench generate vmlinux test test-deps kernel-test ci fmt-check vet clean clean-test-env help
+.PHONY: all build image run demo bench generate vmlinux test test-deps kernel-test kube-control-plane ci fmt-check vet clean clean-test-env help
 
 all: build
 
@@ -21,6 +21,7 @@ help:
 	@echo "run             build and run smeshd with ./smesh.toml and development certificates in bin/dev-tls (root)"
 	@echo "test            all tests, then how many were skipped and why; kernel tests need root (SMESH_REQUIRE_PRIVILEGED=1 makes skips failures)"
 	@echo "test-deps       install the programs the tests drive: iproute2, iperf3, curl, nginx-light, systemd, nftables, debootstrap, systemd-container (root, apt-get)"
+	@echo "kube-control-plane build kube-apiserver and etcd for the tests once per machine (hack/kubecp, cached in /var/cache/smesh-test-kubecp; minutes the first time)"
 	@echo "kernel-test     the kernel tests on another kernel in a qemu guest: KERNEL=pkg|file.deb (default: Debian 12's 6.1)"
 	@echo "generate        regenerate the BPF bindings and objects (needs clang)"
 	@echo "vmlinux         regenerate bpf/include/vmlinux.h from this kernel's BTF (needs bpftool)"
@@ -71,12 +72,23 @@ vmlinux:
 # file systems (deploy/, debootstrap: several minutes).
 PKGS ?= ./...
 TESTFLAGS ?= -count=1 -timeout 30m
-test:
+# A full run builds the test control plane first (minutes, once per
+# machine) rather than inside go test, where it would compete with the
+# timing-sensitive tests for the CPUs; a narrower run that needs it gets it
+# built on first use (pkg/testenv/kubecp).
+test: $(if $(filter ./...,$(PKGS)),kube-control-plane)
 	$(GO) build -o bin/testsummary ./hack/testsummary
 	GO=$(GO) ./bin/testsummary $(TESTFLAGS) $(PKGS)
 
 test-deps:
 	hack/test-deps.sh
+
+# The real Kubernetes control plane the tests start (pkg/testenv/kubecp):
+# kube-apiserver and etcd built from source by hack/kubecp, a Go module of
+# its own, at the versions its go.mod names, once per machine into
+# /var/cache/smesh-test-kubecp (which a fresh clone, as in CI, still finds).
+kube-control-plane:
+	cd hack/kubecp && GO=$(GO) $(GO) run .
 
 # The kernel tests on another kernel than this machine's, in a qemu guest
 # (hack/kerneltest; needs qemu-system-x86, busybox-static, cpio). KERNEL is
@@ -93,8 +105,10 @@ kernel-test:
 fmt-check:
 	@out=$$(gofmt -l .); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 
+# hack/kubecp is a module of its own, which ./... does not reach.
 vet:
 	$(GO) vet ./...
+	cd hack/kubecp && $(GO) vet ./...
 
 ci: generate
 	@git diff --exit-code -- bpf/ || { echo "generated BPF bindings differ from the committed ones: run make generate and commit"; exit 1; }

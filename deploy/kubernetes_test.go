@@ -107,21 +107,30 @@ func objects(t *testing.T) []runtime.Object {
 	}
 	var objs []runtime.Object
 	for _, f := range files {
-		data, err := os.ReadFile(f)
+		objs = append(objs, manifest(t, filepath.Base(f))...)
+	}
+	return objs
+}
+
+// manifest decodes the objects of one file of deploy/kubernetes.
+func manifest(t *testing.T, name string) []runtime.Object {
+	t.Helper()
+	f := filepath.Join(manifestDir, name)
+	data, err := os.ReadFile(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	docs, err := splitDocs(data)
+	if err != nil {
+		t.Fatalf("%s: %v", f, err)
+	}
+	var objs []runtime.Object
+	for i, doc := range docs {
+		obj, err := decodeStrict(doc)
 		if err != nil {
-			t.Fatal(err)
+			t.Fatalf("%s, document %d: %v", f, i+1, err)
 		}
-		docs, err := splitDocs(data)
-		if err != nil {
-			t.Fatalf("%s: %v", f, err)
-		}
-		for i, doc := range docs {
-			obj, err := decodeStrict(doc)
-			if err != nil {
-				t.Fatalf("%s, document %d: %v", f, i+1, err)
-			}
-			objs = append(objs, obj)
-		}
+		objs = append(objs, obj)
 	}
 	return objs
 }

@@ -108,10 +108,6 @@ func (ca *CA) Issue(name string, notBefore, notAfter time.Time) (certPEM, keyPEM
 // the CA's trust domain. Tests make with it the certificates a peer must
 // refuse although the CA signed them.
 func (ca *CA) IssueURIs(name string, uris []string, notBefore, notAfter time.Time) (certPEM, keyPEM []byte, err error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, nil, err
-	}
 	var ids []*url.URL
 	for _, u := range uris {
 		id, err := url.Parse(u)
@@ -120,18 +116,29 @@ func (ca *CA) IssueURIs(name string, uris []string, notBefore, notAfter time.Tim
 		}
 		ids = append(ids, id)
 	}
-	tmpl := &x509.Certificate{
-		SerialNumber: serial(),
-		Subject:      pkix.Name{CommonName: name},
-		NotBefore:    notBefore,
-		NotAfter:     notAfter,
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-		URIs:         ids,
+	return ca.Sign(&x509.Certificate{
+		Subject:     pkix.Name{CommonName: name},
+		NotBefore:   notBefore,
+		NotAfter:    notAfter,
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		URIs:        ids,
+	})
+}
+
+// Sign makes a key and a certificate as tmpl describes it (subject, names,
+// validity, usages), signed by the CA; it sets tmpl's serial number. It
+// returns both PEM-encoded. Tests make with it certificates of other shapes
+// than a node's, such as a Kubernetes API server's and its clients'.
+func (ca *CA) Sign(tmpl *x509.Certificate) (certPEM, keyPEM []byte, err error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, err
 	}
+	tmpl.SerialNumber = serial()
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, &key.PublicKey, ca.Key)
 	if err != nil {
-		return nil, nil, fmt.Errorf("creating certificate for %s: %w", name, err)
+		return nil, nil, fmt.Errorf("creating certificate for %s: %w", tmpl.Subject.CommonName, err)
 	}
 	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
 	if err != nil {

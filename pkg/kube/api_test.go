@@ -90,7 +90,15 @@ func TestRESTAPI(t *testing.T) {
 			t.Errorf("%s: User-Agent %q", r.URL, ua)
 		}
 	}
+	// Outside Requests, which deploy's RBAC test checks against
+	// rbac.yaml: refused before a request is made.
 	if _, err := api.List(ctx, "secrets", metav1.ListOptions{}); err == nil {
 		t.Error("List(secrets) worked: smeshd reads pods and namespaces only")
+	}
+	if _, err := api.Watch(ctx, "secrets", metav1.ListOptions{}); err == nil {
+		t.Error("Watch(secrets) worked: smeshd reads pods and namespaces only")
+	}
+	if len(seen) != 2 {
+		t.Errorf("%d requests after the refused ones, want still 2", len(seen))
 	}
 }

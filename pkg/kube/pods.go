@@ -14,7 +14,6 @@ import (
 	"github.com/rs/zerolog"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/tools/cache"
@@ -97,7 +96,7 @@ func NewWatcher(o Options) *Watcher {
 	}
 	// Only this node's pods: the API server filters by spec.nodeName, so
 	// a node's smeshd never holds the cluster's pods.
-	onNode := fields.OneTermEqualSelector("spec.nodeName", o.NodeName).String()
+	onNode := NodeSelector(o.NodeName)
 	w.pods = cache.NewSharedIndexInformer(w.listWatcher(&cache.ListWatch{
 		ListWithContextFunc: func(ctx context.Context, opts metav1.ListOptions) (runtime.Object, error) {
 			opts.FieldSelector = onNode

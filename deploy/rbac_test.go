@@ -1,0 +1,223 @@
+package deploy
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"testing"
+	"time"
+
+	authorizationv1 "k8s.io/api/authorization/v1"
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+
+	"github.com/smesh-dev/smesh/pkg/kube"
+	"github.com/smesh-dev/smesh/pkg/testenv/kubecp"
+)
+
+// mustNot are requests smeshd's ServiceAccount must be refused: what a
+// node agent compromised through smeshd could use to read credentials, run
+// code in pods, reach kubelets, change workloads, or grant itself more.
+var mustNot = []authorizationv1.ResourceAttributes{
+	{Verb: "get", Resource: "secrets", Namespace: "kube-system"},
+	{Verb: "list", Resource: "secrets"},
+	{Verb: "watch", Resource: "secrets", Namespace: "smesh-system"},
+	{Verb: "create", Resource: "pods", Subresource: "exec", Namespace: "default"},
+	{Verb: "get", Resource: "nodes", Subresource: "proxy"},
+	{Verb: "list", Resource: "nodes"},
+	{Verb: "delete", Resource: "pods", Namespace: "default"},
+	{Verb: "patch", Resource: "pods", Namespace: "default"},
+	{Verb: "update", Resource: "pods", Subresource: "status", Namespace: "default"},
+	{Verb: "update", Resource: "namespaces"},
+	{Verb: "get", Resource: "configmaps", Namespace: "kube-system"},
+	{Verb: "list", Resource: "configmaps", Namespace: "default"},
+	{Verb: "create", Resource: "serviceaccounts", Subresource: "token", Namespace: "smesh-system"},
+	{Verb: "bind", Group: "rbac.authorization.k8s.io", Resource: "clusterroles"},
+	{Verb: "escalate", Group: "rbac.authorization.k8s.io", Resource: "clusterroles"},
+	{Verb: "impersonate", Resource: "serviceaccounts"},
+}
+
+// TestRBACOnAPIServer applies namespace.yaml and rbac.yaml as shipped to a
+// real kube-apiserver (RBAC on) and asks it, with smeshd's own
+// ServiceAccount token, about every request smeshd's code makes
+// (kube.Requests, which pkg/kube's client refuses to step outside of) and
+// about requests it must not be allowed; then makes smeshd's pod list and a
+// forbidden request for real.
+func TestRBACOnAPIServer(t *testing.T) {
+	cp := kubecp.Start(t)
+	admin, err := kubernetes.NewForConfig(cp.Admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	for _, f := range []string{"namespace.yaml", "rbac.yaml"} {
+		for _, obj := range manifest(t, f) {
+			if err := create(ctx, admin, obj); err != nil {
+				t.Fatalf("%s: %v", f, err)
+			}
+		}
+	}
+	sa := cp.ServiceAccount(t, "smesh-system", "smeshd")
+	smeshd, err := kubernetes.NewForConfig(sa)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// RBAC bindings take effect once the API server's authorizer cache
+	// has them: wait for the first request to be allowed.
+	ask := func(ra authorizationv1.ResourceAttributes) (bool, string) {
+		t.Helper()
+		r, err := smeshd.AuthorizationV1().SelfSubjectAccessReviews().Create(ctx,
+			&authorizationv1.SelfSubjectAccessReview{Spec: authorizationv1.SelfSubjectAccessReviewSpec{ResourceAttributes: &ra}},
+			metav1.CreateOptions{})
+		if err != nil {
+			t.Fatalf("SelfSubjectAccessReview %+v: %v", ra, err)
+		}
+		// RBAC gives a reason for what it allows (the binding), none for a
+		// denial.
+		reason := r.Status.Reason
+		if reason == "" {
+			reason = "no reason given"
+		}
+		return r.Status.Allowed, reason
+	}
+	reqs := kube.Requests()
+	if len(reqs) == 0 {
+		t.Fatal("kube.Requests is empty")
+	}
+	first := attributes(reqs[0])
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		if ok, _ := ask(first); ok || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	for _, r := range reqs {
+		if ok, reason := ask(attributes(r)); !ok {
+			t.Errorf("smeshd's code makes %s %s (all namespaces), but rbac.yaml does not allow it (%s)", r.Verb, r.Resource, reason)
+		}
+	}
+	for _, ra := range mustNot {
+		if ok, reason := ask(ra); ok {
+			t.Errorf("smeshd's ServiceAccount may %s: it must not (%s)", describe(ra), reason)
+		}
+	}
+
+	// The pod list smeshd makes, through its own client: the server
+	// answers it, with this node's pods only.
+	pods := []struct{ name, node string }{{"on-this-node", "node-a"}, {"elsewhere", "node-b"}}
+	// No controller-manager makes the default ServiceAccount a pod needs.
+	if _, err := admin.CoreV1().ServiceAccounts("default").Create(ctx,
+		&corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "default"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range pods {
+		if _, err := admin.CoreV1().Pods("default").Create(ctx, &corev1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Name: p.name},
+			Spec:       corev1.PodSpec{NodeName: p.node, Containers: []corev1.Container{{Name: "c", Image: "pause"}}},
+		}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	api, err := kube.NewAPI(sa)
+	if err != nil {
+		t.Fatal(err)
+	}
+	obj, err := api.List(ctx, "pods", metav1.ListOptions{FieldSelector: kube.NodeSelector("node-a")})
+	if err != nil {
+		t.Fatalf("smeshd's pod list with its token: %v", err)
+	}
+	if l := obj.(*corev1.PodList); len(l.Items) != 1 || l.Items[0].Name != "on-this-node" {
+		t.Errorf("smeshd's pod list for node-a: %d pods %v, want on-this-node alone", len(l.Items), names(l))
+	}
+
+	// The status codes themselves, on the wire.
+	hc, err := rest.HTTPClientFor(sa)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		path string
+		want int
+	}{
+		{"/api/v1/pods?fieldSelector=" + url.QueryEscape(kube.NodeSelector("node-a")), http.StatusOK},
+		{"/api/v1/namespaces", http.StatusOK},
+		{"/api/v1/namespaces/kube-system/secrets", http.StatusForbidden},
+		{"/api/v1/nodes/node-a/proxy/pods", http.StatusForbidden},
+		{"/api/v1/namespaces/kube-system/configmaps", http.StatusForbidden},
+	} {
+		if got, body := status(ctx, t, hc, sa.Host+tc.path); got != tc.want {
+			t.Errorf("GET %s with smeshd's token: %d, want %d: %s", tc.path, got, tc.want, body)
+		}
+	}
+}
+
+// attributes is r as an access review asks it.
+func attributes(r kube.Request) authorizationv1.ResourceAttributes {
+	return authorizationv1.ResourceAttributes{Verb: r.Verb, Resource: r.Resource, Namespace: r.Namespace}
+}
+
+func describe(ra authorizationv1.ResourceAttributes) string {
+	s := ra.Verb + " " + ra.Resource
+	if ra.Group != "" {
+		s += "." + ra.Group
+	}
+	if ra.Subresource != "" {
+		s += "/" + ra.Subresource
+	}
+	if ra.Namespace != "" {
+		return s + " in namespace " + ra.Namespace
+	}
+	return s + " (all namespaces)"
+}
+
+// create makes obj, one of the kinds namespace.yaml and rbac.yaml hold.
+func create(ctx context.Context, cs *kubernetes.Clientset, obj runtime.Object) error {
+	var err error
+	switch o := obj.(type) {
+	case *corev1.Namespace:
+		_, err = cs.CoreV1().Namespaces().Create(ctx, o, metav1.CreateOptions{})
+	case *corev1.ServiceAccount:
+		_, err = cs.CoreV1().ServiceAccounts(o.Namespace).Create(ctx, o, metav1.CreateOptions{})
+	case *rbacv1.ClusterRole:
+		_, err = cs.RbacV1().ClusterRoles().Create(ctx, o, metav1.CreateOptions{})
+	case *rbacv1.ClusterRoleBinding:
+		_, err = cs.RbacV1().ClusterRoleBindings().Create(ctx, o, metav1.CreateOptions{})
+	default:
+		return fmt.Errorf("creating a %T: not a kind this test applies", obj)
+	}
+	if err != nil {
+		return fmt.Errorf("creating %T %s: %w", obj, obj.(metav1.Object).GetName(), err)
+	}
+	return nil
+}
+
+func status(ctx context.Context, t *testing.T, hc *http.Client, u string) (int, string) {
+	t.Helper()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		t.Fatalf("GET %s: %v", u, err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+	return resp.StatusCode, string(body)
+}
+
+func names(l *corev1.PodList) []string {
+	var n []string
+	for _, p := range l.Items {
+		n = append(n, p.Name)
+	}
+	return n
+}
