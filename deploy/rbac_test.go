@@ -25,6 +25,9 @@ import (
 // node agent compromised through smeshd could use to read credentials, run
 // code in pods, reach kubelets, change workloads, or grant itself more.
 var mustNot = []authorizationv1.ResourceAttributes{
+	// Least privilege: smeshd lists and watches, it never gets one object.
+	{Verb: "get", Resource: "pods", Namespace: "default"},
+	{Verb: "get", Resource: "namespaces"},
 	{Verb: "get", Resource: "secrets", Namespace: "kube-system"},
 	{Verb: "list", Resource: "secrets"},
 	{Verb: "watch", Resource: "secrets", Namespace: "smesh-system"},
