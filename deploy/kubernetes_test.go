@@ -459,8 +459,8 @@ func TestRBACLeastPrivilege(t *testing.T) {
 	objs := objects(t)
 	role := find[*rbacv1.ClusterRole](t, objs, "smeshd")
 	want := []rbacv1.PolicyRule{
-		{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"get", "list", "watch"}},
-		{APIGroups: []string{""}, Resources: []string{"namespaces"}, Verbs: []string{"get", "list", "watch"}},
+		{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"list", "watch"}},
+		{APIGroups: []string{""}, Resources: []string{"namespaces"}, Verbs: []string{"list", "watch"}},
 	}
 	if len(role.Rules) != len(want) {
 		t.Fatalf("rules %+v, want %+v", role.Rules, want)
