@@ -22,8 +22,9 @@ func (n *node) released() uint64 {
 // TestReleaseDemoted: once a spliced direction is demoted and the other
 // direction never spliced, sockops takes the demoted sender out of the
 // sockhash, and it goes on as a plain TCP socket. Every byte still arrives
-// once and in order: readers slow, fast, waiting in the kernel
-// (MSG_WAITALL), and four threads writing one socket at once. A sender
+// once and in order: readers slow, fast, waiting in the kernel (blocking
+// recv(MSG_WAITALL), slow or as fast as they can), and four threads
+// writing one socket at once. A sender
 // whose peer spliced to it first stays in the sockhash (a redirect from the
 // peer could still be on its way into it) and its bytes arrive as well.
 func TestReleaseDemoted(t *testing.T) {
@@ -37,6 +38,7 @@ func TestReleaseDemoted(t *testing.T) {
 		{"slow", true},
 		{"fast", true},
 		{"slow-waitall", true},
+		{"fast-waitall", true},
 		{"writers", true},
 		{"greeted", false},
 	} {

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
 	"syscall"
 	"time"
 
@@ -69,14 +70,25 @@ func serveSlow(c *net.TCPConn, say func(string, ...any)) {
 	var seen [slowWriters]int64 // 'm': bytes of each writer so far
 	buf := make([]byte, slowReadSize)
 	want := make([]byte, slowReadSize)
+	read := c.Read
+	if mode == 'w' || mode == 'l' {
+		// Readers that wait in the kernel: recv(MSG_WAITALL), or plain
+		// reads with SO_RCVLOWAT set above.
+		flags := 0
+		if mode == 'w' {
+			flags = unix.MSG_WAITALL
+		}
+		br, err := newBlockingReader(c, flags)
+		if err != nil {
+			say("result slow error:%v", err)
+			return
+		}
+		read = br.Read
+	}
 	var err error
 	for {
 		var n int
-		if mode == 'w' {
-			n, err = recvWaitAll(c, buf)
-		} else {
-			n, err = c.Read(buf)
-		}
+		n, err = read(buf)
 		if m, err := sockmem.Read(c); err == nil {
 			maxRmem, maxOver = max(maxRmem, m.RmemAlloc), max(maxOver, m.RmemAlloc-m.Rcvbuf)
 		}
@@ -122,36 +134,47 @@ func ignoreEOF(err error) error {
 	return err
 }
 
-// recvWaitAll is one recv(MSG_WAITALL): it returns only once buf is full,
-// or at the end of the stream. It waits inside the kernel (tcp_recvmsg),
-// which is what a spliced socket must not leave waiting forever.
-func recvWaitAll(c *net.TCPConn, buf []byte) (int, error) {
+// blockingReader reads a socket with blocking recv(2) calls, flags added,
+// that wait inside the kernel (tcp_recvmsg: sk_wait_data, or
+// tcp_bpf_recvmsg's wait), as a C program's reads on a blocking socket do:
+// what a spliced socket must never leave waiting forever or out of order.
+// Go's own reads cannot show it: its descriptors are non-blocking, so the
+// kernel never sleeps in them, whatever MSG_WAITALL or SO_RCVLOWAT say.
+type blockingReader struct {
+	c     *net.TCPConn // keeps the descriptor open
+	fd    int
+	flags int
+}
+
+// newBlockingReader switches c's descriptor to blocking mode: c must not
+// be read through Go any more.
+func newBlockingReader(c *net.TCPConn, flags int) (*blockingReader, error) {
 	rc, err := c.SyscallConn()
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
-	var n int
-	var rerr error
-	err = rc.Read(func(fd uintptr) bool {
-		// The descriptor is non-blocking: MSG_WAITALL alone would
-		// return what is there. Block in the kernel for this call.
-		n, _, rerr = unix.Recvfrom(int(fd), buf, unix.MSG_WAITALL|unix.MSG_CMSG_CLOEXEC)
-		if errors.Is(rerr, unix.EAGAIN) {
-			// Wait in the netpoller until readable, then again.
-			return false
+	r := &blockingReader{c: c, flags: flags}
+	var serr error
+	if err := rc.Control(func(fd uintptr) { r.fd, serr = int(fd), unix.SetNonblock(int(fd), false) }); err != nil {
+		return nil, err
+	}
+	return r, serr
+}
+
+func (r *blockingReader) Read(buf []byte) (int, error) {
+	for {
+		n, _, err := unix.Recvfrom(r.fd, buf, r.flags)
+		runtime.KeepAlive(r.c)
+		switch {
+		case errors.Is(err, unix.EINTR):
+			continue
+		case err != nil:
+			return 0, err
+		case n == 0:
+			return 0, io.EOF
 		}
-		return true
-	})
-	if err != nil {
-		return 0, err
+		return n, nil
 	}
-	if rerr != nil {
-		return 0, rerr
-	}
-	if n == 0 {
-		return 0, io.EOF
-	}
-	return n, nil
 }
 
 // slowMemory is what a slow exchange held in the kernel at most: the
