@@ -225,9 +225,16 @@ func (s *smeshd) cpu() (time.Duration, error) {
 
 // memory is smeshd's resident set and its peak, from /proc/PID/status.
 func (s *smeshd) memory() (rss, peak int64, err error) {
+	rss, peak, _, err = s.memoryFile()
+	return rss, peak, err
+}
+
+// memoryFile is memory and the part of the resident set that is file
+// pages (the binary's code and data), not memory smeshd allocated.
+func (s *smeshd) memoryFile() (rss, peak, file int64, err error) {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", s.pid()))
 	if err != nil {
-		return 0, 0, err
+		return 0, 0, 0, err
 	}
 	for _, l := range strings.Split(string(data), "\n") {
 		f := strings.Fields(l)
@@ -240,9 +247,11 @@ func (s *smeshd) memory() (rss, peak int64, err error) {
 			rss = kb << 10
 		case "VmHWM:":
 			peak = kb << 10
+		case "RssFile:":
+			file = kb << 10
 		}
 	}
-	return rss, peak, nil
+	return rss, peak, file, nil
 }
 
 // heap is smeshd's Go heap in use, from its own /metrics.
@@ -286,7 +295,7 @@ func measure(ctx context.Context, o options, w *world, cp *kubecp.ControlPlane, 
 	// What the first list brought, before anything changes.
 	time.Sleep(2 * time.Second)
 	r.readyBytes = proxy.down.Load() - bytes0
-	if r.readyRSS, _, err = s.memory(); err != nil {
+	if r.readyRSS, _, r.readyFile, err = s.memoryFile(); err != nil {
 		return err
 	}
 	r.readyHeap = s.heap()

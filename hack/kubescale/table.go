@@ -20,6 +20,7 @@ type result struct {
 	ready, listed time.Duration
 	readyRSS      int64
 	readyHeap     int64
+	readyFile     int64
 	readyBytes    int64
 	peakRSS       int64
 	totalBytes    int64
@@ -78,7 +79,9 @@ func printTable(w io.Writer, o options, version string, rs []result) {
 	})
 	row("Time to ready: first pod list logged", func(r result) string { return r.listed.Round(time.Millisecond).String() })
 	row("Time to ready: /readyz 200", func(r result) string { return r.ready.Round(time.Millisecond).String() })
-	row("RSS at ready (Go heap in use)", func(r result) string { return fmt.Sprintf("%s (%s)", mib(r.readyRSS), mib(r.readyHeap)) })
+	row("RSS at ready (of it: file pages; Go heap in use)", func(r result) string {
+		return fmt.Sprintf("%s (%s; %s)", mib(r.readyRSS), mib(r.readyFile), mib(r.readyHeap))
+	})
 	row("RSS after the churns (peak)", func(r result) string { return fmt.Sprintf("%s (%s)", mib(r.own.rss), mib(r.peakRSS)) })
 	row("Requests to the API server (audit log)", func(r result) string {
 		d, n := describeRequests(r.requests)
