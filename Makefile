@@ -22,7 +22,7 @@ help:
 	@echo "test            all tests, then how many were skipped and why; kernel tests need root (SMESH_REQUIRE_PRIVILEGED=1 makes skips failures)"
 	@echo "test-deps       install the programs the tests drive: iproute2, iperf3, curl, nginx-light, systemd, nftables, debootstrap, systemd-container (root, apt-get)"
 	@echo "kube-control-plane build kube-apiserver and etcd for the tests once per machine (hack/kubecp, cached in /var/cache/smesh-test-kubecp; minutes the first time)"
-	@echo "kube-scale      benchmark: smeshd for one node in a real API server with 100 and 5,000 nodes (100,000 pods): ready time, RSS, bytes, CPU (root; ~10 min)"
+	@echo "kube-scale      benchmark: smeshd for one node in a real API server with 100 and 5,000 nodes (100,000 pods): ready time, RSS, bytes, CPU (root; about 6 min)"
 	@echo "kernel-test     the kernel tests on another kernel in a qemu guest: KERNEL=pkg|file.deb (default: Debian 12's 6.1)"
 	@echo "generate        regenerate the BPF bindings and objects (needs clang)"
 	@echo "vmlinux         regenerate bpf/include/vmlinux.h from this kernel's BTF (needs bpftool)"
