@@ -9,7 +9,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 export BPF2GO_CC := clang
 export BPF2GO_CFLAGS := -O2 -g -Wall -Werror
 
-.PHONY: all build image run demo bench generate vmlinux test test-deps kernel-test kube-control-plane ci fmt-check vet clean clean-test-env help
+.PHONY: all build image run demo bench generate vmlinux test test-deps kernel-test kube-control-plane kube-scale ci fmt-check vet clean clean-test-env help
 
 all: build
 
@@ -22,6 +22,7 @@ help:
 	@echo "test            all tests, then how many were skipped and why; kernel tests need root (SMESH_REQUIRE_PRIVILEGED=1 makes skips failures)"
 	@echo "test-deps       install the programs the tests drive: iproute2, iperf3, curl, nginx-light, systemd, nftables, debootstrap, systemd-container (root, apt-get)"
 	@echo "kube-control-plane build kube-apiserver and etcd for the tests once per machine (hack/kubecp, cached in /var/cache/smesh-test-kubecp; minutes the first time)"
+	@echo "kube-scale      benchmark: smeshd for one node in a real API server with 100 and 5,000 nodes (100,000 pods): ready time, RSS, bytes, CPU (root; about 6 min)"
 	@echo "kernel-test     the kernel tests on another kernel in a qemu guest: KERNEL=pkg|file.deb (default: Debian 12's 6.1)"
 	@echo "generate        regenerate the BPF bindings and objects (needs clang)"
 	@echo "vmlinux         regenerate bpf/include/vmlinux.h from this kernel's BTF (needs bpftool)"
@@ -89,6 +90,16 @@ test-deps:
 # /var/cache/smesh-test-kubecp (which a fresh clone, as in CI, still finds).
 kube-control-plane:
 	cd hack/kubecp && GO=$(GO) $(GO) run .
+
+# What a cluster's size does to smeshd (hack/kubescale; a benchmark, not part
+# of make test): the test control plane filled with Node objects and Pods,
+# smeshd started for one node as the DaemonSet runs it, a Markdown table on
+# stdout (README, Kubernetes). Root: smeshd loads its BPF programs.
+# E.g. make kube-scale KUBE_SCALE_FLAGS="-sizes 100:1000,1000:20000 -window 10s"
+KUBE_SCALE_FLAGS ?=
+kube-scale: build kube-control-plane
+	$(GO) build -o bin/kubescale ./hack/kubescale
+	./bin/kubescale -smeshd $(BIN) $(KUBE_SCALE_FLAGS)
 
 # The kernel tests on another kernel than this machine's, in a qemu guest
 # (hack/kerneltest; needs qemu-system-x86, busybox-static, cpio). KERNEL is

@@ -2,18 +2,16 @@ package deploy
 
 import (
 	"context"
-	"fmt"
 	"io"
 	"net/http"
 	"net/url"
+	"path/filepath"
 	"testing"
 	"time"
 
 	authorizationv1 "k8s.io/api/authorization/v1"
 	corev1 "k8s.io/api/core/v1"
-	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
@@ -60,12 +58,8 @@ func TestRBACOnAPIServer(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	for _, f := range []string{"namespace.yaml", "rbac.yaml"} {
-		for _, obj := range manifest(t, f) {
-			if err := create(ctx, admin, obj); err != nil {
-				t.Fatalf("%s: %v", f, err)
-			}
-		}
+	if err := kubecp.Apply(ctx, admin, filepath.Join(manifestDir, "namespace.yaml"), filepath.Join(manifestDir, "rbac.yaml")); err != nil {
+		t.Fatal(err)
 	}
 	sa := cp.ServiceAccount(t, "smesh-system", "smeshd")
 	smeshd, err := kubernetes.NewForConfig(sa)
@@ -179,27 +173,6 @@ func describe(ra authorizationv1.ResourceAttributes) string {
 		return s + " in namespace " + ra.Namespace
 	}
 	return s + " (all namespaces)"
-}
-
-// create makes obj, one of the kinds namespace.yaml and rbac.yaml hold.
-func create(ctx context.Context, cs *kubernetes.Clientset, obj runtime.Object) error {
-	var err error
-	switch o := obj.(type) {
-	case *corev1.Namespace:
-		_, err = cs.CoreV1().Namespaces().Create(ctx, o, metav1.CreateOptions{})
-	case *corev1.ServiceAccount:
-		_, err = cs.CoreV1().ServiceAccounts(o.Namespace).Create(ctx, o, metav1.CreateOptions{})
-	case *rbacv1.ClusterRole:
-		_, err = cs.RbacV1().ClusterRoles().Create(ctx, o, metav1.CreateOptions{})
-	case *rbacv1.ClusterRoleBinding:
-		_, err = cs.RbacV1().ClusterRoleBindings().Create(ctx, o, metav1.CreateOptions{})
-	default:
-		return fmt.Errorf("creating a %T: not a kind this test applies", obj)
-	}
-	if err != nil {
-		return fmt.Errorf("creating %T %s: %w", obj, obj.(metav1.Object).GetName(), err)
-	}
-	return nil
 }
 
 func status(ctx context.Context, t *testing.T, hc *http.Client, u string) (int, string) {
