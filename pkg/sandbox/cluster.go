@@ -15,6 +15,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/smesh-dev/smesh/pkg/cgroups"
 )
@@ -307,7 +308,41 @@ func (n *ClusterNode) AddPod(name, cgroup string) (_ *Pod, err error) {
 			return nil, err
 		}
 	}
+	// The links just up (the veth's ends, and the bridge with its first
+	// port) have new link-local addresses.
+	for _, h := range []*netlink.Handle{hn, hp} {
+		if err := waitNotTentative(h); err != nil {
+			return nil, err
+		}
+	}
 	return p, nil
+}
+
+// waitNotTentative waits until no IPv6 address in the namespace of h is
+// tentative. With DAD off (disableDAD) a new address still starts
+// tentative, until the kernel's address work item clears the flag: at once
+// on an idle machine, only once that work runs on a busy one.
+func waitNotTentative(h *netlink.Handle) error {
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		addrs, err := h.AddrList(nil, netlink.FAMILY_V6)
+		if err != nil {
+			return fmt.Errorf("listing IPv6 addresses: %w", err)
+		}
+		tentative := ""
+		for _, a := range addrs {
+			if a.Flags&unix.IFA_F_TENTATIVE != 0 {
+				tentative = a.IPNet.String()
+			}
+		}
+		if tentative == "" {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("IPv6 address %s still tentative after 5s", tentative)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
 
 // reserve picks the pod's host number and addresses and the name of its
