@@ -590,6 +590,11 @@ func runScenario(args []string) error {
 		err = endsWith(addr, []byte("x"), 10*time.Second, true)
 	case "idle": // a few bytes, then nothing: the connection must be reset (not delivered, or cut)
 		err = endsWith(addr, []byte{cmdHold, 1, 2, 3}, 30*time.Second, false)
+	case "reset": // as idle, but refused at once: a reset before connect(2) returned counts too
+		err = endsWith(addr, []byte{cmdHold, 1, 2, 3}, 30*time.Second, false)
+		if errors.Is(err, syscall.ECONNRESET) {
+			err = nil
+		}
 	case "concurrent": // N: largest size; then the number of connections, 200 by default
 		conns := 200
 		if len(args) > 3 {

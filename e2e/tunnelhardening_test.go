@@ -70,8 +70,9 @@ func TestTunnelPeersInTrustDomain(t *testing.T) {
 }
 
 // TestTunnelRefusedHandshakeLog: when the peer refuses this node's
-// identity, this node logs that the peer refused the handshake, with the
-// TLS alert, not that the peer is unreachable.
+// identity, the app's connection is reset (a delivered one would be held
+// open by the server), and this node logs that the peer refused the
+// handshake, with the TLS alert, not that the peer is unreachable.
 func TestTunnelRefusedHandshakeLog(t *testing.T) {
 	a, b := newNode(t), newNode(t)
 	_, addrB := testenv.Link(t, a.ns, b.ns)
@@ -80,7 +81,7 @@ func TestTunnelRefusedHandshakeLog(t *testing.T) {
 	server := netip.AddrPortFrom(addrB, 9000).String()
 	b.server(b.enrolled, server)
 	for range 5 {
-		a.client(a.enrolled, "direct", server)
+		a.client(a.enrolled, "reset", server)
 	}
 	waitLog(t, a, "peer_refused_handshake", 5)
 	waitLog(t, b, "identity_not_allowed", 5)
@@ -199,7 +200,7 @@ func TestTunnelPins(t *testing.T) {
 
 	// Refused: node a's smeshd resets the app's connection; delivered, it
 	// would stay open to the server, which holds it.
-	a.client(a.enrolled, "idle", server)
+	a.client(a.enrolled, "reset", server)
 	waitLog(t, a, "peer_identity", 1)
 	if strings.Contains(srv.Stdout(), "result hold") {
 		t.Errorf("the server saw the connection: %s", srv.Stdout())
