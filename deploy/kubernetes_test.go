@@ -1,12 +1,8 @@
 package deploy
 
 import (
-	"bufio"
-	"bytes"
 	"context"
-	"errors"
 	"fmt"
-	"io"
 	"maps"
 	"net/http"
 	"net/netip"
@@ -25,78 +21,15 @@ import (
 	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
-	k8syaml "k8s.io/apimachinery/pkg/util/yaml"
-	sigsjson "sigs.k8s.io/json"
 	"sigs.k8s.io/yaml"
 
 	"github.com/smesh-dev/smesh/pkg/admin"
 	"github.com/smesh-dev/smesh/pkg/config"
 	"github.com/smesh-dev/smesh/pkg/metrics"
+	"github.com/smesh-dev/smesh/pkg/testenv/kubecp"
 )
 
 const manifestDir = "kubernetes"
-
-// kinds are the objects deploy/kubernetes may hold, by apiVersion and kind,
-// each with the Go type it must decode into.
-var kinds = map[string]func() runtime.Object{
-	"v1/Namespace":      func() runtime.Object { return &corev1.Namespace{} },
-	"v1/ServiceAccount": func() runtime.Object { return &corev1.ServiceAccount{} },
-	"v1/ConfigMap":      func() runtime.Object { return &corev1.ConfigMap{} },
-	"rbac.authorization.k8s.io/v1/ClusterRole":        func() runtime.Object { return &rbacv1.ClusterRole{} },
-	"rbac.authorization.k8s.io/v1/ClusterRoleBinding": func() runtime.Object { return &rbacv1.ClusterRoleBinding{} },
-	"apps/v1/DaemonSet":                               func() runtime.Object { return &appsv1.DaemonSet{} },
-}
-
-// splitDocs returns the YAML documents of data that hold more than
-// comments.
-func splitDocs(data []byte) ([][]byte, error) {
-	r := k8syaml.NewYAMLReader(bufio.NewReader(bytes.NewReader(data)))
-	var docs [][]byte
-	for {
-		doc, err := r.Read()
-		if errors.Is(err, io.EOF) {
-			return docs, nil
-		}
-		if err != nil {
-			return nil, err
-		}
-		var probe map[string]any
-		if err := yaml.Unmarshal(doc, &probe); err != nil {
-			return nil, err
-		}
-		if len(probe) > 0 {
-			docs = append(docs, doc)
-		}
-	}
-}
-
-// decodeStrict decodes one document into the k8s.io/api type its
-// apiVersion and kind name; an unknown field or a duplicate is an error.
-func decodeStrict(doc []byte) (runtime.Object, error) {
-	var tm metav1.TypeMeta
-	if err := yaml.Unmarshal(doc, &tm); err != nil {
-		return nil, err
-	}
-	mk, ok := kinds[tm.APIVersion+"/"+tm.Kind]
-	if !ok {
-		return nil, errors.New("unexpected object " + tm.APIVersion + " " + tm.Kind)
-	}
-	obj := mk()
-	// As the API server decodes: case-sensitive field names, no unknown or
-	// duplicate fields (encoding/json alone would take "hostPid").
-	js, err := yaml.YAMLToJSONStrict(doc)
-	if err != nil {
-		return nil, err
-	}
-	strict, err := sigsjson.UnmarshalStrict(js, obj, sigsjson.DisallowDuplicateFields, sigsjson.DisallowUnknownFields)
-	if err != nil {
-		return nil, err
-	}
-	if len(strict) > 0 {
-		return nil, errors.Join(strict...)
-	}
-	return obj, nil
-}
 
 // objects decodes every manifest of deploy/kubernetes.
 func objects(t *testing.T) []runtime.Object {
@@ -115,22 +48,9 @@ func objects(t *testing.T) []runtime.Object {
 // manifest decodes the objects of one file of deploy/kubernetes.
 func manifest(t *testing.T, name string) []runtime.Object {
 	t.Helper()
-	f := filepath.Join(manifestDir, name)
-	data, err := os.ReadFile(f)
+	objs, err := kubecp.DecodeFile(filepath.Join(manifestDir, name))
 	if err != nil {
 		t.Fatal(err)
-	}
-	docs, err := splitDocs(data)
-	if err != nil {
-		t.Fatalf("%s: %v", f, err)
-	}
-	var objs []runtime.Object
-	for i, doc := range docs {
-		obj, err := decodeStrict(doc)
-		if err != nil {
-			t.Fatalf("%s, document %d: %v", f, i+1, err)
-		}
-		objs = append(objs, obj)
 	}
 	return objs
 }
@@ -191,7 +111,7 @@ func TestStrictDecodingCatchesTypos(t *testing.T) {
 		if broken == string(data) {
 			t.Fatalf("%q not in daemonset.yaml", tc.from)
 		}
-		if _, err := decodeStrict([]byte(broken)); err == nil {
+		if _, err := kubecp.DecodeStrict([]byte(broken)); err == nil {
 			t.Errorf("daemonset.yaml with %q for %q decoded without error", tc.to, tc.from)
 		}
 	}
@@ -522,7 +442,7 @@ func TestCertManagerCertificate(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	docs, err := splitDocs(data)
+	docs, err := kubecp.SplitDocs(data)
 	if err != nil {
 		t.Fatal(err)
 	}
