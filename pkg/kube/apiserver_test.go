@@ -89,7 +89,7 @@ func (wd *apiWorld) start() {
 		Retry:      20 * time.Millisecond,
 		// Recheck stays at its 30s: every change here must come from
 		// the watch, not from the periodic pass.
-		Logger:     zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.InfoLevel),
+		Logger: zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.InfoLevel),
 	})
 	go wd.w.Run(ctx)
 	t.Cleanup(func() {
