@@ -85,7 +85,7 @@ func (wd *apiWorld) start() {
 		NodeName:   realNode,
 		LabelKey:   labelKey,
 		LabelValue: "enabled",
-		Resolver:   NewResolver(wd.mount),
+		Resolver:   NewResolver(wd.mount, ""),
 		Retry:      20 * time.Millisecond,
 		// Recheck stays at its 30s: every change here must come from
 		// the watch, not from the periodic pass.
