@@ -20,7 +20,6 @@ import (
 	"io"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -82,15 +81,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	} else {
 		defer os.RemoveAll(dir)
 	}
-	audit, auditArgs, err := newAudit(dir)
-	if err != nil {
-		return err
-	}
-	cp, err := kubecp.New(kubecp.Options{Dir: dir, Logf: logf, APIServerArgs: auditArgs})
+	cp, err := kubecp.New(kubecp.Options{Dir: dir, Logf: logf, AuditPolicy: auditPolicy})
 	if err != nil {
 		return err
 	}
 	defer cp.Close()
+	audit := &audit{path: cp.AuditLog}
 
 	// The filling and the churn: as many requests at once as the pool
 	// has workers, no client-side rate limit.
@@ -100,10 +96,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if err := kubecp.Apply(ctx, admin, filepath.Join(o.manifests, "namespace.yaml"), filepath.Join(o.manifests, "rbac.yaml")); err != nil {
-		return err
-	}
-	sa, err := cp.Token(ctx, "smesh-system", "smeshd")
+	sa, err := cp.SmeshdToken(ctx, o.manifests)
 	if err != nil {
 		return err
 	}

@@ -6,10 +6,11 @@ import (
 	"io"
 	"net"
 	"os"
-	"path/filepath"
 	"sort"
 	"strings"
 	"sync/atomic"
+
+	"github.com/smesh-dev/smesh/pkg/testenv/kubecp"
 )
 
 // countingProxy sits between smeshd and the API server and counts the
@@ -75,21 +76,15 @@ type audit struct{ path string }
 
 const smeshdUser = "system:serviceaccount:smesh-system:smeshd"
 
-func newAudit(dir string) (*audit, []string, error) {
-	policy := filepath.Join(dir, "audit-policy.yaml")
-	if err := os.WriteFile(policy, []byte(`apiVersion: audit.k8s.io/v1
+// auditPolicy is kubecp.Options.AuditPolicy: smeshd's requests only.
+const auditPolicy = `apiVersion: audit.k8s.io/v1
 kind: Policy
 omitStages: ["RequestReceived"]
 rules:
 - level: Metadata
-  users: ["`+smeshdUser+`"]
+  users: ["` + smeshdUser + `"]
 - level: None
-`), 0o644); err != nil {
-		return nil, nil, err
-	}
-	a := &audit{path: filepath.Join(dir, "audit.log")}
-	return a, []string{"--audit-policy-file=" + policy, "--audit-log-path=" + a.path}, nil
-}
+`
 
 func (a *audit) offset() (int64, error) {
 	fi, err := os.Stat(a.path)
@@ -118,14 +113,7 @@ func (a *audit) requests(offset int64) (map[string]int, error) {
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 	for sc.Scan() {
-		var ev struct {
-			AuditID    string `json:"auditID"`
-			Verb       string `json:"verb"`
-			RequestURI string `json:"requestURI"`
-			User       struct {
-				Username string `json:"username"`
-			} `json:"user"`
-		}
+		var ev kubecp.AuditEvent
 		if json.Unmarshal(sc.Bytes(), &ev) != nil || ev.User.Username != smeshdUser || seen[ev.AuditID] {
 			continue
 		}

@@ -176,6 +176,20 @@ type Kubernetes struct {
 	// Label is "KEY=VALUE": a pod carrying it, or whose namespace carries
 	// it, is in the mesh; a pod whose KEY has another value is not.
 	Label string `toml:"label"`
+	// KubepodsCgroup is the kubelet's kubepods cgroup, relative to the
+	// cgroup v2 mount (e.g. "kubepods.slice", or
+	// "kubelet.slice/kubelet-kubepods.slice" below a kubelet cgroupRoot);
+	// "" finds it by a search, which a second kubepods cgroup at the same
+	// depth makes ambiguous.
+	KubepodsCgroup string `toml:"kubepods_cgroup"`
+}
+
+// IsKubepodsName reports whether name is what the kubelet calls its
+// kubepods cgroup: kubepods.slice or *-kubepods.slice (systemd driver, the
+// prefix from a cgroupRoot), kubepods (cgroupfs). pkg/kube derives the pod
+// cgroups' names from it.
+func IsKubepodsName(name string) bool {
+	return name == "kubepods" || name == "kubepods.slice" || strings.HasSuffix(name, "-kubepods.slice")
 }
 
 // LabelKeyValue splits Label into its key and value.

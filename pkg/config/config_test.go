@@ -296,6 +296,11 @@ func TestParseInvalidValues(t *testing.T) {
 		{"kubernetes label bad prefix", "[kubernetes]\nlabel = \"Smesh_dev/mesh=enabled\"\n", []string{"kubernetes.label", "DNS subdomain"}},
 		{"kubernetes label bad value", "[kubernetes]\nlabel = \"smesh.dev/mesh=on!\"\n", []string{"kubernetes.label", "label value"}},
 		{"kubernetes node env", "[kubernetes]\nnode_name_env = \"node name\"\n", []string{"kubernetes.node_name_env"}},
+		{"kubepods not kubepods", "[kubernetes]\nkubepods_cgroup = \"system.slice\"\n", []string{"kubernetes.kubepods_cgroup", "kubepods.slice"}},
+		{"kubepods root", "[kubernetes]\nkubepods_cgroup = \"/\"\n", []string{"kubernetes.kubepods_cgroup", "below the cgroup v2 root"}},
+		{"kubepods dotdot", "[kubernetes]\nkubepods_cgroup = \"../kubepods\"\n", []string{"kubernetes.kubepods_cgroup"}},
+		{"kubepods fs path", "[kubernetes]\nkubepods_cgroup = \"/sys/fs/cgroup/kubepods.slice\"\n", []string{"kubernetes.kubepods_cgroup", "relative to the cgroup v2 mount"}},
+		{"kubepods type", "[kubernetes]\nkubepods_cgroup = 1\n", []string{"line 2", "kubernetes.kubepods_cgroup"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -327,6 +332,9 @@ func TestParseValidEdgeCases(t *testing.T) {
 		{"workload API over tcp", "[tunnel.tls]\nsource = \"workload_api\"\nworkload_api_socket = \"tcp://127.0.0.1:8081\"\n"},
 		{"kubernetes", "[kubernetes]\nenabled = true\nnode_name_env = \"MY_NODE\"\nlabel = \"mesh=\"\n"},
 		{"kubernetes plain label", "[kubernetes]\nlabel = \"example.com/in-mesh=yes\"\n"},
+		{"kubepods systemd", "[kubernetes]\nkubepods_cgroup = \"kubepods.slice\"\n"},
+		{"kubepods below a cgroup root", "[kubernetes]\nkubepods_cgroup = \"/kubelet.slice/kubelet-kubepods.slice\"\n"},
+		{"kubepods cgroupfs", "[kubernetes]\nkubepods_cgroup = \"kubelet/kubepods\"\n"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

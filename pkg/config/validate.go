@@ -307,6 +307,19 @@ func (k *Kubernetes) validate(p *problems) {
 	if !envVarName.MatchString(k.NodeNameEnv) {
 		p.addf("kubernetes.node_name_env", "%q is not an environment variable name (want e.g. \"NODE_NAME\", set from spec.nodeName by the DaemonSet)", k.NodeNameEnv)
 	}
+	if cg := k.KubepodsCgroup; cg != "" {
+		const want = `want a path relative to the cgroup v2 mount, e.g. "kubepods.slice" or "kubelet.slice/kubelet-kubepods.slice", or "" to search`
+		rel := strings.TrimPrefix(cg, "/")
+		switch {
+		case strings.HasPrefix(cg, "/sys/fs/cgroup"):
+			p.addf("kubernetes.kubepods_cgroup", "%q is a file system path (%s)", cg, want)
+		case rel == "" || filepath.Clean(rel) == "." || slices.Contains(strings.Split(rel, "/"), ".."):
+			p.addf("kubernetes.kubepods_cgroup", "%q is not a cgroup below the cgroup v2 root (%s)", cg, want)
+		case !IsKubepodsName(filepath.Base(rel)):
+			p.addf("kubernetes.kubepods_cgroup", "%q: %q is not a name the kubelet gives its kubepods cgroup "+
+				"(kubepods.slice, PREFIX-kubepods.slice or kubepods; %s)", cg, filepath.Base(rel), want)
+		}
+	}
 	const example = `want "KEY=VALUE", e.g. "smesh.dev/mesh=enabled"`
 	key, value, ok := strings.Cut(k.Label, "=")
 	if !ok {

@@ -5,6 +5,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -84,7 +85,7 @@ func TestResolveDrivers(t *testing.T) {
 				// Containers below each pod, as the kubelet makes them.
 				mkdirs(t, mount, d, filepath.Join(d, "cri-containerd-abc.scope"))
 			}
-			r := NewResolver(mount)
+			r := NewResolver(mount, "")
 			for uid, rel := range tt.dirs {
 				want := filepath.Join(mount, rel)
 				// The QoS hint may be missing or wrong: every class is tried.
@@ -106,7 +107,7 @@ func TestResolveDrivers(t *testing.T) {
 func TestResolveNoKubepods(t *testing.T) {
 	mount := t.TempDir()
 	mkdirs(t, mount, "system.slice/a.service", "user.slice", "a/b/c/d/e/kubepods.slice")
-	_, err := NewResolver(mount).Resolve(uidB, "Burstable")
+	_, err := NewResolver(mount, "").Resolve(uidB, "Burstable")
 	if !errors.Is(err, errNoKubepods) {
 		t.Fatalf("Resolve without a kubepods cgroup (one too deep to count) = %v, want errNoKubepods", err)
 	}
@@ -116,7 +117,7 @@ func TestResolveNoKubepods(t *testing.T) {
 // moved (a kubelet restarted with the other cgroup driver).
 func TestResolveFindsKubepodsLater(t *testing.T) {
 	mount := t.TempDir()
-	r := NewResolver(mount)
+	r := NewResolver(mount, "")
 	if _, err := r.Resolve(uidB, ""); !errors.Is(err, errNoKubepods) {
 		t.Fatalf("Resolve before the kubelet started = %v, want errNoKubepods", err)
 	}
@@ -141,8 +142,82 @@ func TestResolveRejectsOddUIDs(t *testing.T) {
 	mount := t.TempDir()
 	mkdirs(t, mount, "kubepods/burstable")
 	for _, uid := range []string{"", "..", "../../etc", "a/b"} {
-		if got, err := NewResolver(mount).Resolve(uid, ""); err == nil {
+		if got, err := NewResolver(mount, "").Resolve(uid, ""); err == nil {
 			t.Errorf("Resolve(%q) = %q, want an error", uid, got)
+		}
+	}
+}
+
+// Two kubepods cgroups at the same depth (a leftover of an earlier run):
+// while no pod's cgroup says which is the kubelet's, the error names both;
+// once one is found below one of them, that one is taken, for every pod.
+func TestResolveAmbiguousKubepods(t *testing.T) {
+	mount := t.TempDir()
+	// The leftover sorts first, as in the report: the search met it first.
+	mkdirs(t, mount, "a.slice/kubepods.slice/kubepods-burstable.slice", "kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-burstable.slice")
+	leftover := filepath.Join(mount, "a.slice/kubepods.slice")
+	real := filepath.Join(mount, "kubelet.slice/kubelet-kubepods.slice")
+	r := NewResolver(mount, "")
+	_, err := r.Resolve(uidB, "Burstable")
+	if err == nil || errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("Resolve with two kubepods cgroups and no pod cgroup = %v, want an error that is not fs.ErrNotExist", err)
+	}
+	for _, want := range []string{leftover, real, "ambiguous", "kubepods_cgroup"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not name %q", err, want)
+		}
+	}
+
+	// The kubelet makes the pod's cgroup below its own kubepods.
+	us := strings.ReplaceAll(uidB, "-", "_")
+	mkdirs(t, real, "kubelet-kubepods-burstable.slice/kubelet-kubepods-burstable-pod"+us+".slice")
+	want := filepath.Join(real, "kubelet-kubepods-burstable.slice/kubelet-kubepods-burstable-pod"+us+".slice")
+	if got, err := r.Resolve(uidB, "Burstable"); err != nil || got != want {
+		t.Fatalf("Resolve = %q, %v; want %q", got, err, want)
+	}
+	// From then on it is the root: another pod not made yet is below it,
+	// plainly not there yet.
+	if _, err := r.Resolve(uidE, ""); !errors.Is(err, fs.ErrNotExist) || !strings.Contains(err.Error(), real) || strings.Contains(err.Error(), leftover) {
+		t.Errorf("Resolve(a pod not made yet) after the choice = %v, want fs.ErrNotExist below %s", err, real)
+	}
+
+	// A pod UID with a cgroup below both (a copied tree): no guess.
+	r2 := NewResolver(mount, "")
+	mkdirs(t, leftover, "kubepods-burstable.slice/kubepods-burstable-pod"+us+".slice")
+	if _, err := r2.Resolve(uidB, ""); err == nil || !strings.Contains(err.Error(), "kubepods_cgroup") {
+		t.Errorf("Resolve of a pod below both = %v, want an error asking for kubepods_cgroup", err)
+	}
+}
+
+// [kubernetes] kubepods_cgroup names the kubepods cgroup: no search, so a
+// second one (even a shallower one) does not matter.
+func TestResolveExplicitKubepods(t *testing.T) {
+	mount := t.TempDir()
+	mkdirs(t, mount, "kubepods/burstable/pod"+uidB, "x.slice/kubepods/burstable/pod"+uidE)
+	for _, setting := range []string{"x.slice/kubepods", "/x.slice/kubepods"} {
+		r := NewResolver(mount, setting)
+		want := filepath.Join(mount, "x.slice/kubepods/burstable/pod"+uidE)
+		if got, err := r.Resolve(uidE, ""); err != nil || got != want {
+			t.Errorf("kubepods_cgroup %q: Resolve = %q, %v; want %q", setting, got, err, want)
+		}
+		if got, err := r.Resolve(uidB, ""); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("kubepods_cgroup %q: Resolve of a pod below the other kubepods = %q, %v; want fs.ErrNotExist", setting, got, err)
+		}
+	}
+}
+
+// A kubepods_cgroup that names nothing says so, with the key and the path.
+func TestResolveExplicitKubepodsMissing(t *testing.T) {
+	mount := t.TempDir()
+	mkdirs(t, mount, "kubepods.slice/kubepods-burstable.slice")
+	_, err := NewResolver(mount, "kubelet.slice/kubelet-kubepods.slice").Resolve(uidB, "")
+	if err == nil {
+		t.Fatal("Resolve below a kubepods_cgroup that does not exist: no error")
+	}
+	want := filepath.Join(mount, "kubelet.slice/kubelet-kubepods.slice")
+	for _, s := range []string{"kubernetes.kubepods_cgroup", want} {
+		if !strings.Contains(err.Error(), s) {
+			t.Errorf("error %q does not name %q", err, s)
 		}
 	}
 }

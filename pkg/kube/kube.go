@@ -53,7 +53,7 @@ func Start(ctx context.Context, cfg config.Kubernetes, cgroupMount string, log z
 		NodeName:   node,
 		LabelKey:   key,
 		LabelValue: value,
-		Resolver:   NewResolver(cgroupMount),
+		Resolver:   NewResolver(cgroupMount, cfg.KubepodsCgroup),
 		Logger:     log,
 	})
 	go w.Run(ctx)

@@ -50,7 +50,7 @@ func (wd *world) start() {
 		NodeName:    node,
 		LabelKey:    labelKey,
 		LabelValue:  "enabled",
-		Resolver:    NewResolver(wd.mount),
+		Resolver:    NewResolver(wd.mount, ""),
 		Retry:       20 * time.Millisecond,
 		Recheck:     50 * time.Millisecond,
 		Logger:      zerolog.New(zerolog.NewTestWriter(t)),

@@ -16,12 +16,16 @@
 //	... create a ServiceAccount ...
 //	sa := cp.ServiceAccount(t, "smesh-system", "smeshd")
 //
-// A program that is not a test (hack/kubescale) uses New and Close.
+// Every control plane keeps an audit log (Audit). A test can also restart
+// the API server (RestartAPIServer), start a second one on the same etcd
+// (Second) and compact etcd (CompactEtcd). A program that is not a test
+// (hack/kubescale) uses New and Close.
 package kubecp
 
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -30,6 +34,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -53,16 +58,32 @@ const readyTimeout = 2 * time.Minute
 // as opposed to one that failed while starting.
 var ErrUnavailable = errors.New("kubernetes control plane unavailable")
 
-// Options configure New.
+// Options configure New and StartWith.
 type Options struct {
 	// Dir holds the certificates, etcd's data and the logs; it must exist.
+	// StartWith makes one in t.TempDir() if it is empty.
 	Dir string
-	// Logf reports progress; nil discards it.
+	// Logf reports progress; nil discards it (StartWith: t.Logf).
 	Logf func(format string, args ...any)
-	// APIServerArgs are added to kube-apiserver's flags (e.g. an audit
-	// policy).
+	// AuditPolicy is the API server's audit policy, an audit.k8s.io/v1
+	// Policy in YAML; empty records every request at the Metadata level.
+	AuditPolicy string
+	// NoWatchCache runs kube-apiserver with --watch-cache=false: watches
+	// go to etcd itself, so a watch from a compacted revision is answered
+	// by etcd's compaction ("410 Gone"), not by the watch cache's window.
+	NoWatchCache bool
+	// APIServerArgs are added to kube-apiserver's flags.
 	APIServerArgs []string
 }
+
+// auditPolicy records every request at the Metadata level (user, verb,
+// URI with its query, status): enough to see what a client asked for.
+const auditPolicy = `apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+- level: Metadata
+`
 
 // ControlPlane is a running etcd and kube-apiserver.
 type ControlPlane struct {
@@ -71,10 +92,20 @@ type ControlPlane struct {
 	Admin *rest.Config
 	// Version is what the API server reports (GET /version), e.g. v1.34.3.
 	Version string
-	// PIDs of kube-apiserver and etcd.
+	// Etcd is etcd's client URL, http://127.0.0.1:PORT.
+	Etcd string
+	// AuditLog is the API server's audit log (JSON lines, one
+	// audit.k8s.io/v1 Event per request and stage the policy records).
+	AuditLog string
+	// PIDs of kube-apiserver (the current one, after a restart) and etcd.
 	APIServerPID, EtcdPID int
-	caPEM                 []byte
-	procs                 []*process // stopped in reverse order
+
+	caPEM     []byte
+	bin, dir  string
+	args      []string // kube-apiserver's, for a restart and a second one
+	etcd      *process
+	apiserver *process
+	procs     []*process // stopped in reverse order
 }
 
 // Start starts etcd and kube-apiserver and returns once the API server is
@@ -83,7 +114,19 @@ type ControlPlane struct {
 // SMESH_REQUIRE_PRIVILEGED=1.
 func Start(t testing.TB) *ControlPlane {
 	t.Helper()
-	cp, err := New(Options{Dir: t.TempDir(), Logf: t.Logf})
+	return StartWith(t, Options{})
+}
+
+// StartWith is Start with options.
+func StartWith(t testing.TB, o Options) *ControlPlane {
+	t.Helper()
+	if o.Dir == "" {
+		o.Dir = t.TempDir()
+	}
+	if o.Logf == nil {
+		o.Logf = t.Logf
+	}
+	cp, err := New(o)
 	if errors.Is(err, ErrUnavailable) {
 		testenv.SkipOrFail(t, "%v", err)
 	}
@@ -105,6 +148,9 @@ func Start(t testing.TB) *ControlPlane {
 // ready. The caller stops them with Close. An error that says the control
 // plane cannot run here wraps ErrUnavailable.
 func New(o Options) (cp *ControlPlane, err error) {
+	if o.Dir == "" {
+		return nil, errors.New("kubecp: Options.Dir is empty")
+	}
 	logf := o.Logf
 	if logf == nil {
 		logf = func(string, ...any) {}
@@ -116,6 +162,14 @@ func New(o Options) (cp *ControlPlane, err error) {
 	p, err := newPKI(o.Dir)
 	if err != nil {
 		return nil, fmt.Errorf("kubernetes control plane certificates: %w", err)
+	}
+	policy := o.AuditPolicy
+	if policy == "" {
+		policy = auditPolicy
+	}
+	policyFile := filepath.Join(o.Dir, "audit-policy.yaml")
+	if err := os.WriteFile(policyFile, []byte(policy), 0o600); err != nil {
+		return nil, err
 	}
 	ports := make([]string, 3)
 	for i := range ports {
@@ -131,7 +185,11 @@ func New(o Options) (cp *ControlPlane, err error) {
 				CAData: p.caPEM, CertData: p.adminCertPEM, KeyData: p.adminKeyPEM,
 			},
 		},
-		caPEM: p.caPEM,
+		Etcd:     "http://" + etcdClient,
+		AuditLog: filepath.Join(o.Dir, "audit.log"),
+		caPEM:    p.caPEM,
+		bin:      bin,
+		dir:      o.Dir,
 	}
 	defer func() {
 		if err != nil {
@@ -157,33 +215,15 @@ func New(o Options) (cp *ControlPlane, err error) {
 		return cp, err
 	}
 	cp.EtcdPID = etcd.cmd.Process.Pid
-	host, port, _ := net.SplitHostPort(apiPort)
-	apiserver, err := cp.startProcess(filepath.Join(bin, "kube-apiserver"), filepath.Join(o.Dir, "kube-apiserver.log"),
-		append([]string{
-			"--etcd-servers=http://" + etcdClient,
-			"--bind-address=" + host,
-			"--secure-port=" + port,
-			"--advertise-address=" + host,
-			"--tls-cert-file=" + p.servingCert,
-			"--tls-private-key-file=" + p.servingKey,
-			"--client-ca-file=" + p.caFile,
-			"--authorization-mode=Node,RBAC",
-			"--service-account-issuer=https://kubernetes.default.svc",
-			"--service-account-signing-key-file=" + p.saKeyFile,
-			"--service-account-key-file=" + p.saPubFile,
-			// Only stored, never routed: the test range, as for test pods.
-			"--service-cluster-ip-range=198.19.255.0/24",
-			// The kubernetes Service's endpoints would name the loopback
-			// address, which validation refuses; nothing here reaches the API
-			// server through that Service.
-			"--endpoint-reconciler-type=none",
-		}, o.APIServerArgs...)...,
-	)
+	cp.etcd = etcd
+	cp.args = append(apiserverArgs(p, apiPort, cp.Etcd, policyFile, cp.AuditLog, o.NoWatchCache), o.APIServerArgs...)
+	apiserver, err := cp.startProcess(filepath.Join(bin, "kube-apiserver"), filepath.Join(o.Dir, "kube-apiserver.log"), cp.args...)
 	if err != nil {
 		return cp, err
 	}
+	cp.apiserver = apiserver
 	cp.APIServerPID = apiserver.cmd.Process.Pid
-	if err := cp.waitReady(etcd, apiserver); err != nil {
+	if err := waitReady(cp.Admin, etcd, apiserver); err != nil {
 		return cp, fmt.Errorf("kubernetes control plane: %w", err)
 	}
 	cs, err := kubernetes.NewForConfig(cp.Admin)
@@ -199,8 +239,37 @@ func New(o Options) (cp *ControlPlane, err error) {
 	return cp, nil
 }
 
-// Close stops kube-apiserver, then etcd, by their PIDs: SIGTERM, then
-// SIGKILL if one lingers. It may be called more than once.
+// apiserverArgs are kube-apiserver's flags: serving on addr, its data in
+// etcd, its audit log at auditLog.
+func apiserverArgs(p *pki, addr, etcd, policyFile, auditLog string, noWatchCache bool) []string {
+	host, port, _ := net.SplitHostPort(addr)
+	return []string{
+		"--etcd-servers=" + etcd,
+		"--bind-address=" + host,
+		"--secure-port=" + port,
+		"--advertise-address=" + host,
+		"--tls-cert-file=" + p.servingCert,
+		"--tls-private-key-file=" + p.servingKey,
+		"--client-ca-file=" + p.caFile,
+		"--authorization-mode=Node,RBAC",
+		"--service-account-issuer=https://kubernetes.default.svc",
+		"--service-account-signing-key-file=" + p.saKeyFile,
+		"--service-account-key-file=" + p.saPubFile,
+		// Only stored, never routed: the test range, as for test pods.
+		"--service-cluster-ip-range=198.19.255.0/24",
+		// The kubernetes Service's endpoints would name the loopback
+		// address, which validation refuses; nothing here reaches the API
+		// server through that Service.
+		"--endpoint-reconciler-type=none",
+		"--audit-policy-file=" + policyFile,
+		"--audit-log-path=" + auditLog,
+		"--watch-cache=" + strconv.FormatBool(!noWatchCache),
+	}
+}
+
+// Close stops the API servers (a second one too), then etcd, by their
+// PIDs: SIGTERM, then SIGKILL if one lingers. It may be called more than
+// once.
 func (cp *ControlPlane) Close() {
 	for i := len(cp.procs) - 1; i >= 0; i-- {
 		cp.procs[i].stop()
@@ -241,14 +310,154 @@ func (cp *ControlPlane) Token(ctx context.Context, namespace, name string) (*res
 	}, nil
 }
 
+// RestartAPIServer stops kube-apiserver by its PID (SIGTERM, as a rolling
+// restart of the control plane does), runs whileDown, and starts it again
+// with the same flags: the same port, etcd and keys, so clients and their
+// tokens carry on. It returns once the API server is ready again.
+func (cp *ControlPlane) RestartAPIServer(t testing.TB, whileDown func()) {
+	t.Helper()
+	cp.apiserver.stop()
+	if whileDown != nil {
+		whileDown()
+	}
+	// The log goes on in a file of its own; the first one is kept.
+	p, err := cp.startProcess(filepath.Join(cp.bin, "kube-apiserver"),
+		filepath.Join(cp.dir, fmt.Sprintf("kube-apiserver-%d.log", time.Now().UnixNano())), cp.args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cp.apiserver, cp.APIServerPID = p, p.cmd.Process.Pid
+	if err := waitReady(cp.Admin, cp.etcd, p); err != nil {
+		t.Fatalf("kube-apiserver after its restart: %v", err)
+	}
+}
+
+// Second starts another kube-apiserver on the same etcd, with the same keys
+// and CA (an HA control plane's second member), and returns a config for
+// the admin on it; Close stops it with the first. Objects written through
+// it while the first one is down are what a client of the first finds
+// changed after a restart.
+func (cp *ControlPlane) Second(t testing.TB) *rest.Config {
+	t.Helper()
+	addr, err := freePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	args := slices.Clone(cp.args)
+	host, port, _ := net.SplitHostPort(addr)
+	for i, a := range args {
+		switch {
+		case strings.HasPrefix(a, "--secure-port="):
+			args[i] = "--secure-port=" + port
+		case strings.HasPrefix(a, "--bind-address="):
+			args[i] = "--bind-address=" + host
+		case strings.HasPrefix(a, "--audit-log-path="):
+			args[i] = "--audit-log-path=" + filepath.Join(cp.dir, "audit-second.log")
+		}
+	}
+	p, err := cp.startProcess(filepath.Join(cp.bin, "kube-apiserver"), filepath.Join(cp.dir, "kube-apiserver-second.log"), args...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	admin := rest.CopyConfig(cp.Admin)
+	admin.Host = "https://" + addr
+	if err := waitReady(admin, cp.etcd, p); err != nil {
+		t.Fatalf("second kube-apiserver: %v", err)
+	}
+	return admin
+}
+
+// CompactEtcd compacts etcd's history up to its current revision, as the
+// API server's periodic compaction does, and returns that revision: a
+// watch from an older resourceVersion that reaches etcd is then answered
+// "410 Gone". It uses etcd's JSON gateway (/v3/kv/...), so the test needs
+// no etcd client.
+func (cp *ControlPlane) CompactEtcd(t testing.TB) int64 {
+	t.Helper()
+	var rng struct {
+		Header struct {
+			Revision string `json:"revision"`
+		} `json:"header"`
+	}
+	// Any key: the answer's header carries the store's revision.
+	cp.etcdCall(t, "/v3/kv/range", `{"key":"AA=="}`, &rng)
+	rev, err := strconv.ParseInt(rng.Header.Revision, 10, 64)
+	if err != nil {
+		t.Fatalf("etcd revision %q: %v", rng.Header.Revision, err)
+	}
+	cp.etcdCall(t, "/v3/kv/compaction", fmt.Sprintf(`{"revision":%d,"physical":true}`, rev), nil)
+	return rev
+}
+
+func (cp *ControlPlane) etcdCall(t testing.TB, path, body string, into any) {
+	t.Helper()
+	hc := &http.Client{Timeout: 30 * time.Second}
+	resp, err := hc.Post(cp.Etcd+path, "application/json", strings.NewReader(body))
+	if err != nil {
+		t.Fatalf("etcd %s: %v", path, err)
+	}
+	defer resp.Body.Close()
+	data, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("etcd %s: %s: %s", path, resp.Status, data)
+	}
+	if into != nil {
+		if err := json.Unmarshal(data, into); err != nil {
+			t.Fatalf("etcd %s: %v: %s", path, err, data)
+		}
+	}
+}
+
+// AuditEvent is what is read of an audit.k8s.io/v1 Event (the
+// k8s.io/apiserver module that declares it is not linked for this).
+type AuditEvent struct {
+	AuditID    string `json:"auditID"`
+	Stage      string `json:"stage"`
+	Verb       string `json:"verb"`
+	RequestURI string `json:"requestURI"`
+	User       struct {
+		Username string `json:"username"`
+	} `json:"user"`
+	ObjectRef *struct {
+		Resource  string `json:"resource"`
+		Namespace string `json:"namespace"`
+	} `json:"objectRef"`
+	ResponseStatus *struct {
+		Code int `json:"code"`
+	} `json:"responseStatus"`
+}
+
+// Audit returns the requests the API server (the first one, across its
+// restarts) has logged so far.
+func (cp *ControlPlane) Audit(t testing.TB) []AuditEvent {
+	t.Helper()
+	data, err := os.ReadFile(cp.AuditLog)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var evs []AuditEvent
+	for _, l := range bytes.Split(data, []byte("\n")) {
+		if len(bytes.TrimSpace(l)) == 0 {
+			continue
+		}
+		var ev AuditEvent
+		if err := json.Unmarshal(l, &ev); err != nil {
+			// The line being written as the server stopped.
+			continue
+		}
+		evs = append(evs, ev)
+	}
+	return evs
+}
+
 // CA is the PEM certificate of the CA that signed the API server's serving
 // certificate, what a pod finds as ca.crt in its service account mount.
 func (cp *ControlPlane) CA() []byte { return bytes.Clone(cp.caPEM) }
 
-// waitReady polls /readyz until it answers 200, a process exits, or
-// readyTimeout passes.
-func (cp *ControlPlane) waitReady(procs ...*process) error {
-	hc, err := rest.HTTPClientFor(cp.Admin)
+// waitReady polls admin's /readyz until it answers 200, a process exits,
+// or readyTimeout passes.
+func waitReady(admin *rest.Config, procs ...*process) error {
+	hc, err := rest.HTTPClientFor(admin)
 	if err != nil {
 		return err
 	}
@@ -263,7 +472,7 @@ func (cp *ControlPlane) waitReady(procs ...*process) error {
 			default:
 			}
 		}
-		resp, err := hc.Get(cp.Admin.Host + "/readyz?verbose")
+		resp, err := hc.Get(admin.Host + "/readyz?verbose")
 		if err == nil {
 			body, _ := io.ReadAll(resp.Body)
 			resp.Body.Close()
@@ -293,28 +502,18 @@ func failedChecks(body []byte) string {
 // binaries returns the directory holding kube-apiserver and etcd, built by
 // hack/kubecp if this machine's cache lacks them.
 func binaries(logf func(string, ...any)) (string, error) {
-	goCmd := os.Getenv("GO")
-	if goCmd == "" {
-		goCmd = "go"
-	}
-	// A test runs in its package's directory, a program somewhere in the
-	// repository; the go command knows the repository's root from there.
-	out, err := exec.Command(goCmd, "env", "GOMOD").Output()
+	root, err := repoRoot()
 	if err != nil {
-		return "", fmt.Errorf("finding the repository with %s env GOMOD: %w", goCmd, err)
+		return "", err
 	}
-	mod := strings.TrimSpace(string(out))
-	if mod == "" || mod == os.DevNull {
-		return "", errors.New("not inside the smesh module: cannot find hack/kubecp")
-	}
-	cmd := exec.Command(goCmd, "run", ".")
-	cmd.Dir = filepath.Join(filepath.Dir(mod), "hack", "kubecp")
+	cmd := exec.Command(goCommand(), "run", ".")
+	cmd.Dir = filepath.Join(root, "hack", "kubecp")
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	start := time.Now()
 	// hack/kubecp announces a build on stderr; a cached run is silent.
 	logf("kube-apiserver and etcd from hack/kubecp: cached, or built now (minutes, once per machine; make kube-control-plane builds them ahead)")
-	out, err = cmd.Output()
+	out, err := cmd.Output()
 	if s := strings.TrimSpace(stderr.String()); s != "" {
 		logf("hack/kubecp (%s):\n%s", time.Since(start).Round(time.Second), s)
 	}
@@ -322,6 +521,29 @@ func binaries(logf func(string, ...any)) (string, error) {
 		return "", fmt.Errorf("building with hack/kubecp: %w", err)
 	}
 	return strings.TrimSpace(string(out)), nil
+}
+
+// repoRoot is the smesh repository's root directory. A test runs in its
+// package's directory, a program somewhere in the repository; the go
+// command knows the module from there.
+func repoRoot() (string, error) {
+	out, err := exec.Command(goCommand(), "env", "GOMOD").Output()
+	if err != nil {
+		return "", fmt.Errorf("finding the repository with %s env GOMOD: %w", goCommand(), err)
+	}
+	mod := strings.TrimSpace(string(out))
+	if mod == "" || mod == os.DevNull {
+		return "", errors.New("not inside the smesh module: cannot find its root")
+	}
+	return filepath.Dir(mod), nil
+}
+
+// goCommand is $GO (the Makefile sets it), else go from $PATH.
+func goCommand() string {
+	if g := os.Getenv("GO"); g != "" {
+		return g
+	}
+	return "go"
 }
 
 // freePort returns a loopback address with a port that was free a moment

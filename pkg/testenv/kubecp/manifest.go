@@ -8,14 +8,19 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
+	"testing"
+	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
+	authorizationv1 "k8s.io/api/authorization/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	k8syaml "k8s.io/apimachinery/pkg/util/yaml"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 	sigsjson "sigs.k8s.io/json"
 	"sigs.k8s.io/yaml"
 )
@@ -140,4 +145,61 @@ func Create(ctx context.Context, cs kubernetes.Interface, obj runtime.Object) er
 		return fmt.Errorf("creating %T %s: %w", obj, obj.(metav1.Object).GetName(), err)
 	}
 	return nil
+}
+
+// Smeshd applies deploy/kubernetes/namespace.yaml and rbac.yaml as shipped
+// and returns a config that reaches the API server as smeshd's
+// ServiceAccount (smesh-system/smeshd), as the DaemonSet's pods do, once
+// the API server's authorizer lets that ServiceAccount list and watch pods.
+func (cp *ControlPlane) Smeshd(t testing.TB) *rest.Config {
+	t.Helper()
+	root, err := repoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	sa, err := cp.SmeshdToken(ctx, filepath.Join(root, "deploy", "kubernetes"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sa
+}
+
+// SmeshdToken is Smeshd for a caller that is not a test, with the
+// manifests (namespace.yaml, rbac.yaml) in manifestDir.
+func (cp *ControlPlane) SmeshdToken(ctx context.Context, manifestDir string) (*rest.Config, error) {
+	admin, err := kubernetes.NewForConfig(cp.Admin)
+	if err != nil {
+		return nil, err
+	}
+	if err := Apply(ctx, admin, filepath.Join(manifestDir, "namespace.yaml"), filepath.Join(manifestDir, "rbac.yaml")); err != nil {
+		return nil, err
+	}
+	sa, err := cp.Token(ctx, "smesh-system", "smeshd")
+	if err != nil {
+		return nil, err
+	}
+	cs, err := kubernetes.NewForConfig(sa)
+	if err != nil {
+		return nil, err
+	}
+	// RBAC bindings take effect once the API server's authorizer cache
+	// has them. Whether they grant what they should is deploy's
+	// TestRBACOnAPIServer's to say: here only wait, bounded.
+	for _, verb := range []string{"list", "watch"} {
+		ra := authorizationv1.ResourceAttributes{Verb: verb, Resource: "pods"}
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+			r, err := cs.AuthorizationV1().SelfSubjectAccessReviews().Create(ctx,
+				&authorizationv1.SelfSubjectAccessReview{Spec: authorizationv1.SelfSubjectAccessReviewSpec{ResourceAttributes: &ra}},
+				metav1.CreateOptions{})
+			if err != nil {
+				return nil, fmt.Errorf("SelfSubjectAccessReview as smeshd: %w", err)
+			}
+			if r.Status.Allowed {
+				break
+			}
+		}
+	}
+	return sa, nil
 }
