@@ -2,7 +2,6 @@ package deploy
 
 import (
 	"context"
-	"fmt"
 	"io"
 	"net/http"
 	"net/url"
@@ -11,9 +10,7 @@ import (
 
 	authorizationv1 "k8s.io/api/authorization/v1"
 	corev1 "k8s.io/api/core/v1"
-	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
@@ -62,7 +59,7 @@ func TestRBACOnAPIServer(t *testing.T) {
 	defer cancel()
 	for _, f := range []string{"namespace.yaml", "rbac.yaml"} {
 		for _, obj := range manifest(t, f) {
-			if err := create(ctx, admin, obj); err != nil {
+			if err := kubecp.Create(ctx, admin, obj); err != nil {
 				t.Fatalf("%s: %v", f, err)
 			}
 		}
@@ -179,27 +176,6 @@ func describe(ra authorizationv1.ResourceAttributes) string {
 		return s + " in namespace " + ra.Namespace
 	}
 	return s + " (all namespaces)"
-}
-
-// create makes obj, one of the kinds namespace.yaml and rbac.yaml hold.
-func create(ctx context.Context, cs *kubernetes.Clientset, obj runtime.Object) error {
-	var err error
-	switch o := obj.(type) {
-	case *corev1.Namespace:
-		_, err = cs.CoreV1().Namespaces().Create(ctx, o, metav1.CreateOptions{})
-	case *corev1.ServiceAccount:
-		_, err = cs.CoreV1().ServiceAccounts(o.Namespace).Create(ctx, o, metav1.CreateOptions{})
-	case *rbacv1.ClusterRole:
-		_, err = cs.RbacV1().ClusterRoles().Create(ctx, o, metav1.CreateOptions{})
-	case *rbacv1.ClusterRoleBinding:
-		_, err = cs.RbacV1().ClusterRoleBindings().Create(ctx, o, metav1.CreateOptions{})
-	default:
-		return fmt.Errorf("creating a %T: not a kind this test applies", obj)
-	}
-	if err != nil {
-		return fmt.Errorf("creating %T %s: %w", obj, obj.(metav1.Object).GetName(), err)
-	}
-	return nil
 }
 
 func status(ctx context.Context, t *testing.T, hc *http.Client, u string) (int, string) {
