@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -277,7 +276,7 @@ func testKubernetesLabels(t *testing.T, kc *kubeCluster, driver string) {
 	// in a labelled namespace that serves.
 	web := k.create(podSpec(demo, "web", nameA, enabled, corev1.PodQOSBestEffort))
 	srv := k.create(podSpec(other, "srv", nameB, nil, corev1.PodQOSGuaranteed))
-	addr := netip.AddrPortFrom(netip.MustParseAddr(srv.obj.Status.PodIP), 9000).String()
+	addr := srv.addr(t, 9000)
 	podServerAt(t, srv.container(), addr)
 	// srv's cgroup as if on node a too: smeshd there never lists srv, so
 	// never enrols it.
@@ -320,7 +319,7 @@ func testKubernetesLabels(t *testing.T, kc *kubeCluster, driver string) {
 	if v := testenv.Metric(t, m, "smesh_connections_total", map[string]string{"path": "tunnel_out"}); v < tunnelled+2 {
 		t.Errorf("node a counted %v outgoing tunnel connections, want at least %v", v, tunnelled+2)
 	}
-	local := netip.AddrPortFrom(netip.MustParseAddr(late.obj.Status.PodIP), 9001).String()
+	local := late.addr(t, 9001)
 	podServerAt(t, late.container(), local)
 	before := a.stats()
 	pa.podClient(web.container(), "oneway", local, fmt.Sprint(8<<20))

@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"encoding/hex"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -57,6 +58,17 @@ func (p *kubePod) container() *testenv.Pod {
 	c := *p.Pod
 	c.Cgroup = p.app
 	return &c
+}
+
+// addr is the pod's IPv4 address from its status, as a client finds it
+// through the API server, with port.
+func (p *kubePod) addr(t *testing.T, port uint16) string {
+	t.Helper()
+	ip, err := netip.ParseAddr(p.obj.Status.PodIP)
+	if err != nil {
+		t.Fatalf("pod %s/%s: status.podIP: %v", p.obj.Namespace, p.obj.Name, err)
+	}
+	return netip.AddrPortFrom(ip, port).String()
 }
 
 // addNode makes cn a node of the kubelet named name.
