@@ -27,19 +27,8 @@ import (
 	"github.com/smesh-dev/smesh/pkg/testenv/kubecp"
 )
 
-// nodeCgroupEnv names, for the smeshd helper, the cgroup that stands for
-// its node's cgroup tree (see kubeNode.root): smeshd looks for the
-// kubelet's kubepods cgroup below it rather than below the machine's cgroup
-// v2 mount, where the test nodes of this test, and of tests running at the
-// same time, each have one.
-const nodeCgroupEnv = "SMESH_E2E_NODE_CGROUP"
-
-// startKube is cmd/smeshd's wiring of [kubernetes], for the smeshd helper,
-// with the node's cgroup tree below nodeCgroupEnv when set.
+// startKube is cmd/smeshd's wiring of [kubernetes], for the smeshd helper.
 func startKube(ctx context.Context, cfg config.Kubernetes, mount string, log zerolog.Logger) (daemon.PodSource, error) {
-	if root := os.Getenv(nodeCgroupEnv); root != "" {
-		mount = root
-	}
 	return kube.Start(ctx, cfg, mount, log)
 }
 
@@ -195,7 +184,9 @@ func (kc *kubeCluster) reachFrom(t *testing.T, node *testenv.Node) int {
 // no [capture] cgroups, NODE_NAME set, the ServiceAccount's token and the
 // API server's CA where client-go's in-cluster configuration reads them (in
 // a mount namespace of its own: a tmpfs on /run), and the API server's
-// address in the environment the kubelet gives a pod.
+// address in the environment the kubelet gives a pod. Its node's kubepods
+// cgroup is named by [kubernetes] kubepods_cgroup, as on a node with more
+// than one: the machine's tree holds every test node's.
 func (kc *kubeCluster) startSmeshd(n *node, nodeName string, kn *kubeNode) {
 	t := n.t
 	t.Helper()
@@ -207,11 +198,11 @@ func (kc *kubeCluster) startSmeshd(n *node, nodeName string, kn *kubeNode) {
 mount -t tmpfs -o mode=0755 tmpfs /run
 mkdir -p %[1]s
 cp %[2]s/token %[2]s/ca.crt %[2]s/namespace %[1]s/
-exec env NODE_NAME=%[3]s KUBERNETES_SERVICE_HOST=127.0.0.1 KUBERNETES_SERVICE_PORT=%[4]d %[5]s=%[6]s "$@"`,
-		sa, kc.sa, nodeName, port, nodeCgroupEnv, kn.root)
+exec env NODE_NAME=%[3]s KUBERNETES_SERVICE_HOST=127.0.0.1 KUBERNETES_SERVICE_PORT=%[4]d "$@"`,
+		sa, kc.sa, nodeName, port)
 	wrapper := []string{nsenter, "--net=/run/netns/" + n.ns.Name, unshare, "--mount", "--propagation", "private", "sh", "-c", script, "sh"}
 	n.capture = "[]"
-	n.startVia(wrapper, "splice", "[kubernetes]\nenabled = true\n")
+	n.startVia(wrapper, "splice", fmt.Sprintf("[kubernetes]\nenabled = true\nkubepods_cgroup = %q\n", cgroupRel(t, kn.kubepods)))
 }
 
 // debugPods reads smeshd's /debug/pods.

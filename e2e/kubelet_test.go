@@ -37,10 +37,12 @@ type kubelet struct {
 // kubeNode is a node of the test world as the kubelet sees it.
 type kubeNode struct {
 	cn *testenv.ClusterNode
-	// root is the node's own cgroup tree: the kubelet's kubepods cgroup
-	// is below it. Nodes of the test world share the machine's tree, so
-	// each gets a cgroup of its own to stand for its root.
-	root string
+	// kubepods is the kubelet's cgroup for all pods on the node. Nodes of
+	// the test world (of this test and of tests running at the same time)
+	// share the machine's cgroup tree, so each node's is below a cgroup of
+	// its own, smesh-test-<random>/kubepods.slice or .../kubepods, which
+	// the node's smeshd is told by [kubernetes] kubepods_cgroup.
+	kubepods string
 }
 
 // kubePod is a pod the kubelet runs.
@@ -71,19 +73,19 @@ func (p *kubePod) addr(t *testing.T, port uint16) string {
 	return netip.AddrPortFrom(ip, port).String()
 }
 
-// addNode makes cn a node of the kubelet named name.
+// addNode makes cn a node of the kubelet named name, with its kubepods
+// cgroup, as the kubelet makes it when it starts.
 func (k *kubelet) addNode(name string, cn *testenv.ClusterNode) *kubeNode {
-	n := &kubeNode{cn: cn, root: testenv.NewCgroup(k.t)}
+	kubepods := "kubepods"
+	if k.systemd {
+		kubepods = "kubepods.slice"
+	}
+	n := &kubeNode{cn: cn, kubepods: filepath.Join(testenv.NewCgroup(k.t), kubepods)}
+	if err := os.Mkdir(n.kubepods, 0o755); err != nil {
+		k.t.Fatal(err)
+	}
 	k.nodes[name] = n
 	return n
-}
-
-// kubepods is the kubelet's cgroup for all pods on node n.
-func (k *kubelet) kubepods(n *kubeNode) string {
-	if k.systemd {
-		return filepath.Join(n.root, "kubepods.slice")
-	}
-	return filepath.Join(n.root, "kubepods")
 }
 
 // podCgroup is where the kubelet puts the cgroup of pod, by its QoS class:
@@ -97,14 +99,14 @@ func (k *kubelet) podCgroup(n *kubeNode, pod *corev1.Pod) string {
 	if k.systemd {
 		uid := strings.ReplaceAll(string(pod.UID), "-", "_")
 		if qos == "guaranteed" {
-			return filepath.Join(k.kubepods(n), "kubepods-pod"+uid+".slice")
+			return filepath.Join(n.kubepods, "kubepods-pod"+uid+".slice")
 		}
-		return filepath.Join(k.kubepods(n), "kubepods-"+qos+".slice", "kubepods-"+qos+"-pod"+uid+".slice")
+		return filepath.Join(n.kubepods, "kubepods-"+qos+".slice", "kubepods-"+qos+"-pod"+uid+".slice")
 	}
 	if qos == "guaranteed" {
-		return filepath.Join(k.kubepods(n), "pod"+string(pod.UID))
+		return filepath.Join(n.kubepods, "pod"+string(pod.UID))
 	}
-	return filepath.Join(k.kubepods(n), qos, "pod"+string(pod.UID))
+	return filepath.Join(n.kubepods, qos, "pod"+string(pod.UID))
 }
 
 // containerCgroup names a new container's cgroup below the pod's, as
