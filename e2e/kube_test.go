@@ -3,18 +3,12 @@ package e2e
 import (
 	"context"
 	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
-	"encoding/pem"
 	"fmt"
+	"io"
 	"net"
-	"net/http"
-	"net/http/httptest"
-	"net/netip"
 	"os"
 	"path/filepath"
-	"sort"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -24,63 +18,18 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes"
 
 	"github.com/smesh-dev/smesh/pkg/config"
 	"github.com/smesh-dev/smesh/pkg/daemon"
 	"github.com/smesh-dev/smesh/pkg/kube"
 	"github.com/smesh-dev/smesh/pkg/testenv"
+	"github.com/smesh-dev/smesh/pkg/testenv/kubecp"
 )
 
 // startKube is cmd/smeshd's wiring of [kubernetes], for the smeshd helper.
 func startKube(ctx context.Context, cfg config.Kubernetes, mount string, log zerolog.Logger) (daemon.PodSource, error) {
 	return kube.Start(ctx, cfg, mount, log)
-}
-
-// fakeAPI answers the requests smeshd makes of the Kubernetes API server
-// (lists and watches of pods and namespaces, watch-list included) from a
-// state the test changes, over TLS with a service account token, inside a
-// test node's network namespace.
-type fakeAPI struct {
-	t     *testing.T
-	srv   *httptest.Server
-	token string
-	dir   string // token, ca.crt, namespace: what a pod finds in its service account mount
-
-	mu       sync.Mutex
-	rv       int
-	pods     map[string]*corev1.Pod
-	nss      map[string]*corev1.Namespace
-	watchers map[string]map[chan []byte]bool // by resource
-	nodes    []string                        // the field selectors' nodes, as asked
-}
-
-func startFakeAPI(t *testing.T, in *testenv.Node) *fakeAPI {
-	t.Helper()
-	api := &fakeAPI{t: t, token: "e2e-token-" + hex.EncodeToString(randBytes(8)), dir: t.TempDir(),
-		pods: map[string]*corev1.Pod{}, nss: map[string]*corev1.Namespace{},
-		watchers: map[string]map[chan []byte]bool{"pods": {}, "namespaces": {}}}
-	var ln net.Listener
-	if err := in.Do(func() (err error) {
-		ln, err = net.Listen("tcp4", "127.0.0.1:0")
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	api.srv = httptest.NewUnstartedServer(http.HandlerFunc(api.serve))
-	api.srv.Listener.Close()
-	api.srv.Listener = ln
-	api.srv.StartTLS()
-	t.Cleanup(func() {
-		api.srv.CloseClientConnections()
-		api.srv.Close()
-	})
-	ca := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: api.srv.Certificate().Raw})
-	for name, data := range map[string][]byte{"token": []byte(api.token), "ca.crt": ca, "namespace": []byte("smesh-system")} {
-		if err := os.WriteFile(filepath.Join(api.dir, name), data, 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return api
 }
 
 func randBytes(n int) []byte {
@@ -89,276 +38,323 @@ func randBytes(n int) []byte {
 	return b
 }
 
-// wrapper starts smeshd as the DaemonSet does: in node's network
-// namespace, with the service account's files where client-go's in-cluster
-// configuration reads them (in a mount namespace of its own: a tmpfs on
-// /run), and the environment the kubelet gives a pod.
-func (api *fakeAPI) wrapper(node *testenv.Node, nodeName string) []string {
-	nsenter := testenv.RequireCommand(api.t, "nsenter")
-	unshare := testenv.RequireCommand(api.t, "unshare")
-	port := strconv.Itoa(api.srv.Listener.Addr().(*net.TCPAddr).Port)
+// kubeCluster is a real Kubernetes control plane (kubecp) with smesh's
+// namespace and RBAC objects applied as shipped, and smeshd's ServiceAccount
+// token.
+type kubeCluster struct {
+	t     *testing.T
+	cp    *kubecp.ControlPlane
+	admin kubernetes.Interface
+	// sa holds token, ca.crt and namespace: what the kubelet mounts into
+	// smeshd's pod for its ServiceAccount.
+	sa string
+}
+
+func startKubeCluster(t *testing.T) *kubeCluster {
+	t.Helper()
+	cp := kubecp.Start(t)
+	// namespace.yaml and rbac.yaml as shipped, and smeshd's token.
+	sa := cp.Smeshd(t)
+	admin, err := kubernetes.NewForConfig(cp.Admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kc := &kubeCluster{t: t, cp: cp, admin: admin, sa: t.TempDir()}
+	for name, data := range map[string][]byte{"token": []byte(sa.BearerToken), "ca.crt": cp.CA(), "namespace": []byte("smesh-system")} {
+		if err := os.WriteFile(filepath.Join(kc.sa, name), data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return kc
+}
+
+// namespace creates a namespace with its default ServiceAccount, which a
+// controller-manager would make and pods need.
+func (kc *kubeCluster) namespace(t *testing.T, name string, labels map[string]string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := kc.admin.CoreV1().Namespaces().Create(ctx,
+		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: labels}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kc.admin.CoreV1().ServiceAccounts(name).Create(ctx,
+		&corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "default"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// label sets (or, with value "", removes) the mesh label of a namespace
+// (pod == "") or of a pod, as a user would, with a merge patch.
+func (kc *kubeCluster) label(t *testing.T, namespace, pod, value string) {
+	t.Helper()
+	v := "null"
+	if value != "" {
+		v = fmt.Sprintf("%q", value)
+	}
+	patch := []byte(`{"metadata":{"labels":{"smesh.dev/mesh":` + v + `}}}`)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var err error
+	if pod == "" {
+		_, err = kc.admin.CoreV1().Namespaces().Patch(ctx, namespace, types.MergePatchType, patch, metav1.PatchOptions{})
+	} else {
+		_, err = kc.admin.CoreV1().Pods(namespace).Patch(ctx, pod, types.MergePatchType, patch, metav1.PatchOptions{})
+	}
+	if err != nil {
+		t.Fatalf("labelling %s/%s: %v", namespace, pod, err)
+	}
+}
+
+// reachFrom makes the API server, which listens on the test's loopback,
+// reachable on the loopback of node's network namespace too, and returns
+// the port: a relay in the test process, byte for byte, so that smeshd
+// there talks TLS to the API server itself (whose certificate names
+// 127.0.0.1). Cleanup closes it and its connections.
+func (kc *kubeCluster) reachFrom(t *testing.T, node *testenv.Node) int {
+	t.Helper()
+	var ln net.Listener
+	if err := node.Do(func() (err error) {
+		ln, err = net.Listen("tcp4", "127.0.0.1:0")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	target := strings.TrimPrefix(kc.cp.Admin.Host, "https://")
+	var (
+		mu     sync.Mutex
+		conns  = map[net.Conn]bool{}
+		closed bool
+		wg     sync.WaitGroup
+	)
+	track := func(c net.Conn) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		if closed {
+			c.Close()
+			return false
+		}
+		conns[c] = true
+		return true
+	}
+	relay := func(c net.Conn) {
+		defer wg.Done()
+		if !track(c) {
+			return
+		}
+		up, err := net.DialTimeout("tcp", target, 5*time.Second)
+		if err != nil || !track(up) {
+			c.Close()
+			return
+		}
+		go func() {
+			io.Copy(up, c)
+			up.(*net.TCPConn).CloseWrite()
+		}()
+		io.Copy(c, up)
+		c.Close()
+		up.Close()
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go relay(c)
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		closed = true
+		for c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	})
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// startSmeshd starts smeshd on n as the DaemonSet runs it: [kubernetes] on,
+// no [capture] cgroups, NODE_NAME set, the ServiceAccount's token and the
+// API server's CA where client-go's in-cluster configuration reads them (in
+// a mount namespace of its own: a tmpfs on /run), and the API server's
+// address in the environment the kubelet gives a pod. Its node's kubepods
+// cgroup is named by [kubernetes] kubepods_cgroup, as on a node with more
+// than one: the machine's tree holds every test node's.
+func (kc *kubeCluster) startSmeshd(n *node, nodeName string, kn *kubeNode) {
+	t := n.t
+	t.Helper()
+	port := kc.reachFrom(t, n.ns)
+	nsenter := testenv.RequireCommand(t, "nsenter")
+	unshare := testenv.RequireCommand(t, "unshare")
 	sa := "/run/secrets/kubernetes.io/serviceaccount"
 	script := fmt.Sprintf(`set -e
 mount -t tmpfs -o mode=0755 tmpfs /run
 mkdir -p %[1]s
 cp %[2]s/token %[2]s/ca.crt %[2]s/namespace %[1]s/
-exec env NODE_NAME=%[3]s KUBERNETES_SERVICE_HOST=127.0.0.1 KUBERNETES_SERVICE_PORT=%[4]s "$@"`, sa, api.dir, nodeName, port)
-	return []string{nsenter, "--net=/run/netns/" + node.Name, unshare, "--mount", "--propagation", "private", "sh", "-c", script, "sh"}
+exec env NODE_NAME=%[3]s KUBERNETES_SERVICE_HOST=127.0.0.1 KUBERNETES_SERVICE_PORT=%[4]d "$@"`,
+		sa, kc.sa, nodeName, port)
+	wrapper := []string{nsenter, "--net=/run/netns/" + n.ns.Name, unshare, "--mount", "--propagation", "private", "sh", "-c", script, "sh"}
+	n.capture = "[]"
+	n.startVia(wrapper, "splice", fmt.Sprintf("[kubernetes]\nenabled = true\nkubepods_cgroup = %q\n", cgroupRel(t, kn.kubepods)))
 }
 
-func (api *fakeAPI) serve(w http.ResponseWriter, r *http.Request) {
-	if r.Header.Get("Authorization") != "Bearer "+api.token {
-		http.Error(w, "unauthorized", http.StatusUnauthorized)
-		return
+// debugPods reads smeshd's /debug/pods.
+func debugPods(n *node) map[string]kube.Pod {
+	n.t.Helper()
+	code, body := n.admin("/debug/pods")
+	var pods []kube.Pod
+	if err := json.Unmarshal([]byte(body), &pods); code != 200 || err != nil {
+		n.t.Fatalf("/debug/pods: %d %s (%v)", code, body, err)
 	}
-	resource, ok := strings.CutPrefix(r.URL.Path, "/api/v1/")
-	if !ok || (resource != "pods" && resource != "namespaces") || r.Method != http.MethodGet {
-		http.Error(w, "not served here", http.StatusNotFound)
-		return
+	out := map[string]kube.Pod{}
+	for _, p := range pods {
+		out[p.Namespace+"/"+p.Name] = p
 	}
-	q := r.URL.Query()
-	node := ""
-	if resource == "pods" {
-		n, ok := strings.CutPrefix(q.Get("fieldSelector"), "spec.nodeName=")
-		if !ok {
-			http.Error(w, "smeshd lists the pods of its node only", http.StatusBadRequest)
-			return
-		}
-		node = n
-		api.mu.Lock()
-		api.nodes = append(api.nodes, n)
-		api.mu.Unlock()
-	}
-	w.Header().Set("Content-Type", "application/json")
-	if q.Get("watch") != "true" {
-		api.mu.Lock()
-		items, rv := api.items(resource, node)
-		api.mu.Unlock()
-		list := map[string]any{"apiVersion": "v1", "kind": listKind(resource), "metadata": map[string]any{"resourceVersion": rv}, "items": items}
-		json.NewEncoder(w).Encode(list)
-		return
-	}
-	ch := make(chan []byte, 64)
-	api.mu.Lock()
-	var initial [][]byte
-	if q.Get("sendInitialEvents") == "true" {
-		items, rv := api.items(resource, node)
-		for _, it := range items {
-			initial = append(initial, event("ADDED", it))
-		}
-		// The end of the initial events, as the API server marks it.
-		initial = append(initial, event("BOOKMARK", map[string]any{"apiVersion": "v1", "kind": itemKind(resource),
-			"metadata": map[string]any{"resourceVersion": rv, "annotations": map[string]string{"k8s.io/initial-events-end": "true"}}}))
-	}
-	api.watchers[resource][ch] = true
-	api.mu.Unlock()
-	defer func() {
-		api.mu.Lock()
-		delete(api.watchers[resource], ch)
-		api.mu.Unlock()
-	}()
-	flush := func(b []byte) bool {
-		if _, err := w.Write(b); err != nil {
-			return false
-		}
-		w.(http.Flusher).Flush()
-		return true
-	}
-	for _, b := range initial {
-		flush(b)
-	}
-	w.(http.Flusher).Flush()
-	for {
-		select {
-		case b := <-ch:
-			if !flush(b) {
-				return
-			}
-		case <-r.Context().Done():
-			return
-		}
-	}
+	return out
 }
 
-func listKind(resource string) string { return itemKind(resource) + "List" }
-
-func itemKind(resource string) string {
-	if resource == "pods" {
-		return "Pod"
-	}
-	return "Namespace"
+// kubeCaptured reports whether a connection from pod p's application
+// container to addr went through smeshd (see captured).
+func kubeCaptured(n *node, p *kubePod, addr string) bool {
+	n.t.Helper()
+	saw, local := (&podNode{node: n}).podPeer(p.container(), addr)
+	return saw != local
 }
 
-// items lists resource (pods on node only), under mu.
-func (api *fakeAPI) items(resource, node string) ([]any, string) {
-	var out []any
-	if resource == "pods" {
-		keys := make([]string, 0, len(api.pods))
-		for k := range api.pods {
-			keys = append(keys, k)
-		}
-		sort.Strings(keys)
-		for _, k := range keys {
-			if api.pods[k].Spec.NodeName == node {
-				out = append(out, api.pods[k])
-			}
-		}
-	} else {
-		for _, ns := range api.nss {
-			out = append(out, ns)
-		}
-	}
-	return out, strconv.Itoa(api.rv)
-}
-
-func event(typ string, obj any) []byte {
-	b, _ := json.Marshal(map[string]any{"type": typ, "object": obj})
-	return append(b, '\n')
-}
-
-// publish sends a watch event to the watchers of resource, under mu.
-func (api *fakeAPI) publish(resource string, b []byte) {
-	for ch := range api.watchers[resource] {
-		ch <- b
-	}
-}
-
-// setNamespace creates or changes a namespace.
-func (api *fakeAPI) setNamespace(name string, labels map[string]string) {
-	api.mu.Lock()
-	defer api.mu.Unlock()
-	api.rv++
-	typ := "MODIFIED"
-	if api.nss[name] == nil {
-		typ = "ADDED"
-	}
-	ns := &corev1.Namespace{TypeMeta: metav1.TypeMeta{APIVersion: "v1", Kind: "Namespace"},
-		ObjectMeta: metav1.ObjectMeta{Name: name, UID: types.UID("ns-" + name), Labels: labels, ResourceVersion: strconv.Itoa(api.rv)}}
-	api.nss[name] = ns
-	api.publish("namespaces", event(typ, ns))
-}
-
-// setPod creates or changes a pod (running, BestEffort).
-func (api *fakeAPI) setPod(ns, name, uid, node string, labels map[string]string) {
-	api.mu.Lock()
-	defer api.mu.Unlock()
-	api.rv++
-	key := ns + "/" + name
-	typ := "MODIFIED"
-	if api.pods[key] == nil {
-		typ = "ADDED"
-	}
-	p := &corev1.Pod{TypeMeta: metav1.TypeMeta{APIVersion: "v1", Kind: "Pod"},
-		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name, UID: types.UID(uid), Labels: labels, ResourceVersion: strconv.Itoa(api.rv)},
-		Spec:       corev1.PodSpec{NodeName: node, HostNetwork: true},
-		Status:     corev1.PodStatus{Phase: corev1.PodRunning, QOSClass: corev1.PodQOSBestEffort}}
-	api.pods[key] = p
-	api.publish("pods", event(typ, p))
-}
-
-func (api *fakeAPI) deletePod(ns, name string) {
-	api.mu.Lock()
-	defer api.mu.Unlock()
-	key := ns + "/" + name
-	p := api.pods[key]
-	if p == nil {
-		return
-	}
-	api.rv++
-	delete(api.pods, key)
-	p = p.DeepCopy()
-	p.ResourceVersion = strconv.Itoa(api.rv)
-	api.publish("pods", event("DELETED", p))
-}
-
-// TestKubernetesLabels runs smeshd the way the DaemonSet does: [kubernetes]
-// on, no [capture] cgroups, the service account's token and CA, NODE_NAME,
-// and the kubelet's cgroups (cgroupfs driver: kubepods/besteffort/pod<UID>,
-// the pod's container below). A pod of its node whose label says so is in
-// the mesh from smeshd's start; it leaves when the label says otherwise,
-// comes back through its namespace's label, and leaves when deleted; a
-// connection it opened while in the mesh keeps flowing throughout. (The pod
-// is on the host network: pods in namespaces of their own are served by the
-// same machinery as [capture] cgroups, which the pod tests cover.)
+// TestKubernetesLabels runs the Kubernetes mode against a real API server
+// (kubecp, RBAC on, smesh's namespace.yaml and rbac.yaml applied as
+// shipped), with a test kubelet that runs the pods it schedules to two
+// nodes of a test cluster, once for each kubelet cgroup driver. smeshd runs
+// on each node as the DaemonSet runs it, with smeshd's ServiceAccount token.
+// A pod of its node whose label says so is in the mesh from smeshd's start,
+// a pod is in the mesh through its namespace's label, and a pod created
+// later joins; their connections to a pod of the other node are tunnelled,
+// and between the two pods of one node spliced, every byte checked. A pod
+// leaves the mesh when its label says otherwise, comes back through its
+// namespace's label, and leaves when deleted; a connection it opened while in
+// the mesh keeps flowing throughout. No smeshd lists another node's pods:
+// one with a cgroup on the wrong node is never enrolled there.
 func TestKubernetesLabels(t *testing.T) {
-	a, b := newNode(t), newNode(t)
-	b.capture = "[]"
-	_, addrB := testenv.Link(t, a.ns, b.ns)
-	server := netip.AddrPortFrom(addrB, 9000).String()
-	b.server("", server)
-	b.start("splice", "")
+	testenv.RequirePrivileged(t)
+	kc := startKubeCluster(t)
+	for _, driver := range []string{"cgroupfs", "systemd"} {
+		t.Run(driver, func(t *testing.T) { testKubernetesLabels(t, kc, driver) })
+	}
+}
 
-	// The kubelet's cgroups on node a.
-	uid := "e2e" + hex.EncodeToString(randBytes(2)) + "-0000-4000-8000-" + hex.EncodeToString(randBytes(6))
-	podCg := filepath.Join(testenv.NewCgroup(t), "kubepods", "besteffort", "pod"+uid)
-	app := filepath.Join(podCg, "app")
-	if err := os.MkdirAll(app, 0o755); err != nil {
+func testKubernetesLabels(t *testing.T, kc *kubeCluster, driver string) {
+	c := testenv.NewCluster()
+	cnA, cnB := c.AddNode(t), c.AddNode(t)
+	testenv.JoinNodes(t, cnA, cnB)
+	a, b := nodeOn(t, cnA.Node), nodeOn(t, cnB.Node)
+	k := &kubelet{t: t, api: kc.admin, systemd: driver == "systemd", nodes: map[string]*kubeNode{}}
+	nameA, nameB := "node-a-"+driver, "node-b-"+driver
+	ka, kb := k.addNode(nameA, cnA), k.addNode(nameB, cnB)
+	demo, other := "demo-"+driver, "other-"+driver
+	kc.namespace(t, demo, nil)
+	kc.namespace(t, other, map[string]string{"smesh.dev/mesh": "enabled"})
+	enabled := map[string]string{"smesh.dev/mesh": "enabled"}
+
+	// Before smeshd starts: a labelled pod on node a, and on node b a pod
+	// in a labelled namespace that serves.
+	web := k.create(podSpec(demo, "web", nameA, enabled, corev1.PodQOSBestEffort))
+	srv := k.create(podSpec(other, "srv", nameB, nil, corev1.PodQOSGuaranteed))
+	addr := srv.addr(t, 9000)
+	podServerAt(t, srv.container(), addr)
+	// srv's cgroup as if on node a too: smeshd there never lists srv, so
+	// never enrols it.
+	elsewhere := k.podCgroup(ka, srv.obj)
+	if err := os.MkdirAll(elsewhere, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	api := startFakeAPI(t, a.ns)
-	const nodeName = "node-a"
-	api.setNamespace("demo", nil)
-	api.setNamespace("other", map[string]string{"smesh.dev/mesh": "enabled"})
-	api.setPod("demo", "web", uid, nodeName, map[string]string{"smesh.dev/mesh": "enabled"})
-	// A pod of another node in a meshed namespace, with a cgroup on this
-	// one: never enrolled.
-	elsewhere := "e2e" + hex.EncodeToString(randBytes(2)) + "-0000-4000-8000-" + hex.EncodeToString(randBytes(6))
-	elsewhereCg := filepath.Join(filepath.Dir(podCg), "pod"+elsewhere)
-	if err := os.MkdirAll(elsewhereCg, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	api.setPod("other", "db", elsewhere, "node-b", nil)
 
-	a.capture = "[]"
-	path := a.writeConfig("splice", "[kubernetes]\nenabled = true\n")
-	a.smeshd = testenv.StartHelperVia(t, a.smeshCg, api.wrapper(a.ns, nodeName), "smeshd", path)
-	a.waitReady()
+	kc.startSmeshd(b, nameB, kb)
+	kc.startSmeshd(a, nameA, ka)
+	b.waitServed(srv.Name)
+	a.waitServed(web.Name)
 
-	if !captured(a, app, server) {
+	if !kubeCaptured(a, web, addr) {
 		t.Fatal("a labelled pod's connection was not captured")
 	}
-	if captured(a, elsewhereCg, server) {
+	if captured(a, elsewhere, addr) {
 		t.Error("a pod of another node was captured")
 	}
-	code, body := a.admin("/debug/pods")
-	var pods []kube.Pod
-	if err := json.Unmarshal([]byte(body), &pods); code != 200 || err != nil || len(pods) != 1 ||
-		pods[0].UID != uid || !pods[0].Enrolled || pods[0].Cgroup != podCg {
-		t.Errorf("/debug/pods: %d %s (%v), want pod web enrolled in %s only", code, body, err, podCg)
+	if pods := debugPods(a); len(pods) != 1 || !pods[demo+"/web"].Enrolled || pods[demo+"/web"].Cgroup != web.Cgroup {
+		t.Errorf("node a's /debug/pods: %+v, want pod web enrolled in %s only", pods, web.Cgroup)
 	}
-	long := testenv.StartHelper(t, app, a.ns.Name, "client", "paced", server, "1500")
+	if pods := debugPods(b); len(pods) != 1 || !pods[other+"/srv"].Enrolled || pods[other+"/srv"].Why != "namespace label" {
+		t.Errorf("node b's /debug/pods: %+v, want pod srv enrolled by its namespace's label only", pods)
+	}
+
+	// A pod created while smeshd runs joins; to the pod of the other node
+	// its connections are tunnelled, to the pod next to it spliced.
+	late := k.create(podSpec(demo, "late", nameA, enabled, corev1.PodQOSGuaranteed))
+	a.waitServed(late.Name)
+	if !kubeCaptured(a, late, addr) {
+		t.Error("the connection of a pod created after smeshd's start was not captured")
+	}
+	pa := &podNode{node: a}
+	_, m := a.admin("/metrics")
+	tunnelled := testenv.Metric(t, m, "smesh_connections_total", map[string]string{"path": "tunnel_out"})
+	pa.podClient(web.container(), "oneway", addr, fmt.Sprint(8<<20))
+	pa.podClient(late.container(), "echo", addr, fmt.Sprint(2<<20))
+	_, m = a.admin("/metrics")
+	if v := testenv.Metric(t, m, "smesh_connections_total", map[string]string{"path": "tunnel_out"}); v < tunnelled+2 {
+		t.Errorf("node a counted %v outgoing tunnel connections, want at least %v", v, tunnelled+2)
+	}
+	local := late.addr(t, 9001)
+	podServerAt(t, late.container(), local)
+	before := a.stats()
+	pa.podClient(web.container(), "oneway", local, fmt.Sprint(8<<20))
+	if moved := a.stats().carried() - before.carried(); moved < 8<<20 {
+		t.Errorf("sk_msg carried %d bytes between the pods of node a, want at least %d", moved, 8<<20)
+	}
+
+	long := testenv.StartHelper(t, web.app, web.Name, "client", "paced", addr, "1500")
 	if line, err := long.ReadLine(5 * time.Second); err != nil || line != "connected" {
 		t.Fatalf("long-lived client: %q %v %s", line, err, long.Stderr())
 	}
-
 	eventually := func(what string, want bool) {
 		t.Helper()
 		deadline := time.Now().Add(10 * time.Second)
-		for captured(a, app, server) != want {
+		for kubeCaptured(a, web, addr) != want {
 			if time.Now().After(deadline) {
 				t.Fatalf("%s: captured = %v after 10s, want %v\n%s", what, !want, want, a.smeshd.Stderr())
 			}
 			time.Sleep(200 * time.Millisecond)
 		}
 	}
-	api.setPod("demo", "web", uid, nodeName, map[string]string{"smesh.dev/mesh": "disabled"})
+	kc.label(t, demo, "web", "disabled")
 	eventually("pod label set to disabled", false)
-	api.setNamespace("demo", map[string]string{"smesh.dev/mesh": "enabled"})
+	kc.label(t, demo, "", "enabled")
 	time.Sleep(500 * time.Millisecond)
 	eventually("namespace labelled, the pod's own label still disabled", false)
-	api.setPod("demo", "web", uid, nodeName, nil)
+	kc.label(t, demo, "web", "")
 	eventually("pod label removed in a labelled namespace", true)
-	api.deletePod("demo", "web")
-	eventually("pod deleted", false)
-
 	if err := long.Wait(); err != nil {
 		t.Errorf("connection opened in the mesh, across the label changes: %v\n%s", err, long.Stderr())
 	}
-	api.mu.Lock()
-	for _, n := range api.nodes {
-		if n != nodeName {
-			t.Errorf("smeshd asked for the pods of node %q", n)
+
+	k.delete(web)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		pods := debugPods(a)
+		if _, ok := pods[demo+"/web"]; !ok && pods[demo+"/late"].Enrolled {
+			break
 		}
+		if time.Now().After(deadline) {
+			t.Fatalf("node a's /debug/pods 10s after pod web was deleted: %+v, want late alone", pods)
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
-	api.mu.Unlock()
+	if !kubeCaptured(a, late, addr) {
+		t.Error("pod late's connection was not captured after pod web was deleted")
+	}
 }

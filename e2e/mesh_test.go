@@ -141,20 +141,27 @@ func (n *node) startVia(wrapper []string, mode string, extra string) {
 	n.waitReady()
 }
 
-// writeConfig writes smeshd's configuration file for start and returns its
-// path.
-func (n *node) writeConfig(mode string, extra string) string {
-	t := n.t
+// cgroupRel is the cgroup at path relative to the cgroup v2 mount, as
+// smesh.toml names cgroups.
+func cgroupRel(t testing.TB, path string) string {
 	t.Helper()
 	mount, err := testenv.Cgroup2Mount()
 	if err != nil {
 		t.Fatal(err)
 	}
-	rel, err := filepath.Rel(mount, n.enrolled)
+	rel, err := filepath.Rel(mount, path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	capture := fmt.Sprintf("[%q]", rel)
+	return rel
+}
+
+// writeConfig writes smeshd's configuration file for start and returns its
+// path.
+func (n *node) writeConfig(mode string, extra string) string {
+	t := n.t
+	t.Helper()
+	capture := fmt.Sprintf("[%q]", cgroupRel(t, n.enrolled))
 	if n.capture != "" {
 		capture = n.capture
 	}

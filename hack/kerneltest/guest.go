@@ -294,8 +294,8 @@ var notInGuest = map[string]map[string]string{
 	"e2e": {
 		"TestTunnelBadInput":    "the tunnel protocol's handling of bad input: userspace, and minutes of TLS handshakes under emulation",
 		"TestTunnelIdleTimeout": "the tunnel's idle timers: userspace, and 20 s of waiting under emulation",
-		"TestKubernetesLabels": "the pod informer against a fake API server: userspace; pods' cgroups are attached " +
-			"as static ones are (TestPod*), and it takes 30 s under emulation",
+		"TestKubernetesLabels": "the pod informer against a real kube-apiserver and etcd, which the guest does not have: " +
+			"userspace; pods' cgroups are attached as static ones are (TestPod*)",
 	},
 }
 

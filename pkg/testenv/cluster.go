@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 
@@ -255,8 +256,19 @@ func (n *ClusterNode) AddPod(t testing.TB, parentCgroup string) *Pod {
 		}
 		parentCgroup = mount
 	}
-	name := Unique("smesh-test")
-	sp, err := n.sn.AddPod(name, filepath.Join(parentCgroup, name))
+	return n.AddPodAt(t, filepath.Join(parentCgroup, Unique("smesh-test")))
+}
+
+// AddPodAt is AddPod with the pod's cgroup at the path cgroup, whose parent
+// must exist (for pods named as a kubelet names them); the network namespace
+// is named smesh-test-<random>, the base name of cgroup if it is one.
+func (n *ClusterNode) AddPodAt(t testing.TB, cgroup string) *Pod {
+	t.Helper()
+	name := filepath.Base(cgroup)
+	if !strings.HasPrefix(name, "smesh-test-") {
+		name = Unique("smesh-test")
+	}
+	sp, err := n.sn.AddPod(name, cgroup)
 	if err != nil {
 		t.Fatal(err)
 	}
