@@ -106,7 +106,9 @@ func (r *Resolver) Resolve(uid, qos string) (string, error) {
 	root := roots[0]
 	if r.explicit != "" {
 		if _, err := os.Stat(root); err != nil {
-			return "", fmt.Errorf("kubernetes.kubepods_cgroup: %s: %w", root, err)
+			// %v: a setting that names nothing is a mistake to report
+			// (logged), not a pod cgroup still to come (ErrNotExist).
+			return "", fmt.Errorf("kubernetes.kubepods_cgroup: %s: %v", root, err)
 		}
 		return "", fmt.Errorf("no cgroup for pod %s below %s: %w", uid, root, fs.ErrNotExist)
 	}

@@ -220,4 +220,9 @@ func TestResolveExplicitKubepodsMissing(t *testing.T) {
 			t.Errorf("error %q does not name %q", err, s)
 		}
 	}
+	// Not "no cgroup yet", which the watcher retries without a word: a
+	// setting that names nothing must be reported.
+	if errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("error %q is fs.ErrNotExist: the watcher would not log it", err)
+	}
 }
