@@ -77,11 +77,11 @@ struct sock_state {
 	__u8 stays;           /* its peer spliced: it can never be released */
 	/* Bytes sk_msg handed to TCP once this direction was demoted (and
 	 * counted as demoted). A demoted socket sends no TCP byte before its
-	 * demotion, so what it acknowledged since its establishment is all its
- * demoted bytes; what sk_msg
-	 * did not see (sends after release, a message the kernel passed to
-	 * TCP on a verdict it kept) is the difference, counted by sockops as
-	 * ACKs come (acked_bytes: how much of it is counted so far). */
+	 * demotion, so what it acknowledged since its establishment is all
+	 * its demoted bytes; what sk_msg did not see (sends after release, a
+	 * message the kernel passed to TCP on a verdict it kept) is the
+	 * difference, counted by sockops as ACKs come (acked_bytes: how much
+	 * of it is counted so far). */
 	__u64 tcp_bytes;
 	__u64 acked_bytes;
 	/* bytes_acked at establishment: the active opener's SYN is in it. */
@@ -261,8 +261,7 @@ static __always_inline void counter_inc(__u32 slot)
 }
 
 /* Counts into smesh_stats (per CPU): bytes and messages spliced, by the
- * role of the sender; and the bytes of demoted directions, sent by TCP
- * (sk_msg, and sockops for what sk_msg did not see). */
+ * role of the sender. */
 static __always_inline void count(__u32 slot, __u32 size)
 {
 	struct splice_stats *s = bpf_map_lookup_elem(&smesh_stats, &slot);
@@ -274,6 +273,18 @@ static __always_inline void count(__u32 slot, __u32 size)
 		__sync_fetch_and_add(&s->bytes, size);
 		__sync_fetch_and_add(&s->msgs, 1);
 	}
+}
+
+/* Counts the bytes of a demoted direction, sent by TCP, into smesh_stats
+ * (sk_msg, and sockops for what sk_msg did not see): bytes only, nobody
+ * reads messages there. Atomic as in count(). */
+static __always_inline void count_demoted(const struct sock_state *st, __u64 bytes)
+{
+	__u32 slot = st->role == ROLE_SERVER ? STAT_DEMOTED_SERVER_TO_CLIENT : STAT_DEMOTED_CLIENT_TO_SERVER;
+	struct splice_stats *s = bpf_map_lookup_elem(&smesh_stats, &slot);
+
+	if (s)
+		__sync_fetch_and_add(&s->bytes, bytes);
 }
 
 static __always_inline __u32 role_slot(const struct sock_state *st, __u32 client, __u32 server)

@@ -87,7 +87,7 @@ static __always_inline int splice(struct sk_msg_md *msg, bool bounded)
 	}
 	if (st->path == PATH_TCP) {
 		if (st->demoted) {
-			count(role_slot(st, STAT_DEMOTED_CLIENT_TO_SERVER, STAT_DEMOTED_SERVER_TO_CLIENT), size);
+			count_demoted(st, size);
 			st->tcp_bytes += size;
 		}
 		return SK_PASS;
@@ -116,7 +116,7 @@ static __always_inline int splice(struct sk_msg_md *msg, bool bounded)
 			st->path = PATH_TCP;
 			st->demoted = 1;
 			counter_inc(COUNTER_DEMOTIONS);
-			count(role_slot(st, STAT_DEMOTED_CLIENT_TO_SERVER, STAT_DEMOTED_SERVER_TO_CLIENT), size);
+			count_demoted(st, size);
 			st->tcp_bytes = size;
 			return SK_PASS;
 		}

@@ -136,14 +136,18 @@ static __always_inline void established(struct bpf_sock_ops *skops, __u8 role)
 /* count_acked counts what a demoted socket sent by TCP that sk_msg did
  * not count, as it is acknowledged. A demoted socket sent no byte by TCP
  * before its demotion, so what it acknowledged since its establishment
- * covers all of the direction's TCP bytes: sk_msg counted tcp_bytes of them itself (before TCP sent them, so
- * never after their ACK), earlier calls acked_bytes. The rest went without
- * sk_msg: sends after release(), and a message the kernel passed to TCP on
- * a verdict it kept (tcp_bpf_send_verdict, after a send that would have
- * blocked). state is the socket's TCP state: once this end's FIN is sent
- * (FIN_WAIT1, FIN_WAIT2, CLOSING, LAST_ACK) and everything is acknowledged,
- * the FIN's sequence number is among the acknowledged bytes but is no data.
- * Runs on ACKs (RTT_CB) and at close, under the socket lock, as sk_msg. */
+ * covers all of the direction's TCP bytes: sk_msg counted tcp_bytes of them
+ * itself (before TCP sent them, so never after their ACK), earlier calls
+ * acked_bytes. The rest went without sk_msg: sends after release(), and a
+ * message the kernel passed to TCP on a verdict it kept
+ * (tcp_bpf_send_verdict, after a send that would have blocked). state is
+ * the socket's TCP state: once this end's FIN is sent (FIN_WAIT1,
+ * FIN_WAIT2, CLOSING, LAST_ACK) and everything is acknowledged, the FIN's
+ * sequence number is among the acknowledged bytes but is no data (a FIN
+ * still queued behind a zero window makes this one byte short until the
+ * next ACK). Runs on ACKs (RTT_CB) and at close, under the socket lock, as
+ * sk_msg does. The gap is 64-bit: ACKs without an RTT sample may
+ * acknowledge any amount before the next call. */
 static __always_inline void count_acked(struct bpf_sock_ops *skops, struct sock_state *st, __u32 state)
 {
 	__u64 acked = skops->bytes_acked - st->acked_at_start;
@@ -155,7 +159,7 @@ static __always_inline void count_acked(struct bpf_sock_ops *skops, struct sock_
 	if (acked <= counted)
 		return;
 	st->acked_bytes += acked - counted;
-	count(role_slot(st, STAT_DEMOTED_CLIENT_TO_SERVER, STAT_DEMOTED_SERVER_TO_CLIENT), acked - counted);
+	count_demoted(st, acked - counted);
 }
 
 /* release takes a socket whose own sends go by TCP (demoted, or TCP from its

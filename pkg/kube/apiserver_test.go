@@ -548,7 +548,7 @@ func TestWatchCompacted(t *testing.T) {
 
 // TestWatchLabelFlip: a pod's label enrols and unenrols it while the
 // watcher runs. The README says "within a second"; the bound here is
-// settle, the times seen are logged.
+// flipBound, the times seen are logged.
 func TestWatchLabelFlip(t *testing.T) {
 	wd := newAPIWorld(t, kubecp.Options{})
 	wd.namespace("plain", nil)

@@ -9,7 +9,7 @@
 // its signal handlers SIGHUP still takes its default action, and so it does
 // until this package's init runs (Go initialises packages in dependency
 // order, then by import path; this one imports only os/signal and syscall,
-// whose own initialisation comes first). See TestHangupEarly for how short
+// whose own initialisation comes first). See TestHangupCaughtEarly (cmd/smeshd) for how short
 // what is left is.
 package hangup
 
