@@ -34,9 +34,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -54,8 +56,9 @@ import (
 const readyTimeout = 2 * time.Minute
 
 // ErrUnavailable marks an error of New that says the control plane cannot
-// run on this machine (no go command to build it with, a failed build),
-// as opposed to one that failed while starting.
+// run on this machine (no go command to build it with, not Linux), as
+// opposed to one that failed while building or starting: a build that
+// fails is a defect to see, not a reason to skip.
 var ErrUnavailable = errors.New("kubernetes control plane unavailable")
 
 // Options configure New and StartWith.
@@ -110,8 +113,8 @@ type ControlPlane struct {
 
 // Start starts etcd and kube-apiserver and returns once the API server is
 // ready; they are stopped in t.Cleanup. When it cannot run (no go command
-// to build with, a failed build) the test is skipped, or failed under
-// SMESH_REQUIRE_PRIVILEGED=1.
+// to build with) the test is skipped, or failed under
+// SMESH_REQUIRE_PRIVILEGED=1; any other error, a failed build too, fails it.
 func Start(t testing.TB) *ControlPlane {
 	t.Helper()
 	return StartWith(t, Options{})
@@ -157,7 +160,7 @@ func New(o Options) (cp *ControlPlane, err error) {
 	}
 	bin, err := binaries(logf)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrUnavailable, err)
+		return nil, err
 	}
 	p, err := newPKI(o.Dir)
 	if err != nil {
@@ -499,9 +502,37 @@ func failedChecks(body []byte) string {
 	return strings.Join(failed, "; ")
 }
 
+// located is what binaries found, worked out once per process. It is
+// package state, which the project otherwise avoids, because it caches
+// what is fixed for the process's life (the repository, and the versions
+// its hack/kubecp/go.mod names): without it every control plane a test
+// package starts would run go env and go run again, seconds each. It is
+// written once, under once, and only read after.
+var located struct {
+	once sync.Once
+	dir  string
+	err  error
+}
+
 // binaries returns the directory holding kube-apiserver and etcd, built by
-// hack/kubecp if this machine's cache lacks them.
+// hack/kubecp if this machine's cache lacks them. The first call in the
+// process finds (or builds) them, reporting through its logf; later calls
+// reuse its answer, an error too. Only a missing go command or a system
+// other than Linux wraps ErrUnavailable: a failed build is an error.
 func binaries(logf func(string, ...any)) (string, error) {
+	located.once.Do(func() { located.dir, located.err = locate(logf) })
+	return located.dir, located.err
+}
+
+// locate is binaries' work, done once.
+func locate(logf func(string, ...any)) (string, error) {
+	if runtime.GOOS != "linux" {
+		return "", fmt.Errorf("%w: kube-apiserver and etcd run with Linux-only process attributes, this is %s",
+			ErrUnavailable, runtime.GOOS)
+	}
+	if _, err := exec.LookPath(goCommand()); err != nil {
+		return "", fmt.Errorf("%w: no go command to build kube-apiserver and etcd with: %w", ErrUnavailable, err)
+	}
 	root, err := repoRoot()
 	if err != nil {
 		return "", err
@@ -514,11 +545,13 @@ func binaries(logf func(string, ...any)) (string, error) {
 	// hack/kubecp announces a build on stderr; a cached run is silent.
 	logf("kube-apiserver and etcd from hack/kubecp: cached, or built now (minutes, once per machine; make kube-control-plane builds them ahead)")
 	out, err := cmd.Output()
-	if s := strings.TrimSpace(stderr.String()); s != "" {
-		logf("hack/kubecp (%s):\n%s", time.Since(start).Round(time.Second), s)
-	}
+	took, said := time.Since(start).Round(time.Second), strings.TrimSpace(stderr.String())
 	if err != nil {
-		return "", fmt.Errorf("building with hack/kubecp: %w", err)
+		// In the error, so that every caller that reuses it sees why.
+		return "", fmt.Errorf("building kube-apiserver and etcd with hack/kubecp (%s): %w\n%s", took, err, said)
+	}
+	if said != "" {
+		logf("hack/kubecp (%s):\n%s", took, said)
 	}
 	return strings.TrimSpace(string(out)), nil
 }
