@@ -313,9 +313,7 @@ func testKubernetesLabels(t *testing.T, kc *kubeCluster, driver string) {
 	podServerAt(t, late.container(), local)
 	before := a.stats()
 	pa.podClient(web.container(), "oneway", local, fmt.Sprint(8<<20))
-	if moved := a.stats().carried() - before.carried(); moved < 8<<20 {
-		t.Errorf("sk_msg carried %d bytes between the pods of node a, want at least %d", moved, 8<<20)
-	}
+	checkSpliced(t, "sk_msg between the pods of node a", before, a.stats(), 8<<20, true)
 
 	long := testenv.StartHelper(t, web.app, web.Name, "client", "paced", addr, "1500")
 	if line, err := long.ReadLine(5 * time.Second); err != nil || line != "connected" {
@@ -333,9 +331,41 @@ func testKubernetesLabels(t *testing.T, kc *kubeCluster, driver string) {
 	}
 	kc.label(t, demo, "web", "disabled")
 	eventually("pod label set to disabled", false)
+	// An unlabelled canary pod in the same namespace joins once smeshd has
+	// seen the namespace's label: only then does "web is still out" say
+	// anything (/debug/pods is one decision over all pods, and the canary
+	// captured means the set with that decision reached the data path).
+	canary := k.create(podSpec(demo, "canary", nameA, nil, corev1.PodQOSBestEffort))
+	deadline := time.Now().Add(10 * time.Second)
+	for p, ok := debugPods(a)[demo+"/canary"]; !ok || p.Enrolled || p.Why != "no label"; p, ok = debugPods(a)[demo+"/canary"] {
+		if time.Now().After(deadline) {
+			t.Fatalf("node a's /debug/pods 10s after pod canary was created: %+v, want canary listed and out (no label)", debugPods(a))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 	kc.label(t, demo, "", "enabled")
-	time.Sleep(500 * time.Millisecond)
-	eventually("namespace labelled, the pod's own label still disabled", false)
+	deadline = time.Now().Add(10 * time.Second)
+	for !debugPods(a)[demo+"/canary"].Enrolled {
+		if time.Now().After(deadline) {
+			t.Fatalf("node a's /debug/pods 10s after namespace %s was labelled: %+v, want canary enrolled by the namespace label\n%s",
+				demo, debugPods(a), a.smeshd.Stderr())
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	a.waitServed(canary.Name)
+	deadline = time.Now().Add(10 * time.Second)
+	for !kubeCaptured(a, canary, addr) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the canary pod enrolled by its namespace's label was not captured after 10s\n%s", a.smeshd.Stderr())
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if p := debugPods(a)[demo+"/web"]; p.Enrolled || p.Why != "pod label smesh.dev/mesh=disabled" {
+		t.Errorf("node a's pod web once its namespace is labelled: %+v, want out by its own label", p)
+	}
+	if kubeCaptured(a, web, addr) {
+		t.Error("namespace labelled, the pod's own label still disabled: the pod's connection was captured")
+	}
 	kc.label(t, demo, "web", "")
 	eventually("pod label removed in a labelled namespace", true)
 	if err := long.Wait(); err != nil {
@@ -343,14 +373,14 @@ func testKubernetesLabels(t *testing.T, kc *kubeCluster, driver string) {
 	}
 
 	k.delete(web)
-	deadline := time.Now().Add(10 * time.Second)
+	deadline = time.Now().Add(10 * time.Second)
 	for {
 		pods := debugPods(a)
 		if _, ok := pods[demo+"/web"]; !ok && pods[demo+"/late"].Enrolled {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("node a's /debug/pods 10s after pod web was deleted: %+v, want late alone", pods)
+			t.Fatalf("node a's /debug/pods 10s after pod web was deleted: %+v, want web gone and late enrolled", pods)
 		}
 		time.Sleep(200 * time.Millisecond)
 	}

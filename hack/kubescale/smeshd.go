@@ -141,7 +141,11 @@ exec env NODE_NAME=%[3]s KUBERNETES_SERVICE_HOST=%[4]s KUBERNETES_SERVICE_PORT=%
 		os.Remove(s.cgroup)
 		return nil, fmt.Errorf("starting smeshd: %w", err)
 	}
+	// os/exec: Wait closes the pipe, so it must not run before the reader
+	// has read everything; otherwise smeshd's last lines can be lost.
+	drained := make(chan struct{})
 	go func() {
+		defer close(drained)
 		defer logFile.Close()
 		sc := bufio.NewScanner(stderr)
 		sc.Buffer(make([]byte, 1<<20), 1<<20)
@@ -157,6 +161,7 @@ exec env NODE_NAME=%[3]s KUBERNETES_SERVICE_HOST=%[4]s KUBERNETES_SERVICE_PORT=%
 		io.Copy(io.Discard, stderr)
 	}()
 	go func() {
+		<-drained
 		s.cmd.Wait()
 		close(s.exited)
 	}()
@@ -191,8 +196,8 @@ func (s *smeshd) waitReady(ctx context.Context, timeout time.Duration) (time.Dur
 }
 
 // stop ends smeshd by its PID (SIGTERM, then SIGKILL) and removes its
-// cgroup.
-func (s *smeshd) stop() {
+// cgroup, killing whatever is left in it.
+func (s *smeshd) stop() error {
 	_ = s.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-s.exited:
@@ -200,12 +205,10 @@ func (s *smeshd) stop() {
 		_ = s.cmd.Process.Kill()
 		<-s.exited
 	}
-	for range 20 {
-		if err := os.Remove(s.cgroup); err == nil || errors.Is(err, os.ErrNotExist) {
-			return
-		}
-		time.Sleep(100 * time.Millisecond)
+	if err := cgroups.Remove(s.cgroup, 10*time.Second); err != nil {
+		return fmt.Errorf("removing smeshd's cgroup: %w", err)
 	}
+	return nil
 }
 
 // cpu is the CPU time smeshd's cgroup used so far.
@@ -283,7 +286,11 @@ func measure(ctx context.Context, o options, w *world, cp *kubecp.ControlPlane, 
 	if err != nil {
 		return err
 	}
-	defer s.stop()
+	defer func() {
+		if err := s.stop(); err != nil {
+			w.logf("%v", err)
+		}
+	}()
 	if r.ready, err = s.waitReady(ctx, 2*time.Minute); err != nil {
 		return err
 	}

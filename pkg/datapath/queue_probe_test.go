@@ -11,7 +11,6 @@ import (
 	"syscall"
 	"testing"
 	"time"
-	"unsafe"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
@@ -19,6 +18,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
+	"github.com/smesh-dev/smesh/pkg/sockmem"
 	"github.com/smesh-dev/smesh/pkg/testenv"
 )
 
@@ -223,7 +223,10 @@ func observeCharge(t *testing.T) bool {
 			writer.LocalAddr(), reader.RemoteAddr())
 	}
 	for key, c := range []*net.TCPConn{reader, writer} {
-		fd := rawFD(t, c)
+		fd, err := connFD(c)
+		if err != nil {
+			t.Fatalf("the descriptor of a test socket: %v", err)
+		}
 		if err := hash.Update(uint32(key), uint32(fd), ebpf.UpdateAny); err != nil {
 			t.Fatalf("adding a socket to the sockhash: %v", err)
 		}
@@ -237,13 +240,12 @@ func observeCharge(t *testing.T) bool {
 	if _, err := writer.Write(sent); err != nil {
 		t.Fatalf("sending through the redirect: %v", err)
 	}
-	var info *unix.TCPInfo
-	control(t, writer, func(fd int) (err error) {
-		info, err = unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
-		return err
-	})
-	if info.Bytes_sent != 0 {
-		t.Fatalf("the redirect did not take the bytes: TCP sent %d", info.Bytes_sent)
+	tcpSent, err := bytesSent(writer)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tcpSent != 0 {
+		t.Fatalf("the redirect did not take the bytes: TCP sent %d", tcpSent)
 	}
 	waiting := rmemAlloc(t, reader)
 	var inq int
@@ -275,26 +277,13 @@ func observeCharge(t *testing.T) bool {
 }
 
 // rmemAlloc is the socket's sk_rmem_alloc (SO_MEMINFO).
-func rmemAlloc(t *testing.T, c *net.TCPConn) uint32 {
+func rmemAlloc(t *testing.T, c *net.TCPConn) int64 {
 	t.Helper()
-	var mi [unix.SK_MEMINFO_VARS]uint32
-	control(t, c, func(fd int) error {
-		l := uint32(len(mi) * 4)
-		_, _, errno := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_MEMINFO,
-			uintptr(unsafe.Pointer(&mi[0])), uintptr(unsafe.Pointer(&l)), 0)
-		if errno != 0 {
-			return errno
-		}
-		return nil
-	})
-	return mi[unix.SK_MEMINFO_RMEM_ALLOC]
-}
-
-func rawFD(t *testing.T, c *net.TCPConn) int {
-	t.Helper()
-	var fd int
-	control(t, c, func(f int) error { fd = f; return nil })
-	return fd
+	mi, err := sockmem.Read(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return mi.RmemAlloc
 }
 
 // control runs fn on the socket's descriptor and fails the test on its

@@ -34,9 +34,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -54,8 +56,9 @@ import (
 const readyTimeout = 2 * time.Minute
 
 // ErrUnavailable marks an error of New that says the control plane cannot
-// run on this machine (no go command to build it with, a failed build),
-// as opposed to one that failed while starting.
+// run on this machine (no go command to build it with, not Linux), as
+// opposed to one that failed while building or starting: a build that
+// fails is a defect to see, not a reason to skip.
 var ErrUnavailable = errors.New("kubernetes control plane unavailable")
 
 // Options configure New and StartWith.
@@ -110,8 +113,8 @@ type ControlPlane struct {
 
 // Start starts etcd and kube-apiserver and returns once the API server is
 // ready; they are stopped in t.Cleanup. When it cannot run (no go command
-// to build with, a failed build) the test is skipped, or failed under
-// SMESH_REQUIRE_PRIVILEGED=1.
+// to build with) the test is skipped, or failed under
+// SMESH_REQUIRE_PRIVILEGED=1; any other error, a failed build too, fails it.
 func Start(t testing.TB) *ControlPlane {
 	t.Helper()
 	return StartWith(t, Options{})
@@ -144,10 +147,15 @@ func StartWith(t testing.TB, o Options) *ControlPlane {
 	return cp
 }
 
+// startAttempts bounds New's starts: a port picked free can be taken by
+// another program before etcd or kube-apiserver binds it (see
+// reservePorts), and New then starts again on other ports.
+const startAttempts = 3
+
 // New starts etcd and kube-apiserver and returns once the API server is
 // ready. The caller stops them with Close. An error that says the control
 // plane cannot run here wraps ErrUnavailable.
-func New(o Options) (cp *ControlPlane, err error) {
+func New(o Options) (*ControlPlane, error) {
 	if o.Dir == "" {
 		return nil, errors.New("kubecp: Options.Dir is empty")
 	}
@@ -157,7 +165,7 @@ func New(o Options) (cp *ControlPlane, err error) {
 	}
 	bin, err := binaries(logf)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrUnavailable, err)
+		return nil, err
 	}
 	p, err := newPKI(o.Dir)
 	if err != nil {
@@ -171,14 +179,43 @@ func New(o Options) (cp *ControlPlane, err error) {
 	if err := os.WriteFile(policyFile, []byte(policy), 0o600); err != nil {
 		return nil, err
 	}
-	ports := make([]string, 3)
-	for i := range ports {
-		if ports[i], err = freePort(); err != nil {
+	for attempt := 1; ; attempt++ {
+		cp, err := start(o, bin, p, policyFile)
+		if err == nil {
+			logf("kube-apiserver %s at %s, etcd at %s", cp.Version, cp.Admin.Host, cp.Etcd)
+			return cp, nil
+		}
+		taken := cp != nil && cp.portTaken()
+		if cp != nil {
+			for _, p := range cp.procs {
+				logf("%s", p.tail())
+			}
+			cp.Close()
+		}
+		if !taken || attempt == startAttempts {
 			return nil, err
 		}
+		logf("kubecp: a port was taken between picking it and binding it (%v); starting again on other ports", err)
+		// etcd's member was made with the peer URL of this attempt, and
+		// the audit log is the next attempt's alone.
+		for _, f := range []string{filepath.Join(o.Dir, "etcd"), filepath.Join(o.Dir, "audit.log")} {
+			if err := os.RemoveAll(f); err != nil {
+				return nil, err
+			}
+		}
 	}
-	etcdClient, etcdPeer, apiPort := ports[0], ports[1], ports[2]
-	cp = &ControlPlane{
+}
+
+// start is one attempt of New: etcd and kube-apiserver on ports of their
+// own. On an error it returns what it started, if anything, for New to
+// stop.
+func start(o Options, bin string, p *pki, policyFile string) (*ControlPlane, error) {
+	ports, err := reservePorts(3)
+	if err != nil {
+		return nil, err
+	}
+	etcdClient, etcdPeer, apiPort := ports.addrs[0], ports.addrs[1], ports.addrs[2]
+	cp := &ControlPlane{
 		Admin: &rest.Config{
 			Host: "https://" + apiPort,
 			TLSClientConfig: rest.TLSClientConfig{
@@ -191,14 +228,9 @@ func New(o Options) (cp *ControlPlane, err error) {
 		bin:      bin,
 		dir:      o.Dir,
 	}
-	defer func() {
-		if err != nil {
-			for _, p := range cp.procs {
-				logf("%s", p.tail())
-			}
-			cp.Close()
-		}
-	}()
+	// Held until now, so no other control plane (nor this one's other
+	// listeners) could pick the same ports.
+	ports.release()
 	etcd, err := cp.startProcess(filepath.Join(bin, "etcd"), filepath.Join(o.Dir, "etcd.log"),
 		"--name=kubecp",
 		"--data-dir="+filepath.Join(o.Dir, "etcd"),
@@ -235,8 +267,18 @@ func New(o Options) (cp *ControlPlane, err error) {
 		return cp, fmt.Errorf("kubernetes control plane version: %w", err)
 	}
 	cp.Version = v.GitVersion
-	logf("kube-apiserver %s at %s, etcd at %s", cp.Version, cp.Admin.Host, etcdClient)
 	return cp, nil
+}
+
+// portTaken reports whether a process of cp could not bind its port
+// because something else had it: its log says so.
+func (cp *ControlPlane) portTaken() bool {
+	for _, p := range cp.procs {
+		if data, err := os.ReadFile(p.log); err == nil && bytes.Contains(data, []byte("address already in use")) {
+			return true
+		}
+	}
+	return false
 }
 
 // apiserverArgs are kube-apiserver's flags: serving on addr, its data in
@@ -339,10 +381,11 @@ func (cp *ControlPlane) RestartAPIServer(t testing.TB, whileDown func()) {
 // changed after a restart.
 func (cp *ControlPlane) Second(t testing.TB) *rest.Config {
 	t.Helper()
-	addr, err := freePort()
+	ports, err := reservePorts(1)
 	if err != nil {
 		t.Fatal(err)
 	}
+	addr := ports.addrs[0]
 	args := slices.Clone(cp.args)
 	host, port, _ := net.SplitHostPort(addr)
 	for i, a := range args {
@@ -355,6 +398,7 @@ func (cp *ControlPlane) Second(t testing.TB) *rest.Config {
 			args[i] = "--audit-log-path=" + filepath.Join(cp.dir, "audit-second.log")
 		}
 	}
+	ports.release()
 	p, err := cp.startProcess(filepath.Join(cp.bin, "kube-apiserver"), filepath.Join(cp.dir, "kube-apiserver-second.log"), args...)
 	if err != nil {
 		t.Fatal(err)
@@ -499,9 +543,37 @@ func failedChecks(body []byte) string {
 	return strings.Join(failed, "; ")
 }
 
+// located is what binaries found, worked out once per process. It is
+// package state, which the project otherwise avoids, because it caches
+// what is fixed for the process's life (the repository, and the versions
+// its hack/kubecp/go.mod names): without it every control plane a test
+// package starts would run go env and go run again, seconds each. It is
+// written once, under once, and only read after.
+var located struct {
+	once sync.Once
+	dir  string
+	err  error
+}
+
 // binaries returns the directory holding kube-apiserver and etcd, built by
-// hack/kubecp if this machine's cache lacks them.
+// hack/kubecp if this machine's cache lacks them. The first call in the
+// process finds (or builds) them, reporting through its logf; later calls
+// reuse its answer, an error too. Only a missing go command or a system
+// other than Linux wraps ErrUnavailable: a failed build is an error.
 func binaries(logf func(string, ...any)) (string, error) {
+	located.once.Do(func() { located.dir, located.err = locate(logf) })
+	return located.dir, located.err
+}
+
+// locate is binaries' work, done once.
+func locate(logf func(string, ...any)) (string, error) {
+	if runtime.GOOS != "linux" {
+		return "", fmt.Errorf("%w: kube-apiserver and etcd run with Linux-only process attributes, this is %s",
+			ErrUnavailable, runtime.GOOS)
+	}
+	if _, err := exec.LookPath(goCommand()); err != nil {
+		return "", fmt.Errorf("%w: no go command to build kube-apiserver and etcd with: %w", ErrUnavailable, err)
+	}
 	root, err := repoRoot()
 	if err != nil {
 		return "", err
@@ -514,11 +586,13 @@ func binaries(logf func(string, ...any)) (string, error) {
 	// hack/kubecp announces a build on stderr; a cached run is silent.
 	logf("kube-apiserver and etcd from hack/kubecp: cached, or built now (minutes, once per machine; make kube-control-plane builds them ahead)")
 	out, err := cmd.Output()
-	if s := strings.TrimSpace(stderr.String()); s != "" {
-		logf("hack/kubecp (%s):\n%s", time.Since(start).Round(time.Second), s)
-	}
+	took, said := time.Since(start).Round(time.Second), strings.TrimSpace(stderr.String())
 	if err != nil {
-		return "", fmt.Errorf("building with hack/kubecp: %w", err)
+		// In the error, so that every caller that reuses it sees why.
+		return "", fmt.Errorf("building kube-apiserver and etcd with hack/kubecp (%s): %w\n%s", took, err, said)
+	}
+	if said != "" {
+		logf("hack/kubecp (%s):\n%s", took, said)
 	}
 	return strings.TrimSpace(string(out)), nil
 }
@@ -546,15 +620,39 @@ func goCommand() string {
 	return "go"
 }
 
-// freePort returns a loopback address with a port that was free a moment
-// ago: the processes bind it themselves.
-func freePort() (string, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
+// reserved are loopback ports held open until release. Ports picked one
+// at a time (listen, close, next) can come out twice, in one control plane
+// or in two started at once by test packages side by side: the kernel
+// hands out a port closed a moment ago again. Held together, they differ
+// from each other and from every other holder's; they are released just
+// before the processes that bind them start, which leaves only a short
+// window for a program that does not hold its ports (New retries then).
+type reserved struct {
+	addrs     []string // 127.0.0.1:PORT
+	listeners []net.Listener
+}
+
+// reservePorts holds n distinct free loopback ports.
+func reservePorts(n int) (*reserved, error) {
+	r := &reserved{}
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			r.release()
+			return nil, fmt.Errorf("picking a free loopback port: %w", err)
+		}
+		r.listeners = append(r.listeners, l)
+		r.addrs = append(r.addrs, l.Addr().String())
 	}
-	defer l.Close()
-	return l.Addr().String(), nil
+	return r, nil
+}
+
+// release closes the listeners, so that the ports can be bound.
+func (r *reserved) release() {
+	for _, l := range r.listeners {
+		l.Close()
+	}
+	r.listeners = nil
 }
 
 // process is etcd or kube-apiserver, its output in a log file.
