@@ -8,7 +8,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -60,10 +59,8 @@ func startKubeCluster(t *testing.T) *kubeCluster {
 		t.Fatal(err)
 	}
 	kc := &kubeCluster{t: t, cp: cp, admin: admin, sa: t.TempDir()}
-	for name, data := range map[string][]byte{"token": []byte(sa.BearerToken), "ca.crt": cp.CA(), "namespace": []byte("smesh-system")} {
-		if err := os.WriteFile(filepath.Join(kc.sa, name), data, 0o644); err != nil {
-			t.Fatal(err)
-		}
+	if err := kubecp.WriteServiceAccount(kc.sa, "smesh-system", sa.BearerToken, cp.CA()); err != nil {
+		t.Fatal(err)
 	}
 	return kc
 }
@@ -193,14 +190,8 @@ func (kc *kubeCluster) startSmeshd(n *node, nodeName string, kn *kubeNode) {
 	port := kc.reachFrom(t, n.ns)
 	nsenter := testenv.RequireCommand(t, "nsenter")
 	unshare := testenv.RequireCommand(t, "unshare")
-	sa := "/run/secrets/kubernetes.io/serviceaccount"
-	script := fmt.Sprintf(`set -e
-mount -t tmpfs -o mode=0755 tmpfs /run
-mkdir -p %[1]s
-cp %[2]s/token %[2]s/ca.crt %[2]s/namespace %[1]s/
-exec env NODE_NAME=%[3]s KUBERNETES_SERVICE_HOST=127.0.0.1 KUBERNETES_SERVICE_PORT=%[4]d "$@"`,
-		sa, kc.sa, nodeName, port)
-	wrapper := []string{nsenter, "--net=/run/netns/" + n.ns.Name, unshare, "--mount", "--propagation", "private", "sh", "-c", script, "sh"}
+	wrapper := append([]string{nsenter, "--net=/run/netns/" + n.ns.Name},
+		kubecp.InPod(unshare, kc.sa, nodeName, "127.0.0.1", port)...)
 	n.capture = "[]"
 	n.startVia(wrapper, "splice", fmt.Sprintf("[kubernetes]\nenabled = true\nkubepods_cgroup = %q\n", cgroupRel(t, kn.kubepods)))
 }

@@ -77,10 +77,8 @@ func startSmeshd(o options, dir, token string, caPEM []byte, apiAddr string) (*s
 	if err := os.MkdirAll(filepath.Join(sdir, "sa"), 0o755); err != nil {
 		return nil, err
 	}
-	for f, data := range map[string]string{"token": token, "ca.crt": string(caPEM), "namespace": "smesh-system"} {
-		if err := os.WriteFile(filepath.Join(sdir, "sa", f), []byte(data), 0o600); err != nil {
-			return nil, err
-		}
+	if err := kubecp.WriteServiceAccount(filepath.Join(sdir, "sa"), "smesh-system", token, caPEM); err != nil {
+		return nil, err
 	}
 	tls := filepath.Join(sdir, "tls")
 	if out, err := exec.Command(o.smeshd, "certs", "init", "--dir", tls, "--nodes", "node").CombinedOutput(); err != nil {
@@ -114,16 +112,19 @@ func startSmeshd(o options, dir, token string, caPEM []byte, apiAddr string) (*s
 		return nil, err
 	}
 	defer cg.Close()
-	host, port, _ := net.SplitHostPort(apiAddr)
-	const sa = "/run/secrets/kubernetes.io/serviceaccount"
-	script := fmt.Sprintf(`set -e
-mount -t tmpfs -o mode=0755 tmpfs /run
-mkdir -p %[1]s
-cp %[2]s/token %[2]s/ca.crt %[2]s/namespace %[1]s/
-exec env NODE_NAME=%[3]s KUBERNETES_SERVICE_HOST=%[4]s KUBERNETES_SERVICE_PORT=%[5]s "$@"`,
-		sa, filepath.Join(sdir, "sa"), ownNode, host, port)
-	// unshare and sh exec: the PID started is smeshd's.
-	s.cmd = exec.Command("unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", o.smeshd, "-c", cfg)
+	host, port, err := net.SplitHostPort(apiAddr)
+	if err != nil {
+		os.Remove(s.cgroup)
+		return nil, err
+	}
+	apiPort, err := strconv.Atoi(port)
+	if err != nil {
+		os.Remove(s.cgroup)
+		return nil, fmt.Errorf("API server port %q: %w", port, err)
+	}
+	// The PID started is smeshd's (see kubecp.InPod).
+	args := append(kubecp.InPod("unshare", filepath.Join(sdir, "sa"), ownNode, host, apiPort), o.smeshd, "-c", cfg)
+	s.cmd = exec.Command(args[0], args[1:]...)
 	s.cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd()), Pdeathsig: syscall.SIGKILL}
 	logFile, err := os.Create(filepath.Join(sdir, "smeshd.log"))
 	if err != nil {
