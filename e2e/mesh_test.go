@@ -220,10 +220,11 @@ func (n *node) stop() {
 	}
 }
 
-// server starts a test server on addr in cgroup cg of this node.
-func (n *node) server(cg, addr string) *testenv.Helper {
+// server starts a test server on addr in cgroup cg of this node, with the
+// server helper's options (serve).
+func (n *node) server(cg, addr string, opts ...string) *testenv.Helper {
 	n.t.Helper()
-	h := testenv.StartHelper(n.t, cg, n.ns.Name, "server", addr)
+	h := testenv.StartHelper(n.t, cg, n.ns.Name, "server", append([]string{addr}, opts...)...)
 	line, err := h.ReadLine(5 * time.Second)
 	if err != nil || !strings.HasPrefix(line, "ready ") {
 		n.t.Fatalf("server did not start (%q, %v): %s", line, err, h.Stderr())

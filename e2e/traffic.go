@@ -3,6 +3,7 @@ package e2e
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/binary"
 	"errors"
@@ -58,11 +59,24 @@ func copyPlain(dst io.Writer, src io.Reader) (int64, error) {
 	return io.CopyBuffer(plainWriter{dst}, plainReader{src}, make([]byte, 64<<10))
 }
 
-// serve is the "server" helper: args[0] is the listen address. It prints
-// "ready ADDR" once listening and "result KIND OUTCOME" for every connection
-// whose outcome the tests read (sink and echo ends).
+// serve is the "server" helper: args[0] is the listen address; args[1],
+// if "deferred", sets TCP_DEFER_ACCEPT on the listener (nginx's `listen
+// ... deferred`): the kernel then makes a connection's socket only when its
+// first bytes arrive. It prints "ready ADDR" once listening and "result KIND
+// OUTCOME" for every connection whose outcome the tests read (sink and echo
+// ends).
 func serve(args []string) int {
-	ln, err := net.Listen(network(args[0]), args[0])
+	var lc net.ListenConfig
+	if len(args) > 1 && args[1] == "deferred" {
+		lc.Control = func(_, _ string, rc syscall.RawConn) error {
+			var serr error
+			err := rc.Control(func(fd uintptr) {
+				serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_DEFER_ACCEPT, 5)
+			})
+			return errors.Join(err, serr)
+		}
+	}
+	ln, err := lc.Listen(context.Background(), network(args[0]), args[0])
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "listen:", err)
 		return 1

@@ -134,7 +134,12 @@ enum counter_slot {
 	/* sockops put the second end of a same-node hop in the sockhash:
 	 * a connection spliced from its first byte on. */
 	COUNTER_SPLICED_CONNS = 4,
-	COUNTER_MAX = 5,
+	/* sockops found that a socket whose first send took TCP (its peer
+	 * end was not in the sockhash yet: the handshake's last ACK not yet
+	 * processed) belongs to a spliced hop after all: the hop runs as
+	 * plain TCP, its bytes counted as demoted. */
+	COUNTER_RACED = 5,
+	COUNTER_MAX = 6,
 };
 
 /* Written by sockops (both ends of every same-node hop, at establishment);

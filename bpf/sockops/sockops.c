@@ -195,6 +195,16 @@ static __always_inline void release(struct sock_state *st)
 		/* The peer is not in the sockhash (yet: it may be added at
 		 * its establishment, after our first send): ask again. */
 		return;
+	if (!st->demoted) {
+		/* This socket's first send found no peer, yet the peer is in
+		 * the sockhash now: the send came before the peer's end was
+		 * established (the handshake's last ACK still on its way, as
+		 * when a client writes right after connect() returns). The
+		 * hop is the mesh's: its bytes by TCP count as demoted, from
+		 * the first (count_acked counts from the establishment). */
+		st->demoted = 1;
+		counter_inc(COUNTER_RACED);
+	}
 	was = __sync_val_compare_and_swap(dir, PATH_UNDECIDED, PATH_TCP);
 	if (was != PATH_UNDECIDED && was != PATH_TCP) {
 		st->stays = 1;

@@ -643,7 +643,7 @@ func (d *daemon) spliceCounters() (metrics.SpliceCounters, error) {
 		TxMsgs: st.ClientToServer.Msgs, RxMsgs: st.ServerToClient.Msgs,
 		Sockets:   sockets,
 		Demotions: c.Demotions, DemotedTxBytes: st.DemotedClientToServer, DemotedRxBytes: st.DemotedServerToClient,
-		Released: c.Released, Conns: c.SplicedConns,
+		Released: c.Released, Conns: c.SplicedConns, Raced: c.Raced,
 	}, nil
 }
 

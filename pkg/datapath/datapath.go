@@ -621,6 +621,10 @@ type Counters struct {
 	// SplicedConns counts same-node hops whose both ends sockops put in
 	// the sockhash: connections spliced from their first byte on.
 	SplicedConns uint64
+	// Raced counts sockets whose first send took TCP because their peer's
+	// end was not established yet, found to belong to a spliced hop: the
+	// hop runs as plain TCP, its bytes counted as demoted.
+	Raced uint64
 }
 
 // Counters sums the per-CPU event counters.
@@ -642,12 +646,13 @@ func countersFrom(m *ebpf.Map) (Counters, error) {
 		return sum, nil
 	}
 	var c Counters
-	var errs [5]error
+	var errs [6]error
 	c.UnreadyOpen, errs[0] = read(0)
 	c.UnreadyClosed, errs[1] = read(1)
 	c.Demotions, errs[2] = read(2)
 	c.Released, errs[3] = read(3)
 	c.SplicedConns, errs[4] = read(4)
+	c.Raced, errs[5] = read(5)
 	return c, errors.Join(errs[:]...)
 }
 

@@ -28,6 +28,9 @@ var (
 	releasedDesc = prometheus.NewDesc("smesh_splice_released_total",
 		"Demoted sockets taken out of the sockhash because their peer never spliced to them: they run as plain TCP sockets from then on.",
 		nil, nil)
+	racedDesc = prometheus.NewDesc("smesh_splice_raced_total",
+		"Same-node hops that ran as plain TCP, not spliced, because one end sent before the other end's handshake had completed (a client writing right after connect()). Their bytes count as demoted.",
+		nil, nil)
 	demotedBytesDesc = prometheus.NewDesc("smesh_splice_demoted_bytes_total",
 		"Bytes that demoted directions sent by TCP, by direction (tx: client to server, rx: server to client).",
 		[]string{"direction"}, nil)
@@ -57,6 +60,7 @@ func (c dataPathCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- splicedMsgsDesc
 	ch <- demotionsDesc
 	ch <- releasedDesc
+	ch <- racedDesc
 	ch <- demotedBytesDesc
 	ch <- spliceUpDesc
 }
@@ -106,6 +110,7 @@ func (c dataPathCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(splicedMsgsDesc, sc.RxMsgs, "rx")
 	counter(demotionsDesc, sc.Demotions)
 	counter(releasedDesc, sc.Released)
+	counter(racedDesc, sc.Raced)
 	counter(demotedBytesDesc, sc.DemotedTxBytes, "tx")
 	counter(demotedBytesDesc, sc.DemotedRxBytes, "rx")
 	gauge(activeDesc, int64(sc.Sockets/2), PathSplice)

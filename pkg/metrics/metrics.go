@@ -75,6 +75,9 @@ type SpliceCounters struct {
 	// the sockhash (an app's connection to a local server, or either
 	// hop between an app and smeshd when those are spliced).
 	Conns uint64
+	// Raced counts spliced hops that ran as plain TCP because one end's
+	// first send came before the other end was established.
+	Raced uint64
 }
 
 // Metrics is smeshd's metric set. Its methods are safe for concurrent use.

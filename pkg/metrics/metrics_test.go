@@ -189,7 +189,7 @@ func TestSpliceSource(t *testing.T) {
 	m.ConnOpened(PathSplice) // the kernel counts spliced hops, not this
 	m.SetSpliceSource(func() (SpliceCounters, error) {
 		return SpliceCounters{TxBytes: 1 << 40, RxBytes: 12345, TxMsgs: 77, RxMsgs: 8, Sockets: 7,
-			Demotions: 5, Released: 4, DemotedTxBytes: 6 << 20, Conns: 9}, nil
+			Demotions: 5, Released: 4, DemotedTxBytes: 6 << 20, Conns: 9, Raced: 2}, nil
 	})
 
 	fams := scrape(t, m)
@@ -203,6 +203,7 @@ func TestSpliceSource(t *testing.T) {
 		`{direction="tx"} 77`, `{direction="rx"} 8`)
 	expect(t, fams, "smesh_splice_demotions_total", dto.MetricType_COUNTER, `{} 5`)
 	expect(t, fams, "smesh_splice_released_total", dto.MetricType_COUNTER, `{} 4`)
+	expect(t, fams, "smesh_splice_raced_total", dto.MetricType_COUNTER, `{} 2`)
 	expect(t, fams, "smesh_splice_demoted_bytes_total", dto.MetricType_COUNTER,
 		`{direction="tx"} 6.291456e+06`, `{direction="rx"} 0`)
 	// 7 sockets is 3 whole hops (a hop whose second end is not in yet does
