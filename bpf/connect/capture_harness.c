@@ -9,6 +9,7 @@
  * not). */
 
 #include "capture.h"
+#include "service.h"
 
 /* ctx[0], ctx[1]: the 16 bytes of a struct addr, in memory order. */
 static __always_inline void addr_of(__u64 *ctx, struct addr *a)
@@ -37,6 +38,21 @@ int run_peer_netns(__u64 *ctx)
 
 	addr_of(ctx, &ip);
 	return (int)peer_netns(ctx[2], &ip);
+}
+
+/* ctx[2]: port (host byte order), ctx[3]: netns cookie of the caller.
+ * Returns the enum svc_result of choose_backend << 16 | the chosen backend's
+ * port (the tests give every backend a port of its own). */
+SEC("raw_tp/smesh_choose_harness")
+int run_choose_backend(__u64 *ctx)
+{
+	struct backend be = {};
+	struct addr ip;
+	enum svc_result r;
+
+	addr_of(ctx, &ip);
+	r = choose_backend(ctx[3], &ip, (__u16)ctx[2], &be);
+	return (int)r << 16 | be.port;
 }
 
 char __license[] SEC("license") = "Dual BSD/GPL";

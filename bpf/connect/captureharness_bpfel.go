@@ -23,6 +23,33 @@ type CaptureHarnessAddrOwner struct {
 	Netns uint64
 }
 
+type CaptureHarnessAffinity struct {
+	_      structs.HostLayout
+	Be     CaptureHarnessBackend
+	_      [4]byte
+	LastNs uint64
+}
+
+type CaptureHarnessAffinityKey struct {
+	_     structs.HostLayout
+	Netns uint64
+	Svc   CaptureHarnessSvcKey
+	Pad   uint32
+}
+
+type CaptureHarnessBackend struct {
+	_    structs.HostLayout
+	Ip   CaptureHarnessAddr
+	Port uint16
+	Pad  uint16
+}
+
+type CaptureHarnessBackendKey struct {
+	_    structs.HostLayout
+	Id   uint32
+	Slot uint32
+}
+
 type CaptureHarnessConnKey struct {
 	_          structs.HostLayout
 	Netns      uint64
@@ -37,6 +64,12 @@ type CaptureHarnessLpmKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
 	Ip        CaptureHarnessAddr
+}
+
+type CaptureHarnessMemberKey struct {
+	_  structs.HostLayout
+	Id uint32
+	Be CaptureHarnessBackend
 }
 
 type CaptureHarnessNsAddr struct {
@@ -74,6 +107,9 @@ type CaptureHarnessSockState struct {
 	TcpBytes     uint64
 	AckedBytes   uint64
 	AckedAtStart uint64
+	Svc          CaptureHarnessOrigDst
+	Translated   uint8
+	_            [3]byte
 }
 
 type CaptureHarnessSpliceStats struct {
@@ -82,11 +118,29 @@ type CaptureHarnessSpliceStats struct {
 	Msgs  uint64
 }
 
+type CaptureHarnessSvc struct {
+	_           structs.HostLayout
+	Id          uint32
+	Count       uint16
+	LocalCount  uint16
+	Flags       uint32
+	AffinitySec uint32
+}
+
+type CaptureHarnessSvcKey struct {
+	_    structs.HostLayout
+	Vip  CaptureHarnessAddr
+	Port uint16
+	Pad  uint16
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	CaptureHarnessMapSmeshAddrs        = "smesh_addrs"
+	CaptureHarnessMapSmeshAffinity     = "smesh_affinity"
+	CaptureHarnessMapSmeshBackends     = "smesh_backends"
 	CaptureHarnessMapSmeshCounters     = "smesh_counters"
 	CaptureHarnessMapSmeshDirs         = "smesh_dirs"
 	CaptureHarnessMapSmeshExclude      = "smesh_exclude"
@@ -95,9 +149,12 @@ const (
 	CaptureHarnessMapSmeshNetns        = "smesh_netns"
 	CaptureHarnessMapSmeshNsAddrs      = "smesh_ns_addrs"
 	CaptureHarnessMapSmeshOrigDst      = "smesh_orig_dst"
+	CaptureHarnessMapSmeshServices     = "smesh_services"
 	CaptureHarnessMapSmeshSkState      = "smesh_sk_state"
 	CaptureHarnessMapSmeshSockhash     = "smesh_sockhash"
 	CaptureHarnessMapSmeshStats        = "smesh_stats"
+	CaptureHarnessMapSmeshSvcMembers   = "smesh_svc_members"
+	CaptureHarnessProgRunChooseBackend = "run_choose_backend"
 	CaptureHarnessProgRunPeerNetns     = "run_peer_netns"
 	CaptureHarnessProgRunShouldCapture = "run_should_capture"
 	CaptureHarnessVarCaptureLocal      = "capture_local"
@@ -150,6 +207,7 @@ type CaptureHarnessSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type CaptureHarnessProgramSpecs struct {
+	RunChooseBackend *ebpf.ProgramSpec `ebpf:"run_choose_backend"`
 	RunPeerNetns     *ebpf.ProgramSpec `ebpf:"run_peer_netns"`
 	RunShouldCapture *ebpf.ProgramSpec `ebpf:"run_should_capture"`
 }
@@ -159,6 +217,8 @@ type CaptureHarnessProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type CaptureHarnessMapSpecs struct {
 	SmeshAddrs        *ebpf.MapSpec `ebpf:"smesh_addrs"`
+	SmeshAffinity     *ebpf.MapSpec `ebpf:"smesh_affinity"`
+	SmeshBackends     *ebpf.MapSpec `ebpf:"smesh_backends"`
 	SmeshCounters     *ebpf.MapSpec `ebpf:"smesh_counters"`
 	SmeshDirs         *ebpf.MapSpec `ebpf:"smesh_dirs"`
 	SmeshExclude      *ebpf.MapSpec `ebpf:"smesh_exclude"`
@@ -167,9 +227,11 @@ type CaptureHarnessMapSpecs struct {
 	SmeshNetns        *ebpf.MapSpec `ebpf:"smesh_netns"`
 	SmeshNsAddrs      *ebpf.MapSpec `ebpf:"smesh_ns_addrs"`
 	SmeshOrigDst      *ebpf.MapSpec `ebpf:"smesh_orig_dst"`
+	SmeshServices     *ebpf.MapSpec `ebpf:"smesh_services"`
 	SmeshSkState      *ebpf.MapSpec `ebpf:"smesh_sk_state"`
 	SmeshSockhash     *ebpf.MapSpec `ebpf:"smesh_sockhash"`
 	SmeshStats        *ebpf.MapSpec `ebpf:"smesh_stats"`
+	SmeshSvcMembers   *ebpf.MapSpec `ebpf:"smesh_svc_members"`
 }
 
 // CaptureHarnessVariableSpecs contains global variables before they are loaded into the kernel.
@@ -205,6 +267,8 @@ func (o *CaptureHarnessObjects) Close() error {
 // It can be passed to LoadCaptureHarnessObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CaptureHarnessMaps struct {
 	SmeshAddrs        *ebpf.Map `ebpf:"smesh_addrs"`
+	SmeshAffinity     *ebpf.Map `ebpf:"smesh_affinity"`
+	SmeshBackends     *ebpf.Map `ebpf:"smesh_backends"`
 	SmeshCounters     *ebpf.Map `ebpf:"smesh_counters"`
 	SmeshDirs         *ebpf.Map `ebpf:"smesh_dirs"`
 	SmeshExclude      *ebpf.Map `ebpf:"smesh_exclude"`
@@ -213,14 +277,18 @@ type CaptureHarnessMaps struct {
 	SmeshNetns        *ebpf.Map `ebpf:"smesh_netns"`
 	SmeshNsAddrs      *ebpf.Map `ebpf:"smesh_ns_addrs"`
 	SmeshOrigDst      *ebpf.Map `ebpf:"smesh_orig_dst"`
+	SmeshServices     *ebpf.Map `ebpf:"smesh_services"`
 	SmeshSkState      *ebpf.Map `ebpf:"smesh_sk_state"`
 	SmeshSockhash     *ebpf.Map `ebpf:"smesh_sockhash"`
 	SmeshStats        *ebpf.Map `ebpf:"smesh_stats"`
+	SmeshSvcMembers   *ebpf.Map `ebpf:"smesh_svc_members"`
 }
 
 func (m *CaptureHarnessMaps) Close() error {
 	return _CaptureHarnessClose(
 		m.SmeshAddrs,
+		m.SmeshAffinity,
+		m.SmeshBackends,
 		m.SmeshCounters,
 		m.SmeshDirs,
 		m.SmeshExclude,
@@ -229,9 +297,11 @@ func (m *CaptureHarnessMaps) Close() error {
 		m.SmeshNetns,
 		m.SmeshNsAddrs,
 		m.SmeshOrigDst,
+		m.SmeshServices,
 		m.SmeshSkState,
 		m.SmeshSockhash,
 		m.SmeshStats,
+		m.SmeshSvcMembers,
 	)
 }
 
@@ -251,12 +321,14 @@ type CaptureHarnessVariables struct {
 //
 // It can be passed to LoadCaptureHarnessObjects or ebpf.CollectionSpec.LoadAndAssign.
 type CaptureHarnessPrograms struct {
+	RunChooseBackend *ebpf.Program `ebpf:"run_choose_backend"`
 	RunPeerNetns     *ebpf.Program `ebpf:"run_peer_netns"`
 	RunShouldCapture *ebpf.Program `ebpf:"run_should_capture"`
 }
 
 func (p *CaptureHarnessPrograms) Close() error {
 	return _CaptureHarnessClose(
+		p.RunChooseBackend,
 		p.RunPeerNetns,
 		p.RunShouldCapture,
 	)

@@ -26,9 +26,15 @@
 #define PAGE_SIZE 4096
 
 #include "capture.h"
+#include "service.h"
 
 /* Set by smeshd before load: [capture] on_failure = "closed". */
 volatile const bool fail_closed = 0;
+/* Set by smeshd before load: this kernel lets cgroup/connect4 call
+ * bpf_set_retval. A constant, so that the verifier of a kernel without the
+ * helper never sees the call (it prunes the branch) and the program still
+ * loads there, refusing with EPERM instead of ECONNREFUSED. */
+volatile const bool have_set_retval = 0;
 
 struct netns_event {
 	__u64 netns;
@@ -117,13 +123,77 @@ static __always_inline enum verdict decide(struct bpf_sock_addr *ctx, const stru
 	return VERDICT_CAPTURE;
 }
 
+/* translate sends a connect() to a Service address to one of its backends
+ * (service.h): on SVC_TRANSLATED, ip and port name the backend from then on,
+ * and the socket remembers the Service address for getpeername. */
+static __always_inline enum svc_result translate(struct bpf_sock_addr *ctx, struct addr *ip, __u16 *port,
+						 __u16 family)
+{
+	struct sock_state *st;
+	struct backend be;
+	enum svc_result r;
+
+	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+		return SVC_NONE;
+	r = choose_backend(bpf_get_netns_cookie(ctx), ip, *port, &be);
+	if (r != SVC_TRANSLATED)
+		return r;
+	/* Without storage (out of memory) the connection still goes to the
+	 * backend; only getpeername then names the backend. */
+	st = bpf_sk_storage_get(&smesh_sk_state, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (st) {
+		st->svc.ip = *ip;
+		st->svc.port = *port;
+		st->svc.family = family;
+		st->translated = 1;
+	}
+	*ip = be.ip;
+	*port = be.port;
+	return SVC_TRANSLATED;
+}
+
+/* no_backend fails a connect() to a Service without a backend at once, as
+ * kube-proxy's reject rule does: ECONNREFUSED where the kernel lets the
+ * program say so, EPERM (a program's plain refusal) elsewhere. */
+static __always_inline int no_backend(void)
+{
+	counter_inc(COUNTER_SVC_NO_BACKEND);
+	if (have_set_retval)
+		bpf_set_retval(-ECONNREFUSED);
+	return 0;
+}
+
+/* count_service counts a translated connection by where its backend is and
+ * what decide() made of it. */
+static __always_inline void count_service(struct bpf_sock_addr *ctx, const struct addr *backend, enum verdict v)
+{
+	if (v == VERDICT_REFUSE)
+		return; /* counted as unready_closed */
+	if (is_local(bpf_get_netns_cookie(ctx), backend))
+		counter_inc(COUNTER_SVC_LOCAL);
+	else if (v == VERDICT_CAPTURE)
+		counter_inc(COUNTER_SVC_TUNNEL);
+	else
+		counter_inc(COUNTER_SVC_DIRECT);
+}
+
 SEC("cgroup/connect4")
 int smesh_connect4(struct bpf_sock_addr *ctx)
 {
+	__u16 port = bpf_ntohs(ctx->user_port);
+	enum svc_result svc;
+	enum verdict v;
 	struct addr ip;
 
 	addr_from4(&ip, ctx->user_ip4);
-	switch (decide(ctx, &ip, bpf_ntohs(ctx->user_port), AF_INET, NETNS_READY4)) {
+	/* Services first: the capture decision is the backend's. */
+	svc = translate(ctx, &ip, &port, AF_INET);
+	if (svc == SVC_NO_BACKEND)
+		return no_backend();
+	v = decide(ctx, &ip, port, AF_INET, NETNS_READY4);
+	if (svc == SVC_TRANSLATED)
+		count_service(ctx, &ip, v);
+	switch (v) {
 	case VERDICT_REFUSE:
 		return 0;
 	case VERDICT_CAPTURE:
@@ -131,6 +201,11 @@ int smesh_connect4(struct bpf_sock_addr *ctx)
 		ctx->user_port = bpf_htons(proxy_port);
 		return 1;
 	default:
+		if (svc == SVC_TRANSLATED) {
+			/* A Service's IPv4 backends are IPv4 (smeshd checks). */
+			ctx->user_ip4 = ip.ip[3];
+			ctx->user_port = bpf_htons(port);
+		}
 		return 1;
 	}
 }
@@ -138,6 +213,9 @@ int smesh_connect4(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect6")
 int smesh_connect6(struct bpf_sock_addr *ctx)
 {
+	__u16 port = bpf_ntohs(ctx->user_port);
+	enum svc_result svc;
+	enum verdict v;
 	struct addr ip;
 	bool v4;
 
@@ -145,8 +223,16 @@ int smesh_connect6(struct bpf_sock_addr *ctx)
 	ip.ip[1] = ctx->user_ip6[1];
 	ip.ip[2] = ctx->user_ip6[2];
 	ip.ip[3] = ctx->user_ip6[3];
+	/* A v4-mapped Service address is the IPv4 Service: its backends come
+	 * back v4-mapped, as a dual-stack socket reaches them. */
+	svc = translate(ctx, &ip, &port, AF_INET6);
+	if (svc == SVC_NO_BACKEND)
+		return no_backend();
 	v4 = addr_is4(&ip);
-	switch (decide(ctx, &ip, bpf_ntohs(ctx->user_port), AF_INET6, v4 ? NETNS_READY4 : NETNS_READY6)) {
+	v = decide(ctx, &ip, port, AF_INET6, v4 ? NETNS_READY4 : NETNS_READY6);
+	if (svc == SVC_TRANSLATED)
+		count_service(ctx, &ip, v);
+	switch (v) {
 	case VERDICT_REFUSE:
 		return 0;
 	case VERDICT_CAPTURE:
@@ -164,19 +250,31 @@ int smesh_connect6(struct bpf_sock_addr *ctx)
 		}
 		return 1;
 	default:
+		if (svc == SVC_TRANSLATED) {
+			ctx->user_ip6[0] = ip.ip[0];
+			ctx->user_ip6[1] = ip.ip[1];
+			ctx->user_ip6[2] = ip.ip[2];
+			ctx->user_ip6[3] = ip.ip[3];
+			ctx->user_port = bpf_htons(port);
+		}
 		return 1;
 	}
 }
 
 /* A captured app asking for its peer gets the destination it connected to,
- * not smeshd's listener: capture stays invisible to the app. */
+ * not smeshd's listener: capture stays invisible to the app. So does
+ * Service translation: a translated socket's peer is the Service address,
+ * captured or not. */
 SEC("cgroup/getpeername4")
 int smesh_getpeername4(struct bpf_sock_addr *ctx)
 {
 	struct sock_state *st;
 
 	st = bpf_sk_storage_get(&smesh_sk_state, ctx->sk, 0, 0);
-	if (st && st->captured && addr_is4(&st->orig.ip)) {
+	if (st && st->translated && addr_is4(&st->svc.ip)) {
+		ctx->user_ip4 = st->svc.ip.ip[3];
+		ctx->user_port = bpf_htons(st->svc.port);
+	} else if (st && st->captured && addr_is4(&st->orig.ip)) {
 		ctx->user_ip4 = st->orig.ip.ip[3];
 		ctx->user_port = bpf_htons(st->orig.port);
 	}
@@ -189,7 +287,13 @@ int smesh_getpeername6(struct bpf_sock_addr *ctx)
 	struct sock_state *st;
 
 	st = bpf_sk_storage_get(&smesh_sk_state, ctx->sk, 0, 0);
-	if (st && st->captured) {
+	if (st && st->translated) {
+		ctx->user_ip6[0] = st->svc.ip.ip[0];
+		ctx->user_ip6[1] = st->svc.ip.ip[1];
+		ctx->user_ip6[2] = st->svc.ip.ip[2];
+		ctx->user_ip6[3] = st->svc.ip.ip[3];
+		ctx->user_port = bpf_htons(st->svc.port);
+	} else if (st && st->captured) {
 		/* v4-mapped for a dual-stack socket's IPv4 destination, as the
 		 * app connected. */
 		ctx->user_ip6[0] = st->orig.ip.ip[0];

@@ -23,6 +23,33 @@ type ConnectAddrOwner struct {
 	Netns uint64
 }
 
+type ConnectAffinity struct {
+	_      structs.HostLayout
+	Be     ConnectBackend
+	_      [4]byte
+	LastNs uint64
+}
+
+type ConnectAffinityKey struct {
+	_     structs.HostLayout
+	Netns uint64
+	Svc   ConnectSvcKey
+	Pad   uint32
+}
+
+type ConnectBackend struct {
+	_    structs.HostLayout
+	Ip   ConnectAddr
+	Port uint16
+	Pad  uint16
+}
+
+type ConnectBackendKey struct {
+	_    structs.HostLayout
+	Id   uint32
+	Slot uint32
+}
+
 type ConnectConnKey struct {
 	_          structs.HostLayout
 	Netns      uint64
@@ -37,6 +64,12 @@ type ConnectLpmKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
 	Ip        ConnectAddr
+}
+
+type ConnectMemberKey struct {
+	_  structs.HostLayout
+	Id uint32
+	Be ConnectBackend
 }
 
 type ConnectNetnsEvent struct {
@@ -81,6 +114,9 @@ type ConnectSockState struct {
 	TcpBytes     uint64
 	AckedBytes   uint64
 	AckedAtStart uint64
+	Svc          ConnectOrigDst
+	Translated   uint8
+	_            [3]byte
 }
 
 type ConnectSpliceStats struct {
@@ -89,11 +125,29 @@ type ConnectSpliceStats struct {
 	Msgs  uint64
 }
 
+type ConnectSvc struct {
+	_           structs.HostLayout
+	Id          uint32
+	Count       uint16
+	LocalCount  uint16
+	Flags       uint32
+	AffinitySec uint32
+}
+
+type ConnectSvcKey struct {
+	_    structs.HostLayout
+	Vip  ConnectAddr
+	Port uint16
+	Pad  uint16
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	ConnectMapSmeshAddrs         = "smesh_addrs"
+	ConnectMapSmeshAffinity      = "smesh_affinity"
+	ConnectMapSmeshBackends      = "smesh_backends"
 	ConnectMapSmeshCounters      = "smesh_counters"
 	ConnectMapSmeshDirs          = "smesh_dirs"
 	ConnectMapSmeshExclude       = "smesh_exclude"
@@ -104,9 +158,11 @@ const (
 	ConnectMapSmeshNetnsTold     = "smesh_netns_told"
 	ConnectMapSmeshNsAddrs       = "smesh_ns_addrs"
 	ConnectMapSmeshOrigDst       = "smesh_orig_dst"
+	ConnectMapSmeshServices      = "smesh_services"
 	ConnectMapSmeshSkState       = "smesh_sk_state"
 	ConnectMapSmeshSockhash      = "smesh_sockhash"
 	ConnectMapSmeshStats         = "smesh_stats"
+	ConnectMapSmeshSvcMembers    = "smesh_svc_members"
 	ConnectProgSmeshConnect4     = "smesh_connect4"
 	ConnectProgSmeshConnect6     = "smesh_connect6"
 	ConnectProgSmeshGetpeername4 = "smesh_getpeername4"
@@ -114,6 +170,7 @@ const (
 	ConnectProgSmeshGetsockopt   = "smesh_getsockopt"
 	ConnectVarCaptureLocal       = "capture_local"
 	ConnectVarFailClosed         = "fail_closed"
+	ConnectVarHaveSetRetval      = "have_set_retval"
 	ConnectVarProxyCgroup        = "proxy_cgroup"
 	ConnectVarProxyIp4           = "proxy_ip4"
 	ConnectVarProxyIp6           = "proxy_ip6"
@@ -176,6 +233,8 @@ type ConnectProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type ConnectMapSpecs struct {
 	SmeshAddrs        *ebpf.MapSpec `ebpf:"smesh_addrs"`
+	SmeshAffinity     *ebpf.MapSpec `ebpf:"smesh_affinity"`
+	SmeshBackends     *ebpf.MapSpec `ebpf:"smesh_backends"`
 	SmeshCounters     *ebpf.MapSpec `ebpf:"smesh_counters"`
 	SmeshDirs         *ebpf.MapSpec `ebpf:"smesh_dirs"`
 	SmeshExclude      *ebpf.MapSpec `ebpf:"smesh_exclude"`
@@ -186,9 +245,11 @@ type ConnectMapSpecs struct {
 	SmeshNetnsTold    *ebpf.MapSpec `ebpf:"smesh_netns_told"`
 	SmeshNsAddrs      *ebpf.MapSpec `ebpf:"smesh_ns_addrs"`
 	SmeshOrigDst      *ebpf.MapSpec `ebpf:"smesh_orig_dst"`
+	SmeshServices     *ebpf.MapSpec `ebpf:"smesh_services"`
 	SmeshSkState      *ebpf.MapSpec `ebpf:"smesh_sk_state"`
 	SmeshSockhash     *ebpf.MapSpec `ebpf:"smesh_sockhash"`
 	SmeshStats        *ebpf.MapSpec `ebpf:"smesh_stats"`
+	SmeshSvcMembers   *ebpf.MapSpec `ebpf:"smesh_svc_members"`
 }
 
 // ConnectVariableSpecs contains global variables before they are loaded into the kernel.
@@ -197,6 +258,7 @@ type ConnectMapSpecs struct {
 type ConnectVariableSpecs struct {
 	CaptureLocal     *ebpf.VariableSpec `ebpf:"capture_local"`
 	FailClosed       *ebpf.VariableSpec `ebpf:"fail_closed"`
+	HaveSetRetval    *ebpf.VariableSpec `ebpf:"have_set_retval"`
 	ProxyCgroup      *ebpf.VariableSpec `ebpf:"proxy_cgroup"`
 	ProxyIp4         *ebpf.VariableSpec `ebpf:"proxy_ip4"`
 	ProxyIp6         *ebpf.VariableSpec `ebpf:"proxy_ip6"`
@@ -226,6 +288,8 @@ func (o *ConnectObjects) Close() error {
 // It can be passed to LoadConnectObjects or ebpf.CollectionSpec.LoadAndAssign.
 type ConnectMaps struct {
 	SmeshAddrs        *ebpf.Map `ebpf:"smesh_addrs"`
+	SmeshAffinity     *ebpf.Map `ebpf:"smesh_affinity"`
+	SmeshBackends     *ebpf.Map `ebpf:"smesh_backends"`
 	SmeshCounters     *ebpf.Map `ebpf:"smesh_counters"`
 	SmeshDirs         *ebpf.Map `ebpf:"smesh_dirs"`
 	SmeshExclude      *ebpf.Map `ebpf:"smesh_exclude"`
@@ -236,14 +300,18 @@ type ConnectMaps struct {
 	SmeshNetnsTold    *ebpf.Map `ebpf:"smesh_netns_told"`
 	SmeshNsAddrs      *ebpf.Map `ebpf:"smesh_ns_addrs"`
 	SmeshOrigDst      *ebpf.Map `ebpf:"smesh_orig_dst"`
+	SmeshServices     *ebpf.Map `ebpf:"smesh_services"`
 	SmeshSkState      *ebpf.Map `ebpf:"smesh_sk_state"`
 	SmeshSockhash     *ebpf.Map `ebpf:"smesh_sockhash"`
 	SmeshStats        *ebpf.Map `ebpf:"smesh_stats"`
+	SmeshSvcMembers   *ebpf.Map `ebpf:"smesh_svc_members"`
 }
 
 func (m *ConnectMaps) Close() error {
 	return _ConnectClose(
 		m.SmeshAddrs,
+		m.SmeshAffinity,
+		m.SmeshBackends,
 		m.SmeshCounters,
 		m.SmeshDirs,
 		m.SmeshExclude,
@@ -254,9 +322,11 @@ func (m *ConnectMaps) Close() error {
 		m.SmeshNetnsTold,
 		m.SmeshNsAddrs,
 		m.SmeshOrigDst,
+		m.SmeshServices,
 		m.SmeshSkState,
 		m.SmeshSockhash,
 		m.SmeshStats,
+		m.SmeshSvcMembers,
 	)
 }
 
@@ -266,6 +336,7 @@ func (m *ConnectMaps) Close() error {
 type ConnectVariables struct {
 	CaptureLocal     *ebpf.Variable `ebpf:"capture_local"`
 	FailClosed       *ebpf.Variable `ebpf:"fail_closed"`
+	HaveSetRetval    *ebpf.Variable `ebpf:"have_set_retval"`
 	ProxyCgroup      *ebpf.Variable `ebpf:"proxy_cgroup"`
 	ProxyIp4         *ebpf.Variable `ebpf:"proxy_ip4"`
 	ProxyIp6         *ebpf.Variable `ebpf:"proxy_ip6"`

@@ -86,6 +86,11 @@ struct sock_state {
 	__u64 acked_bytes;
 	/* bytes_acked at establishment: the active opener's SYN is in it. */
 	__u64 acked_at_start;
+	/* The Service address the app dialled, when connect4 sent the
+	 * connection to one of its backends (translated): what getpeername
+	 * answers, while orig (SO_ORIGINAL_DST) names the backend. */
+	struct orig_dst svc;
+	__u8 translated;
 };
 
 enum {
@@ -139,7 +144,17 @@ enum counter_slot {
 	 * processed) belongs to a spliced hop after all: the hop runs as
 	 * plain TCP, its bytes counted as demoted. */
 	COUNTER_RACED = 5,
-	COUNTER_MAX = 6,
+	/* connect4 sent a connection to a Service to one of its backends
+	 * (service.h), which was: on this node (spliced, or relayed in copy
+	 * mode), */
+	COUNTER_SVC_LOCAL = 6,
+	/* elsewhere, captured (through the tunnel to its node), */
+	COUNTER_SVC_TUNNEL = 7,
+	/* elsewhere, not captured (excluded by [capture] rules), */
+	COUNTER_SVC_DIRECT = 8,
+	/* or there was none: connect() refused. */
+	COUNTER_SVC_NO_BACKEND = 9,
+	COUNTER_MAX = 10,
 };
 
 /* Written by sockops (both ends of every same-node hop, at establishment);

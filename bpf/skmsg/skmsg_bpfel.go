@@ -68,6 +68,9 @@ type SkmsgSockState struct {
 	TcpBytes     uint64
 	AckedBytes   uint64
 	AckedAtStart uint64
+	Svc          SkmsgOrigDst
+	Translated   uint8
+	_            [3]byte
 }
 
 type SkmsgSpliceStats struct {

@@ -68,6 +68,9 @@ type SockopsSockState struct {
 	TcpBytes     uint64
 	AckedBytes   uint64
 	AckedAtStart uint64
+	Svc          SockopsOrigDst
+	Translated   uint8
+	_            [3]byte
 }
 
 type SockopsSpliceStats struct {

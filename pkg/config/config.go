@@ -27,6 +27,7 @@ type Config struct {
 	Log        Log        `toml:"log"`
 	Daemon     Daemon     `toml:"daemon"`
 	Kubernetes Kubernetes `toml:"kubernetes"`
+	Services   []Service  `toml:"services"`
 }
 
 // Capture selects the workloads and destinations whose outbound TCP is
@@ -322,5 +323,6 @@ func Default() Config {
 			NodeNameEnv: "NODE_NAME",
 			Label:       "smesh.dev/mesh=enabled",
 		},
+		Services: []Service{},
 	}
 }

@@ -14,6 +14,7 @@ func FuzzParse(f *testing.F) {
 	f.Add([]byte(""))
 	f.Add([]byte("[capture]\ncgroups = [\"a\"]\ncgroup = 1\n"))
 	f.Add([]byte("[tunnel.tls]\nallow_identities = [\"spiffe://example.org/a\"]\n"))
+	f.Add([]byte("[[services]]\nname = \"web\"\nvip = \"198.19.0.10\"\nport = 80\nbackends = [\"198.18.0.2:8080\"]\nsession_affinity_timeout = \"1h\"\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		c, err := Parse(data)
 		if err != nil {

@@ -39,6 +39,7 @@ func (p *problems) addf(key, format string, args ...any) {
 func (c *Config) Validate() error {
 	var p problems
 	c.Capture.validate(&p)
+	validateServices(&p, c.Services)
 
 	checkOneOf(&p, "datapath.mode", c.Datapath.Mode, "auto", "splice", "copy")
 	if c.Datapath.MapSize < minMapSize || c.Datapath.MapSize > maxMapSize {

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -160,7 +161,8 @@ type daemon struct {
 	out      *proxy.Outbound
 	dp       *datapath.Datapath
 	members  *enrol.Tracker
-	static   []string  // [capture] cgroups, as paths
+	static   []string // [capture] cgroups, as paths
+	svcs     *staticServices
 	pods     PodSource // nil without [kubernetes]
 	cleanups []func()  // run in reverse order on exit
 
@@ -393,6 +395,14 @@ func (d *daemon) start(wait, ctx context.Context) error {
 	}
 	d.cleanups = append(d.cleanups, func() { d.dp.Close() })
 	d.metrics.SetSpliceSource(d.spliceCounters)
+	// [[services]] are in the maps before connect4 is attached; their
+	// locality follows this node's addresses (startMembers).
+	d.svcs = newStaticServices(d.dp.Services(), log)
+	if err := d.svcs.set(cfg.Services); err != nil {
+		return err
+	}
+	d.admin.HandleJSON("/debug/services", debugServices(d.dp.Services()))
+	d.metrics.Registry().MustRegister(metrics.ServiceCollector(d.serviceCounts))
 
 	// Every namespace an enrolled process lives in gets its listeners
 	// before connect4 is attached; later ones as they appear.
@@ -433,7 +443,7 @@ func (d *daemon) startMembers(ctx context.Context, enrolled []string, ready6 boo
 		Open:      d.openNamespace(ctx),
 		Own:       ownService{d.tun.Local, ready6},
 		Maps:      d.dp,
-		NodeAddrs: d.tun.Node.Set,
+		NodeAddrs: func(addrs []netip.Addr) { d.tun.Node.Set(addrs); d.svcs.setLocal(addrs) },
 		Wake:      wake,
 		Logger:    d.log,
 	})

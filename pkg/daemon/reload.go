@@ -103,8 +103,11 @@ func (d *daemon) apply(next config.Config) error {
 		{"the enrolled cgroups' namespaces",
 			func() error { d.setMembers(enrolled); return nil },
 			func() { d.setMembers(prevEnrolled) }},
-		// Last, for it is the one that can fail; it changes all or nothing
-		// itself.
+		{"[[services]]",
+			func() error { return d.svcs.set(next.Services) },
+			func() { d.svcs.set(d.cfg.Services) }},
+		// Last, for it is the one that can fail the most; it changes all
+		// or nothing itself.
 		{"[capture]",
 			func() error { return d.attachCapture(enrolled, c) },
 			nil},
@@ -126,6 +129,7 @@ func (d *daemon) apply(next config.Config) error {
 	kept.Tunnel.TLS.TrustDomain, kept.Tunnel.TLS.AllowIdentities, kept.Tunnel.TLS.Peers =
 		next.Tunnel.TLS.TrustDomain, next.Tunnel.TLS.AllowIdentities, next.Tunnel.TLS.Peers
 	kept.Log.Level = next.Log.Level
+	kept.Services = next.Services
 	d.cfg = kept
 	return nil
 }

@@ -96,8 +96,9 @@ type Datapath struct {
 	ns     *nsMaps
 	events *ringbuf.Reader // smesh_netns_events, once NetnsEvents opened it
 	// rules are what SetCapture last wrote into the capture maps.
-	rules  *captureRules
-	closed bool
+	rules    *captureRules
+	services *ServiceTable
+	closed   bool
 }
 
 // Load loads the programs and attaches sk_msg to the sockhash, but attaches
@@ -149,6 +150,10 @@ func Load(opts Options) (_ *Datapath, err error) {
 	// A pinned set adopted from an earlier run names that run's
 	// namespaces; the caller registers the current ones.
 	if err := d.ns.reset(); err != nil {
+		return nil, err
+	}
+	d.services, err = newServiceTable(serviceMaps{d.connect.SmeshServices, d.connect.SmeshBackends, d.connect.SmeshSvcMembers})
+	if err != nil {
 		return nil, err
 	}
 	return d, nil
@@ -261,6 +266,9 @@ func connectSpec(opts Options, proxyCgroupID uint64) (*ebpf.CollectionSpec, erro
 	}
 	if err := spec.Variables["fail_closed"].Set(opts.FailClosed); err != nil {
 		return nil, fmt.Errorf("setting connect fail_closed: %w", err)
+	}
+	if err := spec.Variables["have_set_retval"].Set(HaveSetRetval() == nil); err != nil {
+		return nil, fmt.Errorf("setting connect have_set_retval: %w", err)
 	}
 	return spec, nil
 }
@@ -625,6 +633,11 @@ type Counters struct {
 	// end was not established yet, found to belong to a spliced hop: the
 	// hop runs as plain TCP, its bytes counted as demoted.
 	Raced uint64
+	// Service connections connect4/6 sent to a backend: on this node
+	// (spliced; relayed in copy mode), elsewhere and captured (through the
+	// tunnel), elsewhere and not captured ([capture] rules); and those
+	// refused because the Service had no backend.
+	SvcLocal, SvcTunnel, SvcDirect, SvcNoBackend uint64
 }
 
 // Counters sums the per-CPU event counters.
@@ -646,13 +659,17 @@ func countersFrom(m *ebpf.Map) (Counters, error) {
 		return sum, nil
 	}
 	var c Counters
-	var errs [6]error
+	var errs [10]error
 	c.UnreadyOpen, errs[0] = read(0)
 	c.UnreadyClosed, errs[1] = read(1)
 	c.Demotions, errs[2] = read(2)
 	c.Released, errs[3] = read(3)
 	c.SplicedConns, errs[4] = read(4)
 	c.Raced, errs[5] = read(5)
+	c.SvcLocal, errs[6] = read(6)
+	c.SvcTunnel, errs[7] = read(7)
+	c.SvcDirect, errs[8] = read(8)
+	c.SvcNoBackend, errs[9] = read(9)
 	return c, errors.Join(errs[:]...)
 }
 

@@ -137,6 +137,8 @@ func probe(programs bool) []Feature {
 		}
 		add("program smesh_skmsg_unbounded (sk_msg on a sockhash: splice)", "splice", probeSkmsg(0))
 	}
+	add("bpf_set_retval in cgroup/connect4 (Linux 5.18+): a connect() to a Service without backends fails "+
+		"with ECONNREFUSED, as with kube-proxy; without it, with EPERM", "ECONNREFUSED for Services", HaveSetRetval())
 	add("bounded splice (program smesh_skmsg: kfuncs bpf_cast_to_kern_ctx and bpf_rdonly_cast, Linux 6.2+, and CAP_PERFMON)",
 		"bounded splice", probeSkmsg(1<<20))
 	add("bounded splice: the queue at a spliced hop's reader is visible (psock->msg_tot_len, or redirected bytes in sk_rmem_alloc)",
@@ -277,7 +279,10 @@ func Missing(fs []Feature, neededFor string) error {
 	levels := map[string]int{"capture": 0, "splice": 1, "bounded splice": 2}
 	var errs []error
 	for _, f := range fs {
-		if f.Err != nil && levels[f.NeededFor] <= levels[neededFor] {
+		// Features of no level (ECONNREFUSED for Services) only change
+		// how something works, never whether it does.
+		level, ok := levels[f.NeededFor]
+		if f.Err != nil && ok && level <= levels[neededFor] {
 			errs = append(errs, fmt.Errorf("%s: %w", f.Name, f.Err))
 		}
 	}
