@@ -114,7 +114,7 @@ struct {
  * simply gets a fresh choice. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, 16384);
 	__type(key, struct affinity_key);
 	__type(value, struct affinity);
 } smesh_affinity SEC(".maps");

@@ -61,6 +61,11 @@ type Datapath struct {
 	// MapSize is the maximum number of entries of the sockhash and of the
 	// original-destination map.
 	MapSize uint32 `toml:"map_size"`
+	// ServiceMapSize bounds the service ports connect4 translates
+	// (Kubernetes Services times their ClusterIPs and TCP ports, and
+	// [[services]]); BackendMapSize their backends, all services together.
+	ServiceMapSize uint32 `toml:"service_map_size"`
+	BackendMapSize uint32 `toml:"backend_map_size"`
 	// SpliceProxyHops splices the hops with smeshd at one end too, not
 	// only direct same-node connections.
 	SpliceProxyHops bool `toml:"splice_proxy_hops"`
@@ -278,6 +283,8 @@ func Default() Config {
 		Datapath: Datapath{
 			Mode:             "auto",
 			MapSize:          65536,
+			ServiceMapSize:   65536,
+			BackendMapSize:   262144,
 			SpliceProxyHops:  true,
 			SpliceQueueLimit: Size{2 << 20},
 		},

@@ -18,6 +18,9 @@ import (
 const (
 	minMapSize = 1024
 	maxMapSize = 1 << 20
+	// Backends: 4 Mi, a cluster's endpoints with room for a revision of
+	// each service being replaced.
+	maxBackendMapSize = 1 << 22
 )
 
 // The bound of a spliced hop's queue: below the minimum a hop demotes at
@@ -44,6 +47,12 @@ func (c *Config) Validate() error {
 	checkOneOf(&p, "datapath.mode", c.Datapath.Mode, "auto", "splice", "copy")
 	if c.Datapath.MapSize < minMapSize || c.Datapath.MapSize > maxMapSize {
 		p.addf("datapath.map_size", "%d is out of range (want %d to %d)", c.Datapath.MapSize, minMapSize, maxMapSize)
+	}
+	if c.Datapath.ServiceMapSize < minMapSize || c.Datapath.ServiceMapSize > maxMapSize {
+		p.addf("datapath.service_map_size", "%d is out of range (want %d to %d)", c.Datapath.ServiceMapSize, minMapSize, maxMapSize)
+	}
+	if c.Datapath.BackendMapSize < minMapSize || c.Datapath.BackendMapSize > maxBackendMapSize {
+		p.addf("datapath.backend_map_size", "%d is out of range (want %d to %d)", c.Datapath.BackendMapSize, minMapSize, maxBackendMapSize)
 	}
 	if l := c.Datapath.SpliceQueueLimit.Bytes; l < minQueueLimit || l > maxQueueLimit {
 		p.addf("datapath.splice_queue_limit", "%s is out of range (want 64KiB to 256MiB)", c.Datapath.SpliceQueueLimit)

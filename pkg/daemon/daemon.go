@@ -384,6 +384,8 @@ func (d *daemon) start(wait, ctx context.Context) error {
 		ProxyAddr6:       cfg.Outbound.Listen6,
 		ProxyCgroup:      own,
 		MapSize:          cfg.Datapath.MapSize,
+		ServiceMapSize:   cfg.Datapath.ServiceMapSize,
+		BackendMapSize:   cfg.Datapath.BackendMapSize,
 		SpliceProxyHops:  cfg.Datapath.SpliceProxyHops,
 		SpliceQueueLimit: queueLimit,
 		PinDir:           pinDir,

@@ -54,6 +54,11 @@ type Options struct {
 	// MapSize bounds the sockhash, the original-destination map and
 	// smesh_dirs (one entry per socket in the sockhash).
 	MapSize uint32
+	// ServiceMapSize bounds smesh_services (service ports), BackendMapSize
+	// smesh_backends and smesh_svc_members (their backends, with room
+	// for the revisions being replaced: ServiceTable). 0: the sizes in
+	// service.h.
+	ServiceMapSize, BackendMapSize uint32
 	// SpliceProxyHops splices the hops with smeshd at one end too (see
 	// splice_proxy_hops in sockops.c).
 	SpliceProxyHops bool
@@ -263,6 +268,13 @@ func connectSpec(opts Options, proxyCgroupID uint64) (*ebpf.CollectionSpec, erro
 	}
 	if err := setConnectVars(spec, opts, proxyCgroupID); err != nil {
 		return nil, err
+	}
+	if opts.ServiceMapSize > 0 {
+		spec.Maps["smesh_services"].MaxEntries = opts.ServiceMapSize
+	}
+	if opts.BackendMapSize > 0 {
+		spec.Maps["smesh_backends"].MaxEntries = opts.BackendMapSize
+		spec.Maps["smesh_svc_members"].MaxEntries = opts.BackendMapSize
 	}
 	if err := spec.Variables["fail_closed"].Set(opts.FailClosed); err != nil {
 		return nil, fmt.Errorf("setting connect fail_closed: %w", err)

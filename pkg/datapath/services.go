@@ -40,6 +40,7 @@ type ServiceTable struct {
 	mu     sync.Mutex
 	held   map[services.Key]heldService
 	lastID uint32
+	ids    map[uint32]bool // revision ids in use, held or retired
 	// retired are revisions no service entry names any more, whose slots
 	// go once retireGrace has passed: a connect4 that read the old entry
 	// just before the switch may still be looking its slots up.
@@ -70,7 +71,7 @@ var _ services.Sink = (*ServiceTable)(nil)
 // earlier run holds that run's services, under ids this table does not
 // know; the daemon writes the current ones before attaching connect4.
 func newServiceTable(m serviceMaps) (*ServiceTable, error) {
-	t := &ServiceTable{maps: m, held: make(map[services.Key]heldService)}
+	t := &ServiceTable{maps: m, held: make(map[services.Key]heldService), ids: make(map[uint32]bool)}
 	err := errors.Join(
 		clearMap[connect.ConnectSvcKey, connect.ConnectSvc](m.services),
 		clearMap[connect.ConnectBackendKey, connect.ConnectBackend](m.backends),
@@ -197,21 +198,13 @@ func (t *ServiceTable) Fill() ServiceFill {
 	return f
 }
 
-// newID returns a revision id no service holds (0 is never one).
+// newID returns a revision id no service holds, held or retired (0 is
+// never one), and marks it in use until deleteSlots.
 func (t *ServiceTable) newID() uint32 {
 	for {
 		t.lastID++
-		if t.lastID == 0 {
-			continue
-		}
-		inUse := false
-		for _, h := range t.held {
-			inUse = inUse || h.id == t.lastID
-		}
-		for _, r := range t.retired {
-			inUse = inUse || r.h.id == t.lastID
-		}
-		if !inUse {
+		if t.lastID != 0 && !t.ids[t.lastID] {
+			t.ids[t.lastID] = true
 			return t.lastID
 		}
 	}
@@ -237,6 +230,7 @@ func (t *ServiceTable) writeSlots(h heldService) error {
 // deleteSlots removes h's backends. A slot left behind by a failing delete
 // would only cost an entry: nothing names its id any more.
 func (t *ServiceTable) deleteSlots(h heldService) {
+	delete(t.ids, h.id)
 	for i, b := range h.usable {
 		t.maps.backends.Delete(connect.ConnectBackendKey{Id: h.id, Slot: uint32(i)})
 		t.maps.members.Delete(connect.ConnectMemberKey{Id: h.id, Be: backendValue(b)})

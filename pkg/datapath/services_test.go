@@ -277,7 +277,11 @@ func TestChooseDuringUpdates(t *testing.T) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		for i := 0; !stop.Load(); i++ {
+		// At most 5,000 revisions: each holds its slots for
+		// retireGrace after it is replaced, so an unbounded loop would
+		// fill smesh_backends within the second (as a real source never
+		// does: the Kubernetes watcher coalesces a Service's events).
+		for i := 0; !stop.Load() && i < 5000; i++ {
 			set := setA
 			if i%2 == 1 {
 				set = setB
