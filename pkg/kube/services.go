@@ -1,0 +1,561 @@
+package kube
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/rs/zerolog"
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/watch"
+	"k8s.io/client-go/tools/cache"
+
+	"github.com/smesh-dev/smesh/pkg/config"
+	"github.com/smesh-dev/smesh/pkg/services"
+)
+
+// The [kubernetes] prefer_local_backends values.
+const (
+	PreferClose  = "prefer_close"
+	PreferAlways = "always"
+	PreferNever  = "never"
+)
+
+const (
+	// topologyModeAnnotation = Auto asks for topology-aware routing (the
+	// annotation trafficDistribution replaces).
+	topologyModeAnnotation = "service.kubernetes.io/topology-mode"
+	// defaultAffinityTimeout is sessionAffinityConfig.clientIP's default
+	// (3 hours), which the API server also fills in.
+	defaultAffinityTimeout = 10800 * time.Second
+	// byService is the EndpointSlice index by "namespace/service".
+	byService = "service"
+)
+
+// ServiceOptions configure a ServiceWatcher.
+type ServiceOptions struct {
+	API API
+	// NoWatchList: API cannot stream a list as a watch.
+	NoWatchList bool
+	// NodeName is this node: its backends are Local.
+	NodeName string
+	// PreferLocal is [kubernetes] prefer_local_backends.
+	PreferLocal string
+	Sink        services.Sink
+	// Retry is how long a Service whose Sink call failed waits before it
+	// is applied again; 0 means 1s.
+	Retry  time.Duration
+	Logger zerolog.Logger
+}
+
+// ServiceWatcher follows the cluster's Services and EndpointSlices and
+// keeps a Sink holding one services.Service per ClusterIP and TCP port.
+//
+// Events only name the Service they concern ("namespace/name", from the
+// object or from a slice's kubernetes.io/service-name label) in a pending
+// set; Run recomputes those Services alone from the informers' stores and
+// gives the Sink the difference from what it gave before. A burst of
+// events for one Service (its slices rewritten one by one) collapses into
+// one recomputation while Run is busy, and a relist that changes nothing
+// (an API server restart) calls the Sink not at all.
+type ServiceWatcher struct {
+	o      ServiceOptions
+	log    zerolog.Logger
+	svcs   cache.SharedIndexInformer
+	slices cache.SharedIndexInformer
+	wake   chan struct{}
+	synced chan struct{}
+	done   chan struct{}
+
+	pmu     sync.Mutex
+	pending map[string]struct{} // Services to recompute
+
+	mu sync.Mutex // guards given, for Services
+	// given is what the Sink holds, by Service "namespace/name" and key:
+	// only what it accepted.
+	given map[string]map[services.Key]services.Service
+	// owner is the Service whose entry the Sink holds for a key: a
+	// ClusterIP freed by one Service and taken by another must not be
+	// deleted when the first one's deletion is applied after the second's
+	// update. Owned by Run.
+	owner map[services.Key]string
+	// failed are the Services whose last apply had a Sink error, retried
+	// after Retry. Owned by Run.
+	failed map[string]struct{}
+}
+
+// StartServices starts watching the cluster's Services and EndpointSlices
+// through api until ctx is done, handing sink one Service per ClusterIP and
+// TCP port; node is this node's name (its backends are Local). The caller
+// waits for WaitSynced before it relies on the sink being complete.
+func StartServices(ctx context.Context, cfg config.Kubernetes, api API, node string, sink services.Sink, log zerolog.Logger) (*ServiceWatcher, error) {
+	switch {
+	case api == nil || sink == nil:
+		return nil, errors.New("kubernetes services: no API or no sink")
+	case node == "":
+		return nil, errors.New("kubernetes services: this node's name is empty")
+	}
+	switch cfg.PreferLocalBackends {
+	case PreferClose, PreferAlways, PreferNever:
+	default:
+		return nil, fmt.Errorf("kubernetes.prefer_local_backends: %q is not allowed (want one of %q, %q, %q)",
+			cfg.PreferLocalBackends, PreferClose, PreferAlways, PreferNever)
+	}
+	w := NewServiceWatcher(ServiceOptions{API: api, NodeName: node, PreferLocal: cfg.PreferLocalBackends, Sink: sink, Logger: log})
+	go w.Run(ctx)
+	return w, nil
+}
+
+// NewServiceWatcher prepares a watcher; Run starts it.
+func NewServiceWatcher(o ServiceOptions) *ServiceWatcher {
+	if o.Retry == 0 {
+		o.Retry = time.Second
+	}
+	w := &ServiceWatcher{
+		o:       o,
+		log:     o.Logger.With().Str("component", "kubernetes-services").Logger(),
+		wake:    make(chan struct{}, 1),
+		synced:  make(chan struct{}),
+		done:    make(chan struct{}),
+		pending: make(map[string]struct{}),
+		given:   make(map[string]map[services.Key]services.Service),
+		owner:   make(map[services.Key]string),
+		failed:  make(map[string]struct{}),
+	}
+	lw := func(resource string) cache.ListerWatcher {
+		return cache.ToListWatcherWithWatchListSemantics(&cache.ListWatch{
+			ListWithContextFunc: func(ctx context.Context, opts metav1.ListOptions) (runtime.Object, error) {
+				return o.API.List(ctx, resource, opts)
+			},
+			WatchFuncWithContext: func(ctx context.Context, opts metav1.ListOptions) (watch.Interface, error) {
+				return o.API.Watch(ctx, resource, opts)
+			},
+		}, watchListSupport(!o.NoWatchList))
+	}
+	w.svcs = cache.NewSharedIndexInformer(lw("services"), &corev1.Service{}, 0, cache.Indexers{})
+	w.slices = cache.NewSharedIndexInformer(lw("endpointslices"), &discoveryv1.EndpointSlice{}, 0,
+		cache.Indexers{byService: func(obj any) ([]string, error) {
+			if name := sliceService(obj); name != "" {
+				return []string{name}, nil
+			}
+			return nil, nil
+		}})
+	// Every Service and slice of the cluster is held: keep only what
+	// serviceSet reads.
+	w.svcs.SetTransform(trimService)
+	w.slices.SetTransform(trimSlice)
+	w.svcs.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(obj any) { w.mark(serviceName(obj)) },
+		UpdateFunc: func(_, obj any) { w.mark(serviceName(obj)) },
+		DeleteFunc: func(obj any) { w.mark(serviceName(obj)) },
+	})
+	w.slices.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc: func(obj any) { w.mark(sliceService(obj)) },
+		// A slice relabelled to another Service changes both.
+		UpdateFunc: func(old, obj any) { w.mark(sliceService(old), sliceService(obj)) },
+		DeleteFunc: func(obj any) { w.mark(sliceService(obj)) },
+	})
+	return w
+}
+
+// serviceName is "namespace/name" of a Service or its tombstone.
+func serviceName(obj any) string {
+	name, _ := cache.DeletionHandlingMetaNamespaceKeyFunc(obj)
+	return name
+}
+
+// sliceService is "namespace/service" of the Service a slice (or its
+// tombstone) belongs to, or "" when it names none.
+func sliceService(obj any) string {
+	if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+		obj = t.Obj
+	}
+	s, ok := obj.(*discoveryv1.EndpointSlice)
+	if !ok {
+		return ""
+	}
+	svc := s.Labels[discoveryv1.LabelServiceName]
+	if svc == "" {
+		return ""
+	}
+	return s.Namespace + "/" + svc
+}
+
+func (w *ServiceWatcher) mark(names ...string) {
+	w.pmu.Lock()
+	for _, n := range names {
+		if n != "" {
+			w.pending[n] = struct{}{}
+		}
+	}
+	w.pmu.Unlock()
+	select {
+	case w.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Run watches until ctx is done.
+func (w *ServiceWatcher) Run(ctx context.Context) {
+	defer close(w.done)
+	go w.svcs.RunWithContext(ctx)
+	go w.slices.RunWithContext(ctx)
+	// Both stores complete before the first pass: a Service applied before
+	// its slices were listed would reach the Sink with no backends.
+	if !cache.WaitForCacheSync(ctx.Done(), w.svcs.HasSynced, w.slices.HasSynced) {
+		return
+	}
+	for _, name := range w.svcs.GetStore().ListKeys() {
+		w.mark(name)
+	}
+	w.apply()
+	w.log.Info().Int("services", len(w.svcs.GetStore().ListKeys())).Int("endpointslices", len(w.slices.GetStore().ListKeys())).
+		Int("service_ports", len(w.Services())).Msg("services synced")
+	close(w.synced)
+	retry := time.NewTicker(w.o.Retry)
+	defer retry.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-w.wake:
+			w.apply()
+		case <-retry.C:
+			if len(w.failed) > 0 {
+				for name := range w.failed {
+					w.mark(name)
+				}
+				clear(w.failed)
+			}
+		}
+	}
+}
+
+// WaitSynced returns once the Services and EndpointSlices have been listed
+// and the Sink given them all, or with an error when ctx ends first.
+func (w *ServiceWatcher) WaitSynced(ctx context.Context) error {
+	select {
+	case <-w.synced:
+		return nil
+	case <-w.done:
+		return errors.New("kubernetes: service watcher stopped before the services were listed")
+	case <-ctx.Done():
+		return fmt.Errorf("waiting for the Services and EndpointSlices from the Kubernetes API: %w", ctx.Err())
+	}
+}
+
+// Services are what the Sink holds, sorted by name, VIP and port (for
+// /debug/services).
+func (w *ServiceWatcher) Services() []services.Service {
+	w.mu.Lock()
+	var all []services.Service
+	for _, set := range w.given {
+		for _, s := range set {
+			all = append(all, s)
+		}
+	}
+	w.mu.Unlock()
+	slices.SortFunc(all, func(a, b services.Service) int {
+		return cmp.Or(strings.Compare(a.Name, b.Name), a.VIP.Compare(b.VIP), cmp.Compare(a.Port, b.Port))
+	})
+	return all
+}
+
+// apply recomputes the pending Services. It runs only on Run's goroutine.
+func (w *ServiceWatcher) apply() {
+	w.pmu.Lock()
+	pending := w.pending
+	w.pending = make(map[string]struct{}, len(pending))
+	w.pmu.Unlock()
+	for name := range pending {
+		w.applyOne(name)
+	}
+}
+
+// applyOne gives the Sink the difference between what it holds for the
+// Service name and what the stores say now.
+func (w *ServiceWatcher) applyOne(name string) {
+	want := make(map[services.Key]services.Service)
+	if obj, ok, _ := w.svcs.GetStore().GetByKey(name); ok {
+		var eps []*discoveryv1.EndpointSlice
+		objs, _ := w.slices.GetIndexer().ByIndex(byService, name)
+		for _, o := range objs {
+			if s, ok := o.(*discoveryv1.EndpointSlice); ok {
+				eps = append(eps, s)
+			}
+		}
+		for _, s := range serviceSet(obj.(*corev1.Service), eps, w.o.NodeName, w.o.PreferLocal) {
+			want[s.Key] = s
+		}
+	}
+	w.mu.Lock()
+	had := w.given[name]
+	w.mu.Unlock()
+	now := make(map[services.Key]services.Service, len(want))
+	failed := false
+	for k, s := range want {
+		if old, ok := had[k]; ok && sameService(old, s) {
+			now[k] = old
+			continue
+		}
+		if err := w.o.Sink.Update(s); err != nil {
+			w.log.Error().Err(err).Str("service", s.Name).Stringer("key", k).Msg("giving the data path a service; retrying")
+			failed = true
+			if old, ok := had[k]; ok {
+				now[k] = old // still what the Sink holds
+			}
+			continue
+		}
+		now[k] = s
+		w.owner[k] = name
+	}
+	for k, old := range had {
+		if _, ok := want[k]; ok {
+			continue
+		}
+		if w.owner[k] != name {
+			continue // another Service holds the key now
+		}
+		if err := w.o.Sink.Delete(k); err != nil {
+			w.log.Error().Err(err).Str("service", old.Name).Stringer("key", k).Msg("removing a service from the data path; retrying")
+			failed = true
+			now[k] = old
+			continue
+		}
+		delete(w.owner, k)
+	}
+	if failed {
+		w.failed[name] = struct{}{}
+	}
+	w.mu.Lock()
+	if len(now) == 0 {
+		delete(w.given, name)
+	} else {
+		w.given[name] = now
+	}
+	w.mu.Unlock()
+}
+
+func sameService(a, b services.Service) bool {
+	return a.Key == b.Key && a.Name == b.Name && a.AffinityTimeout == b.AffinityTimeout &&
+		a.LocalOnly == b.LocalOnly && a.PreferLocal == b.PreferLocal && slices.Equal(a.Backends, b.Backends)
+}
+
+// serviceSet is what the data path needs of one Kubernetes Service: a
+// services.Service per ClusterIP (both families when dual-stack) and TCP
+// port, its backends from the Service's EndpointSlices of that family.
+// Headless and ExternalName Services have no virtual address to
+// translate, and only TCP is balanced in connect4/6.
+func serviceSet(svc *corev1.Service, eps []*discoveryv1.EndpointSlice, node, prefer string) []services.Service {
+	if svc.Spec.Type == corev1.ServiceTypeExternalName {
+		return nil
+	}
+	ips := svc.Spec.ClusterIPs
+	if len(ips) == 0 && svc.Spec.ClusterIP != "" {
+		ips = []string{svc.Spec.ClusterIP}
+	}
+	var affinity time.Duration
+	if svc.Spec.SessionAffinity == corev1.ServiceAffinityClientIP {
+		affinity = defaultAffinityTimeout
+		if c := svc.Spec.SessionAffinityConfig; c != nil && c.ClientIP != nil && c.ClientIP.TimeoutSeconds != nil {
+			affinity = time.Duration(*c.ClientIP.TimeoutSeconds) * time.Second
+		}
+	}
+	localOnly := svc.Spec.InternalTrafficPolicy != nil && *svc.Spec.InternalTrafficPolicy == corev1.ServiceInternalTrafficPolicyLocal
+	preferLocal := false
+	switch prefer {
+	case PreferAlways:
+		preferLocal = true
+	case PreferClose:
+		preferLocal = asksClose(svc, eps)
+	}
+	var out []services.Service
+	for _, ipStr := range ips {
+		vip, err := netip.ParseAddr(ipStr) // "None" (headless) does not parse
+		if err != nil {
+			continue
+		}
+		vip = vip.Unmap()
+		family := discoveryv1.AddressTypeIPv4
+		if vip.Is6() {
+			family = discoveryv1.AddressTypeIPv6
+		}
+		for _, p := range svc.Spec.Ports {
+			if p.Protocol != corev1.ProtocolTCP && p.Protocol != "" {
+				continue
+			}
+			portName := p.Name
+			if portName == "" {
+				portName = strconv.Itoa(int(p.Port))
+			}
+			out = append(out, services.Service{
+				Key:             services.Key{VIP: vip, Port: uint16(p.Port)},
+				Name:            svc.Namespace + "/" + svc.Name + ":" + portName,
+				Backends:        backends(eps, family, p.Name, node),
+				AffinityTimeout: affinity,
+				LocalOnly:       localOnly,
+				PreferLocal:     preferLocal,
+			})
+		}
+	}
+	return out
+}
+
+// asksClose says whether a Service asks for close endpoints: by
+// trafficDistribution, by the older topology annotation, or by hints the
+// EndpointSlice controller wrote for it.
+func asksClose(svc *corev1.Service, eps []*discoveryv1.EndpointSlice) bool {
+	if td := svc.Spec.TrafficDistribution; td != nil {
+		switch *td {
+		case corev1.ServiceTrafficDistributionPreferClose, corev1.ServiceTrafficDistributionPreferSameZone,
+			corev1.ServiceTrafficDistributionPreferSameNode:
+			return true
+		}
+	}
+	if strings.EqualFold(svc.Annotations[topologyModeAnnotation], "auto") {
+		return true
+	}
+	for _, s := range eps {
+		for _, e := range s.Endpoints {
+			if e.Hints != nil && (len(e.Hints.ForZones) > 0 || len(e.Hints.ForNodes) > 0) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// backends are the endpoints of the slices of family for the service port
+// named portName. A slice's port of that name carries the port the
+// endpoints listen on: the Service's targetPort, resolved per pod when it
+// is a named port. An endpoint listed in two slices (the controller moving
+// it) is taken once, ready if either says so.
+func backends(eps []*discoveryv1.EndpointSlice, family discoveryv1.AddressType, portName, node string) []services.Backend {
+	var out []services.Backend
+	for _, s := range eps {
+		if s.AddressType != family {
+			continue
+		}
+		port := int32(0)
+		for _, p := range s.Ports {
+			name := ""
+			if p.Name != nil {
+				name = *p.Name
+			}
+			if name == portName && p.Port != nil && (p.Protocol == nil || *p.Protocol == corev1.ProtocolTCP) {
+				port = *p.Port
+				break
+			}
+		}
+		if port <= 0 || port > 65535 {
+			continue
+		}
+		for _, e := range s.Endpoints {
+			// Consumers use the first address only (the API's rule).
+			if len(e.Addresses) == 0 {
+				continue
+			}
+			a, err := netip.ParseAddr(e.Addresses[0])
+			if err != nil {
+				continue
+			}
+			b := services.Backend{Addr: netip.AddrPortFrom(a.Unmap(), uint16(port))}
+			// ready nil means ready; serving nil means as ready;
+			// terminating nil means not (the API's documented defaults).
+			b.Ready = e.Conditions.Ready == nil || *e.Conditions.Ready
+			b.Serving = b.Ready
+			if e.Conditions.Serving != nil {
+				b.Serving = *e.Conditions.Serving
+			}
+			b.Terminating = e.Conditions.Terminating != nil && *e.Conditions.Terminating
+			if e.NodeName != nil {
+				b.Node = *e.NodeName
+				b.Local = b.Node == node
+			}
+			out = append(out, b)
+		}
+	}
+	// Ordered by address, the readiest first, so that a duplicate keeps
+	// its best and the Sink sees a stable order (an unchanged set compares
+	// equal).
+	rank := func(b services.Backend) int {
+		switch {
+		case b.Ready:
+			return 0
+		case b.Serving:
+			return 1
+		}
+		return 2
+	}
+	slices.SortFunc(out, func(a, b services.Backend) int {
+		return cmp.Or(a.Addr.Compare(b.Addr), cmp.Compare(rank(a), rank(b)), strings.Compare(a.Node, b.Node))
+	})
+	return slices.CompactFunc(out, func(a, b services.Backend) bool { return a.Addr == b.Addr })
+}
+
+// trimService keeps what serviceSet reads.
+func trimService(obj any) (any, error) {
+	svc, ok := obj.(*corev1.Service)
+	if !ok {
+		return obj, nil
+	}
+	t := &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{
+			Namespace: svc.Namespace, Name: svc.Name, UID: svc.UID, ResourceVersion: svc.ResourceVersion,
+		},
+		Spec: corev1.ServiceSpec{
+			Type:                  svc.Spec.Type,
+			ClusterIP:             svc.Spec.ClusterIP,
+			ClusterIPs:            svc.Spec.ClusterIPs,
+			SessionAffinity:       svc.Spec.SessionAffinity,
+			SessionAffinityConfig: svc.Spec.SessionAffinityConfig,
+			InternalTrafficPolicy: svc.Spec.InternalTrafficPolicy,
+			TrafficDistribution:   svc.Spec.TrafficDistribution,
+		},
+	}
+	if v, ok := svc.Annotations[topologyModeAnnotation]; ok {
+		t.Annotations = map[string]string{topologyModeAnnotation: v}
+	}
+	for _, p := range svc.Spec.Ports {
+		t.Spec.Ports = append(t.Spec.Ports, corev1.ServicePort{Name: p.Name, Port: p.Port, Protocol: p.Protocol})
+	}
+	return t, nil
+}
+
+// trimSlice keeps what serviceSet reads: of an endpoint, its addresses,
+// conditions, node and hints (no targetRef, hostname, zone).
+func trimSlice(obj any) (any, error) {
+	s, ok := obj.(*discoveryv1.EndpointSlice)
+	if !ok {
+		return obj, nil
+	}
+	t := &discoveryv1.EndpointSlice{
+		ObjectMeta: metav1.ObjectMeta{
+			Namespace: s.Namespace, Name: s.Name, UID: s.UID, ResourceVersion: s.ResourceVersion,
+		},
+		AddressType: s.AddressType,
+		Endpoints:   make([]discoveryv1.Endpoint, len(s.Endpoints)),
+	}
+	if svc, ok := s.Labels[discoveryv1.LabelServiceName]; ok {
+		t.Labels = map[string]string{discoveryv1.LabelServiceName: svc}
+	}
+	for _, p := range s.Ports {
+		t.Ports = append(t.Ports, discoveryv1.EndpointPort{Name: p.Name, Port: p.Port, Protocol: p.Protocol})
+	}
+	for i, e := range s.Endpoints {
+		t.Endpoints[i] = discoveryv1.Endpoint{
+			Addresses: e.Addresses, Conditions: e.Conditions, NodeName: e.NodeName, Hints: e.Hints,
+		}
+	}
+	return t, nil
+}
