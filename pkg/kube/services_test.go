@@ -245,6 +245,9 @@ type recordingSink struct {
 	fail  func(op string, k services.Key) bool
 	// notify, when not nil, receives after each call.
 	notify chan struct{}
+	// ns, when set, limits what is recorded to the Services of that
+	// namespace (the API server makes default/kubernetes).
+	ns string
 }
 
 func newRecordingSink() *recordingSink {
@@ -257,6 +260,9 @@ func (r *recordingSink) Update(s services.Service) error {
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if r.ns != "" && !strings.HasPrefix(s.Name, r.ns+"/") {
+		return nil
+	}
 	if r.fail != nil && r.fail("update", s.Key) {
 		r.calls = append(r.calls, "update "+s.Key.String()+" failed")
 		return errors.New("map full")
@@ -270,6 +276,9 @@ func (r *recordingSink) Update(s services.Service) error {
 func (r *recordingSink) Delete(k services.Key) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if _, ok := r.held[k]; !ok && r.ns != "" {
+		return nil
+	}
 	if r.fail != nil && r.fail("delete", k) {
 		r.calls = append(r.calls, "delete "+k.String()+" failed")
 		return errors.New("busy")
