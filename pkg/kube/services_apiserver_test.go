@@ -34,6 +34,7 @@ type svcWorld struct {
 	cp    *kubecp.ControlPlane
 	admin *kubernetes.Clientset
 	sa    *rest.Config // smeshd's ServiceAccount
+	api   *countingAPI // of the last watcher started
 }
 
 func newSvcWorld(t *testing.T) *svcWorld {
@@ -61,10 +62,12 @@ func (wd *svcWorld) ctx() context.Context {
 // through StartServices as the daemon calls it, and waits for its sync.
 func (wd *svcWorld) watch(prefer string, sink services.Sink, retry time.Duration) *ServiceWatcher {
 	t := wd.t
-	api, err := NewAPI(wd.sa)
+	rest, err := NewAPI(wd.sa)
 	if err != nil {
 		t.Fatal(err)
 	}
+	api := &countingAPI{API: rest}
+	wd.api = api
 	ctx, cancel := context.WithCancel(context.Background())
 	w := NewServiceWatcher(ServiceOptions{API: api, NodeName: realNode, PreferLocal: prefer, Sink: sink, Retry: retry,
 		Logger: zerolog.New(zerolog.NewTestWriter(t)).With().Str("prefer", prefer).Logger()})
@@ -281,7 +284,23 @@ func TestServicesOnAPIServer(t *testing.T) {
 
 	// The API server restarts: the relist changes nothing, so the Sink
 	// hears nothing, no delete above all; then a change still arrives.
+	listsBefore, _, _ := wd.api.snapshot()
 	wd.cp.RestartAPIServer(t, nil)
+	// The watches end with the old server; the restarted one's watch
+	// cache starts at etcd's current revision, past the Services'
+	// resourceVersion (the last writes were slices): "410 Gone", and the
+	// Services are listed again (the slices' watch may resume), before the
+	// change below is written.
+	for deadline := time.Now().Add(settle); ; time.Sleep(5 * time.Millisecond) {
+		lists, _, _ := wd.api.snapshot()
+		if lists["services"] > listsBefore["services"] {
+			t.Logf("lists before the restart %v, after %v; errors the watcher got: %q", listsBefore, lists, wd.api.errors())
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no relist after the API server's restart: lists %v before, %v after; errors %q", listsBefore, lists, wd.api.errors())
+		}
+	}
 	wd.slice(endpointSlice("svc", "local-v4", "local", discoveryv1.AddressTypeIPv4,
 		[]discoveryv1.EndpointPort{slicePort("", 7001)}, ep("198.18.1.20", realNode, "rs")))
 	all[4] = l4 + ":7000 svc/local:7000 affinity=1m0s localOnly=true preferLocal=false [198.18.1.20:7001@node-a/Lrs]"
