@@ -33,6 +33,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -508,6 +509,18 @@ func child(ctx context.Context, in io.Reader, out io.Writer) error {
 	}
 	if err := say("synced"); err != nil {
 		return err
+	}
+	// SVCSCALE_HEAPPROFILE=FILE: where the memory after sync goes
+	// (go tool pprof -sample_index=inuse_space FILE).
+	if path := os.Getenv("SVCSCALE_HEAPPROFILE"); path != "" {
+		f, err := os.Create(path)
+		if err != nil {
+			return err
+		}
+		if err := pprof.WriteHeapProfile(f); err != nil {
+			return err
+		}
+		f.Close()
 	}
 	sink.live.Store(true)
 	if _, err := r.ReadString('\n'); err != nil {
