@@ -11,12 +11,14 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unique"
 
 	"github.com/rs/zerolog"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/tools/cache"
 
@@ -150,10 +152,10 @@ func NewServiceWatcher(o ServiceOptions) *ServiceWatcher {
 			}
 			return nil, nil
 		}})
-	// Every Service and slice of the cluster is held: keep only what
-	// serviceSet reads.
-	w.svcs.SetTransform(trimService)
-	w.slices.SetTransform(trimSlice)
+	// Every Service and slice of the cluster is held: the stores keep
+	// only what serviceSet reads, in types of their own.
+	w.svcs.SetTransform(toService)
+	w.slices.SetTransform(toSlice)
 	w.svcs.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(obj any) { w.mark(serviceName(obj)) },
 		UpdateFunc: func(_, obj any) { w.mark(serviceName(obj)) },
@@ -180,15 +182,10 @@ func sliceService(obj any) string {
 	if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
 		obj = t.Obj
 	}
-	s, ok := obj.(*discoveryv1.EndpointSlice)
-	if !ok {
-		return ""
+	if s, ok := obj.(*kubeSlice); ok {
+		return s.service
 	}
-	svc := s.Labels[discoveryv1.LabelServiceName]
-	if svc == "" {
-		return ""
-	}
-	return s.Namespace + "/" + svc
+	return ""
 }
 
 func (w *ServiceWatcher) mark(names ...string) {
@@ -287,15 +284,17 @@ func (w *ServiceWatcher) apply() {
 func (w *ServiceWatcher) applyOne(name string) {
 	want := make(map[services.Key]services.Service)
 	if obj, ok, _ := w.svcs.GetStore().GetByKey(name); ok {
-		var eps []*discoveryv1.EndpointSlice
+		var eps []*kubeSlice
 		objs, _ := w.slices.GetIndexer().ByIndex(byService, name)
 		for _, o := range objs {
-			if s, ok := o.(*discoveryv1.EndpointSlice); ok {
+			if s, ok := o.(*kubeSlice); ok {
 				eps = append(eps, s)
 			}
 		}
-		for _, s := range serviceSet(obj.(*corev1.Service), eps, w.o.NodeName, w.o.PreferLocal) {
-			want[s.Key] = s
+		if svc, ok := obj.(*kubeService); ok {
+			for _, s := range serviceSet(svc, eps, w.o.NodeName, w.o.PreferLocal) {
+				want[s.Key] = s
+			}
 		}
 	}
 	w.mu.Lock()
@@ -351,59 +350,183 @@ func sameService(a, b services.Service) bool {
 		a.LocalOnly == b.LocalOnly && a.PreferLocal == b.PreferLocal && slices.Equal(a.Backends, b.Backends)
 }
 
+// kubeService is what the watcher keeps of a Service: its informer's
+// transform (toService) makes it from the API object, which is then
+// dropped. A Service object takes about 1.5 KB in memory, an EndpointSlice
+// endpoint some 300 bytes; these keep a tenth of that, which is most of
+// smeshd's memory in a cluster of 10,000 Services (README, Kubernetes).
+type kubeService struct {
+	metav1.ObjectMeta // namespace, name and resourceVersion only
+	// vips are the ClusterIPs (spec.clusterIPs, unmapped); none for a
+	// headless or ExternalName Service, which have no address to
+	// translate.
+	vips []netip.Addr
+	// ports are the TCP ports: connect4/6 balance TCP only.
+	ports     []namedPort
+	affinity  time.Duration
+	localOnly bool
+	// asksClose: trafficDistribution or the topology annotation asks for
+	// close endpoints.
+	asksClose bool
+}
+
+// kubeSlice is what the watcher keeps of an EndpointSlice (toSlice).
+type kubeSlice struct {
+	metav1.ObjectMeta // namespace, name and resourceVersion only
+	// service is the "namespace/name" of its Service (label
+	// kubernetes.io/service-name); "" for none.
+	service string
+	// is6: an IPv6 slice; FQDN slices are kept with no endpoints.
+	is6       bool
+	ports     []namedPort // TCP only
+	endpoints []endpoint
+	// hinted: an endpoint carries topology hints (the controller wrote
+	// them for a Service that asks for close endpoints).
+	hinted bool
+}
+
+type namedPort struct {
+	name string
+	port uint16
+}
+
+type endpoint struct {
+	addr                        netip.Addr // the first address: consumers use that one alone (the API's rule)
+	node                        string     // interned: a cluster has far fewer nodes than endpoints
+	ready, serving, terminating bool
+}
+
+func (s *kubeService) GetObjectKind() schema.ObjectKind { return schema.EmptyObjectKind }
+func (s *kubeSlice) GetObjectKind() schema.ObjectKind   { return schema.EmptyObjectKind }
+
+// DeepCopyObject copies; stored objects are never changed, so the slices
+// are shared.
+func (s *kubeService) DeepCopyObject() runtime.Object { c := *s; return &c }
+func (s *kubeSlice) DeepCopyObject() runtime.Object   { c := *s; return &c }
+
+func storedMeta(m metav1.ObjectMeta) metav1.ObjectMeta {
+	return metav1.ObjectMeta{Namespace: m.Namespace, Name: m.Name, ResourceVersion: m.ResourceVersion}
+}
+
+// toService is the Services informer's transform. It passes on what is
+// not a *corev1.Service (the transform must be idempotent).
+func toService(obj any) (any, error) {
+	svc, ok := obj.(*corev1.Service)
+	if !ok {
+		return obj, nil
+	}
+	k := &kubeService{ObjectMeta: storedMeta(svc.ObjectMeta)}
+	if svc.Spec.Type != corev1.ServiceTypeExternalName {
+		ips := svc.Spec.ClusterIPs
+		if len(ips) == 0 && svc.Spec.ClusterIP != "" {
+			ips = []string{svc.Spec.ClusterIP}
+		}
+		for _, s := range ips {
+			if a, err := netip.ParseAddr(s); err == nil { // "None" (headless) does not parse
+				k.vips = append(k.vips, a.Unmap())
+			}
+		}
+	}
+	for _, p := range svc.Spec.Ports {
+		if (p.Protocol == corev1.ProtocolTCP || p.Protocol == "") && p.Port > 0 && p.Port <= 65535 {
+			k.ports = append(k.ports, namedPort{name: p.Name, port: uint16(p.Port)})
+		}
+	}
+	if svc.Spec.SessionAffinity == corev1.ServiceAffinityClientIP {
+		k.affinity = defaultAffinityTimeout
+		if c := svc.Spec.SessionAffinityConfig; c != nil && c.ClientIP != nil && c.ClientIP.TimeoutSeconds != nil {
+			k.affinity = time.Duration(*c.ClientIP.TimeoutSeconds) * time.Second
+		}
+	}
+	k.localOnly = svc.Spec.InternalTrafficPolicy != nil && *svc.Spec.InternalTrafficPolicy == corev1.ServiceInternalTrafficPolicyLocal
+	if td := svc.Spec.TrafficDistribution; td != nil {
+		switch *td {
+		case corev1.ServiceTrafficDistributionPreferClose, corev1.ServiceTrafficDistributionPreferSameZone,
+			corev1.ServiceTrafficDistributionPreferSameNode:
+			k.asksClose = true
+		}
+	}
+	if strings.EqualFold(svc.Annotations[topologyModeAnnotation], "auto") {
+		k.asksClose = true
+	}
+	return k, nil
+}
+
+// toSlice is the EndpointSlices informer's transform.
+func toSlice(obj any) (any, error) {
+	s, ok := obj.(*discoveryv1.EndpointSlice)
+	if !ok {
+		return obj, nil
+	}
+	k := &kubeSlice{ObjectMeta: storedMeta(s.ObjectMeta), is6: s.AddressType == discoveryv1.AddressTypeIPv6}
+	if svc := s.Labels[discoveryv1.LabelServiceName]; svc != "" {
+		k.service = s.Namespace + "/" + svc
+	}
+	if s.AddressType != discoveryv1.AddressTypeIPv4 && s.AddressType != discoveryv1.AddressTypeIPv6 {
+		return k, nil
+	}
+	for _, p := range s.Ports {
+		if p.Port == nil || *p.Port <= 0 || *p.Port > 65535 || (p.Protocol != nil && *p.Protocol != corev1.ProtocolTCP) {
+			continue
+		}
+		name := ""
+		if p.Name != nil {
+			name = *p.Name
+		}
+		k.ports = append(k.ports, namedPort{name: name, port: uint16(*p.Port)})
+	}
+	k.endpoints = make([]endpoint, 0, len(s.Endpoints))
+	for _, e := range s.Endpoints {
+		if e.Hints != nil && (len(e.Hints.ForZones) > 0 || len(e.Hints.ForNodes) > 0) {
+			k.hinted = true
+		}
+		if len(e.Addresses) == 0 {
+			continue
+		}
+		a, err := netip.ParseAddr(e.Addresses[0])
+		if err != nil {
+			continue
+		}
+		// ready nil means ready; serving nil means as ready; terminating
+		// nil means not (the API's documented defaults).
+		ep := endpoint{addr: a.Unmap(), ready: e.Conditions.Ready == nil || *e.Conditions.Ready}
+		ep.serving = ep.ready
+		if e.Conditions.Serving != nil {
+			ep.serving = *e.Conditions.Serving
+		}
+		ep.terminating = e.Conditions.Terminating != nil && *e.Conditions.Terminating
+		if e.NodeName != nil {
+			ep.node = unique.Make(*e.NodeName).Value()
+		}
+		k.endpoints = append(k.endpoints, ep)
+	}
+	return k, nil
+}
+
 // serviceSet is what the data path needs of one Kubernetes Service: a
 // services.Service per ClusterIP (both families when dual-stack) and TCP
 // port, its backends from the Service's EndpointSlices of that family.
-// Headless and ExternalName Services have no virtual address to
-// translate, and only TCP is balanced in connect4/6.
-func serviceSet(svc *corev1.Service, eps []*discoveryv1.EndpointSlice, node, prefer string) []services.Service {
-	if svc.Spec.Type == corev1.ServiceTypeExternalName {
-		return nil
-	}
-	ips := svc.Spec.ClusterIPs
-	if len(ips) == 0 && svc.Spec.ClusterIP != "" {
-		ips = []string{svc.Spec.ClusterIP}
-	}
-	var affinity time.Duration
-	if svc.Spec.SessionAffinity == corev1.ServiceAffinityClientIP {
-		affinity = defaultAffinityTimeout
-		if c := svc.Spec.SessionAffinityConfig; c != nil && c.ClientIP != nil && c.ClientIP.TimeoutSeconds != nil {
-			affinity = time.Duration(*c.ClientIP.TimeoutSeconds) * time.Second
-		}
-	}
-	localOnly := svc.Spec.InternalTrafficPolicy != nil && *svc.Spec.InternalTrafficPolicy == corev1.ServiceInternalTrafficPolicyLocal
+func serviceSet(svc *kubeService, eps []*kubeSlice, node, prefer string) []services.Service {
 	preferLocal := false
 	switch prefer {
 	case PreferAlways:
 		preferLocal = true
 	case PreferClose:
-		preferLocal = asksClose(svc, eps)
+		preferLocal = svc.asksClose || slices.ContainsFunc(eps, func(s *kubeSlice) bool { return s.hinted })
 	}
 	var out []services.Service
-	for _, ipStr := range ips {
-		vip, err := netip.ParseAddr(ipStr) // "None" (headless) does not parse
-		if err != nil {
-			continue
-		}
-		vip = vip.Unmap()
-		family := discoveryv1.AddressTypeIPv4
-		if vip.Is6() {
-			family = discoveryv1.AddressTypeIPv6
-		}
-		for _, p := range svc.Spec.Ports {
-			if p.Protocol != corev1.ProtocolTCP && p.Protocol != "" {
-				continue
-			}
-			portName := p.Name
+	for _, vip := range svc.vips {
+		for _, p := range svc.ports {
+			portName := p.name
 			if portName == "" {
-				portName = strconv.Itoa(int(p.Port))
+				portName = strconv.Itoa(int(p.port))
 			}
 			out = append(out, services.Service{
-				Key:             services.Key{VIP: vip, Port: uint16(p.Port)},
+				Key:             services.Key{VIP: vip, Port: p.port},
 				Name:            svc.Namespace + "/" + svc.Name + ":" + portName,
-				Backends:        backends(eps, family, p.Name, node),
-				AffinityTimeout: affinity,
-				LocalOnly:       localOnly,
+				Backends:        backends(eps, vip.Is6(), p.name, node),
+				AffinityTimeout: svc.affinity,
+				LocalOnly:       svc.localOnly,
 				PreferLocal:     preferLocal,
 			})
 		}
@@ -411,78 +534,26 @@ func serviceSet(svc *corev1.Service, eps []*discoveryv1.EndpointSlice, node, pre
 	return out
 }
 
-// asksClose says whether a Service asks for close endpoints: by
-// trafficDistribution, by the older topology annotation, or by hints the
-// EndpointSlice controller wrote for it.
-func asksClose(svc *corev1.Service, eps []*discoveryv1.EndpointSlice) bool {
-	if td := svc.Spec.TrafficDistribution; td != nil {
-		switch *td {
-		case corev1.ServiceTrafficDistributionPreferClose, corev1.ServiceTrafficDistributionPreferSameZone,
-			corev1.ServiceTrafficDistributionPreferSameNode:
-			return true
-		}
-	}
-	if strings.EqualFold(svc.Annotations[topologyModeAnnotation], "auto") {
-		return true
-	}
-	for _, s := range eps {
-		for _, e := range s.Endpoints {
-			if e.Hints != nil && (len(e.Hints.ForZones) > 0 || len(e.Hints.ForNodes) > 0) {
-				return true
-			}
-		}
-	}
-	return false
-}
-
-// backends are the endpoints of the slices of family for the service port
-// named portName. A slice's port of that name carries the port the
+// backends are the endpoints of the slices of one family for the service
+// port named portName. A slice's port of that name carries the port the
 // endpoints listen on: the Service's targetPort, resolved per pod when it
 // is a named port. An endpoint listed in two slices (the controller moving
 // it) is taken once, ready if either says so.
-func backends(eps []*discoveryv1.EndpointSlice, family discoveryv1.AddressType, portName, node string) []services.Backend {
+func backends(eps []*kubeSlice, is6 bool, portName, node string) []services.Backend {
 	var out []services.Backend
 	for _, s := range eps {
-		if s.AddressType != family {
+		if s.is6 != is6 {
 			continue
 		}
-		port := int32(0)
-		for _, p := range s.Ports {
-			name := ""
-			if p.Name != nil {
-				name = *p.Name
-			}
-			if name == portName && p.Port != nil && (p.Protocol == nil || *p.Protocol == corev1.ProtocolTCP) {
-				port = *p.Port
-				break
-			}
-		}
-		if port <= 0 || port > 65535 {
+		i := slices.IndexFunc(s.ports, func(p namedPort) bool { return p.name == portName })
+		if i < 0 {
 			continue
 		}
-		for _, e := range s.Endpoints {
-			// Consumers use the first address only (the API's rule).
-			if len(e.Addresses) == 0 {
-				continue
-			}
-			a, err := netip.ParseAddr(e.Addresses[0])
-			if err != nil {
-				continue
-			}
-			b := services.Backend{Addr: netip.AddrPortFrom(a.Unmap(), uint16(port))}
-			// ready nil means ready; serving nil means as ready;
-			// terminating nil means not (the API's documented defaults).
-			b.Ready = e.Conditions.Ready == nil || *e.Conditions.Ready
-			b.Serving = b.Ready
-			if e.Conditions.Serving != nil {
-				b.Serving = *e.Conditions.Serving
-			}
-			b.Terminating = e.Conditions.Terminating != nil && *e.Conditions.Terminating
-			if e.NodeName != nil {
-				b.Node = *e.NodeName
-				b.Local = b.Node == node
-			}
-			out = append(out, b)
+		for _, e := range s.endpoints {
+			out = append(out, services.Backend{
+				Addr: netip.AddrPortFrom(e.addr, s.ports[i].port), Node: e.node, Local: e.node != "" && e.node == node,
+				Ready: e.ready, Serving: e.serving, Terminating: e.terminating,
+			})
 		}
 	}
 	// Ordered by address, the readiest first, so that a duplicate keeps
@@ -501,61 +572,4 @@ func backends(eps []*discoveryv1.EndpointSlice, family discoveryv1.AddressType, 
 		return cmp.Or(a.Addr.Compare(b.Addr), cmp.Compare(rank(a), rank(b)), strings.Compare(a.Node, b.Node))
 	})
 	return slices.CompactFunc(out, func(a, b services.Backend) bool { return a.Addr == b.Addr })
-}
-
-// trimService keeps what serviceSet reads.
-func trimService(obj any) (any, error) {
-	svc, ok := obj.(*corev1.Service)
-	if !ok {
-		return obj, nil
-	}
-	t := &corev1.Service{
-		ObjectMeta: metav1.ObjectMeta{
-			Namespace: svc.Namespace, Name: svc.Name, UID: svc.UID, ResourceVersion: svc.ResourceVersion,
-		},
-		Spec: corev1.ServiceSpec{
-			Type:                  svc.Spec.Type,
-			ClusterIP:             svc.Spec.ClusterIP,
-			ClusterIPs:            svc.Spec.ClusterIPs,
-			SessionAffinity:       svc.Spec.SessionAffinity,
-			SessionAffinityConfig: svc.Spec.SessionAffinityConfig,
-			InternalTrafficPolicy: svc.Spec.InternalTrafficPolicy,
-			TrafficDistribution:   svc.Spec.TrafficDistribution,
-		},
-	}
-	if v, ok := svc.Annotations[topologyModeAnnotation]; ok {
-		t.Annotations = map[string]string{topologyModeAnnotation: v}
-	}
-	for _, p := range svc.Spec.Ports {
-		t.Spec.Ports = append(t.Spec.Ports, corev1.ServicePort{Name: p.Name, Port: p.Port, Protocol: p.Protocol})
-	}
-	return t, nil
-}
-
-// trimSlice keeps what serviceSet reads: of an endpoint, its addresses,
-// conditions, node and hints (no targetRef, hostname, zone).
-func trimSlice(obj any) (any, error) {
-	s, ok := obj.(*discoveryv1.EndpointSlice)
-	if !ok {
-		return obj, nil
-	}
-	t := &discoveryv1.EndpointSlice{
-		ObjectMeta: metav1.ObjectMeta{
-			Namespace: s.Namespace, Name: s.Name, UID: s.UID, ResourceVersion: s.ResourceVersion,
-		},
-		AddressType: s.AddressType,
-		Endpoints:   make([]discoveryv1.Endpoint, len(s.Endpoints)),
-	}
-	if svc, ok := s.Labels[discoveryv1.LabelServiceName]; ok {
-		t.Labels = map[string]string{discoveryv1.LabelServiceName: svc}
-	}
-	for _, p := range s.Ports {
-		t.Ports = append(t.Ports, discoveryv1.EndpointPort{Name: p.Name, Port: p.Port, Protocol: p.Protocol})
-	}
-	for i, e := range s.Endpoints {
-		t.Endpoints[i] = discoveryv1.Endpoint{
-			Addresses: e.Addresses, Conditions: e.Conditions, NodeName: e.NodeName, Hints: e.Hints,
-		}
-	}
-	return t, nil
 }

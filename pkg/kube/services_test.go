@@ -111,7 +111,7 @@ func TestServiceSet(t *testing.T) {
 	// A slice without the port's name gives it no backends.
 	other := endpointSlice("ns", "web-d", "web", discoveryv1.AddressTypeIPv4, []discoveryv1.EndpointPort{slicePort("admin", 7000)},
 		ep("198.18.3.1", node, "rs"))
-	got := describeSet(serviceSet(web, []*discoveryv1.EndpointSlice{v4, v6, moved, other}, node, PreferClose))
+	got := describeSet(compute(web, []*discoveryv1.EndpointSlice{v4, v6, moved, other}, node, PreferClose))
 	b4 := "%s@node-1/Lrs %s@node-2/rs %s@node-2/st %s@node-2/t %s@/rs"
 	want := strings.Join([]string{
 		"198.19.255.10:80 ns/web:http affinity=0s localOnly=false preferLocal=false [" +
@@ -127,12 +127,12 @@ func TestServiceSet(t *testing.T) {
 
 	// Usable, the data path's rule, on what serviceSet gives: the draining
 	// backend only when nothing is ready.
-	set := serviceSet(web, []*discoveryv1.EndpointSlice{v4}, node, PreferClose)
+	set := compute(web, []*discoveryv1.EndpointSlice{v4}, node, PreferClose)
 	if u := set[0].Usable(); len(u) != 3 || !u[0].Local {
 		t.Errorf("usable with ready backends: %v", u)
 	}
 	draining := endpointSlice("ns", "web-a", "web", discoveryv1.AddressTypeIPv4, ports, ep("198.18.2.2", "node-2", "st"), ep("198.18.2.3", "node-2", "t"))
-	if u := serviceSet(web, []*discoveryv1.EndpointSlice{draining}, node, PreferClose)[0].Usable(); len(u) != 1 || u[0].Addr.Addr() != netip.MustParseAddr("198.18.2.2") {
+	if u := compute(web, []*discoveryv1.EndpointSlice{draining}, node, PreferClose)[0].Usable(); len(u) != 1 || u[0].Addr.Addr() != netip.MustParseAddr("198.18.2.2") {
 		t.Errorf("usable with none ready: %v, want the serving terminating one", u)
 	}
 
@@ -160,7 +160,7 @@ func TestServiceSet(t *testing.T) {
 	} {
 		s := clusterIPService("ns", "s", []string{"198.19.255.11"}, svcPort("", 80, corev1.ProtocolTCP))
 		tc.svc(s)
-		set := serviceSet(s, nil, node, PreferClose)
+		set := compute(s, nil, node, PreferClose)
 		got := ""
 		if len(set) > 0 {
 			got = describeSet(set[:1])
@@ -202,7 +202,7 @@ func TestServiceSet(t *testing.T) {
 		}{{PreferClose, tc.close}, {PreferAlways, tc.always}, {PreferNever, tc.never}} {
 			s := clusterIPService("ns", "s", []string{"198.19.255.11"}, svcPort("", 80, corev1.ProtocolTCP))
 			tc.svc(s)
-			set := serviceSet(s, []*discoveryv1.EndpointSlice{tc.slice}, node, p.prefer)
+			set := compute(s, []*discoveryv1.EndpointSlice{tc.slice}, node, p.prefer)
 			if len(set) != 1 || set[0].PreferLocal != p.want {
 				t.Errorf("%s, prefer_local_backends = %s: %s, want PreferLocal %t", tc.name, p.prefer, describeSet(set), p.want)
 			}
@@ -210,29 +210,51 @@ func TestServiceSet(t *testing.T) {
 	}
 }
 
-// trimmed objects give the same Services as whole ones.
-func TestServiceSetTrimmed(t *testing.T) {
+// compute is serviceSet on API objects, through the informers' transforms.
+func compute(svc *corev1.Service, eps []*discoveryv1.EndpointSlice, node, prefer string) []services.Service {
+	var ks []*kubeSlice
+	for _, e := range eps {
+		ks = append(ks, stored(e).(*kubeSlice))
+	}
+	return serviceSet(stored(svc).(*kubeService), ks, node, prefer)
+}
+
+// stored is what an informer's store holds of obj.
+func stored(obj any) any {
+	var out any
+	switch obj.(type) {
+	case *corev1.Service:
+		out, _ = toService(obj)
+	case *discoveryv1.EndpointSlice:
+		out, _ = toSlice(obj)
+	}
+	return out
+}
+
+// The transforms are idempotent, as client-go requires, and keep nothing
+// of an object but what serviceSet reads.
+func TestServiceTransforms(t *testing.T) {
 	s := clusterIPService("ns", "web", []string{"198.19.255.10"}, svcPort("http", 80, corev1.ProtocolTCP))
 	s.Labels = map[string]string{"app": "web"}
-	s.Annotations = map[string]string{topologyModeAnnotation: "Auto", "big": strings.Repeat("x", 1000)}
-	s.Spec.Selector = map[string]string{"app": "web"}
-	s.Spec.SessionAffinity = corev1.ServiceAffinityClientIP
-	s.Spec.InternalTrafficPolicy = ptr(corev1.ServiceInternalTrafficPolicyLocal)
+	s.Annotations = map[string]string{"big": strings.Repeat("x", 1000)}
+	s.ResourceVersion = "7"
 	sl := endpointSlice("ns", "web-a", "web", discoveryv1.AddressTypeIPv4, []discoveryv1.EndpointPort{slicePort("http", 8080)},
-		ep("198.18.1.1", node, "rs"), ep("198.18.2.1", "node-2", "st"))
+		ep("198.18.1.1", node, "rs"))
 	sl.Endpoints[0].TargetRef = &corev1.ObjectReference{Kind: "Pod", Name: "web-1"}
-	ts, _ := trimService(s)
-	tsl, _ := trimSlice(sl)
-	whole := describeSet(serviceSet(s, []*discoveryv1.EndpointSlice{sl}, node, PreferClose))
-	trimmed := describeSet(serviceSet(ts.(*corev1.Service), []*discoveryv1.EndpointSlice{tsl.(*discoveryv1.EndpointSlice)}, node, PreferClose))
-	if whole != trimmed {
-		t.Errorf("trimmed:\n%s\nwhole:\n%s", trimmed, whole)
+	// Each transform passes on what it already made, of either kind.
+	for _, once := range []any{stored(s), stored(sl)} {
+		for _, transform := range []func(any) (any, error){toService, toSlice} {
+			if again, _ := transform(once); again != once {
+				t.Errorf("a transform changed an object it made (%T)", once)
+			}
+		}
 	}
-	if got := ts.(*corev1.Service); len(got.Annotations) != 1 || got.Labels != nil || got.Spec.Selector != nil {
-		t.Errorf("trimService kept %+v", got.ObjectMeta)
+	ks := stored(s).(*kubeService)
+	if ks.Labels != nil || ks.Annotations != nil || ks.Namespace != "ns" || ks.Name != "web" || ks.ResourceVersion != "7" {
+		t.Errorf("stored Service meta %+v", ks.ObjectMeta)
 	}
-	if got := tsl.(*discoveryv1.EndpointSlice); got.Endpoints[0].TargetRef != nil || sliceService(got) != "ns/web" {
-		t.Errorf("trimSlice: %+v", got)
+	if kl := stored(sl).(*kubeSlice); kl.service != "ns/web" || len(kl.endpoints) != 1 || kl.Labels != nil {
+		t.Errorf("stored slice %+v", kl)
 	}
 }
 
@@ -328,26 +350,26 @@ func TestServiceWatcherDiff(t *testing.T) {
 	svcs, eps := w.svcs.GetIndexer(), w.slices.GetIndexer()
 	expect := func(why string, want ...string) {
 		t.Helper()
-		if got := sink.take(); !slices.Equal(got, want) {
+		if got := sink.take(); !slices.Equal(sorted(got), sorted(want)) {
 			t.Errorf("%s: sink calls %q, want %q", why, got, want)
 		}
 	}
 	ports := []discoveryv1.EndpointPort{slicePort("http", 8080)}
 	web := clusterIPService("ns", "web", []string{"198.19.255.10"}, svcPort("http", 80, corev1.ProtocolTCP), svcPort("grpc", 81, corev1.ProtocolTCP))
-	svcs.Add(web)
-	eps.Add(endpointSlice("ns", "web-a", "web", discoveryv1.AddressTypeIPv4, ports, ep("198.18.1.1", node, "rs")))
+	svcs.Add(stored(web))
+	eps.Add(stored(endpointSlice("ns", "web-a", "web", discoveryv1.AddressTypeIPv4, ports, ep("198.18.1.1", node, "rs"))))
 	w.applyOne("ns/web")
 	expect("first", "update 198.19.255.10:80", "update 198.19.255.10:81")
 	w.applyOne("ns/web")
 	expect("nothing changed")
 
-	eps.Update(endpointSlice("ns", "web-a", "web", discoveryv1.AddressTypeIPv4, ports, ep("198.18.1.1", node, "rs"), ep("198.18.1.2", node, "rs")))
+	eps.Update(stored(endpointSlice("ns", "web-a", "web", discoveryv1.AddressTypeIPv4, ports, ep("198.18.1.1", node, "rs"), ep("198.18.1.2", node, "rs"))))
 	w.applyOne("ns/web")
 	expect("a backend added: only the port it serves", "update 198.19.255.10:80")
 
 	// The Sink refuses: what it holds stays as it was, and is retried.
 	sink.fail = func(string, services.Key) bool { return true }
-	eps.Update(endpointSlice("ns", "web-a", "web", discoveryv1.AddressTypeIPv4, ports))
+	eps.Update(stored(endpointSlice("ns", "web-a", "web", discoveryv1.AddressTypeIPv4, ports)))
 	w.applyOne("ns/web")
 	expect("refused", "update 198.19.255.10:80 failed")
 	if _, ok := w.failed["ns/web"]; !ok {
@@ -364,20 +386,20 @@ func TestServiceWatcherDiff(t *testing.T) {
 	}
 
 	// The grpc port goes; then the Service.
-	svcs.Update(clusterIPService("ns", "web", []string{"198.19.255.10"}, svcPort("http", 80, corev1.ProtocolTCP)))
+	svcs.Update(stored(clusterIPService("ns", "web", []string{"198.19.255.10"}, svcPort("http", 80, corev1.ProtocolTCP))))
 	w.applyOne("ns/web")
 	expect("a port removed", "delete 198.19.255.10:81")
 	// Deleted, and its ClusterIP and port taken by another Service whose
 	// update is applied first.
-	svcs.Delete(web)
-	svcs.Add(clusterIPService("ns", "new", []string{"198.19.255.10"}, svcPort("http", 80, corev1.ProtocolTCP)))
+	svcs.Delete(stored(web))
+	svcs.Add(stored(clusterIPService("ns", "new", []string{"198.19.255.10"}, svcPort("http", 80, corev1.ProtocolTCP))))
 	w.applyOne("ns/new")
 	w.applyOne("ns/web")
 	expect("a ClusterIP passed on", "update 198.19.255.10:80")
 	if got := w.Services(); len(got) != 1 || got[0].Name != "ns/new:http" {
 		t.Errorf("view %s", describeSet(got))
 	}
-	svcs.Delete(&corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "new"}})
+	svcs.Delete(&kubeService{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "new"}})
 	w.applyOne("ns/new")
 	expect("deleted", "delete 198.19.255.10:80")
 	if got := w.Services(); len(got) != 0 {
