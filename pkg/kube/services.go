@@ -83,9 +83,10 @@ type ServiceWatcher struct {
 	pending map[string]struct{} // Services to recompute
 
 	mu sync.Mutex // guards given, for Services
-	// given is what the Sink holds, by Service "namespace/name" and key:
-	// only what it accepted.
-	given map[string]map[services.Key]services.Service
+	// given is what the Sink holds, by Service "namespace/name": only
+	// what it accepted. A slice, not a map, per Service: most have one to
+	// four keys, and a small map costs more than all of them.
+	given map[string][]services.Service
 	// owner is the Service whose entry the Sink holds for a key: a
 	// ClusterIP freed by one Service and taken by another must not be
 	// deleted when the first one's deletion is applied after the second's
@@ -130,7 +131,7 @@ func NewServiceWatcher(o ServiceOptions) *ServiceWatcher {
 		synced:  make(chan struct{}),
 		done:    make(chan struct{}),
 		pending: make(map[string]struct{}),
-		given:   make(map[string]map[services.Key]services.Service),
+		given:   make(map[string][]services.Service),
 		owner:   make(map[services.Key]string),
 		failed:  make(map[string]struct{}),
 	}
@@ -257,9 +258,7 @@ func (w *ServiceWatcher) Services() []services.Service {
 	w.mu.Lock()
 	var all []services.Service
 	for _, set := range w.given {
-		for _, s := range set {
-			all = append(all, s)
-		}
+		all = append(all, set...)
 	}
 	w.mu.Unlock()
 	slices.SortFunc(all, func(a, b services.Service) int {
@@ -282,7 +281,7 @@ func (w *ServiceWatcher) apply() {
 // applyOne gives the Sink the difference between what it holds for the
 // Service name and what the stores say now.
 func (w *ServiceWatcher) applyOne(name string) {
-	want := make(map[services.Key]services.Service)
+	var want []services.Service
 	if obj, ok, _ := w.svcs.GetStore().GetByKey(name); ok {
 		var eps []*kubeSlice
 		objs, _ := w.slices.GetIndexer().ByIndex(byService, name)
@@ -292,46 +291,42 @@ func (w *ServiceWatcher) applyOne(name string) {
 			}
 		}
 		if svc, ok := obj.(*kubeService); ok {
-			for _, s := range serviceSet(svc, eps, w.o.NodeName, w.o.PreferLocal) {
-				want[s.Key] = s
-			}
+			want = serviceSet(svc, eps, w.o.NodeName, w.o.PreferLocal)
 		}
 	}
 	w.mu.Lock()
 	had := w.given[name]
 	w.mu.Unlock()
-	now := make(map[services.Key]services.Service, len(want))
+	now := make([]services.Service, 0, len(want))
 	failed := false
-	for k, s := range want {
-		if old, ok := had[k]; ok && sameService(old, s) {
-			now[k] = old
+	for _, s := range want {
+		old, ok := find(had, s.Key)
+		if ok && sameService(old, s) {
+			now = append(now, old)
 			continue
 		}
 		if err := w.o.Sink.Update(s); err != nil {
-			w.log.Error().Err(err).Str("service", s.Name).Stringer("key", k).Msg("giving the data path a service; retrying")
+			w.log.Error().Err(err).Str("service", s.Name).Stringer("key", s.Key).Msg("giving the data path a service; retrying")
 			failed = true
-			if old, ok := had[k]; ok {
-				now[k] = old // still what the Sink holds
+			if ok {
+				now = append(now, old) // still what the Sink holds
 			}
 			continue
 		}
-		now[k] = s
-		w.owner[k] = name
+		now = append(now, s)
+		w.owner[s.Key] = name
 	}
-	for k, old := range had {
-		if _, ok := want[k]; ok {
-			continue
+	for _, old := range had {
+		if _, ok := find(want, old.Key); ok || w.owner[old.Key] != name {
+			continue // still wanted, or another Service holds the key now
 		}
-		if w.owner[k] != name {
-			continue // another Service holds the key now
-		}
-		if err := w.o.Sink.Delete(k); err != nil {
-			w.log.Error().Err(err).Str("service", old.Name).Stringer("key", k).Msg("removing a service from the data path; retrying")
+		if err := w.o.Sink.Delete(old.Key); err != nil {
+			w.log.Error().Err(err).Str("service", old.Name).Stringer("key", old.Key).Msg("removing a service from the data path; retrying")
 			failed = true
-			now[k] = old
+			now = append(now, old)
 			continue
 		}
-		delete(w.owner, k)
+		delete(w.owner, old.Key)
 	}
 	if failed {
 		w.failed[name] = struct{}{}
@@ -343,6 +338,16 @@ func (w *ServiceWatcher) applyOne(name string) {
 		w.given[name] = now
 	}
 	w.mu.Unlock()
+}
+
+// find looks k up in the few keys of one Service.
+func find(set []services.Service, k services.Key) (services.Service, bool) {
+	for _, s := range set {
+		if s.Key == k {
+			return s, true
+		}
+	}
+	return services.Service{}, false
 }
 
 func sameService(a, b services.Service) bool {
@@ -540,7 +545,13 @@ func serviceSet(svc *kubeService, eps []*kubeSlice, node, prefer string) []servi
 // is a named port. An endpoint listed in two slices (the controller moving
 // it) is taken once, ready if either says so.
 func backends(eps []*kubeSlice, is6 bool, portName, node string) []services.Backend {
-	var out []services.Backend
+	n := 0
+	for _, s := range eps {
+		if s.is6 == is6 {
+			n += len(s.endpoints)
+		}
+	}
+	out := make([]services.Backend, 0, n) // held as long as the Service is: no spare capacity
 	for _, s := range eps {
 		if s.is6 != is6 {
 			continue
