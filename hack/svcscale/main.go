@@ -562,7 +562,9 @@ func measure(w *kube.ServiceWatcher) stats {
 func mib(b int64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }
 
 func printTable(out io.Writer, o options, version string, fill time.Duration, synced, end stats, lat []time.Duration) {
-	q := func(p float64) time.Duration { return lat[min(len(lat)-1, int(p*float64(len(lat))))].Round(100 * time.Microsecond) }
+	q := func(p float64) time.Duration {
+		return lat[min(len(lat)-1, int(p*float64(len(lat))))].Round(100 * time.Microsecond)
+	}
 	fmt.Fprintf(out, "| Service watcher, kube-apiserver %s | |\n|---|---:|\n", version)
 	fmt.Fprintf(out, "| Services (one TCP port, one slice each) / endpoints | %d / %d |\n", o.services, o.services*o.endpoints)
 	fmt.Fprintf(out, "| Filling (Services and slices) | %s |\n", fill.Round(time.Second))
