@@ -13,7 +13,9 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
@@ -66,7 +68,7 @@ func (wd *svcWorld) watch(prefer string, sink services.Sink, retry time.Duration
 	if err != nil {
 		t.Fatal(err)
 	}
-	api := &countingAPI{API: rest}
+	api := &countingAPI{API: slowSlicesAPI{rest}}
 	wd.api = api
 	ctx, cancel := context.WithCancel(context.Background())
 	w := NewServiceWatcher(ServiceOptions{API: api, NodeName: realNode, PreferLocal: prefer, Sink: sink, Retry: retry,
@@ -317,6 +319,28 @@ func TestServicesOnAPIServer(t *testing.T) {
 	if calls := sink.take(); !slices.Equal(sorted(calls), sorted(want)) {
 		t.Errorf("service deleted: sink calls %q, want %q", calls, want)
 	}
+}
+
+// slowSlicesAPI delays the first answer of every EndpointSlice list or
+// watch: the Services are then listed well before their slices, and a
+// watcher that gave the Sink a Service before its slices were listed would
+// be seen at WaitSynced with backends missing.
+type slowSlicesAPI struct{ API }
+
+const slowSlices = 300 * time.Millisecond
+
+func (s slowSlicesAPI) List(ctx context.Context, resource string, opts metav1.ListOptions) (runtime.Object, error) {
+	if resource == "endpointslices" {
+		time.Sleep(slowSlices)
+	}
+	return s.API.List(ctx, resource, opts)
+}
+
+func (s slowSlicesAPI) Watch(ctx context.Context, resource string, opts metav1.ListOptions) (watch.Interface, error) {
+	if resource == "endpointslices" {
+		time.Sleep(slowSlices)
+	}
+	return s.API.Watch(ctx, resource, opts)
 }
 
 // newSvcSink records the test's namespace only.
