@@ -41,6 +41,22 @@ var mustNot = []authorizationv1.ResourceAttributes{
 	{Verb: "bind", Group: "rbac.authorization.k8s.io", Resource: "clusterroles"},
 	{Verb: "escalate", Group: "rbac.authorization.k8s.io", Resource: "clusterroles"},
 	{Verb: "impersonate", Resource: "serviceaccounts"},
+	// Services and EndpointSlices are read, never written: a node agent
+	// that could rewrite them could send any Service's traffic anywhere.
+	{Verb: "get", Resource: "services", Namespace: "default"},
+	{Verb: "create", Resource: "services", Namespace: "default"},
+	{Verb: "update", Resource: "services", Namespace: "default"},
+	{Verb: "patch", Resource: "services", Namespace: "default"},
+	{Verb: "delete", Resource: "services", Namespace: "default"},
+	{Verb: "update", Resource: "services", Subresource: "status", Namespace: "default"},
+	{Verb: "get", Group: "discovery.k8s.io", Resource: "endpointslices", Namespace: "default"},
+	{Verb: "create", Group: "discovery.k8s.io", Resource: "endpointslices", Namespace: "default"},
+	{Verb: "update", Group: "discovery.k8s.io", Resource: "endpointslices", Namespace: "default"},
+	{Verb: "patch", Group: "discovery.k8s.io", Resource: "endpointslices", Namespace: "default"},
+	{Verb: "delete", Group: "discovery.k8s.io", Resource: "endpointslices", Namespace: "default"},
+	{Verb: "deletecollection", Group: "discovery.k8s.io", Resource: "endpointslices", Namespace: "default"},
+	// The older Endpoints API is not what smeshd reads.
+	{Verb: "list", Resource: "endpoints"},
 }
 
 // TestRBACOnAPIServer applies namespace.yaml and rbac.yaml as shipped to a
@@ -86,7 +102,7 @@ func TestRBACOnAPIServer(t *testing.T) {
 	}
 	for _, r := range reqs {
 		if ok, reason := ask(attributes(r)); !ok {
-			t.Errorf("smeshd's code makes %s %s (all namespaces), but rbac.yaml does not allow it (%s)", r.Verb, r.Resource, reason)
+			t.Errorf("smeshd's code makes %s, but rbac.yaml does not allow it (%s)", describe(attributes(r)), reason)
 		}
 	}
 	for _, ra := range mustNot {
@@ -123,6 +139,14 @@ func TestRBACOnAPIServer(t *testing.T) {
 		t.Errorf("smeshd's pod list for node-a: %d pods %v, want on-this-node alone", len(l.Items), names(l))
 	}
 
+	// The Service and EndpointSlice lists its service watcher makes,
+	// through its own client (discovery.k8s.io's too).
+	for _, res := range []string{"services", "endpointslices"} {
+		if _, err := api.List(ctx, res, metav1.ListOptions{}); err != nil {
+			t.Errorf("smeshd's %s list with its token: %v", res, err)
+		}
+	}
+
 	// The status codes themselves, on the wire.
 	hc, err := rest.HTTPClientFor(sa)
 	if err != nil {
@@ -137,6 +161,10 @@ func TestRBACOnAPIServer(t *testing.T) {
 		{"/api/v1/namespaces/kube-system/secrets", http.StatusForbidden},
 		{"/api/v1/nodes/node-a/proxy/pods", http.StatusForbidden},
 		{"/api/v1/namespaces/kube-system/configmaps", http.StatusForbidden},
+		{"/api/v1/services", http.StatusOK},
+		{"/apis/discovery.k8s.io/v1/endpointslices", http.StatusOK},
+		{"/api/v1/namespaces/default/services/kubernetes", http.StatusForbidden},
+		{"/api/v1/endpoints", http.StatusForbidden},
 	} {
 		if got, body := status(ctx, t, hc, sa.Host+tc.path); got != tc.want {
 			t.Errorf("GET %s with smeshd's token: %d, want %d: %s", tc.path, got, tc.want, body)
@@ -146,7 +174,7 @@ func TestRBACOnAPIServer(t *testing.T) {
 
 // attributes is r as an access review asks it.
 func attributes(r kube.Request) authorizationv1.ResourceAttributes {
-	return authorizationv1.ResourceAttributes{Verb: r.Verb, Resource: r.Resource, Namespace: r.Namespace}
+	return authorizationv1.ResourceAttributes{Verb: r.Verb, Group: r.Group, Resource: r.Resource, Namespace: r.Namespace}
 }
 
 func describe(ra authorizationv1.ResourceAttributes) string {

@@ -188,6 +188,11 @@ type Kubernetes struct {
 	// "" finds it by a search, which a second kubepods cgroup at the same
 	// depth makes ambiguous.
 	KubepodsCgroup string `toml:"kubepods_cgroup"`
+	// PreferLocalBackends says which Services send connections to a
+	// backend on this node whenever one is usable: "prefer_close" (those
+	// whose trafficDistribution or topology annotation asks for close
+	// endpoints, or whose EndpointSlices carry hints), "always", "never".
+	PreferLocalBackends string `toml:"prefer_local_backends"`
 }
 
 // IsKubepodsName reports whether name is what the kubelet calls its
@@ -329,6 +334,8 @@ func Default() Config {
 			Enabled:     false,
 			NodeNameEnv: "NODE_NAME",
 			Label:       "smesh.dev/mesh=enabled",
+
+			PreferLocalBackends: "prefer_close",
 		},
 		Services: []Service{},
 	}

@@ -300,6 +300,7 @@ func TestParseInvalidValues(t *testing.T) {
 		{"kubepods root", "[kubernetes]\nkubepods_cgroup = \"/\"\n", []string{"kubernetes.kubepods_cgroup", "below the cgroup v2 root"}},
 		{"kubepods dotdot", "[kubernetes]\nkubepods_cgroup = \"../kubepods\"\n", []string{"kubernetes.kubepods_cgroup"}},
 		{"kubepods fs path", "[kubernetes]\nkubepods_cgroup = \"/sys/fs/cgroup/kubepods.slice\"\n", []string{"kubernetes.kubepods_cgroup", "relative to the cgroup v2 mount"}},
+		{"prefer local", "[kubernetes]\nprefer_local_backends = \"sometimes\"\n", []string{"kubernetes.prefer_local_backends", `"prefer_close", "always", "never"`}},
 		{"kubepods type", "[kubernetes]\nkubepods_cgroup = 1\n", []string{"line 2", "kubernetes.kubepods_cgroup"}},
 	}
 	for _, tt := range tests {
@@ -332,6 +333,8 @@ func TestParseValidEdgeCases(t *testing.T) {
 		{"workload API over tcp", "[tunnel.tls]\nsource = \"workload_api\"\nworkload_api_socket = \"tcp://127.0.0.1:8081\"\n"},
 		{"kubernetes", "[kubernetes]\nenabled = true\nnode_name_env = \"MY_NODE\"\nlabel = \"mesh=\"\n"},
 		{"kubernetes plain label", "[kubernetes]\nlabel = \"example.com/in-mesh=yes\"\n"},
+		{"prefer local always", "[kubernetes]\nprefer_local_backends = \"always\"\n"},
+		{"prefer local never", "[kubernetes]\nprefer_local_backends = \"never\"\n"},
 		{"kubepods systemd", "[kubernetes]\nkubepods_cgroup = \"kubepods.slice\"\n"},
 		{"kubepods below a cgroup root", "[kubernetes]\nkubepods_cgroup = \"/kubelet.slice/kubelet-kubepods.slice\"\n"},
 		{"kubepods cgroupfs", "[kubernetes]\nkubepods_cgroup = \"kubelet/kubepods\"\n"},

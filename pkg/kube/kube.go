@@ -11,9 +11,14 @@
 // the namespace machinery and the data path, as it does [capture] cgroups:
 // it sees only PodSource, never a client-go type.
 //
-// Only what pods and namespaces need of client-go is linked: a REST client
-// with a scheme of the core API group alone (API), not client-go's typed
-// clients, whose scheme registers every API group (about 27 MB more).
+// It also watches the cluster's Services and EndpointSlices and hands the
+// data path one services.Service per ClusterIP and TCP port
+// (ServiceWatcher, StartServices).
+//
+// Only what these need of client-go is linked: a REST client per API group
+// with a scheme of that group alone (API: core, discovery.k8s.io), not
+// client-go's typed clients, whose scheme registers every API group (about
+// 27 MB more).
 package kube
 
 import (
@@ -38,12 +43,7 @@ func Start(ctx context.Context, cfg config.Kubernetes, cgroupMount string, log z
 		return nil, fmt.Errorf("kubernetes.node_name_env: $%s is empty: set it to this node's name "+
 			"(the DaemonSet does, from spec.nodeName through the downward API)", cfg.NodeNameEnv)
 	}
-	rc, err := rest.InClusterConfig()
-	if err != nil {
-		return nil, fmt.Errorf("kubernetes.enabled: reaching the API server from inside the cluster: %w", err)
-	}
-	rc.UserAgent = "smeshd"
-	api, err := NewAPI(rc)
+	api, err := InClusterAPI()
 	if err != nil {
 		return nil, err
 	}
@@ -58,4 +58,15 @@ func Start(ctx context.Context, cfg config.Kubernetes, cgroupMount string, log z
 	})
 	go w.Run(ctx)
 	return w, nil
+}
+
+// InClusterAPI is the API server of the cluster smeshd runs in, reached
+// with the pod's service account.
+func InClusterAPI() (API, error) {
+	rc, err := rest.InClusterConfig()
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes.enabled: reaching the API server from inside the cluster: %w", err)
+	}
+	rc.UserAgent = "smeshd"
+	return NewAPI(rc)
 }

@@ -79,6 +79,9 @@ type Options struct {
 	APIServerArgs []string
 }
 
+// ServiceCIDRs are the ClusterIP ranges of the API server, IPv4 and IPv6.
+const ServiceCIDRs = "198.19.255.0/24,fd00:5e:ffff::/112"
+
 // auditPolicy records every request at the Metadata level (user, verb,
 // URI with its query, status): enough to see what a client asked for.
 const auditPolicy = `apiVersion: audit.k8s.io/v1
@@ -297,8 +300,11 @@ func apiserverArgs(p *pki, addr, etcd, policyFile, auditLog string, noWatchCache
 		"--service-account-issuer=https://kubernetes.default.svc",
 		"--service-account-signing-key-file=" + p.saKeyFile,
 		"--service-account-key-file=" + p.saPubFile,
-		// Only stored, never routed: the test range, as for test pods.
-		"--service-cluster-ip-range=198.19.255.0/24",
+		// Only stored, never routed: the test ranges, as for test pods.
+		// Dual-stack, so that Services may have a ClusterIP of each family
+		// (the IPv4 one first: single-stack Services are IPv4). A later
+		// flag in Options.APIServerArgs replaces it (a larger range).
+		"--service-cluster-ip-range=" + ServiceCIDRs,
 		// The kubernetes Service's endpoints would name the loopback
 		// address, which validation refuses; nothing here reaches the API
 		// server through that Service.
