@@ -22,13 +22,14 @@ import (
 	"github.com/smesh-dev/smesh/pkg/config"
 	"github.com/smesh-dev/smesh/pkg/daemon"
 	"github.com/smesh-dev/smesh/pkg/kube"
+	"github.com/smesh-dev/smesh/pkg/services"
 	"github.com/smesh-dev/smesh/pkg/testenv"
 	"github.com/smesh-dev/smesh/pkg/testenv/kubecp"
 )
 
 // startKube is cmd/smeshd's wiring of [kubernetes], for the smeshd helper.
-func startKube(ctx context.Context, cfg config.Kubernetes, mount string, log zerolog.Logger) (daemon.PodSource, error) {
-	return kube.Start(ctx, cfg, mount, log)
+func startKube(ctx context.Context, cfg config.Kubernetes, mount string, sink services.Sink, log zerolog.Logger) (daemon.PodSource, error) {
+	return kube.Start(ctx, cfg, mount, sink, log)
 }
 
 func randBytes(n int) []byte {

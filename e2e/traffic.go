@@ -6,6 +6,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"hash"
@@ -32,6 +33,7 @@ const (
 	cmdGenerate = 'G' // + count + seed (8 bytes each): send that stream, then close first
 	cmdReset    = 'R' // read 1 byte, then reset the connection
 	cmdPeer     = 'P' // answer "remote-addr\n" as the server sees it, then echo
+	cmdWho      = 'I' // answer "local-addr\n", the server's own (which backend), then echo
 	cmdHold     = 'H' // like cmdSink, but keep the socket open afterwards and report bytes that still arrive
 )
 
@@ -158,8 +160,12 @@ func serveConn(c *net.TCPConn, say func(string, ...any)) {
 		serveSlow(c, say)
 	case cmdReset:
 		c.SetLinger(0)
-	case cmdPeer:
-		fmt.Fprintf(c, "%s\n", c.RemoteAddr())
+	case cmdPeer, cmdWho:
+		if cmd[0] == cmdPeer {
+			fmt.Fprintf(c, "%s\n", c.RemoteAddr())
+		} else {
+			fmt.Fprintf(c, "%s\n", c.LocalAddr())
+		}
 		_, err := copyPlain(c, c)
 		if err == nil {
 			c.CloseWrite()
@@ -619,6 +625,15 @@ func runScenario(args []string) error {
 		err = concurrent(addr, conns, n)
 	case "marker":
 		err = sendMarker(addr, n)
+	case "spread": // N connections one after another: which backend served each
+		var got map[string]int
+		if got, err = spread(addr, int(n)); err == nil {
+			var out []byte
+			out, err = json.Marshal(got)
+			fmt.Printf("spread %s\n", out)
+		}
+	case "steady": // 200 connections a second for N seconds, none may fail
+		err = steady(addr, time.Duration(n)*time.Second, 5*time.Millisecond)
 	case "short":
 		for i := range n {
 			if err = oneWay(addr, 16, uint64(i), cmdSink); err != nil {
@@ -669,5 +684,94 @@ func runScenario(args []string) error {
 		return fmt.Errorf("%s: %w", scenario, err)
 	}
 	fmt.Println("ok", scenario)
+	return nil
+}
+
+// who makes one connection to addr (a Service address): it asks the
+// server which address it is (the backend connect4 chose), checks that the
+// socket's peer is addr itself (getpeername shows what the app dialled) and
+// that 16 bytes come back as sent.
+func who(addr string, seed uint64) (string, error) {
+	c, err := command(addr, []byte{cmdWho})
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	want := netip.MustParseAddrPort(addr)
+	if got := netip.MustParseAddrPort(c.RemoteAddr().String()); got.Addr().Unmap() != want.Addr().Unmap() || got.Port() != want.Port() {
+		return "", fmt.Errorf("getpeername says %s, want %s (the address dialled)", got, addr)
+	}
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	r := bufio.NewReader(c)
+	line, err := r.ReadString('\n')
+	if err != nil {
+		return "", fmt.Errorf("reading which backend: %w", err)
+	}
+	msg := make([]byte, 16)
+	io.ReadFull(stream(seed), msg)
+	if _, err := c.Write(msg); err != nil {
+		return "", err
+	}
+	back := make([]byte, len(msg))
+	if _, err := io.ReadFull(r, back); err != nil {
+		return "", fmt.Errorf("reading the echo: %w", err)
+	}
+	if !bytes.Equal(back, msg) {
+		return "", fmt.Errorf("echo %x, sent %x", back, msg)
+	}
+	return strings.TrimSpace(line), nil
+}
+
+// spread makes n connections to addr one after another and counts them by
+// the backend that served each.
+func spread(addr string, n int) (map[string]int, error) {
+	got := map[string]int{}
+	for i := range n {
+		b, err := who(addr, uint64(i))
+		if err != nil {
+			return got, fmt.Errorf("connection %d: %w", i, err)
+		}
+		got[b]++
+	}
+	return got, nil
+}
+
+// steady opens a connection to addr every interval for d, each one a who
+// exchange on its own goroutine (a slow one does not delay the next), and
+// fails with the first errors if any connection failed. It prints
+// "steady N connections" and the backends' counts.
+func steady(addr string, d, interval time.Duration) error {
+	var (
+		wg   sync.WaitGroup
+		mu   sync.Mutex
+		errs []error
+		got  = map[string]int{}
+	)
+	tick := time.NewTicker(interval)
+	defer tick.Stop()
+	end := time.Now().Add(d)
+	n := 0
+	for time.Now().Before(end) {
+		<-tick.C
+		wg.Add(1)
+		go func(seed uint64) {
+			defer wg.Done()
+			b, err := who(addr, seed)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				errs = append(errs, fmt.Errorf("%v: %w", time.Now().Format("15:04:05.000"), err))
+				return
+			}
+			got[b]++
+		}(uint64(n))
+		n++
+	}
+	wg.Wait()
+	out, _ := json.Marshal(got)
+	fmt.Printf("steady %d connections %s\n", n, out)
+	if len(errs) > 0 {
+		return fmt.Errorf("%d of %d connections failed, first: %w", len(errs), n, errors.Join(errs[:min(len(errs), 5)]...))
+	}
 	return nil
 }

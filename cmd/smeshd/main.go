@@ -26,6 +26,7 @@ import (
 	"github.com/smesh-dev/smesh/pkg/daemon"
 	"github.com/smesh-dev/smesh/pkg/datapath"
 	"github.com/smesh-dev/smesh/pkg/kube"
+	"github.com/smesh-dev/smesh/pkg/services"
 	"github.com/smesh-dev/smesh/pkg/tunnel"
 )
 
@@ -165,9 +166,10 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer, reload <-ch
 		Kubernetes: startKube})
 }
 
-// startKube starts the enrolment of this node's pods ([kubernetes]).
-func startKube(ctx context.Context, cfg config.Kubernetes, cgroupMount string, log zerolog.Logger) (daemon.PodSource, error) {
-	return kube.Start(ctx, cfg, cgroupMount, log)
+// startKube starts the enrolment of this node's pods and the cluster's
+// Services ([kubernetes]).
+func startKube(ctx context.Context, cfg config.Kubernetes, cgroupMount string, sink services.Sink, log zerolog.Logger) (daemon.PodSource, error) {
+	return kube.Start(ctx, cfg, cgroupMount, sink, log)
 }
 
 // reloadRunning asks the running smeshd to reload and reports the outcome.

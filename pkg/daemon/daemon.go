@@ -28,6 +28,7 @@ import (
 	"github.com/smesh-dev/smesh/pkg/enrol"
 	"github.com/smesh-dev/smesh/pkg/metrics"
 	"github.com/smesh-dev/smesh/pkg/proxy"
+	"github.com/smesh-dev/smesh/pkg/services"
 	"github.com/smesh-dev/smesh/pkg/tunnel"
 )
 
@@ -129,16 +130,19 @@ type Options struct {
 	Notify  func(state string)
 	Version string
 	// Kubernetes starts the pod enrolment of [kubernetes] when it is
-	// enabled (cmd/smeshd passes pkg/kube's); it runs until ctx is done.
-	// Nil: a configuration that enables it is refused.
-	Kubernetes func(ctx context.Context, cfg config.Kubernetes, cgroupMount string, log zerolog.Logger) (PodSource, error)
+	// enabled, and keeps the cluster's Services in sink (cmd/smeshd
+	// passes pkg/kube's); it runs until ctx is done. Nil: a configuration
+	// that enables it is refused.
+	Kubernetes func(ctx context.Context, cfg config.Kubernetes, cgroupMount string, sink services.Sink, log zerolog.Logger) (PodSource, error)
 }
 
 // PodSource is an enrolment whose cgroups change while smeshd runs: the
 // cgroups of this node's pods in the mesh (pkg/kube), enrolled next to
 // [capture] cgroups through the same path as a reload.
 type PodSource interface {
-	// WaitSynced returns once the first set is known.
+	// WaitSynced returns once the first set is known (and the cluster's
+	// Services are in the data path: a pod is translated from its first
+	// connection on).
 	WaitSynced(ctx context.Context) error
 	// Cgroups is the current set.
 	Cgroups() []string
@@ -335,12 +339,6 @@ func (d *daemon) start(wait, ctx context.Context) error {
 	d.own = own
 	d.cleanups = append(d.cleanups, restore)
 	adoptMemoryLimit(d.mount, own, log)
-	if cfg.Kubernetes.Enabled {
-		if err := d.startPods(wait, ctx); err != nil {
-			return err
-		}
-	}
-	enrolled := d.wanted()
 
 	d.out, err = proxy.Listen(proxy.Options{
 		Listen:         cfg.Outbound.Listen,
@@ -405,6 +403,15 @@ func (d *daemon) start(wait, ctx context.Context) error {
 	}
 	d.admin.HandleJSON("/debug/services", debugServices(d.dp.Services()))
 	d.metrics.Registry().MustRegister(metrics.ServiceCollector(d.serviceCounts))
+	// This node's pods, and the cluster's Services into the maps, before
+	// anything is attached: a pod is captured and its Service connections
+	// translated from its first connection on.
+	if cfg.Kubernetes.Enabled {
+		if err := d.startPods(wait, ctx); err != nil {
+			return err
+		}
+	}
+	enrolled := d.wanted()
 
 	// Every namespace an enrolled process lives in gets its listeners
 	// before connect4 is attached; later ones as they appear.
@@ -468,7 +475,7 @@ func (d *daemon) startPods(wait, ctx context.Context) error {
 	if d.opts.Kubernetes == nil {
 		return errors.New("kubernetes.enabled: this smeshd cannot enrol pods (no Kubernetes support wired in)")
 	}
-	pods, err := d.opts.Kubernetes(ctx, d.cfg.Kubernetes, d.mount, d.log)
+	pods, err := d.opts.Kubernetes(ctx, d.cfg.Kubernetes, d.mount, d.dp.Services(), d.log)
 	if err != nil {
 		return err
 	}

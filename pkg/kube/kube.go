@@ -30,14 +30,32 @@ import (
 	"k8s.io/client-go/rest"
 
 	"github.com/smesh-dev/smesh/pkg/config"
+	"github.com/smesh-dev/smesh/pkg/services"
 )
 
+// Node is what smeshd follows of its cluster: this node's pods (the
+// embedded Watcher) and the Services, which Services keeps in a sink.
+type Node struct {
+	*Watcher
+	Services *ServiceWatcher
+}
+
+// WaitSynced returns once the first set of pods is known and every Service
+// is in the sink, so that a pod in the mesh is translated from its first
+// connection on.
+func (n *Node) WaitSynced(ctx context.Context) error {
+	if err := n.Watcher.WaitSynced(ctx); err != nil {
+		return err
+	}
+	return n.Services.WaitSynced(ctx)
+}
+
 // Start connects to the API server with the pod's service account and
-// starts watching this node's pods until ctx is done. The node's name is in
-// the environment variable cfg.NodeNameEnv; cgroupMount is where the node's
-// cgroup v2 tree is mounted. The caller waits for WaitSynced before it
-// relies on Cgroups.
-func Start(ctx context.Context, cfg config.Kubernetes, cgroupMount string, log zerolog.Logger) (*Watcher, error) {
+// starts watching this node's pods, and the Services into sink, until ctx is
+// done. The node's name is in the environment variable cfg.NodeNameEnv;
+// cgroupMount is where the node's cgroup v2 tree is mounted. The caller
+// waits for WaitSynced before it relies on Cgroups.
+func Start(ctx context.Context, cfg config.Kubernetes, cgroupMount string, sink services.Sink, log zerolog.Logger) (*Node, error) {
 	node := os.Getenv(cfg.NodeNameEnv)
 	if node == "" {
 		return nil, fmt.Errorf("kubernetes.node_name_env: $%s is empty: set it to this node's name "+
@@ -56,8 +74,12 @@ func Start(ctx context.Context, cfg config.Kubernetes, cgroupMount string, log z
 		Resolver:   NewResolver(cgroupMount, cfg.KubepodsCgroup),
 		Logger:     log,
 	})
+	svcs, err := StartServices(ctx, cfg, api, node, sink, log)
+	if err != nil {
+		return nil, err
+	}
 	go w.Run(ctx)
-	return w, nil
+	return &Node{Watcher: w, Services: svcs}, nil
 }
 
 // InClusterAPI is the API server of the cluster smeshd runs in, reached
