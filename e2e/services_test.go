@@ -46,6 +46,12 @@ vip = "198.19.0.11"
 port = 80
 
 [[services]]
+name = "closed"
+vip = "198.19.0.13"
+port = 80
+backends = ["127.0.0.1:1"]
+
+[[services]]
 name = "elsewhere-only"
 vip = "198.19.0.12"
 port = 80
@@ -87,11 +93,15 @@ local_only = true
 	noBackend := serviceCount(t, n, "no_backend")
 	n.client(n.enrolled, "refused", "198.19.0.11:80")
 	n.client(n.enrolled, "refused", "198.19.0.12:80")
+	// A socket whose connection to a Service's backend was refused (the
+	// backend's port closed), connected elsewhere, then names its new
+	// peer, not the Service.
+	n.client(n.enrolled, "reconnect", "198.19.0.13:80", "127.0.0.1:9000")
 	if got := serviceCount(t, n, "no_backend") - noBackend; got != 2 {
 		t.Errorf("smesh_service_connections_total{result=no_backend} moved by %v, want 2", got)
 	}
 
-	// /debug/services shows all four, with where their backends are.
+	// /debug/services shows all five, with where their backends are.
 	_, body := n.admin("/debug/services")
 	var svcs []struct {
 		Name     string
@@ -111,7 +121,7 @@ local_only = true
 	for i, s := range svcs {
 		byName[s.Name] = i
 	}
-	if len(svcs) != 4 {
+	if len(svcs) != 5 {
 		t.Fatalf("/debug/services lists %d services: %s", len(svcs), body)
 	}
 	if web := svcs[byName["web"]]; web.VIP != "198.19.0.10" || web.Port != 80 || len(web.Backends) != 1 || !web.Backends[0].Local || !web.Backends[0].Usable {

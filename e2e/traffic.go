@@ -572,7 +572,7 @@ func runScenario(args []string) error {
 	}
 	scenario, addr := args[0], args[1]
 	n := int64(0)
-	if len(args) > 2 {
+	if len(args) > 2 && scenario != "reconnect" {
 		var err error
 		if n, err = strconv.ParseInt(args[2], 10, 64); err != nil {
 			return err
@@ -625,6 +625,8 @@ func runScenario(args []string) error {
 		err = concurrent(addr, conns, n)
 	case "marker":
 		err = sendMarker(addr, n)
+	case "reconnect": // ADDR refuses; one socket connects there, then to args[2]
+		err = reconnect(addr, args[2])
 	case "spread": // N connections one after another: which backend served each
 		var got map[string]int
 		if got, err = spread(addr, int(n)); err == nil {
@@ -772,6 +774,36 @@ func steady(addr string, d, interval time.Duration) error {
 	fmt.Printf("steady %d connections %s\n", n, out)
 	if len(errs) > 0 {
 		return fmt.Errorf("%d of %d connections failed, first: %w", len(errs), n, errors.Join(errs[:min(len(errs), 5)]...))
+	}
+	return nil
+}
+
+// reconnect connects one IPv4 socket to refused, which must refuse it, and
+// then to addr (connect(2) may be called again after a failure): the
+// socket's peer must then be addr, not what it dialled first.
+func reconnect(refused, addr string) error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	sockaddr := func(s string) *unix.SockaddrInet4 {
+		ap := netip.MustParseAddrPort(s)
+		return &unix.SockaddrInet4{Addr: ap.Addr().As4(), Port: int(ap.Port())}
+	}
+	if err := unix.Connect(fd, sockaddr(refused)); !errors.Is(err, unix.ECONNREFUSED) {
+		return fmt.Errorf("connect to %s: %v, want ECONNREFUSED", refused, err)
+	}
+	if err := unix.Connect(fd, sockaddr(addr)); err != nil {
+		return fmt.Errorf("connect to %s after %s refused: %w", addr, refused, err)
+	}
+	sa, err := unix.Getpeername(fd)
+	if err != nil {
+		return err
+	}
+	in4, ok := sa.(*unix.SockaddrInet4)
+	if got := netip.AddrPortFrom(netip.AddrFrom4(in4.Addr), uint16(in4.Port)); !ok || got != netip.MustParseAddrPort(addr) {
+		return fmt.Errorf("getpeername says %v after connecting to %s (a Service %s refused first)", sa, addr, refused)
 	}
 	return nil
 }

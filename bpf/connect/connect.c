@@ -136,6 +136,13 @@ static __always_inline enum svc_result translate(struct bpf_sock_addr *ctx, stru
 	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
 		return SVC_NONE;
 	r = choose_backend(bpf_get_netns_cookie(ctx), ip, *port, &be);
+	if (r == SVC_NONE) {
+		/* A socket whose earlier connect() to a Service failed may
+		 * connect again elsewhere: its peer is then what it dials. */
+		st = bpf_sk_storage_get(&smesh_sk_state, ctx->sk, 0, 0);
+		if (st)
+			st->translated = 0;
+	}
 	if (r != SVC_TRANSLATED)
 		return r;
 	/* Without storage (out of memory) the connection still goes to the
