@@ -27,7 +27,9 @@ type debugService struct {
 	Port        uint16     `json:"port"`
 	LocalOnly   bool       `json:"local_only"`
 	PreferLocal bool       `json:"prefer_local"`
-	Backends    []struct {
+	// AffinityTimeout is "" without session affinity.
+	AffinityTimeout string `json:"session_affinity_timeout"`
+	Backends        []struct {
 		Addr   netip.AddrPort `json:"addr"`
 		Local  bool           `json:"local"`
 		Usable bool           `json:"usable"`
@@ -144,7 +146,7 @@ func spreadFrom(t *testing.T, n *node, p *kubePod, addr string, count int) map[n
 // getpeername shows the ClusterIP, every byte comes back; the local backend
 // is spliced and the remote ones tunnelled, counted exactly; the IPv6
 // ClusterIP alike. trafficDistribution: PreferClose keeps the client on the
-// local backend (spliced). A rolling replacement of a backend (the new pod
+// local backend (spliced); sessionAffinity: ClientIP on one backend. A rolling replacement of a backend (the new pod
 // ready, the old one terminating, killed, removed) under 200 connections a
 // second fails none. Scale to zero refuses at once (ECONNREFUSED), as does
 // internalTrafficPolicy: Local without a local backend. A headless Service
@@ -278,6 +280,19 @@ func TestKubernetesServices(t *testing.T) {
 	checkSpliced(t, "sk_msg, client to its local backend through the ClusterIP", before, a.stats(), 8<<20, true)
 	patch("web", `{"spec":{"trafficDistribution":null}}`)
 	waitService(a, vip, "trafficDistribution removed", func(s debugService, _ bool) bool { return !s.PreferLocal })
+
+	// sessionAffinity: ClientIP keeps the client (its pod) on one backend;
+	// without it the choice spreads again.
+	patch("web", `{"spec":{"sessionAffinity":"ClientIP","sessionAffinityConfig":{"clientIP":{"timeoutSeconds":600}}}}`)
+	waitService(a, vip, "sessionAffinity ClientIP", func(s debugService, _ bool) bool { return s.AffinityTimeout == "10m0s" })
+	if got := spreadFrom(t, a, client, vip.String(), 30); len(got) != 1 {
+		t.Errorf("sessionAffinity ClientIP: 30 connections of one pod went to %v, want one backend", got)
+	}
+	patch("web", `{"spec":{"sessionAffinity":"None","sessionAffinityConfig":null}}`)
+	waitService(a, vip, "sessionAffinity None", func(s debugService, _ bool) bool { return s.AffinityTimeout == "" })
+	if got := spreadFrom(t, a, client, vip.String(), 30); len(got) < 2 {
+		t.Errorf("sessionAffinity removed: 30 connections went to %v, want them spread", got)
+	}
 
 	// A rolling replacement of web-b1 by web-b3 under steady load.
 	steady := testenv.StartHelper(t, client.app, client.Name, "client", "steady", vip.String(), "8")
