@@ -269,4 +269,3 @@ func TestFullAcceptQueueDelaysNotRefuses(t *testing.T) {
 	}
 	t.Logf("%d connections to a queue of %d while nobody accepted for 1.5s: all answered, the last after %v", n, backlog+1, slowest.Round(time.Millisecond))
 }
-
