@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/smesh-dev/smesh/pkg/testenv"
 )
 
 // helperEnv makes the test binary run acceptHelper instead of the tests:
@@ -19,6 +21,7 @@ import (
 const helperEnv = "SMESH_HANDOVER_HELPER"
 
 func TestMain(m *testing.M) {
+	testenv.RunHelpers(map[string]testenv.HelperFunc{"connector": connector})
 	if v, ok := os.LookupEnv(helperEnv); ok {
 		if err := acceptHelper(v); err != nil {
 			fmt.Fprintln(os.Stderr, "helper:", err)
