@@ -1,0 +1,143 @@
+package deploy
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/smesh-dev/smesh/pkg/testenv"
+)
+
+// fdprobeUnit runs deploy/internal/fdstoreprobe with a file descriptor
+// store. Its start takes a second (PROBE_START_DELAY): connections made
+// meanwhile wait in the stored listener's queue, or are refused.
+const fdprobeUnit = `[Service]
+Type=notify
+NotifyAccess=main
+ExecStart=/usr/local/bin/fdstoreprobe serve 127.0.0.1:18099
+FileDescriptorStoreMax=16
+Restart=on-failure
+RestartSec=1s
+Environment=PROBE_START_DELAY=1s
+Environment=PROBE_FDPOLL=\nFDPOLL=0
+
+[Install]
+WantedBy=multi-user.target
+`
+
+// TestSystemdFDStore is experiment (d) of docs/restart.md: what systemd's
+// file descriptor store (sd_notify FDSTORE=1, FileDescriptorStoreMax=)
+// does for a listening socket and a BPF object on systemd 252 (Debian 12,
+// the floor of deploy/smeshd.service) and 254 (bookworm-backports, which
+// has FileDescriptorStorePreserve=): across `systemctl restart`, across a
+// crash restart (Restart=on-failure), and across stop + start; and whether
+// connections made while no process runs wait in the stored listener's
+// accept queue. The unit runs deploy/internal/fdstoreprobe.
+func TestSystemdFDStore(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	probe := buildProbe(t)
+	for _, v := range []struct {
+		name   string
+		rootfs func(*testing.T) string
+	}{
+		{"systemd252", bookwormRootfs},
+		{"systemd254", backportsRootfs},
+	} {
+		t.Run(v.name, func(t *testing.T) {
+			t.Parallel()
+			c := bootContainer(t, v.rootfs(t), "--bind-ro="+probe+":/root/probe")
+			c.t = t
+			c.diagnose = func() string {
+				out, _ := c.exec(commandTimeout, "journalctl", "--no-pager", "-n", "30", "-u", "fdprobe")
+				return out
+			}
+			version := c.systemdVersion()
+			if err := os.WriteFile(filepath.Join(probe, "fdprobe.service"), []byte(fdprobeUnit), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			c.sh("install -m 0755 /root/probe/fdstoreprobe /usr/local/bin/ && " +
+				"cp /root/probe/fdprobe.service /etc/systemd/system/ && systemctl daemon-reload && systemctl enable --now fdprobe")
+			client := func(what string) (string, bool) {
+				out, ok := c.try("/usr/local/bin/fdstoreprobe client 127.0.0.1:18099")
+				out = strings.TrimSpace(out)
+				t.Logf("systemd %s, %s: %s", version, what, out)
+				return out, ok
+			}
+			expect := func(what, out string, ok bool, want ...string) {
+				t.Helper()
+				if !ok {
+					t.Errorf("%s: %s", what, out)
+					return
+				}
+				for _, w := range want {
+					if !strings.Contains(out, w) {
+						t.Errorf("%s: %q, want %q in it", what, out, w)
+					}
+				}
+			}
+			out, ok := client("first start")
+			expect("first start", out, ok, "gen=1", "inherited=false")
+			first := field(out, "listener")
+
+			c.sh("systemctl restart --no-block fdprobe; sleep 0.3")
+			out, ok = client("connect during `systemctl restart`")
+			expect("systemctl restart", out, ok, "gen=2", "inherited=true", "map=true", "listener="+first)
+
+			c.sh("systemctl kill -s KILL fdprobe; sleep 0.3")
+			out, ok = client("connect 0.3s after SIGKILL, Restart=on-failure, RestartSec=1s")
+			expect("crash restart", out, ok, "gen=3", "inherited=true", "map=true", "listener="+first)
+
+			c.sh("systemctl stop fdprobe")
+			out, ok = client("connect while stopped")
+			if ok {
+				t.Errorf("a connection while the unit is stopped was answered: %s", out)
+			}
+			c.sh("systemctl start fdprobe")
+			out, ok = client("start after stop")
+			expect("start after stop", out, ok, "gen=1", "inherited=false")
+
+			t.Logf("journal:\n%s", c.diagnose())
+			if strings.HasPrefix(version, "252") {
+				return
+			}
+			c.sh("mkdir -p /etc/systemd/system/fdprobe.service.d && " +
+				"printf '[Service]\\nFileDescriptorStorePreserve=yes\\n' > /etc/systemd/system/fdprobe.service.d/preserve.conf && " +
+				"systemctl daemon-reload && systemctl restart fdprobe && systemctl stop fdprobe")
+			out, _ = c.try("timeout 3 /usr/local/bin/fdstoreprobe client 127.0.0.1:18099 || echo exit=$?")
+			t.Logf("systemd %s, FileDescriptorStorePreserve=yes, connect while stopped: %s", version, strings.TrimSpace(out))
+			c.sh("systemctl start fdprobe")
+			out, ok = client("FileDescriptorStorePreserve=yes, start after stop")
+			expect("FileDescriptorStorePreserve=yes, start after stop", out, ok, "inherited=true", "map=true")
+		})
+	}
+}
+
+func field(line, name string) string {
+	for _, f := range strings.Fields(line) {
+		if v, ok := strings.CutPrefix(f, name+"="); ok {
+			return v
+		}
+	}
+	return ""
+}
+
+// buildProbe builds fdstoreprobe, static, into a directory of its own.
+func buildProbe(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	gobin := os.Getenv("GO")
+	if gobin == "" {
+		var err error
+		if gobin, err = exec.LookPath("go"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	build := exec.Command(gobin, "build", "-o", filepath.Join(dir, "fdstoreprobe"), "./internal/fdstoreprobe")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("building fdstoreprobe: %v\n%s", err, out)
+	}
+	return dir
+}
