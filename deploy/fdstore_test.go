@@ -1,11 +1,13 @@
 package deploy
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/smesh-dev/smesh/pkg/testenv"
 )
@@ -140,4 +142,72 @@ func buildProbe(t *testing.T) string {
 		t.Fatalf("building fdstoreprobe: %v\n%s", err, out)
 	}
 	return dir
+}
+
+// masterUnit runs fdstoreprobe as master (main process) and worker, with
+// the KillMode= under test.
+const masterUnit = `[Service]
+Type=notify
+NotifyAccess=main
+ExecStart=/usr/local/bin/fdstoreprobe master 127.0.0.1:%d
+FileDescriptorStoreMax=16
+KillMode=%s
+`
+
+// TestSystemdKillMode is experiment (e) of docs/restart.md: a long-lived
+// connection served by a process that is not the unit's main process
+// (fdstoreprobe's worker), across `systemctl restart`: with KillMode=process
+// the old worker finishes it while the new one, handed the stored
+// listener, serves new connections; with KillMode=mixed (and
+// control-group, the default) systemd kills the old worker with the unit,
+// cutting it.
+func TestSystemdKillMode(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	probe := buildProbe(t)
+	c := bootContainer(t, bookwormRootfs(t), "--bind-ro="+probe+":/root/probe")
+	c.t = t
+	c.sh("install -m 0755 /root/probe/fdstoreprobe /usr/local/bin/")
+	for i, mode := range []string{"process", "mixed"} {
+		port := 18090 + i
+		unit := "probe-" + mode
+		addr := fmt.Sprintf("127.0.0.1:%d", port)
+		t.Run(mode, func(t *testing.T) {
+			c.t = t
+			c.diagnose = func() string {
+				out, _ := c.exec(commandTimeout, "journalctl", "--no-pager", "-n", "30", "-u", unit)
+				return out
+			}
+			if err := os.WriteFile(filepath.Join(probe, unit+".service"), []byte(fmt.Sprintf(masterUnit, port, mode)), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			c.sh(fmt.Sprintf("cp /root/probe/%s.service /etc/systemd/system/ && systemctl daemon-reload && systemctl start %s", unit, unit))
+			// The stream runs in the background, outside the unit.
+			c.sh(fmt.Sprintf("(/usr/local/bin/fdstoreprobe stream %s 4s > /tmp/%s.out 2>&1 &)", addr, unit))
+			time.Sleep(time.Second)
+			c.sh("systemctl restart " + unit)
+			out, _ := c.try("/usr/local/bin/fdstoreprobe stream " + addr + " 300ms")
+			t.Logf("KillMode=%s, a new connection after the restart: %s", mode, strings.TrimSpace(out))
+			time.Sleep(4 * time.Second)
+			streamOut := strings.TrimSpace(c.sh("cat /tmp/" + unit + ".out"))
+			t.Logf("KillMode=%s, the stream opened before the restart: %s", mode, streamOut)
+			t.Logf("journal:\n%s", c.diagnose())
+			switch mode {
+			case "process":
+				if !strings.HasSuffix(streamOut, "ok") {
+					t.Errorf("KillMode=process: the stream did not outlive the restart: %s", streamOut)
+				}
+				if field(streamOut, "pid") == field(out, "pid") {
+					t.Errorf("the new connection went to the old worker")
+				}
+			default:
+				if strings.HasSuffix(streamOut, "ok") {
+					t.Errorf("KillMode=%s: the stream outlived the restart: %s", mode, streamOut)
+				}
+			}
+			if !strings.HasSuffix(strings.TrimSpace(out), "ok") {
+				t.Errorf("a new connection after the restart: %s", out)
+			}
+			c.sh("systemctl stop " + unit)
+		})
+	}
 }

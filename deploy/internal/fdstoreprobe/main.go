@@ -31,8 +31,8 @@ import (
 )
 
 func main() {
-	if len(os.Args) != 3 {
-		fmt.Fprintln(os.Stderr, "usage: fdstoreprobe serve|client ADDR")
+	if len(os.Args) < 3 {
+		fmt.Fprintln(os.Stderr, "usage: fdstoreprobe serve|client|master ADDR | worker - | stream ADDR DURATION")
 		os.Exit(2)
 	}
 	var err error
@@ -41,6 +41,18 @@ func main() {
 		err = serve(os.Args[2])
 	case "client":
 		err = client(os.Args[2])
+	case "master":
+		err = master(os.Args[2])
+	case "worker":
+		err = worker()
+	case "stream":
+		if len(os.Args) != 4 {
+			err = fmt.Errorf("stream ADDR DURATION")
+		} else {
+			err = stream(os.Args[2], os.Args[3])
+		}
+	default:
+		err = fmt.Errorf("unknown mode %q", os.Args[1])
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "fdstoreprobe:", err)
