@@ -152,6 +152,7 @@ NotifyAccess=main
 ExecStart=/usr/local/bin/fdstoreprobe master 127.0.0.1:%d
 FileDescriptorStoreMax=16
 KillMode=%s
+Environment=PROBE_SCOPE=%s
 `
 
 // TestSystemdKillMode is experiment (e) of docs/restart.md: a long-lived
@@ -160,16 +161,18 @@ KillMode=%s
 // the old worker finishes it while the new one, handed the stored
 // listener, serves new connections; with KillMode=mixed (and
 // control-group, the default) systemd kills the old worker with the unit,
-// cutting it.
+// cutting it, unless the master moves the worker into a transient scope of
+// its own (StartTransientUnit with PIDs=, through busctl) before it exits.
 func TestSystemdKillMode(t *testing.T) {
 	testenv.RequirePrivileged(t)
 	probe := buildProbe(t)
 	c := bootContainer(t, bookwormRootfs(t), "--bind-ro="+probe+":/root/probe")
 	c.t = t
 	c.sh("install -m 0755 /root/probe/fdstoreprobe /usr/local/bin/")
-	for i, mode := range []string{"process", "mixed"} {
+	for i, mode := range []string{"process", "mixed", "mixed+scope"} {
 		port := 18090 + i
-		unit := "probe-" + mode
+		killMode, scope, _ := strings.Cut(mode, "+")
+		unit := "probe-" + killMode + scope
 		addr := fmt.Sprintf("127.0.0.1:%d", port)
 		t.Run(mode, func(t *testing.T) {
 			c.t = t
@@ -177,7 +180,7 @@ func TestSystemdKillMode(t *testing.T) {
 				out, _ := c.exec(commandTimeout, "journalctl", "--no-pager", "-n", "30", "-u", unit)
 				return out
 			}
-			if err := os.WriteFile(filepath.Join(probe, unit+".service"), []byte(fmt.Sprintf(masterUnit, port, mode)), 0o644); err != nil {
+			if err := os.WriteFile(filepath.Join(probe, unit+".service"), []byte(fmt.Sprintf(masterUnit, port, killMode, scope)), 0o644); err != nil {
 				t.Fatal(err)
 			}
 			c.sh(fmt.Sprintf("cp /root/probe/%s.service /etc/systemd/system/ && systemctl daemon-reload && systemctl start %s", unit, unit))
@@ -192,7 +195,7 @@ func TestSystemdKillMode(t *testing.T) {
 			t.Logf("KillMode=%s, the stream opened before the restart: %s", mode, streamOut)
 			t.Logf("journal:\n%s", c.diagnose())
 			switch mode {
-			case "process":
+			case "process", "mixed+scope":
 				if !strings.HasSuffix(streamOut, "ok") {
 					t.Errorf("KillMode=process: the stream did not outlive the restart: %s", streamOut)
 				}

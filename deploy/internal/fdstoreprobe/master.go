@@ -58,6 +58,17 @@ func master(addr string) error {
 	}
 	<-term
 	fmt.Printf("master %d: SIGTERM: worker %d drains, master exits\n", os.Getpid(), w.Process.Pid)
+	if os.Getenv("PROBE_SCOPE") != "" {
+		// Out of the unit, into a transient scope of its own: systemd then
+		// neither kills it with the unit (KillMode=mixed) nor finds it
+		// left over at the next start.
+		scope := fmt.Sprintf("probe-drain-%d.scope", w.Process.Pid)
+		out, err := exec.Command("busctl", "call", "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
+			"org.freedesktop.systemd1.Manager", "StartTransientUnit", "ssa(sv)a(sa(sv))",
+			scope, "fail", "2", "PIDs", "au", "1", fmt.Sprint(w.Process.Pid),
+			"RuntimeMaxUSec", "t", "20000000", "0").CombinedOutput()
+		fmt.Printf("master %d: worker %d moved to %s: %v %s\n", os.Getpid(), w.Process.Pid, scope, err, strings.TrimSpace(string(out)))
+	}
 	w.Process.Signal(syscall.SIGUSR1)
 	return nil
 }
