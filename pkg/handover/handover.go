@@ -61,7 +61,19 @@ func sendBatch(c *net.UnixConn, names []string, files map[string]*os.File) error
 	}
 	fds := make([]int, len(names))
 	for i, n := range names {
-		fds[i] = int(files[n].Fd())
+		// Not Fd(): it puts the file into blocking mode, and O_NONBLOCK
+		// belongs to the open file description, which the dup of a
+		// listener (TCPListener.File) shares with the listener itself:
+		// its Accept would then block in accept4, past Close, and take
+		// one more connection after the hand-over
+		// (TestSessionHandsOver).
+		raw, err := files[n].SyscallConn()
+		if err != nil {
+			return fmt.Errorf("descriptor %q: %w", n, err)
+		}
+		if err := raw.Control(func(fd uintptr) { fds[i] = int(fd) }); err != nil {
+			return fmt.Errorf("descriptor %q: %w", n, err)
+		}
 	}
 	var oob []byte
 	if len(fds) > 0 {

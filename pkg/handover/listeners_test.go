@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"strconv"
+	"syscall"
 	"testing"
 	"time"
 
@@ -17,18 +18,20 @@ import (
 )
 
 // netnsCookie is the cookie of the network namespace conn lives in.
-func netnsCookie(t *testing.T, c interface {
-	File() (*os.File, error)
-}) uint64 {
+// (Through SyscallConn, not File().Fd(), which would make the listener
+// blocking: see Send.)
+func netnsCookie(t *testing.T, c syscall.Conn) uint64 {
 	t.Helper()
-	f, err := c.File()
+	raw, err := c.SyscallConn()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
-	v, err := unix.GetsockoptUint64(int(f.Fd()), unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
-	if err != nil {
-		t.Fatalf("SO_NETNS_COOKIE: %v", err)
+	var v uint64
+	var gerr error
+	if err := raw.Control(func(fd uintptr) {
+		v, gerr = unix.GetsockoptUint64(int(fd), unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+	}); err != nil || gerr != nil {
+		t.Fatalf("SO_NETNS_COOKIE: %v %v", err, gerr)
 	}
 	return v
 }
