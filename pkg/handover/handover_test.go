@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -23,7 +24,11 @@ const helperEnv = "SMESH_HANDOVER_HELPER"
 func TestMain(m *testing.M) {
 	testenv.RunHelpers(map[string]testenv.HelperFunc{"connector": connector})
 	if v, ok := os.LookupEnv(helperEnv); ok {
-		if err := acceptHelper(v); err != nil {
+		run := acceptHelper
+		if v == "hold" {
+			run = holdHelper
+		}
+		if err := run(v); err != nil {
 			fmt.Fprintln(os.Stderr, "helper:", err)
 			os.Exit(1)
 		}
@@ -67,6 +72,22 @@ func acceptHelper(arg string) error {
 		fmt.Fprintf(conn, "ok %s", line)
 		conn.Close()
 	}
+	return nil
+}
+
+// holdHelper receives descriptors on fd 3, says "held" and their names, and
+// holds them until its stdin ends: a holder like systemd's store.
+func holdHelper(string) error {
+	c, err := net.FileConn(os.NewFile(3, "handover"))
+	if err != nil {
+		return err
+	}
+	files, err := Receive(c.(*net.UnixConn))
+	if err != nil {
+		return err
+	}
+	fmt.Printf("held %d\n", len(files))
+	io.Copy(io.Discard, os.Stdin)
 	return nil
 }
 

@@ -1,9 +1,12 @@
 package handover
 
 import (
+	"bufio"
 	"encoding/binary"
 	"fmt"
 	"net"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -180,4 +183,86 @@ func TestPinnedLinkUpdateHasNoWindow(t *testing.T) {
 	if n := testenv.AttachedPrograms(t, cg, ebpf.AttachCGroupInet4Connect); n != 1 {
 		t.Errorf("%d programs attached after the updates, want 1", n)
 	}
+}
+
+// TestLinkHeldByAnotherProcess: an unpinned cgroup link (and its program's
+// map) handed to another process over SCM_RIGHTS stays attached after the
+// process that made it closed every descriptor, for as long as the holder
+// keeps it; when the holder goes, the kernel detaches it. This is what
+// on_failure = "open" needs: capture held across a restart by the
+// successor (or systemd's store), and gone with the last holder.
+func TestLinkHeldByAnotherProcess(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	cg := testenv.NewCgroup(t)
+	prog := redirectProgram(t, 1)
+	l, err := link.AttachCgroup(link.CgroupOptions{Path: cg, Attach: ebpf.AttachCGroupInet4Connect, Program: prog})
+	prog.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 8, MaxEntries: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	linkFile, err := dupFile(l.(interface{ FD() int }).FD(), "link")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mapFile, err := dupFile(m.FD(), "map")
+	if err != nil {
+		t.Fatal(err)
+	}
+	parent, child := socketpair(t)
+	holder := exec.Command(os.Args[0], "-test.run=^$")
+	holder.Env = append(os.Environ(), helperEnv+"=hold")
+	holder.ExtraFiles = []*os.File{child}
+	stdin, err := holder.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := holder.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	holder.Stderr = os.Stderr
+	if err := holder.Start(); err != nil {
+		t.Fatal(err)
+	}
+	child.Close()
+	t.Cleanup(func() {
+		if holder.ProcessState == nil {
+			holder.Process.Kill() // by the PID we started
+			holder.Wait()
+		}
+	})
+	if err := Send(parent, map[string]*os.File{"link/connect4": linkFile, "map/test": mapFile}); err != nil {
+		t.Fatal(err)
+	}
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if err != nil || line != "held 2\n" {
+		t.Fatalf("holder said %q, %v", line, err)
+	}
+	linkFile.Close()
+	mapFile.Close()
+	l.Close()
+	m.Close()
+	if n := testenv.AttachedPrograms(t, cg, ebpf.AttachCGroupInet4Connect); n != 1 {
+		t.Fatalf("%d programs attached while only the other process holds the link, want 1", n)
+	}
+	stdin.Close()
+	if err := holder.Wait(); err != nil {
+		t.Fatalf("holder: %v", err)
+	}
+	if n := testenv.AttachedPrograms(t, cg, ebpf.AttachCGroupInet4Connect); n != 0 {
+		t.Fatalf("%d programs attached after the holder exited, want 0", n)
+	}
+}
+
+// dupFile is a descriptor of its own for fd (close-on-exec).
+func dupFile(fd int, name string) (*os.File, error) {
+	d, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	return os.NewFile(uintptr(d), name), nil
 }
