@@ -293,3 +293,12 @@ func TestFullAcceptQueueDelaysNotRefuses(t *testing.T) {
 	}
 	t.Logf("%d connections to a queue of %d while nobody accepted for 1.5s: all answered, the last after %v", n, backlog+1, slowest.Round(time.Millisecond))
 }
+
+func fileConn(f *os.File) (*net.UnixConn, error) {
+	c, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		return nil, err
+	}
+	return c.(*net.UnixConn), nil
+}
