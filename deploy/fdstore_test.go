@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -162,17 +163,20 @@ Environment=PROBE_SCOPE=%s
 // listener, serves new connections; with KillMode=mixed (and
 // control-group, the default) systemd kills the old worker with the unit,
 // cutting it, unless the master moves the worker into a transient scope of
-// its own (StartTransientUnit with PIDs=, through busctl) before it exits.
+// its own (StartTransientUnit with PIDs=, through busctl) before it exits,
+// also under deploy/smeshd.service's sandboxing directives.
 func TestSystemdKillMode(t *testing.T) {
 	testenv.RequirePrivileged(t)
 	probe := buildProbe(t)
 	c := bootContainer(t, bookwormRootfs(t), "--bind-ro="+probe+":/root/probe")
 	c.t = t
 	c.sh("install -m 0755 /root/probe/fdstoreprobe /usr/local/bin/")
-	for i, mode := range []string{"process", "mixed", "mixed+scope"} {
+	hardening := unitHardening(t)
+	for i, mode := range []string{"process", "mixed", "mixed+scope", "mixed+scope+hardened"} {
 		port := 18090 + i
-		killMode, scope, _ := strings.Cut(mode, "+")
-		unit := "probe-" + killMode + scope
+		killMode, rest, _ := strings.Cut(mode, "+")
+		scope, hardened, _ := strings.Cut(rest, "+")
+		unit := "probe-" + killMode + scope + hardened
 		addr := fmt.Sprintf("127.0.0.1:%d", port)
 		t.Run(mode, func(t *testing.T) {
 			c.t = t
@@ -180,7 +184,13 @@ func TestSystemdKillMode(t *testing.T) {
 				out, _ := c.exec(commandTimeout, "journalctl", "--no-pager", "-n", "30", "-u", unit)
 				return out
 			}
-			if err := os.WriteFile(filepath.Join(probe, unit+".service"), []byte(fmt.Sprintf(masterUnit, port, killMode, scope)), 0o644); err != nil {
+			content := fmt.Sprintf(masterUnit, port, killMode, scope)
+			if hardened != "" {
+				// smeshd's own sandbox (deploy/smeshd.service): can the
+				// master still reach systemd over D-Bus?
+				content += hardening
+			}
+			if err := os.WriteFile(filepath.Join(probe, unit+".service"), []byte(content), 0o644); err != nil {
 				t.Fatal(err)
 			}
 			c.sh(fmt.Sprintf("cp /root/probe/%s.service /etc/systemd/system/ && systemctl daemon-reload && systemctl start %s", unit, unit))
@@ -195,7 +205,7 @@ func TestSystemdKillMode(t *testing.T) {
 			t.Logf("KillMode=%s, the stream opened before the restart: %s", mode, streamOut)
 			t.Logf("journal:\n%s", c.diagnose())
 			switch mode {
-			case "process", "mixed+scope":
+			case "process", "mixed+scope", "mixed+scope+hardened":
 				if !strings.HasSuffix(streamOut, "ok") {
 					t.Errorf("KillMode=process: the stream did not outlive the restart: %s", streamOut)
 				}
@@ -213,4 +223,30 @@ func TestSystemdKillMode(t *testing.T) {
 			c.sh("systemctl stop " + unit)
 		})
 	}
+}
+
+// unitHardening is the sandboxing of deploy/smeshd.service's [Service]:
+// capabilities, file system, kernel interfaces.
+func unitHardening(t *testing.T) string {
+	t.Helper()
+	data, err := os.ReadFile("smeshd.service")
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys := []string{"CapabilityBoundingSet", "AmbientCapabilities", "NoNewPrivileges", "ProtectSystem",
+		"ProtectControlGroups", "ProtectHome", "PrivateMounts", "PrivateTmp", "PrivateDevices",
+		"ProtectKernelModules", "ProtectKernelLogs", "ProtectClock", "ProtectHostname", "RestrictNamespaces",
+		"RestrictAddressFamilies", "RestrictRealtime", "RestrictSUIDSGID", "LockPersonality",
+		"MemoryDenyWriteExecute", "SystemCallArchitectures", "SystemCallFilter", "SystemCallErrorNumber"}
+	var out strings.Builder
+	for _, line := range strings.Split(string(data), "\n") {
+		k, _, ok := strings.Cut(line, "=")
+		if ok && slices.Contains(keys, k) {
+			out.WriteString(line + "\n")
+		}
+	}
+	if !strings.Contains(out.String(), "SystemCallFilter=") {
+		t.Fatalf("no sandboxing found in smeshd.service:\n%s", out.String())
+	}
+	return out.String()
 }
