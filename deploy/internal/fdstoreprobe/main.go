@@ -156,6 +156,16 @@ func serve(addr string) error {
 	if err != nil {
 		return fmt.Errorf("bpf map: %w", err)
 	}
+	// A second map, stored without FDPOLL=0: does systemd keep it?
+	_, polledKept := files["bpfmap-polled"]
+	if !polledKept {
+		if m2, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 8, MaxEntries: 1}); err == nil {
+			if err := notify("FDSTORE=1\nFDNAME=bpfmap-polled", m2.FD()); err != nil {
+				return err
+			}
+			m2.Close()
+		}
+	}
 	var gen uint64
 	m.Lookup(uint32(0), &gen)
 	gen++
@@ -178,7 +188,7 @@ func serve(addr string) error {
 		if err != nil {
 			return err
 		}
-		fmt.Fprintf(c, "pid=%d gen=%d listener=%d inherited=%v map=%v\n", os.Getpid(), gen, st.Ino, wasInherited, mapInherited)
+		fmt.Fprintf(c, "pid=%d gen=%d listener=%d inherited=%v map=%v polledmap=%v\n", os.Getpid(), gen, st.Ino, wasInherited, mapInherited, polledKept)
 		c.Close()
 	}
 }
