@@ -87,11 +87,12 @@ func TestSystemdFDStore(t *testing.T) {
 			c.sh("systemctl restart --no-block fdprobe; sleep 0.3")
 			out, ok = client("connect during `systemctl restart`")
 			expect("systemctl restart", out, ok, "gen=2", "inherited=true", "map=true", "listener="+first,
-				"polledmap=false") // a BPF map stored without FDPOLL=0 is not kept
+				"polledmap=false", // a BPF map stored without FDPOLL=0 is not kept
+				"link=true")       // a cgroup bpf_link with FDPOLL=0 is
 
 			c.sh("systemctl kill -s KILL fdprobe; sleep 0.3")
 			out, ok = client("connect 0.3s after SIGKILL, Restart=on-failure, RestartSec=1s")
-			expect("crash restart", out, ok, "gen=3", "inherited=true", "map=true", "listener="+first)
+			expect("crash restart", out, ok, "gen=3", "inherited=true", "map=true", "listener="+first, "link=true")
 
 			c.sh("systemctl stop fdprobe")
 			out, ok = client("connect while stopped")

@@ -27,6 +27,8 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 )
 
@@ -166,6 +168,10 @@ func serve(addr string) error {
 			m2.Close()
 		}
 	}
+	linkKept, err := cgroupLink(files["link"])
+	if err != nil {
+		return fmt.Errorf("cgroup link: %w", err)
+	}
 	var gen uint64
 	m.Lookup(uint32(0), &gen)
 	gen++
@@ -188,7 +194,7 @@ func serve(addr string) error {
 		if err != nil {
 			return err
 		}
-		fmt.Fprintf(c, "pid=%d gen=%d listener=%d inherited=%v map=%v polledmap=%v\n", os.Getpid(), gen, st.Ino, wasInherited, mapInherited, polledKept)
+		fmt.Fprintf(c, "pid=%d gen=%d listener=%d inherited=%v map=%v polledmap=%v link=%v\n", os.Getpid(), gen, st.Ino, wasInherited, mapInherited, polledKept, linkKept)
 		c.Close()
 	}
 }
@@ -202,3 +208,44 @@ func keys(m map[string]*os.File) []string {
 }
 
 func signalNotify(c chan os.Signal) { signal.Notify(c, syscall.SIGTERM) }
+
+// cgroupLink adopts the stored cgroup/connect4 link (kept: true), or
+// attaches a program that allows every connect to the unit's own cgroup and
+// stores the link with FDPOLL=0.
+func cgroupLink(f *os.File) (kept bool, err error) {
+	if f != nil {
+		l, err := link.NewFromFD(int(f.Fd()))
+		if err != nil {
+			return false, err
+		}
+		info, err := l.Info()
+		if err != nil {
+			return false, err
+		}
+		if info.Type != link.CgroupType {
+			return false, fmt.Errorf("stored link of type %v", info.Type)
+		}
+		return true, nil // held for the life of the process
+	}
+	data, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		return false, err
+	}
+	_, path, _ := strings.Cut(strings.TrimSpace(string(data)), "::")
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type:         ebpf.CGroupSockAddr,
+		AttachType:   ebpf.AttachCGroupInet4Connect,
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 1), asm.Return()},
+		License:      "GPL",
+	})
+	if err != nil {
+		return false, err
+	}
+	defer prog.Close()
+	l, err := link.AttachCgroup(link.CgroupOptions{Path: "/sys/fs/cgroup" + path, Attach: ebpf.AttachCGroupInet4Connect, Program: prog})
+	if err != nil {
+		return false, err
+	}
+	fd := l.(interface{ FD() int }).FD()
+	return false, notify("FDSTORE=1\nFDNAME=link\nFDPOLL=0", fd)
+}
