@@ -21,15 +21,18 @@ import (
 )
 
 // Modes the bench knows, in report order: same-node (direct is the
-// baseline), cross-node (veth is the baseline) and pod to pod on one node
-// (bridge is the baseline).
-var allModes = []string{"direct", "copy", "splice", "veth", "tunnel", "bridge", "pods"}
+// baseline), cross-node (veth is the baseline), pod to pod on one node
+// (bridge is the baseline) and pod to a ClusterIP backed by the other pod
+// (bridge-svc, kube-proxy's DNAT, is the baseline).
+var allModes = []string{"direct", "copy", "splice", "veth", "tunnel", "bridge", "pods", "bridge-svc", "pods-svc"}
 
 // baseline is the mode a mode's ratios are relative to.
 func baseline(mode string) string {
 	switch {
 	case crossNode(mode):
 		return "veth"
+	case serviceMode(mode):
+		return "bridge-svc"
 	case podMode(mode):
 		return "bridge"
 	}
