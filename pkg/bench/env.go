@@ -128,7 +128,7 @@ var serviceVIP = netip.MustParseAddrPort("198.19.255.10:80")
 // smeshd serves as many namespaces as a busy Kubernetes node has pods.
 const IdlePods = 100
 
-func newModeEnv(ctx context.Context, exe, mode string) (_ *modeEnv, err error) {
+func newModeEnv(ctx context.Context, exe, mode string, kubeProxy bool) (_ *modeEnv, err error) {
 	e := &modeEnv{mode: mode, serverAddr: serverAddr}
 	defer func() {
 		if err != nil {
@@ -143,7 +143,7 @@ func newModeEnv(ctx context.Context, exe, mode string) (_ *modeEnv, err error) {
 		return nil, err
 	}
 	if podMode(mode) {
-		if err := e.setUpPods(ctx, exe, base); err != nil {
+		if err := e.setUpPods(ctx, exe, base, kubeProxy); err != nil {
 			return nil, err
 		}
 		return e, nil
@@ -465,8 +465,9 @@ func (e *modeEnv) close() error {
 // wait, under a smeshd in the node's namespace. The service modes are the
 // same two worlds with the client dialling serviceVIP: "bridge-svc"
 // through kube-proxy's DNAT on the node (kubeProxyRules), "pods-svc"
-// translated by smesh in connect4 (a [[services]] entry).
-func (e *modeEnv) setUpPods(ctx context.Context, exe, base string) (err error) {
+// translated by smesh in connect4 (a [[services]] entry). kubeProxy puts
+// kube-proxy's rules on the node of the other pod modes too.
+func (e *modeEnv) setUpPods(ctx context.Context, exe, base string, kubeProxy bool) (err error) {
 	// A /24 of 198.18.0.0/15 (reserved for benchmarks) per run and mode,
 	// apart from the cross-node modes' (100-249).
 	subnet := 250 + os.Getpid()%250
@@ -502,12 +503,12 @@ func (e *modeEnv) setUpPods(ctx context.Context, exe, base string) (err error) {
 	if serviceMode(e.mode) {
 		e.dialAddr = serviceVIP.String()
 	}
-	switch e.mode {
-	case "bridge-svc":
+	if e.mode == "bridge-svc" || kubeProxy {
 		if err := e.kubeProxyRules(pods[1].Addr4); err != nil {
 			return err
 		}
-	case "pods-svc":
+	}
+	if e.mode == "pods-svc" {
 		e.smeshdConf = fmt.Sprintf("[[services]]\nname = \"bench\"\nvip = %q\nport = %d\nbackends = [%q]\n",
 			serviceVIP.Addr(), serviceVIP.Port(), e.serverAddr)
 	}
