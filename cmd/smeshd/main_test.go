@@ -144,7 +144,8 @@ func TestBenchShort(t *testing.T) {
 // TestBenchServices runs the service modes shortly: a pod dials a ClusterIP
 // in front of another pod, through kube-proxy's nftables DNAT on the node
 // (bridge-svc) and translated by smesh in connect4 (pods-svc), whose bytes
-// must then go spliced.
+// must then go spliced; then again with kube-proxy's rules on pods-svc's
+// node too (--kube-proxy), whose conntrack then sees the meshed packets.
 func TestBenchServices(t *testing.T) {
 	testenv.RequirePrivileged(t)
 	testenv.RequireCommand(t, "nft")
@@ -153,13 +154,22 @@ func TestBenchServices(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	for _, kubeProxy := range []bool{false, true} {
+		t.Run(fmt.Sprintf("kube-proxy=%v", kubeProxy), func(t *testing.T) {
+			benchServices(t, exe, kubeProxy)
+		})
+	}
+}
+
+func benchServices(t *testing.T, exe string, kubeProxy bool) {
 	var table bytes.Buffer
 	rep, err := bench.Run(context.Background(), bench.Options{
-		Duration: 200 * time.Millisecond,
-		Rounds:   1,
-		Modes:    []string{"bridge-svc", "pods-svc"},
-		Conns:    100,
-		Exe:      exe,
+		Duration:  200 * time.Millisecond,
+		Rounds:    1,
+		Modes:     []string{"bridge-svc", "pods-svc"},
+		Conns:     100,
+		Exe:       exe,
+		KubeProxy: kubeProxy,
 	}, &table)
 	if err != nil {
 		t.Fatalf("bench: %v\n%s", err, table.String())
