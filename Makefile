@@ -23,7 +23,7 @@ help:
 	@echo "test-deps       install the programs the tests drive: iproute2, iperf3, curl, nginx-light, systemd, nftables, debootstrap, systemd-container (root, apt-get)"
 	@echo "kube-control-plane build kube-apiserver and etcd for the tests once per machine (hack/kubecp, cached in /var/cache/smesh-test-kubecp; minutes the first time)"
 	@echo "kube-scale      benchmark: smeshd for one node in a real API server with 100 and 5,000 nodes (100,000 pods): ready time, RSS, bytes, CPU (root; about 6 min)"
-	@echo "svc-scale       benchmark: the Service watcher with 10,000 Services and 100,000 endpoints in a real API server: RSS, heap, slice update to sink latency"
+	@echo "svc-scale       benchmark: the Service watcher and the BPF service maps with 10,000 Services and 100,000 endpoints in a real API server: RSS, heap, map memory, slice update to map updated"
 	@echo "kernel-test     the kernel tests on another kernel in a qemu guest: KERNEL=pkg|file.deb (default: Debian 12's 6.1)"
 	@echo "generate        regenerate the BPF bindings and objects (needs clang)"
 	@echo "vmlinux         regenerate bpf/include/vmlinux.h from this kernel's BTF (needs bpftool)"
@@ -103,9 +103,11 @@ kube-scale: build kube-control-plane
 	./bin/kubescale -smeshd $(BIN) $(KUBE_SCALE_FLAGS)
 
 # The Service watcher at scale (hack/svcscale; a benchmark, not part of make
-# test): 10,000 Services with 10 endpoints each in the test control plane,
-# the watcher in a process of its own with smeshd's token; RSS, heap and the
-# latency from an EndpointSlice write to the Sink's Update (README, Kubernetes).
+# test; root: it loads the data path's maps): 10,000 Services with 10
+# endpoints each in the test control plane, the watcher in a process of its
+# own with smeshd's token, feeding a Sink that keeps nothing and then the data
+# path's ServiceTable; RSS, heap, BPF map memory and the latency from an
+# EndpointSlice write to the maps updated (README, Kubernetes).
 # E.g. make svc-scale SVC_SCALE_FLAGS="-services 1000 -updates 100"
 SVC_SCALE_FLAGS ?=
 svc-scale: kube-control-plane

@@ -18,6 +18,8 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	modes := fs.String("modes", "direct,copy,splice", "modes to compare, comma-separated")
 	tunnel := fs.Bool("tunnel", false, "also measure across two namespace nodes: bare veth and the smesh mTLS tunnel")
 	pods := fs.Bool("pods", false, fmt.Sprintf("also measure pod to pod on one node's bridge: no mesh, and spliced with %d more idle pods enrolled", bench.IdlePods))
+	svcs := fs.Bool("services", false, "also measure pod to a ClusterIP on one node: kube-proxy's nftables DNAT, and translated by smesh in connect4 and spliced")
+	kubeProxy := fs.Bool("kube-proxy", false, "with --pods or --services: kube-proxy's nftables rules for the ClusterIP on the node of every pod mode, as where smesh runs beside kube-proxy (conntrack sees every bridged packet)")
 	conns := fs.Int("conns", 0, "also hold this many concurrent connections per mode and report memory")
 	jsonPath := fs.String("json", "", "write the report as JSON to this file")
 	svgPath := fs.String("svg", "", "write a chart (SVG) to this file")
@@ -29,12 +31,13 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	rep, err := bench.Run(ctx, bench.Options{
-		Duration: *duration,
-		Rounds:   *rounds,
-		Modes:    benchModes(*modes, *tunnel, *pods),
-		Conns:    *conns,
-		Exe:      exe,
-		Progress: stderr,
+		Duration:  *duration,
+		Rounds:    *rounds,
+		Modes:     benchModes(*modes, *tunnel, *pods, *svcs),
+		Conns:     *conns,
+		KubeProxy: *kubeProxy,
+		Exe:       exe,
+		Progress:  stderr,
 	}, stdout)
 	if rep != nil {
 		if *jsonPath != "" {
@@ -51,13 +54,16 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	return err
 }
 
-func benchModes(modes string, tunnel, pods bool) []string {
+func benchModes(modes string, tunnel, pods, svcs bool) []string {
 	out := strings.Split(modes, ",")
 	if tunnel {
 		out = append(out, "veth", "tunnel")
 	}
 	if pods {
 		out = append(out, "bridge", "pods")
+	}
+	if svcs {
+		out = append(out, "bridge-svc", "pods-svc")
 	}
 	return out
 }

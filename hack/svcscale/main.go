@@ -1,21 +1,31 @@
 // Command svcscale measures smeshd's Service watcher (pkg/kube
-// ServiceWatcher) at cluster scale (make svc-scale; a benchmark, not a
-// test): it starts a real kube-apiserver and etcd (pkg/testenv/kubecp),
-// applies deploy/kubernetes/namespace.yaml and rbac.yaml as shipped, creates
+// ServiceWatcher) feeding the data path's ServiceTable at cluster scale
+// (make svc-scale; a benchmark, not a test): it starts a real
+// kube-apiserver and etcd (pkg/testenv/kubecp), applies
+// deploy/kubernetes/namespace.yaml and rbac.yaml as shipped, creates
 // Services with one EndpointSlice each (as the EndpointSlice controller
 // writes them), then runs the watcher in a child process of its own (this
-// binary again, with smeshd's ServiceAccount token) and reports:
+// binary again, with smeshd's ServiceAccount token), once per -sinks entry,
+// and reports:
 //   - the child's time to WaitSynced, its RSS (anonymous and file pages)
 //     and Go heap after sync, and its peak RSS at the end;
+//   - with the "bpf" sink, the memory of the data path's BPF maps (memlock
+//     in /proc/self/fdinfo, which for these kernels counts the entries in
+//     use) and how full the service maps are;
 //   - the latency from an EndpointSlice update (the moment the API write
-//     starts) to the Sink's Update for that Service in the child, over
-//     -updates updates at -rate per second to Services picked at random.
+//     starts) to the Sink's Update for that Service having returned in the
+//     child, over -updates updates at -rate per second to Services picked
+//     at random.
 //
-// The child holds what smeshd would: the watcher's informer stores and its
-// view of what the Sink holds; its Sink keeps nothing (a data path keeps
-// its Services in BPF maps, kernel memory). Only the Go code the watcher
-// needs runs in the child, but the binary is this one (with the typed
-// client the filler uses): its file pages are not smeshd's.
+// The "bpf" child holds what smeshd would: the watcher's informer stores,
+// its view of what the Sink holds, and the data path loaded as smeshd loads
+// it (datapath.Load with the default map sizes; nothing is attached to any
+// cgroup) with its ServiceTable as the Sink, so the map writes and the
+// table's own copy of every Service are in the figures. The "null" child's
+// Sink keeps nothing: the difference is what the BPF side costs. Only the
+// Go code the watcher and the data path need runs in the child, but the
+// binary is this one (with the typed client the filler uses): its file
+// pages are not smeshd's.
 package main
 
 import (
@@ -42,6 +52,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/rs/zerolog"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -50,12 +61,15 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
+	"github.com/smesh-dev/smesh/pkg/cgroups"
 	"github.com/smesh-dev/smesh/pkg/config"
+	"github.com/smesh-dev/smesh/pkg/datapath"
 	"github.com/smesh-dev/smesh/pkg/kube"
 	"github.com/smesh-dev/smesh/pkg/services"
 	"github.com/smesh-dev/smesh/pkg/testenv/kubecp"
 )
 
+// childEnv names the child's Sink: "null" or "bpf".
 const childEnv = "SVCSCALE_CHILD"
 
 // node is the child's node name: a tenth of the endpoints are on it.
@@ -65,7 +79,7 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	var err error
 	if os.Getenv(childEnv) != "" {
-		err = child(ctx, os.Stdin, os.Stdout)
+		err = child(ctx, os.Getenv(childEnv), os.Stdin, os.Stdout)
 	} else {
 		err = run(ctx, os.Args[1:], os.Stdout, os.Stderr)
 	}
@@ -81,6 +95,7 @@ type options struct {
 	workers                         int
 	updates, rate                   int
 	manifests                       string
+	sinks                           []string
 	keep                            bool
 }
 
@@ -96,8 +111,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.IntVar(&o.rate, "rate", 20, "EndpointSlice updates per second")
 	fs.StringVar(&o.manifests, "manifests", "deploy/kubernetes", "directory of namespace.yaml and rbac.yaml")
 	fs.BoolVar(&o.keep, "keep", false, "keep the control plane's directory (logs)")
+	sinks := fs.String("sinks", "null,bpf", "Sinks to measure, one child each, in this order: null (keeps nothing), bpf (the data path's ServiceTable, BPF maps; needs root)")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	for _, k := range strings.Split(*sinks, ",") {
+		if k != "null" && k != "bpf" {
+			return fmt.Errorf("-sinks: unknown sink %q (want null, bpf)", k)
+		}
+		o.sinks = append(o.sinks, k)
 	}
 	logf := func(format string, args ...any) {
 		fmt.Fprintf(stderr, "%s "+format+"\n", append([]any{time.Now().Format("15:04:05")}, args...)...)
@@ -137,27 +159,44 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fillTook := time.Since(start)
 	logf("filled %d Services and %d endpoints in %s", o.services, o.services*o.endpoints, fillTook.Round(time.Second))
 
-	c, err := startChild(ctx, sa)
+	var results []sinkResult
+	for _, kind := range o.sinks {
+		r, err := measureSink(ctx, admin, sa, kind, slicesByService, o, logf)
+		if err != nil {
+			return fmt.Errorf("%s sink: %w", kind, err)
+		}
+		results = append(results, r)
+	}
+	printTable(stdout, o, cp.Version, fillTook, results)
+	return nil
+}
+
+// sinkResult is one child's figures.
+type sinkResult struct {
+	kind        string
+	synced, end stats
+	lat         []time.Duration
+}
+
+// measureSink runs the watcher in a child with the given Sink, times
+// o.updates slice updates through it and stops it.
+func measureSink(ctx context.Context, admin *kubernetes.Clientset, sa *rest.Config, kind string,
+	cur []*discoveryv1.EndpointSlice, o options, logf func(string, ...any)) (sinkResult, error) {
+	r := sinkResult{kind: kind}
+	c, err := startChild(ctx, sa, kind)
 	if err != nil {
-		return err
+		return r, err
 	}
 	defer c.stop()
-	synced, err := c.synced(ctx)
-	if err != nil {
-		return err
+	if r.synced, err = c.synced(ctx); err != nil {
+		return r, err
 	}
-	logf("child synced: %+v", synced)
-
-	lat, err := timeUpdates(ctx, admin, c, slicesByService, o, logf)
-	if err != nil {
-		return err
+	logf("%s child synced: %+v", kind, r.synced)
+	if r.lat, err = timeUpdates(ctx, admin, c, cur, o, logf); err != nil {
+		return r, err
 	}
-	end, err := c.report(ctx)
-	if err != nil {
-		return err
-	}
-	printTable(stdout, o, cp.Version, fillTook, synced, end, lat)
-	return nil
+	r.end, err = c.report(ctx)
+	return r, err
 }
 
 // withRate lifts client-go's default client-side limit (5 requests/s).
@@ -314,16 +353,21 @@ func timeUpdates(ctx context.Context, admin *kubernetes.Clientset, c *childProc,
 
 // stats is what the child reports.
 type stats struct {
-	SyncTook     time.Duration `json:"sync_took"`
-	RSS          int64         `json:"rss"`
-	RSSAnon      int64         `json:"rss_anon"`
-	RSSFile      int64         `json:"rss_file"`
-	PeakRSS      int64         `json:"peak_rss"`
-	HeapInuse    uint64        `json:"heap_inuse"`
-	HeapAlloc    uint64        `json:"heap_alloc"`
-	Sys          uint64        `json:"sys"`
-	ServicePorts int           `json:"service_ports"`
-	Backends     int           `json:"backends"`
+	SyncTook time.Duration `json:"sync_took"`
+	// Of the bpf sink: the memlock of every map of the data path, of the
+	// service maps alone, and the entries the services in force take.
+	MapMemlock    int64                 `json:"map_memlock"`
+	SvcMapMemlock int64                 `json:"svc_map_memlock"`
+	Fill          *datapath.ServiceFill `json:"fill,omitempty"`
+	RSS           int64                 `json:"rss"`
+	RSSAnon       int64                 `json:"rss_anon"`
+	RSSFile       int64                 `json:"rss_file"`
+	PeakRSS       int64                 `json:"peak_rss"`
+	HeapInuse     uint64                `json:"heap_inuse"`
+	HeapAlloc     uint64                `json:"heap_alloc"`
+	Sys           uint64                `json:"sys"`
+	ServicePorts  int                   `json:"service_ports"`
+	Backends      int                   `json:"backends"`
 }
 
 // childProc is the watcher's process: its stdout says "synced {json}",
@@ -336,13 +380,13 @@ type childProc struct {
 	waiters map[string]chan time.Time
 }
 
-func startChild(ctx context.Context, sa *rest.Config) (*childProc, error) {
+func startChild(ctx context.Context, sa *rest.Config, kind string) (*childProc, error) {
 	self, err := os.Executable()
 	if err != nil {
 		return nil, err
 	}
 	cmd := exec.Command(self)
-	cmd.Env = append(os.Environ(), childEnv+"=1")
+	cmd.Env = append(os.Environ(), childEnv+"="+kind)
 	cmd.Stderr = os.Stderr
 	in, err := cmd.StdinPipe()
 	if err != nil {
@@ -442,14 +486,26 @@ type childConfig struct {
 	Token string `json:"token"`
 }
 
-// printSink reports each Update once synced.
+// printSink hands every change to next and, once synced, reports each
+// Update when next has taken it: for the ServiceTable, when its map writes
+// have returned and a connect() sees the new backends.
 type printSink struct {
+	next services.Sink
 	live atomic.Bool
 	mu   sync.Mutex
 	out  *bufio.Writer
 }
 
+// nullSink keeps nothing.
+type nullSink struct{}
+
+func (nullSink) Update(services.Service) error { return nil }
+func (nullSink) Delete(services.Key) error     { return nil }
+
 func (p *printSink) Update(s services.Service) error {
+	if err := p.next.Update(s); err != nil {
+		return err
+	}
 	if !p.live.Load() {
 		return nil
 	}
@@ -466,12 +522,51 @@ func (p *printSink) Update(s services.Service) error {
 	return p.out.Flush()
 }
 
-func (p *printSink) Delete(services.Key) error { return nil }
+func (p *printSink) Delete(k services.Key) error { return p.next.Delete(k) }
 
-// child runs the watcher as smeshd would, reads its configuration from in,
-// and reports on out.
-func child(ctx context.Context, in io.Reader, out io.Writer) error {
+// loadDatapath loads the data path as smeshd does with the default
+// configuration, attaching nothing to any cgroup: only the maps and
+// programs exist, and no connection on the machine meets them. The proxy
+// cgroup is this process's own; Load only reads its id.
+func loadDatapath() (*datapath.Datapath, error) {
+	mount, err := cgroups.Mount()
+	if err != nil {
+		return nil, err
+	}
+	own, err := cgroups.Of(mount, os.Getpid())
+	if err != nil {
+		return nil, err
+	}
+	c := config.Default()
+	return datapath.Load(datapath.Options{
+		Mode:             datapath.ModeSplice,
+		ProxyAddr:        c.Outbound.Listen,
+		ProxyAddr6:       c.Outbound.Listen6,
+		ProxyCgroup:      own,
+		MapSize:          c.Datapath.MapSize,
+		ServiceMapSize:   c.Datapath.ServiceMapSize,
+		BackendMapSize:   c.Datapath.BackendMapSize,
+		SpliceProxyHops:  c.Datapath.SpliceProxyHops,
+		SpliceQueueLimit: uint32(c.Datapath.SpliceQueueLimit.Bytes),
+		Logger:           zerolog.New(os.Stderr).Level(zerolog.WarnLevel),
+	})
+}
+
+// child runs the watcher as smeshd would with the Sink kind, reads its
+// configuration from in, and reports on out.
+func child(ctx context.Context, kind string, in io.Reader, out io.Writer) error {
 	start := time.Now()
+	var table *datapath.ServiceTable
+	var next services.Sink = nullSink{}
+	if kind == "bpf" {
+		dp, err := loadDatapath()
+		if err != nil {
+			return fmt.Errorf("loading the data path: %w", err)
+		}
+		defer dp.Close()
+		table = dp.Services()
+		next = table
+	}
 	r := bufio.NewReader(in)
 	line, err := r.ReadBytes('\n')
 	if err != nil {
@@ -487,7 +582,7 @@ func child(ctx context.Context, in io.Reader, out io.Writer) error {
 		return err
 	}
 	bw := bufio.NewWriter(out)
-	sink := &printSink{out: bw}
+	sink := &printSink{next: next, out: bw}
 	k := config.Default().Kubernetes
 	w, err := kube.StartServices(ctx, k, api, node, sink, zerolog.New(os.Stderr).Level(zerolog.WarnLevel))
 	if err != nil {
@@ -499,7 +594,7 @@ func child(ctx context.Context, in io.Reader, out io.Writer) error {
 	took := time.Since(start)
 	say := func(what string) error {
 		runtime.GC()
-		s := measure(w)
+		s := measure(w, table)
 		s.SyncTook = took
 		j, _ := json.Marshal(s)
 		sink.mu.Lock()
@@ -529,10 +624,15 @@ func child(ctx context.Context, in io.Reader, out io.Writer) error {
 	return say("report")
 }
 
-func measure(w *kube.ServiceWatcher) stats {
+func measure(w *kube.ServiceWatcher, table *datapath.ServiceTable) stats {
 	var m runtime.MemStats
 	runtime.ReadMemStats(&m)
 	s := stats{HeapInuse: m.HeapInuse, HeapAlloc: m.HeapAlloc, Sys: m.Sys}
+	if table != nil {
+		f := table.Fill()
+		s.Fill = &f
+		s.MapMemlock, s.SvcMapMemlock = mapMemory()
+	}
 	all := w.Services()
 	s.ServicePorts = len(all)
 	for _, x := range all {
@@ -559,20 +659,98 @@ func measure(w *kube.ServiceWatcher) stats {
 	return s
 }
 
+// serviceMaps are the maps of bpf/connect/service.h, by the names the
+// kernel keeps (15 characters at most).
+var serviceMaps = map[string]bool{"smesh_services": true, "smesh_backends": true, "smesh_svc_membe": true, "smesh_affinity": true}
+
+// mapMemory sums the memlock of the BPF maps this process holds: all of
+// them, and the service maps alone. For hash maps without preallocation
+// the kernel counts the entries in use (map_mem_usage, Linux 6.4+), so the
+// figure grows with the Services.
+func mapMemory() (all, svc int64) {
+	ents, _ := os.ReadDir("/proc/self/fdinfo")
+	seen := make(map[uint64]bool) // a map may have several fds
+	for _, e := range ents {
+		data, err := os.ReadFile("/proc/self/fdinfo/" + e.Name())
+		if err != nil {
+			continue
+		}
+		var memlock int64
+		var id uint64
+		for l := range strings.Lines(string(data)) {
+			k, v, _ := strings.Cut(l, ":")
+			v = strings.TrimSpace(v)
+			switch k {
+			case "memlock":
+				memlock, _ = strconv.ParseInt(v, 10, 64)
+			case "map_id":
+				id, _ = strconv.ParseUint(v, 10, 32)
+			}
+		}
+		if id == 0 || seen[id] {
+			continue
+		}
+		seen[id] = true
+		all += memlock
+		if m, err := ebpf.NewMapFromID(ebpf.MapID(id)); err == nil {
+			if info, err := m.Info(); err == nil && serviceMaps[info.Name] {
+				svc += memlock
+			}
+			m.Close()
+		}
+	}
+	return all, svc
+}
+
 func mib(b int64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }
 
-func printTable(out io.Writer, o options, version string, fill time.Duration, synced, end stats, lat []time.Duration) {
-	q := func(p float64) time.Duration {
-		return lat[min(len(lat)-1, int(p*float64(len(lat))))].Round(100 * time.Microsecond)
+func printTable(out io.Writer, o options, version string, fill time.Duration, rs []sinkResult) {
+	row := func(name string, f func(r sinkResult) string) {
+		fmt.Fprintf(out, "| %s |", name)
+		for _, r := range rs {
+			fmt.Fprintf(out, " %s |", f(r))
+		}
+		fmt.Fprintln(out)
 	}
-	fmt.Fprintf(out, "| Service watcher, kube-apiserver %s | |\n|---|---:|\n", version)
-	fmt.Fprintf(out, "| Services (one TCP port, one slice each) / endpoints | %d / %d |\n", o.services, o.services*o.endpoints)
-	fmt.Fprintf(out, "| Filling (Services and slices) | %s |\n", fill.Round(time.Second))
-	fmt.Fprintf(out, "| Service ports and backends the Sink was given | %d, %d |\n", synced.ServicePorts, synced.Backends)
-	fmt.Fprintf(out, "| Start to WaitSynced | %s |\n", synced.SyncTook.Round(time.Millisecond))
-	fmt.Fprintf(out, "| RSS after sync (anonymous; file) | %s (%s; %s) |\n", mib(synced.RSS), mib(synced.RSSAnon), mib(synced.RSSFile))
-	fmt.Fprintf(out, "| Go heap in use after sync and GC (live objects) | %s (%s) |\n", mib(int64(synced.HeapInuse)), mib(int64(synced.HeapAlloc)))
-	fmt.Fprintf(out, "| RSS at the end, peak RSS | %s, %s |\n", mib(end.RSS), mib(end.PeakRSS))
-	fmt.Fprintf(out, "| Slice update to Sink Update (%d at %d/s): p50, p99, max | %s, %s, %s |\n",
-		len(lat), o.rate, q(0.50), q(0.99), lat[len(lat)-1].Round(100*time.Microsecond))
+	fmt.Fprintf(out, "| Service watcher, kube-apiserver %s |", version)
+	for _, r := range rs {
+		fmt.Fprintf(out, " %s sink |", r.kind)
+	}
+	fmt.Fprint(out, "\n|---|")
+	for range rs {
+		fmt.Fprint(out, "---:|")
+	}
+	fmt.Fprintln(out)
+	row(fmt.Sprintf("Services (one TCP port, one slice each) / endpoints: %d / %d; filled in %s",
+		o.services, o.services*o.endpoints, fill.Round(time.Second)), func(sinkResult) string { return "" })
+	row("Service ports and backends the Sink was given", func(r sinkResult) string {
+		return fmt.Sprintf("%d, %d", r.synced.ServicePorts, r.synced.Backends)
+	})
+	row("Start to WaitSynced", func(r sinkResult) string { return r.synced.SyncTook.Round(time.Millisecond).String() })
+	row("RSS after sync (anonymous; file)", func(r sinkResult) string {
+		return fmt.Sprintf("%s (%s; %s)", mib(r.synced.RSS), mib(r.synced.RSSAnon), mib(r.synced.RSSFile))
+	})
+	row("Go heap in use after sync and GC (live objects)", func(r sinkResult) string {
+		return fmt.Sprintf("%s (%s)", mib(int64(r.synced.HeapInuse)), mib(int64(r.synced.HeapAlloc)))
+	})
+	row("RSS at the end, peak RSS", func(r sinkResult) string { return mib(r.end.RSS) + ", " + mib(r.end.PeakRSS) })
+	row("BPF maps after sync: all of the data path's (service maps)", func(r sinkResult) string {
+		if r.synced.Fill == nil {
+			return "-"
+		}
+		return fmt.Sprintf("%s (%s)", mib(r.synced.MapMemlock), mib(r.synced.SvcMapMemlock))
+	})
+	row("Service map entries in force / size: services; backends", func(r sinkResult) string {
+		f := r.synced.Fill
+		if f == nil {
+			return "-"
+		}
+		return fmt.Sprintf("%d / %d; %d / %d", f.Services, f.MaxServices, f.Backends, f.MaxBackends)
+	})
+	row(fmt.Sprintf("Slice update to Sink Update returned (%d at %d/s): p50, p99, max", o.updates, o.rate), func(r sinkResult) string {
+		q := func(p float64) time.Duration {
+			return r.lat[min(len(r.lat)-1, int(p*float64(len(r.lat))))].Round(100 * time.Microsecond)
+		}
+		return fmt.Sprintf("%s, %s, %s", q(0.50), q(0.99), r.lat[len(r.lat)-1].Round(100*time.Microsecond))
+	})
 }

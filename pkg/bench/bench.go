@@ -21,15 +21,18 @@ import (
 )
 
 // Modes the bench knows, in report order: same-node (direct is the
-// baseline), cross-node (veth is the baseline) and pod to pod on one node
-// (bridge is the baseline).
-var allModes = []string{"direct", "copy", "splice", "veth", "tunnel", "bridge", "pods"}
+// baseline), cross-node (veth is the baseline), pod to pod on one node
+// (bridge is the baseline) and pod to a ClusterIP backed by the other pod
+// (bridge-svc, kube-proxy's DNAT, is the baseline).
+var allModes = []string{"direct", "copy", "splice", "veth", "tunnel", "bridge", "pods", "bridge-svc", "pods-svc"}
 
 // baseline is the mode a mode's ratios are relative to.
 func baseline(mode string) string {
 	switch {
 	case crossNode(mode):
 		return "veth"
+	case serviceMode(mode):
+		return "bridge-svc"
 	case podMode(mode):
 		return "bridge"
 	}
@@ -41,9 +44,13 @@ type Options struct {
 	Duration time.Duration // per workload, per mode, per round
 	Rounds   int           // measured rounds; one warm-up round comes first and is discarded
 	Modes    []string
-	Conns    int    // hold this many connections per mode and report memory; 0: skip
-	JSON     string // write the report here too
-	SVG      string // and a chart here
+	Conns    int // hold this many connections per mode and report memory; 0: skip
+	// KubeProxy puts kube-proxy's rules for the ClusterIP on the node of
+	// every pod mode, not only bridge-svc's, as on a cluster where smesh
+	// runs beside kube-proxy: conntrack then sees every bridged packet.
+	KubeProxy bool
+	JSON      string // write the report here too
+	SVG       string // and a chart here
 	// Exe is the smeshd binary whose agents and daemon are measured.
 	Exe string
 	// Progress hears what the bench is doing: on a terminal one line,
@@ -85,7 +92,7 @@ func Run(ctx context.Context, opts Options, out io.Writer) (*Report, error) {
 	defer prog.done() // also when a step fails: the error starts a clean line
 	for _, m := range modes {
 		prog.update("setting up namespaces, cgroups and smeshd", m)
-		e, err := newModeEnv(ctx, opts.Exe, m)
+		e, err := newModeEnv(ctx, opts.Exe, m, opts.KubeProxy)
 		if err != nil {
 			return nil, err
 		}

@@ -88,7 +88,13 @@ type modeEnv struct {
 	mount      string
 	client     string // cgroups
 	server     string
-	serverAddr string
+	serverAddr string // where the server listens
+	// dialAddr is what the client connects to: serverAddr, or the
+	// Service address in front of it (the service modes).
+	dialAddr string
+	// smeshdConf is added to the configuration of the mode's smeshd
+	// (the service modes' [[services]]).
+	smeshdConf string
 	made       []string // every cgroup made, removed by close
 	smeshds    []*proc
 	srv        *proc
@@ -106,13 +112,23 @@ type benchNode struct {
 func crossNode(mode string) bool { return mode == "veth" || mode == "tunnel" }
 
 // podMode says whether a mode runs between two pods on one node's bridge.
-func podMode(mode string) bool { return mode == "bridge" || mode == "pods" }
+func podMode(mode string) bool { return mode == "bridge" || mode == "pods" || serviceMode(mode) }
+
+// serviceMode says whether the client of a pod mode connects to a
+// ClusterIP in front of the server pod rather than to the pod itself.
+func serviceMode(mode string) bool { return mode == "bridge-svc" || mode == "pods-svc" }
+
+// serviceVIP is the ClusterIP of the service modes: in 198.18.0.0/15, apart
+// from the pod subnets (198.18.250.0-198.19.246.0) and the cross-node /24s.
+// Every mode has its own node, maps and rules, so runs side by side do not
+// meet on it.
+var serviceVIP = netip.MustParseAddrPort("198.19.255.10:80")
 
 // IdlePods is how many idle enrolled pods the pods mode adds, so that its
 // smeshd serves as many namespaces as a busy Kubernetes node has pods.
 const IdlePods = 100
 
-func newModeEnv(ctx context.Context, exe, mode string) (_ *modeEnv, err error) {
+func newModeEnv(ctx context.Context, exe, mode string, kubeProxy bool) (_ *modeEnv, err error) {
 	e := &modeEnv{mode: mode, serverAddr: serverAddr}
 	defer func() {
 		if err != nil {
@@ -127,7 +143,7 @@ func newModeEnv(ctx context.Context, exe, mode string) (_ *modeEnv, err error) {
 		return nil, err
 	}
 	if podMode(mode) {
-		if err := e.setUpPods(ctx, exe, base); err != nil {
+		if err := e.setUpPods(ctx, exe, base, kubeProxy); err != nil {
 			return nil, err
 		}
 		return e, nil
@@ -177,6 +193,7 @@ func newModeEnv(ctx context.Context, exe, mode string) (_ *modeEnv, err error) {
 	if err := e.startServer(exe, server); err != nil {
 		return nil, err
 	}
+	e.dialAddr = e.serverAddr
 	return e, nil
 }
 
@@ -230,9 +247,9 @@ func (e *modeEnv) startSmeshd(ctx context.Context, exe string, n benchNode, name
 		cgs = append(cgs, fmt.Sprintf("%q", rel))
 	}
 	conf := fmt.Sprintf("[capture]\ncgroups = [%s]\n[datapath]\nmode = %q\n[log]\nlevel = \"warn\"\nformat = \"json\"\n"+
-		"[tunnel]\nmax_connections = 65536\n[tunnel.tls]\ncert = %q\nkey = %q\nca = %q\n",
+		"[tunnel]\nmax_connections = 65536\n[tunnel.tls]\ncert = %q\nkey = %q\nca = %q\n%s",
 		strings.Join(cgs, ", "), dpMode,
-		filepath.Join(tlsDir, name+".crt"), filepath.Join(tlsDir, name+".key"), filepath.Join(tlsDir, "ca.crt"))
+		filepath.Join(tlsDir, name+".crt"), filepath.Join(tlsDir, name+".key"), filepath.Join(tlsDir, "ca.crt"), e.smeshdConf)
 	path := filepath.Join(e.dir, name+".toml")
 	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
 		return err
@@ -297,7 +314,7 @@ func (e *modeEnv) startServer(exe string, n benchNode) error {
 // run runs one client workload and returns its sample.
 func (e *modeEnv) run(ctx context.Context, exe, workload string, d time.Duration) (Sample, error) {
 	var out bytes.Buffer
-	cmd := exec.CommandContext(ctx, exe, "bench-agent", "client", workload, e.serverAddr, d.String())
+	cmd := exec.CommandContext(ctx, exe, "bench-agent", "client", workload, e.dialAddr, d.String())
 	cmd.Stdout = &out
 	p, err := startProc("bench client "+workload, cmd, e.client, e.nodes[0].name)
 	if err != nil {
@@ -317,7 +334,7 @@ func (e *modeEnv) run(ctx context.Context, exe, workload string, d time.Duration
 // hold opens n connections from the client to the server and keeps them
 // until release is called.
 func (e *modeEnv) hold(exe string, n int) (release func() error, err error) {
-	cmd := exec.Command(exe, "bench-agent", "hold", e.serverAddr, strconv.Itoa(n))
+	cmd := exec.Command(exe, "bench-agent", "hold", e.dialAddr, strconv.Itoa(n))
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		return nil, err
@@ -445,13 +462,22 @@ func (e *modeEnv) close() error {
 // two pods on it, the client's and the server's, as a CNI bridge plugin
 // makes them. "bridge" leaves them out of the mesh: the no-mesh baseline a
 // Kubernetes user has. "pods" enrols both, and IdlePods more pods that only
-// wait, under a smeshd in the node's namespace.
-func (e *modeEnv) setUpPods(ctx context.Context, exe, base string) (err error) {
+// wait, under a smeshd in the node's namespace. The service modes are the
+// same two worlds with the client dialling serviceVIP: "bridge-svc"
+// through kube-proxy's DNAT on the node (kubeProxyRules), "pods-svc"
+// translated by smesh in connect4 (a [[services]] entry). kubeProxy puts
+// kube-proxy's rules on the node of the other pod modes too.
+func (e *modeEnv) setUpPods(ctx context.Context, exe, base string, kubeProxy bool) (err error) {
 	// A /24 of 198.18.0.0/15 (reserved for benchmarks) per run and mode,
 	// apart from the cross-node modes' (100-249).
 	subnet := 250 + os.Getpid()%250
-	if e.mode == "pods" {
+	switch e.mode {
+	case "pods":
 		subnet = (subnet + 1) % 512
+	case "bridge-svc":
+		subnet = (subnet + 2) % 512
+	case "pods-svc":
+		subnet = (subnet + 3) % 512
 	}
 	v4 := netip.PrefixFrom(netip.AddrFrom4([4]byte{198, 18 + byte(subnet/256), byte(subnet % 256), 0}), 24)
 	v6 := netip.MustParsePrefix(fmt.Sprintf("fd00:5e:be:%x::/64", subnet))
@@ -473,13 +499,26 @@ func (e *modeEnv) setUpPods(ctx context.Context, exe, base string) (err error) {
 	}
 	e.client, e.server = pods[0].Cgroup, pods[1].Cgroup
 	e.serverAddr = netip.AddrPortFrom(pods[1].Addr4, 9000).String()
+	e.dialAddr = e.serverAddr
+	if serviceMode(e.mode) {
+		e.dialAddr = serviceVIP.String()
+	}
+	if e.mode == "bridge-svc" || kubeProxy {
+		if err := e.kubeProxyRules(pods[1].Addr4); err != nil {
+			return err
+		}
+	}
+	if e.mode == "pods-svc" {
+		e.smeshdConf = fmt.Sprintf("[[services]]\nname = \"bench\"\nvip = %q\nport = %d\nbackends = [%q]\n",
+			serviceVIP.Addr(), serviceVIP.Port(), e.serverAddr)
+	}
 	// Connection-rate runs: the whole port range, TIME_WAIT ports reused.
 	for _, kv := range [][2]string{{"net/ipv4/ip_local_port_range", "1024 65535"}, {"net/ipv4/tcp_tw_reuse", "1"}} {
 		if err := sandbox.SetSysctl(pods[0].Netns(), kv[0], kv[1]); err != nil {
 			return err
 		}
 	}
-	if e.mode == "pods" {
+	if e.mode == "pods" || e.mode == "pods-svc" {
 		for i := range IdlePods {
 			p, err := e.cluster.AddPod(fmt.Sprintf("%s-idle%d", base, i), filepath.Join(parent, fmt.Sprintf("idle%d", i)))
 			if err != nil {
@@ -503,4 +542,80 @@ func (e *modeEnv) setUpPods(ctx context.Context, exe, base string) (err error) {
 		}
 	}
 	return e.startServer(exe, e.nodes[1])
+}
+
+// kubeProxyRules writes, in the node's network namespace, the nftables
+// rules kube-proxy's nftables mode writes for a ClusterIP (serviceVIP) with
+// one endpoint (backend:9000): the service-ips verdict map, the service
+// chain with its masquerade mark for traffic from outside the cluster, a
+// random choice among the endpoints, the endpoint chain's DNAT, and the
+// masquerading chain. The client pod's SYN to the VIP goes to the node (its
+// default route), is DNATed in prerouting and forwarded back onto the
+// bridge to the server pod; the replies are bridged, and conntrack (which
+// sees bridged packets: bridge-nf-call-iptables, on by default as every
+// Kubernetes node has it) reverses the translation. The rules go away with
+// the node's namespace.
+func (e *modeEnv) kubeProxyRules(backend netip.Addr) error {
+	nft, err := exec.LookPath("nft")
+	if err != nil {
+		return fmt.Errorf("mode %s needs nft (Debian package nftables) for its kube-proxy-style DNAT: %w", e.mode, err)
+	}
+	// Without it, replies bridged from the server pod to the client pod
+	// would skip conntrack and reach the client from the pod address,
+	// not the VIP.
+	if err := sandbox.SetSysctl(e.cluster.Netns(), "net/bridge/bridge-nf-call-iptables", "1"); err != nil {
+		return fmt.Errorf("mode %s: the node's bridge must pass packets to conntrack as a Kubernetes node's does: %w", e.mode, err)
+	}
+	vip, port := serviceVIP.Addr(), serviceVIP.Port()
+	rules := fmt.Sprintf(`table ip kube-proxy {
+	map service-ips {
+		type ipv4_addr . inet_proto . inet_service : verdict
+		elements = { %[1]s . tcp . %[2]d : goto service-bench-tcp }
+	}
+	chain nat-prerouting {
+		type nat hook prerouting priority dstnat; policy accept;
+		jump services
+	}
+	chain nat-output {
+		type nat hook output priority -100; policy accept;
+		jump services
+	}
+	chain nat-postrouting {
+		type nat hook postrouting priority srcnat; policy accept;
+		jump masquerading
+	}
+	chain services {
+		ip daddr . meta l4proto . th dport vmap @service-ips
+	}
+	chain mark-for-masquerade {
+		meta mark set meta mark or 0x4000
+	}
+	chain masquerading {
+		meta mark & 0x4000 == 0 return
+		meta mark set meta mark xor 0x4000
+		masquerade fully-random
+	}
+	chain service-bench-tcp {
+		ip daddr %[1]s tcp dport %[2]d ip saddr != %[3]s jump mark-for-masquerade
+		numgen random mod 1 vmap { 0 : goto endpoint-bench }
+	}
+	chain endpoint-bench {
+		ip saddr %[4]s jump mark-for-masquerade
+		meta l4proto tcp dnat to %[4]s:9000
+	}
+}
+`, vip, port, e.cluster.PodNet4, backend)
+	cmd := exec.Command(nft, "-f", "-")
+	cmd.Stdin = strings.NewReader(rules)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	p, err := startProc("nft", cmd, "", e.cluster.Name)
+	if err != nil {
+		return err
+	}
+	<-p.done
+	if p.err != nil {
+		return fmt.Errorf("mode %s: loading kube-proxy's rules with nft: %v: %s", e.mode, p.err, strings.TrimSpace(out.String()))
+	}
+	return nil
 }

@@ -50,3 +50,23 @@ func TestReportRounds(t *testing.T) {
 		}
 	}
 }
+
+// Each mode's ratios are to the baseline of its world, measured in the same
+// run: the service modes to kube-proxy's DNAT, not to the bare bridge.
+func TestBaselines(t *testing.T) {
+	for mode, want := range map[string]string{
+		"direct": "direct", "copy": "direct", "splice": "direct",
+		"veth": "veth", "tunnel": "veth",
+		"bridge": "bridge", "pods": "bridge",
+		"bridge-svc": "bridge-svc", "pods-svc": "bridge-svc",
+	} {
+		if got := baseline(mode); got != want {
+			t.Errorf("baseline(%q) = %q, want %q", mode, got, want)
+		}
+	}
+	for _, m := range allModes {
+		if baseline(m) == "" {
+			t.Errorf("mode %s has no baseline", m)
+		}
+	}
+}
