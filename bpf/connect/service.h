@@ -193,8 +193,14 @@ static __always_inline enum svc_result choose_backend(__u64 netns, const struct 
 		return SVC_NO_BACKEND;
 	*be = *found;
 	if (s->flags & SVC_AFFINITY) {
-		struct affinity fresh = { .be = *found, .last_ns = now };
+		struct affinity fresh;
 
+		/* Zeroed whole, padding included: without CAP_PERFMON the
+		 * verifier refuses to pass uninitialized stack bytes to a
+		 * helper (an initializer leaves the padding after be). */
+		__builtin_memset(&fresh, 0, sizeof(fresh));
+		fresh.be = *found;
+		fresh.last_ns = now;
 		bpf_map_update_elem(&smesh_affinity, &ak, &fresh, BPF_ANY);
 	}
 	return SVC_TRANSLATED;
