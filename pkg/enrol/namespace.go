@@ -164,6 +164,11 @@ func (n *Namespace) listAddrs() ([]netip.Addr, error) {
 		// The package-level netlink calls open their socket on the
 		// calling thread, hence in this namespace.
 		list, err := netlink.AddrList(nil, netlink.FAMILY_ALL)
+		// A dump that an address change interrupted (the kernel says
+		// so: NLM_F_DUMP_INTR) is asked for again, a few times.
+		for i := 0; i < 5 && errors.Is(err, netlink.ErrDumpInterrupted); i++ {
+			list, err = netlink.AddrList(nil, netlink.FAMILY_ALL)
+		}
 		for _, a := range list {
 			if ip, ok := netip.AddrFromSlice(a.IP); ok && !ip.Unmap().IsLoopback() {
 				addrs = append(addrs, ip.Unmap())

@@ -326,7 +326,13 @@ func waitNotTentative(h *netlink.Handle) error {
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		addrs, err := h.AddrList(nil, netlink.FAMILY_V6)
-		if err != nil {
+		switch {
+		case errors.Is(err, netlink.ErrDumpInterrupted) && time.Now().Before(deadline):
+			// An address changed during the dump (pods made beside
+			// this one): ask again.
+			time.Sleep(5 * time.Millisecond)
+			continue
+		case err != nil:
 			return fmt.Errorf("listing IPv6 addresses: %w", err)
 		}
 		tentative := ""
