@@ -155,6 +155,7 @@ func spreadFrom(t *testing.T, n *node, p *kubePod, addr string, count int) map[n
 // nftables mode does, takes it to a backend).
 func TestKubernetesServices(t *testing.T) {
 	testenv.RequirePrivileged(t)
+	nft := testenv.RequireCommand(t, "nft") // kube-proxy's rule for a pod outside the mesh
 	kc := startKubeCluster(t)
 	c := testenv.NewCluster()
 	cnA, cnB := c.AddNode(t), c.AddNode(t)
@@ -343,7 +344,6 @@ func TestKubernetesServices(t *testing.T) {
 
 	// A pod outside the mesh: smesh leaves its connection alone, and
 	// kube-proxy's rule takes it to a backend.
-	nft := testenv.RequireCommand(t, "nft")
 	rules := fmt.Sprintf("table ip smesh_test_kube_proxy {\n chain out {\n  type nat hook output priority -100;\n"+
 		"  ip daddr %s tcp dport 80 dnat to %s\n }\n}\n", vip.Addr(), at(webB2))
 	cmd := exec.Command("ip", "netns", "exec", outsider.Name, nft, "-f", "-")

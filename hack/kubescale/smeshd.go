@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/smesh-dev/smesh/pkg/cgroups"
+	"github.com/smesh-dev/smesh/pkg/procmem"
 	"github.com/smesh-dev/smesh/pkg/testenv"
 	"github.com/smesh-dev/smesh/pkg/testenv/kubecp"
 )
@@ -229,33 +230,8 @@ func (s *smeshd) cpu() (time.Duration, error) {
 
 // memory is smeshd's resident set and its peak, from /proc/PID/status.
 func (s *smeshd) memory() (rss, peak int64, err error) {
-	rss, peak, _, err = s.memoryFile()
-	return rss, peak, err
-}
-
-// memoryFile is memory and the part of the resident set that is file
-// pages (the binary's code and data), not memory smeshd allocated.
-func (s *smeshd) memoryFile() (rss, peak, file int64, err error) {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", s.pid()))
-	if err != nil {
-		return 0, 0, 0, err
-	}
-	for _, l := range strings.Split(string(data), "\n") {
-		f := strings.Fields(l)
-		if len(f) < 2 {
-			continue
-		}
-		kb, _ := strconv.ParseInt(f[1], 10, 64)
-		switch f[0] {
-		case "VmRSS:":
-			rss = kb << 10
-		case "VmHWM:":
-			peak = kb << 10
-		case "RssFile:":
-			file = kb << 10
-		}
-	}
-	return rss, peak, file, nil
+	m, err := procmem.Of(s.pid())
+	return m.RSS, m.Peak, err
 }
 
 // heap is smeshd's Go heap in use, from its own /metrics.
@@ -303,9 +279,11 @@ func measure(ctx context.Context, o options, w *world, cp *kubecp.ControlPlane, 
 	// What the first list brought, before anything changes.
 	time.Sleep(2 * time.Second)
 	r.readyBytes = proxy.down.Load() - bytes0
-	if r.readyRSS, _, r.readyFile, err = s.memoryFile(); err != nil {
+	m, err := procmem.Of(s.pid())
+	if err != nil {
 		return err
 	}
+	r.readyRSS, r.readyFile = m.RSS, m.File
 	r.readyHeap = s.heap()
 	w.logf("smeshd ready in %s, RSS %s", r.ready.Round(time.Millisecond), mib(r.readyRSS))
 

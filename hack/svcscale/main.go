@@ -65,6 +65,7 @@ import (
 	"github.com/smesh-dev/smesh/pkg/config"
 	"github.com/smesh-dev/smesh/pkg/datapath"
 	"github.com/smesh-dev/smesh/pkg/kube"
+	"github.com/smesh-dev/smesh/pkg/procmem"
 	"github.com/smesh-dev/smesh/pkg/services"
 	"github.com/smesh-dev/smesh/pkg/testenv/kubecp"
 )
@@ -638,23 +639,8 @@ func measure(w *kube.ServiceWatcher, table *datapath.ServiceTable) stats {
 	for _, x := range all {
 		s.Backends += len(x.Backends)
 	}
-	status, _ := os.ReadFile("/proc/self/status")
-	for _, l := range strings.Split(string(status), "\n") {
-		f := strings.Fields(l)
-		if len(f) < 2 {
-			continue
-		}
-		kb, _ := strconv.ParseInt(f[1], 10, 64)
-		switch f[0] {
-		case "VmRSS:":
-			s.RSS = kb << 10
-		case "RssAnon:":
-			s.RSSAnon = kb << 10
-		case "RssFile:":
-			s.RSSFile = kb << 10
-		case "VmHWM:":
-			s.PeakRSS = kb << 10
-		}
+	if m, err := procmem.Of(0); err == nil {
+		s.RSS, s.RSSAnon, s.RSSFile, s.PeakRSS = m.RSS, m.Anon, m.File, m.Peak
 	}
 	return s
 }

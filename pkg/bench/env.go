@@ -22,6 +22,7 @@ import (
 	"github.com/smesh-dev/smesh/pkg/certs"
 	"github.com/smesh-dev/smesh/pkg/cgroups"
 	"github.com/smesh-dev/smesh/pkg/datapath"
+	"github.com/smesh-dev/smesh/pkg/procmem"
 	"github.com/smesh-dev/smesh/pkg/sandbox"
 )
 
@@ -400,27 +401,8 @@ func (e *modeEnv) smeshdMemory() (rss, peak int64, err error) {
 	if len(e.smeshds) == 0 {
 		return 0, 0, nil
 	}
-	return procMemory(e.smeshds[0].cmd.Process.Pid)
-}
-
-func procMemory(pid int) (rss, peak int64, err error) {
-	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		return 0, 0, err
-	}
-	defer f.Close()
-	s := bufio.NewScanner(f)
-	for s.Scan() {
-		k, v, _ := strings.Cut(s.Text(), ":")
-		kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
-		switch k {
-		case "VmRSS":
-			rss = kb << 10
-		case "VmHWM":
-			peak = kb << 10
-		}
-	}
-	return rss, peak, s.Err()
+	m, err := procmem.Of(e.smeshds[0].cmd.Process.Pid)
+	return m.RSS, m.Peak, err
 }
 
 // close stops what the environment started and removes what it made.

@@ -268,21 +268,7 @@ func TestFullAcceptQueueDelaysNotRefuses(t *testing.T) {
 		}()
 	}
 	time.Sleep(1500 * time.Millisecond) // nobody accepts: the "restart"
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				line, err := bufio.NewReader(c).ReadString('\n')
-				if err == nil {
-					fmt.Fprintf(c, "ok %s", line)
-				}
-			}()
-		}
-	}()
+	go serveLines(ln, "ok")
 	var slowest time.Duration
 	for i := 0; i < n; i++ {
 		r := <-results

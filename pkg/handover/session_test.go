@@ -15,7 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// echoOnce answers each connection's first line with "PREFIX LINE".
+// serveLines answers each connection's first line with "PREFIX LINE".
 func serveLines(ln net.Listener, prefix string) {
 	for {
 		c, err := ln.Accept()
