@@ -23,8 +23,8 @@ func (n *node) released() uint64 {
 // direction never spliced, sockops takes the demoted sender out of the
 // sockhash, and it goes on as a plain TCP socket. Every byte still arrives
 // once and in order: readers slow, fast, waiting in the kernel (blocking
-// recv(MSG_WAITALL), slow or as fast as they can), and four threads
-// writing one socket at once. A sender
+// recv(MSG_WAITALL), slow or as fast as they can, or interrupted by a
+// signal every millisecond), and four threads writing one socket at once. A sender
 // whose peer spliced to it first stays in the sockhash (a redirect from the
 // peer could still be on its way into it) and its bytes arrive as well.
 func TestReleaseDemoted(t *testing.T) {
@@ -39,6 +39,7 @@ func TestReleaseDemoted(t *testing.T) {
 		{"fast", true},
 		{"slow-waitall", true},
 		{"fast-waitall", true},
+		{"signalled", true},
 		{"writers", true},
 		{"greeted", false},
 	} {

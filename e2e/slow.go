@@ -25,7 +25,7 @@ import (
 // Request after the command byte: mode (1 byte: 'p' plain reads, 'w'
 // MSG_WAITALL reads, 'l' SO_RCVLOWAT, 'g' plain reads after the server sent
 // one byte first, 'm' plain reads of several writers' bytes, see
-// writerByte), stall seconds (1 byte), pause per
+// writerByte, 's' MSG_WAITALL reads interrupted by signals), stall seconds (1 byte), pause per
 // read in microseconds (4 bytes). Answer once the client half-closed:
 // bytes read (8), offset of the first wrong byte or -1 (8), the most
 // receive memory seen (8), and the most it exceeded the socket's receive
@@ -71,19 +71,24 @@ func serveSlow(c *net.TCPConn, say func(string, ...any)) {
 	buf := make([]byte, slowReadSize)
 	want := make([]byte, slowReadSize)
 	read := c.Read
-	if mode == 'w' || mode == 'l' {
+	var br *blockingReader
+	if mode == 'w' || mode == 'l' || mode == 's' {
 		// Readers that wait in the kernel: recv(MSG_WAITALL), or plain
 		// reads with SO_RCVLOWAT set above.
 		flags := 0
-		if mode == 'w' {
+		if mode != 'l' {
 			flags = unix.MSG_WAITALL
 		}
-		br, err := newBlockingReader(c, flags)
-		if err != nil {
+		var err error
+		if br, err = newBlockingReader(c, flags, mode == 's'); err != nil {
 			say("result slow error:%v", err)
 			return
 		}
 		read = br.Read
+		if mode == 's' {
+			stop := br.signalEvery(time.Millisecond)
+			defer stop()
+		}
 	}
 	var err error
 	for {
@@ -118,7 +123,11 @@ func serveSlow(c *net.TCPConn, say func(string, ...any)) {
 		}
 		time.Sleep(pause)
 	}
-	say("result slow %s read=%d bad=%d max_rmem=%d max_over_rcvbuf=%d", outcome(ignoreEOF(err)), got, bad, maxRmem, maxOver)
+	interrupted := 0
+	if br != nil {
+		interrupted = br.interrupted
+	}
+	say("result slow %s read=%d bad=%d max_rmem=%d max_over_rcvbuf=%d interrupted=%d", outcome(ignoreEOF(err)), got, bad, maxRmem, maxOver, interrupted)
 	var ans [32]byte
 	binary.BigEndian.PutUint64(ans[0:], uint64(got))
 	binary.BigEndian.PutUint64(ans[8:], uint64(bad))
@@ -140,25 +149,67 @@ func ignoreEOF(err error) error {
 // what a spliced socket must never leave waiting forever or out of order.
 // Go's own reads cannot show it: its descriptors are non-blocking, so the
 // kernel never sleeps in them, whatever MSG_WAITALL or SO_RCVLOWAT say.
+//
+// Its goroutine keeps one thread, and that thread takes no signals (as a C
+// program's that sets no handler): the Go runtime signals its threads
+// (preemption), and a signal that interrupts a wait in tcp_bpf_recvmsg
+// makes the kernel return EAGAIN on a blocking socket where tcp_recvmsg
+// restarts the call (README, "How a spliced hop is bounded"). A reader
+// made with interrupted set is signalled on purpose instead (signalEvery)
+// and takes that EAGAIN for what it is there, an interrupted read, and
+// counts it.
 type blockingReader struct {
-	c     *net.TCPConn // keeps the descriptor open
-	fd    int
-	flags int
+	c           *net.TCPConn // keeps the descriptor open
+	fd          int
+	flags       int
+	tid         int
+	signalled   bool
+	interrupted int // reads that returned EAGAIN, interrupted by a signal
 }
 
 // newBlockingReader switches c's descriptor to blocking mode: c must not
-// be read through Go any more.
-func newBlockingReader(c *net.TCPConn, flags int) (*blockingReader, error) {
+// be read through Go any more, and only from the calling goroutine, which
+// it locks to its thread for good (the thread ends with the goroutine).
+func newBlockingReader(c *net.TCPConn, flags int, signalled bool) (*blockingReader, error) {
 	rc, err := c.SyscallConn()
 	if err != nil {
 		return nil, err
 	}
-	r := &blockingReader{c: c, flags: flags}
+	runtime.LockOSThread()
+	r := &blockingReader{c: c, flags: flags, tid: unix.Gettid(), signalled: signalled}
+	if !signalled {
+		var all unix.Sigset_t
+		for i := range all.Val {
+			all.Val[i] = ^uint64(0)
+		}
+		if err := unix.PthreadSigmask(unix.SIG_BLOCK, &all, nil); err != nil {
+			return nil, fmt.Errorf("blocking signals: %w", err)
+		}
+	}
 	var serr error
 	if err := rc.Control(func(fd uintptr) { r.fd, serr = int(fd), unix.SetNonblock(int(fd), false) }); err != nil {
 		return nil, err
 	}
 	return r, serr
+}
+
+// signalEvery sends SIGURG (which the Go runtime takes and ignores, with
+// SA_RESTART) to the reader's thread every d until stop is called.
+func (r *blockingReader) signalEvery(d time.Duration) (stop func()) {
+	done := make(chan struct{})
+	go func() {
+		t := time.NewTicker(d)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				unix.Tgkill(os.Getpid(), r.tid, unix.SIGURG)
+			}
+		}
+	}()
+	return func() { close(done) }
 }
 
 func (r *blockingReader) Read(buf []byte) (int, error) {
@@ -167,6 +218,9 @@ func (r *blockingReader) Read(buf []byte) (int, error) {
 		runtime.KeepAlive(r.c)
 		switch {
 		case errors.Is(err, unix.EINTR):
+			continue
+		case errors.Is(err, unix.EAGAIN) && r.signalled:
+			r.interrupted++
 			continue
 		case err != nil:
 			return 0, err

@@ -642,14 +642,16 @@ func runScenario(args []string) error {
 				break
 			}
 		}
-	case "slow", "slow-waitall", "slow-lowat", "stalled", "fast", "fast-waitall", "greeted", "writers", "held", "held-greeted":
+	case "slow", "slow-waitall", "slow-lowat", "stalled", "fast", "fast-waitall", "signalled", "greeted", "writers", "held", "held-greeted":
 		// A writer as fast as it can be into a reader that sleeps
 		// 1 ms per 64 KiB read, or that stalls 10 s first; or one
 		// that reads as fast as it can ("fast", "fast-waitall": so
 		// it waits in the kernel for most reads); after a byte the
 		// server sent first ("greeted"); from several writer
-		// threads at once ("writers"); "held": slow, then open until
-		// a line on stdin, once every byte is acknowledged.
+		// threads at once ("writers"); "signalled": "fast-waitall"
+		// with the reader's thread signalled every millisecond;
+		// "held": slow, then open until a line on stdin, once every
+		// byte is acknowledged.
 		mode, stall, pause := byte('p'), byte(0), time.Millisecond
 		hold := strings.HasPrefix(scenario, "held")
 		switch strings.TrimPrefix(scenario, "held-") {
@@ -663,6 +665,8 @@ func runScenario(args []string) error {
 			pause = 0
 		case "fast-waitall":
 			mode, pause = 'w', 0
+		case "signalled":
+			mode, pause = 's', 0
 		case "greeted":
 			mode = 'g'
 		case "writers":
