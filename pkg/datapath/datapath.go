@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 	"slices"
 	"strings"
 
@@ -76,7 +77,14 @@ type Options struct {
 	// network namespace where smeshd has no listener (yet); false lets them
 	// through uncaptured. [capture] on_failure.
 	FailClosed bool
-	Logger     zerolog.Logger
+	// Adopt are the kernel objects a predecessor handed over (its
+	// Handover, received with pkg/handover), by name. Load and SetCapture
+	// take the ones they use out of the map (and own them from then on):
+	// maps are used as they are, attachments get the new programs
+	// (BPF_LINK_UPDATE), nothing is detached meanwhile. The caller closes
+	// what is left.
+	Adopt  map[string]*os.File
+	Logger zerolog.Logger
 }
 
 // Datapath is the loaded and attached set of programs and maps.
