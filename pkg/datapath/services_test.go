@@ -34,7 +34,7 @@ func newChooser(t *testing.T) *chooser {
 	t.Helper()
 	testenv.RequirePrivileged(t)
 	objs := loadHarness(t, Options{ProxyAddr: netip.MustParseAddrPort("127.0.0.1:18000")}, nil)
-	table, err := newServiceTable(serviceMaps{objs.SmeshServices, objs.SmeshBackends, objs.SmeshSvcMembers})
+	table, err := newServiceTable(serviceMaps{objs.SmeshServices, objs.SmeshBackends, objs.SmeshSvcMembers}, false)
 	if err != nil {
 		t.Fatal(err)
 	}
