@@ -10,6 +10,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"os"
 	"slices"
@@ -19,6 +20,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/ringbuf"
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 
 	"github.com/smesh-dev/smesh/bpf/connect"
 	"github.com/smesh-dev/smesh/bpf/skmsg"
@@ -112,6 +114,22 @@ type Datapath struct {
 	rules    *captureRules
 	services *ServiceTable
 	closed   bool
+
+	// adopt is Options.Adopt: what is left of a predecessor's objects.
+	adopt map[string]*os.File
+	// mapNames are the maps of both objects (their specs' names), which
+	// Handover hands over.
+	mapNames []string
+	// handedOver: the maps are a running predecessor's (by descriptor, or
+	// by pin with its lock), so their contents are kept.
+	handedOver bool
+	// prevProgs are the programs the predecessor's links ran before this
+	// Datapath swapped its own in, and prevMsg the sk_msg program its
+	// sockhash had: Close gives them back should this start fail, so that
+	// the predecessor, which keeps serving, keeps its own programs. Commit
+	// forgets them.
+	prevProgs map[attachment]ebpf.ProgramID
+	prevMsg   ebpf.ProgramID
 }
 
 // Load loads the programs and attaches sk_msg to the sockhash, but attaches
@@ -136,8 +154,9 @@ func Load(opts Options) (_ *Datapath, err error) {
 	if err != nil {
 		return nil, err
 	}
+	d.adopt = opts.Adopt
 	if opts.PinDir != "" {
-		if d.pins, err = openPins(opts.PinDir); err != nil {
+		if err := d.openPins(opts.PinDir); err != nil {
 			return nil, err
 		}
 	}
@@ -145,6 +164,14 @@ func Load(opts Options) (_ *Datapath, err error) {
 		return nil, err
 	}
 	if opts.Mode == ModeSplice {
+		// Attaching to a handed-over sockhash replaces the predecessor's
+		// program (a sockhash has one sk_msg program); sockets already in
+		// it keep the one they were added with.
+		if d.handedOver {
+			if d.prevMsg, err = skMsgProgram(d.sockops.SmeshSockhash); err != nil {
+				return nil, err
+			}
+		}
 		err := link.RawAttachProgram(link.RawAttachProgramOptions{
 			Target:  d.sockops.SmeshSockhash.FD(),
 			Program: d.msg,
@@ -160,16 +187,51 @@ func Load(opts Options) (_ *Datapath, err error) {
 	d.proxyCgroup, d.proxyCgroupID = opts.ProxyCgroup, proxyCgroupID
 	d.mode, d.spliceProxyHops = opts.Mode, opts.SpliceProxyHops
 	d.ns = &nsMaps{addrs: d.sockops.SmeshAddrs, nsAddrs: d.sockops.SmeshNsAddrs, ready: d.sockops.SmeshNetns}
-	// A pinned set adopted from an earlier run names that run's
-	// namespaces; the caller registers the current ones.
-	if err := d.ns.reset(); err != nil {
+	if d.handedOver {
+		// The namespaces a running predecessor registered stay ready:
+		// their listeners were handed over too. The caller reconciles
+		// (SetNamespace, RemoveNamespace) once it has looked around.
+		if err := d.ns.load(); err != nil {
+			return nil, err
+		}
+	} else if err := d.ns.reset(); err != nil {
+		// A pinned set adopted from an earlier run names that run's
+		// namespaces; the caller registers the current ones.
 		return nil, err
 	}
-	d.services, err = newServiceTable(serviceMaps{d.connect.SmeshServices, d.connect.SmeshBackends, d.connect.SmeshSvcMembers})
+	d.services, err = newServiceTable(serviceMaps{d.connect.SmeshServices, d.connect.SmeshBackends, d.connect.SmeshSvcMembers}, d.handedOver)
 	if err != nil {
 		return nil, err
 	}
 	return d, nil
+}
+
+// openPins locks the pin directory, or takes the lock a predecessor handed
+// over.
+func (d *Datapath) openPins(dir string) error {
+	fd, err := takeFD(d.adopt, lockName)
+	if err != nil {
+		return err
+	}
+	if fd < 0 {
+		d.pins, err = openPins(dir)
+		return err
+	}
+	d.pins, err = adoptPins(dir, os.NewFile(uintptr(fd), dir))
+	d.handedOver = err == nil
+	return err
+}
+
+// skMsgProgram is the sk_msg program attached to a sockhash, 0 for none.
+func skMsgProgram(sockhash *ebpf.Map) (ebpf.ProgramID, error) {
+	res, err := link.QueryPrograms(link.QueryOptions{Target: sockhash.FD(), Attach: ebpf.AttachSkMsgVerdict})
+	if err != nil {
+		return 0, fmt.Errorf("querying the sk_msg program of the handed-over sockhash: %w", err)
+	}
+	if len(res.Programs) == 0 {
+		return 0, nil
+	}
+	return res.Programs[0].ID, nil
 }
 
 func (d *Datapath) load(opts Options, proxyCgroupID uint64) error {
@@ -179,7 +241,18 @@ func (d *Datapath) load(opts Options, proxyCgroupID uint64) error {
 	if err != nil {
 		return err
 	}
-	if err := spec.LoadAndAssign(&d.sockops, d.pinOptions(spec)); err != nil {
+	// Maps a predecessor handed over are used as they are: by
+	// descriptor, or, when pinned, by their pins (checked to be the same).
+	handed, err := takeMaps(spec, d.adopt)
+	if err != nil {
+		return err
+	}
+	defer closeMaps(handed)
+	sopts := d.pinOptions(spec)
+	if d.pins == nil {
+		sopts.MapReplacements = handed
+	}
+	if err := spec.LoadAndAssign(&d.sockops, sopts); err != nil {
 		return fmt.Errorf("loading sockops: %w", d.loadError(err))
 	}
 	shared := map[string]*ebpf.Map{
@@ -200,9 +273,28 @@ func (d *Datapath) load(opts Options, proxyCgroupID uint64) error {
 	}
 	copts := d.pinOptions(cspec)
 	copts.MapReplacements = sharedFor(cspec, shared)
+	// The shared maps were taken (or not) with sockops'; these are
+	// connect's own.
+	chanded, err := takeMaps(cspec, d.adopt)
+	if err != nil {
+		return err
+	}
+	defer closeMaps(chanded)
+	if d.pins == nil {
+		maps.Copy(copts.MapReplacements, chanded)
+	}
 	if err := cspec.LoadAndAssign(&d.connect, copts); err != nil {
 		return fmt.Errorf("loading connect: %w", d.loadError(err))
 	}
+	if len(handed)+len(chanded) > 0 {
+		d.handedOver = true
+		if d.pins != nil {
+			if err := errors.Join(d.checkSameMaps(handed), d.checkSameMaps(chanded)); err != nil {
+				return err
+			}
+		}
+	}
+	d.mapNames = slices.Compact(slices.Sorted(slices.Values(slices.Concat(specMapNames(spec), specMapNames(cspec)))))
 
 	// Copy mode attaches no sk_msg program, so none is loaded: where the
 	// kernel cannot load the bounded one (Linux 6.1: no kfuncs), loading
@@ -548,7 +640,9 @@ func (d *Datapath) SetCapture(cgroupPaths []string, include, exclude []netip.Pre
 
 	// The new capture is in force. Detaching what it no longer needs does
 	// not fail short of a kernel error; should it, the attachment stays
-	// until smeshd stops, and the log says so.
+	// until smeshd stops, and the log says so. Handed-over attachments
+	// not wanted go once the predecessor releases its copies.
+	d.closeLeftLinks()
 	for a, l := range d.links {
 		if _, ok := want[a]; !ok {
 			if err := d.detach(a, l); err != nil {
@@ -569,11 +663,36 @@ func (d *Datapath) SetCapture(cgroupPaths []string, include, exclude []netip.Pre
 	return nil
 }
 
-// attach attaches prog as a. adopted: a pinned link of an earlier run took
-// prog, which undoing a failed change must leave in place.
+// attach attaches prog as a. adopted: a pinned link of an earlier run or a
+// link a predecessor handed over took prog, which undoing a failed change
+// must leave in place.
 func (d *Datapath) attach(a attachment, prog *ebpf.Program) (l link.Link, adopted bool, err error) {
+	fd, err := takeFD(d.adopt, linkHandoverName(a.typ, a.id))
+	if err != nil {
+		return nil, false, err
+	}
+	var prev ebpf.ProgramID
+	defer func() {
+		// Only a running predecessor's programs are given back on a
+		// failed start; an earlier run's pinned links keep the new ones.
+		if adopted && d.handedOver && prev != 0 {
+			if d.prevProgs == nil {
+				d.prevProgs = make(map[attachment]ebpf.ProgramID)
+			}
+			d.prevProgs[a] = prev
+		}
+	}()
 	if d.pins != nil {
-		return d.pins.attach(d.pins.linkPath(a.typ, a.id), a.cgroup, a.typ, prog)
+		// The pin is the same link as the handed-over descriptor.
+		if fd >= 0 {
+			unix.Close(fd)
+		}
+		return d.pins.attach(d.pins.linkPath(a.typ, a.id), a.cgroup, a.typ, prog, &prev)
+	}
+	if fd >= 0 {
+		if l, prev, err = d.adoptLink(fd, a, prog); err != nil || l != nil {
+			return l, l != nil, err
+		}
 	}
 	l, err = link.AttachCgroup(link.CgroupOptions{Path: a.cgroup, Attach: a.typ, Program: prog})
 	if err != nil {
@@ -792,7 +911,14 @@ func (d *Datapath) SplicedSockets() (int, error) {
 // (Options.PinDir) outlives Close and the process. Before Commit, Close
 // also removes every pin this Datapath made, so that a start that fails
 // leaves nothing pinned behind (an earlier run's pins stay).
-func (d *Datapath) Commit() { d.pins.commit() }
+//
+// It also makes an adopted capture this Datapath's for good: before
+// Commit, Close gives the predecessor's programs back to the links and the
+// sockhash it handed over.
+func (d *Datapath) Commit() {
+	d.pins.commit()
+	d.prevProgs, d.prevMsg = nil, 0
+}
 
 // Close detaches and unloads everything, except a pinned capture after
 // Commit, which stays attached for the next smeshd to adopt. It is safe to
@@ -803,6 +929,7 @@ func (d *Datapath) Close() error {
 	}
 	d.closed = true
 	var errs []error
+	errs = append(errs, d.giveBack())
 	// connect4 and connect6 first, so nothing is captured once the rest
 	// is gone.
 	for _, typ := range slices.Backward(attachOrder) {
@@ -818,6 +945,9 @@ func (d *Datapath) Close() error {
 	d.links = nil
 	if d.events != nil {
 		d.events.Close()
+	}
+	if d.services != nil {
+		d.services.stop()
 	}
 	if d.msgAttached && d.pins == nil {
 		err := link.RawDetachProgram(link.RawDetachProgramOptions{
@@ -842,5 +972,47 @@ func (d *Datapath) Close() error {
 		errs = append(errs, fmt.Errorf("removing the pins of a failed start from %s: %w", d.pins.dir, err))
 	}
 	d.pins.close()
+	return errors.Join(errs...)
+}
+
+// giveBack gives the predecessor's programs back to the links and the
+// sockhash it handed over, before Commit: a start that fails leaves the
+// predecessor, which keeps serving, as it was. (The maps' contents this
+// Datapath changed meanwhile are the predecessor's to write again.)
+func (d *Datapath) giveBack() error {
+	var errs []error
+	for a, id := range d.prevProgs {
+		l := d.links[a]
+		if l == nil {
+			continue
+		}
+		prog, err := ebpf.NewProgramFromID(id)
+		if err == nil {
+			err = l.Update(prog)
+			prog.Close()
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("giving the %s link of %s its program back: %w", a.typ, a.cgroup, err))
+		}
+	}
+	d.prevProgs = nil
+	if d.prevMsg != 0 && d.msgAttached {
+		prog, err := ebpf.NewProgramFromID(d.prevMsg)
+		if err == nil {
+			err = link.RawAttachProgram(link.RawAttachProgramOptions{
+				Target:  d.sockops.SmeshSockhash.FD(),
+				Program: prog,
+				Attach:  ebpf.AttachSkMsgVerdict,
+			})
+			prog.Close()
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("giving the sockhash its sk_msg program back: %w", err))
+		} else {
+			// Replaced: ours is no longer attached to detach.
+			d.msgAttached = false
+		}
+		d.prevMsg = 0
+	}
 	return errors.Join(errs...)
 }

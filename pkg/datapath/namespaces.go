@@ -64,6 +64,37 @@ func (m *nsMaps) reset() error {
 	)
 }
 
+// load takes the maps' contents as its own copy: maps a running
+// predecessor handed over hold the namespaces it registered, which stay
+// (their listeners were handed over too), and set and remove must know
+// their addresses to replace or remove them.
+func (m *nsMaps) load() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.ns = make(map[uint64][]netip.Addr)
+	var key connect.ConnectNsAddr
+	var one uint8
+	it := m.nsAddrs.Iterate()
+	for it.Next(&key, &one) {
+		m.ns[key.Netns] = append(m.ns[key.Netns], addrOf(key.Ip))
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("reading the handed-over %s: %w", mapName(m.nsAddrs), err)
+	}
+	var cookie uint64
+	var ready uint8
+	it = m.ready.Iterate()
+	for it.Next(&cookie, &ready) {
+		if _, ok := m.ns[cookie]; !ok {
+			m.ns[cookie] = nil
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("reading the handed-over %s: %w", mapName(m.ready), err)
+	}
+	return nil
+}
+
 // Bits of smesh_netns values (smesh.h, NETNS_READY*).
 const (
 	netnsReady4 uint8 = 1

@@ -63,16 +63,65 @@ func openPins(dir string) (*pins, error) {
 		return nil, fmt.Errorf("locking pin directory %s: %w", dir, err)
 	}
 	p.lock = f
-	ents, err := os.ReadDir(dir)
-	if err != nil {
+	if err := p.readBefore(); err != nil {
 		p.close()
 		return nil, err
+	}
+	return p, nil
+}
+
+// adoptPins takes over dir from a predecessor that handed over its locked
+// descriptor (lock): the flock belongs to the open file description, so
+// holding the descriptor holds the lock, and locking again would find it
+// taken ("in use by another smeshd"). The caller's lock is closed on error.
+func adoptPins(dir string, lock *os.File) (*pins, error) {
+	p := &pins{dir: dir, lock: lock}
+	var dirSt, lockSt unix.Stat_t
+	if err := unix.Stat(dir, &dirSt); err != nil {
+		p.close()
+		return nil, fmt.Errorf("pin directory %s: %w", dir, err)
+	}
+	if err := unix.Fstat(int(lock.Fd()), &lockSt); err != nil {
+		p.close()
+		return nil, fmt.Errorf("the handed-over lock of pin directory %s: %w", dir, err)
+	}
+	if dirSt.Dev != lockSt.Dev || dirSt.Ino != lockSt.Ino {
+		p.close()
+		return nil, fmt.Errorf("the running smeshd's pin directory is not %s (is capture.pin_dir the same for both?): "+
+			"stop the running smeshd, then start this one", dir)
+	}
+	if err := checkBPFFS(dir); err != nil {
+		p.close()
+		return nil, err
+	}
+	// The description holds the flock already, so this succeeds; should
+	// the descriptor be another opening of the directory, it takes the lock
+	// now or finds it held by someone else.
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		p.close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("pin directory %s is in use by another smeshd than the one handing over", dir)
+		}
+		return nil, fmt.Errorf("locking pin directory %s: %w", dir, err)
+	}
+	if err := p.readBefore(); err != nil {
+		p.close()
+		return nil, err
+	}
+	return p, nil
+}
+
+// readBefore records what dir holds before this run pins anything.
+func (p *pins) readBefore() error {
+	ents, err := os.ReadDir(p.dir)
+	if err != nil {
+		return err
 	}
 	p.before = make(map[string]bool, len(ents))
 	for _, e := range ents {
 		p.before[e.Name()] = true
 	}
-	return p, nil
+	return nil
 }
 
 func (p *pins) removeDirIfMade() {
@@ -143,11 +192,14 @@ func (p *pins) linkPath(typ ebpf.AttachType, cgroupID uint64) string {
 }
 
 // attach returns the pinned link at path updated to prog (adopted: an
-// earlier run's, which a failed change must leave pinned), or a new link
-// attached and pinned there.
-func (p *pins) attach(path, cgroup string, typ ebpf.AttachType, prog *ebpf.Program) (l link.Link, adopted bool, err error) {
+// earlier run's, which a failed change must leave pinned; *prev is set to
+// the program it ran), or a new link attached and pinned there.
+func (p *pins) attach(path, cgroup string, typ ebpf.AttachType, prog *ebpf.Program, prev *ebpf.ProgramID) (l link.Link, adopted bool, err error) {
 	l, err = link.LoadPinnedLink(path, nil)
 	if err == nil {
+		if info, err := l.Info(); err == nil {
+			*prev = info.Program
+		}
 		if err := l.Update(prog); err != nil {
 			l.Close()
 			return nil, false, fmt.Errorf("updating pinned %s link of %s: %w", typ, cgroup, err)

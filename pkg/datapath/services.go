@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"net/netip"
 	"slices"
 	"sync"
 	"time"
@@ -46,6 +47,10 @@ type ServiceTable struct {
 	// just before the switch may still be looking its slots up.
 	retired []retiredSlots
 	timer   *time.Timer
+	// adopted are the service entries a running predecessor wrote in maps
+	// it handed over, until Update or Delete replaces them.
+	adopted map[services.Key]heldService
+	stopped bool
 }
 
 // retireGrace is how long a replaced revision's slots stay. A program runs
@@ -70,14 +75,88 @@ var _ services.Sink = (*ServiceTable)(nil)
 // newServiceTable starts from empty maps: a pinned set adopted from an
 // earlier run holds that run's services, under ids this table does not
 // know; the daemon writes the current ones before attaching connect4.
-func newServiceTable(m serviceMaps) (*ServiceTable, error) {
+// Maps a running predecessor handed over (handedOver) keep their services
+// instead, which stay in force until the daemon writes its own: see
+// adoptServices.
+func newServiceTable(m serviceMaps, handedOver bool) (*ServiceTable, error) {
 	t := &ServiceTable{maps: m, held: make(map[services.Key]heldService), ids: make(map[uint32]bool)}
+	if handedOver {
+		return t, t.adoptServices()
+	}
 	err := errors.Join(
 		clearMap[connect.ConnectSvcKey, connect.ConnectSvc](m.services),
 		clearMap[connect.ConnectBackendKey, connect.ConnectBackend](m.backends),
 		clearMap[connect.ConnectMemberKey, uint8](m.members),
 	)
 	return t, err
+}
+
+// adoptServices takes over the services a running predecessor wrote: a
+// connect() to one of them keeps finding its backends. Update and Delete
+// replace them as they replace the table's own; the ids of every slot are
+// in use, and slots no service names (revisions the predecessor was
+// retiring) go after retireGrace. New ids start half the id space away
+// from the predecessor's, which may still write some until it releases.
+func (t *ServiceTable) adoptServices() error {
+	t.adopted = make(map[services.Key]heldService)
+	slots := make(map[uint32][]services.Backend) // by id, in slot order
+	var bk connect.ConnectBackendKey
+	var bv connect.ConnectBackend
+	it := t.maps.backends.Iterate()
+	for it.Next(&bk, &bv) {
+		b := services.Backend{Addr: netip.AddrPortFrom(addrOf(bv.Ip), bv.Port)}
+		s := slots[bk.Id]
+		for uint32(len(s)) <= bk.Slot {
+			s = append(s, services.Backend{})
+		}
+		s[bk.Slot] = b
+		slots[bk.Id] = s
+		t.ids[bk.Id] = true
+		t.lastID = max(t.lastID, bk.Id)
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("reading the handed-over smesh_backends: %w", err)
+	}
+	var sk connect.ConnectSvcKey
+	var sv connect.ConnectSvc
+	it = t.maps.services.Iterate()
+	named := make(map[uint32]bool)
+	for it.Next(&sk, &sv) {
+		k := services.Key{VIP: addrOf(sk.Vip), Port: sk.Port}
+		t.adopted[k] = heldService{svc: services.Service{Key: k}, id: sv.Id, usable: slots[sv.Id]}
+		named[sv.Id] = true
+		t.ids[sv.Id] = true
+		t.lastID = max(t.lastID, sv.Id)
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("reading the handed-over smesh_services: %w", err)
+	}
+	for id, usable := range slots {
+		if !named[id] {
+			t.retire(heldService{id: id, usable: usable})
+		}
+	}
+	t.lastID += math.MaxUint32 / 2
+	return nil
+}
+
+// takeAdopted returns the predecessor's entry of k, if the table has not
+// replaced it yet, and forgets it.
+func (t *ServiceTable) takeAdopted(k services.Key) (heldService, bool) {
+	h, ok := t.adopted[k]
+	delete(t.adopted, k)
+	return h, ok
+}
+
+// stop ends the retiring of slots: the maps are closed, or a successor's.
+func (t *ServiceTable) stop() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.stopped = true
+	if t.timer != nil {
+		t.timer.Stop()
+		t.timer = nil
+	}
 }
 
 // Services is the data path's ServiceTable.
@@ -99,6 +178,9 @@ func (t *ServiceTable) Update(s services.Service) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	prev, had := t.held[s.Key]
+	if !had {
+		prev, had = t.adopted[s.Key]
+	}
 	next := heldService{svc: s, id: t.newID(), usable: usable}
 	if err := t.writeSlots(next); err != nil {
 		t.deleteSlots(next)
@@ -109,6 +191,7 @@ func (t *ServiceTable) Update(s services.Service) error {
 		return fmt.Errorf("service %s (%s): writing smesh_services: %w%s", s.Name, s.Key, err, fullHint(err, t.maps.services))
 	}
 	t.held[s.Key] = next
+	t.takeAdopted(s.Key)
 	if had {
 		t.retire(prev)
 	}
@@ -118,7 +201,7 @@ func (t *ServiceTable) Update(s services.Service) error {
 // retire deletes h's slots after retireGrace.
 func (t *ServiceTable) retire(h heldService) {
 	t.retired = append(t.retired, retiredSlots{h, time.Now()})
-	if t.timer == nil {
+	if t.timer == nil && !t.stopped {
 		t.timer = time.AfterFunc(retireGrace, t.sweep)
 	}
 }
@@ -127,6 +210,9 @@ func (t *ServiceTable) retire(h heldService) {
 func (t *ServiceTable) sweep() {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	if t.stopped {
+		return
+	}
 	t.timer = nil
 	now := time.Now()
 	n := 0
@@ -151,12 +237,16 @@ func (t *ServiceTable) Delete(k services.Key) error {
 	defer t.mu.Unlock()
 	prev, had := t.held[k]
 	if !had {
+		prev, had = t.adopted[k]
+	}
+	if !had {
 		return nil
 	}
 	if err := t.maps.services.Delete(svcKey(k)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("service %s (%s): deleting from smesh_services: %w", prev.svc.Name, k, err)
 	}
 	delete(t.held, k)
+	t.takeAdopted(k)
 	t.retire(prev)
 	return nil
 }

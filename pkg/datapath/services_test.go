@@ -34,7 +34,7 @@ func newChooser(t *testing.T) *chooser {
 	t.Helper()
 	testenv.RequirePrivileged(t)
 	objs := loadHarness(t, Options{ProxyAddr: netip.MustParseAddrPort("127.0.0.1:18000")}, nil)
-	table, err := newServiceTable(serviceMaps{objs.SmeshServices, objs.SmeshBackends, objs.SmeshSvcMembers})
+	table, err := newServiceTable(serviceMaps{objs.SmeshServices, objs.SmeshBackends, objs.SmeshSvcMembers}, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -336,5 +336,49 @@ func TestServiceValidate(t *testing.T) {
 	}
 	if v := svcValue(heldService{svc: services.Service{AffinityTimeout: time.Duration(math.MaxInt64)}}); v.AffinitySec != math.MaxUint32 {
 		t.Errorf("huge affinity is %d s", v.AffinitySec)
+	}
+}
+
+// TestServicesHandedOver: a table over maps a running predecessor handed
+// over keeps the predecessor's services in force (a connect() to them is
+// still translated), replaces and deletes them like its own, and removes
+// every slot of the predecessor's once replaced, those it was retiring
+// included.
+func TestServicesHandedOver(t *testing.T) {
+	c := newChooser(t)
+	other := netip.MustParseAddrPort("198.19.0.11:5432")
+	otherKey := services.Key{VIP: other.Addr(), Port: other.Port()}
+	c.update(services.Service{Key: vipKey, Name: "web", Backends: backends(2, 0)})
+	c.update(services.Service{Key: vipKey, Name: "web", Backends: backends(3, 0)}) // 2 slots retiring
+	c.update(services.Service{Key: otherKey, Name: "db", Backends: backends(1, 0)})
+	c.table.stop() // the predecessor released
+
+	table, err := newServiceTable(c.table.maps, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer table.stop()
+	if r, _ := c.choose(callerNetns, vip); r != svcTranslated {
+		t.Fatalf("choose(%s) = %d after the hand-over, want translated", vip, r)
+	}
+	if r, _ := c.choose(callerNetns, other); r != svcTranslated {
+		t.Fatalf("choose(%s) = %d after the hand-over, want translated", other, r)
+	}
+	moved := []services.Backend{{Addr: netip.MustParseAddrPort("198.18.50.9:9"), Ready: true}}
+	if err := table.Update(services.Service{Key: vipKey, Name: "web", Backends: moved}); err != nil {
+		t.Fatal(err)
+	}
+	if r, port := c.choose(callerNetns, vip); r != svcTranslated || port != 9 {
+		t.Errorf("choose(%s) = %d, port %d after the successor's update, want port 9", vip, r, port)
+	}
+	if err := table.Delete(otherKey); err != nil {
+		t.Fatal(err)
+	}
+	if r, _ := c.choose(callerNetns, other); r != svcNone {
+		t.Errorf("choose(%s) = %d after the successor deleted it, want none", other, r)
+	}
+	time.Sleep(retireGrace + 500*time.Millisecond)
+	if n := mapLen(t, c.table.maps.backends); n != len(moved) {
+		t.Errorf("%d backend slots once the grace passed, want the successor's %d", n, len(moved))
 	}
 }

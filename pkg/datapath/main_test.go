@@ -1,0 +1,113 @@
+package datapath
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/smesh-dev/smesh/pkg/testenv"
+)
+
+func TestMain(m *testing.M) {
+	testenv.RunHelpers(map[string]testenv.HelperFunc{
+		"connect-loop": connectLoop,
+		"splice-pair":  splicePair,
+	})
+	os.Exit(m.Run())
+}
+
+// connectLoop connects to args[0] over and over (each connection closed at
+// once) until "stop" comes on stdin, or for at most a minute and 200,000
+// connections, then prints how many connects succeeded and failed.
+func connectLoop(args []string) int {
+	stop := make(chan struct{})
+	go func() {
+		bufio.NewScanner(os.Stdin).Scan()
+		close(stop)
+	}()
+	deadline := time.Now().Add(time.Minute)
+	ok, failed := 0, 0
+	for ok+failed < 200_000 && time.Now().Before(deadline) {
+		select {
+		case <-stop:
+			fmt.Printf("ok %d failed %d\n", ok, failed)
+			return 0
+		default:
+		}
+		c, err := net.DialTimeout("tcp", args[0], time.Second)
+		if err != nil {
+			failed++
+			fmt.Fprintln(os.Stderr, err)
+			continue
+		}
+		c.Close()
+		ok++
+	}
+	fmt.Printf("ok %d failed %d\n", ok, failed)
+	return 0
+}
+
+// splicePair makes a loopback connection to itself (both ends in the
+// helper's cgroup: a same-node hop sock_ops splices), prints "ready", and
+// for every "ping" on stdin sends 256 KiB each way over it, checks every
+// byte and prints "ok". Any other line ends it.
+func splicePair([]string) int {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		fmt.Println(err)
+		return 1
+	}
+	client, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		fmt.Println(err)
+		return 1
+	}
+	server, err := ln.Accept()
+	if err != nil {
+		fmt.Println(err)
+		return 1
+	}
+	ln.Close()
+	fmt.Println("ready")
+	in := bufio.NewScanner(os.Stdin)
+	for round := 0; in.Scan() && in.Text() == "ping"; round++ {
+		for _, dir := range [][2]net.Conn{{client, server}, {server, client}} {
+			if err := exchange(dir[0], dir[1], byte(round)); err != nil {
+				fmt.Println(err)
+				return 1
+			}
+		}
+		fmt.Println("ok")
+	}
+	return 0
+}
+
+// exchange sends 256 KiB from w to r and checks that r reads exactly them.
+func exchange(w, r net.Conn, seed byte) error {
+	want := make([]byte, 256<<10)
+	for i := range want {
+		want[i] = seed + byte(i*7)
+	}
+	errc := make(chan error, 1)
+	go func() {
+		_, err := w.Write(want)
+		errc <- err
+	}()
+	got := make([]byte, len(want))
+	r.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadFull(r, got); err != nil {
+		return fmt.Errorf("reading: %w", err)
+	}
+	if err := <-errc; err != nil {
+		return fmt.Errorf("writing: %w", err)
+	}
+	if !bytes.Equal(got, want) {
+		return fmt.Errorf("bytes differ")
+	}
+	return nil
+}
