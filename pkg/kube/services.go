@@ -95,6 +95,10 @@ type ServiceWatcher struct {
 	// failed are the Services whose last apply had a Sink error, retried
 	// after Retry. Owned by Run.
 	failed map[string]struct{}
+	// failing are the Services whose Sink errors were logged: a Service
+	// that keeps failing (a full map) is logged once at error level and
+	// then at debug level on every retry, not every second. Owned by Run.
+	failing map[string]bool
 }
 
 // StartServices starts watching the cluster's Services and EndpointSlices
@@ -134,6 +138,7 @@ func NewServiceWatcher(o ServiceOptions) *ServiceWatcher {
 		given:   make(map[string][]services.Service),
 		owner:   make(map[services.Key]string),
 		failed:  make(map[string]struct{}),
+		failing: make(map[string]bool),
 	}
 	lw := func(resource string) cache.ListerWatcher {
 		return cache.ToListWatcherWithWatchListSemantics(&cache.ListWatch{
@@ -306,7 +311,7 @@ func (w *ServiceWatcher) applyOne(name string) {
 			continue
 		}
 		if err := w.o.Sink.Update(s); err != nil {
-			w.log.Error().Err(err).Str("service", s.Name).Stringer("key", s.Key).Msg("giving the data path a service; retrying")
+			w.sinkError(name, err).Str("service", s.Name).Stringer("key", s.Key).Msg("giving the data path a service; retrying")
 			failed = true
 			if ok {
 				now = append(now, old) // still what the Sink holds
@@ -321,7 +326,7 @@ func (w *ServiceWatcher) applyOne(name string) {
 			continue // still wanted, or another Service holds the key now
 		}
 		if err := w.o.Sink.Delete(old.Key); err != nil {
-			w.log.Error().Err(err).Str("service", old.Name).Stringer("key", old.Key).Msg("removing a service from the data path; retrying")
+			w.sinkError(name, err).Str("service", old.Name).Stringer("key", old.Key).Msg("removing a service from the data path; retrying")
 			failed = true
 			now = append(now, old)
 			continue
@@ -330,6 +335,10 @@ func (w *ServiceWatcher) applyOne(name string) {
 	}
 	if failed {
 		w.failed[name] = struct{}{}
+		w.failing[name] = true
+	} else if w.failing[name] {
+		delete(w.failing, name)
+		w.log.Info().Str("service", name).Msg("the data path took the service after errors")
 	}
 	w.mu.Lock()
 	if len(now) == 0 {
@@ -338,6 +347,15 @@ func (w *ServiceWatcher) applyOne(name string) {
 		w.given[name] = now
 	}
 	w.mu.Unlock()
+}
+
+// sinkError starts the log event of a Sink error for the Service name:
+// at error level the first time, at debug level while it keeps failing.
+func (w *ServiceWatcher) sinkError(name string, err error) *zerolog.Event {
+	if w.failing[name] {
+		return w.log.Debug().Err(err)
+	}
+	return w.log.Error().Err(err).Dur("retry", w.o.Retry).Str("repeats", "logged at debug level until it succeeds")
 }
 
 // find looks k up in the few keys of one Service.

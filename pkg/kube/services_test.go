@@ -1,8 +1,10 @@
 package kube
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"net/netip"
 	"slices"
 	"strings"
@@ -345,8 +347,9 @@ func (r *recordingSink) set() []services.Service {
 // first one's deletion.
 func TestServiceWatcherDiff(t *testing.T) {
 	sink := newRecordingSink()
+	var logs bytes.Buffer
 	w := NewServiceWatcher(ServiceOptions{NodeName: node, PreferLocal: PreferClose, Sink: sink,
-		Logger: zerolog.New(zerolog.NewTestWriter(t))})
+		Logger: zerolog.New(io.MultiWriter(&logs, zerolog.NewTestWriter(t)))})
 	svcs, eps := w.svcs.GetIndexer(), w.slices.GetIndexer()
 	expect := func(why string, want ...string) {
 		t.Helper()
@@ -378,9 +381,19 @@ func TestServiceWatcherDiff(t *testing.T) {
 	if got := w.Services(); len(got[1].Backends) != 2 {
 		t.Errorf("after a refused update the view has %v, want what the sink holds", got[1].Backends)
 	}
+	// Refused again on the retry: logged once at error level, not on
+	// every retry (a full map would fill the journal every second).
+	w.applyOne("ns/web")
+	expect("refused again", "update 198.19.255.10:80 failed")
+	if n := strings.Count(logs.String(), `"level":"error"`); n != 1 {
+		t.Errorf("%d error lines for one Service refused twice, want 1:\n%s", n, logs.String())
+	}
 	sink.fail = nil
 	w.applyOne("ns/web")
 	expect("retried", "update 198.19.255.10:80")
+	if !strings.Contains(logs.String(), "the data path took the service after errors") {
+		t.Errorf("the recovery is not logged:\n%s", logs.String())
+	}
 	if got := sink.set(); len(got) != 2 || describeSet(got) != describeSet(w.Services()) {
 		t.Errorf("sink holds\n%s\nview says\n%s", describeSet(got), describeSet(w.Services()))
 	}
