@@ -475,7 +475,7 @@ func (d *daemon) startPods(wait, ctx context.Context) error {
 	if d.opts.Kubernetes == nil {
 		return errors.New("kubernetes.enabled: this smeshd cannot enrol pods (no Kubernetes support wired in)")
 	}
-	pods, err := d.opts.Kubernetes(ctx, d.cfg.Kubernetes, d.mount, d.dp.Services(), d.log)
+	pods, err := d.opts.Kubernetes(ctx, d.cfg.Kubernetes, d.mount, d.svcs.below(d.dp.Services()), d.log)
 	if err != nil {
 		return err
 	}

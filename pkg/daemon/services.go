@@ -89,6 +89,40 @@ func (s *staticServices) write(cfg []config.Service) error {
 	return errors.Join(errs...)
 }
 
+// below returns the way for the cluster's Services (pkg/kube) into sink,
+// beneath [[services]]: an entry of smesh.toml takes precedence over a
+// cluster Service with the same VIP and port (it is the operator's word on
+// this node, and without it the two would overwrite each other on every
+// change). The cluster's update of such a key is refused, so its watcher
+// retries it and it comes into force once the entry leaves smesh.toml;
+// its delete of one is not the cluster's to make, and succeeds as is.
+func (s *staticServices) below(sink services.Sink) services.Sink {
+	return clusterSink{s, sink}
+}
+
+type clusterSink struct {
+	static *staticServices
+	sink   services.Sink
+}
+
+func (c clusterSink) Update(svc services.Service) error {
+	c.static.mu.Lock()
+	defer c.static.mu.Unlock()
+	if c.static.keys[svc.Key] {
+		return fmt.Errorf("%s is also a [[services]] entry of smesh.toml, which takes precedence over the cluster's %s", svc.Key, svc.Name)
+	}
+	return c.sink.Update(svc)
+}
+
+func (c clusterSink) Delete(k services.Key) error {
+	c.static.mu.Lock()
+	defer c.static.mu.Unlock()
+	if c.static.keys[k] {
+		return nil
+	}
+	return c.sink.Delete(k)
+}
+
 // service is c as the data path takes it. Static backends are always ready.
 func (s *staticServices) service(c config.Service) services.Service {
 	svc := services.Service{
