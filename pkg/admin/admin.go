@@ -61,7 +61,7 @@ const (
 
 // Server is the admin HTTP server.
 type Server struct {
-	ln    net.Listener
+	ln    *stoppable
 	mux   *http.ServeMux
 	srv   *http.Server
 	m     *metrics.Metrics
@@ -71,6 +71,24 @@ type Server struct {
 	// problem, when not empty, keeps a ready server answering 503 with
 	// it: something smeshd should be doing it cannot do right now.
 	problem atomic.Pointer[string]
+	// served is closed when Serve returns.
+	served chan struct{}
+}
+
+// stoppable is the admin listener: once stopped, its Accept fails for
+// good, so that http.Server's loop ends without accepting what is queued
+// (it retries a deadline, which it takes for a temporary error).
+type stoppable struct {
+	*net.TCPListener
+	stopped atomic.Bool
+}
+
+func (l *stoppable) Accept() (net.Conn, error) {
+	c, err := l.TCPListener.Accept()
+	if err != nil && l.stopped.Load() {
+		return nil, net.ErrClosed
+	}
+	return c, err
 }
 
 // New listens on addr at once, so that a port clash is a startup error, and
@@ -84,11 +102,21 @@ func New(addr netip.AddrPort, m *metrics.Metrics, conns func() []Conn, log zerol
 	if err != nil {
 		return nil, fmt.Errorf("admin.listen %s: %w", addr, err)
 	}
+	return NewFrom(ln.(*net.TCPListener), m, conns, log)
+}
+
+// NewFrom is New serving ln, the admin listener a predecessor handed over
+// (pkg/handover), instead of listening.
+func NewFrom(ln *net.TCPListener, m *metrics.Metrics, conns func() []Conn, log zerolog.Logger) (*Server, error) {
+	if m == nil {
+		return nil, errors.New("admin server without metrics")
+	}
 	s := &Server{
-		ln:    ln,
-		m:     m,
-		conns: conns,
-		log:   log.With().Str("component", "admin").Logger(),
+		ln:     &stoppable{TCPListener: ln},
+		m:      m,
+		conns:  conns,
+		log:    log.With().Str("component", "admin").Logger(),
+		served: make(chan struct{}),
 	}
 
 	// Method patterns: "GET" also matches HEAD, and the mux answers other
@@ -127,10 +155,16 @@ func (s *Server) Addr() netip.AddrPort {
 	return s.ln.Addr().(*net.TCPAddr).AddrPort()
 }
 
-// Serve answers requests until Shutdown. It returns nil after Shutdown.
+// Listener is the admin listener, for a hand-over: the caller sends a
+// duplicate (File) and leaves this one to Release.
+func (s *Server) Listener() *net.TCPListener { return s.ln.TCPListener }
+
+// Serve answers requests until Shutdown or Release. It returns nil after
+// them.
 func (s *Server) Serve() error {
+	defer close(s.served)
 	s.log.Info().Stringer("listen", s.Addr()).Msg("admin server listening")
-	if err := s.srv.Serve(s.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+	if err := s.srv.Serve(s.ln); err != nil && !errors.Is(err, http.ErrServerClosed) && !s.ln.stopped.Load() {
 		return fmt.Errorf("serving admin on %s: %w", s.Addr(), err)
 	}
 	return nil
@@ -147,6 +181,31 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	if err != nil {
 		return fmt.Errorf("shutting down admin server: %w", err)
+	}
+	return nil
+}
+
+// StopAccepting ends Serve's accept loop without accepting what the
+// kernel has queued, and returns once it has ended: the listener stays
+// open, so connections keep completing their handshake into its queue, for
+// whoever holds it next (a successor it was handed to). Requests in flight
+// go on. Release then closes this process's copy.
+func (s *Server) StopAccepting() {
+	s.ln.stopped.Store(true)
+	s.ln.SetDeadline(time.Unix(1, 0)) // wakes a waiting Accept at once
+	select {
+	case <-s.served:
+	case <-time.After(time.Second): // Serve never ran
+	}
+}
+
+// Release hands the listener over: it stops accepting (StopAccepting),
+// leaves what is queued to the successor and closes this process's copy.
+// Requests in flight go on; Shutdown then waits for them.
+func (s *Server) Release() error {
+	s.StopAccepting()
+	if err := s.ln.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
+		return err
 	}
 	return nil
 }

@@ -38,11 +38,18 @@ const controlTimeout = 5 * time.Second
 // ControlSocket is the path of the control socket: in RUNTIME_DIRECTORY
 // (the first, if systemd set several), or "" when it is not set.
 func ControlSocket() string {
-	dir, _, _ := strings.Cut(os.Getenv("RUNTIME_DIRECTORY"), ":")
+	dir := runtimeDir()
 	if dir == "" {
 		return ""
 	}
 	return filepath.Join(dir, ControlSocketName)
+}
+
+// runtimeDir is RUNTIME_DIRECTORY (the first, if systemd set several), or
+// "".
+func runtimeDir() string {
+	dir, _, _ := strings.Cut(os.Getenv("RUNTIME_DIRECTORY"), ":")
+	return dir
 }
 
 // reloadRequest is a reload asked for on the control socket; the daemon's

@@ -7,12 +7,15 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"os"
 	"os/signal"
 	"path/filepath"
 	"runtime/debug"
 	"slices"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -26,6 +29,7 @@ import (
 	"github.com/smesh-dev/smesh/pkg/config"
 	"github.com/smesh-dev/smesh/pkg/datapath"
 	"github.com/smesh-dev/smesh/pkg/enrol"
+	"github.com/smesh-dev/smesh/pkg/handover"
 	"github.com/smesh-dev/smesh/pkg/metrics"
 	"github.com/smesh-dev/smesh/pkg/proxy"
 	"github.com/smesh-dev/smesh/pkg/services"
@@ -179,6 +183,23 @@ type daemon struct {
 	cgroupIDs  map[string]uint64
 	captureErr error
 	problem    string
+
+	// The hand-over (handover.go). from is what a predecessor handed
+	// over while this smeshd starts (nil without one); out6 is the IPv6
+	// outbound listener of smeshd's own namespace, nsSvcs the enrolled
+	// namespaces' services, whose listeners a successor takes; released:
+	// handed over to a successor, which owns the listeners, the maps and
+	// the links now.
+	from         *predecessor
+	out6         *net.TCPListener
+	nsMu         sync.Mutex
+	nsSvcs       map[*nsService]struct{}
+	released     atomic.Bool
+	stopPods     context.CancelFunc
+	stopControl  func() // removes the control socket; once
+	stopHandover func() // stops serving the hand-over socket; once
+	handovers    chan *handover.Request
+	readyc       chan readyResult
 }
 
 // Run runs smeshd until ctx is done, then drains (see drain). SIGHUP
@@ -193,7 +214,9 @@ func Run(ctx context.Context, opts Options) (err error) {
 		defer signal.Stop(hup)
 		reload = hup
 	}
-	d := &daemon{opts: opts, cfg: opts.Config}
+	d := &daemon{opts: opts, cfg: opts.Config, nsSvcs: make(map[*nsService]struct{}),
+		stopControl: func() {}, stopHandover: func() {},
+		handovers: make(chan *handover.Request), readyc: make(chan readyResult, 1)}
 	if d.opts.Notify == nil {
 		d.opts.Notify = func(string) {}
 	}
@@ -209,21 +232,68 @@ func Run(ctx context.Context, opts Options) (err error) {
 	// drained still dial and relay.
 	serveCtx, stopServing := context.WithCancel(context.Background())
 	d.cleanups = append(d.cleanups, stopServing)
-	// Requests wait for the loop below.
-	reloads := make(chan reloadRequest)
-	if path := ControlSocket(); path != "" && opts.ConfigPath != "" {
-		stop, err := listenControl(serveCtx, path, reloads, d.log)
-		if err != nil {
+	// A running smeshd hands everything over before this one listens
+	// anywhere or loads anything.
+	handoverPath := HandoverSocket()
+	if handoverPath != "" {
+		if d.from, err = dialPredecessor(ctx, handoverPath, d.log); err != nil {
 			return err
 		}
-		d.cleanups = append(d.cleanups, stop)
+	}
+	if d.from != nil {
+		// Until Ready the predecessor serves: whatever fails, it keeps
+		// everything it handed over.
+		defer func() {
+			if d.from != nil {
+				d.from.abort()
+			}
+		}()
+	}
+	// Requests wait for the loop below.
+	reloads := make(chan reloadRequest)
+	listenControlSocket := func() error {
+		if path := ControlSocket(); path != "" && opts.ConfigPath != "" {
+			stop, err := listenControl(serveCtx, path, reloads, d.log)
+			if err != nil {
+				return err
+			}
+			d.stopControl = sync.OnceFunc(stop)
+			d.cleanups = append(d.cleanups, d.stopControl)
+		}
+		return nil
+	}
+	// The predecessor's control socket stays its own until it released.
+	if d.from == nil {
+		if err := listenControlSocket(); err != nil {
+			return err
+		}
 	}
 	if err := d.start(ctx, serveCtx); err != nil {
+		if d.from != nil {
+			return fmt.Errorf("taking over from smeshd PID %d failed, it goes on serving: %w", d.from.sess.PID, err)
+		}
 		return err
+	}
+	if from := d.from; from != nil {
+		from.closeRest()
+		rctx, cancel := context.WithTimeout(ctx, releaseTimeout)
+		err := from.sess.Ready(rctx)
+		cancel()
+		d.from = nil // the session is over: nothing to abort
+		if err != nil {
+			return fmt.Errorf("taking over from smeshd PID %d: %w", from.sess.PID, err)
+		}
+		d.log.Info().Int("predecessor", from.sess.PID).Msg("took over: the predecessor released everything and drains")
+		if err := listenControlSocket(); err != nil {
+			return err
+		}
 	}
 	// Started: a pinned capture now outlives smeshd. Until here a failure
 	// removed every pin this start made.
 	d.dp.Commit()
+	if handoverPath != "" {
+		d.serveHandover(serveCtx, handoverPath)
+	}
 
 	d.admin.SetReady(true)
 	d.opts.Notify("READY=1")
@@ -251,10 +321,28 @@ func Run(ctx context.Context, opts Options) (err error) {
 	if d.pods != nil {
 		podsChanged = d.pods.Changed()
 	}
+	var successor *handover.Request // one hand-over at a time
 	for {
 		select {
 		case <-ctx.Done():
-			d.drain()
+			d.drain(false)
+			return nil
+		case req := <-d.handovers:
+			if successor != nil {
+				req.Refuse(fmt.Sprintf("smeshd PID %d is taking over already", successor.Hello.PID))
+				continue
+			}
+			if d.offer(req) {
+				successor = req
+			}
+		case r := <-d.readyc:
+			successor = nil
+			if r.err != nil {
+				d.log.Warn().Err(r.err).Int("successor", r.req.Hello.PID).Msg("the successor did not take over: going on serving")
+				continue
+			}
+			d.release(r.req)
+			d.drain(true)
 			return nil
 		case <-podsChanged:
 			if err := d.enrolPods(); err != nil {
@@ -304,7 +392,17 @@ func (d *daemon) start(wait, ctx context.Context) error {
 	}
 
 	d.metrics = metrics.New(d.opts.Version)
-	d.admin, err = admin.New(cfg.Admin.Listen, d.metrics, d.connections, log)
+	var ownNetns uint64
+	if d.from != nil {
+		if ownNetns, err = ownNetnsCookie(); err != nil {
+			return err
+		}
+	}
+	if ln := d.from.take("admin", ownNetns, cfg.Admin.Listen); ln != nil {
+		d.admin, err = admin.NewFrom(ln, d.metrics, d.connections, log)
+	} else {
+		d.admin, err = admin.New(cfg.Admin.Listen, d.metrics, d.connections, log)
+	}
 	if err != nil {
 		return err
 	}
@@ -313,7 +411,8 @@ func (d *daemon) start(wait, ctx context.Context) error {
 
 	// The tunnel first: in mtls mode missing certificates stop smeshd
 	// before anything is created or attached.
-	d.tun, err = tunnel.New(cfg.Tunnel, []uint16{cfg.Outbound.Listen.Port(), cfg.Admin.Listen.Port()}, log)
+	d.tun, err = tunnel.NewFrom(cfg.Tunnel, []uint16{cfg.Outbound.Listen.Port(), cfg.Admin.Listen.Port()},
+		d.from.take("tun", ownNetns, tunnelAddrs(cfg.Tunnel.Listen)...), log)
 	if err != nil {
 		return err
 	}
@@ -342,6 +441,7 @@ func (d *daemon) start(wait, ctx context.Context) error {
 
 	d.out, err = proxy.Listen(proxy.Options{
 		Listen:         cfg.Outbound.Listen,
+		Listener:       d.from.take("out4", ownNetns, cfg.Outbound.Listen),
 		Dialer:         d.tun.Dialer(),
 		MaxConnections: cfg.Outbound.MaxConnections,
 		IdleTimeout:    cfg.Outbound.IdleTimeout.Duration,
@@ -357,11 +457,16 @@ func (d *daemon) start(wait, ctx context.Context) error {
 	go d.out.Serve(ctx)
 	// IPv6 capture in smeshd's own namespace, where it has IPv6.
 	ready6 := false
-	if ln, err := proxy.ListenLocal("tcp6", cfg.Outbound.Listen6); err != nil {
+	ln6 := d.from.take("out6", ownNetns, cfg.Outbound.Listen6)
+	if ln6 == nil {
+		ln6, err = proxy.ListenLocal("tcp6", cfg.Outbound.Listen6)
+	}
+	if err != nil {
 		log.Warn().Err(err).Str("listen6", cfg.Outbound.Listen6.String()).
 			Msg("no IPv6 outbound listener in smeshd's network namespace (IPv6 disabled?): IPv6 connections of workloads there are not captured (capture.on_failure decides)")
 	} else {
-		d.out.AddListener(ctx, ln, d.tun.Dialer())
+		d.out.AddListener(ctx, ln6, d.tun.Dialer())
+		d.out6 = ln6
 		ready6 = true
 	}
 
@@ -388,6 +493,7 @@ func (d *daemon) start(wait, ctx context.Context) error {
 		SpliceQueueLimit: queueLimit,
 		PinDir:           pinDir,
 		FailClosed:       cfg.Capture.OnFailure == "closed",
+		Adopt:            d.adopt(),
 		Logger:           log,
 	})
 	if err != nil {
@@ -451,7 +557,7 @@ func (d *daemon) startMembers(ctx context.Context, enrolled []string, ready6 boo
 		Cgroups:   enrolled,
 		Open:      d.openNamespace(ctx),
 		Own:       ownService{d.tun.Local, ready6},
-		Maps:      d.dp,
+		Maps:      releasableMaps{d},
 		NodeAddrs: func(addrs []netip.Addr) { d.tun.Node.Set(addrs); d.svcs.setLocal(addrs) },
 		Wake:      wake,
 		Logger:    d.log,
@@ -475,6 +581,9 @@ func (d *daemon) startPods(wait, ctx context.Context) error {
 	if d.opts.Kubernetes == nil {
 		return errors.New("kubernetes.enabled: this smeshd cannot enrol pods (no Kubernetes support wired in)")
 	}
+	// Its own context: a hand-over stops it (release) while the
+	// connections drain.
+	ctx, d.stopPods = context.WithCancel(ctx)
 	pods, err := d.opts.Kubernetes(ctx, d.cfg.Kubernetes, d.mount, d.svcs.below(d.dp.Services()), d.log)
 	if err != nil {
 		return err
@@ -595,7 +704,11 @@ func (d *daemon) enroll(cfg config.Config) (enrolled, created []string, err erro
 func (d *daemon) keepCreated(created []string) {
 	for _, cg := range created {
 		d.log.Info().Str("cgroup", cg).Msg("created enrolled cgroup")
-		d.cleanups = append(d.cleanups, func() { os.Remove(cg) })
+		d.cleanups = append(d.cleanups, func() {
+			if !d.released.Load() { // the successor's now
+				os.Remove(cg)
+			}
+		})
 	}
 }
 
@@ -613,15 +726,22 @@ const stopMargin = 10 * time.Second
 // drain is the SIGTERM path: stop capturing new connections, let the
 // relayed and tunnelled ones finish for up to daemon.drain_timeout, then
 // exit. Spliced same-node connections are not smeshd's: they keep going.
-func (d *daemon) drain() {
+// After a hand-over (handedOver) the successor captures and accepts
+// already: this one only lets its own connections finish.
+func (d *daemon) drain(handedOver bool) {
 	timeout := d.cfg.Daemon.DrainTimeout.Duration
-	// systemd's TimeoutStopSec= is fixed in the unit while drain_timeout
-	// is not: ask for the drain and some time to detach and exit.
-	d.opts.Notify(fmt.Sprintf("STOPPING=1\nEXTEND_TIMEOUT_USEC=%d", (timeout + stopMargin).Microseconds()))
-	d.admin.SetDraining()
-	d.log.Info().Dur("drain_timeout", timeout).Int("relayed", len(d.out.Connections())).Msg("stopping: no new captures, draining")
-	if err := d.dp.StopCapture(); err != nil {
-		d.log.Error().Err(err).Msg("detaching connect4")
+	if handedOver {
+		d.log.Info().Dur("drain_timeout", timeout).Int("relayed", len(d.out.Connections())).Msg("handed over: draining")
+	} else {
+		// systemd's TimeoutStopSec= is fixed in the unit while
+		// drain_timeout is not: ask for the drain and some time to
+		// detach and exit.
+		d.opts.Notify(fmt.Sprintf("STOPPING=1\nEXTEND_TIMEOUT_USEC=%d", (timeout + stopMargin).Microseconds()))
+		d.admin.SetDraining()
+		d.log.Info().Dur("drain_timeout", timeout).Int("relayed", len(d.out.Connections())).Msg("stopping: no new captures, draining")
+		if err := d.dp.StopCapture(); err != nil {
+			d.log.Error().Err(err).Msg("detaching connect4")
+		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
@@ -631,6 +751,35 @@ func (d *daemon) drain() {
 	<-done
 	<-done
 	d.log.Info().Object("tunnel", d.tun.Stats).Msg("drained")
+}
+
+// adopt is what the predecessor handed over for the data path
+// (datapath.Options.Adopt), nil without one.
+func (d *daemon) adopt() map[string]*os.File {
+	if d.from == nil {
+		return nil
+	}
+	return d.from.adopt
+}
+
+// serveHandover serves the hand-over socket at path until ctx ends or a
+// hand-over released everything. Without it smeshd still runs: it only
+// cannot hand over.
+func (d *daemon) serveHandover(ctx context.Context, path string) {
+	srv, err := handover.Listen(path)
+	if err != nil {
+		d.log.Warn().Err(err).Msg("no hand-over socket: a smeshd started next cannot take over from this one")
+		return
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { serveHandover(ctx, srv, d.handovers, d.log); close(done) }()
+	d.stopHandover = sync.OnceFunc(func() {
+		cancel()
+		srv.Close()
+		<-done
+	})
+	d.cleanups = append(d.cleanups, d.stopHandover)
 }
 
 // connections lists the relayed connections for /debug/connections.

@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -24,6 +25,9 @@ type nsService struct {
 	local  *tunnel.LocalAddrs // the namespace's addresses: the tunnel delivers only there
 	ready6 bool               // the IPv6 outbound listener is up
 	stops  []func()
+	// cookie and lns name and are the listeners, for a hand-over.
+	cookie uint64
+	lns    listeners
 }
 
 func (s *nsService) SetAddrs(addrs []netip.Addr) { s.local.Set(addrs) }
@@ -46,20 +50,38 @@ type listeners struct {
 }
 
 // openListeners opens the listeners of the calling thread's network
-// namespace. out and tun are required; out6 fails alone where the namespace
-// has no IPv6, and then IPv6 is not captured there.
-func openListeners(cfg config.Config, log zerolog.Logger) (l listeners, err error) {
-	if l.out, err = proxy.ListenLocal("tcp4", cfg.Outbound.Listen); err != nil {
-		return l, fmt.Errorf("outbound listener %s: %w", cfg.Outbound.Listen, err)
+// namespace that l lacks (l: those a predecessor handed over). out and tun
+// are required; out6 fails alone where the namespace has no IPv6, and then
+// IPv6 is not captured there. On error every listener of l is closed.
+func openListeners(cfg config.Config, l listeners, log zerolog.Logger) (_ listeners, err error) {
+	if l.out == nil {
+		if l.out, err = proxy.ListenLocal("tcp4", cfg.Outbound.Listen); err != nil {
+			l.close()
+			return l, fmt.Errorf("outbound listener %s: %w", cfg.Outbound.Listen, err)
+		}
 	}
-	if l.out6, err = proxy.ListenLocal("tcp6", cfg.Outbound.Listen6); err != nil {
-		l.out6, l.err6 = nil, fmt.Errorf("outbound.listen6 %s: %w", cfg.Outbound.Listen6, err)
+	if l.out6 == nil {
+		if l.out6, err = proxy.ListenLocal("tcp6", cfg.Outbound.Listen6); err != nil {
+			l.out6, l.err6 = nil, fmt.Errorf("outbound.listen6 %s: %w", cfg.Outbound.Listen6, err)
+		}
 	}
-	if l.tun, err = tunnel.ListenTCP(cfg.Tunnel.Listen, log); err != nil {
-		l.close()
-		return l, err
+	if l.tun == nil {
+		if l.tun, err = tunnel.ListenTCP(cfg.Tunnel.Listen, log); err != nil {
+			l.close()
+			return l, err
+		}
 	}
 	return l, nil
+}
+
+// takeListeners takes the listeners of the namespace with cookie netns
+// that a predecessor handed over, if any.
+func (d *daemon) takeListeners(netns uint64) listeners {
+	return listeners{
+		out:  d.from.take("out4", netns, d.cfg.Outbound.Listen),
+		out6: d.from.take("out6", netns, d.cfg.Outbound.Listen6),
+		tun:  d.from.take("tun", netns, tunnelAddrs(d.cfg.Tunnel.Listen)...),
+	}
 }
 
 func (l listeners) close() {
@@ -74,9 +96,14 @@ func (l listeners) close() {
 func (d *daemon) openNamespace(ctx context.Context) func(ns *enrol.Namespace) (enrol.Service, error) {
 	cfg := d.cfg
 	return func(ns *enrol.Namespace) (enrol.Service, error) {
-		var l listeners
+		if d.released.Load() {
+			// Not even a bind: the successor opens it (the tracker tries
+			// again, and this process exits once drained).
+			return nil, errors.New("handed over to a successor, which serves new namespaces")
+		}
+		l := d.takeListeners(ns.Cookie)
 		err := ns.Do(func() (err error) {
-			l, err = openListeners(cfg, d.log)
+			l, err = openListeners(cfg, l, d.log)
 			return err
 		})
 		if err != nil {
@@ -87,7 +114,7 @@ func (d *daemon) openNamespace(ctx context.Context) func(ns *enrol.Namespace) (e
 				Msg("no IPv6 outbound listener in this network namespace: its IPv6 connections are not captured (capture.on_failure decides)")
 		}
 		dial := dialIn(ns)
-		svc := &nsService{local: new(tunnel.LocalAddrs), ready6: l.out6 != nil}
+		svc := &nsService{local: new(tunnel.LocalAddrs), ready6: l.out6 != nil, cookie: ns.Cookie, lns: l}
 		svc.local.Set(ns.Addrs())
 		dialer := d.tun.DialerIn(dial)
 		svc.stops = append(svc.stops,
@@ -97,6 +124,15 @@ func (d *daemon) openNamespace(ctx context.Context) func(ns *enrol.Namespace) (e
 		if l.out6 != nil {
 			svc.stops = append(svc.stops, d.out.AddListener(ctx, l.out6, dialer))
 		}
+		// Known to a hand-over until closed (stops run first to last).
+		d.nsMu.Lock()
+		d.nsSvcs[svc] = struct{}{}
+		d.nsMu.Unlock()
+		svc.stops = append([]func(){func() {
+			d.nsMu.Lock()
+			delete(d.nsSvcs, svc)
+			d.nsMu.Unlock()
+		}}, svc.stops...)
 		return svc, nil
 	}
 }
@@ -127,7 +163,28 @@ func (s ownService) SetAddrs(addrs []netip.Addr) { s.local.Set(addrs) }
 func (s ownService) Ready() (v4, v6 bool)        { return true, s.ready6 }
 func (s ownService) Close() error                { return nil }
 
+// releasableMaps are the data path's namespace maps as the namespace
+// tracker writes them, until this smeshd handed over: the maps are the
+// successor's then, and this one's tracker, closing its namespaces on the
+// way out, must not remove them there.
+type releasableMaps struct{ d *daemon }
+
+func (m releasableMaps) SetNamespace(cookie uint64, addrs []netip.Addr, ready4, ready6 bool) error {
+	if m.d.released.Load() {
+		return nil
+	}
+	return m.d.dp.SetNamespace(cookie, addrs, ready4, ready6)
+}
+
+func (m releasableMaps) RemoveNamespace(cookie uint64) error {
+	if m.d.released.Load() {
+		return nil
+	}
+	return m.d.dp.RemoveNamespace(cookie)
+}
+
 var (
+	_ enrol.Maps    = releasableMaps{}
 	_ enrol.Service = (*nsService)(nil)
 	_ enrol.Service = ownService{}
 )

@@ -50,6 +50,10 @@ const (
 // Options configure an Outbound.
 type Options struct {
 	Listen netip.AddrPort
+	// Listener, when set, is served instead of listening on Listen: the
+	// outbound listener a predecessor handed over (pkg/handover), with
+	// the connections already in its queue.
+	Listener *net.TCPListener
 	// Dialer reaches destinations; nil dials them directly.
 	Dialer Dialer
 	// MaxConnections bounds the connections relayed at once; more are
@@ -89,9 +93,10 @@ type Outbound struct {
 	slots chan struct{}  // nil without a limit
 	wg    sync.WaitGroup
 
-	mu    sync.Mutex
-	conns map[*net.TCPConn]*relayed
-	lns   map[*listener]struct{} // the AddListener ones
+	mu       sync.Mutex
+	conns    map[*net.TCPConn]*relayed
+	lns      map[*listener]struct{} // the AddListener ones
+	released bool                   // under mu: StopAccepting ran, no loop starts any more
 }
 
 // listener is one outbound listener and how its connections reach their
@@ -125,11 +130,14 @@ type ConnInfo struct {
 // DialTimeout bounds how long a captured connection waits for its upstream.
 const DialTimeout = 10 * time.Second
 
-// Listen opens the outbound listener.
+// Listen opens the outbound listener, or takes Options.Listener.
 func Listen(o Options) (*Outbound, error) {
-	ln, err := ListenLocal("tcp4", o.Listen)
-	if err != nil {
-		return nil, fmt.Errorf("listening on %s (outbound.listen): %w", o.Listen, err)
+	ln := o.Listener
+	if ln == nil {
+		var err error
+		if ln, err = ListenLocal("tcp4", o.Listen); err != nil {
+			return nil, fmt.Errorf("listening on %s (outbound.listen): %w", o.Listen, err)
+		}
 	}
 	if o.Dialer == nil {
 		o.Dialer = &net.Dialer{Timeout: DialTimeout, KeepAlive: -1}
@@ -155,6 +163,10 @@ func Listen(o Options) (*Outbound, error) {
 // Addr is the address the listener is bound to.
 func (o *Outbound) Addr() netip.AddrPort { return o.main.ln.Addr().(*net.TCPAddr).AddrPort() }
 
+// Listener is the outbound's own listener, for a hand-over: the caller
+// sends a duplicate (File) and leaves this one to Release.
+func (o *Outbound) Listener() *net.TCPListener { return o.main.ln }
+
 // Serve accepts on the outbound's own listener until it is closed.
 func (o *Outbound) Serve(ctx context.Context) error {
 	return o.serve(ctx, o.main)
@@ -166,6 +178,12 @@ func (o *Outbound) Serve(ctx context.Context) error {
 func (o *Outbound) AddListener(ctx context.Context, ln *net.TCPListener, dialer Dialer) (stop func()) {
 	l := &listener{ln: ln, dialer: dialer, served: make(chan struct{})}
 	o.mu.Lock()
+	if o.released {
+		// Handed over already: the successor serves this namespace.
+		o.mu.Unlock()
+		ln.Close()
+		return func() {}
+	}
 	o.lns[l] = struct{}{}
 	o.mu.Unlock()
 	go o.serve(ctx, l)
@@ -373,6 +391,54 @@ func (o *Outbound) Connections() []ConnInfo {
 			TxBytes: r.tx.Load(), RxBytes: r.rx.Load(), Age: time.Since(r.start)})
 	}
 	return out
+}
+
+// StopAccepting ends every accept loop without accepting what the kernel
+// has queued, and returns once none runs: the listeners stay open, so
+// connections keep completing their handshake into the queues, for whoever
+// holds the listeners next (a successor they were handed to). Release then
+// closes this process's copies.
+func (o *Outbound) StopAccepting() {
+	o.mu.Lock()
+	o.released = true
+	lns := []*listener{o.main}
+	for l := range o.lns {
+		lns = append(lns, l)
+	}
+	o.mu.Unlock()
+	// A deadline in the past wakes a waiting Accept at once; serve
+	// returns on it without another accept.
+	for _, l := range lns {
+		l.ln.SetDeadline(time.Unix(1, 0))
+	}
+	grace := time.After(2 * acceptGrace) // for loops that never ran
+	for _, l := range lns {
+		select {
+		case <-l.served:
+		case <-grace:
+		}
+	}
+}
+
+// Release hands the listeners over: it stops accepting (StopAccepting),
+// leaves what is queued to the successor, and closes this process's
+// listeners. The connections being relayed go on; Shutdown then waits for
+// them.
+func (o *Outbound) Release() error {
+	o.StopAccepting()
+	o.mu.Lock()
+	lns := []*listener{o.main}
+	for l := range o.lns {
+		lns = append(lns, l)
+	}
+	o.mu.Unlock()
+	var err error
+	for _, l := range lns {
+		if cerr := l.ln.Close(); l == o.main && !errors.Is(cerr, net.ErrClosed) {
+			err = cerr
+		}
+	}
+	return err
 }
 
 // Shutdown stops accepting, waits for the relayed connections to end until

@@ -25,6 +25,10 @@ import (
 // ServerOptions configure a Server.
 type ServerOptions struct {
 	Listen netip.AddrPort
+	// Listener, when set, is served instead of listening on Listen: the
+	// tunnel listener a predecessor handed over (pkg/handover), with the
+	// connections already in its queue.
+	Listener *net.TCPListener
 	// Credentials, or nil for plaintext.
 	Credentials *Credentials
 	// AllowPorts: the only destination ports delivered to; empty, any.
@@ -77,6 +81,9 @@ type Server struct {
 	slots      chan struct{} // one per tunnelled connection relayed (max_connections)
 	handshakes *handshakeBudget
 	draining   atomic.Bool
+	// released: StopAccepting ran; the accept loops end without taking
+	// the queue (it is a successor's), and no new one starts.
+	released atomic.Bool
 
 	// testHookAccept, when set, runs before each accept.
 	testHookAccept func()
@@ -135,9 +142,12 @@ func Listen(o ServerOptions) (*Server, error) {
 	if o.MaxHandshakesPerSource < 1 {
 		o.MaxHandshakesPerSource = o.MaxHandshakes
 	}
-	ln, err := ListenTCP(o.Listen, o.Logger)
-	if err != nil {
-		return nil, err
+	ln := o.Listener
+	if ln == nil {
+		var err error
+		if ln, err = ListenTCP(o.Listen, o.Logger); err != nil {
+			return nil, err
+		}
 	}
 	// The bound port too: with port 0 in Listen it is known only now.
 	o.OwnPorts = append(slices.Clone(o.OwnPorts), ln.Addr().(*net.TCPAddr).AddrPort().Port())
@@ -185,6 +195,10 @@ func (s *Server) AllowPorts() []uint16 { return slices.Clone(*s.allowPorts.Load(
 // Addr is the address the listener is bound to.
 func (s *Server) Addr() netip.AddrPort { return s.ln.Addr().(*net.TCPAddr).AddrPort() }
 
+// Listener is the server's own listener, for a hand-over: the caller sends
+// a duplicate (File) and leaves this one to Release.
+func (s *Server) Listener() *net.TCPListener { return s.ln }
+
 // Serve accepts on the server's own listener until it is closed.
 func (s *Server) Serve(ctx context.Context) error {
 	done, ok := s.startLoop(s.ln)
@@ -218,7 +232,7 @@ func (s *Server) AddListener(ctx context.Context, ln *net.TCPListener, scope Sco
 func (s *Server) startLoop(ln *net.TCPListener) (done chan struct{}, ok bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.closed {
+	if s.closed || s.released.Load() {
 		return nil, false
 	}
 	done = make(chan struct{})
@@ -261,6 +275,10 @@ func (s *Server) serveListener(ctx context.Context, ln *net.TCPListener, scope S
 		c, err := ln.AcceptTCP()
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			if errors.Is(err, os.ErrDeadlineExceeded) && s.released.Load() {
+				// Handed over: what is queued is the successor's.
 				return nil
 			}
 			if errors.Is(err, os.ErrDeadlineExceeded) && s.draining.Load() {
@@ -415,6 +433,40 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		return nil
 	}
 	return err
+}
+
+// StopAccepting ends every accept loop without accepting what the kernel
+// has queued, and returns once none runs: the listeners stay open, so peers'
+// connections keep completing their handshake into the queues, for whoever
+// holds the listeners next (a successor they were handed to). Release then
+// closes this process's copies.
+func (s *Server) StopAccepting() {
+	s.mu.Lock()
+	s.released.Store(true) // under mu: startLoop sees it or its loop is in served
+	s.mu.Unlock()
+	lns := s.listeners()
+	// A deadline in the past wakes a waiting Accept at once.
+	for ln := range lns {
+		ln.SetDeadline(time.Unix(1, 0))
+	}
+	for _, done := range lns {
+		<-done
+	}
+}
+
+// Release hands the listeners over: it stops accepting (StopAccepting),
+// leaves what is queued to the successor, closes this process's listeners
+// and drains: idle pooled links are retired (their peers open new ones,
+// to the successor) and the tunnelled connections being relayed go on.
+// Shutdown then waits for them.
+func (s *Server) Release() error {
+	s.StopAccepting()
+	s.draining.Store(true)
+	s.wakeIdle()
+	if err := s.closeListeners(); err != nil && !errors.Is(err, net.ErrClosed) {
+		return err
+	}
+	return nil
 }
 
 // wakeIdle wakes the v2 connections waiting idle for their next header, so

@@ -49,6 +49,12 @@ type Tunnel struct {
 // ownPorts are smeshd's other listener ports, which the tunnel never
 // delivers to.
 func New(cfg config.Tunnel, ownPorts []uint16, log zerolog.Logger) (*Tunnel, error) {
+	return NewFrom(cfg, ownPorts, nil, log)
+}
+
+// NewFrom is New serving ln, the tunnel listener a predecessor handed over,
+// instead of listening on [tunnel] listen; nil listens.
+func NewFrom(cfg config.Tunnel, ownPorts []uint16, ln *net.TCPListener, log zerolog.Logger) (*Tunnel, error) {
 	t := &Tunnel{Local: new(LocalAddrs), Node: new(LocalAddrs), Stats: new(Stats)}
 	switch cfg.TLS.Mode {
 	case "mtls":
@@ -80,6 +86,7 @@ func New(cfg config.Tunnel, ownPorts []uint16, log zerolog.Logger) (*Tunnel, err
 	})
 	t.Server, err = Listen(ServerOptions{
 		Listen:                 cfg.Listen,
+		Listener:               ln,
 		Credentials:            t.Credentials,
 		AllowPorts:             cfg.AllowPorts,
 		OwnPorts:               slices.Concat(ownPorts, []uint16{cfg.Listen.Port()}),

@@ -1,0 +1,100 @@
+package main
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/smesh-dev/smesh/pkg/daemon"
+	"github.com/smesh-dev/smesh/pkg/testenv"
+)
+
+// TestHandoverRefused: a second smeshd started while one runs, with the same
+// configuration and RUNTIME_DIRECTORY, asks the running one to hand over
+// (handover.sock) before it listens anywhere. Here the running one cannot
+// hand its data path over (pkg/datapath's Handover is not there yet): it
+// refuses, saying why, and goes on serving as if nothing happened (its
+// admin answers, its control socket reloads, SIGTERM stops it cleanly);
+// the second exits non-zero with the reason, having bound nothing.
+func TestHandoverRefused(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	t.Setenv(asSmeshd, "1")
+	runtime := t.TempDir()
+	t.Setenv("RUNTIME_DIRECTORY", runtime)
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	node, smeshCg, enrolled := testenv.NewNode(t), testenv.NewCgroup(t), testenv.NewCgroup(t)
+	mount, err := testenv.Cgroup2Mount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rel, _ := filepath.Rel(mount, enrolled)
+	path := filepath.Join(t.TempDir(), "smesh.toml")
+	conf := fmt.Sprintf("[capture]\ncgroups = [%q]\n[log]\nformat = \"json\"\n[tunnel.tls]\nmode = \"disabled\"\n", rel)
+	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	first := testenv.StartProcess(t, smeshCg, node.Name, exe, "-c", path)
+	waitStderr(t, first, "smeshd ready", 1)
+	if _, err := os.Stat(filepath.Join(runtime, daemon.HandoverSocketName)); err != nil {
+		t.Fatalf("the running smeshd serves no hand-over socket: %v", err)
+	}
+
+	second := testenv.StartProcess(t, smeshCg, node.Name, exe, "-c", path)
+	select {
+	case <-second.Exited():
+	case <-time.After(30 * time.Second):
+		t.Fatal("the second smeshd neither took over nor gave up")
+	}
+	if err := second.Wait(); err == nil {
+		t.Error("the second smeshd exited 0 without taking over")
+	}
+	if errOut := second.Stderr(); !strings.Contains(errOut, "refused the hand-over") ||
+		!strings.Contains(errOut, "data path") || !strings.Contains(errOut, "stop that one first") {
+		t.Errorf("the second smeshd's error does not say that and why the hand-over was refused, and what to do:\n%s", errOut)
+	}
+	if strings.Contains(second.Stderr(), "admin server listening") {
+		t.Error("the second smeshd listened before it had taken over")
+	}
+	waitStderr(t, first, "refused a successor's hand-over", 1)
+
+	// The first one serves on: its admin says ready, its control socket
+	// reloads, and it stops as always.
+	select {
+	case <-first.Exited():
+		t.Fatalf("the running smeshd exited (%v)", first.Wait())
+	default:
+	}
+	var c net.Conn
+	if err := node.Do(func() (err error) {
+		c, err = net.DialTimeout("tcp4", "127.0.0.1:15000", 5*time.Second)
+		return err
+	}); err != nil {
+		t.Fatalf("the running smeshd's admin: %v", err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	io.WriteString(c, "GET /readyz HTTP/1.0\r\n\r\n")
+	status, _ := bufio.NewReader(c).ReadString('\n')
+	if !strings.Contains(status, " 200 ") {
+		t.Errorf("the running smeshd's /readyz after the refusal: %q", status)
+	}
+	if err := daemon.Reload(filepath.Join(runtime, daemon.ControlSocketName), 10*time.Second); err != nil {
+		t.Errorf("reloading the running smeshd after the refusal: %v", err)
+	}
+	if err := first.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if err := first.Wait(); err != nil {
+		t.Errorf("smeshd exit: %v", err)
+	}
+}
