@@ -36,8 +36,14 @@ func TestMain(m *testing.M) {
 }
 
 // runSmeshd is the "smeshd" helper: the real daemon, configured by the file
-// args[0]. It prints "ready" once everything is attached.
+// args[0]; "runtime=DIR" after it is its RUNTIME_DIRECTORY. It prints
+// "ready" once everything is attached.
 func runSmeshd(args []string) int {
+	if len(args) > 1 {
+		if dir, ok := strings.CutPrefix(args[1], "runtime="); ok {
+			os.Setenv("RUNTIME_DIRECTORY", dir)
+		}
+	}
 	// As cmd/smeshd: SIGHUP is caught first, a reload while starting waits.
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
@@ -80,6 +86,9 @@ type node struct {
 	captureExtra string
 	// confPath is smeshd's configuration file, set by start.
 	confPath string
+	// runtimeDir is smeshd's RUNTIME_DIRECTORY (its control and hand-over
+	// sockets), as systemd's RuntimeDirectory= gives it; empty: none.
+	runtimeDir string
 }
 
 func newNode(t *testing.T) *node {
@@ -194,10 +203,14 @@ format = "json"
 // when it is not nil (see startVia).
 func (n *node) launch(wrapper []string, path string) {
 	n.t.Helper()
+	args := []string{path}
+	if n.runtimeDir != "" {
+		args = append(args, "runtime="+n.runtimeDir)
+	}
 	if wrapper == nil {
-		n.smeshd = testenv.StartHelper(n.t, n.smeshCg, n.ns.Name, "smeshd", path)
+		n.smeshd = testenv.StartHelper(n.t, n.smeshCg, n.ns.Name, "smeshd", args...)
 	} else {
-		n.smeshd = testenv.StartHelperVia(n.t, n.smeshCg, wrapper, "smeshd", path)
+		n.smeshd = testenv.StartHelperVia(n.t, n.smeshCg, wrapper, "smeshd", args...)
 	}
 }
 
