@@ -130,6 +130,9 @@ type Datapath struct {
 	// forgets them.
 	prevProgs map[attachment]ebpf.ProgramID
 	prevMsg   ebpf.ProgramID
+	// inherited are the attachments of the cgroups of predecessors
+	// (inheritedAttachments), found in the first SetCapture.
+	inherited map[attachment]*ebpf.Program
 }
 
 // Load loads the programs and attaches sk_msg to the sockhash, but attaches
@@ -584,6 +587,9 @@ func (d *Datapath) SetCapture(cgroupPaths []string, include, exclude []netip.Pre
 	}
 	if d.spliceProxyHops {
 		want[attachment{d.proxyCgroup, d.proxyCgroupID, ebpf.AttachCGroupSockOps}] = d.sockops.SmeshSockops
+	}
+	for a, prog := range d.inheritedAttachments() {
+		want[a] = prog
 	}
 	for i, cg := range cgroupPaths {
 		want[attachment{cg, ids[i], ebpf.AttachCGroupSockOps}] = d.sockops.SmeshSockops

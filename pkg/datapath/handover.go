@@ -239,7 +239,11 @@ func (d *Datapath) adoptLink(fd int, a attachment, prog *ebpf.Program) (_ link.L
 		// Closing our copy detaches nothing while the predecessor holds
 		// its own; on its release, the stray link goes.
 		l.Close()
-		d.log.Warn().Str("cgroup", a.cgroup).Stringer("type", a.typ).Msg("a handed-over link is not the attachment its name says; attaching anew")
+		ev := d.log.Warn().Str("cgroup", a.cgroup).Stringer("type", a.typ).Uint32("link_type", uint32(info.Type))
+		if cg != nil {
+			ev = ev.Uint64("link_cgroup", cg.CgroupId).Stringer("link_attach", ebpf.AttachType(cg.AttachType))
+		}
+		ev.Msg("a handed-over link is not the attachment its name says; attaching anew")
 		return nil, 0, nil
 	}
 	if err := l.Update(prog); err != nil {
@@ -249,8 +253,61 @@ func (d *Datapath) adoptLink(fd int, a attachment, prog *ebpf.Program) (_ link.L
 	return l, info.Program, nil
 }
 
+// inheritedAttachments are the getsockopt and sock_ops attachments of the
+// cgroups predecessors ran in, which this Datapath keeps beside its own
+// cgroup's: the listeners it took over were made there, and a socket runs
+// the programs of the cgroup it was made in (an accepted one, its
+// listener's), so SO_ORIGINAL_DST for a connection accepted from them is
+// answered by that cgroup's getsockopt, and the hop is seen by its
+// sock_ops. A predecessor's cgroup is told by its getsockopt link, which
+// smeshd attaches to its own cgroup alone. A successor started beside its
+// predecessor in one cgroup moves into a new one (ownCgroup), a new pod
+// has a cgroup of its own; the links, handed on from smeshd to smeshd,
+// keep even a cgroup removed since attached for the sockets made in it.
+func (d *Datapath) inheritedAttachments() map[attachment]*ebpf.Program {
+	if d.inherited != nil {
+		return d.inherited
+	}
+	d.inherited = make(map[attachment]*ebpf.Program)
+	prefix := linkHandoverPrefix + ebpf.AttachCGroupGetsockopt.String() + "/"
+	for name := range d.adopt {
+		rest, ok := strings.CutPrefix(name, prefix)
+		if !ok {
+			continue
+		}
+		id, err := strconv.ParseUint(rest, 10, 64)
+		if err != nil || id == d.proxyCgroupID || !linkAttached(d.adopt[name], id) {
+			// A cgroup removed since (an earlier smeshd's own, with no
+			// socket made there left) has nothing to keep.
+			continue
+		}
+		where := fmt.Sprintf("a predecessor's cgroup (id %d)", id)
+		d.inherited[attachment{where, id, ebpf.AttachCGroupGetsockopt}] = d.connect.SmeshGetsockopt
+		if f := d.adopt[linkHandoverName(ebpf.AttachCGroupSockOps, id)]; f != nil && linkAttached(f, id) {
+			d.inherited[attachment{where, id, ebpf.AttachCGroupSockOps}] = d.sockops.SmeshSockops
+		}
+	}
+	return d.inherited
+}
+
+// linkAttached says whether the handed-over link f is attached to the
+// cgroup id still (a link whose cgroup went says 0).
+func linkAttached(f *os.File, id uint64) bool {
+	fd, err := unix.FcntlInt(f.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return false
+	}
+	l, err := link.NewFromFD(fd)
+	if err != nil {
+		return false
+	}
+	defer l.Close()
+	info, err := l.Info()
+	return err == nil && info.Cgroup() != nil && info.Cgroup().CgroupId == id
+}
+
 // closeLeftLinks closes the handed-over attachments this Datapath does not
-// use (cgroups no longer enrolled, the predecessor's own cgroup): they go
+// use (cgroups no longer enrolled): they go
 // once the predecessor releases its copies.
 func (d *Datapath) closeLeftLinks() {
 	for name, f := range d.adopt {
