@@ -634,8 +634,16 @@ func runScenario(args []string) error {
 			out, err = json.Marshal(got)
 			fmt.Printf("spread %s\n", out)
 		}
-	case "steady": // 200 connections a second for N seconds, none may fail
-		err = steady(addr, time.Duration(n)*time.Second, 5*time.Millisecond)
+	case "steady": // 200 connections a second (or one per args[3] ms) for N seconds, none may fail
+		interval := 5 * time.Millisecond
+		if len(args) > 3 {
+			var ms int
+			if ms, err = strconv.Atoi(args[3]); err != nil {
+				return err
+			}
+			interval = time.Duration(ms) * time.Millisecond
+		}
+		err = steady(addr, time.Duration(n)*time.Second, interval)
 	case "short":
 		for i := range n {
 			if err = oneWay(addr, 16, uint64(i), cmdSink); err != nil {

@@ -34,7 +34,8 @@ func (n *node) upgrade() {
 }
 
 // TestUpgradeUnderLoad is issue 24's test (docs/restart.md, section 4):
-// two nodes; from node a, 200 connections a second to a server on node b
+// two nodes; from node a, 200 connections a second (divided by
+// SMESH_TEST_SCALE) to a server on node b
 // (through the tunnel) and as many to a server on a itself (spliced), each
 // checked byte for byte, and marker transfers to b one after another, while
 // each node's smeshd is upgraded three times by a successor started beside
@@ -59,9 +60,11 @@ func TestUpgradeUnderLoad(t *testing.T) {
 			a.server(a.enrolled, local)
 			s := sniff(t, a.ns, "eth0", Marker)
 
-			seconds := fmt.Sprint(4 + 2*2*upgrades)
-			steadyRemote := testenv.StartHelper(t, a.enrolled, a.ns.Name, "client", "steady", remote, seconds)
-			steadyLocal := testenv.StartHelper(t, a.enrolled, a.ns.Name, "client", "steady", local, seconds)
+			// 200 connections a second each (fewer under emulation,
+			// SMESH_TEST_SCALE).
+			seconds, interval := fmt.Sprint(4+2*2*upgrades), fmt.Sprint(5*dataScale())
+			steadyRemote := testenv.StartHelper(t, a.enrolled, a.ns.Name, "client", "steady", remote, seconds, interval)
+			steadyLocal := testenv.StartHelper(t, a.enrolled, a.ns.Name, "client", "steady", local, seconds, interval)
 			var markers, markerFailed atomic.Int64
 			var firstFailure atomic.Value
 			stop, done := make(chan struct{}), make(chan struct{})
