@@ -53,11 +53,38 @@ func TestHandoverFailedStart(t *testing.T) {
 		t.Fatalf("the running smeshd serves no hand-over socket: %v", err)
 	}
 
+	// Meanwhile /readyz is asked without pause: every answer must be the
+	// first one's (200). The second takes the admin listener with the rest
+	// but accepts nothing before the first released it, which it never
+	// does here: an answer of its own (503, not ready) or a connection cut
+	// by its exit would show.
 	second := testenv.StartProcess(t, smeshCg, node.Name, exe, "-c", other)
+	asked, bad := 0, []string{}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		node.Do(func() error {
+			for {
+				select {
+				case <-second.Exited():
+					return nil
+				default:
+				}
+				asked++
+				if status, err := readyz(); err != nil || !strings.Contains(status, " 200 ") {
+					bad = append(bad, fmt.Sprintf("%q %v", status, err))
+				}
+			}
+		})
+	}()
 	select {
 	case <-second.Exited():
 	case <-time.After(30 * time.Second):
 		t.Fatal("the second smeshd neither took over nor gave up")
+	}
+	<-done
+	if asked == 0 || len(bad) > 0 {
+		t.Errorf("/readyz asked %d times while the second smeshd tried to take over; not the first one's 200: %d, e.g. %v", asked, len(bad), bad[:min(len(bad), 3)])
 	}
 	if err := second.Wait(); err == nil {
 		t.Error("the second smeshd exited 0 without taking over")
@@ -98,4 +125,19 @@ func TestHandoverFailedStart(t *testing.T) {
 	if err := first.Wait(); err != nil {
 		t.Errorf("smeshd exit: %v", err)
 	}
+}
+
+// readyz asks smeshd's admin (in the calling thread's namespace) for
+// /readyz and returns the status line.
+func readyz() (string, error) {
+	c, err := net.DialTimeout("tcp4", "127.0.0.1:15000", 5*time.Second)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.WriteString(c, "GET /readyz HTTP/1.0\r\n\r\n"); err != nil {
+		return "", err
+	}
+	return bufio.NewReader(c).ReadString('\n')
 }

@@ -190,11 +190,13 @@ type daemon struct {
 	// namespaces' services, whose listeners a successor takes; released:
 	// handed over to a successor, which owns the listeners, the maps and
 	// the links now.
-	from         *predecessor
-	out6         *net.TCPListener
-	nsMu         sync.Mutex
-	nsSvcs       map[*nsService]struct{}
-	released     atomic.Bool
+	from     *predecessor
+	out6     *net.TCPListener
+	nsMu     sync.Mutex
+	nsSvcs   map[*nsService]struct{}
+	released atomic.Bool
+	// gate holds the accept loops back while taking over (proxy.Gate).
+	gate         *proxy.Gate
 	stopPods     context.CancelFunc
 	stopControl  func() // removes the control socket; once
 	stopHandover func() // stops serving the hand-over socket; once
@@ -245,6 +247,7 @@ func Run(ctx context.Context, opts Options) (err error) {
 		// everything it handed over.
 		defer func() {
 			if d.from != nil {
+				d.gate.Cancel() // nil-safe: the loops never accept
 				d.from.abort()
 			}
 		}()
@@ -283,6 +286,7 @@ func Run(ctx context.Context, opts Options) (err error) {
 		if err != nil {
 			return fmt.Errorf("taking over from smeshd PID %d: %w", from.sess.PID, err)
 		}
+		d.gate.Open()
 		d.log.Info().Int("predecessor", from.sess.PID).Msg("took over: the predecessor released everything and drains")
 		if err := listenControlSocket(); err != nil {
 			return err
@@ -406,7 +410,15 @@ func (d *daemon) start(wait, ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	go d.admin.Serve()
+	// Taking over, nothing is accepted on the listeners shared with the
+	// predecessor before it released them (proxy.Gate): a start that
+	// fails then cuts no connection.
+	d.gate = proxy.NewGate(d.from == nil)
+	go func() {
+		if d.gate.Wait() {
+			d.admin.Serve()
+		}
+	}()
 	d.cleanups = append(d.cleanups, func() { d.admin.Shutdown(context.Background()) })
 
 	// The tunnel first: in mtls mode missing certificates stop smeshd
@@ -416,6 +428,7 @@ func (d *daemon) start(wait, ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	d.tun.Server.Hold(d.gate)
 	d.metrics.SetTunnelStats(d.tun.Stats)
 	d.cleanups = append(d.cleanups, func() { d.tun.Close() })
 	if d.tun.Credentials != nil {
@@ -442,6 +455,7 @@ func (d *daemon) start(wait, ctx context.Context) error {
 	d.out, err = proxy.Listen(proxy.Options{
 		Listen:         cfg.Outbound.Listen,
 		Listener:       d.from.take("out4", ownNetns, cfg.Outbound.Listen),
+		Gate:           d.gate,
 		Dialer:         d.tun.Dialer(),
 		MaxConnections: cfg.Outbound.MaxConnections,
 		IdleTimeout:    cfg.Outbound.IdleTimeout.Duration,

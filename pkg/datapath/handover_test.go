@@ -154,18 +154,10 @@ func TestHandoverKeepsCapture(t *testing.T) {
 	opts := handoverOpts(ModeCopy, proxy.addr, proxyCg)
 	cookie := ownNetnsCookie(t)
 
-	a, err := Load(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { a.Close() })
+	a := predecessor(t, opts, app)
 	if err := a.SetNamespace(cookie, nil, true, true); err != nil {
 		t.Fatal(err)
 	}
-	if err := a.SetCapture([]string{app}, opts.IncludeCIDRs, nil, nil); err != nil {
-		t.Fatal(err)
-	}
-	a.Commit()
 
 	loop := testenv.StartHelper(t, app, "", "connect-loop", direct.addr.String())
 	waitFor(t, "connects captured by the predecessor", func() bool { return proxy.n.Load() >= 100 })
@@ -262,15 +254,7 @@ func TestHandoverKeepsSplicedConnection(t *testing.T) {
 	testenv.RequirePrivileged(t)
 	proxyCg, app := testenv.NewCgroup(t), testenv.NewCgroup(t)
 	opts := handoverOpts(ModeSplice, netip.MustParseAddrPort("127.0.0.1:18000"), proxyCg)
-	a, err := Load(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { a.Close() })
-	if err := a.SetCapture([]string{app}, opts.IncludeCIDRs, nil, nil); err != nil {
-		t.Fatal(err)
-	}
-	a.Commit()
+	a := predecessor(t, opts, app)
 
 	pair := testenv.StartHelper(t, app, "", "splice-pair")
 	ping := func(when string) {
@@ -357,15 +341,7 @@ func TestHandoverPinned(t *testing.T) {
 	own, app := testenv.NewCgroup(t), testenv.NewCgroup(t)
 	t.Cleanup(func() { RemovePins(pinDir) })
 	opts := pinOpts(pinDir, own)
-	a, err := Load(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { a.Close() })
-	if err := a.SetCapture([]string{app}, opts.IncludeCIDRs, nil, nil); err != nil {
-		t.Fatal(err)
-	}
-	a.Commit()
+	a := predecessor(t, opts, app)
 	const cookie = 4242 // a namespace the predecessor serves
 	if err := a.SetNamespace(cookie, []netip.Addr{netip.MustParseAddr("198.18.0.7")}, true, false); err != nil {
 		t.Fatal(err)
@@ -439,15 +415,7 @@ func TestHandoverIncompatibleMap(t *testing.T) {
 	testenv.RequirePrivileged(t)
 	proxyCg, app := testenv.NewCgroup(t), testenv.NewCgroup(t)
 	opts := handoverOpts(ModeSplice, netip.MustParseAddrPort("127.0.0.1:18000"), proxyCg)
-	a, err := Load(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { a.Close() })
-	if err := a.SetCapture([]string{app}, opts.IncludeCIDRs, nil, nil); err != nil {
-		t.Fatal(err)
-	}
-	a.Commit()
+	a := predecessor(t, opts, app)
 	aLinks, aProgs := linkIDs(t, a)
 	aMsg, err := skMsgProgram(a.sockops.SmeshSockhash)
 	if err != nil {
@@ -502,15 +470,7 @@ func TestHandoverFailedStartGivesBack(t *testing.T) {
 	testenv.RequirePrivileged(t)
 	proxyCg, app := testenv.NewCgroup(t), testenv.NewCgroup(t)
 	opts := handoverOpts(ModeSplice, netip.MustParseAddrPort("127.0.0.1:18000"), proxyCg)
-	a, err := Load(opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { a.Close() })
-	if err := a.SetCapture([]string{app}, opts.IncludeCIDRs, nil, nil); err != nil {
-		t.Fatal(err)
-	}
-	a.Commit()
+	a := predecessor(t, opts, app)
 	aLinks, aProgs := linkIDs(t, a)
 
 	files, err := a.Handover()
@@ -635,4 +595,20 @@ func TestHandoverNamesEverything(t *testing.T) {
 			t.Errorf("%s is link %v, %v; want %d", name, info, err, want)
 		}
 	}
+}
+
+// predecessor loads the data path of opts as a running smeshd would have
+// it: capturing the cgroup app, committed. It is closed at the test's end.
+func predecessor(t *testing.T, opts Options, app string) *Datapath {
+	t.Helper()
+	d, err := Load(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	if err := d.SetCapture([]string{app}, opts.IncludeCIDRs, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	d.Commit()
+	return d
 }

@@ -54,6 +54,9 @@ type Options struct {
 	// outbound listener a predecessor handed over (pkg/handover), with
 	// the connections already in its queue.
 	Listener *net.TCPListener
+	// Gate, when set, holds every accept loop back until it opens (see
+	// Gate); nil accepts at once.
+	Gate *Gate
 	// Dialer reaches destinations; nil dials them directly.
 	Dialer Dialer
 	// MaxConnections bounds the connections relayed at once; more are
@@ -197,6 +200,9 @@ func (o *Outbound) AddListener(ctx context.Context, ln *net.TCPListener, dialer 
 
 func (o *Outbound) serve(ctx context.Context, l *listener) error {
 	defer close(l.served)
+	if !o.o.Gate.Wait() {
+		return nil
+	}
 	for {
 		c, err := l.ln.AcceptTCP()
 		if err != nil {

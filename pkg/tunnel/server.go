@@ -22,6 +22,11 @@ import (
 	"github.com/smesh-dev/smesh/pkg/proxy"
 )
 
+// Hold makes the accept loops wait for g before they accept (proxy.Gate):
+// a smeshd taking over from a running one accepts on the listeners they
+// share only once the other released them. Call it before Serve.
+func (s *Server) Hold(g *proxy.Gate) { s.gate = g }
+
 // ServerOptions configure a Server.
 type ServerOptions struct {
 	Listen netip.AddrPort
@@ -70,6 +75,7 @@ type ServerOptions struct {
 // namespace, where the pod's address is local, and nowhere else is.
 type Server struct {
 	o      ServerOptions
+	gate   *proxy.Gate // nil: accept at once (Hold)
 	ln     *net.TCPListener
 	scope  Scope // of ln
 	tlsCfg *tls.Config
@@ -268,6 +274,9 @@ func (s *Server) serveListener(ctx context.Context, ln *net.TCPListener, scope S
 		delete(s.served, ln)
 		s.mu.Unlock()
 	}()
+	if !s.gate.Wait() {
+		return nil
+	}
 	for {
 		if s.testHookAccept != nil {
 			s.testHookAccept()
