@@ -19,7 +19,7 @@ func TestControlReload(t *testing.T) {
 	path := ControlSocket()
 	ctx, cancel := context.WithCancel(context.Background())
 	requests := make(chan reloadRequest)
-	stop, err := listenControl(ctx, path, requests, zerolog.Nop())
+	stop, err := listenControl(ctx, path, &controlLoop{reloads: requests}, zerolog.Nop())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -72,7 +72,7 @@ func TestControlReload(t *testing.T) {
 func TestControlStopWithRequestWaiting(t *testing.T) {
 	t.Setenv("RUNTIME_DIRECTORY", t.TempDir())
 	path := ControlSocket()
-	stop, err := listenControl(context.Background(), path, make(chan reloadRequest), zerolog.Nop())
+	stop, err := listenControl(context.Background(), path, &controlLoop{reloads: make(chan reloadRequest)}, zerolog.Nop())
 	if err != nil {
 		t.Fatal(err)
 	}
