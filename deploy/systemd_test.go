@@ -53,6 +53,7 @@ func TestSystemd(t *testing.T) {
 		{"on_failure closed", s.checkClosed},
 		{"drain on stop", s.checkDrain},
 		{"capabilities", s.checkCapabilities},
+		{"upgrade", s.checkUpgrade},
 		{"stop", s.checkStop},
 	} {
 		t.Run(step.name, func(t *testing.T) {
@@ -662,6 +663,97 @@ func (s *systemd) checkCapabilities(t *testing.T) {
 			t.Errorf("smeshd check without %s says:\n%s", missing, out)
 		}
 	}
+}
+
+// checkUpgrade: `smeshd upgrade` after the binary was replaced (a new
+// inode at /usr/local/bin/smeshd, as a package upgrade leaves it) starts
+// the binary now at that path, which takes over without a gap: the
+// command prints its PID, which is the unit's MainPID now (the old main
+// sent MAINPID=); the unit stays active and running, restarted by nobody;
+// the new main's READY=1 and watchdog pings are accepted (WatchdogSec=2s
+// here: the unit would be killed otherwise); the old process drains and
+// exits; connections made in the mesh all along never fail; one made
+// after is spliced, every byte intact.
+func (s *systemd) checkUpgrade(t *testing.T) {
+	s.dropIn("smesh-test-watchdog", "[Service]\nWatchdogSec=2s\n")
+	defer s.removeDropIn("smesh-test-watchdog")
+	s.sh("systemctl restart smeshd")
+	// The journal from here on (the watchdog check timed out before).
+	since := strings.TrimSpace(s.sh("date +%s"))
+	s.startWeb("smesh-test-web")
+	pid, restarts := s.show("smeshd", "MainPID"), s.show("smeshd", "NRestarts")
+	s.sh("cp /usr/local/bin/smeshd /usr/local/bin/.smeshd.new && mv -f /usr/local/bin/.smeshd.new /usr/local/bin/smeshd")
+	if exe := s.sh("readlink /proc/" + pid + "/exe"); !strings.Contains(exe, "(deleted)") {
+		t.Fatalf("the running smeshd's binary is %q after it was replaced, want a deleted one", exe)
+	}
+	// Connections in the mesh while the upgrade goes on, one after
+	// another, until told to stop (at most 60 s).
+	s.sh("rm -f /run/smesh-test-loop.stop /run/smesh-test-loop.out")
+	s.sh(`systemd-run --quiet --unit=smesh-test-loop --slice=smesh.slice -p RemainAfterExit=yes sh -c '
+ok=0; failed=0; end=$(($(date +%s) + 60))
+while [ ! -e /run/smesh-test-loop.stop ] && [ $(date +%s) -lt $end ]; do
+  if curl -fsS -o /dev/null --max-time 5 http://127.0.0.1:8080/small; then ok=$((ok+1)); else failed=$((failed+1)); fi
+done
+echo "$ok $failed" > /run/smesh-test-loop.out'`)
+	time.Sleep(time.Second)
+
+	out := s.sh("smeshd upgrade")
+	t.Logf("smeshd upgrade: %s", strings.TrimSpace(out))
+	var newPID string
+	if f := strings.Fields(strings.TrimPrefix(strings.TrimSpace(out), "smeshd: upgraded: PID ")); len(f) > 0 {
+		newPID = f[0]
+	}
+	if newPID == "" || newPID == pid {
+		t.Fatalf("smeshd upgrade printed %q, want the new PID (the old one is %s)", out, pid)
+	}
+	if got := s.show("smeshd", "MainPID"); got != newPID {
+		t.Errorf("MainPID after the upgrade is %s, want the successor's %s", got, newPID)
+	}
+	if exe := s.sh("readlink /proc/" + newPID + "/exe"); strings.TrimSpace(exe) != "/usr/local/bin/smeshd" {
+		t.Errorf("the successor runs %q, want the new /usr/local/bin/smeshd", exe)
+	}
+	s.waitFor("the old smeshd to drain and exit", func() bool { _, ok := s.try("test ! -e /proc/" + pid); return ok })
+	time.Sleep(3 * time.Second) // more than WatchdogSec: the new main's pings must count
+	for prop, want := range map[string]string{"ActiveState": "active", "SubState": "running", "MainPID": newPID, "NRestarts": restarts} {
+		if got := s.show("smeshd", prop); got != want {
+			t.Errorf("after the upgrade %s=%s, want %s", prop, got, want)
+		}
+	}
+	if code, body := s.admin("/readyz"); code != 200 {
+		t.Errorf("/readyz after the upgrade: %d %q", code, body)
+	}
+	j, _ := s.exec(commandTimeout, "journalctl", "-u", "smeshd", "--no-pager", "-o", "short-monotonic", "--since=@"+since)
+	if strings.Contains(j, "reception only permitted for main PID") {
+		t.Errorf("systemd dropped a notification of smeshd's:\n%s", tail(j, 20))
+	}
+	if strings.Contains(j, "Watchdog timeout") {
+		t.Errorf("the watchdog fired across the upgrade:\n%s", tail(j, 20))
+	}
+
+	s.sh("touch /run/smesh-test-loop.stop")
+	s.waitFor("the connection loop to end", func() bool { _, ok := s.try("test -e /run/smesh-test-loop.out"); return ok })
+	res := strings.Fields(s.sh("cat /run/smesh-test-loop.out"))
+	s.sh("systemctl stop smesh-test-loop; rm -f /run/smesh-test-loop.stop /run/smesh-test-loop.out")
+	if len(res) != 2 || res[1] != "0" || res[0] == "0" {
+		t.Errorf("connections across the upgrade: %v, want some ok and 0 failed", res)
+	} else {
+		t.Logf("connections across the upgrade: %s ok, 0 failed", res[0])
+	}
+	before := s.splicedBytes()
+	s.download()
+	if got := s.splicedBytes() - before; got < smallSize {
+		t.Errorf("%v bytes spliced after the upgrade, for a %d-byte download", got, smallSize)
+	}
+
+	// systemd supervises the new main process although it did not start
+	// it ("Supervising process ... which is not our child": once the old
+	// one exited the successor is PID 1's child): its crash is seen and
+	// restarted.
+	s.sh("kill -KILL " + newPID)
+	s.waitFor("systemd to restart the upgraded smeshd after it was killed", func() bool {
+		return s.show("smeshd", "NRestarts") != restarts && s.show("smeshd", "ActiveState") == "active" &&
+			s.show("smeshd", "MainPID") != newPID
+	})
 }
 
 // checkStop: a stopped smeshd leaves nothing attached.

@@ -48,6 +48,11 @@ Usage:
   smeshd reload           make the smeshd running under systemd reload its configuration
                           and wait: exits non-zero with the reason if it was rejected
                           (the unit's ExecReload; outside systemd send smeshd SIGHUP)
+  smeshd upgrade          make the running smeshd start the binary now at its path (same
+                          arguments) and hand everything over to it without a gap: the
+                          upgrade under systemd (systemctl restart stops first); waits and
+                          prints the new PID, or exits non-zero with the reason (the
+                          running one then goes on serving)
   smeshd version          print the version
 `
 
@@ -66,6 +71,9 @@ func main() {
 	stop()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "smeshd:", err)
+		// A successor started by `smeshd upgrade` tells the running one
+		// why, which tells the command.
+		daemon.ReportStartFailure(err)
 		os.Exit(1)
 	}
 }
@@ -111,6 +119,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, reload <-
 			return err
 		}
 		return reloadRunning(*socket, *timeout, stdout)
+	case "upgrade":
+		fs := newFlagSet("upgrade", stderr)
+		socket := fs.String("socket", "", "control socket of the running smeshd (default: $RUNTIME_DIRECTORY/control, else "+
+			daemon.DefaultRuntimeDir+"/"+daemon.ControlSocketName+")")
+		timeout := fs.Duration("timeout", daemon.UpgradeAnswerTimeout, "how long to wait for the successor to take over")
+		if err := parseFlags(fs, args); err != nil {
+			return err
+		}
+		return upgradeRunning(*socket, *timeout, stdout)
 	case "bench":
 		return runBench(ctx, args, stdout, stderr)
 	case "certs":
@@ -155,6 +172,12 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer, reload <-ch
 	if *cfgPath == "" {
 		return errors.New("no configuration: run smeshd -c /etc/smesh/smesh.toml (see smeshd -h)")
 	}
+	// Now, before it may be replaced: `smeshd upgrade` starts the binary
+	// at this path, the new one after a package upgrade.
+	exe, err := daemon.ExecutablePath()
+	if err != nil {
+		return err
+	}
 	cfg, err := config.Load(*cfgPath)
 	if err != nil {
 		return err
@@ -163,7 +186,7 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer, reload <-ch
 	// is attached; without NOTIFY_SOCKET it does nothing.
 	notify := func(state string) { sdnotify.SdNotify(false, state) }
 	return daemon.Run(ctx, daemon.Options{Config: cfg, ConfigPath: *cfgPath, Reload: reload, LogOut: stderr, Notify: notify, Version: version,
-		Kubernetes: startKube})
+		Kubernetes: startKube, Executable: exe, Args: args})
 }
 
 // startKube starts the enrolment of this node's pods and the cluster's
@@ -184,6 +207,23 @@ func reloadRunning(socket string, timeout time.Duration, out io.Writer) error {
 		return fmt.Errorf("reload: %w", err)
 	}
 	fmt.Fprintln(out, "smeshd: configuration reloaded")
+	return nil
+}
+
+// upgradeRunning asks the running smeshd to hand over to a successor it
+// starts from the binary now installed, and reports the outcome.
+func upgradeRunning(socket string, timeout time.Duration, out io.Writer) error {
+	if socket == "" {
+		socket = daemon.ControlSocket()
+	}
+	if socket == "" {
+		socket = filepath.Join(daemon.DefaultRuntimeDir, daemon.ControlSocketName)
+	}
+	pid, err := daemon.Upgrade(socket, timeout)
+	if err != nil {
+		return fmt.Errorf("upgrade: %w", err)
+	}
+	fmt.Fprintf(out, "smeshd: upgraded: PID %d serves now (the previous one drains its connections and exits)\n", pid)
 	return nil
 }
 

@@ -8,7 +8,9 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -23,7 +25,8 @@ import (
 //
 // The socket is RUNTIME_DIRECTORY/control (systemd's RuntimeDirectory=,
 // which only root can enter), and exists only there. The protocol is one
-// line each way: "reload" and then "ok" or "error: REASON".
+// line each way: "reload" and then "ok" or "error: REASON"; "upgrade"
+// (upgrade.go) and then "ok PID" (the successor's) or "error: REASON".
 
 // ControlSocketName is the control socket's name in the runtime directory.
 const ControlSocketName = "control"
@@ -58,10 +61,23 @@ type reloadRequest struct {
 	reply chan error
 }
 
+// controlLoop is where the control socket's requests go: the daemon's
+// loop.
+type controlLoop struct {
+	reloads chan reloadRequest
+	// upgrades: nil refuses them.
+	upgrades chan upgradeRequest
+	// answers counts upgrade answers not yet written. They outlive the
+	// socket: the socket closes when this smeshd releases to the
+	// successor, and the answer comes after that; the daemon waits for
+	// them before it exits.
+	answers sync.WaitGroup
+}
+
 // listenControl opens the control socket at path, readable and writable by
-// root only, and serves it until ctx ends: each request goes to requests
-// and its answer back to the client.
-func listenControl(ctx context.Context, path string, requests chan<- reloadRequest, log zerolog.Logger) (func(), error) {
+// root only, and serves it until ctx ends: each request goes to loop and
+// its answer back to the client.
+func listenControl(ctx context.Context, path string, loop *controlLoop, log zerolog.Logger) (func(), error) {
 	os.Remove(path) // a socket left by a process that is gone
 	old := unix.Umask(0o177)
 	ln, err := net.Listen("unix", path)
@@ -81,7 +97,7 @@ func listenControl(ctx context.Context, path string, requests chan<- reloadReque
 			if err != nil {
 				return // closed
 			}
-			serveControl(ctx, c, requests, log)
+			serveControl(ctx, c, loop, log)
 		}
 	}()
 	return func() {
@@ -92,21 +108,46 @@ func listenControl(ctx context.Context, path string, requests chan<- reloadReque
 	}, nil
 }
 
-// serveControl answers one client. Requests are served one at a time.
-func serveControl(ctx context.Context, c net.Conn, requests chan<- reloadRequest, log zerolog.Logger) {
-	defer c.Close()
+// serveControl answers one client. Requests are served one at a time; an
+// upgrade's answer is written by a goroutine of its own once the loop
+// gave it, so that closing the socket need not wait for it.
+func serveControl(ctx context.Context, c net.Conn, loop *controlLoop, log zerolog.Logger) {
 	c.SetReadDeadline(time.Now().Add(controlTimeout))
 	line, err := bufio.NewReader(c).ReadString('\n')
 	if err != nil {
 		log.Debug().Err(err).Msg("reading a control request")
+		c.Close()
+		return
+	}
+	if strings.TrimSpace(line) == "upgrade" && loop.upgrades != nil {
+		r := upgradeRequest{reply: make(chan upgradeResult, 1)}
+		select {
+		case loop.upgrades <- r:
+		case <-ctx.Done():
+			answerControl(c, "error: smeshd is stopping")
+			return
+		}
+		// The loop answers every upgrade it took, whatever happens.
+		loop.answers.Add(1)
+		go func() {
+			defer loop.answers.Done()
+			res := <-r.reply
+			if res.err != nil {
+				answerControl(c, "error: "+strings.ReplaceAll(res.err.Error(), "\n", "; "))
+				return
+			}
+			answerControl(c, fmt.Sprintf("ok %d", res.pid))
+		}()
 		return
 	}
 	var answer string
 	switch strings.TrimSpace(line) {
+	case "upgrade":
+		answer = "error: this smeshd cannot upgrade itself (it serves no hand-over socket: is RUNTIME_DIRECTORY set?)"
 	case "reload":
 		r := reloadRequest{reply: make(chan error, 1)}
 		select {
-		case requests <- r:
+		case loop.reloads <- r:
 			if err := <-r.reply; err != nil {
 				answer = "error: configuration rejected, the running one stays in force: " + strings.ReplaceAll(err.Error(), "\n", "; ")
 			} else {
@@ -118,6 +159,12 @@ func serveControl(ctx context.Context, c net.Conn, requests chan<- reloadRequest
 	default:
 		answer = fmt.Sprintf("error: unknown request %q", strings.TrimSpace(line))
 	}
+	answerControl(c, answer)
+}
+
+// answerControl writes the one line of answer and closes c.
+func answerControl(c net.Conn, answer string) {
+	defer c.Close()
 	c.SetWriteDeadline(time.Now().Add(controlTimeout))
 	fmt.Fprintln(c, answer)
 }
@@ -148,4 +195,36 @@ func Reload(path string, timeout time.Duration) error {
 		return errors.New(reason)
 	}
 	return fmt.Errorf("unexpected answer from smeshd: %q", line)
+}
+
+// Upgrade asks the smeshd listening on the control socket at path to start
+// its successor (the binary now at the path it was started from) and to
+// hand over to it, and returns once it has: the successor's PID, or why it
+// did not take over (the running smeshd then goes on serving).
+func Upgrade(path string, timeout time.Duration) (int, error) {
+	c, err := net.DialTimeout("unix", path, timeout)
+	if err != nil {
+		return 0, fmt.Errorf("asking smeshd to upgrade: %w (is smeshd running, with RUNTIME_DIRECTORY set, e.g. by systemd's RuntimeDirectory=smesh?)", err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(timeout))
+	if _, err := fmt.Fprintln(c, "upgrade"); err != nil {
+		return 0, fmt.Errorf("asking smeshd to upgrade: %w", err)
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return 0, fmt.Errorf("waiting for smeshd to upgrade (it may still be going on: see its log): %w", err)
+	}
+	line = strings.TrimSpace(line)
+	if pid, ok := strings.CutPrefix(line, "ok "); ok {
+		n, err := strconv.Atoi(pid)
+		if err != nil {
+			return 0, fmt.Errorf("unexpected answer from smeshd: %q", line)
+		}
+		return n, nil
+	}
+	if reason, ok := strings.CutPrefix(line, "error: "); ok {
+		return 0, errors.New(reason)
+	}
+	return 0, fmt.Errorf("unexpected answer from smeshd: %q", line)
 }

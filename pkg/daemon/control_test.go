@@ -19,7 +19,7 @@ func TestControlReload(t *testing.T) {
 	path := ControlSocket()
 	ctx, cancel := context.WithCancel(context.Background())
 	requests := make(chan reloadRequest)
-	stop, err := listenControl(ctx, path, requests, zerolog.Nop())
+	stop, err := listenControl(ctx, path, &controlLoop{reloads: requests}, zerolog.Nop())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -72,7 +72,7 @@ func TestControlReload(t *testing.T) {
 func TestControlStopWithRequestWaiting(t *testing.T) {
 	t.Setenv("RUNTIME_DIRECTORY", t.TempDir())
 	path := ControlSocket()
-	stop, err := listenControl(context.Background(), path, make(chan reloadRequest), zerolog.Nop())
+	stop, err := listenControl(context.Background(), path, &controlLoop{reloads: make(chan reloadRequest)}, zerolog.Nop())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -105,5 +105,43 @@ func TestControlSocketPath(t *testing.T) {
 	}
 	if err := Reload(filepath.Join(t.TempDir(), "none"), time.Second); err == nil || !strings.Contains(err.Error(), "RuntimeDirectory") {
 		t.Errorf("Reload without a smeshd: %v, want a hint", err)
+	}
+}
+
+// TestControlUpgrade: Upgrade returns the successor's PID, or the reason it
+// did not take over. The answer comes after the socket was closed, as when
+// smeshd releases to its successor: it must still reach the client. A
+// smeshd that cannot upgrade says so.
+func TestControlUpgrade(t *testing.T) {
+	t.Setenv("RUNTIME_DIRECTORY", t.TempDir())
+	path := ControlSocket()
+	loop := &controlLoop{reloads: make(chan reloadRequest), upgrades: make(chan upgradeRequest)}
+	stop, err := listenControl(context.Background(), path, loop, zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		r := <-loop.upgrades
+		r.reply <- upgradeResult{err: errors.New("the successor (PID 7) did not take over: exit status 1: bad\nfile")}
+		r = <-loop.upgrades
+		stop() // release closes the socket first
+		r.reply <- upgradeResult{pid: 42}
+	}()
+	if _, err := Upgrade(path, 5*time.Second); err == nil || err.Error() != "the successor (PID 7) did not take over: exit status 1: bad; file" {
+		t.Errorf("a failed upgrade: %v", err)
+	}
+	if pid, err := Upgrade(path, 5*time.Second); err != nil || pid != 42 {
+		t.Errorf("an upgrade answered after the socket closed: %d, %v; want 42", pid, err)
+	}
+	loop.answers.Wait()
+
+	noUpgrades := &controlLoop{reloads: make(chan reloadRequest)}
+	stop, err = listenControl(context.Background(), path, noUpgrades, zerolog.Nop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	if _, err := Upgrade(path, 5*time.Second); err == nil || !strings.Contains(err.Error(), "cannot upgrade") {
+		t.Errorf("an upgrade of a smeshd without a hand-over socket: %v", err)
 	}
 }

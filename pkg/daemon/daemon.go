@@ -133,6 +133,11 @@ type Options struct {
 	// its own.
 	Notify  func(state string)
 	Version string
+	// Executable and Args start a successor on `smeshd upgrade`
+	// (upgrade.go): the path smeshd was started from (ExecutablePath,
+	// resolved at start) and its arguments. Empty: upgrades are refused.
+	Executable string
+	Args       []string
 	// Kubernetes starts the pod enrolment of [kubernetes] when it is
 	// enabled, and keeps the cluster's Services in sink (cmd/smeshd
 	// passes pkg/kube's); it runs until ctx is done. Nil: a configuration
@@ -209,6 +214,9 @@ type daemon struct {
 // (once it is ready), and so does a request on the control socket
 // (control.go) when systemd gave smeshd a runtime directory.
 func Run(ctx context.Context, opts Options) (err error) {
+	// Before anything is started: the report pipe of `smeshd upgrade`
+	// must not leak into a child.
+	takeUpgradeReport()
 	reload := opts.Reload
 	if reload == nil {
 		hup := make(chan os.Signal, 1)
@@ -252,11 +260,18 @@ func Run(ctx context.Context, opts Options) (err error) {
 			}
 		}()
 	}
-	// Requests wait for the loop below.
-	reloads := make(chan reloadRequest)
+	// Requests wait for the loop below. Upgrades need the hand-over
+	// socket, which is in the same runtime directory.
+	control := &controlLoop{reloads: make(chan reloadRequest)}
+	if handoverPath != "" && opts.Executable != "" {
+		control.upgrades = make(chan upgradeRequest)
+	}
+	// An upgrade's answer is written once this smeshd released, before
+	// it exits.
+	d.cleanups = append(d.cleanups, control.answers.Wait)
 	listenControlSocket := func() error {
 		if path := ControlSocket(); path != "" && opts.ConfigPath != "" {
-			stop, err := listenControl(serveCtx, path, reloads, d.log)
+			stop, err := listenControl(serveCtx, path, control, d.log)
 			if err != nil {
 				return err
 			}
@@ -301,6 +316,7 @@ func Run(ctx context.Context, opts Options) (err error) {
 
 	d.admin.SetReady(true)
 	d.opts.Notify("READY=1")
+	closeUpgradeReport() // started: nothing to report to a predecessor
 	d.log.Info().Str("mode", string(d.dp.Mode())).Str("outbound", d.out.Addr().String()).
 		Str("tunnel", d.tun.Server.Addr().String()).Str("admin", d.admin.Addr().String()).
 		Bool("mtls", d.tun.Credentials != nil).Str("on_failure", d.cfg.Capture.OnFailure).Msg("smeshd ready")
@@ -326,6 +342,22 @@ func Run(ctx context.Context, opts Options) (err error) {
 		podsChanged = d.pods.Changed()
 	}
 	var successor *handover.Request // one hand-over at a time
+	// The successor `smeshd upgrade` started, until it took over or
+	// failed; its request is answered on every way out of this loop.
+	var upgrading *upgrade
+	var upgradeExited <-chan error
+	var upgradeDeadline <-chan time.Time
+	endUpgrade := func(res upgradeResult) {
+		upgrading.deadline.Stop()
+		upgrading.reply <- res
+		upgrading, upgradeExited, upgradeDeadline = nil, nil, nil
+	}
+	defer func() {
+		if upgrading != nil {
+			upgrading.kill()
+			endUpgrade(upgradeResult{err: errors.New("smeshd is stopping: the upgrade was given up")})
+		}
+	}()
 	for {
 		select {
 		case <-ctx.Done():
@@ -343,11 +375,51 @@ func Run(ctx context.Context, opts Options) (err error) {
 			successor = nil
 			if r.err != nil {
 				d.log.Warn().Err(r.err).Int("successor", r.req.Hello.PID).Msg("the successor did not take over: going on serving")
+				// The successor started by an upgrade exits next:
+				// its status and reason are the answer.
 				continue
 			}
-			d.release(r.req)
+			// The successor started by `smeshd upgrade` is in this
+			// unit and becomes its main process; one started by hand
+			// is not this one's to hand the unit to.
+			mainPID := 0
+			if upgrading != nil && upgrading.pid == r.req.Hello.PID {
+				mainPID = upgrading.pid
+			}
+			d.release(r.req, mainPID)
+			if upgrading != nil {
+				if mainPID != 0 {
+					endUpgrade(upgradeResult{pid: mainPID})
+				} else {
+					// Another smeshd took over meanwhile: ours would
+					// take over from it next.
+					upgrading.kill()
+					endUpgrade(upgradeResult{err: fmt.Errorf("smeshd PID %d, started otherwise, took over first; the one started for the upgrade was stopped", r.req.Hello.PID)})
+				}
+			}
 			d.drain(true)
 			return nil
+		case r := <-control.upgrades:
+			if upgrading != nil || successor != nil {
+				r.reply <- upgradeResult{err: errors.New("a successor is taking over already: wait for it, then ask again")}
+				continue
+			}
+			u, err := d.startSuccessor(r.reply)
+			if err != nil {
+				d.log.Error().Err(err).Msg("upgrade: going on serving")
+				r.reply <- upgradeResult{err: err}
+				continue
+			}
+			upgrading, upgradeExited, upgradeDeadline = u, u.exited, u.deadline.C
+		case err := <-upgradeExited:
+			failed := upgrading.failed(err)
+			d.log.Error().Err(failed).Msg("upgrade failed")
+			endUpgrade(upgradeResult{err: failed})
+		case <-upgradeDeadline:
+			err := fmt.Errorf("the successor (PID %d) did not take over within %v and was stopped; this smeshd goes on serving", upgrading.pid, upgradeTimeout)
+			d.log.Error().Err(err).Msg("upgrade failed")
+			upgrading.kill()
+			endUpgrade(upgradeResult{err: err})
 		case <-podsChanged:
 			if err := d.enrolPods(); err != nil {
 				d.log.Error().Err(err).Msg("enrolling this node's pods in the mesh")
@@ -358,7 +430,7 @@ func Run(ctx context.Context, opts Options) (err error) {
 			}
 		case <-reload:
 			d.reloadNotifying()
-		case r := <-reloads:
+		case r := <-control.reloads:
 			r.reply <- d.reloadNotifying()
 		case <-d.cgw.kick:
 			d.checkCgroups()
@@ -444,7 +516,11 @@ func (d *daemon) start(wait, ctx context.Context) error {
 	}
 	d.keepCreated(created)
 	d.static = static
-	own, restore, err := ownCgroup(d.mount, d.static, log)
+	predecessor := 0
+	if d.from != nil {
+		predecessor = d.from.sess.PID
+	}
+	own, restore, err := ownCgroup(d.mount, d.static, predecessor, log)
 	if err != nil {
 		return err
 	}
@@ -855,10 +931,15 @@ func adoptMemoryLimit(mount, own string, log zerolog.Logger) {
 
 // ownCgroup makes sure smeshd sits in a cgroup of its own: sock_ops must see
 // its sockets (they are hop ends) and connect4 must tell them apart, both by
-// cgroup. Under systemd the unit's cgroup is already its own. Otherwise (run
-// from a shell, or in the cgroup v2 root, where nothing may be attached)
-// smeshd moves into a new "smeshd-PID" cgroup and moves back on exit.
-func ownCgroup(mount string, enrolled []string, log zerolog.Logger) (string, func(), error) {
+// cgroup. Under systemd the unit's cgroup is already its own. A cgroup
+// shared only with the predecessor taking over (PID predecessor, 0 for
+// none) is its own too: that is smeshd as well, and leaves; a successor
+// started by `smeshd upgrade` is there, in the unit's cgroup, which under
+// systemd it could not leave (ProtectControlGroups=, and systemd owns the
+// tree). Otherwise (run from a shell, or in the cgroup v2 root, where
+// nothing may be attached) smeshd moves into a new "smeshd-PID" cgroup and
+// moves back on exit.
+func ownCgroup(mount string, enrolled []string, predecessor int, log zerolog.Logger) (string, func(), error) {
 	cur, err := cgroups.Of(mount, 0)
 	if err != nil {
 		return "", nil, err
@@ -872,7 +953,8 @@ func ownCgroup(mount string, enrolled []string, log zerolog.Logger) (string, fun
 	if err != nil {
 		return "", nil, err
 	}
-	if cur != mount && len(procs) == 1 && procs[0] == os.Getpid() {
+	others := slices.DeleteFunc(procs, func(pid int) bool { return pid == os.Getpid() || (predecessor != 0 && pid == predecessor) })
+	if cur != mount && len(others) == 0 {
 		return cur, func() {}, nil
 	}
 	dir := filepath.Join(mount, fmt.Sprintf("smeshd-%d", os.Getpid()))

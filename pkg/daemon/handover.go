@@ -331,7 +331,9 @@ func (d *daemon) handoverFiles() (_ map[string]*os.File, err error) {
 // loops end without taking what is queued (the successor's now), the
 // listeners are closed, the data path is released (nothing detached), and
 // the successor is told. Relayed and tunnelled connections go on (drain).
-func (d *daemon) release(req *handover.Request) {
+// mainPID, when not 0, is a successor this smeshd started (`smeshd
+// upgrade`), which becomes systemd's main process of the unit.
+func (d *daemon) release(req *handover.Request, mainPID int) {
 	d.released.Store(true) // no namespace is opened, no map written from now on
 	// Every accept loop first, then the descriptors: no connection is
 	// accepted here once the successor may be the only one accepting.
@@ -354,6 +356,15 @@ func (d *daemon) release(req *handover.Request) {
 	// The sockets' paths are the successor's next: remove ours first.
 	d.stopHandover()
 	d.stopControl()
+	if mainPID != 0 {
+		// Before Released: the successor says READY=1 (and then
+		// WATCHDOG=1) once released, and NotifyAccess=main accepts it
+		// only from the main process. systemd handles the datagrams in
+		// the order sent. From here on this process is a leftover of the
+		// unit, which systemd lets exit after its drain; it sends nothing
+		// more. Without NOTIFY_SOCKET nothing is sent.
+		d.opts.Notify(fmt.Sprintf("MAINPID=%d", mainPID))
+	}
 	if err := req.Released(); err != nil {
 		d.log.Warn().Err(err).Msg("telling the successor that everything is released")
 	}

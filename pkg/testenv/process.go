@@ -203,12 +203,15 @@ func start(t testing.TB, cgroup, netnsName, label string, cmd *exec.Cmd) *Helper
 		// so that Stdout and Stderr are complete once Wait returns. A
 		// process it started in the background may hold the pipes open
 		// for much longer: do not wait for that.
-		grace := time.NewTimer(outputGrace)
-		defer grace.Stop()
+		// One grace for both: a timer's channel fires once, so waiting
+		// on it for the second pipe would wait for the background process.
+		grace := make(chan struct{})
+		timer := time.AfterFunc(outputGrace, func() { close(grace) })
+		defer timer.Stop()
 		for _, c := range []*capture{h.stdout, h.stderr} {
 			select {
 			case <-c.closed:
-			case <-grace.C:
+			case <-grace:
 			}
 		}
 		h.waitErr = err
