@@ -16,9 +16,15 @@ import (
 // 3.4): the successor takes the listeners and the capture over through the
 // hand-over socket and says it is ready; the predecessor then drains what
 // it relays and exits by itself.
-func (n *node) upgrade() {
+func (n *node) upgrade(newCgroup bool) {
 	n.t.Helper()
 	old := n.smeshd
+	if newCgroup {
+		// As a new pod's smeshd: the listeners it takes were made in
+		// the predecessor's cgroup, whose programs its accepted sockets
+		// run (datapath's inheritedAttachments).
+		n.smeshCg = testenv.NewCgroup(n.t)
+	}
 	n.launch(nil, n.confPath)
 	n.waitReady()
 	exited := make(chan error, 1)
@@ -87,7 +93,9 @@ func TestUpgradeUnderLoad(t *testing.T) {
 			time.Sleep(2 * time.Second)
 			for _, n := range []*node{a, b} {
 				for range upgrades {
-					n.upgrade()
+					// a's successors share its cgroup (as smeshd
+					// upgrade's), b's each start in a new one.
+					n.upgrade(n == b)
 					time.Sleep(2 * time.Second)
 				}
 			}

@@ -102,17 +102,7 @@ func TestHandoverFailedStart(t *testing.T) {
 		t.Fatalf("the running smeshd exited (%v)", first.Wait())
 	default:
 	}
-	var c net.Conn
-	if err := node.Do(func() (err error) {
-		c, err = net.DialTimeout("tcp4", "127.0.0.1:15000", 5*time.Second)
-		return err
-	}); err != nil {
-		t.Fatalf("the running smeshd's admin: %v", err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(5 * time.Second))
-	io.WriteString(c, "GET /readyz HTTP/1.0\r\n\r\n")
-	status, _ := bufio.NewReader(c).ReadString('\n')
+	status := readyzIn(t, node)
 	if !strings.Contains(status, " 200 ") {
 		t.Errorf("the running smeshd's /readyz after the failed hand-over: %q", status)
 	}

@@ -260,9 +260,9 @@ func (d *Datapath) adoptLink(fd int, a attachment, prog *ebpf.Program) (_ link.L
 // listener's), so SO_ORIGINAL_DST for a connection accepted from them is
 // answered by that cgroup's getsockopt, and the hop is seen by its
 // sock_ops. A predecessor's cgroup is told by its getsockopt link, which
-// smeshd attaches to its own cgroup alone. A successor started beside its
-// predecessor in one cgroup moves into a new one (ownCgroup), a new pod
-// has a cgroup of its own; the links, handed on from smeshd to smeshd,
+// smeshd attaches to its own cgroup alone. A successor started from
+// another cgroup (a new pod, a shell) stays there (ownCgroup shares a
+// cgroup with its predecessor only); the links, handed on from smeshd to smeshd,
 // keep even a cgroup removed since attached for the sockets made in it.
 func (d *Datapath) inheritedAttachments() map[attachment]*ebpf.Program {
 	if d.inherited != nil {
