@@ -653,8 +653,11 @@ func runScenario(args []string) error {
 	case "slow", "slow-waitall", "slow-lowat", "stalled", "fast", "fast-waitall", "signalled", "greeted", "writers", "held", "held-greeted":
 		// A writer as fast as it can be into a reader that sleeps
 		// 1 ms per 64 KiB read, or that stalls 10 s first; or one
-		// that reads as fast as it can ("fast", "fast-waitall": so
-		// it waits in the kernel for most reads); after a byte the
+		// that reads as fast as it can after a second's stall ("fast",
+		// "fast-waitall": the writer gets splice_queue_limit ahead
+		// first, which a reader that keeps pace from the start may
+		// never let it, and then the reader waits in the kernel for
+		// most reads); after a byte the
 		// server sent first ("greeted"); from several writer
 		// threads at once ("writers"); "signalled": "fast-waitall"
 		// with the reader's thread signalled every millisecond;
@@ -670,11 +673,11 @@ func runScenario(args []string) error {
 		case "stalled":
 			stall, pause = 10, 0
 		case "fast":
-			pause = 0
+			stall, pause = 1, 0
 		case "fast-waitall":
-			mode, pause = 'w', 0
+			mode, stall, pause = 'w', 1, 0
 		case "signalled":
-			mode, pause = 's', 0
+			mode, stall, pause = 's', 1, 0
 		case "greeted":
 			mode = 'g'
 		case "writers":
