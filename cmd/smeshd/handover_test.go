@@ -25,25 +25,9 @@ import (
 // goes on serving as if nothing happened: its admin answers, its control
 // socket reloads, SIGTERM stops it cleanly.
 func TestHandoverFailedStart(t *testing.T) {
-	testenv.RequirePrivileged(t)
-	t.Setenv(asSmeshd, "1")
-	runtime := t.TempDir()
-	t.Setenv("RUNTIME_DIRECTORY", runtime)
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	node, smeshCg, enrolled := testenv.NewNode(t), testenv.NewCgroup(t), testenv.NewCgroup(t)
-	mount, err := testenv.Cgroup2Mount()
-	if err != nil {
-		t.Fatal(err)
-	}
-	rel, _ := filepath.Rel(mount, enrolled)
-	conf := fmt.Sprintf("[capture]\ncgroups = [%q]\n[log]\nformat = \"json\"\n[tunnel.tls]\nmode = \"disabled\"\n", rel)
-	path, other := filepath.Join(t.TempDir(), "smesh.toml"), filepath.Join(t.TempDir(), "smesh.toml")
-	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	w := newSmeshdWorld(t)
+	exe, node, smeshCg, runtime, path, conf := w.exe, w.node, w.smeshCg, w.runtime, w.path, w.conf
+	other := filepath.Join(t.TempDir(), "smesh.toml")
 	if err := os.WriteFile(other, []byte(conf+"[datapath]\nmap_size = 4096\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -130,4 +114,40 @@ func readyz() (string, error) {
 		return "", err
 	}
 	return bufio.NewReader(c).ReadString('\n')
+}
+
+// smeshdWorld is what a test runs a real smeshd in: this test binary acting
+// as smeshd (asSmeshd), a RUNTIME_DIRECTORY, a test network namespace,
+// smeshd's cgroup and an enrolled one, and a configuration file that
+// enrolls it (conf, at path) with the tunnel's TLS off.
+type smeshdWorld struct {
+	exe, runtime, smeshCg, enrolled, path, conf string
+	node                                        *testenv.Node
+}
+
+func newSmeshdWorld(t *testing.T) smeshdWorld {
+	t.Helper()
+	testenv.RequirePrivileged(t)
+	t.Setenv(asSmeshd, "1")
+	w := smeshdWorld{runtime: t.TempDir()}
+	t.Setenv("RUNTIME_DIRECTORY", w.runtime)
+	var err error
+	if w.exe, err = os.Executable(); err != nil {
+		t.Fatal(err)
+	}
+	w.node, w.smeshCg, w.enrolled = testenv.NewNode(t), testenv.NewCgroup(t), testenv.NewCgroup(t)
+	mount, err := testenv.Cgroup2Mount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rel, err := filepath.Rel(mount, w.enrolled)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.conf = fmt.Sprintf("[capture]\ncgroups = [%q]\n[log]\nformat = \"json\"\n[tunnel.tls]\nmode = \"disabled\"\n", rel)
+	w.path = filepath.Join(t.TempDir(), "smesh.toml")
+	if err := os.WriteFile(w.path, []byte(w.conf), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return w
 }

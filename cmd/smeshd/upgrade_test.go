@@ -27,25 +27,8 @@ import (
 // does not load) fails with the successor's exit status and reason, and
 // the running smeshd serves on.
 func TestUpgrade(t *testing.T) {
-	testenv.RequirePrivileged(t)
-	t.Setenv(asSmeshd, "1")
-	runtime := t.TempDir()
-	t.Setenv("RUNTIME_DIRECTORY", runtime)
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	node, smeshCg, enrolled := testenv.NewNode(t), testenv.NewCgroup(t), testenv.NewCgroup(t)
-	mount, err := testenv.Cgroup2Mount()
-	if err != nil {
-		t.Fatal(err)
-	}
-	rel, _ := filepath.Rel(mount, enrolled)
-	conf := fmt.Sprintf("[capture]\ncgroups = [%q]\n[log]\nformat = \"json\"\n[tunnel.tls]\nmode = \"disabled\"\n", rel)
-	path := filepath.Join(t.TempDir(), "smesh.toml")
-	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	w := newSmeshdWorld(t)
+	exe, node, smeshCg, runtime, path, conf := w.exe, w.node, w.smeshCg, w.runtime, w.path, w.conf
 	first := testenv.StartProcess(t, smeshCg, node.Name, exe, "-c", path)
 	waitStderr(t, first, "smeshd ready", 1)
 
@@ -99,7 +82,7 @@ func TestUpgrade(t *testing.T) {
 		t.Fatal(err)
 	}
 	out.Reset()
-	err = run(context.Background(), []string{"upgrade", "-timeout", "60s"}, &out, &errOut, nil)
+	err := run(context.Background(), []string{"upgrade", "-timeout", "60s"}, &out, &errOut, nil)
 	if err == nil {
 		t.Fatalf("an upgrade to a successor whose configuration does not load succeeded: %s", out.String())
 	}
