@@ -168,10 +168,17 @@ func connectHold(args []string) int {
 // origDstProxy listens on 127.0.0.1 (in the helper's cgroup, as smeshd's
 // outbound listener is in smeshd's), prints its address, and answers every
 // connection whose SO_ORIGINAL_DST is args[0] with one byte; others it
-// closes, counted as failed. "pause" stops accepting (connections queue),
-// "resume" accepts again, "count" prints "ok N failed M".
+// closes, counted as failed. It asks args[1] (a duration) after it
+// accepted, so that connections accepted before a swap of the programs
+// ask after it. "pause" stops accepting (connections queue), "resume"
+// accepts again, "count" prints "ok N failed M".
 func origDstProxy(args []string) int {
 	want := netip.MustParseAddrPort(args[0])
+	delay, err := time.ParseDuration(args[1])
+	if err != nil {
+		fmt.Println(err)
+		return 1
+	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		fmt.Println(err)
@@ -190,6 +197,7 @@ func origDstProxy(args []string) int {
 			}
 			go func() {
 				defer c.Close()
+				time.Sleep(delay)
 				dst, err := proxy.OriginalDst(c.(*net.TCPConn))
 				if err != nil || dst != want {
 					failed.Add(1)

@@ -22,11 +22,13 @@ var sizedMaps = []string{"smesh_dirs", "smesh_orig_dst", "smesh_sockhash"}
 // connects from 64 threads without pause: the three maps map_size sizes are
 // made anew (bigger), every other map is adopted, and every connect,
 // before, during and after the swap, is captured and answered by a proxy
-// that asks SO_ORIGINAL_DST, including those that waited in the proxy's
-// accept queue across the swap (the proxy stops accepting before the
-// hand-over and starts again after it: their original destinations were
-// written into the old smesh_orig_dst). Open and closed (pinned) mode; in
-// closed mode the new maps replace the old pins at Commit.
+// that asks SO_ORIGINAL_DST 100 ms after it accepted: the connections
+// established before the successor's load (first copy), those established
+// between its load and its SetCapture (the copy after the sock_ops
+// switch), and those waiting in the proxy's accept queue across the swap
+// (the proxy stops accepting for a while) are all answered. Open and
+// closed (pinned) mode; in closed mode the new maps replace the old pins
+// at Commit.
 func TestHandoverMapSizeChanged(t *testing.T) {
 	for _, pinned := range []bool{false, true} {
 		t.Run(map[bool]string{false: "open", true: "pinned"}[pinned], func(t *testing.T) {
@@ -50,15 +52,15 @@ func TestHandoverMapSizeChanged(t *testing.T) {
 			loop := testenv.StartHelper(t, app, "", "connect-hold", direct.addr.String())
 			waitFor(t, "connects answered under the predecessor", func() bool { ok, _ := px.count(t); return ok >= 200 })
 			px.send(t, "pause", "paused")
-			time.Sleep(50 * time.Millisecond) // 64 connections queue
+			time.Sleep(50 * time.Millisecond) // connections queue
+			px.send(t, "resume", "resumed")
 
 			bOpts := opts
 			bOpts.MapSize = 2 * opts.MapSize
-			b := takeOver(t, a, bOpts, app)
+			b := takeOver(t, a, bOpts, app, 100*time.Millisecond)
 			if err := a.Release(); err != nil {
 				t.Fatal(err)
 			}
-			px.send(t, "resume", "resumed")
 			okAtSwap, _ := px.count(t)
 			waitFor(t, "connects answered after the swap", func() bool { ok, _ := px.count(t); return ok >= okAtSwap+500 })
 
@@ -168,7 +170,7 @@ func TestHandoverMapSizeKeepsSplicedConnection(t *testing.T) {
 	}
 	bOpts := opts
 	bOpts.MapSize = 2 * opts.MapSize
-	b := takeOver(t, a, bOpts, app)
+	b := takeOver(t, a, bOpts, app, 0)
 	if err := a.Release(); err != nil {
 		t.Fatal(err)
 	}
@@ -195,8 +197,8 @@ func TestHandoverMapSizeKeepsSplicedConnection(t *testing.T) {
 }
 
 // takeOver makes a successor of a with opts (a's Handover adopted),
-// capturing app, committed.
-func takeOver(t *testing.T, a *Datapath, opts Options, app string) *Datapath {
+// capturing app (gap after its load), committed.
+func takeOver(t *testing.T, a *Datapath, opts Options, app string, gap time.Duration) *Datapath {
 	t.Helper()
 	files, err := a.Handover()
 	if err != nil {
@@ -209,6 +211,7 @@ func takeOver(t *testing.T, a *Datapath, opts Options, app string) *Datapath {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { b.Close() })
+	time.Sleep(gap)
 	err = b.SetCapture([]string{app}, opts.IncludeCIDRs, nil, nil)
 	closeFiles(files)
 	if err != nil {
@@ -222,7 +225,7 @@ type origDstProxyHelper struct{ h *testenv.Helper }
 
 func startOrigDstProxy(t *testing.T, cgroup string, want netip.AddrPort) (*origDstProxyHelper, netip.AddrPort) {
 	t.Helper()
-	h := testenv.StartHelper(t, cgroup, "", "origdst-proxy", want.String())
+	h := testenv.StartHelper(t, cgroup, "", "origdst-proxy", want.String(), "100ms")
 	line, err := h.ReadLine(10 * time.Second)
 	if err != nil {
 		t.Fatal(err)
