@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -90,7 +91,7 @@ func TestHandoverMapSizeChanged(t *testing.T) {
 						t.Errorf("pinned %s is map %d, want the successor's %d", name, id, bMaps[name])
 					}
 				}
-				if got := names(t, opts.PinDir); slices.ContainsFunc(got, func(n string) bool { return filepath.Base(n)[:4] == "tmp_" }) {
+				if got := names(t, opts.PinDir); slices.ContainsFunc(got, func(n string) bool { return strings.HasPrefix(n, "tmp_") }) {
 					t.Errorf("temporary pins left: %v", got)
 				}
 			}
@@ -303,5 +304,59 @@ func (p *splicePairHelper) ping(t *testing.T, when string) {
 	}
 	if line, err := p.h.ReadLine(20 * time.Second); err != nil || line != "ok" {
 		t.Fatalf("exchange %s: %q, %v", when, line, err)
+	}
+}
+
+// TestPinnedMapSizeChanged: in closed mode a smeshd that starts after
+// its predecessor died (no hand-over: the pins are all there is) with
+// another map_size makes the sized maps anew instead of refusing to
+// start, copies smesh_orig_dst and the rules, and pins the new maps over
+// the old ones at Commit; the pinned connect4 captured all along.
+func TestPinnedMapSizeChanged(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	pinDir := testBPFFS(t)
+	own, app := testenv.NewCgroup(t), testenv.NewCgroup(t)
+	t.Cleanup(func() { RemovePins(pinDir) })
+	opts := pinOpts(pinDir, own)
+	a := predecessor(t, opts, app)
+	aMaps := mapIDs(t, a)
+	// It dies: its pins stay, so does the capture.
+	if err := a.Release(); err != nil {
+		t.Fatal(err)
+	}
+	bOpts := opts
+	bOpts.MapSize = 2 * opts.MapSize
+	b, err := Load(bOpts)
+	if err != nil {
+		t.Fatalf("Load over pins of another map_size: %v", err)
+	}
+	t.Cleanup(func() { b.Close() })
+	if err := b.SetCapture([]string{app}, opts.IncludeCIDRs, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	b.Commit()
+	bMaps := mapIDs(t, b)
+	for name, id := range bMaps {
+		if slices.Contains(sizedMaps, name) == (id == aMaps[name]) {
+			t.Errorf("map %s: id %d, the earlier run's %d", name, id, aMaps[name])
+		}
+	}
+	for _, name := range sizedMaps {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, name), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		id, _ := mapID(m)
+		max := m.MaxEntries()
+		m.Close()
+		if id != bMaps[name] || max != bOpts.MapSize {
+			t.Errorf("pinned %s is map %d of %d entries, want the new %d of %d", name, id, max, bMaps[name], bOpts.MapSize)
+		}
+	}
+	if got := names(t, pinDir); slices.ContainsFunc(got, func(n string) bool { return strings.HasPrefix(n, "tmp_") }) {
+		t.Errorf("temporary pins left: %v", got)
+	}
+	if n := testenv.AttachedPrograms(t, app, ebpf.AttachCGroupInet4Connect); n != 1 {
+		t.Errorf("%d connect4 programs, want the pinned one", n)
 	}
 }
