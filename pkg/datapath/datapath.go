@@ -616,6 +616,15 @@ func (d *Datapath) SetCapture(cgroupPaths []string, include, exclude []netip.Pre
 		want[attachment{cg, ids[i], ebpf.AttachCGroupInet4Connect}] = d.connect.SmeshConnect4
 		want[attachment{cg, ids[i], ebpf.AttachCGroupInet6Connect}] = d.connect.SmeshConnect6
 	}
+	capture := captureMaps{d.connect.SmeshInclude, d.connect.SmeshExclude, d.connect.SmeshExcludePorts}
+	if d.remadeAny("smesh_include", "smesh_exclude", "smesh_exclude_ports") {
+		// Made anew and not filled by a copy (another entry layout):
+		// an empty include list lets connections out uncaptured, so the
+		// rules go in before any connect4 reads these maps.
+		if err := capture.sync(include, exclude, ports); err != nil {
+			return err
+		}
+	}
 	if d.links == nil {
 		d.links = make(map[attachment]link.Link)
 	}
@@ -652,7 +661,6 @@ func (d *Datapath) SetCapture(cgroupPaths []string, include, exclude []netip.Pre
 	}
 	d.afterSwitch()
 
-	capture := captureMaps{d.connect.SmeshInclude, d.connect.SmeshExclude, d.connect.SmeshExcludePorts}
 	if err := capture.sync(include, exclude, ports); err != nil {
 		if prev := d.rules; prev != nil {
 			if rerr := capture.sync(prev.include, prev.exclude, prev.ports); rerr != nil {

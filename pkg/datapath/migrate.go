@@ -384,3 +384,14 @@ func (d *Datapath) remakeOther(spec *ebpf.CollectionSpec, other, skip map[string
 	}
 	return nil
 }
+
+// remadeAny says whether one of the maps names was made anew (and is not
+// yet committed).
+func (d *Datapath) remadeAny(names ...string) bool {
+	for _, name := range names {
+		if d.remade[name] != nil {
+			return true
+		}
+	}
+	return false
+}

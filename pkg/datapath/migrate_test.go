@@ -1,6 +1,7 @@
 package datapath
 
 import (
+	"errors"
 	"fmt"
 	"maps"
 	"net/netip"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/smesh-dev/smesh/pkg/testenv"
 )
@@ -358,5 +360,98 @@ func TestPinnedMapSizeChanged(t *testing.T) {
 	}
 	if n := testenv.AttachedPrograms(t, app, ebpf.AttachCGroupInet4Connect); n != 1 {
 		t.Errorf("%d connect4 programs, want the pinned one", n)
+	}
+}
+
+// TestHandoverRemadeMapsKeepContents: maps of another size (as an older
+// build's: one counter slot fewer, smaller rule maps) are made anew with
+// their entries copied: counters carry over, and what the old programs
+// count between the load and the switch is added once the links switched;
+// rules (an LPM trie, a hash) are there before any link is switched.
+func TestHandoverRemadeMapsKeepContents(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	proxyCg, app := testenv.NewCgroup(t), testenv.NewCgroup(t)
+	opts := handoverOpts(ModeCopy, netip.MustParseAddrPort("127.0.0.1:18000"), proxyCg)
+	a := predecessor(t, opts, app)
+	files, err := a.Handover()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeFiles(files)
+	ncpu, err := ebpf.PossibleCPU()
+	if err != nil {
+		t.Fatal(err)
+	}
+	counters, err := ebpf.NewMap(&ebpf.MapSpec{Name: "smesh_counters", Type: ebpf.PerCPUArray, KeySize: 4, ValueSize: 8, MaxEntries: 9})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer counters.Close()
+	perCPU := func(first, rest uint64) []uint64 {
+		v := make([]uint64, ncpu)
+		for i := range v {
+			v[i] = rest
+		}
+		v[0] = first
+		return v
+	}
+	if err := errors.Join(counters.Put(uint32(0), perCPU(1, 1)), counters.Put(uint32(4), perCPU(5, 0))); err != nil {
+		t.Fatal(err)
+	}
+	include, err := ebpf.NewMap(&ebpf.MapSpec{Name: "smesh_include", Type: ebpf.LPMTrie, KeySize: 20, ValueSize: 1, MaxEntries: 16, Flags: unix.BPF_F_NO_PREALLOC})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer include.Close()
+	ten := lpmKey(netip.MustParsePrefix("10.0.0.0/8"))
+	if err := include.Put(ten, uint8(1)); err != nil {
+		t.Fatal(err)
+	}
+	ports, err := ebpf.NewMap(&ebpf.MapSpec{Name: "smesh_exclude_ports", Type: ebpf.Hash, KeySize: 4, ValueSize: 1, MaxEntries: 16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ports.Close()
+	if err := ports.Put(uint32(22), uint8(1)); err != nil {
+		t.Fatal(err)
+	}
+	for name, m := range map[string]*ebpf.Map{"smesh_counters": counters, "smesh_include": include, "smesh_exclude_ports": ports} {
+		f, err := dupFile(m.FD(), name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		files[mapHandoverName(name)].Close()
+		files[mapHandoverName(name)] = f
+	}
+	bOpts := opts
+	bOpts.Adopt = files
+	b, err := Load(bOpts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	c, err := b.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.UnreadyOpen != uint64(ncpu) || c.SplicedConns != 5 {
+		t.Errorf("counters after the load: unready_open %d, spliced %d; want the old %d and 5", c.UnreadyOpen, c.SplicedConns, ncpu)
+	}
+	var v uint8
+	if err := b.connect.SmeshInclude.Lookup(ten, &v); err != nil {
+		t.Errorf("include_cidrs' 10.0.0.0/8 not copied: %v", err)
+	}
+	if err := b.connect.SmeshExcludePorts.Lookup(uint32(22), &v); err != nil {
+		t.Errorf("exclude_ports' 22 not copied: %v", err)
+	}
+	// The old programs count on until the switch.
+	if err := counters.Put(uint32(0), perCPU(4, 1)); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.SetCapture([]string{app}, opts.IncludeCIDRs, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if c, err = b.Counters(); err != nil || c.UnreadyOpen != uint64(ncpu)+3 {
+		t.Errorf("unready_open after the switch: %d, %v; want the old %d (3 counted between load and switch)", c.UnreadyOpen, err, ncpu+3)
 	}
 }
