@@ -82,9 +82,10 @@ type Options struct {
 	// Adopt are the kernel objects a predecessor handed over (its
 	// Handover, received with pkg/handover), by name. Load and SetCapture
 	// take the ones they use out of the map (and own them from then on):
-	// maps are used as they are, attachments get the new programs
-	// (BPF_LINK_UPDATE), nothing is detached meanwhile. The caller closes
-	// what is left.
+	// maps are used as they are (those of another layout, e.g. another
+	// MapSize, are made anew and filled from the old: migrate.go),
+	// attachments get the new programs (BPF_LINK_UPDATE), nothing is
+	// detached meanwhile. The caller closes what is left.
 	Adopt  map[string]*os.File
 	Logger zerolog.Logger
 }
