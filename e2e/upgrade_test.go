@@ -45,10 +45,14 @@ func (n *node) upgrade(newCgroup bool) {
 // (through the tunnel) and as many to a server on a itself (spliced), each
 // checked byte for byte, and marker transfers to b one after another, while
 // each node's smeshd is upgraded three times by a successor started beside
-// it. Not one connection may fail, and the marker must never cross the wire
-// between the nodes in clear: in both on_failure modes.
+// it, the second and third time with another [datapath] map_size (the
+// sockhash, smesh_orig_dst and smesh_dirs then have another layout: the
+// successor makes them anew, docs/restart.md 3.6). Not one connection may
+// fail, and the marker must never cross the wire between the nodes in
+// clear: in both on_failure modes.
 func TestUpgradeUnderLoad(t *testing.T) {
 	const upgrades = 3
+	const daemonConf = "[daemon]\ndrain_timeout = \"5s\""
 	for _, onFailure := range []string{"open", "closed"} {
 		t.Run(onFailure, func(t *testing.T) {
 			a, b := newNode(t), newNode(t)
@@ -58,7 +62,7 @@ func TestUpgradeUnderLoad(t *testing.T) {
 				if onFailure == "closed" {
 					n.captureExtra = fmt.Sprintf("on_failure = \"closed\"\npin_dir = %q", testPinDir(t))
 				}
-				n.start("splice", "[daemon]\ndrain_timeout = \"5s\"")
+				n.start("splice", daemonConf)
 			}
 			remote := netip.AddrPortFrom(addrB, 9000).String()
 			b.server(b.enrolled, remote)
@@ -91,11 +95,18 @@ func TestUpgradeUnderLoad(t *testing.T) {
 				}
 			}()
 			time.Sleep(2 * time.Second)
+			remade := 0
 			for _, n := range []*node{a, b} {
-				for range upgrades {
+				for i := range upgrades {
+					if i > 0 {
+						// Another map layout: 65536 (the default)
+						// -> 16384 -> 65536.
+						n.writeConfig("splice", fmt.Sprintf("map_size = %d\n%s", []int{16384, 65536}[i-1], daemonConf))
+					}
 					// a's successors share its cgroup (as smeshd
 					// upgrade's), b's each start in a new one.
 					n.upgrade(n == b)
+					remade += strings.Count(n.smeshd.Stderr(), "map made anew")
 					time.Sleep(2 * time.Second)
 				}
 			}
@@ -118,6 +129,10 @@ func TestUpgradeUnderLoad(t *testing.T) {
 			}
 			if n := s.matches.Load(); n > 0 {
 				t.Errorf("the marker crossed the wire between the nodes in clear in %d frames", n)
+			}
+			// sockhash, orig_dst and dirs, at 2 upgrades of 2 nodes.
+			if remade != 3*2*2 {
+				t.Errorf("the successors made %d maps anew, want 12 (3 at each map_size change)", remade)
 			}
 			if markers.Load() == 0 || s.frames.Load() == 0 {
 				t.Errorf("nothing measured: %d marker transfers, %d frames seen", markers.Load(), s.frames.Load())

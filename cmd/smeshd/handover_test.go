@@ -19,16 +19,25 @@ import (
 // TestHandoverFailedStart: a second smeshd started while one runs, with
 // the same RUNTIME_DIRECTORY, takes the running one's listeners and data
 // path over (handover.sock) before it listens anywhere of its own. When it
-// cannot use them (here its [datapath] map_size differs, so the maps it
-// was handed have another layout than its programs want), it gives up
-// before it says ready, saying why and what to do, and the running one
-// goes on serving as if nothing happened: its admin answers, its control
-// socket reloads, SIGTERM stops it cleanly.
+// cannot use them (here its capture.on_failure is "closed" while the
+// running one's is "open": it pins its maps, and the running one's, which
+// it was handed, are not the pinned ones; two sets at once would capture
+// twice), it gives up before it says ready, saying why and what to do, and
+// the running one goes on serving as if nothing happened: its admin
+// answers, its control socket reloads, SIGTERM stops it cleanly. (A
+// changed map_size used to be the trigger: such a hand-over now succeeds,
+// TestHandoverMapSizeChanged.)
 func TestHandoverFailedStart(t *testing.T) {
 	w := newSmeshdWorld(t)
 	exe, node, smeshCg, runtime, path, conf := w.exe, w.node, w.smeshCg, w.runtime, w.path, w.conf
+	bpffs := t.TempDir()
+	if err := syscall.Mount("bpf", bpffs, "bpf", 0, "mode=0700"); err != nil {
+		t.Fatalf("mounting a bpffs for the test: %v", err)
+	}
+	t.Cleanup(func() { syscall.Unmount(bpffs, syscall.MNT_DETACH) })
 	other := filepath.Join(t.TempDir(), "smesh.toml")
-	if err := os.WriteFile(other, []byte(conf+"[datapath]\nmap_size = 4096\n"), 0o644); err != nil {
+	closed := strings.Replace(conf, "[capture]\n", fmt.Sprintf("[capture]\non_failure = \"closed\"\npin_dir = %q\n", filepath.Join(bpffs, "smesh")), 1)
+	if err := os.WriteFile(other, []byte(closed), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	first := testenv.StartProcess(t, smeshCg, node.Name, exe, "-c", path)
@@ -74,10 +83,13 @@ func TestHandoverFailedStart(t *testing.T) {
 		t.Error("the second smeshd exited 0 without taking over")
 	}
 	if errOut := second.Stderr(); !strings.Contains(errOut, "failed, it goes on serving") ||
-		!strings.Contains(errOut, "another layout") || !strings.Contains(errOut, "stop it, then start this one") {
+		!strings.Contains(errOut, "did capture.on_failure change?") || !strings.Contains(errOut, "stop the running smeshd, then start this one") {
 		t.Errorf("the second smeshd's error does not say that and why the hand-over failed, and what to do:\n%s", errOut)
 	}
 	waitStderr(t, first, "the successor did not take over: going on serving", 1)
+	if ents, err := os.ReadDir(filepath.Join(bpffs, "smesh")); err == nil && len(ents) > 0 {
+		t.Errorf("the failed start left %d pins behind", len(ents))
+	}
 
 	// The first one serves on: its admin says ready, its control socket
 	// reloads, and it stops as always.

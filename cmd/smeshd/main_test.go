@@ -20,6 +20,8 @@ import (
 const asSmeshd = "SMESH_TEST_RUN_AS_SMESHD"
 
 func TestMain(m *testing.M) {
+	// Helpers first: they inherit asSmeshd from the test that starts them.
+	testenv.RunHelpers(map[string]testenv.HelperFunc{"echo-loop": echoLoop})
 	if os.Getenv(asSmeshd) == "1" {
 		main()
 		os.Exit(0)

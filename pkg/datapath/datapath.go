@@ -82,9 +82,10 @@ type Options struct {
 	// Adopt are the kernel objects a predecessor handed over (its
 	// Handover, received with pkg/handover), by name. Load and SetCapture
 	// take the ones they use out of the map (and own them from then on):
-	// maps are used as they are, attachments get the new programs
-	// (BPF_LINK_UPDATE), nothing is detached meanwhile. The caller closes
-	// what is left.
+	// maps are used as they are (those of another layout, e.g. another
+	// MapSize, are made anew and filled from the old: migrate.go),
+	// attachments get the new programs (BPF_LINK_UPDATE), nothing is
+	// detached meanwhile. The caller closes what is left.
 	Adopt  map[string]*os.File
 	Logger zerolog.Logger
 }
@@ -133,6 +134,10 @@ type Datapath struct {
 	// inherited are the attachments of the cgroups of predecessors
 	// (inheritedAttachments), found in the first SetCapture.
 	inherited map[attachment]*ebpf.Program
+	// remade are the maps this load made anew because the predecessor's
+	// (or the pinned ones) had another layout, with the old ones, kept
+	// until Commit (migrate.go).
+	remade map[string]*remade
 }
 
 // Load loads the programs and attaches sk_msg to the sockhash, but attaches
@@ -246,12 +251,16 @@ func (d *Datapath) load(opts Options, proxyCgroupID uint64) error {
 	}
 	// Maps a predecessor handed over are used as they are: by
 	// descriptor, or, when pinned, by their pins (checked to be the same).
-	handed, err := takeMaps(spec, d.adopt)
+	// Those of another layout are made anew (migrate.go).
+	handed, other, err := takeMaps(spec, d.adopt)
 	if err != nil {
 		return err
 	}
 	defer closeMaps(handed)
 	sopts := d.pinOptions(spec)
+	if err := d.remakeOther(spec, other, nil); err != nil {
+		return err
+	}
 	if d.pins == nil {
 		sopts.MapReplacements = handed
 	}
@@ -278,24 +287,30 @@ func (d *Datapath) load(opts Options, proxyCgroupID uint64) error {
 	copts.MapReplacements = sharedFor(cspec, shared)
 	// The shared maps were taken (or not) with sockops'; these are
 	// connect's own.
-	chanded, err := takeMaps(cspec, d.adopt)
+	chanded, cother, err := takeMaps(cspec, d.adopt)
 	if err != nil {
 		return err
 	}
 	defer closeMaps(chanded)
+	if err := d.remakeOther(cspec, cother, copts.MapReplacements); err != nil {
+		return err
+	}
 	if d.pins == nil {
 		maps.Copy(copts.MapReplacements, chanded)
 	}
 	if err := cspec.LoadAndAssign(&d.connect, copts); err != nil {
 		return fmt.Errorf("loading connect: %w", d.loadError(err))
 	}
-	if len(handed)+len(chanded) > 0 {
+	if len(handed)+len(chanded)+len(other)+len(cother) > 0 {
 		d.handedOver = true
 		if d.pins != nil {
 			if err := errors.Join(d.checkSameMaps(handed), d.checkSameMaps(chanded)); err != nil {
 				return err
 			}
 		}
+	}
+	if err := d.migrateLoad(); err != nil {
+		return err
 	}
 	d.mapNames = slices.Compact(slices.Sorted(slices.Values(slices.Concat(specMapNames(spec), specMapNames(cspec)))))
 
@@ -602,6 +617,15 @@ func (d *Datapath) SetCapture(cgroupPaths []string, include, exclude []netip.Pre
 		want[attachment{cg, ids[i], ebpf.AttachCGroupInet4Connect}] = d.connect.SmeshConnect4
 		want[attachment{cg, ids[i], ebpf.AttachCGroupInet6Connect}] = d.connect.SmeshConnect6
 	}
+	capture := captureMaps{d.connect.SmeshInclude, d.connect.SmeshExclude, d.connect.SmeshExcludePorts}
+	if d.remadeAny("smesh_include", "smesh_exclude", "smesh_exclude_ports") {
+		// Made anew and not filled by a copy (another entry layout):
+		// an empty include list lets connections out uncaptured, so the
+		// rules go in before any connect4 reads these maps.
+		if err := capture.sync(include, exclude, ports); err != nil {
+			return err
+		}
+	}
 	if d.links == nil {
 		d.links = make(map[attachment]link.Link)
 	}
@@ -630,9 +654,14 @@ func (d *Datapath) SetCapture(cgroupPaths []string, include, exclude []netip.Pre
 				added = append(added, a)
 			}
 		}
+		if typ == ebpf.AttachCGroupSockOps {
+			// A remade smesh_orig_dst gets what the old sock_ops
+			// wrote until now, before getsockopt reads the new one.
+			d.afterSockops()
+		}
 	}
+	d.afterSwitch()
 
-	capture := captureMaps{d.connect.SmeshInclude, d.connect.SmeshExclude, d.connect.SmeshExcludePorts}
 	if err := capture.sync(include, exclude, ports); err != nil {
 		if prev := d.rules; prev != nil {
 			if rerr := capture.sync(prev.include, prev.exclude, prev.ports); rerr != nil {
@@ -922,6 +951,7 @@ func (d *Datapath) SplicedSockets() (int, error) {
 // Commit, Close gives the predecessor's programs back to the links and the
 // sockhash it handed over.
 func (d *Datapath) Commit() {
+	d.commitRemade()
 	d.pins.commit()
 	d.prevProgs, d.prevMsg = nil, 0
 }
@@ -936,6 +966,7 @@ func (d *Datapath) Close() error {
 	d.closed = true
 	var errs []error
 	errs = append(errs, d.giveBack())
+	d.closeRemade()
 	// connect4 and connect6 first, so nothing is captured once the rest
 	// is gone.
 	for _, typ := range slices.Backward(attachOrder) {
@@ -987,18 +1018,29 @@ func (d *Datapath) Close() error {
 // Datapath changed meanwhile are the predecessor's to write again.)
 func (d *Datapath) giveBack() error {
 	var errs []error
-	for a, id := range d.prevProgs {
-		l := d.links[a]
-		if l == nil {
-			continue
+	// In attachOrder, with a remade smesh_orig_dst copied back before and
+	// after the sock_ops links get the predecessor's program back, and
+	// before its getsockopt reads its own map again.
+	if len(d.prevProgs) > 0 {
+		d.copyBack()
+	}
+	for _, typ := range attachOrder {
+		for a, id := range d.prevProgs {
+			l := d.links[a]
+			if l == nil || a.typ != typ {
+				continue
+			}
+			prog, err := ebpf.NewProgramFromID(id)
+			if err == nil {
+				err = l.Update(prog)
+				prog.Close()
+			}
+			if err != nil {
+				errs = append(errs, fmt.Errorf("giving the %s link of %s its program back: %w", a.typ, a.cgroup, err))
+			}
 		}
-		prog, err := ebpf.NewProgramFromID(id)
-		if err == nil {
-			err = l.Update(prog)
-			prog.Close()
-		}
-		if err != nil {
-			errs = append(errs, fmt.Errorf("giving the %s link of %s its program back: %w", a.typ, a.cgroup, err))
+		if typ == ebpf.AttachCGroupSockOps && len(d.prevProgs) > 0 {
+			d.copyBack()
 		}
 	}
 	d.prevProgs = nil

@@ -110,34 +110,37 @@ func takeFD(adopt map[string]*os.File, name string) (int, error) {
 
 // takeMaps takes the maps of spec that a predecessor handed over out of
 // adopt and checks each against spec: a map whose layout changed cannot be
-// used by these programs. The caller closes the maps returned.
-func takeMaps(spec *ebpf.CollectionSpec, adopt map[string]*os.File) (_ map[string]*ebpf.Map, err error) {
+// used by these programs, so it goes into other, for the load to make anew
+// (docs/restart.md 3.6, migrate.go). The caller closes the maps returned.
+func takeMaps(spec *ebpf.CollectionSpec, adopt map[string]*os.File) (_, other map[string]*ebpf.Map, err error) {
 	out := make(map[string]*ebpf.Map)
+	other = make(map[string]*ebpf.Map)
 	defer func() {
 		if err != nil {
 			closeMaps(out)
+			closeMaps(other)
 		}
 	}()
 	for _, name := range specMapNames(spec) {
 		fd, err := takeFD(adopt, mapHandoverName(name))
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		if fd < 0 {
+			// A map the predecessor's build did not have: made new.
 			continue
 		}
 		m, err := ebpf.NewMapFromFD(fd)
 		if err != nil {
-			return nil, fmt.Errorf("taking over map %s: %w", name, err)
+			return nil, nil, fmt.Errorf("taking over map %s: %w", name, err)
+		}
+		if spec.Maps[name].Compatible(m) != nil {
+			other[name] = m
+			continue
 		}
 		out[name] = m
-		if err := spec.Maps[name].Compatible(m); err != nil {
-			return nil, fmt.Errorf("the running smeshd's map %s has another layout than this smeshd's (%w): "+
-				"handing over between these versions (or map sizes, datapath.map_size) is not supported yet (docs/restart.md 3.6); "+
-				"the running smeshd keeps serving: stop it, then start this one", name, err)
-		}
 	}
-	return out, nil
+	return out, other, nil
 }
 
 func closeMaps(maps map[string]*ebpf.Map) {
@@ -335,6 +338,7 @@ func (d *Datapath) Release() error {
 		}
 	}
 	d.links = nil
+	d.closeRemade()
 	if d.events != nil {
 		d.events.Close()
 	}
