@@ -173,6 +173,7 @@ type daemon struct {
 	tun      *tunnel.Tunnel
 	out      *proxy.Outbound
 	dp       *datapath.Datapath
+	beat     *datapath.Heartbeat // smesh_heartbeat's writer, until released
 	members  *enrol.Tracker
 	static   []string // [capture] cgroups, as paths
 	svcs     *staticServices
@@ -590,6 +591,15 @@ func (d *daemon) start(wait, ctx context.Context) error {
 		return err
 	}
 	d.cleanups = append(d.cleanups, func() { d.dp.Close() })
+	// The heartbeat before any namespace is marked ready and before
+	// anything is attached: adopted programs (pinned by a smeshd that
+	// died, or a predecessor's) read this map, and its last beat may be
+	// older than restart_hold. A predecessor without the map (an older
+	// version) never reads it.
+	if d.beat, err = d.dp.StartHeartbeat(cfg.Daemon.RestartHold.Duration); err != nil {
+		return err
+	}
+	d.cleanups = append(d.cleanups, d.beat.Stop)
 	d.metrics.SetSpliceSource(d.spliceCounters)
 	// [[services]] are in the maps before connect4 is attached; their
 	// locality follows this node's addresses (startMembers).

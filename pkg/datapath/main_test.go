@@ -17,6 +17,7 @@ func TestMain(m *testing.M) {
 	testenv.RunHelpers(map[string]testenv.HelperFunc{
 		"connect-loop": connectLoop,
 		"splice-pair":  splicePair,
+		"dial-report":  dialReport,
 	})
 	os.Exit(m.Run())
 }
