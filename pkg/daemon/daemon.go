@@ -399,6 +399,7 @@ func Run(ctx context.Context, opts Options) (err error) {
 				}
 			}
 			d.drain(true)
+			d.idle(ctx)
 			return nil
 		case r := <-control.upgrades:
 			if upgrading != nil || successor != nil {
@@ -851,6 +852,23 @@ func (d *daemon) drain(handedOver bool) {
 	<-done
 	<-done
 	d.log.Info().Object("tunnel", d.tun.Stats).Msg("drained")
+}
+
+// idle is what a released smeshd does after its drain with
+// daemon.after_release = "wait": nothing, until ctx ends (SIGTERM). In a
+// container (restartPolicy Always) an exit would have the kubelet start it
+// again, and the new process would dial the hand-over socket and take
+// everything back from its successor. It serves nothing meanwhile: its
+// listeners, maps and links are the successor's, and so are the hand-over
+// and control sockets' paths, so a smeshd started next meets the
+// successor, never this one.
+func (d *daemon) idle(ctx context.Context) {
+	if d.cfg.Daemon.AfterRelease != "wait" {
+		return
+	}
+	d.log.Info().Msg("handed over and drained: idle until SIGTERM (daemon.after_release = \"wait\"), serving nothing")
+	<-ctx.Done()
+	d.log.Info().Msg("SIGTERM while idle after the hand-over: exiting")
 }
 
 // adopt is what the predecessor handed over for the data path
