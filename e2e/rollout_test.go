@@ -62,8 +62,13 @@ func (n *node) rollout() podSmeshd {
 	if got := n.probe(n.smeshCg); got == "ready" || !strings.Contains(got, "not this container's") {
 		n.t.Errorf("the new pod's readiness before its smeshd runs: %q, want not ready (the old smeshd answers)", got)
 	}
+	// A readiness probe (the same executable) running in the new pod's
+	// cgroup as its smeshd starts: smeshd stays in the container's cgroup
+	// (ownCgroup), where the probe looks for it.
+	inFlight := testenv.StartHelper(n.t, n.smeshCg, n.ns.Name, "pause")
 	n.launch(nil, n.confPath)
 	n.waitReady()
+	inFlight.Stop()
 	if got := n.probe(n.smeshCg); got != "ready" {
 		n.t.Errorf("the new pod's readiness after the take-over: %q", got)
 	}

@@ -967,6 +967,16 @@ func adoptMemoryLimit(mount, own string, log zerolog.Logger) {
 // tree). Otherwise (run from a shell, or in the cgroup v2 root, where
 // nothing may be attached) smeshd moves into a new "smeshd-PID" cgroup and
 // moves back on exit.
+// sameExecutable: process pid runs the file this process runs.
+func sameExecutable(pid int) bool {
+	self, err := os.Stat("/proc/self/exe")
+	if err != nil {
+		return false
+	}
+	other, err := os.Stat(fmt.Sprintf("/proc/%d/exe", pid))
+	return err == nil && os.SameFile(self, other)
+}
+
 func ownCgroup(mount string, enrolled []string, predecessor int, log zerolog.Logger) (string, func(), error) {
 	cur, err := cgroups.Of(mount, 0)
 	if err != nil {
@@ -981,7 +991,13 @@ func ownCgroup(mount string, enrolled []string, predecessor int, log zerolog.Log
 	if err != nil {
 		return "", nil, err
 	}
-	others := slices.DeleteFunc(procs, func(pid int) bool { return pid == os.Getpid() || (predecessor != 0 && pid == predecessor) })
+	// Processes of smeshd's own executable do not count: in a pod, the
+	// readiness probe (`smeshd ready`) runs in the container's cgroup, and
+	// one that happens to run as smeshd starts must not send smeshd out of
+	// the container's cgroup, where the probe looks for it.
+	others := slices.DeleteFunc(procs, func(pid int) bool {
+		return pid == os.Getpid() || (predecessor != 0 && pid == predecessor) || sameExecutable(pid)
+	})
 	if cur != mount && len(others) == 0 {
 		return cur, func() {}, nil
 	}

@@ -50,12 +50,23 @@ func Probe(ctx context.Context, addr netip.AddrPort, timeout time.Duration) erro
 	if err != nil {
 		return fmt.Errorf("the smeshd answering on %s is PID %d, which this probe cannot see (hostPID off?): %w", addr, pid, err)
 	}
+	// The whole file: on a hybrid host the v1 hierarchies are in it too.
 	if !bytes.Equal(own, theirs) {
 		return fmt.Errorf("not ready: the smeshd answering on %s is PID %d of cgroup %s, not this container's (%s): "+
-			"this one has not taken over yet, or has handed over to it", addr, pid, strings.TrimSpace(string(theirs)), strings.TrimSpace(string(own)))
+			"this one has not taken over yet, or has handed over to it", addr, pid, unified(theirs), unified(own))
 	}
 	if resp.StatusCode != http.StatusOK {
 		return fmt.Errorf("smeshd (PID %d): %d %s", pid, resp.StatusCode, strings.TrimSpace(string(body)))
 	}
 	return nil
+}
+
+// unified is the cgroup v2 path in a /proc/PID/cgroup file ("0::PATH").
+func unified(procCgroup []byte) string {
+	for _, line := range strings.Split(string(procCgroup), "\n") {
+		if p, ok := strings.CutPrefix(line, "0::"); ok {
+			return p
+		}
+	}
+	return strings.TrimSpace(string(procCgroup))
 }
