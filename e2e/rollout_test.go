@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
+
 	"github.com/smesh-dev/smesh/pkg/daemon"
 	"github.com/smesh-dev/smesh/pkg/testenv"
 )
@@ -52,6 +54,13 @@ type podSmeshd struct {
 // readiness probe (`smeshd ready`) of each pod says whose smeshd serves.
 func (n *node) rollout() podSmeshd {
 	n.t.Helper()
+	return n.rolloutVia(nil)
+}
+
+// rolloutVia is rollout with smeshd started through wrapper (see
+// testenv.StartHelperVia), nil for none.
+func (n *node) rolloutVia(wrapper []string) podSmeshd {
+	n.t.Helper()
 	old := podSmeshd{n.smeshd, n.smeshCg}
 	if got := n.probe(old.cg); got != "ready" {
 		n.t.Errorf("the old pod's readiness before the rollout: %q", got)
@@ -66,7 +75,7 @@ func (n *node) rollout() podSmeshd {
 	// cgroup as its smeshd starts: smeshd stays in the container's cgroup
 	// (ownCgroup), where the probe looks for it.
 	inFlight := testenv.StartHelper(n.t, n.smeshCg, n.ns.Name, "pause")
-	n.launch(nil, n.confPath)
+	n.launch(wrapper, n.confPath)
 	n.waitReady()
 	inFlight.Stop()
 	if got := n.probe(n.smeshCg); got != "ready" {
@@ -186,5 +195,91 @@ func TestRolloutInPods(t *testing.T) {
 				t.Errorf("connections on node a failed during the rollouts: %v: %s", errLocal, steadyLocal.Stderr())
 			}
 		})
+	}
+}
+
+// TestRolloutInPodsKubernetes: the rollout of TestRolloutInPods with
+// smeshd as the DaemonSet runs it ([kubernetes] on, against a real API
+// server, pods run by the test kubelet): a pod on node a connects to a pod
+// on node b (tunnelled) 200 times a second, each checked byte for byte,
+// while b's smeshd and then a's are rolled. None fails; the new smeshd
+// enrol the pods (the old one stopped following the API at its release);
+// the released ones idle until SIGTERM and exit 0.
+func TestRolloutInPodsKubernetes(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	kc := startKubeCluster(t)
+	c := testenv.NewCluster()
+	cnA, cnB := c.AddNode(t), c.AddNode(t)
+	testenv.JoinNodes(t, cnA, cnB)
+	a, b := nodeOn(t, cnA.Node), nodeOn(t, cnB.Node)
+	k := &kubelet{t: t, api: kc.admin, nodes: map[string]*kubeNode{}}
+	ka, kb := k.addNode("node-a", cnA), k.addNode("node-b", cnB)
+	kc.namespace(t, "demo", map[string]string{"smesh.dev/mesh": "enabled"})
+	web := k.create(podSpec("demo", "web", "node-a", nil, corev1.PodQOSBestEffort))
+	srv := k.create(podSpec("demo", "srv", "node-b", nil, corev1.PodQOSBestEffort))
+	addr := srv.addr(t, 9000)
+	podServerAt(t, srv.container(), addr)
+
+	wrappers := map[*node][]string{}
+	for _, x := range []struct {
+		n    *node
+		name string
+		kn   *kubeNode
+	}{{a, "node-a", ka}, {b, "node-b", kb}} {
+		x.n.runtimeDir = t.TempDir()
+		wrappers[x.n] = kc.podWrapper(x.n, x.name)
+		x.n.startVia(wrappers[x.n], "splice", kc.kubeConf(x.n, x.kn)+"[daemon]\ndrain_timeout = \"3s\"\nafter_release = \"wait\"\n")
+	}
+	b.waitServed(srv.Name)
+	a.waitServed(web.Name)
+	if !kubeCaptured(a, web, addr) {
+		t.Fatal("the pod's connection is not captured before the rollout")
+	}
+
+	app := web.container()
+	steady := testenv.StartHelper(t, app.Cgroup, app.Name, "client", "steady", addr, "20", fmt.Sprint(5*dataScale()))
+	began := time.Now()
+	time.Sleep(time.Second)
+	released := []podSmeshd{b.rolloutVia(wrappers[b]), a.rolloutVia(wrappers[a])}
+	time.Sleep(time.Second)
+	for _, n := range []*node{a, b} {
+		pods := debugPods(n)
+		if len(pods) != 1 {
+			t.Errorf("node %s's new smeshd enrols %+v, want its one pod", n.name, pods)
+		}
+		for name, p := range pods {
+			if !p.Enrolled {
+				t.Errorf("node %s's new smeshd: pod %s not enrolled: %+v", n.name, name, p)
+			}
+		}
+	}
+	if !kubeCaptured(a, web, addr) {
+		t.Error("the pod's connection is not captured after the rollout")
+	}
+	for i, r := range released {
+		if _, after, _ := strings.Cut(r.h.Stderr(), "idle until SIGTERM"); strings.Contains(after, "took over") {
+			t.Errorf("released smeshd %d took over again while idle: %s", i, tail(after))
+		}
+		if err := r.h.Signal(syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-r.h.Exited():
+		case <-time.After(10 * time.Second):
+			t.Fatalf("released smeshd %d did not exit on SIGTERM: %s", i, tail(r.h.Stderr()))
+		}
+		if err := r.h.Wait(); err != nil {
+			t.Errorf("released smeshd %d exited with %v: %s", i, err, tail(r.h.Stderr()))
+		}
+	}
+	select {
+	case <-steady.Exited():
+		t.Errorf("the load ended before the rollouts did (%s): lengthen it", time.Since(began).Round(time.Second))
+	default:
+	}
+	err := steady.Wait()
+	t.Logf("steady pod to pod: %s", strings.TrimSpace(steady.Stdout()))
+	if err != nil {
+		t.Errorf("connections from pod to pod failed during the rollouts: %v: %s", err, steady.Stderr())
 	}
 }
