@@ -5,12 +5,14 @@ import (
 	"fmt"
 	"maps"
 	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"os"
 	"path"
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -25,11 +27,16 @@ import (
 
 	"github.com/smesh-dev/smesh/pkg/admin"
 	"github.com/smesh-dev/smesh/pkg/config"
+	"github.com/smesh-dev/smesh/pkg/daemon"
 	"github.com/smesh-dev/smesh/pkg/metrics"
+	"github.com/smesh-dev/smesh/pkg/testenv"
 	"github.com/smesh-dev/smesh/pkg/testenv/kubecp"
 )
 
 const manifestDir = "kubernetes"
+
+// imageBinary is where `make image` puts smeshd (hack/image binaryPath).
+const imageBinary = "/usr/local/bin/smeshd"
 
 // objects decodes every manifest of deploy/kubernetes.
 func objects(t *testing.T) []runtime.Object {
@@ -203,24 +210,24 @@ func TestDaemonSetMatchesCode(t *testing.T) {
 		t.Errorf("capture.cgroups = %v: in a cluster pods join by label, and smeshd cannot create cgroups in the read-only cgroup mount", cfg.Capture.Cgroups)
 	}
 
-	// Probes: the admin endpoint's address and routes.
+	// Probes: liveness is the node's admin endpoint (whichever smeshd of
+	// the node answers: after a hand-over the old pod's idle smeshd must
+	// not be restarted into a take-back); readiness is this container's
+	// smeshd's, asked with `smeshd ready` from its cgroup, with the
+	// configuration smeshd runs with.
 	admin := cfg.Admin.Listen
-	for _, p := range []struct {
-		what  string
-		probe *corev1.Probe
-		path  string
-	}{{"readiness", c.ReadinessProbe, "/readyz"}, {"liveness", c.LivenessProbe, "/healthz"}} {
-		if p.probe == nil || p.probe.HTTPGet == nil {
-			t.Errorf("no HTTP %s probe", p.what)
-			continue
-		}
-		g := p.probe.HTTPGet
-		if g.Path != p.path || g.Port.IntValue() != int(admin.Port()) || g.Host != admin.Addr().String() {
-			t.Errorf("%s probe GET %s:%s%s, want %s%s (admin.listen)", p.what, g.Host, g.Port.String(), g.Path, admin, p.path)
-		}
-		if g.Scheme != "" && g.Scheme != corev1.URISchemeHTTP {
-			t.Errorf("%s probe scheme %s: the admin endpoint is plain HTTP", p.what, g.Scheme)
-		}
+	if p := c.LivenessProbe; p == nil || p.HTTPGet == nil {
+		t.Error("no HTTP liveness probe")
+	} else if g := p.HTTPGet; g.Path != "/healthz" || g.Port.IntValue() != int(admin.Port()) || g.Host != admin.Addr().String() ||
+		(g.Scheme != "" && g.Scheme != corev1.URISchemeHTTP) {
+		t.Errorf("liveness probe GET %s %s:%s%s, want http %s/healthz (admin.listen)", g.Scheme, g.Host, g.Port.String(), g.Path, admin)
+	}
+	if p := c.ReadinessProbe; p == nil || p.Exec == nil {
+		t.Error("no exec readiness probe: an HTTP one is answered by whichever smeshd of the node holds the admin listener")
+	} else if want := []string{imageBinary, "ready", "-c", c.Args[1]}; !slices.Equal(p.Exec.Command, want) {
+		t.Errorf("readiness probe %q, want %q", p.Exec.Command, want)
+	} else if p.TimeoutSeconds < 4 {
+		t.Errorf("readiness probe timeoutSeconds %d: smeshd ready waits up to 3s for the answer", p.TimeoutSeconds)
 	}
 	// The kubelet reaches a loopback admin address only in the node's
 	// network namespace.
@@ -231,15 +238,10 @@ func TestDaemonSetMatchesCode(t *testing.T) {
 		t.Error("hostPID is off: the PIDs in pods' cgroup.procs would not name processes smeshd can see")
 	}
 
-	// The tunnel's port, declared.
-	var tunnelPort *corev1.ContainerPort
-	for i := range c.Ports {
-		if c.Ports[i].Name == "tunnel" {
-			tunnelPort = &c.Ports[i]
-		}
-	}
-	if tunnelPort == nil || tunnelPort.ContainerPort != int32(cfg.Tunnel.Listen.Port()) || tunnelPort.HostPort != tunnelPort.ContainerPort {
-		t.Errorf("tunnel port %+v, want %d on the host (tunnel.listen)", tunnelPort, cfg.Tunnel.Listen.Port())
+	// No port declared: on the host network it would be a hostPort, and
+	// the new pod of a rollout could not be scheduled beside the old one.
+	if len(c.Ports) != 0 {
+		t.Errorf("ports %+v declared: with hostNetwork each is a hostPort, which keeps maxSurge's new pod off the node", c.Ports)
 	}
 	if cfg.Tunnel.PeerPort != cfg.Tunnel.Listen.Port() {
 		t.Errorf("tunnel.peer_port %d differs from the port every node listens on, %d", cfg.Tunnel.PeerPort, cfg.Tunnel.Listen.Port())
@@ -266,8 +268,27 @@ func TestDaemonSetMatchesCode(t *testing.T) {
 	if v.HostPath == nil || v.HostPath.Path != m.MountPath || !strings.HasPrefix(m.MountPath, "/sys/fs/bpf") || m.ReadOnly {
 		t.Errorf("capture.pin_dir %s: mount %+v of %+v, want the node's bpffs, writable", cfg.Capture.PinDir, m, v.VolumeSource)
 	}
+	// The hand-over socket in the host's /run/smesh, RUNTIME_DIRECTORY.
+	var runtimeDir string
+	for _, e := range c.Env {
+		if e.Name == "RUNTIME_DIRECTORY" {
+			runtimeDir = e.Value
+		}
+	}
+	if runtimeDir == "" {
+		t.Error("RUNTIME_DIRECTORY is not set: smeshd serves no hand-over socket, and a rollout cannot hand over")
+	} else {
+		m, v := mountFor(t, ds, c, path.Join(runtimeDir, "handover.sock"))
+		if m.MountPath != runtimeDir || m.ReadOnly || v.HostPath == nil || v.HostPath.Path != "/run/smesh" ||
+			v.HostPath.Type == nil || *v.HostPath.Type != corev1.HostPathDirectoryOrCreate {
+			t.Errorf("RUNTIME_DIRECTORY %s: mount %+v of %+v, want the host's /run/smesh (DirectoryOrCreate), writable", runtimeDir, m, v.VolumeSource)
+		}
+	}
+	if cfg.Daemon.AfterRelease != "wait" {
+		t.Errorf("daemon.after_release = %q: a released smeshd that exits is restarted by the kubelet and takes everything back", cfg.Daemon.AfterRelease)
+	}
 	for _, v := range spec.Volumes {
-		if v.HostPath != nil && !slices.Contains([]string{"/sys/fs/cgroup", "/sys/fs/bpf"}, v.HostPath.Path) {
+		if v.HostPath != nil && !slices.Contains([]string{"/sys/fs/cgroup", "/sys/fs/bpf", "/run/smesh"}, v.HostPath.Path) {
 			t.Errorf("host path %s mounted: smeshd opens nothing there", v.HostPath.Path)
 		}
 	}
@@ -289,10 +310,11 @@ func TestDaemonSetMatchesCode(t *testing.T) {
 		t.Errorf("terminationGracePeriodSeconds %s < preStop %s + daemon.drain_timeout %s + 5s to exit", grace, preStop, cfg.Daemon.DrainTimeout)
 	}
 
-	// Upgrades: one smeshd per node at a time.
+	// Upgrades: the new pod beside the old one, which it takes over from.
 	ru := ds.Spec.UpdateStrategy.RollingUpdate
-	if ds.Spec.UpdateStrategy.Type != appsv1.RollingUpdateDaemonSetStrategyType || ru == nil || ru.MaxSurge == nil || ru.MaxSurge.IntValue() != 0 {
-		t.Errorf("update strategy %+v: want RollingUpdate with maxSurge 0 (two smeshd on one node would want the same ports)", ds.Spec.UpdateStrategy)
+	if ds.Spec.UpdateStrategy.Type != appsv1.RollingUpdateDaemonSetStrategyType || ru == nil ||
+		ru.MaxSurge == nil || ru.MaxSurge.IntValue() != 1 || ru.MaxUnavailable == nil || ru.MaxUnavailable.IntValue() != 0 {
+		t.Errorf("update strategy %+v: want RollingUpdate with maxSurge 1 and maxUnavailable 0 (the hand-over needs the new pod beside the old)", ds.Spec.UpdateStrategy)
 	}
 	if spec.ServiceAccountName != "smeshd" {
 		t.Errorf("service account %q, want smeshd", spec.ServiceAccountName)
@@ -336,7 +358,9 @@ func TestDaemonSetSecurityContext(t *testing.T) {
 }
 
 // TestProbesReachAdmin asks the admin server, built as smeshd builds it,
-// the probes' questions.
+// the probes' questions: liveness over HTTP, readiness as `smeshd ready`
+// (daemon.Probe) asks it from the container's cgroup, which this test
+// process plays (the answering smeshd is this process).
 func TestProbesReachAdmin(t *testing.T) {
 	objs := objects(t)
 	ds := find[*appsv1.DaemonSet](t, objs, "smeshd")
@@ -347,31 +371,51 @@ func TestProbesReachAdmin(t *testing.T) {
 	}
 	go srv.Serve()
 	defer srv.Shutdown(context.Background())
-	get := func(p string) int {
-		resp, err := http.Get("http://" + srv.Addr().String() + p)
+	live := c.LivenessProbe.HTTPGet.Path
+	getLive := func() int {
+		resp, err := http.Get("http://" + srv.Addr().String() + live)
 		if err != nil {
 			t.Fatal(err)
 		}
 		resp.Body.Close()
 		return resp.StatusCode
 	}
-	ready, live := c.ReadinessProbe.HTTPGet.Path, c.LivenessProbe.HTTPGet.Path
-	if got := get(ready); got != http.StatusServiceUnavailable {
-		t.Errorf("readiness %s while starting: %d, want 503", ready, got)
+	ready := func() error { return daemon.Probe(context.Background(), srv.Addr(), 3*time.Second) }
+	if err := ready(); err == nil || !strings.Contains(err.Error(), "503") {
+		t.Errorf("readiness while starting: %v, want 503", err)
 	}
-	if got := get(live); got != http.StatusOK {
+	if got := getLive(); got != http.StatusOK {
 		t.Errorf("liveness %s while starting: %d, want 200", live, got)
 	}
 	srv.SetReady(true)
-	if got := get(ready); got != http.StatusOK {
-		t.Errorf("readiness %s when ready: %d, want 200", ready, got)
+	if err := ready(); err != nil {
+		t.Errorf("readiness when ready: %v", err)
 	}
 	srv.SetDraining()
-	if got := get(ready); got != http.StatusServiceUnavailable {
-		t.Errorf("readiness %s while draining: %d, want 503", ready, got)
+	if err := ready(); err == nil || !strings.Contains(err.Error(), "draining") {
+		t.Errorf("readiness while draining: %v, want 503 draining", err)
 	}
-	if got := get(live); got != http.StatusOK {
+	if got := getLive(); got != http.StatusOK {
 		t.Errorf("liveness %s while draining: %d, want 200 (a draining smeshd must not be killed)", live, got)
+	}
+}
+
+// TestReadinessIsOwnSmeshds: `smeshd ready` takes an answer only from a
+// smeshd of its own cgroup: a ready smeshd of another cgroup (the other pod
+// of a rollout, sharing the node's admin listener) is not this pod's
+// readiness.
+func TestReadinessIsOwnSmeshds(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	other := testenv.StartProcess(t, testenv.NewCgroup(t), "", "sleep", "60")
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set(admin.PIDHeader, strconv.Itoa(other.PID()))
+		fmt.Fprintln(w, "ready")
+	}))
+	defer srv.Close()
+	addr := netip.MustParseAddrPort(strings.TrimPrefix(srv.URL, "http://"))
+	err := daemon.Probe(context.Background(), addr, 3*time.Second)
+	if err == nil || !strings.Contains(err.Error(), "not this container's") {
+		t.Errorf("readiness answered by a smeshd of another cgroup: %v, want not ready", err)
 	}
 }
 
@@ -416,6 +460,13 @@ func TestImageReference(t *testing.T) {
 	}
 	if c.Image != string(m[1]) {
 		t.Errorf("the DaemonSet runs %s, make image builds %s", c.Image, m[1])
+	}
+	src, err := os.ReadFile("../hack/image/main.go")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(src), fmt.Sprintf("const binaryPath = %q", imageBinary)) {
+		t.Errorf("the readiness probe runs %s, which hack/image does not put smeshd at", imageBinary)
 	}
 	if c.ImagePullPolicy != corev1.PullIfNotPresent {
 		t.Errorf("imagePullPolicy %s: an image loaded into the nodes (kind load) must not be pulled", c.ImagePullPolicy)

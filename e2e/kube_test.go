@@ -186,15 +186,26 @@ func (kc *kubeCluster) reachFrom(t *testing.T, node *testenv.Node) int {
 // cgroup is named by [kubernetes] kubepods_cgroup, as on a node with more
 // than one: the machine's tree holds every test node's.
 func (kc *kubeCluster) startSmeshd(n *node, nodeName string, kn *kubeNode) {
+	n.t.Helper()
+	n.startVia(kc.podWrapper(n, nodeName), "splice", kc.kubeConf(n, kn))
+}
+
+// podWrapper runs smeshd on n as in its pod (see startSmeshd).
+func (kc *kubeCluster) podWrapper(n *node, nodeName string) []string {
 	t := n.t
 	t.Helper()
 	port := kc.reachFrom(t, n.ns)
 	nsenter := testenv.RequireCommand(t, "nsenter")
 	unshare := testenv.RequireCommand(t, "unshare")
-	wrapper := append([]string{nsenter, "--net=/run/netns/" + n.ns.Name},
+	return append([]string{nsenter, "--net=/run/netns/" + n.ns.Name},
 		kubecp.InPod(unshare, kc.sa, nodeName, "127.0.0.1", port)...)
+}
+
+// kubeConf is the configuration's [kubernetes] for smeshd on n (no
+// [capture] cgroups).
+func (kc *kubeCluster) kubeConf(n *node, kn *kubeNode) string {
 	n.capture = "[]"
-	n.startVia(wrapper, "splice", fmt.Sprintf("[kubernetes]\nenabled = true\nkubepods_cgroup = %q\n", cgroupRel(t, kn.kubepods)))
+	return fmt.Sprintf("[kubernetes]\nenabled = true\nkubepods_cgroup = %q\n", cgroupRel(n.t, kn.kubepods))
 }
 
 // debugPods reads smeshd's /debug/pods.

@@ -21,13 +21,14 @@ import (
 
 func TestMain(m *testing.M) {
 	testenv.RunHelpers(map[string]testenv.HelperFunc{
-		"server":   serve,
-		"conns":    conns,
-		"pause":    pause,
-		"client":   client,
-		"smeshd":   runSmeshd,
-		"sockopts": sockoptProbe,
-		"http-get": httpGet,
+		"server":      serve,
+		"conns":       conns,
+		"pause":       pause,
+		"client":      client,
+		"smeshd":      runSmeshd,
+		"sockopts":    sockoptProbe,
+		"http-get":    httpGet,
+		"ready-probe": readyProbe,
 	})
 	if s := dataScale(); s > 1 {
 		fmt.Printf("e2e: data sizes and counts of exchanges divided by %d (%s)\n", s, scaleEnv)

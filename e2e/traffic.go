@@ -602,6 +602,28 @@ func runScenario(args []string) error {
 		} else if errors.Is(err, syscall.ECONNREFUSED) {
 			err = nil
 		}
+	case "queued": // connected, and no answer within a second: waiting in a listener's queue
+		var c *net.TCPConn
+		if c, err = dial(addr); err == nil {
+			c.Write([]byte{cmdPeer})
+			c.SetReadDeadline(time.Now().Add(time.Second))
+			var b [1]byte
+			_, err = c.Read(b[:])
+			c.Close()
+			if ne, ok := err.(net.Error); ok && ne.Timeout() {
+				err = nil
+			} else if err == nil {
+				err = errors.New("answered, want no answer (queued)")
+			}
+		}
+	case "eperm": // connect(2) must fail with EPERM (connect4 refused)
+		var c *net.TCPConn
+		if c, err = dial(addr); err == nil {
+			c.Close()
+			err = errors.New("connected, want EPERM")
+		} else if errors.Is(err, syscall.EPERM) {
+			err = nil
+		}
 	case "reset-server":
 		err = resetByServer(addr)
 	case "reset-client":

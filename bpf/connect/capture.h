@@ -49,6 +49,51 @@ struct {
 	__type(value, __u8);
 } smesh_exclude_ports SEC(".maps");
 
+/* smeshd's proof of life: whether a captured connection can expect an
+ * answer. A listener outlives smeshd (pinned in on_failure = "closed", held
+ * by a successor or systemd's store in "open"): with nobody accepting, a
+ * captured connect() would wait in its queue for ever. Both fields on
+ * bpf_ktime_get_ns()'s clock (CLOCK_MONOTONIC). */
+struct heartbeat {
+	__u64 beat_ns; /* when smeshd last wrote */
+	/* [daemon] restart_hold: how old a beat may grow before connect4/6
+	 * stop capturing (on_failure decides); 0: no bound. In the map, not a
+	 * load-time constant: a program pinned by a dead smeshd reads the
+	 * bound its successor sets, and a reload changes it in place. */
+	__u64 hold_ns;
+};
+
+/* Written by smeshd (its one entry, every second, and before it marks any
+ * namespace ready); read by connect4 and connect6 (heartbeat_fresh). A
+ * successor adopts it with the other maps; one whose predecessor had none
+ * makes it new and writes it before its programs are attached. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct heartbeat);
+} smesh_heartbeat SEC(".maps");
+
+/* heartbeat_fresh: at time now, smeshd has beaten within its restart_hold.
+ * An entry never written (all zero: hold 0) bounds nothing, as before the
+ * heartbeat existed; smeshd writes it before it marks a namespace ready, so
+ * nothing is captured on an unwritten one. A beat stamped after now (read
+ * on another CPU a moment before) is fresh. */
+static __always_inline bool heartbeat_fresh(const struct heartbeat *hb, __u64 now)
+{
+	if (!hb || hb->hold_ns == 0 || now <= hb->beat_ns)
+		return true;
+	return now - hb->beat_ns <= hb->hold_ns;
+}
+
+/* smeshd_alive reads the heartbeat at time now. */
+static __always_inline bool smeshd_alive(__u64 now)
+{
+	__u32 zero = 0;
+
+	return heartbeat_fresh(bpf_map_lookup_elem(&smesh_heartbeat, &zero), now);
+}
+
 static __always_inline bool in_trie(void *trie, const struct addr *ip)
 {
 	struct lpm_key key = { .prefixlen = 128, .ip = *ip };

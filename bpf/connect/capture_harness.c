@@ -2,7 +2,7 @@
 //go:build ignore
 
 /* Test harness for the decisions connect4 and sock_ops make (should_capture,
- * peer_netns): programs that BPF_PROG_TEST_RUN can run with any input, which
+ * peer_netns, smeshd_alive): programs that BPF_PROG_TEST_RUN can run with any input, which
  * connect4 and sock_ops themselves cannot. Never loaded by smeshd. Raw
  * tracepoint programs because test runs take their arguments from user space
  * and they may read LPM tries (a "syscall" program, being sleepable, may
@@ -53,6 +53,19 @@ int run_choose_backend(__u64 *ctx)
 	addr_of(ctx, &ip);
 	r = choose_backend(ctx[3], &ip, (__u16)ctx[2], &be);
 	return (int)r << 16 | be.port;
+}
+
+/* ctx[0]: the time to decide at (bpf_ktime_get_ns's clock), 0 for now.
+ * Returns 1 when connect4 would take smeshd for alive, reading this
+ * object's smesh_heartbeat as connect4 reads its own. */
+SEC("raw_tp/smesh_heartbeat_harness")
+int run_smeshd_alive(__u64 *ctx)
+{
+	__u64 now = ctx[0];
+
+	if (!now)
+		now = bpf_ktime_get_ns();
+	return smeshd_alive(now);
 }
 
 char __license[] SEC("license") = "Dual BSD/GPL";

@@ -60,6 +60,12 @@ type CaptureHarnessConnKey struct {
 	Pad        uint32
 }
 
+type CaptureHarnessHeartbeat struct {
+	_      structs.HostLayout
+	BeatNs uint64
+	HoldNs uint64
+}
+
 type CaptureHarnessLpmKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -145,6 +151,7 @@ const (
 	CaptureHarnessMapSmeshDirs         = "smesh_dirs"
 	CaptureHarnessMapSmeshExclude      = "smesh_exclude"
 	CaptureHarnessMapSmeshExcludePorts = "smesh_exclude_ports"
+	CaptureHarnessMapSmeshHeartbeat    = "smesh_heartbeat"
 	CaptureHarnessMapSmeshInclude      = "smesh_include"
 	CaptureHarnessMapSmeshNetns        = "smesh_netns"
 	CaptureHarnessMapSmeshNsAddrs      = "smesh_ns_addrs"
@@ -157,6 +164,7 @@ const (
 	CaptureHarnessProgRunChooseBackend = "run_choose_backend"
 	CaptureHarnessProgRunPeerNetns     = "run_peer_netns"
 	CaptureHarnessProgRunShouldCapture = "run_should_capture"
+	CaptureHarnessProgRunSmeshdAlive   = "run_smeshd_alive"
 	CaptureHarnessVarCaptureLocal      = "capture_local"
 	CaptureHarnessVarProxyCgroup       = "proxy_cgroup"
 	CaptureHarnessVarProxyIp4          = "proxy_ip4"
@@ -210,6 +218,7 @@ type CaptureHarnessProgramSpecs struct {
 	RunChooseBackend *ebpf.ProgramSpec `ebpf:"run_choose_backend"`
 	RunPeerNetns     *ebpf.ProgramSpec `ebpf:"run_peer_netns"`
 	RunShouldCapture *ebpf.ProgramSpec `ebpf:"run_should_capture"`
+	RunSmeshdAlive   *ebpf.ProgramSpec `ebpf:"run_smeshd_alive"`
 }
 
 // CaptureHarnessMapSpecs contains maps before they are loaded into the kernel.
@@ -223,6 +232,7 @@ type CaptureHarnessMapSpecs struct {
 	SmeshDirs         *ebpf.MapSpec `ebpf:"smesh_dirs"`
 	SmeshExclude      *ebpf.MapSpec `ebpf:"smesh_exclude"`
 	SmeshExcludePorts *ebpf.MapSpec `ebpf:"smesh_exclude_ports"`
+	SmeshHeartbeat    *ebpf.MapSpec `ebpf:"smesh_heartbeat"`
 	SmeshInclude      *ebpf.MapSpec `ebpf:"smesh_include"`
 	SmeshNetns        *ebpf.MapSpec `ebpf:"smesh_netns"`
 	SmeshNsAddrs      *ebpf.MapSpec `ebpf:"smesh_ns_addrs"`
@@ -273,6 +283,7 @@ type CaptureHarnessMaps struct {
 	SmeshDirs         *ebpf.Map `ebpf:"smesh_dirs"`
 	SmeshExclude      *ebpf.Map `ebpf:"smesh_exclude"`
 	SmeshExcludePorts *ebpf.Map `ebpf:"smesh_exclude_ports"`
+	SmeshHeartbeat    *ebpf.Map `ebpf:"smesh_heartbeat"`
 	SmeshInclude      *ebpf.Map `ebpf:"smesh_include"`
 	SmeshNetns        *ebpf.Map `ebpf:"smesh_netns"`
 	SmeshNsAddrs      *ebpf.Map `ebpf:"smesh_ns_addrs"`
@@ -293,6 +304,7 @@ func (m *CaptureHarnessMaps) Close() error {
 		m.SmeshDirs,
 		m.SmeshExclude,
 		m.SmeshExcludePorts,
+		m.SmeshHeartbeat,
 		m.SmeshInclude,
 		m.SmeshNetns,
 		m.SmeshNsAddrs,
@@ -324,6 +336,7 @@ type CaptureHarnessPrograms struct {
 	RunChooseBackend *ebpf.Program `ebpf:"run_choose_backend"`
 	RunPeerNetns     *ebpf.Program `ebpf:"run_peer_netns"`
 	RunShouldCapture *ebpf.Program `ebpf:"run_should_capture"`
+	RunSmeshdAlive   *ebpf.Program `ebpf:"run_smeshd_alive"`
 }
 
 func (p *CaptureHarnessPrograms) Close() error {
@@ -331,6 +344,7 @@ func (p *CaptureHarnessPrograms) Close() error {
 		p.RunChooseBackend,
 		p.RunPeerNetns,
 		p.RunShouldCapture,
+		p.RunSmeshdAlive,
 	)
 }
 

@@ -10,7 +10,8 @@
  * destinations of dual-stack sockets) or listen6 (IPv6) in the caller's own
  * network namespace (every pod has its own 127.0.0.1), where smeshd keeps
  * its listeners for every enrolled namespace. Until the listener is up,
- * capture in that namespace follows [capture] on_failure.
+ * and when smeshd's heartbeat is older than [daemon] restart_hold, capture
+ * in that namespace follows [capture] on_failure.
  *
  * A dual-stack (AF_INET6) socket connecting to ::ffff:a.b.c.d goes through
  * connect6, not connect4: it is decided as the IPv4 address it carries, and
@@ -110,6 +111,14 @@ static __always_inline enum verdict decide(struct bpf_sock_addr *ctx, const stru
 	ready = bpf_map_lookup_elem(&smesh_netns, &netns);
 	if (!ready || !(*ready & need)) {
 		tell_smeshd(netns);
+		counter_inc(fail_closed ? COUNTER_UNREADY_CLOSED : COUNTER_UNREADY_OPEN);
+		return fail_closed ? VERDICT_REFUSE : VERDICT_PASS;
+	}
+	/* The listener is there but smeshd has not beaten for restart_hold
+	 * (crashed, stopped, a crash loop): nobody may ever accept, so it
+	 * counts as no ready listener. Counted alike: smesh_counters keeps its
+	 * layout, so a predecessor's map is handed over as it is. */
+	if (!smeshd_alive(bpf_ktime_get_ns())) {
 		counter_inc(fail_closed ? COUNTER_UNREADY_CLOSED : COUNTER_UNREADY_OPEN);
 		return fail_closed ? VERDICT_REFUSE : VERDICT_PASS;
 	}

@@ -60,6 +60,12 @@ type ConnectConnKey struct {
 	Pad        uint32
 }
 
+type ConnectHeartbeat struct {
+	_      structs.HostLayout
+	BeatNs uint64
+	HoldNs uint64
+}
+
 type ConnectLpmKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -152,6 +158,7 @@ const (
 	ConnectMapSmeshDirs          = "smesh_dirs"
 	ConnectMapSmeshExclude       = "smesh_exclude"
 	ConnectMapSmeshExcludePorts  = "smesh_exclude_ports"
+	ConnectMapSmeshHeartbeat     = "smesh_heartbeat"
 	ConnectMapSmeshInclude       = "smesh_include"
 	ConnectMapSmeshNetns         = "smesh_netns"
 	ConnectMapSmeshNetnsEvents   = "smesh_netns_events"
@@ -239,6 +246,7 @@ type ConnectMapSpecs struct {
 	SmeshDirs         *ebpf.MapSpec `ebpf:"smesh_dirs"`
 	SmeshExclude      *ebpf.MapSpec `ebpf:"smesh_exclude"`
 	SmeshExcludePorts *ebpf.MapSpec `ebpf:"smesh_exclude_ports"`
+	SmeshHeartbeat    *ebpf.MapSpec `ebpf:"smesh_heartbeat"`
 	SmeshInclude      *ebpf.MapSpec `ebpf:"smesh_include"`
 	SmeshNetns        *ebpf.MapSpec `ebpf:"smesh_netns"`
 	SmeshNetnsEvents  *ebpf.MapSpec `ebpf:"smesh_netns_events"`
@@ -294,6 +302,7 @@ type ConnectMaps struct {
 	SmeshDirs         *ebpf.Map `ebpf:"smesh_dirs"`
 	SmeshExclude      *ebpf.Map `ebpf:"smesh_exclude"`
 	SmeshExcludePorts *ebpf.Map `ebpf:"smesh_exclude_ports"`
+	SmeshHeartbeat    *ebpf.Map `ebpf:"smesh_heartbeat"`
 	SmeshInclude      *ebpf.Map `ebpf:"smesh_include"`
 	SmeshNetns        *ebpf.Map `ebpf:"smesh_netns"`
 	SmeshNetnsEvents  *ebpf.Map `ebpf:"smesh_netns_events"`
@@ -316,6 +325,7 @@ func (m *ConnectMaps) Close() error {
 		m.SmeshDirs,
 		m.SmeshExclude,
 		m.SmeshExcludePorts,
+		m.SmeshHeartbeat,
 		m.SmeshInclude,
 		m.SmeshNetns,
 		m.SmeshNetnsEvents,

@@ -53,6 +53,10 @@ Usage:
                           upgrade under systemd (systemctl restart stops first); waits and
                           prints the new PID, or exits non-zero with the reason (the
                           running one then goes on serving)
+  smeshd ready [-c FILE]  exit 0 if the smeshd of this process's own cgroup (its container)
+                          answers ready on admin.listen; non-zero with the reason if it is
+                          not ready, or another smeshd answers (a hand-over in progress or
+                          done: the Kubernetes readiness probe)
   smeshd version          print the version
 `
 
@@ -128,6 +132,22 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, reload <-
 			return err
 		}
 		return upgradeRunning(*socket, *timeout, stdout)
+	case "ready":
+		fs := newFlagSet("ready", stderr)
+		cfgPath := fs.String("c", "/etc/smesh/smesh.toml", "configuration file whose admin.listen to ask")
+		timeout := fs.Duration("timeout", 3*time.Second, "how long to wait for the answer")
+		if err := parseFlags(fs, args); err != nil {
+			return err
+		}
+		cfg, err := config.Load(*cfgPath)
+		if err != nil {
+			return err
+		}
+		if err := daemon.Probe(ctx, cfg.Admin.Listen, *timeout); err != nil {
+			return err
+		}
+		fmt.Fprintln(stdout, "ready")
+		return nil
 	case "bench":
 		return runBench(ctx, args, stdout, stderr)
 	case "certs":

@@ -16,6 +16,8 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -233,10 +235,18 @@ func (s *Server) SetProblem(problem string) {
 func (s *Server) SetDraining() { s.state.Store(draining) }
 
 func (s *Server) healthz(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set(PIDHeader, strconv.Itoa(os.Getpid()))
 	plain(w, http.StatusOK, "ok")
 }
 
+// PIDHeader names the process that answered /readyz and /healthz. Two
+// smeshd of one node (a hand-over: a new pod beside the old one) share the
+// admin listener, so an answer says nothing about the asker's own smeshd
+// unless it says whose it is (daemon.Probe).
+const PIDHeader = "Smesh-Pid"
+
 func (s *Server) readyz(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set(PIDHeader, strconv.Itoa(os.Getpid()))
 	switch s.state.Load() {
 	case ready:
 		if p := s.problem.Load(); p != nil && *p != "" {

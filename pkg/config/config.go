@@ -165,11 +165,25 @@ type Log struct {
 	Format string `toml:"format"`
 }
 
+// MinRestartHold is the shortest [daemon] restart_hold other than 0: two
+// heartbeats (one a second) and some slack for a busy node.
+const MinRestartHold = 2 * time.Second
+
 // Daemon configures the daemon's own lifecycle.
 type Daemon struct {
 	// DrainTimeout is how long smeshd waits for open connections to end
 	// when asked to stop; 0 stops at once.
 	DrainTimeout Duration `toml:"drain_timeout"`
+	// RestartHold bounds how long a captured connection is sent to a
+	// listener that outlived smeshd (pinned, or held by a successor or
+	// systemd's store): once smeshd's heartbeat is older, connect4/6
+	// treat the listener as not ready and on_failure decides. 0: no bound.
+	RestartHold Duration `toml:"restart_hold"`
+	// AfterRelease is what smeshd does once it handed everything over to a
+	// successor and drained: "exit" (0), or "wait" idle until SIGTERM,
+	// for a container the kubelet would otherwise restart (restartPolicy
+	// Always) into a take-back from its successor.
+	AfterRelease string `toml:"after_release"`
 }
 
 // Kubernetes enrols the pods of this node by label, when smeshd runs in a
@@ -329,6 +343,8 @@ func Default() Config {
 		},
 		Daemon: Daemon{
 			DrainTimeout: Duration{30 * time.Second},
+			RestartHold:  Duration{10 * time.Second},
+			AfterRelease: "exit",
 		},
 		Kubernetes: Kubernetes{
 			Enabled:     false,

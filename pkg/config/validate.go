@@ -86,6 +86,11 @@ func (c *Config) Validate() error {
 	if c.Daemon.DrainTimeout.Duration < 0 {
 		p.addf("daemon.drain_timeout", "%s is negative (want 0 or more, e.g. \"30s\")", c.Daemon.DrainTimeout)
 	}
+	if h := c.Daemon.RestartHold.Duration; h < 0 || (h > 0 && h < MinRestartHold) {
+		p.addf("daemon.restart_hold", "%s: want \"0s\" (no bound) or at least %s (smeshd's heartbeat is written every second; "+
+			"a shorter hold would stop capturing while smeshd runs)", c.Daemon.RestartHold, Duration{MinRestartHold})
+	}
+	checkOneOf(&p, "daemon.after_release", c.Daemon.AfterRelease, "exit", "wait")
 	c.Kubernetes.validate(&p)
 	return errors.Join(p...)
 }

@@ -173,6 +173,7 @@ type daemon struct {
 	tun      *tunnel.Tunnel
 	out      *proxy.Outbound
 	dp       *datapath.Datapath
+	beat     *datapath.Heartbeat // smesh_heartbeat's writer, until released
 	members  *enrol.Tracker
 	static   []string // [capture] cgroups, as paths
 	svcs     *staticServices
@@ -398,6 +399,7 @@ func Run(ctx context.Context, opts Options) (err error) {
 				}
 			}
 			d.drain(true)
+			d.idle(ctx)
 			return nil
 		case r := <-control.upgrades:
 			if upgrading != nil || successor != nil {
@@ -590,6 +592,15 @@ func (d *daemon) start(wait, ctx context.Context) error {
 		return err
 	}
 	d.cleanups = append(d.cleanups, func() { d.dp.Close() })
+	// The heartbeat before any namespace is marked ready and before
+	// anything is attached: adopted programs (pinned by a smeshd that
+	// died, or a predecessor's) read this map, and its last beat may be
+	// older than restart_hold. A predecessor without the map (an older
+	// version) never reads it.
+	if d.beat, err = d.dp.StartHeartbeat(cfg.Daemon.RestartHold.Duration); err != nil {
+		return err
+	}
+	d.cleanups = append(d.cleanups, d.beat.Stop)
 	d.metrics.SetSpliceSource(d.spliceCounters)
 	// [[services]] are in the maps before connect4 is attached; their
 	// locality follows this node's addresses (startMembers).
@@ -843,6 +854,23 @@ func (d *daemon) drain(handedOver bool) {
 	d.log.Info().Object("tunnel", d.tun.Stats).Msg("drained")
 }
 
+// idle is what a released smeshd does after its drain with
+// daemon.after_release = "wait": nothing, until ctx ends (SIGTERM). In a
+// container (restartPolicy Always) an exit would have the kubelet start it
+// again, and the new process would dial the hand-over socket and take
+// everything back from its successor. It serves nothing meanwhile: its
+// listeners, maps and links are the successor's, and so are the hand-over
+// and control sockets' paths, so a smeshd started next meets the
+// successor, never this one.
+func (d *daemon) idle(ctx context.Context) {
+	if d.cfg.Daemon.AfterRelease != "wait" {
+		return
+	}
+	d.log.Info().Msg("handed over and drained: idle until SIGTERM (daemon.after_release = \"wait\"), serving nothing")
+	<-ctx.Done()
+	d.log.Info().Msg("SIGTERM while idle after the hand-over: exiting")
+}
+
 // adopt is what the predecessor handed over for the data path
 // (datapath.Options.Adopt), nil without one.
 func (d *daemon) adopt() map[string]*os.File {
@@ -939,6 +967,16 @@ func adoptMemoryLimit(mount, own string, log zerolog.Logger) {
 // tree). Otherwise (run from a shell, or in the cgroup v2 root, where
 // nothing may be attached) smeshd moves into a new "smeshd-PID" cgroup and
 // moves back on exit.
+// sameExecutable: process pid runs the file this process runs.
+func sameExecutable(pid int) bool {
+	self, err := os.Stat("/proc/self/exe")
+	if err != nil {
+		return false
+	}
+	other, err := os.Stat(fmt.Sprintf("/proc/%d/exe", pid))
+	return err == nil && os.SameFile(self, other)
+}
+
 func ownCgroup(mount string, enrolled []string, predecessor int, log zerolog.Logger) (string, func(), error) {
 	cur, err := cgroups.Of(mount, 0)
 	if err != nil {
@@ -953,7 +991,13 @@ func ownCgroup(mount string, enrolled []string, predecessor int, log zerolog.Log
 	if err != nil {
 		return "", nil, err
 	}
-	others := slices.DeleteFunc(procs, func(pid int) bool { return pid == os.Getpid() || (predecessor != 0 && pid == predecessor) })
+	// Processes of smeshd's own executable do not count: in a pod, the
+	// readiness probe (`smeshd ready`) runs in the container's cgroup, and
+	// one that happens to run as smeshd starts must not send smeshd out of
+	// the container's cgroup, where the probe looks for it.
+	others := slices.DeleteFunc(procs, func(pid int) bool {
+		return pid == os.Getpid() || (predecessor != 0 && pid == predecessor) || sameExecutable(pid)
+	})
 	if cur != mount && len(others) == 0 {
 		return cur, func() {}, nil
 	}

@@ -350,6 +350,9 @@ func (d *daemon) release(req *handover.Request, mainPID int) {
 	if d.stopPods != nil {
 		d.stopPods() // the successor follows the Kubernetes API now
 	}
+	// The successor beats since its start; after restart_hold without
+	// either, capture follows on_failure.
+	d.beat.Stop()
 	if err := d.dp.Release(); err != nil {
 		d.log.Error().Err(err).Msg("releasing the data path to the successor")
 	}

@@ -23,6 +23,7 @@ func TestMain(m *testing.M) {
 		"splice-pair":   splicePair,
 		"connect-hold":  connectHold,
 		"origdst-proxy": origDstProxy,
+		"dial-report":   dialReport,
 	})
 	os.Exit(m.Run())
 }
