@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -14,9 +15,9 @@ import (
 // upgrade starts a successor smeshd beside the running one, with the same
 // configuration and runtime directory, as an upgrade does (docs/restart.md,
 // 3.4): the successor takes the listeners and the capture over through the
-// hand-over socket and says it is ready; the predecessor then drains what
-// it relays and exits by itself.
-func (n *node) upgrade(newCgroup bool) {
+// hand-over socket and says it is ready. It returns the predecessor, which
+// drains what it relays and then exits by itself (waitExited).
+func (n *node) upgrade(newCgroup bool) *testenv.Helper {
 	n.t.Helper()
 	old := n.smeshd
 	if newCgroup {
@@ -27,15 +28,72 @@ func (n *node) upgrade(newCgroup bool) {
 	}
 	n.launch(nil, n.confPath)
 	n.waitReady()
-	exited := make(chan error, 1)
-	go func() { exited <- old.Wait() }()
-	select {
-	case err := <-exited:
-		if err != nil {
-			n.t.Fatalf("the predecessor smeshd exited with %v: %s", err, old.Stderr())
+	return old
+}
+
+// waitExited expects every predecessor to exit 0 by itself within timeout
+// (its drain: the connections it relays end meanwhile).
+func waitExited(t *testing.T, olds []*testenv.Helper, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for _, old := range olds {
+		exited := make(chan error, 1)
+		go func() { exited <- old.Wait() }()
+		select {
+		case err := <-exited:
+			if err != nil {
+				t.Errorf("a predecessor smeshd exited with %v: %s", err, old.Stderr())
+			}
+		case <-time.After(time.Until(deadline)):
+			t.Errorf("a predecessor smeshd did not exit after its hand-over and drain: %s", old.Stderr())
 		}
-	case <-time.After(20 * time.Second):
-		n.t.Fatalf("the predecessor smeshd did not exit after the hand-over: %s", old.Stderr())
+	}
+}
+
+// logWarnings logs what the smeshd processes warned of, in the order they
+// ran, to tell why connections failed.
+func logWarnings(t *testing.T, procs []*testenv.Helper) {
+	t.Helper()
+	for i, p := range procs {
+		for _, l := range strings.Split(p.Stderr(), "\n") {
+			if strings.Contains(l, `"level":"warn"`) || strings.Contains(l, `"level":"error"`) {
+				t.Logf("smeshd %d of %d: %s", i+1, len(procs), l)
+			}
+		}
+	}
+}
+
+// streams keeps n long-lived connections to addr open from cgroup cg in
+// namespace ns until stop closes, one after another in each of n loops:
+// each exchanges a byte every 10 ms for about length, checked (the
+// "paced" client; not scaled: the exchanges are few), so that every moment
+// some are open across an upgrade.
+// It returns how many ran and the first failure.
+func streams(t *testing.T, cg, ns, addr string, n int, length time.Duration, stop <-chan struct{}) func() (int64, error) {
+	var ran atomic.Int64
+	var first atomic.Value
+	var wg sync.WaitGroup
+	exchanges := fmt.Sprint(int64(length / (10 * time.Millisecond)))
+	for range n {
+		wg.Go(func() {
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				h := testenv.StartHelper(t, cg, ns, "client", "paced", addr, exchanges)
+				if err := h.Wait(); err != nil {
+					first.CompareAndSwap(nil, fmt.Errorf("%v: %s", err, h.Stderr()))
+				}
+				ran.Add(1)
+			}
+		})
+	}
+	return func() (int64, error) {
+		wg.Wait()
+		err, _ := first.Load().(error)
+		return ran.Load(), err
 	}
 }
 
@@ -50,9 +108,15 @@ func (n *node) upgrade(newCgroup bool) {
 // successor makes them anew, docs/restart.md 3.6). Not one connection may
 // fail, and the marker must never cross the wire between the nodes in
 // clear: in both on_failure modes.
+//
+// Each node is upgraded ten times (three under emulation, SMESH_TEST_SCALE),
+// and 20 long-lived connections, ten to each server, exchange a byte every
+// 10 ms throughout (each lasting about 4 s, then replaced): the relayed
+// ones are finished by the smeshd that relayed them, after it released,
+// and every predecessor must then exit 0 by itself.
 func TestUpgradeUnderLoad(t *testing.T) {
-	const upgrades = 3
-	const daemonConf = "[daemon]\ndrain_timeout = \"5s\""
+	upgrades := max(3, 10/int(dataScale()))
+	const daemonConf = "[daemon]\ndrain_timeout = \"30s\""
 	for _, onFailure := range []string{"open", "closed"} {
 		t.Run(onFailure, func(t *testing.T) {
 			a, b := newNode(t), newNode(t)
@@ -73,6 +137,9 @@ func TestUpgradeUnderLoad(t *testing.T) {
 			// 200 connections a second each (fewer under emulation,
 			// SMESH_TEST_SCALE).
 			seconds, interval := fmt.Sprint(4+2*2*upgrades), fmt.Sprint(5*dataScale())
+			stopStreams := make(chan struct{})
+			remoteStreams := streams(t, a.enrolled, a.ns.Name, remote, 10, 4*time.Second, stopStreams)
+			localStreams := streams(t, a.enrolled, a.ns.Name, local, 10, 4*time.Second, stopStreams)
 			steadyRemote := testenv.StartHelper(t, a.enrolled, a.ns.Name, "client", "steady", remote, seconds, interval)
 			steadyLocal := testenv.StartHelper(t, a.enrolled, a.ns.Name, "client", "steady", local, seconds, interval)
 			var markers, markerFailed atomic.Int64
@@ -96,32 +163,48 @@ func TestUpgradeUnderLoad(t *testing.T) {
 			}()
 			time.Sleep(2 * time.Second)
 			remade := 0
+			var olds []*testenv.Helper
 			for _, n := range []*node{a, b} {
 				for i := range upgrades {
-					if i > 0 {
+					if i == 1 || i == 2 {
 						// Another map layout: 65536 (the default)
 						// -> 16384 -> 65536.
 						n.writeConfig("splice", fmt.Sprintf("map_size = %d\n%s", []int{16384, 65536}[i-1], daemonConf))
 					}
 					// a's successors share its cgroup (as smeshd
 					// upgrade's), b's each start in a new one.
-					n.upgrade(n == b)
+					olds = append(olds, n.upgrade(n == b))
 					remade += strings.Count(n.smeshd.Stderr(), "map made anew")
-					time.Sleep(2 * time.Second)
+					time.Sleep(time.Second)
 				}
 			}
 			errRemote, errLocal := steadyRemote.Wait(), steadyLocal.Wait()
 			close(stop)
 			<-done
+			close(stopStreams)
+			nRemote, errRemoteStreams := remoteStreams()
+			nLocal, errLocalStreams := localStreams()
+			waitExited(t, olds, 40*time.Second)
 			time.Sleep(200 * time.Millisecond)
 			s.stop()
-			t.Logf("steady to b: %s; steady on a: %s; marker transfers: %d, %d failed; frames on the wire: %d, marker in %d",
-				strings.TrimSpace(steadyRemote.Stdout()), strings.TrimSpace(steadyLocal.Stdout()),
+			t.Logf("%d upgrades per node; steady to b: %s; steady on a: %s; long-lived: %d to b, %d on a; marker transfers: %d, %d failed; frames on the wire: %d, marker in %d",
+				upgrades, strings.TrimSpace(steadyRemote.Stdout()), strings.TrimSpace(steadyLocal.Stdout()), nRemote, nLocal,
 				markers.Load(), markerFailed.Load(), s.frames.Load(), s.matches.Load())
+			if errRemoteStreams != nil {
+				t.Errorf("a long-lived connection to node b failed during the upgrades: %v", errRemoteStreams)
+			}
+			if errLocalStreams != nil {
+				t.Errorf("a long-lived connection on node a failed during the upgrades: %v", errLocalStreams)
+			}
+			if nRemote < 10 || nLocal < 10 {
+				t.Errorf("long-lived connections: %d to b, %d on a, want at least 10 each", nRemote, nLocal)
+			}
 			if errRemote != nil {
+				logWarnings(t, append(olds, a.smeshd, b.smeshd))
 				t.Errorf("connections to node b failed during the upgrades: %v: %s", errRemote, steadyRemote.Stderr())
 			}
 			if errLocal != nil {
+				logWarnings(t, append(olds, a.smeshd, b.smeshd))
 				t.Errorf("connections on node a failed during the upgrades: %v: %s", errLocal, steadyLocal.Stderr())
 			}
 			if n := markerFailed.Load(); n > 0 {

@@ -64,12 +64,12 @@ var noCopy = map[string]string{
 type remade struct {
 	old    *ebpf.Map
 	reason error
-	// copied are the entries the first copy put in the new map (orig_dst),
-	// snapshot the old per-CPU array's values at that copy (counters).
-	copied   map[string][]byte
+	// pending: the entries are to be copied after the sock_ops switch
+	// (orig_dst; afterSockops).
+	pending bool
+	// snapshot holds the old per-CPU array's values at the copy
+	// (counters).
 	snapshot map[string][][]byte
-	// switched: the copy after the sock_ops switch ran.
-	switched bool
 }
 
 const origDstName = "smesh_orig_dst"
@@ -145,9 +145,13 @@ func (d *Datapath) migrateLoad() error {
 			continue
 		}
 		if name == origDstName {
-			r.copied = make(map[string][]byte)
+			// Copied once, after the sock_ops switch (afterSockops):
+			// until getsockopt switches, nothing reads the new map.
+			r.pending = true
+			ev.Msg("map made anew: its layout changed; entries copied once sock_ops switched")
+			continue
 		}
-		n, dropped, err := copyEntries(r.old, m, ebpf.UpdateAny, r.copied)
+		n, dropped, err := copyEntries(r.old, m, ebpf.UpdateAny)
 		if err != nil {
 			return fmt.Errorf("copying map %s into its new layout: %w", name, err)
 		}
@@ -174,10 +178,10 @@ func mapsKeys[V any](m map[string]V) func(func(string) bool) {
 	}
 }
 
-// copyEntries puts old's entries into m with flags, and records them in
-// seen (nil: not). dropped counts those m refused (full,
+// copyEntries puts old's entries into m with flags. dropped counts those m
+// refused (full,
 // or an array index past its end).
-func copyEntries(old, m *ebpf.Map, flags ebpf.MapUpdateFlags, seen map[string][]byte) (n, dropped int, err error) {
+func copyEntries(old, m *ebpf.Map, flags ebpf.MapUpdateFlags) (n, dropped int, err error) {
 	perCPU := old.Type() == ebpf.PerCPUArray || old.Type() == ebpf.PerCPUHash || old.Type() == ebpf.LRUCPUHash
 	var key []byte
 	var val []byte
@@ -192,9 +196,6 @@ func copyEntries(old, m *ebpf.Map, flags ebpf.MapUpdateFlags, seen map[string][]
 		}
 		if !more {
 			break
-		}
-		if seen != nil {
-			seen[string(key)] = slices.Clone(val)
 		}
 		if perCPU {
 			err = m.Update(key, vals, flags)
@@ -231,38 +232,56 @@ func perCPUValues(m *ebpf.Map) (map[string][][]byte, error) {
 }
 
 // afterSockops runs once every sock_ops link runs the new program and
-// before any getsockopt link does: smesh_orig_dst's entries the old
-// sock_ops wrote since the first copy go into the new map (never over an
-// entry the new sock_ops wrote), and those of the first copy whose socket
-// closed meanwhile (the old sock_ops deleted them from the old map only)
-// go out of it.
+// before any getsockopt link does: smesh_orig_dst's entries, which the old
+// sock_ops wrote, go into the new map (never over an entry the new
+// sock_ops wrote since the switch), once no old sock_ops program still
+// runs. It copies once, here, and not also at load: a first copy would
+// leave entries of sockets that closed before the switch in the new map,
+// and telling them from a connection that reused their 4-tuple after the
+// switch (the same key, and the same value when it goes to the same
+// destination) is impossible: deleting them cut such a connection
+// (SO_ORIGINAL_DST: ENOENT, seen in e2e TestUpgradeUnderLoad at about one
+// in four remakes). Left over: entries of sockets that close between the
+// switch and the copy (the new sock_ops deletes them from the new map
+// only, the copy then brings them back): a few per upgrade, harmless (a
+// captured connection with that 4-tuple overwrites its entry at
+// establishment), and they only take room.
 func (d *Datapath) afterSockops() {
 	r := d.remade[origDstName]
-	if r == nil || r.switched || r.copied == nil {
+	if r == nil || !r.pending {
 		return
 	}
-	r.switched = true
-	m := d.sockops.SmeshOrigDst
-	now := make(map[string][]byte)
-	n, dropped, err := copyEntries(r.old, m, ebpf.UpdateNoExist, now)
+	r.pending = false
+	if err := waitForPrograms(); err != nil {
+		d.log.Error().Err(err).Msg("waiting for the old sock_ops programs to finish before copying smesh_orig_dst")
+	}
+	n, dropped, err := copyEntries(r.old, d.sockops.SmeshOrigDst, ebpf.UpdateNoExist)
 	if err != nil {
-		d.log.Error().Err(err).Msg("copying smesh_orig_dst again after the sock_ops switch")
+		d.log.Error().Err(err).Msg("copying smesh_orig_dst after the sock_ops switch")
 		return
 	}
-	gone := 0
-	for k, v := range r.copied {
-		if _, ok := now[k]; ok {
-			continue
-		}
-		var cur []byte
-		if err := m.Lookup([]byte(k), &cur); err == nil && string(cur) == string(v) {
-			if m.Delete([]byte(k)) == nil {
-				gone++
-			}
-		}
-	}
-	d.log.Info().Int("copied", n).Int("dropped", dropped).Int("closed_meanwhile", gone).
+	d.log.Info().Int("copied", n).Int("dropped", dropped).
 		Msg("smesh_orig_dst: entries the old sock_ops wrote until the switch copied into the new map")
+}
+
+// waitForPrograms returns once every BPF program that was running when it
+// was called has finished, so that none still runs the program a link had
+// before a BPF_LINK_UPDATE: the kernel waits for an RCU grace period
+// (synchronize_rcu) after every update of a map-in-map, for this very use
+// (kernel/bpf/syscall.c, maybe_wait_bpf_programs, since 4.20).
+func waitForPrograms() error {
+	inner := &ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: 1}
+	outer, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.ArrayOfMaps, KeySize: 4, ValueSize: 4, MaxEntries: 1, InnerMap: inner})
+	if err != nil {
+		return err
+	}
+	defer outer.Close()
+	m, err := ebpf.NewMap(inner)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	return outer.Update(uint32(0), m, ebpf.UpdateAny)
 }
 
 // afterSwitch runs once every link runs the new programs: what the old
@@ -322,7 +341,10 @@ func (d *Datapath) copyBack() {
 	if r == nil {
 		return
 	}
-	n, _, err := copyEntries(d.sockops.SmeshOrigDst, r.old, ebpf.UpdateNoExist, nil)
+	if err := waitForPrograms(); err != nil {
+		d.log.Error().Err(err).Msg("waiting for running sock_ops programs before copying smesh_orig_dst back")
+	}
+	n, _, err := copyEntries(d.sockops.SmeshOrigDst, r.old, ebpf.UpdateNoExist)
 	if err != nil {
 		d.log.Error().Err(err).Msg("copying smesh_orig_dst back to the predecessor's map")
 		return
