@@ -66,6 +66,9 @@ func main() {
 		// The other commands keep the default: a hangup ends them.
 		hangup.Release()
 	}
+	if cmd, _ := command(os.Args[1:]); cmd == "" && masterMode() {
+		os.Exit(runMaster(os.Args[1:]))
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr, hup)
 	stop()
