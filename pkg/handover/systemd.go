@@ -145,7 +145,12 @@ func FromMaster() (map[string]*os.File, error) {
 	for _, v := range []string{WorkerFDsEnv, "LISTEN_FDNAMES"} {
 		os.Unsetenv(v)
 	}
-	if n == "" {
+	return fromMaster(n, names, listenFDsStart)
+}
+
+// fromMaster takes n descriptors from first on, named by names.
+func fromMaster(n, names string, first int) (map[string]*os.File, error) {
+	if n == "" || n == "0" {
 		return nil, nil
 	}
 	getenv := func(k string) string {
@@ -159,12 +164,9 @@ func FromMaster() (map[string]*os.File, error) {
 		}
 		return ""
 	}
-	raw, err := fromEnv(getenv, 0, listenFDsStart)
+	raw, err := fromEnv(getenv, 0, first)
 	out := make(map[string]*os.File, len(raw))
-	var errs []error
-	if err != nil {
-		errs = append(errs, err)
-	}
+	errs := []error{err}
 	for enc, f := range raw {
 		name, derr := DecodeFDName(enc)
 		if derr != nil {
