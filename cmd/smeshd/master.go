@@ -82,7 +82,13 @@ func runMaster(args []string) int {
 
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
-	cmd := exec.Command("/proc/self/exe", args...)
+	// This binary by its path (not /proc/self/exe, which would make the
+	// worker's comm "exe" in the journal).
+	exe, err := os.Executable()
+	if err != nil {
+		exe = "/proc/self/exe"
+	}
+	cmd := exec.Command(exe, args...)
 	cmd.Env, cmd.ExtraFiles = env, extra
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
 	if err := cmd.Start(); err != nil {

@@ -255,7 +255,7 @@ func Run(ctx context.Context, opts Options) (err error) {
 	}
 	// What systemd's store kept while no smeshd ran (under the master);
 	// a running predecessor's hand-over comes first.
-	if stored := storedPredecessor(d.store, d.log); d.from == nil {
+	if stored := storedPredecessor(d.store, d.cfg.Capture.OnFailure == "closed", d.log); d.from == nil {
 		d.from = stored
 	} else if stored != nil {
 		stored.abort()

@@ -93,8 +93,11 @@ func (d *daemon) storeKicked() <-chan struct{} {
 }
 
 // storedPredecessor is what the master passed from systemd's store, as a
-// predecessor without a session: nil if nothing was passed.
-func storedPredecessor(store *fdStore, log zerolog.Logger) *predecessor {
+// predecessor without a session: nil if nothing was passed. closed is
+// capture.on_failure = "closed" now: a data path stored in the other mode
+// (pinned or not: "lock" tells) is not adopted, the new one is made anew
+// (and the stored one goes with the first syncStore).
+func storedPredecessor(store *fdStore, closed bool, log zerolog.Logger) *predecessor {
 	files, err := handover.FromMaster()
 	if err != nil {
 		log.Warn().Err(err).Msg("descriptors from systemd's store: some were left out")
@@ -112,6 +115,14 @@ func storedPredecessor(store *fdStore, log zerolog.Logger) *predecessor {
 		return nil
 	}
 	p := newPredecessor(nil, files, log)
+	if _, pinned := p.adopt["lock"]; pinned != closed && len(p.adopt) > 0 {
+		log.Warn().Bool("stored_closed", pinned).Bool("closed", closed).
+			Msg("capture.on_failure changed since the data path was stored: attaching a new one, the stored one goes")
+		for name, f := range p.adopt {
+			f.Close()
+			delete(p.adopt, name)
+		}
+	}
 	log.Info().Int("files", len(files)).Msg("taking over what systemd's descriptor store kept")
 	return p
 }
