@@ -49,10 +49,10 @@ Usage:
                           and wait: exits non-zero with the reason if it was rejected
                           (the unit's ExecReload; outside systemd send smeshd SIGHUP)
   smeshd upgrade          make the running smeshd start the binary now at its path (same
-                          arguments) and hand everything over to it without a gap: the
-                          upgrade under systemd (systemctl restart stops first); waits and
-                          prints the new PID, or exits non-zero with the reason (the
-                          running one then goes on serving)
+                          arguments) and hand everything over to it without a gap; waits
+                          and prints the new PID, or exits non-zero with the reason (the
+                          running one then goes on serving). Under the systemd unit,
+                          systemctl restart is an upgrade without a gap too
   smeshd version          print the version
 `
 

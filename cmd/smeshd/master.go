@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -34,11 +35,13 @@ import (
 // its parent, the old worker, exits.
 
 // masterMode reports whether this `smeshd -c FILE` is to be a master:
-// started by systemd as a service (NOTIFY_SOCKET and INVOCATION_ID), with a
-// runtime directory, not a worker itself.
+// executed by systemd itself as a service's process (SYSTEMD_EXEC_PID, 248+,
+// is this PID: a process started from anything systemd runs, such as a
+// test or a benchmark under a CI runner's unit, inherits another), with
+// NOTIFY_SOCKET and a runtime directory, and not a worker itself.
 func masterMode() bool {
-	return os.Getenv("NOTIFY_SOCKET") != "" && os.Getenv("INVOCATION_ID") != "" &&
-		os.Getenv("RUNTIME_DIRECTORY") != "" && os.Getenv(daemon.MasterEnv) == ""
+	return os.Getenv("SYSTEMD_EXEC_PID") == strconv.Itoa(os.Getpid()) && os.Getenv("NOTIFY_SOCKET") != "" &&
+		os.Getenv("INVOCATION_ID") != "" && os.Getenv("RUNTIME_DIRECTORY") != "" && os.Getenv(daemon.MasterEnv) == ""
 }
 
 // runMaster runs the master until it has to exit, and returns the exit
@@ -73,7 +76,7 @@ func runMaster(args []string) int {
 	for _, kv := range os.Environ() {
 		name, _, _ := strings.Cut(kv, "=")
 		switch name {
-		case "LISTEN_PID", "LISTEN_FDS", "WATCHDOG_PID", handover.WorkerFDsEnv, daemon.MasterEnv:
+		case "LISTEN_PID", "LISTEN_FDS", "WATCHDOG_PID", "SYSTEMD_EXEC_PID", handover.WorkerFDsEnv, daemon.MasterEnv:
 			continue
 		}
 		env = append(env, kv)
@@ -130,9 +133,19 @@ func runMaster(args []string) int {
 			msgs <- string(buf[:n])
 		}
 	}()
+	// A worker reaped by someone else (a successor of `smeshd upgrade`
+	// that dies while its parent, the old worker, still drains) is seen
+	// gone here.
+	gone := time.NewTicker(time.Second)
+	defer gone.Stop()
 	stopping := false
 	for {
 		select {
+		case <-gone.C:
+			if unix.Kill(worker, 0) == unix.ESRCH {
+				logf("worker PID %d is gone", worker)
+				return 1
+			}
 		case sig := <-sigs:
 			if sig == syscall.SIGTERM || sig == syscall.SIGINT {
 				stopping = true

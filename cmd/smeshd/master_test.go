@@ -157,7 +157,9 @@ func TestMasterStore(t *testing.T) {
 	store, notify := newFakeStore(t)
 	t.Setenv("NOTIFY_SOCKET", notify)
 	t.Setenv("INVOCATION_ID", "smesh-test")
-	first := testenv.StartProcess(t, w.smeshCg, w.node.Name, w.exe, "-c", w.path)
+	// systemd executes the service's process itself: SYSTEMD_EXEC_PID is
+	// its PID (the shell's, which it execs).
+	first := testenv.StartProcess(t, w.smeshCg, w.node.Name, "sh", "-c", `SYSTEMD_EXEC_PID=$$ exec "$0" "$@"`, w.exe, "-c", w.path)
 	waitStderr(t, first, "smeshd ready", 1)
 	deadline := time.Now().Add(10 * time.Second)
 	for !slices.Contains(store.names(), "admin") && time.Now().Before(deadline) {
@@ -244,7 +246,7 @@ func TestMasterStore(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer cg.Close()
-	cmd := exec.Command("nsenter", "--net=/run/netns/"+w.node.Name, "sh", "-c", `LISTEN_PID=$$ exec "$0" "$@"`, w.exe, "-c", w.path)
+	cmd := exec.Command("nsenter", "--net=/run/netns/"+w.node.Name, "sh", "-c", `LISTEN_PID=$$ SYSTEMD_EXEC_PID=$$ exec "$0" "$@"`, w.exe, "-c", w.path)
 	cmd.Env = append(os.Environ(), fmt.Sprintf("LISTEN_FDS=%d", len(kept)), "LISTEN_FDNAMES="+strings.Join(keptNames, ":"))
 	cmd.ExtraFiles = kept
 	var errOut strings.Builder
