@@ -90,6 +90,10 @@ func TestSystemdNotifyReload(t *testing.T) {
 	}
 	t.Run("reload waits", func(t *testing.T) { c.t = t; s.checkReloadWaits() })
 	t.Run("rejected reload", func(t *testing.T) { c.t = t; s.checkRejectedReload(false) })
+	// The master/worker restart on 254 too, where systemd sends the
+	// reload's SIGHUP to the master, which forwards it.
+	t.Run("restarts and SIGKILL", func(t *testing.T) { c.t = t; s.checkRestarts(t) })
+	t.Run("reload after restarts", func(t *testing.T) { c.t = t; s.checkReloadWaits() })
 	c.t = t
 	s.sh("systemctl stop smeshd")
 	if r := s.show("smeshd", "Result"); r != "success" {
