@@ -51,6 +51,7 @@ func TestSystemd(t *testing.T) {
 		{"watchdog", s.checkWatchdog},
 		{"restarts and SIGKILL", s.checkRestarts},
 		{"on_failure closed", s.checkClosed},
+		{"restarts on_failure closed", s.checkRestartsClosed},
 		{"drain on stop", s.checkDrain},
 		{"capabilities", s.checkCapabilities},
 		{"upgrade", s.checkUpgrade},
@@ -494,13 +495,22 @@ func (s *systemd) checkWatchdog(t *testing.T) {
 // stays attached while no smeshd runs after the SIGKILL (held by systemd's
 // descriptor store), and the connections made meanwhile wait and succeed.
 // However often smeshd was restarted by hand, a crash brings it back.
-func (s *systemd) checkRestarts(t *testing.T) {
+func (s *systemd) checkRestarts(t *testing.T) { s.checkRestartsIn(t, "open") }
+
+// checkRestartsClosed: the same with on_failure = "closed": the pinned
+// capture's lock travels through the store too.
+func (s *systemd) checkRestartsClosed(t *testing.T) {
+	s.checkRestartsIn(t, "closed")
+	s.sh("systemctl stop smeshd && smeshd cleanup && systemctl start smeshd")
+}
+
+func (s *systemd) checkRestartsIn(t *testing.T, onFailure string) {
 	s.sh("cp " + configPath + " /root/smesh.toml.good")
 	defer s.sh("cp /root/smesh.toml.good " + configPath + " && systemctl restart smeshd")
 	// Services whose addresses exist only for connections captured by
 	// smeshd (the container has nothing but loopback): a connection that
 	// went out uncaptured fails.
-	s.sh(`sed -i 's/^mode = "auto"/mode = "copy"/; s/^drain_timeout = .*/drain_timeout = "120s"/' ` + configPath + ` && cat >> ` + configPath + ` <<'EOF'
+	s.sh(`sed -i 's/^mode = "auto"/mode = "copy"/; s/^drain_timeout = .*/drain_timeout = "120s"/; s/^on_failure = .*/on_failure = "` + onFailure + `"/' ` + configPath + ` && cat >> ` + configPath + ` <<'EOF'
 
 [[services]]
 name = "smesh-test-web"

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"maps"
 	"net"
+	"net/netip"
 	"os"
 	"slices"
 	"time"
@@ -12,6 +13,7 @@ import (
 	sdbus "github.com/coreos/go-systemd/v22/dbus"
 	godbus "github.com/godbus/dbus/v5"
 	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
 
 	"github.com/smesh-dev/smesh/pkg/cgroups"
 	"github.com/smesh-dev/smesh/pkg/handover"
@@ -95,8 +97,13 @@ func (d *daemon) storeKicked() <-chan struct{} {
 // storedPredecessor is what the master passed from systemd's store, as a
 // predecessor without a session: nil if nothing was passed. closed is
 // capture.on_failure = "closed" now: a data path stored in the other mode
-// (pinned or not: "lock" tells) is not adopted, the new one is made anew
-// (and the stored one goes with the first syncStore).
+// (pinned or not: "lock" tells) is not adopted, and then nothing is: a
+// handed-over listener only works with the data path that goes with it
+// (its accepted connections run the getsockopt programs of the cgroup the
+// listener was made in, a cgroup systemd has removed since: the unit's
+// cgroup is made anew at each start, and only an adopted data path keeps
+// that cgroup's attachments). This start is then a fresh one: the store is
+// emptied first (dropStore).
 func storedPredecessor(store *fdStore, closed bool, log zerolog.Logger) *predecessor {
 	files, err := handover.FromMaster()
 	if err != nil {
@@ -114,17 +121,83 @@ func storedPredecessor(store *fdStore, closed bool, log zerolog.Logger) *predece
 	if len(files) == 0 {
 		return nil
 	}
-	p := newPredecessor(nil, files, log)
-	if _, pinned := p.adopt["lock"]; pinned != closed && len(p.adopt) > 0 {
+	if _, pinned := files["lock"]; pinned != closed {
 		log.Warn().Bool("stored_closed", pinned).Bool("closed", closed).
-			Msg("capture.on_failure changed since the data path was stored: attaching a new one, the stored one goes")
-		for name, f := range p.adopt {
-			f.Close()
-			delete(p.adopt, name)
-		}
+			Msg("capture.on_failure changed since systemd's descriptor store was filled: starting anew, what was stored goes")
+		dropStore(store, files, log)
+		return nil
 	}
+	p := newPredecessor(nil, files, log)
 	log.Info().Int("files", len(files)).Msg("taking over what systemd's descriptor store kept")
 	return p
+}
+
+// dropStore empties systemd's store of files, closes them, and waits (3 s
+// at most) until the addresses of the listeners among them in smeshd's own
+// namespace are free again: systemd closes its copies when it has read
+// FDSTOREREMOVE, which nothing confirms on systemd 252. Listeners of other
+// namespaces are opened by the namespace tracker, which tries again.
+func dropStore(store *fdStore, files map[string]*os.File, log zerolog.Logger) {
+	own, _ := ownNetnsCookie()
+	var addrs []string
+	for name, f := range files {
+		if err := handover.Unstore(name); err != nil {
+			log.Warn().Err(err).Str("name", name).Msg("removing from systemd's descriptor store")
+		}
+		delete(store.known, name)
+		if isListenerName(name) && listenerNetns(f) == own {
+			if a := listenerAddr(f); a != "" {
+				addrs = append(addrs, a)
+			}
+		}
+		f.Close()
+	}
+	deadline := time.Now().Add(3 * time.Second)
+	for _, a := range addrs {
+		for {
+			ln, err := net.Listen("tcp", a)
+			if err == nil {
+				ln.Close()
+				break
+			}
+			if time.Now().After(deadline) {
+				log.Warn().Err(err).Str("addr", a).Msg("a listener systemd's store held is still bound")
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+}
+
+// listenerNetns is the cookie of f's network namespace, 0 if unknown.
+func listenerNetns(f *os.File) uint64 {
+	raw, err := f.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	var cookie uint64
+	raw.Control(func(fd uintptr) {
+		cookie, _ = unix.GetsockoptUint64(int(fd), unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+	})
+	return cookie
+}
+
+// listenerAddr is the address f is bound to, "" if unknown.
+func listenerAddr(f *os.File) string {
+	raw, err := f.SyscallConn()
+	if err != nil {
+		return ""
+	}
+	var addr string
+	raw.Control(func(fd uintptr) {
+		switch sa, _ := unix.Getsockname(int(fd)); sa := sa.(type) {
+		case *unix.SockaddrInet4:
+			addr = netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port)).String()
+		case *unix.SockaddrInet6:
+			addr = netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), uint16(sa.Port)).String()
+		}
+	})
+	return addr
 }
 
 // syncStore brings systemd's store up to date with what this smeshd would
