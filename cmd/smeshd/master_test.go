@@ -296,3 +296,65 @@ func TestMasterStore(t *testing.T) {
 type writerFunc func([]byte) (int, error)
 
 func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
+
+// TestMasterStoreIncompatible: a worker that cannot start from what the
+// store gave back (here its [datapath] map_size differs, so the stored maps
+// have another layout) empties the store and fails: systemd's next start
+// is a fresh one instead of failing the same way for ever.
+func TestMasterStoreIncompatible(t *testing.T) {
+	w := newSmeshdWorld(t)
+	store, notify := newFakeStore(t)
+	t.Setenv("NOTIFY_SOCKET", notify)
+	t.Setenv("INVOCATION_ID", "smesh-test")
+	first := testenv.StartProcess(t, w.smeshCg, w.node.Name, "sh", "-c", `SYSTEMD_EXEC_PID=$$ exec "$0" "$@"`, w.exe, "-c", w.path)
+	waitStderr(t, first, "smeshd ready", 1)
+	deadline := time.Now().Add(10 * time.Second)
+	for !slices.Contains(store.names(), "admin") && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	// The master is killed with its worker (a crash: the store keeps all).
+	names, kept := store.take()
+	defer func() {
+		for _, f := range kept {
+			f.Close()
+		}
+	}()
+	if len(kept) == 0 {
+		t.Fatal("nothing was stored")
+	}
+	worker := store.said("READY=1")
+	first.Signal(syscall.SIGKILL)
+	first.Wait()
+	if worker != 0 {
+		syscall.Kill(worker, syscall.SIGKILL)
+		for i := 0; i < 100 && alive(worker); i++ {
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+
+	other := filepath.Join(t.TempDir(), "smesh.toml")
+	if err := os.WriteFile(other, []byte(w.conf+"[datapath]\nmap_size = 4096\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cg, err := os.Open(w.smeshCg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cg.Close()
+	cmd := exec.Command("nsenter", "--net=/run/netns/"+w.node.Name, "sh", "-c", `LISTEN_PID=$$ SYSTEMD_EXEC_PID=$$ exec "$0" "$@"`, w.exe, "-c", other)
+	cmd.Env = append(os.Environ(), fmt.Sprintf("LISTEN_FDS=%d", len(kept)), "LISTEN_FDNAMES="+strings.Join(names, ":"))
+	cmd.ExtraFiles = kept
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd()), Pdeathsig: syscall.SIGKILL}
+	out, err := cmd.CombinedOutput()
+	if err == nil {
+		t.Fatalf("a worker started from maps of another layout exited 0:\n%s", out)
+	}
+	if !strings.Contains(string(out), "emptied it: the next start is a fresh one") {
+		t.Errorf("the failed start does not say it emptied the store:\n%s", out)
+	}
+	for _, want := range []string{"admin", "map/smesh_sockhash"} {
+		if store.said("FDSTOREREMOVE=1\nFDNAME="+want) == 0 {
+			t.Errorf("%s was not removed from the store", want)
+		}
+	}
+}

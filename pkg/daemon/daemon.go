@@ -300,6 +300,12 @@ func Run(ctx context.Context, opts Options) (err error) {
 		if d.from.pid() != 0 {
 			return fmt.Errorf("taking over from smeshd PID %d failed, it goes on serving: %w", d.from.sess.PID, err)
 		}
+		if d.from != nil {
+			// From systemd's store (maps of another layout after an
+			// upgrade, say): the next start is a fresh one.
+			d.clearStore()
+			return fmt.Errorf("starting from systemd's descriptor store failed (emptied it: the next start is a fresh one): %w", err)
+		}
 		return err
 	}
 	if from := d.from; from != nil && from.sess == nil {
