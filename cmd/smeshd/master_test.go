@@ -219,6 +219,10 @@ func TestMasterStore(t *testing.T) {
 	if alive(worker) {
 		t.Errorf("the worker %d outlived its master's stop", worker)
 	}
+	// The reader may not have read the last datagrams yet.
+	for deadline := time.Now().Add(5 * time.Second); len(store.names()) > 0 && time.Now().Before(deadline); {
+		time.Sleep(50 * time.Millisecond)
+	}
 	if left := store.names(); len(left) > 0 {
 		t.Errorf("a stop left %v in the store", left)
 	}
@@ -352,6 +356,7 @@ func TestMasterStoreIncompatible(t *testing.T) {
 	if !strings.Contains(string(out), "emptied it: the next start is a fresh one") {
 		t.Errorf("the failed start does not say it emptied the store:\n%s", out)
 	}
+	time.Sleep(500 * time.Millisecond) // the reader may lag behind
 	for _, want := range []string{"admin", "map/smesh_sockhash"} {
 		if store.said("FDSTOREREMOVE=1\nFDNAME="+want) == 0 {
 			t.Errorf("%s was not removed from the store", want)
