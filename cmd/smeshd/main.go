@@ -49,10 +49,10 @@ Usage:
                           and wait: exits non-zero with the reason if it was rejected
                           (the unit's ExecReload; outside systemd send smeshd SIGHUP)
   smeshd upgrade          make the running smeshd start the binary now at its path (same
-                          arguments) and hand everything over to it without a gap: the
-                          upgrade under systemd (systemctl restart stops first); waits and
-                          prints the new PID, or exits non-zero with the reason (the
-                          running one then goes on serving)
+                          arguments) and hand everything over to it without a gap; waits
+                          and prints the new PID, or exits non-zero with the reason (the
+                          running one then goes on serving). Under the systemd unit,
+                          systemctl restart is an upgrade without a gap too
   smeshd ready [-c FILE]  exit 0 if the smeshd of this process's own cgroup (its container)
                           answers ready on admin.listen; non-zero with the reason if it is
                           not ready, or another smeshd answers (a hand-over in progress or
@@ -69,6 +69,9 @@ func main() {
 	if cmd, _ := command(os.Args[1:]); cmd != "" {
 		// The other commands keep the default: a hangup ends them.
 		hangup.Release()
+	}
+	if cmd, _ := command(os.Args[1:]); cmd == "" && masterMode() {
+		os.Exit(runMaster(os.Args[1:]))
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr, hup)

@@ -208,6 +208,9 @@ type daemon struct {
 	stopHandover func() // stops serving the hand-over socket; once
 	handovers    chan *handover.Request
 	readyc       chan readyResult
+	// store is systemd's descriptor store, kept by a worker of smeshd's
+	// master (fdstore.go); nil otherwise.
+	store *fdStore
 }
 
 // Run runs smeshd until ctx is done, then drains (see drain). SIGHUP
@@ -227,7 +230,7 @@ func Run(ctx context.Context, opts Options) (err error) {
 	}
 	d := &daemon{opts: opts, cfg: opts.Config, nsSvcs: make(map[*nsService]struct{}),
 		stopControl: func() {}, stopHandover: func() {},
-		handovers: make(chan *handover.Request), readyc: make(chan readyResult, 1)}
+		handovers: make(chan *handover.Request), readyc: make(chan readyResult, 1), store: newFDStore()}
 	if d.opts.Notify == nil {
 		d.opts.Notify = func(string) {}
 	}
@@ -250,6 +253,13 @@ func Run(ctx context.Context, opts Options) (err error) {
 		if d.from, err = dialPredecessor(ctx, handoverPath, d.log); err != nil {
 			return err
 		}
+	}
+	// What systemd's store kept while no smeshd ran (under the master);
+	// a running predecessor's hand-over comes first.
+	if stored := storedPredecessor(d.store, d.cfg.Capture.OnFailure == "closed", d.log); d.from == nil {
+		d.from = stored
+	} else if stored != nil {
+		stored.abort()
 	}
 	if d.from != nil {
 		// Until Ready the predecessor serves: whatever fails, it keeps
@@ -282,18 +292,30 @@ func Run(ctx context.Context, opts Options) (err error) {
 		return nil
 	}
 	// The predecessor's control socket stays its own until it released.
-	if d.from == nil {
+	if d.from.pid() == 0 {
 		if err := listenControlSocket(); err != nil {
 			return err
 		}
 	}
 	if err := d.start(ctx, serveCtx); err != nil {
-		if d.from != nil {
+		if d.from.pid() != 0 {
 			return fmt.Errorf("taking over from smeshd PID %d failed, it goes on serving: %w", d.from.sess.PID, err)
+		}
+		if d.from != nil {
+			// From systemd's store (maps of another layout after an
+			// upgrade, say): the next start is a fresh one.
+			d.clearStore()
+			return fmt.Errorf("starting from systemd's descriptor store failed (emptied it: the next start is a fresh one): %w", err)
 		}
 		return err
 	}
-	if from := d.from; from != nil {
+	if from := d.from; from != nil && from.sess == nil {
+		// From systemd's store: nobody to wait for.
+		from.closeRest()
+		d.from = nil
+		d.gate.Open()
+		d.log.Info().Msg("took over what systemd's descriptor store kept")
+	} else if from != nil {
 		from.closeRest()
 		rctx, cancel := context.WithTimeout(ctx, releaseTimeout)
 		err := from.sess.Ready(rctx)
@@ -317,6 +339,7 @@ func Run(ctx context.Context, opts Options) (err error) {
 
 	d.admin.SetReady(true)
 	d.opts.Notify("READY=1")
+	d.syncStore()
 	closeUpgradeReport() // started: nothing to report to a predecessor
 	d.log.Info().Str("mode", string(d.dp.Mode())).Str("outbound", d.out.Addr().String()).
 		Str("tunnel", d.tun.Server.Addr().String()).Str("admin", d.admin.Addr().String()).
@@ -362,8 +385,10 @@ func Run(ctx context.Context, opts Options) (err error) {
 	for {
 		select {
 		case <-ctx.Done():
-			d.drain(false)
+			d.stopping()
 			return nil
+		case <-d.storeKicked():
+			d.syncStore()
 		case req := <-d.handovers:
 			if successor != nil {
 				req.Refuse(fmt.Sprintf("smeshd PID %d is taking over already", successor.Hello.PID))
@@ -426,16 +451,20 @@ func Run(ctx context.Context, opts Options) (err error) {
 			if err := d.enrolPods(); err != nil {
 				d.log.Error().Err(err).Msg("enrolling this node's pods in the mesh")
 			}
+			d.kickStore()
 		case <-certCheck.C:
 			if d.tun.Credentials != nil {
 				d.metrics.CertExpiry(d.tun.Credentials.Source(), d.tun.Credentials.NotAfter())
 			}
 		case <-reload:
 			d.reloadNotifying()
+			d.kickStore()
 		case r := <-control.reloads:
 			r.reply <- d.reloadNotifying()
+			d.kickStore()
 		case <-d.cgw.kick:
 			d.checkCgroups()
+			d.kickStore()
 		case <-watchdog:
 			d.opts.Notify("WATCHDOG=1")
 		}
@@ -518,11 +547,11 @@ func (d *daemon) start(wait, ctx context.Context) error {
 	}
 	d.keepCreated(created)
 	d.static = static
-	predecessor := 0
-	if d.from != nil {
-		predecessor = d.from.sess.PID
+	ownFn := ownCgroup
+	if d.store != nil {
+		ownFn = workerCgroup
 	}
-	own, restore, err := ownCgroup(d.mount, d.static, predecessor, log)
+	own, restore, err := ownFn(d.mount, d.static, d.from.pid(), log)
 	if err != nil {
 		return err
 	}

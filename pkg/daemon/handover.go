@@ -99,9 +99,19 @@ func dialPredecessor(ctx context.Context, path string, log zerolog.Logger) (*pre
 	if err != nil {
 		return nil, fmt.Errorf("taking over from the running smeshd (%s): %w", path, err)
 	}
+	p := newPredecessor(sess, sess.Files, log)
+	log.Info().Int("pid", sess.PID).Int("datapath", len(p.adopt)).
+		Msg("taking over from the running smeshd")
+	return p, nil
+}
+
+// newPredecessor sorts what was handed over (by a running smeshd: sess, or
+// by systemd's descriptor store: sess nil) into listeners and the data
+// path's part.
+func newPredecessor(sess *handover.Session, files map[string]*os.File, log zerolog.Logger) *predecessor {
 	p := &predecessor{sess: sess, ports: make(map[string]uint16), adopt: make(map[string]*os.File), log: log}
 	lns := make(map[string]*os.File)
-	for name, f := range sess.Files {
+	for name, f := range files {
 		if isListenerName(name) {
 			lns[name] = f
 			p.ports[name] = boundPort(f)
@@ -110,9 +120,15 @@ func dialPredecessor(ctx context.Context, path string, log zerolog.Logger) (*pre
 		}
 	}
 	p.lns = handover.NewListeners(lns)
-	log.Info().Int("pid", sess.PID).Int("listeners", len(lns)).Int("datapath", len(p.adopt)).
-		Msg("taking over from the running smeshd")
-	return p, nil
+	return p
+}
+
+// pid is the predecessor's PID, 0 for systemd's store.
+func (p *predecessor) pid() int {
+	if p == nil || p.sess == nil {
+		return 0
+	}
+	return p.sess.PID
 }
 
 // boundPort reads the port f is bound to; 0 if it cannot tell.
@@ -185,7 +201,9 @@ func (p *predecessor) closeRest() {
 
 // abort gives the hand-over up: the predecessor goes on serving.
 func (p *predecessor) abort() {
-	p.sess.Abort()
+	if p.sess != nil {
+		p.sess.Abort()
+	}
 	p.lns.CloseRest()
 	for name, f := range p.adopt {
 		f.Close()
@@ -334,6 +352,36 @@ func (d *daemon) handoverFiles() (_ map[string]*os.File, err error) {
 // mainPID, when not 0, is a successor this smeshd started (`smeshd
 // upgrade`), which becomes systemd's main process of the unit.
 func (d *daemon) release(req *handover.Request, mainPID int) {
+	d.letGo()
+	if mainPID != 0 && d.store != nil {
+		// Under a master the unit's main process stays the master: it
+		// is told which worker it has now.
+		if err := tellMaster(d.store.master, MasterSuccessor, mainPID); err != nil {
+			d.log.Error().Err(err).Msg("telling the master about the successor")
+		}
+		mainPID = 0
+	}
+	if mainPID != 0 {
+		// Before Released: the successor says READY=1 (and then
+		// WATCHDOG=1) once released, and NotifyAccess=main accepts it
+		// only from the main process. systemd handles the datagrams in
+		// the order sent. From here on this process is a leftover of the
+		// unit, which systemd lets exit after its drain; it sends nothing
+		// more. Without NOTIFY_SOCKET nothing is sent.
+		d.opts.Notify(fmt.Sprintf("MAINPID=%d", mainPID))
+	}
+	if err := req.Released(); err != nil {
+		d.log.Warn().Err(err).Msg("telling the successor that everything is released")
+	}
+	d.admin.SetDraining()
+	d.log.Info().Int("successor", req.Hello.PID).Msg("handed over to the successor: it serves now; draining the connections relayed here")
+}
+
+// letGo gives up everything a successor (or systemd's store) holds too:
+// the accept loops end without taking what is queued, the listeners are
+// closed, the data path is released (nothing detached). Relayed and
+// tunnelled connections go on (drain).
+func (d *daemon) letGo() {
 	d.released.Store(true) // no namespace is opened, no map written from now on
 	// Every accept loop first, then the descriptors: no connection is
 	// accepted here once the successor may be the only one accepting.
@@ -359,18 +407,4 @@ func (d *daemon) release(req *handover.Request, mainPID int) {
 	// The sockets' paths are the successor's next: remove ours first.
 	d.stopHandover()
 	d.stopControl()
-	if mainPID != 0 {
-		// Before Released: the successor says READY=1 (and then
-		// WATCHDOG=1) once released, and NotifyAccess=main accepts it
-		// only from the main process. systemd handles the datagrams in
-		// the order sent. From here on this process is a leftover of the
-		// unit, which systemd lets exit after its drain; it sends nothing
-		// more. Without NOTIFY_SOCKET nothing is sent.
-		d.opts.Notify(fmt.Sprintf("MAINPID=%d", mainPID))
-	}
-	if err := req.Released(); err != nil {
-		d.log.Warn().Err(err).Msg("telling the successor that everything is released")
-	}
-	d.admin.SetDraining()
-	d.log.Info().Int("successor", req.Hello.PID).Msg("handed over to the successor: it serves now; draining the connections relayed here")
 }

@@ -128,10 +128,12 @@ func (d *daemon) openNamespace(ctx context.Context) func(ns *enrol.Namespace) (e
 		d.nsMu.Lock()
 		d.nsSvcs[svc] = struct{}{}
 		d.nsMu.Unlock()
+		d.kickStore() // its listeners into systemd's store
 		svc.stops = append([]func(){func() {
 			d.nsMu.Lock()
 			delete(d.nsSvcs, svc)
 			d.nsMu.Unlock()
+			d.kickStore()
 		}}, svc.stops...)
 		return svc, nil
 	}
