@@ -986,16 +986,6 @@ func adoptMemoryLimit(mount, own string, log zerolog.Logger) {
 		Msg("smeshd's cgroup has a memory limit: the Go runtime collects harder as it nears three quarters of it (GOMEMLIMIT overrides)")
 }
 
-// ownCgroup makes sure smeshd sits in a cgroup of its own: sock_ops must see
-// its sockets (they are hop ends) and connect4 must tell them apart, both by
-// cgroup. Under systemd the unit's cgroup is already its own. A cgroup
-// shared only with the predecessor taking over (PID predecessor, 0 for
-// none) is its own too: that is smeshd as well, and leaves; a successor
-// started by `smeshd upgrade` is there, in the unit's cgroup, which under
-// systemd it could not leave (ProtectControlGroups=, and systemd owns the
-// tree). Otherwise (run from a shell, or in the cgroup v2 root, where
-// nothing may be attached) smeshd moves into a new "smeshd-PID" cgroup and
-// moves back on exit.
 // sameExecutable: process pid runs the file this process runs.
 func sameExecutable(pid int) bool {
 	self, err := os.Stat("/proc/self/exe")
@@ -1006,6 +996,16 @@ func sameExecutable(pid int) bool {
 	return err == nil && os.SameFile(self, other)
 }
 
+// ownCgroup makes sure smeshd sits in a cgroup of its own: sock_ops must see
+// its sockets (they are hop ends) and connect4 must tell them apart, both by
+// cgroup. Under systemd the unit's cgroup is already its own. A cgroup
+// shared only with the predecessor taking over (PID predecessor, 0 for
+// none) is its own too: that is smeshd as well, and leaves; a successor
+// started by `smeshd upgrade` is there, in the unit's cgroup, which under
+// systemd it could not leave (ProtectControlGroups=, and systemd owns the
+// tree). Otherwise (run from a shell, or in the cgroup v2 root, where
+// nothing may be attached) smeshd moves into a new "smeshd-PID" cgroup and
+// moves back on exit.
 func ownCgroup(mount string, enrolled []string, predecessor int, log zerolog.Logger) (string, func(), error) {
 	cur, err := cgroups.Of(mount, 0)
 	if err != nil {
