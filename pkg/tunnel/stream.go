@@ -49,6 +49,10 @@ type Conn struct {
 	// peer (dialSlots) of the link this connection opened, when it leaves
 	// the pending state; nil on a warm link.
 	release func()
+	// st holds the status as it arrives (stn bytes), under rmu: a read
+	// that does not wait may find part of it.
+	st      [StatusSize]byte
+	stn     int
 	retried bool
 	finSent bool
 	finRead bool // by the reading goroutine only
@@ -108,8 +112,10 @@ func readStream(l *link, p []byte, fin *bool) (int, error) {
 }
 
 // ReadNoWait is Read without waiting, or proxy.ErrWouldBlock
-// (proxy.ReadyReader). Before the peer's status it is Read: the status
-// comes at once.
+// (proxy.ReadyReader). Before the peer's status it reads the status if the
+// link holds it (WaitReadable waits for it), and is ErrWouldBlock until
+// then: the relay holds no buffer while a busy peer takes its time to
+// answer.
 func (c *Conn) ReadNoWait(p []byte) (int, error) {
 	if c.v1 != nil {
 		return c.v1.ReadNoWait(p)
@@ -117,17 +123,37 @@ func (c *Conn) ReadNoWait(p []byte) (int, error) {
 	if l := c.established(); l != nil {
 		return l.noWait(func() (int, error) { return c.Read(p) })
 	}
-	return c.Read(p)
+	if _, err := c.readStatus(true); err != nil {
+		return 0, err
+	}
+	return c.ReadNoWait(p)
 }
 
 // WaitReadable waits, holding no buffer, until ReadNoWait may find bytes
-// (proxy.ReadyReader).
+// (proxy.ReadyReader). Before the peer's status it waits, under the
+// status's timeout, for the link to have bytes (the status, or its end),
+// which ReadNoWait then reads: a relay that waits for the status of a
+// connection holds no buffer either, however long a busy peer takes to
+// answer.
 func (c *Conn) WaitReadable() error {
 	if c.v1 != nil {
 		return c.v1.WaitReadable()
 	}
 	if l := c.established(); l != nil {
 		return l.WaitReadable()
+	}
+	// rmu: awaitStatus (a Write's) reads the link meanwhile otherwise.
+	c.rmu.Lock()
+	defer c.rmu.Unlock()
+	c.mu.Lock()
+	l, pending := c.l, c.state == streamPending
+	c.mu.Unlock()
+	if pending {
+		// Whatever ends the wait, ReadNoWait reads the status, or Read
+		// (under the status's deadline again) says why there is none.
+		l.raw.SetReadDeadline(time.Now().Add(c.c.timeout))
+		l.WaitReadable()
+		l.raw.SetReadDeadline(time.Time{})
 	}
 	return nil
 }
@@ -265,7 +291,12 @@ func (c *Conn) resolve(s streamState, err error) {
 // that says the connection was not delivered (it retired the link: a
 // close_notify where the status belongs, or the refusal "retired") gets
 // it again once, on a new link.
-func (c *Conn) awaitStatus() (*link, error) {
+func (c *Conn) awaitStatus() (*link, error) { return c.readStatus(false) }
+
+// readStatus is awaitStatus; with noWait it reads only what the link holds
+// already (read from the socket by WaitReadable), and returns
+// proxy.ErrWouldBlock when the status is not all there.
+func (c *Conn) readStatus(noWait bool) (*link, error) {
 	c.rmu.Lock()
 	defer c.rmu.Unlock()
 	for {
@@ -278,13 +309,33 @@ func (c *Conn) awaitStatus() (*link, error) {
 		case streamFailed:
 			return nil, err
 		}
-		var st [StatusSize]byte
-		l.raw.SetReadDeadline(time.Now().Add(c.c.timeout))
-		n, err := io.ReadFull(l, st[:])
-		l.raw.SetReadDeadline(time.Time{})
+		err = nil
+		if noWait {
+			l.raw.mode = readBuffered
+		} else {
+			l.raw.SetReadDeadline(time.Now().Add(c.c.timeout))
+		}
+		for c.stn < StatusSize && err == nil {
+			var m int
+			m, err = l.Read(c.st[c.stn:])
+			c.stn += m
+		}
+		if noWait {
+			l.raw.mode = readWait
+			if errors.Is(err, errWouldBlock) {
+				return nil, proxy.ErrWouldBlock
+			}
+		} else {
+			l.raw.SetReadDeadline(time.Time{})
+		}
+		if c.stn < StatusSize && err == io.EOF && c.stn > 0 {
+			err = io.ErrUnexpectedEOF
+		}
+		n := c.stn
+		c.stn = 0
 		var status Status
 		if err == nil {
-			status, err = parseStatus(st[:], Version2)
+			status, err = parseStatus(c.st[:], Version2)
 		}
 		retire := n == 0 && err == io.EOF || err == nil && !status.OK && status.Reason == ReasonRetired
 		if retire && !c.retried {

@@ -1223,3 +1223,56 @@ func TestReadNoWait(t *testing.T) {
 		})
 	}
 }
+
+// TestReadNoWaitBeforeStatus: before the peer's status, ReadNoWait does
+// not wait for it (the relay would hold a buffer meanwhile, one per
+// connection a busy peer has not answered yet): it says ErrWouldBlock,
+// WaitReadable waits for the status, and the bytes after it come as usual.
+func TestReadNoWaitBeforeStatus(t *testing.T) {
+	gate := make(chan struct{})
+	h := newHarness(t, func(o *ServerOptions) {
+		// The server answers once it connected to the destination:
+		// held here, the status stays pending.
+		o.Dial = func(ctx context.Context, network, address string) (net.Conn, error) {
+			<-gate
+			return testDial(ctx, network, address)
+		}
+	})
+	c := h.client(t, "a")
+	nc, err := c.OpenEarly(context.Background(), "tcp", h.dst(), []byte("Ehello"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn := nc.(*Conn)
+	defer conn.Close()
+	buf := make([]byte, 64)
+	done := make(chan error, 1)
+	go func() {
+		_, err := conn.ReadNoWait(buf)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if !errors.Is(err, proxy.ErrWouldBlock) {
+			t.Fatalf("ReadNoWait before the status: %v, want ErrWouldBlock", err)
+		}
+	case <-time.After(5 * time.Second):
+		close(gate)
+		t.Fatal("ReadNoWait before the status waited for it")
+	}
+	close(gate)
+	var got []byte
+	for len(got) < 5 {
+		if err := conn.WaitReadable(); err != nil {
+			t.Fatalf("WaitReadable: %v", err)
+		}
+		n, err := conn.ReadNoWait(buf)
+		got = append(got, buf[:n]...)
+		if err != nil && !errors.Is(err, proxy.ErrWouldBlock) {
+			t.Fatalf("ReadNoWait after %q: %v", got, err)
+		}
+	}
+	if string(got) != "hello" {
+		t.Fatalf("echo %q, want hello", got)
+	}
+}
