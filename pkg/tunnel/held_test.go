@@ -111,6 +111,11 @@ func TestHeldProfile(t *testing.T) {
 	g0 := runtime.NumGoroutine()
 	p.open(t, n)
 	time.Sleep(200 * time.Millisecond)
+	var mb runtime.MemStats
+	runtime.ReadMemStats(&mb)
+	t.Logf("before collecting: heap in use %.1f KiB/conn, stacks %.1f KiB/conn",
+		float64(int64(mb.HeapInuse)-int64(m0.HeapInuse))/1024/float64(n),
+		float64(int64(mb.StackInuse)-int64(m0.StackInuse))/1024/float64(n))
 	runtime.GC()
 	runtime.GC()
 	runtime.ReadMemStats(&m1)

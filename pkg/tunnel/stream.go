@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -51,12 +52,15 @@ type Conn struct {
 	release func()
 	// st holds the status as it arrives (stn bytes), under rmu: a read
 	// that does not wait may find part of it.
-	st      [StatusSize]byte
-	stn     int
-	retried bool
-	finSent bool
-	finRead bool // by the reading goroutine only
-	closed  bool
+	st  [StatusSize]byte
+	stn int
+	// statusLate: WaitReadable waited the status's timeout for it in
+	// vain (under rmu); the next ReadNoWait fails the connection.
+	statusLate bool
+	retried    bool
+	finSent    bool
+	finRead    bool // by the reading goroutine only
+	closed     bool
 }
 
 type streamState int
@@ -149,11 +153,15 @@ func (c *Conn) WaitReadable() error {
 	l, pending := c.l, c.state == streamPending
 	c.mu.Unlock()
 	if pending {
-		// Whatever ends the wait, ReadNoWait reads the status, or Read
-		// (under the status's deadline again) says why there is none.
+		// Whatever ends the wait, ReadNoWait reads the status or says
+		// why there is none.
 		l.raw.SetReadDeadline(time.Now().Add(c.c.timeout))
-		l.WaitReadable()
+		err := l.WaitReadable()
 		l.raw.SetReadDeadline(time.Time{})
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			c.statusLate = true
+		}
 	}
 	return nil
 }
@@ -323,10 +331,18 @@ func (c *Conn) readStatus(noWait bool) (*link, error) {
 		if noWait {
 			l.raw.mode = readWait
 			if errors.Is(err, errWouldBlock) {
-				return nil, proxy.ErrWouldBlock
+				if !c.statusLate {
+					return nil, proxy.ErrWouldBlock
+				}
+				err = os.ErrDeadlineExceeded
 			}
 		} else {
 			l.raw.SetReadDeadline(time.Time{})
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			// Not a deadline error any more: the relay's idle timeout
+			// would take it for its own and read again.
+			err = fmt.Errorf("no status within %s", c.c.timeout)
 		}
 		if c.stn < StatusSize && err == io.EOF && c.stn > 0 {
 			err = io.ErrUnexpectedEOF

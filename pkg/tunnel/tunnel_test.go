@@ -1276,3 +1276,43 @@ func TestReadNoWaitBeforeStatus(t *testing.T) {
 		t.Fatalf("echo %q, want hello", got)
 	}
 }
+
+// TestStatusTimeoutWithoutBuffer: a relay that waits for the status without
+// a buffer (WaitReadable, ReadNoWait) still gives up after the client's
+// timeout, with an error that is not a deadline's (the relay's idle timeout
+// would take that for its own and read again).
+func TestStatusTimeoutWithoutBuffer(t *testing.T) {
+	gate := make(chan struct{})
+	h := newHarness(t, func(o *ServerOptions) {
+		o.Dial = func(ctx context.Context, network, address string) (net.Conn, error) {
+			<-gate
+			return testDial(ctx, network, address)
+		}
+	})
+	t.Cleanup(func() { close(gate) }) // before the server closes
+	c := h.newClient(t, ClientOptions{Credentials: h.pki.creds(t, "a"), Timeout: 200 * time.Millisecond})
+	nc, err := c.OpenEarly(context.Background(), "tcp", h.dst(), []byte("E"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn := nc.(*Conn)
+	defer conn.Close()
+	buf := make([]byte, 64)
+	for i := 0; ; i++ {
+		if i == 100 {
+			t.Fatal("no end to the wait for a status that never comes")
+		}
+		if err := conn.WaitReadable(); err != nil {
+			t.Fatalf("WaitReadable: %v", err)
+		}
+		_, err := conn.ReadNoWait(buf)
+		if errors.Is(err, proxy.ErrWouldBlock) {
+			continue
+		}
+		if err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Fatalf("ReadNoWait without a status: %v, want an error that is not a deadline's", err)
+		}
+		break
+	}
+}
+
