@@ -434,6 +434,8 @@ func (c *Conn) again(old *link) error {
 type serverStream struct {
 	l     *link
 	local *peeker // the local end, to look for more to read
+	// settled: a look found nothing to read; more() looks no more.
+	settled bool
 	// flush sends the batch the status opened after at most statusDelay
 	// (see Server.relay), unless a write sent it first.
 	flush   atomic.Pointer[time.Timer] // Abort may stop it from the other direction
@@ -478,11 +480,19 @@ func (s *serverStream) Write(p []byte) (int, error) {
 
 // more reports whether a read of the local end would return at once
 // (data, its end, or an error): the relay reads it next, without waiting.
+//
+// It looks (a recv(MSG_PEEK) each time) only until a look finds nothing: a
+// server that answered and ended at once is found out by its first look,
+// and a connection that goes on with requests and answers (where every
+// look finds nothing) costs no syscall per answer after that.
 func (s *serverStream) more() bool {
-	if s.local == nil {
+	if s.local == nil || s.settled {
 		return false
 	}
 	wait, looked := s.local.look()
+	if looked && wait {
+		s.settled = true
+	}
 	return looked && !wait
 }
 

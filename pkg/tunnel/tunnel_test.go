@@ -1316,3 +1316,46 @@ func TestStatusTimeoutWithoutBuffer(t *testing.T) {
 	}
 }
 
+// TestMoreLooksUntilIdle: a server stream looks at its local end for more
+// to send along (corking) while each look finds some, and stops looking
+// once one finds nothing: request/response connections then cost no
+// recv(MSG_PEEK) per answer.
+func TestMoreLooksUntilIdle(t *testing.T) {
+	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	far, err := net.DialTCP("tcp4", nil, ln.Addr().(*net.TCPAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer far.Close()
+	near, err := ln.AcceptTCP()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer near.Close()
+	rc, err := near.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	far.Write([]byte("x"))
+	s := &serverStream{local: newPeeker(rc)}
+	for !s.more() { // the byte is on its way: look again, afresh
+		time.Sleep(time.Millisecond)
+		s = &serverStream{local: newPeeker(rc)}
+	}
+	if !s.more() {
+		t.Fatal("a look with a byte to read found nothing")
+	}
+	io.ReadFull(near, make([]byte, 1))
+	if s.more() {
+		t.Fatal("a look with nothing to read found something")
+	}
+	far.Write([]byte("y"))
+	time.Sleep(10 * time.Millisecond) // the byte arrives; more() must not look anyway
+	if s.more() {
+		t.Error("after a look found nothing, more() looked again")
+	}
+}
