@@ -272,8 +272,13 @@ func (a *modeSamples) result(mode string) Result {
 }
 
 // holdConns holds n connections through the mode's data path and measures
-// what they cost: smeshd's resident memory and the kernel's slab memory.
+// what they cost: the resident memory of every smeshd of the mode (before
+// and while holding them) and the kernel's slab memory.
 func holdConns(e *modeEnv, exe string, n int) (Held, error) {
+	idle, err := e.smeshdsMemory()
+	if err != nil {
+		return Held{}, err
+	}
 	slab0, err := slabBytes()
 	if err != nil {
 		return Held{}, err
@@ -283,19 +288,40 @@ func holdConns(e *modeEnv, exe string, n int) (Held, error) {
 		return Held{}, err
 	}
 	slab1, serr := slabBytes()
-	rss, _, merr := e.smeshdMemory()
+	held, merr := e.smeshdsMemory()
 	if err := release(); err != nil {
 		return Held{}, err
 	}
 	if err := errors.Join(serr, merr); err != nil {
 		return Held{}, err
 	}
-	return Held{
+	h := Held{
 		Mode:               e.mode,
 		Conns:              n,
-		SmeshdRSSMiB:       float64(rss) / (1 << 20),
 		KernelBytesPerConn: math.Max(0, float64(slab1-slab0)/float64(n)),
-	}, nil
+	}
+	for i, m := range held {
+		node := HeldSmeshd{
+			Node:       smeshdRole(e.mode, i),
+			IdleRSSMiB: float64(idle[i].RSS) / (1 << 20),
+			RSSMiB:     float64(m.RSS) / (1 << 20),
+			KiBPerConn: float64(m.RSS-idle[i].RSS) / 1024 / float64(n),
+		}
+		h.Smeshds = append(h.Smeshds, node)
+	}
+	if len(h.Smeshds) > 0 {
+		h.SmeshdRSSMiB = h.Smeshds[0].RSSMiB
+	}
+	return h, nil
+}
+
+// smeshdRole names the i-th smeshd of a mode: in the cross-node modes the
+// client's node sends and the server's receives.
+func smeshdRole(mode string, i int) string {
+	if crossNode(mode) {
+		return [...]string{"sending", "receiving"}[min(i, 1)]
+	}
+	return "node"
 }
 
 func slabBytes() (int64, error) {

@@ -405,6 +405,21 @@ func (e *modeEnv) smeshdMemory() (rss, peak int64, err error) {
 	return m.RSS, m.Peak, err
 }
 
+// smeshdsMemory returns the memory of every smeshd of the mode, the
+// client's node first (cross-node modes: the sending node, then the
+// receiving one).
+func (e *modeEnv) smeshdsMemory() ([]procmem.Memory, error) {
+	var out []procmem.Memory
+	for _, p := range e.smeshds {
+		m, err := procmem.Of(p.cmd.Process.Pid)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, m)
+	}
+	return out, nil
+}
+
 // close stops what the environment started and removes what it made.
 func (e *modeEnv) close() error {
 	var errs []error

@@ -53,8 +53,21 @@ type Held struct {
 	Conns              int     `json:"conns"`
 	SmeshdRSSMiB       float64 `json:"smeshd_rss_mib"`
 	KernelBytesPerConn float64 `json:"kernel_bytes_per_conn"`
+	// Smeshds is each smeshd of the mode (cross-node: the sending node's,
+	// then the receiving node's): resident before and while holding the
+	// connections, and the difference per connection. SmeshdRSSMiB is the
+	// first's.
+	Smeshds []HeldSmeshd `json:"smeshds,omitempty"`
 	// Skipped says why the mode was not measured.
 	Skipped string `json:"skipped,omitempty"`
+}
+
+// HeldSmeshd is one smeshd's resident memory around holding connections.
+type HeldSmeshd struct {
+	Node       string  `json:"node"` // "node", or "sending" / "receiving" across nodes
+	IdleRSSMiB float64 `json:"idle_rss_mib"`
+	RSSMiB     float64 `json:"rss_mib"`
+	KiBPerConn float64 `json:"kib_per_conn"` // (RSSMiB - IdleRSSMiB) / Conns
 }
 
 func (r *Report) result(mode string) (Result, bool) {
@@ -131,17 +144,23 @@ func (r *Report) WriteTable(w io.Writer) {
 	if len(r.Held) > 0 {
 		fmt.Fprintln(w)
 		tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-		fmt.Fprintln(tw, "mode\tconnections held\tsmeshd RSS MiB\tkernel bytes/conn\t")
+		fmt.Fprintln(tw, "mode\tconnections held\tsmeshd\tidle RSS MiB\tRSS MiB\tKiB/conn\tkernel bytes/conn\t")
 		for _, h := range r.Held {
 			if h.Skipped != "" {
-				fmt.Fprintf(tw, "%s\t%d\tskipped: %s\t\t\n", h.Mode, h.Conns, h.Skipped)
+				fmt.Fprintf(tw, "%s\t%d\tskipped: %s\t\t\t\t\t\n", h.Mode, h.Conns, h.Skipped)
 				continue
 			}
-			rss := "-"
-			if h.Mode != baseline(h.Mode) {
-				rss = fmt.Sprintf("%.1f", h.SmeshdRSSMiB)
+			if h.Mode == baseline(h.Mode) || len(h.Smeshds) == 0 {
+				fmt.Fprintf(tw, "%s\t%d\t-\t-\t-\t-\t%.0f\t\n", h.Mode, h.Conns, h.KernelBytesPerConn)
+				continue
 			}
-			fmt.Fprintf(tw, "%s\t%d\t%s\t%.0f\t\n", h.Mode, h.Conns, rss, h.KernelBytesPerConn)
+			for i, s := range h.Smeshds {
+				kernel := ""
+				if i == 0 {
+					kernel = fmt.Sprintf("%.0f", h.KernelBytesPerConn)
+				}
+				fmt.Fprintf(tw, "%s\t%d\t%s\t%.1f\t%.1f\t%.1f\t%s\t\n", h.Mode, h.Conns, s.Node, s.IdleRSSMiB, s.RSSMiB, s.KiBPerConn, kernel)
+			}
 		}
 		tw.Flush()
 	}

@@ -70,3 +70,25 @@ func TestBaselines(t *testing.T) {
 		}
 	}
 }
+
+// Holding connections across nodes reports both nodes' smeshd, each with
+// its memory per connection above its idle size.
+func TestReportHeldBothNodes(t *testing.T) {
+	r := &Report{
+		Machine: Machine{Kernel: "6.18", CPU: "AMD EPYC", Cores: 2}, Duration: "1s", Rounds: 1,
+		Held: []Held{
+			{Mode: "veth", Conns: 2000, KernelBytesPerConn: 9000},
+			{Mode: "tunnel", Conns: 2000, KernelBytesPerConn: 20000, Smeshds: []HeldSmeshd{
+				{Node: "sending", IdleRSSMiB: 30, RSSMiB: 90, KiBPerConn: 30.7},
+				{Node: "receiving", IdleRSSMiB: 28, RSSMiB: 68, KiBPerConn: 20.5},
+			}},
+		},
+	}
+	var table bytes.Buffer
+	r.WriteTable(&table)
+	for _, want := range []string{"sending", "receiving", "30.7", "20.5", "KiB/conn"} {
+		if !strings.Contains(table.String(), want) {
+			t.Errorf("the held table lacks %q:\n%s", want, table.String())
+		}
+	}
+}

@@ -284,11 +284,19 @@ func (o *Outbound) handle(ctx context.Context, c *net.TCPConn, r *relayed, diale
 	var early int64 // bytes handed to the dialer
 	var up net.Conn
 	if ed, ok := dialer.(EarlyDialer); ok {
+		// The relay buffer goes back before dialling: a dial may wait
+		// (for a place among the handshakes under way to a busy peer,
+		// then for its own) and a burst of new connections would
+		// otherwise hold a buffer each meanwhile. The first bytes are
+		// kept in a copy of their own size.
 		bp := getBuffer()
 		first := readReady(c, *bp)
+		if len(first) > 0 {
+			first = append([]byte(nil), first...)
+		}
+		putBuffer(bp)
 		up, err = ed.DialEarly(ctx, "tcp", dst.String(), first)
 		early = int64(len(first))
-		putBuffer(bp)
 	} else {
 		up, err = dialer.DialContext(ctx, "tcp", dst.String())
 	}

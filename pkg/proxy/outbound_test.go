@@ -3,10 +3,12 @@ package proxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -183,5 +185,85 @@ func TestEarlyDialer(t *testing.T) {
 	}
 	if tx := <-ed.tx; tx != int64(len("sent at once, then more")) {
 		t.Errorf("counted %d bytes sent, want %d", tx, len("sent at once, then more"))
+	}
+}
+
+// waitingDialer is an EarlyDialer whose dials wait for gate: a busy peer.
+type waitingDialer struct {
+	earlyDialer
+	arrived chan []byte
+	gate    chan struct{}
+}
+
+func (w *waitingDialer) DialEarly(ctx context.Context, network, address string, first []byte) (net.Conn, error) {
+	w.arrived <- append([]byte(nil), first...)
+	<-w.gate
+	return w.earlyDialer.DialEarly(ctx, network, address, first)
+}
+
+// TestDialHoldsNoBuffer: connections whose dial waits (a burst towards a
+// busy peer) hold no relay buffer meanwhile, and the first bytes the proxy
+// read before the dial still reach the destination.
+func TestDialHoldsNoBuffer(t *testing.T) {
+	held := new(atomic.Int64)
+	buffersHeld.Store(held)
+	t.Cleanup(func() { buffersHeld.Store(nil) })
+	echo, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer echo.Close()
+	go func() {
+		for {
+			c, err := echo.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				io.Copy(c, c)
+				c.(*net.TCPConn).CloseWrite()
+			}()
+		}
+	}()
+	const n = 10
+	wd := &waitingDialer{
+		earlyDialer: earlyDialer{to: echo.Addr().String(), first: make(chan []byte, n), tx: make(chan int64, n)},
+		arrived:     make(chan []byte, n),
+		gate:        make(chan struct{}),
+	}
+	out, err := Listen(Options{
+		Listen:      netip.MustParseAddrPort("127.0.0.1:0"),
+		Dialer:      wd,
+		OriginalDst: func(*net.TCPConn) (netip.AddrPort, error) { return netip.MustParseAddrPort("198.51.100.1:80"), nil },
+		Logger:      zerolog.Nop(),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go out.Serve(context.Background())
+	t.Cleanup(func() { out.Close() })
+	var apps []net.Conn
+	for i := range n {
+		c, err := net.Dial("tcp4", out.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		fmt.Fprintf(c, "hello %d", i)
+		apps = append(apps, c)
+	}
+	for range n {
+		<-wd.arrived
+	}
+	if got := held.Load(); got != 0 {
+		t.Errorf("%d relay buffers held by %d connections whose dial waits, want 0", got, n)
+	}
+	close(wd.gate)
+	for i, c := range apps {
+		c.(*net.TCPConn).CloseWrite()
+		got, err := io.ReadAll(c)
+		if want := fmt.Sprintf("hello %d", i); err != nil || string(got) != want {
+			t.Errorf("connection %d: echo %q, %v; want %q", i, got, err, want)
+		}
 	}
 }

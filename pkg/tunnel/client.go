@@ -317,7 +317,7 @@ func (c *Client) dialLink(ctx context.Context, dst netip.AddrPort) (*link, Reaso
 		}
 		tc = tls.Client(raw, cfg)
 		start := time.Now()
-		err := tc.HandshakeContext(ctx)
+		err := handshake(ctx, tc)
 		c.stats.handshake("client", tc, err, start)
 		if err != nil {
 			raw.SetLinger(0)

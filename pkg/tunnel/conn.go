@@ -46,9 +46,11 @@ type link struct {
 	rem int
 	fh  [frameHeaderSize]byte
 	fhn int // bytes of fh read
-	// wbuf holds a frame header, and the data of a small frame behind
-	// it; allocated with the link, not per frame.
-	wbuf *[frameHeaderSize + smallFrame]byte
+	// wh is the header of a frame sent on its own (an end, or the header
+	// of a large frame); a small frame is copied behind its header into a
+	// pooled buffer (smallPool), taken only while it is sent: an idle
+	// link holds none.
+	wh [frameHeaderSize]byte
 }
 
 func newLink(raw *rawConn, tc *tls.Conn) *link {
@@ -59,7 +61,6 @@ func newLink(raw *rawConn, tc *tls.Conn) *link {
 		l.resumed = cs.DidResume
 		if cs.NegotiatedProtocol == ALPN2 {
 			l.version = Version2
-			l.wbuf = new([frameHeaderSize + smallFrame]byte)
 		}
 		if len(cs.PeerCertificates) > 0 {
 			l.leaf = cs.PeerCertificates[0]

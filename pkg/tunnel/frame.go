@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sync"
 	"syscall"
 	"unsafe"
 
@@ -54,8 +55,12 @@ func parseFrameHeader(h []byte) (typ byte, n int, err error) {
 	return h[0], n, nil
 }
 
+// smallPool holds the buffers small frames are copied into with their
+// header, one while a frame is encrypted.
+var smallPool = sync.Pool{New: func() any { return new([frameHeaderSize + smallFrame]byte) }}
+
 // writeData sends p as 'D' frames, each with one write(2). One goroutine
-// at a time writes to a link (wbuf).
+// at a time writes to a link (wh).
 func (c *link) writeData(p []byte) (int, error) {
 	written := 0
 	for len(p) > 0 {
@@ -78,13 +83,15 @@ func (c *link) writeData(p []byte) (int, error) {
 // open batch.
 func (c *link) appendData(p []byte) error {
 	if len(p) <= smallFrame {
-		buf := c.wbuf[:frameHeaderSize+len(p)]
+		b := smallPool.Get().(*[frameHeaderSize + smallFrame]byte)
+		buf := b[:frameHeaderSize+len(p)]
 		putFrameHeader(buf, frameData, len(p))
 		copy(buf[frameHeaderSize:], p)
-		_, err := c.tls.Write(buf)
+		_, err := c.tls.Write(buf) // encrypted into the batch: b is free again
+		smallPool.Put(b)
 		return err
 	}
-	h := c.wbuf[:frameHeaderSize]
+	h := c.wh[:]
 	putFrameHeader(h, frameData, len(p))
 	if _, err := c.tls.Write(h); err != nil {
 		return err
@@ -110,7 +117,7 @@ func (c *link) open(hdr, first []byte) error {
 // writeFin sends an 'F' frame: this direction of the tunnelled connection
 // ends.
 func (c *link) writeFin() error {
-	h := c.wbuf[:frameHeaderSize]
+	h := c.wh[:]
 	putFrameHeader(h, frameFin, 0)
 	_, err := c.Write(h)
 	return err

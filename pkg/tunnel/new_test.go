@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -45,7 +46,8 @@ func TestNewMissingCertificates(t *testing.T) {
 // TestNewDisabledWarns: plaintext only when asked for, loudly; and a
 // plaintext node and an mTLS node do not talk (no fallback either way).
 func TestNewDisabledWarns(t *testing.T) {
-	var log bytes.Buffer
+	// The server logs from its own goroutines while the test reads.
+	var log lockedBuffer
 	plain, err := New(tunnelConfig("disabled"), nil, zerolog.New(&log))
 	if err != nil {
 		t.Fatal(err)
@@ -150,4 +152,23 @@ func TestBadRotationKeepsOldCredentials(t *testing.T) {
 		}
 		nc.Close()
 	}
+}
+
+// lockedBuffer is a bytes.Buffer that goroutines may write while another
+// reads it.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }

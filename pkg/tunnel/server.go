@@ -702,7 +702,7 @@ func (s *Server) accept(ctx context.Context, raw *rawConn) (*link, netip.AddrPor
 		tc = tls.Server(raw, s.tlsCfg)
 		hctx, cancel := context.WithDeadline(ctx, deadline)
 		start := time.Now()
-		err := tc.HandshakeContext(hctx)
+		err := handshake(hctx, tc)
 		cancel()
 		s.o.Stats.handshake("server", tc, err, start)
 		if err != nil {

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -49,10 +50,17 @@ type Conn struct {
 	// peer (dialSlots) of the link this connection opened, when it leaves
 	// the pending state; nil on a warm link.
 	release func()
-	retried bool
-	finSent bool
-	finRead bool // by the reading goroutine only
-	closed  bool
+	// st holds the status as it arrives (stn bytes), under rmu: a read
+	// that does not wait may find part of it.
+	st  [StatusSize]byte
+	stn int
+	// statusLate: WaitReadable waited the status's timeout for it in
+	// vain (under rmu); the next ReadNoWait fails the connection.
+	statusLate bool
+	retried    bool
+	finSent    bool
+	finRead    bool // by the reading goroutine only
+	closed     bool
 }
 
 type streamState int
@@ -108,8 +116,10 @@ func readStream(l *link, p []byte, fin *bool) (int, error) {
 }
 
 // ReadNoWait is Read without waiting, or proxy.ErrWouldBlock
-// (proxy.ReadyReader). Before the peer's status it is Read: the status
-// comes at once.
+// (proxy.ReadyReader). Before the peer's status it reads the status if the
+// link holds it (WaitReadable waits for it), and is ErrWouldBlock until
+// then: the relay holds no buffer while a busy peer takes its time to
+// answer.
 func (c *Conn) ReadNoWait(p []byte) (int, error) {
 	if c.v1 != nil {
 		return c.v1.ReadNoWait(p)
@@ -117,17 +127,41 @@ func (c *Conn) ReadNoWait(p []byte) (int, error) {
 	if l := c.established(); l != nil {
 		return l.noWait(func() (int, error) { return c.Read(p) })
 	}
-	return c.Read(p)
+	if _, err := c.readStatus(true); err != nil {
+		return 0, err
+	}
+	return c.ReadNoWait(p)
 }
 
 // WaitReadable waits, holding no buffer, until ReadNoWait may find bytes
-// (proxy.ReadyReader).
+// (proxy.ReadyReader). Before the peer's status it waits, under the
+// status's timeout, for the link to have bytes (the status, or its end),
+// which ReadNoWait then reads: a relay that waits for the status of a
+// connection holds no buffer either, however long a busy peer takes to
+// answer.
 func (c *Conn) WaitReadable() error {
 	if c.v1 != nil {
 		return c.v1.WaitReadable()
 	}
 	if l := c.established(); l != nil {
 		return l.WaitReadable()
+	}
+	// rmu: awaitStatus (a Write's) reads the link meanwhile otherwise.
+	c.rmu.Lock()
+	defer c.rmu.Unlock()
+	c.mu.Lock()
+	l, pending := c.l, c.state == streamPending
+	c.mu.Unlock()
+	if pending {
+		// Whatever ends the wait, ReadNoWait reads the status or says
+		// why there is none.
+		l.raw.SetReadDeadline(time.Now().Add(c.c.timeout))
+		err := l.WaitReadable()
+		l.raw.SetReadDeadline(time.Time{})
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			c.statusLate = true
+		}
 	}
 	return nil
 }
@@ -265,7 +299,12 @@ func (c *Conn) resolve(s streamState, err error) {
 // that says the connection was not delivered (it retired the link: a
 // close_notify where the status belongs, or the refusal "retired") gets
 // it again once, on a new link.
-func (c *Conn) awaitStatus() (*link, error) {
+func (c *Conn) awaitStatus() (*link, error) { return c.readStatus(false) }
+
+// readStatus is awaitStatus; with noWait it reads only what the link holds
+// already (read from the socket by WaitReadable), and returns
+// proxy.ErrWouldBlock when the status is not all there.
+func (c *Conn) readStatus(noWait bool) (*link, error) {
 	c.rmu.Lock()
 	defer c.rmu.Unlock()
 	for {
@@ -278,13 +317,41 @@ func (c *Conn) awaitStatus() (*link, error) {
 		case streamFailed:
 			return nil, err
 		}
-		var st [StatusSize]byte
-		l.raw.SetReadDeadline(time.Now().Add(c.c.timeout))
-		n, err := io.ReadFull(l, st[:])
-		l.raw.SetReadDeadline(time.Time{})
+		err = nil
+		if noWait {
+			l.raw.mode = readBuffered
+		} else {
+			l.raw.SetReadDeadline(time.Now().Add(c.c.timeout))
+		}
+		for c.stn < StatusSize && err == nil {
+			var m int
+			m, err = l.Read(c.st[c.stn:])
+			c.stn += m
+		}
+		if noWait {
+			l.raw.mode = readWait
+			if errors.Is(err, errWouldBlock) {
+				if !c.statusLate {
+					return nil, proxy.ErrWouldBlock
+				}
+				err = os.ErrDeadlineExceeded
+			}
+		} else {
+			l.raw.SetReadDeadline(time.Time{})
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			// Not a deadline error any more: the relay's idle timeout
+			// would take it for its own and read again.
+			err = fmt.Errorf("no status within %s", c.c.timeout)
+		}
+		if c.stn < StatusSize && err == io.EOF && c.stn > 0 {
+			err = io.ErrUnexpectedEOF
+		}
+		n := c.stn
+		c.stn = 0
 		var status Status
 		if err == nil {
-			status, err = parseStatus(st[:], Version2)
+			status, err = parseStatus(c.st[:], Version2)
 		}
 		retire := n == 0 && err == io.EOF || err == nil && !status.OK && status.Reason == ReasonRetired
 		if retire && !c.retried {
@@ -367,6 +434,8 @@ func (c *Conn) again(old *link) error {
 type serverStream struct {
 	l     *link
 	local *peeker // the local end, to look for more to read
+	// settled: a look found nothing to read; more() looks no more.
+	settled bool
 	// flush sends the batch the status opened after at most statusDelay
 	// (see Server.relay), unless a write sent it first.
 	flush   atomic.Pointer[time.Timer] // Abort may stop it from the other direction
@@ -411,11 +480,19 @@ func (s *serverStream) Write(p []byte) (int, error) {
 
 // more reports whether a read of the local end would return at once
 // (data, its end, or an error): the relay reads it next, without waiting.
+//
+// It looks (a recv(MSG_PEEK) each time) only until a look finds nothing: a
+// server that answered and ended at once is found out by its first look,
+// and a connection that goes on with requests and answers (where every
+// look finds nothing) costs no syscall per answer after that.
 func (s *serverStream) more() bool {
-	if s.local == nil {
+	if s.local == nil || s.settled {
 		return false
 	}
 	wait, looked := s.local.look()
+	if looked && wait {
+		s.settled = true
+	}
 	return looked && !wait
 }
 

@@ -452,3 +452,14 @@ func handshakeReason(err error) Reason {
 	}
 	return ReasonTLSHandshake
 }
+
+// handshake runs tc's handshake in a goroutine of its own, which ends with
+// it: certificate verification and the key exchange grow a stack to tens
+// of KiB, and the goroutine that waits here goes on to relay the
+// connection for as long as it lasts, parked most of the time; its stack
+// stays small.
+func handshake(ctx context.Context, tc *tls.Conn) error {
+	done := make(chan error, 1)
+	go func() { done <- tc.HandshakeContext(ctx) }()
+	return <-done
+}

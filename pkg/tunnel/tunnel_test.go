@@ -1223,3 +1223,139 @@ func TestReadNoWait(t *testing.T) {
 		})
 	}
 }
+
+// TestReadNoWaitBeforeStatus: before the peer's status, ReadNoWait does
+// not wait for it (the relay would hold a buffer meanwhile, one per
+// connection a busy peer has not answered yet): it says ErrWouldBlock,
+// WaitReadable waits for the status, and the bytes after it come as usual.
+func TestReadNoWaitBeforeStatus(t *testing.T) {
+	gate := make(chan struct{})
+	h := newHarness(t, func(o *ServerOptions) {
+		// The server answers once it connected to the destination:
+		// held here, the status stays pending.
+		o.Dial = func(ctx context.Context, network, address string) (net.Conn, error) {
+			<-gate
+			return testDial(ctx, network, address)
+		}
+	})
+	c := h.client(t, "a")
+	nc, err := c.OpenEarly(context.Background(), "tcp", h.dst(), []byte("Ehello"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn := nc.(*Conn)
+	defer conn.Close()
+	buf := make([]byte, 64)
+	done := make(chan error, 1)
+	go func() {
+		_, err := conn.ReadNoWait(buf)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if !errors.Is(err, proxy.ErrWouldBlock) {
+			t.Fatalf("ReadNoWait before the status: %v, want ErrWouldBlock", err)
+		}
+	case <-time.After(5 * time.Second):
+		close(gate)
+		t.Fatal("ReadNoWait before the status waited for it")
+	}
+	close(gate)
+	var got []byte
+	for len(got) < 5 {
+		if err := conn.WaitReadable(); err != nil {
+			t.Fatalf("WaitReadable: %v", err)
+		}
+		n, err := conn.ReadNoWait(buf)
+		got = append(got, buf[:n]...)
+		if err != nil && !errors.Is(err, proxy.ErrWouldBlock) {
+			t.Fatalf("ReadNoWait after %q: %v", got, err)
+		}
+	}
+	if string(got) != "hello" {
+		t.Fatalf("echo %q, want hello", got)
+	}
+}
+
+// TestStatusTimeoutWithoutBuffer: a relay that waits for the status without
+// a buffer (WaitReadable, ReadNoWait) still gives up after the client's
+// timeout, with an error that is not a deadline's (the relay's idle timeout
+// would take that for its own and read again).
+func TestStatusTimeoutWithoutBuffer(t *testing.T) {
+	gate := make(chan struct{})
+	h := newHarness(t, func(o *ServerOptions) {
+		o.Dial = func(ctx context.Context, network, address string) (net.Conn, error) {
+			<-gate
+			return testDial(ctx, network, address)
+		}
+	})
+	t.Cleanup(func() { close(gate) }) // before the server closes
+	c := h.newClient(t, ClientOptions{Credentials: h.pki.creds(t, "a"), Timeout: 200 * time.Millisecond})
+	nc, err := c.OpenEarly(context.Background(), "tcp", h.dst(), []byte("E"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn := nc.(*Conn)
+	defer conn.Close()
+	buf := make([]byte, 64)
+	for i := 0; ; i++ {
+		if i == 100 {
+			t.Fatal("no end to the wait for a status that never comes")
+		}
+		if err := conn.WaitReadable(); err != nil {
+			t.Fatalf("WaitReadable: %v", err)
+		}
+		_, err := conn.ReadNoWait(buf)
+		if errors.Is(err, proxy.ErrWouldBlock) {
+			continue
+		}
+		if err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Fatalf("ReadNoWait without a status: %v, want an error that is not a deadline's", err)
+		}
+		break
+	}
+}
+
+// TestMoreLooksUntilIdle: a server stream looks at its local end for more
+// to send along (corking) while each look finds some, and stops looking
+// once one finds nothing: request/response connections then cost no
+// recv(MSG_PEEK) per answer.
+func TestMoreLooksUntilIdle(t *testing.T) {
+	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	far, err := net.DialTCP("tcp4", nil, ln.Addr().(*net.TCPAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer far.Close()
+	near, err := ln.AcceptTCP()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer near.Close()
+	rc, err := near.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	far.Write([]byte("x"))
+	s := &serverStream{local: newPeeker(rc)}
+	for !s.more() { // the byte is on its way: look again, afresh
+		time.Sleep(time.Millisecond)
+		s = &serverStream{local: newPeeker(rc)}
+	}
+	if !s.more() {
+		t.Fatal("a look with a byte to read found nothing")
+	}
+	io.ReadFull(near, make([]byte, 1))
+	if s.more() {
+		t.Fatal("a look with nothing to read found something")
+	}
+	far.Write([]byte("y"))
+	time.Sleep(10 * time.Millisecond) // the byte arrives; more() must not look anyway
+	if s.more() {
+		t.Error("after a look found nothing, more() looked again")
+	}
+}
