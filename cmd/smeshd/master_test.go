@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -302,12 +303,12 @@ type writerFunc func([]byte) (int, error)
 
 func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
 
-// TestMasterStoreIncompatible: a worker that cannot start from what the
-// store gave back (here its [datapath] map_size differs, so the stored maps
-// have another layout) empties the store and fails: systemd's next start
-// is a fresh one instead of failing the same way for ever.
-func TestMasterStoreIncompatible(t *testing.T) {
-	w := newSmeshdWorld(t)
+// crashedStore runs a master under a fake systemd until it is ready and its
+// store holds everything, then kills master and worker (a crash: the store
+// keeps all) and returns what the store held, as LISTEN_FDNAMES names and
+// files, with the store.
+func crashedStore(t *testing.T, w smeshdWorld) (*fakeStore, []string, []*os.File) {
+	t.Helper()
 	store, notify := newFakeStore(t)
 	t.Setenv("NOTIFY_SOCKET", notify)
 	t.Setenv("INVOCATION_ID", "smesh-test")
@@ -317,13 +318,12 @@ func TestMasterStoreIncompatible(t *testing.T) {
 	for !slices.Contains(store.names(), "admin") && time.Now().Before(deadline) {
 		time.Sleep(50 * time.Millisecond)
 	}
-	// The master is killed with its worker (a crash: the store keeps all).
 	names, kept := store.take()
-	defer func() {
+	t.Cleanup(func() {
 		for _, f := range kept {
 			f.Close()
 		}
-	}()
+	})
 	if len(kept) == 0 {
 		t.Fatal("nothing was stored")
 	}
@@ -336,23 +336,40 @@ func TestMasterStoreIncompatible(t *testing.T) {
 			time.Sleep(50 * time.Millisecond)
 		}
 	}
+	return store, names, kept
+}
 
-	other := filepath.Join(t.TempDir(), "smesh.toml")
-	if err := os.WriteFile(other, []byte(w.conf+"[datapath]\nmap_size = 4096\n"), 0o644); err != nil {
+// startFromStore starts a master as systemd would after a crash: with what
+// the store held in LISTEN_FDS, and the configuration conf.
+func startFromStore(t *testing.T, w smeshdWorld, conf string, names []string, kept []*os.File) *exec.Cmd {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "smesh.toml")
+	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	cg, err := os.Open(w.smeshCg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer cg.Close()
-	cmd := exec.Command("nsenter", "--net=/run/netns/"+w.node.Name, "sh", "-c", `LISTEN_PID=$$ SYSTEMD_EXEC_PID=$$ exec "$0" "$@"`, w.exe, "-c", other)
+	t.Cleanup(func() { cg.Close() })
+	cmd := exec.Command("nsenter", "--net=/run/netns/"+w.node.Name, "sh", "-c", `LISTEN_PID=$$ SYSTEMD_EXEC_PID=$$ exec "$0" "$@"`, w.exe, "-c", path)
 	cmd.Env = append(os.Environ(), fmt.Sprintf("LISTEN_FDS=%d", len(kept)), "LISTEN_FDNAMES="+strings.Join(names, ":"))
 	cmd.ExtraFiles = kept
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd()), Pdeathsig: syscall.SIGKILL}
-	out, err := cmd.CombinedOutput()
+	return cmd
+}
+
+// TestMasterStoreFailedStart: a start from the store that fails (here the
+// tunnel's certificates are missing) empties the store, so that systemd's
+// next start is a fresh one instead of failing the same way for ever.
+func TestMasterStoreFailedStart(t *testing.T) {
+	w := newSmeshdWorld(t)
+	store, names, kept := crashedStore(t, w)
+	conf := strings.Replace(w.conf, `mode = "disabled"`,
+		"mode = \"mtls\"\ncert = \"/nonexistent/a.crt\"\nkey = \"/nonexistent/a.key\"\nca = \"/nonexistent/ca.crt\"", 1)
+	out, err := startFromStore(t, w, conf, names, kept).CombinedOutput()
 	if err == nil {
-		t.Fatalf("a worker started from maps of another layout exited 0:\n%s", out)
+		t.Fatalf("a worker started without its certificates exited 0:\n%s", out)
 	}
 	if !strings.Contains(string(out), "emptied it: the next start is a fresh one") {
 		t.Errorf("the failed start does not say it emptied the store:\n%s", out)
@@ -363,4 +380,119 @@ func TestMasterStoreIncompatible(t *testing.T) {
 			t.Errorf("%s was not removed from the store", want)
 		}
 	}
+}
+
+// TestMasterStoreMapSizeChanged: a start from the store with another
+// [datapath] map_size (a restart into maps of another layout) takes the
+// store's maps over per map (docs/restart.md 3.6): it gets ready, says
+// which maps it made anew, and serves bytes through the mesh.
+func TestMasterStoreMapSizeChanged(t *testing.T) {
+	w := newSmeshdWorld(t)
+	// Copy mode: the exchanges below are relayed by the new worker.
+	w.conf += "[datapath]\nmode = \"copy\"\n"
+	if err := os.WriteFile(w.path, []byte(w.conf), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	store, names, kept := crashedStore(t, w)
+	first := store.said("READY=1")
+	cmd := startFromStore(t, w, w.conf+"map_size = 4096\n", names, kept)
+	var out syncBuffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		<-exited
+	})
+	deadline := time.Now().Add(30 * time.Second)
+	for !readyAgain(store, first) {
+		select {
+		case err := <-exited:
+			t.Fatalf("the start from the store with another map_size exited (%v):\n%s", err, out.String())
+		case <-time.After(50 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the start from the store with another map_size did not get ready:\n%s", out.String())
+		}
+	}
+	for _, m := range []string{"smesh_sockhash", "smesh_orig_dst", "smesh_dirs"} {
+		if !strings.Contains(out.String(), `"map":"`+m+`"`) {
+			t.Errorf("the start does not say it made %s anew:\n%s", m, out.String())
+		}
+	}
+
+	var ln net.Listener
+	if err := w.node.Do(func() (err error) {
+		ln, err = net.Listen("tcp4", "127.0.0.1:0")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				io.Copy(c, c)
+			}()
+		}
+	}()
+	loop := testenv.StartHelper(t, w.enrolled, w.node.Name, "echo-loop", ln.Addr().String())
+	time.Sleep(time.Second)
+	if err := loop.Send("stop"); err != nil {
+		t.Fatal(err)
+	}
+	line, err := loop.ReadLine(30 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ok, failed int
+	if _, err := fmt.Sscanf(line, "ok %d failed %d", &ok, &failed); err != nil {
+		t.Fatalf("echo loop said %q", line)
+	}
+	if ok == 0 || failed != 0 {
+		t.Errorf("%d exchanges through the mesh, %d failed (%.800s); want none failed", ok, failed, loop.Stderr())
+	}
+	if n := testenv.Metric(t, metricsIn(t, w.node), "smesh_connections_total", map[string]string{"path": "copy"}); n == 0 {
+		t.Errorf("the new worker relayed no connection")
+	}
+}
+
+// syncBuffer is a strings.Builder a process may write to while the test
+// reads it.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// readyAgain: a process other than first said READY=1.
+func readyAgain(s *fakeStore, first int) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, st := range s.states {
+		pid, rest, _ := strings.Cut(st, ": ")
+		if rest == "READY=1" && pid != strconv.Itoa(first) {
+			return true
+		}
+	}
+	return false
 }
