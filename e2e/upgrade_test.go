@@ -64,21 +64,22 @@ func logWarnings(t *testing.T, procs []*testenv.Helper) {
 }
 
 // streams keeps n long-lived connections to addr open from cgroup cg in
-// namespace ns until stop closes, one after another in each of n loops:
+// namespace ns until stop is called, one after another in each of n loops:
 // each exchanges a byte every 10 ms for about length, checked (the
 // "paced" client; not scaled: the exchanges are few), so that every moment
-// some are open across an upgrade.
-// It returns how many ran and the first failure.
-func streams(t *testing.T, cg, ns, addr string, n int, length time.Duration, stop <-chan struct{}) func() (int64, error) {
+// some are open across an upgrade. stop returns how many ran and the first
+// failure; it also runs at the test's cleanup.
+func streams(t *testing.T, cg, ns, addr string, n int, length time.Duration) (stop func() (int64, error)) {
 	var ran atomic.Int64
 	var first atomic.Value
 	var wg sync.WaitGroup
+	done := make(chan struct{})
 	exchanges := fmt.Sprint(int64(length / (10 * time.Millisecond)))
 	for range n {
 		wg.Go(func() {
 			for {
 				select {
-				case <-stop:
+				case <-done:
 					return
 				default:
 				}
@@ -90,11 +91,15 @@ func streams(t *testing.T, cg, ns, addr string, n int, length time.Duration, sto
 			}
 		})
 	}
-	return func() (int64, error) {
+	var once sync.Once
+	stop = func() (int64, error) {
+		once.Do(func() { close(done) })
 		wg.Wait()
 		err, _ := first.Load().(error)
 		return ran.Load(), err
 	}
+	t.Cleanup(func() { stop() })
+	return stop
 }
 
 // TestUpgradeUnderLoad is issue 24's test (docs/restart.md, section 4):
@@ -110,8 +115,8 @@ func streams(t *testing.T, cg, ns, addr string, n int, length time.Duration, sto
 // clear: in both on_failure modes.
 //
 // Each node is upgraded ten times (three under emulation, SMESH_TEST_SCALE),
-// and 20 long-lived connections, ten to each server, exchange a byte every
-// 10 ms throughout (each lasting about 4 s, then replaced): the relayed
+// and 20 long-lived connections (2 under emulation), ten to each server,
+// exchange a byte every 10 ms throughout (each lasting about 4 s, then replaced): the relayed
 // ones are finished by the smeshd that relayed them, after it released,
 // and every predecessor must then exit 0 by itself.
 func TestUpgradeUnderLoad(t *testing.T) {
@@ -137,9 +142,10 @@ func TestUpgradeUnderLoad(t *testing.T) {
 			// 200 connections a second each (fewer under emulation,
 			// SMESH_TEST_SCALE).
 			seconds, interval := fmt.Sprint(4+2*2*upgrades), fmt.Sprint(5*dataScale())
-			stopStreams := make(chan struct{})
-			remoteStreams := streams(t, a.enrolled, a.ns.Name, remote, 10, 4*time.Second, stopStreams)
-			localStreams := streams(t, a.enrolled, a.ns.Name, local, 10, 4*time.Second, stopStreams)
+			// Ten to each server (one under emulation).
+			nStreams := max(1, 10/int(dataScale()))
+			remoteStreams := streams(t, a.enrolled, a.ns.Name, remote, nStreams, 4*time.Second)
+			localStreams := streams(t, a.enrolled, a.ns.Name, local, nStreams, 4*time.Second)
 			steadyRemote := testenv.StartHelper(t, a.enrolled, a.ns.Name, "client", "steady", remote, seconds, interval)
 			steadyLocal := testenv.StartHelper(t, a.enrolled, a.ns.Name, "client", "steady", local, seconds, interval)
 			var markers, markerFailed atomic.Int64
@@ -181,7 +187,6 @@ func TestUpgradeUnderLoad(t *testing.T) {
 			errRemote, errLocal := steadyRemote.Wait(), steadyLocal.Wait()
 			close(stop)
 			<-done
-			close(stopStreams)
 			nRemote, errRemoteStreams := remoteStreams()
 			nLocal, errLocalStreams := localStreams()
 			waitExited(t, olds, 40*time.Second)
@@ -196,8 +201,8 @@ func TestUpgradeUnderLoad(t *testing.T) {
 			if errLocalStreams != nil {
 				t.Errorf("a long-lived connection on node a failed during the upgrades: %v", errLocalStreams)
 			}
-			if nRemote < 10 || nLocal < 10 {
-				t.Errorf("long-lived connections: %d to b, %d on a, want at least 10 each", nRemote, nLocal)
+			if nRemote < int64(nStreams) || nLocal < int64(nStreams) {
+				t.Errorf("long-lived connections: %d to b, %d on a, want at least %d each", nRemote, nLocal, nStreams)
 			}
 			if errRemote != nil {
 				logWarnings(t, append(olds, a.smeshd, b.smeshd))

@@ -34,57 +34,8 @@ if [ -n "$missing" ]; then
 fi
 [ -x "$SMESHD" ] || { echo "needs $SMESHD (make build)"; exit 2; }
 
-CGROOT=$(awk '$3=="cgroup2"{print $2; exit}' /proc/mounts)
-D=$(mktemp -d /tmp/smesh-test-tc.XXXXXX)
-P=smesh-test-tc-$$
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-  # What nsenter started (stunnel4, nginx's workers) outlives the PIDs
-  # held here: stop every process of the two namespaces, by PID.
-  for n in a b; do
-    for p in $(ip netns pids "$P-$n" 2>/dev/null); do kill "$p" 2>/dev/null; done
-  done
-  sleep 0.5
-  for n in a b; do
-    for c in mesh d; do
-      cg="$CGROOT/$P-$n-$c"
-      [ -d "$cg" ] && echo 1 > "$cg/cgroup.kill"
-    done
-  done
-  sleep 0.3
-  for n in a b; do
-    rmdir "$CGROOT/$P-$n-mesh" "$CGROOT/$P-$n-d" 2>/dev/null
-    ip netns del "$P-$n" 2>/dev/null
-  done
-  rm -rf "$D"
-}
-trap cleanup EXIT
-
-# on NODE CGROUP CMD...: run CMD in NODE's namespace, in CGROUP ("" for none).
-on() {
-  local n=$1 cg=$2; shift 2
-  if [ -n "$cg" ]; then
-    nsenter --net="/run/netns/$P-$n" bash -c "echo \$\$ > $CGROOT/$P-$n-$cg/cgroup.procs; exec $*"
-  else
-    nsenter --net="/run/netns/$P-$n" bash -c "exec $*"
-  fi
-}
-
-"$SMESHD" certs init --dir "$D/tls" --nodes a,b >/dev/null || exit 1
-for n in a b; do cat "$D/tls/$n.crt" "$D/tls/$n.key" > "$D/tls/$n.pem"; done
-ip netns add "$P-a"; ip netns add "$P-b"
-ip link add "tca$$" type veth peer name "tcb$$"
-ip link set "tca$$" netns "$P-a"; ip link set "tcb$$" netns "$P-b"
-ip -n "$P-a" addr add 198.18.0.1/24 dev "tca$$"; ip -n "$P-b" addr add 198.18.0.2/24 dev "tcb$$"
-for n in a b; do
-  ip -n "$P-$n" link set lo up
-  mkdir "$CGROOT/$P-$n-mesh" "$CGROOT/$P-$n-d"
-  printf '[capture]\ncgroups = ["%s"]\n[datapath]\nmode = "%s"\n[log]\nlevel = "warn"\n[tunnel.tls]\ncert = "%s"\nkey = "%s"\nca = "%s"\n' \
-    "$P-$n-mesh" "$MODE" "$D/tls/$n.crt" "$D/tls/$n.key" "$D/tls/ca.crt" > "$D/$n.toml"
-  on "$n" d "$SMESHD" -c "$D/$n.toml" 2>"$D/smeshd-$n.log" & PIDS+=($!)
-done
-ip -n "$P-a" link set "tca$$" up; ip -n "$P-b" link set "tcb$$" up
+. "$(dirname "$0")/lib/two-nodes.sh"
+two_nodes tc "$MODE"
 
 # Servers on node b, in its mesh (the tunnel delivers to them through a
 # spliced hop; the other systems reach them uncaptured).

@@ -17,54 +17,8 @@ set -u
 N1=${1:-200}; N2=${2:-2200}; MODE=${3:-splice}
 SMESHD=$(realpath "$(dirname "$0")/../bin/smeshd")
 for t in haproxy strace nsenter python3 "$SMESHD"; do command -v "$t" >/dev/null || { echo "needs $t"; exit 2; }; done
-CGROOT=$(awk '$3=="cgroup2"{print $2; exit}' /proc/mounts)
-D=$(mktemp -d /tmp/smesh-test-rc.XXXXXX)
-P=smesh-test-rc-$$
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-  for n in a b; do
-    for p in $(ip netns pids "$P-$n" 2>/dev/null); do kill "$p" 2>/dev/null; done
-  done
-  sleep 0.5
-  for n in a b; do
-    for c in mesh d; do
-      cg="$CGROOT/$P-$n-$c"
-      [ -d "$cg" ] && echo 1 > "$cg/cgroup.kill"
-    done
-  done
-  sleep 0.3
-  for n in a b; do
-    rmdir "$CGROOT/$P-$n-mesh" "$CGROOT/$P-$n-d" 2>/dev/null
-    ip netns del "$P-$n" 2>/dev/null
-  done
-  rm -rf "$D"
-}
-trap cleanup EXIT
-
-on() {
-  local n=$1 cg=$2; shift 2
-  if [ -n "$cg" ]; then
-    nsenter --net="/run/netns/$P-$n" bash -c "echo \$\$ > $CGROOT/$P-$n-$cg/cgroup.procs; exec $*"
-  else
-    nsenter --net="/run/netns/$P-$n" bash -c "exec $*"
-  fi
-}
-
-"$SMESHD" certs init --dir "$D/tls" --nodes a,b >/dev/null || exit 1
-for n in a b; do cat "$D/tls/$n.crt" "$D/tls/$n.key" > "$D/tls/$n.pem"; done
-ip netns add "$P-a"; ip netns add "$P-b"
-ip link add "rca$$" type veth peer name "rcb$$"
-ip link set "rca$$" netns "$P-a"; ip link set "rcb$$" netns "$P-b"
-ip -n "$P-a" addr add 198.18.0.1/24 dev "rca$$"; ip -n "$P-b" addr add 198.18.0.2/24 dev "rcb$$"
-for n in a b; do
-  ip -n "$P-$n" link set lo up
-  mkdir "$CGROOT/$P-$n-mesh" "$CGROOT/$P-$n-d"
-  printf '[capture]\ncgroups = ["%s"]\n[datapath]\nmode = "%s"\n[log]\nlevel = "warn"\n[tunnel.tls]\ncert = "%s"\nkey = "%s"\nca = "%s"\n' \
-    "$P-$n-mesh" "$MODE" "$D/tls/$n.crt" "$D/tls/$n.key" "$D/tls/ca.crt" > "$D/$n.toml"
-  on "$n" d "$SMESHD" -c "$D/$n.toml" 2>"$D/smeshd-$n.log" & PIDS+=($!)
-done
-ip -n "$P-a" link set "rca$$" up; ip -n "$P-b" link set "rcb$$" up
+. "$(dirname "$0")/lib/two-nodes.sh"
+two_nodes rc "$MODE"
 
 cat > "$D/echo.py" <<'PY'
 import socket, sys, threading

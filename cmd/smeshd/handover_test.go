@@ -163,3 +163,56 @@ func newSmeshdWorld(t *testing.T) smeshdWorld {
 	}
 	return w
 }
+
+// echoServer serves echoes on 127.0.0.1 in w's node namespace and returns
+// its address.
+func (w smeshdWorld) echoServer(t *testing.T) string {
+	t.Helper()
+	var ln net.Listener
+	if err := w.node.Do(func() (err error) {
+		ln, err = net.Listen("tcp4", "127.0.0.1:0")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				io.Copy(c, c)
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+// echoLoop exchanges checked echoes with addr from w's enrolled cgroup,
+// one connection after another, until the function it returns is called:
+// that fails t unless some went through and none failed.
+func (w smeshdWorld) echoLoop(t *testing.T, addr string) func() {
+	t.Helper()
+	loop := testenv.StartHelper(t, w.enrolled, w.node.Name, "echo-loop", addr)
+	return func() {
+		t.Helper()
+		if err := loop.Send("stop"); err != nil {
+			t.Fatal(err)
+		}
+		line, err := loop.ReadLine(30 * time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ok, failed int
+		if _, err := fmt.Sscanf(line, "ok %d failed %d", &ok, &failed); err != nil {
+			t.Fatalf("echo loop said %q", line)
+		}
+		t.Logf("%d exchanges through the mesh, %d failed", ok, failed)
+		if ok == 0 || failed != 0 {
+			t.Errorf("%d exchanges, %d failed (%.800s); want none failed", ok, failed, loop.Stderr())
+		}
+	}
+}

@@ -35,30 +35,11 @@ func TestHandoverMapSizeChanged(t *testing.T) {
 	if err := os.WriteFile(other, []byte(conf+"map_size = 4096\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	var ln net.Listener
-	if err := w.node.Do(func() (err error) {
-		ln, err = net.Listen("tcp4", "127.0.0.1:0")
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				io.Copy(c, c)
-			}()
-		}
-	}()
+	addr := w.echoServer(t)
 
 	first := testenv.StartProcess(t, w.smeshCg, w.node.Name, w.exe, "-c", w.path)
 	waitStderr(t, first, "smeshd ready", 1)
-	loop := testenv.StartHelper(t, w.enrolled, w.node.Name, "echo-loop", ln.Addr().String())
+	stopLoop := w.echoLoop(t, addr)
 	time.Sleep(500 * time.Millisecond)
 
 	second := testenv.StartProcess(t, w.smeshCg, w.node.Name, w.exe, "-c", other)
@@ -84,21 +65,7 @@ func TestHandoverMapSizeChanged(t *testing.T) {
 	}
 	time.Sleep(500 * time.Millisecond)
 
-	if err := loop.Send("stop"); err != nil {
-		t.Fatal(err)
-	}
-	line, err := loop.ReadLine(30 * time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var ok, failed int
-	if _, err := fmt.Sscanf(line, "ok %d failed %d", &ok, &failed); err != nil {
-		t.Fatalf("echo loop said %q", line)
-	}
-	t.Logf("%d exchanges through the mesh, %d failed", ok, failed)
-	if ok == 0 || failed != 0 {
-		t.Errorf("%d exchanges, %d failed (%.800s); want none failed", ok, failed, loop.Stderr())
-	}
+	stopLoop()
 	// Relayed by smeshd, not direct: the successor's /metrics count them.
 	if n := testenv.Metric(t, metricsIn(t, w.node), "smesh_connections_total", map[string]string{"path": "copy"}); n == 0 {
 		t.Errorf("the successor relayed no connection")

@@ -424,42 +424,9 @@ func TestMasterStoreMapSizeChanged(t *testing.T) {
 		}
 	}
 
-	var ln net.Listener
-	if err := w.node.Do(func() (err error) {
-		ln, err = net.Listen("tcp4", "127.0.0.1:0")
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				io.Copy(c, c)
-			}()
-		}
-	}()
-	loop := testenv.StartHelper(t, w.enrolled, w.node.Name, "echo-loop", ln.Addr().String())
+	stopLoop := w.echoLoop(t, w.echoServer(t))
 	time.Sleep(time.Second)
-	if err := loop.Send("stop"); err != nil {
-		t.Fatal(err)
-	}
-	line, err := loop.ReadLine(30 * time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var ok, failed int
-	if _, err := fmt.Sscanf(line, "ok %d failed %d", &ok, &failed); err != nil {
-		t.Fatalf("echo loop said %q", line)
-	}
-	if ok == 0 || failed != 0 {
-		t.Errorf("%d exchanges through the mesh, %d failed (%.800s); want none failed", ok, failed, loop.Stderr())
-	}
+	stopLoop()
 	if n := testenv.Metric(t, metricsIn(t, w.node), "smesh_connections_total", map[string]string{"path": "copy"}); n == 0 {
 		t.Errorf("the new worker relayed no connection")
 	}

@@ -17,27 +17,30 @@ import (
 const ip6tSoOriginalDst = 80
 
 // origDstRetry bounds how long OriginalDst asks again when the kernel has
-// no original destination for a connection (ENOENT).
-const origDstRetry = 250 * time.Millisecond
+// no original destination for a connection.
+const origDstRetry = time.Second
 
 // OriginalDst asks the kernel where a captured connection was going before
 // connect4 sent it to smeshd (SO_ORIGINAL_DST, answered by smesh's
 // cgroup/getsockopt program from the original-destination map).
 //
-// A miss (ENOENT) is asked again for up to origDstRetry: while a successor
-// whose smesh_orig_dst has another layout takes over (docs/restart.md 3.6),
-// a connection established by the new sock_ops program has its entry in
-// the new map only, and one accepted then by the predecessor is answered
-// by the old getsockopt program, which reads the old map, until every
-// getsockopt link runs the new program, milliseconds later. A connection
-// that was never captured (made to the listener directly) has no entry
-// either, and is reset that much later.
+// A miss is asked again for up to origDstRetry: while a successor whose
+// smesh_orig_dst has another layout takes over (docs/restart.md 3.6), a
+// connection established by the new sock_ops program has its entry in the
+// new map only, and one accepted then by the predecessor is answered by
+// the old getsockopt program, which reads the old map, until every
+// getsockopt link runs the new program: milliseconds later, hundreds under
+// emulation. The program passes a miss on to the kernel, whose answer is
+// ENOENT with netfilter's conntrack loaded and ENOPROTOOPT without it (the
+// kernel-test guest). A connection that was never captured (made to the
+// listener directly) has no entry either, and is reset that much later.
 func OriginalDst(c *net.TCPConn) (netip.AddrPort, error) {
 	wait := time.Millisecond
 	deadline := time.Now().Add(origDstRetry)
 	for {
 		dst, err := originalDst(c)
-		if !errors.Is(err, unix.ENOENT) || time.Now().Add(wait).After(deadline) {
+		miss := errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENOPROTOOPT)
+		if !miss || time.Now().Add(wait).After(deadline) {
 			return dst, err
 		}
 		time.Sleep(wait)
