@@ -567,12 +567,7 @@ open("/run/smesh-test-stream.out", "w").write(res + "\n")
 		return strings.Contains(body, "127.0.0.1:8081")
 	})
 	// Connections in the mesh, one after another, every byte checked.
-	s.sh(`systemd-run --quiet --unit=smesh-test-loop --slice=smesh.slice -p RemainAfterExit=yes sh -c '
-ok=0; failed=0; end=$(($(date +%s) + 170))
-while [ ! -e /run/smesh-test-loop.stop ] && [ $(date +%s) -lt $end ]; do
-  if [ "$(curl -fsS --max-time 20 http://198.19.0.10/small | sha256sum | cut -d" " -f1)" = "` + s.smallSum + `" ]; then ok=$((ok+1)); else failed=$((failed+1)); fi
-done
-echo "$ok $failed" > /run/smesh-test-loop.out'`)
+	s.startLoop("smesh-test-loop")
 	time.Sleep(time.Second)
 
 	restarts := s.show("smeshd", "NRestarts")
@@ -594,11 +589,17 @@ echo "$ok $failed" > /run/smesh-test-loop.out'`)
 		t.Errorf("%s is %s, want active: the first worker drains the long-lived connection there", scope, s.show(scope, "ActiveState"))
 	}
 
+	// The restarts are over: every connection across them must have
+	// succeeded. The loop stops before the crash below, which may cut
+	// what the dead worker relays (a download in flight).
+	s.stopLoop(t, "smesh-test-loop", "connections across 10 restarts")
+
 	// A crash of the worker: the master exits non-zero, systemd starts
 	// smeshd again after RestartSec=; meanwhile the capture is held by the
 	// store and new connections wait in the stored listener's queue.
 	worker := s.worker()
 	s.sh("kill -KILL " + worker)
+	s.startLoop("smesh-test-crashloop")
 	s.waitFor("smeshd to be gone", func() bool { return s.show("smeshd", "MainPID") == "0" })
 	for _, typ := range []ebpf.AttachType{ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupSockOps} {
 		if n := s.attached(sliceDir, typ); n != 1 {
@@ -610,19 +611,16 @@ echo "$ok $failed" > /run/smesh-test-loop.out'`)
 	})
 	time.Sleep(2 * time.Second)
 
-	s.sh("touch /run/smesh-test-loop.stop /run/smesh-test-stream.stop")
-	s.waitFor("the connection loop and the stream to end", func() bool {
-		_, ok := s.try("test -e /run/smesh-test-loop.out && test -e /run/smesh-test-stream.out")
+	// Made from right after the SIGKILL on: they waited in the stored
+	// listener's queue until the next worker took it.
+	s.stopLoop(t, "smesh-test-crashloop", "connections made from the crash on")
+	s.sh("touch /run/smesh-test-stream.stop")
+	s.waitFor("the stream to end", func() bool {
+		_, ok := s.try("test -e /run/smesh-test-stream.out")
 		return ok
 	})
-	loop := strings.Fields(s.sh("cat /run/smesh-test-loop.out"))
 	stream := strings.TrimSpace(s.sh("cat /run/smesh-test-stream.out"))
-	s.sh("systemctl stop smesh-test-loop smesh-test-stream smesh-test-echo; rm -f /run/smesh-test-*.stop /run/smesh-test-*.out")
-	if len(loop) != 2 || loop[1] != "0" || loop[0] == "0" {
-		t.Errorf("connections across 10 restarts and a crash: %v (ok, failed), want some ok and 0 failed", loop)
-	} else {
-		t.Logf("connections across 10 restarts and a crash: %s ok, 0 failed", loop[0])
-	}
+	s.sh("systemctl stop smesh-test-stream smesh-test-echo; rm -f /run/smesh-test-*.stop /run/smesh-test-*.out /run/smesh-test-*.err")
 	if !strings.HasPrefix(stream, "ok ") {
 		t.Errorf("the long-lived connection across 10 restarts and a crash: %q", stream)
 	} else {
@@ -999,5 +997,39 @@ func (s *systemd) waitFor(what string, cond func() bool) {
 		if time.Now().After(deadline) {
 			s.t.Fatalf("waited 20s for %s\n%s", what, tail(s.journal(), 15))
 		}
+	}
+}
+
+// startLoop starts unit, in smesh.slice (the mesh): downloads of /small
+// from the test web server's captured-only address, one after another,
+// each checked by its sha256, until /run/UNIT.stop exists (at most 170 s).
+// It writes "OK FAILED" to /run/UNIT.out at the end, and each failure's
+// time and curl's error to /run/UNIT.err.
+func (s *systemd) startLoop(unit string) {
+	s.t.Helper()
+	s.sh(`systemd-run --quiet --unit=` + unit + ` --slice=smesh.slice -p RemainAfterExit=yes sh -c '
+ok=0; failed=0; end=$(($(date +%s) + 170))
+while [ ! -e /run/` + unit + `.stop ] && [ $(date +%s) -lt $end ]; do
+  if [ "$(curl -fsS --max-time 20 http://198.19.0.10/small 2>/run/` + unit + `.curl | sha256sum | cut -d" " -f1)" = "` + s.smallSum + `" ]; then ok=$((ok+1)); else failed=$((failed+1)); echo "$(date +%T.%N) $(cat /run/` + unit + `.curl)" >> /run/` + unit + `.err; fi
+done
+echo "$ok $failed" > /run/` + unit + `.out'`)
+}
+
+// stopLoop stops what startLoop started and fails t unless some downloads
+// went through and none failed (what, for the message).
+func (s *systemd) stopLoop(t *testing.T, unit, what string) {
+	t.Helper()
+	s.sh("touch /run/" + unit + ".stop")
+	s.waitFor(unit+" to end", func() bool {
+		_, ok := s.try("test -e /run/" + unit + ".out")
+		return ok
+	})
+	loop := strings.Fields(s.sh("cat /run/" + unit + ".out"))
+	errs, _ := s.try("cat /run/" + unit + ".err")
+	s.sh("systemctl stop " + unit + " 2>/dev/null || true; rm -f /run/" + unit + ".*")
+	if len(loop) != 2 || loop[1] != "0" || loop[0] == "0" {
+		t.Errorf("%s: %v (ok, failed), want some ok and 0 failed; failures:\n%s", what, loop, errs)
+	} else {
+		t.Logf("%s: %s ok, 0 failed", what, loop[0])
 	}
 }
