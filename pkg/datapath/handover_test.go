@@ -167,14 +167,7 @@ func TestHandoverKeepsCapture(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	bOpts := opts
-	bOpts.Adopt = files
-	b, err := Load(bOpts)
-	if err != nil {
-		closeFiles(files)
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { b.Close() })
+	b := successor(t, opts, files)
 	err = b.SetCapture([]string{app}, opts.IncludeCIDRs, nil, nil)
 	left := slices.Sorted(maps.Keys(files))
 	closeFiles(files)
@@ -281,14 +274,7 @@ func TestHandoverKeepsSplicedConnection(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	bOpts := opts
-	bOpts.Adopt = files
-	b, err := Load(bOpts)
-	if err != nil {
-		closeFiles(files)
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { b.Close() })
+	b := successor(t, opts, files)
 	err = b.SetCapture([]string{app}, opts.IncludeCIDRs, nil, nil)
 	closeFiles(files)
 	if err != nil {
@@ -362,14 +348,7 @@ func TestHandoverPinned(t *testing.T) {
 	if files[lockName] == nil {
 		t.Fatalf("the hand-over of a pinned capture has no %q", lockName)
 	}
-	bOpts := opts
-	bOpts.Adopt = files
-	b, err := Load(bOpts)
-	if err != nil {
-		closeFiles(files)
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { b.Close() })
+	b := successor(t, opts, files)
 	err = b.SetCapture([]string{app}, opts.IncludeCIDRs, nil, nil)
 	closeFiles(files)
 	if err != nil {
@@ -592,6 +571,20 @@ func TestHandoverNamesEverything(t *testing.T) {
 			t.Errorf("%s is link %v, %v; want %d", name, info, err, want)
 		}
 	}
+}
+
+// successor loads opts adopting files, a predecessor's Handover, as a
+// successor does; it is closed at the test's end.
+func successor(t *testing.T, opts Options, files map[string]*os.File) *Datapath {
+	t.Helper()
+	opts.Adopt = files
+	b, err := Load(opts)
+	if err != nil {
+		closeFiles(files)
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	return b
 }
 
 // predecessor loads the data path of opts as a running smeshd would have

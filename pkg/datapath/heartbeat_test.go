@@ -258,14 +258,7 @@ func TestHeartbeatFromPredecessorWithout(t *testing.T) {
 		f.Close()
 		delete(files, name)
 	}
-	bOpts := opts
-	bOpts.Adopt = files
-	b, err := Load(bOpts)
-	if err != nil {
-		closeFiles(files)
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { b.Close() })
+	b := successor(t, opts, files)
 	hb, err := b.StartHeartbeat(10 * time.Second)
 	if err != nil {
 		t.Fatal(err)

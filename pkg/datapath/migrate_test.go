@@ -207,13 +207,7 @@ func takeOver(t *testing.T, a *Datapath, opts Options, app string, gap time.Dura
 	if err != nil {
 		t.Fatal(err)
 	}
-	opts.Adopt = files
-	b, err := Load(opts)
-	if err != nil {
-		closeFiles(files)
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { b.Close() })
+	b := successor(t, opts, files)
 	time.Sleep(gap)
 	err = b.SetCapture([]string{app}, opts.IncludeCIDRs, nil, nil)
 	closeFiles(files)
