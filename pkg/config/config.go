@@ -28,6 +28,7 @@ type Config struct {
 	Daemon     Daemon     `toml:"daemon"`
 	Kubernetes Kubernetes `toml:"kubernetes"`
 	Services   []Service  `toml:"services"`
+	Policies   []Policy   `toml:"policy"`
 }
 
 // Capture selects the workloads and destinations whose outbound TCP is
@@ -354,5 +355,6 @@ func Default() Config {
 			PreferLocalBackends: "prefer_close",
 		},
 		Services: []Service{},
+		Policies: []Policy{},
 	}
 }

@@ -43,6 +43,7 @@ func (c *Config) Validate() error {
 	var p problems
 	c.Capture.validate(&p)
 	validateServices(&p, c.Services)
+	validatePolicies(&p, c.Policies)
 
 	checkOneOf(&p, "datapath.mode", c.Datapath.Mode, "auto", "splice", "copy")
 	if c.Datapath.MapSize < minMapSize || c.Datapath.MapSize > maxMapSize {
