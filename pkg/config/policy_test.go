@@ -2,6 +2,8 @@ package config
 
 import (
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -106,5 +108,32 @@ func TestPolicyErrors(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), bad.want) {
 			t.Errorf("%q: error %v, want one containing %q", bad.doc, err, bad.want)
 		}
+	}
+}
+
+// TestPolicyExample keeps the commented [[policy]] example of the shipped
+// smesh.toml valid.
+func TestPolicyExample(t *testing.T) {
+	data, err := os.ReadFile(filepath.Join("..", "..", "smesh.toml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, example, ok := strings.Cut(string(data), "\n# [[policy]]\n")
+	if !ok {
+		t.Fatal("smesh.toml has no commented [[policy]] example")
+	}
+	var doc strings.Builder
+	doc.WriteString("[[policy]]\n")
+	for line := range strings.SplitSeq(example, "\n") {
+		if l, ok := strings.CutPrefix(line, "# "); ok && !strings.HasPrefix(l, "#") {
+			doc.WriteString(l + "\n")
+		}
+	}
+	c, err := Parse([]byte(doc.String()))
+	if err != nil {
+		t.Fatalf("%v\n%s", err, doc.String())
+	}
+	if len(c.Policies) != 1 || len(c.Policies[0].Rules) != 2 {
+		t.Fatalf("example parsed as %+v", c.Policies)
 	}
 }
