@@ -42,6 +42,9 @@ var requests = []Request{
 	{Verb: "watch", Resource: "services"},
 	{Verb: "list", Group: discoveryv1.GroupName, Resource: "endpointslices"},
 	{Verb: "watch", Group: discoveryv1.GroupName, Resource: "endpointslices"},
+	// Through the dynamic client (PolicyWatcher), not restAPI.
+	{Verb: "list", Group: AuthorizationPolicies.Group, Resource: AuthorizationPolicies.Resource},
+	{Verb: "watch", Group: AuthorizationPolicies.Group, Resource: AuthorizationPolicies.Resource},
 }
 
 // Requests returns every request smeshd makes to the API server.
