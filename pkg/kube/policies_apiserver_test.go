@@ -184,7 +184,7 @@ func TestPoliciesOnAPIServer(t *testing.T) {
 
 	apply("prod", "no-dev", map[string]any{
 		"action": "DENY",
-		"rules": []any{map[string]any{"from": []any{map[string]any{"source": map[string]any{"namespaces": []any{"dev"}}}}}},
+		"rules":  []any{map[string]any{"from": []any{map[string]any{"source": map[string]any{"namespaces": []any{"dev"}}}}}},
 	})
 	// The first one waits for the watcher's next look for the CRD too.
 	expect("DENY created with the CRD", 30*time.Second, devSleep, web, 80, policy.Verdict{Policy: "prod/no-dev", Reason: policy.ReasonDenied})
