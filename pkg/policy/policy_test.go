@@ -53,7 +53,7 @@ func allowedBy(p string) Verdict { return Verdict{Allow: true, Policy: p} }
 func deniedBy(p string) Verdict  { return Verdict{Policy: p, Reason: ReasonDenied} }
 func invalid(p string) Verdict   { return Verdict{Policy: p, Reason: ReasonInvalid} }
 
-type decision struct {
+type check struct {
 	src  Source
 	dst  Workload
 	port uint16
@@ -65,18 +65,18 @@ func TestDecide(t *testing.T) {
 		name     string
 		policies []Policy
 		root     string // DefaultRootNamespace unless set
-		checks   []decision
+		checks   []check
 	}{
 		{
 			name: "no policy allows",
-			checks: []decision{
+			checks: []check{
 				{sleep, web, 80, allowed}, {anon, web, 0, allowed}, {nothing, unitWeb, 22, allowed},
 			},
 		},
 		{
 			name:     "allow without rules denies everything it selects",
 			policies: []Policy{sel(allow("prod", "deny-web"), "app", "web")},
-			checks: []decision{
+			checks: []check{
 				{sleep, web, 80, notAllowed}, {sleep, web, 0, notAllowed},
 				{sleep, db, 80, allowed}, {sleep, devWeb, 80, allowed},
 			},
@@ -84,7 +84,7 @@ func TestDecide(t *testing.T) {
 		{
 			name:     "empty rule allows everything",
 			policies: []Policy{allow("prod", "all", Rule{})},
-			checks: []decision{
+			checks: []check{
 				{sleep, web, 80, allowedBy("prod/all")}, {anon, db, 0, allowedBy("prod/all")},
 				{nothing, web, 1, allowedBy("prod/all")}, {sleep, devWeb, 80, allowed},
 			},
@@ -92,12 +92,12 @@ func TestDecide(t *testing.T) {
 		{
 			name:     "deny without rules does nothing",
 			policies: []Policy{deny("prod", "nothing")},
-			checks:   []decision{{sleep, web, 80, allowed}},
+			checks:   []check{{sleep, web, 80, allowed}},
 		},
 		{
 			name:     "principal exact, both forms",
 			policies: []Policy{allow("prod", "p", from(Peer{Principals: []string{"cluster.local/ns/prod/sa/sleep", "spiffe://smesh.local/node/b/unit/client.service"}}))},
-			checks: []decision{
+			checks: []check{
 				{sleep, web, 80, allowedBy("prod/p")}, {devSleep, web, 80, notAllowed},
 				{admin, web, 80, notAllowed}, {anon, web, 80, notAllowed},
 				{unit, web, 80, allowedBy("prod/p")},
@@ -106,7 +106,7 @@ func TestDecide(t *testing.T) {
 		{
 			name:     "principal prefix",
 			policies: []Policy{allow("prod", "p", from(Peer{Principals: []string{"cluster.local/ns/prod/*"}}))},
-			checks: []decision{
+			checks: []check{
 				{sleep, web, 80, allowedBy("prod/p")}, {admin, web, 80, allowedBy("prod/p")},
 				{devSleep, web, 80, notAllowed}, {anon, web, 80, notAllowed},
 			},
@@ -114,7 +114,7 @@ func TestDecide(t *testing.T) {
 		{
 			name:     "principal suffix",
 			policies: []Policy{allow("prod", "p", from(Peer{Principals: []string{"*/sa/sleep"}}))},
-			checks: []decision{
+			checks: []check{
 				{sleep, web, 80, allowedBy("prod/p")}, {devSleep, web, 80, allowedBy("prod/p")},
 				{admin, web, 80, notAllowed}, {anon, web, 80, notAllowed},
 			},
@@ -122,7 +122,7 @@ func TestDecide(t *testing.T) {
 		{
 			name:     "principal presence: any identified source",
 			policies: []Policy{allow("prod", "p", from(Peer{Principals: []string{"*"}}))},
-			checks: []decision{
+			checks: []check{
 				{sleep, web, 80, allowedBy("prod/p")}, {unit, web, 80, allowedBy("prod/p")},
 				{anon, web, 80, notAllowed}, {nothing, web, 80, notAllowed},
 			},
@@ -130,7 +130,7 @@ func TestDecide(t *testing.T) {
 		{
 			name:     "notPrincipals * denies sources without identity",
 			policies: []Policy{deny("prod", "require-id", from(Peer{NotPrincipals: []string{"*"}}))},
-			checks: []decision{
+			checks: []check{
 				{sleep, web, 80, allowed}, {anon, web, 80, deniedBy("prod/require-id")},
 				{nothing, db, 80, deniedBy("prod/require-id")},
 			},
@@ -138,14 +138,14 @@ func TestDecide(t *testing.T) {
 		{
 			name:     "notPrincipals with principals",
 			policies: []Policy{allow("prod", "p", from(Peer{Principals: []string{"cluster.local/ns/prod/*"}, NotPrincipals: []string{"*/sa/admin-tools"}}))},
-			checks: []decision{
+			checks: []check{
 				{sleep, web, 80, allowedBy("prod/p")}, {admin, web, 80, notAllowed}, {devSleep, web, 80, notAllowed},
 			},
 		},
 		{
 			name:     "namespaces",
 			policies: []Policy{allow("prod", "ns", from(Peer{Namespaces: []string{"prod"}}))},
-			checks: []decision{
+			checks: []check{
 				{sleep, web, 80, allowedBy("prod/ns")}, {devSleep, web, 80, notAllowed},
 				{unit, web, 80, notAllowed}, {anon, web, 80, notAllowed},
 			},
@@ -153,12 +153,12 @@ func TestDecide(t *testing.T) {
 		{
 			name:     "namespace patterns",
 			policies: []Policy{allow("prod", "ns", from(Peer{Namespaces: []string{"de*", "*od"}}))},
-			checks:   []decision{{sleep, web, 80, allowedBy("prod/ns")}, {devSleep, web, 80, allowedBy("prod/ns")}, {unit, web, 80, notAllowed}},
+			checks:   []check{{sleep, web, 80, allowedBy("prod/ns")}, {devSleep, web, 80, allowedBy("prod/ns")}, {unit, web, 80, notAllowed}},
 		},
 		{
 			name:     "notNamespaces",
 			policies: []Policy{deny("prod", "not-dev", from(Peer{NotNamespaces: []string{"prod"}}))},
-			checks: []decision{
+			checks: []check{
 				{sleep, web, 80, allowed}, {devSleep, web, 80, deniedBy("prod/not-dev")},
 				{anon, web, 80, deniedBy("prod/not-dev")}, {unit, web, 80, deniedBy("prod/not-dev")},
 			},
@@ -166,7 +166,7 @@ func TestDecide(t *testing.T) {
 		{
 			name:     "ipBlocks v4, v6, single addresses",
 			policies: []Policy{allow("prod", "ip", from(Peer{IPBlocks: []string{"10.1.0.0/16", "fd00:5e::/32", "10.9.9.9"}}))},
-			checks: []decision{
+			checks: []check{
 				{sleep, web, 80, allowedBy("prod/ip")}, {admin, web, 80, allowedBy("prod/ip")},
 				{anon, web, 80, allowedBy("prod/ip")}, {devSleep, web, 80, notAllowed},
 				{nothing, web, 80, notAllowed}, {mapped, web, 80, allowedBy("prod/ip")},
@@ -175,7 +175,7 @@ func TestDecide(t *testing.T) {
 		{
 			name:     "single IPv6 address and mapped CIDR",
 			policies: []Policy{allow("prod", "ip", from(Peer{IPBlocks: []string{"fd00:5e::5", "::ffff:10.2.0.0/112"}}))},
-			checks: []decision{
+			checks: []check{
 				{admin, web, 80, allowedBy("prod/ip")}, {devSleep, web, 80, allowedBy("prod/ip")},
 				{sleep, web, 80, notAllowed},
 			},
@@ -183,7 +183,7 @@ func TestDecide(t *testing.T) {
 		{
 			name:     "notIpBlocks",
 			policies: []Policy{deny("prod", "outside", from(Peer{NotIPBlocks: []string{"10.0.0.0/8"}}))},
-			checks: []decision{
+			checks: []check{
 				{sleep, web, 80, allowed}, {admin, web, 80, deniedBy("prod/outside")},
 				{unit, web, 80, deniedBy("prod/outside")}, {nothing, web, 80, deniedBy("prod/outside")},
 			},
@@ -191,7 +191,7 @@ func TestDecide(t *testing.T) {
 		{
 			name:     "fields of one source all match",
 			policies: []Policy{allow("prod", "and", from(Peer{Namespaces: []string{"prod"}, IPBlocks: []string{"10.1.0.0/16"}}))},
-			checks: []decision{
+			checks: []check{
 				{sleep, web, 80, allowedBy("prod/and")}, {admin, web, 80, notAllowed},
 				{Source{ID: devSleep.ID, IP: sleep.IP}, web, 80, notAllowed},
 			},
@@ -199,7 +199,7 @@ func TestDecide(t *testing.T) {
 		{
 			name:     "sources and rules are alternatives",
 			policies: []Policy{allow("prod", "or", from(Peer{Namespaces: []string{"dev"}}, Peer{IPBlocks: []string{"fd00::/8"}}), from(Peer{Principals: []string{"*client.service"}}))},
-			checks: []decision{
+			checks: []check{
 				{devSleep, web, 80, allowedBy("prod/or")}, {admin, web, 80, allowedBy("prod/or")},
 				{unit, web, 80, allowedBy("prod/or")}, {sleep, web, 80, notAllowed},
 			},
@@ -207,7 +207,7 @@ func TestDecide(t *testing.T) {
 		{
 			name:     "ports",
 			policies: []Policy{allow("prod", "ports", Rule{From: []Peer{{Namespaces: []string{"prod"}}}, To: []Operation{{Ports: []uint16{80, 443}}}})},
-			checks: []decision{
+			checks: []check{
 				{sleep, web, 80, allowedBy("prod/ports")}, {sleep, web, 443, allowedBy("prod/ports")},
 				{sleep, web, 8080, notAllowed}, {sleep, web, 0, notAllowed}, {devSleep, web, 80, notAllowed},
 			},
@@ -215,7 +215,7 @@ func TestDecide(t *testing.T) {
 		{
 			name:     "notPorts",
 			policies: []Policy{deny("prod", "admin-port", Rule{To: []Operation{{NotPorts: []uint16{80}}}})},
-			checks: []decision{
+			checks: []check{
 				{sleep, web, 80, allowed}, {sleep, web, 9000, deniedBy("prod/admin-port")},
 				{sleep, web, 0, deniedBy("prod/admin-port")},
 			},
@@ -223,7 +223,7 @@ func TestDecide(t *testing.T) {
 		{
 			name:     "ports and notPorts in one operation, operations alternatives",
 			policies: []Policy{allow("prod", "p", Rule{To: []Operation{{Ports: []uint16{80, 81}, NotPorts: []uint16{81}}, {Ports: []uint16{9090}}}})},
-			checks: []decision{
+			checks: []check{
 				{sleep, web, 80, allowedBy("prod/p")}, {sleep, web, 81, notAllowed},
 				{sleep, web, 9090, allowedBy("prod/p")}, {sleep, web, 0, notAllowed},
 			},
@@ -234,7 +234,7 @@ func TestDecide(t *testing.T) {
 				allow("prod", "all", Rule{}),
 				deny("prod", "no-dev", from(Peer{Namespaces: []string{"dev"}})),
 			},
-			checks: []decision{
+			checks: []check{
 				{sleep, web, 80, allowedBy("prod/all")}, {devSleep, web, 80, deniedBy("prod/no-dev")},
 			},
 		},
@@ -244,7 +244,7 @@ func TestDecide(t *testing.T) {
 				sel(allow("prod", "a", from(Peer{Namespaces: []string{"dev"}})), "app", "web"),
 				sel(allow("prod", "b", from(Peer{Principals: []string{"*/sa/sleep"}})), "tier", "front"),
 			},
-			checks: []decision{
+			checks: []check{
 				{devSleep, web, 80, allowedBy("prod/a")}, {sleep, web, 80, allowedBy("prod/b")},
 				{admin, web, 80, notAllowed}, {admin, db, 80, allowed},
 			},
@@ -252,14 +252,14 @@ func TestDecide(t *testing.T) {
 		{
 			name:     "selector mismatch",
 			policies: []Policy{sel(allow("prod", "web-only", from(Peer{Namespaces: []string{"prod"}})), "app", "web", "tier", "back")},
-			checks:   []decision{{devSleep, web, 80, allowed}, {devSleep, db, 80, allowed}},
+			checks:   []check{{devSleep, web, 80, allowed}, {devSleep, db, 80, allowed}},
 		},
 		{
 			name: "namespace policies stay in their namespace",
 			policies: []Policy{
 				allow("dev", "dev-only", from(Peer{Namespaces: []string{"dev"}})),
 			},
-			checks: []decision{
+			checks: []check{
 				{sleep, devWeb, 80, notAllowed}, {devSleep, devWeb, 80, allowedBy("dev/dev-only")},
 				{sleep, web, 80, allowed}, {sleep, unitWeb, 80, allowed},
 			},
@@ -270,7 +270,7 @@ func TestDecide(t *testing.T) {
 				sel(deny("istio-system", "no-anon", from(Peer{NotPrincipals: []string{"*"}})), "app", "web"),
 				allow("istio-system", "mesh", from(Peer{Namespaces: []string{"prod", "dev"}})),
 			},
-			checks: []decision{
+			checks: []check{
 				{anon, web, 80, deniedBy("istio-system/no-anon")}, {anon, devWeb, 80, deniedBy("istio-system/no-anon")},
 				{anon, db, 80, notAllowed}, {sleep, devWeb, 80, allowedBy("istio-system/mesh")},
 				{unit, db, 80, notAllowed},
@@ -280,14 +280,14 @@ func TestDecide(t *testing.T) {
 			name:     "configured root namespace",
 			root:     "mesh-root",
 			policies: []Policy{allow("mesh-root", "none"), allow("istio-system", "ignored")},
-			checks:   []decision{{sleep, web, 80, notAllowed}, {sleep, devWeb, 80, notAllowed}},
+			checks:   []check{{sleep, web, 80, notAllowed}, {sleep, devWeb, 80, notAllowed}},
 		},
 		{
 			name: "smesh.toml policies: workloads",
 			policies: []Policy{
 				{Name: "web", Action: Allow, Workloads: []spiffeid.ID{unitWeb.ID}, Rules: []Rule{from(Peer{Principals: []string{"smesh.local/node/b/*"}})}},
 			},
-			checks: []decision{
+			checks: []check{
 				{unit, unitWeb, 80, allowedBy("web")}, {sleep, unitWeb, 80, notAllowed},
 				{sleep, unitDB, 80, allowed},
 			},
@@ -297,7 +297,7 @@ func TestDecide(t *testing.T) {
 			policies: []Policy{
 				{Name: "ssh", Action: Deny, Rules: []Rule{{From: []Peer{{NotIPBlocks: []string{"198.18.0.0/15"}}}, To: []Operation{{Ports: []uint16{22}}}}}},
 			},
-			checks: []decision{
+			checks: []check{
 				{unit, unitWeb, 22, allowed}, {sleep, unitDB, 22, deniedBy("ssh")},
 				{sleep, unitDB, 0, allowed}, {sleep, web, 22, deniedBy("ssh")},
 			},
@@ -308,7 +308,7 @@ func TestDecide(t *testing.T) {
 				sel(allow("prod", "l7", Rule{}), "app", "web"),
 				{Namespace: "prod", Name: "custom", Action: "CUSTOM", Selector: map[string]string{"app": "db"}, Rules: []Rule{{}}},
 			},
-			checks: []decision{
+			checks: []check{
 				{sleep, web, 80, allowedBy("prod/l7")},
 				{sleep, db, 80, invalid("prod/custom")}, {sleep, devWeb, 80, allowed},
 			},
@@ -320,7 +320,7 @@ func TestDecide(t *testing.T) {
 				deny("prod", "dev", from(Peer{Namespaces: []string{"dev"}})),
 				{Namespace: "prod", Name: "bad", Action: Allow, Invalid: "rules[0].to[0].operation.methods is not supported at L4", Rules: []Rule{{}}},
 			},
-			checks: []decision{
+			checks: []check{
 				{sleep, web, 80, invalid("prod/bad")}, {devSleep, db, 80, invalid("prod/bad")},
 				{sleep, devWeb, 80, allowed},
 			},

@@ -17,16 +17,47 @@ const DefaultRootNamespace = "istio-system"
 // use; a change of policies makes a new Set.
 type Set struct {
 	root string
-	// meshWide are the policies of the root namespace and those without
+	// meshWide holds the policies of the root namespace and those without
 	// a namespace (smesh.toml); byNamespace the others. Decide looks at
 	// both for a destination, so that a namespace's policies cost
 	// nothing to the workloads of other namespaces.
-	meshWide    []*compiled
-	byNamespace map[string][]*compiled
+	meshWide    bucket
+	byNamespace map[string]*bucket
 	problems    []Problem
 }
 
+// bucket is the policies of one namespace, arranged for Decide.
+type bucket struct {
+	all     []*compiled // in the order given to NewSet
+	invalid []*compiled // checked first: they deny whatever else matches
+	// Valid policies: those without selector labels apply to every
+	// workload (of the namespace, or listed in workloads); those with
+	// are also indexed by their first label, so that a namespace of
+	// many policies costs a destination a lookup per label it carries
+	// instead of a selector match per policy.
+	unlabelled []*compiled
+	labelled   []*compiled
+	byLabel    map[label][]*compiled
+}
+
+func (b *bucket) add(c *compiled) {
+	b.all = append(b.all, c)
+	switch {
+	case c.invalid:
+		b.invalid = append(b.invalid, c)
+	case len(c.selector) == 0:
+		b.unlabelled = append(b.unlabelled, c)
+	default:
+		b.labelled = append(b.labelled, c)
+		if b.byLabel == nil {
+			b.byLabel = make(map[label][]*compiled)
+		}
+		b.byLabel[c.selector[0]] = append(b.byLabel[c.selector[0]], c)
+	}
+}
+
 type compiled struct {
+	order     int    // in the list given to NewSet: the first matching policy decides
 	key       string // "namespace/name", or "name"
 	src       *Policy
 	selector  []label // sorted by key: iterating a map costs more than the whole match
@@ -112,32 +143,23 @@ func matchAny(ps []pattern, v string) bool {
 // rootNamespace is Istio's root namespace ("" for none); its policies apply
 // to every workload.
 func NewSet(ps []Policy, rootNamespace string) *Set {
-	s := &Set{root: rootNamespace, byNamespace: make(map[string][]*compiled)}
+	s := &Set{root: rootNamespace, byNamespace: make(map[string]*bucket)}
 	for i := range ps {
 		p := &ps[i]
 		c := compile(p)
+		c.order = i
 		c.meshWide = p.Namespace == "" || p.Namespace == rootNamespace
 		if c.invalid {
 			s.problems = append(s.problems, Problem{Policy: c.key, Reason: c.src.Invalid})
 		}
-		if c.meshWide {
-			s.meshWide = append(s.meshWide, c)
-		} else {
-			s.byNamespace[p.Namespace] = append(s.byNamespace[p.Namespace], c)
+		b := &s.meshWide
+		if !c.meshWide {
+			if b = s.byNamespace[p.Namespace]; b == nil {
+				b = &bucket{}
+				s.byNamespace[p.Namespace] = b
+			}
 		}
-	}
-	invalidFirst := func(a, b *compiled) int {
-		switch {
-		case a.invalid == b.invalid:
-			return 0
-		case a.invalid:
-			return -1
-		}
-		return 1
-	}
-	slices.SortStableFunc(s.meshWide, invalidFirst)
-	for _, l := range s.byNamespace {
-		slices.SortStableFunc(l, invalidFirst)
+		b.add(c)
 	}
 	return s
 }
@@ -257,8 +279,12 @@ func unmapPrefix(p netip.Prefix) netip.Prefix {
 	return p
 }
 
-func (c *compiled) selects(dst *Workload) bool {
-	for _, l := range c.selector {
+func (c *compiled) selects(dst *Workload) bool { return c.selectsFrom(dst, 0) }
+
+// selectsFrom is selects knowing that dst carries the first known labels
+// of the selector (found through the index).
+func (c *compiled) selectsFrom(dst *Workload, known int) bool {
+	for _, l := range c.selector[known:] {
 		if got, ok := dst.Labels[l.key]; !ok || got != l.value {
 			return false
 		}
@@ -299,18 +325,7 @@ func (c *compiled) matches(r *request) bool {
 }
 
 func (ru *rule) matches(r *request) bool {
-	if len(ru.from) > 0 {
-		ok := false
-		for i := range ru.from {
-			if ru.from[i].matches(r) {
-				ok = true
-				break
-			}
-		}
-		if !ok {
-			return false
-		}
-	}
+	// The port first: comparing numbers is cheaper than matching strings.
 	if len(ru.to) > 0 {
 		ok := false
 		for i := range ru.to {
@@ -323,7 +338,15 @@ func (ru *rule) matches(r *request) bool {
 			return false
 		}
 	}
-	return true
+	if len(ru.from) == 0 {
+		return true
+	}
+	for i := range ru.from {
+		if ru.from[i].matches(r) {
+			return true
+		}
+	}
+	return false
 }
 
 func (p *peer) matches(r *request) bool {
@@ -380,65 +403,91 @@ func (s *Set) Decide(src Source, dst Workload, port uint16) Verdict {
 		ip:        src.IP.Unmap(),
 		port:      port,
 	}
-	local := s.byNamespace[dst.Namespace]
-	if dst.Namespace == "" {
-		local = nil // only mesh-wide policies apply to systemd workloads
+	var local *bucket
+	if dst.Namespace != "" { // only mesh-wide policies apply to systemd workloads
+		local = s.byNamespace[dst.Namespace]
 	}
+	buckets := [2]*bucket{&s.meshWide, local}
 	// Invalid policies first, so that the reason does not depend on the
-	// order of the policies. NewSet put them at the front of each list.
-	for _, list := range [2][]*compiled{s.meshWide, local} {
-		for _, c := range list {
-			if !c.invalid {
-				break
-			}
+	// order of the policies.
+	for _, b := range buckets {
+		if b == nil {
+			continue
+		}
+		for _, c := range b.invalid {
 			if c.selects(&dst) {
 				return Verdict{Policy: c.key, Reason: ReasonInvalid}
 			}
 		}
 	}
-	// One pass: an invalid or matching DENY policy decides at once; the
-	// first matching ALLOW policy decides only once no denial can come.
-	var allowedBy *compiled
-	selected := false
-	for _, list := range [2][]*compiled{s.meshWide, local} {
-		for _, c := range list {
-			if !c.selects(&dst) {
-				continue
+	d := decision{r: &r, dst: &dst}
+	for _, b := range buckets {
+		if b == nil {
+			continue
+		}
+		for _, c := range b.unlabelled {
+			d.consider(c, 0)
+		}
+		if len(b.labelled) <= len(dst.Labels) {
+			for _, c := range b.labelled {
+				d.consider(c, 0)
 			}
-			switch {
-			case c.invalid:
-			case c.action == Deny:
-				if c.matches(&r) {
-					return Verdict{Policy: c.key, Reason: ReasonDenied}
-				}
-			default:
-				selected = true
-				if allowedBy == nil && c.matches(&r) {
-					allowedBy = c
-				}
+			continue
+		}
+		for k, v := range dst.Labels {
+			for _, c := range b.byLabel[label{k, v}] {
+				d.consider(c, 1)
 			}
 		}
 	}
-	if allowedBy != nil {
-		return Verdict{Allow: true, Policy: allowedBy.key}
-	}
-	if selected {
+	switch {
+	case d.denied != nil:
+		return Verdict{Policy: d.denied.key, Reason: ReasonDenied}
+	case d.allowed != nil:
+		return Verdict{Allow: true, Policy: d.allowed.key}
+	case d.selected:
 		return Verdict{Reason: ReasonNotAllowed}
 	}
 	return Verdict{Allow: true}
 }
 
+// decision gathers, over the policies that may apply, the first (in the
+// order given to NewSet) matching DENY and ALLOW policies, whatever order
+// the index visits them in.
+type decision struct {
+	r               *request
+	dst             *Workload
+	denied, allowed *compiled
+	selected        bool // an ALLOW policy applies
+}
+
+// consider looks at c, whose first known selector labels dst carries.
+func (d *decision) consider(c *compiled, known int) {
+	if !c.selectsFrom(d.dst, known) {
+		return
+	}
+	if c.action == Deny {
+		if (d.denied == nil || c.order < d.denied.order) && c.matches(d.r) {
+			d.denied = c
+		}
+		return
+	}
+	d.selected = true
+	if (d.allowed == nil || c.order < d.allowed.order) && c.matches(d.r) {
+		d.allowed = c
+	}
+}
+
 // selecting lists the policies that apply to dst: mesh-wide ones first,
-// invalid ones first in each, otherwise in the order given to NewSet.
+// otherwise in the order given to NewSet.
 func (s *Set) selecting(dst *Workload) []*compiled {
 	var out []*compiled
-	for _, c := range s.meshWide {
-		if c.selects(dst) {
-			out = append(out, c)
-		}
+	lists := [2][]*compiled{s.meshWide.all}
+	if b := s.byNamespace[dst.Namespace]; b != nil && dst.Namespace != "" {
+		lists[1] = b.all
 	}
-	if dst.Namespace != "" {
-		for _, c := range s.byNamespace[dst.Namespace] {
+	for _, l := range lists {
+		for _, c := range l {
 			if c.selects(dst) {
 				out = append(out, c)
 			}
@@ -496,9 +545,9 @@ func (s *Set) Describe(dst Workload) any {
 
 // Len is the number of policies in the set.
 func (s *Set) Len() int {
-	n := len(s.meshWide)
-	for _, l := range s.byNamespace {
-		n += len(l)
+	n := len(s.meshWide.all)
+	for _, b := range s.byNamespace {
+		n += len(b.all)
 	}
 	return n
 }
