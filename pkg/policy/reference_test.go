@@ -129,7 +129,9 @@ func TestAgainstReference(t *testing.T) {
 		return pick("cluster.local/ns/prod/sa/sleep", "spiffe://cluster.local/ns/dev/sa/sleep", "cluster.local/ns/prod/*", "*/sa/web", "*", "smesh.local/node/b/*")
 	}
 	nsPat := func() string { return pick("prod", "dev", "d*", "*od", "*") }
-	block := func() string { return pick("10.0.0.0/8", "10.1.0.5", "fd00::/8", "fd00:5e::5", "198.18.0.0/15", "::ffff:10.2.0.0/112") }
+	block := func() string {
+		return pick("10.0.0.0/8", "10.1.0.5", "fd00::/8", "fd00:5e::5", "198.18.0.0/15", "::ffff:10.2.0.0/112")
+	}
 	ports := func() []uint16 {
 		var out []uint16
 		for range rng.IntN(3) {
