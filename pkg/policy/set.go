@@ -16,7 +16,6 @@ const DefaultRootNamespace = "istio-system"
 // Set is a compiled, immutable set of policies. It is safe for concurrent
 // use; a change of policies makes a new Set.
 type Set struct {
-	root string
 	// meshWide holds the policies of the root namespace and those without
 	// a namespace (smesh.toml); byNamespace the others. Decide looks at
 	// both for a destination, so that a namespace's policies cost
@@ -138,12 +137,13 @@ func matchAny(ps []pattern, v string) bool {
 	return false
 }
 
-// NewSet compiles ps. It never fails: a policy it cannot enforce as written
+// NewSet compiles ps, which it keeps for Describe: ps must not change
+// afterwards. It never fails: a policy it cannot enforce as written
 // denies everything to the workloads it selects and is listed by Problems.
 // rootNamespace is Istio's root namespace ("" for none); its policies apply
 // to every workload.
 func NewSet(ps []Policy, rootNamespace string) *Set {
-	s := &Set{root: rootNamespace, byNamespace: make(map[string]*bucket)}
+	s := &Set{byNamespace: make(map[string]*bucket)}
 	for i := range ps {
 		p := &ps[i]
 		c := compile(p)
@@ -227,14 +227,12 @@ func compile(p *Policy) *compiled {
 		}
 		c.rules = append(c.rules, cr)
 	}
+	cp := *p
+	c.src = &cp
 	if len(why) > 0 {
 		c.invalid = true
 		c.rules = nil
-		cp := *p
 		cp.Invalid = strings.Join(why, "; ")
-		c.src = &cp
-	} else {
-		c.src = p
 	}
 	return c
 }
