@@ -151,6 +151,21 @@ func (w *PolicyWatcher) Run(ctx context.Context) {
 		}
 		return obj, nil
 	})
+	// The CRD removed later: the informer's lists fail until it is back;
+	// say so as plainly as at the start, once, instead of client-go's
+	// generic log at every retry.
+	gone := false
+	_ = inf.SetWatchErrorHandlerWithContext(func(ctx context.Context, r *cache.Reflector, err error) {
+		if apierrors.IsNotFound(err) {
+			if !gone {
+				w.log.Warn().Err(err).Msg("AuthorizationPolicy CRD not installed: no policies")
+				gone = true
+			}
+			return
+		}
+		gone = false
+		cache.DefaultWatchErrorHandler(ctx, r, err)
+	})
 	mark := func() {
 		select {
 		case w.wake <- struct{}{}:

@@ -249,4 +249,18 @@ func TestPoliciesOnAPIServer(t *testing.T) {
 	if w.Set().Len() != 0 {
 		t.Errorf("%d policies left", w.Set().Len())
 	}
+
+	// The CRD removed while watching: its objects go with it, and the
+	// watcher says the CRD is gone, as at the start.
+	apply("prod", "no-dev", map[string]any{"action": "DENY", "rules": []any{map[string]any{}}})
+	expect("DENY all", time.Second, sleep, web, 80, policy.Verdict{Policy: "prod/no-dev", Reason: policy.ReasonDenied})
+	if err := crds.Delete(ctx, "authorizationpolicies.security.istio.io", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	expect("CRD deleted", 30*time.Second, sleep, web, 80, policy.Verdict{Allow: true})
+	for deadline := time.Now().Add(30 * time.Second); strings.Count(logs.String(), "AuthorizationPolicy CRD not installed") < 2; time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the CRD's removal is not logged:\n%s", logs.String())
+		}
+	}
 }
