@@ -159,6 +159,7 @@ func (c *converter) from(at string, v any) Peer {
 		return p
 	}
 	at += ".source"
+	before := len(c.why)
 	for _, k := range sortedKeys(src) {
 		var dst *[]string
 		switch k {
@@ -183,6 +184,11 @@ func (c *converter) from(at string, v any) Peer {
 		}
 		*dst = c.strings(at+"."+k, src[k])
 	}
+	if len(c.why) == before && len(p.Principals)+len(p.NotPrincipals)+len(p.Namespaces)+len(p.NotNamespaces)+len(p.IPBlocks)+len(p.NotIPBlocks) == 0 {
+		// Only empty lists: Istio refuses an empty source rather than
+		// read it as "any source".
+		c.addf("%s has no value", at)
+	}
 	return p
 }
 
@@ -193,6 +199,7 @@ func (c *converter) to(at string, v any) Operation {
 		return o
 	}
 	at += ".operation"
+	before := len(c.why)
 	for _, k := range sortedKeys(op) {
 		switch k {
 		case "ports":
@@ -204,6 +211,9 @@ func (c *converter) to(at string, v any) Operation {
 		default:
 			c.addf("%s: unknown field %q", at, k)
 		}
+	}
+	if len(c.why) == before && len(o.Ports)+len(o.NotPorts) == 0 {
+		c.addf("%s has no port", at)
 	}
 	return o
 }
