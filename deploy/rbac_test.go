@@ -55,6 +55,12 @@ var mustNot = []authorizationv1.ResourceAttributes{
 	{Verb: "patch", Group: "discovery.k8s.io", Resource: "endpointslices", Namespace: "default"},
 	{Verb: "delete", Group: "discovery.k8s.io", Resource: "endpointslices", Namespace: "default"},
 	{Verb: "deletecollection", Group: "discovery.k8s.io", Resource: "endpointslices", Namespace: "default"},
+	// Authorization policies are read, never written: a node agent that
+	// could change them could open any workload to any source.
+	{Verb: "get", Group: "security.istio.io", Resource: "authorizationpolicies", Namespace: "default"},
+	{Verb: "create", Group: "security.istio.io", Resource: "authorizationpolicies", Namespace: "default"},
+	{Verb: "update", Group: "security.istio.io", Resource: "authorizationpolicies", Namespace: "istio-system"},
+	{Verb: "delete", Group: "security.istio.io", Resource: "authorizationpolicies", Namespace: "default"},
 	// The older Endpoints API is not what smeshd reads.
 	{Verb: "list", Resource: "endpoints"},
 }
