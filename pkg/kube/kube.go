@@ -15,6 +15,11 @@
 // data path one services.Service per ClusterIP and TCP port
 // (ServiceWatcher, StartServices).
 //
+// And it follows Istio's AuthorizationPolicy objects of every namespace
+// into a policy.Set (PolicyWatcher, StartPolicies), through the dynamic
+// client: unstructured objects, no Istio Go module (about 0.3 MB more once
+// linked).
+//
 // Only what these need of client-go is linked: a REST client per API group
 // with a scheme of that group alone (API: core, discovery.k8s.io), not
 // client-go's typed clients, whose scheme registers every API group (about
