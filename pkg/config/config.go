@@ -208,6 +208,9 @@ type Kubernetes struct {
 	// whose trafficDistribution or topology annotation asks for close
 	// endpoints, or whose EndpointSlices carry hints), "always", "never".
 	PreferLocalBackends string `toml:"prefer_local_backends"`
+	// PolicyRootNamespace is Istio's root namespace: its
+	// AuthorizationPolicies apply to the workloads of every namespace.
+	PolicyRootNamespace string `toml:"policy_root_namespace"`
 }
 
 // IsKubepodsName reports whether name is what the kubelet calls its
@@ -353,6 +356,7 @@ func Default() Config {
 			Label:       "smesh.dev/mesh=enabled",
 
 			PreferLocalBackends: "prefer_close",
+			PolicyRootNamespace: "istio-system",
 		},
 		Services: []Service{},
 		Policies: []Policy{},

@@ -3,6 +3,7 @@ package config
 import (
 	"fmt"
 	"net/netip"
+	"regexp"
 	"slices"
 
 	"github.com/smesh-dev/smesh/pkg/identity"
@@ -118,6 +119,15 @@ func checkBlocks(p *problems, key string, vs []string) {
 func checkPolicyPorts(p *problems, key string, ports []uint16) {
 	if slices.Contains(ports, 0) {
 		p.addf(key, "port 0 is not a port (want 1 to 65535)")
+	}
+}
+
+// namespaceName is a DNS-1123 label, what Kubernetes allows as a namespace.
+var namespaceName = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`)
+
+func checkRootNamespace(p *problems, key, ns string) {
+	if len(ns) > 63 || !namespaceName.MatchString(ns) {
+		p.addf(key, "%q is not a namespace name (at most 63 lowercase letters, digits or '-', starting and ending with a letter or digit; Istio's default is \"istio-system\")", ns)
 	}
 }
 

@@ -86,6 +86,8 @@ func TestPolicies(t *testing.T) {
 func TestPolicyErrors(t *testing.T) {
 	for _, bad := range []struct{ doc, want string }{
 		{"[[policy]]\naction = \"ALLOW\"\n", "policy[0].name: is empty"},
+		{"[kubernetes]\npolicy_root_namespace = \"\"\n", `kubernetes.policy_root_namespace: "" is not a namespace name`},
+		{"[kubernetes]\npolicy_root_namespace = \"Istio_System\"\n", `kubernetes.policy_root_namespace: "Istio_System" is not a namespace name`},
 		{"[[policy]]\nname = \"a\"\n[[policy]]\nname = \"a\"\n", `policy[1].name: "a" is also the name of policy[0]`},
 		{"[[policy]]\nname = \"a\"\naction = \"allow\"\n", `policy[0].action: "allow" is not allowed (want one of "ALLOW", "DENY")`},
 		{"[[policy]]\nname = \"a\"\naction = \"CUSTOM\"\n", `policy[0].action: "CUSTOM" is not allowed`},

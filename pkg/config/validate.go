@@ -321,6 +321,7 @@ var (
 
 func (k *Kubernetes) validate(p *problems) {
 	checkOneOf(p, "kubernetes.prefer_local_backends", k.PreferLocalBackends, "prefer_close", "always", "never")
+	checkRootNamespace(p, "kubernetes.policy_root_namespace", k.PolicyRootNamespace)
 	if !envVarName.MatchString(k.NodeNameEnv) {
 		p.addf("kubernetes.node_name_env", "%q is not an environment variable name (want e.g. \"NODE_NAME\", set from spec.nodeName by the DaemonSet)", k.NodeNameEnv)
 	}
