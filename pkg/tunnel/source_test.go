@@ -1,0 +1,298 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/smesh-dev/smesh/pkg/identity"
+)
+
+// mapVerifier lets each node assert the workloads listed for it (or none),
+// at any address; a node with no entry asserts ErrUnverifiable.
+type mapVerifier map[spiffeid.ID][]spiffeid.ID
+
+func (m mapVerifier) Verify(node, workload spiffeid.ID, addr netip.Addr) error {
+	ws, ok := m[node]
+	if !ok {
+		return ErrUnverifiable
+	}
+	if workload.IsZero() {
+		return nil
+	}
+	for _, w := range ws {
+		if w == workload {
+			return nil
+		}
+	}
+	return fmt.Errorf("%s is not on %s", workload, node)
+}
+
+// authLog records what Authorize was asked and denies the ports in deny.
+type authLog struct {
+	mu   sync.Mutex
+	srcs []Source
+	deny map[uint16]bool
+}
+
+func (a *authLog) authorize(src Source, dst netip.AddrPort) (string, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.srcs = append(a.srcs, src)
+	if a.deny[dst.Port()] {
+		return "deny-test", false
+	}
+	return "", true
+}
+
+func (a *authLog) last(t *testing.T) Source {
+	t.Helper()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if len(a.srcs) == 0 {
+		t.Fatal("Authorize was not called")
+	}
+	return a.srcs[len(a.srcs)-1]
+}
+
+func (a *authLog) calls() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return len(a.srcs)
+}
+
+var (
+	nodeA    = spiffeid.RequireFromString("spiffe://test.local/node/a")
+	payments = spiffeid.RequireFromString("spiffe://test.local/ns/prod/sa/payments")
+	ledger   = spiffeid.RequireFromString("spiffe://test.local/ns/prod/sa/ledger")
+	podAddr  = netip.MustParseAddr("198.18.1.7")
+)
+
+// sourceHarness is a server of this version that lets node a assert
+// payments only, with Authorize recorded.
+func sourceHarness(t *testing.T, mod func(*ServerOptions)) (*harness, *authLog) {
+	auth := &authLog{deny: map[uint16]bool{}}
+	h := newHarness(t, func(o *ServerOptions) {
+		o.Verifier = mapVerifier{nodeA: {payments}}
+		o.Authorize = auth.authorize
+		if mod != nil {
+			mod(o)
+		}
+	})
+	return h, auth
+}
+
+func withSource(id spiffeid.ID, addr netip.Addr) context.Context {
+	ctx := context.Background()
+	if !id.IsZero() {
+		ctx = identity.WithSource(ctx, id)
+	}
+	if addr.IsValid() {
+		ctx = identity.WithSourceAddr(ctx, addr)
+	}
+	return ctx
+}
+
+// echoFrom opens a connection with ctx's source and echoes through it.
+func (h *harness) echoFrom(t *testing.T, c *Client, ctx context.Context) *Conn {
+	t.Helper()
+	nc, err := c.DialContext(ctx, "tcp", h.dst())
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn := nc.(*Conn)
+	if _, err := conn.Write([]byte{'E'}); err != nil {
+		t.Fatal(err)
+	}
+	echo(t, conn, 1000)
+	return conn
+}
+
+// TestSourceV3: a v3 client sends its context's source; the server
+// verifies it and hands it to Authorize, on a pooled link too.
+func TestSourceV3(t *testing.T) {
+	h, auth := sourceHarness(t, nil)
+	c := h.client(t, "a")
+	conn := h.echoFrom(t, c, withSource(payments, podAddr))
+	if v := conn.l.version; v != Version3 {
+		t.Fatalf("client and server of this version speak v%d", v)
+	}
+	want := Source{Node: nodeA, Workload: payments, Addr: podAddr}
+	if got := auth.last(t); got != want {
+		t.Errorf("Authorize saw %+v, want %+v", got, want)
+	}
+	// The next connection on the same link, from the node itself.
+	conn = h.echoFrom(t, c, context.Background())
+	if !conn.Reused {
+		t.Error("second connection did not reuse the link")
+	}
+	want = Source{Node: nodeA, Addr: netip.MustParseAddr("127.0.0.1")}
+	if got := auth.last(t); got != want {
+		t.Errorf("Authorize saw %+v for a connection without a source, want %+v", got, want)
+	}
+	// An address alone.
+	h.echoFrom(t, c, withSource(spiffeid.ID{}, podAddr))
+	if got, want := auth.last(t), (Source{Node: nodeA, Addr: podAddr}); got != want {
+		t.Errorf("Authorize saw %+v, want %+v", got, want)
+	}
+	if n := h.handshakes(); n != 1 {
+		t.Errorf("%d handshakes for 3 connections, want 1", n)
+	}
+}
+
+// TestSourceNotOnNode: a node asserting a workload it may not speak for
+// is refused identity_not_on_node; nothing is dialled, Authorize is not
+// asked, and the client's next connection works.
+func TestSourceNotOnNode(t *testing.T) {
+	h, auth := sourceHarness(t, nil)
+	c := h.client(t, "a")
+	for _, early := range []bool{false, true} {
+		ctx := withSource(ledger, podAddr)
+		var err error
+		if early {
+			nc, oerr := c.OpenEarly(ctx, "tcp", h.dst(), []byte("E early"))
+			if oerr != nil {
+				t.Fatal(oerr)
+			}
+			_, err = nc.Read(make([]byte, 1))
+			nc.Close()
+		} else {
+			_, err = c.DialContext(ctx, "tcp", h.dst())
+		}
+		var re *RefusedError
+		if !errors.As(err, &re) || re.Reason != ReasonIdentityNotOnNode {
+			t.Fatalf("early %v: %v, want identity_not_on_node", early, err)
+		}
+	}
+	h.waitCount(t, ReasonIdentityNotOnNode, 2)
+	if n := h.backend.accepted.Load(); n != 0 {
+		t.Errorf("the backend accepted %d connections of a refused source", n)
+	}
+	if n := auth.calls(); n != 0 {
+		t.Errorf("Authorize asked %d times for a refused source", n)
+	}
+	h.echoFrom(t, c, withSource(payments, podAddr))
+
+	// A node the verifier knows nothing about (ErrUnverifiable) speaks as
+	// itself: its assertion is dropped, not refused.
+	cb := h.client(t, "b")
+	h.echoFrom(t, cb, withSource(ledger, podAddr))
+	want := Source{Node: spiffeid.RequireFromString("spiffe://test.local/node/b"), Addr: netip.MustParseAddr("127.0.0.1")}
+	if got := auth.last(t); got != want {
+		t.Errorf("unverifiable source: Authorize saw %+v, want %+v", got, want)
+	}
+}
+
+// TestSourceWithoutVerifier: a server without a SourceVerifier verifies
+// nothing: every connection is its node's.
+func TestSourceWithoutVerifier(t *testing.T) {
+	h, auth := sourceHarness(t, func(o *ServerOptions) { o.Verifier = nil })
+	c := h.client(t, "a")
+	h.echoFrom(t, c, withSource(ledger, podAddr))
+	if got, want := auth.last(t), (Source{Node: nodeA, Addr: netip.MustParseAddr("127.0.0.1")}); got != want {
+		t.Errorf("Authorize saw %+v, want %+v", got, want)
+	}
+}
+
+// TestPolicyDenied: a connection Authorize denies is refused policy_denied
+// with nothing dialled (its early bytes discarded); the client's next
+// connection works, on a new link as after any refusal.
+func TestPolicyDenied(t *testing.T) {
+	h, auth := sourceHarness(t, nil)
+	c := h.client(t, "a")
+	h.echoFrom(t, c, withSource(payments, podAddr))
+	auth.mu.Lock()
+	auth.deny[h.backend.addr().Port()] = true
+	auth.mu.Unlock()
+	nc, err := c.OpenEarly(withSource(payments, podAddr), "tcp", h.dst(), []byte("E early"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !nc.(*Conn).Reused {
+		t.Error("the denied connection did not ride the pooled link")
+	}
+	_, err = nc.Read(make([]byte, 1))
+	var re *RefusedError
+	if !errors.As(err, &re) || re.Reason != ReasonPolicyDenied {
+		t.Fatalf("denied connection: %v, want policy_denied", err)
+	}
+	nc.Close()
+	h.waitCount(t, ReasonPolicyDenied, 1)
+	if n := h.backend.accepted.Load(); n != 1 {
+		t.Errorf("the backend accepted %d connections, want 1 (the first; nothing for the denied one)", n)
+	}
+	auth.mu.Lock()
+	auth.deny = map[uint16]bool{}
+	auth.mu.Unlock()
+	h.echoFrom(t, c, withSource(payments, podAddr))
+	h.echoFrom(t, c, withSource(payments, podAddr))
+	if n := h.handshakes(); n != 2 {
+		t.Errorf("%d handshakes, want 2: the refusal ends its link, the next one is pooled", n)
+	}
+	if n := h.stats.In.Connections.Load(); n != 3 {
+		t.Errorf("server relayed %d connections, want 3", n)
+	}
+}
+
+// TestSourceOlderPeers: a v2 client and a v3 server, a v3 client and a
+// v2-only server, talk v2: no source crosses, connections work, pooled.
+func TestSourceOlderPeers(t *testing.T) {
+	h, auth := sourceHarness(t, nil)
+	old := h.newClient(t, ClientOptions{Credentials: h.pki.creds(t, "a"), ProtocolV2: true})
+	for range 2 {
+		conn := h.echoFrom(t, old, withSource(payments, podAddr))
+		if v := conn.l.version; v != Version2 {
+			t.Fatalf("v2 client speaks v%d", v)
+		}
+	}
+	if got, want := auth.last(t), (Source{Node: nodeA, Addr: netip.MustParseAddr("127.0.0.1")}); got != want {
+		t.Errorf("v2 client: Authorize saw %+v, want %+v", got, want)
+	}
+	if n := h.handshakes(); n != 1 {
+		t.Errorf("v2 client: %d handshakes, want 1", n)
+	}
+
+	oldServer, auth2 := sourceHarness(t, func(o *ServerOptions) { o.ProtocolV2 = true })
+	c := oldServer.client(t, "a")
+	for range 2 {
+		conn := oldServer.echoFrom(t, c, withSource(payments, podAddr))
+		if v := conn.l.version; v != Version2 {
+			t.Fatalf("v2-only server speaks v%d", v)
+		}
+	}
+	if got := auth2.last(t); !got.Workload.IsZero() {
+		t.Errorf("v2-only server: Authorize saw workload %s", got.Workload)
+	}
+	// A refusal reads the same.
+	auth2.mu.Lock()
+	auth2.deny[oldServer.backend.addr().Port()] = true
+	auth2.mu.Unlock()
+	_, err := c.DialContext(withSource(payments, podAddr), "tcp", oldServer.dst())
+	var re *RefusedError
+	if !errors.As(err, &re) || re.Reason != ReasonPolicyDenied {
+		t.Errorf("v2 link: %v, want policy_denied", err)
+	}
+}
+
+// TestSourceBadClientInput: a client refuses to send a source no header
+// can carry; a raw v3 header with a foreign trust domain is refused.
+func TestSourceBadClientInput(t *testing.T) {
+	h, _ := sourceHarness(t, nil)
+	c := h.client(t, "a")
+	long := spiffeid.RequireFromString("spiffe://test.local/" + strings.Repeat("x", MaxSourceID))
+	if _, err := c.DialContext(withSource(long, netip.Addr{}), "tcp", h.dst()); err == nil {
+		t.Error("a source ID over MaxSourceID was sent")
+	}
+	foreign := spiffeid.RequireFromString("spiffe://other.local/ns/prod/sa/payments")
+	_, err := c.DialContext(withSource(foreign, netip.Addr{}), "tcp", h.dst())
+	var re *RefusedError
+	if !errors.As(err, &re) || re.Reason != ReasonIdentityNotOnNode {
+		t.Errorf("foreign trust domain: %v, want identity_not_on_node", err)
+	}
+}
