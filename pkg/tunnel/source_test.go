@@ -11,6 +11,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/smesh-dev/smesh/pkg/config"
 	"github.com/smesh-dev/smesh/pkg/identity"
 )
 
@@ -329,4 +330,95 @@ func BenchmarkSourceCheck(b *testing.B) {
 			}
 		}
 	})
+}
+
+// peersPolicy is the identity policy of [[tunnel.tls.peers]] entries.
+func peersPolicy(t *testing.T, peers ...config.Peer) *IdentityPolicy {
+	t.Helper()
+	cfg := config.Default().Tunnel.TLS
+	cfg.TrustDomain = "test.local"
+	cfg.Peers = peers
+	full := config.Default()
+	full.Tunnel.TLS = cfg
+	if err := full.Validate(); err != nil && strings.Contains(err.Error(), "tunnel.tls.peers") {
+		t.Fatal(err)
+	}
+	p, err := NewIdentityPolicy(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// TestPeerWorkloads: [[tunnel.tls.peers]] workloads say which workloads a
+// node may assert, and its cidrs at which addresses.
+func TestPeerWorkloads(t *testing.T) {
+	nodeB := spiffeid.RequireFromString("spiffe://test.local/node/b")
+	nodeC := spiffeid.RequireFromString("spiffe://test.local/node/c")
+	p := peersPolicy(t,
+		config.Peer{CIDRs: []netip.Prefix{netip.MustParsePrefix("198.18.1.0/24")}, Identities: []string{nodeA.String()},
+			Workloads: []string{payments.String(), "spiffe://test.local/ns/dev/"}},
+		config.Peer{CIDRs: []netip.Prefix{netip.MustParsePrefix("198.18.2.0/24")}, Identities: []string{nodeB.String()}},
+		config.Peer{Identities: []string{nodeC.String()}, Workloads: []string{"spiffe://test.local/"}},
+	)
+	id := spiffeid.RequireFromString
+	for _, c := range []struct {
+		node, workload spiffeid.ID
+		addr           netip.Addr
+		ok             bool
+	}{
+		{nodeA, payments, netip.Addr{}, true},
+		{nodeA, payments, podAddr, true},
+		{nodeA, id("spiffe://test.local/ns/dev/sa/x"), podAddr, true},
+		{nodeA, id("spiffe://test.local/ns/devx/sa/x"), podAddr, false}, // a prefix ends at "/"
+		{nodeA, ledger, podAddr, false},
+		{nodeA, payments, netip.MustParseAddr("198.18.2.1"), false}, // b's address
+		{nodeA, spiffeid.ID{}, podAddr, true},
+		{nodeB, payments, netip.Addr{}, false}, // b has no workloads
+		{nodeB, spiffeid.ID{}, netip.MustParseAddr("198.18.2.1"), true},
+		{nodeC, ledger, netip.Addr{}, true},
+		{nodeC, ledger, podAddr, false}, // c has no cidrs
+		{id("spiffe://test.local/node/d"), payments, netip.Addr{}, false},
+	} {
+		err := p.Verify(c.node, c.workload, c.addr)
+		if (err == nil) != c.ok || errors.Is(err, ErrUnverifiable) {
+			t.Errorf("%s asserting %s at %s: %v, want ok %v", c.node, c.workload, c.addr, err, c.ok)
+		}
+	}
+	// Today's configurations, without workloads, verify nothing.
+	old := peersPolicy(t, config.Peer{CIDRs: []netip.Prefix{netip.MustParsePrefix("198.18.1.0/24")}, Identities: []string{nodeA.String()}})
+	if err := old.Verify(nodeA, payments, podAddr); !errors.Is(err, ErrUnverifiable) {
+		t.Errorf("without workloads: %v, want ErrUnverifiable", err)
+	}
+}
+
+// TestPeerWorkloadsOverTLS: the server's Credentials.SourceVerifier
+// applies the peers entries of its policy, and follows a reload.
+func TestPeerWorkloadsOverTLS(t *testing.T) {
+	var creds *Credentials
+	h, auth := sourceHarness(t, func(o *ServerOptions) {
+		creds = o.Credentials
+		creds.SetPolicy(peersPolicy(t, config.Peer{CIDRs: []netip.Prefix{netip.MustParsePrefix("198.18.1.0/24")},
+			Identities: []string{nodeA.String()}, Workloads: []string{payments.String()}}))
+		o.Verifier = creds.SourceVerifier()
+	})
+	c := h.client(t, "a")
+	h.echoFrom(t, c, withSource(payments, podAddr))
+	if got, want := auth.last(t), (Source{Node: nodeA, Workload: payments, Addr: podAddr}); got != want {
+		t.Errorf("Authorize saw %+v, want %+v", got, want)
+	}
+	_, err := c.DialContext(withSource(ledger, podAddr), "tcp", h.dst())
+	var re *RefusedError
+	if !errors.As(err, &re) || re.Reason != ReasonIdentityNotOnNode {
+		t.Fatalf("ledger from a: %v, want identity_not_on_node", err)
+	}
+	if n := h.backend.accepted.Load(); n != 1 {
+		t.Errorf("backend accepted %d, want 1", n)
+	}
+	// A reload without workloads: nothing verified, the node speaks.
+	creds.SetPolicy(peersPolicy(t))
+	h.echoFrom(t, c, withSource(ledger, podAddr))
+	if got := auth.last(t); !got.Workload.IsZero() {
+		t.Errorf("without workloads Authorize saw workload %s", got.Workload)
+	}
 }
