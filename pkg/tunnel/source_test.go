@@ -2,12 +2,15 @@ package tunnel
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"net/netip"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
@@ -420,5 +423,71 @@ func TestPeerWorkloadsOverTLS(t *testing.T) {
 	h.echoFrom(t, c, withSource(ledger, podAddr))
 	if got := auth.last(t); !got.Workload.IsZero() {
 		t.Errorf("without workloads Authorize saw workload %s", got.Workload)
+	}
+}
+
+// TestBadInputV3: a v3 peer's header is read in two bounded reads under the
+// header deadline; whatever is wrong with its source is refused.
+func TestBadInputV3(t *testing.T) {
+	h, _ := sourceHarness(t, func(o *ServerOptions) { o.HandshakeTimeout = 300 * time.Millisecond })
+	cfg := h.pki.tlsConfig(t, "a")
+	cfg.NextProtos = []string{ALPN3}
+	valid := func(id string) []byte {
+		b, err := AppendHeaderV3(nil, Header{Dst: onNode(h.backend.addr())})
+		if err != nil {
+			t.Fatal(err)
+		}
+		b[26], b[27] = byte(len(id)>>8), byte(len(id))
+		return append(b, id...)
+	}
+	cases := []struct {
+		name   string
+		send   []byte
+		status bool
+		want   Reason
+	}{
+		{"source ID cut short", valid("spiffe://test.local/ns/prod/sa/payments")[:HeaderSizeV3+10], false, ReasonHeaderTimeout},
+		{"fixed part cut short", valid("")[:HeaderSizeV3-1], false, ReasonHeaderTimeout},
+		{"source ID too long", func() []byte { b := valid(""); b[26], b[27] = 0x10, 0; return b }(), true, ReasonBadHeader},
+		{"source ID not SPIFFE", valid("payments"), true, ReasonBadHeader},
+		{"source in another trust domain", valid("spiffe://other.local/ns/prod/sa/payments"), true, ReasonIdentityNotOnNode},
+		{"source not on the node", valid("spiffe://test.local/ns/prod/sa/ledger"), true, ReasonIdentityNotOnNode},
+		{"v2 header on a v3 link", func() []byte {
+			b, _ := appendHeader(nil, onNode(h.backend.addr()), Version2)
+			return append(b, make([]byte, 20)...)
+		}(), true, ReasonUnsupportedVersion},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			before := h.stats.Errors(c.want)
+			conn, err := h.rawDial(t, cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if p := conn.(*tls.Conn).ConnectionState().NegotiatedProtocol; p != ALPN3 {
+				t.Fatalf("negotiated %q", p)
+			}
+			if _, err := conn.Write(c.send); err != nil {
+				t.Fatal(err)
+			}
+			conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+			var st [StatusSize]byte
+			_, err = io.ReadFull(conn, st[:])
+			if c.status {
+				if err != nil {
+					t.Fatalf("reading the status: %v", err)
+				}
+				s, err := parseStatus(st[:], Version3)
+				if err != nil || s.OK || s.Reason != c.want {
+					t.Errorf("status %+v, %v, want refused %s", s, err, c.want)
+				}
+			} else if err == nil {
+				t.Errorf("server answered % x", st)
+			}
+			h.waitCount(t, c.want, before+1)
+		})
+	}
+	if n := h.backend.accepted.Load(); n != 0 {
+		t.Errorf("the backend accepted %d connections", n)
 	}
 }
