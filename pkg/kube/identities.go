@@ -71,7 +71,15 @@ func NewPodIdentities(o PodIdentityOptions) *PodIdentities {
 			return o.API.Watch(ctx, "pods", opts)
 		},
 	}, watchListSupport(!o.NoWatchList))
-	p.pods = cache.NewSharedIndexInformer(lw, &corev1.Pod{}, 0, cache.Indexers{
+	p.pods = cache.NewSharedIndexInformer(lw, &corev1.Pod{}, 0, podIdentityIndexers())
+	p.pods.SetTransform(toPodIdentity)
+	return p
+}
+
+// podIdentityIndexers index running pods by "node/namespace/serviceaccount"
+// and by "node/address".
+func podIdentityIndexers() cache.Indexers {
+	return cache.Indexers{
 		byIdentity: func(obj any) ([]string, error) {
 			k, ok := obj.(*podIdentity)
 			if !ok || !k.running || k.node == "" {
@@ -90,9 +98,7 @@ func NewPodIdentities(o PodIdentityOptions) *PodIdentities {
 			}
 			return keys, nil
 		},
-	})
-	p.pods.SetTransform(toPodIdentity)
-	return p
+	}
 }
 
 // podIdentity is what PodIdentities keeps of a pod (toPodIdentity).
