@@ -682,10 +682,8 @@ func (s *Server) next(raw *rawConn, l *link) (hdr Header, ref *refusal, more boo
 	case err != nil:
 		return hdr, &refusal{ReasonTruncatedHeader, fmt.Errorf("%d of %d header bytes: %w", n, size, err)}, true
 	}
-	// The rest of a v3 header comes under the header deadline.
-	raw.SetReadDeadline(time.Now().Add(s.o.HandshakeTimeout))
-	hdr, ref = s.finishHeader(l, h[:size])
 	raw.SetReadDeadline(time.Time{})
+	hdr, ref = s.finishHeader(l, h[:size], true)
 	if ref != nil {
 		return hdr, ref, true
 	}
@@ -708,8 +706,9 @@ var v3Buf = sync.Pool{New: func() any { return new([HeaderSizeV3 + MaxSourceID]b
 
 // finishHeader decodes a header whose fixed part is read: in v3 it reads
 // the source ID the fixed part announces (exactly that many bytes, at most
-// MaxSourceID), under the read deadline set.
-func (s *Server) finishHeader(l *link, fixed []byte) (Header, *refusal) {
+// MaxSourceID), under the read deadline set or, with deadline, under one
+// of its own (the header deadline: handshake_timeout).
+func (s *Server) finishHeader(l *link, fixed []byte, deadline bool) (Header, *refusal) {
 	fail := func(err error) (Header, *refusal) {
 		var he *HeaderError
 		errors.As(err, &he)
@@ -729,6 +728,10 @@ func (s *Server) finishHeader(l *link, fixed []byte) (Header, *refusal) {
 	buf := v3Buf.Get().(*[HeaderSizeV3 + MaxSourceID]byte)
 	defer v3Buf.Put(buf)
 	copy(buf[:], fixed)
+	if deadline && n > 0 {
+		l.raw.SetReadDeadline(time.Now().Add(s.o.HandshakeTimeout))
+		defer l.raw.SetReadDeadline(time.Time{})
+	}
 	if m, err := io.ReadFull(l, buf[HeaderSizeV3:HeaderSizeV3+n]); err != nil {
 		var ne net.Error
 		if errors.As(err, &ne) && ne.Timeout() {
@@ -829,7 +832,7 @@ func (s *Server) readHeader(l *link) (Header, *refusal) {
 		}
 		return Header{}, &refusal{ReasonTruncatedHeader, fmt.Errorf("%d of %d header bytes: %w", n, size, err)}
 	}
-	return s.finishHeader(l, buf[:size])
+	return s.finishHeader(l, buf[:size], false)
 }
 
 // deliver checks dst and connects to it. Only addresses of the listener's

@@ -491,3 +491,44 @@ func TestBadInputV3(t *testing.T) {
 		t.Errorf("the backend accepted %d connections", n)
 	}
 }
+
+// BenchmarkConnectSource is BenchmarkConnect's pooled mode with a source:
+// "v2" as before v3, "v3" without a source or hooks, "v3-source" with a
+// source, a SourceVerifier and Authorize (trivial). The difference is what
+// the source costs a whole tunnelled connection, both ends.
+//
+//	go test -run '^$' -bench ConnectSource -benchtime 3s ./pkg/tunnel
+func BenchmarkConnectSource(b *testing.B) {
+	for _, mode := range []string{"v2", "v3", "v3-source"} {
+		b.Run(mode, func(b *testing.B) {
+			h := newHarness(b, func(o *ServerOptions) {
+				if mode == "v3-source" {
+					o.Verifier = mapVerifier{nodeA: {payments}}
+					o.Authorize = func(Source, netip.AddrPort) (string, bool) { return "", true }
+				}
+			})
+			c := h.newClient(b, ClientOptions{Credentials: h.pki.creds(b, "a"), ProtocolV2: mode == "v2"})
+			ctx := context.Background()
+			if mode == "v3-source" {
+				ctx = withSource(payments, podAddr)
+			}
+			dst := h.dst()
+			var one [1]byte
+			for b.Loop() {
+				nc, err := c.OpenEarly(ctx, "tcp", dst, []byte{'E', 1})
+				if err != nil {
+					b.Fatal(err)
+				}
+				if _, err := io.ReadFull(nc, one[:]); err != nil {
+					b.Fatal(err)
+				}
+				nc.(*Conn).CloseWrite()
+				if _, err := io.ReadAll(nc); err != nil {
+					b.Fatal(err)
+				}
+				nc.Close()
+			}
+			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "conn/s")
+		})
+	}
+}
