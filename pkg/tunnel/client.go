@@ -317,17 +317,17 @@ func (c *Client) dialLink(ctx context.Context, dst netip.AddrPort) (*link, Reaso
 		var cfg *tls.Config
 		pol = c.creds.policy.Load()
 		cfg, set = c.creds.clientConfig(dst.Addr())
-		if c.noResume || c.v1Only {
+		if c.noResume || c.v1Only || c.v2Only {
 			cfg = cfg.Clone()
 			if c.noResume {
 				cfg.ClientSessionCache = nil
 			}
-			if c.v1Only {
+			switch {
+			case c.v1Only:
 				cfg.NextProtos = nil
+			case c.v2Only:
+				cfg.NextProtos = []string{ALPN2}
 			}
-		} else if c.v2Only {
-			cfg = cfg.Clone()
-			cfg.NextProtos = []string{ALPN2}
 		}
 		tc = tls.Client(raw, cfg)
 		start := time.Now()
