@@ -184,10 +184,13 @@ var errNoGrant = errors.New("no [[tunnel.tls.peers]] entry with workloads grants
 // Verify is the SourceVerifier of nodes whose workloads smesh.toml lists
 // ([[tunnel.tls.peers]] workloads, for systemd nodes): node may assert
 // workload if an entry listing node in its identities lists workload in its
-// workloads (exactly, or below a prefix ending in "/"), and an address if
-// it is inside the cidrs of an entry listing node. While no entry has
-// workloads (every configuration before them), it verifies nothing:
-// ErrUnverifiable, so that every connection is its node's, as before.
+// workloads (exactly, or below a prefix ending in "/"), and an address with
+// it if the address is inside the cidrs of an entry listing node. An
+// address asserted without a workload outside those cidrs is dropped
+// (ErrUnverifiable: the connection is the node's, at the node's address),
+// not refused: it claims no identity. While no entry has workloads (every
+// configuration before them), it verifies nothing: ErrUnverifiable, so
+// that every connection is its node's, as before.
 func (p *IdentityPolicy) Verify(node, workload spiffeid.ID, addr netip.Addr) error {
 	if len(p.Grants) == 0 {
 		return ErrUnverifiable
@@ -195,19 +198,23 @@ func (p *IdentityPolicy) Verify(node, workload spiffeid.ID, addr netip.Addr) err
 	if !workload.IsZero() && !p.mayAssert(node, workload) {
 		return fmt.Errorf("workload %s: %w", workload, errNoGrant)
 	}
-	if addr.IsValid() {
-		ok := false
-		for _, pin := range p.Pins {
-			if slices.Contains(pin.IDs, node) && pin.Prefix.Contains(addr) {
-				ok = true
-				break
-			}
+	if addr.IsValid() && !p.addrOf(node, addr) {
+		if workload.IsZero() {
+			return ErrUnverifiable
 		}
-		if !ok {
-			return fmt.Errorf("address %s is in no [[tunnel.tls.peers]] cidrs of this node", addr)
-		}
+		return fmt.Errorf("address %s is in no [[tunnel.tls.peers]] cidrs of this node", addr)
 	}
 	return nil
+}
+
+// addrOf reports whether addr is inside the cidrs of an entry listing node.
+func (p *IdentityPolicy) addrOf(node spiffeid.ID, addr netip.Addr) bool {
+	for _, pin := range p.Pins {
+		if slices.Contains(pin.IDs, node) && pin.Prefix.Contains(addr) {
+			return true
+		}
+	}
+	return false
 }
 
 func (p *IdentityPolicy) mayAssert(node, workload spiffeid.ID) bool {

@@ -369,23 +369,26 @@ func TestPeerWorkloads(t *testing.T) {
 		node, workload spiffeid.ID
 		addr           netip.Addr
 		ok             bool
+		unverifiable   bool
 	}{
-		{nodeA, payments, netip.Addr{}, true},
-		{nodeA, payments, podAddr, true},
-		{nodeA, id("spiffe://test.local/ns/dev/sa/x"), podAddr, true},
-		{nodeA, id("spiffe://test.local/ns/devx/sa/x"), podAddr, false}, // a prefix ends at "/"
-		{nodeA, ledger, podAddr, false},
-		{nodeA, payments, netip.MustParseAddr("198.18.2.1"), false}, // b's address
-		{nodeA, spiffeid.ID{}, podAddr, true},
-		{nodeB, payments, netip.Addr{}, false}, // b has no workloads
-		{nodeB, spiffeid.ID{}, netip.MustParseAddr("198.18.2.1"), true},
-		{nodeC, ledger, netip.Addr{}, true},
-		{nodeC, ledger, podAddr, false}, // c has no cidrs
-		{id("spiffe://test.local/node/d"), payments, netip.Addr{}, false},
+		{nodeA, payments, netip.Addr{}, true, false},
+		{nodeA, payments, podAddr, true, false},
+		{nodeA, id("spiffe://test.local/ns/dev/sa/x"), podAddr, true, false},
+		{nodeA, id("spiffe://test.local/ns/devx/sa/x"), podAddr, false, false}, // a prefix ends at "/"
+		{nodeA, ledger, podAddr, false, false},
+		{nodeA, payments, netip.MustParseAddr("198.18.2.1"), false, false}, // b's address
+		{nodeA, spiffeid.ID{}, podAddr, true, false},
+		{nodeA, spiffeid.ID{}, netip.MustParseAddr("198.18.2.1"), false, true}, // dropped, not refused
+		{nodeB, payments, netip.Addr{}, false, false},                          // b has no workloads
+		{nodeB, spiffeid.ID{}, netip.MustParseAddr("198.18.2.1"), true, false},
+		{nodeC, ledger, netip.Addr{}, true, false},
+		{nodeC, ledger, podAddr, false, false}, // c has no cidrs
+		{id("spiffe://test.local/node/d"), payments, netip.Addr{}, false, false},
+		{id("spiffe://test.local/node/d"), spiffeid.ID{}, podAddr, false, true}, // a node no entry lists
 	} {
 		err := p.Verify(c.node, c.workload, c.addr)
-		if (err == nil) != c.ok || errors.Is(err, ErrUnverifiable) {
-			t.Errorf("%s asserting %s at %s: %v, want ok %v", c.node, c.workload, c.addr, err, c.ok)
+		if (err == nil) != c.ok || errors.Is(err, ErrUnverifiable) != c.unverifiable {
+			t.Errorf("%s asserting %s at %s: %v, want ok %v, unverifiable %v", c.node, c.workload, c.addr, err, c.ok, c.unverifiable)
 		}
 	}
 	// Today's configurations, without workloads, verify nothing.
