@@ -15,6 +15,8 @@ import (
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/tools/cache"
+
+	"github.com/smesh-dev/smesh/pkg/identity"
 )
 
 // PodIdentityOptions configure PodIdentities.
@@ -167,7 +169,9 @@ var errNotSynced = errors.New("the cluster's pods are not listed yet")
 // Verify is tunnel.SourceVerifier: node (spiffe://TD/node/NAME) may assert
 // workload (spiffe://TD/ns/NS/sa/SA; zero: none) at addr (invalid: none)
 // if a running pod of that service account, with that address, runs on
-// node NAME. It refuses before the first list is in.
+// node NAME. An address asserted alone that is no running pod's on NAME is
+// identity.ErrUnverifiable (dropped, not refused). It refuses before the
+// first list is in.
 func (p *PodIdentities) Verify(node, workload spiffeid.ID, addr netip.Addr) error {
 	select {
 	case <-p.synced:
@@ -184,7 +188,9 @@ func (p *PodIdentities) Verify(node, workload spiffeid.ID, addr netip.Addr) erro
 		}
 		objs, _ := p.pods.GetIndexer().ByIndex(byNodeAddr, name+"/"+addr.String())
 		if len(objs) == 0 {
-			return fmt.Errorf("no running pod with address %s on node %s", addr, name)
+			// Not a pod's (a process of the node itself, say): it
+			// claims no identity, so it is dropped, not refused.
+			return fmt.Errorf("no running pod with address %s on node %s: %w", addr, name, identity.ErrUnverifiable)
 		}
 		return nil
 	}

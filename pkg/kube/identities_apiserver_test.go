@@ -2,6 +2,7 @@ package kube
 
 import (
 	"context"
+	"errors"
 	"net/netip"
 	"testing"
 	"time"
@@ -12,6 +13,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/smesh-dev/smesh/pkg/identity"
 	"github.com/smesh-dev/smesh/pkg/testenv/kubecp"
 )
 
@@ -93,6 +95,9 @@ func TestPodIdentitiesAPIServer(t *testing.T) {
 		t.Helper()
 		for _, c := range checks {
 			err := p.Verify(c.node, c.workload, c.addr)
+			if errors.Is(err, identity.ErrUnverifiable) != (!c.ok && c.workload.IsZero()) {
+				t.Errorf("%s: %s asserting %s at %s: %v: ErrUnverifiable is for addresses alone", when, c.node, c.workload, c.addr, err)
+			}
 			if (err == nil) != c.ok {
 				t.Errorf("%s: %s asserting %s at %s: %v, want ok %v", when, c.node, c.workload, c.addr, err, c.ok)
 			}
@@ -107,7 +112,7 @@ func TestPodIdentitiesAPIServer(t *testing.T) {
 		{nodeB, payments, netip.Addr{}, false}, // pending-b is not running
 		{nodeA, id("spiffe://smesh.local/ns/prod/sa/default"), addr("198.18.10.3"), true},
 		{nodeA, spiffeid.ID{}, addr("198.18.10.1"), true},
-		{nodeB, spiffeid.ID{}, addr("198.18.10.1"), false},
+		{nodeB, spiffeid.ID{}, addr("198.18.10.1"), false}, // ErrUnverifiable: dropped, not refused
 		{id("spiffe://smesh.local/node/node-c"), payments, netip.Addr{}, false},
 		{id("spiffe://other.local/node/node-a"), payments, netip.Addr{}, false},
 		{nodeA, id("spiffe://smesh.local/node/node-a/unit/x.service"), netip.Addr{}, false},

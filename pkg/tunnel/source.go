@@ -6,6 +6,8 @@ import (
 	"net/netip"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/smesh-dev/smesh/pkg/identity"
 )
 
 // Source is where a tunnelled connection comes from, as the server knows
@@ -31,8 +33,9 @@ type SourceVerifier interface {
 
 // ErrUnverifiable is a SourceVerifier's answer for a source it has no way
 // to check (no [[tunnel.tls.peers]] entry names workloads, say): the
-// connection is the node's.
-var ErrUnverifiable = errors.New("the source cannot be verified")
+// connection is the node's. (identity.ErrUnverifiable, for verifiers of
+// other packages.)
+var ErrUnverifiable = identity.ErrUnverifiable
 
 // source checks the source the header h asserts, on a link from node at
 // peer. No verifier (ServerOptions.Verifier nil) verifies nothing: every
