@@ -141,6 +141,19 @@ func toPodIdentity(obj any) (any, error) {
 	return k, nil
 }
 
+// StartPodIdentities follows the cluster's pods through api until ctx is
+// done, for verifying the sources peers assert in trust domain td. The
+// caller waits for WaitSynced before it hands it to the tunnel server
+// (until then it refuses every asserted source).
+func StartPodIdentities(ctx context.Context, api API, td spiffeid.TrustDomain, log zerolog.Logger) (*PodIdentities, error) {
+	if api == nil || td.IsZero() {
+		return nil, errors.New("kubernetes pod identities: no API or no trust domain")
+	}
+	p := NewPodIdentities(PodIdentityOptions{API: api, TrustDomain: td, Logger: log})
+	go p.Run(ctx)
+	return p, nil
+}
+
 // Run follows the pods until ctx is done.
 func (p *PodIdentities) Run(ctx context.Context) {
 	defer close(p.done)

@@ -71,12 +71,16 @@ func TestPodIdentitiesAPIServer(t *testing.T) {
 		t.Fatal(err)
 	}
 	td := spiffeid.RequireTrustDomainFromString("smesh.local")
-	p := NewPodIdentities(PodIdentityOptions{API: api, TrustDomain: td, Logger: zerolog.New(zerolog.NewTestWriter(t))})
-	if err := p.Verify(spiffeid.RequireFromString("spiffe://smesh.local/node/node-a"), spiffeid.ID{}, netip.Addr{}); err == nil {
+	// Not yet running: it refuses.
+	early := NewPodIdentities(PodIdentityOptions{API: api, TrustDomain: td, Logger: zerolog.Nop()})
+	if err := early.Verify(spiffeid.RequireFromString("spiffe://smesh.local/node/node-a"), spiffeid.ID{}, netip.Addr{}); err == nil {
 		t.Error("Verify accepted before the first list")
 	}
 	rctx, stop := context.WithCancel(context.Background())
-	go p.Run(rctx)
+	p, err := StartPodIdentities(rctx, api, td, zerolog.New(zerolog.NewTestWriter(t)))
+	if err != nil {
+		t.Fatal(err)
+	}
 	t.Cleanup(func() { stop(); <-p.done })
 	if err := p.WaitSynced(ctx); err != nil {
 		t.Fatal(err)
