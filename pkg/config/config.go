@@ -151,6 +151,14 @@ type TLS struct {
 type Peer struct {
 	CIDRs      []netip.Prefix `toml:"cidrs"`
 	Identities []string       `toml:"identities"`
+	// Workloads are the workload identities the nodes of Identities may
+	// assert as the source of their tunnelled connections (wire v3):
+	// exact SPIFFE IDs, or prefixes ending in "/". Once any entry has
+	// workloads, a node may assert only those of its entries, with a
+	// source address only inside its entries' cidrs; while none has,
+	// no assertion is verified and every connection is its node's
+	// (tunnel.IdentityPolicy.Verify).
+	Workloads []string `toml:"workloads"`
 }
 
 // Admin is the HTTP endpoint for /metrics, /healthz and /readyz.

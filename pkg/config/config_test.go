@@ -277,6 +277,14 @@ func TestParseInvalidValues(t *testing.T) {
 			[]string{"tunnel.tls.peers[0].identities", "is not a SPIFFE ID"}},
 		{"peers identity in another trust domain", "[[tunnel.tls.peers]]\ncidrs = [\"10.0.2.0/24\"]\nidentities = [\"spiffe://example.org/node/b\"]\n",
 			[]string{"tunnel.tls.peers[0].identities", "not in tunnel.tls.trust_domain"}},
+		{"peers workload not SPIFFE", "[[tunnel.tls.peers]]\nidentities = [\"spiffe://smesh.local/node/b\"]\nworkloads = [\"payments\"]\n",
+			[]string{"tunnel.tls.peers[0].workloads", `"payments"`}},
+		{"peers workload not canonical", "[[tunnel.tls.peers]]\nidentities = [\"spiffe://smesh.local/node/b\"]\nworkloads = [\"spiffe://smesh.local/ns//sa/x\"]\n",
+			[]string{"tunnel.tls.peers[0].workloads"}},
+		{"peers workload prefix with two slashes", "[[tunnel.tls.peers]]\nidentities = [\"spiffe://smesh.local/node/b\"]\nworkloads = [\"spiffe://smesh.local/ns//\"]\n",
+			[]string{"tunnel.tls.peers[0].workloads"}},
+		{"peers workload in another trust domain", "[[tunnel.tls.peers]]\nidentities = [\"spiffe://smesh.local/node/b\"]\nworkloads = [\"spiffe://example.org/ns/a/\"]\n",
+			[]string{"tunnel.tls.peers[0].workloads", "not in tunnel.tls.trust_domain"}},
 		{"peers CIDR twice", "[[tunnel.tls.peers]]\ncidrs = [\"10.0.2.0/24\"]\nidentities = [\"spiffe://smesh.local/node/b\"]\n" +
 			"[[tunnel.tls.peers]]\ncidrs = [\"10.0.2.0/24\"]\nidentities = [\"spiffe://smesh.local/node/c\"]\n",
 			[]string{"tunnel.tls.peers[1].cidrs", "also in tunnel.tls.peers[0]"}},
@@ -333,6 +341,9 @@ func TestParseValidEdgeCases(t *testing.T) {
 		{"other trust domain", "[tunnel.tls]\ntrust_domain = \"example.org\"\nallow_identities = [\"spiffe://example.org/node/a\"]\n"},
 		{"peers", "[[tunnel.tls.peers]]\ncidrs = [\"10.0.2.0/24\", \"fd00:5e::/32\"]\nidentities = [\"spiffe://smesh.local/node/b\"]\n" +
 			"[[tunnel.tls.peers]]\ncidrs = [\"10.0.0.0/8\"]\nidentities = [\"spiffe://smesh.local/node/b\", \"spiffe://smesh.local/node/c\"]\n"},
+		{"peers workloads", "[[tunnel.tls.peers]]\ncidrs = [\"10.0.2.0/24\"]\nidentities = [\"spiffe://smesh.local/node/b\"]\n" +
+			"workloads = [\"spiffe://smesh.local/ns/prod/sa/payments\", \"spiffe://smesh.local/ns/dev/\"]\n" +
+			"[[tunnel.tls.peers]]\nidentities = [\"spiffe://smesh.local/node/c\"]\nworkloads = [\"spiffe://smesh.local/\"]\n"},
 		{"peers inline", "[tunnel.tls]\npeers = [{cidrs = [\"10.0.2.0/24\"], identities = [\"spiffe://smesh.local/node/b\"]}]\n"},
 		{"tunnel idle zero", "[tunnel]\nidle_timeout = \"0s\"\n"},
 		{"workload API without files", "[tunnel.tls]\nsource = \"workload_api\"\ncert = \"\"\nkey = \"\"\nca = \"\"\n"},

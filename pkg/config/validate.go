@@ -11,6 +11,8 @@ import (
 	"strings"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/smesh-dev/smesh/pkg/identity"
 )
 
 // Map sizes smeshd accepts: below the minimum a busy node fills the maps at
@@ -262,7 +264,7 @@ func (t *Tunnel) validate(p *problems) {
 	seen := make(map[netip.Prefix]int)
 	for i, peer := range tls.Peers {
 		key := fmt.Sprintf("tunnel.tls.peers[%d]", i)
-		if len(peer.CIDRs) == 0 {
+		if len(peer.CIDRs) == 0 && len(peer.Workloads) == 0 {
 			p.addf(key+".cidrs", "is empty (want the destinations these identities serve, e.g. [\"10.0.2.0/24\"])")
 		}
 		for _, c := range peer.CIDRs {
@@ -284,7 +286,32 @@ func (t *Tunnel) validate(p *problems) {
 			p.addf(key+".identities", "is empty (want the SPIFFE IDs that may serve these destinations)")
 		}
 		checkIDs(key+".identities", peer.Identities)
+		for _, w := range peer.Workloads {
+			if err := checkWorkload(w, td); err != nil {
+				p.addf(key+".workloads", "%v", err)
+			}
+		}
 	}
+}
+
+// checkWorkload checks one [[tunnel.tls.peers]] workloads entry: a
+// workload's SPIFFE ID in its canonical form, or a prefix of some ending
+// in "/", in trust domain td (when known).
+func checkWorkload(w string, td spiffeid.TrustDomain) error {
+	const want = `want a workload's SPIFFE ID, e.g. "spiffe://smesh.local/ns/prod/sa/payments", or a prefix ending in "/", e.g. "spiffe://smesh.local/ns/prod/"`
+	s := strings.TrimSuffix(w, "/")
+	if strings.HasSuffix(w, "/") && strings.Count(w, "/") == 3 {
+		// "spiffe://TD/": every workload of the trust domain.
+		s = w[:len(w)-1] + "/x"
+	}
+	id, err := identity.Parse(s)
+	switch {
+	case err != nil:
+		return fmt.Errorf("%q: %v (%s)", w, err, want)
+	case !td.IsZero() && id.TrustDomain() != td:
+		return fmt.Errorf("%q is not in tunnel.tls.trust_domain %q, so no node could assert it", w, td.Name())
+	}
+	return nil
 }
 
 // checkWorkloadAPISocket accepts the addresses go-spiffe's Workload API

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+
+	"github.com/smesh-dev/smesh/pkg/identity"
 )
 
 // RefusedError is the peer's refusal of a tunnel connection.
@@ -39,6 +41,8 @@ type Client struct {
 	noResume bool
 	// v1Only: offer no protocol v2, as a node before it did.
 	v1Only bool
+	// v2Only: offer no protocol v3, as a node before it did.
+	v2Only bool
 	// testHookHandshakeDone, when set, runs after a successful handshake,
 	// before the header is sent.
 	testHookHandshakeDone func()
@@ -61,6 +65,9 @@ type ClientOptions struct {
 	// tunnelled connection, as nodes before v2 do (for tests and
 	// measurements).
 	ProtocolV1 bool
+	// ProtocolV2 offers wire protocol v2 at most, as nodes before v3 do:
+	// no source in the header (for tests).
+	ProtocolV2 bool
 	// Dial connects to a peer's tunnel port; nil: a plain net.Dialer.
 	// (Tests map node addresses to loopback with it.)
 	Dial   func(ctx context.Context, network, address string) (net.Conn, error)
@@ -89,6 +96,7 @@ func NewClient(o ClientOptions) *Client {
 		errLog:   newLimitedLog(log, 10, time.Second),
 		noResume: o.DisableResumption,
 		v1Only:   o.ProtocolV1 || o.Credentials == nil,
+		v2Only:   o.ProtocolV2,
 		dialTCP:  o.Dial,
 		pool:     newPool(o.Credentials, poolMaxIdle, poolIdle),
 		dials:    newDialSlots(maxDialsPerPeer),
@@ -103,6 +111,11 @@ func (c *Client) Close() { c.pool.close() }
 // address (the original destination, "ip:port") and asks it to connect to
 // address. It returns a *Conn once the peer answered ok; a refusal is a
 // *RefusedError. network must be "tcp", "tcp4" or "tcp6".
+//
+// The source the connection comes from is ctx's: the workload identity
+// identity.WithSource put there and the address identity.WithSourceAddr
+// put there, each if any. A peer that speaks v3 gets them in the header;
+// to an older one the connection speaks as this node.
 func (c *Client) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
 	conn, err := c.open(ctx, network, address, nil)
 	if err != nil {
@@ -157,16 +170,16 @@ func (c *Client) failed(dst netip.AddrPort, reason Reason, err error) {
 }
 
 func (c *Client) dial(ctx context.Context, dst netip.AddrPort, first []byte) (*Conn, Reason, error) {
-	version := byte(Version2)
-	if c.v1Only {
-		version = Version
+	h := &Header{Dst: dst}
+	if !c.v1Only && !c.v2Only {
+		h.Workload, _ = identity.SourceFrom(ctx)
+		h.SrcAddr, _ = identity.SourceAddrFrom(ctx)
 	}
-	hdr, err := appendHeader(make([]byte, 0, HeaderSize), dst, version)
-	if err != nil {
+	if err := h.check(); err != nil {
 		return nil, ReasonBadHeader, err
 	}
 	peer := netip.AddrPortFrom(dst.Addr(), c.peerPort)
-	if conn := c.warm(peer, dst, hdr, first); conn != nil {
+	if conn := c.warm(peer, h, first); conn != nil {
 		return conn, ReasonNone, nil
 	}
 	// A new link: wait for a place among the handshakes under way to
@@ -186,7 +199,7 @@ func (c *Client) dial(ctx context.Context, dst netip.AddrPort, first []byte) (*C
 			release()
 		}
 	}()
-	if conn := c.warm(peer, dst, hdr, first); conn != nil {
+	if conn := c.warm(peer, h, first); conn != nil {
 		return conn, ReasonNone, nil
 	}
 	l, reason, err := c.dialLink(ctx, dst)
@@ -197,7 +210,8 @@ func (c *Client) dial(ctx context.Context, dst netip.AddrPort, first []byte) (*C
 		l.Abort()
 		return nil, r, err
 	}
-	if l.version == Version2 {
+	hdr := h.encode(l.version)
+	if l.version >= Version2 {
 		if err := l.open(hdr, first); err != nil {
 			l.raw.SetReadDeadline(time.Now().Add(c.timeout))
 			if alert := readAlert(l); alert != nil {
@@ -206,14 +220,11 @@ func (c *Client) dial(ctx context.Context, dst netip.AddrPort, first []byte) (*C
 			return fail(ReasonPeerUnreachable, fmt.Errorf("sending tunnel header to %s: %w", peer, err))
 		}
 		// With its status (or its end before one).
-		conn := c.stream(l, dst, hdr, first)
+		conn := c.stream(l, h, first)
 		conn.release, handedOver = release, true
 		return conn, ReasonNone, nil
 	}
 	// A peer that speaks v1 only (an older smeshd, or no TLS).
-	if version != Version {
-		hdr, _ = appendHeader(hdr[:0], dst, Version)
-	}
 	ctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
 	deadline, _ := ctx.Deadline()
@@ -257,26 +268,26 @@ func (c *Client) dial(ctx context.Context, dst netip.AddrPort, first []byte) (*C
 // warm opens the tunnelled connection on a pooled link to peer, if one is
 // there (v2); a link that fails at once was dead already (its peer went
 // away while it idled): the next one.
-func (c *Client) warm(peer, dst netip.AddrPort, hdr, first []byte) *Conn {
+func (c *Client) warm(peer netip.AddrPort, h *Header, first []byte) *Conn {
 	if c.v1Only {
 		return nil
 	}
-	for l := c.pool.take(peer, dst); l != nil; l = c.pool.take(peer, dst) {
-		if err := l.open(hdr, first); err != nil {
+	for l := c.pool.take(peer, h.Dst); l != nil; l = c.pool.take(peer, h.Dst) {
+		if err := l.open(h.encode(l.version), first); err != nil {
 			l.Abort()
 			continue
 		}
-		conn := c.stream(l, dst, hdr, first)
+		conn := c.stream(l, h, first)
 		conn.Reused = true
 		return conn
 	}
 	return nil
 }
 
-// stream makes the v2 tunnelled connection whose header (and first bytes)
-// were just sent on l.
-func (c *Client) stream(l *link, dst netip.AddrPort, hdr, first []byte) *Conn {
-	conn := &Conn{Conn: l.Conn, Resumed: l.resumed, raw: l.raw, c: c, dst: dst, hdr: hdr, l: l}
+// stream makes the v2 or v3 tunnelled connection whose header (and first
+// bytes) were just sent on l.
+func (c *Client) stream(l *link, h *Header, first []byte) *Conn {
+	conn := &Conn{Conn: l.Conn, Resumed: l.resumed, raw: l.raw, c: c, dst: h.Dst, h: h, l: l}
 	if len(first) > 0 {
 		conn.early = append(make([]byte, 0, len(first)), first...)
 	}
@@ -306,13 +317,16 @@ func (c *Client) dialLink(ctx context.Context, dst netip.AddrPort) (*link, Reaso
 		var cfg *tls.Config
 		pol = c.creds.policy.Load()
 		cfg, set = c.creds.clientConfig(dst.Addr())
-		if c.noResume || c.v1Only {
+		if c.noResume || c.v1Only || c.v2Only {
 			cfg = cfg.Clone()
 			if c.noResume {
 				cfg.ClientSessionCache = nil
 			}
-			if c.v1Only {
+			switch {
+			case c.v1Only:
 				cfg.NextProtos = nil
+			case c.v2Only:
+				cfg.NextProtos = []string{ALPN2}
 			}
 		}
 		tc = tls.Client(raw, cfg)
@@ -331,7 +345,7 @@ func (c *Client) dialLink(ctx context.Context, dst netip.AddrPort) (*link, Reaso
 	}
 	l := newLink(raw, tc)
 	l.peer, l.set, l.policy = peer, set, pol
-	if l.version == Version2 {
+	if l.version >= Version2 {
 		// Relayed connections have no deadlines (v1 sets its own for
 		// header and status).
 		raw.established.Store(true)
@@ -376,4 +390,31 @@ func readAlert(conn *link) error {
 func refusedHandshake(peer netip.AddrPort, alert error) error {
 	return fmt.Errorf("tunnel peer %s refused the TLS handshake (%w): it does not accept this node's certificate; "+
 		"see its log for why (its tunnel.tls.ca, trust_domain and allow_identities decide)", peer, alert)
+}
+
+// check refuses a header no version could send, before anything is dialled.
+func (h *Header) check() error {
+	if err := checkDst(h.Dst); err != nil {
+		return err
+	}
+	if err := checkSrc(h.SrcAddr); err != nil {
+		return err
+	}
+	if h.Workload.IsZero() {
+		return nil
+	}
+	if id := h.Workload.String(); len(id) > MaxSourceID || h.Workload.Path() == "" {
+		return headerErr(ReasonBadHeader, "source %q: want a workload's SPIFFE ID of at most %d bytes", id, MaxSourceID)
+	}
+	return nil
+}
+
+// encode is h in version (checked already): v1 and v2 carry no source.
+func (h *Header) encode(version byte) []byte {
+	if version == Version3 {
+		b, _ := AppendHeaderV3(make([]byte, 0, HeaderSizeV3+len(h.Workload.String())), *h)
+		return b
+	}
+	b, _ := appendHeader(make([]byte, 0, HeaderSize), h.Dst, version)
+	return b
 }

@@ -13,8 +13,10 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/smesh-dev/smesh/pkg/proxy"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/sys/unix"
+
+	"github.com/smesh-dev/smesh/pkg/proxy"
 )
 
 // link is one connection between two smeshd: a TLS connection (or plain
@@ -30,8 +32,11 @@ type link struct {
 	tls      *tls.Conn
 	// resumed: the TLS handshake resumed an earlier session.
 	resumed bool
-	// version is the wire protocol, from ALPN: Version or Version2.
+	// version is the wire protocol, from ALPN: Version, Version2 or
+	// Version3 (framed: Version2 and later).
 	version byte
+	// node is the peer's SPIFFE ID (server side, with TLS).
+	node spiffeid.ID
 
 	// Client side: what the link was checked against, so that a pooled
 	// link is reused only while that still holds (pool.go).
@@ -59,8 +64,11 @@ func newLink(raw *rawConn, tc *tls.Conn) *link {
 		l.Conn = tc
 		cs := tc.ConnectionState()
 		l.resumed = cs.DidResume
-		if cs.NegotiatedProtocol == ALPN2 {
+		switch cs.NegotiatedProtocol {
+		case ALPN2:
 			l.version = Version2
+		case ALPN3:
+			l.version = Version3
 		}
 		if len(cs.PeerCertificates) > 0 {
 			l.leaf = cs.PeerCertificates[0]

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"net/netip"
 	"testing"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
 func TestHeaderRoundTrip(t *testing.T) {
@@ -184,6 +186,144 @@ func FuzzParseStatus(f *testing.F) {
 		}
 		if back := AppendStatus(nil, s); !bytes.Equal(back, b) {
 			t.Fatalf("parsed %+v from % x, which encodes as % x", s, b, back)
+		}
+	})
+}
+
+var testTD = spiffeid.RequireTrustDomainFromString("test.local")
+
+func TestHeaderV3RoundTrip(t *testing.T) {
+	w := spiffeid.RequireFromString("spiffe://test.local/ns/prod/sa/payments")
+	for _, h := range []Header{
+		{Dst: netip.MustParseAddrPort("10.0.2.2:80")},
+		{Dst: netip.MustParseAddrPort("10.0.2.2:80"), Workload: w},
+		{Dst: netip.MustParseAddrPort("10.0.2.2:80"), SrcAddr: netip.MustParseAddr("10.0.1.7")},
+		{Dst: netip.MustParseAddrPort("[2001:db8::1]:443"), Workload: w, SrcAddr: netip.MustParseAddr("fd00:5e::7")},
+	} {
+		b, err := AppendHeaderV3(nil, h)
+		if err != nil {
+			t.Fatalf("%+v: %v", h, err)
+		}
+		want := HeaderSizeV3
+		if !h.Workload.IsZero() {
+			want += len(h.Workload.String())
+		}
+		if len(b) != want {
+			t.Errorf("%+v: %d bytes, want %d", h, len(b), want)
+		}
+		got, err := ParseHeaderV3(b, testTD)
+		if err != nil || got != h {
+			t.Errorf("%+v: parsed %+v, %v", h, got, err)
+		}
+	}
+}
+
+// TestHeaderV3Layout pins the v3 wire format.
+func TestHeaderV3Layout(t *testing.T) {
+	b, err := AppendHeaderV3(nil, Header{
+		Dst:      netip.MustParseAddrPort("10.1.2.3:8080"),
+		Workload: spiffeid.RequireFromString("spiffe://t/a"),
+		SrcAddr:  netip.MustParseAddr("10.9.8.7"),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []byte{'S', 'M', 'S', 'H', 3, 4, 0x1f, 0x90, 10, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+		4, 0, 0, 12, 10, 9, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+	want = append(want, "spiffe://t/a"...)
+	if !bytes.Equal(b, want) {
+		t.Errorf("header\n got % x\nwant % x", b, want)
+	}
+	// An old server reads magic and version where they always were.
+	if _, err := ParseHeader(b[:HeaderSize]); err == nil || err.(*HeaderError).Reason != ReasonUnsupportedVersion {
+		t.Errorf("v1 parser on a v3 header: %v, want unsupported_version", err)
+	}
+}
+
+func TestHeaderV3Refusals(t *testing.T) {
+	valid, _ := AppendHeaderV3(nil, Header{
+		Dst:      netip.MustParseAddrPort("10.1.2.3:8080"),
+		Workload: spiffeid.RequireFromString("spiffe://test.local/ns/a/sa/b"),
+		SrcAddr:  netip.MustParseAddr("10.9.8.7"),
+	})
+	noSrc, _ := AppendHeaderV3(nil, Header{Dst: netip.MustParseAddrPort("10.1.2.3:8080")})
+	mod := func(base []byte, f func(h []byte) []byte) []byte {
+		return f(append([]byte(nil), base...))
+	}
+	withID := func(id string) []byte {
+		h := append([]byte(nil), noSrc...)
+		h[26], h[27] = byte(len(id)>>8), byte(len(id))
+		return append(h, id...)
+	}
+	cases := []struct {
+		name string
+		h    []byte
+		want Reason
+	}{
+		{"empty", nil, ReasonTruncatedHeader},
+		{"fixed part short", valid[:HeaderSizeV3-1], ReasonTruncatedHeader},
+		{"ID short", valid[:len(valid)-1], ReasonTruncatedHeader},
+		{"oversized", append(append([]byte(nil), valid...), 0), ReasonOversizedHeader},
+		{"version 2", mod(valid, func(h []byte) []byte { h[4] = 2; return h }), ReasonUnsupportedVersion},
+		{"bad magic", mod(valid, func(h []byte) []byte { h[1] = 'X'; return h }), ReasonBadMagic},
+		{"dst port 0", mod(valid, func(h []byte) []byte { h[6], h[7] = 0, 0; return h }), ReasonBadHeader},
+		{"reserved", mod(valid, func(h []byte) []byte { h[25] = 1; return h }), ReasonBadHeader},
+		{"src family 5", mod(valid, func(h []byte) []byte { h[24] = 5; return h }), ReasonBadHeader},
+		{"src IPv4 padding", mod(valid, func(h []byte) []byte { h[40] = 1; return h }), ReasonBadHeader},
+		{"no src with bytes", mod(valid, func(h []byte) []byte { h[24] = 0; return h }), ReasonBadHeader},
+		{"src unspecified", mod(valid, func(h []byte) []byte { clear(h[28:32]); return h }), ReasonBadHeader},
+		{"src IPv4-mapped", mod(valid, func(h []byte) []byte {
+			h[24] = 6
+			m := netip.MustParseAddr("::ffff:10.1.2.3").As16()
+			copy(h[28:44], m[:])
+			return h
+		}), ReasonBadHeader},
+		{"ID too long", mod(noSrc, func(h []byte) []byte { h[26], h[27] = 0x08, 0x01; return h }), ReasonBadHeader},
+		{"ID not SPIFFE", withID("https://test.local/a"), ReasonBadHeader},
+		{"ID not canonical", withID("spiffe://TEST.local/a"), ReasonBadHeader},
+		{"ID without path", withID("spiffe://test.local"), ReasonBadHeader},
+		{"ID in another trust domain", withID("spiffe://other.local/ns/a/sa/b"), ReasonIdentityNotOnNode},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			h, err := ParseHeaderV3(c.h, testTD)
+			var he *HeaderError
+			if !errors.As(err, &he) {
+				t.Fatalf("parsed %+v, %v: want a HeaderError", h, err)
+			}
+			if he.Reason != c.want {
+				t.Errorf("reason %s, want %s (%v)", he.Reason, c.want, err)
+			}
+		})
+	}
+}
+
+// FuzzParseHeaderV3: any input either parses to a header that encodes back
+// to exactly the input, or is refused with a HeaderError; never a panic.
+func FuzzParseHeaderV3(f *testing.F) {
+	for _, h := range []Header{
+		{Dst: netip.MustParseAddrPort("10.0.2.2:80")},
+		{Dst: netip.MustParseAddrPort("[2001:db8::1]:443"), Workload: spiffeid.RequireFromString("spiffe://test.local/ns/a/sa/b"),
+			SrcAddr: netip.MustParseAddr("10.0.1.2")},
+	} {
+		b, _ := AppendHeaderV3(nil, h)
+		f.Add(b)
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		h, err := ParseHeaderV3(b, testTD)
+		if err != nil {
+			var he *HeaderError
+			if !errors.As(err, &he) || he.Reason == ReasonNone {
+				t.Fatalf("error without a reason: %v", err)
+			}
+			return
+		}
+		back, err := AppendHeaderV3(nil, h)
+		if err != nil {
+			t.Fatalf("parsed %+v, which does not encode: %v", h, err)
+		}
+		if !bytes.Equal(back, b) {
+			t.Fatalf("parsed %+v from % x, which encodes as % x", h, b, back)
 		}
 	})
 }

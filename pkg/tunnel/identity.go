@@ -3,14 +3,17 @@ package tunnel
 import (
 	"cmp"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/smesh-dev/smesh/pkg/config"
+	"github.com/smesh-dev/smesh/pkg/identity"
 )
 
 // IdentityPolicy says which certificates of the CA are peers, from
@@ -25,6 +28,19 @@ type IdentityPolicy struct {
 	// Pins, most specific prefix first: a tunnel to a destination in a
 	// pin's prefix is opened only to a server with one of its IDs.
 	Pins []Pin
+	// Grants are the [[tunnel.tls.peers]] entries with workloads: which
+	// workloads which nodes may assert (Verify).
+	Grants []Grant
+}
+
+// Grant is one [[tunnel.tls.peers]] entry with workloads: its nodes may
+// assert the workloads Exact lists or any below a Prefix (each ends in
+// "/"), at the addresses of Prefixes (its cidrs).
+type Grant struct {
+	Nodes    []spiffeid.ID
+	Exact    []spiffeid.ID
+	Prefix   []string
+	Prefixes []netip.Prefix
 }
 
 // Pin is one [[tunnel.tls.peers]] CIDR with the identities that may serve
@@ -67,6 +83,31 @@ func NewIdentityPolicy(c config.TLS) (*IdentityPolicy, error) {
 		for _, prefix := range peer.CIDRs {
 			p.Pins = append(p.Pins, Pin{Prefix: prefix.Masked(), IDs: pinned})
 		}
+		if len(peer.Workloads) == 0 {
+			continue
+		}
+		g := Grant{Nodes: pinned}
+		for _, prefix := range peer.CIDRs {
+			g.Prefixes = append(g.Prefixes, prefix.Masked())
+		}
+		for _, w := range peer.Workloads {
+			if strings.HasSuffix(w, "/") {
+				if !strings.HasPrefix(w, "spiffe://"+td.Name()+"/") {
+					return nil, fmt.Errorf("tunnel.tls.peers[%d].workloads: %q is not in tunnel.tls.trust_domain %q", i, w, td.Name())
+				}
+				g.Prefix = append(g.Prefix, w)
+				continue
+			}
+			id, err := identity.Parse(w)
+			if err != nil {
+				return nil, fmt.Errorf("tunnel.tls.peers[%d].workloads: %w", i, err)
+			}
+			if id.TrustDomain() != td {
+				return nil, fmt.Errorf("tunnel.tls.peers[%d].workloads: %q is not in tunnel.tls.trust_domain %q", i, w, td.Name())
+			}
+			g.Exact = append(g.Exact, id)
+		}
+		p.Grants = append(p.Grants, g)
 	}
 	slices.SortStableFunc(p.Pins, func(a, b Pin) int { return cmp.Compare(b.Prefix.Bits(), a.Prefix.Bits()) })
 	return p, nil
@@ -135,4 +176,74 @@ func (p *IdentityPolicy) checkOwn(certFile string, leaf *x509.Certificate) error
 			certFile, id, p.TrustDomain.Name(), id.TrustDomain().Name())
 	}
 	return nil
+}
+
+// errNoGrant is why a node may not assert a source.
+var errNoGrant = errors.New("no [[tunnel.tls.peers]] entry with workloads grants it to this node")
+
+// Verify is the SourceVerifier of nodes whose workloads smesh.toml lists
+// ([[tunnel.tls.peers]] workloads, for systemd nodes): node may assert
+// workload if an entry listing node in its identities lists workload in its
+// workloads (exactly, or below a prefix ending in "/"), and an address with
+// it if the address is inside the cidrs of an entry listing node. An
+// address asserted without a workload outside those cidrs is dropped
+// (ErrUnverifiable: the connection is the node's, at the node's address),
+// not refused: it claims no identity. While no entry has workloads (every
+// configuration before them), it verifies nothing: ErrUnverifiable, so
+// that every connection is its node's, as before.
+func (p *IdentityPolicy) Verify(node, workload spiffeid.ID, addr netip.Addr) error {
+	if len(p.Grants) == 0 {
+		return ErrUnverifiable
+	}
+	if !workload.IsZero() && !p.mayAssert(node, workload) {
+		return fmt.Errorf("workload %s: %w", workload, errNoGrant)
+	}
+	if addr.IsValid() && !p.addrOf(node, addr) {
+		if workload.IsZero() {
+			return ErrUnverifiable
+		}
+		return fmt.Errorf("address %s is in no [[tunnel.tls.peers]] cidrs of this node", addr)
+	}
+	return nil
+}
+
+// addrOf reports whether addr is inside the cidrs of an entry listing node.
+func (p *IdentityPolicy) addrOf(node spiffeid.ID, addr netip.Addr) bool {
+	for _, pin := range p.Pins {
+		if slices.Contains(pin.IDs, node) && pin.Prefix.Contains(addr) {
+			return true
+		}
+	}
+	return false
+}
+
+func (p *IdentityPolicy) mayAssert(node, workload spiffeid.ID) bool {
+	var s string
+	for _, g := range p.Grants {
+		if !slices.Contains(g.Nodes, node) {
+			continue
+		}
+		if slices.Contains(g.Exact, workload) {
+			return true
+		}
+		if len(g.Prefix) > 0 && s == "" {
+			s = workload.String()
+		}
+		for _, pre := range g.Prefix {
+			if len(s) > len(pre) && strings.HasPrefix(s, pre) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// SourceVerifier is the identity policy in force as a SourceVerifier
+// (IdentityPolicy.Verify): it follows reloads (SetPolicy).
+func (c *Credentials) SourceVerifier() SourceVerifier { return credsVerifier{c} }
+
+type credsVerifier struct{ c *Credentials }
+
+func (v credsVerifier) Verify(node, workload spiffeid.ID, addr netip.Addr) error {
+	return v.c.policy.Load().Verify(node, workload, addr)
 }

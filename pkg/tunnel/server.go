@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"golang.org/x/sys/unix"
 
 	"github.com/smesh-dev/smesh/pkg/proxy"
@@ -62,7 +64,19 @@ type ServerOptions struct {
 	// ProtocolV1 accepts wire protocol v1 only, as nodes before v2 do
 	// (for tests and measurements).
 	ProtocolV1 bool
-	Logger     zerolog.Logger
+	// ProtocolV2 accepts wire protocols v2 and v1 only, as nodes before v3
+	// do (for tests).
+	ProtocolV2 bool
+	// Verifier checks the source a v3 header asserts (nil: no source is
+	// verified, every connection is its node's; see SourceVerifier).
+	Verifier SourceVerifier
+	// Authorize decides, after the source was checked and before the
+	// destination is dialled, whether src may connect to dst; policy
+	// names what denied it (logged). A denial is refused policy_denied.
+	// nil allows all. It runs for every tunnelled connection, on its
+	// goroutine: it must not block.
+	Authorize func(src Source, dst netip.AddrPort) (policy string, allowed bool)
+	Logger    zerolog.Logger
 }
 
 // Server accepts tunnel connections from other nodes and delivers each to
@@ -172,13 +186,17 @@ func Listen(o ServerOptions) (*Server, error) {
 	}
 	if o.Credentials != nil {
 		s.tlsCfg = o.Credentials.ServerConfig()
-		if o.ProtocolV1 {
+		if o.ProtocolV1 || o.ProtocolV2 {
+			var protos []string
+			if !o.ProtocolV1 {
+				protos = []string{ALPN2}
+			}
 			get := s.tlsCfg.GetConfigForClient
 			s.tlsCfg.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
 				cfg, err := get(hello)
 				if cfg != nil {
 					cfg = cfg.Clone()
-					cfg.NextProtos = nil
+					cfg.NextProtos = protos
 				}
 				return cfg, err
 			}
@@ -518,30 +536,41 @@ type refusal struct {
 
 // serve runs one tunnel connection: handshake and header (under the
 // handshake budget, p), then its tunnelled connection (relay); in protocol
-// v2, the tunnelled connections that follow on it too.
+// v2 and v3, the tunnelled connections that follow on it too. A refusal
+// ends the link in every version (a status, then close_notify): what the
+// client sent early after the header is discarded with it.
 func (s *Server) serve(ctx context.Context, raw *rawConn, scope Scope, p *pending) {
-	l, dst, ref := s.accept(ctx, raw)
+	l, h, ref := s.accept(ctx, raw)
 	if s.handshakes.done(p) {
 		ref = &refusal{ReasonHandshakeEvicted, fmt.Errorf("still in its handshake after %s, when a new connection needed the place", staleAfter(s.o.HandshakeTimeout))}
 	}
+	var peer netip.Addr
+	if ta, ok := raw.RemoteAddr().(*net.TCPAddr); ok {
+		peer = ta.AddrPort().Addr().Unmap()
+	}
 	for {
+		var src Source
+		if ref == nil {
+			src, ref = s.source(l.node, peer, &h)
+		}
 		if ref != nil {
-			s.refuse(raw, l, dst, ref)
+			s.refuse(raw, l, h.Dst, ref)
 			return
 		}
-		if !s.relay(ctx, raw, l, dst, scope) {
+		if !s.relay(ctx, raw, l, h.Dst, src, scope) {
 			return
 		}
 		var more bool
-		if dst, ref, more = s.next(raw, l); !more {
+		if h, ref, more = s.next(raw, l); !more {
 			return
 		}
 	}
 }
 
 // relay delivers one tunnelled connection and relays it. It reports whether
-// the link may carry the next one: protocol v2, and this one ended cleanly.
-func (s *Server) relay(ctx context.Context, raw *rawConn, l *link, dst netip.AddrPort, scope Scope) bool {
+// the link may carry the next one: protocol v2 or v3, and this one ended
+// cleanly.
+func (s *Server) relay(ctx context.Context, raw *rawConn, l *link, dst netip.AddrPort, src Source, scope Scope) bool {
 	select {
 	case s.slots <- struct{}{}:
 		defer func() { <-s.slots }()
@@ -549,7 +578,7 @@ func (s *Server) relay(ctx context.Context, raw *rawConn, l *link, dst netip.Add
 		s.refuse(raw, l, dst, &refusal{ReasonTooManyConnections, fmt.Errorf("%d connections open (tunnel.max_connections)", s.o.MaxConnections)})
 		return false
 	}
-	up, ref := s.deliver(ctx, dst, scope)
+	up, ref := s.deliver(ctx, dst, src, scope)
 	if ref != nil {
 		s.refuse(raw, l, dst, ref)
 		return false
@@ -559,7 +588,7 @@ func (s *Server) relay(ctx context.Context, raw *rawConn, l *link, dst netip.Add
 	status := appendStatus(make([]byte, 0, StatusSize), Status{OK: true}, l.version)
 	var ss *serverStream
 	var err error
-	if l.version == Version2 {
+	if l.version >= Version2 {
 		// The client sends without waiting for the status: it may wait
 		// (statusDelay at most) for the local server's first bytes or
 		// end, and cross the tunnel with them: one wake-up of the client's
@@ -586,7 +615,7 @@ func (s *Server) relay(ctx context.Context, raw *rawConn, l *link, dst netip.Add
 	st.Active.Add(1)
 	var res proxy.Result
 	reuse := false
-	if l.version == Version2 {
+	if l.version >= Version2 {
 		res = proxy.RelayIdle(ss, proxy.TCP(up), s.o.IdleTimeout)
 		ss.stopTimer()
 		reuse = res.Err == nil && ss.clean()
@@ -626,43 +655,99 @@ func (s *Server) relay(ctx context.Context, raw *rawConn, l *link, dst netip.Add
 // with close_notify, and the client sends what it had for it on a new
 // one). A link made with credentials or under a policy no longer in force
 // gets the refusal "retired" instead of a delivery.
-func (s *Server) next(raw *rawConn, l *link) (dst netip.AddrPort, ref *refusal, more bool) {
+func (s *Server) next(raw *rawConn, l *link) (hdr Header, ref *refusal, more bool) {
 	// The deadline before idle, idle before draining is checked: Shutdown
 	// sets draining, then wakes the idle ones (wakeIdle).
 	raw.SetReadDeadline(time.Now().Add(serverPoolIdle))
 	raw.idle.Store(true)
-	var h [HeaderSize]byte
+	var h [HeaderSizeV3]byte
+	size := headerSize(l.version)
 	n, err := 0, error(nil)
 	if !s.draining.Load() {
-		n, err = io.ReadFull(l, h[:])
+		n, err = io.ReadFull(l, h[:size])
 	}
 	raw.idle.Store(false)
 	var ne net.Error
 	switch {
 	case s.draining.Load() && (err == nil || errors.As(err, &ne) && ne.Timeout()):
 		l.Close()
-		return dst, nil, false
+		return hdr, nil, false
 	case n == 0 && err != nil:
 		// The client closed the idle link (or reset it, or the server
 		// closes).
 		l.Close()
-		return dst, nil, false
+		return hdr, nil, false
 	case err != nil && errors.As(err, &ne) && ne.Timeout():
-		return dst, &refusal{ReasonHeaderTimeout, fmt.Errorf("%d of %d header bytes before the deadline", n, HeaderSize)}, true
+		return hdr, &refusal{ReasonHeaderTimeout, fmt.Errorf("%d of %d header bytes before the deadline", n, size)}, true
 	case err != nil:
-		return dst, &refusal{ReasonTruncatedHeader, fmt.Errorf("%d of %d header bytes: %w", n, HeaderSize, err)}, true
+		return hdr, &refusal{ReasonTruncatedHeader, fmt.Errorf("%d of %d header bytes: %w", n, size, err)}, true
 	}
 	raw.SetReadDeadline(time.Time{})
-	dst, err = parseHeader(h[:], l.version)
-	if err != nil {
-		var he *HeaderError
-		errors.As(err, &he)
-		return netip.AddrPort{}, &refusal{he.Reason, err}, true
+	hdr, ref = s.finishHeader(l, h[:size], true)
+	if ref != nil {
+		return hdr, ref, true
 	}
 	if err := s.stale(raw, l); err != nil {
-		return dst, &refusal{ReasonRetired, err}, true
+		return hdr, &refusal{ReasonRetired, err}, true
 	}
-	return dst, nil, true
+	return hdr, nil, true
+}
+
+// headerSize is the size of a header, or of its fixed part, in version.
+func headerSize(version byte) int {
+	if version == Version3 {
+		return HeaderSizeV3
+	}
+	return HeaderSize
+}
+
+// v3Buf holds a v3 header while its source ID is read: taken only then.
+var v3Buf = sync.Pool{New: func() any { return new([HeaderSizeV3 + MaxSourceID]byte) }}
+
+// finishHeader decodes a header whose fixed part is read: in v3 it reads
+// the source ID the fixed part announces (exactly that many bytes, at most
+// MaxSourceID), under the read deadline set or, with deadline, under one
+// of its own (the header deadline: handshake_timeout).
+func (s *Server) finishHeader(l *link, fixed []byte, deadline bool) (Header, *refusal) {
+	fail := func(err error) (Header, *refusal) {
+		var he *HeaderError
+		errors.As(err, &he)
+		return Header{}, &refusal{he.Reason, err}
+	}
+	if l.version != Version3 {
+		dst, err := parseHeader(fixed, l.version)
+		if err != nil {
+			return fail(err)
+		}
+		return Header{Dst: dst}, nil
+	}
+	n, err := headerV3Len(fixed)
+	if err != nil {
+		return fail(err)
+	}
+	buf := v3Buf.Get().(*[HeaderSizeV3 + MaxSourceID]byte)
+	defer v3Buf.Put(buf)
+	copy(buf[:], fixed)
+	if deadline && n > 0 {
+		l.raw.SetReadDeadline(time.Now().Add(s.o.HandshakeTimeout))
+		defer l.raw.SetReadDeadline(time.Time{})
+	}
+	if m, err := io.ReadFull(l, buf[HeaderSizeV3:HeaderSizeV3+n]); err != nil {
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			return Header{}, &refusal{ReasonHeaderTimeout, fmt.Errorf("%d of %d header bytes before the deadline", HeaderSizeV3+m, HeaderSizeV3+n)}
+		}
+		return Header{}, &refusal{ReasonTruncatedHeader, fmt.Errorf("%d of %d header bytes: %w", HeaderSizeV3+m, HeaderSizeV3+n, err)}
+	}
+	var td spiffeid.TrustDomain
+	if s.o.Credentials != nil {
+		td = s.o.Credentials.policy.Load().TrustDomain
+	}
+	h, err := ParseHeaderV3(buf[:HeaderSizeV3+n], td)
+	if err != nil {
+		return fail(err)
+	}
+	return h, nil
 }
 
 // stale says why a v2 link may carry no more tunnelled connections, or nil:
@@ -694,7 +779,7 @@ func (s *Server) stale(raw *rawConn, l *link) error {
 
 // accept does the handshake and reads the header, both under the handshake
 // deadline. l is nil if the handshake failed.
-func (s *Server) accept(ctx context.Context, raw *rawConn) (*link, netip.AddrPort, *refusal) {
+func (s *Server) accept(ctx context.Context, raw *rawConn) (*link, Header, *refusal) {
 	deadline := time.Now().Add(s.o.HandshakeTimeout)
 	raw.SetDeadline(deadline)
 	var tc *tls.Conn
@@ -706,55 +791,58 @@ func (s *Server) accept(ctx context.Context, raw *rawConn) (*link, netip.AddrPor
 		cancel()
 		s.o.Stats.handshake("server", tc, err, start)
 		if err != nil {
-			return nil, netip.AddrPort{}, &refusal{handshakeReason(err), err}
+			return nil, Header{}, &refusal{handshakeReason(err), err}
 		}
 		raw.policy = s.o.Credentials.policy.Load()
 	}
 	l := newLink(raw, tc)
-	dst, ref := readHeader(l)
-	return l, dst, ref
+	if l.leaf != nil {
+		// The policy checked it has one.
+		l.node, _ = x509svid.IDFromCert(l.leaf)
+	}
+	h, ref := s.readHeader(l)
+	return l, h, ref
 }
 
 // readHeader reads exactly one header. In v1 the client sends nothing else
 // before the status, so with TLS the header is a record of its own: a
 // first read that returns more than a header is an oversized header. In v2
-// what follows the header stays unread until the destination is connected.
-func readHeader(l *link) (netip.AddrPort, *refusal) {
-	var buf [HeaderSize + 1]byte
-	p := buf[:]
-	if l.version == Version2 {
-		p = buf[:HeaderSize]
+// and v3 what follows the header stays unread until the destination is
+// connected.
+func (s *Server) readHeader(l *link) (Header, *refusal) {
+	var buf [HeaderSizeV3 + 1]byte
+	size := headerSize(l.version)
+	p := buf[:HeaderSize+1]
+	if l.version >= Version2 {
+		p = buf[:size]
 	}
 	n, err := l.Read(p)
-	if n > HeaderSize {
-		return netip.AddrPort{}, &refusal{ReasonOversizedHeader, fmt.Errorf("more than %d bytes before the status", HeaderSize)}
+	if n > size {
+		return Header{}, &refusal{ReasonOversizedHeader, fmt.Errorf("more than %d bytes before the status", size)}
 	}
-	if err == nil && n < HeaderSize {
+	if err == nil && n < size {
 		var m int
-		m, err = io.ReadFull(l, buf[n:HeaderSize])
+		m, err = io.ReadFull(l, buf[n:size])
 		n += m
 	}
 	if err != nil {
 		var ne net.Error
 		if errors.As(err, &ne) && ne.Timeout() {
-			return netip.AddrPort{}, &refusal{ReasonHeaderTimeout, fmt.Errorf("%d of %d header bytes before the deadline", n, HeaderSize)}
+			return Header{}, &refusal{ReasonHeaderTimeout, fmt.Errorf("%d of %d header bytes before the deadline", n, size)}
 		}
-		return netip.AddrPort{}, &refusal{ReasonTruncatedHeader, fmt.Errorf("%d of %d header bytes: %w", n, HeaderSize, err)}
+		return Header{}, &refusal{ReasonTruncatedHeader, fmt.Errorf("%d of %d header bytes: %w", n, size, err)}
 	}
-	dst, err := parseHeader(buf[:HeaderSize], l.version)
-	if err != nil {
-		var he *HeaderError
-		errors.As(err, &he)
-		return netip.AddrPort{}, &refusal{he.Reason, err}
-	}
-	return dst, nil
+	return s.finishHeader(l, buf[:size], false)
 }
 
 // deliver checks dst and connects to it. Only addresses of the listener's
 // namespace, never loopback, never smeshd's own ports, and only allow_ports
 // when set: the tunnel port must never be an open relay, nor a way to the
 // services a node keeps on localhost.
-func (s *Server) deliver(ctx context.Context, dst netip.AddrPort, scope Scope) (*net.TCPConn, *refusal) {
+//
+// Then src must be allowed to connect to dst (ServerOptions.Authorize):
+// nothing is dialled for a connection it denies.
+func (s *Server) deliver(ctx context.Context, dst netip.AddrPort, src Source, scope Scope) (*net.TCPConn, *refusal) {
 	switch {
 	case dst.Addr().Unmap().IsLoopback():
 		return nil, &refusal{ReasonLoopback, fmt.Errorf("%s is a loopback address: no captured connection goes to another node's loopback", dst.Addr())}
@@ -764,6 +852,9 @@ func (s *Server) deliver(ctx context.Context, dst netip.AddrPort, scope Scope) (
 		return nil, &refusal{ReasonOwnPort, fmt.Errorf("port %d is one of smeshd's own", dst.Port())}
 	case len(*s.allowPorts.Load()) > 0 && !slices.Contains(*s.allowPorts.Load(), dst.Port()):
 		return nil, &refusal{ReasonPortNotAllowed, fmt.Errorf("port %d is not in tunnel.allow_ports", dst.Port())}
+	}
+	if ref := s.authorize(src, dst); ref != nil {
+		return nil, ref
 	}
 	// smeshd's own connect() is never captured; in splice mode sock_ops
 	// splices this hop with the local server's socket.

@@ -38,6 +38,12 @@ const (
 	// the handshake, or it is draining). Nothing was delivered: the client
 	// opens a new connection and sends the header and early data again.
 	ReasonRetired Reason = 11
+	// The source a v3 header asserts is not one the peer node may speak
+	// for (SourceVerifier), or is in another trust domain.
+	ReasonIdentityNotOnNode Reason = 12
+	// The server's authorization hook (ServerOptions.Authorize) denied the
+	// connection: nothing was dialled. An older peer reads "reason_13".
+	ReasonPolicyDenied Reason = 13
 
 	// Counted and logged only: the connection ends before a status can be
 	// sent, or the failure is on the client's side.
@@ -81,6 +87,8 @@ var reasonNames = map[Reason]string{
 	ReasonUnreachable:          "unreachable",
 	ReasonLoopback:             "loopback",
 	ReasonRetired:              "retired",
+	ReasonIdentityNotOnNode:    "identity_not_on_node",
+	ReasonPolicyDenied:         "policy_denied",
 	ReasonNotTLS:               "not_tls",
 	ReasonTLSHandshake:         "tls_handshake",
 	ReasonHandshakeTimeout:     "handshake_timeout",

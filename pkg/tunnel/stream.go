@@ -37,7 +37,7 @@ type Conn struct {
 	// v2 only.
 	c   *Client
 	dst netip.AddrPort
-	hdr []byte
+	h   *Header // sent again, in the new link's version, on a retry
 
 	rmu      sync.Mutex // who reads the status
 	mu       sync.Mutex
@@ -351,7 +351,7 @@ func (c *Conn) readStatus(noWait bool) (*link, error) {
 		c.stn = 0
 		var status Status
 		if err == nil {
-			status, err = parseStatus(c.st[:], Version2)
+			status, err = parseStatus(c.st[:], l.version)
 		}
 		retire := n == 0 && err == io.EOF || err == nil && !status.OK && status.Reason == ReasonRetired
 		if retire && !c.retried {
@@ -400,7 +400,7 @@ func (c *Conn) again(old *link) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if err == nil && c.state == streamPending {
-		_, err = l.Write(c.hdr)
+		_, err = l.Write(c.h.encode(l.version))
 		if err == nil && len(c.early) > 0 {
 			_, err = l.writeData(c.early)
 		}

@@ -365,9 +365,10 @@ func (c *Credentials) newSet(stamps [3]fileStamp, cert tls.Certificate, pool *x5
 			_, err := c.policy.Load().check(cs.PeerCertificates[0])
 			return err
 		},
-		// Protocol v2 for clients that offer it; a client that offers
-		// no ALPN (an older node) speaks v1.
-		NextProtos:                  []string{ALPN2},
+		// Protocol v3 or v2 for clients that offer it (the server's
+		// order decides: v3 first); a client that offers no ALPN (an
+		// older node) speaks v1.
+		NextProtos:                  []string{ALPN3, ALPN2},
 		DynamicRecordSizingDisabled: true,
 	}
 	set.client = &tls.Config{
@@ -380,7 +381,7 @@ func (c *Credentials) newSet(stamps [3]fileStamp, cert tls.Certificate, pool *x5
 		InsecureSkipVerify:          true,
 		VerifyConnection:            func(cs tls.ConnectionState) error { return c.verifyServer(set, cs, netip.Addr{}) },
 		ClientSessionCache:          tls.NewLRUClientSessionCache(1024),
-		NextProtos:                  []string{ALPN2},
+		NextProtos:                  []string{ALPN3, ALPN2},
 		DynamicRecordSizingDisabled: true,
 	}
 	return set, nil

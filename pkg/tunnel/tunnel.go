@@ -4,8 +4,11 @@
 // header naming the original destination and is answered with a status
 // (header.go). Protocol v2 keeps those TLS connections warm in a pool and
 // carries one captured connection after another on each, in frames, with
-// the first bytes sent along with the header; v1, which older nodes speak,
-// is one TLS connection per captured connection.
+// the first bytes sent along with the header; v3 is v2 with the source
+// workload (its SPIFFE ID and address) in the header, which the server
+// verifies (SourceVerifier) and authorizes (ServerOptions.Authorize) before
+// it connects; v1, which older nodes speak, is one TLS connection per
+// captured connection.
 //
 // The server delivers only to addresses of its own node and, when set, to
 // [tunnel] allow_ports, so the tunnel port is never an open relay. Every bad
