@@ -42,6 +42,7 @@ func (p *problems) addf(key, format string, args ...any) {
 func (c *Config) Validate() error {
 	var p problems
 	c.Capture.validate(&p)
+	validateWorkloads(&p, c)
 	validateServices(&p, c.Services)
 
 	checkOneOf(&p, "datapath.mode", c.Datapath.Mode, "auto", "splice", "copy")
