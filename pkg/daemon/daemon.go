@@ -945,7 +945,7 @@ func (d *daemon) serveHandover(ctx context.Context, path string) {
 func (d *daemon) connections() []admin.Conn {
 	var out []admin.Conn
 	for _, c := range d.out.Connections() {
-		out = append(out, admin.Conn{Source: c.Source, OriginalDst: c.OriginalDst, Path: c.Path,
+		out = append(out, admin.Conn{Source: c.Source, OriginalDst: c.OriginalDst, SourceIdentity: c.SourceIdentity, Path: c.Path,
 			TxBytes: c.TxBytes, RxBytes: c.RxBytes, AgeSeconds: c.Age.Seconds()})
 	}
 	return out
