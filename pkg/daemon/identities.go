@@ -1,7 +1,9 @@
 package daemon
 
 import (
+	"context"
 	"fmt"
+	"net/netip"
 	"os"
 	"slices"
 	"strings"
@@ -11,6 +13,7 @@ import (
 
 	"github.com/smesh-dev/smesh/pkg/cgroups"
 	"github.com/smesh-dev/smesh/pkg/config"
+	"github.com/smesh-dev/smesh/pkg/enrol"
 	"github.com/smesh-dev/smesh/pkg/identity"
 )
 
@@ -19,6 +22,8 @@ import (
 type identities struct {
 	numbers *identity.Numbers
 	node    string // this node's name, for default identities
+
+	poke chan struct{} // pokeAddrIDs -> runAddrIDs
 
 	mu      sync.Mutex
 	adopted bool // the predecessor's numbers were taken over
@@ -64,7 +69,7 @@ func (d *daemon) newIdentities() *identities {
 	if td, err := spiffeid.TrustDomainFromString(d.cfg.Tunnel.TLS.TrustDomain); err == nil && node != "" {
 		nodeID, _ = spiffeid.FromSegments(td, "node", node)
 	}
-	return &identities{numbers: identity.NewNumbers(nodeID), node: node}
+	return &identities{numbers: identity.NewNumbers(nodeID), node: node, poke: make(chan struct{}, 1)}
 }
 
 // source names the workload a source number stands for (proxy
@@ -170,6 +175,7 @@ func (d *daemon) syncIdentities(c config.Capture) error {
 	}
 	d.idents.numbers.Keep(keep)
 	d.idents.view = entries
+	d.pokeAddrIDs()
 	return nil
 }
 
@@ -204,4 +210,87 @@ func (d *daemon) debugIdentities() any {
 		Node       string          `json:"node"`
 		Identities []IdentityEntry `json:"identities"`
 	}{d.idents.node, out}
+}
+
+// addrIDs are the addresses of this node's workloads with their identity
+// numbers, for same-node policy (smesh_addr_ids): every address of a
+// network namespace other than smeshd's own whose processes all belong to
+// one identity (a pod's namespace; a workload in a namespace of its own).
+// A namespace shared by workloads of several identities (the node's own,
+// where systemd units run) names no workload by address, and loopback and
+// link-local addresses, which every namespace has, never do.
+func addrIDs(nss []enrol.Info, entries []IdentityEntry) map[netip.Addr]uint32 {
+	out := make(map[netip.Addr]uint32)
+	for _, ns := range nss {
+		if ns.Own || len(ns.Cgroups) == 0 {
+			continue
+		}
+		var num uint32
+		one := true
+		for _, cg := range ns.Cgroups {
+			n, ok := nearestIdentity(cg, entries)
+			if !ok || (num != 0 && n != num) {
+				one = false
+				break
+			}
+			num = n
+		}
+		if !one || num == 0 {
+			continue
+		}
+		for _, s := range ns.Addrs {
+			a, err := netip.ParseAddr(s)
+			if err != nil || a.IsLoopback() || a.IsLinkLocalUnicast() || a.IsUnspecified() {
+				continue
+			}
+			out[a.Unmap()] = num
+		}
+	}
+	return out
+}
+
+// nearestIdentity is the number of the nearest entry at or above cgroup cg,
+// as connect4/6 find it.
+func nearestIdentity(cg string, entries []IdentityEntry) (uint32, bool) {
+	best, num := -1, uint32(0)
+	for _, e := range entries {
+		if (cg == e.Cgroup || strings.HasPrefix(cg, e.Cgroup+"/")) && len(e.Cgroup) > best {
+			best, num = len(e.Cgroup), e.Number
+		}
+	}
+	return num, best >= 0
+}
+
+// pokeAddrIDs asks runAddrIDs to write smesh_addr_ids again (a namespace's
+// addresses or the identities changed); it never blocks, so the namespace
+// tracker may call it under its locks.
+func (d *daemon) pokeAddrIDs() {
+	if d.idents == nil {
+		return
+	}
+	select {
+	case d.idents.poke <- struct{}{}:
+	default:
+	}
+}
+
+// runAddrIDs keeps smesh_addr_ids in line with the namespaces and the
+// identities until ctx is done.
+func (d *daemon) runAddrIDs(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-d.idents.poke:
+		}
+		if d.released.Load() || d.members == nil {
+			continue
+		}
+		d.idents.mu.Lock()
+		entries := slices.Clone(d.idents.view)
+		d.idents.mu.Unlock()
+		if err := d.dp.SetAddrIDs(addrIDs(d.members.Namespaces(), entries)); err != nil {
+			d.log.Error().Err(err).Msg("writing the workload addresses for same-node policy (smesh_addr_ids)")
+		}
+	}
 }
