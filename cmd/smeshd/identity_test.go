@@ -41,6 +41,13 @@ func holdEcho(args []string) int {
 	return 0
 }
 
+// waitStdin prints "ok" and waits for a line on stdin.
+func waitStdin([]string) int {
+	fmt.Println("ok")
+	bufio.NewScanner(os.Stdin).Scan()
+	return 0
+}
+
 // adminGet is the body of GET path on smeshd's admin endpoint in node's
 // namespace.
 func adminGet(t *testing.T, node *testenv.Node, path string) []byte {
@@ -72,11 +79,15 @@ func adminGet(t *testing.T, node *testenv.Node, path string) []byte {
 // [capture] cgroup and of two [[capture.workloads]] below it (one named,
 // one by default), shows them on /debug/identities, and the connections it
 // relays from each workload carry that workload's identity (the dialer's
-// context; /debug/connections shows it), bytes through the mesh.
+// context; /debug/connections shows it), bytes through the mesh. A
+// workload in a network namespace of its own (as a pod is) is known by its
+// address there (smesh_addr_ids, for same-node policy); the node's own
+// namespace, shared by the others, names none.
 func TestIdentitiesThroughSmeshd(t *testing.T) {
 	w := newSmeshdWorld(t)
 	pay, web := filepath.Join(w.enrolled, "pay.service"), filepath.Join(w.enrolled, "web.service")
-	for _, cg := range []string{pay, web} {
+	srv := filepath.Join(w.enrolled, "srv.service")
+	for _, cg := range []string{pay, web, srv} {
 		if err := os.Mkdir(cg, 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -86,8 +97,8 @@ func TestIdentitiesThroughSmeshd(t *testing.T) {
 	webID := "spiffe://smesh.local/node/" + host + "/unit/web.service"
 	enrolledID := "spiffe://smesh.local/node/" + host + "/unit/" + filepath.Base(w.enrolled)
 	// Copy mode: smeshd relays same-node connections, so it accepts them.
-	conf := w.conf + fmt.Sprintf("[datapath]\nmode = \"copy\"\n[[capture.workloads]]\ncgroup = %q\nidentity = %q\n[[capture.workloads]]\ncgroup = %q\n",
-		pay, payID, web)
+	conf := w.conf + fmt.Sprintf("[datapath]\nmode = \"copy\"\n[[capture.workloads]]\ncgroup = %q\nidentity = %q\n[[capture.workloads]]\ncgroup = %q\n[[capture.workloads]]\ncgroup = %q\n",
+		pay, payID, web, srv)
 	if err := os.WriteFile(w.path, []byte(conf), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -108,7 +119,8 @@ func TestIdentitiesThroughSmeshd(t *testing.T) {
 	if err := json.Unmarshal(body, &doc); err != nil {
 		t.Fatalf("/debug/identities: %v: %s", err, body)
 	}
-	want := map[string]string{pay: payID, web: webID, w.enrolled: enrolledID}
+	srvID := "spiffe://smesh.local/node/" + host + "/unit/srv.service"
+	want := map[string]string{pay: payID, web: webID, srv: srvID, w.enrolled: enrolledID}
 	numbers := make(map[uint32]bool)
 	for _, e := range doc.Identities {
 		if want[e.Cgroup] != e.Identity || e.Number < 2 || e.CgroupID == 0 || numbers[e.Number] {
@@ -154,6 +166,36 @@ func TestIdentitiesThroughSmeshd(t *testing.T) {
 		if got[id] != 1 {
 			t.Errorf("connections from %s: %d, want 1 (/debug/connections: %s)", id, got[id], body)
 		}
+	}
+
+	// A workload in a namespace of its own: its address there names it.
+	var srvNum uint32
+	for _, e := range doc.Identities {
+		if e.Cgroup == srv {
+			srvNum = e.Number
+		}
+	}
+	pod := testenv.NewNode(t)
+	nodeAddr, podAddr := testenv.Link(t, w.node, pod)
+	h := testenv.StartHelper(t, srv, pod.Name, "wait")
+	if line, err := h.ReadLine(10 * time.Second); err != nil || line != "ok" {
+		t.Fatalf("in %s: %q, %v", pod.Name, line, err)
+	}
+	var addrs struct{ Addresses map[string]uint32 }
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		body = adminGet(t, w.node, "/debug/identities")
+		if err := json.Unmarshal(body, &addrs); err != nil {
+			t.Fatalf("/debug/identities: %v: %s", err, body)
+		}
+		if addrs.Addresses[podAddr.String()] == srvNum || time.Now().After(deadline) {
+			break
+		}
+	}
+	if n, ok := addrs.Addresses[podAddr.String()]; !ok || n != srvNum {
+		t.Errorf("address %s of %s's namespace: number %d, %v; want %d (/debug/identities: %s)", podAddr, srv, n, ok, srvNum, body)
+	}
+	if n, ok := addrs.Addresses[nodeAddr.String()]; ok {
+		t.Errorf("the node's own address %s names workload %d", nodeAddr, n)
 	}
 	if t.Failed() {
 		t.Log(strings.TrimSpace(smeshd.Stderr()))

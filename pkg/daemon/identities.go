@@ -28,6 +28,7 @@ type identities struct {
 	mu      sync.Mutex
 	adopted bool // the predecessor's numbers were taken over
 	view    []IdentityEntry
+	addrs   map[netip.Addr]uint32 // what runAddrIDs last wrote
 }
 
 // IdentityEntry is one cgroup's identity as /debug/identities shows it.
@@ -206,10 +207,17 @@ func (d *daemon) debugIdentities() any {
 	defer d.idents.mu.Unlock()
 	out := slices.Clone(d.idents.view)
 	slices.SortFunc(out, func(a, b IdentityEntry) int { return strings.Compare(a.Cgroup, b.Cgroup) })
+	addrs := make(map[string]uint32, len(d.idents.addrs))
+	for a, n := range d.idents.addrs {
+		addrs[a.String()] = n
+	}
 	return struct {
 		Node       string          `json:"node"`
 		Identities []IdentityEntry `json:"identities"`
-	}{d.idents.node, out}
+		// Addresses are the workload addresses same-node policy
+		// knows, with their identity numbers.
+		Addresses map[string]uint32 `json:"addresses"`
+	}{d.idents.node, out, addrs}
 }
 
 // addrIDs are the addresses of this node's workloads with their identity
@@ -289,8 +297,13 @@ func (d *daemon) runAddrIDs(ctx context.Context) {
 		d.idents.mu.Lock()
 		entries := slices.Clone(d.idents.view)
 		d.idents.mu.Unlock()
-		if err := d.dp.SetAddrIDs(addrIDs(d.members.Namespaces(), entries)); err != nil {
+		addrs := addrIDs(d.members.Namespaces(), entries)
+		if err := d.dp.SetAddrIDs(addrs); err != nil {
 			d.log.Error().Err(err).Msg("writing the workload addresses for same-node policy (smesh_addr_ids)")
+			continue
 		}
+		d.idents.mu.Lock()
+		d.idents.addrs = addrs
+		d.idents.mu.Unlock()
 	}
 }
