@@ -189,10 +189,17 @@ static __always_inline void count_denied(__u32 policy)
 {
 	__u64 one = 1, *c = bpf_map_lookup_elem(&smesh_policy_denied, &policy);
 
+	if (!c) {
+		/* The first denial under this policy on any CPU makes the
+		 * entry (this CPU's slot 1, the others 0); another CPU that
+		 * made it meanwhile makes this insert fail: count in its
+		 * entry then. */
+		if (bpf_map_update_elem(&smesh_policy_denied, &policy, &one, BPF_NOEXIST) == 0)
+			return;
+		c = bpf_map_lookup_elem(&smesh_policy_denied, &policy);
+	}
 	if (c)
 		__sync_fetch_and_add(c, 1); /* atomic although per CPU: see count() */
-	else
-		bpf_map_update_elem(&smesh_policy_denied, &policy, &one, BPF_NOEXIST);
 }
 
 /* police decides a connect() to ip:port that is a workload on this node:
