@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
@@ -28,8 +29,8 @@ import (
 )
 
 // startKube is cmd/smeshd's wiring of [kubernetes], for the smeshd helper.
-func startKube(ctx context.Context, cfg config.Kubernetes, mount string, sink services.Sink, log zerolog.Logger) (daemon.PodSource, error) {
-	return kube.Start(ctx, cfg, mount, sink, log)
+func startKube(ctx context.Context, cfg config.Kubernetes, td spiffeid.TrustDomain, mount string, sink services.Sink, log zerolog.Logger) (daemon.PodSource, error) {
+	return kube.Start(ctx, cfg, td, mount, sink, log)
 }
 
 func randBytes(n int) []byte {

@@ -124,6 +124,14 @@ type CaptureHarnessSpliceStats struct {
 	Msgs  uint64
 }
 
+type CaptureHarnessSrcId struct {
+	_         structs.HostLayout
+	Version   uint8
+	Reserved0 [3]uint8
+	Id        uint32
+	Reserved  [2]uint32
+}
+
 type CaptureHarnessSvc struct {
 	_           structs.HostLayout
 	Id          uint32
@@ -159,6 +167,8 @@ const (
 	CaptureHarnessMapSmeshServices     = "smesh_services"
 	CaptureHarnessMapSmeshSkState      = "smesh_sk_state"
 	CaptureHarnessMapSmeshSockhash     = "smesh_sockhash"
+	CaptureHarnessMapSmeshSrcIds       = "smesh_src_ids"
+	CaptureHarnessMapSmeshSrcSk        = "smesh_src_sk"
 	CaptureHarnessMapSmeshStats        = "smesh_stats"
 	CaptureHarnessMapSmeshSvcMembers   = "smesh_svc_members"
 	CaptureHarnessProgRunChooseBackend = "run_choose_backend"
@@ -240,6 +250,8 @@ type CaptureHarnessMapSpecs struct {
 	SmeshServices     *ebpf.MapSpec `ebpf:"smesh_services"`
 	SmeshSkState      *ebpf.MapSpec `ebpf:"smesh_sk_state"`
 	SmeshSockhash     *ebpf.MapSpec `ebpf:"smesh_sockhash"`
+	SmeshSrcIds       *ebpf.MapSpec `ebpf:"smesh_src_ids"`
+	SmeshSrcSk        *ebpf.MapSpec `ebpf:"smesh_src_sk"`
 	SmeshStats        *ebpf.MapSpec `ebpf:"smesh_stats"`
 	SmeshSvcMembers   *ebpf.MapSpec `ebpf:"smesh_svc_members"`
 }
@@ -291,6 +303,8 @@ type CaptureHarnessMaps struct {
 	SmeshServices     *ebpf.Map `ebpf:"smesh_services"`
 	SmeshSkState      *ebpf.Map `ebpf:"smesh_sk_state"`
 	SmeshSockhash     *ebpf.Map `ebpf:"smesh_sockhash"`
+	SmeshSrcIds       *ebpf.Map `ebpf:"smesh_src_ids"`
+	SmeshSrcSk        *ebpf.Map `ebpf:"smesh_src_sk"`
 	SmeshStats        *ebpf.Map `ebpf:"smesh_stats"`
 	SmeshSvcMembers   *ebpf.Map `ebpf:"smesh_svc_members"`
 }
@@ -312,6 +326,8 @@ func (m *CaptureHarnessMaps) Close() error {
 		m.SmeshServices,
 		m.SmeshSkState,
 		m.SmeshSockhash,
+		m.SmeshSrcIds,
+		m.SmeshSrcSk,
 		m.SmeshStats,
 		m.SmeshSvcMembers,
 	)

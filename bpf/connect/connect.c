@@ -25,9 +25,16 @@
 #define SO_ORIGINAL_DST 80
 #define IP6T_SO_ORIGINAL_DST 80
 #define PAGE_SIZE 4096
+/* smesh's own getsockopt option at SOL_IP: the source identity number of a
+ * connection smeshd accepted (a __u32, 0 unknown). No kernel option has this
+ * number (SOL_IP's run below 100, netfilter's 64-99, IPVS's from 0x480);
+ * the kernel answers ENOPROTOOPT, which cgroup/getsockopt replaces. "SMI1".
+ * pkg/proxy.OriginalSource asks it. */
+#define SMESH_SO_SRC_ID 0x534d4931
 
 #include "capture.h"
 #include "service.h"
+#include "identity.h"
 
 /* Set by smeshd before load: [capture] on_failure = "closed". */
 volatile const bool fail_closed = 0;
@@ -129,6 +136,7 @@ static __always_inline enum verdict decide(struct bpf_sock_addr *ctx, const stru
 	st->orig.port = port;
 	st->orig.family = family;
 	st->captured = 1;
+	remember_source(ctx->sk);
 	return VERDICT_CAPTURE;
 }
 
@@ -179,6 +187,29 @@ static __always_inline int no_backend(void)
 	return 0;
 }
 
+/* allowed applies same-node policy (identity.h) to a TCP connect() of an
+ * enrolled workload to ip:port, after Service translation (the backend is
+ * what is decided). smeshd's own connects are never decided here: connect4
+ * is not attached to its cgroup, and the check below keeps it so. */
+static __always_inline bool allowed(struct bpf_sock_addr *ctx, const struct addr *ip, __u16 port)
+{
+	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+		return true;
+	if (bpf_get_current_cgroup_id() == proxy_cgroup)
+		return true;
+	return police(ip, port);
+}
+
+/* denied fails a connect() policy refuses: ECONNREFUSED where the kernel
+ * lets the program say so (bpf_set_retval, 5.18), EPERM elsewhere.
+ * Counted by police(). */
+static __always_inline int denied(void)
+{
+	if (have_set_retval)
+		bpf_set_retval(-ECONNREFUSED);
+	return 0;
+}
+
 /* count_service counts a translated connection by where its backend is and
  * what decide() made of it. */
 static __always_inline void count_service(struct bpf_sock_addr *ctx, const struct addr *backend, enum verdict v)
@@ -206,6 +237,8 @@ int smesh_connect4(struct bpf_sock_addr *ctx)
 	svc = translate(ctx, &ip, &port, AF_INET);
 	if (svc == SVC_NO_BACKEND)
 		return no_backend();
+	if (!allowed(ctx, &ip, port))
+		return denied();
 	v = decide(ctx, &ip, port, AF_INET, NETNS_READY4);
 	if (svc == SVC_TRANSLATED)
 		count_service(ctx, &ip, v);
@@ -244,6 +277,8 @@ int smesh_connect6(struct bpf_sock_addr *ctx)
 	svc = translate(ctx, &ip, &port, AF_INET6);
 	if (svc == SVC_NO_BACKEND)
 		return no_backend();
+	if (!allowed(ctx, &ip, port))
+		return denied();
 	v4 = addr_is4(&ip);
 	v = decide(ctx, &ip, port, AF_INET6, v4 ? NETNS_READY4 : NETNS_READY6);
 	if (svc == SVC_TRANSLATED)
@@ -321,6 +356,58 @@ int smesh_getpeername6(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
+/* accepted_key is the connection of a socket smeshd accepted as the captured
+ * client sees it (the remote end is the client, in the same namespace): the
+ * key sock_ops wrote smesh_orig_dst and smesh_src_ids with. */
+static __always_inline bool accepted_key(struct bpf_sockopt *ctx, struct bpf_sock *sk, struct conn_key *key)
+{
+	key->netns = bpf_get_netns_cookie(ctx);
+	if (sk->family == AF_INET) {
+		addr_from4(&key->local, sk->dst_ip4);
+		addr_from4(&key->remote, sk->src_ip4);
+	} else if (sk->family == AF_INET6) {
+		key->local.ip[0] = sk->dst_ip6[0];
+		key->local.ip[1] = sk->dst_ip6[1];
+		key->local.ip[2] = sk->dst_ip6[2];
+		key->local.ip[3] = sk->dst_ip6[3];
+		key->remote.ip[0] = sk->src_ip6[0];
+		key->remote.ip[1] = sk->src_ip6[1];
+		key->remote.ip[2] = sk->src_ip6[2];
+		key->remote.ip[3] = sk->src_ip6[3];
+	} else {
+		return false;
+	}
+	key->local_port = bpf_ntohs(sk->dst_port);
+	key->remote_port = sk->src_port;
+	return true;
+}
+
+/* source_id answers SMESH_SO_SRC_ID: the source identity number of the
+ * accepted connection. Without an entry (a connection a predecessor's
+ * connect4 captured, or none captured at all) the kernel's own answer,
+ * ENOPROTOOPT, stands: what an older program that does not know the option
+ * answers too. */
+static __always_inline int source_id(struct bpf_sockopt *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct conn_key key = {};
+	struct src_id *src;
+	__u32 *out;
+
+	if (!sk || !accepted_key(ctx, sk, &key))
+		return 1;
+	src = bpf_map_lookup_elem(&smesh_src_ids, &key);
+	if (!src)
+		return 1;
+	out = ctx->optval;
+	if ((void *)(out + 1) > ctx->optval_end)
+		return 0;
+	*out = src->id;
+	ctx->optlen = sizeof(*out);
+	ctx->retval = 0;
+	return 1;
+}
+
 /* Attached to smeshd's own cgroup only (the kernel runs it for the sockets of
  * that cgroup), so it answers smeshd alone: SO_ORIGINAL_DST comes from smesh
  * and from nothing else. Without an entry it fails (EPERM) rather than pass
@@ -336,6 +423,8 @@ int smesh_getsockopt(struct bpf_sockopt *ctx)
 	struct orig_dst *orig;
 	struct conn_key key = {};
 
+	if (ctx->level == SOL_IP && ctx->optname == SMESH_SO_SRC_ID)
+		return source_id(ctx);
 	if (!(v4 || v6)) {
 		/* Not ours: leave the kernel's answer as it is. A buffer larger
 		 * than a page is only partly visible here; optlen 0 tells the
@@ -347,26 +436,8 @@ int smesh_getsockopt(struct bpf_sockopt *ctx)
 	if (!sk)
 		return 0;
 
-	/* The accepted socket's remote end is the captured client, in the same
-	 * namespace: look the connection up the way the client sees it. */
-	key.netns = bpf_get_netns_cookie(ctx);
-	if (sk->family == AF_INET) {
-		addr_from4(&key.local, sk->dst_ip4);
-		addr_from4(&key.remote, sk->src_ip4);
-	} else if (sk->family == AF_INET6) {
-		key.local.ip[0] = sk->dst_ip6[0];
-		key.local.ip[1] = sk->dst_ip6[1];
-		key.local.ip[2] = sk->dst_ip6[2];
-		key.local.ip[3] = sk->dst_ip6[3];
-		key.remote.ip[0] = sk->src_ip6[0];
-		key.remote.ip[1] = sk->src_ip6[1];
-		key.remote.ip[2] = sk->src_ip6[2];
-		key.remote.ip[3] = sk->src_ip6[3];
-	} else {
+	if (!accepted_key(ctx, sk, &key))
 		return 0;
-	}
-	key.local_port = bpf_ntohs(sk->dst_port);
-	key.remote_port = sk->src_port;
 	orig = bpf_map_lookup_elem(&smesh_orig_dst, &key);
 	if (!orig)
 		return 0;

@@ -66,6 +66,15 @@ type ConnectHeartbeat struct {
 	HoldNs uint64
 }
 
+type ConnectIdentCfg struct {
+	_         structs.HostLayout
+	Version   uint8
+	Reserved0 uint8
+	Reserved1 uint16
+	PolicyGen uint32
+	Reserved  [2]uint64
+}
+
 type ConnectLpmKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -96,6 +105,24 @@ type ConnectOrigDst struct {
 	Ip     ConnectAddr
 	Port   uint16
 	Family uint16
+}
+
+type ConnectPolicyKey struct {
+	_    structs.HostLayout
+	Gen  uint32
+	Dst  uint32
+	Src  uint32
+	Port uint16
+	Kind uint8
+	Pad  uint8
+}
+
+type ConnectPolicyVerdict struct {
+	_        structs.HostLayout
+	Version  uint8
+	Allow    uint8
+	Policy   uint16
+	Reserved uint32
 }
 
 type ConnectSockKey struct {
@@ -131,6 +158,14 @@ type ConnectSpliceStats struct {
 	Msgs  uint64
 }
 
+type ConnectSrcId struct {
+	_         structs.HostLayout
+	Version   uint8
+	Reserved0 [3]uint8
+	Id        uint32
+	Reserved  [2]uint32
+}
+
 type ConnectSvc struct {
 	_           structs.HostLayout
 	Id          uint32
@@ -151,6 +186,7 @@ type ConnectSvcKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	ConnectMapSmeshAddrIds       = "smesh_addr_ids"
 	ConnectMapSmeshAddrs         = "smesh_addrs"
 	ConnectMapSmeshAffinity      = "smesh_affinity"
 	ConnectMapSmeshBackends      = "smesh_backends"
@@ -159,15 +195,21 @@ const (
 	ConnectMapSmeshExclude       = "smesh_exclude"
 	ConnectMapSmeshExcludePorts  = "smesh_exclude_ports"
 	ConnectMapSmeshHeartbeat     = "smesh_heartbeat"
+	ConnectMapSmeshIdentCfg      = "smesh_ident_cfg"
+	ConnectMapSmeshIdentity      = "smesh_identity"
 	ConnectMapSmeshInclude       = "smesh_include"
 	ConnectMapSmeshNetns         = "smesh_netns"
 	ConnectMapSmeshNetnsEvents   = "smesh_netns_events"
 	ConnectMapSmeshNetnsTold     = "smesh_netns_told"
 	ConnectMapSmeshNsAddrs       = "smesh_ns_addrs"
 	ConnectMapSmeshOrigDst       = "smesh_orig_dst"
+	ConnectMapSmeshPolicy        = "smesh_policy"
+	ConnectMapSmeshPolicyDenied  = "smesh_policy_denied"
 	ConnectMapSmeshServices      = "smesh_services"
 	ConnectMapSmeshSkState       = "smesh_sk_state"
 	ConnectMapSmeshSockhash      = "smesh_sockhash"
+	ConnectMapSmeshSrcIds        = "smesh_src_ids"
+	ConnectMapSmeshSrcSk         = "smesh_src_sk"
 	ConnectMapSmeshStats         = "smesh_stats"
 	ConnectMapSmeshSvcMembers    = "smesh_svc_members"
 	ConnectProgSmeshConnect4     = "smesh_connect4"
@@ -239,6 +281,7 @@ type ConnectProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type ConnectMapSpecs struct {
+	SmeshAddrIds      *ebpf.MapSpec `ebpf:"smesh_addr_ids"`
 	SmeshAddrs        *ebpf.MapSpec `ebpf:"smesh_addrs"`
 	SmeshAffinity     *ebpf.MapSpec `ebpf:"smesh_affinity"`
 	SmeshBackends     *ebpf.MapSpec `ebpf:"smesh_backends"`
@@ -247,15 +290,21 @@ type ConnectMapSpecs struct {
 	SmeshExclude      *ebpf.MapSpec `ebpf:"smesh_exclude"`
 	SmeshExcludePorts *ebpf.MapSpec `ebpf:"smesh_exclude_ports"`
 	SmeshHeartbeat    *ebpf.MapSpec `ebpf:"smesh_heartbeat"`
+	SmeshIdentCfg     *ebpf.MapSpec `ebpf:"smesh_ident_cfg"`
+	SmeshIdentity     *ebpf.MapSpec `ebpf:"smesh_identity"`
 	SmeshInclude      *ebpf.MapSpec `ebpf:"smesh_include"`
 	SmeshNetns        *ebpf.MapSpec `ebpf:"smesh_netns"`
 	SmeshNetnsEvents  *ebpf.MapSpec `ebpf:"smesh_netns_events"`
 	SmeshNetnsTold    *ebpf.MapSpec `ebpf:"smesh_netns_told"`
 	SmeshNsAddrs      *ebpf.MapSpec `ebpf:"smesh_ns_addrs"`
 	SmeshOrigDst      *ebpf.MapSpec `ebpf:"smesh_orig_dst"`
+	SmeshPolicy       *ebpf.MapSpec `ebpf:"smesh_policy"`
+	SmeshPolicyDenied *ebpf.MapSpec `ebpf:"smesh_policy_denied"`
 	SmeshServices     *ebpf.MapSpec `ebpf:"smesh_services"`
 	SmeshSkState      *ebpf.MapSpec `ebpf:"smesh_sk_state"`
 	SmeshSockhash     *ebpf.MapSpec `ebpf:"smesh_sockhash"`
+	SmeshSrcIds       *ebpf.MapSpec `ebpf:"smesh_src_ids"`
+	SmeshSrcSk        *ebpf.MapSpec `ebpf:"smesh_src_sk"`
 	SmeshStats        *ebpf.MapSpec `ebpf:"smesh_stats"`
 	SmeshSvcMembers   *ebpf.MapSpec `ebpf:"smesh_svc_members"`
 }
@@ -295,6 +344,7 @@ func (o *ConnectObjects) Close() error {
 //
 // It can be passed to LoadConnectObjects or ebpf.CollectionSpec.LoadAndAssign.
 type ConnectMaps struct {
+	SmeshAddrIds      *ebpf.Map `ebpf:"smesh_addr_ids"`
 	SmeshAddrs        *ebpf.Map `ebpf:"smesh_addrs"`
 	SmeshAffinity     *ebpf.Map `ebpf:"smesh_affinity"`
 	SmeshBackends     *ebpf.Map `ebpf:"smesh_backends"`
@@ -303,21 +353,28 @@ type ConnectMaps struct {
 	SmeshExclude      *ebpf.Map `ebpf:"smesh_exclude"`
 	SmeshExcludePorts *ebpf.Map `ebpf:"smesh_exclude_ports"`
 	SmeshHeartbeat    *ebpf.Map `ebpf:"smesh_heartbeat"`
+	SmeshIdentCfg     *ebpf.Map `ebpf:"smesh_ident_cfg"`
+	SmeshIdentity     *ebpf.Map `ebpf:"smesh_identity"`
 	SmeshInclude      *ebpf.Map `ebpf:"smesh_include"`
 	SmeshNetns        *ebpf.Map `ebpf:"smesh_netns"`
 	SmeshNetnsEvents  *ebpf.Map `ebpf:"smesh_netns_events"`
 	SmeshNetnsTold    *ebpf.Map `ebpf:"smesh_netns_told"`
 	SmeshNsAddrs      *ebpf.Map `ebpf:"smesh_ns_addrs"`
 	SmeshOrigDst      *ebpf.Map `ebpf:"smesh_orig_dst"`
+	SmeshPolicy       *ebpf.Map `ebpf:"smesh_policy"`
+	SmeshPolicyDenied *ebpf.Map `ebpf:"smesh_policy_denied"`
 	SmeshServices     *ebpf.Map `ebpf:"smesh_services"`
 	SmeshSkState      *ebpf.Map `ebpf:"smesh_sk_state"`
 	SmeshSockhash     *ebpf.Map `ebpf:"smesh_sockhash"`
+	SmeshSrcIds       *ebpf.Map `ebpf:"smesh_src_ids"`
+	SmeshSrcSk        *ebpf.Map `ebpf:"smesh_src_sk"`
 	SmeshStats        *ebpf.Map `ebpf:"smesh_stats"`
 	SmeshSvcMembers   *ebpf.Map `ebpf:"smesh_svc_members"`
 }
 
 func (m *ConnectMaps) Close() error {
 	return _ConnectClose(
+		m.SmeshAddrIds,
 		m.SmeshAddrs,
 		m.SmeshAffinity,
 		m.SmeshBackends,
@@ -326,15 +383,21 @@ func (m *ConnectMaps) Close() error {
 		m.SmeshExclude,
 		m.SmeshExcludePorts,
 		m.SmeshHeartbeat,
+		m.SmeshIdentCfg,
+		m.SmeshIdentity,
 		m.SmeshInclude,
 		m.SmeshNetns,
 		m.SmeshNetnsEvents,
 		m.SmeshNetnsTold,
 		m.SmeshNsAddrs,
 		m.SmeshOrigDst,
+		m.SmeshPolicy,
+		m.SmeshPolicyDenied,
 		m.SmeshServices,
 		m.SmeshSkState,
 		m.SmeshSockhash,
+		m.SmeshSrcIds,
+		m.SmeshSrcSk,
 		m.SmeshStats,
 		m.SmeshSvcMembers,
 	)

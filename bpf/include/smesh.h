@@ -204,6 +204,41 @@ struct {
 	__type(value, __u32);
 } smesh_dirs SEC(".maps");
 
+/* A captured connection's source: the identity number (smesh_identity,
+ * connect/identity.h) of the cgroup that called connect(). New in issue 25
+ * in maps of its own, with a version byte and reserved room, because the
+ * kernel fills them: a successor adopts them as they are, so their layout
+ * can never change (struct orig_dst and struct sock_state are frozen the
+ * same way). */
+#define SRC_ID_VERSION 1
+
+struct src_id {
+	__u8 version; /* SRC_ID_VERSION */
+	__u8 reserved0[3];
+	__u32 id; /* 0: unknown */
+	__u32 reserved[2];
+};
+
+/* Written by connect4/6 on the sockets they capture (remember_source); read
+ * by sock_ops at their establishment. Socket-local: freed with the socket. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct src_id);
+} smesh_src_sk SEC(".maps");
+
+/* Written by sock_ops beside smesh_orig_dst, with the same key and the same
+ * life (established: written, closed: deleted); read by cgroup/getsockopt
+ * (SMESH_SO_SRC_ID on the accepted socket) and smeshd. max_entries is set by
+ * smeshd from [datapath] map_size. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct conn_key);
+	__type(value, struct src_id);
+} smesh_src_ids SEC(".maps");
+
 /* The owner of an address on this node. */
 struct addr_owner {
 	__u64 netns; /* netns cookie, or 0: several namespaces have it */

@@ -79,6 +79,14 @@ type SkmsgSpliceStats struct {
 	Msgs  uint64
 }
 
+type SkmsgSrcId struct {
+	_         structs.HostLayout
+	Version   uint8
+	Reserved0 [3]uint8
+	Id        uint32
+	Reserved  [2]uint32
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -91,6 +99,8 @@ const (
 	SkmsgMapSmeshOrigDst         = "smesh_orig_dst"
 	SkmsgMapSmeshSkState         = "smesh_sk_state"
 	SkmsgMapSmeshSockhash        = "smesh_sockhash"
+	SkmsgMapSmeshSrcIds          = "smesh_src_ids"
+	SkmsgMapSmeshSrcSk           = "smesh_src_sk"
 	SkmsgMapSmeshStats           = "smesh_stats"
 	SkmsgProgSmeshSkmsg          = "smesh_skmsg"
 	SkmsgProgSmeshSkmsgUnbounded = "smesh_skmsg_unbounded"
@@ -155,6 +165,8 @@ type SkmsgMapSpecs struct {
 	SmeshOrigDst  *ebpf.MapSpec `ebpf:"smesh_orig_dst"`
 	SmeshSkState  *ebpf.MapSpec `ebpf:"smesh_sk_state"`
 	SmeshSockhash *ebpf.MapSpec `ebpf:"smesh_sockhash"`
+	SmeshSrcIds   *ebpf.MapSpec `ebpf:"smesh_src_ids"`
+	SmeshSrcSk    *ebpf.MapSpec `ebpf:"smesh_src_sk"`
 	SmeshStats    *ebpf.MapSpec `ebpf:"smesh_stats"`
 }
 
@@ -193,6 +205,8 @@ type SkmsgMaps struct {
 	SmeshOrigDst  *ebpf.Map `ebpf:"smesh_orig_dst"`
 	SmeshSkState  *ebpf.Map `ebpf:"smesh_sk_state"`
 	SmeshSockhash *ebpf.Map `ebpf:"smesh_sockhash"`
+	SmeshSrcIds   *ebpf.Map `ebpf:"smesh_src_ids"`
+	SmeshSrcSk    *ebpf.Map `ebpf:"smesh_src_sk"`
 	SmeshStats    *ebpf.Map `ebpf:"smesh_stats"`
 }
 
@@ -206,6 +220,8 @@ func (m *SkmsgMaps) Close() error {
 		m.SmeshOrigDst,
 		m.SmeshSkState,
 		m.SmeshSockhash,
+		m.SmeshSrcIds,
+		m.SmeshSrcSk,
 		m.SmeshStats,
 	)
 }

@@ -84,6 +84,20 @@ static __always_inline bool keys_of(struct bpf_sock_ops *skops, const struct con
 	return true;
 }
 
+/* publish_source puts the source connect4/6 remembered on a captured socket
+ * (smesh_src_sk) into smesh_src_ids, keyed and kept like its smesh_orig_dst
+ * entry (written at establishment, deleted in closed()), for SMESH_SO_SRC_ID.
+ * A socket without one (captured by a predecessor's connect4, or out of
+ * memory) removes whatever an earlier connection of the same 4-tuple may
+ * have left, so that it is never given another connection's source. */
+static __always_inline void publish_source(struct bpf_sock *sk, const struct conn_key *conn)
+{
+	struct src_id *src = bpf_sk_storage_get(&smesh_src_sk, sk, 0, 0);
+
+	if (!src || bpf_map_update_elem(&smesh_src_ids, conn, src, BPF_ANY) != 0)
+		bpf_map_delete_elem(&smesh_src_ids, conn);
+}
+
 static __always_inline void established(struct bpf_sock_ops *skops, __u8 role)
 {
 	struct sock_state *st;
@@ -102,10 +116,12 @@ static __always_inline void established(struct bpf_sock_ops *skops, __u8 role)
 	st->role = role;
 	st->acked_at_start = skops->bytes_acked;
 	if (st->captured &&
-	    bpf_map_update_elem(&smesh_orig_dst, &conn, &st->orig, BPF_ANY) == 0)
-		/* Ask for state changes so the entry is removed on close. */
+	    bpf_map_update_elem(&smesh_orig_dst, &conn, &st->orig, BPF_ANY) == 0) {
+		publish_source(sk, &conn);
+		/* Ask for state changes so the entries are removed on close. */
 		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
 						 BPF_SOCK_OPS_STATE_CB_FLAG);
+	}
 
 	if (!splice || !is_local(conn.netns, &conn.remote) ||
 	    (st->captured && !splice_proxy_hops))
@@ -247,8 +263,10 @@ static __always_inline void closed(struct bpf_sock_ops *skops)
 	struct bpf_sock *sk;
 	struct conn_key conn;
 
-	if (conn_of(skops, &conn))
+	if (conn_of(skops, &conn)) {
 		bpf_map_delete_elem(&smesh_orig_dst, &conn);
+		bpf_map_delete_elem(&smesh_src_ids, &conn);
+	}
 	sk = skops->sk;
 	if (!sk)
 		return;

@@ -79,6 +79,14 @@ type SockopsSpliceStats struct {
 	Msgs  uint64
 }
 
+type SockopsSrcId struct {
+	_         structs.HostLayout
+	Version   uint8
+	Reserved0 [3]uint8
+	Id        uint32
+	Reserved  [2]uint32
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -91,6 +99,8 @@ const (
 	SockopsMapSmeshOrigDst    = "smesh_orig_dst"
 	SockopsMapSmeshSkState    = "smesh_sk_state"
 	SockopsMapSmeshSockhash   = "smesh_sockhash"
+	SockopsMapSmeshSrcIds     = "smesh_src_ids"
+	SockopsMapSmeshSrcSk      = "smesh_src_sk"
 	SockopsMapSmeshStats      = "smesh_stats"
 	SockopsProgSmeshSockops   = "smesh_sockops"
 	SockopsVarSplice          = "splice"
@@ -154,6 +164,8 @@ type SockopsMapSpecs struct {
 	SmeshOrigDst  *ebpf.MapSpec `ebpf:"smesh_orig_dst"`
 	SmeshSkState  *ebpf.MapSpec `ebpf:"smesh_sk_state"`
 	SmeshSockhash *ebpf.MapSpec `ebpf:"smesh_sockhash"`
+	SmeshSrcIds   *ebpf.MapSpec `ebpf:"smesh_src_ids"`
+	SmeshSrcSk    *ebpf.MapSpec `ebpf:"smesh_src_sk"`
 	SmeshStats    *ebpf.MapSpec `ebpf:"smesh_stats"`
 }
 
@@ -193,6 +205,8 @@ type SockopsMaps struct {
 	SmeshOrigDst  *ebpf.Map `ebpf:"smesh_orig_dst"`
 	SmeshSkState  *ebpf.Map `ebpf:"smesh_sk_state"`
 	SmeshSockhash *ebpf.Map `ebpf:"smesh_sockhash"`
+	SmeshSrcIds   *ebpf.Map `ebpf:"smesh_src_ids"`
+	SmeshSrcSk    *ebpf.Map `ebpf:"smesh_src_sk"`
 	SmeshStats    *ebpf.Map `ebpf:"smesh_stats"`
 }
 
@@ -206,6 +220,8 @@ func (m *SockopsMaps) Close() error {
 		m.SmeshOrigDst,
 		m.SmeshSkState,
 		m.SmeshSockhash,
+		m.SmeshSrcIds,
+		m.SmeshSrcSk,
 		m.SmeshStats,
 	)
 }

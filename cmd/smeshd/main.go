@@ -18,6 +18,7 @@ import (
 
 	sdnotify "github.com/coreos/go-systemd/v22/daemon"
 	"github.com/rs/zerolog"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/smesh-dev/smesh/cmd/smeshd/internal/hangup"
 	"github.com/smesh-dev/smesh/pkg/bench"
@@ -214,8 +215,8 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer, reload <-ch
 
 // startKube starts the enrolment of this node's pods and the cluster's
 // Services ([kubernetes]).
-func startKube(ctx context.Context, cfg config.Kubernetes, cgroupMount string, sink services.Sink, log zerolog.Logger) (daemon.PodSource, error) {
-	return kube.Start(ctx, cfg, cgroupMount, sink, log)
+func startKube(ctx context.Context, cfg config.Kubernetes, td spiffeid.TrustDomain, cgroupMount string, sink services.Sink, log zerolog.Logger) (daemon.PodSource, error) {
+	return kube.Start(ctx, cfg, td, cgroupMount, sink, log)
 }
 
 // reloadRunning asks the running smeshd to reload and reports the outcome.

@@ -21,7 +21,7 @@ const asSmeshd = "SMESH_TEST_RUN_AS_SMESHD"
 
 func TestMain(m *testing.M) {
 	// Helpers first: they inherit asSmeshd from the test that starts them.
-	testenv.RunHelpers(map[string]testenv.HelperFunc{"echo-loop": echoLoop})
+	testenv.RunHelpers(map[string]testenv.HelperFunc{"echo-loop": echoLoop, "hold-echo": holdEcho, "wait": waitStdin})
 	if os.Getenv(asSmeshd) == "1" {
 		main()
 		os.Exit(0)

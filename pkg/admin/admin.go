@@ -34,6 +34,9 @@ type Conn struct {
 	// to before capture.
 	Source      string `json:"source"`
 	OriginalDst string `json:"original_dst"`
+	// SourceIdentity is the SPIFFE ID of the workload the connection
+	// comes from, when smeshd knows it.
+	SourceIdentity string `json:"source_identity,omitempty"`
 	// Path is one of the metrics.Path* values.
 	Path string `json:"path"`
 	// TxBytes went from the client to the server, RxBytes back.

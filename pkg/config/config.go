@@ -52,6 +52,9 @@ type Capture struct {
 	// PinDir is where on_failure = "closed" pins the capture (a directory
 	// on a bpffs mount) so that it outlives smeshd.
 	PinDir string `toml:"pin_dir"`
+	// Workloads name the identities of cgroups at or below Cgroups
+	// ([[capture.workloads]], workloads.go).
+	Workloads []Workload `toml:"workloads"`
 }
 
 // Datapath chooses how captured connections are carried.

@@ -44,6 +44,7 @@ func (p *problems) addf(key, format string, args ...any) {
 func (c *Config) Validate() error {
 	var p problems
 	c.Capture.validate(&p)
+	validateWorkloads(&p, c)
 	validateServices(&p, c.Services)
 	validatePolicies(&p, c.Policies)
 

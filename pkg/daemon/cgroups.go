@@ -154,6 +154,10 @@ func cgroupIDs(enrolled []string) map[string]uint64 {
 // reload can fail cleanly.
 func (d *daemon) attachCapture(enrolled []string, c config.Capture) error {
 	ids := cgroupIDs(enrolled)
+	// Identities first: a caller's first connection has its source.
+	if err := d.syncIdentities(c); err != nil {
+		return fmt.Errorf("workload identities: %w", err)
+	}
 	if err := d.dp.SetCapture(presentOf(enrolled, ids), c.IncludeCIDRs, c.ExcludeCIDRs, c.ExcludePorts); err != nil {
 		return err
 	}
@@ -210,6 +214,9 @@ func (d *daemon) checkCgroups() {
 	// A cgroup that changes again meanwhile is attached as it is now, and
 	// reported at the next check.
 	c := d.cfg.Capture
+	if err := d.syncIdentities(c); err != nil {
+		d.log.Error().Err(err).Msg("writing the workload identities of the enrolled cgroups")
+	}
 	d.captureErr = d.dp.SetCapture(presentOf(d.enrolled, ids), c.IncludeCIDRs, c.ExcludeCIDRs, c.ExcludePorts)
 	d.cgroupIDs = ids
 	if d.captureErr != nil {

@@ -30,6 +30,11 @@ func ResolveCgroups(cfg config.Config, mount string) (Cgroups, error) {
 	if err != nil {
 		return Cgroups{}, err
 	}
+	// [[capture.workloads]] at or below them (the node's name only makes
+	// default identities, which this does not keep).
+	if _, err := cfg.Workloads(mount, "node"); err != nil {
+		return Cgroups{}, err
+	}
 	res := Cgroups{Paths: paths}
 	var errs []error
 	for _, p := range paths {

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/sys/unix"
 
 	sdnotify "github.com/coreos/go-systemd/v22/daemon"
@@ -142,7 +143,7 @@ type Options struct {
 	// enabled, and keeps the cluster's Services in sink (cmd/smeshd
 	// passes pkg/kube's); it runs until ctx is done. Nil: a configuration
 	// that enables it is refused.
-	Kubernetes func(ctx context.Context, cfg config.Kubernetes, cgroupMount string, sink services.Sink, log zerolog.Logger) (PodSource, error)
+	Kubernetes func(ctx context.Context, cfg config.Kubernetes, td spiffeid.TrustDomain, cgroupMount string, sink services.Sink, log zerolog.Logger) (PodSource, error)
 }
 
 // PodSource is an enrolment whose cgroups change while smeshd runs: the
@@ -155,7 +156,10 @@ type PodSource interface {
 	WaitSynced(ctx context.Context) error
 	// Cgroups is the current set.
 	Cgroups() []string
-	// Changed receives a value after Cgroups changed.
+	// Identities are the pods' workload identities, by cgroup (of
+	// Cgroups).
+	Identities() map[string]spiffeid.ID
+	// Changed receives a value after Cgroups or Identities changed.
 	Changed() <-chan struct{}
 	// Pods describes the pods for /debug/pods.
 	Pods() any
@@ -178,7 +182,8 @@ type daemon struct {
 	static   []string // [capture] cgroups, as paths
 	svcs     *staticServices
 	pods     PodSource // nil without [kubernetes]
-	cleanups []func()  // run in reverse order on exit
+	idents   *identities
+	cleanups []func() // run in reverse order on exit
 
 	// What the capture covers (cgroups.go): every enrolled cgroup (static's
 	// and the pods', the ones in force), the id of each that exists, the
@@ -559,6 +564,7 @@ func (d *daemon) start(wait, ctx context.Context) error {
 	d.cleanups = append(d.cleanups, restore)
 	adoptMemoryLimit(d.mount, own, log)
 
+	d.idents = d.newIdentities()
 	d.out, err = proxy.Listen(proxy.Options{
 		Listen:         cfg.Outbound.Listen,
 		Listener:       d.from.take("out4", ownNetns, cfg.Outbound.Listen),
@@ -568,6 +574,7 @@ func (d *daemon) start(wait, ctx context.Context) error {
 		IdleTimeout:    cfg.Outbound.IdleTimeout.Duration,
 		OwnPorts:       []uint16{cfg.Outbound.Listen.Port(), d.tun.Server.Addr().Port(), d.admin.Addr().Port()},
 		Local:          d.tun.Node.Contains,
+		Source:         d.idents.source,
 		Observer:       d.metrics,
 		Logger:         log,
 	})
@@ -699,7 +706,11 @@ func (d *daemon) startMembers(ctx context.Context, enrolled []string, ready6 boo
 	done := make(chan struct{})
 	go func() { d.members.Run(membersCtx); close(done) }()
 	d.cleanups = append(d.cleanups, func() { stop(); <-done })
+	addrsDone := make(chan struct{})
+	go func() { d.runAddrIDs(membersCtx); close(addrsDone) }()
+	d.cleanups = append(d.cleanups, func() { stop(); <-addrsDone })
 	d.admin.HandleJSON("/debug/namespaces", func() any { return d.members.Namespaces() })
+	d.admin.HandleJSON("/debug/identities", d.debugIdentities)
 	d.metrics.Registry().MustRegister(metrics.NamespaceCollector(d.namespaceCounts))
 	return nil
 }
@@ -714,7 +725,11 @@ func (d *daemon) startPods(wait, ctx context.Context) error {
 	// Its own context: a hand-over stops it (release) while the
 	// connections drain.
 	ctx, d.stopPods = context.WithCancel(ctx)
-	pods, err := d.opts.Kubernetes(ctx, d.cfg.Kubernetes, d.mount, d.svcs.below(d.dp.Services()), d.log)
+	td, err := spiffeid.TrustDomainFromString(d.cfg.Tunnel.TLS.TrustDomain)
+	if err != nil {
+		return fmt.Errorf("tunnel.tls.trust_domain: %w", err)
+	}
+	pods, err := d.opts.Kubernetes(ctx, d.cfg.Kubernetes, td, d.mount, d.svcs.below(d.dp.Services()), d.log)
 	if err != nil {
 		return err
 	}
@@ -933,7 +948,7 @@ func (d *daemon) serveHandover(ctx context.Context, path string) {
 func (d *daemon) connections() []admin.Conn {
 	var out []admin.Conn
 	for _, c := range d.out.Connections() {
-		out = append(out, admin.Conn{Source: c.Source, OriginalDst: c.OriginalDst, Path: c.Path,
+		out = append(out, admin.Conn{Source: c.Source, OriginalDst: c.OriginalDst, SourceIdentity: c.SourceIdentity, Path: c.Path,
 			TxBytes: c.TxBytes, RxBytes: c.RxBytes, AgeSeconds: c.Age.Seconds()})
 	}
 	return out

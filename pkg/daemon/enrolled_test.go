@@ -6,14 +6,16 @@ import (
 	"testing"
 
 	"github.com/rs/zerolog"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
 type fakePods []string
 
-func (f fakePods) WaitSynced(context.Context) error { return nil }
-func (f fakePods) Cgroups() []string                { return f }
-func (f fakePods) Changed() <-chan struct{}         { return nil }
-func (f fakePods) Pods() any                        { return nil }
+func (f fakePods) WaitSynced(context.Context) error   { return nil }
+func (f fakePods) Cgroups() []string                  { return f }
+func (f fakePods) Changed() <-chan struct{}           { return nil }
+func (f fakePods) Pods() any                          { return nil }
+func (f fakePods) Identities() map[string]spiffeid.ID { return nil }
 
 // The cgroups in the mesh are [capture] cgroups and the pods', less a pod
 // that holds smeshd itself and pods already inside a [capture] cgroup.

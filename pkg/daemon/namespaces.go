@@ -175,6 +175,7 @@ func (m releasableMaps) SetNamespace(cookie uint64, addrs []netip.Addr, ready4, 
 	if m.d.released.Load() {
 		return nil
 	}
+	defer m.d.pokeAddrIDs()
 	return m.d.dp.SetNamespace(cookie, addrs, ready4, ready6)
 }
 
@@ -182,6 +183,7 @@ func (m releasableMaps) RemoveNamespace(cookie uint64) error {
 	if m.d.released.Load() {
 		return nil
 	}
+	defer m.d.pokeAddrIDs()
 	return m.d.dp.RemoveNamespace(cookie)
 }
 

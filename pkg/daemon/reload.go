@@ -125,6 +125,7 @@ func (d *daemon) apply(next config.Config) error {
 	kept := d.cfg
 	kept.Capture.Cgroups, kept.Capture.IncludeCIDRs = c.Cgroups, c.IncludeCIDRs
 	kept.Capture.ExcludeCIDRs, kept.Capture.ExcludePorts = c.ExcludeCIDRs, c.ExcludePorts
+	kept.Capture.Workloads = c.Workloads
 	kept.Tunnel.AllowPorts = next.Tunnel.AllowPorts
 	kept.Tunnel.TLS.TrustDomain, kept.Tunnel.TLS.AllowIdentities, kept.Tunnel.TLS.Peers =
 		next.Tunnel.TLS.TrustDomain, next.Tunnel.TLS.AllowIdentities, next.Tunnel.TLS.Peers

@@ -54,8 +54,9 @@ type Options struct {
 	IncludeCIDRs []netip.Prefix
 	ExcludeCIDRs []netip.Prefix
 	ExcludePorts []uint16
-	// MapSize bounds the sockhash, the original-destination map and
-	// smesh_dirs (one entry per socket in the sockhash).
+	// MapSize bounds the sockhash, the original-destination map,
+	// smesh_src_ids (beside it) and smesh_dirs (one entry per socket in
+	// the sockhash).
 	MapSize uint32
 	// ServiceMapSize bounds smesh_services (service ports), BackendMapSize
 	// smesh_backends and smesh_svc_members (their backends, with room
@@ -115,6 +116,9 @@ type Datapath struct {
 	rules    *captureRules
 	services *ServiceTable
 	closed   bool
+	// ident serializes the writers of the identity and policy maps
+	// (identity.go).
+	ident identState
 
 	// adopt is Options.Adopt: what is left of a predecessor's objects.
 	adopt map[string]*os.File
@@ -277,6 +281,8 @@ func (d *Datapath) load(opts Options, proxyCgroupID uint64) error {
 		"smesh_counters": d.sockops.SmeshCounters,
 		"smesh_netns":    d.sockops.SmeshNetns,
 		"smesh_dirs":     d.sockops.SmeshDirs,
+		"smesh_src_sk":   d.sockops.SmeshSrcSk,
+		"smesh_src_ids":  d.sockops.SmeshSrcIds,
 	}
 
 	cspec, err := connectSpec(opts, proxyCgroupID)
@@ -368,6 +374,7 @@ func sockopsSpec(opts Options) (*ebpf.CollectionSpec, error) {
 	spec.Maps["smesh_sockhash"].MaxEntries = opts.MapSize
 	spec.Maps["smesh_orig_dst"].MaxEntries = opts.MapSize
 	spec.Maps["smesh_dirs"].MaxEntries = opts.MapSize
+	spec.Maps["smesh_src_ids"].MaxEntries = opts.MapSize
 	if err := spec.Variables["splice"].Set(opts.Mode == ModeSplice); err != nil {
 		return nil, fmt.Errorf("setting sockops splice: %w", err)
 	}

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
@@ -18,13 +19,15 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	testenv.RunHelpers(map[string]testenv.HelperFunc{
+	helpers := map[string]testenv.HelperFunc{
 		"connect-loop":  connectLoop,
 		"splice-pair":   splicePair,
 		"connect-hold":  connectHold,
 		"origdst-proxy": origDstProxy,
 		"dial-report":   dialReport,
-	})
+	}
+	maps.Copy(helpers, identityHelpers)
+	testenv.RunHelpers(helpers)
 	os.Exit(m.Run())
 }
 

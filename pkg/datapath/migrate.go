@@ -57,6 +57,7 @@ var noCopy = map[string]string{
 	"smesh_sockhash": "holds sockets: spliced connections keep the old sockhash",
 	"smesh_dirs":     "the old sockhash's sockets keep the old map (their sk_msg program's)",
 	"smesh_sk_state": "socket storage: no keys to copy",
+	"smesh_src_sk":   "socket storage: no keys to copy",
 }
 
 // remade is a map made anew because the predecessor's (or the pinned one)
@@ -73,6 +74,13 @@ type remade struct {
 }
 
 const origDstName = "smesh_orig_dst"
+
+// sockopsWritten are the maps sock_ops writes at a captured connection's
+// establishment and getsockopt reads: smesh_orig_dst and, beside it with
+// the same key and life, smesh_src_ids (the source identity,
+// SMESH_SO_SRC_ID). A remade one is copied after the sock_ops switch
+// (afterSockops) and back on a failed start (copyBack).
+var sockopsWritten = []string{origDstName, "smesh_src_ids"}
 
 // remake records that the map name is made anew, old being the
 // predecessor's (owned from here on).
@@ -144,7 +152,7 @@ func (d *Datapath) migrateLoad() error {
 			ev.Str("not_copied", why).Msg("map made anew: its layout changed")
 			continue
 		}
-		if name == origDstName {
+		if slices.Contains(sockopsWritten, name) {
 			// Copied once, after the sock_ops switch (afterSockops):
 			// until getsockopt switches, nothing reads the new map.
 			r.pending = true
@@ -247,21 +255,28 @@ func perCPUValues(m *ebpf.Map) (map[string][][]byte, error) {
 // captured connection with that 4-tuple overwrites its entry at
 // establishment), and they only take room.
 func (d *Datapath) afterSockops() {
-	r := d.remade[origDstName]
-	if r == nil || !r.pending {
-		return
+	waited := false
+	maps := d.maps()
+	for _, name := range sockopsWritten {
+		r := d.remade[name]
+		if r == nil || !r.pending || maps[name] == nil {
+			continue
+		}
+		r.pending = false
+		if !waited {
+			waited = true
+			if err := waitForPrograms(); err != nil {
+				d.log.Error().Err(err).Msg("waiting for the old sock_ops programs to finish before copying " + name)
+			}
+		}
+		n, dropped, err := copyEntries(r.old, maps[name], ebpf.UpdateNoExist)
+		if err != nil {
+			d.log.Error().Err(err).Str("map", name).Msg("copying after the sock_ops switch")
+			continue
+		}
+		d.log.Info().Str("map", name).Int("copied", n).Int("dropped", dropped).
+			Msg(name + ": entries the old sock_ops wrote until the switch copied into the new map")
 	}
-	r.pending = false
-	if err := waitForPrograms(); err != nil {
-		d.log.Error().Err(err).Msg("waiting for the old sock_ops programs to finish before copying smesh_orig_dst")
-	}
-	n, dropped, err := copyEntries(r.old, d.sockops.SmeshOrigDst, ebpf.UpdateNoExist)
-	if err != nil {
-		d.log.Error().Err(err).Msg("copying smesh_orig_dst after the sock_ops switch")
-		return
-	}
-	d.log.Info().Int("copied", n).Int("dropped", dropped).
-		Msg("smesh_orig_dst: entries the old sock_ops wrote until the switch copied into the new map")
 }
 
 // waitForPrograms returns once every BPF program that was running when it
@@ -337,19 +352,26 @@ func addDelta(cur, now, then []byte) {
 // own), so that the predecessor, serving on, answers SO_ORIGINAL_DST for
 // the connections established meanwhile.
 func (d *Datapath) copyBack() {
-	r := d.remade[origDstName]
-	if r == nil {
-		return
+	waited := false
+	maps := d.maps()
+	for _, name := range sockopsWritten {
+		r := d.remade[name]
+		if r == nil || maps[name] == nil {
+			continue
+		}
+		if !waited {
+			waited = true
+			if err := waitForPrograms(); err != nil {
+				d.log.Error().Err(err).Msg("waiting for running sock_ops programs before copying " + name + " back")
+			}
+		}
+		n, _, err := copyEntries(maps[name], r.old, ebpf.UpdateNoExist)
+		if err != nil {
+			d.log.Error().Err(err).Str("map", name).Msg("copying back to the predecessor's map")
+			continue
+		}
+		d.log.Info().Str("map", name).Int("copied", n).Msg(name + ": entries of the failed start copied back to the predecessor's map")
 	}
-	if err := waitForPrograms(); err != nil {
-		d.log.Error().Err(err).Msg("waiting for running sock_ops programs before copying smesh_orig_dst back")
-	}
-	n, _, err := copyEntries(d.sockops.SmeshOrigDst, r.old, ebpf.UpdateNoExist)
-	if err != nil {
-		d.log.Error().Err(err).Msg("copying smesh_orig_dst back to the predecessor's map")
-		return
-	}
-	d.log.Info().Int("copied", n).Msg("smesh_orig_dst: entries of the failed start copied back to the predecessor's map")
 }
 
 // commitRemade, in closed mode, pins the remade maps over the old pins:

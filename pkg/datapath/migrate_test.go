@@ -18,7 +18,7 @@ import (
 )
 
 // The maps datapath.map_size sizes: a change of it remakes them.
-var sizedMaps = []string{"smesh_dirs", "smesh_orig_dst", "smesh_sockhash"}
+var sizedMaps = []string{"smesh_dirs", "smesh_orig_dst", "smesh_sockhash", "smesh_src_ids"}
 
 // TestHandoverMapSizeChanged: a successor whose map_size differs from
 // its predecessor's takes over while a process in an enrolled cgroup

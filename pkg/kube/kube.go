@@ -32,6 +32,7 @@ import (
 	"os"
 
 	"github.com/rs/zerolog"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"k8s.io/client-go/rest"
 
 	"github.com/smesh-dev/smesh/pkg/config"
@@ -58,9 +59,10 @@ func (n *Node) WaitSynced(ctx context.Context) error {
 // Start connects to the API server with the pod's service account and
 // starts watching this node's pods, and the Services into sink, until ctx is
 // done. The node's name is in the environment variable cfg.NodeNameEnv;
-// cgroupMount is where the node's cgroup v2 tree is mounted. The caller
+// cgroupMount is where the node's cgroup v2 tree is mounted; td is the
+// mesh's trust domain, which the pods' identities are in. The caller
 // waits for WaitSynced before it relies on Cgroups.
-func Start(ctx context.Context, cfg config.Kubernetes, cgroupMount string, sink services.Sink, log zerolog.Logger) (*Node, error) {
+func Start(ctx context.Context, cfg config.Kubernetes, td spiffeid.TrustDomain, cgroupMount string, sink services.Sink, log zerolog.Logger) (*Node, error) {
 	node := os.Getenv(cfg.NodeNameEnv)
 	if node == "" {
 		return nil, fmt.Errorf("kubernetes.node_name_env: $%s is empty: set it to this node's name "+
@@ -72,12 +74,13 @@ func Start(ctx context.Context, cfg config.Kubernetes, cgroupMount string, sink 
 	}
 	key, value := cfg.LabelKeyValue()
 	w := NewWatcher(Options{
-		API:        api,
-		NodeName:   node,
-		LabelKey:   key,
-		LabelValue: value,
-		Resolver:   NewResolver(cgroupMount, cfg.KubepodsCgroup),
-		Logger:     log,
+		API:         api,
+		NodeName:    node,
+		TrustDomain: td,
+		LabelKey:    key,
+		LabelValue:  value,
+		Resolver:    NewResolver(cgroupMount, cfg.KubepodsCgroup),
+		Logger:      log,
 	})
 	svcs, err := StartServices(ctx, cfg, api, node, sink, log)
 	if err != nil {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
 	"os"
 	"slices"
 	"sort"
@@ -12,11 +13,14 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/tools/cache"
+
+	"github.com/smesh-dev/smesh/pkg/identity"
 )
 
 // Options configure a Watcher.
@@ -28,6 +32,9 @@ type Options struct {
 	NoWatchList bool
 	// NodeName is the node whose pods are watched.
 	NodeName string
+	// TrustDomain is the mesh's ([tunnel.tls] trust_domain): an enrolled
+	// pod's identity is spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/ACCOUNT.
+	TrustDomain spiffeid.TrustDomain
 	// LabelKey and LabelValue are the mesh label.
 	LabelKey, LabelValue string
 	// Resolver finds pods' cgroups.
@@ -53,6 +60,10 @@ type Pod struct {
 	// Why is what decided Enrolled: "pod label", "namespace label", ...
 	Why    string `json:"why"`
 	Cgroup string `json:"cgroup,omitempty"`
+	// ServiceAccount is the pod's (spec.serviceAccountName), Identity the
+	// SPIFFE ID it speaks as (identity.Kubernetes), for enrolled pods.
+	ServiceAccount string `json:"serviceAccount,omitempty"`
+	Identity       string `json:"identity,omitempty"`
 	// Error says why an enrolled pod's cgroup was not found.
 	Error string `json:"error,omitempty"`
 }
@@ -71,10 +82,11 @@ type Watcher struct {
 	done    chan struct{} // closed when Run returns
 
 	mu      sync.Mutex
-	first   bool              // update ran once
-	cgroups []string          // sorted
-	view    []Pod             // for /debug/pods
-	known   map[string]string // pod UID -> cgroup found; owned by Run
+	first   bool                   // update ran once
+	cgroups []string               // sorted
+	ids     map[string]spiffeid.ID // enrolled pod cgroup -> identity
+	view    []Pod                  // for /debug/pods
+	known   map[string]string      // pod UID -> cgroup found; owned by Run
 }
 
 // NewWatcher prepares a watcher; Run starts it.
@@ -197,7 +209,15 @@ func (w *Watcher) Cgroups() []string {
 	return slices.Clone(w.cgroups)
 }
 
-// Changed receives a value after Cgroups changed.
+// Identities are the identities of the pods in the mesh, by cgroup (the
+// cgroups of Cgroups whose pod's identity is valid).
+func (w *Watcher) Identities() map[string]spiffeid.ID {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return maps.Clone(w.ids)
+}
+
+// Changed receives a value after Cgroups (or Identities) changed.
 func (w *Watcher) Changed() <-chan struct{} { return w.changed }
 
 // Pods describes this node's pods for /debug/pods.
@@ -229,6 +249,7 @@ func (w *Watcher) update() {
 	}
 	var view []Pod
 	var cgroups []string
+	ids := make(map[string]spiffeid.ID)
 	seen := make(map[string]bool)
 	for _, obj := range w.pods.GetStore().List() {
 		pod, ok := obj.(*corev1.Pod)
@@ -238,6 +259,20 @@ func (w *Watcher) update() {
 		in, why := w.decide(pod, nsLabels[pod.Namespace])
 		p := Pod{Namespace: pod.Namespace, Name: pod.Name, UID: string(pod.UID), Enrolled: in, Why: why}
 		if in {
+			p.ServiceAccount = pod.Spec.ServiceAccountName
+			if p.ServiceAccount == "" {
+				p.ServiceAccount = "default" // what the API server fills in
+			}
+			// Without a trust domain (tests of the enrolment alone)
+			// pods have no identity.
+			var id spiffeid.ID
+			idErr := errors.New("no trust domain")
+			if !w.o.TrustDomain.IsZero() {
+				id, idErr = identity.Kubernetes(w.o.TrustDomain, pod.Namespace, p.ServiceAccount)
+			}
+			if idErr == nil {
+				p.Identity = id.String()
+			}
 			uid := string(pod.UID)
 			seen[uid] = true
 			cg, err := w.cgroupOf(uid, string(pod.Status.QOSClass))
@@ -246,6 +281,13 @@ func (w *Watcher) update() {
 			} else {
 				p.Cgroup = cg
 				cgroups = append(cgroups, cg)
+				if idErr == nil {
+					ids[cg] = id
+				} else if !w.o.TrustDomain.IsZero() {
+					// A name no SPIFFE ID can hold: captured, but
+					// speaking as the node.
+					p.Error = fmt.Sprintf("no workload identity: %v", idErr)
+				}
 			}
 		}
 		view = append(view, p)
@@ -265,10 +307,10 @@ func (w *Watcher) update() {
 	cgroups = slices.Compact(cgroups)
 
 	w.mu.Lock()
-	old, first := w.cgroups, !w.first
-	w.cgroups, w.view, w.first = cgroups, view, true
+	old, oldIDs, first := w.cgroups, w.ids, !w.first
+	w.cgroups, w.ids, w.view, w.first = cgroups, ids, view, true
 	w.mu.Unlock()
-	if slices.Equal(old, cgroups) && !first {
+	if slices.Equal(old, cgroups) && maps.Equal(oldIDs, ids) && !first {
 		return
 	}
 	w.log.Info().Int("pods", len(view)).Strs("cgroups", cgroups).Msg("pods in the mesh changed")
@@ -332,7 +374,7 @@ func trimPod(obj any) (any, error) {
 			Namespace: pod.Namespace, Name: pod.Name, UID: pod.UID, Labels: pod.Labels,
 			ResourceVersion: pod.ResourceVersion,
 		},
-		Spec:   corev1.PodSpec{NodeName: pod.Spec.NodeName},
+		Spec:   corev1.PodSpec{NodeName: pod.Spec.NodeName, ServiceAccountName: pod.Spec.ServiceAccountName},
 		Status: corev1.PodStatus{Phase: pod.Status.Phase, QOSClass: pod.Status.QOSClass},
 	}, nil
 }

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -48,6 +49,7 @@ func (wd *world) start() {
 		API:         fakeAPI{wd.client},
 		NoWatchList: wd.client.IsWatchListSemanticsUnSupported(),
 		NodeName:    node,
+		TrustDomain: spiffeid.RequireTrustDomainFromString("smesh.local"),
 		LabelKey:    labelKey,
 		LabelValue:  "enabled",
 		Resolver:    NewResolver(wd.mount, ""),
@@ -319,5 +321,46 @@ func TestWatcherChanged(t *testing.T) {
 	}
 	if got := wd.w.Cgroups(); !slices.Equal(got, []string{cg}) {
 		t.Fatalf("Cgroups after Changed = %v, want [%s]", got, cg)
+	}
+}
+
+// An enrolled pod's identity is its namespace's and service account's
+// (the API server's "default" when the spec names none), by cgroup, and
+// /debug/pods shows both; pods out of the mesh have none.
+func TestWatcherKeepsIdentities(t *testing.T) {
+	wd := newWorld(t, namespace("prod", meshLabel("enabled")), namespace("plain", nil))
+	a := pod("prod", "a", "uid-a", node, nil)
+	a.Spec.ServiceAccountName = "payments"
+	cgA := wd.createPod(a, true)
+	b := pod("prod", "b", "uid-b", node, nil)
+	cgB := wd.createPod(b, true)
+	out := pod("plain", "out", "uid-o", node, nil)
+	out.Spec.ServiceAccountName = "web"
+	wd.createPod(out, true)
+	wd.start()
+	want := map[string]string{
+		cgA: "spiffe://smesh.local/ns/prod/sa/payments",
+		cgB: "spiffe://smesh.local/ns/prod/sa/default",
+	}
+	got := wd.w.Identities()
+	if len(got) != len(want) {
+		t.Errorf("identities %v, want %v", got, want)
+	}
+	for cg, id := range want {
+		if got[cg].String() != id {
+			t.Errorf("identity of %s: %v, want %s", cg, got[cg], id)
+		}
+	}
+	for _, p := range wd.w.Pods().([]Pod) {
+		switch p.Name {
+		case "a":
+			if p.ServiceAccount != "payments" || p.Identity != want[cgA] {
+				t.Errorf("/debug/pods shows %+v", p)
+			}
+		case "out":
+			if p.ServiceAccount != "" || p.Identity != "" {
+				t.Errorf("a pod out of the mesh shows an identity: %+v", p)
+			}
+		}
 	}
 }

@@ -89,3 +89,51 @@ func originalDst(c *net.TCPConn) (netip.AddrPort, error) {
 		return netip.AddrPort{}, fmt.Errorf("SO_ORIGINAL_DST: address family %d", fam)
 	}
 }
+
+// smeshSoSrcID is SMESH_SO_SRC_ID (bpf/connect/connect.c): smesh's own
+// getsockopt option at SOL_IP, answered by its cgroup/getsockopt program.
+const smeshSoSrcID = 0x534d4931
+
+// OriginalSource asks the kernel for the source identity number connect4/6
+// recorded for a captured connection (the cgroup that called connect(),
+// numbered by smeshd: bpf/connect/identity.h). 0 with no error when there is
+// none: a connection captured by a predecessor's programs (which recorded
+// no source), or an older program that does not know the option; the
+// kernel then answers ENOPROTOOPT.
+func OriginalSource(c *net.TCPConn) (uint32, error) {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var n uint32
+	var serr error
+	err = raw.Control(func(fd uintptr) {
+		n, serr = getsockoptUint32(int(fd), unix.SOL_IP, smeshSoSrcID)
+	})
+	if err == nil {
+		err = serr
+	}
+	if errors.Is(err, unix.ENOPROTOOPT) || errors.Is(err, unix.ENOENT) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("SMESH_SO_SRC_ID: %w", err)
+	}
+	return n, nil
+}
+
+// getsockoptUint32 reads a 4-byte option; the answer must be exactly that
+// long.
+func getsockoptUint32(fd, level, opt int) (uint32, error) {
+	var buf [4]byte
+	l := uint32(len(buf))
+	_, _, errno := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), uintptr(level), uintptr(opt),
+		uintptr(unsafe.Pointer(&buf[0])), uintptr(unsafe.Pointer(&l)), 0)
+	if errno != 0 {
+		return 0, errno
+	}
+	if l != uint32(len(buf)) {
+		return 0, fmt.Errorf("answer of %d bytes, want 4", l)
+	}
+	return binary.NativeEndian.Uint32(buf[:]), nil
+}

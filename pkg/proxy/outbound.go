@@ -16,7 +16,10 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/sys/unix"
+
+	"github.com/smesh-dev/smesh/pkg/identity"
 )
 
 // Dialer reaches a captured connection's original destination.
@@ -77,8 +80,15 @@ type Options struct {
 	// OriginalDst finds a connection's original destination; nil asks
 	// the kernel (SO_ORIGINAL_DST, see OriginalDst).
 	OriginalDst func(*net.TCPConn) (netip.AddrPort, error)
-	Observer    Observer // may be nil
-	Logger      zerolog.Logger
+	// Source names the workload a connection comes from by the source
+	// identity number connect4/6 recorded for it (OriginalSource); false
+	// when the number names none. nil: connections carry no source.
+	Source func(uint32) (spiffeid.ID, bool)
+	// OriginalSource finds a connection's source identity number; nil
+	// asks the kernel (OriginalSource).
+	OriginalSource func(*net.TCPConn) (uint32, error)
+	Observer       Observer // may be nil
+	Logger         zerolog.Logger
 }
 
 // Outbound accepts captured connections and relays each to its original
@@ -119,6 +129,7 @@ const acceptGrace = 100 * time.Millisecond
 type relayed struct {
 	src, dst string
 	path     atomic.Value // string, once the upstream is known
+	source   atomic.Value // string: the source workload's identity, when known
 	start    time.Time
 	tx, rx   atomic.Int64
 }
@@ -126,8 +137,10 @@ type relayed struct {
 // ConnInfo describes one relayed connection.
 type ConnInfo struct {
 	Source, OriginalDst, Path string
-	TxBytes, RxBytes          int64
-	Age                       time.Duration
+	// SourceIdentity is the source workload's SPIFFE ID, when known.
+	SourceIdentity   string
+	TxBytes, RxBytes int64
+	Age              time.Duration
 }
 
 // DialTimeout bounds how long a captured connection waits for its upstream.
@@ -144,6 +157,9 @@ func Listen(o Options) (*Outbound, error) {
 	}
 	if o.Dialer == nil {
 		o.Dialer = &net.Dialer{Timeout: DialTimeout, KeepAlive: -1}
+	}
+	if o.OriginalSource == nil {
+		o.OriginalSource = OriginalSource
 	}
 	if o.OriginalDst == nil {
 		o.OriginalDst = OriginalDst
@@ -265,6 +281,31 @@ func (o *Outbound) untrack(c *net.TCPConn) {
 	o.mu.Unlock()
 }
 
+// withSource puts the identity of the workload c comes from into ctx, for
+// the dialer (the tunnel client asserts it). A connection without one (made
+// before this smeshd's programs ran: a predecessor's in-flight connection;
+// from a cgroup no workload names; a number no longer known) carries none:
+// it speaks as the node, which is no error.
+func (o *Outbound) withSource(ctx context.Context, c *net.TCPConn, r *relayed) context.Context {
+	if o.o.Source == nil {
+		return ctx
+	}
+	n, err := o.o.OriginalSource(c)
+	if err != nil {
+		o.log.Debug().Err(err).Str("dst", r.dst).Msg("no source identity")
+		return ctx
+	}
+	if n == 0 {
+		return ctx
+	}
+	id, ok := o.o.Source(n)
+	if !ok {
+		return ctx
+	}
+	r.source.Store(id.String())
+	return identity.WithSource(ctx, id)
+}
+
 func (o *Outbound) handle(ctx context.Context, c *net.TCPConn, r *relayed, dialer Dialer) {
 	dst, err := o.o.OriginalDst(c)
 	if err != nil {
@@ -281,6 +322,7 @@ func (o *Outbound) handle(ctx context.Context, c *net.TCPConn, r *relayed, diale
 			Str("why", "the original destination is one of smeshd's own listeners: smeshd would be dialling itself"))
 		return
 	}
+	ctx = o.withSource(ctx, c, r)
 	var early int64 // bytes handed to the dialer
 	var up net.Conn
 	if ed, ok := dialer.(EarlyDialer); ok {
@@ -401,7 +443,8 @@ func (o *Outbound) Connections() []ConnInfo {
 	out := make([]ConnInfo, 0, len(o.conns))
 	for _, r := range o.conns {
 		path, _ := r.path.Load().(string)
-		out = append(out, ConnInfo{Source: r.src, OriginalDst: r.dst, Path: path,
+		id, _ := r.source.Load().(string)
+		out = append(out, ConnInfo{Source: r.src, SourceIdentity: id, OriginalDst: r.dst, Path: path,
 			TxBytes: r.tx.Load(), RxBytes: r.rx.Load(), Age: time.Since(r.start)})
 	}
 	return out
