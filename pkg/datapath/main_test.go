@@ -24,6 +24,8 @@ func TestMain(m *testing.M) {
 		"connect-hold":  connectHold,
 		"origdst-proxy": origDstProxy,
 		"dial-report":   dialReport,
+		"strict-server": strictServer,
+		"strict-dial":   strictDial,
 	})
 	os.Exit(m.Run())
 }

@@ -1,0 +1,304 @@
+package datapath
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf/link"
+
+	"github.com/smesh-dev/smesh/pkg/testenv"
+)
+
+const strictGreeting = "strict-hello"
+
+// strictServer listens on two ports, dual-stack (IPv4 SYNs reach it
+// v4-mapped), prints them ("PORT EXEMPT"), and writes strictGreeting to every
+// connection it accepts, then closes it. Until stdin closes.
+func strictServer([]string) int {
+	var ports []string
+	for range 2 {
+		ln, err := net.Listen("tcp", "[::]:0")
+		if err != nil {
+			fmt.Println(err)
+			return 1
+		}
+		ports = append(ports, strconv.Itoa(ln.Addr().(*net.TCPAddr).Port))
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				c.Write([]byte(strictGreeting + "\n"))
+				c.Close()
+			}
+		}()
+	}
+	fmt.Println(strings.Join(ports, " "))
+	io.Copy(io.Discard, os.Stdin)
+	return 0
+}
+
+// strictDial dials every address that comes on stdin (2 s timeout) and
+// prints "read LINE" with what the server wrote, "timeout" when the
+// handshake never completed (SYNs dropped), or "error ERR".
+func strictDial([]string) int {
+	in := bufio.NewScanner(os.Stdin)
+	for in.Scan() {
+		c, err := net.DialTimeout("tcp", in.Text(), 2*time.Second)
+		var ne net.Error
+		switch {
+		case errors.As(err, &ne) && ne.Timeout():
+			fmt.Println("timeout")
+			continue
+		case err != nil:
+			fmt.Println("error", err)
+			continue
+		}
+		c.SetReadDeadline(time.Now().Add(2 * time.Second))
+		line, err := bufio.NewReader(c).ReadString('\n')
+		c.Close()
+		if err != nil {
+			fmt.Println("error", err)
+			continue
+		}
+		fmt.Println("read", strings.TrimSpace(line))
+	}
+	return 0
+}
+
+// dialFrom has the strict-dial helper h dial addr and returns its answer.
+func dialFrom(t *testing.T, h *testenv.Helper, addr netip.AddrPort) string {
+	t.Helper()
+	if err := h.Send(addr.String()); err != nil {
+		t.Fatal(err)
+	}
+	line, err := h.ReadLine(10 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return line
+}
+
+// strictWorld is a strict test setup: a pod (server in its own cgroup and
+// namespace) on a cluster node, a remote node joined to it over a wire,
+// smeshd's cgroup, and dialers: mesh (in smeshd's cgroup, on the pod's node),
+// local (a non-mesh process on that node) and remote (on the other node).
+type strictWorld struct {
+	pod                 *testenv.Pod
+	proxyCg             string
+	port, exempt        uint16
+	mesh, local, remote *testenv.Helper
+}
+
+func newStrictWorld(t *testing.T) *strictWorld {
+	t.Helper()
+	c := testenv.NewCluster()
+	node, remoteNode := c.AddNode(t), c.AddNode(t)
+	testenv.JoinNodes(t, node, remoteNode)
+	w := &strictWorld{pod: node.AddPod(t, ""), proxyCg: testenv.NewCgroup(t)}
+	srv := testenv.StartHelper(t, w.pod.Cgroup, w.pod.Name, "strict-server")
+	line, err := srv.ReadLine(10 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var port, exempt uint16
+	if _, err := fmt.Sscan(line, &port, &exempt); err != nil {
+		t.Fatalf("strict-server said %q: %v", line, err)
+	}
+	w.port, w.exempt = port, exempt
+	w.mesh = testenv.StartHelper(t, w.proxyCg, node.Name, "strict-dial")
+	w.local = testenv.StartHelper(t, testenv.NewCgroup(t), node.Name, "strict-dial")
+	w.remote = testenv.StartHelper(t, testenv.NewCgroup(t), remoteNode.Name, "strict-dial")
+	return w
+}
+
+// load loads a data path with smeshd's cgroup proxyCg, enrolling the pod
+// and registering its namespace and addresses.
+func (w *strictWorld) load(t *testing.T, adopt map[string]*os.File) *Datapath {
+	t.Helper()
+	opts := handoverOpts(ModeSplice, netip.MustParseAddrPort("127.0.0.1:18000"), w.proxyCg)
+	var d *Datapath
+	if adopt != nil {
+		d = successor(t, opts, adopt)
+	} else {
+		var err error
+		if d, err = Load(opts); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { d.Close() })
+	}
+	if err := d.SetCapture([]string{w.pod.Cgroup}, opts.IncludeCIDRs, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	var cookie uint64
+	if err := w.pod.Do(func() (err error) { cookie, err = currentNetnsCookie(); return err }); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.SetNamespace(cookie, []netip.Addr{w.pod.Addr4, w.pod.Addr6}, false, false); err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+// check dials the pod's port and exempt port from each dialer, over IPv4
+// and IPv6, and compares the answers with what strict (or not) wants.
+func (w *strictWorld) check(t *testing.T, strict bool) {
+	t.Helper()
+	read := "read " + strictGreeting
+	plain := read
+	if strict {
+		plain = "timeout"
+	}
+	for _, addr := range []netip.Addr{w.pod.Addr4, w.pod.Addr6} {
+		for _, c := range []struct {
+			who  string
+			h    *testenv.Helper
+			port uint16
+			want string
+		}{
+			{"another node", w.remote, w.port, plain},
+			{"a non-mesh process of the node", w.local, w.port, plain},
+			{"smeshd's cgroup", w.mesh, w.port, read},
+			{"another node, exempt port", w.remote, w.exempt, read},
+		} {
+			dst := netip.AddrPortFrom(addr, c.port)
+			if got := dialFrom(t, c.h, dst); got != c.want {
+				t.Errorf("strict %v: %s dialling %s: %q, want %q", strict, c.who, dst, got, c.want)
+			}
+		}
+	}
+}
+
+// TestStrictInbound: a strict workload's server drops the plaintext SYNs
+// of another node and of a non-mesh process of its own node (the dial
+// times out), counted; smeshd's own sockets get through, and so does
+// anything to an exempt port; IPv4 (to a dual-stack listener) and IPv6.
+// Once the workload is strict no more, plaintext gets through again.
+func TestStrictInbound(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	w := newStrictWorld(t)
+	d := w.load(t, nil)
+	w.check(t, false)
+	if err := d.SetStrict(map[string]StrictOptions{w.pod.Cgroup: {ExemptPorts: []uint16{w.exempt}}}); err != nil {
+		t.Fatal(err)
+	}
+	w.check(t, true)
+	c, err := d.StrictCounters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Each of the 4 dropped dials sent its SYN at least twice (1 s, 2 s).
+	if c.Dropped < 8 || c.Mesh < 2 || c.Exempt < 2 {
+		t.Errorf("strict counters %+v: want >= 8 dropped (4 dials, retransmits included), >= 2 mesh, >= 2 exempt", c)
+	}
+	if got, err := d.StrictDropped(); err != nil || got != c.Dropped {
+		t.Errorf("StrictDropped = %d, %v; want %d", got, err, c.Dropped)
+	}
+	if err := d.SetStrict(nil); err != nil {
+		t.Fatal(err)
+	}
+	w.check(t, false)
+}
+
+// TestStrictNotEnrolled: only enrolled cgroups can be strict.
+func TestStrictNotEnrolled(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	proxyCg, other := testenv.NewCgroup(t), testenv.NewCgroup(t)
+	d := predecessor(t, handoverOpts(ModeSplice, netip.MustParseAddrPort("127.0.0.1:18000"), proxyCg), testenv.NewCgroup(t))
+	if err := d.SetStrict(map[string]StrictOptions{other: {}}); err == nil || !strings.Contains(err.Error(), "not enrolled") {
+		t.Fatalf("SetStrict of a cgroup not enrolled: %v, want not enrolled", err)
+	}
+	if len(d.strictLinks) != 0 {
+		t.Errorf("%d strict attachments after a refused SetStrict", len(d.strictLinks))
+	}
+}
+
+// strictLinkIDs are the ids of d's strict attachments, by hand-over name.
+func strictLinkIDs(t *testing.T, d *Datapath) map[string]link.ID {
+	t.Helper()
+	out := make(map[string]link.ID)
+	for a, l := range d.strictLinks {
+		info, err := l.Info()
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[strictLinkName(a.typ, a.id)] = info.ID
+	}
+	return out
+}
+
+// TestStrictHandover: a successor adopts the strict maps and attachments
+// (the same links, the counters carried on) and the workload stays strict
+// through the predecessor's release; a predecessor without strict inbound
+// (an older smeshd, emulated by leaving its strict objects out of the
+// hand-over) hands over all the same, and the successor makes them.
+func TestStrictHandover(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	for _, older := range []bool{false, true} {
+		t.Run(fmt.Sprintf("older=%v", older), func(t *testing.T) {
+			w := newStrictWorld(t)
+			strictSet := map[string]StrictOptions{w.pod.Cgroup: {ExemptPorts: []uint16{w.exempt}}}
+			a := w.load(t, nil)
+			if !older {
+				if err := a.SetStrict(strictSet); err != nil {
+					t.Fatal(err)
+				}
+				// One dropped dial, for the counters to carry.
+				if got := dialFrom(t, w.remote, netip.AddrPortFrom(w.pod.Addr4, w.port)); got != "timeout" {
+					t.Fatalf("plaintext dial to the strict pod: %q", got)
+				}
+			}
+			a.Commit()
+			before, err := a.StrictCounters()
+			if err != nil {
+				t.Fatal(err)
+			}
+			ids := strictLinkIDs(t, a)
+			files, err := a.Handover()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if older {
+				for name, f := range files {
+					if strings.HasPrefix(name, strictLinkPrefix) || slices.Contains(strictMapNames, strings.TrimPrefix(name, mapHandoverPrefix)) {
+						f.Close()
+						delete(files, name)
+					}
+				}
+			}
+			b := w.load(t, files)
+			if err := b.SetStrict(strictSet); err != nil {
+				t.Fatal(err)
+			}
+			b.Commit()
+			if !older {
+				if got := strictLinkIDs(t, b); !maps.Equal(got, ids) {
+					t.Errorf("successor's strict attachments %v, want the predecessor's %v", got, ids)
+				}
+			}
+			if err := a.Release(); err != nil {
+				t.Fatal(err)
+			}
+			w.check(t, true)
+			after, err := b.StrictCounters()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if after.Dropped < before.Dropped+8 {
+				t.Errorf("strict drops: %d before the hand-over, %d after; want the count carried on and 8 more", before.Dropped, after.Dropped)
+			}
+		})
+	}
+}
