@@ -22,13 +22,18 @@ import (
 
 const strictGreeting = "strict-hello"
 
-// strictServer listens on two ports, dual-stack (IPv4 SYNs reach it
-// v4-mapped), prints them ("PORT EXEMPT"), and writes strictGreeting to every
-// connection it accepts, then closes it. Until stdin closes.
-func strictServer([]string) int {
+// strictServer listens on two ports of args[0] (default: all addresses,
+// dual-stack: IPv4 SYNs reach it v4-mapped), prints them ("PORT EXEMPT"),
+// and writes strictGreeting to every connection it accepts, then closes it.
+// Until stdin closes.
+func strictServer(args []string) int {
+	host := "::"
+	if len(args) > 0 {
+		host = args[0]
+	}
 	var ports []string
 	for range 2 {
-		ln, err := net.Listen("tcp", "[::]:0")
+		ln, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
 		if err != nil {
 			fmt.Println(err)
 			return 1
@@ -97,6 +102,8 @@ func dialFrom(t *testing.T, h *testenv.Helper, addr netip.AddrPort) string {
 // local (a non-mesh process on that node) and remote (on the other node).
 type strictWorld struct {
 	pod                 *testenv.Pod
+	remoteNode          *testenv.ClusterNode
+	remoteEnd           netip.Addr // the remote node's end of the wire
 	proxyCg             string
 	port, exempt        uint16
 	mesh, local, remote *testenv.Helper
@@ -106,27 +113,33 @@ func newStrictWorld(t *testing.T) *strictWorld {
 	t.Helper()
 	c := testenv.NewCluster()
 	node, remoteNode := c.AddNode(t), c.AddNode(t)
-	testenv.JoinNodes(t, node, remoteNode)
-	w := &strictWorld{pod: node.AddPod(t, ""), proxyCg: testenv.NewCgroup(t)}
-	srv := testenv.StartHelper(t, w.pod.Cgroup, w.pod.Name, "strict-server")
-	line, err := srv.ReadLine(10 * time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var port, exempt uint16
-	if _, err := fmt.Sscan(line, &port, &exempt); err != nil {
-		t.Fatalf("strict-server said %q: %v", line, err)
-	}
-	w.port, w.exempt = port, exempt
+	_, end := testenv.JoinNodes(t, node, remoteNode)
+	w := &strictWorld{pod: node.AddPod(t, ""), remoteNode: remoteNode, remoteEnd: end.Addr4, proxyCg: testenv.NewCgroup(t)}
+	w.port, w.exempt = startStrictServer(t, w.pod.Cgroup, w.pod.Name)
 	w.mesh = testenv.StartHelper(t, w.proxyCg, node.Name, "strict-dial")
 	w.local = testenv.StartHelper(t, testenv.NewCgroup(t), node.Name, "strict-dial")
 	w.remote = testenv.StartHelper(t, testenv.NewCgroup(t), remoteNode.Name, "strict-dial")
 	return w
 }
 
+// startStrictServer starts a strict-server helper in cgroup and namespace
+// netnsName, listening on args, and returns its two ports.
+func startStrictServer(t *testing.T, cgroup, netnsName string, args ...string) (port, exempt uint16) {
+	t.Helper()
+	srv := testenv.StartHelper(t, cgroup, netnsName, "strict-server", args...)
+	line, err := srv.ReadLine(10 * time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := fmt.Sscan(line, &port, &exempt); err != nil {
+		t.Fatalf("strict-server said %q: %v", line, err)
+	}
+	return port, exempt
+}
+
 // load loads a data path with smeshd's cgroup proxyCg, enrolling the pod
-// and registering its namespace and addresses.
-func (w *strictWorld) load(t *testing.T, adopt map[string]*os.File) *Datapath {
+// and registering its namespace and addresses; extra are enrolled too.
+func (w *strictWorld) load(t *testing.T, adopt map[string]*os.File, extra ...string) *Datapath {
 	t.Helper()
 	opts := handoverOpts(ModeSplice, netip.MustParseAddrPort("127.0.0.1:18000"), w.proxyCg)
 	var d *Datapath
@@ -139,7 +152,7 @@ func (w *strictWorld) load(t *testing.T, adopt map[string]*os.File) *Datapath {
 		}
 		t.Cleanup(func() { d.Close() })
 	}
-	if err := d.SetCapture([]string{w.pod.Cgroup}, opts.IncludeCIDRs, nil, nil); err != nil {
+	if err := d.SetCapture(append([]string{w.pod.Cgroup}, extra...), opts.IncludeCIDRs, nil, nil); err != nil {
 		t.Fatal(err)
 	}
 	var cookie uint64
@@ -210,6 +223,57 @@ func TestStrictInbound(t *testing.T) {
 		t.Fatal(err)
 	}
 	w.check(t, false)
+}
+
+// TestStrictLoopbackAndOutbound: loopback inside a strict pod's own
+// namespace can only come from the pod: it passes, from any process there.
+// In smeshd's own namespace (the node's, shared by every host process and
+// hostNetwork pod) loopback is checked like any address: a non-mesh process
+// is dropped, while an enrolled one (its same-node connection is the mesh's,
+// recorded by the enrolled cgroup's recorder) and smeshd's own get through.
+// A strict workload's own outbound connections work (their SYN-ACKs are no
+// bare SYNs).
+func TestStrictLoopbackAndOutbound(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	w := newStrictWorld(t)
+	hostStrict, enrolledApp := testenv.NewCgroup(t), testenv.NewCgroup(t)
+	d := w.load(t, nil, hostStrict, enrolledApp)
+	if err := d.SetStrict(map[string]StrictOptions{w.pod.Cgroup: {}, hostStrict: {}}); err != nil {
+		t.Fatal(err)
+	}
+	// This test's namespace is smeshd's: listen on loopback only there.
+	hostPort, _ := startStrictServer(t, hostStrict, "", "127.0.0.1")
+	read := "read " + strictGreeting
+	inPodNs := testenv.StartHelper(t, testenv.NewCgroup(t), w.pod.Name, "strict-dial")
+	hostPlain := testenv.StartHelper(t, testenv.NewCgroup(t), "", "strict-dial")
+	hostEnrolled := testenv.StartHelper(t, enrolledApp, "", "strict-dial")
+	hostMesh := testenv.StartHelper(t, w.proxyCg, "", "strict-dial")
+	workload := testenv.StartHelper(t, w.pod.Cgroup, w.pod.Name, "strict-dial")
+	remotePort, _ := startStrictServer(t, testenv.NewCgroup(t), w.remoteNode.Name)
+	for _, c := range []struct {
+		who  string
+		h    *testenv.Helper
+		dst  netip.AddrPort
+		want string
+	}{
+		{"another process of the pod's namespace, 127.0.0.1", inPodNs, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), w.port), read},
+		{"another process of the pod's namespace, ::1", inPodNs, netip.AddrPortFrom(netip.IPv6Loopback(), w.port), read},
+		{"a non-mesh host process, loopback", hostPlain, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), hostPort), "timeout"},
+		{"an enrolled host process, loopback", hostEnrolled, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), hostPort), read},
+		{"smeshd's cgroup, loopback", hostMesh, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), hostPort), read},
+		{"the strict workload, to another node", workload, netip.AddrPortFrom(w.remoteEnd, remotePort), read},
+	} {
+		if got := dialFrom(t, c.h, c.dst); got != c.want {
+			t.Errorf("%s dialling %s: %q, want %q", c.who, c.dst, got, c.want)
+		}
+	}
+	c, err := d.StrictCounters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Loopback < 2 {
+		t.Errorf("strict counters %+v: want >= 2 loopback", c)
+	}
 }
 
 // TestStrictNotEnrolled: only enrolled cgroups can be strict.
