@@ -26,7 +26,8 @@ import (
 // The strict object is loaded beside the others and shares smesh_addrs and
 // smesh_ns_addrs with them (the recorder names the receiver's namespace as
 // sock_ops does). Its own maps and links are handed to a successor like the
-// others: maps as "map/NAME", links as "strict/TYPE/CGROUPID" (a name of
+// others: maps as "map/NAME", links as "strict/ingress/CGROUPID" and
+// "strict/sockops/CGROUPID" (a name of
 // their own: the recorder is a second sock_ops attachment beside the
 // capture's on the same cgroups). They are never pinned: with on_failure =
 // "closed" the strict attachments still go with the last process holding
@@ -35,9 +36,16 @@ import (
 // strictLinkPrefix begins the hand-over names of the strict attachments.
 const strictLinkPrefix = "strict/"
 
-// strictLinkName names a strict attachment in a hand-over.
+// strictLinkName names a strict attachment in a hand-over:
+// "strict/ingress/CGROUPID" or "strict/sockops/CGROUPID". (Not
+// AttachType.String: cgroup_skb ingress is attach type 0, which cilium/ebpf
+// calls "None".)
 func strictLinkName(typ ebpf.AttachType, cgroupID uint64) string {
-	return strictLinkPrefix + typ.String() + "/" + strconv.FormatUint(cgroupID, 10)
+	kind := "sockops"
+	if typ == ebpf.AttachCGroupInetIngress {
+		kind = "ingress"
+	}
+	return strictLinkPrefix + kind + "/" + strconv.FormatUint(cgroupID, 10)
 }
 
 // strictMapNames are the maps the strict object adds to the shared ones.
