@@ -333,9 +333,6 @@ func TestPinnedMapSizeChanged(t *testing.T) {
 	b.Commit()
 	bMaps := mapIDs(t, b)
 	for name, id := range bMaps {
-		if slices.Contains(strictMapNames, name) {
-			continue // never pinned (strict.go): made anew after a death
-		}
 		if slices.Contains(sizedMaps, name) == (id == aMaps[name]) {
 			t.Errorf("map %s: id %d, the earlier run's %d", name, id, aMaps[name])
 		}

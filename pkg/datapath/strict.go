@@ -27,11 +27,11 @@ import (
 // smesh_ns_addrs with them (the recorder names the receiver's namespace as
 // sock_ops does). Its own maps and links are handed to a successor like the
 // others: maps as "map/NAME", links as "strict/ingress/CGROUPID" and
-// "strict/sockops/CGROUPID" (a name of
-// their own: the recorder is a second sock_ops attachment beside the
-// capture's on the same cgroups). They are never pinned: with on_failure =
-// "closed" the strict attachments still go with the last process holding
-// them.
+// "strict/sockops/CGROUPID" (a name of their own: the recorder is a second
+// sock_ops attachment beside the capture's on the same cgroups). With
+// on_failure = "closed" they are pinned as the capture is (maps by name,
+// links as link_strict_ingress_ID and link_strict_sockops_ID), so that a
+// strict workload stays strict while no smeshd runs.
 
 // strictLinkPrefix begins the hand-over names of the strict attachments.
 const strictLinkPrefix = "strict/"
@@ -99,6 +99,7 @@ func (d *Datapath) loadStrict(shared map[string]*ebpf.Map) error {
 		return fmt.Errorf("setting strict node_netns: %w", err)
 	}
 	repl := sharedFor(spec, shared)
+	opts := d.pinOptions(spec)
 	for _, name := range strictMapNames {
 		fd, err := takeFD(d.adopt, mapHandoverName(name))
 		if err != nil {
@@ -120,10 +121,14 @@ func (d *Datapath) loadStrict(shared map[string]*ebpf.Map) error {
 			continue
 		}
 		defer m.Close()
-		repl[name] = m
+		if d.pins == nil {
+			// Pinned, the pin is the same map.
+			repl[name] = m
+		}
 	}
+	opts.MapReplacements = repl
 	var objs strictObjects
-	if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: repl}); err != nil {
+	if err := spec.LoadAndAssign(&objs, opts); err != nil {
 		d.strictErr = fmt.Errorf("strict inbound is unavailable on this kernel: loading bpf/strict: %w", verifierError(err))
 		d.log.Warn().Err(d.strictErr).Msg("strict inbound unavailable")
 		return nil
@@ -237,10 +242,10 @@ func (d *Datapath) syncStrict(want map[string]StrictOptions) error {
 			if a.typ != typ || d.strictLinks[a] != nil {
 				continue
 			}
-			l, err := d.attachStrict(a, wantLinks[a])
+			l, adopted, err := d.attachStrict(a, wantLinks[a])
 			if err != nil {
 				for _, a := range slices.Backward(added) {
-					if err := d.strictLinks[a].Close(); err != nil {
+					if err := d.detachStrict(d.strictLinks[a]); err != nil {
 						d.log.Error().Err(err).Msg("undoing a strict attachment")
 					}
 					delete(d.strictLinks, a)
@@ -249,7 +254,9 @@ func (d *Datapath) syncStrict(want map[string]StrictOptions) error {
 				return err
 			}
 			d.strictLinks[a] = l
-			added = append(added, a)
+			if !adopted {
+				added = append(added, a)
+			}
 		}
 	}
 	// Ingress before the recorders: never a strict cgroup whose mesh
@@ -259,14 +266,35 @@ func (d *Datapath) syncStrict(want map[string]StrictOptions) error {
 			if _, ok := wantLinks[a]; ok || a.typ != typ {
 				continue
 			}
-			if err := l.Close(); err != nil {
+			if err := d.detachStrict(l); err != nil {
 				d.log.Error().Err(err).Str("cgroup", a.cgroup).Stringer("type", a.typ).Msg("detaching a strict attachment no longer wanted")
 			}
 			delete(d.strictLinks, a)
 		}
 	}
 	d.pruneStrictEntries(entries)
+	if d.pins != nil {
+		// An earlier run's, for cgroups strict no longer.
+		keep := make(map[string]bool)
+		for a := range d.strictLinks {
+			keep[d.pins.strictLinkPath(a.typ, a.id)] = true
+		}
+		if err := d.pins.pruneStrictLinks(keep); err != nil {
+			d.log.Error().Err(err).Msg("removing pinned strict attachments no longer wanted")
+		}
+	}
 	return nil
+}
+
+// detachStrict removes a strict attachment for good, pinned or not.
+func (d *Datapath) detachStrict(l link.Link) error {
+	if d.pins != nil {
+		if err := l.Unpin(); err != nil {
+			l.Close()
+			return err
+		}
+	}
+	return l.Close()
 }
 
 func cmpAttachment(a, b attachment) int {
@@ -314,28 +342,37 @@ func (d *Datapath) pruneStrictEntries(keep map[strict.StrictStrictKey]bool) {
 	}
 }
 
-// attachStrict attaches prog as a, or takes the attachment over from a
-// predecessor's hand-over (swapping prog in).
-func (d *Datapath) attachStrict(a attachment, prog *ebpf.Program) (link.Link, error) {
+// attachStrict attaches prog as a, or takes the attachment over (swapping
+// prog in) from a predecessor's hand-over or, pinned, from its pin
+// (adopted: a failed change leaves it).
+func (d *Datapath) attachStrict(a attachment, prog *ebpf.Program) (l link.Link, adopted bool, err error) {
 	fd, err := takeFD(d.adopt, strictLinkName(a.typ, a.id))
 	if err != nil {
-		return nil, err
+		return nil, false, err
+	}
+	if d.pins != nil {
+		// The pin is the same link as the handed-over descriptor.
+		if fd >= 0 {
+			unix.Close(fd)
+		}
+		var prev ebpf.ProgramID
+		return d.pins.attach(d.pins.strictLinkPath(a.typ, a.id), a.cgroup, a.typ, prog, &prev)
 	}
 	if fd >= 0 {
 		l, _, err := d.adoptLink(fd, a, prog)
 		if err != nil || l != nil {
-			return l, err
+			return l, l != nil, err
 		}
 	}
-	l, err := link.AttachCgroup(link.CgroupOptions{Path: a.cgroup, Attach: a.typ, Program: prog})
+	l, err = link.AttachCgroup(link.CgroupOptions{Path: a.cgroup, Attach: a.typ, Program: prog})
 	if err != nil {
-		return nil, fmt.Errorf("attaching strict %s to %s: %w", a.typ, a.cgroup, err)
+		return nil, false, fmt.Errorf("attaching strict %s to %s: %w", a.typ, a.cgroup, err)
 	}
-	return l, nil
+	return l, false, nil
 }
 
 // closeStrict closes the strict attachments (detaching them unless a
-// successor holds copies) and objects.
+// successor holds copies, or they are pinned) and objects.
 func (d *Datapath) closeStrict() error {
 	var errs []error
 	for _, typ := range []ebpf.AttachType{ebpf.AttachCGroupInetIngress, ebpf.AttachCGroupSockOps} {

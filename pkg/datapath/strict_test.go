@@ -105,6 +105,7 @@ type strictWorld struct {
 	remoteNode          *testenv.ClusterNode
 	remoteEnd           netip.Addr // the remote node's end of the wire
 	proxyCg             string
+	pinDir              string // set: load pins (on_failure = "closed")
 	port, exempt        uint16
 	mesh, local, remote *testenv.Helper
 }
@@ -142,6 +143,9 @@ func startStrictServer(t *testing.T, cgroup, netnsName string, args ...string) (
 func (w *strictWorld) load(t *testing.T, adopt map[string]*os.File, extra ...string) *Datapath {
 	t.Helper()
 	opts := handoverOpts(ModeSplice, netip.MustParseAddrPort("127.0.0.1:18000"), w.proxyCg)
+	if w.pinDir != "" {
+		opts.PinDir, opts.FailClosed = w.pinDir, true
+	}
 	var d *Datapath
 	if adopt != nil {
 		d = successor(t, opts, adopt)
@@ -274,6 +278,41 @@ func TestStrictLoopbackAndOutbound(t *testing.T) {
 	if c.Loopback < 2 {
 		t.Errorf("strict counters %+v: want >= 2 loopback", c)
 	}
+}
+
+// TestStrictPinned: with on_failure = "closed" a strict workload stays
+// strict while no smeshd runs (the ingress programs and the recorders
+// pinned: smeshd's own sockets still get in), and the next smeshd adopts
+// the pins and can make the workload strict no more.
+func TestStrictPinned(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	w := newStrictWorld(t)
+	w.pinDir = testBPFFS(t)
+	t.Cleanup(func() { RemovePins(w.pinDir) })
+	strictSet := map[string]StrictOptions{w.pod.Cgroup: {ExemptPorts: []uint16{w.exempt}}}
+	a := w.load(t, nil)
+	if err := a.SetStrict(strictSet); err != nil {
+		t.Fatal(err)
+	}
+	a.Commit()
+	ids := strictLinkIDs(t, a)
+	// It dies: the pins stay.
+	if err := a.Release(); err != nil {
+		t.Fatal(err)
+	}
+	w.check(t, true)
+	b := w.load(t, nil)
+	if err := b.SetStrict(strictSet); err != nil {
+		t.Fatal(err)
+	}
+	if got := strictLinkIDs(t, b); !maps.Equal(got, ids) {
+		t.Errorf("strict attachments after the restart %v, want the pinned %v", got, ids)
+	}
+	if err := b.SetStrict(nil); err != nil {
+		t.Fatal(err)
+	}
+	b.Commit()
+	w.check(t, false)
 }
 
 // TestStrictNotEnrolled: only enrolled cgroups can be strict.
