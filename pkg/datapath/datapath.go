@@ -148,6 +148,9 @@ type Datapath struct {
 	strictErr   error
 	strictWant  map[string]StrictOptions
 	strictLinks map[attachment]link.Link
+	// strictPrev are the programs of a running predecessor's strict
+	// links, given back by Close before Commit as prevProgs are.
+	strictPrev map[attachment]ebpf.ProgramID
 }
 
 // Load loads the programs and attaches sk_msg to the sockhash, but attaches
@@ -984,6 +987,7 @@ func (d *Datapath) Commit() {
 	d.commitRemade()
 	d.pins.commit()
 	d.prevProgs, d.prevMsg = nil, 0
+	d.strictPrev = nil
 }
 
 // Close detaches and unloads everything, except a pinned capture after
@@ -999,7 +1003,7 @@ func (d *Datapath) Close() error {
 	d.closeRemade()
 	// The strict ingress programs first: without the recorders they
 	// would drop the mesh's SYNs.
-	errs = append(errs, d.closeStrict())
+	errs = append(errs, d.giveBackStrict(), d.closeStrict())
 	// connect4 and connect6 first, so nothing is captured once the rest
 	// is gone.
 	for _, typ := range slices.Backward(attachOrder) {

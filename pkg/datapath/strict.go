@@ -356,11 +356,14 @@ func (d *Datapath) attachStrict(a attachment, prog *ebpf.Program) (l link.Link, 
 			unix.Close(fd)
 		}
 		var prev ebpf.ProgramID
-		return d.pins.attach(d.pins.strictLinkPath(a.typ, a.id), a.cgroup, a.typ, prog, &prev)
+		l, adopted, err = d.pins.attach(d.pins.strictLinkPath(a.typ, a.id), a.cgroup, a.typ, prog, &prev)
+		d.keepStrictPrev(a, adopted, prev)
+		return l, adopted, err
 	}
 	if fd >= 0 {
-		l, _, err := d.adoptLink(fd, a, prog)
+		l, prev, err := d.adoptLink(fd, a, prog)
 		if err != nil || l != nil {
+			d.keepStrictPrev(a, l != nil, prev)
 			return l, l != nil, err
 		}
 	}
@@ -369,6 +372,42 @@ func (d *Datapath) attachStrict(a attachment, prog *ebpf.Program) (l link.Link, 
 		return nil, false, fmt.Errorf("attaching strict %s to %s: %w", a.typ, a.cgroup, err)
 	}
 	return l, false, nil
+}
+
+// keepStrictPrev remembers the program a running predecessor's strict link
+// ran, for giveBackStrict.
+func (d *Datapath) keepStrictPrev(a attachment, adopted bool, prev ebpf.ProgramID) {
+	if !adopted || !d.handedOver || prev == 0 {
+		return
+	}
+	if d.strictPrev == nil {
+		d.strictPrev = make(map[attachment]ebpf.ProgramID)
+	}
+	d.strictPrev[a] = prev
+}
+
+// giveBackStrict gives the predecessor's programs back to the strict links
+// it handed over, before Commit (see giveBack): recorders first.
+func (d *Datapath) giveBackStrict() error {
+	var errs []error
+	for _, typ := range []ebpf.AttachType{ebpf.AttachCGroupSockOps, ebpf.AttachCGroupInetIngress} {
+		for a, id := range d.strictPrev {
+			l := d.strictLinks[a]
+			if l == nil || a.typ != typ {
+				continue
+			}
+			prog, err := ebpf.NewProgramFromID(id)
+			if err == nil {
+				err = l.Update(prog)
+				prog.Close()
+			}
+			if err != nil {
+				errs = append(errs, fmt.Errorf("giving the strict %s link of %s its program back: %w", a.typ, a.cgroup, err))
+			}
+		}
+	}
+	d.strictPrev = nil
+	return errors.Join(errs...)
 }
 
 // closeStrict closes the strict attachments (detaching them unless a

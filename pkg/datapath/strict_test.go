@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 
 	"github.com/smesh-dev/smesh/pkg/testenv"
@@ -313,6 +314,59 @@ func TestStrictPinned(t *testing.T) {
 	}
 	b.Commit()
 	w.check(t, false)
+}
+
+// TestStrictFailedStartGivesBack: a successor that adopted the strict
+// links and fails before Commit gives the predecessor's programs back.
+func TestStrictFailedStartGivesBack(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	proxyCg, app := testenv.NewCgroup(t), testenv.NewCgroup(t)
+	opts := handoverOpts(ModeSplice, netip.MustParseAddrPort("127.0.0.1:18000"), proxyCg)
+	a := predecessor(t, opts, app)
+	if err := a.SetStrict(map[string]StrictOptions{app: {}}); err != nil {
+		t.Fatal(err)
+	}
+	ids := strictLinkIDs(t, a)
+	files, err := a.Handover()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := successor(t, opts, files)
+	if err := b.SetCapture([]string{app}, opts.IncludeCIDRs, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.SetStrict(map[string]StrictOptions{app: {}}); err != nil {
+		t.Fatal(err)
+	}
+	want := map[ebpf.AttachType]ebpf.ProgramID{
+		ebpf.AttachCGroupInetIngress: progID(t, a.strict.Ingress),
+		ebpf.AttachCGroupSockOps:     progID(t, a.strict.Sockops),
+	}
+	newProgs := map[ebpf.AttachType]ebpf.ProgramID{
+		ebpf.AttachCGroupInetIngress: progID(t, b.strict.Ingress),
+		ebpf.AttachCGroupSockOps:     progID(t, b.strict.Sockops),
+	}
+	for a, l := range b.strictLinks {
+		if info, err := l.Info(); err != nil || info.Program != newProgs[a.typ] {
+			t.Fatalf("adopted strict %s link runs %v, %v; want the successor's %d", a.typ, info, err, newProgs[a.typ])
+		}
+	}
+	if got := strictLinkIDs(t, b); !maps.Equal(got, ids) {
+		t.Fatalf("successor's strict links %v, want the predecessor's %v", got, ids)
+	}
+	links := make(map[attachment]link.Link)
+	for at, l := range a.strictLinks {
+		links[at] = l
+	}
+	if err := b.Close(); err != nil { // no Commit: a failed start
+		t.Fatal(err)
+	}
+	for at, l := range links {
+		info, err := l.Info()
+		if err != nil || info.Program != want[at.typ] {
+			t.Errorf("strict %s link of %s after the failed start runs %v, %v; want the predecessor's %d", at.typ, at.cgroup, info, err, want[at.typ])
+		}
+	}
 }
 
 // TestStrictNotEnrolled: only enrolled cgroups can be strict.
