@@ -17,6 +17,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
 
 	"github.com/smesh-dev/smesh/pkg/testenv"
 )
@@ -58,10 +59,16 @@ func strictServer(args []string) int {
 
 // strictDial dials every address that comes on stdin (2 s timeout) and
 // prints "read LINE" with what the server wrote, "timeout" when the
-// handshake never completed (SYNs dropped), or "error ERR".
+// handshake never completed (SYNs dropped), or "error ERR". "mapped ADDR"
+// dials the IPv4 ADDR from a dual-stack (AF_INET6) socket, as
+// ::ffff:a.b.c.d.
 func strictDial([]string) int {
 	in := bufio.NewScanner(os.Stdin)
 	for in.Scan() {
+		if addr, ok := strings.CutPrefix(in.Text(), "mapped "); ok {
+			fmt.Println(dialMapped(netip.MustParseAddrPort(addr)))
+			continue
+		}
 		c, err := net.DialTimeout("tcp", in.Text(), 2*time.Second)
 		var ne net.Error
 		switch {
@@ -84,10 +91,47 @@ func strictDial([]string) int {
 	return 0
 }
 
+// dialMapped connects an AF_INET6 socket to the v4-mapped form of addr
+// (Go's net package would make it an AF_INET one) and answers as strictDial.
+func dialMapped(addr netip.AddrPort) string {
+	fd, err := unix.Socket(unix.AF_INET6, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return "error " + err.Error()
+	}
+	defer unix.Close(fd)
+	tv := unix.Timeval{Sec: 2}
+	for _, opt := range []int{unix.SO_SNDTIMEO, unix.SO_RCVTIMEO} {
+		if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, opt, &tv); err != nil {
+			return "error " + err.Error()
+		}
+	}
+	// A blocking connect bounded by SO_SNDTIMEO: EINPROGRESS when the
+	// handshake did not complete in time.
+	err = unix.Connect(fd, &unix.SockaddrInet6{Port: int(addr.Port()), Addr: netip.AddrFrom16(addr.Addr().As16()).As16()})
+	switch {
+	case errors.Is(err, unix.EINPROGRESS):
+		return "timeout"
+	case err != nil:
+		return "error " + err.Error()
+	}
+	buf := make([]byte, 64)
+	n, err := unix.Read(fd, buf)
+	if err != nil || n <= 0 {
+		return fmt.Sprintf("error read %d: %v", n, err)
+	}
+	return "read " + strings.TrimSpace(string(buf[:n]))
+}
+
 // dialFrom has the strict-dial helper h dial addr and returns its answer.
 func dialFrom(t *testing.T, h *testenv.Helper, addr netip.AddrPort) string {
 	t.Helper()
-	if err := h.Send(addr.String()); err != nil {
+	return dialLine(t, h, addr.String())
+}
+
+// dialLine sends a strict-dial helper a line and returns its answer.
+func dialLine(t *testing.T, h *testenv.Helper, line string) string {
+	t.Helper()
+	if err := h.Send(line); err != nil {
 		t.Fatal(err)
 	}
 	line, err := h.ReadLine(10 * time.Second)
@@ -195,6 +239,21 @@ func (w *strictWorld) check(t *testing.T, strict bool) {
 			if got := dialFrom(t, c.h, dst); got != c.want {
 				t.Errorf("strict %v: %s dialling %s: %q, want %q", strict, c.who, dst, got, c.want)
 			}
+		}
+	}
+	// A dual-stack client socket names the connection v4-mapped in
+	// sock_ops, as the receiver's IPv4 SYN is keyed.
+	for _, c := range []struct {
+		who  string
+		h    *testenv.Helper
+		want string
+	}{
+		{"smeshd's cgroup", w.mesh, read},
+		{"another node", w.remote, plain},
+	} {
+		dst := netip.AddrPortFrom(w.pod.Addr4, w.port)
+		if got := dialLine(t, c.h, "mapped "+dst.String()); got != c.want {
+			t.Errorf("strict %v: %s dialling %s from an AF_INET6 socket: %q, want %q", strict, c.who, dst, got, c.want)
 		}
 	}
 }
