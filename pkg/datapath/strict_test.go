@@ -61,12 +61,17 @@ func strictServer(args []string) int {
 // prints "read LINE" with what the server wrote, "timeout" when the
 // handshake never completed (SYNs dropped), or "error ERR". "mapped ADDR"
 // dials the IPv4 ADDR from a dual-stack (AF_INET6) socket, as
-// ::ffff:a.b.c.d.
+// ::ffff:a.b.c.d; "dstopts ADDR" dials the IPv6 ADDR with a destination
+// options header (PadN) in front of the TCP header of every packet.
 func strictDial([]string) int {
 	in := bufio.NewScanner(os.Stdin)
 	for in.Scan() {
 		if addr, ok := strings.CutPrefix(in.Text(), "mapped "); ok {
-			fmt.Println(dialMapped(netip.MustParseAddrPort(addr)))
+			fmt.Println(dialRaw(netip.MustParseAddrPort(addr), false))
+			continue
+		}
+		if addr, ok := strings.CutPrefix(in.Text(), "dstopts "); ok {
+			fmt.Println(dialRaw(netip.MustParseAddrPort(addr), true))
 			continue
 		}
 		c, err := net.DialTimeout("tcp", in.Text(), 2*time.Second)
@@ -91,14 +96,22 @@ func strictDial([]string) int {
 	return 0
 }
 
-// dialMapped connects an AF_INET6 socket to the v4-mapped form of addr
-// (Go's net package would make it an AF_INET one) and answers as strictDial.
-func dialMapped(addr netip.AddrPort) string {
+// dialRaw connects an AF_INET6 socket to addr (an IPv4 one v4-mapped: Go's
+// net package would make it an AF_INET socket), with a destination options
+// header on its packets if dstopts, and answers as strictDial.
+func dialRaw(addr netip.AddrPort, dstopts bool) string {
 	fd, err := unix.Socket(unix.AF_INET6, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return "error " + err.Error()
 	}
 	defer unix.Close(fd)
+	if dstopts {
+		// Next header (the kernel's), length 0 (8 bytes), PadN of 4.
+		opts := string([]byte{0, 0, 1, 4, 0, 0, 0, 0})
+		if err := unix.SetsockoptString(fd, unix.IPPROTO_IPV6, unix.IPV6_DSTOPTS, opts); err != nil {
+			return "error " + err.Error()
+		}
+	}
 	tv := unix.Timeval{Sec: 2}
 	for _, opt := range []int{unix.SO_SNDTIMEO, unix.SO_RCVTIMEO} {
 		if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, opt, &tv); err != nil {
@@ -254,6 +267,12 @@ func (w *strictWorld) check(t *testing.T, strict bool) {
 		dst := netip.AddrPortFrom(w.pod.Addr4, w.port)
 		if got := dialLine(t, c.h, "mapped "+dst.String()); got != c.want {
 			t.Errorf("strict %v: %s dialling %s from an AF_INET6 socket: %q, want %q", strict, c.who, dst, got, c.want)
+		}
+		// The ingress program walks IPv6 extension headers to the TCP
+		// one.
+		dst = netip.AddrPortFrom(w.pod.Addr6, w.port)
+		if got := dialLine(t, c.h, "dstopts "+dst.String()); got != c.want {
+			t.Errorf("strict %v: %s dialling %s with a destination options header: %q, want %q", strict, c.who, dst, got, c.want)
 		}
 	}
 }
