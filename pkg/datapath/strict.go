@@ -51,7 +51,9 @@ func strictLinkName(typ ebpf.AttachType, cgroupID uint64) string {
 // strictMapNames are the maps the strict object adds to the shared ones.
 var strictMapNames = []string{"smesh_mesh_syn", "smesh_strict", "smesh_strict_counters"}
 
-// strictObjects are the programs and own maps of bpf/strict.
+// strictObjects are the programs and own maps of bpf/strict. (bpf2go's
+// StrictObjects would also hold every map smesh.h declares, which the
+// strict object only borrows.)
 type strictObjects struct {
 	Ingress  *ebpf.Program `ebpf:"smesh_strict_ingress"`
 	Sockops  *ebpf.Program `ebpf:"smesh_strict_sockops"`
