@@ -449,6 +449,16 @@ func (d *Datapath) handoverStrict(out map[string]*os.File) error {
 	return nil
 }
 
+// StrictAvailable says why strict inbound cannot work with this kernel
+// (bpf/strict did not load; the rest of the data path works), nil if it can:
+// for `smeshd check` and for refusing a configuration that asks for it.
+func (d *Datapath) StrictAvailable() error {
+	if d.strict == nil && d.strictErr == nil {
+		return errors.New("strict inbound: the data path is not loaded")
+	}
+	return d.strictErr
+}
+
 // StrictCounters are what the strict ingress programs counted, since the
 // maps were made (carried across restarts).
 type StrictCounters struct {

@@ -452,6 +452,9 @@ func TestStrictNotEnrolled(t *testing.T) {
 	testenv.RequirePrivileged(t)
 	proxyCg, other := testenv.NewCgroup(t), testenv.NewCgroup(t)
 	d := predecessor(t, handoverOpts(ModeSplice, netip.MustParseAddrPort("127.0.0.1:18000"), proxyCg), testenv.NewCgroup(t))
+	if err := d.StrictAvailable(); err != nil {
+		t.Fatalf("strict inbound unavailable on this kernel: %v", err)
+	}
 	if err := d.SetStrict(map[string]StrictOptions{other: {}}); err == nil || !strings.Contains(err.Error(), "not enrolled") {
 		t.Fatalf("SetStrict of a cgroup not enrolled: %v, want not enrolled", err)
 	}
