@@ -142,6 +142,19 @@ type Datapath struct {
 	// (or the pinned ones) had another layout, with the old ones, kept
 	// until Commit (migrate.go).
 	remade map[string]*remade
+
+	// enrolled are the cgroups of the last SetCapture, with their ids.
+	enrolled map[string]uint64
+	// strict is bpf/strict (strict.go), nil where the kernel cannot load
+	// it (strictErr says why); strictWant the last SetStrict, strictLinks
+	// its attachments.
+	strict      *strictObjects
+	strictErr   error
+	strictWant  map[string]StrictOptions
+	strictLinks map[attachment]link.Link
+	// strictPrev are the programs of a running predecessor's strict
+	// links, given back by Close before Commit as prevProgs are.
+	strictPrev map[attachment]ebpf.ProgramID
 }
 
 // Load loads the programs and attaches sk_msg to the sockhash, but attaches
@@ -319,6 +332,12 @@ func (d *Datapath) load(opts Options, proxyCgroupID uint64) error {
 		return err
 	}
 	d.mapNames = slices.Compact(slices.Sorted(slices.Values(slices.Concat(specMapNames(spec), specMapNames(cspec)))))
+	if err := d.loadStrict(shared); err != nil {
+		return err
+	}
+	if d.strict != nil {
+		d.mapNames = slices.Compact(slices.Sorted(slices.Values(slices.Concat(d.mapNames, strictMapNames))))
+	}
 
 	// Copy mode attaches no sk_msg program, so none is loaded: where the
 	// kernel cannot load the bounded one (Linux 6.1: no kfuncs), loading
@@ -679,6 +698,20 @@ func (d *Datapath) SetCapture(cgroupPaths []string, include, exclude []netip.Pre
 		return err
 	}
 	d.rules = &captureRules{slices.Clone(include), slices.Clone(exclude), slices.Clone(ports)}
+	d.enrolled = make(map[string]uint64, len(cgroupPaths))
+	for i, cg := range cgroupPaths {
+		d.enrolled[cg] = ids[i]
+	}
+	// The strict recorders follow the enrolled cgroups; a cgroup no
+	// longer enrolled is no longer strict. Failing here leaves mesh SYNs
+	// of a newly enrolled cgroup unrecorded (dropped at a strict peer:
+	// closed, not open). Not before the first SetStrict: a successor's
+	// adopted smesh_strict serves the predecessor's programs until then.
+	if d.strictWant != nil {
+		if err := d.syncStrict(d.strictWant); err != nil {
+			d.log.Error().Err(err).Msg("keeping strict inbound in line with the enrolled cgroups")
+		}
+	}
 
 	// The new capture is in force. Detaching what it no longer needs does
 	// not fail short of a kernel error; should it, the attachment stays
@@ -961,6 +994,7 @@ func (d *Datapath) Commit() {
 	d.commitRemade()
 	d.pins.commit()
 	d.prevProgs, d.prevMsg = nil, 0
+	d.strictPrev = nil
 }
 
 // Close detaches and unloads everything, except a pinned capture after
@@ -974,6 +1008,9 @@ func (d *Datapath) Close() error {
 	var errs []error
 	errs = append(errs, d.giveBack())
 	d.closeRemade()
+	// The strict ingress programs first: without the recorders they
+	// would drop the mesh's SYNs.
+	errs = append(errs, d.giveBackStrict(), d.closeStrict())
 	// connect4 and connect6 first, so nothing is captured once the rest
 	// is gone.
 	for _, typ := range slices.Backward(attachOrder) {

@@ -75,6 +75,9 @@ func (d *Datapath) Handover() (_ map[string]*os.File, err error) {
 			return nil, err
 		}
 	}
+	if err := d.handoverStrict(out); err != nil {
+		return nil, err
+	}
 	if d.pins != nil {
 		if out[lockName], err = dupFile(int(d.pins.lock.Fd()), lockName); err != nil {
 			return nil, err
@@ -167,6 +170,9 @@ func (d *Datapath) maps() map[string]*ebpf.Map {
 	out := make(map[string]*ebpf.Map)
 	objectMaps(reflect.ValueOf(&d.sockops).Elem(), out)
 	objectMaps(reflect.ValueOf(&d.connect).Elem(), out)
+	if d.strict != nil {
+		objectMaps(reflect.ValueOf(d.strict).Elem(), out)
+	}
 	return out
 }
 
@@ -338,6 +344,8 @@ func (d *Datapath) Release() error {
 		}
 	}
 	d.links = nil
+	// Closing our copies: the successor's keep them attached.
+	errs = append(errs, d.closeStrict())
 	d.closeRemade()
 	if d.events != nil {
 		d.events.Close()

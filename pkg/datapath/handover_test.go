@@ -21,6 +21,7 @@ import (
 	"github.com/smesh-dev/smesh/bpf/connect"
 	"github.com/smesh-dev/smesh/bpf/skmsg"
 	"github.com/smesh-dev/smesh/bpf/sockops"
+	"github.com/smesh-dev/smesh/bpf/strict"
 	"github.com/smesh-dev/smesh/pkg/testenv"
 )
 
@@ -496,6 +497,9 @@ func TestHandoverNamesEverything(t *testing.T) {
 	if err := d.SetCapture([]string{app}, opts.IncludeCIDRs, nil, nil); err != nil {
 		t.Fatal(err)
 	}
+	if err := d.SetStrict(map[string]StrictOptions{app: {}}); err != nil {
+		t.Fatal(err)
+	}
 	files, err := d.Handover()
 	if err != nil {
 		t.Fatal(err)
@@ -504,7 +508,7 @@ func TestHandoverNamesEverything(t *testing.T) {
 
 	want := make(map[string]bool)
 	var specMaps []string
-	for _, load := range []func() (*ebpf.CollectionSpec, error){sockops.LoadSockops, connect.LoadConnect, skmsg.LoadSkmsg} {
+	for _, load := range []func() (*ebpf.CollectionSpec, error){sockops.LoadSockops, connect.LoadConnect, skmsg.LoadSkmsg, strict.LoadStrict} {
 		spec, err := load()
 		if err != nil {
 			t.Fatal(err)
@@ -521,6 +525,12 @@ func TestHandoverNamesEverything(t *testing.T) {
 	}
 	for a := range d.links {
 		want[linkHandoverName(a.typ, a.id)] = true
+	}
+	if len(d.strictLinks) != 3 { // proxy, app: strict sock_ops; app: ingress
+		t.Errorf("%d strict attachments, want 3", len(d.strictLinks))
+	}
+	for a := range d.strictLinks {
+		want[strictLinkName(a.typ, a.id)] = true
 	}
 	want[lockName] = false // not pinned
 	for name, w := range want {
@@ -556,6 +566,13 @@ func TestHandoverNamesEverything(t *testing.T) {
 		}
 	}
 	linkIDsByName, _ := linkIDs(t, d)
+	for a, l := range d.strictLinks {
+		info, err := l.Info()
+		if err != nil {
+			t.Fatal(err)
+		}
+		linkIDsByName[strictLinkName(a.typ, a.id)] = info.ID
+	}
 	for name, want := range linkIDsByName {
 		fd, err := unix.Dup(int(files[name].Fd()))
 		if err != nil {

@@ -25,6 +25,8 @@ func TestMain(m *testing.M) {
 		"connect-hold":  connectHold,
 		"origdst-proxy": origDstProxy,
 		"dial-report":   dialReport,
+		"strict-server": strictServer,
+		"strict-dial":   strictDial,
 	}
 	maps.Copy(helpers, identityHelpers)
 	testenv.RunHelpers(helpers)

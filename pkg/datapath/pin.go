@@ -27,7 +27,12 @@ import (
 // run's capture, adopted or not, stays).
 
 // linkPrefix starts the names of pinned links; maps keep their own names.
-const linkPrefix = "link_"
+// strictPinPrefix starts those of the strict attachments (strict.go), which
+// SetStrict keeps, not SetCapture.
+const (
+	linkPrefix      = "link_"
+	strictPinPrefix = linkPrefix + "strict_"
+)
 
 // pins is an open, locked pin directory.
 type pins struct {
@@ -220,7 +225,8 @@ func (p *pins) attach(path, cgroup string, typ ebpf.AttachType, prog *ebpf.Progr
 	return l, false, nil
 }
 
-// pruneLinks detaches pinned links that are not in keep: cgroups no longer
+// pruneLinks detaches pinned links that are not in keep (strict ones
+// aside: pruneStrictLinks): cgroups no longer
 // enrolled, or smeshd's own cgroup of an earlier run.
 func (p *pins) pruneLinks(keep map[string]bool) error {
 	ents, err := os.ReadDir(p.dir)
@@ -230,10 +236,36 @@ func (p *pins) pruneLinks(keep map[string]bool) error {
 	var errs []error
 	for _, e := range ents {
 		path := filepath.Join(p.dir, e.Name())
-		if !strings.HasPrefix(e.Name(), linkPrefix) || keep[path] {
+		if !strings.HasPrefix(e.Name(), linkPrefix) || strings.HasPrefix(e.Name(), strictPinPrefix) || keep[path] {
 			continue
 		}
 		errs = append(errs, unpinLink(path))
+	}
+	return errors.Join(errs...)
+}
+
+// strictLinkPath names the pin of a strict attachment: link_strict_ingress_ID
+// or link_strict_sockops_ID.
+func (p *pins) strictLinkPath(typ ebpf.AttachType, cgroupID uint64) string {
+	kind := "sockops"
+	if typ == ebpf.AttachCGroupInetIngress {
+		kind = "ingress"
+	}
+	return filepath.Join(p.dir, fmt.Sprintf("%s%s_%d", strictPinPrefix, kind, cgroupID))
+}
+
+// pruneStrictLinks detaches the pinned strict links not in keep.
+func (p *pins) pruneStrictLinks(keep map[string]bool) error {
+	ents, err := os.ReadDir(p.dir)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, e := range ents {
+		path := filepath.Join(p.dir, e.Name())
+		if strings.HasPrefix(e.Name(), strictPinPrefix) && !keep[path] {
+			errs = append(errs, unpinLink(path))
+		}
 	}
 	return errors.Join(errs...)
 }
