@@ -46,6 +46,8 @@ func AgentMain(args []string) int {
 		err = agentClient(args[1:])
 	case "hold":
 		err = agentHold(args[1:])
+	case "probe":
+		agentProbe(args[1])
 	case "pause":
 		// An idle pod's only process: it waits until told to stop.
 		stop := make(chan os.Signal, 1)
@@ -269,6 +271,26 @@ func runConnRate(addr string, d time.Duration) (Sample, error) {
 		c.Close()
 	}
 	return Sample{Seconds: time.Since(start).Seconds(), Count: count, Verified: verified}, nil
+}
+
+// agentProbe connects to addr, asks for one byte and prints "allowed" when
+// it comes, else "refused: " and what happened instead: a same-node connect
+// that policy denies fails (ECONNREFUSED); a tunnelled one is accepted by
+// the local smeshd and closed when the receiving node refuses it.
+func agentProbe(addr string) {
+	c, err := dialBench(addr, cmdConn)
+	if err != nil {
+		fmt.Println("refused:", err)
+		return
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	var b [1]byte
+	if _, err := io.ReadFull(c, b[:]); err != nil {
+		fmt.Println("refused:", err)
+		return
+	}
+	fmt.Println("allowed")
 }
 
 // agentHold opens N connections, says "held", and keeps them until its

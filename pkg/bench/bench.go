@@ -24,7 +24,9 @@ import (
 // baseline), cross-node (veth is the baseline), pod to pod on one node
 // (bridge is the baseline) and pod to a ClusterIP backed by the other pod
 // (bridge-svc, kube-proxy's DNAT, is the baseline).
-var allModes = []string{"direct", "copy", "splice", "veth", "tunnel", "bridge", "pods", "bridge-svc", "pods-svc"}
+// A policy mode follows its base: the same world with PolicyRules rules in
+// force.
+var allModes = []string{"direct", "copy", "splice", "veth", "tunnel", "tunnel-policy", "bridge", "pods", "pods-policy", "bridge-svc", "pods-svc"}
 
 // baseline is the mode a mode's ratios are relative to.
 func baseline(mode string) string {
@@ -49,8 +51,18 @@ type Options struct {
 	// every pod mode, not only bridge-svc's, as on a cluster where smesh
 	// runs beside kube-proxy: conntrack then sees every bridged packet.
 	KubeProxy bool
-	JSON      string // write the report here too
-	SVG       string // and a chart here
+	// PolicyRules > 0 adds the policy modes (pods-policy, tunnel-policy)
+	// and their bases (pods, tunnel): the same worlds, every workload
+	// with an identity, the policy modes with PolicyRules [[policy]]
+	// rules selecting the server (PolicyRules), the first allowing the
+	// client. The report then also says what the rules cost.
+	PolicyRules int
+	// PolicyDenyClient makes the first rule deny the client: the run
+	// only checks that the client's own connections are refused in every
+	// policy mode, and measures nothing.
+	PolicyDenyClient bool
+	JSON             string // write the report here too
+	SVG              string // and a chart here
 	// Exe is the smeshd binary whose agents and daemon are measured.
 	Exe string
 	// Progress hears what the bench is doing: on a terminal one line,
@@ -92,7 +104,7 @@ func Run(ctx context.Context, opts Options, out io.Writer) (*Report, error) {
 	defer prog.done() // also when a step fails: the error starts a clean line
 	for _, m := range modes {
 		prog.update("setting up namespaces, cgroups and smeshd", m)
-		e, err := newModeEnv(ctx, opts.Exe, m, opts.KubeProxy)
+		e, err := newModeEnv(ctx, opts.Exe, m, opts)
 		if err != nil {
 			return nil, err
 		}
@@ -100,6 +112,17 @@ func Run(ctx context.Context, opts Options, out io.Writer) (*Report, error) {
 	}
 
 	rep := &Report{Machine: machineInfo(), Duration: opts.Duration.String(), Rounds: opts.Rounds}
+	if opts.PolicyRules > 0 {
+		prog.update("checking the rules are in force", "probes")
+		if rep.Policy, err = checkPolicy(ctx, opts, envs); err != nil {
+			return rep, err
+		}
+		if opts.PolicyDenyClient {
+			prog.done()
+			rep.writePolicyProbes(out)
+			return rep, nil
+		}
+	}
 	acc := make(map[string]*modeSamples)
 	for _, m := range modes {
 		acc[m] = &modeSamples{}
@@ -127,13 +150,14 @@ func Run(ctx context.Context, opts Options, out io.Writer) (*Report, error) {
 		}
 		rep.Results = append(rep.Results, r)
 	}
+	rep.policyRatios()
 	if opts.Conns > 0 {
 		for _, m := range modes {
 			prog.update(fmt.Sprintf("holding %d connections per mode", opts.Conns), m)
 			// Every held connection is a descriptor in the client and the
 			// server, and two in a smeshd that relays it (copy, tunnel).
 			need := uint64(opts.Conns) + 64
-			if m == "copy" || m == "tunnel" {
+			if m == "copy" || m == "tunnel" || m == "tunnel-policy" {
 				need = 2*uint64(opts.Conns) + 64
 			}
 			if need > fdLimit {

@@ -96,11 +96,15 @@ type modeEnv struct {
 	// smeshdConf is added to the configuration of the mode's smeshd
 	// (the service modes' [[services]]).
 	smeshdConf string
-	made       []string // every cgroup made, removed by close
-	smeshds    []*proc
-	srv        *proc
-	cluster    *sandbox.ClusterNode // of the pod modes
-	pauses     []*proc              // the pods' pause processes (pods mode)
+	// intruder is a cgroup beside the client's, in its network
+	// namespace, whose identity the policy modes' rules do not allow:
+	// its probe shows they are in force ("" outside the policy worlds).
+	intruder string
+	made     []string // every cgroup made, removed by close
+	smeshds  []*proc
+	srv      *proc
+	cluster  *sandbox.ClusterNode // of the pod modes
+	pauses   []*proc              // the pods' pause processes (pods mode)
 }
 
 type benchNode struct {
@@ -110,10 +114,14 @@ type benchNode struct {
 }
 
 // crossNode says whether a mode runs between two nodes.
-func crossNode(mode string) bool { return mode == "veth" || mode == "tunnel" }
+func crossNode(mode string) bool {
+	return mode == "veth" || mode == "tunnel" || mode == "tunnel-policy"
+}
 
 // podMode says whether a mode runs between two pods on one node's bridge.
-func podMode(mode string) bool { return mode == "bridge" || mode == "pods" || serviceMode(mode) }
+func podMode(mode string) bool {
+	return mode == "bridge" || mode == "pods" || mode == "pods-policy" || serviceMode(mode)
+}
 
 // serviceMode says whether the client of a pod mode connects to a
 // ClusterIP in front of the server pod rather than to the pod itself.
@@ -129,7 +137,15 @@ var serviceVIP = netip.MustParseAddrPort("198.19.255.10:80")
 // smeshd serves as many namespaces as a busy Kubernetes node has pods.
 const IdlePods = 100
 
-func newModeEnv(ctx context.Context, exe, mode string, kubeProxy bool) (_ *modeEnv, err error) {
+// identities says whether a mode's workloads get identities: the policy
+// modes' and, in a run that has them, their bases', so that the rules are
+// all that differs between the two.
+func identities(mode string, opts Options) bool {
+	return opts.PolicyRules > 0 && (policyMode(mode) || mode == "pods" || mode == "tunnel")
+}
+
+func newModeEnv(ctx context.Context, exe, mode string, opts Options) (_ *modeEnv, err error) {
+	kubeProxy := opts.KubeProxy
 	e := &modeEnv{mode: mode, serverAddr: serverAddr}
 	defer func() {
 		if err != nil {
@@ -144,7 +160,7 @@ func newModeEnv(ctx context.Context, exe, mode string, kubeProxy bool) (_ *modeE
 		return nil, err
 	}
 	if podMode(mode) {
-		if err := e.setUpPods(ctx, exe, base, kubeProxy); err != nil {
+		if err := e.setUpPods(ctx, exe, base, kubeProxy, opts); err != nil {
 			return nil, err
 		}
 		return e, nil
@@ -159,11 +175,11 @@ func newModeEnv(ctx context.Context, exe, mode string, kubeProxy bool) (_ *modeE
 		}
 	}
 	client, server := e.nodes[0], e.nodes[len(e.nodes)-1]
+	// A /24 of 198.18.0.0/15 (reserved for benchmarks) per bench run.
+	subnet := 100 + os.Getpid()%150
+	a := netip.MustParsePrefix(fmt.Sprintf("198.18.%d.1/24", subnet))
+	b := netip.MustParsePrefix(fmt.Sprintf("198.18.%d.2/24", subnet))
 	if crossNode(mode) {
-		// A /24 of 198.18.0.0/15 (reserved for benchmarks) per bench run.
-		subnet := 100 + os.Getpid()%150
-		a := netip.MustParsePrefix(fmt.Sprintf("198.18.%d.1/24", subnet))
-		b := netip.MustParsePrefix(fmt.Sprintf("198.18.%d.2/24", subnet))
 		if err := sandbox.Veth(client.ns, server.ns, "eth0", "eth0", a, b); err != nil {
 			return nil, fmt.Errorf("linking the bench nodes: %w", err)
 		}
@@ -178,13 +194,31 @@ func newModeEnv(ctx context.Context, exe, mode string, kubeProxy bool) (_ *modeE
 	switch mode {
 	case "copy", "splice":
 		err = e.startSmeshd(ctx, exe, client, "smeshd", mode, e.client, e.server)
-	case "tunnel":
+	case "tunnel", "tunnel-policy":
 		// Both ends splice their local hop; the bytes between the nodes
 		// cross the mTLS tunnel.
 		if _, err = certs.Init(filepath.Join(e.dir, "tls"), []string{"a", "b"}, certs.DefaultTrustDomain); err != nil {
 			return nil, err
 		}
-		if err = e.startSmeshd(ctx, exe, client, "a", "splice", e.client); err == nil {
+		enrolled := []string{e.client}
+		var confB string
+		if identities(mode, opts) {
+			if e.intruder, err = e.cgroup("intruder"); err != nil {
+				return nil, err
+			}
+			enrolled = append(enrolled, e.intruder)
+			e.smeshdConf = workloadConf(e.client, clientIdentity) + workloadConf(e.intruder, intruderIdentity)
+			// The receiving node takes the client's identity from the
+			// tunnel header only if node a may speak for it.
+			confB = workloadConf(e.server, serverIdentity) + fmt.Sprintf(
+				"[[tunnel.tls.peers]]\ncidrs = [%q]\nidentities = [%q]\nworkloads = [%q]\n\n",
+				netip.PrefixFrom(a.Addr(), 32), "spiffe://"+certs.DefaultTrustDomain+"/node/a", "spiffe://"+certs.DefaultTrustDomain+"/ns/bench/")
+			if policyMode(mode) {
+				confB += PolicyRules(opts.PolicyRules, opts.PolicyDenyClient)
+			}
+		}
+		if err = e.startSmeshd(ctx, exe, client, "a", "splice", enrolled...); err == nil {
+			e.smeshdConf = confB
 			err = e.startSmeshd(ctx, exe, server, "b", "splice", e.server)
 		}
 	}
@@ -464,7 +498,7 @@ func (e *modeEnv) close() error {
 // through kube-proxy's DNAT on the node (kubeProxyRules), "pods-svc"
 // translated by smesh in connect4 (a [[services]] entry). kubeProxy puts
 // kube-proxy's rules on the node of the other pod modes too.
-func (e *modeEnv) setUpPods(ctx context.Context, exe, base string, kubeProxy bool) (err error) {
+func (e *modeEnv) setUpPods(ctx context.Context, exe, base string, kubeProxy bool, opts Options) (err error) {
 	// A /24 of 198.18.0.0/15 (reserved for benchmarks) per run and mode,
 	// apart from the cross-node modes' (100-249).
 	subnet := 250 + os.Getpid()%250
@@ -475,6 +509,8 @@ func (e *modeEnv) setUpPods(ctx context.Context, exe, base string, kubeProxy boo
 		subnet = (subnet + 2) % 512
 	case "pods-svc":
 		subnet = (subnet + 3) % 512
+	case "pods-policy":
+		subnet = (subnet + 4) % 512
 	}
 	v4 := netip.PrefixFrom(netip.AddrFrom4([4]byte{198, 18 + byte(subnet/256), byte(subnet % 256), 0}), 24)
 	v6 := netip.MustParsePrefix(fmt.Sprintf("fd00:5e:be:%x::/64", subnet))
@@ -515,7 +551,21 @@ func (e *modeEnv) setUpPods(ctx context.Context, exe, base string, kubeProxy boo
 			return err
 		}
 	}
-	if e.mode == "pods" || e.mode == "pods-svc" {
+	if identities(e.mode, opts) {
+		// The intruder lives in the client's pod, in a cgroup of its own;
+		// the server's pod keeps one identity, so that smeshd knows its
+		// address as the server workload's (docs/identity.md 5.2).
+		e.intruder = filepath.Join(parent, "intruder")
+		if err := os.Mkdir(e.intruder, 0o755); err != nil {
+			return fmt.Errorf("creating cgroup: %w", err)
+		}
+		e.smeshdConf += workloadConf(e.client, clientIdentity) + workloadConf(e.server, serverIdentity) +
+			workloadConf(e.intruder, intruderIdentity)
+		if policyMode(e.mode) {
+			e.smeshdConf += PolicyRules(opts.PolicyRules, opts.PolicyDenyClient)
+		}
+	}
+	if e.mode == "pods" || e.mode == "pods-svc" || e.mode == "pods-policy" {
 		for i := range IdlePods {
 			p, err := e.cluster.AddPod(fmt.Sprintf("%s-idle%d", base, i), filepath.Join(parent, fmt.Sprintf("idle%d", i)))
 			if err != nil {
@@ -539,6 +589,43 @@ func (e *modeEnv) setUpPods(ctx context.Context, exe, base string, kubeProxy boo
 		}
 	}
 	return e.startServer(exe, e.nodes[1])
+}
+
+// workloadConf is a [[capture.workloads]] table naming cgroup's identity.
+func workloadConf(cgroup, id string) string {
+	return fmt.Sprintf("[[capture.workloads]]\ncgroup = %q\nidentity = %q\n\n", cgroup, id)
+}
+
+// probe connects from cgroup (in the client's network namespace) to the
+// server, asks for one byte and says what it met: "allowed", or "refused:"
+// and why.
+func (e *modeEnv) probe(ctx context.Context, exe, cgroup string) (string, error) {
+	var out bytes.Buffer
+	cmd := exec.CommandContext(ctx, exe, "bench-agent", "probe", e.dialAddr)
+	cmd.Stdout = &out
+	p, err := startProc("bench probe", cmd, cgroup, e.nodes[0].name)
+	if err != nil {
+		return "", err
+	}
+	<-p.done
+	if p.err != nil {
+		return "", fmt.Errorf("%s: %w", e.mode, p.failed())
+	}
+	return strings.TrimSpace(out.String()), nil
+}
+
+// probeRefused probes from cgroup until the probe is refused or a few
+// seconds passed (a policy is applied to new connections within a
+// second), and returns the last result.
+func (e *modeEnv) probeRefused(ctx context.Context, exe, cgroup string) (string, error) {
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		r, err := e.probe(ctx, exe, cgroup)
+		if err != nil || strings.HasPrefix(r, "refused") || time.Now().After(deadline) {
+			return r, err
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
 }
 
 // kubeProxyRules writes, in the node's network namespace, the nftables

@@ -1,7 +1,10 @@
 package bench
 
 import (
+	"context"
+	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -139,4 +142,99 @@ func DecideCost(rules string) (time.Duration, policy.Verdict, error) {
 	}
 	slices.Sort(per)
 	return time.Duration(per[len(per)/2]), v, nil
+}
+
+// PolicyReport is what the rules cost: each policy mode against its base,
+// and the decision itself in this process.
+type PolicyReport struct {
+	Rules int `json:"rules"`
+	// DecideP50ns is the median time of one Set.Decide for the client's
+	// connection with Rules rules compiled; DecideNoneP50ns without any.
+	DecideP50ns     float64      `json:"decide_p50_ns"`
+	DecideNoneP50ns float64      `json:"decide_none_p50_ns"`
+	Pairs           []PolicyPair `json:"pairs"`
+}
+
+// PolicyPair is a policy mode against its base from the same run: ratios
+// policy/none of the medians, and the probes that showed the rules in force.
+type PolicyPair struct {
+	Mode string `json:"mode"`
+	Base string `json:"base"`
+	// IntruderProbe is what a connection from the intruder met with the
+	// rules in force ("refused: ..."), BaseIntruderProbe without them
+	// ("allowed"); ClientProbe the client's ("allowed"; with
+	// PolicyDenyClient "refused: ...").
+	IntruderProbe     string  `json:"intruder_probe,omitempty"`
+	BaseIntruderProbe string  `json:"base_intruder_probe,omitempty"`
+	ClientProbe       string  `json:"client_probe"`
+	ThroughputRatio   float64 `json:"throughput_ratio,omitempty"`
+	RRP50Ratio        float64 `json:"rr_p50_ratio,omitempty"`
+	RRP99Ratio        float64 `json:"rr_p99_ratio,omitempty"`
+	ConnRatio         float64 `json:"conn_per_s_ratio,omitempty"`
+	// ConnAddedUs is what the rules add to one connection (connect, one
+	// request, close) of the connection-rate workload: 1/rate with
+	// rules minus 1/rate without, in microseconds.
+	ConnAddedUs float64 `json:"conn_added_us"`
+}
+
+// checkPolicy times the decision and shows, in every policy mode, that the
+// rules are in force before anything is measured: the intruder's probe is
+// refused with them and allowed without them (in the base mode), the
+// client's allowed (with PolicyDenyClient: the client's refused). A probe
+// that says otherwise stops the run: figures "with rules" that no rule
+// touched would be worse than none.
+func checkPolicy(ctx context.Context, opts Options, envs map[string]*modeEnv) (*PolicyReport, error) {
+	rules := PolicyRules(opts.PolicyRules, opts.PolicyDenyClient)
+	rep := &PolicyReport{Rules: opts.PolicyRules}
+	d, v, err := DecideCost(rules)
+	if err != nil {
+		return nil, fmt.Errorf("compiling the bench's rules: %w", err)
+	}
+	if v.Allow == opts.PolicyDenyClient {
+		return nil, fmt.Errorf("the bench's rules decide %+v for the client", v)
+	}
+	none, _, err := DecideCost("")
+	if err != nil {
+		return nil, err
+	}
+	rep.DecideP50ns, rep.DecideNoneP50ns = float64(d.Nanoseconds()), float64(none.Nanoseconds())
+	var failed []error
+	for _, m := range orderedModes(slices.Collect(maps.Keys(envs))) {
+		if !policyMode(m) {
+			continue
+		}
+		e := envs[m]
+		p := PolicyPair{Mode: m, Base: policyBase(m)}
+		if opts.PolicyDenyClient {
+			if p.ClientProbe, err = e.probeRefused(ctx, opts.Exe, e.client); err != nil {
+				return rep, err
+			}
+			rep.Pairs = append(rep.Pairs, p)
+			if !strings.HasPrefix(p.ClientProbe, "refused") {
+				failed = append(failed, fmt.Errorf("mode %s: with rules denying the client, its connection was %q: the rules are not in force", m, p.ClientProbe))
+			}
+			continue
+		}
+		if p.IntruderProbe, err = e.probeRefused(ctx, opts.Exe, e.intruder); err != nil {
+			return rep, err
+		}
+		if p.ClientProbe, err = e.probe(ctx, opts.Exe, e.client); err != nil {
+			return rep, err
+		}
+		if b := envs[p.Base]; b != nil {
+			if p.BaseIntruderProbe, err = b.probe(ctx, opts.Exe, b.intruder); err != nil {
+				return rep, err
+			}
+		}
+		rep.Pairs = append(rep.Pairs, p)
+		switch {
+		case !strings.HasPrefix(p.IntruderProbe, "refused"):
+			failed = append(failed, fmt.Errorf("mode %s: the rules are not in force (a connection from %s, which they deny, was %q): no policy figures", m, intruderIdentity, p.IntruderProbe))
+		case p.ClientProbe != "allowed":
+			failed = append(failed, fmt.Errorf("mode %s: the rules allow the client, yet its connection was %q", m, p.ClientProbe))
+		case p.BaseIntruderProbe != "" && p.BaseIntruderProbe != "allowed":
+			failed = append(failed, fmt.Errorf("mode %s: without rules the intruder's connection was %q too, so its refusal shows nothing", p.Base, p.BaseIntruderProbe))
+		}
+	}
+	return rep, errors.Join(failed...)
 }

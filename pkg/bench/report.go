@@ -19,6 +19,8 @@ type Report struct {
 	Rounds   int      `json:"rounds"`
 	Results  []Result `json:"results"`
 	Held     []Held   `json:"held,omitempty"`
+	// Policy is what N [[policy]] rules cost (smeshd bench --policy-rules).
+	Policy *PolicyReport `json:"policy,omitempty"`
 }
 
 // Machine says where the numbers come from.
@@ -164,6 +166,68 @@ func (r *Report) WriteTable(w io.Writer) {
 		}
 		tw.Flush()
 	}
+	if r.Policy != nil && len(r.Policy.Pairs) > 0 {
+		r.writePolicy(w)
+	}
+}
+
+// policyRatios fills the policy pairs' ratios from the results.
+func (r *Report) policyRatios() {
+	if r.Policy == nil {
+		return
+	}
+	for i := range r.Policy.Pairs {
+		p := &r.Policy.Pairs[i]
+		x, ok1 := r.result(p.Mode)
+		b, ok2 := r.result(p.Base)
+		if !ok1 || !ok2 {
+			continue
+		}
+		div := func(v, base float64) float64 {
+			if base == 0 {
+				return 0
+			}
+			return v / base
+		}
+		p.ThroughputRatio = div(x.ThroughputGbps, b.ThroughputGbps)
+		p.RRP50Ratio = div(x.RRP50us, b.RRP50us)
+		p.RRP99Ratio = div(x.RRP99us, b.RRP99us)
+		p.ConnRatio = div(x.ConnPerSec, b.ConnPerSec)
+		if x.ConnPerSec > 0 && b.ConnPerSec > 0 {
+			p.ConnAddedUs = 1e6/x.ConnPerSec - 1e6/b.ConnPerSec
+		}
+	}
+}
+
+// writePolicy prints the policy section: each policy mode's ratios to its
+// base (policy/none), the probes, and the decision's cost in this process.
+func (r *Report) writePolicy(w io.Writer) {
+	p := r.Policy
+	fmt.Fprintf(w, "\npolicy: %d [[policy]] rules in force, selecting the server, the first allowing the client; ratios with rules / without, same run\n", p.Rules)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "mode\tvs\tthroughput\trr p50\trr p99\tconn/s\tadded per conn us\tintruder probe\t")
+	for _, x := range p.Pairs {
+		fmt.Fprintf(tw, "%s\t%s\t%.3fx\t%.3fx\t%.3fx\t%.3fx\t%+.1f\t%s\t\n", x.Mode, x.Base,
+			x.ThroughputRatio, x.RRP50Ratio, x.RRP99Ratio, x.ConnRatio, x.ConnAddedUs, probeWord(x.IntruderProbe))
+	}
+	tw.Flush()
+	fmt.Fprintf(w, "Set.Decide p50 (in the bench process): %d rules %.0f ns, none %.0f ns\n", p.Rules, p.DecideP50ns, p.DecideNoneP50ns)
+}
+
+// writePolicyProbes prints the probes of a --policy-deny-client run.
+func (r *Report) writePolicyProbes(w io.Writer) {
+	fmt.Fprintf(w, "policy: %d [[policy]] rules in force, the first denying the client: probes only, nothing measured\n", r.Policy.Rules)
+	for _, x := range r.Policy.Pairs {
+		fmt.Fprintf(w, "%s: client %s\n", x.Mode, x.ClientProbe)
+	}
+}
+
+// probeWord is a probe's result without the error's detail.
+func probeWord(s string) string {
+	if w, _, ok := strings.Cut(s, ":"); ok {
+		return w
+	}
+	return s
 }
 
 // WriteJSONFile writes the report as JSON.
