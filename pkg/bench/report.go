@@ -205,10 +205,10 @@ func (r *Report) writePolicy(w io.Writer) {
 	p := r.Policy
 	fmt.Fprintf(w, "\npolicy: %d [[policy]] rules in force, selecting the server, the first allowing the client; ratios with rules / without, same run\n", p.Rules)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "mode\tvs\tthroughput\trr p50\trr p99\tconn/s\tadded per conn us\tintruder probe\t")
+	fmt.Fprintln(tw, "mode\tvs\tthroughput\trr p50\trr p99\tconn/s\tadded per conn us\tintruder probe rules/none\t")
 	for _, x := range p.Pairs {
 		fmt.Fprintf(tw, "%s\t%s\t%.3fx\t%.3fx\t%.3fx\t%.3fx\t%+.1f\t%s\t\n", x.Mode, x.Base,
-			x.ThroughputRatio, x.RRP50Ratio, x.RRP99Ratio, x.ConnRatio, x.ConnAddedUs, probeWord(x.IntruderProbe))
+			x.ThroughputRatio, x.RRP50Ratio, x.RRP99Ratio, x.ConnRatio, x.ConnAddedUs, probeWord(x.IntruderProbe)+"/"+probeWord(x.BaseIntruderProbe))
 	}
 	tw.Flush()
 	fmt.Fprintf(w, "Set.Decide p50 (in the bench process): %d rules %.0f ns, none %.0f ns\n", p.Rules, p.DecideP50ns, p.DecideNoneP50ns)
@@ -224,6 +224,9 @@ func (r *Report) writePolicyProbes(w io.Writer) {
 
 // probeWord is a probe's result without the error's detail.
 func probeWord(s string) string {
+	if s == "" {
+		return "-"
+	}
 	if w, _, ok := strings.Cut(s, ":"); ok {
 		return w
 	}
