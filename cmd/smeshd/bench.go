@@ -20,7 +20,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	pods := fs.Bool("pods", false, fmt.Sprintf("also measure pod to pod on one node's bridge: no mesh, and spliced with %d more idle pods enrolled", bench.IdlePods))
 	svcs := fs.Bool("services", false, "also measure pod to a ClusterIP on one node: kube-proxy's nftables DNAT, and translated by smesh in connect4 and spliced")
 	kubeProxy := fs.Bool("kube-proxy", false, "with --pods or --services: kube-proxy's nftables rules for the ClusterIP on the node of every pod mode, as where smesh runs beside kube-proxy (conntrack sees every bridged packet)")
-	policyRules := fs.Int("policy-rules", 0, "also measure pod to pod (pods) and across the tunnel (tunnel) a second time with this many [[policy]] rules in force, selecting the server and allowing the client (modes pods-policy, tunnel-policy), and report the ratios with rules / without; every workload then has an identity")
+	policyRules := fs.Int("policy-rules", 0, "also measure pod to pod on one node (pods) and across two nodes through the tunnel (tunnel-pods) a second time with this many [[policy]] rules in force, selecting the server and allowing the client (pods-policy, tunnel-pods-policy), and report the ratios with rules / without; every workload then has an identity")
 	policyDeny := fs.Bool("policy-deny-client", false, "with --policy-rules: the first rule denies the client instead; only check that its connections are refused in every policy mode, measure nothing")
 	conns := fs.Int("conns", 0, "also hold this many concurrent connections per mode and report memory")
 	jsonPath := fs.String("json", "", "write the report as JSON to this file")
@@ -73,7 +73,7 @@ func benchModes(modes string, tunnel, pods, svcs, policy bool) []string {
 		out = append(out, "bridge-svc", "pods-svc")
 	}
 	if policy {
-		out = append(out, "pods", "pods-policy", "tunnel", "tunnel-policy")
+		out = append(out, "pods", "pods-policy", "tunnel-pods", "tunnel-pods-policy")
 	}
 	return out
 }

@@ -26,11 +26,13 @@ import (
 // (bridge-svc, kube-proxy's DNAT, is the baseline).
 // A policy mode follows its base: the same world with PolicyRules rules in
 // force.
-var allModes = []string{"direct", "copy", "splice", "veth", "tunnel", "tunnel-policy", "bridge", "pods", "pods-policy", "bridge-svc", "pods-svc"}
+var allModes = []string{"direct", "copy", "splice", "veth", "tunnel", "bridge", "pods", "pods-policy", "bridge-svc", "pods-svc", "tunnel-pods", "tunnel-pods-policy"}
 
 // baseline is the mode a mode's ratios are relative to.
 func baseline(mode string) string {
 	switch {
+	case podsAcross(mode):
+		return "tunnel-pods" // no bare baseline of its own
 	case crossNode(mode):
 		return "veth"
 	case serviceMode(mode):
@@ -51,8 +53,9 @@ type Options struct {
 	// every pod mode, not only bridge-svc's, as on a cluster where smesh
 	// runs beside kube-proxy: conntrack then sees every bridged packet.
 	KubeProxy bool
-	// PolicyRules > 0 adds the policy modes (pods-policy, tunnel-policy)
-	// and their bases (pods, tunnel): the same worlds, every workload
+	// PolicyRules > 0 adds the policy modes (pods-policy,
+	// tunnel-pods-policy) and their bases (pods, tunnel-pods: pod to pod
+	// across two nodes through the tunnel): the same worlds, every workload
 	// with an identity, the policy modes with PolicyRules [[policy]]
 	// rules selecting the server (PolicyRules), the first allowing the
 	// client. The report then also says what the rules cost.
@@ -157,7 +160,7 @@ func Run(ctx context.Context, opts Options, out io.Writer) (*Report, error) {
 			// Every held connection is a descriptor in the client and the
 			// server, and two in a smeshd that relays it (copy, tunnel).
 			need := uint64(opts.Conns) + 64
-			if m == "copy" || m == "tunnel" || m == "tunnel-policy" {
+			if m == "copy" || m == "tunnel" || podsAcross(m) {
 				need = 2*uint64(opts.Conns) + 64
 			}
 			if need > fdLimit {

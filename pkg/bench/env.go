@@ -104,6 +104,7 @@ type modeEnv struct {
 	smeshds  []*proc
 	srv      *proc
 	cluster  *sandbox.ClusterNode // of the pod modes
+	clusterB *sandbox.ClusterNode // the server's node (tunnel-pods modes)
 	pauses   []*proc              // the pods' pause processes (pods mode)
 }
 
@@ -114,9 +115,11 @@ type benchNode struct {
 }
 
 // crossNode says whether a mode runs between two nodes.
-func crossNode(mode string) bool {
-	return mode == "veth" || mode == "tunnel" || mode == "tunnel-policy"
-}
+func crossNode(mode string) bool { return mode == "veth" || mode == "tunnel" || podsAcross(mode) }
+
+// podsAcross says whether a mode runs between pods of two nodes, through
+// the tunnel: the client's pod on one node, the server's on the other.
+func podsAcross(mode string) bool { return mode == "tunnel-pods" || mode == "tunnel-pods-policy" }
 
 // podMode says whether a mode runs between two pods on one node's bridge.
 func podMode(mode string) bool {
@@ -141,7 +144,7 @@ const IdlePods = 100
 // modes' and, in a run that has them, their bases', so that the rules are
 // all that differs between the two.
 func identities(mode string, opts Options) bool {
-	return opts.PolicyRules > 0 && (policyMode(mode) || mode == "pods" || mode == "tunnel")
+	return opts.PolicyRules > 0 && (policyMode(mode) || mode == "pods" || mode == "tunnel-pods")
 }
 
 func newModeEnv(ctx context.Context, exe, mode string, opts Options) (_ *modeEnv, err error) {
@@ -159,6 +162,12 @@ func newModeEnv(ctx context.Context, exe, mode string, opts Options) (_ *modeEnv
 	if e.dir, err = os.MkdirTemp("", base+"-"); err != nil {
 		return nil, err
 	}
+	if podsAcross(mode) {
+		if err := e.setUpPodsAcross(ctx, exe, base, opts); err != nil {
+			return nil, err
+		}
+		return e, nil
+	}
 	if podMode(mode) {
 		if err := e.setUpPods(ctx, exe, base, kubeProxy, opts); err != nil {
 			return nil, err
@@ -175,11 +184,11 @@ func newModeEnv(ctx context.Context, exe, mode string, opts Options) (_ *modeEnv
 		}
 	}
 	client, server := e.nodes[0], e.nodes[len(e.nodes)-1]
-	// A /24 of 198.18.0.0/15 (reserved for benchmarks) per bench run.
-	subnet := 100 + os.Getpid()%150
-	a := netip.MustParsePrefix(fmt.Sprintf("198.18.%d.1/24", subnet))
-	b := netip.MustParsePrefix(fmt.Sprintf("198.18.%d.2/24", subnet))
 	if crossNode(mode) {
+		// A /24 of 198.18.0.0/15 (reserved for benchmarks) per bench run.
+		subnet := 100 + os.Getpid()%150
+		a := netip.MustParsePrefix(fmt.Sprintf("198.18.%d.1/24", subnet))
+		b := netip.MustParsePrefix(fmt.Sprintf("198.18.%d.2/24", subnet))
 		if err := sandbox.Veth(client.ns, server.ns, "eth0", "eth0", a, b); err != nil {
 			return nil, fmt.Errorf("linking the bench nodes: %w", err)
 		}
@@ -194,31 +203,13 @@ func newModeEnv(ctx context.Context, exe, mode string, opts Options) (_ *modeEnv
 	switch mode {
 	case "copy", "splice":
 		err = e.startSmeshd(ctx, exe, client, "smeshd", mode, e.client, e.server)
-	case "tunnel", "tunnel-policy":
+	case "tunnel":
 		// Both ends splice their local hop; the bytes between the nodes
 		// cross the mTLS tunnel.
 		if _, err = certs.Init(filepath.Join(e.dir, "tls"), []string{"a", "b"}, certs.DefaultTrustDomain); err != nil {
 			return nil, err
 		}
-		enrolled := []string{e.client}
-		var confB string
-		if identities(mode, opts) {
-			if e.intruder, err = e.cgroup("intruder"); err != nil {
-				return nil, err
-			}
-			enrolled = append(enrolled, e.intruder)
-			e.smeshdConf = workloadConf(e.client, clientIdentity) + workloadConf(e.intruder, intruderIdentity)
-			// The receiving node takes the client's identity from the
-			// tunnel header only if node a may speak for it.
-			confB = workloadConf(e.server, serverIdentity) + fmt.Sprintf(
-				"[[tunnel.tls.peers]]\ncidrs = [%q]\nidentities = [%q]\nworkloads = [%q]\n\n",
-				netip.PrefixFrom(a.Addr(), 32), "spiffe://"+certs.DefaultTrustDomain+"/node/a", "spiffe://"+certs.DefaultTrustDomain+"/ns/bench/")
-			if policyMode(mode) {
-				confB += PolicyRules(opts.PolicyRules, opts.PolicyDenyClient)
-			}
-		}
-		if err = e.startSmeshd(ctx, exe, client, "a", "splice", enrolled...); err == nil {
-			e.smeshdConf = confB
+		if err = e.startSmeshd(ctx, exe, client, "a", "splice", e.client); err == nil {
 			err = e.startSmeshd(ctx, exe, server, "b", "splice", e.server)
 		}
 	}
@@ -483,6 +474,9 @@ func (e *modeEnv) close() error {
 	if e.cluster != nil {
 		errs = append(errs, e.cluster.Close())
 	}
+	if e.clusterB != nil {
+		errs = append(errs, e.clusterB.Close())
+	}
 	if e.dir != "" {
 		os.RemoveAll(e.dir)
 	}
@@ -587,6 +581,106 @@ func (e *modeEnv) setUpPods(ctx context.Context, exe, base string, kubeProxy boo
 		if err := e.startSmeshd(ctx, exe, node, "smeshd", "splice", parent); err != nil {
 			return err
 		}
+	}
+	return e.startServer(exe, e.nodes[1])
+}
+
+// setUpPodsAcross builds the world of the tunnel-pods modes: two cluster
+// nodes joined by a wire, the client's pod on the first, the server's on
+// the second, each node's pods enrolled under a smeshd of its own, as
+// pods on two Kubernetes nodes. The connection crosses the mTLS tunnel to
+// the smeshd of the server's node, which serves the tunnel inside the
+// server's pod (a namespace of one workload: a policy destination, unlike
+// the tunnel mode's server, which shares its node's namespace with smeshd
+// and so is no workload). Every workload has an identity; node a may
+// assert the bench's (a [[tunnel.tls.peers]] entry of node b), and the
+// policy mode puts the rules in node b's smesh.toml.
+func (e *modeEnv) setUpPodsAcross(ctx context.Context, exe, base string, opts Options) (err error) {
+	// Two /24s of 198.18.0.0/15 apart from the other pod modes' (they
+	// take 250-503 and their offsets), a wire /30 below the service VIP.
+	subnet := 250 + os.Getpid()%250
+	var nodes [2]*sandbox.ClusterNode
+	for i, name := range []string{"a", "b"} {
+		s := (subnet + 5 + i) % 512
+		v4 := netip.PrefixFrom(netip.AddrFrom4([4]byte{198, 18 + byte(s/256), byte(s % 256), 0}), 24)
+		v6 := netip.MustParsePrefix(fmt.Sprintf("fd00:5e:be:%x::/64", s))
+		if nodes[i], err = sandbox.NewClusterNode(base+"-"+name, v4, v6); err != nil {
+			return err
+		}
+		if i == 0 {
+			e.cluster = nodes[i]
+		} else {
+			e.clusterB = nodes[i]
+		}
+	}
+	k := os.Getpid() % 60
+	wire4 := netip.PrefixFrom(netip.AddrFrom4([4]byte{198, 19, 254, byte(4 * k)}), 30)
+	wire6 := netip.MustParsePrefix(fmt.Sprintf("fd00:5e:bf:%x::/126", os.Getpid()%4096))
+	if _, _, err := sandbox.JoinNodes(nodes[0], nodes[1], wire4, wire6); err != nil {
+		return err
+	}
+	parentA, err := e.cgroup("pods-a")
+	if err != nil {
+		return err
+	}
+	parentB, err := e.cgroup("pods-b")
+	if err != nil {
+		return err
+	}
+	client, err := nodes[0].AddPod(base+"-client", filepath.Join(parentA, "client"))
+	if err != nil {
+		return err
+	}
+	server, err := nodes[1].AddPod(base+"-server", filepath.Join(parentB, "server"))
+	if err != nil {
+		return err
+	}
+	e.nodes = []benchNode{{name: client.Name, ns: client.Netns(), pod: true}, {name: server.Name, ns: server.Netns(), pod: true}}
+	e.client, e.server = client.Cgroup, server.Cgroup
+	e.serverAddr = netip.AddrPortFrom(server.Addr4, serverPort).String()
+	e.dialAddr = e.serverAddr
+	for _, kv := range [][2]string{{"net/ipv4/ip_local_port_range", "1024 65535"}, {"net/ipv4/tcp_tw_reuse", "1"}} {
+		if err := sandbox.SetSysctl(client.Netns(), kv[0], kv[1]); err != nil {
+			return err
+		}
+	}
+	// smeshd serves the namespaces its enrolled processes live in: each
+	// pod has one from start to end, as a Kubernetes pod has its pause
+	// container.
+	for _, p := range []*sandbox.Pod{client, server} {
+		pause, err := startProc("pause", exec.Command(exe, "bench-agent", "pause", "-"), p.Cgroup, p.Name)
+		if err != nil {
+			return err
+		}
+		e.pauses = append(e.pauses, pause)
+	}
+	if _, err = certs.Init(filepath.Join(e.dir, "tls"), []string{"a", "b"}, certs.DefaultTrustDomain); err != nil {
+		return err
+	}
+	var confB string
+	if identities(e.mode, opts) {
+		e.intruder = filepath.Join(parentA, "intruder")
+		if err := os.Mkdir(e.intruder, 0o755); err != nil {
+			return fmt.Errorf("creating cgroup: %w", err)
+		}
+		e.smeshdConf = workloadConf(e.client, clientIdentity) + workloadConf(e.intruder, intruderIdentity)
+		// Node b takes the source identity from the tunnel header only
+		// if node a may speak for it, with an address of a's pods.
+		confB = workloadConf(e.server, serverIdentity) + fmt.Sprintf(
+			"[[tunnel.tls.peers]]\ncidrs = [%q]\nidentities = [%q]\nworkloads = [%q]\n\n",
+			nodes[0].PodNet4, "spiffe://"+certs.DefaultTrustDomain+"/node/a", "spiffe://"+certs.DefaultTrustDomain+"/ns/bench/")
+		if policyMode(e.mode) {
+			confB += PolicyRules(opts.PolicyRules, opts.PolicyDenyClient)
+		}
+	}
+	nodeA := benchNode{name: nodes[0].Name, ns: nodes[0].Netns(), pod: true}
+	if err := e.startSmeshd(ctx, exe, nodeA, "a", "splice", parentA); err != nil {
+		return err
+	}
+	e.smeshdConf = confB
+	nodeB := benchNode{name: nodes[1].Name, ns: nodes[1].Netns(), pod: true}
+	if err := e.startSmeshd(ctx, exe, nodeB, "b", "splice", parentB); err != nil {
+		return err
 	}
 	return e.startServer(exe, e.nodes[1])
 }

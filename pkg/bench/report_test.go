@@ -99,21 +99,21 @@ func TestReportPolicy(t *testing.T) {
 	r := &Report{
 		Machine: Machine{Kernel: "6.18", CPU: "AMD EPYC", Cores: 2}, Duration: "1s", Rounds: 3,
 		Results: []Result{
-			{Mode: "tunnel", ThroughputGbps: 4, RRP50us: 100, RRP99us: 200, ConnPerSec: 2000, DataVerified: true},
-			{Mode: "tunnel-policy", ThroughputGbps: 3, RRP50us: 110, RRP99us: 200, ConnPerSec: 1000, DataVerified: true},
+			{Mode: "tunnel-pods", ThroughputGbps: 4, RRP50us: 100, RRP99us: 200, ConnPerSec: 2000, DataVerified: true},
+			{Mode: "tunnel-pods-policy", ThroughputGbps: 3, RRP50us: 110, RRP99us: 200, ConnPerSec: 1000, DataVerified: true},
 			{Mode: "pods", ThroughputGbps: 20, RRP50us: 10, RRP99us: 20, ConnPerSec: 5000, DataVerified: true},
 		},
 	}
 	var before bytes.Buffer
 	r.WriteTable(&before)
 	r.Policy = &PolicyReport{Rules: 100, DecideP50ns: 1200, DecideNoneP50ns: 30, Pairs: []PolicyPair{
-		{Mode: "tunnel-policy", Base: "tunnel", IntruderProbe: "refused: EOF", BaseIntruderProbe: "allowed", ClientProbe: "allowed"},
+		{Mode: "tunnel-pods-policy", Base: "tunnel-pods", IntruderProbe: "refused: EOF", BaseIntruderProbe: "allowed", ClientProbe: "allowed"},
 		{Mode: "pods-policy", Base: "pods", IntruderProbe: "refused: connection refused", ClientProbe: "allowed"},
 	}}
 	r.policyRatios()
 	p := r.Policy.Pairs[0]
 	if p.ThroughputRatio != 0.75 || p.RRP50Ratio != 1.1 || p.RRP99Ratio != 1 || p.ConnRatio != 0.5 || p.ConnAddedUs != 500 {
-		t.Errorf("tunnel-policy against tunnel: %+v", p)
+		t.Errorf("tunnel-pods-policy against tunnel-pods: %+v", p)
 	}
 	if q := r.Policy.Pairs[1]; q.ThroughputRatio != 0 || q.ConnAddedUs != 0 {
 		t.Errorf("pods-policy without a result has ratios: %+v", q)
@@ -125,12 +125,20 @@ func TestReportPolicy(t *testing.T) {
 	}
 	for _, want := range []string{
 		"policy: 100 [[policy]] rules in force",
-		"tunnel-policy  tunnel      0.750x  1.100x  1.000x  0.500x             +500.0",
 		"refused/allowed",
 		"Set.Decide p50 (in the bench process): 100 rules 1200 ns, none 30 ns",
 	} {
 		if !strings.Contains(after.String(), want) {
 			t.Errorf("no %q in:\n%s", want, after.String())
 		}
+	}
+	_, section, _ := strings.Cut(after.String(), "policy: 100")
+	want := "tunnel-pods-policy tunnel-pods 0.750x 1.100x 1.000x 0.500x +500.0 refused/allowed"
+	found := false
+	for line := range strings.Lines(section) {
+		found = found || strings.Join(strings.Fields(line), " ") == want
+	}
+	if !found {
+		t.Errorf("no line %q in the policy section:\n%s", want, section)
 	}
 }
