@@ -1056,6 +1056,17 @@ func (d *Datapath) Close() error {
 	return errors.Join(errs...)
 }
 
+// updateFromID makes link l run the loaded program id again (a
+// predecessor's, given back).
+func updateFromID(l link.Link, id ebpf.ProgramID) error {
+	prog, err := ebpf.NewProgramFromID(id)
+	if err != nil {
+		return err
+	}
+	defer prog.Close()
+	return l.Update(prog)
+}
+
 // giveBack gives the predecessor's programs back to the links and the
 // sockhash it handed over, before Commit: a start that fails leaves the
 // predecessor, which keeps serving, as it was. (The maps' contents this
@@ -1074,12 +1085,7 @@ func (d *Datapath) giveBack() error {
 			if l == nil || a.typ != typ {
 				continue
 			}
-			prog, err := ebpf.NewProgramFromID(id)
-			if err == nil {
-				err = l.Update(prog)
-				prog.Close()
-			}
-			if err != nil {
+			if err := updateFromID(l, id); err != nil {
 				errs = append(errs, fmt.Errorf("giving the %s link of %s its program back: %w", a.typ, a.cgroup, err))
 			}
 		}

@@ -229,6 +229,14 @@ func (p *pins) attach(path, cgroup string, typ ebpf.AttachType, prog *ebpf.Progr
 // aside: pruneStrictLinks): cgroups no longer
 // enrolled, or smeshd's own cgroup of an earlier run.
 func (p *pins) pruneLinks(keep map[string]bool) error {
+	return p.prune(keep, func(name string) bool {
+		return strings.HasPrefix(name, linkPrefix) && !strings.HasPrefix(name, strictPinPrefix)
+	})
+}
+
+// prune detaches the pinned links whose names mine says are its to manage
+// and that are not in keep.
+func (p *pins) prune(keep map[string]bool, mine func(name string) bool) error {
 	ents, err := os.ReadDir(p.dir)
 	if err != nil {
 		return err
@@ -236,10 +244,9 @@ func (p *pins) pruneLinks(keep map[string]bool) error {
 	var errs []error
 	for _, e := range ents {
 		path := filepath.Join(p.dir, e.Name())
-		if !strings.HasPrefix(e.Name(), linkPrefix) || strings.HasPrefix(e.Name(), strictPinPrefix) || keep[path] {
-			continue
+		if mine(e.Name()) && !keep[path] {
+			errs = append(errs, unpinLink(path))
 		}
-		errs = append(errs, unpinLink(path))
 	}
 	return errors.Join(errs...)
 }
@@ -256,18 +263,7 @@ func (p *pins) strictLinkPath(typ ebpf.AttachType, cgroupID uint64) string {
 
 // pruneStrictLinks detaches the pinned strict links not in keep.
 func (p *pins) pruneStrictLinks(keep map[string]bool) error {
-	ents, err := os.ReadDir(p.dir)
-	if err != nil {
-		return err
-	}
-	var errs []error
-	for _, e := range ents {
-		path := filepath.Join(p.dir, e.Name())
-		if strings.HasPrefix(e.Name(), strictPinPrefix) && !keep[path] {
-			errs = append(errs, unpinLink(path))
-		}
-	}
-	return errors.Join(errs...)
+	return p.prune(keep, func(name string) bool { return strings.HasPrefix(name, strictPinPrefix) })
 }
 
 func unpinLink(path string) error {

@@ -398,12 +398,7 @@ func (d *Datapath) giveBackStrict() error {
 			if l == nil || a.typ != typ {
 				continue
 			}
-			prog, err := ebpf.NewProgramFromID(id)
-			if err == nil {
-				err = l.Update(prog)
-				prog.Close()
-			}
-			if err != nil {
+			if err := updateFromID(l, id); err != nil {
 				errs = append(errs, fmt.Errorf("giving the strict %s link of %s its program back: %w", a.typ, a.cgroup, err))
 			}
 		}
