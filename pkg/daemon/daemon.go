@@ -177,6 +177,7 @@ type daemon struct {
 	tun      *tunnel.Tunnel
 	out      *proxy.Outbound
 	dp       *datapath.Datapath
+	strict   strictState // strict inbound in force (strict.go)
 	beat     *datapath.Heartbeat // smesh_heartbeat's writer, until released
 	members  *enrol.Tracker
 	static   []string // [capture] cgroups, as paths
@@ -638,6 +639,7 @@ func (d *daemon) start(wait, ctx context.Context) error {
 	}
 	d.cleanups = append(d.cleanups, d.beat.Stop)
 	d.metrics.SetSpliceSource(d.spliceCounters)
+	d.startStrict()
 	// [[services]] are in the maps before connect4 is attached; their
 	// locality follows this node's addresses (startMembers).
 	d.svcs = newStaticServices(d.dp.Services(), log)

@@ -1,0 +1,115 @@
+package e2e
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/smesh-dev/smesh/pkg/testenv"
+)
+
+// strictWorkload makes a workload cgroup below node n's enrolled cgroup
+// (as a systemd unit below an enrolled slice), removed at cleanup.
+func strictWorkload(t *testing.T, n *node) string {
+	t.Helper()
+	cg := filepath.Join(n.enrolled, "smesh-test-strict")
+	if err := os.Mkdir(cg, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.Remove(cg) })
+	return cg
+}
+
+// strictConf is the [[capture.workloads]] table of a strict workload.
+func strictConf(t *testing.T, cg string, strict bool, exempt ...int) string {
+	ports := make([]string, len(exempt))
+	for i, p := range exempt {
+		ports[i] = fmt.Sprint(p)
+	}
+	conf := fmt.Sprintf("[[capture.workloads]]\ncgroup = %q\nstrict = %v\n", cgroupRel(t, cg), strict)
+	if strict {
+		conf += fmt.Sprintf("strict_exempt_ports = [%s]\n", strings.Join(ports, ", "))
+	}
+	return conf
+}
+
+// strictDropped is node n's smesh_strict_dropped_total.
+func (n *node) strictDropped() float64 {
+	n.t.Helper()
+	_, m := n.admin("/metrics")
+	return testenv.Metric(n.t, m, "smesh_strict_dropped_total", nil)
+}
+
+// TestStrictInbound: node b runs servers in a strict workload (a cgroup
+// below its enrolled one). A plaintext connection from a process of node a
+// outside the mesh goes unanswered (the SYN dropped, counted in b's
+// /metrics), node a's enrolled client reaches it through the tunnel; on
+// node b a process outside the mesh is dropped and an enrolled one passes;
+// the exempt port takes plaintext. Strict survives an upgrade (the
+// successor adopts it), and a reload without strict opens the workload
+// again.
+func TestStrictInbound(t *testing.T) {
+	for _, mode := range []string{"splice", "copy"} {
+		t.Run(mode, func(t *testing.T) {
+			a, b := newNode(t), newNode(t)
+			_, addrB := testenv.Link(t, a.ns, b.ns)
+			wl := strictWorkload(t, b)
+			b.runtimeDir = t.TempDir()
+			strictOn := strictConf(t, wl, true, 9001)
+			b.start(mode, strictOn)
+			a.start(mode, "")
+			server := netip.AddrPortFrom(addrB, 9000).String()
+			exempt := netip.AddrPortFrom(addrB, 9001).String()
+			b.server(wl, server)
+			b.server(wl, exempt)
+			outsideA, outsideB := testenv.NewCgroup(t), testenv.NewCgroup(t)
+
+			if code, body := b.admin("/debug/strict"); code != 200 || !strings.Contains(body, cgroupRel(t, wl)) {
+				t.Fatalf("/debug/strict: %d %s, want the workload listed", code, body)
+			}
+			check := func(stage string) {
+				t.Helper()
+				before := b.strictDropped()
+				// (a) plaintext from node a, outside the mesh: dropped.
+				a.client(outsideA, "dropped", server)
+				if after := b.strictDropped(); after <= before {
+					t.Errorf("%s: smesh_strict_dropped_total %v -> %v after a dropped connection", stage, before, after)
+				}
+				// (b) node a's enrolled client, through the tunnel.
+				a.client(a.enrolled, "echo", server, scaledArg(4<<20))
+				// (c) on node b: outside the mesh dropped, enrolled passes.
+				b.client(outsideB, "dropped", server)
+				b.client(b.enrolled, "echo", server, scaledArg(4<<20))
+				// (d) the exempt port takes plaintext.
+				a.client(outsideA, "echo", exempt, "100000")
+				b.client(outsideB, "echo", exempt, "100000")
+			}
+			check("start")
+
+			// (f) an upgrade: the successor adopts strict inbound.
+			old := b.upgrade(false)
+			waitExited(t, []*testenv.Helper{old}, 30*time.Second)
+			check("after upgrade")
+
+			// (e) a reload without strict: plaintext passes again.
+			conf, err := os.ReadFile(b.confPath)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b.reload(strings.Replace(string(conf), strictOn, strictConf(t, wl, false), 1))
+			a.client(outsideA, "echo", server, "100000")
+			b.client(outsideB, "echo", server, "100000")
+			if code, body := b.admin("/debug/strict"); code != 200 || strings.Contains(body, cgroupRel(t, wl)) {
+				t.Errorf("/debug/strict after the reload: %d %s, want no strict workload", code, body)
+			}
+			// And back on.
+			b.reload(string(conf))
+			a.client(outsideA, "dropped", server)
+			a.client(a.enrolled, "echo", server, "100000")
+		})
+	}
+}
