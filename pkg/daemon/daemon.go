@@ -177,7 +177,6 @@ type daemon struct {
 	tun      *tunnel.Tunnel
 	out      *proxy.Outbound
 	dp       *datapath.Datapath
-	strict   strictState // strict inbound in force (strict.go)
 	beat     *datapath.Heartbeat // smesh_heartbeat's writer, until released
 	members  *enrol.Tracker
 	static   []string // [capture] cgroups, as paths
@@ -217,6 +216,9 @@ type daemon struct {
 	// store is systemd's descriptor store, kept by a worker of smeshd's
 	// master (fdstore.go); nil otherwise.
 	store *fdStore
+
+	// strict is strict inbound in force (strict.go).
+	strict strictState
 }
 
 // Run runs smeshd until ctx is done, then drains (see drain). SIGHUP

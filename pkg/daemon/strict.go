@@ -206,4 +206,3 @@ func (d *daemon) strictCounts() (metrics.StrictCounts, bool, error) {
 	c, err := d.dp.StrictCounters()
 	return metrics.StrictCounts{Dropped: c.Dropped, Mesh: c.Mesh, Exempt: c.Exempt, Loopback: c.Loopback}, true, err
 }
-
