@@ -776,7 +776,8 @@ func (d *daemon) enrolPods() error {
 	enrolled := d.wanted()
 	if slices.Equal(enrolled, d.enrolled) && d.captureErr == nil {
 		// No pod joined or left the mesh (the watcher's first set, for
-		// one, was enrolled at start).
+		// one, was enrolled at start); one may have become strict.
+		d.recheckStrict()
 		return nil
 	}
 	d.setMembers(enrolled)

@@ -47,6 +47,12 @@ type strictCgroup struct {
 	ExemptPorts []uint16 `json:"exemptPorts"`
 }
 
+// strictPods is a PodSource that also knows strict pods (pkg/kube's
+// Watcher): their cgroups with their exempt ports (the probes' ports).
+type strictPods interface {
+	Strict() map[string][]uint16
+}
+
 // startStrict registers strict inbound's /debug/strict and metrics.
 func (d *daemon) startStrict() {
 	d.admin.HandleJSON("/debug/strict", d.debugStrict)
@@ -71,7 +77,9 @@ func (d *daemon) strictConfigured(c config.Capture) ([]config.ResolvedWorkload, 
 }
 
 // checkStrict refuses capture settings c with a strict workload on a kernel
-// without strict inbound: smeshd would leave the workload open.
+// without strict inbound: smeshd would leave the workload open. (Strict
+// pods come and go while smeshd runs: on such a kernel applyStrict fails,
+// which fails the start, or later is reported as a problem, /readyz 503.)
 func (d *daemon) checkStrict(c config.Capture) error {
 	strict, err := d.strictConfigured(c)
 	if err != nil || len(strict) == 0 {
@@ -105,6 +113,26 @@ func (d *daemon) wantedStrict(c config.Capture, enrolled []string, ids map[strin
 		ports := slices.Clone(w.ExemptPorts)
 		slices.Sort(ports)
 		want[w.Cgroup] = strictCgroup{Cgroup: w.Cgroup, CgroupID: id, ExemptPorts: ports}
+	}
+	// Strict pods ([kubernetes] strict_label), each enrolled itself or
+	// inside an enrolled [capture] cgroup. A [[capture.workloads]] entry
+	// for the same cgroup wins.
+	if sp, ok := d.pods.(strictPods); ok && d.pods != nil {
+		pods := sp.Strict()
+		for _, cg := range slices.Sorted(maps.Keys(pods)) {
+			configured = append(configured, cg)
+			if _, dup := want[cg]; dup {
+				continue
+			}
+			if !slices.ContainsFunc(enrolled, func(e string) bool { return ids[e] != 0 && cgroups.Within(cg, e) }) {
+				continue
+			}
+			id, err := cgroups.ID(cg)
+			if err != nil {
+				continue
+			}
+			want[cg] = strictCgroup{Cgroup: cg, CgroupID: id, ExemptPorts: slices.Clone(pods[cg])}
+		}
 	}
 	return want, configured, nil
 }
