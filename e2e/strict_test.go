@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/netip"
 	"os"
@@ -9,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/smesh-dev/smesh/pkg/cgroups"
 	"github.com/smesh-dev/smesh/pkg/testenv"
 )
 
@@ -68,8 +70,8 @@ func TestStrictInbound(t *testing.T) {
 			b.server(wl, exempt)
 			outsideA, outsideB := testenv.NewCgroup(t), testenv.NewCgroup(t)
 
-			if code, body := b.admin("/debug/strict"); code != 200 || !strings.Contains(body, cgroupRel(t, wl)) {
-				t.Fatalf("/debug/strict: %d %s, want the workload listed", code, body)
+			if b.debugStrict().strictID(wl) == 0 {
+				t.Fatalf("/debug/strict: %+v, want %s listed", b.debugStrict(), wl)
 			}
 			check := func(stage string) {
 				t.Helper()
@@ -103,13 +105,101 @@ func TestStrictInbound(t *testing.T) {
 			b.reload(strings.Replace(string(conf), strictOn, strictConf(t, wl, false), 1))
 			a.client(outsideA, "echo", server, "100000")
 			b.client(outsideB, "echo", server, "100000")
-			if code, body := b.admin("/debug/strict"); code != 200 || strings.Contains(body, cgroupRel(t, wl)) {
-				t.Errorf("/debug/strict after the reload: %d %s, want no strict workload", code, body)
+			if d := b.debugStrict(); len(d.Strict) != 0 {
+				t.Errorf("/debug/strict after the reload: %+v, want no strict workload", d)
 			}
 			// And back on.
 			b.reload(string(conf))
 			a.client(outsideA, "dropped", server)
 			a.client(a.enrolled, "echo", server, "100000")
 		})
+	}
+}
+
+// debugStrict is node n's /debug/strict.
+type debugStrict struct {
+	Strict []struct {
+		Cgroup   string `json:"cgroup"`
+		CgroupID uint64 `json:"cgroupID"`
+	} `json:"strict"`
+	Missing []string `json:"missing"`
+}
+
+func (n *node) debugStrict() debugStrict {
+	n.t.Helper()
+	code, body := n.admin("/debug/strict")
+	var d debugStrict
+	if err := json.Unmarshal([]byte(body), &d); code != 200 || err != nil {
+		n.t.Fatalf("/debug/strict: %d %v %s", code, err, body)
+	}
+	return d
+}
+
+// strictID is cg's id in /debug/strict, 0 if it is not strict.
+func (d debugStrict) strictID(cg string) uint64 {
+	for _, s := range d.Strict {
+		if s.Cgroup == cg {
+			return s.CgroupID
+		}
+	}
+	return 0
+}
+
+// waitStrict waits until node n's /debug/strict lists cg as strict (or,
+// with want false, not), within 15 s (the cgroup check runs every 5 s),
+// and returns its id there.
+func (n *node) waitStrict(cg string, want bool) uint64 {
+	n.t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		d := n.debugStrict()
+		if id := d.strictID(cg); (id != 0) == want {
+			return id
+		}
+		if time.Now().After(deadline) {
+			n.t.Fatalf("/debug/strict: %+v, want %s strict: %v", d, cg, want)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// TestStrictWorkloadAppears: a strict workload whose cgroup does not exist
+// when smeshd starts becomes strict once it is made, and again when it is
+// removed and made anew (a new cgroup id), as a systemd unit restarting.
+func TestStrictWorkloadAppears(t *testing.T) {
+	a, b := newNode(t), newNode(t)
+	_, addrB := testenv.Link(t, a.ns, b.ns)
+	wl := filepath.Join(b.enrolled, "smesh-test-strict")
+	t.Cleanup(func() { os.Remove(wl) })
+	b.start("splice", strictConf(t, wl, true, 9001))
+	a.start("splice", "")
+	if d := b.debugStrict(); len(d.Missing) != 1 || d.Missing[0] != wl {
+		t.Errorf("/debug/strict before the cgroup exists: %+v, want it missing", d)
+	}
+	server := netip.AddrPortFrom(addrB, 9000).String()
+	outside := testenv.NewCgroup(t)
+	for round := range 2 {
+		if err := os.Mkdir(wl, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		id := b.waitStrict(wl, true)
+		if real, err := cgroups.ID(wl); err != nil || real != id {
+			t.Errorf("round %d: /debug/strict has id %d, the cgroup is %d (%v)", round, id, real, err)
+		}
+		h := b.server(wl, server)
+		a.client(outside, "dropped", server)
+		a.client(a.enrolled, "echo", server, "100000")
+		h.Stop()
+		for try := 0; ; try++ {
+			err := os.Remove(wl)
+			if err == nil {
+				break
+			}
+			if try == 50 {
+				t.Fatalf("round %d: removing the workload cgroup: %v", round, err)
+			}
+			time.Sleep(50 * time.Millisecond) // the killed server leaving it
+		}
+		b.waitStrict(wl, false)
 	}
 }
