@@ -1,14 +1,21 @@
 package e2e
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/smesh-dev/smesh/pkg/cgroups"
 	"github.com/smesh-dev/smesh/pkg/testenv"
@@ -202,4 +209,60 @@ func TestStrictWorkloadAppears(t *testing.T) {
 		}
 		b.waitStrict(wl, false)
 	}
+}
+
+// TestKubernetesStrict: against a real API server with the test kubelet, a
+// pod in the mesh labelled smesh.dev/inbound=strict on node b accepts a
+// mesh pod of node a (through the tunnel) and drops a pod outside the mesh,
+// but on its readiness probe's port (named in its container), which the
+// kubelet probes in plaintext; labelled open again, it takes plaintext.
+func TestKubernetesStrict(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	kc := startKubeCluster(t)
+	c := testenv.NewCluster()
+	cnA, cnB := c.AddNode(t), c.AddNode(t)
+	testenv.JoinNodes(t, cnA, cnB)
+	a, b := nodeOn(t, cnA.Node), nodeOn(t, cnB.Node)
+	k := &kubelet{t: t, api: kc.admin, nodes: map[string]*kubeNode{}}
+	ka, kb := k.addNode("node-a", cnA), k.addNode("node-b", cnB)
+	kc.namespace(t, "meshed", map[string]string{"smesh.dev/mesh": "enabled"})
+	kc.namespace(t, "plain", nil)
+
+	spec := podSpec("meshed", "srv", "node-b", map[string]string{"smesh.dev/inbound": "strict"}, corev1.PodQOSBestEffort)
+	spec.Spec.Containers[0].Ports = []corev1.ContainerPort{{Name: "health", ContainerPort: 9001}}
+	spec.Spec.Containers[0].ReadinessProbe = &corev1.Probe{ProbeHandler: corev1.ProbeHandler{
+		TCPSocket: &corev1.TCPSocketAction{Port: intstr.FromString("health")}}}
+	srv := k.create(spec)
+	addr, probe := srv.addr(t, 9000), srv.addr(t, 9001)
+	podServerAt(t, srv.container(), addr)
+	podServerAt(t, srv.container(), probe)
+	web := k.create(podSpec("meshed", "web", "node-a", nil, corev1.PodQOSBestEffort))
+	plain := k.create(podSpec("plain", "outside", "node-a", nil, corev1.PodQOSBestEffort))
+
+	kc.startSmeshd(b, "node-b", kb)
+	kc.startSmeshd(a, "node-a", ka)
+	b.waitServed(srv.Name)
+	a.waitServed(web.Name)
+	if p := debugPods(b)["meshed/srv"]; !p.Strict || !slices.Equal(p.ExemptPorts, []uint16{9001}) {
+		t.Fatalf("node b's /debug/pods srv: %+v, want strict with port 9001 exempt", p)
+	}
+	if b.debugStrict().strictID(srv.Cgroup) == 0 {
+		t.Fatalf("/debug/strict of node b: %+v, want srv's cgroup %s", b.debugStrict(), srv.Cgroup)
+	}
+	pa := &podNode{node: a}
+	before := b.strictDropped()
+	pa.podClient(plain.container(), "dropped", addr)
+	if after := b.strictDropped(); after <= before {
+		t.Errorf("smesh_strict_dropped_total %v -> %v after a dropped connection", before, after)
+	}
+	pa.podClient(web.container(), "echo", addr, "1000000")
+	pa.podClient(plain.container(), "echo", probe, "100000")
+
+	// Labelled open: plaintext passes again.
+	patch := []byte(`{"metadata":{"labels":{"smesh.dev/inbound":"open"}}}`)
+	if _, err := kc.admin.CoreV1().Pods("meshed").Patch(context.Background(), "srv", types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	b.waitStrict(srv.Cgroup, false)
+	pa.podClient(plain.container(), "echo", addr, "100000")
 }

@@ -117,7 +117,7 @@ func (d *daemon) wantedStrict(c config.Capture, enrolled []string, ids map[strin
 	// Strict pods ([kubernetes] strict_label), each enrolled itself or
 	// inside an enrolled [capture] cgroup. A [[capture.workloads]] entry
 	// for the same cgroup wins.
-	if sp, ok := d.pods.(strictPods); ok && d.pods != nil {
+	if sp, ok := d.pods.(strictPods); ok {
 		pods := sp.Strict()
 		for _, cg := range slices.Sorted(maps.Keys(pods)) {
 			configured = append(configured, cg)
