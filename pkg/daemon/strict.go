@@ -85,11 +85,18 @@ func (d *daemon) checkStrict(c config.Capture) error {
 	if err != nil || len(strict) == 0 {
 		return err
 	}
-	if err := d.dp.StrictAvailable(); err != nil {
-		return fmt.Errorf("capture.workloads: %s is strict = true, but %w; smeshd does not run with a strict workload left open "+
-			"(remove strict = true, or run a kernel that loads bpf/strict; see docs/identity.md 5.3)", strict[0].Cgroup, err)
+	return strictRefusal(strict, d.dp.StrictAvailable())
+}
+
+// strictRefusal is why strict workloads cannot be put in force where strict
+// inbound is unavailable (available: StrictAvailable's error), nil when
+// they can or there are none.
+func strictRefusal(strict []config.ResolvedWorkload, available error) error {
+	if len(strict) == 0 || available == nil {
+		return nil
 	}
-	return nil
+	return fmt.Errorf("capture.workloads: %s is strict = true, but %w; smeshd does not run with a strict workload left open "+
+		"(remove strict = true, or run a kernel that loads bpf/strict; see docs/identity.md 5.3)", strict[0].Cgroup, available)
 }
 
 // wantedStrict are the strict workloads of c that exist, at or below an
