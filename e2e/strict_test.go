@@ -246,6 +246,9 @@ func TestKubernetesStrict(t *testing.T) {
 	if p := debugPods(b)["meshed/srv"]; !p.Strict || !slices.Equal(p.ExemptPorts, []uint16{9001}) {
 		t.Fatalf("node b's /debug/pods srv: %+v, want strict with port 9001 exempt", p)
 	}
+	if _, body := b.admin("/debug/identities"); !strings.Contains(body, `"strict": true`) {
+		t.Errorf("/debug/identities of node b: %s, want srv strict", body)
+	}
 	if b.debugStrict().strictID(srv.Cgroup) == 0 {
 		t.Fatalf("/debug/strict of node b: %+v, want srv's cgroup %s", b.debugStrict(), srv.Cgroup)
 	}
