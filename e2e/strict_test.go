@@ -269,3 +269,34 @@ func TestKubernetesStrict(t *testing.T) {
 	b.waitStrict(srv.Cgroup, false)
 	pa.podClient(plain.container(), "echo", addr, "100000")
 }
+
+// TestStrictClosedKilled: with on_failure = "closed" a strict workload stays
+// strict while its node's smeshd is down (kill -9: the pinned programs
+// stay), and the restarted smeshd adopts it: plaintext still dropped, the
+// mesh passes again.
+func TestStrictClosedKilled(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	a, b := newNode(t), newNode(t)
+	_, addrB := testenv.Link(t, a.ns, b.ns)
+	wl := strictWorkload(t, b)
+	b.captureExtra = fmt.Sprintf("on_failure = \"closed\"\npin_dir = %q", testPinDir(t))
+	b.start("splice", strictConf(t, wl, true))
+	a.start("splice", "")
+	server := netip.AddrPortFrom(addrB, 9000).String()
+	b.server(wl, server)
+	outside := testenv.NewCgroup(t)
+	a.client(outside, "dropped", server)
+	a.client(a.enrolled, "echo", server, "100000")
+
+	b.smeshd.Stop() // SIGKILL
+	a.client(outside, "dropped", server)
+
+	b.launch(nil, b.confPath)
+	b.waitReady()
+	if b.debugStrict().strictID(wl) == 0 {
+		t.Errorf("/debug/strict after the restart: %+v, want %s", b.debugStrict(), wl)
+	}
+	a.client(outside, "dropped", server)
+	a.client(a.enrolled, "echo", server, "100000")
+	b.stop()
+}
