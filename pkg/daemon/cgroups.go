@@ -169,10 +169,12 @@ func (d *daemon) attachCapture(enrolled []string, c config.Capture) error {
 	d.enrolled, d.cgroupIDs, d.captureErr = slices.Clone(enrolled), ids, nil
 	d.cgw.watch(enrolled)
 	// Strict inbound follows the capture. The first SetStrict takes a
-	// predecessor's strict attachments: it failing fails the start
-	// (fail closed); later, it is a problem reported and tried again.
+	// predecessor's strict attachments: it failing with a strict
+	// [[capture.workloads]] fails the start (fail closed); later, or for
+	// strict pods only (a pod's label must not stop the node's mesh), it
+	// is a problem reported (/readyz 503) and tried again.
 	if err := d.applyStrict(c); err != nil {
-		if !d.strict.set {
+		if configured, _ := d.strictConfigured(c); !d.strict.set && len(configured) > 0 {
 			return fmt.Errorf("strict inbound: %w", err)
 		}
 		d.log.Error().Err(err).Msg("strict inbound: making the strict workloads strict; trying again in " + cgroupCheckInterval.String())

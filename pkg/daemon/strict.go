@@ -21,9 +21,11 @@ import (
 //
 // Fail closed: strict is a security setting. With a strict workload
 // configured on a kernel that cannot load bpf/strict, smeshd does not start
-// (and a reload that adds one is rejected); a SetStrict that fails later is
-// logged, reported as a problem (/readyz 503, systemd STATUS=) and tried
-// again at the next check.
+// (and a reload that adds one is rejected), nor when the first SetStrict
+// fails with one configured. A SetStrict that fails later, or for strict
+// pods only (whoever may label a pod must not be able to stop the node's
+// mesh), is logged, reported as a problem (/readyz 503, systemd STATUS=,
+// /debug/strict) and tried again at the next check.
 
 // strictState is what the daemon put in force with SetStrict.
 type strictState struct {
