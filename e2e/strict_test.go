@@ -53,6 +53,13 @@ func (n *node) strictDropped() float64 {
 	return testenv.Metric(n.t, m, "smesh_strict_dropped_total", nil)
 }
 
+// strictPassed is node n's smesh_strict_passed_total{reason}.
+func (n *node) strictPassed(reason string) float64 {
+	n.t.Helper()
+	_, m := n.admin("/metrics")
+	return testenv.Metric(n.t, m, "smesh_strict_passed_total", map[string]string{"reason": reason})
+}
+
 // TestStrictInbound: node b runs servers in a strict workload (a cgroup
 // below its enrolled one). A plaintext connection from a process of node a
 // outside the mesh goes unanswered (the SYN dropped, counted in b's
@@ -89,6 +96,7 @@ func TestStrictInbound(t *testing.T) {
 					t.Errorf("%s: smesh_strict_dropped_total %v -> %v after a dropped connection", stage, before, after)
 				}
 				// (b) node a's enrolled client, through the tunnel.
+				mesh, exempted := b.strictPassed("mesh"), b.strictPassed("exempt")
 				a.client(a.enrolled, "echo", server, scaledArg(4<<20))
 				// (c) on node b: outside the mesh dropped, enrolled passes.
 				b.client(outsideB, "dropped", server)
@@ -96,6 +104,9 @@ func TestStrictInbound(t *testing.T) {
 				// (d) the exempt port takes plaintext.
 				a.client(outsideA, "echo", exempt, "100000")
 				b.client(outsideB, "echo", exempt, "100000")
+				if m, e := b.strictPassed("mesh"), b.strictPassed("exempt"); m < mesh+2 || e < exempted+2 {
+					t.Errorf("%s: smesh_strict_passed_total mesh %v -> %v, exempt %v -> %v, want 2 more each", stage, mesh, m, exempted, e)
+				}
 			}
 			check("start")
 
