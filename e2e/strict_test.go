@@ -224,8 +224,8 @@ func TestStrictWorkloadAppears(t *testing.T) {
 
 // TestKubernetesStrict: against a real API server with the test kubelet, a
 // pod in the mesh labelled smesh.dev/inbound=strict on node b accepts a
-// mesh pod of node a (through the tunnel) and drops a pod outside the mesh,
-// but on its readiness probe's port (named in its container), which the
+// mesh pod of node a (through the tunnel) and of its own node, and drops a
+// pod outside the mesh of either node, but on its readiness probe's port (named in its container), which the
 // kubelet probes in plaintext; labelled open again, it takes plaintext.
 func TestKubernetesStrict(t *testing.T) {
 	testenv.RequirePrivileged(t)
@@ -249,6 +249,8 @@ func TestKubernetesStrict(t *testing.T) {
 	podServerAt(t, srv.container(), probe)
 	web := k.create(podSpec("meshed", "web", "node-a", nil, corev1.PodQOSBestEffort))
 	plain := k.create(podSpec("plain", "outside", "node-a", nil, corev1.PodQOSBestEffort))
+	plainB := k.create(podSpec("plain", "outside-b", "node-b", nil, corev1.PodQOSBestEffort))
+	meshB := k.create(podSpec("meshed", "client-b", "node-b", nil, corev1.PodQOSBestEffort))
 
 	kc.startSmeshd(b, "node-b", kb)
 	kc.startSmeshd(a, "node-a", ka)
@@ -271,6 +273,11 @@ func TestKubernetesStrict(t *testing.T) {
 	}
 	pa.podClient(web.container(), "echo", addr, "1000000")
 	pa.podClient(plain.container(), "echo", probe, "100000")
+	// On node b: a pod outside the mesh is dropped, a mesh pod passes.
+	b.waitServed(meshB.Name)
+	pb := &podNode{node: b}
+	pb.podClient(plainB.container(), "dropped", addr)
+	pb.podClient(meshB.container(), "echo", addr, "1000000")
 
 	// Labelled open: plaintext passes again.
 	patch := []byte(`{"metadata":{"labels":{"smesh.dev/inbound":"open"}}}`)
