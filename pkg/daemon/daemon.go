@@ -216,6 +216,9 @@ type daemon struct {
 	// store is systemd's descriptor store, kept by a worker of smeshd's
 	// master (fdstore.go); nil otherwise.
 	store *fdStore
+
+	// strict is strict inbound in force (strict.go).
+	strict strictState
 }
 
 // Run runs smeshd until ctx is done, then drains (see drain). SIGHUP
@@ -638,6 +641,7 @@ func (d *daemon) start(wait, ctx context.Context) error {
 	}
 	d.cleanups = append(d.cleanups, d.beat.Stop)
 	d.metrics.SetSpliceSource(d.spliceCounters)
+	d.startStrict()
 	// [[services]] are in the maps before connect4 is attached; their
 	// locality follows this node's addresses (startMembers).
 	d.svcs = newStaticServices(d.dp.Services(), log)
@@ -772,7 +776,8 @@ func (d *daemon) enrolPods() error {
 	enrolled := d.wanted()
 	if slices.Equal(enrolled, d.enrolled) && d.captureErr == nil {
 		// No pod joined or left the mesh (the watcher's first set, for
-		// one, was enrolled at start).
+		// one, was enrolled at start); one may have become strict.
+		d.recheckStrict()
 		return nil
 	}
 	d.setMembers(enrolled)

@@ -116,8 +116,13 @@ func (d *daemon) wantedIdentities(c config.Capture) ([]IdentityEntry, map[string
 	}
 	if d.pods != nil {
 		pods := d.pods.Identities()
+		var strict map[string][]uint16
+		if sp, ok := d.pods.(strictPods); ok {
+			strict = sp.Strict()
+		}
 		for _, cg := range slices.Sorted(mapKeys(pods)) {
-			add(cg, pods[cg], "pod", false)
+			_, isStrict := strict[cg]
+			add(cg, pods[cg], "pod", isStrict)
 		}
 	}
 	return out, names, nil

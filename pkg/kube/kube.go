@@ -73,7 +73,10 @@ func Start(ctx context.Context, cfg config.Kubernetes, td spiffeid.TrustDomain, 
 		return nil, err
 	}
 	key, value := cfg.LabelKeyValue()
+	skey, svalue := cfg.StrictLabelKeyValue()
 	w := NewWatcher(Options{
+		StrictKey:   skey,
+		StrictValue: svalue,
 		API:         api,
 		NodeName:    node,
 		TrustDomain: td,
