@@ -183,6 +183,7 @@ type daemon struct {
 	svcs     *staticServices
 	pods     PodSource // nil without [kubernetes]
 	idents   *identities
+	pol      *policies
 	cleanups []func() // run in reverse order on exit
 
 	// What the capture covers (cgroups.go): every enrolled cgroup (static's
@@ -537,6 +538,16 @@ func (d *daemon) start(wait, ctx context.Context) error {
 		return err
 	}
 	d.tun.Server.Hold(d.gate)
+	// Sources are verified against [[tunnel.tls.peers]] workloads (the
+	// verifier follows reloads), and authorized by the policies in force.
+	// Without TLS no source can be verified: every connection is its
+	// node's.
+	d.pol = newPolicies(cfg, log)
+	var verifier tunnel.SourceVerifier
+	if d.tun.Credentials != nil {
+		verifier = d.tun.Credentials.SourceVerifier()
+	}
+	d.tun.Server.SetSourceChecks(verifier, d.pol.authorize)
 	d.metrics.SetTunnelStats(d.tun.Stats)
 	d.cleanups = append(d.cleanups, func() { d.tun.Close() })
 	if d.tun.Credentials != nil {
@@ -711,6 +722,8 @@ func (d *daemon) startMembers(ctx context.Context, enrolled []string, ready6 boo
 	d.cleanups = append(d.cleanups, func() { stop(); <-addrsDone })
 	d.admin.HandleJSON("/debug/namespaces", func() any { return d.members.Namespaces() })
 	d.admin.HandleJSON("/debug/identities", d.debugIdentities)
+	d.admin.HandleJSON("/debug/policy", d.debugPolicy)
+	d.metrics.Registry().MustRegister(metrics.PolicyCollector(d.policyCounts))
 	d.metrics.Registry().MustRegister(metrics.NamespaceCollector(d.namespaceCounts))
 	return nil
 }

@@ -305,5 +305,8 @@ func (d *daemon) runAddrIDs(ctx context.Context) {
 		d.idents.mu.Lock()
 		d.idents.addrs = addrs
 		d.idents.mu.Unlock()
+		// Identities, addresses or policies changed: the verdicts
+		// follow (a burst of pokes is one compile).
+		d.applyPolicy()
 	}
 }

@@ -1,0 +1,345 @@
+package daemon
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/rs/zerolog"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/time/rate"
+
+	"github.com/smesh-dev/smesh/pkg/config"
+	"github.com/smesh-dev/smesh/pkg/datapath"
+	"github.com/smesh-dev/smesh/pkg/metrics"
+	"github.com/smesh-dev/smesh/pkg/policy"
+	"github.com/smesh-dev/smesh/pkg/tunnel"
+)
+
+// policies enforces the authorization policies in force (docs/identity.md
+// 4 and 5) on both paths: the tunnel server asks authorize for every
+// tunnelled connection, and compile turns the set into connect4/6's
+// same-node verdicts (datapath.SetPolicy) whenever the policies, the
+// identities or the workloads' addresses change (runAddrIDs).
+//
+// Both read immutable snapshots through atomic pointers: a decision on
+// the tunnel's path takes no lock and allocates nothing.
+type policies struct {
+	log zerolog.Logger
+	set atomic.Pointer[policy.Set]
+	// dsts are this node's workloads by address (smesh_addr_ids'
+	// addresses): the destinations policy applies to.
+	dsts atomic.Pointer[map[netip.Addr]policy.Workload]
+
+	// Denials logged at most this often (a burst of 5, then 1 a second):
+	// a client retrying in a loop must not flood the journal.
+	logLimit *rate.Limiter
+
+	mu sync.Mutex
+	// numbers give each (policy, reason) a uint16 for BPF's per-policy
+	// counters; 0 is a policed destination no entry matched (none, as
+	// compile writes an entry for every source). Kept across compiles so
+	// that the counters keep their names.
+	numbers map[denial]uint16
+	names   []denial // by number
+	tunnel  map[denial]uint64
+	// Of the last compile, for /debug/policy.
+	compiled  int
+	compileAt time.Time
+	problems  []string
+	compErr   string
+}
+
+// denial is a counter's labels.
+type denial struct{ policy, reason string }
+
+func newPolicies(cfg config.Config, log zerolog.Logger) *policies {
+	p := &policies{log: log.With().Str("component", "policy").Logger(),
+		logLimit: rate.NewLimiter(1, 5),
+		numbers:  map[denial]uint16{}, names: []denial{{"", policy.ReasonNotAllowed}},
+		tunnel: map[denial]uint64{}}
+	p.set.Store(setOf(cfg))
+	empty := map[netip.Addr]policy.Workload{}
+	p.dsts.Store(&empty)
+	return p
+}
+
+// setOf is the policy set of smesh.toml's [[policy]] tables.
+func setOf(cfg config.Config) *policy.Set {
+	return policy.NewSet(config.ToPolicies(cfg.Policies), cfg.Kubernetes.PolicyRootNamespace)
+}
+
+// authorize is the tunnel server's Authorize: the destination address
+// names a workload of this node, or no policy applies (Istio enforces on
+// workloads in the mesh only: a destination that is no workload, such as
+// the node's own address shared by every systemd unit, is allowed).
+func (p *policies) authorize(src tunnel.Source, dst netip.AddrPort) (string, bool) {
+	set := p.set.Load()
+	if set.Len() == 0 {
+		return "", true
+	}
+	w, ok := (*p.dsts.Load())[dst.Addr().Unmap()]
+	if !ok {
+		return "", true
+	}
+	v := set.Decide(policy.Source{ID: src.Workload, IP: src.Addr}, w, dst.Port())
+	if v.Allow {
+		return v.Policy, true
+	}
+	p.mu.Lock()
+	p.tunnel[denial{v.Policy, v.Reason}]++
+	p.mu.Unlock()
+	if p.logLimit.Allow() {
+		p.log.Warn().Str("path", metrics.PolicyPathTunnel).Str("source_node", src.Node.String()).
+			Str("source", idString(src.Workload)).Str("source_addr", src.Addr.String()).
+			Str("destination", w.ID.String()).Str("dst", dst.String()).
+			Str("policy", v.Policy).Str("reason", v.Reason).Msg("connection denied by authorization policy")
+	}
+	return v.Policy, false
+}
+
+func idString(id spiffeid.ID) string {
+	if id.IsZero() {
+		return ""
+	}
+	return id.String()
+}
+
+// number is the counter number of (policy, reason); under p.mu.
+func (p *policies) number(v policy.Verdict) uint16 {
+	if v.Allow {
+		return 0
+	}
+	d := denial{v.Policy, v.Reason}
+	if n, ok := p.numbers[d]; ok {
+		return n
+	}
+	if len(p.names) > 0xffff {
+		return 0 // counted as "no entry": never wrong about allowing
+	}
+	n := uint16(len(p.names))
+	p.numbers[d] = n
+	p.names = append(p.names, d)
+	return n
+}
+
+// localWorkload is a workload of this node as compile sees it.
+type localWorkload struct {
+	num   uint32
+	w     policy.Workload
+	addrs []netip.Addr // of its own namespaces (smesh_addr_ids)
+}
+
+// compile computes the same-node verdicts of set for this node's
+// identities (every number the daemon gave, and 0 for a caller no
+// workload names) and destination workloads (addrs, smesh_addr_ids),
+// and the address -> workload map of the tunnel path.
+//
+// A destination is policed when any policy selects it; then every source
+// and every port the policies name, and port 0 (any other port), get the
+// verdict Decide gives. ipBlocks: a same-node connect comes from the
+// source namespace's address, so each of that identity's namespace
+// addresses is decided; when they disagree the entry denies and the
+// problem is reported (/debug/policy). A source with no namespace of its
+// own (the node's namespace, shared) is decided without an address.
+func (p *policies) compile(set *policy.Set, names map[uint32]spiffeid.ID, addrs map[netip.Addr]uint32) ([]datapath.PolicyEntry, map[netip.Addr]policy.Workload, []string) {
+	byNum := make(map[uint32]*localWorkload)
+	for n, id := range names {
+		byNum[n] = &localWorkload{num: n, w: policy.Workload{ID: id}}
+	}
+	dsts := make(map[netip.Addr]policy.Workload, len(addrs))
+	for a, n := range addrs {
+		lw := byNum[n]
+		if lw == nil {
+			continue // a number no longer named: no workload
+		}
+		lw.addrs = append(lw.addrs, a)
+		dsts[a] = lw.w
+	}
+	nums := slices.Sorted(mapKeysU(byNum))
+	sources := append([]uint32{datapath.UnknownIdentity}, nums...)
+	var entries []datapath.PolicyEntry
+	var problems []string
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, dn := range nums {
+		dst := byNum[dn]
+		if len(dst.addrs) == 0 || !set.Selects(dst.w) {
+			continue // not reachable by address here, or not policed
+		}
+		ports := append([]uint16{0}, set.Ports(dst.w)...)
+		for _, sn := range sources {
+			var src policy.Source
+			var ips []netip.Addr
+			if sn != datapath.UnknownIdentity {
+				src.ID = byNum[sn].w.ID
+				ips = byNum[sn].addrs
+			}
+			for _, port := range ports {
+				v := decideAll(set, src, ips, dst.w, port)
+				if v.Reason == "ambiguous_source_address" {
+					problems = append(problems, fmt.Sprintf("source %s to %s port %d: its addresses %v decide differently (ipBlocks): denied on the same node",
+						src.ID, dst.w.ID, port, ips))
+					v = policy.Verdict{Policy: v.Policy, Reason: policy.ReasonDenied}
+				}
+				entries = append(entries, datapath.PolicyEntry{Dst: dn, Src: sn, Port: port, Allow: v.Allow, Policy: p.number(v)})
+			}
+		}
+	}
+	return entries, dsts, problems
+}
+
+// decideAll decides for src at each of ips (none: no address); a
+// disagreement is reported as reason "ambiguous_source_address".
+func decideAll(set *policy.Set, src policy.Source, ips []netip.Addr, dst policy.Workload, port uint16) policy.Verdict {
+	if len(ips) == 0 {
+		return set.Decide(src, dst, port)
+	}
+	var first policy.Verdict
+	for i, ip := range ips {
+		src.IP = ip
+		v := set.Decide(src, dst, port)
+		if i == 0 {
+			first = v
+		} else if v.Allow != first.Allow {
+			return policy.Verdict{Policy: first.Policy, Reason: "ambiguous_source_address"}
+		}
+	}
+	return first
+}
+
+func mapKeysU[V any](m map[uint32]V) func(func(uint32) bool) {
+	return func(yield func(uint32) bool) {
+		for k := range m {
+			if !yield(k) {
+				return
+			}
+		}
+	}
+}
+
+// apply compiles and puts the result in force: the BPF verdicts first,
+// then the tunnel's destinations. On a BPF error the old verdicts stay
+// (logged) and the tunnel follows the new set all the same.
+func (d *daemon) applyPolicy() {
+	p := d.pol
+	d.idents.mu.Lock()
+	names := make(map[uint32]spiffeid.ID)
+	for _, e := range d.idents.view {
+		if id, ok := d.idents.numbers.Name(e.Number); ok && e.Number != 0 {
+			names[e.Number] = id
+		}
+	}
+	addrs := d.idents.addrs
+	d.idents.mu.Unlock()
+	set := p.set.Load()
+	entries, dsts, problems := p.compile(set, names, addrs)
+	err := d.dp.SetPolicy(entries)
+	p.dsts.Store(&dsts)
+	p.mu.Lock()
+	p.compiled, p.compileAt, p.problems, p.compErr = len(entries), time.Now(), problems, ""
+	if err != nil {
+		p.compErr = err.Error()
+	}
+	p.mu.Unlock()
+	for _, pr := range problems {
+		d.log.Error().Str("component", "policy").Str("problem", pr).Msg("same-node policy cannot be exact")
+	}
+	if err != nil {
+		d.log.Error().Err(err).Int("entries", len(entries)).Msg("writing same-node policy (smesh_policy): the previous verdicts stay in force")
+		return
+	}
+	d.log.Debug().Int("entries", len(entries)).Int("workloads", len(dsts)).Int("policies", set.Len()).Msg("policy compiled")
+}
+
+// policyCounts is the PolicyCollector's source.
+func (d *daemon) policyCounts() (metrics.PolicyCounts, error) {
+	p := d.pol
+	var pc metrics.PolicyCounts
+	for _, pr := range p.set.Load().Problems() {
+		if !slices.Contains(pc.Invalid, pr.Policy) {
+			pc.Invalid = append(pc.Invalid, pr.Policy)
+		}
+	}
+	denied, err := d.dp.PolicyDenied()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for k, n := range p.tunnel {
+		pc.Denied = append(pc.Denied, metrics.PolicyDenials{Path: metrics.PolicyPathTunnel, Policy: k.policy, Reason: k.reason, Count: n})
+	}
+	if err != nil {
+		return pc, err
+	}
+	for num, n := range denied {
+		lbl := denial{"", policy.ReasonNotAllowed}
+		if int(num) < len(p.names) {
+			lbl = p.names[num]
+		}
+		pc.Denied = append(pc.Denied, metrics.PolicyDenials{Path: metrics.PolicyPathSameNode, Policy: lbl.policy, Reason: lbl.reason, Count: n})
+	}
+	return pc, nil
+}
+
+// PolicyWorkload is one local workload as /debug/policy shows it.
+type PolicyWorkload struct {
+	Cgroup   string   `json:"cgroup"`
+	Identity string   `json:"identity"`
+	Number   uint32   `json:"number"`
+	Strict   bool     `json:"strict,omitempty"`
+	Addrs    []string `json:"addresses,omitempty"`
+	Policies any      `json:"policies"`
+}
+
+// debugPolicy is /debug/policy: per local workload, the policies that
+// select it; the invalid policies and why; what the last compile wrote.
+func (d *daemon) debugPolicy() any {
+	p := d.pol
+	set := p.set.Load()
+	d.idents.mu.Lock()
+	view := slices.Clone(d.idents.view)
+	byNum := map[uint32][]string{}
+	for a, n := range d.idents.addrs {
+		byNum[n] = append(byNum[n], a.String())
+	}
+	d.idents.mu.Unlock()
+	sort.Slice(view, func(i, j int) bool { return view[i].Cgroup < view[j].Cgroup })
+	var ws []PolicyWorkload
+	for _, e := range view {
+		id, err := spiffeid.FromString(e.Identity)
+		if err != nil {
+			continue
+		}
+		addrs := byNum[e.Number]
+		slices.Sort(addrs)
+		ws = append(ws, PolicyWorkload{Cgroup: e.Cgroup, Identity: e.Identity, Number: e.Number, Strict: e.Strict,
+			Addrs: addrs, Policies: set.Describe(policy.Workload{ID: id})})
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return struct {
+		Policies  int              `json:"policies"`
+		Workloads []PolicyWorkload `json:"workloads"`
+		Problems  []policy.Problem `json:"problems"`
+		// SameNode is what the last compile wrote into smesh_policy.
+		SameNode struct {
+			Entries  int       `json:"entries"`
+			At       time.Time `json:"at"`
+			Problems []string  `json:"problems,omitempty"`
+			Error    string    `json:"error,omitempty"`
+		} `json:"sameNode"`
+		Enforced string `json:"enforced"`
+	}{Policies: set.Len(), Workloads: ws, Problems: set.Problems(),
+		SameNode: struct {
+			Entries  int       `json:"entries"`
+			At       time.Time `json:"at"`
+			Problems []string  `json:"problems,omitempty"`
+			Error    string    `json:"error,omitempty"`
+		}{p.compiled, p.compileAt, p.problems, p.compErr},
+		Enforced: strings.Join([]string{"tunnel: destinations that are workload addresses of this node",
+			"same_node: connect4/6 to workload addresses of this node"}, "; ")}
+}
