@@ -149,6 +149,12 @@ name = "deny-front-9000"
 action = "DENY"
 workloads = ["` + idPayments + `"]
 rules = [{from = [{principals = ["test.local/ns/web/sa/frontend"]}], to = [{ports = [9000]}]}]
+
+[[policy]]
+name = "deny-addrs-9001"
+action = "DENY"
+workloads = ["` + idPayments + `"]
+rules = [{from = [{ip_blocks = ["` + other.Addr4.String() + `/32", "` + lother.Addr4.String() + `", "` + lother.Addr6.String() + `"]}], to = [{ports = [9001]}]}]
 `
 	confPath := b.confPath
 	p := b.writeConfig(mode, bBase+phase2)
@@ -167,13 +173,26 @@ rules = [{from = [{principals = ["test.local/ns/web/sa/frontend"]}], to = [{port
 	a.podClient(other, "oneway", p9000, fmt.Sprint(4<<20))  // allowed by namespace now
 	a.podClient(front, "reset", p9000)                      // DENY overrides the ALLOW
 	a.podClient(front, "oneway", p9001, fmt.Sprint(4<<20))
+	// ipBlocks: the address node a asserts for other (its pod's IPv4
+	// address, of the destination's family), and lother's namespace
+	// addresses on the same node (both: connect4's verdict is per
+	// identity, so addresses that decide differently deny, reported in
+	// /debug/policy).
+	a.podClient(other, "reset", p9001)
+	b.podClient(lother, "refused", p9001)
 
 	if err := open.Wait(); err != nil || !strings.Contains(open.Stdout(), "ok paced") {
 		t.Errorf("the connection open across the reload: %v %s %s", err, open.Stdout(), open.Stderr())
 	}
 	_, m = b.admin("/metrics")
-	if v := testenv.Metric(t, m, "smesh_policy_denied_total", map[string]string{"path": "tunnel", "policy": "deny-front-9000", "reason": "denied_by_policy"}); v < 1 {
-		t.Errorf("tunnel denials by deny-front-9000 = %v, want at least 1", v)
+	for _, l := range []map[string]string{
+		{"path": "tunnel", "policy": "deny-front-9000", "reason": "denied_by_policy"},
+		{"path": "tunnel", "policy": "deny-addrs-9001", "reason": "denied_by_policy"},
+		{"path": "same_node", "policy": "deny-addrs-9001", "reason": "denied_by_policy"},
+	} {
+		if v := testenv.Metric(t, m, "smesh_policy_denied_total", l); v < 1 {
+			t.Errorf("smesh_policy_denied_total%v = %v, want at least 1\n%s", l, v, grepLines(m, "smesh_policy"))
+		}
 	}
 
 	_, body := b.admin("/debug/policy")
@@ -182,7 +201,10 @@ rules = [{from = [{principals = ["test.local/ns/web/sa/frontend"]}], to = [{port
 			Identity string
 			Policies []struct{ Policy string }
 		}
-		SameNode struct{ Entries int }
+		SameNode struct {
+			Entries  int
+			Problems []string
+		}
 	}
 	if err := json.Unmarshal([]byte(body), &dbg); err != nil {
 		t.Fatalf("/debug/policy: %v: %s", err, body)
@@ -191,10 +213,13 @@ rules = [{from = [{principals = ["test.local/ns/web/sa/frontend"]}], to = [{port
 	for _, w := range dbg.Workloads {
 		if w.Identity == idPayments {
 			found = true
-			if len(w.Policies) != 2 {
-				t.Errorf("/debug/policy lists %d policies for payments, want 2: %s", len(w.Policies), body)
+			if len(w.Policies) != 3 {
+				t.Errorf("/debug/policy lists %d policies for payments, want 3: %s", len(w.Policies), body)
 			}
 		}
+	}
+	if len(dbg.SameNode.Problems) > 0 {
+		t.Errorf("/debug/policy reports same-node problems, want none (every address listed): %v", dbg.SameNode.Problems)
 	}
 	if !found || dbg.SameNode.Entries == 0 {
 		t.Errorf("/debug/policy does not show payments or its compiled verdicts: %s", body)

@@ -181,11 +181,10 @@ func (p *policies) compile(set *policy.Set, names map[uint32]spiffeid.ID, addrs 
 				ips = byNum[sn].addrs
 			}
 			for _, port := range ports {
-				v := decideAll(set, src, ips, dst.w, port)
-				if v.Reason == "ambiguous_source_address" {
+				v, ambiguous := decideAll(set, src, ips, dst.w, port)
+				if ambiguous {
 					problems = append(problems, fmt.Sprintf("source %s to %s port %d: its addresses %v decide differently (ipBlocks): denied on the same node",
 						src.ID, dst.w.ID, port, ips))
-					v = policy.Verdict{Policy: v.Policy, Reason: policy.ReasonDenied}
 				}
 				entries = append(entries, datapath.PolicyEntry{Dst: dn, Src: sn, Port: port, Allow: v.Allow, Policy: p.number(v)})
 			}
@@ -194,23 +193,30 @@ func (p *policies) compile(set *policy.Set, names map[uint32]spiffeid.ID, addrs 
 	return entries, dsts, problems
 }
 
-// decideAll decides for src at each of ips (none: no address); a
-// disagreement is reported as reason "ambiguous_source_address".
-func decideAll(set *policy.Set, src policy.Source, ips []netip.Addr, dst policy.Workload, port uint16) policy.Verdict {
+// decideAll decides for src at each of ips (none: no address). When they
+// disagree, ambiguous is true and the verdict is the first denying one:
+// the entry denies, under the policy that denies.
+func decideAll(set *policy.Set, src policy.Source, ips []netip.Addr, dst policy.Workload, port uint16) (v policy.Verdict, ambiguous bool) {
 	if len(ips) == 0 {
-		return set.Decide(src, dst, port)
+		return set.Decide(src, dst, port), false
 	}
-	var first policy.Verdict
-	for i, ip := range ips {
+	var allowed, denied bool
+	for _, ip := range ips {
 		src.IP = ip
-		v := set.Decide(src, dst, port)
-		if i == 0 {
-			first = v
-		} else if v.Allow != first.Allow {
-			return policy.Verdict{Policy: first.Policy, Reason: "ambiguous_source_address"}
+		w := set.Decide(src, dst, port)
+		if w.Allow {
+			if !allowed && !denied {
+				v = w
+			}
+			allowed = true
+		} else {
+			if !denied {
+				v = w
+			}
+			denied = true
 		}
 	}
-	return first
+	return v, allowed && denied
 }
 
 func mapKeysU[V any](m map[uint32]V) func(func(uint32) bool) {

@@ -1,0 +1,112 @@
+package daemon
+
+import (
+	"net/netip"
+	"testing"
+
+	"github.com/rs/zerolog"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/smesh-dev/smesh/pkg/config"
+	"github.com/smesh-dev/smesh/pkg/datapath"
+	"github.com/smesh-dev/smesh/pkg/policy"
+	"github.com/smesh-dev/smesh/pkg/tunnel"
+)
+
+// TestPolicyCompile: the same-node verdicts of a set for this node's
+// identities, and the tunnel's decisions by destination address.
+func TestPolicyCompile(t *testing.T) {
+	web := spiffeid.RequireFromString("spiffe://td/ns/web/sa/web")
+	db := spiffeid.RequireFromString("spiffe://td/ns/db/sa/db")
+	batch := spiffeid.RequireFromString("spiffe://td/ns/batch/sa/batch")
+	names := map[uint32]spiffeid.ID{10: web, 20: db, 30: batch}
+	dbAddr := netip.MustParseAddr("10.0.0.2")
+	addrs := map[netip.Addr]uint32{
+		netip.MustParseAddr("10.0.0.1"): 10, dbAddr: 20,
+		// batch has two addresses, which ipBlocks tell apart.
+		netip.MustParseAddr("10.0.0.3"): 30, netip.MustParseAddr("fd00::3"): 30,
+	}
+	cfg := config.Config{Policies: []config.Policy{
+		{Name: "db-from-web", Action: "ALLOW", Workloads: []string{db.String()},
+			Rules: []config.PolicyRule{{From: []config.PolicyFrom{{Principals: []string{"td/ns/web/sa/web"}}}, To: []config.PolicyTo{{Ports: []uint16{5432}}}}}},
+		{Name: "db-batch-v4", Action: "ALLOW", Workloads: []string{db.String()},
+			Rules: []config.PolicyRule{{From: []config.PolicyFrom{{IPBlocks: []string{"10.0.0.3/32"}}}}}},
+	}}
+	p := newPolicies(cfg, zerolog.Nop())
+	entries, dsts, problems := p.compile(p.set.Load(), names, addrs)
+	p.dsts.Store(&dsts)
+
+	got := map[[3]uint32]datapath.PolicyEntry{}
+	for _, e := range entries {
+		if e.Dst != 20 {
+			t.Errorf("entry for %d, which no policy selects: %+v", e.Dst, e)
+		}
+		got[[3]uint32{e.Dst, e.Src, uint32(e.Port)}] = e
+	}
+	for _, c := range []struct {
+		src   uint32
+		port  uint16
+		allow bool
+	}{
+		{10, 5432, true}, {10, 0, false}, // web: its port only
+		{20, 5432, false}, {20, 0, false}, // db itself: nothing allows it
+		{datapath.UnknownIdentity, 5432, false}, {datapath.UnknownIdentity, 0, false},
+		{30, 5432, false}, {30, 0, false}, // batch: its addresses disagree: denied
+	} {
+		e, ok := got[[3]uint32{20, c.src, uint32(c.port)}]
+		if !ok || e.Allow != c.allow {
+			t.Errorf("src %d port %d: %+v (present %v), want allow %v", c.src, c.port, e, ok, c.allow)
+		}
+		if ok && !e.Allow && e.Policy == 0 {
+			t.Errorf("src %d port %d: a denial counted under no policy number", c.src, c.port)
+		}
+	}
+	if len(entries) != 8 {
+		t.Errorf("%d entries, want 8 (4 sources x 2 ports): %+v", len(entries), entries)
+	}
+	if len(problems) != 2 {
+		t.Errorf("problems %q, want batch's two ports reported", problems)
+	}
+
+	// The tunnel: by destination address; a destination that is no
+	// workload is no policy's.
+	for _, c := range []struct {
+		src   tunnel.Source
+		dst   string
+		allow bool
+	}{
+		{tunnel.Source{Workload: web}, "10.0.0.2:5432", true},
+		{tunnel.Source{Workload: web}, "10.0.0.2:80", false},
+		{tunnel.Source{Workload: batch, Addr: netip.MustParseAddr("10.0.0.3")}, "10.0.0.2:80", true},
+		{tunnel.Source{Workload: batch, Addr: netip.MustParseAddr("fd00::3")}, "10.0.0.2:80", false},
+		{tunnel.Source{}, "10.0.0.1:80", true},  // web: no policy selects it
+		{tunnel.Source{}, "192.0.2.1:80", true}, // no workload
+		{tunnel.Source{}, "[::ffff:10.0.0.2]:80", false},
+	} {
+		if _, ok := p.authorize(c.src, netip.MustParseAddrPort(c.dst)); ok != c.allow {
+			t.Errorf("%+v to %s: allowed %v, want %v", c.src, c.dst, ok, c.allow)
+		}
+	}
+	pc := p.tunnel[denial{"", policy.ReasonNotAllowed}]
+	if pc != 3 {
+		t.Errorf("tunnel not_allowed count %d, want 3", pc)
+	}
+}
+
+// BenchmarkAuthorize: the tunnel's decision for a new connection.
+func BenchmarkAuthorize(b *testing.B) {
+	web := spiffeid.RequireFromString("spiffe://td/ns/web/sa/web")
+	db := spiffeid.RequireFromString("spiffe://td/ns/db/sa/db")
+	cfg := config.Config{Policies: []config.Policy{{Name: "db-from-web", Action: "ALLOW", Workloads: []string{db.String()},
+		Rules: []config.PolicyRule{{From: []config.PolicyFrom{{Principals: []string{"td/ns/web/sa/web"}}}}}}}}
+	p := newPolicies(cfg, zerolog.Nop())
+	_, dsts, _ := p.compile(p.set.Load(), map[uint32]spiffeid.ID{10: web, 20: db}, map[netip.Addr]uint32{netip.MustParseAddr("10.0.0.2"): 20})
+	p.dsts.Store(&dsts)
+	src, dst := tunnel.Source{Workload: web}, netip.MustParseAddrPort("10.0.0.2:5432")
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, ok := p.authorize(src, dst); !ok {
+			b.Fatal("denied")
+		}
+	}
+}
