@@ -32,6 +32,7 @@ import (
 	"github.com/smesh-dev/smesh/pkg/enrol"
 	"github.com/smesh-dev/smesh/pkg/handover"
 	"github.com/smesh-dev/smesh/pkg/metrics"
+	"github.com/smesh-dev/smesh/pkg/policy"
 	"github.com/smesh-dev/smesh/pkg/proxy"
 	"github.com/smesh-dev/smesh/pkg/services"
 	"github.com/smesh-dev/smesh/pkg/tunnel"
@@ -163,6 +164,34 @@ type PodSource interface {
 	Changed() <-chan struct{}
 	// Pods describes the pods for /debug/pods.
 	Pods() any
+}
+
+// PolicySource is a PodSource that also knows the cluster's side of
+// authorization (pkg/kube's Node): the pods as policy destinations, the
+// cluster's AuthorizationPolicies, and which node runs which workload.
+// With it, smesh.toml's [[policy]] tables are not used.
+type PolicySource interface {
+	// Workloads are the pods in the mesh as policy sees them, by cgroup
+	// (of Cgroups); they change with Changed.
+	Workloads() map[string]policy.Workload
+	// Policies are the policies in force; PoliciesChanged receives after
+	// they changed.
+	Policies() *policy.Set
+	PoliciesChanged() <-chan struct{}
+	// Verify is tunnel.SourceVerifier for the cluster's pods.
+	Verify(node, workload spiffeid.ID, addr netip.Addr) error
+}
+
+// podVerifier is the tunnel's SourceVerifier with [kubernetes]: the
+// cluster's pods (PolicySource), once startPods set them (before any
+// tunnel listener serves); a PodSource without them verifies nothing.
+type podVerifier struct{ d *daemon }
+
+func (v podVerifier) Verify(node, workload spiffeid.ID, addr netip.Addr) error {
+	if ps, ok := v.d.pods.(PolicySource); ok {
+		return ps.Verify(node, workload, addr)
+	}
+	return tunnel.ErrUnverifiable
 }
 
 // daemon is one running smeshd: its parts and the configuration in force.
@@ -367,9 +396,12 @@ func Run(ctx context.Context, opts Options) (err error) {
 	// re-read on handshakes): keep the expiry metric current.
 	certCheck := time.NewTicker(time.Minute)
 	defer certCheck.Stop()
-	var podsChanged <-chan struct{}
+	var podsChanged, policiesChanged <-chan struct{}
 	if d.pods != nil {
 		podsChanged = d.pods.Changed()
+	}
+	if ps, ok := d.pods.(PolicySource); ok {
+		policiesChanged = ps.PoliciesChanged()
 	}
 	var successor *handover.Request // one hand-over at a time
 	// The successor `smeshd upgrade` started, until it took over or
@@ -457,7 +489,11 @@ func Run(ctx context.Context, opts Options) (err error) {
 			if err := d.enrolPods(); err != nil {
 				d.log.Error().Err(err).Msg("enrolling this node's pods in the mesh")
 			}
+			d.pokeAddrIDs() // labels may have changed: policy follows
 			d.kickStore()
+		case <-policiesChanged:
+			d.pol.set.Store(d.pods.(PolicySource).Policies())
+			d.pokeAddrIDs()
 		case <-certCheck.C:
 			if d.tun.Credentials != nil {
 				d.metrics.CertExpiry(d.tun.Credentials.Source(), d.tun.Credentials.NotAfter())
@@ -544,7 +580,11 @@ func (d *daemon) start(wait, ctx context.Context) error {
 	// node's.
 	d.pol = newPolicies(cfg, log)
 	var verifier tunnel.SourceVerifier
-	if d.tun.Credentials != nil {
+	switch {
+	case d.tun.Credentials == nil:
+	case cfg.Kubernetes.Enabled:
+		verifier = podVerifier{d}
+	default:
 		verifier = d.tun.Credentials.SourceVerifier()
 	}
 	d.tun.Server.SetSourceChecks(verifier, d.pol.authorize)
@@ -752,6 +792,13 @@ func (d *daemon) startPods(wait, ctx context.Context) error {
 	}
 	d.pods = pods
 	d.admin.HandleJSON("/debug/pods", pods.Pods)
+	if ps, ok := pods.(PolicySource); ok {
+		if len(d.cfg.Policies) > 0 {
+			d.log.Warn().Int("policies", len(d.cfg.Policies)).Msg("[[policy]] in smesh.toml is not used with [kubernetes]: " +
+				"the cluster's AuthorizationPolicies are the policies in force")
+		}
+		d.pol.set.Store(ps.Policies())
+	}
 	return nil
 }
 

@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"sort"
@@ -128,17 +129,27 @@ func (p *policies) number(v policy.Verdict) uint16 {
 	return n
 }
 
-// localWorkload is a workload of this node as compile sees it.
+// localWorkload is a destination identity of this node as compile sees
+// it: its workloads (one per distinct namespace and labels: in Kubernetes
+// the pods of one service account may carry different labels) and the
+// addresses of its own namespaces.
 type localWorkload struct {
-	num   uint32
-	w     policy.Workload
-	addrs []netip.Addr // of its own namespaces (smesh_addr_ids)
+	num      uint32
+	id       spiffeid.ID
+	variants []policy.Workload
+	addrs    []netip.Addr // of its own namespaces (smesh_addr_ids)
+}
+
+func sameWorkload(a, b policy.Workload) bool {
+	return a.ID == b.ID && a.Namespace == b.Namespace && maps.Equal(a.Labels, b.Labels)
 }
 
 // compile computes the same-node verdicts of set for this node's
 // identities (every number the daemon gave, and 0 for a caller no
-// workload names) and destination workloads (addrs, smesh_addr_ids),
-// and the address -> workload map of the tunnel path.
+// workload names) and destination workloads (addrs, smesh_addr_ids; wls
+// says what each address's workload is to policy, for Kubernetes pods;
+// otherwise just its identity), and the address -> workload map of the
+// tunnel path.
 //
 // A destination is policed when any policy selects it; then every source
 // and every port the policies name, and port 0 (any other port), get the
@@ -147,10 +158,15 @@ type localWorkload struct {
 // addresses is decided; when they disagree the entry denies and the
 // problem is reported (/debug/policy). A source with no namespace of its
 // own (the node's namespace, shared) is decided without an address.
-func (p *policies) compile(set *policy.Set, names map[uint32]spiffeid.ID, addrs map[netip.Addr]uint32) ([]datapath.PolicyEntry, map[netip.Addr]policy.Workload, []string) {
+//
+// connect4/6 know a destination by its identity number only: pods of one
+// identity whose labels the policies treat differently cannot be told
+// apart there, so every connection to that identity on the same node is
+// denied (fail closed, reported); the tunnel path decides per pod.
+func (p *policies) compile(set *policy.Set, names map[uint32]spiffeid.ID, addrs map[netip.Addr]uint32, wls map[netip.Addr]policy.Workload) ([]datapath.PolicyEntry, map[netip.Addr]policy.Workload, []string) {
 	byNum := make(map[uint32]*localWorkload)
 	for n, id := range names {
-		byNum[n] = &localWorkload{num: n, w: policy.Workload{ID: id}}
+		byNum[n] = &localWorkload{num: n, id: id}
 	}
 	dsts := make(map[netip.Addr]policy.Workload, len(addrs))
 	for a, n := range addrs {
@@ -158,8 +174,15 @@ func (p *policies) compile(set *policy.Set, names map[uint32]spiffeid.ID, addrs 
 		if lw == nil {
 			continue // a number no longer named: no workload
 		}
+		w, ok := wls[a]
+		if !ok || w.ID != lw.id {
+			w = policy.Workload{ID: lw.id}
+		}
 		lw.addrs = append(lw.addrs, a)
-		dsts[a] = lw.w
+		if !slices.ContainsFunc(lw.variants, func(v policy.Workload) bool { return sameWorkload(v, w) }) {
+			lw.variants = append(lw.variants, w)
+		}
+		dsts[a] = w
 	}
 	nums := slices.Sorted(mapKeysU(byNum))
 	sources := append([]uint32{datapath.UnknownIdentity}, nums...)
@@ -169,26 +192,53 @@ func (p *policies) compile(set *policy.Set, names map[uint32]spiffeid.ID, addrs 
 	defer p.mu.Unlock()
 	for _, dn := range nums {
 		dst := byNum[dn]
-		if len(dst.addrs) == 0 || !set.Selects(dst.w) {
+		policed := false
+		ports := []uint16{0}
+		for _, v := range dst.variants {
+			if set.Selects(v) {
+				policed = true
+				ports = append(ports, set.Ports(v)...)
+			}
+		}
+		if !policed {
 			continue // not reachable by address here, or not policed
 		}
-		ports := append([]uint16{0}, set.Ports(dst.w)...)
+		slices.Sort(ports)
+		ports = slices.Compact(ports)
+		var mine []datapath.PolicyEntry
+		exact := true
 		for _, sn := range sources {
 			var src policy.Source
 			var ips []netip.Addr
 			if sn != datapath.UnknownIdentity {
-				src.ID = byNum[sn].w.ID
+				src.ID = byNum[sn].id
 				ips = byNum[sn].addrs
 			}
 			for _, port := range ports {
-				v, ambiguous := decideAll(set, src, ips, dst.w, port)
-				if ambiguous {
-					problems = append(problems, fmt.Sprintf("source %s to %s port %d: its addresses %v decide differently (ipBlocks): denied on the same node",
-						src.ID, dst.w.ID, port, ips))
+				var first policy.Verdict
+				for i, w := range dst.variants {
+					v, ambiguous := decideAll(set, src, ips, w, port)
+					if ambiguous {
+						problems = append(problems, fmt.Sprintf("source %s to %s port %d: its addresses %v decide differently (ipBlocks): denied on the same node",
+							src.ID, dst.id, port, ips))
+					}
+					if i == 0 {
+						first = v
+					} else if v.Allow != first.Allow {
+						exact = false
+					}
 				}
-				entries = append(entries, datapath.PolicyEntry{Dst: dn, Src: sn, Port: port, Allow: v.Allow, Policy: p.number(v)})
+				mine = append(mine, datapath.PolicyEntry{Dst: dn, Src: sn, Port: port, Allow: first.Allow, Policy: p.number(first)})
 			}
 		}
+		if !exact {
+			problems = append(problems, fmt.Sprintf("destination %s: its pods on this node carry labels the policies treat differently, "+
+				"which connect4/6 cannot tell apart (they know the identity only): every same-node connection to it is denied", dst.id))
+			for i := range mine {
+				mine[i].Allow, mine[i].Policy = false, 0
+			}
+		}
+		entries = append(entries, mine...)
 	}
 	return entries, dsts, problems
 }
@@ -241,10 +291,20 @@ func (d *daemon) applyPolicy() {
 			names[e.Number] = id
 		}
 	}
-	addrs := d.idents.addrs
+	addrs, addrCgroups := d.idents.addrs, d.idents.addrCgroups
 	d.idents.mu.Unlock()
+	var wls map[netip.Addr]policy.Workload
+	if ps, ok := d.pods.(PolicySource); ok {
+		pods := ps.Workloads()
+		wls = make(map[netip.Addr]policy.Workload, len(addrCgroups))
+		for a, cg := range addrCgroups {
+			if w, ok := pods[cg]; ok {
+				wls[a] = w
+			}
+		}
+	}
 	set := p.set.Load()
-	entries, dsts, problems := p.compile(set, names, addrs)
+	entries, dsts, problems := p.compile(set, names, addrs, wls)
 	err := d.dp.SetPolicy(entries)
 	p.dsts.Store(&dsts)
 	p.mu.Lock()

@@ -33,7 +33,7 @@ func TestPolicyCompile(t *testing.T) {
 			Rules: []config.PolicyRule{{From: []config.PolicyFrom{{IPBlocks: []string{"10.0.0.3/32"}}}}}},
 	}}
 	p := newPolicies(cfg, zerolog.Nop())
-	entries, dsts, problems := p.compile(p.set.Load(), names, addrs)
+	entries, dsts, problems := p.compile(p.set.Load(), names, addrs, nil)
 	p.dsts.Store(&dsts)
 
 	got := map[[3]uint32]datapath.PolicyEntry{}
@@ -100,7 +100,7 @@ func BenchmarkAuthorize(b *testing.B) {
 	cfg := config.Config{Policies: []config.Policy{{Name: "db-from-web", Action: "ALLOW", Workloads: []string{db.String()},
 		Rules: []config.PolicyRule{{From: []config.PolicyFrom{{Principals: []string{"td/ns/web/sa/web"}}}}}}}}
 	p := newPolicies(cfg, zerolog.Nop())
-	_, dsts, _ := p.compile(p.set.Load(), map[uint32]spiffeid.ID{10: web, 20: db}, map[netip.Addr]uint32{netip.MustParseAddr("10.0.0.2"): 20})
+	_, dsts, _ := p.compile(p.set.Load(), map[uint32]spiffeid.ID{10: web, 20: db}, map[netip.Addr]uint32{netip.MustParseAddr("10.0.0.2"): 20}, nil)
 	p.dsts.Store(&dsts)
 	src, dst := tunnel.Source{Workload: web}, netip.MustParseAddrPort("10.0.0.2:5432")
 	b.ReportAllocs()
@@ -108,5 +108,51 @@ func BenchmarkAuthorize(b *testing.B) {
 		if _, ok := p.authorize(src, dst); !ok {
 			b.Fatal("denied")
 		}
+	}
+}
+
+// TestPolicyCompileLabels: pods of one identity whose labels the policies
+// treat differently: the tunnel decides per pod, the same node denies every
+// connection to that identity (connect4/6 know identities only), reported;
+// pods whose labels no policy tells apart keep exact verdicts.
+func TestPolicyCompileLabels(t *testing.T) {
+	web := spiffeid.RequireFromString("spiffe://td/ns/web/sa/web")
+	api := spiffeid.RequireFromString("spiffe://td/ns/app/sa/api")
+	a1, a2 := netip.MustParseAddr("10.0.0.2"), netip.MustParseAddr("10.0.0.3")
+	names := map[uint32]spiffeid.ID{10: web, 20: api}
+	addrs := map[netip.Addr]uint32{netip.MustParseAddr("10.0.0.1"): 10, a1: 20, a2: 20}
+	set := policy.NewSet([]policy.Policy{{Name: "deny-canary", Namespace: "app", Action: policy.Deny,
+		Selector: map[string]string{"track": "canary"}, Rules: []policy.Rule{{}}}}, "istio-system")
+	p := newPolicies(config.Config{}, zerolog.Nop())
+	wls := map[netip.Addr]policy.Workload{
+		a1: {ID: api, Namespace: "app", Labels: map[string]string{"track": "stable"}},
+		a2: {ID: api, Namespace: "app", Labels: map[string]string{"track": "canary"}},
+	}
+	entries, dsts, problems := p.compile(set, names, addrs, wls)
+	if len(problems) != 1 {
+		t.Errorf("problems %q, want the two label sets of api reported", problems)
+	}
+	for _, e := range entries {
+		if e.Dst != 20 || e.Allow {
+			t.Errorf("entry %+v: want every same-node connection to api denied", e)
+		}
+	}
+	if len(entries) == 0 {
+		t.Error("no entries: api is not policed")
+	}
+	p.set.Store(set)
+	p.dsts.Store(&dsts)
+	if _, ok := p.authorize(tunnel.Source{Workload: web}, netip.AddrPortFrom(a1, 80)); !ok {
+		t.Error("tunnel: the stable pod is denied")
+	}
+	if _, ok := p.authorize(tunnel.Source{Workload: web}, netip.AddrPortFrom(a2, 80)); ok {
+		t.Error("tunnel: the canary pod is allowed")
+	}
+
+	// Both stable: exact.
+	wls[a2] = wls[a1]
+	entries, _, problems = p.compile(set, names, addrs, wls)
+	if len(problems) != 0 || len(entries) != 0 {
+		t.Errorf("entries %+v problems %q: want api not policed", entries, problems)
 	}
 }

@@ -89,8 +89,12 @@ func (d *daemon) apply(next config.Config) error {
 	}
 
 	c := next.Capture
-	nextSet := setOf(next)
+	// With [kubernetes] the cluster's policies are in force, not these.
 	prevSet := d.pol.set.Load()
+	nextSet := prevSet
+	if _, ok := d.pods.(PolicySource); !ok {
+		nextSet = setOf(next)
+	}
 	var prevPolicy *tunnel.Policy
 	prevStatic, prevEnrolled := d.static, d.enrolled
 	// [capture] cgroups and, with [kubernetes], this node's pods in the mesh.

@@ -21,6 +21,7 @@ import (
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/smesh-dev/smesh/pkg/identity"
+	"github.com/smesh-dev/smesh/pkg/policy"
 )
 
 // Options configure a Watcher.
@@ -82,11 +83,12 @@ type Watcher struct {
 	done    chan struct{} // closed when Run returns
 
 	mu      sync.Mutex
-	first   bool                   // update ran once
-	cgroups []string               // sorted
-	ids     map[string]spiffeid.ID // enrolled pod cgroup -> identity
-	view    []Pod                  // for /debug/pods
-	known   map[string]string      // pod UID -> cgroup found; owned by Run
+	first   bool                       // update ran once
+	cgroups []string                   // sorted
+	ids     map[string]spiffeid.ID     // enrolled pod cgroup -> identity
+	wls     map[string]policy.Workload // enrolled pod cgroup -> as policy sees it
+	view    []Pod                      // for /debug/pods
+	known   map[string]string          // pod UID -> cgroup found; owned by Run
 }
 
 // NewWatcher prepares a watcher; Run starts it.
@@ -217,7 +219,15 @@ func (w *Watcher) Identities() map[string]spiffeid.ID {
 	return maps.Clone(w.ids)
 }
 
-// Changed receives a value after Cgroups (or Identities) changed.
+// Workloads are the pods in the mesh as authorization policy sees them
+// (identity, namespace, labels), by cgroup (those of Identities).
+func (w *Watcher) Workloads() map[string]policy.Workload {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return maps.Clone(w.wls)
+}
+
+// Changed receives a value after Cgroups, Identities or Workloads changed.
 func (w *Watcher) Changed() <-chan struct{} { return w.changed }
 
 // Pods describes this node's pods for /debug/pods.
@@ -250,6 +260,7 @@ func (w *Watcher) update() {
 	var view []Pod
 	var cgroups []string
 	ids := make(map[string]spiffeid.ID)
+	wls := make(map[string]policy.Workload)
 	seen := make(map[string]bool)
 	for _, obj := range w.pods.GetStore().List() {
 		pod, ok := obj.(*corev1.Pod)
@@ -283,6 +294,7 @@ func (w *Watcher) update() {
 				cgroups = append(cgroups, cg)
 				if idErr == nil {
 					ids[cg] = id
+					wls[cg] = policy.Workload{ID: id, Namespace: pod.Namespace, Labels: pod.Labels}
 				} else if !w.o.TrustDomain.IsZero() {
 					// A name no SPIFFE ID can hold: captured, but
 					// speaking as the node.
@@ -307,10 +319,13 @@ func (w *Watcher) update() {
 	cgroups = slices.Compact(cgroups)
 
 	w.mu.Lock()
-	old, oldIDs, first := w.cgroups, w.ids, !w.first
-	w.cgroups, w.ids, w.view, w.first = cgroups, ids, view, true
+	old, oldIDs, oldWls, first := w.cgroups, w.ids, w.wls, !w.first
+	w.cgroups, w.ids, w.wls, w.view, w.first = cgroups, ids, wls, view, true
 	w.mu.Unlock()
-	if slices.Equal(old, cgroups) && maps.Equal(oldIDs, ids) && !first {
+	sameWls := maps.EqualFunc(oldWls, wls, func(a, b policy.Workload) bool {
+		return a.ID == b.ID && a.Namespace == b.Namespace && maps.Equal(a.Labels, b.Labels)
+	})
+	if slices.Equal(old, cgroups) && maps.Equal(oldIDs, ids) && sameWls && !first {
 		return
 	}
 	w.log.Info().Int("pods", len(view)).Strs("cgroups", cgroups).Msg("pods in the mesh changed")
