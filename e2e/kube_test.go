@@ -189,15 +189,6 @@ func (kc *kubeCluster) reachFrom(t *testing.T, node *testenv.Node) int {
 // than one: the machine's tree holds every test node's.
 func (kc *kubeCluster) startSmeshd(n *node, nodeName string, kn *kubeNode) {
 	n.t.Helper()
-	// The node's certificate names it as the cluster does: a receiving
-	// smeshd checks with the cluster's pods that the sending node runs
-	// the workload it asserts (kube.PodIdentities).
-	if n.name != nodeName {
-		n.name = nodeName
-		if _, err := certs.Init(n.pki, []string{nodeName}, "test.local"); err != nil {
-			n.t.Fatal(err)
-		}
-	}
 	n.startVia(kc.podWrapper(n, nodeName), "splice", kc.kubeConf(n, kn))
 }
 
@@ -205,6 +196,15 @@ func (kc *kubeCluster) startSmeshd(n *node, nodeName string, kn *kubeNode) {
 func (kc *kubeCluster) podWrapper(n *node, nodeName string) []string {
 	t := n.t
 	t.Helper()
+	// The node's certificate names it as the cluster does: a receiving
+	// smeshd checks with the cluster's pods that the sending node runs
+	// the workload it asserts (kube.PodIdentities).
+	if n.name != nodeName {
+		n.name = nodeName
+		if _, err := certs.Init(n.pki, []string{nodeName}, "test.local"); err != nil {
+			t.Fatal(err)
+		}
+	}
 	port := kc.reachFrom(t, n.ns)
 	nsenter := testenv.RequireCommand(t, "nsenter")
 	unshare := testenv.RequireCommand(t, "unshare")
