@@ -125,8 +125,8 @@ func TestPolicyKubernetes(t *testing.T) {
 
 	eventually(t, 5*time.Second, "same-node policy in force", far.container(), "refused", p9000)
 	(&podNode{node: a}).podClient(web.container(), "oneway", p9000, "4000000") // namespace front, port 9000
-	(&podNode{node: a}).podClient(other.container(), "reset", p9000)          // namespace batch: not allowed
-	(&podNode{node: a}).podClient(web.container(), "reset", p9001)            // port
+	(&podNode{node: a}).podClient(other.container(), "reset", p9000)           // namespace batch: not allowed
+	(&podNode{node: a}).podClient(web.container(), "reset", p9001)             // port
 	(&podNode{node: b}).podClient(near.container(), "oneway", p9000, "4000000")
 	(&podNode{node: b}).podClient(near.container(), "refused", p9001)
 	(&podNode{node: a}).podClient(web.container(), "reset", apiAddr) // L7 policy: deny-all
