@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"runtime/debug"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -187,11 +188,25 @@ type PolicySource interface {
 // tunnel listener serves); a PodSource without them verifies nothing.
 type podVerifier struct{ d *daemon }
 
+//
+// A peer of the mesh's trust domain whose certificate names no node
+// (spiffe://TD/node/NAME) cannot be checked against the pods' nodes: the
+// shipped cert-manager Certificate gives every node one identity
+// (.../ns/smesh-system/sa/smeshd). Its sources are then unverifiable (the
+// connection is its node's, matching no principal), not refused: such a
+// cluster keeps working, and policies by principal need node identities
+// (SPIRE).
 func (v podVerifier) Verify(node, workload spiffeid.ID, addr netip.Addr) error {
-	if ps, ok := v.d.pods.(PolicySource); ok {
-		return ps.Verify(node, workload, addr)
+	ps, ok := v.d.pods.(PolicySource)
+	if !ok {
+		return tunnel.ErrUnverifiable
 	}
-	return tunnel.ErrUnverifiable
+	if td, err := spiffeid.TrustDomainFromString(v.d.cfg.Tunnel.TLS.TrustDomain); err == nil && node.TrustDomain() == td {
+		if segs := strings.Split(node.Path(), "/"); len(segs) != 3 || segs[1] != "node" || segs[2] == "" {
+			return fmt.Errorf("peer %s names no node: which pods it runs cannot be checked: %w", node, tunnel.ErrUnverifiable)
+		}
+	}
+	return ps.Verify(node, workload, addr)
 }
 
 // daemon is one running smeshd: its parts and the configuration in force.

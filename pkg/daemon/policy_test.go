@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"errors"
 	"net/netip"
 	"testing"
 
@@ -155,4 +156,33 @@ func TestPolicyCompileLabels(t *testing.T) {
 	if len(problems) != 0 || len(entries) != 0 {
 		t.Errorf("entries %+v problems %q: want api not policed", entries, problems)
 	}
+}
+
+// TestPodVerifierSharedCertificate: with [kubernetes], a peer whose
+// certificate names no node (one certificate for every node, as the shipped
+// cert-manager Certificate) has its sources dropped, not refused; a node's
+// go to the cluster's pods.
+func TestPodVerifierSharedCertificate(t *testing.T) {
+	d := &daemon{pods: fakePolicySource{}}
+	d.cfg.Tunnel.TLS.TrustDomain = "cluster.local"
+	v := podVerifier{d}
+	shared := spiffeid.RequireFromString("spiffe://cluster.local/ns/smesh-system/sa/smeshd")
+	web := spiffeid.RequireFromString("spiffe://cluster.local/ns/web/sa/web")
+	if err := v.Verify(shared, web, netip.Addr{}); !errors.Is(err, tunnel.ErrUnverifiable) {
+		t.Errorf("shared certificate: %v, want ErrUnverifiable", err)
+	}
+	if err := v.Verify(spiffeid.RequireFromString("spiffe://cluster.local/node/a"), web, netip.Addr{}); err != errFake {
+		t.Errorf("node certificate: %v, want the pods' answer", err)
+	}
+}
+
+var errFake = errors.New("asked the pods")
+
+type fakePolicySource struct{ PodSource }
+
+func (fakePolicySource) Workloads() map[string]policy.Workload { return nil }
+func (fakePolicySource) Policies() *policy.Set                 { return nil }
+func (fakePolicySource) PoliciesChanged() <-chan struct{}      { return nil }
+func (fakePolicySource) Verify(node, workload spiffeid.ID, addr netip.Addr) error {
+	return errFake
 }
