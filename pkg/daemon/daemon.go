@@ -188,7 +188,7 @@ type PolicySource interface {
 // tunnel listener serves); a PodSource without them verifies nothing.
 type podVerifier struct{ d *daemon }
 
-// A peer of the mesh's trust domain whose certificate names no node
+// Verify: a peer of the mesh's trust domain whose certificate names no node
 // (spiffe://TD/node/NAME) cannot be checked against the pods' nodes: the
 // shipped cert-manager Certificate gives every node one identity
 // (.../ns/smesh-system/sa/smeshd). Its sources are then unverifiable (the
