@@ -52,6 +52,8 @@ type policies struct {
 	// Of the last compile, for /debug/policy.
 	compiled  int
 	compileAt time.Time
+	written   []datapath.PolicyEntry // in force in smesh_policy (compile's order)
+	wrote     bool                   // written holds what is in force
 	problems  []string
 	compErr   string
 }
@@ -305,9 +307,18 @@ func (d *daemon) applyPolicy() {
 	}
 	set := p.set.Load()
 	entries, dsts, problems := p.compile(set, names, addrs, wls)
-	err := d.dp.SetPolicy(entries)
+	p.mu.Lock()
+	same := p.wrote && slices.Equal(p.written, entries)
+	p.mu.Unlock()
+	var err error
+	if !same { // a poke that changed no verdict flips no generation
+		err = d.dp.SetPolicy(entries)
+	}
 	p.dsts.Store(&dsts)
 	p.mu.Lock()
+	if err == nil {
+		p.written, p.wrote = entries, true
+	}
 	p.compiled, p.compileAt, p.problems, p.compErr = len(entries), time.Now(), problems, ""
 	if err != nil {
 		p.compErr = err.Error()
