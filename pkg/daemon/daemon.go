@@ -774,6 +774,7 @@ func (d *daemon) startMembers(ctx context.Context, enrolled []string, ready6 boo
 	addrsDone := make(chan struct{})
 	go func() { d.runAddrIDs(membersCtx); close(addrsDone) }()
 	d.cleanups = append(d.cleanups, func() { stop(); <-addrsDone })
+	go d.logSameNodeDenials(membersCtx)
 	d.admin.HandleJSON("/debug/namespaces", func() any { return d.members.Namespaces() })
 	d.admin.HandleJSON("/debug/identities", d.debugIdentities)
 	d.admin.HandleJSON("/debug/policy", d.debugPolicy)

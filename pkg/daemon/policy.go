@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"context"
 	"fmt"
 	"maps"
 	"net/netip"
@@ -419,4 +420,47 @@ func (d *daemon) debugPolicy() any {
 		}{p.compiled, p.compileAt, p.problems, p.compErr},
 		Enforced: strings.Join([]string{"tunnel: destinations that are workload addresses of this node",
 			"same_node: connect4/6 to workload addresses of this node"}, "; ")}
+}
+
+// sameNodeLogInterval is how often same-node denials are summed up in the
+// log: connect4/6 count them per policy but send no event per denial.
+const sameNodeLogInterval = 10 * time.Second
+
+// logSameNodeDenials logs, every sameNodeLogInterval, how many same-node
+// connections each (policy, reason) denied since the last time, until ctx
+// is done.
+func (d *daemon) logSameNodeDenials(ctx context.Context) {
+	t := time.NewTicker(sameNodeLogInterval)
+	defer t.Stop()
+	last := map[uint16]uint64{}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if d.released.Load() {
+			return
+		}
+		now, err := d.dp.PolicyDenied()
+		if err != nil {
+			continue
+		}
+		p := d.pol
+		for num, n := range now {
+			if n <= last[num] {
+				continue
+			}
+			lbl := denial{"", policy.ReasonNotAllowed}
+			p.mu.Lock()
+			if int(num) < len(p.names) {
+				lbl = p.names[num]
+			}
+			p.mu.Unlock()
+			p.log.Warn().Str("path", metrics.PolicyPathSameNode).Str("policy", lbl.policy).Str("reason", lbl.reason).
+				Uint64("denied", n-last[num]).Dur("within", sameNodeLogInterval).
+				Msg("same-node connections denied by authorization policy (connect() refused; /debug/policy says what selects whom)")
+		}
+		last = now
+	}
 }
