@@ -147,10 +147,23 @@ func TestPolicyKubernetes(t *testing.T) {
 	}
 	_, body := b.admin("/debug/policy")
 	var dbg struct {
-		Problems []struct{ Policy, Reason string }
+		Problems  []struct{ Policy, Reason string }
+		Workloads []struct {
+			Cgroup   string
+			Policies []struct{ Policy string }
+		}
 	}
 	if err := json.Unmarshal([]byte(body), &dbg); err != nil {
 		t.Fatalf("/debug/policy: %v: %s", err, body)
+	}
+	selected := false
+	for _, w := range dbg.Workloads {
+		if w.Cgroup == srv.Cgroup {
+			selected = len(w.Policies) == 1 && w.Policies[0].Policy == "pay/pay-from-front"
+		}
+	}
+	if !selected {
+		t.Errorf("/debug/policy does not show pay/pay-from-front selecting srv by its labels: %s", body)
 	}
 	if len(dbg.Problems) != 1 || dbg.Problems[0].Policy != "l7/l7-only" || !strings.Contains(dbg.Problems[0].Reason, "methods") {
 		t.Errorf("/debug/policy problems %+v, want l7/l7-only for its methods", dbg.Problems)

@@ -365,10 +365,15 @@ func (d *daemon) policyCounts() (metrics.PolicyCounts, error) {
 
 // PolicyWorkload is one local workload as /debug/policy shows it.
 type PolicyWorkload struct {
-	Cgroup   string   `json:"cgroup"`
-	Identity string   `json:"identity"`
-	Number   uint32   `json:"number"`
-	Strict   bool     `json:"strict,omitempty"`
+	Cgroup   string `json:"cgroup"`
+	Identity string `json:"identity"`
+	Number   uint32 `json:"number"`
+	Strict   bool   `json:"strict,omitempty"`
+	// Namespace and Labels: a pod's, as policy selectors see them.
+	Namespace string            `json:"namespace,omitempty"`
+	Labels    map[string]string `json:"labels,omitempty"`
+	// Addrs: of its own namespaces, by which both paths know it (same
+	// identity number: every workload of that identity's addresses).
 	Addrs    []string `json:"addresses,omitempty"`
 	Policies any      `json:"policies"`
 }
@@ -386,16 +391,24 @@ func (d *daemon) debugPolicy() any {
 	}
 	d.idents.mu.Unlock()
 	sort.Slice(view, func(i, j int) bool { return view[i].Cgroup < view[j].Cgroup })
+	var pods map[string]policy.Workload // with [kubernetes]: namespace and labels
+	if ps, ok := d.pods.(PolicySource); ok {
+		pods = ps.Workloads()
+	}
 	var ws []PolicyWorkload
 	for _, e := range view {
 		id, err := spiffeid.FromString(e.Identity)
 		if err != nil {
 			continue
 		}
+		w, ok := pods[e.Cgroup]
+		if !ok {
+			w = policy.Workload{ID: id}
+		}
 		addrs := byNum[e.Number]
 		slices.Sort(addrs)
 		ws = append(ws, PolicyWorkload{Cgroup: e.Cgroup, Identity: e.Identity, Number: e.Number, Strict: e.Strict,
-			Addrs: addrs, Policies: set.Describe(policy.Workload{ID: id})})
+			Namespace: w.Namespace, Labels: w.Labels, Addrs: addrs, Policies: set.Describe(w)})
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
