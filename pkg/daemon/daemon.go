@@ -734,6 +734,7 @@ func (d *daemon) start(wait, ctx context.Context) error {
 		return err
 	}
 	log.Info().Str("mode", string(mode)).Strs("cgroups", presentOf(enrolled, d.cgroupIDs)).Str("proxy_cgroup", own).Msg("data path attached")
+	d.waitCompiled()
 	go d.tun.Server.Serve(ctx)
 	return nil
 }

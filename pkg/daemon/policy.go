@@ -38,6 +38,11 @@ type policies struct {
 	// addresses): the destinations policy applies to.
 	dsts atomic.Pointer[map[netip.Addr]policy.Workload]
 
+	// compiled is closed once the first compile put its verdicts (or
+	// tried to) and the tunnel's destinations in force.
+	compiled     chan struct{}
+	compiledOnce sync.Once
+
 	// Denials logged at most this often (a burst of 5, then 1 a second):
 	// a client retrying in a loop must not flood the journal.
 	logLimit *rate.Limiter
@@ -51,7 +56,7 @@ type policies struct {
 	names   []denial // by number
 	tunnel  map[denial]uint64
 	// Of the last compile, for /debug/policy.
-	compiled  int
+	entries   int
 	compileAt time.Time
 	written   []datapath.PolicyEntry // in force in smesh_policy (compile's order)
 	wrote     bool                   // written holds what is in force
@@ -66,7 +71,7 @@ func newPolicies(cfg config.Config, log zerolog.Logger) *policies {
 	p := &policies{log: log.With().Str("component", "policy").Logger(),
 		logLimit: rate.NewLimiter(1, 5),
 		numbers:  map[denial]uint16{}, names: []denial{{"", policy.ReasonNotAllowed}},
-		tunnel: map[denial]uint64{}}
+		tunnel: map[denial]uint64{}, compiled: make(chan struct{})}
 	p.set.Store(setOf(cfg))
 	empty := map[netip.Addr]policy.Workload{}
 	p.dsts.Store(&empty)
@@ -320,11 +325,12 @@ func (d *daemon) applyPolicy() {
 	if err == nil {
 		p.written, p.wrote = entries, true
 	}
-	p.compiled, p.compileAt, p.problems, p.compErr = len(entries), time.Now(), problems, ""
+	p.entries, p.compileAt, p.problems, p.compErr = len(entries), time.Now(), problems, ""
 	if err != nil {
 		p.compErr = err.Error()
 	}
 	p.mu.Unlock()
+	p.compiledOnce.Do(func() { close(p.compiled) })
 	for _, pr := range problems {
 		d.log.Error().Str("component", "policy").Str("problem", pr).Msg("same-node policy cannot be exact")
 	}
@@ -430,7 +436,7 @@ func (d *daemon) debugPolicy() any {
 			At       time.Time `json:"at"`
 			Problems []string  `json:"problems,omitempty"`
 			Error    string    `json:"error,omitempty"`
-		}{p.compiled, p.compileAt, p.problems, p.compErr},
+		}{p.entries, p.compileAt, p.problems, p.compErr},
 		Enforced: strings.Join([]string{"tunnel: destinations that are workload addresses of this node",
 			"same_node: connect4/6 to workload addresses of this node"}, "; ")}
 }
@@ -475,5 +481,23 @@ func (d *daemon) logSameNodeDenials(ctx context.Context) {
 				Msg("same-node connections denied by authorization policy (connect() refused; /debug/policy says what selects whom)")
 		}
 		last = now
+	}
+}
+
+// firstCompileWait bounds how long start waits for the first compile.
+const firstCompileWait = 5 * time.Second
+
+// waitCompiled waits until the first compile is in force, so that smeshd
+// says it is ready (and its own tunnel listener serves) with the policies
+// enforced on both paths. The tunnel listeners of the enrolled namespaces
+// serve from their namespace's first moment: a connection to one before
+// the first compile (milliseconds into a start without a predecessor; a
+// successor accepts nothing before it is ready) is decided without
+// destinations, so allowed.
+func (d *daemon) waitCompiled() {
+	select {
+	case <-d.pol.compiled:
+	case <-time.After(firstCompileWait):
+		d.log.Warn().Dur("waited", firstCompileWait).Msg("the authorization policies are not compiled yet (smesh_addr_ids not written?): serving anyway")
 	}
 }
