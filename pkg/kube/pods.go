@@ -21,6 +21,7 @@ import (
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/smesh-dev/smesh/pkg/identity"
+	"github.com/smesh-dev/smesh/pkg/policy"
 )
 
 // Options configure a Watcher.
@@ -90,12 +91,13 @@ type Watcher struct {
 	done    chan struct{} // closed when Run returns
 
 	mu      sync.Mutex
-	first   bool                   // update ran once
-	cgroups []string               // sorted
-	ids     map[string]spiffeid.ID // enrolled pod cgroup -> identity
-	strict  map[string][]uint16    // strict pod cgroup -> exempt ports
-	view    []Pod                  // for /debug/pods
-	known   map[string]string      // pod UID -> cgroup found; owned by Run
+	first   bool                       // update ran once
+	cgroups []string                   // sorted
+	ids     map[string]spiffeid.ID     // enrolled pod cgroup -> identity
+	wls     map[string]policy.Workload // enrolled pod cgroup -> as policy sees it
+	strict  map[string][]uint16        // strict pod cgroup -> exempt ports
+	view    []Pod                      // for /debug/pods
+	known   map[string]string          // pod UID -> cgroup found; owned by Run
 }
 
 // NewWatcher prepares a watcher; Run starts it.
@@ -234,7 +236,16 @@ func (w *Watcher) Strict() map[string][]uint16 {
 	return maps.Clone(w.strict)
 }
 
-// Changed receives a value after Cgroups (or Identities, or Strict) changed.
+// Workloads are the pods in the mesh as authorization policy sees them
+// (identity, namespace, labels), by cgroup (those of Identities).
+func (w *Watcher) Workloads() map[string]policy.Workload {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return maps.Clone(w.wls)
+}
+
+// Changed receives a value after Cgroups, Identities, Workloads or Strict
+// changed.
 func (w *Watcher) Changed() <-chan struct{} { return w.changed }
 
 // Pods describes this node's pods for /debug/pods.
@@ -268,6 +279,7 @@ func (w *Watcher) update() {
 	var cgroups []string
 	ids := make(map[string]spiffeid.ID)
 	strict := make(map[string][]uint16)
+	wls := make(map[string]policy.Workload)
 	seen := make(map[string]bool)
 	for _, obj := range w.pods.GetStore().List() {
 		pod, ok := obj.(*corev1.Pod)
@@ -305,6 +317,7 @@ func (w *Watcher) update() {
 				}
 				if idErr == nil {
 					ids[cg] = id
+					wls[cg] = policy.Workload{ID: id, Namespace: pod.Namespace, Labels: pod.Labels}
 				} else if !w.o.TrustDomain.IsZero() {
 					// A name no SPIFFE ID can hold: captured, but
 					// speaking as the node.
@@ -329,10 +342,13 @@ func (w *Watcher) update() {
 	cgroups = slices.Compact(cgroups)
 
 	w.mu.Lock()
-	old, oldIDs, oldStrict, first := w.cgroups, w.ids, w.strict, !w.first
-	w.cgroups, w.ids, w.strict, w.view, w.first = cgroups, ids, strict, view, true
+	old, oldIDs, oldWls, oldStrict, first := w.cgroups, w.ids, w.wls, w.strict, !w.first
+	w.cgroups, w.ids, w.wls, w.strict, w.view, w.first = cgroups, ids, wls, strict, view, true
 	w.mu.Unlock()
-	if slices.Equal(old, cgroups) && maps.Equal(oldIDs, ids) && maps.EqualFunc(oldStrict, strict, slices.Equal) && !first {
+	sameWls := maps.EqualFunc(oldWls, wls, func(a, b policy.Workload) bool {
+		return a.ID == b.ID && a.Namespace == b.Namespace && maps.Equal(a.Labels, b.Labels)
+	})
+	if slices.Equal(old, cgroups) && maps.Equal(oldIDs, ids) && sameWls && maps.EqualFunc(oldStrict, strict, slices.Equal) && !first {
 		return
 	}
 	w.log.Info().Int("pods", len(view)).Strs("cgroups", cgroups).Msg("pods in the mesh changed")
