@@ -20,6 +20,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/smesh-dev/smesh/pkg/certs"
 	"github.com/smesh-dev/smesh/pkg/config"
 	"github.com/smesh-dev/smesh/pkg/daemon"
 	"github.com/smesh-dev/smesh/pkg/kube"
@@ -195,6 +196,15 @@ func (kc *kubeCluster) startSmeshd(n *node, nodeName string, kn *kubeNode) {
 func (kc *kubeCluster) podWrapper(n *node, nodeName string) []string {
 	t := n.t
 	t.Helper()
+	// The node's certificate names it as the cluster does: a receiving
+	// smeshd checks with the cluster's pods that the sending node runs
+	// the workload it asserts (kube.PodIdentities).
+	if n.name != nodeName {
+		n.name = nodeName
+		if _, err := certs.Init(n.pki, []string{nodeName}, "test.local"); err != nil {
+			t.Fatal(err)
+		}
+	}
 	port := kc.reachFrom(t, n.ns)
 	nsenter := testenv.RequireCommand(t, "nsenter")
 	unshare := testenv.RequireCommand(t, "unshare")

@@ -616,6 +616,14 @@ func runScenario(args []string) error {
 				err = errors.New("answered, want no answer (queued)")
 			}
 		}
+	case "dropped": // the SYN must go unanswered: connect times out (1.5 s), no reset
+		var c net.Conn
+		if c, err = net.DialTimeout(network(addr), addr, 1500*time.Millisecond); err == nil {
+			c.Close()
+			err = errors.New("connected, want the SYN dropped (connect timing out)")
+		} else if ne, ok := err.(net.Error); ok && ne.Timeout() {
+			err = nil
+		}
 	case "eperm": // connect(2) must fail with EPERM (connect4 refused)
 		var c *net.TCPConn
 		if c, err = dial(addr); err == nil {

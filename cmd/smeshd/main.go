@@ -213,8 +213,11 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer, reload <-ch
 		Kubernetes: startKube, Executable: exe, Args: args})
 }
 
+// kube.Node brings the cluster's policies and pod identities along.
+var _ daemon.PolicySource = (*kube.Node)(nil)
+
 // startKube starts the enrolment of this node's pods and the cluster's
-// Services ([kubernetes]).
+// Services ([kubernetes]), with the cluster's policies and pod identities.
 func startKube(ctx context.Context, cfg config.Kubernetes, td spiffeid.TrustDomain, cgroupMount string, sink services.Sink, log zerolog.Logger) (daemon.PodSource, error) {
 	return kube.Start(ctx, cfg, td, cgroupMount, sink, log)
 }

@@ -208,6 +208,11 @@ type Kubernetes struct {
 	// Label is "KEY=VALUE": a pod carrying it, or whose namespace carries
 	// it, is in the mesh; a pod whose KEY has another value is not.
 	Label string `toml:"label"`
+	// StrictLabel is "KEY=VALUE": a pod in the mesh carrying it, or whose
+	// namespace carries it, is strict (accepts TCP only through the mesh,
+	// but on the ports its probes name, for the kubelet); a pod whose KEY
+	// has another value is not. "" makes no pod strict.
+	StrictLabel string `toml:"strict_label"`
 	// KubepodsCgroup is the kubelet's kubepods cgroup, relative to the
 	// cgroup v2 mount (e.g. "kubepods.slice", or
 	// "kubelet.slice/kubelet-kubepods.slice" below a kubelet cgroupRoot);
@@ -230,6 +235,13 @@ type Kubernetes struct {
 // cgroups' names from it.
 func IsKubepodsName(name string) bool {
 	return name == "kubepods" || name == "kubepods.slice" || strings.HasSuffix(name, "-kubepods.slice")
+}
+
+// StrictLabelKeyValue splits StrictLabel into its key and value ("" and ""
+// when it is not set).
+func (k Kubernetes) StrictLabelKeyValue() (key, value string) {
+	key, value, _ = strings.Cut(k.StrictLabel, "=")
+	return key, value
 }
 
 // LabelKeyValue splits Label into its key and value.
@@ -365,6 +377,7 @@ func Default() Config {
 			Enabled:     false,
 			NodeNameEnv: "NODE_NAME",
 			Label:       "smesh.dev/mesh=enabled",
+			StrictLabel: "smesh.dev/inbound=strict",
 
 			PreferLocalBackends: "prefer_close",
 			PolicyRootNamespace: "istio-system",

@@ -366,17 +366,29 @@ func (k *Kubernetes) validate(p *problems) {
 				"(kubepods.slice, PREFIX-kubepods.slice or kubepods; %s)", cg, filepath.Base(rel), want)
 		}
 	}
-	const example = `want "KEY=VALUE", e.g. "smesh.dev/mesh=enabled"`
-	key, value, ok := strings.Cut(k.Label, "=")
+	checkLabel(p, "kubernetes.label", k.Label, `want "KEY=VALUE", e.g. "smesh.dev/mesh=enabled"`)
+	if k.StrictLabel != "" {
+		checkLabel(p, "kubernetes.strict_label", k.StrictLabel, `want "KEY=VALUE", e.g. "smesh.dev/inbound=strict", or "" for no strict pods`)
+		key, _, _ := strings.Cut(k.Label, "=")
+		if skey, _, _ := strings.Cut(k.StrictLabel, "="); skey == key {
+			p.addf("kubernetes.strict_label", "%q has the key of kubernetes.label %q: a strict pod would carry another value of the mesh label and be out of the mesh "+
+				`(want a key of its own, e.g. "smesh.dev/inbound=strict")`, k.StrictLabel, k.Label)
+		}
+	}
+}
+
+// checkLabel checks a "KEY=VALUE" label setting.
+func checkLabel(p *problems, setting, label, example string) {
+	key, value, ok := strings.Cut(label, "=")
 	if !ok {
-		p.addf("kubernetes.label", "%q has no \"=\" (%s)", k.Label, example)
+		p.addf(setting, "%q has no \"=\" (%s)", label, example)
 		return
 	}
 	if err := checkLabelKey(key); err != nil {
-		p.addf("kubernetes.label", "%q: key %v (%s)", k.Label, err, example)
+		p.addf(setting, "%q: key %v (%s)", label, err, example)
 	}
 	if len(value) > 63 || (value != "" && !labelName.MatchString(value)) {
-		p.addf("kubernetes.label", "%q: value %q is not a label value (at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit; %s)", k.Label, value, example)
+		p.addf(setting, "%q: value %q is not a label value (at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit; %s)", label, value, example)
 	}
 }
 

@@ -22,9 +22,13 @@ type Workload struct {
 	// "" is spiffe://TRUST_DOMAIN/node/NODE/unit/LEAF (NODE: this node's
 	// name, LEAF: the cgroup's last path element).
 	Identity string `toml:"identity"`
-	// Strict: the workload accepts TCP only through the mesh (the
-	// strict-inbound mechanism; parsed and passed on here).
+	// Strict: the workload accepts TCP only through the mesh
+	// (docs/identity.md 5.3): a SYN no mesh socket sent is dropped.
 	Strict bool `toml:"strict"`
+	// StrictExemptPorts are ports of a strict workload that accept
+	// plaintext from anywhere (health probes from the node, say). Only
+	// with strict = true.
+	StrictExemptPorts []int `toml:"strict_exempt_ports"`
 }
 
 // ResolvedWorkload is a Workload with its cgroup as a path and its identity
@@ -33,6 +37,8 @@ type ResolvedWorkload struct {
 	Cgroup   string
 	Identity spiffeid.ID
 	Strict   bool
+	// ExemptPorts are the strict workload's StrictExemptPorts.
+	ExemptPorts []uint16
 }
 
 // validateWorkloads checks what can be checked without the cgroup v2 mount
@@ -59,6 +65,19 @@ func validateWorkloads(p *problems, c *Config) {
 				p.addf(key+".cgroup", "%q is not at or below any [capture] cgroups entry (%q): its processes would not be captured; "+
 					"add the cgroup (or one above it) to capture.cgroups, or fix the path", w.Cgroup, c.Capture.Cgroups)
 			}
+		}
+		seenPort := make(map[int]bool)
+		for j, port := range w.StrictExemptPorts {
+			pk := fmt.Sprintf("%s.strict_exempt_ports[%d]", key, j)
+			switch {
+			case !w.Strict:
+				p.addf(pk, "%d: exempt ports are only for a strict workload (set strict = true, or remove strict_exempt_ports)", port)
+			case port < 1 || port > 65535:
+				p.addf(pk, "%d is not a TCP port (want 1-65535)", port)
+			case seenPort[port]:
+				p.addf(pk, "%d is listed twice", port)
+			}
+			seenPort[port] = true
 		}
 		if w.Identity == "" {
 			continue
@@ -129,6 +148,11 @@ func (c Config) Workloads(cgroup2Mount, node string) ([]ResolvedWorkload, error)
 			continue
 		}
 		rw := ResolvedWorkload{Cgroup: path, Strict: w.Strict}
+		for _, port := range w.StrictExemptPorts {
+			if port > 0 && port <= 65535 {
+				rw.ExemptPorts = append(rw.ExemptPorts, uint16(port))
+			}
+		}
 		if w.Identity != "" {
 			if rw.Identity, err = identity.Parse(w.Identity); err != nil {
 				errs = append(errs, fmt.Errorf("capture.workloads[%d].identity: %w", i, err))

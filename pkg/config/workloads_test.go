@@ -13,6 +13,7 @@ cgroups = ["smesh.slice", "/sys/fs/cgroup/other.slice"]
 cgroup = "smesh.slice/payments.service"
 identity = "spiffe://smesh.local/ns/prod/sa/payments"
 strict = true
+strict_exempt_ports = [8081, 9090]
 
 [[capture.workloads]]
 cgroup = "smesh.slice/web.service"
@@ -42,6 +43,9 @@ func TestWorkloadsParse(t *testing.T) {
 		if s := w.Cgroup + " " + w.Identity.String() + " " + map[bool]string{true: "true", false: "false"}[w.Strict]; s != want[i] {
 			t.Errorf("workload %d: %s, want %s", i, s, want[i])
 		}
+	}
+	if p := got[0].ExemptPorts; len(p) != 2 || p[0] != 8081 || p[1] != 9090 {
+		t.Errorf("exempt ports of payments: %v, want [8081 9090]", p)
 	}
 	id, err := cfg.DefaultIdentity("/sys/fs/cgroup/smesh.slice", "node-a")
 	if err != nil || id.String() != "spiffe://smesh.local/node/node-a/unit/smesh.slice" {
@@ -82,6 +86,29 @@ cgroups = ["smesh.slice"]
 [[capture.workloads]]
 cgroup = "smesh.slice/a"
 strikt = true`, "line 5: unknown key capture.workloads.strikt"},
+		{`[capture]
+cgroups = ["smesh.slice"]
+[[capture.workloads]]
+cgroup = "smesh.slice/a"
+strict_exempt_ports = [8080]`, "capture.workloads[0].strict_exempt_ports[0]: 8080: exempt ports are only for a strict workload"},
+		{`[capture]
+cgroups = ["smesh.slice"]
+[[capture.workloads]]
+cgroup = "smesh.slice/a"
+strict = true
+strict_exempt_ports = [8080, 0, 70000, 8080]`, "capture.workloads[0].strict_exempt_ports[1]: 0 is not a TCP port"},
+		{`[capture]
+cgroups = ["smesh.slice"]
+[[capture.workloads]]
+cgroup = "smesh.slice/a"
+strict = true
+strict_exempt_ports = [8080, 0, 70000, 8080]`, "capture.workloads[0].strict_exempt_ports[2]: 70000 is not a TCP port"},
+		{`[capture]
+cgroups = ["smesh.slice"]
+[[capture.workloads]]
+cgroup = "smesh.slice/a"
+strict = true
+strict_exempt_ports = [8080, 0, 70000, 8080]`, "capture.workloads[0].strict_exempt_ports[3]: 8080 is listed twice"},
 	}
 	for _, tc := range cases {
 		_, err := Parse([]byte(tc.doc))

@@ -154,6 +154,11 @@ func cgroupIDs(enrolled []string) map[string]uint64 {
 // reload can fail cleanly.
 func (d *daemon) attachCapture(enrolled []string, c config.Capture) error {
 	ids := cgroupIDs(enrolled)
+	// A strict workload on a kernel without strict inbound: refused
+	// before anything changes (fail closed).
+	if err := d.checkStrict(c); err != nil {
+		return err
+	}
 	// Identities first: a caller's first connection has its source.
 	if err := d.syncIdentities(c); err != nil {
 		return fmt.Errorf("workload identities: %w", err)
@@ -163,6 +168,17 @@ func (d *daemon) attachCapture(enrolled []string, c config.Capture) error {
 	}
 	d.enrolled, d.cgroupIDs, d.captureErr = slices.Clone(enrolled), ids, nil
 	d.cgw.watch(enrolled)
+	// Strict inbound follows the capture. The first SetStrict takes a
+	// predecessor's strict attachments: it failing with a strict
+	// [[capture.workloads]] fails the start (fail closed); later, or for
+	// strict pods only (a pod's label must not stop the node's mesh), it
+	// is a problem reported (/readyz 503) and tried again.
+	if err := d.applyStrict(c); err != nil {
+		if configured, _ := d.strictConfigured(c); !d.strict.set && len(configured) > 0 {
+			return fmt.Errorf("strict inbound: %w", err)
+		}
+		d.log.Error().Err(err).Msg("strict inbound: making the strict workloads strict; trying again in " + cgroupCheckInterval.String())
+	}
 	for _, cg := range enrolled {
 		if _, ok := ids[cg]; !ok {
 			d.log.Warn().Str("cgroup", cg).Msg("enrolled cgroup does not exist (yet): nothing is captured there " +
@@ -177,6 +193,9 @@ func (d *daemon) attachCapture(enrolled []string, c config.Capture) error {
 // removed or made (again) since the last check get the capture re-attached,
 // and the change is logged and counted.
 func (d *daemon) checkCgroups() {
+	// Strict workloads' cgroups (below the enrolled ones) are checked
+	// each time, after the capture.
+	defer d.recheckStrict()
 	d.cgw.watch(d.enrolled)
 	ids := cgroupIDs(d.enrolled)
 	changed, appeared := false, false
@@ -257,6 +276,9 @@ func (d *daemon) reportCgroups() {
 	}
 	if d.captureErr != nil {
 		problems = append(problems, fmt.Sprintf("capture not attached: %v", d.captureErr))
+	}
+	if p := d.strictProblem(); p != "" {
+		problems = append(problems, p)
 	}
 	problem := strings.Join(problems, "; ")
 	if problem == d.problem {

@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"runtime/debug"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -32,6 +33,7 @@ import (
 	"github.com/smesh-dev/smesh/pkg/enrol"
 	"github.com/smesh-dev/smesh/pkg/handover"
 	"github.com/smesh-dev/smesh/pkg/metrics"
+	"github.com/smesh-dev/smesh/pkg/policy"
 	"github.com/smesh-dev/smesh/pkg/proxy"
 	"github.com/smesh-dev/smesh/pkg/services"
 	"github.com/smesh-dev/smesh/pkg/tunnel"
@@ -165,6 +167,47 @@ type PodSource interface {
 	Pods() any
 }
 
+// PolicySource is a PodSource that also knows the cluster's side of
+// authorization (pkg/kube's Node): the pods as policy destinations, the
+// cluster's AuthorizationPolicies, and which node runs which workload.
+// With it, smesh.toml's [[policy]] tables are not used.
+type PolicySource interface {
+	// Workloads are the pods in the mesh as policy sees them, by cgroup
+	// (of Cgroups); they change with Changed.
+	Workloads() map[string]policy.Workload
+	// Policies are the policies in force; PoliciesChanged receives after
+	// they changed.
+	Policies() *policy.Set
+	PoliciesChanged() <-chan struct{}
+	// Verify is tunnel.SourceVerifier for the cluster's pods.
+	Verify(node, workload spiffeid.ID, addr netip.Addr) error
+}
+
+// podVerifier is the tunnel's SourceVerifier with [kubernetes]: the
+// cluster's pods (PolicySource), once startPods set them (before any
+// tunnel listener serves); a PodSource without them verifies nothing.
+type podVerifier struct{ d *daemon }
+
+// Verify: a peer of the mesh's trust domain whose certificate names no node
+// (spiffe://TD/node/NAME) cannot be checked against the pods' nodes: the
+// shipped cert-manager Certificate gives every node one identity
+// (.../ns/smesh-system/sa/smeshd). Its sources are then unverifiable (the
+// connection is its node's, matching no principal), not refused: such a
+// cluster keeps working, and policies by principal need node identities
+// (SPIRE).
+func (v podVerifier) Verify(node, workload spiffeid.ID, addr netip.Addr) error {
+	ps, ok := v.d.pods.(PolicySource)
+	if !ok {
+		return tunnel.ErrUnverifiable
+	}
+	if td, err := spiffeid.TrustDomainFromString(v.d.cfg.Tunnel.TLS.TrustDomain); err == nil && node.TrustDomain() == td {
+		if segs := strings.Split(node.Path(), "/"); len(segs) != 3 || segs[1] != "node" || segs[2] == "" {
+			return fmt.Errorf("peer %s names no node: which pods it runs cannot be checked: %w", node, tunnel.ErrUnverifiable)
+		}
+	}
+	return ps.Verify(node, workload, addr)
+}
+
 // daemon is one running smeshd: its parts and the configuration in force.
 type daemon struct {
 	opts     Options
@@ -183,6 +226,7 @@ type daemon struct {
 	svcs     *staticServices
 	pods     PodSource // nil without [kubernetes]
 	idents   *identities
+	pol      *policies
 	cleanups []func() // run in reverse order on exit
 
 	// What the capture covers (cgroups.go): every enrolled cgroup (static's
@@ -216,6 +260,9 @@ type daemon struct {
 	// store is systemd's descriptor store, kept by a worker of smeshd's
 	// master (fdstore.go); nil otherwise.
 	store *fdStore
+
+	// strict is strict inbound in force (strict.go).
+	strict strictState
 }
 
 // Run runs smeshd until ctx is done, then drains (see drain). SIGHUP
@@ -366,9 +413,12 @@ func Run(ctx context.Context, opts Options) (err error) {
 	// re-read on handshakes): keep the expiry metric current.
 	certCheck := time.NewTicker(time.Minute)
 	defer certCheck.Stop()
-	var podsChanged <-chan struct{}
+	var podsChanged, policiesChanged <-chan struct{}
 	if d.pods != nil {
 		podsChanged = d.pods.Changed()
+	}
+	if ps, ok := d.pods.(PolicySource); ok {
+		policiesChanged = ps.PoliciesChanged()
 	}
 	var successor *handover.Request // one hand-over at a time
 	// The successor `smeshd upgrade` started, until it took over or
@@ -456,7 +506,11 @@ func Run(ctx context.Context, opts Options) (err error) {
 			if err := d.enrolPods(); err != nil {
 				d.log.Error().Err(err).Msg("enrolling this node's pods in the mesh")
 			}
+			d.pokeAddrIDs() // labels may have changed: policy follows
 			d.kickStore()
+		case <-policiesChanged:
+			d.pol.set.Store(d.pods.(PolicySource).Policies())
+			d.pokeAddrIDs()
 		case <-certCheck.C:
 			if d.tun.Credentials != nil {
 				d.metrics.CertExpiry(d.tun.Credentials.Source(), d.tun.Credentials.NotAfter())
@@ -537,6 +591,20 @@ func (d *daemon) start(wait, ctx context.Context) error {
 		return err
 	}
 	d.tun.Server.Hold(d.gate)
+	// Sources are verified against [[tunnel.tls.peers]] workloads (the
+	// verifier follows reloads), and authorized by the policies in force.
+	// Without TLS no source can be verified: every connection is its
+	// node's.
+	d.pol = newPolicies(cfg, log)
+	var verifier tunnel.SourceVerifier
+	switch {
+	case d.tun.Credentials == nil:
+	case cfg.Kubernetes.Enabled:
+		verifier = podVerifier{d}
+	default:
+		verifier = d.tun.Credentials.SourceVerifier()
+	}
+	d.tun.Server.SetSourceChecks(verifier, d.pol.authorize)
 	d.metrics.SetTunnelStats(d.tun.Stats)
 	d.cleanups = append(d.cleanups, func() { d.tun.Close() })
 	if d.tun.Credentials != nil {
@@ -638,6 +706,7 @@ func (d *daemon) start(wait, ctx context.Context) error {
 	}
 	d.cleanups = append(d.cleanups, d.beat.Stop)
 	d.metrics.SetSpliceSource(d.spliceCounters)
+	d.startStrict()
 	// [[services]] are in the maps before connect4 is attached; their
 	// locality follows this node's addresses (startMembers).
 	d.svcs = newStaticServices(d.dp.Services(), log)
@@ -669,6 +738,7 @@ func (d *daemon) start(wait, ctx context.Context) error {
 		return err
 	}
 	log.Info().Str("mode", string(mode)).Strs("cgroups", presentOf(enrolled, d.cgroupIDs)).Str("proxy_cgroup", own).Msg("data path attached")
+	d.waitCompiled()
 	go d.tun.Server.Serve(ctx)
 	return nil
 }
@@ -709,8 +779,11 @@ func (d *daemon) startMembers(ctx context.Context, enrolled []string, ready6 boo
 	addrsDone := make(chan struct{})
 	go func() { d.runAddrIDs(membersCtx); close(addrsDone) }()
 	d.cleanups = append(d.cleanups, func() { stop(); <-addrsDone })
+	go d.logSameNodeDenials(membersCtx)
 	d.admin.HandleJSON("/debug/namespaces", func() any { return d.members.Namespaces() })
 	d.admin.HandleJSON("/debug/identities", d.debugIdentities)
+	d.admin.HandleJSON("/debug/policy", d.debugPolicy)
+	d.metrics.Registry().MustRegister(metrics.PolicyCollector(d.policyCounts))
 	d.metrics.Registry().MustRegister(metrics.NamespaceCollector(d.namespaceCounts))
 	return nil
 }
@@ -739,6 +812,13 @@ func (d *daemon) startPods(wait, ctx context.Context) error {
 	}
 	d.pods = pods
 	d.admin.HandleJSON("/debug/pods", pods.Pods)
+	if ps, ok := pods.(PolicySource); ok {
+		if len(d.cfg.Policies) > 0 {
+			d.log.Warn().Int("policies", len(d.cfg.Policies)).Msg("[[policy]] in smesh.toml is not used with [kubernetes]: " +
+				"the cluster's AuthorizationPolicies are the policies in force")
+		}
+		d.pol.set.Store(ps.Policies())
+	}
 	return nil
 }
 
@@ -772,7 +852,8 @@ func (d *daemon) enrolPods() error {
 	enrolled := d.wanted()
 	if slices.Equal(enrolled, d.enrolled) && d.captureErr == nil {
 		// No pod joined or left the mesh (the watcher's first set, for
-		// one, was enrolled at start).
+		// one, was enrolled at start); one may have become strict.
+		d.recheckStrict()
 		return nil
 	}
 	d.setMembers(enrolled)

@@ -29,6 +29,8 @@ type identities struct {
 	adopted bool // the predecessor's numbers were taken over
 	view    []IdentityEntry
 	addrs   map[netip.Addr]uint32 // what runAddrIDs last wrote
+	// addrCgroups: the identity entry's cgroup (a pod's) of each of addrs.
+	addrCgroups map[netip.Addr]string
 }
 
 // IdentityEntry is one cgroup's identity as /debug/identities shows it.
@@ -116,8 +118,13 @@ func (d *daemon) wantedIdentities(c config.Capture) ([]IdentityEntry, map[string
 	}
 	if d.pods != nil {
 		pods := d.pods.Identities()
+		var strict map[string][]uint16
+		if sp, ok := d.pods.(strictPods); ok {
+			strict = sp.Strict()
+		}
 		for _, cg := range slices.Sorted(mapKeys(pods)) {
-			add(cg, pods[cg], "pod", false)
+			_, isStrict := strict[cg]
+			add(cg, pods[cg], "pod", isStrict)
 		}
 	}
 	return out, names, nil
@@ -228,18 +235,33 @@ func (d *daemon) debugIdentities() any {
 // where systemd units run) names no workload by address, and loopback and
 // link-local addresses, which every namespace has, never do.
 func addrIDs(nss []enrol.Info, entries []IdentityEntry) map[netip.Addr]uint32 {
+	out, _ := addrOwners(nss, entries)
+	return out
+}
+
+// addrOwners is addrIDs, with the cgroup of the identity entry each
+// address belongs to (a pod's cgroup; one per namespace with one entry,
+// "" when several entries of one identity share the namespace).
+func addrOwners(nss []enrol.Info, entries []IdentityEntry) (map[netip.Addr]uint32, map[netip.Addr]string) {
 	out := make(map[netip.Addr]uint32)
+	cgs := make(map[netip.Addr]string)
 	for _, ns := range nss {
 		if ns.Own || len(ns.Cgroups) == 0 {
 			continue
 		}
 		var num uint32
 		one := true
-		for _, cg := range ns.Cgroups {
-			n, ok := nearestIdentity(cg, entries)
+		owner := ""
+		for i, cg := range ns.Cgroups {
+			n, e, ok := nearestEntry(cg, entries)
 			if !ok || (num != 0 && n != num) {
 				one = false
 				break
+			}
+			if i == 0 {
+				owner = e
+			} else if e != owner {
+				owner = ""
 			}
 			num = n
 		}
@@ -252,21 +274,22 @@ func addrIDs(nss []enrol.Info, entries []IdentityEntry) map[netip.Addr]uint32 {
 				continue
 			}
 			out[a.Unmap()] = num
+			cgs[a.Unmap()] = owner
 		}
 	}
-	return out
+	return out, cgs
 }
 
-// nearestIdentity is the number of the nearest entry at or above cgroup cg,
+// nearestEntry is the number of the nearest entry at or above cgroup cg,
 // as connect4/6 find it.
-func nearestIdentity(cg string, entries []IdentityEntry) (uint32, bool) {
-	best, num := -1, uint32(0)
+func nearestEntry(cg string, entries []IdentityEntry) (uint32, string, bool) {
+	best, num, at := -1, uint32(0), ""
 	for _, e := range entries {
 		if (cg == e.Cgroup || strings.HasPrefix(cg, e.Cgroup+"/")) && len(e.Cgroup) > best {
-			best, num = len(e.Cgroup), e.Number
+			best, num, at = len(e.Cgroup), e.Number, e.Cgroup
 		}
 	}
-	return num, best >= 0
+	return num, at, best >= 0
 }
 
 // pokeAddrIDs asks runAddrIDs to write smesh_addr_ids again (a namespace's
@@ -297,13 +320,16 @@ func (d *daemon) runAddrIDs(ctx context.Context) {
 		d.idents.mu.Lock()
 		entries := slices.Clone(d.idents.view)
 		d.idents.mu.Unlock()
-		addrs := addrIDs(d.members.Namespaces(), entries)
+		addrs, owners := addrOwners(d.members.Namespaces(), entries)
 		if err := d.dp.SetAddrIDs(addrs); err != nil {
 			d.log.Error().Err(err).Msg("writing the workload addresses for same-node policy (smesh_addr_ids)")
 			continue
 		}
 		d.idents.mu.Lock()
-		d.idents.addrs = addrs
+		d.idents.addrs, d.idents.addrCgroups = addrs, owners
 		d.idents.mu.Unlock()
+		// Identities, addresses or policies changed: the verdicts
+		// follow (a burst of pokes is one compile).
+		d.applyPolicy()
 	}
 }

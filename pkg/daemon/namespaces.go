@@ -6,11 +6,13 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"sync/atomic"
 
 	"github.com/rs/zerolog"
 
 	"github.com/smesh-dev/smesh/pkg/config"
 	"github.com/smesh-dev/smesh/pkg/enrol"
+	"github.com/smesh-dev/smesh/pkg/identity"
 	"github.com/smesh-dev/smesh/pkg/proxy"
 	"github.com/smesh-dev/smesh/pkg/tunnel"
 )
@@ -23,6 +25,7 @@ import (
 // thread inside it; they keep the namespace whichever thread uses them.
 type nsService struct {
 	local  *tunnel.LocalAddrs // the namespace's addresses: the tunnel delivers only there
+	source *sourceAddrs       // the namespace's own address per family, asserted as the source
 	ready6 bool               // the IPv6 outbound listener is up
 	stops  []func()
 	// cookie and lns name and are the listeners, for a hand-over.
@@ -30,7 +33,7 @@ type nsService struct {
 	lns    listeners
 }
 
-func (s *nsService) SetAddrs(addrs []netip.Addr) { s.local.Set(addrs) }
+func (s *nsService) SetAddrs(addrs []netip.Addr) { s.local.Set(addrs); s.source.set(addrs) }
 
 // Ready: v4 always, for an nsService exists only once its IPv4 outbound
 // listener is open (openListeners requires it).
@@ -114,9 +117,10 @@ func (d *daemon) openNamespace(ctx context.Context) func(ns *enrol.Namespace) (e
 				Msg("no IPv6 outbound listener in this network namespace: its IPv6 connections are not captured (capture.on_failure decides)")
 		}
 		dial := dialIn(ns)
-		svc := &nsService{local: new(tunnel.LocalAddrs), ready6: l.out6 != nil, cookie: ns.Cookie, lns: l}
+		svc := &nsService{local: new(tunnel.LocalAddrs), source: new(sourceAddrs), ready6: l.out6 != nil, cookie: ns.Cookie, lns: l}
 		svc.local.Set(ns.Addrs())
-		dialer := d.tun.DialerIn(dial)
+		svc.source.set(ns.Addrs())
+		dialer := sourceAddrDialer{d.tun.DialerIn(dial).(proxy.EarlyDialer), svc.source}
 		svc.stops = append(svc.stops,
 			d.out.AddListener(ctx, l.out, dialer),
 			d.tun.Server.AddListener(ctx, l.tun, tunnel.Scope{Local: svc.local, Dial: dial}),
@@ -192,3 +196,73 @@ var (
 	_ enrol.Service = (*nsService)(nil)
 	_ enrol.Service = ownService{}
 )
+
+// sourceAddrs is a namespace's own address of each family, the source
+// address of its captured connections: they reach smeshd's listener at
+// loopback in that namespace, so the accepted connection's remote address
+// says nothing. Invalid where the namespace has none of that family, or
+// several (ambiguous: no address is asserted rather than a wrong one).
+type sourceAddrs struct {
+	v atomic.Pointer[[2]netip.Addr] // IPv4, IPv6
+}
+
+func (s *sourceAddrs) set(addrs []netip.Addr) {
+	var out [2]netip.Addr
+	var seen [2]int
+	for _, a := range addrs {
+		a = a.Unmap()
+		if a.IsLoopback() || a.IsLinkLocalUnicast() || a.IsUnspecified() || a.IsMulticast() {
+			continue
+		}
+		i := 0
+		if a.Is6() {
+			i = 1
+		}
+		seen[i]++
+		out[i] = a
+	}
+	for i := range out {
+		if seen[i] != 1 {
+			out[i] = netip.Addr{}
+		}
+	}
+	s.v.Store(&out)
+}
+
+// of is the source address for a destination of dst's family.
+func (s *sourceAddrs) of(dst netip.Addr) netip.Addr {
+	v := s.v.Load()
+	if v == nil {
+		return netip.Addr{}
+	}
+	if dst.Unmap().Is4() {
+		return v[0]
+	}
+	return v[1]
+}
+
+// sourceAddrDialer puts the namespace's own address into the dial context
+// (identity.WithSourceAddr) for the tunnel client to assert (ipBlocks).
+type sourceAddrDialer struct {
+	inner proxy.EarlyDialer
+	src   *sourceAddrs
+}
+
+func (s sourceAddrDialer) withAddr(ctx context.Context, address string) context.Context {
+	dst, err := netip.ParseAddrPort(address)
+	if err != nil {
+		return ctx
+	}
+	if a := s.src.of(dst.Addr()); a.IsValid() {
+		return identity.WithSourceAddr(ctx, a)
+	}
+	return ctx
+}
+
+func (s sourceAddrDialer) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
+	return s.inner.DialContext(s.withAddr(ctx, address), network, address)
+}
+
+func (s sourceAddrDialer) DialEarly(ctx context.Context, network, address string, first []byte) (net.Conn, error) {
+	return s.inner.DialEarly(s.withAddr(ctx, address), network, address, first)
+}

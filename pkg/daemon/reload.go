@@ -89,6 +89,12 @@ func (d *daemon) apply(next config.Config) error {
 	}
 
 	c := next.Capture
+	// With [kubernetes] the cluster's policies are in force, not these.
+	prevSet := d.pol.set.Load()
+	nextSet := prevSet
+	if _, ok := d.pods.(PolicySource); !ok {
+		nextSet = setOf(next)
+	}
 	var prevPolicy *tunnel.Policy
 	prevStatic, prevEnrolled := d.static, d.enrolled
 	// [capture] cgroups and, with [kubernetes], this node's pods in the mesh.
@@ -106,6 +112,11 @@ func (d *daemon) apply(next config.Config) error {
 		{"[[services]]",
 			func() error { return d.svcs.set(next.Services) },
 			func() { d.svcs.set(d.cfg.Services) }},
+		// New connections follow the new policies from the next compile
+		// (runAddrIDs, at once); open ones are left alone, as Istio does.
+		{"[[policy]]",
+			func() error { prevSet = d.pol.set.Swap(nextSet); d.pokeAddrIDs(); return nil },
+			func() { d.pol.set.Store(prevSet); d.pokeAddrIDs() }},
 		// Last, for it is the one that can fail the most; it changes all
 		// or nothing itself.
 		{"[capture]",
@@ -131,6 +142,7 @@ func (d *daemon) apply(next config.Config) error {
 		next.Tunnel.TLS.TrustDomain, next.Tunnel.TLS.AllowIdentities, next.Tunnel.TLS.Peers
 	kept.Log.Level = next.Log.Level
 	kept.Services = next.Services
+	kept.Policies = next.Policies
 	d.cfg = kept
 	return nil
 }

@@ -152,6 +152,9 @@ type Datapath struct {
 	strictErr   error
 	strictWant  map[string]StrictOptions
 	strictLinks map[attachment]link.Link
+	// strictIDs are the ids, read at SetStrict, of strict cgroups below
+	// an enrolled cgroup (not enrolled themselves).
+	strictIDs map[string]uint64
 	// strictPrev are the programs of a running predecessor's strict
 	// links, given back by Close before Commit as prevProgs are.
 	strictPrev map[attachment]ebpf.ProgramID

@@ -155,7 +155,8 @@ func currentNetnsCookie() (uint64, error) {
 }
 
 // SetStrict makes exactly the cgroups given strict (each must be enrolled
-// by the last SetCapture), with their options; an empty map makes none
+// by the last SetCapture, or lie below an enrolled cgroup: a workload's
+// cgroup; it must exist), with their options; an empty map makes none
 // strict. The maps are written before the attachments are made: the
 // recorder (sock_ops) on smeshd's own cgroup and on every enrolled cgroup
 // first, so that no mesh SYN goes unrecorded, then the ingress programs.
@@ -173,12 +174,19 @@ func (d *Datapath) SetStrict(cgroupPaths map[string]StrictOptions) error {
 	if len(cgroupPaths) > 0 && d.strict == nil {
 		return d.strictErr
 	}
+	below := make(map[string]uint64)
 	for path, o := range cgroupPaths {
 		id, ok := d.enrolled[path]
 		if !ok {
-			return fmt.Errorf("strict cgroup %s: not enrolled", path)
-		}
-		if now, err := cgroups.ID(path); err != nil || now != id {
+			if !d.belowEnrolled(path) {
+				return fmt.Errorf("strict cgroup %s: not enrolled, nor below an enrolled cgroup", path)
+			}
+			now, err := cgroups.ID(path)
+			if err != nil {
+				return fmt.Errorf("strict cgroup %s: %w", path, err)
+			}
+			below[path] = now
+		} else if now, err := cgroups.ID(path); err != nil || now != id {
 			return fmt.Errorf("strict cgroup %s: not the cgroup enrolled (made again since?): %v", path, err)
 		}
 		if slices.Contains(o.ExemptPorts, 0) {
@@ -189,7 +197,10 @@ func (d *Datapath) SetStrict(cgroupPaths map[string]StrictOptions) error {
 	for p, o := range cgroupPaths {
 		want[p] = StrictOptions{ExemptPorts: slices.Clone(o.ExemptPorts)}
 	}
+	prevIDs := d.strictIDs
+	d.strictIDs = below
 	if err := d.syncStrict(want); err != nil {
+		d.strictIDs = prevIDs
 		return err
 	}
 	d.strictWant = want
@@ -204,6 +215,30 @@ func (d *Datapath) SetStrict(cgroupPaths map[string]StrictOptions) error {
 	return nil
 }
 
+// belowEnrolled reports whether path lies below a cgroup of the last
+// SetCapture.
+func (d *Datapath) belowEnrolled(path string) bool {
+	for e := range d.enrolled {
+		if path != e && cgroups.Within(path, e) {
+			return true
+		}
+	}
+	return false
+}
+
+// strictCgroupID is the id of a strict cgroup that is enrolled, or below an
+// enrolled cgroup (its id as SetStrict read it); false for one no longer in
+// the capture.
+func (d *Datapath) strictCgroupID(path string) (uint64, bool) {
+	if id, ok := d.enrolled[path]; ok {
+		return id, true
+	}
+	if id, ok := d.strictIDs[path]; ok && d.belowEnrolled(path) {
+		return id, true
+	}
+	return 0, false
+}
+
 // syncStrict makes the strict maps and attachments what want (with the
 // enrolled cgroups) asks for.
 func (d *Datapath) syncStrict(want map[string]StrictOptions) error {
@@ -213,7 +248,7 @@ func (d *Datapath) syncStrict(want map[string]StrictOptions) error {
 	wantLinks := make(map[attachment]*ebpf.Program)
 	entries := make(map[strict.StrictStrictKey]bool)
 	for path, o := range want {
-		id, ok := d.enrolled[path]
+		id, ok := d.strictCgroupID(path)
 		if !ok {
 			continue
 		}
@@ -311,7 +346,7 @@ func cmpAttachment(a, b attachment) int {
 func (d *Datapath) strictEntries() map[strict.StrictStrictKey]bool {
 	out := make(map[strict.StrictStrictKey]bool)
 	for path, o := range d.strictWant {
-		id, ok := d.enrolled[path]
+		id, ok := d.strictCgroupID(path)
 		if !ok {
 			continue
 		}

@@ -463,6 +463,44 @@ func TestStrictNotEnrolled(t *testing.T) {
 	}
 }
 
+// TestStrictBelowEnrolled: a cgroup below an enrolled one (a workload's)
+// can be strict, by its id at SetStrict: its ingress program attached and
+// its smesh_strict entries written; a missing one is refused; once the
+// enrolled cgroup is no longer enrolled, it is strict no longer.
+func TestStrictBelowEnrolled(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	proxyCg, app := testenv.NewCgroup(t), testenv.NewCgroup(t)
+	opts := handoverOpts(ModeSplice, netip.MustParseAddrPort("127.0.0.1:18000"), proxyCg)
+	d := predecessor(t, opts, app)
+	if err := d.StrictAvailable(); err != nil {
+		t.Fatalf("strict inbound unavailable on this kernel: %v", err)
+	}
+	child := app + "/smesh-test-child"
+	if err := d.SetStrict(map[string]StrictOptions{child: {}}); err == nil {
+		t.Fatal("SetStrict of a missing cgroup below an enrolled one: no error")
+	}
+	if err := os.Mkdir(child, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.Remove(child) })
+	if err := d.SetStrict(map[string]StrictOptions{child: {ExemptPorts: []uint16{8081}}}); err != nil {
+		t.Fatal(err)
+	}
+	if n := testenv.AttachedPrograms(t, child, ebpf.AttachCGroupInetIngress); n != 1 {
+		t.Errorf("%d ingress programs on the strict child cgroup, want 1", n)
+	}
+	if got := d.strictEntries(); len(got) != 2 {
+		t.Errorf("smesh_strict entries wanted: %v, want the cgroup's and its exempt port's", got)
+	}
+	// No longer enrolled: the child is strict no longer.
+	if err := d.SetCapture(nil, opts.IncludeCIDRs, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if n := testenv.AttachedPrograms(t, child, ebpf.AttachCGroupInetIngress); n != 0 {
+		t.Errorf("%d ingress programs on the child after its enrolled cgroup left the capture, want 0", n)
+	}
+}
+
 // strictLinkIDs are the ids of d's strict attachments, by hand-over name.
 func strictLinkIDs(t *testing.T, d *Datapath) map[string]link.ID {
 	t.Helper()

@@ -29,6 +29,7 @@ package kube
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"os"
 
 	"github.com/rs/zerolog"
@@ -36,6 +37,7 @@ import (
 	"k8s.io/client-go/rest"
 
 	"github.com/smesh-dev/smesh/pkg/config"
+	"github.com/smesh-dev/smesh/pkg/policy"
 	"github.com/smesh-dev/smesh/pkg/services"
 )
 
@@ -44,13 +46,38 @@ import (
 type Node struct {
 	*Watcher
 	Services *ServiceWatcher
+	// Peers verify the sources other nodes assert (cluster-wide
+	// pods); Authz are the cluster's AuthorizationPolicies.
+	Peers *PodIdentities
+	Authz *PolicyWatcher
 }
+
+// Verify is the tunnel's SourceVerifier: the cluster's pods say which
+// node runs which workload.
+func (n *Node) Verify(node, workload spiffeid.ID, addr netip.Addr) error {
+	return n.Peers.Verify(node, workload, addr)
+}
+
+// Policies is the cluster's AuthorizationPolicies in force.
+func (n *Node) Policies() *policy.Set { return n.Authz.Set() }
+
+// PoliciesChanged receives after Policies changed.
+func (n *Node) PoliciesChanged() <-chan struct{} { return n.Authz.Changed() }
 
 // WaitSynced returns once the first set of pods is known and every Service
 // is in the sink, so that a pod in the mesh is translated from its first
 // connection on.
 func (n *Node) WaitSynced(ctx context.Context) error {
 	if err := n.Watcher.WaitSynced(ctx); err != nil {
+		return err
+	}
+	// The cluster's pods and policies too: until then every asserted
+	// source would be refused, and a pod in the mesh would be open to
+	// everything its policies deny.
+	if err := n.Peers.WaitSynced(ctx); err != nil {
+		return err
+	}
+	if err := n.Authz.WaitSynced(ctx); err != nil {
 		return err
 	}
 	return n.Services.WaitSynced(ctx)
@@ -68,12 +95,19 @@ func Start(ctx context.Context, cfg config.Kubernetes, td spiffeid.TrustDomain, 
 		return nil, fmt.Errorf("kubernetes.node_name_env: $%s is empty: set it to this node's name "+
 			"(the DaemonSet does, from spec.nodeName through the downward API)", cfg.NodeNameEnv)
 	}
-	api, err := InClusterAPI()
+	rc, err := InClusterConfig()
+	if err != nil {
+		return nil, err
+	}
+	api, err := NewAPI(rc)
 	if err != nil {
 		return nil, err
 	}
 	key, value := cfg.LabelKeyValue()
+	skey, svalue := cfg.StrictLabelKeyValue()
 	w := NewWatcher(Options{
+		StrictKey:   skey,
+		StrictValue: svalue,
 		API:         api,
 		NodeName:    node,
 		TrustDomain: td,
@@ -86,8 +120,16 @@ func Start(ctx context.Context, cfg config.Kubernetes, td spiffeid.TrustDomain, 
 	if err != nil {
 		return nil, err
 	}
+	ids, err := StartPodIdentities(ctx, api, td, log)
+	if err != nil {
+		return nil, err
+	}
+	authz, err := StartPolicies(ctx, rc, cfg.PolicyRootNamespace, log)
+	if err != nil {
+		return nil, err
+	}
 	go w.Run(ctx)
-	return &Node{Watcher: w, Services: svcs}, nil
+	return &Node{Watcher: w, Services: svcs, Peers: ids, Authz: authz}, nil
 }
 
 // InClusterAPI is the API server of the cluster smeshd runs in, reached

@@ -21,6 +21,7 @@ import (
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/smesh-dev/smesh/pkg/identity"
+	"github.com/smesh-dev/smesh/pkg/policy"
 )
 
 // Options configure a Watcher.
@@ -37,6 +38,8 @@ type Options struct {
 	TrustDomain spiffeid.TrustDomain
 	// LabelKey and LabelValue are the mesh label.
 	LabelKey, LabelValue string
+	// StrictKey and StrictValue are the strict label ("" key: none).
+	StrictKey, StrictValue string
 	// Resolver finds pods' cgroups.
 	Resolver *Resolver
 	// Retry is how often the cgroups of enrolled pods that were not found
@@ -64,6 +67,12 @@ type Pod struct {
 	// SPIFFE ID it speaks as (identity.Kubernetes), for enrolled pods.
 	ServiceAccount string `json:"serviceAccount,omitempty"`
 	Identity       string `json:"identity,omitempty"`
+	// Strict: an enrolled pod that accepts TCP only through the mesh (it
+	// or its namespace carries the strict label), but on ExemptPorts, the
+	// ports its containers' probes name (the kubelet's probes come from
+	// the node, outside the mesh).
+	Strict      bool     `json:"strict,omitempty"`
+	ExemptPorts []uint16 `json:"exemptPorts,omitempty"`
 	// Error says why an enrolled pod's cgroup was not found.
 	Error string `json:"error,omitempty"`
 }
@@ -82,11 +91,13 @@ type Watcher struct {
 	done    chan struct{} // closed when Run returns
 
 	mu      sync.Mutex
-	first   bool                   // update ran once
-	cgroups []string               // sorted
-	ids     map[string]spiffeid.ID // enrolled pod cgroup -> identity
-	view    []Pod                  // for /debug/pods
-	known   map[string]string      // pod UID -> cgroup found; owned by Run
+	first   bool                       // update ran once
+	cgroups []string                   // sorted
+	ids     map[string]spiffeid.ID     // enrolled pod cgroup -> identity
+	wls     map[string]policy.Workload // enrolled pod cgroup -> as policy sees it
+	strict  map[string][]uint16        // strict pod cgroup -> exempt ports
+	view    []Pod                      // for /debug/pods
+	known   map[string]string          // pod UID -> cgroup found; owned by Run
 }
 
 // NewWatcher prepares a watcher; Run starts it.
@@ -217,7 +228,24 @@ func (w *Watcher) Identities() map[string]spiffeid.ID {
 	return maps.Clone(w.ids)
 }
 
-// Changed receives a value after Cgroups (or Identities) changed.
+// Strict are the strict pods in the mesh, by cgroup (of Cgroups), with
+// their exempt ports (those their probes name).
+func (w *Watcher) Strict() map[string][]uint16 {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return maps.Clone(w.strict)
+}
+
+// Workloads are the pods in the mesh as authorization policy sees them
+// (identity, namespace, labels), by cgroup (those of Identities).
+func (w *Watcher) Workloads() map[string]policy.Workload {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return maps.Clone(w.wls)
+}
+
+// Changed receives a value after Cgroups, Identities, Workloads or Strict
+// changed.
 func (w *Watcher) Changed() <-chan struct{} { return w.changed }
 
 // Pods describes this node's pods for /debug/pods.
@@ -250,6 +278,8 @@ func (w *Watcher) update() {
 	var view []Pod
 	var cgroups []string
 	ids := make(map[string]spiffeid.ID)
+	strict := make(map[string][]uint16)
+	wls := make(map[string]policy.Workload)
 	seen := make(map[string]bool)
 	for _, obj := range w.pods.GetStore().List() {
 		pod, ok := obj.(*corev1.Pod)
@@ -281,8 +311,13 @@ func (w *Watcher) update() {
 			} else {
 				p.Cgroup = cg
 				cgroups = append(cgroups, cg)
+				if p.Strict, p.Why = w.decideStrict(pod, nsLabels[pod.Namespace], p.Why); p.Strict {
+					p.ExemptPorts = ProbePorts(pod)
+					strict[cg] = p.ExemptPorts
+				}
 				if idErr == nil {
 					ids[cg] = id
+					wls[cg] = policy.Workload{ID: id, Namespace: pod.Namespace, Labels: pod.Labels}
 				} else if !w.o.TrustDomain.IsZero() {
 					// A name no SPIFFE ID can hold: captured, but
 					// speaking as the node.
@@ -307,10 +342,13 @@ func (w *Watcher) update() {
 	cgroups = slices.Compact(cgroups)
 
 	w.mu.Lock()
-	old, oldIDs, first := w.cgroups, w.ids, !w.first
-	w.cgroups, w.ids, w.view, w.first = cgroups, ids, view, true
+	old, oldIDs, oldWls, oldStrict, first := w.cgroups, w.ids, w.wls, w.strict, !w.first
+	w.cgroups, w.ids, w.wls, w.strict, w.view, w.first = cgroups, ids, wls, strict, view, true
 	w.mu.Unlock()
-	if slices.Equal(old, cgroups) && maps.Equal(oldIDs, ids) && !first {
+	sameWls := maps.EqualFunc(oldWls, wls, func(a, b policy.Workload) bool {
+		return a.ID == b.ID && a.Namespace == b.Namespace && maps.Equal(a.Labels, b.Labels)
+	})
+	if slices.Equal(old, cgroups) && maps.Equal(oldIDs, ids) && sameWls && maps.EqualFunc(oldStrict, strict, slices.Equal) && !first {
 		return
 	}
 	w.log.Info().Int("pods", len(view)).Strs("cgroups", cgroups).Msg("pods in the mesh changed")
@@ -341,6 +379,69 @@ func (w *Watcher) decide(pod *corev1.Pod, nsLabels map[string]string) (bool, str
 		return true, "namespace label"
 	}
 	return false, "no label"
+}
+
+// decideStrict says whether a pod in the mesh is strict, adding the reason
+// to why. As with the mesh label, the pod's own label wins over its
+// namespace's.
+func (w *Watcher) decideStrict(pod *corev1.Pod, nsLabels map[string]string, why string) (bool, string) {
+	if w.o.StrictKey == "" {
+		return false, why
+	}
+	if v, ok := pod.Labels[w.o.StrictKey]; ok {
+		if v == w.o.StrictValue {
+			return true, why + ", strict by pod label"
+		}
+		return false, why
+	}
+	if v, ok := nsLabels[w.o.StrictKey]; ok && v == w.o.StrictValue {
+		return true, why + ", strict by namespace label"
+	}
+	return false, why
+}
+
+// ProbePorts are the TCP ports the probes of a pod's containers (readiness,
+// liveness, startup; httpGet, tcpSocket, grpc) name, a named port looked
+// up in the probe's own container's ports, sorted. The kubelet probes from
+// the node, outside the mesh: a strict pod accepts plaintext there.
+func ProbePorts(pod *corev1.Pod) []uint16 {
+	var out []uint16
+	for _, containers := range [][]corev1.Container{pod.Spec.InitContainers, pod.Spec.Containers} {
+		for _, c := range containers {
+			for _, pr := range []*corev1.Probe{c.ReadinessProbe, c.LivenessProbe, c.StartupProbe} {
+				if pr == nil {
+					continue
+				}
+				var port int
+				switch {
+				case pr.HTTPGet != nil:
+					port = containerPort(c, pr.HTTPGet.Port.IntValue(), pr.HTTPGet.Port.StrVal)
+				case pr.TCPSocket != nil:
+					port = containerPort(c, pr.TCPSocket.Port.IntValue(), pr.TCPSocket.Port.StrVal)
+				case pr.GRPC != nil:
+					port = int(pr.GRPC.Port)
+				}
+				if port > 0 && port <= 65535 {
+					out = append(out, uint16(port))
+				}
+			}
+		}
+	}
+	slices.Sort(out)
+	return slices.Compact(out)
+}
+
+// containerPort is a probe's port: num, or the container's port named name.
+func containerPort(c corev1.Container, num int, name string) int {
+	if name == "" {
+		return num
+	}
+	for _, p := range c.Ports {
+		if p.Name == name && (p.Protocol == "" || p.Protocol == corev1.ProtocolTCP) {
+			return int(p.ContainerPort)
+		}
+	}
+	return 0
 }
 
 // cgroupOf finds the cgroup of an enrolled pod, remembering it while it
@@ -374,9 +475,45 @@ func trimPod(obj any) (any, error) {
 			Namespace: pod.Namespace, Name: pod.Name, UID: pod.UID, Labels: pod.Labels,
 			ResourceVersion: pod.ResourceVersion,
 		},
-		Spec:   corev1.PodSpec{NodeName: pod.Spec.NodeName, ServiceAccountName: pod.Spec.ServiceAccountName},
+		Spec: corev1.PodSpec{NodeName: pod.Spec.NodeName, ServiceAccountName: pod.Spec.ServiceAccountName,
+			InitContainers: trimContainers(pod.Spec.InitContainers), Containers: trimContainers(pod.Spec.Containers)},
 		Status: corev1.PodStatus{Phase: pod.Status.Phase, QOSClass: pod.Status.QOSClass},
 	}, nil
+}
+
+// trimContainers keeps what ProbePorts reads: the probes' ports and the
+// containers' named ports, of containers that have a probe.
+func trimContainers(cs []corev1.Container) []corev1.Container {
+	var out []corev1.Container
+	for _, c := range cs {
+		t := corev1.Container{Name: c.Name}
+		for _, pr := range []struct{ from, to **corev1.Probe }{
+			{&c.ReadinessProbe, &t.ReadinessProbe}, {&c.LivenessProbe, &t.LivenessProbe}, {&c.StartupProbe, &t.StartupProbe},
+		} {
+			if p := *pr.from; p != nil {
+				q := &corev1.Probe{}
+				switch {
+				case p.HTTPGet != nil:
+					q.HTTPGet = &corev1.HTTPGetAction{Port: p.HTTPGet.Port}
+				case p.TCPSocket != nil:
+					q.TCPSocket = &corev1.TCPSocketAction{Port: p.TCPSocket.Port}
+				case p.GRPC != nil:
+					q.GRPC = &corev1.GRPCAction{Port: p.GRPC.Port}
+				}
+				*pr.to = q
+			}
+		}
+		if t.ReadinessProbe == nil && t.LivenessProbe == nil && t.StartupProbe == nil {
+			continue
+		}
+		for _, p := range c.Ports {
+			if p.Name != "" {
+				t.Ports = append(t.Ports, corev1.ContainerPort{Name: p.Name, ContainerPort: p.ContainerPort, Protocol: p.Protocol})
+			}
+		}
+		out = append(out, t)
+	}
+	return out
 }
 
 func trimNamespace(obj any) (any, error) {

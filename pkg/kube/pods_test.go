@@ -52,6 +52,8 @@ func (wd *world) start() {
 		TrustDomain: spiffeid.RequireTrustDomainFromString("smesh.local"),
 		LabelKey:    labelKey,
 		LabelValue:  "enabled",
+		StrictKey:   "smesh.dev/inbound",
+		StrictValue: "strict",
 		Resolver:    NewResolver(wd.mount, ""),
 		Retry:       20 * time.Millisecond,
 		Recheck:     50 * time.Millisecond,

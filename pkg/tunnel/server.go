@@ -29,6 +29,14 @@ import (
 // share only once the other released them. Call it before Serve.
 func (s *Server) Hold(g *proxy.Gate) { s.gate = g }
 
+// SetSourceChecks sets ServerOptions.Verifier and Authorize of a server
+// made before its owner had them (smeshd makes the tunnel first). Call it
+// before Serve and AddListener; what they answer may change later, behind
+// them, never the hooks themselves.
+func (s *Server) SetSourceChecks(v SourceVerifier, authorize func(src Source, dst netip.AddrPort) (policy string, allowed bool)) {
+	s.o.Verifier, s.o.Authorize = v, authorize
+}
+
 // ServerOptions configure a Server.
 type ServerOptions struct {
 	Listen netip.AddrPort
