@@ -20,13 +20,14 @@ import (
 
 func TestMain(m *testing.M) {
 	helpers := map[string]testenv.HelperFunc{
-		"connect-loop":  connectLoop,
-		"splice-pair":   splicePair,
-		"connect-hold":  connectHold,
-		"origdst-proxy": origDstProxy,
-		"dial-report":   dialReport,
-		"strict-server": strictServer,
-		"strict-dial":   strictDial,
+		"connect-loop":    connectLoop,
+		"splice-pair":     splicePair,
+		"connect-hold":    connectHold,
+		"origdst-proxy":   origDstProxy,
+		"dial-report":     dialReport,
+		"strict-server":   strictServer,
+		"strict-dial":     strictDial,
+		"resplice-stress": respliceStress,
 	}
 	maps.Copy(helpers, identityHelpers)
 	testenv.RunHelpers(helpers)
