@@ -28,6 +28,7 @@ func TestMain(m *testing.M) {
 		"strict-server":   strictServer,
 		"strict-dial":     strictDial,
 		"resplice-stress": respliceStress,
+		"bulk-pair":       bulkPair,
 	}
 	maps.Copy(helpers, identityHelpers)
 	testenv.RunHelpers(helpers)

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/netip"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -56,7 +57,8 @@ func parseStressResult(line string) (stressResult, error) {
 // naive re-splice (skmsg.c, resplice) the results are evidence for
 // docs/resplice.md: logged, and failures only for the scenarios it calls
 // safe. SMESH_RESPLICE_SECONDS sets each scenario's duration (default 1);
-// SMESH_RESPLICE=off or on runs one mode only.
+// SMESH_RESPLICE=none, off or on runs one mode only,
+// SMESH_RESPLICE_SCENARIO=a,b only those scenarios.
 func TestRespliceStress(t *testing.T) {
 	testenv.RequirePrivileged(t)
 	if err := probeQueueVisible(); err != nil {
@@ -85,7 +87,7 @@ func TestRespliceStress(t *testing.T) {
 				d = predecessor(t, opts, app)
 			}
 			for _, sc := range respliceScenarios {
-				if only != "" && only != sc.name {
+				if only != "" && !slices.Contains(strings.Split(only, ","), sc.name) {
 					continue
 				}
 				t.Run(sc.name, func(t *testing.T) {
