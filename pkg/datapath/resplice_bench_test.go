@@ -87,7 +87,8 @@ func cgroupCPU(t *testing.T, cgroup string) time.Duration {
 // resplice on, at the default queue limit, rounds interleaved. A
 // benchmark, not a timed test: figures only with SMESH_RESPLICE_BENCH=1
 // (SMESH_RESPLICE_SECONDS per round, default 2; 3 rounds), otherwise one
-// 0.2 s round that checks only that bytes move.
+// 0.2 s round that checks only that bytes move. SMESH_RESPLICE_LIMIT sets
+// the queue limit in bytes (default 2 MiB, smeshd's).
 func TestRespliceBulk(t *testing.T) {
 	testenv.RequirePrivileged(t)
 	if err := Missing(ProbeModes(), "bounded splice"); err != nil {
@@ -102,6 +103,14 @@ func TestRespliceBulk(t *testing.T) {
 			secs = s
 		}
 	}
+	limit := uint32(2 << 20)
+	if s := os.Getenv("SMESH_RESPLICE_LIMIT"); s != "" {
+		v, err := strconv.ParseUint(s, 10, 32)
+		if err != nil {
+			t.Fatal(err)
+		}
+		limit = uint32(v)
+	}
 	modes := []string{"none", "off", "on"}
 	apps := map[string]string{}
 	dps := map[string]*Datapath{}
@@ -112,7 +121,7 @@ func TestRespliceBulk(t *testing.T) {
 			continue
 		}
 		opts := handoverOpts(ModeSplice, netip.MustParseAddrPort("127.0.0.1:18000"), proxyCg)
-		opts.SpliceQueueLimit = 2 << 20
+		opts.SpliceQueueLimit = limit
 		opts.resplice = mode == "on"
 		dps[mode] = predecessor(t, opts, app)
 	}
