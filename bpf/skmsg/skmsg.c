@@ -25,6 +25,11 @@
 
 /* Set by smeshd before load: [datapath] splice_queue_limit, in bytes. */
 volatile const __u32 splice_queue_limit = 2 << 20;
+/* Issue 27's experiment, off unless a test sets it (datapath's
+ * Options.resplice; never by configuration): a demoted direction splices
+ * again once resplice_safe() holds, and is demoted again at the limit. Not
+ * safe for every reader: docs/resplice.md. */
+volatile const bool resplice = 0;
 
 extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
 extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
@@ -52,6 +57,48 @@ static __always_inline __u64 queued(struct sk_msg_md *msg)
 	if (psock && bpf_core_field_exists(psock->msg_tot_len))
 		return psock->msg_tot_len;
 	return peer->sk_backlog.rmem_alloc.counter;
+}
+
+/* writer_acked: every byte the sending socket handed to TCP is
+ * acknowledged (snd_una == write_seq). */
+static __always_inline bool writer_acked(struct sk_msg_md *msg)
+{
+	struct sk_msg *kmsg = bpf_cast_to_kern_ctx(msg);
+	struct tcp_sock *tp = bpf_rdonly_cast(kmsg->sk, bpf_core_type_id_kernel(struct tcp_sock));
+
+	return tp->snd_una == tp->write_seq;
+}
+
+/* reader_idle: the peer bpf_msg_redirect_hash just chose has read all it
+ * received by TCP (copied_seq == rcv_nxt, receive queue and backlog
+ * empty), nobody waits on it (SOCKWQ_ASYNC_WAITDATA clear) or holds its
+ * lock, and its SO_RCVLOWAT is at most 1: issue 27's candidate condition,
+ * read with plain loads under the writer's lock only (naive on purpose). */
+static __always_inline bool reader_idle(struct sk_msg_md *msg)
+{
+	struct sk_msg *kmsg = bpf_cast_to_kern_ctx(msg);
+	struct sock *peer = kmsg->sk_redir;
+	struct tcp_sock *tp;
+	struct socket_wq *wq;
+
+	if (!peer)
+		return false;
+	tp = bpf_rdonly_cast(peer, bpf_core_type_id_kernel(struct tcp_sock));
+	if (tp->copied_seq != tp->rcv_nxt)
+		return false;
+	if (peer->sk_receive_queue.qlen != 0 || peer->sk_backlog.tail)
+		return false;
+	if (peer->sk_lock.owned)
+		return false;
+	if (peer->sk_rcvlowat > 1)
+		return false;
+	/* sk_set_bit keeps WAITDATA in sk_wq_raw->flags, and sets it only
+	 * for an O_ASYNC (SOCK_FASYNC) socket: for others this term is
+	 * always true (docs/resplice.md). */
+	wq = peer->sk_wq_raw;
+	if (wq && (wq->flags & (1UL << SOCKWQ_ASYNC_WAITDATA)))
+		return false;
+	return true;
 }
 
 static __always_inline int splice(struct sk_msg_md *msg, bool bounded)
@@ -86,6 +133,22 @@ static __always_inline int splice(struct sk_msg_md *msg, bool bounded)
 		}
 	}
 	if (st->path == PATH_TCP) {
+		if (bounded && resplice && st->demoted && !st->released && writer_acked(msg) &&
+		    bpf_msg_redirect_hash(msg, &smesh_sockhash, &st->peer, BPF_F_INGRESS) == SK_PASS) {
+			/* The redirect chose the peer: splice this message if
+			 * the peer is idle and has room, else send it by TCP
+			 * through our own socket (as a demotion does). */
+			if (reader_idle(msg) && queued(msg) + size <= splice_queue_limit) {
+				st->path = PATH_SPLICE;
+				count(role_slot(st, STAT_CLIENT_TO_SERVER, STAT_SERVER_TO_CLIENT), size);
+				return SK_PASS;
+			}
+			if (bpf_msg_redirect_hash(msg, &smesh_sockhash, &st->self, 0) != SK_PASS) {
+				/* Closing: splice this last message. */
+				count(role_slot(st, STAT_CLIENT_TO_SERVER, STAT_SERVER_TO_CLIENT), size);
+				return SK_PASS;
+			}
+		}
 		if (st->demoted) {
 			count_demoted(st, size);
 			st->tcp_bytes += size;
@@ -117,7 +180,10 @@ static __always_inline int splice(struct sk_msg_md *msg, bool bounded)
 			st->demoted = 1;
 			counter_inc(COUNTER_DEMOTIONS);
 			count_demoted(st, size);
-			st->tcp_bytes = size;
+			/* += : with resplice, a direction can be demoted
+			 * again (count_acked in sockops.c counts from the
+			 * establishment); 0 before the first demotion. */
+			st->tcp_bytes += size;
 			return SK_PASS;
 		}
 		/* Our own entry is gone (the socket is closing): splice this

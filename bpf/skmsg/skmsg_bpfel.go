@@ -104,6 +104,7 @@ const (
 	SkmsgMapSmeshStats           = "smesh_stats"
 	SkmsgProgSmeshSkmsg          = "smesh_skmsg"
 	SkmsgProgSmeshSkmsgUnbounded = "smesh_skmsg_unbounded"
+	SkmsgVarResplice             = "resplice"
 	SkmsgVarSpliceQueueLimit     = "splice_queue_limit"
 )
 
@@ -174,6 +175,7 @@ type SkmsgMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SkmsgVariableSpecs struct {
+	Resplice         *ebpf.VariableSpec `ebpf:"resplice"`
 	SpliceQueueLimit *ebpf.VariableSpec `ebpf:"splice_queue_limit"`
 }
 
@@ -230,6 +232,7 @@ func (m *SkmsgMaps) Close() error {
 //
 // It can be passed to LoadSkmsgObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SkmsgVariables struct {
+	Resplice         *ebpf.Variable `ebpf:"resplice"`
 	SpliceQueueLimit *ebpf.Variable `ebpf:"splice_queue_limit"`
 }
 

@@ -72,6 +72,10 @@ type Options struct {
 	// splice"): a reader that stalls can then make its writer queue until
 	// the node's TCP memory runs out.
 	SpliceQueueLimit uint32
+	// resplice loads the bounded sk_msg program with issue 27's naive
+	// re-splice (skmsg.c, docs/resplice.md): an experiment, set only by
+	// tests, never by configuration.
+	resplice bool
 	// PinDir, when set, pins the capture there (on bpffs) so that it
 	// outlives smeshd: [capture] on_failure = "closed". Empty: everything
 	// is detached when smeshd stops or dies.
@@ -348,7 +352,7 @@ func (d *Datapath) load(opts Options, proxyCgroupID uint64) error {
 	if opts.Mode != ModeSplice {
 		return nil
 	}
-	if d.msg, err = loadSkmsg(opts.SpliceQueueLimit, shared); err != nil {
+	if d.msg, err = loadSkmsg(opts.SpliceQueueLimit, opts.resplice, shared); err != nil {
 		return verifierError(explainLoadError(err))
 	}
 	return nil
@@ -357,10 +361,11 @@ func (d *Datapath) load(opts Options, proxyCgroupID uint64) error {
 // loadSkmsg loads the sk_msg program: bounded to limit bytes queued at a
 // peer (smesh_skmsg), or without a bound when limit is 0
 // (smesh_skmsg_unbounded, for kernels that cannot bound: see
-// Options.SpliceQueueLimit). shared are the maps to use; nil makes the
+// Options.SpliceQueueLimit); resplice sets Options.resplice's experiment
+// (bounded only). shared are the maps to use; nil makes the
 // program's own. Errors keep the verifier's log for the caller to show
 // (verifierError) or to summarise (a probe).
-func loadSkmsg(limit uint32, shared map[string]*ebpf.Map) (*ebpf.Program, error) {
+func loadSkmsg(limit uint32, resplice bool, shared map[string]*ebpf.Map) (*ebpf.Program, error) {
 	spec, err := skmsg.LoadSkmsg()
 	if err != nil {
 		return nil, fmt.Errorf("loading skmsg spec: %w", err)
@@ -368,6 +373,9 @@ func loadSkmsg(limit uint32, shared map[string]*ebpf.Map) (*ebpf.Program, error)
 	if limit > 0 {
 		if err := spec.Variables["splice_queue_limit"].Set(limit); err != nil {
 			return nil, fmt.Errorf("setting skmsg splice_queue_limit: %w", err)
+		}
+		if err := spec.Variables["resplice"].Set(resplice); err != nil {
+			return nil, fmt.Errorf("setting skmsg resplice: %w", err)
 		}
 		var objs struct {
 			Prog *ebpf.Program `ebpf:"smesh_skmsg"`

@@ -20,13 +20,15 @@ import (
 
 func TestMain(m *testing.M) {
 	helpers := map[string]testenv.HelperFunc{
-		"connect-loop":  connectLoop,
-		"splice-pair":   splicePair,
-		"connect-hold":  connectHold,
-		"origdst-proxy": origDstProxy,
-		"dial-report":   dialReport,
-		"strict-server": strictServer,
-		"strict-dial":   strictDial,
+		"connect-loop":    connectLoop,
+		"splice-pair":     splicePair,
+		"connect-hold":    connectHold,
+		"origdst-proxy":   origDstProxy,
+		"dial-report":     dialReport,
+		"strict-server":   strictServer,
+		"strict-dial":     strictDial,
+		"resplice-stress": respliceStress,
+		"bulk-pair":       bulkPair,
 	}
 	maps.Copy(helpers, identityHelpers)
 	testenv.RunHelpers(helpers)

@@ -238,7 +238,7 @@ func probeSkmsg(limit uint32) error {
 		return fmt.Errorf("creating a sockhash: %w", err)
 	}
 	defer hash.Close()
-	prog, err := loadSkmsg(limit, map[string]*ebpf.Map{"smesh_sockhash": hash})
+	prog, err := loadSkmsg(limit, false, map[string]*ebpf.Map{"smesh_sockhash": hash})
 	if err != nil {
 		return explainLoadError(err)
 	}
