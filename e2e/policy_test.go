@@ -253,7 +253,7 @@ func unitCgroup(t *testing.T, enrolled, name string) string {
 // from pods on node a through the tunnel (denied: reset), and on node b
 // from units of the node's namespace (on the node's address and loopback)
 // and from a pod (denied: ECONNREFUSED), allowed by principal with bytes
-// checked. Another port of the node is no workload's: not decided.
+// checked, over IPv4 and IPv6. Another port of the node is no workload's: not decided.
 func TestPolicyHostPorts(t *testing.T) {
 	testenv.RequirePrivileged(t)
 	c := testenv.NewCluster()
@@ -270,7 +270,7 @@ func TestPolicyHostPorts(t *testing.T) {
 	a.start("splice", workloadsConf(t, map[*testenv.Pod]string{front: idFrontend, other: idOther}))
 	var cidrs []string
 	for _, p := range []*testenv.Pod{front, other} {
-		cidrs = append(cidrs, fmt.Sprintf("%q", netip.PrefixFrom(p.Addr4, 32)))
+		cidrs = append(cidrs, fmt.Sprintf("%q", netip.PrefixFrom(p.Addr4, 32)), fmt.Sprintf("%q", netip.PrefixFrom(p.Addr6, 128)))
 	}
 	units := fmt.Sprintf(`
 [[capture.workloads]]
@@ -300,7 +300,9 @@ rules = [{from = [{principals = ["test.local/ns/web/sa/frontend", "test.local/ns
 	nodeAddr := netip.AddrPortFrom(endB.Addr4, 9100).String()
 	freeAddr := netip.AddrPortFrom(endB.Addr4, 9101).String()
 	loop := "127.0.0.1:9100"
+	nodeAddr6 := netip.AddrPortFrom(endB.Addr6, 9100).String()
 	b.server(payCg, "0.0.0.0:9100")
+	b.server(payCg, "[::]:9100")
 	b.server(batchCg, "0.0.0.0:9101") // a unit without ports: no destination
 	a.waitServed(front.Name, other.Name)
 	b.waitServed(local.Name)
@@ -327,18 +329,26 @@ rules = [{from = [{principals = ["test.local/ns/web/sa/frontend", "test.local/ns
 	b.client(batchCg, "refused", loop)
 	b.client(batchCg, "oneway", netip.AddrPortFrom(endB.Addr4, 9101).String(), fmt.Sprint(1<<20)) // batch's own port: no policy
 	b.podClient(local, "echo", nodeAddr, fmt.Sprint(1<<20))
+	// IPv6: the node's address and loopback.
+	b.client(webCg, "oneway", nodeAddr6, fmt.Sprint(1<<20))
+	b.client(webCg, "echo", "[::1]:9100", fmt.Sprint(1<<20))
+	b.client(batchCg, "refused", nodeAddr6)
+	b.client(batchCg, "refused", "[::1]:9100")
+	b.podClient(local, "echo", nodeAddr6, fmt.Sprint(1<<20))
 	// Across nodes: b's tunnel server decides by address and port.
 	a.podClient(front, "oneway", nodeAddr, fmt.Sprint(8<<20))
 	a.podClient(front, "echo", nodeAddr, fmt.Sprint(1<<20))
+	a.podClient(front, "echo", nodeAddr6, fmt.Sprint(1<<20))
 	a.podClient(other, "reset", nodeAddr)
+	a.podClient(other, "reset", nodeAddr6)
 	a.podClient(other, "oneway", freeAddr, fmt.Sprint(1<<20)) // no workload's port
 
 	_, m := b.admin("/metrics")
-	if v := testenv.Metric(t, m, "smesh_policy_denied_total", map[string]string{"path": "tunnel", "policy": "", "reason": "not_allowed"}); v < 1 {
-		t.Errorf("tunnel not_allowed denials = %v, want at least 1", v)
+	if v := testenv.Metric(t, m, "smesh_policy_denied_total", map[string]string{"path": "tunnel", "policy": "", "reason": "not_allowed"}); v < 2 {
+		t.Errorf("tunnel not_allowed denials = %v, want at least 2", v)
 	}
-	if v := testenv.Metric(t, m, "smesh_policy_denied_total", map[string]string{"path": "same_node", "policy": "", "reason": "not_allowed"}); v < 2 {
-		t.Errorf("same-node not_allowed denials = %v, want at least 2", v)
+	if v := testenv.Metric(t, m, "smesh_policy_denied_total", map[string]string{"path": "same_node", "policy": "", "reason": "not_allowed"}); v < 4 {
+		t.Errorf("same-node not_allowed denials = %v, want at least 4", v)
 	}
 	_, body := b.admin("/debug/policy")
 	var dbg struct {
