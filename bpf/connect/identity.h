@@ -4,7 +4,8 @@
  * smeshd numbers every identity name on this node (0: unknown, 1: the node
  * itself) and writes, per workload cgroup, its number (smesh_identity) and,
  * per workload address, the number of the workload that owns it
- * (smesh_addr_ids). connect4/6 find the caller's number by walking up its
+ * (smesh_addr_ids), and per port a workload claims in a namespace shared by
+ * several (smesh_port_ids). connect4/6 find the caller's number by walking up its
  * cgroup ancestry (caller_identity), remember it on a captured socket
  * (smesh_src_sk, smesh.h, which sock_ops publishes for smeshd's getsockopt
  * SMESH_SO_SRC_ID) and, for a connect() to a workload on this node that a

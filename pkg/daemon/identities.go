@@ -388,8 +388,8 @@ func (d *daemon) pokeAddrIDs() {
 	}
 }
 
-// runAddrIDs keeps smesh_addr_ids in line with the namespaces and the
-// identities until ctx is done.
+// runAddrIDs keeps smesh_addr_ids and smesh_port_ids in line with the
+// namespaces and the identities until ctx is done.
 func (d *daemon) runAddrIDs(ctx context.Context) {
 	for {
 		select {
