@@ -357,6 +357,7 @@ rules = [{from = [{principals = ["test.local/ns/web/sa/frontend", "test.local/ns
 			Ports     []uint16
 			PortAddrs []string `json:"portAddresses"`
 		}
+		SameNode struct{ Problems []string }
 	}
 	if err := json.Unmarshal([]byte(body), &dbg); err != nil {
 		t.Fatalf("/debug/policy: %v: %s", err, body)
@@ -369,6 +370,9 @@ rules = [{from = [{principals = ["test.local/ns/web/sa/frontend", "test.local/ns
 	}
 	if !found {
 		t.Errorf("/debug/policy does not show payments' port 9100 on %s: %s", nodeAddr, body)
+	}
+	if len(dbg.SameNode.Problems) > 0 {
+		t.Errorf("/debug/policy reports problems, want none: %q", dbg.SameNode.Problems)
 	}
 	_, ids := b.admin("/debug/identities")
 	var idDbg struct {

@@ -285,6 +285,36 @@ func (p *policies) compilePorts(set *policy.Set, names map[uint32]spiffeid.ID, a
 	return entries, dsts, dstPorts, problems
 }
 
+// noDestination reports the workloads of smesh.toml ([[capture.workloads]],
+// [capture] cgroups) that a policy selects but that neither path can tell
+// a connection is for: no namespace of their own (no address names them)
+// and no ports claimed (the node's namespace, shared by every unit). Their
+// policies protect nothing; said rather than left silent.
+func noDestination(set *policy.Set, view []IdentityEntry, addrs map[netip.Addr]uint32, ports map[datapath.PortKey]uint32) []string {
+	known := make(map[uint32]bool)
+	for _, n := range addrs {
+		known[n] = true
+	}
+	for _, n := range ports {
+		known[n] = true
+	}
+	var out []string
+	seen := make(map[uint32]bool)
+	for _, e := range view {
+		if e.From == "pod" || e.Number == 0 || known[e.Number] || seen[e.Number] {
+			continue
+		}
+		id, err := spiffeid.FromString(e.Identity)
+		if err != nil || !set.Selects(policy.Workload{ID: id}) {
+			continue
+		}
+		seen[e.Number] = true
+		out = append(out, fmt.Sprintf("%s (cgroup %s) is selected by a policy but is no destination on this node: no network namespace of its own "+
+			"names it by address and it claims no ports (set [[capture.workloads]] ports to the TCP ports it serves), so its policies decide nothing", e.Identity, e.Cgroup))
+	}
+	return out
+}
+
 // decideAll decides for src at each of ips (none: no address). When they
 // disagree, ambiguous is true and the verdict is the first denying one:
 // the entry denies, under the policy that denies.
@@ -335,6 +365,8 @@ func (d *daemon) applyPolicy() {
 	}
 	addrs, addrCgroups := d.idents.addrs, d.idents.addrCgroups
 	ports, portProblems := d.idents.portAddrs, d.idents.portProblems
+	nsPorts := d.idents.ports
+	view := slices.Clone(d.idents.view)
 	d.idents.mu.Unlock()
 	var wls map[netip.Addr]policy.Workload
 	if ps, ok := d.pods.(PolicySource); ok {
@@ -349,6 +381,7 @@ func (d *daemon) applyPolicy() {
 	set := p.set.Load()
 	entries, dsts, dstPorts, problems := p.compilePorts(set, names, addrs, ports, wls)
 	problems = append(problems, portProblems...)
+	problems = append(problems, noDestination(set, view, addrs, nsPorts)...)
 	p.mu.Lock()
 	same := p.wrote && slices.Equal(p.written, entries)
 	p.mu.Unlock()

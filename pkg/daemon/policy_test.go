@@ -3,6 +3,7 @@ package daemon
 import (
 	"errors"
 	"net/netip"
+	"strings"
 	"testing"
 
 	"github.com/rs/zerolog"
@@ -142,6 +143,26 @@ func TestPolicyCompilePorts(t *testing.T) {
 		if _, ok := p.authorize(c.src, netip.MustParseAddrPort(c.dst)); ok != c.allow {
 			t.Errorf("%+v to %s: allowed %v, want %v", c.src, c.dst, ok, c.allow)
 		}
+	}
+}
+
+// TestNoDestination: a unit a policy selects that has neither an address
+// nor a port is reported; one with a port, one no policy selects and a pod
+// are not.
+func TestNoDestination(t *testing.T) {
+	cfg := config.Config{Policies: []config.Policy{
+		{Name: "p", Action: "ALLOW", Workloads: []string{"spiffe://td/unit/pay", "spiffe://td/unit/web", "spiffe://td/ns/a/sa/pod"}},
+	}}
+	set := newPolicies(cfg, zerolog.Nop()).set.Load()
+	view := []IdentityEntry{
+		{Cgroup: "/cg/pay.service", Identity: "spiffe://td/unit/pay", Number: 5, From: "workload"},
+		{Cgroup: "/cg/web.service", Identity: "spiffe://td/unit/web", Number: 6, From: "workload", Ports: []uint16{80}},
+		{Cgroup: "/cg/other.service", Identity: "spiffe://td/unit/other", Number: 7, From: "workload"},
+		{Cgroup: "/cg/pod", Identity: "spiffe://td/ns/a/sa/pod", Number: 8, From: "pod"},
+	}
+	got := noDestination(set, view, nil, map[datapath.PortKey]uint32{{Netns: 1, Port: 80}: 6})
+	if len(got) != 1 || !strings.Contains(got[0], "spiffe://td/unit/pay") || !strings.Contains(got[0], "ports") {
+		t.Errorf("noDestination = %q, want pay reported", got)
 	}
 }
 
