@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -223,5 +225,173 @@ rules = [{from = [{ip_blocks = ["` + other.Addr4.String() + `/32", "` + lother.A
 	}
 	if !found || dbg.SameNode.Entries == 0 {
 		t.Errorf("/debug/policy does not show payments or its compiled verdicts: %s", body)
+	}
+}
+
+// Identities of TestPolicyHostPorts' units in node b's own namespace.
+const (
+	idHostPay   = "spiffe://test.local/node/b/unit/payments.service"
+	idHostWeb   = "spiffe://test.local/node/b/unit/web.service"
+	idHostBatch = "spiffe://test.local/node/b/unit/batch.service"
+)
+
+// unitCgroup makes a cgroup below enrolled (a systemd unit's, in the node's
+// own namespace).
+func unitCgroup(t *testing.T, enrolled, name string) string {
+	t.Helper()
+	cg := filepath.Join(enrolled, name)
+	if err := os.Mkdir(cg, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.Remove(cg) })
+	return cg
+}
+
+// TestPolicyHostPorts: a server in a unit of node b's own namespace
+// (payments.service, [[capture.workloads]] ports = [9100]) is a policy
+// destination by its port although the node's addresses name no workload:
+// from pods on node a through the tunnel (denied: reset), and on node b
+// from units of the node's namespace (on the node's address and loopback)
+// and from a pod (denied: ECONNREFUSED), allowed by principal with bytes
+// checked, over IPv4 and IPv6. Another port of the node is no workload's: not decided.
+func TestPolicyHostPorts(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	c := testenv.NewCluster()
+	cnA, cnB := c.AddNode(t), c.AddNode(t)
+	_, endB := testenv.JoinNodes(t, cnA, cnB)
+	a := &podNode{node: nodeOn(t, cnA.Node), cn: cnA}
+	b := &podNode{node: nodeOn(t, cnB.Node), cn: cnB}
+	front, other := a.pod(), a.pod()
+	local := b.pod()
+	payCg := unitCgroup(t, b.enrolled, "payments.service")
+	webCg := unitCgroup(t, b.enrolled, "web.service")
+	batchCg := unitCgroup(t, b.enrolled, "batch.service")
+
+	a.start("splice", workloadsConf(t, map[*testenv.Pod]string{front: idFrontend, other: idOther}))
+	var cidrs []string
+	for _, p := range []*testenv.Pod{front, other} {
+		cidrs = append(cidrs, fmt.Sprintf("%q", netip.PrefixFrom(p.Addr4, 32)), fmt.Sprintf("%q", netip.PrefixFrom(p.Addr6, 128)))
+	}
+	units := fmt.Sprintf(`
+[[capture.workloads]]
+cgroup = %q
+identity = %q
+ports = [9100]
+
+[[capture.workloads]]
+cgroup = %q
+identity = %q
+
+[[capture.workloads]]
+cgroup = %q
+identity = %q
+`, cgroupRel(t, payCg), idHostPay, cgroupRel(t, webCg), idHostWeb, cgroupRel(t, batchCg), idHostBatch)
+	b.start("splice", workloadsConf(t, map[*testenv.Pod]string{local: idLocal})+units+b.tlsConf("")+fmt.Sprintf(`
+[[tunnel.tls.peers]]
+cidrs = [%s]
+identities = [%q]
+workloads = [%q, %q]
+
+[[policy]]
+name = "pay-host"
+workloads = [%q]
+rules = [{from = [{principals = ["test.local/ns/web/sa/frontend", "test.local/ns/pay/sa/local", "test.local/node/b/unit/web.service"]}]}]
+`, strings.Join(cidrs, ", "), a.id(), idFrontend, idOther, idHostPay))
+	nodeAddr := netip.AddrPortFrom(endB.Addr4, 9100).String()
+	freeAddr := netip.AddrPortFrom(endB.Addr4, 9101).String()
+	loop := "127.0.0.1:9100"
+	nodeAddr6 := netip.AddrPortFrom(endB.Addr6, 9100).String()
+	b.server(payCg, "0.0.0.0:9100")
+	b.server(payCg, "[::]:9100")
+	b.server(batchCg, "0.0.0.0:9101") // a unit without ports: no destination
+	a.waitServed(front.Name, other.Name)
+	b.waitServed(local.Name)
+
+	// The payments unit started after smeshd: its namespace's owners
+	// follow.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		h := testenv.StartHelper(t, batchCg, b.ns.Name, "client", "refused", nodeAddr)
+		if h.Wait() == nil && strings.Contains(h.Stdout(), "ok refused") {
+			break
+		}
+		if time.Now().After(deadline) {
+			_, ids := b.admin("/debug/identities")
+			t.Fatalf("same-node policy by port not in force within 5s: %s\n%s", h.Stdout()+h.Stderr(), ids)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+
+	// Same node: units of the node's namespace and a pod.
+	b.client(webCg, "oneway", nodeAddr, fmt.Sprint(4<<20))
+	b.client(webCg, "echo", loop, fmt.Sprint(1<<20))
+	b.client(batchCg, "refused", nodeAddr)
+	b.client(batchCg, "refused", loop)
+	b.client(batchCg, "oneway", netip.AddrPortFrom(endB.Addr4, 9101).String(), fmt.Sprint(1<<20)) // batch's own port: no policy
+	b.podClient(local, "echo", nodeAddr, fmt.Sprint(1<<20))
+	// IPv6: the node's address and loopback.
+	b.client(webCg, "oneway", nodeAddr6, fmt.Sprint(1<<20))
+	b.client(webCg, "echo", "[::1]:9100", fmt.Sprint(1<<20))
+	b.client(batchCg, "refused", nodeAddr6)
+	b.client(batchCg, "refused", "[::1]:9100")
+	b.podClient(local, "echo", nodeAddr6, fmt.Sprint(1<<20))
+	// Across nodes: b's tunnel server decides by address and port.
+	a.podClient(front, "oneway", nodeAddr, fmt.Sprint(8<<20))
+	a.podClient(front, "echo", nodeAddr, fmt.Sprint(1<<20))
+	a.podClient(front, "echo", nodeAddr6, fmt.Sprint(1<<20))
+	a.podClient(other, "reset", nodeAddr)
+	a.podClient(other, "reset", nodeAddr6)
+	a.podClient(other, "oneway", freeAddr, fmt.Sprint(1<<20)) // no workload's port
+
+	_, m := b.admin("/metrics")
+	if v := testenv.Metric(t, m, "smesh_policy_denied_total", map[string]string{"path": "tunnel", "policy": "", "reason": "not_allowed"}); v < 2 {
+		t.Errorf("tunnel not_allowed denials = %v, want at least 2", v)
+	}
+	if v := testenv.Metric(t, m, "smesh_policy_denied_total", map[string]string{"path": "same_node", "policy": "", "reason": "not_allowed"}); v < 4 {
+		t.Errorf("same-node not_allowed denials = %v, want at least 4", v)
+	}
+	_, body := b.admin("/debug/policy")
+	var dbg struct {
+		Workloads []struct {
+			Identity  string
+			Ports     []uint16
+			PortAddrs []string `json:"portAddresses"`
+		}
+		SameNode struct{ Problems []string }
+	}
+	if err := json.Unmarshal([]byte(body), &dbg); err != nil {
+		t.Fatalf("/debug/policy: %v: %s", err, body)
+	}
+	found := false
+	for _, w := range dbg.Workloads {
+		if w.Identity == idHostPay {
+			found = len(w.Ports) == 1 && w.Ports[0] == 9100 && slices.Contains(w.PortAddrs, nodeAddr)
+		}
+	}
+	if !found {
+		t.Errorf("/debug/policy does not show payments' port 9100 on %s: %s", nodeAddr, body)
+	}
+	if len(dbg.SameNode.Problems) > 0 {
+		t.Errorf("/debug/policy reports problems, want none: %q", dbg.SameNode.Problems)
+	}
+	_, ids := b.admin("/debug/identities")
+	var idDbg struct {
+		Identities []struct {
+			Identity string
+			Ports    []uint16
+		}
+		PortAddresses map[string]uint32 `json:"portAddresses"`
+	}
+	if err := json.Unmarshal([]byte(ids), &idDbg); err != nil {
+		t.Fatalf("/debug/identities: %v: %s", err, ids)
+	}
+	found = false
+	for _, e := range idDbg.Identities {
+		if e.Identity == idHostPay {
+			found = slices.Equal(e.Ports, []uint16{9100})
+		}
+	}
+	if _, ok := idDbg.PortAddresses[nodeAddr]; !ok || !found {
+		t.Errorf("/debug/identities does not show payments' port: %s", ids)
 	}
 }

@@ -197,7 +197,7 @@ static __always_inline bool allowed(struct bpf_sock_addr *ctx, const struct addr
 		return true;
 	if (bpf_get_current_cgroup_id() == proxy_cgroup)
 		return true;
-	return police(ip, port);
+	return police(bpf_get_netns_cookie(ctx), ip, port);
 }
 
 /* denied fails a connect() policy refuses: ECONNREFUSED where the kernel

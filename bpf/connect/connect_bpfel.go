@@ -125,6 +125,23 @@ type ConnectPolicyVerdict struct {
 	Reserved uint32
 }
 
+type ConnectPortId struct {
+	_         structs.HostLayout
+	Version   uint8
+	Reserved0 uint8
+	Reserved1 uint16
+	Id        uint32
+	Reserved  uint64
+}
+
+type ConnectPortKey struct {
+	_     structs.HostLayout
+	Netns uint64
+	Port  uint16
+	Pad   uint16
+	Pad2  uint32
+}
+
 type ConnectSockKey struct {
 	_         structs.HostLayout
 	Conn      ConnectConnKey
@@ -205,6 +222,7 @@ const (
 	ConnectMapSmeshOrigDst       = "smesh_orig_dst"
 	ConnectMapSmeshPolicy        = "smesh_policy"
 	ConnectMapSmeshPolicyDenied  = "smesh_policy_denied"
+	ConnectMapSmeshPortIds       = "smesh_port_ids"
 	ConnectMapSmeshServices      = "smesh_services"
 	ConnectMapSmeshSkState       = "smesh_sk_state"
 	ConnectMapSmeshSockhash      = "smesh_sockhash"
@@ -300,6 +318,7 @@ type ConnectMapSpecs struct {
 	SmeshOrigDst      *ebpf.MapSpec `ebpf:"smesh_orig_dst"`
 	SmeshPolicy       *ebpf.MapSpec `ebpf:"smesh_policy"`
 	SmeshPolicyDenied *ebpf.MapSpec `ebpf:"smesh_policy_denied"`
+	SmeshPortIds      *ebpf.MapSpec `ebpf:"smesh_port_ids"`
 	SmeshServices     *ebpf.MapSpec `ebpf:"smesh_services"`
 	SmeshSkState      *ebpf.MapSpec `ebpf:"smesh_sk_state"`
 	SmeshSockhash     *ebpf.MapSpec `ebpf:"smesh_sockhash"`
@@ -363,6 +382,7 @@ type ConnectMaps struct {
 	SmeshOrigDst      *ebpf.Map `ebpf:"smesh_orig_dst"`
 	SmeshPolicy       *ebpf.Map `ebpf:"smesh_policy"`
 	SmeshPolicyDenied *ebpf.Map `ebpf:"smesh_policy_denied"`
+	SmeshPortIds      *ebpf.Map `ebpf:"smesh_port_ids"`
 	SmeshServices     *ebpf.Map `ebpf:"smesh_services"`
 	SmeshSkState      *ebpf.Map `ebpf:"smesh_sk_state"`
 	SmeshSockhash     *ebpf.Map `ebpf:"smesh_sockhash"`
@@ -393,6 +413,7 @@ func (m *ConnectMaps) Close() error {
 		m.SmeshOrigDst,
 		m.SmeshPolicy,
 		m.SmeshPolicyDenied,
+		m.SmeshPortIds,
 		m.SmeshServices,
 		m.SmeshSkState,
 		m.SmeshSockhash,

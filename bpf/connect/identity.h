@@ -4,7 +4,8 @@
  * smeshd numbers every identity name on this node (0: unknown, 1: the node
  * itself) and writes, per workload cgroup, its number (smesh_identity) and,
  * per workload address, the number of the workload that owns it
- * (smesh_addr_ids). connect4/6 find the caller's number by walking up its
+ * (smesh_addr_ids), and per port a workload claims in a namespace shared by
+ * several (smesh_port_ids). connect4/6 find the caller's number by walking up its
  * cgroup ancestry (caller_identity), remember it on a captured socket
  * (smesh_src_sk, smesh.h, which sock_ops publishes for smeshd's getsockopt
  * SMESH_SO_SRC_ID) and, for a connect() to a workload on this node that a
@@ -70,6 +71,38 @@ struct {
 	__type(key, struct addr);
 	__type(value, __u32);
 } smesh_addr_ids SEC(".maps");
+
+/* Key of smesh_port_ids: a TCP port served on the addresses of network
+ * namespace netns (its own, loopback included). */
+struct port_key {
+	__u64 netns; /* netns cookie */
+	__u16 port;  /* host byte order */
+	__u16 pad;   /* zeroed: keys are compared byte by byte */
+	__u32 pad2;  /* zeroed */
+};
+
+#define PORT_ID_VERSION 1
+
+struct port_id {
+	__u8 version; /* PORT_ID_VERSION */
+	__u8 reserved0;
+	__u16 reserved1;
+	__u32 id; /* the identity number of the workload serving the port */
+	__u64 reserved;
+};
+
+/* Written by smeshd: {namespace, port} -> the workload ([[capture.workloads]]
+ * ports) that serves that TCP port on the namespace's addresses. Read by
+ * connect4/6 (police) for a destination smesh_addr_ids does not name: a
+ * namespace shared by several workloads (the node's own, where systemd units
+ * run) names its workloads by port. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct port_key);
+	__type(value, struct port_id);
+} smesh_port_ids SEC(".maps");
 
 enum {
 	POLICY_KEY_RULE = 0,    /* a verdict for {dst, src, port} */
@@ -202,28 +235,51 @@ static __always_inline void count_denied(__u32 policy)
 		__sync_fetch_and_add(c, 1); /* atomic although per CPU: see count() */
 }
 
-/* police decides a connect() to ip:port that is a workload on this node:
- * true to let it go on. A destination no policy covers (no POLICED entry)
- * costs one lookup (two with the address's). A covered one is decided by
+/* dst_identity is the number of the workload a connect() from namespace
+ * netns to ip:port reaches on this node, 0 when none is known: the owner of
+ * the address (smesh_addr_ids), else the owner of the port in the namespace
+ * the address belongs to (smesh_port_ids): netns itself for loopback and its
+ * own addresses, else the one namespace that has ip (the node's for a node
+ * address dialled from a pod). */
+static __always_inline __u32 dst_identity(__u64 netns, const struct addr *ip, __u16 port)
+{
+	struct port_key pk = { .port = port };
+	struct port_id *p;
+	__u32 *dst;
+
+	dst = bpf_map_lookup_elem(&smesh_addr_ids, ip);
+	if (dst && *dst)
+		return *dst;
+	pk.netns = peer_netns(netns, ip);
+	if (!pk.netns)
+		return 0;
+	p = bpf_map_lookup_elem(&smesh_port_ids, &pk);
+	return p ? p->id : 0;
+}
+
+/* police decides a connect() from namespace netns to ip:port that is a
+ * workload on this node (dst_identity): true to let it go on. A destination
+ * no policy covers (no POLICED entry) costs its dst_identity lookups and one
+ * more. A covered one is decided by
  * the first entry of {dst, src, port}, {dst, src, 0}, {dst, 0, port},
  * {dst, 0, 0}; none of them: denied (policy 0). All lookups use the one
  * generation read first, so a policy change is seen whole or not at all. */
-static __always_inline bool police(const struct addr *ip, __u16 port)
+static __always_inline bool police(__u64 netns, const struct addr *ip, __u16 port)
 {
 	struct policy_verdict *v;
 	struct policy_key k = {};
 	struct ident_cfg *cfg;
-	__u32 *dst, src, gen;
+	__u32 dst, src, gen;
 
-	dst = bpf_map_lookup_elem(&smesh_addr_ids, ip);
-	if (!dst || !*dst)
+	dst = dst_identity(netns, ip, port);
+	if (!dst)
 		return true;
 	cfg = ident_cfg();
 	if (!cfg)
 		return true;
 	gen = cfg->policy_gen;
 	k.gen = gen;
-	k.dst = *dst;
+	k.dst = dst;
 	k.kind = POLICY_KEY_POLICED;
 	if (!bpf_map_lookup_elem(&smesh_policy, &k))
 		return true;

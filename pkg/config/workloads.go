@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"slices"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
@@ -29,6 +30,13 @@ type Workload struct {
 	// plaintext from anywhere (health probes from the node, say). Only
 	// with strict = true.
 	StrictExemptPorts []int `toml:"strict_exempt_ports"`
+	// Ports are the TCP ports the workload serves on the addresses of the
+	// network namespace its processes run in (the node's own, loopback
+	// included, for a systemd unit that has none of its own). A namespace
+	// shared by several workloads names none of them by address; policy
+	// knows a destination there by (address, port): these
+	// (docs/identity.md 5.2).
+	Ports []int `toml:"ports"`
 }
 
 // ResolvedWorkload is a Workload with its cgroup as a path and its identity
@@ -39,6 +47,8 @@ type ResolvedWorkload struct {
 	Strict   bool
 	// ExemptPorts are the strict workload's StrictExemptPorts.
 	ExemptPorts []uint16
+	// Ports are the workload's Ports.
+	Ports []uint16
 }
 
 // validateWorkloads checks what can be checked without the cgroup v2 mount
@@ -78,6 +88,17 @@ func validateWorkloads(p *problems, c *Config) {
 				p.addf(pk, "%d is listed twice", port)
 			}
 			seenPort[port] = true
+		}
+		seenServed := make(map[int]bool)
+		for j, port := range w.Ports {
+			pk := fmt.Sprintf("%s.ports[%d]", key, j)
+			switch {
+			case port < 1 || port > 65535:
+				p.addf(pk, "%d is not a TCP port (want 1-65535)", port)
+			case seenServed[port]:
+				p.addf(pk, "%d is listed twice", port)
+			}
+			seenServed[port] = true
 		}
 		if w.Identity == "" {
 			continue
@@ -151,6 +172,11 @@ func (c Config) Workloads(cgroup2Mount, node string) ([]ResolvedWorkload, error)
 		for _, port := range w.StrictExemptPorts {
 			if port > 0 && port <= 65535 {
 				rw.ExemptPorts = append(rw.ExemptPorts, uint16(port))
+			}
+		}
+		for _, port := range w.Ports {
+			if port > 0 && port <= 65535 && !slices.Contains(rw.Ports, uint16(port)) {
+				rw.Ports = append(rw.Ports, uint16(port))
 			}
 		}
 		if w.Identity != "" {

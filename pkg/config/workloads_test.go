@@ -14,6 +14,7 @@ cgroup = "smesh.slice/payments.service"
 identity = "spiffe://smesh.local/ns/prod/sa/payments"
 strict = true
 strict_exempt_ports = [8081, 9090]
+ports = [8080, 8081]
 
 [[capture.workloads]]
 cgroup = "smesh.slice/web.service"
@@ -46,6 +47,9 @@ func TestWorkloadsParse(t *testing.T) {
 	}
 	if p := got[0].ExemptPorts; len(p) != 2 || p[0] != 8081 || p[1] != 9090 {
 		t.Errorf("exempt ports of payments: %v, want [8081 9090]", p)
+	}
+	if p := got[0].Ports; len(p) != 2 || p[0] != 8080 || p[1] != 8081 {
+		t.Errorf("ports of payments: %v, want [8080 8081]", p)
 	}
 	id, err := cfg.DefaultIdentity("/sys/fs/cgroup/smesh.slice", "node-a")
 	if err != nil || id.String() != "spiffe://smesh.local/node/node-a/unit/smesh.slice" {
@@ -109,6 +113,16 @@ cgroups = ["smesh.slice"]
 cgroup = "smesh.slice/a"
 strict = true
 strict_exempt_ports = [8080, 0, 70000, 8080]`, "capture.workloads[0].strict_exempt_ports[3]: 8080 is listed twice"},
+		{`[capture]
+cgroups = ["smesh.slice"]
+[[capture.workloads]]
+cgroup = "smesh.slice/a"
+ports = [8080, 0, 8080]`, "capture.workloads[0].ports[1]: 0 is not a TCP port"},
+		{`[capture]
+cgroups = ["smesh.slice"]
+[[capture.workloads]]
+cgroup = "smesh.slice/a"
+ports = [8080, 0, 8080]`, "capture.workloads[0].ports[2]: 8080 is listed twice"},
 	}
 	for _, tc := range cases {
 		_, err := Parse([]byte(tc.doc))

@@ -13,6 +13,7 @@ import (
 
 	"github.com/smesh-dev/smesh/pkg/cgroups"
 	"github.com/smesh-dev/smesh/pkg/config"
+	"github.com/smesh-dev/smesh/pkg/datapath"
 	"github.com/smesh-dev/smesh/pkg/enrol"
 	"github.com/smesh-dev/smesh/pkg/identity"
 )
@@ -31,6 +32,13 @@ type identities struct {
 	addrs   map[netip.Addr]uint32 // what runAddrIDs last wrote
 	// addrCgroups: the identity entry's cgroup (a pod's) of each of addrs.
 	addrCgroups map[netip.Addr]string
+	// ports: what runAddrIDs last wrote into smesh_port_ids
+	// ([[capture.workloads]] ports, by namespace); portAddrs: the same
+	// by the namespaces' non-loopback addresses, for the tunnel path;
+	// portProblems: ports two workloads of one namespace claim.
+	ports        map[datapath.PortKey]uint32
+	portAddrs    map[netip.AddrPort]uint32
+	portProblems []string
 }
 
 // IdentityEntry is one cgroup's identity as /debug/identities shows it.
@@ -43,6 +51,9 @@ type IdentityEntry struct {
 	// [capture] cgroup), "workload" ([[capture.workloads]]), "pod".
 	From   string `json:"from"`
 	Strict bool   `json:"strict,omitempty"`
+	// Ports: the TCP ports a [[capture.workloads]] serves in its
+	// namespace, by which policy knows it there.
+	Ports []uint16 `json:"ports,omitempty"`
 }
 
 // nodeName is the name this node goes by in default identities: the pod's
@@ -97,24 +108,24 @@ func (d *daemon) wantedIdentities(c config.Capture) ([]IdentityEntry, map[string
 	}
 	var out []IdentityEntry
 	names := make(map[string]spiffeid.ID)
-	add := func(cg string, id spiffeid.ID, from string, strict bool) {
+	add := func(cg string, id spiffeid.ID, from string, strict bool, ports []uint16) {
 		if _, dup := names[cg]; dup {
 			// A workload's cgroup that is a [capture] cgroup itself:
 			// the workload's identity wins (added first).
 			return
 		}
 		names[cg] = id
-		out = append(out, IdentityEntry{Cgroup: cg, Identity: id.String(), From: from, Strict: strict})
+		out = append(out, IdentityEntry{Cgroup: cg, Identity: id.String(), From: from, Strict: strict, Ports: ports})
 	}
 	for _, w := range workloads {
-		add(w.Cgroup, w.Identity, "workload", w.Strict)
+		add(w.Cgroup, w.Identity, "workload", w.Strict, w.Ports)
 	}
 	for _, cg := range static {
 		id, err := cfg.DefaultIdentity(cg, d.idents.node)
 		if err != nil {
 			return nil, nil, fmt.Errorf("capture.cgroups %s: %w", cg, err)
 		}
-		add(cg, id, "capture", false)
+		add(cg, id, "capture", false, nil)
 	}
 	if d.pods != nil {
 		pods := d.pods.Identities()
@@ -124,7 +135,7 @@ func (d *daemon) wantedIdentities(c config.Capture) ([]IdentityEntry, map[string
 		}
 		for _, cg := range slices.Sorted(mapKeys(pods)) {
 			_, isStrict := strict[cg]
-			add(cg, pods[cg], "pod", isStrict)
+			add(cg, pods[cg], "pod", isStrict, nil)
 		}
 	}
 	return out, names, nil
@@ -218,13 +229,29 @@ func (d *daemon) debugIdentities() any {
 	for a, n := range d.idents.addrs {
 		addrs[a.String()] = n
 	}
+	ports := make(map[string]uint32, len(d.idents.ports))
+	for k, n := range d.idents.ports {
+		ports[fmt.Sprintf("netns %d port %d", k.Netns, k.Port)] = n
+	}
+	portAddrs := make(map[string]uint32, len(d.idents.portAddrs))
+	for a, n := range d.idents.portAddrs {
+		portAddrs[a.String()] = n
+	}
 	return struct {
 		Node       string          `json:"node"`
 		Identities []IdentityEntry `json:"identities"`
 		// Addresses are the workload addresses same-node policy
 		// knows, with their identity numbers.
 		Addresses map[string]uint32 `json:"addresses"`
-	}{d.idents.node, out, addrs}
+		// Ports are the ports of namespaces shared by several
+		// workloads that same-node policy knows ([[capture.workloads]]
+		// ports, smesh_port_ids), with their owners' numbers;
+		// PortAddresses the same by address, as the tunnel path knows
+		// them; PortProblems the ports two workloads claim.
+		Ports         map[string]uint32 `json:"ports"`
+		PortAddresses map[string]uint32 `json:"portAddresses"`
+		PortProblems  []string          `json:"portProblems,omitempty"`
+	}{d.idents.node, out, addrs, ports, portAddrs, d.idents.portProblems}
 }
 
 // addrIDs are the addresses of this node's workloads with their identity
@@ -280,6 +307,62 @@ func addrOwners(nss []enrol.Info, entries []IdentityEntry) (map[netip.Addr]uint3
 	return out, cgs
 }
 
+// portOwners are the [[capture.workloads]] ports of this node by namespace
+// (smesh_port_ids) and by the namespaces' addresses (the tunnel path): a
+// workload's ports apply in every namespace one of its processes runs in
+// (the node's own for a systemd unit that has none; its own namespace
+// otherwise), on the namespace's own addresses and loopback. A port two
+// workloads of different identities claim in one namespace names neither
+// (problems says which).
+func portOwners(nss []enrol.Info, entries []IdentityEntry) (map[datapath.PortKey]uint32, map[netip.AddrPort]uint32, []string) {
+	ids := make(map[datapath.PortKey]uint32)
+	byAddr := make(map[netip.AddrPort]uint32)
+	var problems []string
+	for _, ns := range nss {
+		owner := make(map[uint16]int) // port -> index in entries
+		clash := make(map[uint16]bool)
+		for _, cg := range ns.Cgroups {
+			_, at, ok := nearestEntry(cg, entries)
+			if !ok {
+				continue
+			}
+			i := slices.IndexFunc(entries, func(e IdentityEntry) bool { return e.Cgroup == at })
+			if i < 0 {
+				continue
+			}
+			for _, port := range entries[i].Ports {
+				j, taken := owner[port]
+				switch {
+				case !taken:
+					owner[port] = i
+				case j == i || entries[j].Number == entries[i].Number:
+				case !clash[port]:
+					clash[port] = true
+					problems = append(problems, fmt.Sprintf("port %d of network namespace %d is claimed by both %s (%s) and %s (%s): "+
+						"policy knows neither there (give it to one of them in [[capture.workloads]] ports)",
+						port, ns.Cookie, entries[j].Cgroup, entries[j].Identity, entries[i].Cgroup, entries[i].Identity))
+				}
+			}
+		}
+		for port, i := range owner {
+			num := entries[i].Number
+			if clash[port] || num == 0 {
+				continue
+			}
+			ids[datapath.PortKey{Netns: ns.Cookie, Port: port}] = num
+			for _, s := range ns.Addrs {
+				a, err := netip.ParseAddr(s)
+				if err != nil || a.IsLoopback() || a.IsUnspecified() {
+					continue
+				}
+				byAddr[netip.AddrPortFrom(a.Unmap(), port)] = num
+			}
+		}
+	}
+	slices.Sort(problems)
+	return ids, byAddr, problems
+}
+
 // nearestEntry is the number of the nearest entry at or above cgroup cg,
 // as connect4/6 find it.
 func nearestEntry(cg string, entries []IdentityEntry) (uint32, string, bool) {
@@ -305,8 +388,8 @@ func (d *daemon) pokeAddrIDs() {
 	}
 }
 
-// runAddrIDs keeps smesh_addr_ids in line with the namespaces and the
-// identities until ctx is done.
+// runAddrIDs keeps smesh_addr_ids and smesh_port_ids in line with the
+// namespaces and the identities until ctx is done.
 func (d *daemon) runAddrIDs(ctx context.Context) {
 	for {
 		select {
@@ -320,13 +403,25 @@ func (d *daemon) runAddrIDs(ctx context.Context) {
 		d.idents.mu.Lock()
 		entries := slices.Clone(d.idents.view)
 		d.idents.mu.Unlock()
-		addrs, owners := addrOwners(d.members.Namespaces(), entries)
+		nss := d.members.Namespaces()
+		addrs, owners := addrOwners(nss, entries)
 		if err := d.dp.SetAddrIDs(addrs); err != nil {
 			d.log.Error().Err(err).Msg("writing the workload addresses for same-node policy (smesh_addr_ids)")
 			continue
 		}
+		ports, portAddrs, problems := portOwners(nss, entries)
+		if err := d.dp.SetPortIDs(ports); err != nil {
+			d.log.Error().Err(err).Msg("writing the workload ports for same-node policy (smesh_port_ids)")
+			continue
+		}
 		d.idents.mu.Lock()
+		if !slices.Equal(problems, d.idents.portProblems) {
+			for _, pr := range problems {
+				d.log.Error().Str("problem", pr).Msg("[[capture.workloads]] ports")
+			}
+		}
 		d.idents.addrs, d.idents.addrCgroups = addrs, owners
+		d.idents.ports, d.idents.portAddrs, d.idents.portProblems = ports, portAddrs, problems
 		d.idents.mu.Unlock()
 		// Identities, addresses or policies changed: the verdicts
 		// follow (a burst of pokes is one compile).

@@ -3,8 +3,10 @@ package daemon
 import (
 	"maps"
 	"net/netip"
+	"strings"
 	"testing"
 
+	"github.com/smesh-dev/smesh/pkg/datapath"
 	"github.com/smesh-dev/smesh/pkg/enrol"
 )
 
@@ -35,5 +37,41 @@ func TestAddrIDs(t *testing.T) {
 	}
 	if got := addrIDs(nss, entries); !maps.Equal(got, want) {
 		t.Errorf("addrIDs = %v, want %v", got, want)
+	}
+}
+
+// A workload's ports apply in every namespace its processes run in, the
+// node's own included, on that namespace's non-loopback addresses for the
+// tunnel; a port two identities claim in one namespace names neither and
+// is reported with both; one identity's two cgroups may share a port.
+func TestPortOwners(t *testing.T) {
+	entries := []IdentityEntry{
+		{Cgroup: "/cg/smesh.slice", Number: 3, Identity: "spiffe://td/slice"},
+		{Cgroup: "/cg/smesh.slice/pay.service", Number: 5, Identity: "spiffe://td/pay", Ports: []uint16{8080, 9090}},
+		{Cgroup: "/cg/smesh.slice/web.service", Number: 6, Identity: "spiffe://td/web", Ports: []uint16{80, 9090}},
+		{Cgroup: "/cg/smesh.slice/web2.service", Number: 6, Identity: "spiffe://td/web", Ports: []uint16{80}},
+		{Cgroup: "/cg/smesh.slice/own.service", Number: 7, Identity: "spiffe://td/own", Ports: []uint16{8080}},
+	}
+	nss := []enrol.Info{
+		{Own: true, Cookie: 1, Cgroups: []string{"/cg/smesh.slice/pay.service", "/cg/smesh.slice/web.service", "/cg/smesh.slice/web2.service/x"},
+			Addrs: []string{"127.0.0.1", "::1", "198.18.0.1", "fd00:5e::1"}},
+		{Cookie: 2, Cgroups: []string{"/cg/smesh.slice/own.service"}, Addrs: []string{"127.0.0.1", "198.18.1.4"}},
+		{Cookie: 3, Cgroups: []string{"/cg/smesh.slice/other.service"}, Addrs: []string{"198.18.1.5"}},
+	}
+	ids, byAddr, problems := portOwners(nss, entries)
+	wantIDs := map[datapath.PortKey]uint32{{Netns: 1, Port: 8080}: 5, {Netns: 1, Port: 80}: 6, {Netns: 2, Port: 8080}: 7}
+	if !maps.Equal(ids, wantIDs) {
+		t.Errorf("ids = %v, want %v", ids, wantIDs)
+	}
+	wantAddr := map[netip.AddrPort]uint32{
+		netip.MustParseAddrPort("198.18.0.1:8080"): 5, netip.MustParseAddrPort("[fd00:5e::1]:8080"): 5,
+		netip.MustParseAddrPort("198.18.0.1:80"): 6, netip.MustParseAddrPort("[fd00:5e::1]:80"): 6,
+		netip.MustParseAddrPort("198.18.1.4:8080"): 7,
+	}
+	if !maps.Equal(byAddr, wantAddr) {
+		t.Errorf("byAddr = %v, want %v", byAddr, wantAddr)
+	}
+	if len(problems) != 1 || !strings.Contains(problems[0], "port 9090") || !strings.Contains(problems[0], "pay.service") || !strings.Contains(problems[0], "web.service") {
+		t.Errorf("problems %q, want port 9090 claimed by pay.service and web.service", problems)
 	}
 }

@@ -191,10 +191,15 @@ func (m releasableMaps) RemoveNamespace(cookie uint64) error {
 	return m.d.dp.RemoveNamespace(cookie)
 }
 
+// CgroupsChanged: a namespace's workloads changed, so may the owners of
+// its addresses and ports (runAddrIDs).
+func (m releasableMaps) CgroupsChanged() { m.d.pokeAddrIDs() }
+
 var (
-	_ enrol.Maps    = releasableMaps{}
-	_ enrol.Service = (*nsService)(nil)
-	_ enrol.Service = ownService{}
+	_ enrol.Maps           = releasableMaps{}
+	_ enrol.CgroupsWatcher = releasableMaps{}
+	_ enrol.Service        = (*nsService)(nil)
+	_ enrol.Service        = ownService{}
 )
 
 // sourceAddrs is a namespace's own address of each family, the source

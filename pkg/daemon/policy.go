@@ -37,6 +37,10 @@ type policies struct {
 	// dsts are this node's workloads by address (smesh_addr_ids'
 	// addresses): the destinations policy applies to.
 	dsts atomic.Pointer[map[netip.Addr]policy.Workload]
+	// dstPorts are this node's workloads by (address, port) in a
+	// namespace shared by several ([[capture.workloads]] ports): the
+	// destinations an address alone does not name.
+	dstPorts atomic.Pointer[map[netip.AddrPort]policy.Workload]
 
 	// compiled is closed once the first compile put its verdicts (or
 	// tried to) and the tunnel's destinations in force.
@@ -75,6 +79,8 @@ func newPolicies(cfg config.Config, log zerolog.Logger) *policies {
 	p.set.Store(setOf(cfg))
 	empty := map[netip.Addr]policy.Workload{}
 	p.dsts.Store(&empty)
+	emptyPorts := map[netip.AddrPort]policy.Workload{}
+	p.dstPorts.Store(&emptyPorts)
 	return p
 }
 
@@ -84,15 +90,20 @@ func setOf(cfg config.Config) *policy.Set {
 }
 
 // authorize is the tunnel server's Authorize: the destination address
-// names a workload of this node, or no policy applies (Istio enforces on
-// workloads in the mesh only: a destination that is no workload, such as
-// the node's own address shared by every systemd unit, is allowed).
+// names a workload of this node, or the address and port do (a
+// [[capture.workloads]] port of a namespace shared by several, the node's
+// own: a systemd unit), or no policy applies (Istio enforces on workloads
+// in the mesh only: a destination that is no workload, such as a port of
+// the node's own address no workload claims, is allowed).
 func (p *policies) authorize(src tunnel.Source, dst netip.AddrPort) (string, bool) {
 	set := p.set.Load()
 	if set.Len() == 0 {
 		return "", true
 	}
 	w, ok := (*p.dsts.Load())[dst.Addr().Unmap()]
+	if !ok {
+		w, ok = (*p.dstPorts.Load())[netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())]
+	}
 	if !ok {
 		return "", true
 	}
@@ -172,9 +183,32 @@ func sameWorkload(a, b policy.Workload) bool {
 // apart there, so every connection to that identity on the same node is
 // denied (fail closed, reported); the tunnel path decides per pod.
 func (p *policies) compile(set *policy.Set, names map[uint32]spiffeid.ID, addrs map[netip.Addr]uint32, wls map[netip.Addr]policy.Workload) ([]datapath.PolicyEntry, map[netip.Addr]policy.Workload, []string) {
+	entries, dsts, _, problems := p.compilePorts(set, names, addrs, nil, wls)
+	return entries, dsts, problems
+}
+
+// compilePorts is compile with the destinations known by (address, port)
+// too (ports, [[capture.workloads]] ports: smesh_port_ids by address): they
+// are policed like the others (their identity's entries) and returned, by
+// address and port, for the tunnel path. Such a workload's addresses are
+// the node's, not its own: they are not its source addresses (ipBlocks).
+func (p *policies) compilePorts(set *policy.Set, names map[uint32]spiffeid.ID, addrs map[netip.Addr]uint32, ports map[netip.AddrPort]uint32,
+	wls map[netip.Addr]policy.Workload) ([]datapath.PolicyEntry, map[netip.Addr]policy.Workload, map[netip.AddrPort]policy.Workload, []string) {
 	byNum := make(map[uint32]*localWorkload)
 	for n, id := range names {
 		byNum[n] = &localWorkload{num: n, id: id}
+	}
+	dstPorts := make(map[netip.AddrPort]policy.Workload, len(ports))
+	for ap, n := range ports {
+		lw := byNum[n]
+		if lw == nil {
+			continue
+		}
+		w := policy.Workload{ID: lw.id}
+		if !slices.ContainsFunc(lw.variants, func(v policy.Workload) bool { return sameWorkload(v, w) }) {
+			lw.variants = append(lw.variants, w)
+		}
+		dstPorts[ap] = w
 	}
 	dsts := make(map[netip.Addr]policy.Workload, len(addrs))
 	for a, n := range addrs {
@@ -248,7 +282,37 @@ func (p *policies) compile(set *policy.Set, names map[uint32]spiffeid.ID, addrs 
 		}
 		entries = append(entries, mine...)
 	}
-	return entries, dsts, problems
+	return entries, dsts, dstPorts, problems
+}
+
+// noDestination reports the workloads of smesh.toml ([[capture.workloads]],
+// [capture] cgroups) that a policy selects but that neither path can tell
+// a connection is for: no namespace of their own (no address names them)
+// and no ports claimed (the node's namespace, shared by every unit). Their
+// policies protect nothing; said rather than left silent.
+func noDestination(set *policy.Set, view []IdentityEntry, addrs map[netip.Addr]uint32, ports map[datapath.PortKey]uint32) []string {
+	known := make(map[uint32]bool)
+	for _, n := range addrs {
+		known[n] = true
+	}
+	for _, n := range ports {
+		known[n] = true
+	}
+	var out []string
+	seen := make(map[uint32]bool)
+	for _, e := range view {
+		if e.From == "pod" || e.Number == 0 || known[e.Number] || seen[e.Number] {
+			continue
+		}
+		id, err := spiffeid.FromString(e.Identity)
+		if err != nil || !set.Selects(policy.Workload{ID: id}) {
+			continue
+		}
+		seen[e.Number] = true
+		out = append(out, fmt.Sprintf("%s (cgroup %s) is selected by a policy but is no destination on this node: no network namespace of its own "+
+			"names it by address and it claims no ports (set [[capture.workloads]] ports to the TCP ports it serves), so its policies decide nothing", e.Identity, e.Cgroup))
+	}
+	return out
 }
 
 // decideAll decides for src at each of ips (none: no address). When they
@@ -300,6 +364,9 @@ func (d *daemon) applyPolicy() {
 		}
 	}
 	addrs, addrCgroups := d.idents.addrs, d.idents.addrCgroups
+	ports, portProblems := d.idents.portAddrs, d.idents.portProblems
+	nsPorts := d.idents.ports
+	view := slices.Clone(d.idents.view)
 	d.idents.mu.Unlock()
 	var wls map[netip.Addr]policy.Workload
 	if ps, ok := d.pods.(PolicySource); ok {
@@ -312,7 +379,9 @@ func (d *daemon) applyPolicy() {
 		}
 	}
 	set := p.set.Load()
-	entries, dsts, problems := p.compile(set, names, addrs, wls)
+	entries, dsts, dstPorts, problems := p.compilePorts(set, names, addrs, ports, wls)
+	problems = append(problems, portProblems...)
+	problems = append(problems, noDestination(set, view, addrs, nsPorts)...)
 	p.mu.Lock()
 	same := p.wrote && slices.Equal(p.written, entries)
 	p.mu.Unlock()
@@ -321,6 +390,7 @@ func (d *daemon) applyPolicy() {
 		err = d.dp.SetPolicy(entries)
 	}
 	p.dsts.Store(&dsts)
+	p.dstPorts.Store(&dstPorts)
 	p.mu.Lock()
 	if err == nil {
 		p.written, p.wrote = entries, true
@@ -380,8 +450,13 @@ type PolicyWorkload struct {
 	Labels    map[string]string `json:"labels,omitempty"`
 	// Addrs: of its own namespaces, by which both paths know it (same
 	// identity number: every workload of that identity's addresses).
-	Addrs    []string `json:"addresses,omitempty"`
-	Policies any      `json:"policies"`
+	Addrs []string `json:"addresses,omitempty"`
+	// Ports: a [[capture.workloads]]'s ports, by which both paths know it
+	// in its namespace (the node's own for a systemd unit); PortAddrs:
+	// them on that namespace's addresses, as the tunnel path knows them.
+	Ports     []uint16 `json:"ports,omitempty"`
+	PortAddrs []string `json:"portAddresses,omitempty"`
+	Policies  any      `json:"policies"`
 }
 
 // debugPolicy is /debug/policy: per local workload, the policies that
@@ -394,6 +469,10 @@ func (d *daemon) debugPolicy() any {
 	byNum := map[uint32][]string{}
 	for a, n := range d.idents.addrs {
 		byNum[n] = append(byNum[n], a.String())
+	}
+	portsByNum := map[uint32][]string{}
+	for a, n := range d.idents.portAddrs {
+		portsByNum[n] = append(portsByNum[n], a.String())
 	}
 	d.idents.mu.Unlock()
 	sort.Slice(view, func(i, j int) bool { return view[i].Cgroup < view[j].Cgroup })
@@ -413,8 +492,13 @@ func (d *daemon) debugPolicy() any {
 		}
 		addrs := byNum[e.Number]
 		slices.Sort(addrs)
+		var portAddrs []string
+		if len(e.Ports) > 0 {
+			portAddrs = portsByNum[e.Number]
+			slices.Sort(portAddrs)
+		}
 		ws = append(ws, PolicyWorkload{Cgroup: e.Cgroup, Identity: e.Identity, Number: e.Number, Strict: e.Strict,
-			Namespace: w.Namespace, Labels: w.Labels, Addrs: addrs, Policies: set.Describe(w)})
+			Namespace: w.Namespace, Labels: w.Labels, Addrs: addrs, Ports: e.Ports, PortAddrs: portAddrs, Policies: set.Describe(w)})
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -437,8 +521,8 @@ func (d *daemon) debugPolicy() any {
 			Problems []string  `json:"problems,omitempty"`
 			Error    string    `json:"error,omitempty"`
 		}{p.entries, p.compileAt, p.problems, p.compErr},
-		Enforced: strings.Join([]string{"tunnel: destinations that are workload addresses of this node",
-			"same_node: connect4/6 to workload addresses of this node"}, "; ")}
+		Enforced: strings.Join([]string{"tunnel: destinations that are workload addresses of this node, or workload ports ([[capture.workloads]] ports) on its namespaces' addresses",
+			"same_node: connect4/6 to workload addresses of this node, or to workload ports on loopback and the addresses of their namespace"}, "; ")}
 }
 
 // sameNodeLogInterval is how often same-node denials are summed up in the

@@ -3,6 +3,7 @@ package daemon
 import (
 	"errors"
 	"net/netip"
+	"strings"
 	"testing"
 
 	"github.com/rs/zerolog"
@@ -91,6 +92,77 @@ func TestPolicyCompile(t *testing.T) {
 	pc := p.tunnel[denial{"", policy.ReasonNotAllowed}]
 	if pc != 3 {
 		t.Errorf("tunnel not_allowed count %d, want 3", pc)
+	}
+}
+
+// TestPolicyCompilePorts: a workload known by (address, port) only (a
+// systemd unit in the node's namespace, [[capture.workloads]] ports) is a
+// destination like the others: policed on the same node by its identity's
+// entries, decided on the tunnel path by address and port; another port of
+// that address is no workload's.
+func TestPolicyCompilePorts(t *testing.T) {
+	web := spiffeid.RequireFromString("spiffe://td/node/a/unit/web.service")
+	pay := spiffeid.RequireFromString("spiffe://td/node/a/unit/payments.service")
+	names := map[uint32]spiffeid.ID{10: web, 20: pay}
+	ports := map[netip.AddrPort]uint32{
+		netip.MustParseAddrPort("198.18.0.1:8080"): 20, netip.MustParseAddrPort("[fd00:5e::1]:8080"): 20,
+	}
+	cfg := config.Config{Policies: []config.Policy{
+		{Name: "pay-from-web", Action: "ALLOW", Workloads: []string{pay.String()},
+			Rules: []config.PolicyRule{{From: []config.PolicyFrom{{Principals: []string{"td/node/a/unit/web.service"}}}}}},
+	}}
+	p := newPolicies(cfg, zerolog.Nop())
+	entries, dsts, dstPorts, problems := p.compilePorts(p.set.Load(), names, nil, ports, nil)
+	p.dsts.Store(&dsts)
+	p.dstPorts.Store(&dstPorts)
+	if len(problems) != 0 {
+		t.Errorf("problems %q", problems)
+	}
+	got := map[uint32]bool{}
+	for _, e := range entries {
+		if e.Dst != 20 || e.Port != 0 {
+			t.Errorf("entry %+v, want payments' (20), port 0 only", e)
+		}
+		got[e.Src] = e.Allow
+	}
+	if len(got) != 3 || !got[10] || got[20] || got[datapath.UnknownIdentity] {
+		t.Errorf("verdicts by source %v, want web allowed, payments and unknown denied", got)
+	}
+	for _, c := range []struct {
+		src   tunnel.Source
+		dst   string
+		allow bool
+	}{
+		{tunnel.Source{Workload: web}, "198.18.0.1:8080", true},
+		{tunnel.Source{Workload: web}, "[fd00:5e::1]:8080", true},
+		{tunnel.Source{}, "198.18.0.1:8080", false},
+		{tunnel.Source{}, "[::ffff:198.18.0.1]:8080", false},
+		{tunnel.Source{Workload: pay}, "[fd00:5e::1]:8080", false},
+		{tunnel.Source{}, "198.18.0.1:8081", true}, // no workload's port
+	} {
+		if _, ok := p.authorize(c.src, netip.MustParseAddrPort(c.dst)); ok != c.allow {
+			t.Errorf("%+v to %s: allowed %v, want %v", c.src, c.dst, ok, c.allow)
+		}
+	}
+}
+
+// TestNoDestination: a unit a policy selects that has neither an address
+// nor a port is reported; one with a port, one no policy selects and a pod
+// are not.
+func TestNoDestination(t *testing.T) {
+	cfg := config.Config{Policies: []config.Policy{
+		{Name: "p", Action: "ALLOW", Workloads: []string{"spiffe://td/unit/pay", "spiffe://td/unit/web", "spiffe://td/ns/a/sa/pod"}},
+	}}
+	set := newPolicies(cfg, zerolog.Nop()).set.Load()
+	view := []IdentityEntry{
+		{Cgroup: "/cg/pay.service", Identity: "spiffe://td/unit/pay", Number: 5, From: "workload"},
+		{Cgroup: "/cg/web.service", Identity: "spiffe://td/unit/web", Number: 6, From: "workload", Ports: []uint16{80}},
+		{Cgroup: "/cg/other.service", Identity: "spiffe://td/unit/other", Number: 7, From: "workload"},
+		{Cgroup: "/cg/pod", Identity: "spiffe://td/ns/a/sa/pod", Number: 8, From: "pod"},
+	}
+	got := noDestination(set, view, nil, map[datapath.PortKey]uint32{{Netns: 1, Port: 80}: 6})
+	if len(got) != 1 || !strings.Contains(got[0], "spiffe://td/unit/pay") || !strings.Contains(got[0], "ports") {
+		t.Errorf("noDestination = %q, want pay reported", got)
 	}
 }
 

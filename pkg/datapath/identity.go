@@ -25,6 +25,7 @@ const (
 const (
 	identCfgVersion      = 1
 	policyVerdictVersion = 1
+	portIDVersion        = 1
 )
 
 // Kinds of smesh_policy keys (identity.h).
@@ -66,6 +67,45 @@ func (d *Datapath) SetAddrIDs(ids map[netip.Addr]uint32) error {
 	d.ident.mu.Lock()
 	defer d.ident.mu.Unlock()
 	return syncMap(d.connect.SmeshAddrIds, want, "smesh_addr_ids")
+}
+
+// PortKey is a TCP port served on the addresses of one network namespace
+// (netns cookie), loopback included.
+type PortKey struct {
+	Netns uint64
+	Port  uint16
+}
+
+// SetPortIDs makes smesh_port_ids hold exactly ids: {namespace, port} -> the
+// identity number of the workload serving that port there
+// ([[capture.workloads]] ports). Same-node policy names a connect()'s
+// destination by it when smesh_addr_ids does not name its address: the
+// port in the namespace the address belongs to (the caller's own for
+// loopback and its own addresses; the node's for a node address).
+func (d *Datapath) SetPortIDs(ids map[PortKey]uint32) error {
+	want := make(map[connect.ConnectPortKey]connect.ConnectPortId, len(ids))
+	for k, id := range ids {
+		if id == UnknownIdentity || k.Port == 0 {
+			return fmt.Errorf("port entry %+v -> %d: no port or no identity", k, id)
+		}
+		want[connect.ConnectPortKey{Netns: k.Netns, Port: k.Port}] = connect.ConnectPortId{Version: portIDVersion, Id: id}
+	}
+	d.ident.mu.Lock()
+	defer d.ident.mu.Unlock()
+	return syncMap(d.connect.SmeshPortIds, want, "smesh_port_ids")
+}
+
+// PortIDs reads smesh_port_ids back.
+func (d *Datapath) PortIDs() (map[PortKey]uint32, error) {
+	m, err := readMap[connect.ConnectPortKey, connect.ConnectPortId](d.connect.SmeshPortIds, "smesh_port_ids")
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[PortKey]uint32, len(m))
+	for k, v := range m {
+		out[PortKey{Netns: k.Netns, Port: k.Port}] = v.Id
+	}
+	return out, nil
 }
 
 // PolicyEntry is one verdict of same-node policy: a connect() from identity

@@ -428,7 +428,7 @@ func TestIdentityFromPredecessorWithout(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	newMaps := []string{"smesh_identity", "smesh_ident_cfg", "smesh_addr_ids", "smesh_policy", "smesh_policy_denied", "smesh_src_sk", "smesh_src_ids"}
+	newMaps := []string{"smesh_identity", "smesh_ident_cfg", "smesh_addr_ids", "smesh_port_ids", "smesh_policy", "smesh_policy_denied", "smesh_src_sk", "smesh_src_ids"}
 	for _, m := range newMaps {
 		name := mapHandoverName(m)
 		f, ok := files[name]
@@ -490,4 +490,118 @@ func TestIdentityFromPredecessorWithout(t *testing.T) {
 	if n := direct.n.Load(); n != 0 {
 		t.Errorf("%d connects uncaptured across the hand-over", n)
 	}
+}
+
+// TestSameNodePolicyByPort: a workload in a namespace it shares with others
+// (a systemd unit in the node's namespace) is a policy destination by the
+// ports it serves (smesh_port_ids). A connect() to such a port, on loopback
+// or on an address of the node's namespace, from the node's namespace or
+// from a pod, over IPv4 and IPv6, is decided by the port owner's policy: a
+// denied source gets ECONNREFUSED, an allowed one passes bytes. Another port
+// of that namespace is not decided.
+func TestSameNodePolicyByPort(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	if err := HaveSetRetval(); err != nil {
+		testenv.SkipOrFail(t, "this kernel refuses with EPERM, not ECONNREFUSED: %v", err)
+	}
+	node := testenv.NewClusterNode(t)
+	pod := node.AddPod(t, "")
+	proxyCg, enrolled := testenv.NewCgroup(t), testenv.NewCgroup(t)
+	a, aID := subCgroup(t, enrolled, "a.service")
+	b, bID := subCgroup(t, enrolled, "b.service")
+	srv, srvID := subCgroup(t, enrolled, "payments.service")
+	free, _ := subCgroup(t, enrolled, "free.service")
+
+	opts := handoverOpts(ModeSplice, netip.MustParseAddrPort("127.0.0.1:18000"), proxyCg)
+	d, err := Load(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	var nodeNs, podNs uint64
+	if err := node.Do(func() (err error) { nodeNs, err = currentNetnsCookie(); return err }); err != nil {
+		t.Fatal(err)
+	}
+	if err := pod.Do(func() (err error) { podNs, err = currentNetnsCookie(); return err }); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.SetNamespace(nodeNs, []netip.Addr{node.Gateway4, node.Gateway6}, false, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.SetNamespace(podNs, []netip.Addr{pod.Addr4, pod.Addr6}, false, false); err != nil {
+		t.Fatal(err)
+	}
+	// Not captured (no listeners, fail open): decided and left alone.
+	if err := d.SetCapture([]string{enrolled, pod.Cgroup}, opts.IncludeCIDRs, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	d.Commit()
+	const aNum, bNum, srvNum, podNum = 5, 7, 20, 8
+	podID := cgroupID(t, pod.Cgroup)
+	if err := d.SetIdentities(map[uint64]uint32{aID: aNum, bID: bNum, srvID: srvNum, podID: podNum}); err != nil {
+		t.Fatal(err)
+	}
+	start := func(cg, addr string) uint16 {
+		h := testenv.StartHelper(t, cg, node.Name, "echo-server", addr)
+		l, err := h.ReadLine(10 * time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return netip.MustParseAddrPort(l).Port()
+	}
+	port := start(srv, "[::]:0") // every address of the node's namespace
+	freePort := start(free, "[::]:0")
+	if err := d.SetPortIDs(map[PortKey]uint32{{Netns: nodeNs, Port: port}: srvNum}); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := d.PortIDs(); err != nil || len(got) != 1 || got[PortKey{nodeNs, port}] != srvNum {
+		t.Fatalf("PortIDs: %v %v", got, err)
+	}
+	if err := d.SetPolicy([]PolicyEntry{
+		{Dst: srvNum, Src: aNum, Port: port, Allow: true, Policy: 1},
+		{Dst: srvNum, Src: podNum, Port: port, Allow: true, Policy: 1},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	ca := testenv.StartHelper(t, a, node.Name, "line-client")
+	cb := testenv.StartHelper(t, b, node.Name, "line-client")
+	cp := testenv.StartHelper(t, pod.Cgroup, pod.Name, "line-client")
+	at := func(ip netip.Addr, p uint16) string { return netip.AddrPortFrom(ip, p).String() }
+	nodeDsts := []netip.Addr{netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("::1"), node.Gateway4, node.Gateway6}
+	check := func(c *testenv.Helper, cmd, want string) {
+		t.Helper()
+		if got := command(t, c, cmd); got != want {
+			t.Errorf("%s: %q, want %q", cmd, got, want)
+		}
+	}
+	for _, ip := range nodeDsts {
+		check(ca, "dial "+at(ip, port), "ok")
+		check(cb, "dial "+at(ip, port), "refused")
+		check(cb, "dial "+at(ip, freePort), "ok")
+	}
+	check(cp, "dial "+at(node.Gateway4, port), "ok")
+	check(cp, "dial "+at(node.Gateway6, port), "ok")
+	check(cp, "dial "+at(node.Gateway4, freePort), "ok")
+
+	// The pod's allow gone: it is refused, a still passes.
+	if err := d.SetPolicy([]PolicyEntry{{Dst: srvNum, Src: aNum, Port: port, Allow: true, Policy: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	check(cp, "dial "+at(node.Gateway4, port), "refused")
+	check(cp, "dial "+at(node.Gateway6, port), "refused")
+	check(ca, "dial "+at(node.Gateway4, port), "ok")
+
+	denied, err := d.PolicyDenied()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if denied[0] != uint64(len(nodeDsts))+2 {
+		t.Errorf("denied by policy: %v, want %d under 0", denied, len(nodeDsts)+2)
+	}
+	// The ports gone: nothing is decided.
+	if err := d.SetPortIDs(nil); err != nil {
+		t.Fatal(err)
+	}
+	check(cp, "dial "+at(node.Gateway4, port), "ok")
+	check(cb, "dial "+at(netip.MustParseAddr("127.0.0.1"), port), "ok")
 }

@@ -40,6 +40,13 @@ type Maps interface {
 	RemoveNamespace(cookie uint64) error
 }
 
+// CgroupsWatcher is Maps that wants to know when the cgroups of a
+// namespace's enrolled processes changed, addresses or not (a workload's
+// processes that joined or left a namespace: Info.Cgroups).
+type CgroupsWatcher interface {
+	CgroupsChanged()
+}
+
 // Service is what smeshd runs inside one namespace: its listeners.
 type Service interface {
 	// SetAddrs is called with the namespace's addresses whenever they
@@ -252,6 +259,7 @@ func (t *Tracker) scan() {
 		t.log.Warn().Err(err).Msg("scanning enrolled cgroups")
 	}
 	t.watch(res.dirs)
+	changed := false
 	for ino, f := range res.ns {
 		n := t.get(ino)
 		if n == nil {
@@ -273,6 +281,7 @@ func (t *Tracker) scan() {
 			continue
 		}
 		n.mu.Lock()
+		changed = changed || !slices.Equal(n.cgroups, f.cgroups)
 		n.pids, n.cgroups = f.pids, f.cgroups
 		retry := n.svc == nil
 		n.mu.Unlock()
@@ -296,11 +305,16 @@ func (t *Tracker) scan() {
 	if t.own != nil {
 		t.own.mu.Lock()
 		if f := res.ns[t.own.Inode]; f != nil {
+			changed = changed || !slices.Equal(t.own.cgroups, f.cgroups)
 			t.own.pids, t.own.cgroups = f.pids, f.cgroups
 		} else {
+			changed = changed || len(t.own.cgroups) > 0
 			t.own.pids, t.own.cgroups = nil, nil
 		}
 		t.own.mu.Unlock()
+	}
+	if w, ok := t.o.Maps.(CgroupsWatcher); ok && changed {
+		w.CgroupsChanged()
 	}
 	t.mu.Lock()
 	t.scans++
