@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/smesh-dev/smesh/pkg/datapath"
 	"github.com/smesh-dev/smesh/pkg/testenv"
 )
 
@@ -218,9 +219,9 @@ func TestUpgradeUnderLoad(t *testing.T) {
 			if n := s.matches.Load(); n > 0 {
 				t.Errorf("the marker crossed the wire between the nodes in clear in %d frames", n)
 			}
-			// sockhash, orig_dst and dirs, at 2 upgrades of 2 nodes.
-			if remade != 3*2*2 {
-				t.Errorf("the successors made %d maps anew, want 12 (3 at each map_size change)", remade)
+			// The maps map_size sizes, at 2 upgrades of 2 nodes.
+			if want := len(datapath.SizedMaps) * 2 * 2; remade != want {
+				t.Errorf("the successors made %d maps anew, want %d (%v at each map_size change)", remade, want, datapath.SizedMaps)
 			}
 			if markers.Load() == 0 || s.frames.Load() == 0 {
 				t.Errorf("nothing measured: %d marker transfers, %d frames seen", markers.Load(), s.frames.Load())

@@ -394,6 +394,10 @@ func loadSkmsg(limit uint32, resplice bool, shared map[string]*ebpf.Map) (*ebpf.
 	return objs.Prog, nil
 }
 
+// SizedMaps are the maps [datapath] map_size sizes: a successor with
+// another map_size makes each of them anew (migrate.go).
+var SizedMaps = []string{"smesh_sockhash", "smesh_orig_dst", "smesh_dirs", "smesh_src_ids"}
+
 // sockopsSpec is the sock_ops object as opts loads it: map sizes and
 // load-time constants set (Load, and the probes with small maps).
 func sockopsSpec(opts Options) (*ebpf.CollectionSpec, error) {
@@ -401,10 +405,9 @@ func sockopsSpec(opts Options) (*ebpf.CollectionSpec, error) {
 	if err != nil {
 		return nil, fmt.Errorf("loading sockops spec: %w", err)
 	}
-	spec.Maps["smesh_sockhash"].MaxEntries = opts.MapSize
-	spec.Maps["smesh_orig_dst"].MaxEntries = opts.MapSize
-	spec.Maps["smesh_dirs"].MaxEntries = opts.MapSize
-	spec.Maps["smesh_src_ids"].MaxEntries = opts.MapSize
+	for _, name := range SizedMaps {
+		spec.Maps[name].MaxEntries = opts.MapSize
+	}
 	if err := spec.Variables["splice"].Set(opts.Mode == ModeSplice); err != nil {
 		return nil, fmt.Errorf("setting sockops splice: %w", err)
 	}
