@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/rs/zerolog"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/smesh-dev/smesh/pkg/cgroups"
@@ -39,6 +40,9 @@ type identities struct {
 	ports        map[datapath.PortKey]uint32
 	portAddrs    map[netip.AddrPort]uint32
 	portProblems []string
+	// warned: [capture] cgroups already logged as having no default
+	// identity (warnOnce).
+	warned map[string]bool
 }
 
 // IdentityEntry is one cgroup's identity as /debug/identities shows it.
@@ -74,6 +78,21 @@ func (d *daemon) nodeName() string {
 	}
 	h, _ := os.Hostname()
 	return h
+}
+
+// warnOnce says, once per cgroup, that a [capture] cgroup has no default
+// identity, and why.
+func (ids *identities) warnOnce(log zerolog.Logger, cg string, err error) {
+	ids.mu.Lock()
+	defer ids.mu.Unlock()
+	if ids.warned == nil {
+		ids.warned = make(map[string]bool)
+	}
+	if ids.warned[cg] {
+		return
+	}
+	ids.warned[cg] = true
+	log.Warn().Err(err).Str("cgroup", cg).Msg("no workload identity for this [capture] cgroup: its connections speak as the node (add a [[capture.workloads]] entry with an identity to give it one)")
 }
 
 // newIdentities numbers identities for this node.
@@ -123,7 +142,11 @@ func (d *daemon) wantedIdentities(c config.Capture) ([]IdentityEntry, map[string
 	for _, cg := range static {
 		id, err := cfg.DefaultIdentity(cg, d.idents.node)
 		if err != nil {
-			return nil, nil, fmt.Errorf("capture.cgroups %s: %w", cg, err)
+			// Nobody asked for this identity: a node name no SPIFFE ID
+			// can hold (a host named "(none)") must not stop the mesh.
+			// The cgroup is captured as before and speaks as its node.
+			d.idents.warnOnce(d.log, cg, err)
+			continue
 		}
 		add(cg, id, "capture", false, nil)
 	}

@@ -6,6 +6,10 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/rs/zerolog"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/smesh-dev/smesh/pkg/config"
 	"github.com/smesh-dev/smesh/pkg/datapath"
 	"github.com/smesh-dev/smesh/pkg/enrol"
 )
@@ -73,5 +77,32 @@ func TestPortOwners(t *testing.T) {
 	}
 	if len(problems) != 1 || !strings.Contains(problems[0], "port 9090") || !strings.Contains(problems[0], "pay.service") || !strings.Contains(problems[0], "web.service") {
 		t.Errorf("problems %q, want port 9090 claimed by pay.service and web.service", problems)
+	}
+}
+
+// A [capture] cgroup whose default identity cannot be formed (a host named
+// "(none)", as a machine without a host name is) is captured without an
+// identity and warned about once, instead of stopping smeshd; a workload
+// with an explicit identity keeps it.
+func TestDefaultIdentityUnformable(t *testing.T) {
+	var logs strings.Builder
+	d := &daemon{log: zerolog.New(&logs), mount: "/cg"}
+	d.cfg.Tunnel.TLS.TrustDomain = "smesh.local"
+	d.idents = &identities{node: "(none)"}
+	c := config.Capture{
+		Cgroups:   []string{"smesh.slice"},
+		Workloads: []config.Workload{{Cgroup: "smesh.slice/pay.service", Identity: "spiffe://smesh.local/ns/a/sa/pay"}},
+	}
+	for range 2 {
+		entries, names, err := d.wantedIdentities(c)
+		if err != nil {
+			t.Fatalf("wantedIdentities: %v", err)
+		}
+		if len(entries) != 1 || entries[0].Cgroup != "/cg/smesh.slice/pay.service" || names["/cg/smesh.slice"] != (spiffeid.ID{}) {
+			t.Fatalf("entries %+v, names %v: want only the workload's", entries, names)
+		}
+	}
+	if n := strings.Count(logs.String(), "no workload identity for this [capture] cgroup"); n != 1 {
+		t.Errorf("warned %d times, want once: %s", n, logs.String())
 	}
 }
