@@ -302,6 +302,12 @@ var notInGuest = map[string]map[string]string{
 			"the translation in connect4/6 runs in the guest as TestService* (static services)",
 		"TestRolloutInPodsKubernetes": "the rollout against a real kube-apiserver and etcd, which the guest does not have: " +
 			"the same rollout with static pods runs in the guest as TestRolloutInPods",
+		"TestPolicy": "compiling policies and the tunnel's decisions are userspace: " +
+			"the kernel's verdict lookups in connect4/6 run in the guest as datapath TestSameNodePolicy",
+		"TestPolicyHostPorts": "finding a unit's ports is userspace: " +
+			"the kernel's lookup by namespace and port runs in the guest as datapath TestSameNodePolicyByPort",
+		"TestStrictWorkloadAppears": "following cgroups that come and go is userspace: " +
+			"the kernel side of strict inbound runs in the guest as datapath TestStrict* and e2e TestStrictInbound",
 	},
 }
 

@@ -57,7 +57,7 @@ func run(ctx context.Context) error {
 	flag.StringVar(&g.Run, "run", "", "only the tests matching this -test.run pattern")
 	flag.IntVar(&g.Scale, "scale", 16, "divide the e2e tests' data sizes by this in the guest (SMESH_TEST_SCALE)")
 	flag.DurationVar(&g.TestTimeout, "test-timeout", 12*time.Minute, "-test.timeout of each test binary")
-	flag.DurationVar(&g.Timeout, "timeout", 15*time.Minute, "the whole guest, from boot to power-off (a guard against a hung guest)")
+	flag.DurationVar(&g.Timeout, "timeout", 20*time.Minute, "the whole guest, from boot to power-off (a guard against a hung guest)")
 	flag.IntVar(&g.Memory, "memory", 3072, "guest memory, MiB")
 	flag.IntVar(&g.CPUs, "cpus", 2, "guest CPUs")
 	flag.StringVar(&g.Accel, "accel", "tcg,thread=multi", "qemu -accel: plain emulation by default (this VM has no /dev/kvm, and nested KVM is slower than TCG on the development VMs)")
