@@ -302,6 +302,10 @@ var notInGuest = map[string]map[string]string{
 			"the translation in connect4/6 runs in the guest as TestService* (static services)",
 		"TestRolloutInPodsKubernetes": "the rollout against a real kube-apiserver and etcd, which the guest does not have: " +
 			"the same rollout with static pods runs in the guest as TestRolloutInPods",
+		"TestPolicyKubernetes": "AuthorizationPolicies from a real kube-apiserver and etcd, which the guest does not have: " +
+			"userspace; the same enforcement with smesh.toml policies is the host's TestPolicy, its kernel side datapath TestSameNodePolicy",
+		"TestKubernetesStrict": "strict pods by label from a real kube-apiserver and etcd, which the guest does not have: " +
+			"the kernel side runs in the guest as e2e TestStrictInbound and datapath TestStrict*",
 		"TestPolicy": "compiling policies and the tunnel's decisions are userspace: " +
 			"the kernel's verdict lookups in connect4/6 run in the guest as datapath TestSameNodePolicy",
 		"TestPolicyHostPorts": "finding a unit's ports is userspace: " +
