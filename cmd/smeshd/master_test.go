@@ -162,8 +162,20 @@ func TestMasterStore(t *testing.T) {
 	// its PID (the shell's, which it execs).
 	first := testenv.StartProcess(t, w.smeshCg, w.node.Name, "sh", "-c", `SYSTEMD_EXEC_PID=$$ exec "$0" "$@"`, w.exe, "-c", w.path)
 	waitStderr(t, first, "smeshd ready", 1)
+	// The namespaces' listeners are stored once smeshd serves them, which
+	// may come after it said ready (an emulated guest takes seconds).
+	prefixes := []string{"admin", "out4/", "out6/", "tun/", "map/smesh_sockhash", "link/CGroupInet4Connect/", "link/CGroupSockOps/"}
+	missing := func(names []string) []string {
+		var out []string
+		for _, prefix := range prefixes {
+			if !slices.ContainsFunc(names, func(n string) bool { return strings.HasPrefix(n, prefix) }) {
+				out = append(out, prefix)
+			}
+		}
+		return out
+	}
 	deadline := time.Now().Add(10 * time.Second)
-	for !slices.Contains(store.names(), "admin") && time.Now().Before(deadline) {
+	for len(missing(store.names())) > 0 && time.Now().Before(deadline) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	worker := store.said("READY=1")
@@ -171,10 +183,8 @@ func TestMasterStore(t *testing.T) {
 		t.Errorf("READY=1 came from PID %d, want the worker (the master is %d)", worker, first.PID())
 	}
 	names := store.names()
-	for _, prefix := range []string{"admin", "out4/", "out6/", "tun/", "map/smesh_sockhash", "link/CGroupInet4Connect/", "link/CGroupSockOps/"} {
-		if !slices.ContainsFunc(names, func(n string) bool { return strings.HasPrefix(n, prefix) }) {
-			t.Errorf("nothing stored as %s*: %v", prefix, names)
-		}
+	for _, prefix := range missing(names) {
+		t.Errorf("nothing stored as %s* within 10s: %v", prefix, names)
 	}
 	if slices.ContainsFunc(names, func(n string) bool { return n == "lock" }) {
 		t.Errorf("a lock stored in on_failure = \"open\": %v", names)
