@@ -296,6 +296,10 @@ var notInGuest = map[string]map[string]string{
 	"e2e": {
 		"TestTunnelBadInput":    "the tunnel protocol's handling of bad input: userspace, and minutes of TLS handshakes under emulation",
 		"TestTunnelIdleTimeout": "the tunnel's idle timers: userspace, and 20 s of waiting under emulation",
+		"TestTunnelPeerRestart": "the tunnel's pool across a peer's restart: userspace (TLS connections); " +
+			"smeshd's own restarts run in the guest as TestKilled*, TestHeartbeatAfterKill, TestUpgradeUnderLoad",
+		"TestTunnelNoClearText":     "what crosses the wire is TLS: userspace; capture across nodes runs in the guest as TestTunnel",
+		"TestTunnelShortBesideBulk": "the tunnel's scheduling of short connections beside a bulk one: userspace",
 		"TestKubernetesLabels": "the pod informer against a real kube-apiserver and etcd, which the guest does not have: " +
 			"userspace; pods' cgroups are attached as static ones are (TestPod*)",
 		"TestKubernetesServices": "Services from a real kube-apiserver and etcd, which the guest does not have: " +
