@@ -17,6 +17,8 @@
 #   sockperf iperf3 stunnel4 haproxy apache2-utils nginx-light iproute2 python3
 # Usage (root, after make build): hack/tunnel-compare.sh [seconds-per-run] [rounds] [mode]
 #   mode: smesh's data path, splice (default) or copy
+#   WORKLOADS="rr conn bulk" (the default) and SYSTEMS="bare smesh stunnel
+#   haproxy" (the default) in the environment run fewer of them.
 # Everything made is named smesh-test-tc-* and removed on exit.
 set -u
 T=${1:-3}; R=${2:-3}; MODE=${3:-splice}
@@ -97,9 +99,9 @@ try: print(round(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/
 except Exception: print("nan")' ;;
   esac
 }
-SYSTEMS=(bare smesh stunnel haproxy)
+read -r -a SYSTEMS <<< "${SYSTEMS:-bare smesh stunnel haproxy}"
 for r in $(seq 1 "$R"); do
-  for w in rr conn bulk; do
+  for w in ${WORKLOADS:-rr conn bulk}; do
     for i in "${!SYSTEMS[@]}"; do
       s=${SYSTEMS[$(( (i + r) % ${#SYSTEMS[@]} ))]}
       echo "$s $w $(one "$s" "$w")" >> "$D/results"

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/smesh-dev/smesh/pkg/rawio"
 )
 
 // bufSize is the relay's read size: large enough that bulk transfers cost few
@@ -56,13 +58,19 @@ func TCP(c *net.TCPConn) Conn {
 	t := &tcpConn{c: c}
 	t.rc, t.rcErr = c.SyscallConn()
 	t.readFn = t.readReady
+	if t.rcErr == nil {
+		t.w = rawio.NewWriter(t.rc)
+	}
 	return t
 }
 
 // tcpConn exposes only what Relay uses. Read and Write are plain read(2) and
 // write(2): the relay never reaches ReadFrom/WriteTo, hence never splice(2).
+// ReadPooled and Write are raw system calls (package rawio: no sysmon
+// wake-up per message).
 type tcpConn struct {
 	c *net.TCPConn
+	w *rawio.Writer // nil: the socket has no RawConn (rcErr)
 
 	// ReadPooled's: made once per connection, not per read (one
 	// goroutine reads a relay end).
@@ -74,10 +82,20 @@ type tcpConn struct {
 	err    error
 }
 
-func (t *tcpConn) Read(p []byte) (int, error)  { return t.c.Read(p) }
-func (t *tcpConn) Write(p []byte) (int, error) { return t.c.Write(p) }
-func (t *tcpConn) CloseWrite() error           { return t.c.CloseWrite() }
-func (t *tcpConn) Close() error                { return t.c.Close() }
+func (t *tcpConn) Read(p []byte) (int, error) { return t.c.Read(p) }
+func (t *tcpConn) CloseWrite() error          { return t.c.CloseWrite() }
+func (t *tcpConn) Close() error               { return t.c.Close() }
+
+func (t *tcpConn) Write(p []byte) (int, error) {
+	if t.w == nil {
+		return t.c.Write(p)
+	}
+	n, err := t.w.Write(p)
+	if err != nil {
+		err = &net.OpError{Op: "write", Net: "tcp", Source: t.c.LocalAddr(), Addr: t.c.RemoteAddr(), Err: err}
+	}
+	return n, err
+}
 
 // SetReadDeadline lets the idle timeout wake a waiting read.
 func (t *tcpConn) SetReadDeadline(d time.Time) error { return t.c.SetReadDeadline(d) }
@@ -111,12 +129,7 @@ func (t *tcpConn) ReadPooled() (*[]byte, int, error) {
 // until readable, then again) while the socket has nothing.
 func (t *tcpConn) readReady(fd uintptr) bool {
 	t.bp = getBuffer()
-	for {
-		t.n, t.err = unix.Read(int(fd), *t.bp)
-		if t.err != unix.EINTR {
-			break
-		}
-	}
+	t.n, t.err = rawio.Read(fd, *t.bp)
 	if t.err == unix.EAGAIN {
 		putBuffer(t.bp)
 		t.bp = nil

@@ -309,7 +309,7 @@ func (c *Client) dialLink(ctx context.Context, dst netip.AddrPort) (*link, Reaso
 		nc.Close()
 		return nil, ReasonPeerUnreachable, fmt.Errorf("connecting to tunnel peer %s: dialled %T, not TCP", peer, nc)
 	}
-	raw := &rawConn{TCPConn: tcp}
+	raw := newRawConn(tcp)
 	var tc *tls.Conn
 	var set *credSet
 	var pol *IdentityPolicy

@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/smesh-dev/smesh/pkg/proxy"
+	"github.com/smesh-dev/smesh/pkg/rawio"
 )
 
 // link is one connection between two smeshd: a TLS connection (or plain
@@ -210,6 +211,7 @@ type rawConn struct {
 	// order crypto/tls produced them) are collected and sent together.
 	wmu   sync.Mutex
 	batch *[]byte
+	w     *rawio.Writer // nil: write with TCPConn.Write (no RawConn)
 
 	// Read side, used by the reading goroutine only: bytes read from the
 	// socket that crypto/tls has not taken yet, in a pooled buffer held
@@ -254,6 +256,28 @@ const batchSize = 64<<10 + 4*(5+17) + 512
 
 var batchPool = sync.Pool{New: func() any { b := make([]byte, 0, batchSize); return &b }}
 
+// newRawConn wraps a tunnel connection's socket.
+func newRawConn(c *net.TCPConn) *rawConn {
+	r := &rawConn{TCPConn: c}
+	if sc, err := c.SyscallConn(); err == nil {
+		r.sc = sc
+		r.w = rawio.NewWriter(sc)
+	}
+	return r
+}
+
+// write writes p to the socket; the caller holds wmu.
+func (r *rawConn) write(p []byte) (int, error) {
+	if r.w == nil {
+		return r.TCPConn.Write(p)
+	}
+	n, err := r.w.Write(p)
+	if err != nil {
+		err = &net.OpError{Op: "write", Net: "tcp", Source: r.LocalAddr(), Addr: r.RemoteAddr(), Err: err}
+	}
+	return n, err
+}
+
 // startBatch opens a batch, unless one is open: then what comes joins it.
 func (r *rawConn) startBatch() {
 	r.wmu.Lock()
@@ -272,7 +296,7 @@ func (r *rawConn) flushBatch() error {
 		return nil
 	}
 	r.batch = nil
-	_, err := r.TCPConn.Write(*b)
+	_, err := r.write(*b)
 	*b = (*b)[:0]
 	batchPool.Put(b)
 	return err
@@ -295,7 +319,7 @@ func (r *rawConn) Write(p []byte) (int, error) {
 		*r.batch = append(*r.batch, p...)
 		return len(p), nil
 	}
-	return r.TCPConn.Write(p)
+	return r.write(p)
 }
 
 // Read serves crypto/tls from the read buffer, filling it with one read(2)
@@ -335,12 +359,7 @@ func (r *rawConn) fill() error {
 			if r.rbuf == nil {
 				r.rbuf = readPool.Get().(*[]byte)
 			}
-			for {
-				r.rn, r.rerr = unix.Read(int(fd), *r.rbuf)
-				if r.rerr != unix.EINTR {
-					break
-				}
-			}
+			r.rn, r.rerr = rawio.Read(fd, *r.rbuf)
 			if r.rerr == unix.EAGAIN {
 				readPool.Put(r.rbuf)
 				r.rbuf = nil

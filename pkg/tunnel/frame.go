@@ -7,9 +7,10 @@ import (
 	"io"
 	"sync"
 	"syscall"
-	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/smesh-dev/smesh/pkg/rawio"
 )
 
 // Frames of wire protocol v2 (drawn in header.go).
@@ -191,17 +192,14 @@ func (c *link) alive() bool {
 type peeker struct {
 	rc    syscall.RawConn
 	fn    func(fd uintptr) bool
-	b     [1]byte
-	errno syscall.Errno
+	b   [1]byte
+	err error
 }
 
 func newPeeker(rc syscall.RawConn) *peeker {
 	p := &peeker{rc: rc}
 	p.fn = func(fd uintptr) bool {
-		// recvfrom(2) without an address: unix.Recvfrom would allocate
-		// one for every call.
-		_, _, p.errno = unix.Syscall6(unix.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&p.b[0])), 1,
-			unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
+		p.err = rawio.PeekNoWait(fd, &p.b)
 		return true
 	}
 	return p
@@ -214,5 +212,5 @@ func (p *peeker) look() (wait, looked bool) {
 	if err := p.rc.Read(p.fn); err != nil {
 		return false, false
 	}
-	return p.errno == unix.EAGAIN, true
+	return p.err == unix.EAGAIN, true
 }

@@ -372,7 +372,7 @@ func acceptQueued(ln *net.TCPListener) []*net.TCPConn {
 
 // admit puts a new connection under the handshake budget and serves it.
 func (s *Server) admit(ctx context.Context, c *net.TCPConn, scope Scope) {
-	raw := &rawConn{TCPConn: c}
+	raw := newRawConn(c)
 	src := c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr()
 	p, ok := s.handshakes.admit(src, time.Now(), func() {
 		raw.SetLinger(0)
