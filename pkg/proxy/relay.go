@@ -83,8 +83,17 @@ type tcpConn struct {
 }
 
 func (t *tcpConn) Read(p []byte) (int, error) { return t.c.Read(p) }
-func (t *tcpConn) CloseWrite() error          { return t.c.CloseWrite() }
 func (t *tcpConn) Close() error               { return t.c.Close() }
+
+func (t *tcpConn) CloseWrite() error {
+	if t.rcErr != nil {
+		return t.c.CloseWrite()
+	}
+	if err := rawio.CloseWrite(t.rc); err != nil {
+		return &net.OpError{Op: "close", Net: "tcp", Source: t.c.LocalAddr(), Addr: t.c.RemoteAddr(), Err: err}
+	}
+	return nil
+}
 
 func (t *tcpConn) Write(p []byte) (int, error) {
 	if t.w == nil {

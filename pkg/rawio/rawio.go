@@ -108,3 +108,18 @@ func (w *Writer) write(fd uintptr) bool {
 	}
 	return true
 }
+
+// CloseWrite is shutdown(2) with SHUT_WR: a FIN after what was written.
+// Like net.TCPConn.CloseWrite, without waking sysmon.
+func CloseWrite(rc syscall.RawConn) error {
+	var errno syscall.Errno
+	if err := rc.Control(func(fd uintptr) {
+		_, _, errno = syscall.RawSyscall(syscall.SYS_SHUTDOWN, fd, syscall.SHUT_WR, 0)
+	}); err != nil {
+		return err
+	}
+	if errno != 0 {
+		return os.NewSyscallError("shutdown", errno)
+	}
+	return nil
+}

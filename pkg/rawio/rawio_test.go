@@ -176,3 +176,29 @@ func TestWriteAllocatesNothing(t *testing.T) {
 		t.Fatalf("Write allocates %.1f times, want 0", a)
 	}
 }
+
+func TestCloseWrite(t *testing.T) {
+	c, s := pair(t)
+	if _, err := NewWriter(rawConn(t, c)).Write([]byte("last")); err != nil {
+		t.Fatal(err)
+	}
+	if err := CloseWrite(rawConn(t, c)); err != nil {
+		t.Fatal(err)
+	}
+	s.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if b, err := io.ReadAll(s); err != nil || string(b) != "last" {
+		t.Fatalf("the peer read %q, %v; want \"last\" and the end of the stream", b, err)
+	}
+	// The other direction stays open.
+	if _, err := s.Write([]byte("back")); err != nil {
+		t.Fatal(err)
+	}
+	b := make([]byte, 4)
+	if _, err := io.ReadFull(c, b); err != nil || string(b) != "back" {
+		t.Fatalf("read %q, %v after CloseWrite; want \"back\"", b, err)
+	}
+	c.Close()
+	if err := CloseWrite(rawConn(t, c)); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("CloseWrite after Close = %v, want net.ErrClosed", err)
+	}
+}
