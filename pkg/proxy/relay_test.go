@@ -13,27 +13,12 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/smesh-dev/smesh/pkg/testenv"
 )
 
 // pair returns the two ends of a loopback TCP connection.
-func pair(t *testing.T) (*net.TCPConn, *net.TCPConn) {
-	t.Helper()
-	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	c, err := net.DialTCP("tcp4", nil, ln.Addr().(*net.TCPAddr))
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := ln.AcceptTCP()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close(); s.Close() })
-	return c, s
-}
+func pair(t *testing.T) (*net.TCPConn, *net.TCPConn) { return testenv.TCPPair(t) }
 
 // relayed sets up app <-> [a Relay b] <-> server and returns the outer ends.
 func relayPair(t *testing.T, idle time.Duration) (app, server *net.TCPConn, done chan Result) {

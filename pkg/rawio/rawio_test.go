@@ -9,27 +9,11 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/smesh-dev/smesh/pkg/testenv"
 )
 
-// pair is a connected loopback TCP pair.
-func pair(t *testing.T) (client, server *net.TCPConn) {
-	t.Helper()
-	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	c, err := net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr))
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := ln.AcceptTCP()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close(); s.Close() })
-	return c, s
-}
+func pair(t *testing.T) (client, server *net.TCPConn) { return testenv.TCPPair(t) }
 
 func rawConn(t *testing.T, c *net.TCPConn) syscall.RawConn {
 	t.Helper()

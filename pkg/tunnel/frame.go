@@ -190,8 +190,8 @@ func (c *link) alive() bool {
 // reading: one recv(MSG_PEEK|MSG_DONTWAIT), no waiting. It is made once per
 // socket, so that a look allocates nothing.
 type peeker struct {
-	rc    syscall.RawConn
-	fn    func(fd uintptr) bool
+	rc  syscall.RawConn
+	fn  func(fd uintptr) bool
 	b   [1]byte
 	err error
 }
