@@ -34,16 +34,21 @@ type watched struct {
 	idle  *activity // nil: no timeout
 	dl    deadliner
 	armed time.Time // when the read deadline was last set
+	// park, when set, is a Parker relay's request to park: a read the
+	// deadline interrupted returns errPark while it holds.
+	park *atomic.Bool
 	// readPooled reads the wrapped end into a pooled buffer (see
 	// pooledReader), resolved once.
 	readPooled func() (*[]byte, int, error)
 }
 
-// watch wraps c; idle nil (or a c without read deadlines) means no timeout.
-func watch(c Conn, count *atomic.Int64, idle *activity) Conn {
+// watch wraps c; idle nil or with no timeout (or a c without read
+// deadlines) means no timeout. idle, when set, is touched by every read.
+func watch(c Conn, count *atomic.Int64, idle *activity) *watched {
 	w := &watched{Conn: c, count: count, readPooled: readPooled(c)}
-	if dl, ok := c.(deadliner); ok && idle != nil {
-		w.idle, w.dl = idle, dl
+	w.dl, _ = c.(deadliner)
+	if idle != nil && (w.dl != nil || idle.timeout == 0) {
+		w.idle = idle
 	}
 	return w
 }
@@ -71,7 +76,7 @@ func (w *watched) read(f func() (int, error)) (int, error) {
 		// Re-arming the deadline on every read would cost a timer update
 		// per read; an eighth of the timeout late is close enough, and a
 		// deadline that fires early is checked against idleFor below.
-		if w.idle != nil {
+		if w.idle != nil && w.idle.timeout > 0 {
 			if now := time.Now(); now.Sub(w.armed) > w.idle.timeout/8 {
 				w.dl.SetReadDeadline(now.Add(w.idle.timeout))
 				w.armed = now
@@ -85,7 +90,18 @@ func (w *watched) read(f func() (int, error)) (int, error) {
 			}
 			return n, err
 		}
-		if w.idle != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+		if w.park != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+			if w.park.Load() {
+				return 0, errPark
+			}
+			if w.idle == nil || w.idle.timeout == 0 {
+				// A request to park withdrawn before this read saw its
+				// deadline: the deadline is no one's.
+				w.dl.SetReadDeadline(time.Time{})
+				continue
+			}
+		}
+		if w.idle != nil && w.idle.timeout > 0 && errors.Is(err, os.ErrDeadlineExceeded) {
 			if w.idle.idleFor() < w.idle.timeout {
 				// Something moved since the deadline was set: wait until
 				// the timeout after that.

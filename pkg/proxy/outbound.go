@@ -68,6 +68,9 @@ type Options struct {
 	// IdleTimeout resets a connection that moved no byte either way for
 	// that long. 0: no limit.
 	IdleTimeout time.Duration
+	// ParkAfter: a relayed connection idle both ways for that long waits
+	// without a goroutine (Parker). 0: DefaultParkAfter; negative: never.
+	ParkAfter time.Duration
 	// OwnPorts are the ports of smeshd's own listeners (outbound, tunnel,
 	// admin). A connection whose original destination is one of them on
 	// a local address (loopback, unspecified, or Local) is refused, never
@@ -105,6 +108,7 @@ type Outbound struct {
 	warn  zerolog.Logger // rate-limited, for per-connection refusals
 	slots chan struct{}  // nil without a limit
 	wg    sync.WaitGroup
+	park  *Parker // nil: relays keep their goroutines
 
 	mu       sync.Mutex
 	conns    map[*net.TCPConn]*relayed
@@ -176,6 +180,14 @@ func Listen(o Options) (*Outbound, error) {
 	if o.MaxConnections > 0 {
 		out.slots = make(chan struct{}, o.MaxConnections)
 	}
+	if o.ParkAfter >= 0 {
+		p, err := NewParker(o.ParkAfter)
+		if err != nil {
+			// Relays keep a goroutine per direction, as without parking.
+			log.Warn().Err(err).Msg("idle connections will hold their goroutines")
+		}
+		out.park = p
+	}
 	return out, nil
 }
 
@@ -241,12 +253,16 @@ func (o *Outbound) serve(ctx context.Context, l *listener) error {
 		}
 		r := o.track(c)
 		o.wg.Add(1)
-		go func() {
-			defer o.wg.Done()
-			o.handle(ctx, c, r, l.dialer)
+		done := func() {
 			o.untrack(c)
 			if o.slots != nil {
 				<-o.slots
+			}
+			o.wg.Done()
+		}
+		go func() {
+			if !o.handle(ctx, c, r, l.dialer, done) {
+				done()
 			}
 		}()
 	}
@@ -306,7 +322,9 @@ func (o *Outbound) withSource(ctx context.Context, c *net.TCPConn, r *relayed) c
 	return identity.WithSource(ctx, id)
 }
 
-func (o *Outbound) handle(ctx context.Context, c *net.TCPConn, r *relayed, dialer Dialer) {
+// handle dials c's destination and relays c to it. It reports whether done
+// is the relay's to call (once the connection ended); false: c is done.
+func (o *Outbound) handle(ctx context.Context, c *net.TCPConn, r *relayed, dialer Dialer, done func()) bool {
 	dst, err := o.o.OriginalDst(c)
 	if err != nil {
 		// Not a captured connection (someone dialled the port directly):
@@ -314,13 +332,13 @@ func (o *Outbound) handle(ctx context.Context, c *net.TCPConn, r *relayed, diale
 		// SO_ORIGINAL_DST, so conntrack's answer for such a connection
 		// (this very listener) never comes back here.
 		o.refuseWhy(c, "no_original_destination", o.warn.Warn().AnErr("why", err))
-		return
+		return false
 	}
 	r.dst = dst.String()
 	if o.ownListener(dst) {
 		o.refuseWhy(c, "own_listener", o.warn.Warn().Str("dst", r.dst).
 			Str("why", "the original destination is one of smeshd's own listeners: smeshd would be dialling itself"))
-		return
+		return false
 	}
 	ctx = o.withSource(ctx, c, r)
 	var early int64 // bytes handed to the dialer
@@ -347,7 +365,7 @@ func (o *Outbound) handle(ctx context.Context, c *net.TCPConn, r *relayed, diale
 		o.log.Debug().Err(err).Str("dst", dst.String()).Msg("upstream unreachable")
 		c.SetLinger(0)
 		c.Close()
-		return
+		return false
 	}
 	path := PathTunnelOut
 	var upc Conn
@@ -361,28 +379,36 @@ func (o *Outbound) handle(ctx context.Context, c *net.TCPConn, r *relayed, diale
 		up.Close()
 		c.SetLinger(0)
 		c.Close()
-		return
+		return false
 	}
 	r.path.Store(path)
 	if o.o.Observer != nil {
 		o.o.Observer.ConnOpened(path)
+	}
+	r.tx.Add(early)
+	finish := func(res Result) {
+		res.AtoB += early
+		if o.o.Observer != nil {
+			o.o.Observer.ConnClosed(path, res.AtoB, res.BtoA)
+			if errors.Is(res.Err, ErrIdle) {
+				o.o.Observer.Refused("idle_timeout")
+			}
+		}
+		o.log.Debug().Str("src", r.src).Str("dst", r.dst).Str("path", path).
+			Int64("tx", res.AtoB).Int64("rx", res.BtoA).AnErr("err", res.Err).Msg("connection done")
+	}
+	if o.park != nil {
+		o.park.Relay(TCP(c), upc, RelayOptions{Idle: o.o.IdleTimeout, CountA: &r.tx, CountB: &r.rx,
+			Done: func(res Result) { finish(res); done() }})
+		return true
 	}
 	var idle *activity
 	if o.o.IdleTimeout > 0 {
 		idle = &activity{timeout: o.o.IdleTimeout}
 		idle.touch()
 	}
-	r.tx.Add(early)
-	res := Relay(watch(TCP(c), &r.tx, idle), watch(upc, &r.rx, idle))
-	res.AtoB += early
-	if o.o.Observer != nil {
-		o.o.Observer.ConnClosed(path, res.AtoB, res.BtoA)
-		if errors.Is(res.Err, ErrIdle) {
-			o.o.Observer.Refused("idle_timeout")
-		}
-	}
-	o.log.Debug().Str("src", r.src).Str("dst", r.dst).Str("path", path).
-		Int64("tx", res.AtoB).Int64("rx", res.BtoA).AnErr("err", res.Err).Msg("connection done")
+	finish(Relay(watch(TCP(c), &r.tx, idle), watch(upc, &r.rx, idle)))
+	return false
 }
 
 // ListenLocal opens a listener for hops within a node (an app's captured
@@ -529,6 +555,9 @@ func (o *Outbound) Shutdown(ctx context.Context) error {
 	select {
 	case <-done:
 	case <-ctx.Done():
+		// Parked directions wait again as Relay's do, so that closing
+		// their connections below ends them.
+		o.closePark()
 		o.mu.Lock()
 		n := len(o.conns)
 		for c := range o.conns {
@@ -541,10 +570,18 @@ func (o *Outbound) Shutdown(ctx context.Context) error {
 		}
 		<-done
 	}
+	o.closePark()
 	if errors.Is(err, net.ErrClosed) {
 		return nil
 	}
 	return err
+}
+
+// closePark closes the Parker, if any; its relays go on without it.
+func (o *Outbound) closePark() {
+	if o.park != nil {
+		o.park.Close()
+	}
 }
 
 // Close resets every relayed connection at once.
