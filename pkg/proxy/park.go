@@ -425,7 +425,7 @@ func (r *relay) requestPark() {
 	if r.act.timeout > 0 && r.halves[0].state == halfParked && r.halves[1].state == halfParked &&
 		r.act.idleFor() >= r.act.timeout {
 		r.mu.Unlock()
-		r.fail(ErrIdle)
+		go r.fail(ErrIdle) // its Done may take long: not in the sweeper
 		return
 	}
 	for i := range r.halves {

@@ -149,6 +149,15 @@ func (c *link) WaitReadable() error {
 	return nil // bytes, or the socket's end or error: ReadNoWait reports it as Read would
 }
 
+// SyscallConn is the socket's, for a proxy.Parker to watch: readable when
+// the link has bytes the TLS layer does not hold yet.
+func (c *link) SyscallConn() (syscall.RawConn, error) {
+	if c.raw.sc == nil {
+		return nil, errors.New("tunnel link without a raw socket")
+	}
+	return c.raw.sc, nil
+}
+
 // maxRecordPlaintext is the most a TLS record carries.
 const maxRecordPlaintext = 16 << 10
 

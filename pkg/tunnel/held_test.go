@@ -27,15 +27,29 @@ type heldPath struct {
 	ln    *net.TCPListener // the "outbound listener"
 	apps  []net.Conn
 	relay chan proxy.Result
+	// park, when set, relays the outbound side through it (as smeshd's
+	// Outbound does).
+	park *proxy.Parker
 }
 
-func newHeldPath(t testing.TB) *heldPath {
+// newHeldPath makes the path; parkAfter is both nodes' ParkAfter (0: the
+// server's default, and the outbound side relays with proxy.RelayIdle).
+func newHeldPath(t testing.TB, parkAfter time.Duration) *heldPath {
 	t.Helper()
 	h := newHarness(t, func(o *ServerOptions) {
 		o.MaxConnections = 100000
 		o.IdleTimeout = time.Hour
+		o.ParkAfter = parkAfter
 	})
 	p := &heldPath{h: h, c: h.client(t, "a"), relay: make(chan proxy.Result, 100000)}
+	if parkAfter > 0 {
+		pk, err := proxy.NewParker(parkAfter)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { pk.Close() })
+		p.park = pk
+	}
 	t.Cleanup(p.c.Close)
 	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
@@ -54,6 +68,11 @@ func newHeldPath(t testing.TB) *heldPath {
 				if err != nil {
 					app.Close()
 					p.relay <- proxy.Result{Err: err}
+					return
+				}
+				if p.park != nil {
+					p.park.Relay(proxy.TCP(app), up.(*Conn), proxy.RelayOptions{Idle: time.Hour,
+						Done: func(r proxy.Result) { p.relay <- r }})
 					return
 				}
 				p.relay <- proxy.RelayIdle(proxy.TCP(app), up.(*Conn), time.Hour)
@@ -104,12 +123,21 @@ func TestHeldProfile(t *testing.T) {
 	if s := os.Getenv("SMESH_HELD_CONNS"); s != "" {
 		n, _ = strconv.Atoi(s)
 	}
-	p := newHeldPath(t)
+	// Parked as smeshd's would be once idle for ParkAfter (sooner here);
+	// SMESH_HELD_PARK=0 holds them unparked.
+	parkAfter := 100 * time.Millisecond
+	if os.Getenv("SMESH_HELD_PARK") == "0" {
+		parkAfter = -1
+	}
+	p := newHeldPath(t, parkAfter)
 	runtime.GC()
 	var m0, m1 runtime.MemStats
 	runtime.ReadMemStats(&m0)
 	g0 := runtime.NumGoroutine()
 	p.open(t, n)
+	if p.park != nil {
+		p.waitAllParked(t, 2*n)
+	}
 	time.Sleep(200 * time.Millisecond)
 	var mb runtime.MemStats
 	runtime.ReadMemStats(&mb)

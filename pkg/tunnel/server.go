@@ -62,6 +62,10 @@ type ServerOptions struct {
 	// IdleTimeout resets a relayed connection that moved nothing either
 	// way for that long; 0: never.
 	IdleTimeout time.Duration
+	// ParkAfter: a relayed connection idle both ways for that long waits
+	// without a goroutine (proxy.Parker). 0: proxy.DefaultParkAfter;
+	// negative: never.
+	ParkAfter time.Duration
 	// Local are this node's addresses: the only destinations delivered to.
 	Local *LocalAddrs
 	// Dial connects the server's own listener to local destinations; nil
@@ -107,6 +111,7 @@ type Server struct {
 	allowPorts atomic.Pointer[[]uint16] // tunnel.allow_ports, changed by reloads
 
 	slots      chan struct{} // one per tunnelled connection relayed (max_connections)
+	park       *proxy.Parker // nil: relays keep their goroutines
 	handshakes *handshakeBudget
 	draining   atomic.Bool
 	// released: StopAccepting ran; the accept loops end without taking
@@ -211,6 +216,13 @@ func Listen(o ServerOptions) (*Server, error) {
 		}
 	}
 	s.SetAllowPorts(o.AllowPorts)
+	if o.ParkAfter >= 0 {
+		p, err := proxy.NewParker(o.ParkAfter)
+		if err != nil {
+			log.Warn().Err(err).Msg("idle connections will hold their goroutines")
+		}
+		s.park = p
+	}
 	return s, nil
 }
 
@@ -388,15 +400,16 @@ func (s *Server) admit(ctx context.Context, c *net.TCPConn, scope Scope) {
 		c.Close()
 		return
 	}
-	if !s.start(raw, func() { s.serve(ctx, raw, scope, p) }) {
+	if !s.start(raw, func(done func()) bool { return s.serve(ctx, raw, scope, p, done) }) {
 		s.handshakes.done(p)
 	}
 }
 
 // start runs fn for raw in a goroutine of its own, unless the server is
-// closed (then it resets raw and reports false). The WaitGroup's Add and
-// Close's Wait are ordered by mu.
-func (s *Server) start(raw *rawConn, fn func()) bool {
+// closed (then it resets raw and reports false). fn reports whether done is
+// its to call, later, once raw is done; false: raw is done when fn returns.
+// The WaitGroup's Add and Close's Wait are ordered by mu.
+func (s *Server) start(raw *rawConn, fn func(done func()) bool) bool {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -407,14 +420,16 @@ func (s *Server) start(raw *rawConn, fn func()) bool {
 	s.conns[raw] = struct{}{}
 	s.wg.Add(1)
 	s.mu.Unlock()
+	done := func() {
+		s.mu.Lock()
+		delete(s.conns, raw)
+		s.mu.Unlock()
+		s.wg.Done()
+	}
 	go func() {
-		defer s.wg.Done()
-		defer func() {
-			s.mu.Lock()
-			delete(s.conns, raw)
-			s.mu.Unlock()
-		}()
-		fn()
+		if !fn(done) {
+			done()
+		}
 	}()
 	return true
 }
@@ -519,6 +534,11 @@ func (s *Server) wakeIdle() {
 // Close stops accepting and resets every tunnel connection (their local
 // ends are reset by the relay in turn).
 func (s *Server) Close() error {
+	if s.park != nil {
+		// Parked relays wait again as Relay's do, so that resetting their
+		// links below ends them. Not under mu: a relay that ends takes it.
+		s.park.Close()
+	}
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -547,49 +567,87 @@ type refusal struct {
 // v2 and v3, the tunnelled connections that follow on it too. A refusal
 // ends the link in every version (a status, then close_notify): what the
 // client sent early after the header is discarded with it.
-func (s *Server) serve(ctx context.Context, raw *rawConn, scope Scope, p *pending) {
+func (s *Server) serve(ctx context.Context, raw *rawConn, scope Scope, p *pending, done func()) bool {
 	l, h, ref := s.accept(ctx, raw)
 	if s.handshakes.done(p) {
 		ref = &refusal{ReasonHandshakeEvicted, fmt.Errorf("still in its handshake after %s, when a new connection needed the place", staleAfter(s.o.HandshakeTimeout))}
 	}
-	var peer netip.Addr
+	lk := &served{raw: raw, l: l, scope: scope, done: done}
 	if ta, ok := raw.RemoteAddr().(*net.TCPAddr); ok {
-		peer = ta.AddrPort().Addr().Unmap()
+		lk.peer = ta.AddrPort().Addr().Unmap()
 	}
+	return s.serveFrom(ctx, lk, h, ref)
+}
+
+// served is a link the server's loop serves.
+type served struct {
+	raw   *rawConn
+	l     *link
+	scope Scope
+	peer  netip.Addr
+	done  func() // the link is done (start's)
+}
+
+// serveFrom serves the link's tunnelled connections from header h (or
+// refusal ref) on. It reports whether lk.done is called later: a relay went
+// on without this goroutine (proxy.Parker) and serves the rest of the link
+// once it ends.
+func (s *Server) serveFrom(ctx context.Context, lk *served, h Header, ref *refusal) bool {
 	for {
 		var src Source
 		if ref == nil {
-			src, ref = s.source(l.node, peer, &h)
+			src, ref = s.source(lk.l.node, lk.peer, &h)
 		}
 		if ref != nil {
-			s.refuse(raw, l, h.Dst, ref)
-			return
+			s.refuse(lk.raw, lk.l, h.Dst, ref)
+			return false
 		}
-		if !s.relay(ctx, raw, l, h.Dst, src, scope) {
-			return
+		reuse, later := s.relay(ctx, lk.raw, lk.l, h.Dst, src, lk.scope, func(reuse bool) {
+			// The relay ended in a goroutine of its own: it serves on.
+			if !reuse || !s.serveNext(ctx, lk) {
+				lk.done()
+			}
+		})
+		if later {
+			return true
+		}
+		if !reuse {
+			return false
 		}
 		var more bool
-		if h, ref, more = s.next(raw, l); !more {
-			return
+		if h, ref, more = s.next(lk.raw, lk.l); !more {
+			return false
 		}
 	}
 }
 
-// relay delivers one tunnelled connection and relays it. It reports whether
-// the link may carry the next one: protocol v2 or v3, and this one ended
-// cleanly.
-func (s *Server) relay(ctx context.Context, raw *rawConn, l *link, dst netip.AddrPort, src Source, scope Scope) bool {
+// serveNext waits for the link's next header and serves from it; as
+// serveFrom.
+func (s *Server) serveNext(ctx context.Context, lk *served) bool {
+	h, ref, more := s.next(lk.raw, lk.l)
+	if !more {
+		return false
+	}
+	return s.serveFrom(ctx, lk, h, ref)
+}
+
+// relay delivers one tunnelled connection and relays it. reuse reports
+// whether the link may carry the next one: protocol v2 or v3, and this one
+// ended cleanly. later: the relay went on without this goroutine (its
+// connection idled: proxy.Parker), and then gets reuse once it ended, in
+// another goroutine.
+func (s *Server) relay(ctx context.Context, raw *rawConn, l *link, dst netip.AddrPort, src Source, scope Scope, then func(reuse bool)) (reuse, later bool) {
 	select {
 	case s.slots <- struct{}{}:
-		defer func() { <-s.slots }()
 	default:
 		s.refuse(raw, l, dst, &refusal{ReasonTooManyConnections, fmt.Errorf("%d connections open (tunnel.max_connections)", s.o.MaxConnections)})
-		return false
+		return false, false
 	}
 	up, ref := s.deliver(ctx, dst, src, scope)
 	if ref != nil {
+		<-s.slots
 		s.refuse(raw, l, dst, ref)
-		return false
+		return false, false
 	}
 	raw.SetDeadline(time.Time{})
 	raw.established.Store(true)
@@ -612,27 +670,58 @@ func (s *Server) relay(ctx context.Context, raw *rawConn, l *link, dst netip.Add
 		_, err = l.Write(status)
 	}
 	if err != nil {
+		<-s.slots
 		up.SetLinger(0)
 		up.Close()
 		l.Abort()
-		return false
+		return false, false
 	}
 
 	st := &s.o.Stats.In
 	st.Connections.Add(1)
 	st.Active.Add(1)
-	var res proxy.Result
+	var tunnelled proxy.Conn = l
+	if ss != nil {
+		tunnelled = ss
+	}
+	if s.park == nil {
+		return s.relayed(raw, l, ss, dst, proxy.RelayIdle(tunnelled, proxy.TCP(up), s.o.IdleTimeout)), false
+	}
+	// The relay may end before Relay returns, in this goroutine: then the
+	// loop goes on here, not in then (which would nest a call per
+	// tunnelled connection the link carries).
+	var mu sync.Mutex
+	returned, ended := false, false
+	s.park.Relay(tunnelled, proxy.TCP(up), proxy.RelayOptions{Idle: s.o.IdleTimeout, Done: func(res proxy.Result) {
+		r := s.relayed(raw, l, ss, dst, res)
+		mu.Lock()
+		if !returned {
+			ended, reuse = true, r
+			mu.Unlock()
+			return
+		}
+		mu.Unlock()
+		then(r)
+	}})
+	mu.Lock()
+	defer mu.Unlock()
+	returned = true
+	return reuse, !ended
+}
+
+// relayed counts and logs a relayed connection that ended, gives its place
+// back, and reports whether its link may carry the next one (see relay).
+func (s *Server) relayed(raw *rawConn, l *link, ss *serverStream, dst netip.AddrPort, res proxy.Result) bool {
+	defer func() { <-s.slots }()
 	reuse := false
-	if l.version >= Version2 {
-		res = proxy.RelayIdle(ss, proxy.TCP(up), s.o.IdleTimeout)
+	if ss != nil {
 		ss.stopTimer()
 		reuse = res.Err == nil && ss.clean()
 		if !reuse && !ss.aborted {
 			l.Abort()
 		}
-	} else {
-		res = proxy.RelayIdle(l, proxy.TCP(up), s.o.IdleTimeout)
 	}
+	st := &s.o.Stats.In
 	st.Active.Add(-1)
 	st.BytesRx.Add(uint64(res.AtoB))
 	st.BytesTx.Add(uint64(res.BtoA))

@@ -10,6 +10,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/smesh-dev/smesh/pkg/proxy"
@@ -281,6 +282,21 @@ func (c *Conn) SetReadDeadline(t time.Time) error {
 	return l.raw.SetReadDeadline(t)
 }
 
+// SyscallConn is the tunnel socket's, for a proxy.Parker to watch.
+func (c *Conn) SyscallConn() (syscall.RawConn, error) {
+	if c.v1 != nil {
+		return c.v1.SyscallConn()
+	}
+	c.mu.Lock()
+	l := c.l
+	c.mu.Unlock()
+	return l.SyscallConn()
+}
+
+// ParkReady: a v2 connection parks only once the peer's status came (before,
+// its waits keep a deadline of their own).
+func (c *Conn) ParkReady() bool { return c.v1 != nil || c.established() != nil }
+
 // resolve leaves the pending state (under mu); later calls change nothing.
 func (c *Conn) resolve(s streamState, err error) {
 	if c.state != streamPending {
@@ -526,6 +542,9 @@ func (s *serverStream) stopTimer() {
 func (s *serverStream) Close() error { return nil }
 
 func (s *serverStream) SetReadDeadline(t time.Time) error { return s.l.raw.SetReadDeadline(t) }
+
+// SyscallConn is the link's socket, for a proxy.Parker to watch.
+func (s *serverStream) SyscallConn() (syscall.RawConn, error) { return s.l.SyscallConn() }
 
 // clean: both directions ended with 'F' and nothing was reset.
 func (s *serverStream) clean() bool { return s.finRead && s.finSent && !s.aborted && s.l.rem == 0 }
