@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/smesh-dev/smesh/pkg/proxy"
 )
 
 // Modes the bench knows, in report order: same-node (direct is the
@@ -314,6 +316,9 @@ func holdConns(e *modeEnv, exe string, n int) (Held, error) {
 	if err != nil {
 		return Held{}, err
 	}
+	// Held idle connections park (proxy.Parker) once idle for ParkAfter:
+	// measure them as they are held from then on.
+	time.Sleep(proxy.DefaultParkAfter + time.Second)
 	slab1, serr := slabBytes()
 	held, merr := e.smeshdsMemory()
 	if err := release(); err != nil {

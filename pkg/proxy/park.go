@@ -414,16 +414,24 @@ func (h *half) end() {
 }
 
 // requestPark is the sweeper's: both directions idle for the Parker's
-// time. A relay parked both ways whose idle timeout passed is reset here,
-// since no read waits to see it.
+// time. A relay with no direction running (parked, or one of them ended)
+// whose idle timeout passed is reset here, since no read waits to see it.
 func (r *relay) requestPark() {
 	r.mu.Lock()
 	if r.failed || r.live == 0 {
 		r.mu.Unlock()
 		return
 	}
-	if r.act.timeout > 0 && r.halves[0].state == halfParked && r.halves[1].state == halfParked &&
-		r.act.idleFor() >= r.act.timeout {
+	running, parked := 0, 0
+	for i := range r.halves {
+		switch r.halves[i].state {
+		case halfRunning:
+			running++
+		case halfParked:
+			parked++
+		}
+	}
+	if r.act.timeout > 0 && running == 0 && parked > 0 && r.act.idleFor() >= r.act.timeout {
 		r.mu.Unlock()
 		go r.fail(ErrIdle) // its Done may take long: not in the sweeper
 		return

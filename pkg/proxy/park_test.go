@@ -150,6 +150,24 @@ func TestParkedRelayIdleTimeout(t *testing.T) {
 		t.Fatalf("server read %v after the idle timeout, want a reset", err)
 	}
 
+	// Half-closed (the app sent its end of stream), then idle.
+	app, server, done = parkedPair(t, p, 300*time.Millisecond)
+	echo(t, app, server, []byte("x"))
+	app.CloseWrite()
+	server.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if b, err := io.ReadAll(server); err != nil || len(b) != 0 {
+		t.Fatalf("server read %q, %v; want the end of stream", b, err)
+	}
+	waitParked(t, p, 1)
+	select {
+	case r := <-done:
+		if !errors.Is(r.Err, ErrIdle) {
+			t.Fatalf("half-closed: Err = %v, want ErrIdle", r.Err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the idle timeout did not end a half-closed parked relay")
+	}
+
 	app, server, done = parkedPair(t, p, 0)
 	echo(t, app, server, []byte("x"))
 	waitParked(t, p, 2)
