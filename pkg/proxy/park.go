@@ -28,8 +28,11 @@ import (
 // at idle ones only, and nothing is added per read but the activity time.
 
 // DefaultParkAfter is how long both directions of a relayed connection stay
-// idle before they park.
-const DefaultParkAfter = 2 * time.Second
+// idle before they park. Short, so that a burst of connections that go idle
+// at once (a client pool opening its keep-alive connections) parks while it
+// opens, before its goroutines' stacks add up; a park and the wake-up after
+// it cost some microseconds, once per quarter second of idleness at most.
+const DefaultParkAfter = 250 * time.Millisecond
 
 // errPark is a read interrupted to park.
 var errPark = errors.New("relay direction parks")
