@@ -590,8 +590,16 @@ func runScenario(args []string) error {
 		err = echo(addr, n, 3)
 	case "rr":
 		err = requestResponse(addr, int(n))
-	case "paced": // N exchanges, 10 ms apart
-		err = paced(addr, int(n), 10*time.Millisecond)
+	case "paced": // N exchanges, 10 ms apart, or args[3] ms apart
+		pause := 10 * time.Millisecond
+		if len(args) > 3 {
+			ms, perr := strconv.Atoi(args[3])
+			if perr != nil {
+				return perr
+			}
+			pause = time.Duration(ms) * time.Millisecond
+		}
+		err = paced(addr, int(n), pause)
 	case "serverfirst":
 		err = serverFirst(addr, n, 4)
 	case "refused": // the connection must be refused

@@ -120,6 +120,47 @@ func TestTunnel(t *testing.T) {
 	}
 }
 
+// TestTunnelParked: a tunnelled connection idle between its exchanges parks
+// on both nodes (its relays wait in smeshd's own epoll set, without a
+// goroutine: smesh_relay_parked), and every exchange after a park still
+// gets its byte back, in order, to a clean end of stream.
+func TestTunnelParked(t *testing.T) {
+	a, b, _, addrB := meshPair(t, "splice", "", "")
+	addr := netip.AddrPortFrom(addrB, 9002).String()
+	b.server(b.enrolled, addr)
+	parked := func(n *node, side string) float64 {
+		_, text := n.admin("/metrics")
+		return testenv.Metric(t, text, "smesh_relay_parked", map[string]string{"side": side})
+	}
+	if pa, pb := parked(a, "outbound"), parked(b, "tunnel_in"); pa != 0 || pb != 0 {
+		t.Fatalf("parked before any connection: %v on node a, %v on node b", pa, pb)
+	}
+	// 4 one-byte exchanges 1.5 s apart: parked between each (after 250 ms
+	// idle); the client checks every byte and the end of stream.
+	h := testenv.StartHelper(t, a.enrolled, a.ns.Name, "client", "paced", addr, "4", "1500")
+	var sawA, sawB bool
+	for !sawA || !sawB {
+		select {
+		case <-h.Exited():
+			t.Fatalf("the connection was never seen parked (node a outbound: %v, node b tunnel_in: %v)", sawA, sawB)
+		case <-time.After(50 * time.Millisecond):
+		}
+		// Both directions of the one connection, on each node.
+		sawA = sawA || parked(a, "outbound") == 2
+		sawB = sawB || parked(b, "tunnel_in") == 2
+	}
+	if err := h.Wait(); err != nil || !strings.Contains(h.Stdout(), "ok paced") {
+		t.Fatalf("client: %v\n%s%s", err, h.Stdout(), h.Stderr())
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for parked(a, "outbound") != 0 || parked(b, "tunnel_in") != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("still parked after the connection ended: %v, %v", parked(a, "outbound"), parked(b, "tunnel_in"))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 // TestTunnelCurlNginx: curl on node a downloads a random file from nginx on
 // node b, both in the mesh, through the tunnel, and gets exactly its bytes.
 func TestTunnelCurlNginx(t *testing.T) {

@@ -300,6 +300,7 @@ var notInGuest = map[string]map[string]string{
 			"smeshd's own restarts run in the guest as TestKilled*, TestHeartbeatAfterKill, TestUpgradeUnderLoad",
 		"TestTunnelNoClearText":     "what crosses the wire is TLS: userspace; capture across nodes runs in the guest as TestTunnel",
 		"TestTunnelShortBesideBulk": "the tunnel's scheduling of short connections beside a bulk one: userspace",
+		"TestTunnelParked":          "relays parked in smeshd's own epoll set: userspace (TestTunnel covers the tunnel's kernel side)",
 		"TestKubernetesLabels": "the pod informer against a real kube-apiserver and etcd, which the guest does not have: " +
 			"userspace; pods' cgroups are attached as static ones are (TestPod*)",
 		"TestKubernetesServices": "Services from a real kube-apiserver and etcd, which the guest does not have: " +

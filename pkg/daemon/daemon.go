@@ -606,6 +606,7 @@ func (d *daemon) start(wait, ctx context.Context) error {
 	}
 	d.tun.Server.SetSourceChecks(verifier, d.pol.authorize)
 	d.metrics.SetTunnelStats(d.tun.Stats)
+	d.metrics.SetParked(metrics.SideTunnelIn, d.tun.Server.Parked)
 	d.cleanups = append(d.cleanups, func() { d.tun.Close() })
 	if d.tun.Credentials != nil {
 		d.metrics.CertExpiry(d.tun.Credentials.Source(), d.tun.Credentials.NotAfter())
@@ -650,6 +651,7 @@ func (d *daemon) start(wait, ctx context.Context) error {
 		return err
 	}
 	d.cleanups = append(d.cleanups, func() { d.out.Close() })
+	d.metrics.SetParked(metrics.SideOutbound, d.out.Parked)
 	go d.out.Serve(ctx)
 	// IPv6 capture in smeshd's own namespace, where it has IPv6.
 	ready6 := false

@@ -99,7 +99,16 @@ type Metrics struct {
 
 	splice atomic.Pointer[func() (SpliceCounters, error)]
 	tunnel atomic.Pointer[tunnel.Stats]
+	// parked[side] reads how many relayed directions of that side wait
+	// without a goroutine (proxy.Parker); nil: 0.
+	parked map[string]*atomic.Pointer[func() int]
 }
+
+// Sides of smesh_relay_parked.
+const (
+	SideOutbound = "outbound"  // the outbound proxy's relays
+	SideTunnelIn = "tunnel_in" // the tunnel server's
+)
 
 // pathStats are the Go-side counters of one path, exported by
 // dataPathCollector together with those read from BPF and the tunnel.
@@ -161,6 +170,22 @@ func New(version string) *Metrics {
 	}, []string{"version"})
 	buildInfo.WithLabelValues(version).Set(1)
 
+	m.parked = map[string]*atomic.Pointer[func() int]{}
+	for _, side := range []string{SideOutbound, SideTunnelIn} {
+		src := new(atomic.Pointer[func() int])
+		m.parked[side] = src
+		m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name:        "smesh_relay_parked",
+			Help:        "Directions of relayed connections idle long enough to wait without a goroutine (in smeshd's own epoll set), by side.",
+			ConstLabels: prometheus.Labels{"side": side},
+		}, func() float64 {
+			if f := src.Load(); f != nil {
+				return float64((*f)())
+			}
+			return 0
+		}))
+	}
+
 	m.reg.MustRegister(
 		m.refused, m.certExpiry, reloads, buildInfo, m.enrolled, m.enrolledEvents,
 		dataPathCollector{m},
@@ -204,6 +229,14 @@ func (m *Metrics) SetSpliceSource(fn func() (SpliceCounters, error)) {
 // tunnel_out, tunnel errors and TLS handshakes.
 func (m *Metrics) SetTunnelStats(s *tunnel.Stats) {
 	m.tunnel.Store(s)
+}
+
+// SetParked sets what smesh_relay_parked{side} reads at every scrape
+// (SideOutbound, SideTunnelIn).
+func (m *Metrics) SetParked(side string, fn func() int) {
+	if src := m.parked[side]; src != nil {
+		src.Store(&fn)
+	}
 }
 
 // ConnOpened counts a new connection on path. For PathTunnelOut only the

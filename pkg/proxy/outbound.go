@@ -577,6 +577,15 @@ func (o *Outbound) Shutdown(ctx context.Context) error {
 	return err
 }
 
+// Parked is how many directions of relayed connections wait without a
+// goroutine (Parker).
+func (o *Outbound) Parked() int {
+	if o.park == nil {
+		return 0
+	}
+	return o.park.Parked()
+}
+
 // closePark closes the Parker, if any; its relays go on without it.
 func (o *Outbound) closePark() {
 	if o.park != nil {

@@ -226,6 +226,15 @@ func Listen(o ServerOptions) (*Server, error) {
 	return s, nil
 }
 
+// Parked is how many directions of relayed connections wait without a
+// goroutine (proxy.Parker).
+func (s *Server) Parked() int {
+	if s.park == nil {
+		return 0
+	}
+	return s.park.Parked()
+}
+
 // SetAllowPorts replaces tunnel.allow_ports (empty: any port) for the
 // connections accepted from now on.
 func (s *Server) SetAllowPorts(ports []uint16) {
