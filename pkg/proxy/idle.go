@@ -120,11 +120,5 @@ func (w *watched) read(f func() (int, error)) (int, error) {
 // byte for idle, both ends are reset and Result.Err is ErrIdle. 0 is no
 // timeout. Ends that cannot take a read deadline are never timed out.
 func RelayIdle(a, b Conn, idle time.Duration) Result {
-	if idle <= 0 {
-		return Relay(a, b)
-	}
-	act := &activity{timeout: idle}
-	act.touch()
-	var na, nb atomic.Int64
-	return Relay(watch(a, &na, act), watch(b, &nb, act))
+	return relayWait(a, b, RelayOptions{Idle: idle})
 }

@@ -323,7 +323,8 @@ func (o *Outbound) withSource(ctx context.Context, c *net.TCPConn, r *relayed) c
 }
 
 // handle dials c's destination and relays c to it. It reports whether done
-// is the relay's to call (once the connection ended); false: c is done.
+// is the relay's to call (once the connection ended); false: c was refused
+// and is done.
 func (o *Outbound) handle(ctx context.Context, c *net.TCPConn, r *relayed, dialer Dialer, done func()) bool {
 	dst, err := o.o.OriginalDst(c)
 	if err != nil {
@@ -397,18 +398,10 @@ func (o *Outbound) handle(ctx context.Context, c *net.TCPConn, r *relayed, diale
 		o.log.Debug().Str("src", r.src).Str("dst", r.dst).Str("path", path).
 			Int64("tx", res.AtoB).Int64("rx", res.BtoA).AnErr("err", res.Err).Msg("connection done")
 	}
-	if o.park != nil {
-		o.park.Relay(TCP(c), upc, RelayOptions{Idle: o.o.IdleTimeout, CountA: &r.tx, CountB: &r.rx,
-			Done: func(res Result) { finish(res); done() }})
-		return true
-	}
-	var idle *activity
-	if o.o.IdleTimeout > 0 {
-		idle = &activity{timeout: o.o.IdleTimeout}
-		idle.touch()
-	}
-	finish(Relay(watch(TCP(c), &r.tx, idle), watch(upc, &r.rx, idle)))
-	return false
+	// o.park may be nil: the relay then never parks.
+	o.park.Relay(TCP(c), upc, RelayOptions{Idle: o.o.IdleTimeout, CountA: &r.tx, CountB: &r.rx,
+		Done: func(res Result) { finish(res); done() }})
+	return true
 }
 
 // ListenLocal opens a listener for hops within a node (an app's captured

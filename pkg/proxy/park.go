@@ -201,18 +201,20 @@ type RelayOptions struct {
 	Done func(Result)
 }
 
-// Relay is proxy.Relay for a caller that does not wait for the end: it
-// relays in the caller's goroutine until the b to a direction ends or
-// parks, then returns; o.Done gets the result. A connection whose ends
-// cannot park (no socket to watch, or one that is not ready to: a tunnel
-// connection before its status) is relayed as by Relay.
+// Relay relays a and b for a caller that does not wait for the end (see
+// proxy.Relay for what it does with ends of stream and errors): it relays
+// in the caller's goroutine until the b to a direction ends or parks, then
+// returns; o.Done gets the result once both directions ended and both ends
+// are closed. p may be nil: the connection then never parks, nor does one
+// whose ends cannot (no socket to watch, or one that is not ready to: a
+// tunnel connection before its status).
 func (p *Parker) Relay(a, b Conn, o RelayOptions) {
 	r := &relay{p: p, a: a, b: b, done: o.Done, live: 2}
 	r.act.timeout = o.Idle
 	r.act.touch()
 	r.halves[0].init(r, b, a, o.CountA)
 	r.halves[1].init(r, a, b, o.CountB)
-	if r.halves[0].canPark() && r.halves[1].canPark() {
+	if p != nil && r.halves[0].canPark() && r.halves[1].canPark() {
 		p.mu.Lock()
 		if !p.closing {
 			p.relays[r] = struct{}{}
@@ -223,7 +225,16 @@ func (p *Parker) Relay(a, b Conn, o RelayOptions) {
 	r.halves[1].run()
 }
 
-// relay is one relayed connection of a Parker.
+// relayWait is Parker.Relay without a Parker for a caller that waits for
+// the result.
+func relayWait(a, b Conn, o RelayOptions) Result {
+	res := make(chan Result, 1)
+	o.Done = func(r Result) { res <- r }
+	(*Parker)(nil).Relay(a, b, o)
+	return <-res
+}
+
+// relay is one relayed connection (of a Parker, if p is set).
 type relay struct {
 	p      *Parker
 	a, b   Conn
@@ -282,7 +293,9 @@ func (h *half) init(r *relay, dst, src Conn, count *atomic.Int64) {
 	}
 	h.r, h.dst, h.src = r, dst, src
 	h.w = watch(src, count, &r.act)
-	h.w.park = &r.parkReq
+	if r.p != nil {
+		h.w.park = &r.parkReq
+	}
 	h.dl, _ = src.(deadliner)
 	if sc, ok := src.(syscallConner); ok {
 		h.rc, _ = sc.SyscallConn()
@@ -490,10 +503,11 @@ func (r *relay) fail(err error) {
 func (r *relay) finish() {
 	r.a.Close()
 	r.b.Close()
-	p := r.p
-	p.mu.Lock()
-	delete(p.relays, r)
-	p.mu.Unlock()
+	if p := r.p; p != nil {
+		p.mu.Lock()
+		delete(p.relays, r)
+		p.mu.Unlock()
+	}
 	r.res.AtoB, r.res.BtoA = r.halves[0].n, r.halves[1].n
 	if r.done != nil {
 		r.done(r.res)

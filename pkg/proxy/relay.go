@@ -226,60 +226,9 @@ type Result struct {
 // error on one side aborts both, so a reset reaches the far end as a reset,
 // not as a clean close.
 //
-// It reads and writes through its own pooled buffers, one per direction, so
-// nothing is allocated per read. io.Copy between two TCPConns would use
-// splice(2), which sees none of the bytes sk_msg redirects into a spliced
-// socket.
-func Relay(a, b Conn) Result {
-	var res Result
-	var wg sync.WaitGroup
-	var once sync.Once
-	fail := func(err error) {
-		once.Do(func() {
-			res.Err = err
-			a.Abort()
-			b.Abort()
-		})
-	}
-	// One direction in a goroutine of its own, the other in this one: a
-	// goroutine started is a thread woken to run it, per connection.
-	wg.Add(1)
-	go func() { defer wg.Done(); res.AtoB = pipe(b, a, fail) }()
-	res.BtoA = pipe(a, b, fail)
-	wg.Wait()
-	a.Close()
-	b.Close()
-	return res
-}
-
-// pipe copies src to dst until src ends, then half-closes dst. Each read
-// takes a pooled buffer, given back once written.
-func pipe(dst, src Conn, fail func(error)) int64 {
-	read := readPooled(src)
-	var n int64
-	for {
-		bp, nr, rerr := read()
-		if nr > 0 {
-			nw, werr := dst.Write((*bp)[:nr])
-			n += int64(nw)
-			if werr != nil {
-				putBuffer(bp)
-				fail(werr)
-				return n
-			}
-		}
-		if bp != nil {
-			putBuffer(bp)
-		}
-		if errors.Is(rerr, io.EOF) {
-			if err := dst.CloseWrite(); err != nil {
-				fail(err)
-			}
-			return n
-		}
-		if rerr != nil {
-			fail(rerr)
-			return n
-		}
-	}
-}
+// It reads and writes through pooled buffers taken per read, so nothing is
+// allocated per read. io.Copy between two TCPConns would use splice(2),
+// which sees none of the bytes sk_msg redirects into a spliced socket.
+// One direction runs in a goroutine of its own, the other in the caller's
+// (Parker.Relay, with no Parker).
+func Relay(a, b Conn) Result { return relayWait(a, b, RelayOptions{}) }

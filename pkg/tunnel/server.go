@@ -643,8 +643,8 @@ func (s *Server) serveNext(ctx context.Context, lk *served) bool {
 // relay delivers one tunnelled connection and relays it. reuse reports
 // whether the link may carry the next one: protocol v2 or v3, and this one
 // ended cleanly. later: the relay went on without this goroutine (its
-// connection idled: proxy.Parker), and then gets reuse once it ended, in
-// another goroutine.
+// other direction outlived this one's, or it parked: proxy.Parker), and
+// then gets reuse once it ended, in another goroutine.
 func (s *Server) relay(ctx context.Context, raw *rawConn, l *link, dst netip.AddrPort, src Source, scope Scope, then func(reuse bool)) (reuse, later bool) {
 	select {
 	case s.slots <- struct{}{}:
@@ -693,14 +693,12 @@ func (s *Server) relay(ctx context.Context, raw *rawConn, l *link, dst netip.Add
 	if ss != nil {
 		tunnelled = ss
 	}
-	if s.park == nil {
-		return s.relayed(raw, l, ss, dst, proxy.RelayIdle(tunnelled, proxy.TCP(up), s.o.IdleTimeout)), false
-	}
 	// The relay may end before Relay returns, in this goroutine: then the
 	// loop goes on here, not in then (which would nest a call per
 	// tunnelled connection the link carries).
 	var mu sync.Mutex
 	returned, ended := false, false
+	// s.park may be nil: the relay then never parks.
 	s.park.Relay(tunnelled, proxy.TCP(up), proxy.RelayOptions{Idle: s.o.IdleTimeout, Done: func(res proxy.Result) {
 		r := s.relayed(raw, l, ss, dst, res)
 		mu.Lock()
