@@ -74,7 +74,7 @@ struct sock_state {
 	__u8 path;            /* PATH_*, decided by sk_msg on the first send */
 	__u8 demoted;         /* this direction went from splice (or undecided) to TCP */
 	__u8 released;        /* sockops took this socket out of the sockhash */
-	__u8 stays;           /* its peer spliced: it can never be released */
+	__u8 stays;           /* its peer spliced, and nothing closes that (peers_close off): never released */
 	/* Bytes sk_msg handed to TCP once this direction was demoted (and
 	 * counted as demoted). A demoted socket sends no TCP byte before its
 	 * demotion, so what it acknowledged since its establishment is all
@@ -100,12 +100,16 @@ enum {
 };
 
 /* sk_msg decides once per socket, on its first send, whether that direction of
- * the connection is spliced or takes the TCP stack, and then never changes:
- * mixing the two paths within one direction could reorder bytes. */
+ * the connection is spliced or takes the TCP stack; a spliced direction may go
+ * to TCP later (demoted, or to let its peer leave the sockhash), never back:
+ * TCP bytes followed by spliced ones could be read out of order. */
 enum {
 	PATH_UNDECIDED = 0,
 	PATH_SPLICE = 1,
 	PATH_TCP = 2,
+	/* In smesh_dirs only: the direction spliced, and closed since
+	 * (close_own() in skmsg.c). */
+	PATH_CLOSED = 3,
 };
 
 /* Counter slots of smesh_stats: bytes and messages spliced, by the role of the
@@ -191,9 +195,11 @@ struct {
 /* Written by sockops (an entry, PATH_UNDECIDED, for every socket it puts in
  * the sockhash; deleted when the socket closes), by sk_msg (the socket's own
  * entry: UNDECIDED -> SPLICE before its first redirect, SPLICE -> TCP when
- * that first send found no peer) and by the peer's sockops (UNDECIDED -> TCP,
- * before it takes the peer out of the sockhash: release() in sockops.c).
- * Both swaps from UNDECIDED are atomic, so exactly one wins. Keyed by the
+ * that first send found no peer, SPLICE -> CLOSED once nothing it spliced is
+ * left on its way or unread: close_own() in skmsg.c) and by the peer's
+ * sockops (UNDECIDED -> TCP, before it takes the peer out of the sockhash:
+ * release() in sockops.c). Both swaps from UNDECIDED are atomic, so exactly
+ * one wins. Keyed by the
  * socket's own sock_key. A copy of the first decision of sock_state.path
  * that the peer can reach: sock_ops cannot get at another socket's storage
  * (a sockhash lookup returns a reference sock_ops cannot release). */

@@ -16,6 +16,17 @@
  * is not (a reader parked in tcp_recvmsg waits on the TCP queue only), so a
  * demoted direction never splices again.
  *
+ * A demoted socket still sends through tcp_bpf_sendmsg, far slower than
+ * plain TCP, until sockops takes it out of the sockhash (release() in
+ * sockops.c), which it may do only once the other direction will never
+ * redirect into it again and it has read all that direction redirected.
+ * close_own() here tells it so: a socket whose own sends go by TCP marks its
+ * smesh_dirs entry PATH_CLOSED once no redirect of its own can still be on
+ * its way and its peer's queue is empty; and a spliced direction whose peer
+ * closed its own that way gives up splicing (a small request answered by a
+ * large download: the request's direction goes to TCP at its next send), so
+ * that both ends can go back to plain TCP.
+ *
  * smesh_skmsg_unbounded is the same without the bound, for kernels without
  * what the bound reads (the kfuncs bpf_cast_to_kern_ctx and bpf_rdonly_cast,
  * Linux 6.2) or without CAP_PERFMON; smeshd chooses which one to load. */
@@ -101,6 +112,88 @@ static __always_inline bool reader_idle(struct sk_msg_md *msg)
 	return true;
 }
 
+/* psock_of is the socket's sk_psock (NULL once it left the sockhash). */
+static __always_inline struct sk_psock *psock_of(struct sock *sk)
+{
+	unsigned long data = (unsigned long)sk->sk_user_data & SK_USER_DATA_PTRMASK;
+
+	return bpf_rdonly_cast((void *)data, bpf_core_type_id_kernel(struct sk_psock));
+}
+
+/* alone: no thread but this one is in a send or a receive through the
+ * sending socket's psock. Each such call holds a reference to the psock
+ * from its start to its return (tcp_bpf_sendmsg, tcp_bpf_recvmsg), and so
+ * does the sockhash entry: two references are this send's and the entry's.
+ * A redirect chosen by another thread of this socket is on its way only
+ * inside such a call (tcp_bpf_send_verdict releases the socket lock
+ * around tcp_bpf_sendmsg_redir), so none is. A reference taken after
+ * this read is by a call that has not run sk_msg yet: it will find this
+ * direction on TCP. Anything else holding one (another map, a redirect
+ * into this socket) only makes this false. */
+static __always_inline bool alone(struct sk_msg_md *msg)
+{
+	struct sk_msg *kmsg = bpf_cast_to_kern_ctx(msg);
+	struct sk_psock *psock = psock_of(kmsg->sk);
+
+	return psock && psock->refcnt.refs.counter == 2;
+}
+
+/* peer_sent_tcp: the peer has sent this socket bytes by TCP (a spliced
+ * peer sends none), so its direction may have closed (close_own()). */
+static __always_inline bool peer_sent_tcp(struct sk_msg_md *msg, const struct sock_state *st)
+{
+	struct sk_msg *kmsg = bpf_cast_to_kern_ctx(msg);
+	struct tcp_sock *tp = bpf_rdonly_cast(kmsg->sk, bpf_core_type_id_kernel(struct tcp_sock));
+
+	/* remote_seq: the peer's initial sequence number + 1 (keys_of()). */
+	return tp->rcv_nxt != st->self.remote_seq;
+}
+
+/* peer_waits: the peer's direction goes by TCP for good (it spliced and
+ * closed since, or it never spliced): the peer waits for ours to close, to
+ * leave the sockhash (release() in sockops.c). */
+static __always_inline bool peer_waits(const struct sock_key *peer)
+{
+	__u32 *dir = bpf_map_lookup_elem(&smesh_dirs, peer);
+
+	return dir && (*dir == PATH_CLOSED || *dir == PATH_TCP);
+}
+
+/* close_own ends this socket's spliced direction for good, once that is
+ * safe, so that its peer can leave the sockhash (release() in sockops.c,
+ * which waits for smesh_dirs to say PATH_CLOSED): this direction sends by TCP
+ * already (nothing redirects to the peer again), no redirect of this socket
+ * is on its way (alone()) and the peer has read every byte this socket
+ * redirected (its psock queue is empty; it can only shrink meanwhile, as
+ * only this socket redirects to it). Called for a send by TCP: returns the
+ * verdict that sends msg by TCP, redirected to the socket itself (as a
+ * demotion does) or passed when it is leaving the sockhash. */
+static __always_inline int close_own(struct sk_msg_md *msg, struct sock_state *st)
+{
+	__u32 *dir = bpf_map_lookup_elem(&smesh_dirs, &st->self);
+	bool drained;
+
+	if (!dir || *dir != PATH_SPLICE || !alone(msg))
+		return SK_PASS;
+	/* Our own entry first: missing, the socket is leaving the sockhash,
+	 * and a redirect that chose the peer could not be undone. Present,
+	 * it stays while this program runs: it goes only under the socket
+	 * lock we hold (release(), sock_map_close, the map's freeing). */
+	if (bpf_msg_redirect_hash(msg, &smesh_sockhash, &st->self, 0) != SK_PASS)
+		return SK_PASS;
+	if (bpf_msg_redirect_hash(msg, &smesh_sockhash, &st->peer, BPF_F_INGRESS) != SK_PASS)
+		return SK_PASS; /* the peer left: still redirected to ourselves */
+	drained = queued(msg) == 0;
+	/* Back to ourselves: this message goes by TCP. */
+	if (bpf_msg_redirect_hash(msg, &smesh_sockhash, &st->self, 0) != SK_PASS)
+		/* Cannot happen (see above); refuse the send rather than
+		 * splice it behind bytes sent by TCP. */
+		return SK_DROP;
+	if (drained)
+		__sync_val_compare_and_swap(dir, PATH_SPLICE, PATH_CLOSED);
+	return SK_PASS;
+}
+
 static __always_inline int splice(struct sk_msg_md *msg, bool bounded)
 {
 	struct bpf_sock *sk = msg->sk;
@@ -153,6 +246,8 @@ static __always_inline int splice(struct sk_msg_md *msg, bool bounded)
 			count_demoted(st, size);
 			st->tcp_bytes += size;
 		}
+		if (bounded && !resplice)
+			return close_own(msg, st);
 		return SK_PASS;
 	}
 
@@ -170,6 +265,28 @@ static __always_inline int splice(struct sk_msg_md *msg, bool bounded)
 				*dir = PATH_TCP;
 		}
 		return SK_PASS;
+	}
+	if (bounded && !resplice && st->path == PATH_SPLICE && peer_sent_tcp(msg, st) && peer_waits(&st->peer)) {
+		/* The peer sends by TCP for good: it waits for our direction
+		 * to close, to leave the sockhash and run as plain TCP (a
+		 * large answer to our small request). Give up
+		 * splicing as a demotion does (order-safe), and close ours as
+		 * soon as close_own() may. */
+		bool drained = queued(msg) == 0;
+
+		if (bpf_msg_redirect_hash(msg, &smesh_sockhash, &st->self, 0) == SK_PASS) {
+			__u32 *dir = bpf_map_lookup_elem(&smesh_dirs, &st->self);
+
+			st->path = PATH_TCP;
+			st->demoted = 1;
+			count_demoted(st, size);
+			st->tcp_bytes += size;
+			if (dir && drained && alone(msg))
+				__sync_val_compare_and_swap(dir, PATH_SPLICE, PATH_CLOSED);
+			return SK_PASS;
+		}
+		/* Our own entry is gone (the socket is closing): splice this
+		 * last message. */
 	}
 	if (bounded && queued(msg) + size > splice_queue_limit) {
 		/* The redirect above chose the peer already (returning

@@ -26,6 +26,11 @@ volatile const bool splice = 0;
  * smeshd leaves sock_ops off its own cgroup then, so only the app side of a
  * captured hop needs the check below. */
 volatile const bool splice_proxy_hops = 0;
+/* Set by smeshd when it loads the bounded sk_msg program, whose close_own()
+ * closes a direction that spliced once it is safe: release() then waits for
+ * that. Without it (the unbounded program, which never demotes), a peer
+ * that spliced never closes, and release() stops asking. */
+volatile const bool peers_close = 0;
 
 static const __u32 undecided = PATH_UNDECIDED;
 
@@ -187,15 +192,19 @@ static __always_inline void count_acked(struct bpf_sock_ops *skops, struct sock_
  * Dropping the psock (sk_psock_drop; sk_psock_destroy zaps the ingress
  * queue) frees whatever waits in its ingress queue, and a redirect from the
  * peer that already chose this socket would fail (EPIPE to the peer's
- * writer) or be freed after it was queued. So the other direction must never
- * have redirected and never be able to: the peer's smesh_dirs entry is
- * PATH_UNDECIDED, which release() swaps to PATH_TCP (sk_msg swaps UNDECIDED
- * -> SPLICE before it looks the peer up; one of the two wins), or PATH_TCP
- * (its first send found no peer). A peer that ever spliced is left alone
- * (stays): a redirect of one of its writer threads can still be on its way
- * (tcp_bpf_send_verdict releases the sender's lock around
- * tcp_bpf_sendmsg_redir), and nothing a program can read tells when it has
- * landed.
+ * writer) or be freed after it was queued. So the other direction must not
+ * redirect into this socket again, none of its redirects may still be on
+ * its way, and this socket must have read all of them: the peer's
+ * smesh_dirs entry is PATH_UNDECIDED, which release() swaps to PATH_TCP
+ * (sk_msg swaps UNDECIDED -> SPLICE before it looks the peer up; one of the
+ * two wins: the peer never redirected), PATH_TCP (its first send found no
+ * peer), or PATH_CLOSED: it spliced and closed its direction since
+ * (close_own() in skmsg.c: the peer sends by TCP, no redirect of its own is
+ * on its way, and this socket's queue was empty, which it stays once nothing
+ * can add to it). A peer still splicing (PATH_SPLICE) is asked again on a
+ * later ACK; with peers_close off nothing would close it, and the socket
+ * stays. A closed peer waits for this socket's direction to close too (to
+ * leave in turn), so a socket that spliced leaves only once closed.
  *
  * Runs for the socket's own ACKs (RTT_CB), under its socket lock. The psock
  * goes when its last reference does: here, or when a send or receive under
@@ -204,7 +213,7 @@ static __always_inline void count_acked(struct bpf_sock_ops *skops, struct sock_
  * tcp_bpf_sendmsg finishes there, through this program, by TCP. */
 static __always_inline void release(struct sock_state *st)
 {
-	__u32 *dir, was;
+	__u32 *dir, *own, was;
 
 	dir = bpf_map_lookup_elem(&smesh_dirs, &st->peer);
 	if (!dir)
@@ -222,9 +231,18 @@ static __always_inline void release(struct sock_state *st)
 		counter_inc(COUNTER_RACED);
 	}
 	was = __sync_val_compare_and_swap(dir, PATH_UNDECIDED, PATH_TCP);
-	if (was != PATH_UNDECIDED && was != PATH_TCP) {
-		st->stays = 1;
+	if (was == PATH_SPLICE) {
+		if (!peers_close)
+			st->stays = 1;
 		return;
+	}
+	if (was == PATH_CLOSED) {
+		/* The peer spliced and closed: it waits for this socket's
+		 * direction to close in turn, to leave the sockhash too,
+		 * which this socket can no longer do once it has left. */
+		own = bpf_map_lookup_elem(&smesh_dirs, &st->self);
+		if (own && *own == PATH_SPLICE)
+			return;
 	}
 	if (bpf_map_delete_elem(&smesh_sockhash, &st->self) == 0) {
 		st->released = 1;

@@ -103,6 +103,7 @@ const (
 	SockopsMapSmeshSrcSk      = "smesh_src_sk"
 	SockopsMapSmeshStats      = "smesh_stats"
 	SockopsProgSmeshSockops   = "smesh_sockops"
+	SockopsVarPeersClose      = "peers_close"
 	SockopsVarSplice          = "splice"
 	SockopsVarSpliceProxyHops = "splice_proxy_hops"
 )
@@ -173,6 +174,7 @@ type SockopsMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type SockopsVariableSpecs struct {
+	PeersClose      *ebpf.VariableSpec `ebpf:"peers_close"`
 	Splice          *ebpf.VariableSpec `ebpf:"splice"`
 	SpliceProxyHops *ebpf.VariableSpec `ebpf:"splice_proxy_hops"`
 }
@@ -230,6 +232,7 @@ func (m *SockopsMaps) Close() error {
 //
 // It can be passed to LoadSockopsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type SockopsVariables struct {
+	PeersClose      *ebpf.Variable `ebpf:"peers_close"`
 	Splice          *ebpf.Variable `ebpf:"splice"`
 	SpliceProxyHops *ebpf.Variable `ebpf:"splice_proxy_hops"`
 }

@@ -414,6 +414,12 @@ func sockopsSpec(opts Options) (*ebpf.CollectionSpec, error) {
 	if err := spec.Variables["splice_proxy_hops"].Set(opts.SpliceProxyHops); err != nil {
 		return nil, fmt.Errorf("setting sockops splice_proxy_hops: %w", err)
 	}
+	// The bounded sk_msg program closes the directions that spliced
+	// (close_own in skmsg.c), the experiment's re-splice aside.
+	peersClose := opts.Mode == ModeSplice && opts.SpliceQueueLimit > 0 && !opts.resplice
+	if err := spec.Variables["peers_close"].Set(peersClose); err != nil {
+		return nil, fmt.Errorf("setting sockops peers_close: %w", err)
+	}
 	return spec, nil
 }
 

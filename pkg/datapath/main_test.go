@@ -29,6 +29,7 @@ func TestMain(m *testing.M) {
 		"strict-dial":     strictDial,
 		"resplice-stress": respliceStress,
 		"bulk-pair":       bulkPair,
+		"keepalive":       keepAlive,
 	}
 	maps.Copy(helpers, identityHelpers)
 	testenv.RunHelpers(helpers)
