@@ -25,15 +25,18 @@ func (n *node) released() uint64 {
 // once and in order: readers slow, fast, waiting in the kernel (blocking
 // recv(MSG_WAITALL), slow or as fast as they can, or interrupted by a
 // signal every millisecond), and four threads writing one socket at once. A sender
-// whose peer spliced to it first stays in the sockhash (a redirect from the
-// peer could still be on its way into it) and its bytes arrive as well.
+// whose peer spliced to it first ("greeted") is released only once the peer's
+// direction closes too (close_own in skmsg.c), here at the server's answer
+// at the very end, so whether it is released before it closes is the
+// kernel's timing; its bytes arrive as well. (pkg/datapath's
+// TestReleaseKeepAlive releases both ends of such a connection.)
 func TestReleaseDemoted(t *testing.T) {
 	requireBoundedSplice(t)
 	n, addr := sameNode(t, "splice")
 	const size = 512 << 20
 	for _, c := range []struct {
 		scenario string
-		release  bool
+		release  bool // want a release (else: not checked)
 	}{
 		{"slow", true},
 		{"fast", true},
@@ -53,11 +56,8 @@ func TestReleaseDemoted(t *testing.T) {
 			if after.demotions == before.demotions {
 				t.Fatalf("no demotion: the writer never got ahead by splice_queue_limit?")
 			}
-			switch {
-			case c.release && rel1 == rel0:
+			if c.release && rel1 == rel0 {
 				t.Errorf("the demoted writer was not released from the sockhash")
-			case !c.release && rel1 != rel0:
-				t.Errorf("%d sockets released, want none: the server's direction spliced", rel1-rel0)
 			}
 			// Released sockets count what they sent without sk_msg as
 			// TCP acknowledges it: every byte once. Besides the bulk:

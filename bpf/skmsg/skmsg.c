@@ -166,9 +166,9 @@ static __always_inline bool peer_waits(const struct sock_key *peer)
  * is on its way (alone()) and the peer has read every byte this socket
  * redirected (its psock queue is empty; it can only shrink meanwhile, as
  * only this socket redirects to it). Called for a send by TCP: returns the
- * verdict that sends msg by TCP, redirected to the socket itself (as a
- * demotion does) or passed when it is leaving the sockhash. */
-static __always_inline int close_own(struct sk_msg_md *msg, struct sock_state *st)
+ * verdict that sends msg by TCP, passed, or redirected to the socket itself
+ * (egress, as a demotion does; *by_self is then true). */
+static __always_inline int close_own(struct sk_msg_md *msg, struct sock_state *st, bool *by_self)
 {
 	__u32 *dir = bpf_map_lookup_elem(&smesh_dirs, &st->self);
 	bool drained;
@@ -181,6 +181,7 @@ static __always_inline int close_own(struct sk_msg_md *msg, struct sock_state *s
 	 * lock we hold (release(), sock_map_close, the map's freeing). */
 	if (bpf_msg_redirect_hash(msg, &smesh_sockhash, &st->self, 0) != SK_PASS)
 		return SK_PASS;
+	*by_self = true;
 	if (bpf_msg_redirect_hash(msg, &smesh_sockhash, &st->peer, BPF_F_INGRESS) != SK_PASS)
 		return SK_PASS; /* the peer left: still redirected to ourselves */
 	drained = queued(msg) == 0;
@@ -202,6 +203,8 @@ static __always_inline int splice(struct sk_msg_md *msg, bool bounded)
 	__u32 size = msg->size;
 	struct sock_state *st;
 	__u32 *dir = NULL;
+	int verdict = SK_PASS;
+	bool by_self = false;
 
 	if (!sk) /* the verifier wants sk checked for NULL before use */
 		return SK_PASS;
@@ -242,13 +245,19 @@ static __always_inline int splice(struct sk_msg_md *msg, bool bounded)
 				return SK_PASS;
 			}
 		}
-		if (st->demoted) {
+		if (bounded && !resplice)
+			verdict = close_own(msg, st, &by_self);
+		/* A message redirected to its own socket is counted by
+		 * sockops as TCP acknowledges it (count_acked), not here:
+		 * sent that way, the part tcp_bpf_push_locked could not queue
+		 * (EAGAIN on a non-blocking socket whose buffer filled) is
+		 * freed and the app sends it again, which would count it
+		 * twice. */
+		if (st->demoted && !by_self) {
 			count_demoted(st, size);
 			st->tcp_bytes += size;
 		}
-		if (bounded && !resplice)
-			return close_own(msg, st);
-		return SK_PASS;
+		return verdict;
 	}
 
 	if (bpf_msg_redirect_hash(msg, &smesh_sockhash, &st->peer, BPF_F_INGRESS) != SK_PASS) {
@@ -277,10 +286,10 @@ static __always_inline int splice(struct sk_msg_md *msg, bool bounded)
 		if (bpf_msg_redirect_hash(msg, &smesh_sockhash, &st->self, 0) == SK_PASS) {
 			__u32 *dir = bpf_map_lookup_elem(&smesh_dirs, &st->self);
 
+			/* Counted by sockops as it is acknowledged (see the
+			 * PATH_TCP case above). */
 			st->path = PATH_TCP;
 			st->demoted = 1;
-			count_demoted(st, size);
-			st->tcp_bytes += size;
 			if (dir && drained && alone(msg))
 				__sync_val_compare_and_swap(dir, PATH_SPLICE, PATH_CLOSED);
 			return SK_PASS;
