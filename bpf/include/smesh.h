@@ -78,10 +78,11 @@ struct sock_state {
 	/* Bytes sk_msg handed to TCP once this direction was demoted (and
 	 * counted as demoted). A demoted socket sends no TCP byte before its
 	 * demotion, so what it acknowledged since its establishment is all
-	 * its demoted bytes; what sk_msg did not see (sends after release, a
-	 * message the kernel passed to TCP on a verdict it kept) is the
-	 * difference, counted by sockops as ACKs come (acked_bytes: how much
-	 * of it is counted so far). */
+	 * its demoted bytes; what sk_msg did not see or count (sends after
+	 * release, a message the kernel passed to TCP on a verdict it kept,
+	 * a message redirected to the socket itself) is the difference,
+	 * counted by sockops as ACKs come (acked_bytes: how much of it is
+	 * counted so far). */
 	__u64 tcp_bytes;
 	__u64 acked_bytes;
 	/* bytes_acked at establishment: the active opener's SYN is in it. */

@@ -302,14 +302,11 @@ static __always_inline int splice(struct sk_msg_md *msg, bool bounded)
 		 * SK_PASS now would still redirect): send this message by TCP
 		 * instead, through the sender's own socket (egress). */
 		if (bpf_msg_redirect_hash(msg, &smesh_sockhash, &st->self, 0) == SK_PASS) {
+			/* Counted by sockops as it is acknowledged (see the
+			 * PATH_TCP case above). */
 			st->path = PATH_TCP;
 			st->demoted = 1;
 			counter_inc(COUNTER_DEMOTIONS);
-			count_demoted(st, size);
-			/* += : with resplice, a direction can be demoted
-			 * again (count_acked in sockops.c counts from the
-			 * establishment); 0 before the first demotion. */
-			st->tcp_bytes += size;
 			return SK_PASS;
 		}
 		/* Our own entry is gone (the socket is closing): splice this

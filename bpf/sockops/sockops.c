@@ -161,7 +161,9 @@ static __always_inline void established(struct bpf_sock_ops *skops, __u8 role)
  * itself (before TCP sent them, so never after their ACK), earlier calls
  * acked_bytes. The rest went without sk_msg: sends after release(), and a
  * message the kernel passed to TCP on a verdict it kept
- * (tcp_bpf_send_verdict, after a send that would have blocked). state is
+ * (tcp_bpf_send_verdict, after a send that would have blocked); or sk_msg
+ * left them to this count: messages it redirected to the socket itself,
+ * part of which the kernel may free and the app send again. state is
  * the socket's TCP state: once this end's FIN is sent (FIN_WAIT1,
  * FIN_WAIT2, CLOSING, LAST_ACK) and everything is acknowledged, the FIN's
  * sequence number is among the acknowledged bytes but is no data (a FIN
