@@ -188,8 +188,8 @@ func runStress(t *testing.T, d *Datapath, app, scenario string, secs int, mustBe
 		t.Logf("%s (after %d demotions)", line, cyclesAt(at-int64(time.Second)))
 	}
 	for _, r := range results {
-		msg := fmt.Sprintf("%s: %d demotions (both directions) in %d ms; %d MiB written, %d read; spliced %d MiB, by TCP %d MiB; %d breaks, %d stalls, longest blocked read %d ms, stuck %v",
-			r.dir, demotions, r.elapsedMs, r.written>>20, r.read>>20, spliced>>20, demoted>>20, r.breaks, r.stalls, r.maxBlockMs, r.stuck)
+		msg := fmt.Sprintf("%s: %d demotions (both directions) in %d ms, %d sockets released; %d MiB written, %d read; spliced %d MiB, by TCP %d MiB; %d breaks, %d stalls, longest blocked read %d ms, stuck %v",
+			r.dir, demotions, r.elapsedMs, after.Released-before.Released, r.written>>20, r.read>>20, spliced>>20, demoted>>20, r.breaks, r.stalls, r.maxBlockMs, r.stuck)
 		if r.breaks > 0 {
 			msg += fmt.Sprintf("; first break after %d demotions", cyclesAt(r.firstBreak))
 		}
