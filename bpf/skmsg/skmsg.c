@@ -278,24 +278,24 @@ static __always_inline int splice(struct sk_msg_md *msg, bool bounded)
 	if (bounded && !resplice && st->path == PATH_SPLICE && peer_sent_tcp(msg, st) && peer_waits(&st->peer)) {
 		/* The peer sends by TCP for good: it waits for our direction
 		 * to close, to leave the sockhash and run as plain TCP (a
-		 * large answer to our small request). Give up
-		 * splicing as a demotion does (order-safe), and close ours as
-		 * soon as close_own() may. */
+		 * large answer to our small request). Give up splicing as a
+		 * demotion does (order-safe), and close ours now or as soon
+		 * as close_own() may. Without an entry of our own
+		 * (smesh_dirs full) it could never close: splice on. */
+		__u32 *own = bpf_map_lookup_elem(&smesh_dirs, &st->self);
 		bool drained = queued(msg) == 0;
 
-		if (bpf_msg_redirect_hash(msg, &smesh_sockhash, &st->self, 0) == SK_PASS) {
-			__u32 *dir = bpf_map_lookup_elem(&smesh_dirs, &st->self);
-
+		if (own && bpf_msg_redirect_hash(msg, &smesh_sockhash, &st->self, 0) == SK_PASS) {
 			/* Counted by sockops as it is acknowledged (see the
 			 * PATH_TCP case above). */
 			st->path = PATH_TCP;
 			st->demoted = 1;
-			if (dir && drained && alone(msg))
-				__sync_val_compare_and_swap(dir, PATH_SPLICE, PATH_CLOSED);
+			if (drained && alone(msg))
+				__sync_val_compare_and_swap(own, PATH_SPLICE, PATH_CLOSED);
 			return SK_PASS;
 		}
-		/* Our own entry is gone (the socket is closing): splice this
-		 * last message. */
+		/* No entry, or our own sockhash entry is gone (the socket is
+		 * closing): splice this message (sk_redir is the peer). */
 	}
 	if (bounded && queued(msg) + size > splice_queue_limit) {
 		/* The redirect above chose the peer already (returning
