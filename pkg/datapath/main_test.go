@@ -67,27 +67,34 @@ func connectLoop(args []string) int {
 	return 0
 }
 
+// goLoopbackPair connects two Go (non-blocking) sockets on 127.0.0.1: in
+// an enrolled helper's cgroup, a same-node hop sock_ops splices.
+func goLoopbackPair() (client, server net.Conn, err error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, nil, err
+	}
+	defer ln.Close()
+	if client, err = net.Dial("tcp", ln.Addr().String()); err != nil {
+		return nil, nil, err
+	}
+	if server, err = ln.Accept(); err != nil {
+		client.Close()
+		return nil, nil, err
+	}
+	return client, server, nil
+}
+
 // splicePair makes a loopback connection to itself (both ends in the
 // helper's cgroup: a same-node hop sock_ops splices), prints "ready", and
 // for every "ping" on stdin sends 256 KiB each way over it, checks every
 // byte and prints "ok". Any other line ends it.
 func splicePair([]string) int {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	client, server, err := goLoopbackPair()
 	if err != nil {
 		fmt.Println(err)
 		return 1
 	}
-	client, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		fmt.Println(err)
-		return 1
-	}
-	server, err := ln.Accept()
-	if err != nil {
-		fmt.Println(err)
-		return 1
-	}
-	ln.Close()
 	fmt.Println("ready")
 	in := bufio.NewScanner(os.Stdin)
 	for round := 0; in.Scan() && in.Text() == "ping"; round++ {

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/netip"
 	"os"
 	"strconv"
@@ -92,17 +91,7 @@ func keepAlive(args []string) int {
 	rounds, _ := strconv.Atoi(args[0])
 	size, _ := strconv.Atoi(args[1])
 	scenario := args[2]
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		fmt.Println(err)
-		return 1
-	}
-	client, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		fmt.Println(err)
-		return 1
-	}
-	server, err := ln.Accept()
+	client, server, err := goLoopbackPair()
 	if err != nil {
 		fmt.Println(err)
 		return 1

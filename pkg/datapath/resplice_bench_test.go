@@ -3,7 +3,6 @@ package datapath
 import (
 	"fmt"
 	"io"
-	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -21,17 +20,7 @@ import (
 // fast as it can, as iperf3 does; prints "bulk BYTES NS".
 func bulkPair(args []string) int {
 	secs, _ := strconv.ParseFloat(args[0], 64)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		fmt.Println(err)
-		return 1
-	}
-	w, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		fmt.Println(err)
-		return 1
-	}
-	r, err := ln.Accept()
+	w, r, err := goLoopbackPair()
 	if err != nil {
 		fmt.Println(err)
 		return 1

@@ -45,6 +45,9 @@ type stressDir struct {
 	perRead   bool // two readers: check each read on its own
 	firstBrk  atomic.Int64
 	stopWrite atomic.Bool
+	// eagain counts blocking reads that returned EAGAIN: tcp_bpf_recvmsg
+	// takes a wake-up without data as "no data" (README), not an end.
+	eagain atomic.Int64
 }
 
 // check checks the bytes one read returned.
@@ -193,7 +196,14 @@ func (d *stressDir) readLoop(fd, i, flags int, seed uint64) {
 			if err == unix.EINTR {
 				continue
 			}
+			if err == unix.EAGAIN {
+				d.eagain.Add(1)
+				continue
+			}
 			if err != nil || n == 0 {
+				if err != nil && !d.stopWrite.Load() {
+					fmt.Printf("read error %s reader %d: %v\n", d.name, i, err)
+				}
 				return
 			}
 			d.check(buf[:n])
@@ -412,9 +422,9 @@ func respliceStress(args []string) int {
 		if d.breaks.Load() > 0 {
 			brk = d.firstBrk.Load()
 		}
-		fmt.Printf("result %s written=%d read=%d breaks=%d first_break=%d stalls=%d max_block_ms=%d stuck=%v elapsed_ms=%d start=%d\n",
+		fmt.Printf("result %s written=%d read=%d breaks=%d first_break=%d stalls=%d max_block_ms=%d stuck=%v elapsed_ms=%d start=%d eagain=%d\n",
 			d.name, d.written.Load(), d.read.Load(), d.breaks.Load(), brk, d.stalls.Load(),
-			d.maxBlock.Load()/int64(time.Millisecond), stuck, time.Since(start).Milliseconds(), start.UnixNano())
+			d.maxBlock.Load()/int64(time.Millisecond), stuck, time.Since(start).Milliseconds(), start.UnixNano(), d.eagain.Load())
 	}
 	if err, ok := werr.Load().(error); ok {
 		fmt.Println("write error:", err)

@@ -41,12 +41,13 @@ type stressResult struct {
 	written, read, breaks, firstBreak      int64
 	stalls, maxBlockMs, elapsedMs, startNs int64
 	stuck                                  bool
+	eagain                                 int64
 }
 
 func parseStressResult(line string) (stressResult, error) {
 	var r stressResult
-	_, err := fmt.Sscanf(line, "result %s written=%d read=%d breaks=%d first_break=%d stalls=%d max_block_ms=%d stuck=%t elapsed_ms=%d start=%d",
-		&r.dir, &r.written, &r.read, &r.breaks, &r.firstBreak, &r.stalls, &r.maxBlockMs, &r.stuck, &r.elapsedMs, &r.startNs)
+	_, err := fmt.Sscanf(line, "result %s written=%d read=%d breaks=%d first_break=%d stalls=%d max_block_ms=%d stuck=%t elapsed_ms=%d start=%d eagain=%d",
+		&r.dir, &r.written, &r.read, &r.breaks, &r.firstBreak, &r.stalls, &r.maxBlockMs, &r.stuck, &r.elapsedMs, &r.startNs, &r.eagain)
 	return r, err
 }
 
@@ -188,8 +189,8 @@ func runStress(t *testing.T, d *Datapath, app, scenario string, secs int, mustBe
 		t.Logf("%s (after %d demotions)", line, cyclesAt(at-int64(time.Second)))
 	}
 	for _, r := range results {
-		msg := fmt.Sprintf("%s: %d demotions (both directions) in %d ms, %d sockets released; %d MiB written, %d read; spliced %d MiB, by TCP %d MiB; %d breaks, %d stalls, longest blocked read %d ms, stuck %v",
-			r.dir, demotions, r.elapsedMs, after.Released-before.Released, r.written>>20, r.read>>20, spliced>>20, demoted>>20, r.breaks, r.stalls, r.maxBlockMs, r.stuck)
+		msg := fmt.Sprintf("%s: %d demotions (both directions) in %d ms, %d sockets released; %d MiB written, %d read; spliced %d MiB, by TCP %d MiB; %d breaks, %d stalls, longest blocked read %d ms, stuck %v; %d blocking reads returned EAGAIN",
+			r.dir, demotions, r.elapsedMs, after.Released-before.Released, r.written>>20, r.read>>20, spliced>>20, demoted>>20, r.breaks, r.stalls, r.maxBlockMs, r.stuck, r.eagain)
 		if r.breaks > 0 {
 			msg += fmt.Sprintf("; first break after %d demotions", cyclesAt(r.firstBreak))
 		}
