@@ -26,13 +26,13 @@ var (
 		"Directions of spliced connections moved to TCP for good because their reader fell datapath.splice_queue_limit behind.",
 		nil, nil)
 	releasedDesc = prometheus.NewDesc("smesh_splice_released_total",
-		"Demoted sockets taken out of the sockhash because their peer never spliced to them: they run as plain TCP sockets from then on.",
+		"Sockets of demoted hops taken out of the sockhash once nothing their peer spliced to them can still arrive or wait unread: they run as plain TCP sockets from then on.",
 		nil, nil)
 	racedDesc = prometheus.NewDesc("smesh_splice_raced_total",
 		"Same-node hops that ran as plain TCP, not spliced, because one end sent before the other end's handshake had completed (a client writing right after connect()). Their bytes count as demoted.",
 		nil, nil)
 	demotedBytesDesc = prometheus.NewDesc("smesh_splice_demoted_bytes_total",
-		"Bytes that demoted directions sent by TCP, by direction (tx: client to server, rx: server to client).",
+		"Bytes that demoted directions sent by TCP (and spliced directions that gave up splicing so that both ends of a demoted hop could be released), by direction (tx: client to server, rx: server to client).",
 		[]string{"direction"}, nil)
 	spliceUpDesc = prometheus.NewDesc("smesh_splice_source_up",
 		"1 if the BPF splice counters were read for this scrape, 0 if reading them failed (their series are then left out).",

@@ -65,11 +65,13 @@ type SpliceCounters struct {
 	Sockets int
 	// Demotions counts the directions sk_msg moved to TCP because their
 	// reader fell datapath.splice_queue_limit behind; DemotedTxBytes and
-	// DemotedRxBytes are what such directions sent by TCP afterwards.
+	// DemotedRxBytes are what such directions sent by TCP afterwards, and
+	// the directions that gave up splicing so that both ends of a demoted
+	// hop could be released (close_own in skmsg.c).
 	Demotions                      uint64
 	DemotedTxBytes, DemotedRxBytes uint64
-	// Released counts demoted sockets taken out of the sockhash, plain
-	// TCP sockets from then on.
+	// Released counts sockets of demoted hops taken out of the sockhash,
+	// plain TCP sockets from then on.
 	Released uint64
 	// Conns counts spliced hops: connections whose both ends went into
 	// the sockhash (an app's connection to a local server, or either
