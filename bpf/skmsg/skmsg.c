@@ -49,6 +49,14 @@ extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
  * _PSOCK); the rest points to the socket's sk_psock. */
 #define SK_USER_DATA_PTRMASK (~7UL)
 
+/* psock_of is the socket's sk_psock (NULL once it left the sockhash). */
+static __always_inline struct sk_psock *psock_of(struct sock *sk)
+{
+	unsigned long data = (unsigned long)sk->sk_user_data & SK_USER_DATA_PTRMASK;
+
+	return bpf_rdonly_cast((void *)data, bpf_core_type_id_kernel(struct sk_psock));
+}
+
 /* queued returns the bytes that wait in the receive queue of the socket
  * bpf_msg_redirect_hash just chose for msg. */
 static __always_inline __u64 queued(struct sk_msg_md *msg)
@@ -56,15 +64,13 @@ static __always_inline __u64 queued(struct sk_msg_md *msg)
 	struct sk_msg *kmsg = bpf_cast_to_kern_ctx(msg);
 	struct sock *peer = kmsg->sk_redir;
 	struct sk_psock *psock;
-	unsigned long data;
 
 	if (!peer)
 		return 0;
 	/* 6.18 counts the redirected bytes waiting in the psock (for
 	 * FIONREAD); older kernels that charge receive memory for them
 	 * (6.13, backported to 6.6.69 and 6.12) have them in sk_rmem_alloc. */
-	data = (unsigned long)peer->sk_user_data & SK_USER_DATA_PTRMASK;
-	psock = bpf_rdonly_cast((void *)data, bpf_core_type_id_kernel(struct sk_psock));
+	psock = psock_of(peer);
 	if (psock && bpf_core_field_exists(psock->msg_tot_len))
 		return psock->msg_tot_len;
 	return peer->sk_backlog.rmem_alloc.counter;
@@ -110,14 +116,6 @@ static __always_inline bool reader_idle(struct sk_msg_md *msg)
 	if (wq && (wq->flags & (1UL << SOCKWQ_ASYNC_WAITDATA)))
 		return false;
 	return true;
-}
-
-/* psock_of is the socket's sk_psock (NULL once it left the sockhash). */
-static __always_inline struct sk_psock *psock_of(struct sock *sk)
-{
-	unsigned long data = (unsigned long)sk->sk_user_data & SK_USER_DATA_PTRMASK;
-
-	return bpf_rdonly_cast((void *)data, bpf_core_type_id_kernel(struct sk_psock));
 }
 
 /* alone: no thread but this one is in a send or a receive through the

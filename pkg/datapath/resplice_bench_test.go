@@ -26,7 +26,8 @@ func bulkPair(args []string) int {
 		return 1
 	}
 	// A request first, as a client would send: the other direction
-	// splices, so the bulk direction is never released to plain TCP.
+	// splices and never sends again, so it never closes and the bulk
+	// direction is never released to plain TCP (close_own in skmsg.c).
 	if _, err := r.Write([]byte("GET")); err != nil {
 		fmt.Println(err)
 		return 1

@@ -309,8 +309,10 @@ func respliceStress(args []string) int {
 		fmt.Println("pair:", err)
 		return 1
 	}
-	// One byte each way first: both directions splice, so neither socket
-	// can be released to plain TCP once demoted (release() in sockops.c).
+	// One byte each way first: both directions splice, so a demoted
+	// socket is released to plain TCP only once the other direction has
+	// closed too, which takes a send of its own (close_own in skmsg.c,
+	// release() in sockops.c): in the duplex scenarios.
 	for _, fds := range [][2]int{{server, client}, {client, server}} {
 		if _, err := unix.Write(fds[0], []byte{0}); err != nil {
 			fmt.Println("hello:", err)

@@ -550,7 +550,7 @@ func (o *Outbound) Shutdown(ctx context.Context) error {
 	case <-ctx.Done():
 		// Parked directions wait again as Relay's do, so that closing
 		// their connections below ends them.
-		o.closePark()
+		o.park.Close()
 		o.mu.Lock()
 		n := len(o.conns)
 		for c := range o.conns {
@@ -563,7 +563,7 @@ func (o *Outbound) Shutdown(ctx context.Context) error {
 		}
 		<-done
 	}
-	o.closePark()
+	o.park.Close()
 	if errors.Is(err, net.ErrClosed) {
 		return nil
 	}
@@ -572,19 +572,7 @@ func (o *Outbound) Shutdown(ctx context.Context) error {
 
 // Parked is how many directions of relayed connections wait without a
 // goroutine (Parker).
-func (o *Outbound) Parked() int {
-	if o.park == nil {
-		return 0
-	}
-	return o.park.Parked()
-}
-
-// closePark closes the Parker, if any; its relays go on without it.
-func (o *Outbound) closePark() {
-	if o.park != nil {
-		o.park.Close()
-	}
-}
+func (o *Outbound) Parked() int { return o.park.Parked() }
 
 // Close resets every relayed connection at once.
 func (o *Outbound) Close() error {

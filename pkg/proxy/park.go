@@ -82,8 +82,12 @@ func NewParker(after time.Duration) (*Parker, error) {
 	return p, nil
 }
 
-// Parked is how many relay directions wait without a goroutine.
+// Parked is how many relay directions wait without a goroutine. A nil
+// Parker parks nothing: Relay, Parked and Close all take one.
 func (p *Parker) Parked() int {
+	if p == nil {
+		return 0
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	n := 0
@@ -99,6 +103,9 @@ func (p *Parker) Parked() int {
 // as Relay's do, so that closing their ends ends them), parks nothing more
 // and stops the Parker. Relays go on until their connections end.
 func (p *Parker) Close() error {
+	if p == nil {
+		return nil
+	}
 	p.mu.Lock()
 	if p.closing {
 		p.mu.Unlock()

@@ -228,12 +228,7 @@ func Listen(o ServerOptions) (*Server, error) {
 
 // Parked is how many directions of relayed connections wait without a
 // goroutine (proxy.Parker).
-func (s *Server) Parked() int {
-	if s.park == nil {
-		return 0
-	}
-	return s.park.Parked()
-}
+func (s *Server) Parked() int { return s.park.Parked() }
 
 // SetAllowPorts replaces tunnel.allow_ports (empty: any port) for the
 // connections accepted from now on.
@@ -543,11 +538,9 @@ func (s *Server) wakeIdle() {
 // Close stops accepting and resets every tunnel connection (their local
 // ends are reset by the relay in turn).
 func (s *Server) Close() error {
-	if s.park != nil {
-		// Parked relays wait again as Relay's do, so that resetting their
-		// links below ends them. Not under mu: a relay that ends takes it.
-		s.park.Close()
-	}
+	// Parked relays wait again as Relay's do, so that resetting their
+	// links below ends them. Not under mu: a relay that ends takes it.
+	s.park.Close()
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
